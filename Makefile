@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine (each creates .venv if needed):
+#   make demo   run the example project's pipeline, step by step, through kvx-runtime
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvx-installed
+
+.PHONY: demo test test-fast lint bench bench-quick clean
+
+$(STAMP): pyproject.toml integration/example_project/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip uv
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev]" \
+		-r integration/example_project/requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) integration/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvx_runtime tests integration bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache integration/example_project/.kvx

@@ -1,0 +1,3 @@
+from kvx_runtime.cli import main
+
+main()

@@ -1,0 +1,480 @@
+"""The plugin configuration (``conf/<env>/vertexai.yml``) as typed, validated objects.
+
+The schema follows the kedro-vertexai family (seed 003, section 2.2) so that existing
+``vertexai.yml`` files work unchanged. Validation rules:
+
+- unknown keys produce one warning listing every one of them (with a close match if any);
+- a wrong type or value is a :class:`~kvx_runtime.errors.ConfigError` naming the key path,
+  e.g. ``run_config.resources.fit.cpu: ...`` (exit code 2);
+- a command validates strictly only the keys it needs (``needed``): a step does not need
+  ``image`` or ``resources``, so a problem there is a warning for a step and an error for
+  the compiler.
+
+Placeholders (``${commit_id}``, ``${globals:...}``) are resolved per value, so a placeholder
+that cannot be resolved only matters if that value is needed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.log import get_logger
+
+__all__ = [
+    "DynamicConfigProviderSpec",
+    "GroupingConfig",
+    "HostAlias",
+    "MLflowConfig",
+    "NetworkConfig",
+    "PluginConfig",
+    "ResourceSpec",
+    "RetrySpec",
+    "RunConfig",
+    "load_plugin_config",
+    "parse_plugin_config",
+]
+
+log = get_logger(__name__)
+
+CONFIG_KEY = "vertexai"
+CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
+_CPU = re.compile(r"^\d+(\.\d+)?m?$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?(E|P|T|G|M|K|Ei|Pi|Ti|Gi|Mi|Ki)?$")
+_DURATION = re.compile(r"^\d+(\.\d+)?s$")
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are kept (for the warning), values checked."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+
+class ResourceSpec(_Section):
+    """Requests and limits for a node, a tag or ``__default__``."""
+
+    cpu: str | None = None
+    memory: str | None = None
+    gpu: int | None = Field(default=None, ge=0)
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("must be a number of cores like 2, 0.5 or '500m'")
+        text = str(value).strip()
+        if not _CPU.match(text) or float(text.rstrip("m")) <= 0:
+            raise ValueError(f"{value!r} is not a cpu amount (examples: 2, 0.5, '500m')")
+        return text
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("must be a memory amount like '512Mi', '4Gi' or '2G'")
+        text = str(value).strip()
+        if not _MEMORY.match(text):
+            raise ValueError(f"{value!r} is not a memory amount (examples: '512Mi', '4Gi', '2G')")
+        return text
+
+
+class RetrySpec(_Section):
+    """Retry policy of a step (mapped to the pipeline spec's ``retryPolicy``)."""
+
+    max_retry_count: int = Field(default=0, ge=0, le=10)
+    backoff_duration: str = "0s"
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    backoff_max_duration: str = "3600s"
+
+    @field_validator("backoff_duration", "backoff_max_duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        text = f"{value}s" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(text, str) or not _DURATION.match(text):
+            raise ValueError(f"{value!r} is not a duration in seconds (examples: 30, '30s')")
+        return text
+
+
+class DynamicConfigProviderSpec(_Section):
+    """One ``run_config.dynamic_config_providers`` entry: a class and its constructor kwargs."""
+
+    cls: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cls")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if not _DOTTED_NAME.match(value):
+            raise ValueError(f"{value!r} is not a fully qualified class name (module.Class)")
+        return value
+
+
+class GroupingConfig(_Section):
+    """How nodes are grouped into steps (used by the compiler)."""
+
+    cls: str = "kvx_runtime.grouping.IdentityNodeGrouper"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class HostAlias(_Section):
+    """An ``/etc/hosts`` entry that the container entrypoint adds."""
+
+    ip: str
+    hostnames: list[str] = Field(min_length=1)
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address") from exc
+        return value
+
+
+class NetworkConfig(_Section):
+    vpc: str | None = None
+    host_aliases: list[HostAlias] = Field(default_factory=list)
+
+
+class MLflowConfig(_Section):
+    """``run_config.mlflow``: auth for the tracking server and whether MLflow is required."""
+
+    request_header_provider_params: dict[str, Any] = Field(default_factory=dict)
+    #: A ``RequestHeaderProviderWithKedroContext`` subclass; chosen from the params if unset.
+    cls: str | None = None
+    #: When False, an unreachable MLflow is a warning and the node runs untracked.
+    required: bool = True
+
+
+class RunConfig(_Section):
+    image: str | None = None
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    root: str | None = None
+    experiment_name: str | None = None
+    experiment_description: str | None = None
+    scheduled_run_name: str | None = None
+    description: str | None = None
+    ttl: int = Field(default=604800, gt=0)
+    on_exit_pipeline: str | None = None
+    resources: dict[str, ResourceSpec] = Field(default_factory=dict)
+    node_selectors: dict[str, dict[str, str]] = Field(default_factory=dict)
+    retries: dict[str, RetrySpec] = Field(default_factory=dict)
+    dynamic_config_providers: list[DynamicConfigProviderSpec] = Field(default_factory=list)
+    grouping: GroupingConfig = Field(default_factory=GroupingConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    service_account: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class PluginConfig(_Section):
+    """The whole ``vertexai.yml``."""
+
+    project_id: str | None = None
+    region: str | None = None
+    run_config: RunConfig = Field(default_factory=RunConfig)
+
+
+#: What a step (exec-node, mlflow-start/end) needs; everything else only warns there.
+STEP_KEYS: tuple[str, ...] = (
+    "run_config.root",
+    "run_config.dynamic_config_providers",
+    "run_config.mlflow",
+)
+#: Everything (compile, doctor).
+ALL_KEYS: tuple[str, ...] = ("",)
+
+
+@dataclass(frozen=True)
+class _Unresolved:
+    """A value whose placeholder could not be resolved; an error only where it is needed."""
+
+    reason: str
+
+
+@dataclass
+class _Problems:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _path(loc: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _is_needed(path: str, needed: Iterable[str]) -> bool:
+    return any(
+        key == "" or path == key or path.startswith(key + ".") or key.startswith(path + ".")
+        for key in needed
+    )
+
+
+def _known_fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _collect_unknown(model: BaseModel, prefix: str, found: list[str]) -> None:
+    for key in model.model_extra or {}:
+        path = f"{prefix}{key}"
+        close = difflib.get_close_matches(str(key), _known_fields(type(model)), n=1)
+        found.append(f"{path} (did you mean {prefix}{close[0]}?)" if close else path)
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        _collect_unknown_in(value, f"{prefix}{name}.", found)
+
+
+def _collect_unknown_in(value: Any, prefix: str, found: list[str]) -> None:
+    if isinstance(value, BaseModel):
+        _collect_unknown(value, prefix, found)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _collect_unknown_in(item, f"{prefix}{key}.", found)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _collect_unknown_in(item, f"{prefix}{index}.", found)
+
+
+def _drop(raw: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    """Remove the top-most section of ``loc`` below ``run_config`` so defaults apply instead."""
+    target: Any = raw
+    keep = loc[:2] if loc and loc[0] == "run_config" else loc[:1]
+    for part in keep[:-1]:
+        target = target.get(part) if isinstance(target, dict) else None
+        if target is None:
+            return
+    if isinstance(target, dict):
+        target.pop(keep[-1], None)
+
+
+def _replace_unresolved(value: Any, path: str, problems: dict[str, str]) -> Any:
+    """Record unresolved placeholders by key path and return ``value`` without them."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(item, _Unresolved):
+                problems[child] = item.reason
+            else:
+                out[key] = _replace_unresolved(item, child, problems)
+        return out
+    if isinstance(value, list):
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, _Unresolved):
+                problems[f"{path}.{index}"] = item.reason
+            else:
+                items.append(_replace_unresolved(item, f"{path}.{index}", problems))
+        return items
+    return value
+
+
+def parse_plugin_config(
+    raw: Mapping[str, Any] | None,
+    *,
+    needed: Iterable[str] = ALL_KEYS,
+    source: str = "vertexai.yml",
+) -> PluginConfig:
+    """Validate a raw ``vertexai.yml`` mapping.
+
+    Raises :class:`ConfigError` (one message listing every problem with its key path) for
+    problems in ``needed`` keys; problems elsewhere are logged as one warning and the
+    offending section falls back to its defaults.
+    """
+    needed = tuple(needed)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+
+    unresolved: dict[str, str] = {}
+    data = _replace_unresolved(dict(raw), "", unresolved)
+    problems = _Problems()
+    for path, reason in unresolved.items():
+        target = problems.errors if _is_needed(path, needed) else problems.warnings
+        target.append(f"{path}: {reason}")
+
+    config: PluginConfig | None = None
+    for _ in range(8):  # each round drops the sections that are not needed and failed
+        try:
+            config = PluginConfig.model_validate(data)
+            break
+        except ValidationError as exc:
+            dropped = False
+            for error in exc.errors(include_url=False):
+                loc = tuple(error["loc"])
+                message = f"{_path(loc)}: {_describe(error)}"
+                if _is_needed(_path(loc), needed):
+                    problems.errors.append(message)
+                else:
+                    problems.warnings.append(message)
+                    _drop(data, loc)
+                    dropped = True
+            if problems.errors or not dropped:
+                break
+    if problems.errors:
+        raise ConfigError(f"{source}: " + "; ".join(dict.fromkeys(problems.errors)))
+    if config is None:  # pragma: no cover - only if dropping never converges
+        raise ConfigError(f"{source}: " + "; ".join(problems.warnings))
+    if problems.warnings:
+        log.warning(
+            "vertexai.yml values not needed by this command are invalid and were ignored",
+            problems=list(dict.fromkeys(problems.warnings)),
+            source=source,
+        )
+    unknown: list[str] = []
+    _collect_unknown(config, "", unknown)
+    if unknown:
+        log.warning("unknown keys in vertexai.yml are ignored", keys=unknown, source=source)
+    return config
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    value = error.get("input")
+    if kind == "missing":
+        return "required key is missing"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return f"expected a mapping, got {type(value).__name__} {value!r}"
+    if kind == "list_type":
+        return f"expected a list, got {type(value).__name__} {value!r}"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        return f"{message} (got {value!r})"
+    return message
+
+
+# --- reading vertexai.yml from a project -------------------------------------------------
+
+
+def _resolve_leaves(node: Any) -> Any:
+    """Resolve an OmegaConf tree value by value; failures become :class:`_Unresolved`."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(node, DictConfig):
+        out: dict[str, Any] = {}
+        for key in node.keys():
+            try:
+                child = node._get_node(key)
+                value = node[key] if not OmegaConf.is_config(child) else child
+            except OmegaConfBaseException as exc:
+                out[str(key)] = _Unresolved(_first_line(exc))
+                continue
+            out[str(key)] = _resolve_leaves(value)
+        return out
+    if isinstance(node, ListConfig):
+        items: list[Any] = []
+        for index in range(len(node)):
+            try:
+                items.append(_resolve_leaves(node[index]))
+            except OmegaConfBaseException as exc:
+                items.append(_Unresolved(_first_line(exc)))
+        return items
+    return node
+
+
+def _first_line(exc: Exception) -> str:
+    from kvx_runtime.config_loader import explain_interpolation_error
+
+    explained = explain_interpolation_error(exc)  # type: ignore[arg-type]
+    return str(explained) if explained else str(exc).splitlines()[0]
+
+
+def read_raw_plugin_config(
+    conf_source: str | Path,
+    env: str,
+    *,
+    base_env: str = "base",
+    merge_strategy: str = "destructive",
+) -> tuple[dict[str, Any], list[str]]:
+    """Read and merge ``vertexai*`` files from ``<conf>/<base_env>`` and ``<conf>/<env>``.
+
+    Returns the merged mapping (values resolved one by one, see :func:`_resolve_leaves`) and
+    the files read. ``merge_strategy`` is Kedro's: ``destructive`` (the env file replaces
+    top-level keys, Kedro's default) or ``soft`` (deep merge).
+    """
+    import fsspec
+    from omegaconf import OmegaConf
+
+    from kvx_runtime.config_loader import render_templates
+
+    fs, root = fsspec.core.url_to_fs(str(conf_source))
+    layers: list[Any] = []
+    files: list[str] = []
+    envs = [base_env] if env == base_env else [base_env, env]
+    for env_name in envs:
+        env_dir = str(PurePosixPath(root) / env_name)
+        found: set[str] = set()
+        for pattern in CONFIG_PATTERNS:
+            found.update(fs.glob(f"{env_dir}/{pattern}"))
+        configs = []
+        for path in sorted(found):
+            if not path.endswith((".yml", ".yaml", ".json")) or fs.isdir(path):
+                continue
+            text = fs.cat_file(path).decode("utf-8")
+            try:
+                loaded = OmegaConf.create(render_templates(text, path)) if text.strip() else None
+            except Exception as exc:
+                raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from exc
+            if loaded is None:
+                continue
+            if not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+            configs.append(loaded)
+            files.append(path)
+        if configs:
+            layers.append(OmegaConf.merge(*configs))
+    if not layers:
+        return {}, files
+    if merge_strategy == "soft" or len(layers) == 1:
+        merged = OmegaConf.merge(*layers)
+    else:
+        merged = OmegaConf.merge(layers[0])
+        for key in layers[1].keys():
+            merged[key] = layers[1]._get_node(key)
+    return _resolve_leaves(merged), files
+
+
+def load_plugin_config(
+    conf_source: str | Path,
+    env: str,
+    *,
+    base_env: str = "base",
+    merge_strategy: str = "destructive",
+    needed: Iterable[str] = ALL_KEYS,
+) -> PluginConfig:
+    """Read, merge and validate ``vertexai.yml`` for ``env``. A missing file means defaults."""
+    raw, files = read_raw_plugin_config(
+        conf_source, env, base_env=base_env, merge_strategy=merge_strategy
+    )
+    source = ", ".join(files) if files else f"{conf_source}/{{{base_env},{env}}}/vertexai.yml"
+    return parse_plugin_config(raw, needed=needed, source=source)
+
+
+def normalize_storage_root(root: str) -> str:
+    """``bucket/prefix`` (the seed's ``run_config.root``) means ``gs://bucket/prefix``.
+
+    URLs with a scheme (``gs://``, ``file://``, ``memory://``) are kept; absolute and explicitly
+    relative local paths (``/data``, ``./tmp``) stay local paths.
+    """
+    root = root.strip()
+    if not root:
+        raise ConfigError("the storage root is empty")
+    if "://" in root or root.startswith(("/", "./", "../", "~")):
+        return root.rstrip("/") if root not in {"/"} else root
+    return "gs://" + root.strip("/")

@@ -1,0 +1,360 @@
+"""``exec-node``: one pipeline step, i.e. one Kedro node (or a group of nodes), in one process.
+
+In order (the step contract in docs/exec-node.md):
+
+1. open the Kedro project, read ``vertexai.yml`` (only what a step needs is strict);
+2. resolve run id and job name and export them as ``KEDRO_CONFIG_RUN_ID`` / ``_JOB_NAME``;
+3. materialize dynamic config providers;
+4. install the templating config loader;
+5. plan the step: which datasets cross its boundary and are not in the catalog;
+6. run the node(s) with Kedro's session, runner and hooks; the crossing datasets are
+   :class:`~kvx_runtime.storage.dataset.BlobDataset` s injected when the catalog is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvx_runtime.config import STEP_KEYS, normalize_storage_root
+from kvx_runtime.config_loader import env_var_name
+from kvx_runtime.errors import ConfigError, KvxError, NodeError, UsageError, find_kvx_error
+from kvx_runtime.log import bind_step_context, get_logger
+
+__all__ = ["StepPlan", "StepRequest", "StepResult", "execute_step", "plan_step"]
+
+log = get_logger(__name__)
+
+_PARAMS_PREFIX = "params:"
+
+
+@dataclass
+class StepRequest:
+    """Everything ``exec-node`` was asked to do (flags already merged with the environment)."""
+
+    nodes: Sequence[str]
+    project_path: str | Path | None = None
+    env: str | None = None
+    pipeline: str = "__default__"
+    run_id: str | None = None
+    job_name: str | None = None
+    storage_root: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    raw_params: Sequence[str] = ()
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class StepResult:
+    run_id: str
+    job_name: str
+    nodes: tuple[str, ...]
+    stored: tuple[str, ...]
+    loaded: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The datasets at the boundary of a step, before the catalog decides which are blobs."""
+
+    pipeline: str
+    nodes: tuple[str, ...]
+    #: Inputs of the group produced outside it (or by nobody), excluding parameters.
+    inputs: tuple[str, ...]
+    #: Outputs of the group that nodes outside it consume.
+    crossing_outputs: tuple[str, ...]
+    #: Outputs nobody in the pipeline consumes.
+    final_outputs: tuple[str, ...]
+    #: Crossing outputs that nodes inside the group also consume (kept in memory too).
+    shared_outputs: frozenset[str]
+    #: dataset -> name of the node that produces it in the pipeline.
+    producers: dict[str, str]
+
+
+def _local_run_id() -> str:
+    return time.strftime("local-%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _is_parameter(name: str) -> bool:
+    return name == "parameters" or name.startswith(_PARAMS_PREFIX)
+
+
+def _unknown_node_error(unknown: Iterable[str], known: Sequence[str], pipeline: str) -> UsageError:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        # Namespaced pipelines: "train_model" should find "data_science.train_model".
+        close += [k for k in known if k.endswith("." + name) and k not in close]
+        parts.append(f"'{name}'" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    return UsageError(
+        f"pipeline '{pipeline}' has no node {', '.join(parts)}",
+        hint=f"it has {len(known)} nodes; `kedro registry describe --name {pipeline}` lists them",
+    )
+
+
+def plan_step(pipeline: Any, pipeline_name: str, node_names: Sequence[str]) -> StepPlan:
+    """Find the datasets that cross the boundary of the group ``node_names`` in ``pipeline``."""
+    known = [node.name for node in pipeline.nodes]
+    unknown = [name for name in node_names if name not in set(known)]
+    if unknown:
+        raise _unknown_node_error(unknown, known, pipeline_name)
+    selected = set(node_names)
+    group = [node for node in pipeline.nodes if node.name in selected]
+    others = [node for node in pipeline.nodes if node.name not in selected]
+
+    producers = {output: node.name for node in pipeline.nodes for output in node.outputs}
+    produced_inside = {output for node in group for output in node.outputs}
+    consumed_inside = {name for node in group for name in node.inputs}
+    consumed_outside = {name for node in others for name in node.inputs}
+
+    inputs = sorted(
+        name for name in consumed_inside if name not in produced_inside and not _is_parameter(name)
+    )
+    crossing = sorted(name for name in produced_inside if name in consumed_outside)
+    final = sorted(
+        name for name in produced_inside if name not in consumed_outside and name not in consumed_inside
+    )
+    return StepPlan(
+        pipeline=pipeline_name,
+        nodes=tuple(node.name for node in group),
+        inputs=tuple(inputs),
+        crossing_outputs=tuple(crossing),
+        final_outputs=tuple(final),
+        shared_outputs=frozenset(name for name in crossing if name in consumed_inside),
+        producers=producers,
+    )
+
+
+def is_declared(catalog: Any, name: str) -> bool:
+    """Does the catalog keep ``name`` somewhere that survives the step?
+
+    Explicit entries and dataset factory patterns count; a (Shared)MemoryDataset does not,
+    since memory does not cross containers; Kedro's default runtime pattern does not either.
+    """
+    dataset_type = catalog.get_type(name)
+    if dataset_type is None:
+        return False
+    return not dataset_type.rsplit(".", 1)[-1].endswith("MemoryDataset")
+
+
+class _StepHooks:
+    """Kedro hooks registered on the step's session: blob injection and node logging."""
+
+    def __init__(self, plan: StepPlan, storage_root: str | None, job_name: str) -> None:
+        self.plan = plan
+        self.storage_root = storage_root
+        self.job_name = job_name
+        self.stored: list[str] = []
+        self.loaded: list[str] = []
+        self.failed_node: str | None = None
+        self.node_error: BaseException | None = None
+        self._started: dict[str, float] = {}
+        from kedro.framework.hooks import hook_impl
+
+        # pluggy discovers hook implementations through this marker.
+        for name in ("after_catalog_created", "before_node_run", "after_node_run", "on_node_error"):
+            hook_impl(getattr(self, name).__func__)
+
+    def _store(self) -> Any:
+        from kvx_runtime.storage.store import BlobStore
+
+        if not self.storage_root:
+            raise ConfigError(
+                "this step exchanges intermediate data "
+                f"({', '.join(self.plan.inputs + self.plan.crossing_outputs)}) but no storage "
+                "root is set",
+                hint="pass --storage-root or set run_config.root in vertexai.yml",
+            )
+        return BlobStore(self.storage_root, self.job_name)
+
+    def after_catalog_created(self, catalog: Any) -> None:
+        from kvx_runtime.storage.dataset import BlobDataset
+
+        store = None
+        for name in self.plan.inputs:
+            if is_declared(catalog, name):
+                continue
+            store = store or self._store()
+            catalog[name] = BlobDataset(name, store, producer=self.plan.producers.get(name))
+            self.loaded.append(name)
+        for name in self.plan.crossing_outputs:
+            if is_declared(catalog, name):
+                continue
+            store = store or self._store()
+            dataset: Any = BlobDataset(name, store, producer=self.plan.producers.get(name))
+            if name in self.plan.shared_outputs:
+                from kedro.io import CachedDataset
+
+                dataset = CachedDataset(dataset=dataset)
+            catalog[name] = dataset
+            self.stored.append(name)
+        dropped = [name for name in self.plan.final_outputs if not is_declared(catalog, name)]
+        if dropped:
+            log.warning(
+                "outputs that no node consumes and the catalog does not define are not stored",
+                datasets=dropped,
+                hint="declare them in catalog.yml to keep them",
+            )
+        log.info(
+            "step plan",
+            blob_inputs=self.loaded,
+            blob_outputs=self.stored,
+            storage_root=self.storage_root if (self.loaded or self.stored) else None,
+        )
+
+    def before_node_run(self, node: Any) -> None:
+        bind_step_context(node=node.name)
+        self._started[node.name] = time.perf_counter()
+        log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
+
+    def after_node_run(self, node: Any) -> None:
+        seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
+        log.info("node finished", seconds=round(seconds, 3))
+
+    def on_node_error(self, error: BaseException, node: Any) -> None:
+        self.failed_node = node.name
+        self.node_error = error
+        if find_kvx_error(error) is None:
+            # The one place the user's traceback is printed.
+            log.error(
+                "node raised an exception",
+                error=f"{type(error).__name__}: {error}",
+                exc_info=(type(error), error, error.__traceback__),
+            )
+
+
+def replay_command(request: StepRequest, run_id: str, job_name: str, env: str, root: str | None) -> str:
+    """A one-line command that re-runs this step elsewhere against the same storage root."""
+    argv = ["kvx-runtime", "exec-node"]
+    for name in request.nodes:
+        argv += ["--node", name]
+    if request.pipeline != "__default__":
+        argv += ["--pipeline", request.pipeline]
+    argv += ["--env", env, "--run-id", run_id, "--job-name", job_name]
+    if root:
+        argv += ["--storage-root", root]
+    for item in request.raw_params:
+        argv += ["--param", item]
+    return shlex.join(argv)
+
+
+def execute_step(request: StepRequest) -> StepResult:
+    """Run one step. Raises :class:`KvxError` subclasses carrying the exit code."""
+    started = time.perf_counter()
+    if not request.nodes:
+        raise UsageError("no node given", hint="pass --node NAME (repeat it for a group)")
+
+    run_id = request.run_id or os.environ.get(env_var_name("run_id")) or _local_run_id()
+    job_name = request.job_name or os.environ.get(env_var_name("job_name")) or run_id
+    # The config loader and the user's own code read these; flags win over the environment.
+    os.environ[env_var_name("run_id")] = run_id
+    os.environ[env_var_name("job_name")] = job_name
+    if request.mlflow_run_id:
+        os.environ["KVX_MLFLOW_RUN_ID"] = request.mlflow_run_id
+    step_label = request.nodes[0] if len(request.nodes) == 1 else "+".join(request.nodes)
+    bind_step_context(node=step_label, run_id=run_id, job_name=job_name)
+
+    from kvx_runtime.project import (
+        disable_plugin_hooks,
+        entry_points_of_disabled_plugins_not_loaded,
+        has_config,
+        open_project,
+    )
+
+    # Installs the templating config loader too; Kedro instantiates it only in the session,
+    # i.e. after the dynamic config below is written.
+    project = open_project(request.project_path, request.env, needed=STEP_KEYS)
+
+    from kvx_runtime.dynamic_config import materialize_dynamic_config
+
+    materialize_dynamic_config(project.plugin_config, project.conf_root, project.env)
+
+    from kedro.framework.project import pipelines, settings
+
+    if not has_config(project, "mlflow*"):
+        # kedro-mlflow without an mlflow.yml would start a run of its own in every step.
+        disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+
+    root = request.storage_root or project.plugin_config.run_config.root
+    storage_root = normalize_storage_root(root) if root else None
+
+    try:
+        pipeline = pipelines[request.pipeline]
+    except KeyError:
+        known = sorted(pipelines.keys())
+        close = difflib.get_close_matches(request.pipeline, known, n=3)
+        raise UsageError(
+            f"no pipeline named '{request.pipeline}'"
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
+            hint=f"registered pipelines: {', '.join(known) or 'none'}",
+        ) from None
+    except Exception as exc:
+        raise ConfigError(
+            f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+    plan = plan_step(pipeline, request.pipeline, request.nodes)
+
+    hooks = _StepHooks(plan, storage_root, job_name)
+    log.info(
+        "step starting",
+        nodes=list(plan.nodes),
+        pipeline=request.pipeline,
+        env=project.env,
+        project=str(project.path),
+    )
+    from kedro.framework.session import KedroSession
+    from kedro.runner import SequentialRunner
+
+    try:
+        with entry_points_of_disabled_plugins_not_loaded(settings):
+            session = KedroSession.create(
+                project.path, env=project.env, runtime_params=request.params or None
+            )
+        with session:
+            session._hook_manager.register(hooks, name="kvx-runtime-step")
+            session.run(
+                pipeline_names=[request.pipeline],
+                node_names=list(plan.nodes),
+                runner=SequentialRunner(),
+            )
+    except KvxError:
+        raise
+    except Exception as exc:
+        ours = find_kvx_error(exc)
+        if ours is not None:
+            raise ours from exc
+        replay = replay_command(request, run_id, job_name, project.env, storage_root)
+        if hooks.failed_node is not None:
+            raise NodeError(
+                f"node '{hooks.failed_node}' raised {type(hooks.node_error).__name__}: "
+                f"{_first_line(hooks.node_error)}",
+                hint=f"replay: {replay}",
+            ) from exc
+        raise NodeError(
+            f"the step failed: {type(exc).__name__}: {_first_line(exc)}",
+            hint=f"replay: {replay}",
+        ) from exc
+
+    seconds = time.perf_counter() - started
+    log.info("step finished", seconds=round(seconds, 3), stored=hooks.stored, loaded=hooks.loaded)
+    return StepResult(
+        run_id=run_id,
+        job_name=job_name,
+        nodes=plan.nodes,
+        stored=tuple(hooks.stored),
+        loaded=tuple(hooks.loaded),
+        seconds=seconds,
+    )
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else "(no message)"

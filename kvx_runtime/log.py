@@ -1,0 +1,166 @@
+"""Logging: structlog for our own lines, the same renderer for Kedro's and the user's lines.
+
+In a container (stderr is not a TTY, or ``KVX_LOG_FORMAT=json``) every line is one JSON object
+with the fields Cloud Logging reads (``severity``, ``message``, ``time``) plus the step context
+(``node``, ``run_id``, ``job_name``) bound with :func:`bind_step_context`. On a TTY the same
+events render as readable text.
+
+Secrets are never passed to a logger: callers log names, paths and sizes, not values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["bind_step_context", "configure_logging", "get_logger"]
+
+_HANDLER_NAME = "kvx-runtime"
+# Cloud Logging's severity names; stdlib's "warning"/"critical" map onto them directly.
+_SEVERITY = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warning": "WARNING",
+    "warn": "WARNING",
+    "error": "ERROR",
+    "exception": "ERROR",
+    "critical": "CRITICAL",
+}
+
+
+def get_logger(name: str | None = None) -> Any:
+    """Return a structlog logger that renders through the handler set up by us."""
+    return structlog.stdlib.get_logger(name or "kvx_runtime")
+
+
+def bind_step_context(**values: Any) -> None:
+    """Attach values (node, run_id, job_name...) to every following log line of this process."""
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in values.items() if v is not None})
+
+
+def wants_json(stream: Any = None) -> bool:
+    """JSON when forced by ``KVX_LOG_FORMAT=json``, or when the stream is not a terminal."""
+    fmt = os.environ.get("KVX_LOG_FORMAT", "").strip().lower()
+    if fmt in {"json", "text", "console"}:
+        return fmt == "json"
+    stream = stream or sys.stderr
+    return not (hasattr(stream, "isatty") and stream.isatty())
+
+
+class _KedroResumeAdviceFilter(logging.Filter):
+    """Drop Kedro's "resume with --from-nodes" advice: a failed step prints its own replay line."""
+
+    _prefixes = ("No nodes ran.", "There are ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kedro.runner"):
+            return True
+        message = str(record.getMessage())
+        return not (message.startswith(self._prefixes) and "--from-nodes" in message
+                    or message.startswith("No nodes ran."))
+
+
+def _cloud_logging_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    level = str(event.pop("level", "info")).lower()
+    head = {
+        "severity": _SEVERITY.get(level, level.upper()),
+        "message": str(event.pop("event", "")),
+        "time": event.pop("timestamp", None),
+    }
+    return {**head, **event}
+
+
+# Presentation hints that Kedro passes to its rich handler; meaningless in our output.
+_PRESENTATION_KEYS = ("color_message", "rich_format", "markup", "highlighter")
+
+
+def _drop_presentation_hints(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in _PRESENTATION_KEYS:
+        event.pop(key, None)
+    return event
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        _drop_presentation_hints,
+    ]
+
+
+def _renderer_chain(json_output: bool) -> list[Any]:
+    if json_output:
+        return [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _cloud_logging_fields,
+            structlog.processors.JSONRenderer(default=str),
+        ]
+    return [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=40),
+    ]
+
+
+def _silence_known_noise() -> None:
+    import warnings
+
+    # Raised by Kedro's own OmegaConfigLoader on OmegaConf >= 2.4: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+
+
+def configure_logging(*, json_output: bool | None = None, level: str | None = None) -> None:
+    """Route structlog and stdlib logging (Kedro's, the user's) through one stderr handler.
+
+    Safe to call more than once: Kedro re-applies its own logging config when a project is
+    bootstrapped, so the executor calls this again afterwards to take the console back.
+    File handlers configured by the project are kept.
+    """
+    if json_output is None:
+        json_output = wants_json()
+    level_name = (level or os.environ.get("KVX_LOG_LEVEL") or "INFO").upper()
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_KedroResumeAdviceFilter())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_shared_processors(),
+            processors=_renderer_chain(json_output),
+        )
+    )
+    # Python warnings (deprecations in libraries...) become log records, so that they are JSON
+    # in a container too; the ones that are noise for a step user are dropped.
+    logging.captureWarnings(True)
+    _silence_known_noise()
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        # Console handlers (Kedro's rich handler, a plain StreamHandler) would print every line
+        # twice and not as JSON; file handlers are the project's business and stay.
+        if isinstance(existing, logging.FileHandler):
+            continue
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level_name)
+    for name in ("kvx_runtime", "kedro"):
+        logging.getLogger(name).setLevel(level_name)
+    # Third-party chatter that adds nothing to a step's log.
+    for noisy in ("urllib3", "google.auth", "gcsfs", "fsspec", "asyncio", "git"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -1,0 +1,60 @@
+"""``--param key=value`` parsing into Kedro runtime params.
+
+Values are typed the way a user would expect on a command line: ``3`` is an int, ``0.5`` a
+float, ``true``/``false`` a bool, ``null`` None, ``[...]``/``{...}`` JSON; everything else a
+string. Dotted keys build nested mappings (``model.lr=0.1`` -> ``{"model": {"lr": 0.1}}``),
+which Kedro merges over the nested parameters as its own ``--params`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from kvx_runtime.dynamic_config import deep_merge
+from kvx_runtime.errors import UsageError
+
+__all__ = ["parse_param_value", "parse_params"]
+
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
+_KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[A-Za-z_0-9][\w\-]*)*$")
+
+
+def parse_param_value(text: str) -> Any:
+    """Type one command-line value (see the module docstring)."""
+    stripped = text.strip()
+    lowered = stripped.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered in {"null", "none"}:
+        return None
+    if _INT.match(stripped):
+        return int(stripped)
+    if _FLOAT.match(stripped):
+        return float(stripped)
+    if stripped[:1] in {"[", "{"}:
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--param value {text!r} looks like JSON but is invalid: {exc}") from None
+    return text
+
+
+def parse_params(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; later items win."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--param {item!r} must look like key=value")
+        if not _KEY.match(key):
+            raise UsageError(f"--param key {key!r} is not a parameter name (letters, digits, _ and dots)")
+        value: Any = parse_param_value(raw)
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        result = deep_merge(result, value)
+    return result

@@ -1,0 +1,203 @@
+"""Opening a Kedro project the way every kvx-runtime command needs it.
+
+Bootstrapping is shared by ``exec-node``, the MLflow commands and the compiler: find the
+project, read its settings, decide the config environment, read ``vertexai.yml``, and install
+the templating config loader. Kedro's CLI is never involved (it would discover every plugin
+command and could prompt for telemetry consent).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvx_runtime.config import ALL_KEYS, PluginConfig, load_plugin_config
+from kvx_runtime.config_loader import DISABLE_ENV_VAR, DISABLED_WARNING, with_env_templating
+from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.log import configure_logging, get_logger
+
+__all__ = ["KedroProject", "open_project"]
+
+log = get_logger(__name__)
+
+#: Set in every step: kedro-telemetry must neither prompt nor call home from a container.
+TELEMETRY_OFF = {"KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+_TELEMETRY_PLUGINS = ("kedro-telemetry", "kedro_telemetry")
+
+
+@dataclass
+class KedroProject:
+    """A bootstrapped Kedro project plus its kvx-runtime configuration."""
+
+    path: Path
+    package_name: str
+    conf_source: str
+    env: str
+    base_env: str
+    plugin_config: PluginConfig
+    templating: bool
+
+    @property
+    def conf_root(self) -> Path:
+        return Path(self.conf_source)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _import_kedro_quietly() -> None:
+    """Import Kedro's project module (it configures logging on import), then take logging back."""
+    os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(Path(__file__).with_name("kedro_logging.yml")))
+    import kedro.framework.project  # noqa: F401
+
+    configure_logging()
+
+
+def _bootstrap(project_path: Path) -> Any:
+    _import_kedro_quietly()
+    from kedro.framework.startup import bootstrap_project
+
+    if not (project_path / "pyproject.toml").is_file():
+        raise UsageError(
+            f"{project_path} is not a Kedro project (no pyproject.toml)",
+            hint="run from the project directory or pass --project-path",
+        )
+    try:
+        metadata = bootstrap_project(project_path)
+    except RuntimeError as exc:
+        raise UsageError(f"{project_path} is not a Kedro project: {exc}") from None
+    except (ImportError, SyntaxError) as exc:
+        raise ConfigError(
+            f"the Kedro project at {project_path} cannot be imported: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        configure_logging()  # bootstrapping re-applied Kedro's logging config
+    return metadata
+
+
+def disable_plugin_hooks(settings: Any, plugins: Iterable[str]) -> None:
+    current = tuple(getattr(settings, "DISABLE_HOOKS_FOR_PLUGINS", ()) or ())
+    wanted = current + tuple(p for p in plugins if p not in current)
+    settings.set("DISABLE_HOOKS_FOR_PLUGINS", wanted)
+
+
+def install_templating(settings: Any) -> bool:
+    """Make the project's config loader fill ``${name}`` from ``KEDRO_CONFIG_*``.
+
+    Returns False (after the seed's warning) when disabled with
+    ``KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK=true`` or when the project's loader is not built on
+    ``OmegaConfigLoader``.
+    """
+    if _truthy(os.environ.get(DISABLE_ENV_VAR)):
+        log.warning(DISABLED_WARNING)
+        return False
+    current = settings.CONFIG_LOADER_CLASS
+    templated = with_env_templating(current)
+    if templated is None:
+        log.warning(
+            "the project's CONFIG_LOADER_CLASS is not an OmegaConfigLoader; "
+            "${name} placeholders from KEDRO_CONFIG_* will not be filled",
+            loader=f"{current.__module__}.{current.__qualname__}",
+        )
+        return False
+    if templated is not current:
+        settings.set("CONFIG_LOADER_CLASS", templated)
+    return True
+
+
+def open_project(
+    project_path: str | Path | None,
+    env: str | None,
+    *,
+    needed: Iterable[str] = ALL_KEYS,
+    templating: bool = True,
+) -> KedroProject:
+    """Bootstrap the Kedro project at ``project_path`` (default: the working directory).
+
+    ``env`` falls back to ``KEDRO_ENV``, then to the project's ``default_run_env``.
+    """
+    for key, value in TELEMETRY_OFF.items():
+        os.environ[key] = value
+    path = Path(project_path or os.getcwd()).expanduser().resolve()
+    metadata = _bootstrap(path)
+
+    from kedro.framework.project import settings
+
+    disable_plugin_hooks(settings, _TELEMETRY_PLUGINS)
+    loader_args = dict(getattr(settings, "CONFIG_LOADER_ARGS", {}) or {})
+    base_env = str(loader_args.get("base_env") or "base")
+    resolved_env = env or os.environ.get("KEDRO_ENV") or str(
+        loader_args.get("default_run_env") or "local"
+    )
+    conf_source = str(settings.CONF_SOURCE)
+    if "://" not in conf_source and not Path(conf_source).is_absolute():
+        conf_source = str(path / conf_source)
+    merge_strategy = (loader_args.get("merge_strategy") or {}).get("vertexai", "destructive")
+    templated = install_templating(settings) if templating else False
+    plugin_config = load_plugin_config(
+        conf_source, resolved_env, base_env=base_env, merge_strategy=merge_strategy, needed=needed
+    )
+    return KedroProject(
+        path=path,
+        package_name=metadata.package_name,
+        conf_source=conf_source,
+        env=resolved_env,
+        base_env=base_env,
+        plugin_config=plugin_config,
+        templating=templated,
+    )
+
+
+def _normalize(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
+@contextmanager
+def entry_points_of_disabled_plugins_not_loaded(settings: Any) -> Iterator[None]:
+    """While a session is created, do not even import hooks of disabled plugins.
+
+    Kedro imports every ``kedro.hooks`` entry point and only then unregisters disabled ones,
+    so a disabled kedro-mlflow still costs a step over a second of importing mlflow. pluggy
+    skips blocked names before importing them, so the names of disabled distributions are
+    blocked on the session's hook manager as it is created. Purely an optimisation: if
+    Kedro's internals differ, sessions are created the normal way.
+    """
+    from importlib.metadata import entry_points
+
+    import kedro.framework.session.session as session_module
+
+    original = getattr(session_module, "_create_hook_manager", None)
+    disabled = {_normalize(name) for name in getattr(settings, "DISABLE_HOOKS_FOR_PLUGINS", ())}
+    blocked = [
+        ep.name
+        for ep in entry_points(group="kedro.hooks")
+        if ep.dist is not None and _normalize(ep.dist.name) in disabled
+    ]
+    if original is None or not blocked:
+        yield
+        return
+
+    def create_hook_manager() -> Any:
+        manager = original()
+        for name in blocked:
+            manager.set_blocked(name)
+        return manager
+
+    session_module._create_hook_manager = create_hook_manager  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        session_module._create_hook_manager = original  # type: ignore[attr-defined]
+
+
+def has_config(project: KedroProject, pattern: str) -> bool:
+    """Does ``conf/<base or env>/`` hold a file matching ``pattern`` (e.g. ``mlflow*``)?"""
+    root = project.conf_root
+    return any(
+        any((root / env_name).glob(pattern)) for env_name in {project.base_env, project.env}
+    )

@@ -1,0 +1,1 @@
+"""Intermediate data that crosses step boundaries: blob format, object store, Kedro dataset."""

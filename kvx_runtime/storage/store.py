@@ -1,0 +1,298 @@
+"""Where intermediate blobs live: ``<root>/kedro-vertexai-temp/<job name>/<dataset>.bin``.
+
+The layout is the kedro-vertexai family's, so tooling that looks for it keeps working. Access
+goes through fsspec (gcsfs for ``gs://``, the local filesystem for paths and ``file://``); gcsfs
+is imported only when a ``gs://`` root is used.
+
+Guarantees:
+
+- readers never see a partial blob under its final name: local writes go to a temporary file
+  in the same directory and are renamed; remote writes are single uploads that are discarded
+  (never finalized) when anything fails;
+- transient storage errors (HTTP 408/429/5xx, connection resets, timeouts) are retried with
+  exponential backoff and jitter (tenacity); what still fails is a :class:`StorageError`
+  (exit code 3);
+- dataset names map to object names injectively and without path traversal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvx_runtime.errors import InputDataError, KvxError, StorageError
+from kvx_runtime.log import get_logger
+from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
+
+__all__ = ["TEMP_DIR", "BlobMissing", "BlobStore", "RetryPolicy", "object_name"]
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+TEMP_DIR = "kedro-vertexai-temp"
+SUFFIX = ".bin"
+_SAFE = re.compile(r"[A-Za-z0-9_.\-]")
+_MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+_READ_BLOCK = 16 * 1024 * 1024
+_WRITE_BLOCK = 16 * 1024 * 1024
+
+
+class BlobMissing(InputDataError):
+    """An upstream blob does not exist (the producing step did not run, or another root)."""
+
+
+def object_name(name: str) -> str:
+    """Map a dataset or job name to one safe path segment, injectively.
+
+    Characters outside ``[A-Za-z0-9_.-]`` become ``%XX`` (``%`` itself too, so two different
+    names never collide); a leading dot is escaped (no ``.``, ``..`` or hidden files); names
+    too long for a file system keep a readable prefix plus a hash of the full name.
+    """
+    if not name:
+        raise ValueError("empty name")
+    encoded = "".join(
+        ch if _SAFE.match(ch) else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in name
+    )
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    if len(encoded.encode()) > _MAX_NAME:
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        encoded = f"{encoded[: _MAX_NAME - 18]}~{digest}"
+    return encoded
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for transient storage errors: ``attempts`` tries, exponential backoff."""
+
+    attempts: int = 5
+    initial_wait: float = 1.0
+    max_wait: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """``KVX_STORAGE_RETRIES`` and ``KVX_STORAGE_RETRY_WAIT`` (seconds) override defaults."""
+        attempts = int(os.environ.get("KVX_STORAGE_RETRIES", cls.attempts))
+        wait = float(os.environ.get("KVX_STORAGE_RETRY_WAIT", cls.initial_wait))
+        return cls(attempts=max(1, attempts), initial_wait=max(0.0, wait))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
+    if isinstance(exc, KvxError) or isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
+    if isinstance(code, int):
+        return code in _TRANSIENT_HTTP
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__
+    # aiohttp client errors, google-auth transport errors, requests' connection errors.
+    if module.startswith(("aiohttp", "google.auth", "requests", "urllib3")):
+        return True
+    return isinstance(exc, OSError) and exc.errno is None and "timeout" in str(exc).lower()
+
+
+def _filesystem(root: str) -> tuple[Any, str]:
+    """fsspec filesystem and root path for ``root`` (imports gcsfs only for ``gs://``)."""
+    import fsspec
+
+    if root.startswith(("gs://", "gcs://")):
+        # Without this, gcsfs probes for hierarchical-namespace buckets on every call; against
+        # the emulator (and in a sandbox) that probe hangs for a minute.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    if root.startswith("file://"):
+        root = root[len("file://") :]
+    fs, path = fsspec.core.url_to_fs(root)
+    return fs, path.rstrip("/")
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in {"file", "local"}
+
+
+class BlobStore:
+    """Blobs of one pipeline run: ``<root>/kedro-vertexai-temp/<job name>/``."""
+
+    def __init__(
+        self,
+        root: str,
+        job_name: str,
+        *,
+        retry: RetryPolicy | None = None,
+        level: int = DEFAULT_LEVEL,
+        filesystem: Any = None,
+    ) -> None:
+        self.root = root
+        self.job_name = job_name
+        self.retry = retry or RetryPolicy.from_env()
+        self.level = level
+        if filesystem is not None:
+            self._fs, base = filesystem, root.rstrip("/")
+        else:
+            self._fs, base = _filesystem(root)
+        self._base = f"{base}/{TEMP_DIR}/{object_name(job_name)}"
+        self._display_root = root.rstrip("/")
+
+    # --- naming -------------------------------------------------------------------------
+
+    def path(self, dataset: str) -> str:
+        """Filesystem path of ``dataset``'s blob (as fsspec sees it)."""
+        return f"{self._base}/{object_name(dataset)}{SUFFIX}"
+
+    def url(self, dataset: str) -> str:
+        """Where the blob is, as a user would type it (``gs://...`` or a local path)."""
+        return (
+            f"{self._display_root}/{TEMP_DIR}/{object_name(self.job_name)}/"
+            f"{object_name(dataset)}{SUFFIX}"
+        )
+
+    # --- operations ---------------------------------------------------------------------
+
+    def save(self, dataset: str, obj: Any) -> BlobInfo:
+        """Store ``obj`` as ``dataset``'s blob, atomically, retrying transient errors."""
+        started = time.perf_counter()
+        info = self._retrying(f"write {self.url(dataset)}", lambda: self._write(dataset, obj))
+        log.info(
+            "blob written",
+            dataset=dataset,
+            path=self.url(dataset),
+            bytes=info.stored_bytes,
+            pickled_bytes=info.pickled_bytes,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return info
+
+    def load(self, dataset: str, *, producer: str | None = None) -> Any:
+        """Load ``dataset``'s blob; a missing one names the node that should have made it."""
+        started = time.perf_counter()
+        obj, info = self._retrying(
+            f"read {self.url(dataset)}", lambda: self._read(dataset, producer)
+        )
+        log.info(
+            "blob read",
+            dataset=dataset,
+            path=self.url(dataset),
+            bytes=info.stored_bytes,
+            pickled_bytes=info.pickled_bytes,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return obj
+
+    def exists(self, dataset: str) -> bool:
+        return bool(self._retrying(f"check {self.url(dataset)}", lambda: self._fs.exists(self.path(dataset))))
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object (used by ``doctor``)."""
+        probe = f"{self._base}/.kvx-probe-{uuid.uuid4().hex}"
+
+        def attempt() -> None:
+            self._fs.makedirs(self._base, exist_ok=True)
+            self._fs.pipe_file(probe, b"ok")
+            self._fs.rm_file(probe)
+
+        self._retrying(f"write a probe object under {self._display_root}", attempt)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _describe(self, dataset: str) -> str:
+        return f"intermediate dataset '{dataset}' at {self.url(dataset)}"
+
+    def _write(self, dataset: str, obj: Any) -> BlobInfo:
+        path = self.path(dataset)
+        if _is_local(self._fs):
+            return self._write_local(dataset, path, obj)
+        handle = self._fs.open(path, "wb", block_size=_WRITE_BLOCK)
+        try:
+            info = write_blob(obj, handle, dataset=dataset, level=self.level)
+        except BaseException:
+            # Never finalize a partial upload: the object would appear under its final name.
+            discard = getattr(handle, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        handle.close()
+        return info
+
+    def _write_local(self, dataset: str, path: str, obj: Any) -> BlobInfo:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb", buffering=_WRITE_BLOCK) as handle:
+                info = write_blob(obj, handle, dataset=dataset, level=self.level)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
+        return info
+
+    def _read(self, dataset: str, producer: str | None) -> tuple[Any, BlobInfo]:
+        path = self.path(dataset)
+        describe = self._describe(dataset)
+        try:
+            handle = self._fs.open(path, "rb", block_size=_READ_BLOCK, cache_type="readahead")
+        except FileNotFoundError:
+            made_by = f"it is produced by node '{producer}'" if producer else "no node produces it"
+            raise BlobMissing(
+                f"{describe} does not exist",
+                hint=f"{made_by}; did that step run with the same job name and storage root?",
+            ) from None
+        with handle:
+            size = handle.size if hasattr(handle, "size") else self._fs.size(path)
+            return read_blob(handle, int(size), describe=describe)
+
+    def _retrying(self, what: str, operation: Callable[[], T]) -> T:
+        from tenacity import (
+            RetryError,
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_random_exponential,
+        )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=wait_random_exponential(
+                multiplier=self.retry.initial_wait, max=self.retry.max_wait
+            ),
+            retry=retry_if_exception(is_transient),
+            before_sleep=lambda state: log.warning(
+                "storage operation failed, retrying",
+                operation=what,
+                attempt=state.attempt_number,
+                error=_short(state.outcome.exception() if state.outcome else None),
+            ),
+            reraise=False,
+        )
+        try:
+            return retrying(operation)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise StorageError(
+                f"could not {what} after {self.retry.attempts} attempts: {_short(last)}"
+            ) from last
+        except KvxError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"could not {what}: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
