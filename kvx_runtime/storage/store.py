@@ -70,9 +70,13 @@ def object_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries for transient storage errors: ``attempts`` tries, exponential backoff."""
+    """Retries of a whole blob read or write after a transient error.
 
-    attempts: int = 5
+    gcsfs already retries each HTTP request (6 tries, up to ~30 s of backoff); these retries
+    restart the whole streamed operation, which also covers a connection lost mid-stream.
+    """
+
+    attempts: int = 3
     initial_wait: float = 1.0
     max_wait: float = 30.0
 

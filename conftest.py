@@ -1,0 +1,109 @@
+"""Fixtures shared by the fast tests (tests/) and the end-to-end tests (integration/).
+
+Servers are real and local: the GCS emulator (PyPI gcp-storage-emulator) on 127.0.0.1,
+started once per test session on a free port and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+EXAMPLE_PROJECT = REPO / "integration" / "example_project"
+
+# Before anything imports gcsfs: without it every gcsfs call against the emulator hangs 60 s.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+# No test may talk to anything but 127.0.0.1: Kedro telemetry off everywhere.
+os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class GcsEmulator:
+    def __init__(self, port: int, bucket: str) -> None:
+        self.port = port
+        self.bucket = bucket
+        self.host = f"http://127.0.0.1:{port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.host, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def filesystem(self):
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(endpoint_url=self.host, token="anon", skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[GcsEmulator]:
+    port = free_port()
+    bucket = "kvx-test"
+    executable = Path(sys.executable).with_name("gcp-storage-emulator")
+    process = subprocess.Popen(
+        [str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+         "--default-bucket", bucket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        previous = {key: os.environ.get(key) for key in ("STORAGE_EMULATOR_HOST",)}
+        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+        yield GcsEmulator(port, bucket)
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def example_project(tmp_path: Path) -> Path:
+    """A private copy of the example project (outputs and conf edits stay in the test)."""
+    target = tmp_path / "example_project"
+    shutil.copytree(
+        EXAMPLE_PROJECT,
+        target,
+        ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting", "mlruns"),
+    )
+    return target

@@ -1,0 +1,185 @@
+"""The blob format: round trips of the kinds of objects that cross steps, and every way a
+blob can be unusable (each must give a clear error naming the blob, never a traceback from
+the unpickler)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LinearRegression
+
+from kvx_runtime.errors import ExitCode
+from kvx_runtime.storage.blob import (
+    MAGIC,
+    BlobCorrupt,
+    BlobIncompatible,
+    BlobUnpicklable,
+    read_blob,
+    write_blob,
+)
+
+
+def roundtrip(obj):
+    buffer = io.BytesIO()
+    info = write_blob(obj, buffer, dataset="ds")
+    data = buffer.getvalue()
+    assert info.stored_bytes == len(data)
+    loaded, read_info = read_blob(io.BytesIO(data), len(data), describe="ds at test")
+    assert read_info.pickled_bytes == info.pickled_bytes
+    return loaded, data
+
+
+def test_dataframe_of_mixed_dtypes_roundtrips() -> None:
+    frame = pd.DataFrame(
+        {
+            "f": np.linspace(0, 1, 5000),
+            "i": np.arange(5000),
+            "s": [f"row {i}" for i in range(5000)],
+            "t": pd.date_range("2024-01-01", periods=5000, freq="min"),
+            "c": pd.Categorical(["a", "b"] * 2500),
+        }
+    )
+    loaded, _ = roundtrip(frame)
+    pd.testing.assert_frame_equal(loaded, frame)
+
+
+def test_numpy_array_roundtrips_with_dtype_and_shape() -> None:
+    array = np.random.default_rng(1).random((300, 70), dtype=np.float32)
+    loaded, _ = roundtrip(array)
+    assert loaded.dtype == np.float32 and loaded.shape == (300, 70)
+    np.testing.assert_array_equal(loaded, array)
+
+
+def test_model_object_roundtrips_and_predicts() -> None:
+    x = np.arange(20, dtype=float).reshape(10, 2)
+    model = LinearRegression().fit(x, x @ [2.0, -1.0] + 3)
+    loaded, _ = roundtrip({"model": model, "meta": {"features": ["a", "b"]}})
+    np.testing.assert_allclose(loaded["model"].predict(x), model.predict(x))
+    assert loaded["meta"] == {"features": ["a", "b"]}
+
+
+def test_closure_roundtrips_with_captured_state() -> None:
+    offset = np.array([1.0, 2.0])
+
+    def shift(values):
+        return values + offset
+
+    loaded, _ = roundtrip(shift)
+    np.testing.assert_array_equal(loaded(np.zeros(2)), [1.0, 2.0])
+
+
+def test_compressible_data_is_stored_smaller_than_pickled() -> None:
+    buffer = io.BytesIO()
+    info = write_blob(np.zeros(1_000_000), buffer)
+    assert info.stored_bytes < info.pickled_bytes / 50
+
+
+@pytest.fixture
+def blob_bytes() -> bytes:
+    buffer = io.BytesIO()
+    write_blob({"values": list(range(20000))}, buffer, dataset="ds")
+    return buffer.getvalue()
+
+
+def read(data: bytes):
+    return read_blob(io.BytesIO(data), len(data), describe="dataset 'ds' at gs://b/ds.bin")
+
+
+def test_truncated_blob_is_reported_before_unpickling(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobCorrupt, match=r"dataset 'ds' at gs://b/ds\.bin: truncated"):
+        read(blob_bytes[: len(blob_bytes) // 2])
+
+
+def test_blob_cut_inside_the_header_is_truncated(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobCorrupt, match="truncated"):
+        read(blob_bytes[:20])
+
+
+def test_flipped_bit_in_body_is_detected_by_the_checksum(blob_bytes: bytes) -> None:
+    corrupt = bytearray(blob_bytes)
+    corrupt[len(corrupt) // 2] ^= 0x10
+    with pytest.raises(BlobCorrupt, match="gs://b/ds.bin") as caught:
+        read(bytes(corrupt))
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_damaged_header_fails_its_checksum(blob_bytes: bytes) -> None:
+    corrupt = bytearray(blob_bytes)
+    corrupt[len(MAGIC) + 6] ^= 0x01
+    with pytest.raises(BlobCorrupt, match="header checksum"):
+        read(bytes(corrupt))
+
+
+def test_foreign_file_is_not_a_blob() -> None:
+    import bz2
+    import pickle
+
+    reference_format = bz2.compress(pickle.dumps([1, 2, 3]))  # what the plugin family stores
+    with pytest.raises(BlobCorrupt, match="not a kvx-runtime blob"):
+        read(reference_format)
+
+
+def test_empty_object_is_reported() -> None:
+    with pytest.raises(BlobCorrupt, match="empty"):
+        read(b"")
+
+
+def _rewrite_header(data: bytes, **changes) -> bytes:
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = json.loads(data[start : start + length])
+    header.update(changes)
+    new = json.dumps(header).encode()
+    body = data[start + length + 4 :]
+    return MAGIC + struct.pack("<I", len(new)) + new + struct.pack("<I", zlib.crc32(new)) + body
+
+
+def test_newer_format_version_is_incompatible(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobIncompatible, match="format version 99"):
+        read(_rewrite_header(blob_bytes, format=99))
+
+
+def test_other_python_minor_version_is_incompatible(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobIncompatible, match=r"written by Python 3\.99\.0.*same Python minor"):
+        read(_rewrite_header(blob_bytes, python="3.99.0"))
+
+
+def test_unknown_codec_is_incompatible(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobIncompatible, match="unknown codec 'lz4'"):
+        read(_rewrite_header(blob_bytes, codec="lz4"))
+
+
+def test_object_that_cannot_be_pickled_names_the_dataset() -> None:
+    with pytest.raises(BlobUnpicklable, match="dataset 'locks' cannot be pickled") as caught:
+        write_blob({"lock": threading.Lock()}, io.BytesIO(), dataset="locks")
+    assert caught.value.exit_code == ExitCode.NODE_FAILED
+
+
+def test_missing_class_on_load_is_incompatible_not_a_traceback() -> None:
+    import sys
+    import types
+
+    # An importable class is pickled by reference; a reader without its module cannot load it.
+    module = types.ModuleType("kvx_vanishing_module")
+
+    class Thing:
+        pass
+
+    Thing.__module__ = "kvx_vanishing_module"
+    Thing.__qualname__ = "Thing"
+    module.Thing = Thing  # type: ignore[attr-defined]
+    sys.modules["kvx_vanishing_module"] = module
+    buffer = io.BytesIO()
+    try:
+        write_blob(Thing(), buffer)
+    finally:
+        del sys.modules["kvx_vanishing_module"]
+    with pytest.raises(BlobIncompatible, match="needs code this image does not have"):
+        read(buffer.getvalue())

@@ -1,0 +1,150 @@
+"""The blob store: object naming, atomic writes, retries, errors that name what is missing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from kvx_runtime.errors import ExitCode, StorageError
+from kvx_runtime.storage.blob import BlobUnpicklable
+from kvx_runtime.storage.store import BlobMissing, BlobStore, RetryPolicy, object_name
+
+FAST_RETRY = RetryPolicy(attempts=3, initial_wait=0.0, max_wait=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model_input_table", "model_input_table"),
+        ("data_science.X_train", "data_science.X_train"),
+        ("a/b", "a%2Fb"),
+        ("../../etc/passwd", "%2E.%2F..%2Fetc%2Fpasswd"),
+        ("..", "%2E."),
+        ("100%", "100%25"),
+        ("naïve", "na%C3%AFve"),
+    ],
+)
+def test_object_names_are_safe_path_segments(name: str, expected: str) -> None:
+    assert object_name(name) == expected
+    assert "/" not in object_name(name)
+
+
+def test_object_names_never_collide() -> None:
+    names = ["a/b", "a%2Fb", "a_b", "a.b", ".a", "%2Ea", "x" * 400, "x" * 401]
+    encoded = [object_name(n) for n in names]
+    assert len(set(encoded)) == len(names)
+    assert all(len(e.encode()) <= 200 for e in encoded)
+
+
+def test_blob_layout_follows_the_plugin_family(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), "job-1", retry=FAST_RETRY)
+    store.save("data_science.model", {"w": [1, 2]})
+    assert (tmp_path / "kedro-vertexai-temp" / "job-1" / "data_science.model.bin").is_file()
+    assert store.load("data_science.model") == {"w": [1, 2]}
+
+
+def test_file_url_and_plain_path_roots_are_the_same_place(tmp_path: Path) -> None:
+    BlobStore(f"file://{tmp_path}", "job", retry=FAST_RETRY).save("x", 42)
+    assert BlobStore(str(tmp_path), "job", retry=FAST_RETRY).load("x") == 42
+
+
+def test_failed_write_leaves_neither_blob_nor_temporary_file(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), "job", retry=FAST_RETRY)
+    store.save("ds", "previous value")
+    # Pickling fails after part of the stream was already written.
+    with pytest.raises(BlobUnpicklable):
+        store.save("ds", ["x" * 1_000_000, threading.Lock()])
+    directory = tmp_path / "kedro-vertexai-temp" / "job"
+    assert sorted(p.name for p in directory.iterdir()) == ["ds.bin"]
+    assert store.load("ds") == "previous value"
+
+
+def test_missing_blob_names_dataset_path_and_producer(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), "job", retry=FAST_RETRY)
+    with pytest.raises(BlobMissing) as caught:
+        store.load("X_train", producer="data_science.split_data_node")
+    message = str(caught.value)
+    assert "'X_train'" in message
+    assert str(tmp_path / "kedro-vertexai-temp" / "job" / "X_train.bin") in message
+    assert "data_science.split_data_node" in message
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+class FlakyMemoryFileSystem(MemoryFileSystem):
+    """A real fsspec filesystem with injected transient failures (nothing on this machine
+    can make a real storage service fail on cue)."""
+
+    protocol = "flakymem"
+
+    def __init__(self, failures: int, error: Exception, **kwargs):
+        super().__init__(**kwargs)
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return super()._open(path, mode, **kwargs)
+
+
+class ServiceUnavailable(Exception):
+    code = 503
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionResetError("connection reset by peer"), ServiceUnavailable("backend error")]
+)
+def test_transient_errors_are_retried(error: Exception) -> None:
+    fs = FlakyMemoryFileSystem(failures=2, error=error, skip_instance_cache=True)
+    fs.store.clear()
+    store = BlobStore("memory://root", "job", retry=FAST_RETRY, filesystem=fs)
+    store.save("ds", [1, 2, 3])
+    assert fs.calls == 3
+    assert store.load("ds") == [1, 2, 3]
+
+
+def test_persistent_failure_is_a_storage_error_with_exit_code_3() -> None:
+    fs = FlakyMemoryFileSystem(
+        failures=100, error=ConnectionRefusedError("connection refused"), skip_instance_cache=True
+    )
+    store = BlobStore("memory://root", "job", retry=FAST_RETRY, filesystem=fs)
+    with pytest.raises(StorageError, match="after 3 attempts.*ConnectionRefusedError") as caught:
+        store.save("ds", 1)
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+    assert fs.calls == 3
+
+
+def test_permission_errors_are_not_retried(tmp_path: Path) -> None:
+    fs = FlakyMemoryFileSystem(failures=100, error=PermissionError("403 forbidden"), skip_instance_cache=True)
+    store = BlobStore("memory://root", "job", retry=FAST_RETRY, filesystem=fs)
+    with pytest.raises(StorageError, match="PermissionError"):
+        store.save("ds", 1)
+    assert fs.calls == 1
+
+
+def test_remote_blob_roundtrip_on_the_gcs_emulator(gcs_emulator) -> None:
+    store = BlobStore(f"gs://{gcs_emulator.bucket}/unit", "job-gcs", retry=FAST_RETRY)
+    store.save("frame", {"rows": list(range(1000))})
+    fs = gcs_emulator.filesystem()
+    assert fs.exists(f"{gcs_emulator.bucket}/unit/kedro-vertexai-temp/job-gcs/frame.bin")
+    assert store.load("frame") == {"rows": list(range(1000))}
+    with pytest.raises(BlobMissing, match="gs://kvx-test/unit/kedro-vertexai-temp/job-gcs/nope.bin"):
+        store.load("nope")
+
+
+def test_failed_remote_write_is_never_finalized(gcs_emulator) -> None:
+    store = BlobStore(f"gs://{gcs_emulator.bucket}/unit", "job-partial", retry=FAST_RETRY)
+    # A megabyte is already in the upload buffer when pickling fails: closing the file (as a
+    # plain `with fs.open(...)` would) would upload it under the final name. (The emulator
+    # does not implement multi-chunk resumable uploads, so the payload stays below one chunk.)
+    payload = [os.urandom(1024 * 1024), threading.Lock()]
+    with pytest.raises(BlobUnpicklable):
+        store.save("partial", payload)
+    fs = gcs_emulator.filesystem()
+    assert not fs.exists(f"{gcs_emulator.bucket}/unit/kedro-vertexai-temp/job-partial/partial.bin")
