@@ -107,3 +107,15 @@ def example_project(tmp_path: Path) -> Path:
         ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting", "mlruns"),
     )
     return target
+
+
+_STANDARD_RECORD_KEYS = set(vars(__import__("logging").makeLogRecord({}))) | {"message", "asctime"}
+
+
+def logged_text(caplog) -> str:
+    """Every captured record as "message key=value ...", extras included."""
+    lines = []
+    for record in caplog.records:
+        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS}
+        lines.append(" ".join([record.getMessage(), *(f"{k}={v!r}" for k, v in extras.items())]))
+    return "\n".join(lines)

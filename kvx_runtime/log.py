@@ -32,6 +32,26 @@ _SEVERITY = {
 }
 
 
+def _library_defaults() -> None:
+    """Until a command configures logging, behave like a library: plain stdlib records.
+
+    Key-value pairs become the record's ``extra`` attributes, so any handler (pytest's, a
+    user's) sees them; :func:`configure_logging` replaces this with the full pipeline.
+    """
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.render_to_log_kwargs,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
 def get_logger(name: str | None = None) -> Any:
     """Return a structlog logger that renders through the handler set up by us."""
     return structlog.stdlib.get_logger(name or "kvx_runtime")
@@ -109,6 +129,16 @@ def _renderer_chain(json_output: bool) -> list[Any]:
     ]
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now (test capture, a redirected stream...)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _silence_known_noise() -> None:
     import warnings
 
@@ -137,7 +167,7 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(_KedroResumeAdviceFilter())
     handler.setFormatter(
@@ -164,3 +194,6 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     # Third-party chatter that adds nothing to a step's log.
     for noisy in ("urllib3", "google.auth", "gcsfs", "fsspec", "asyncio", "git"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+_library_defaults()

@@ -1,0 +1,175 @@
+"""vertexai.yml: typed values, key-path errors, one warning for unknown keys, and leniency
+for values a step does not need."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import logged_text
+
+from kvx_runtime.config import (
+    STEP_KEYS,
+    load_plugin_config,
+    normalize_storage_root,
+    parse_plugin_config,
+)
+from kvx_runtime.errors import ConfigError, ExitCode
+
+SEED_SAMPLE = """
+project_id: my-gcp-mlops-project
+region: europe-west1
+run_config:
+  image: eu.gcr.io/my-gcp-mlops-project/example_model:${commit_id}
+  image_pull_policy: IfNotPresent
+  root: bucket_name/gcs_suffix
+  experiment_name: MyExperiment
+  scheduled_run_name: MyExperimentRun
+  ttl: 604800
+  resources:
+    data-import-node:
+      memory: 2Gi
+    model-training-node:
+      cpu: 8
+      memory: 60Gi
+    tensorflow-node:
+      gpu: 1
+    __default__:
+      cpu: 200m
+      memory: 64Mi
+  node_selectors:
+    gpu_node_tag:
+      cloud.google.com/gke-accelerator: NVIDIA_TESLA_T4
+  dynamic_config_providers:
+    - cls: kedro_vertexai.auth.gcp.MLFlowGoogleOAuthCredentialsProvider
+      params:
+        client_id: iam-client-id
+  network:
+    vpc: projects/12345/global/networks/name-of-vpc
+    host_aliases:
+      - ip: 10.10.10.10
+        hostnames: ['mlflow.internal']
+  mlflow:
+    request_header_provider_params:
+      client_id: abc
+      service_account: sa@example.com
+"""
+
+
+def write_conf(root: Path, env: str, text: str, name: str = "vertexai.yml") -> None:
+    (root / env).mkdir(parents=True, exist_ok=True)
+    (root / env / name).write_text(text)
+
+
+def test_seed_sample_parses_into_typed_values(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KEDRO_CONFIG_COMMIT_ID", "abc123")
+    write_conf(tmp_path, "base", SEED_SAMPLE)
+    config = load_plugin_config(tmp_path, "local")
+    run = config.run_config
+    assert run.image == "eu.gcr.io/my-gcp-mlops-project/example_model:abc123"
+    assert run.resources["model-training-node"].cpu == "8"
+    assert run.resources["__default__"].memory == "64Mi"
+    assert run.resources["tensorflow-node"].gpu == 1
+    assert run.network.host_aliases[0].hostnames == ["mlflow.internal"]
+    assert run.dynamic_config_providers[0].params == {"client_id": "iam-client-id"}
+    assert run.mlflow.request_header_provider_params["service_account"] == "sa@example.com"
+    assert run.mlflow.required is True
+
+
+def test_step_does_not_need_the_image_placeholder(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv("KEDRO_CONFIG_COMMIT_ID", raising=False)
+    write_conf(tmp_path, "base", SEED_SAMPLE)
+    config = load_plugin_config(tmp_path, "local", needed=STEP_KEYS)
+    assert config.run_config.image is None
+    assert config.run_config.root == "bucket_name/gcs_suffix"
+    with pytest.raises(ConfigError, match=r"run_config\.image: config placeholder \$\{commit_id\}"):
+        load_plugin_config(tmp_path, "local")
+
+
+def test_wrong_value_names_the_key_path() -> None:
+    raw = {"run_config": {"resources": {"fit": {"cpu": "lots"}}}}
+    with pytest.raises(ConfigError, match=r"run_config\.resources\.fit\.cpu: 'lots' is not a cpu") as caught:
+        parse_plugin_config(raw)
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    raw = {"run_config": {"ttl": -5, "mlflow": {"required": "maybe"}, "resources": []}}
+    with pytest.raises(ConfigError) as caught:
+        parse_plugin_config(raw)
+    message = str(caught.value)
+    for path in ("run_config.ttl", "run_config.mlflow.required", "run_config.resources"):
+        assert path in message
+
+
+def test_problems_outside_step_keys_only_warn_in_a_step(caplog) -> None:
+    raw = {"run_config": {"root": "b/p", "resources": {"fit": {"cpu": "lots"}}, "ttl": "x"}}
+    with caplog.at_level(logging.WARNING):
+        config = parse_plugin_config(raw, needed=STEP_KEYS)
+    assert config.run_config.root == "b/p"
+    assert config.run_config.resources == {}
+    assert "run_config.resources.fit.cpu" in logged_text(caplog)
+
+
+def test_problems_in_step_keys_fail_a_step() -> None:
+    raw = {"run_config": {"root": 5, "dynamic_config_providers": [{"params": {}}]}}
+    with pytest.raises(ConfigError) as caught:
+        parse_plugin_config(raw, needed=STEP_KEYS)
+    assert "run_config.root" in str(caught.value)
+    assert "run_config.dynamic_config_providers.0.cls: required key is missing" in str(caught.value)
+
+
+def test_unknown_keys_give_one_warning_with_suggestions(caplog) -> None:
+    raw = {"projet_id": "x", "run_config": {"imgae": "i", "resources": {"n": {"memroy": "1Gi"}}}}
+    with caplog.at_level(logging.WARNING):
+        parse_plugin_config(raw)
+    warnings = [r for r in caplog.records if "unknown keys" in r.getMessage()]
+    assert len(warnings) == 1
+    text = logged_text(caplog)
+    assert "projet_id (did you mean project_id?)" in text
+    assert "run_config.imgae (did you mean run_config.image?)" in text
+    assert "run_config.resources.n.memroy (did you mean run_config.resources.n.memory?)" in text
+
+
+def test_env_file_replaces_top_level_keys_like_kedro(tmp_path: Path) -> None:
+    write_conf(tmp_path, "base", "project_id: p\nrun_config:\n  root: base/root\n  experiment_name: e\n")
+    write_conf(tmp_path, "prod", "run_config:\n  root: prod/root\n")
+    config = load_plugin_config(tmp_path, "prod")
+    assert config.project_id == "p"
+    assert config.run_config.root == "prod/root"
+    assert config.run_config.experiment_name is None  # destructive merge, as Kedro's default
+
+
+def test_soft_merge_strategy_merges_deeply(tmp_path: Path) -> None:
+    write_conf(tmp_path, "base", "run_config:\n  root: base/root\n  experiment_name: e\n")
+    write_conf(tmp_path, "prod", "run_config:\n  root: prod/root\n")
+    config = load_plugin_config(tmp_path, "prod", merge_strategy="soft")
+    assert (config.run_config.root, config.run_config.experiment_name) == ("prod/root", "e")
+
+
+def test_yaml_extension_and_missing_file(tmp_path: Path) -> None:
+    assert load_plugin_config(tmp_path, "local").run_config.root is None
+    write_conf(tmp_path, "base", "run_config: {root: a/b}\n", name="vertexai.yaml")
+    assert load_plugin_config(tmp_path, "local").run_config.root == "a/b"
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
+    write_conf(tmp_path, "base", "run_config: [unclosed\n")
+    with pytest.raises(ConfigError, match="vertexai.yml: not valid YAML"):
+        load_plugin_config(tmp_path, "local")
+
+
+@pytest.mark.parametrize(
+    ("root", "expected"),
+    [
+        ("bucket/prefix", "gs://bucket/prefix"),
+        ("bucket", "gs://bucket"),
+        ("gs://bucket/prefix/", "gs://bucket/prefix"),
+        ("file:///tmp/x", "file:///tmp/x"),
+        ("/tmp/x", "/tmp/x"),
+        ("./rel", "./rel"),
+    ],
+)
+def test_storage_root_normalization(root: str, expected: str) -> None:
+    assert normalize_storage_root(root) == expected

@@ -1,0 +1,83 @@
+"""Log output: Cloud Logging JSON in containers, step context on every line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import structlog
+
+from kvx_runtime.log import bind_step_context, configure_logging, get_logger
+
+
+@pytest.fixture
+def json_logs(capsys):
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging(json_output=True)
+    yield capsys
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    from kvx_runtime.log import _library_defaults
+
+    _library_defaults()
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def lines(capsys) -> list[dict]:
+    err = capsys.readouterr().err
+    return [json.loads(line) for line in err.splitlines() if line.strip()]
+
+
+def test_our_lines_have_severity_message_and_context(json_logs) -> None:
+    bind_step_context(node="train", run_id="r1", job_name="j1")
+    get_logger("kvx_runtime.test").warning("blob written", bytes=10)
+    (record,) = lines(json_logs)
+    assert record["severity"] == "WARNING"
+    assert record["message"] == "blob written"
+    assert (record["node"], record["run_id"], record["job_name"]) == ("train", "r1", "j1")
+    assert record["bytes"] == 10 and "time" in record
+
+
+def test_kedro_and_user_stdlib_lines_are_json_with_context(json_logs) -> None:
+    bind_step_context(node="n", run_id="r", job_name="j")
+    logging.getLogger("kedro.io.data_catalog").info(
+        "Loading data from %s", "x", extra={"rich_format": ["dark_orange"]}
+    )
+    (record,) = lines(json_logs)
+    assert record["message"] == "Loading data from x"
+    assert record["severity"] == "INFO" and record["node"] == "n"
+    assert "rich_format" not in record
+
+
+def test_exceptions_are_rendered_inside_the_json_line(json_logs) -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        get_logger("kvx_runtime.test").error("node raised", exc_info=True)
+    (record,) = lines(json_logs)
+    assert record["severity"] == "ERROR"
+    assert "ValueError: boom" in record["exception"]
+
+
+def test_python_warnings_become_log_lines(json_logs) -> None:
+    import warnings
+
+    # pytest records warnings itself; inside this block Python's normal display path is used.
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)
+        logging.captureWarnings(True)
+        warnings.warn("something odd", UserWarning, stacklevel=1)
+    (record,) = lines(json_logs)
+    assert record["severity"] == "WARNING" and "something odd" in record["message"]
+
+
+def test_kedro_resume_advice_is_dropped(json_logs) -> None:
+    logging.getLogger("kedro.runner.sequential_runner").warning(
+        "There are 3 nodes that have not run.\nYou can resume ... --from-nodes \"a\""
+    )
+    logging.getLogger("kedro.runner.sequential_runner").warning("No nodes ran. Repeat the previous command")
+    assert lines(json_logs) == []
