@@ -1,0 +1,131 @@
+"""End-to-end fixtures: the example project run by real `kvx-runtime exec-node` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE_PROJECT
+
+KVX = [sys.executable, "-m", "kvx_runtime"]
+
+
+@dataclass
+class StepRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.stderr.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    @property
+    def last_message(self) -> str:
+        return self.records[-1]["message"] if self.records else self.stderr.strip().splitlines()[-1]
+
+    def messages(self) -> list[str]:
+        return [record.get("message", "") for record in self.records]
+
+
+def step_env(**extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("KEDRO_CONFIG_", "KVX_", "PYTEST_"))
+    }
+    env.update({"KVX_LOG_FORMAT": "json", "KVX_STORAGE_RETRY_WAIT": "0.1"})
+    env.update(extra)
+    return env
+
+
+def run_step(project: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> StepRun:
+    result = subprocess.run(
+        [*KVX, "exec-node", *args],
+        cwd=project,
+        env=env or step_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return StepRun(result.returncode, result.stdout, result.stderr)
+
+
+_BASELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from kedro.framework.startup import bootstrap_project
+    from kedro.framework.project import pipelines, settings
+    from kedro.framework.session import KedroSession
+    from kvx_runtime.config_loader import EnvTemplatedConfigLoader
+
+    project = Path(sys.argv[1])
+    bootstrap_project(project)
+    if sys.argv[2] == "order":
+        print(json.dumps([n.name for n in pipelines["__default__"].nodes]))
+        raise SystemExit(0)
+    # A plain in-process `kedro run` of the whole pipeline (no kedro-mlflow: not configured).
+    settings.set("DISABLE_HOOKS_FOR_PLUGINS", ("kedro_mlflow", "kedro-telemetry"))
+    settings.set("CONFIG_LOADER_CLASS", EnvTemplatedConfigLoader)
+    with KedroSession.create(project, env=sys.argv[3]) as session:
+        session.run()
+    """
+)
+
+
+def kedro_in_process(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT, str(project), *args],
+        cwd=project,
+        env=env or step_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def node_order() -> list[str]:
+    return json.loads(kedro_in_process(EXAMPLE_PROJECT, "order").strip().splitlines()[-1])
+
+
+def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, catalog: str = "",
+                 vertexai: str = "") -> Path:
+    """A minimal Kedro project written from strings (for failure modes the example lacks)."""
+    project = root / package
+    src = project / "src" / package
+    src.mkdir(parents=True)
+    (project / "conf" / "base").mkdir(parents=True)
+    (project / "conf" / "local").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        f'[project]\nname = "{package}"\nversion = "0.1"\n\n'
+        f'[tool.kedro]\npackage_name = "{package}"\nproject_name = "{package}"\n'
+        'kedro_init_version = "1.7.0"\nsource_dir = "src"\n'
+    )
+    (src / "__init__.py").write_text("")
+    (src / "settings.py").write_text("")
+    (src / "nodes.py").write_text(textwrap.dedent(nodes_py))
+    (src / "pipeline_registry.py").write_text(textwrap.dedent(pipeline_py))
+    (project / "conf" / "base" / "catalog.yml").write_text(textwrap.dedent(catalog))
+    (project / "conf" / "base" / "parameters.yml").write_text("{}\n")
+    if vertexai:
+        (project / "conf" / "base" / "vertexai.yml").write_text(textwrap.dedent(vertexai))
+    return project
