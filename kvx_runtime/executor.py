@@ -154,13 +154,20 @@ class _StepHooks:
         self.job_name = job_name
         self.stored: list[str] = []
         self.loaded: list[str] = []
+        self.pipeline_started = False
         self.failed_node: str | None = None
         self.node_error: BaseException | None = None
         self._started: dict[str, float] = {}
         from kedro.framework.hooks import hook_impl
 
         # pluggy discovers hook implementations through this marker.
-        for name in ("after_catalog_created", "before_node_run", "after_node_run", "on_node_error"):
+        for name in (
+            "after_catalog_created",
+            "before_pipeline_run",
+            "before_node_run",
+            "after_node_run",
+            "on_node_error",
+        ):
             hook_impl(getattr(self, name).__func__)
 
     def _store(self) -> Any:
@@ -209,6 +216,9 @@ class _StepHooks:
             blob_outputs=self.stored,
             storage_root=self.storage_root if (self.loaded or self.stored) else None,
         )
+
+    def before_pipeline_run(self) -> None:
+        self.pipeline_started = True
 
     def before_node_run(self, node: Any) -> None:
         bind_step_context(node=node.name)
@@ -332,6 +342,12 @@ def execute_step(request: StepRequest) -> StepResult:
         if ours is not None:
             raise ours from exc
         replay = replay_command(request, run_id, job_name, project.env, storage_root)
+        if not hooks.pipeline_started:
+            # Kedro failed while building the context or catalog: the project's config.
+            raise ConfigError(
+                f"the Kedro project could not be set up for this step: "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
         if hooks.failed_node is not None:
             raise NodeError(
                 f"node '{hooks.failed_node}' raised {type(hooks.node_error).__name__}: "

@@ -1,0 +1,167 @@
+"""exec-node's unhappy paths: each gives its documented exit code and one clear last line,
+never a raw traceback from kvx-runtime, and leaves no partial data behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from integration.conftest import KVX, make_project, run_step, step_env
+from kvx_runtime.storage.store import BlobStore
+
+pytestmark = pytest.mark.slow
+
+FIRST = "data_processing.preprocess_companies_node"
+TABLE = "data_processing.create_model_input_table_node"
+
+
+def test_unknown_node_exits_2_and_suggests_names(example_project: Path, tmp_path) -> None:
+    result = run_step(example_project, "--node", "train_model_node", "--storage-root", str(tmp_path))
+    assert result.returncode == 2
+    assert "has no node 'train_model_node'" in result.last_message
+    assert "data_science.train_model_node" in result.last_message
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_pipeline_exits_2(example_project: Path, tmp_path) -> None:
+    result = run_step(example_project, "--node", FIRST, "--pipeline", "data_sciense")
+    assert result.returncode == 2
+    assert "no pipeline named 'data_sciense'" in result.last_message
+    assert "data_science" in result.last_message
+
+
+def test_missing_upstream_blob_names_dataset_path_and_producer(example_project: Path, tmp_path) -> None:
+    result = run_step(example_project, "--node", TABLE, "--run-id", "m", "--storage-root", str(tmp_path))
+    assert result.returncode == 2
+    message = result.last_message
+    assert "'preprocessed_shuttles'" in message or "'data_processing.preprocessed_companies'" in message
+    assert str(tmp_path / "kedro-vertexai-temp" / "m") in message
+    assert "produced by node 'data_processing.preprocess_" in message
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_blob_exits_2_naming_dataset_and_path(example_project: Path, tmp_path) -> None:
+    root = str(tmp_path)
+    assert run_step(example_project, "--node", FIRST, "--run-id", "c", "--storage-root", root).returncode == 0
+    path = Path(BlobStore(root, "c").path("data_processing.preprocessed_companies"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # The other input is fine.
+    assert run_step(example_project, "--node", "data_processing.preprocess_shuttles_node", "--run-id", "c",
+                    "--storage-root", root).returncode == 0
+    result = run_step(example_project, "--node", TABLE, "--run-id", "c", "--storage-root", root)
+    assert result.returncode == 2
+    assert "'data_processing.preprocessed_companies'" in result.last_message
+    assert str(path) in result.last_message
+    assert "corrupt" in result.last_message
+    assert "Traceback" not in result.stderr and "UnpicklingError" not in result.stderr
+
+
+def test_bad_vertexai_config_exits_2_with_key_path(example_project: Path) -> None:
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text().replace("dynamic_config_providers: []",
+                                                 "dynamic_config_providers: [{params: {}}]"))
+    result = run_step(example_project, "--node", FIRST)
+    assert result.returncode == 2
+    assert "run_config.dynamic_config_providers.0.cls: required key is missing" in result.last_message
+
+
+def test_no_storage_root_exits_2_only_when_needed(example_project: Path) -> None:
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text().replace("  root: kvx-example-bucket/pipelines\n", ""))
+    result = run_step(example_project, "--node", FIRST)
+    assert result.returncode == 2
+    assert "no storage root is set" in result.last_message
+
+
+def test_failing_node_exits_1_with_its_traceback_once(example_project: Path, tmp_path) -> None:
+    root = str(tmp_path)
+    for node in [FIRST, "data_processing.preprocess_shuttles_node", TABLE]:
+        assert run_step(example_project, "--node", node, "--run-id", "f", "--storage-root", root).returncode == 0
+    result = run_step(example_project, "--node", "data_science.split_data_node", "--run-id", "f",
+                      "--storage-root", root, "--param", "data_science.model_options.test_size=7.5")
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback (most recent call last)") == 1
+    last = result.records[-1]
+    assert last["severity"] == "ERROR"
+    assert "node 'data_science.split_data_node' raised" in last["message"]
+    assert "replay: kvx-runtime exec-node --node data_science.split_data_node" in last["message"]
+    assert "--param data_science.model_options.test_size=7.5" in last["message"]
+    assert not (tmp_path / "kedro-vertexai-temp" / "f" / "data_science.X_train.bin").exists()
+
+
+def test_undefined_placeholder_exits_2_naming_file(example_project: Path, tmp_path) -> None:
+    catalog = example_project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text().replace("${commit_id|dirty}", "${commit_sha}"))
+    result = run_step(example_project, "--node", FIRST, "--storage-root", str(tmp_path))
+    assert result.returncode == 2
+    assert "${commit_sha}" in result.last_message and "catalog.yml" in result.last_message
+    assert "KEDRO_CONFIG_COMMIT_SHA" in result.last_message
+
+
+def test_opt_out_of_templating_warns_and_leaves_placeholders(example_project: Path, tmp_path) -> None:
+    env = step_env(KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK="true")
+    result = run_step(example_project, "--node", FIRST, "--storage-root", str(tmp_path), env=env)
+    assert any("KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK environment variable is set" in m
+               for m in result.messages())
+    # Kedro's own loader cannot fill ${run_id}: the catalog cannot be built.
+    assert result.returncode == 2
+    assert "run_id" in result.last_message
+
+
+def test_unreachable_storage_exits_3(example_project: Path) -> None:
+    port = free_port()  # nothing listens there
+    env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", KVX_STORAGE_RETRIES="1")
+    result = run_step(example_project, "--node", FIRST, "--storage-root", "gs://bucket/root", env=env)
+    assert result.returncode == 3
+    assert "could not write gs://bucket/root/kedro-vertexai-temp/" in result.last_message
+    assert result.records[-1]["exit_code"] == 3
+
+
+SLOW_NODES = """
+import time
+
+def make():
+    return list(range(1000))
+
+def slow(values):
+    time.sleep(120)
+    return values
+"""
+SLOW_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from sigproj.nodes import make, slow
+
+def register_pipelines():
+    pipe = Pipeline([Node(make, None, "values", name="make"),
+                     Node(slow, "values", "result", name="slow"),
+                     Node(len, "result", "size", name="count")])
+    return {"__default__": pipe}
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, code: int) -> None:
+    project = make_project(tmp_path, "sigproj", SLOW_NODES, SLOW_PIPELINE)
+    root = tmp_path / "storage"
+    assert run_step(project, "--node", "make", "--run-id", "s", "--storage-root", str(root)).returncode == 0
+    process = subprocess.Popen(
+        [*KVX, "exec-node", "--node", "slow", "--run-id", "s", "--storage-root", str(root)],
+        cwd=project, env=step_env(), stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    for line in process.stderr:
+        if '"node started"' in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signum)
+    _, rest = process.communicate(timeout=30)
+    assert process.returncode == code
+    assert "nothing partial was left behind" in rest.splitlines()[-1]
+    assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]
