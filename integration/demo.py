@@ -1,53 +1,54 @@
-"""The main job: run the example project's pipeline step by step through kvx-runtime.
+"""The main job: compile the example project's pipeline, then run the compiled spec locally.
 
-Every node runs as its own ``kvx-runtime exec-node`` process, in dependency order, exactly as
-a Vertex AI step would call it; intermediates go to a local storage root under the project
-(``.kvx/storage``). Prints where the outputs are.
+``kvx-runtime compile`` turns the Kedro pipeline into a Vertex AI pipeline spec;
+``kvx-runtime run-local`` executes that same spec here, each step a separate
+``kvx-runtime exec-node`` process exactly as Vertex AI would start it, with the intermediates
+on a local storage root under the project (``.kvx/storage``). Prints where the outputs are.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent / "example_project"
-
-
-def node_order(project: Path, pipeline: str = "__default__") -> list[str]:
-    from kedro.framework.project import pipelines
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(project)
-    return [node.name for node in pipelines[pipeline].nodes]
+KVX = [sys.executable, "-m", "kvx_runtime"]
 
 
 def main() -> int:
-    run_id = time.strftime("demo-%Y%m%d-%H%M%S")
-    storage_root = PROJECT / ".kvx" / "storage"
-    env = {**os.environ, "KVX_LOG_FORMAT": os.environ.get("KVX_LOG_FORMAT", "text")}
-    kvx = [sys.executable, "-m", "kvx_runtime"]
-    nodes = node_order(PROJECT)
-    print(f"Running {len(nodes)} steps of {PROJECT.name}, run id {run_id}", flush=True)
-    for index, node in enumerate(nodes, 1):
-        started = time.perf_counter()
-        command = [*kvx, "exec-node", "--node", node, "--run-id", run_id,
-                   "--storage-root", str(storage_root), "--env", "base"]
-        result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        print(f"[{index:2d}/{len(nodes)}] {node:<50} {status} {seconds:5.1f}s", flush=True)
-        if result.returncode != 0:
-            print(result.stderr[-4000:], file=sys.stderr)
-            return result.returncode
-    reports = PROJECT / "data" / "08_reporting" / run_id
-    print(f"\nDone. Outputs: {reports}")
+    spec = PROJECT / ".kvx" / "pipeline.json"
+    print(f"1/2 Compiling {PROJECT.name} to {spec}", flush=True)
+    compiled = subprocess.run(
+        [*KVX, "compile", "--env", "base", "--output", str(spec),
+         "--params", "data_science.model_options.test_size:float,reporting.top_n:int"],
+        cwd=PROJECT, env=_env(), capture_output=True, text=True,
+    )
+    if compiled.returncode != 0:
+        print(compiled.stderr[-4000:], file=sys.stderr)
+        return compiled.returncode
+    print(compiled.stdout.strip())
+    print("2/2 Running the compiled spec locally", flush=True)
+    ran = subprocess.run([*KVX, "run-local", str(spec), "--max-parallel", "2"], cwd=PROJECT, env=_env())
+    if ran.returncode != 0:
+        return ran.returncode
+    runs = sorted((PROJECT / ".kvx" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    status = json.loads((runs[-1] / "status.json").read_text())
+    reports = PROJECT / "data" / "08_reporting" / status["run_id"]
+    print(f"\nOutputs of run {status['run_id']}: {reports}")
     for path in sorted(reports.iterdir()):
         print(f"  {path.name}")
-    print(f"Intermediates: {storage_root / 'kedro-vertexai-temp' / run_id}")
+    print(f"Report:\n\n{next(reports.glob('report_*.md')).read_text()}")
+    print(f"Intermediates: {PROJECT / '.kvx' / 'storage' / 'kedro-vertexai-temp' / status['job_name']}")
+    print(f"Step logs:     {runs[-1] / 'logs'}")
     return 0
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "KVX_LOG_FORMAT": os.environ.get("KVX_LOG_FORMAT", "text")}
 
 
 if __name__ == "__main__":

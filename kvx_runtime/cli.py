@@ -7,9 +7,11 @@ line and the documented exit code (see :class:`~kvx_runtime.errors.ExitCode`).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -69,6 +71,72 @@ def cli() -> None:
     install_signal_handlers()
 
 
+# --- command bodies, shared with the `kedro vertexai` plugin commands ---------------------
+
+
+def do_compile(
+    project_path: str | None,
+    env: str | None,
+    pipeline: str,
+    image: str | None,
+    storage_root: str | None,
+    params: tuple[str, ...],
+    output: str,
+) -> Path:
+    from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
+
+    compiled = compile_pipeline(CompileRequest(
+        project_path=project_path, env=env, pipeline=pipeline, image=image,
+        params=params, storage_root=storage_root,
+    ))
+    path = write_spec(compiled.spec, output)
+    click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
+    return path
+
+
+def do_run_local(
+    spec: str | Path,
+    project_path: str | None,
+    params: tuple[str, ...],
+    storage_root: str | None,
+    max_parallel: int,
+    job_name: str | None,
+) -> None:
+    from kvx_runtime.compiler import read_spec
+    from kvx_runtime.errors import NodeError
+    from kvx_runtime.local_runner import parse_overrides, run_local
+
+    result = run_local(
+        read_spec(spec),
+        project_path or os.getcwd(),
+        params=parse_overrides(params),
+        storage_root=storage_root,
+        max_parallel=max_parallel,
+        job_name=job_name,
+    )
+    if result.exit_code:
+        error = NodeError(f"step '{result.failed_task}' of job {result.job_name} failed")
+        error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
+        raise error
+    click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
+
+
+def do_init(project_path: str | None, project_id: str, region: str, force: bool) -> Path:
+    from kvx_runtime.errors import UsageError
+    from kvx_runtime.project import find_package_name
+
+    root = Path(project_path or os.getcwd()).resolve()
+    target = root / "conf" / "base" / "vertexai.yml"
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists", hint="pass --force to overwrite it")
+    template = (Path(__file__).parent / "templates" / "vertexai.yml").read_text()
+    package = find_package_name(root).replace("_", "-")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(template.format(project_id=project_id, region=region, package=package))
+    click.echo(f"Configuration generated in {target}")
+    return target
+
+
 @cli.command("exec-node")
 @click.option("--node", "nodes", multiple=True, required=True, metavar="NAME",
               help="Node to run; repeat for a group (run in one process, data in memory).")
@@ -115,6 +183,64 @@ def exec_node(
         )
 
     _run("exec-node", action)
+
+
+@cli.command("compile")
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Kedro project directory (default: the working directory).")
+@click.option("-e", "--env", default=None, help="Kedro config environment used to compile and baked into every step.")
+@click.option("--pipeline", default="__default__", show_default=True, help="Registered pipeline to compile.")
+@click.option("--image", default=None, help="Image of the steps (default: run_config.image).")
+@click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
+@click.option("--params", "params", multiple=True, metavar="NAME:TYPE[,NAME:TYPE]",
+              help="Kedro parameters exposed as pipeline parameters (types: str, int, float, bool, list, dict).")
+@click.option("-o", "--output", default="pipeline.json", show_default=True,
+              help="Where to write the spec: JSON, or YAML for .yaml/.yml.")
+def compile_command(
+    project_path: str | None,
+    env: str | None,
+    pipeline: str,
+    image: str | None,
+    storage_root: str | None,
+    params: tuple[str, ...],
+    output: str,
+) -> None:
+    """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
+
+    _run("compile", lambda: do_compile(project_path, env, pipeline, image, storage_root, params, output))
+
+
+@cli.command("run-local")
+@click.argument("spec", type=click.Path(dir_okay=False, exists=True))
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Kedro project directory the steps run in (default: the working directory).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Override a pipeline parameter (pipeline or dotted Kedro name). Repeatable.")
+@click.option("--storage-root", default=None, help="Storage root of the run (default: <project>/.kvx/storage).")
+@click.option("--max-parallel", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Steps that may run at the same time.")
+@click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
+def run_local_command(
+    spec: str,
+    project_path: str | None,
+    params: tuple[str, ...],
+    storage_root: str | None,
+    max_parallel: int,
+    job_name: str | None,
+) -> None:
+    """Run a compiled pipeline spec on this machine, each step a separate process."""
+
+    _run("run-local", lambda: do_run_local(spec, project_path, params, storage_root, max_parallel, job_name))
+
+
+@cli.command("init")
+@click.argument("project_id")
+@click.argument("region")
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
+@click.option("--force", is_flag=True, help="Overwrite an existing conf/base/vertexai.yml.")
+def init_command(project_id: str, region: str, project_path: str | None, force: bool) -> None:
+    """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
+    _run("init", lambda: do_init(project_path, project_id, region, force))
 
 
 def main() -> None:

@@ -4,6 +4,10 @@ Values are typed the way a user would expect on a command line: ``3`` is an int,
 float, ``true``/``false`` a bool, ``null`` None, ``[...]``/``{...}`` JSON; everything else a
 string. Dotted keys build nested mappings (``model.lr=0.1`` -> ``{"model": {"lr": 0.1}}``),
 which Kedro merges over the nested parameters as its own ``--params`` does.
+
+A key may carry its type, ``key:int=10.0``, which the compiler always emits: pipeline
+parameters reach the step as text (an integer may arrive as ``10.0``), and the declared type
+is what makes it an int again. Types: str, int, float, bool, list, dict.
 """
 
 from __future__ import annotations
@@ -21,6 +25,41 @@ __all__ = ["parse_param_value", "parse_params"]
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
 _KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[A-Za-z_0-9][\w\-]*)*$")
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _as_int(text: str) -> int:
+    number = float(text)
+    if not number.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
+
+
+def _as_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE | _FALSE:
+        return lowered in _TRUE
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _as_json(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        value = json.loads(text)
+        if not isinstance(value, kind):
+            raise ValueError(f"{text!r} is not a JSON {kind.__name__}")
+        return value
+
+    return convert
+
+
+_TYPED = {
+    "str": str,
+    "int": _as_int,
+    "float": float,
+    "bool": _as_bool,
+    "list": _as_json(list),
+    "dict": _as_json(dict),
+}
 
 
 def parse_param_value(text: str) -> Any:
@@ -48,12 +87,21 @@ def parse_params(items: Iterable[str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        key = key.strip()
+        key, _, kind = key.strip().partition(":")
         if not sep or not key:
             raise UsageError(f"--param {item!r} must look like key=value")
         if not _KEY.match(key):
             raise UsageError(f"--param key {key!r} is not a parameter name (letters, digits, _ and dots)")
-        value: Any = parse_param_value(raw)
+        value: Any
+        if kind:
+            if kind not in _TYPED:
+                raise UsageError(f"--param {key}: unknown type {kind!r} (use {', '.join(_TYPED)})")
+            try:
+                value = _TYPED[kind](raw)
+            except ValueError as exc:
+                raise UsageError(f"--param {key}: {exc}") from None
+        else:
+            value = parse_param_value(raw)
         for part in reversed(key.split(".")):
             value = {part: value}
         result = deep_merge(result, value)

@@ -110,6 +110,24 @@ def install_templating(settings: Any) -> bool:
     return True
 
 
+def find_package_name(project_path: Path) -> str:
+    """The project's package name from pyproject.toml ([tool.kedro]), without importing it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (Kedro depends on tomli there)
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    pyproject = project_path / "pyproject.toml"
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        return str(data["tool"]["kedro"]["package_name"])
+    except (OSError, KeyError, ValueError):
+        raise UsageError(
+            f"{project_path} is not a Kedro project (no [tool.kedro] package_name in pyproject.toml)",
+            hint="run from the project directory or pass --project-path",
+        ) from None
+
+
 def open_project(
     project_path: str | Path | None,
     env: str | None,

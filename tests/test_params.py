@@ -48,3 +48,27 @@ def test_malformed_params_are_usage_errors(item: str) -> None:
 def test_broken_json_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="looks like JSON but is invalid"):
         parse_params(["x=[1, 2"])
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("n:int=10.0", 10),
+        ("n:int=7", 7),
+        ("x:float=3", 3.0),
+        ("s:str=42", "42"),
+        ("b:bool=true", True),
+        ("b:bool=False", False),
+        ("l:list=[1, 2]", [1, 2]),
+        ('d:dict={"a": 1}', {"a": 1}),
+    ],
+)
+def test_typed_keys_as_the_compiler_emits_them(item: str, expected: object) -> None:
+    (value,) = parse_params([item]).values()
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("item", ["n:int=1.5", "b:bool=maybe", "l:list={}", "x:complex=1"])
+def test_values_that_do_not_match_their_type_are_usage_errors(item: str) -> None:
+    with pytest.raises(UsageError):
+        parse_params([item])

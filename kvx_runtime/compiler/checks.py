@@ -1,0 +1,150 @@
+"""Checks of a compiled spec and of the pipeline before compiling it.
+
+``check_references`` does what protobuf parsing cannot: every ``dependentTasks`` entry,
+``componentRef``, ``executorLabel``, ``producerTask`` and input parameter must resolve, and
+every ``{{$.inputs.parameters['x']}}`` placeholder must name a declared input. run-local
+uses it too, so a hand-edited spec fails with a clear message instead of a KeyError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.log import get_logger
+
+log = get_logger(__name__)
+
+_INPUT_PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}")
+_OUTPUT_PLACEHOLDER = re.compile(r"\{\{\$\.outputs\.parameters\['([^']+)'\]\.output_file\}\}")
+
+
+def _dag_problems(
+    where: str,
+    dag: Mapping[str, Any],
+    components: Mapping[str, Any],
+    available_inputs: Mapping[str, Any],
+) -> list[str]:
+    problems: list[str] = []
+    tasks = dag.get("tasks", {})
+    for name, task in tasks.items():
+        here = f"{where}.tasks.{name}"
+        ref = task.get("componentRef", {}).get("name")
+        component = components.get(ref)
+        if component is None:
+            problems.append(f"{here}: componentRef '{ref}' does not exist")
+            continue
+        for dependency in task.get("dependentTasks", []):
+            if dependency not in tasks:
+                problems.append(f"{here}: dependentTasks '{dependency}' is not a task of this dag")
+        declared = component.get("inputDefinitions", {}).get("parameters", {})
+        given = task.get("inputs", {}).get("parameters", {})
+        for parameter, source in given.items():
+            if parameter not in declared:
+                problems.append(f"{here}: input '{parameter}' is not declared by {ref}")
+            if "componentInputParameter" in source and source["componentInputParameter"] not in available_inputs:
+                problems.append(
+                    f"{here}: input '{parameter}' reads '{source['componentInputParameter']}', "
+                    f"which {where} does not declare"
+                )
+            for key in ("taskOutputParameter", "taskFinalStatus"):
+                producer = source.get(key, {}).get("producerTask")
+                if key in source and producer not in tasks:
+                    problems.append(f"{here}: input '{parameter}' comes from unknown task '{producer}'")
+            if "taskOutputParameter" in source:
+                producer_task = tasks.get(source["taskOutputParameter"].get("producerTask"), {})
+                producer_component = components.get(producer_task.get("componentRef", {}).get("name"), {})
+                outputs = producer_component.get("outputDefinitions", {}).get("parameters", {})
+                key_name = source["taskOutputParameter"].get("outputParameterKey")
+                if producer_task and key_name not in outputs:
+                    problems.append(f"{here}: input '{parameter}' reads missing output '{key_name}'")
+        missing = [p for p, d in declared.items() if p not in given and not d.get("isOptional")]
+        if missing:
+            problems.append(f"{here}: required inputs not given: {', '.join(sorted(missing))}")
+        if "dag" in component:
+            problems += _dag_problems(
+                f"components.{ref}.dag", component["dag"], components, declared
+            )
+    return problems
+
+
+def check_references(spec: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` listing every dangling reference in ``spec``."""
+    problems: list[str] = []
+    components = spec.get("components", {})
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
+    for name, component in components.items():
+        label = component.get("executorLabel")
+        if label is None:
+            if "dag" not in component:
+                problems.append(f"components.{name}: neither an executorLabel nor a dag")
+            continue
+        executor = executors.get(label)
+        if executor is None:
+            problems.append(f"components.{name}: executorLabel '{label}' does not exist")
+            continue
+        declared_in = component.get("inputDefinitions", {}).get("parameters", {})
+        declared_out = component.get("outputDefinitions", {}).get("parameters", {})
+        container = executor.get("container", {})
+        for arg in [*container.get("command", []), *container.get("args", [])]:
+            for used in _INPUT_PLACEHOLDER.findall(str(arg)):
+                if used not in declared_in:
+                    problems.append(f"deploymentSpec.executors.{label}: placeholder input '{used}' is not declared")
+            for used in _OUTPUT_PLACEHOLDER.findall(str(arg)):
+                if used not in declared_out:
+                    problems.append(f"deploymentSpec.executors.{label}: placeholder output '{used}' is not declared")
+    root = spec.get("root", {})
+    problems += _dag_problems(
+        "root.dag", root.get("dag", {}), components, root.get("inputDefinitions", {}).get("parameters", {})
+    )
+    if problems:
+        raise ConfigError("the pipeline spec has dangling references: " + "; ".join(problems))
+
+
+def warn_unknown_selectors(
+    section: str, keys: Iterable[str], node_names: set[str], tags: set[str]
+) -> list[str]:
+    """Entries of resources / node_selectors / retries that name no node and no tag."""
+    unknown = sorted(k for k in keys if k != "__default__" and k not in node_names and k not in tags)
+    if unknown:
+        log.warning(
+            f"run_config.{section} names nodes or tags that the pipeline does not have",
+            entries=unknown,
+        )
+    return unknown
+
+
+def is_local_path(filepath: str) -> bool:
+    """A path on the step machine's own disk (each Vertex AI step has its own disk).
+
+    ``/gcs/...`` is Vertex AI's Cloud Storage FUSE mount, shared by every step.
+    """
+    return "://" not in filepath and not filepath.startswith("/gcs/")
+
+
+def warn_local_datasets(
+    dataset_paths: Mapping[str, str],
+    producers: Mapping[str, str],
+    consumers: Mapping[str, list[str]],
+    step_of: Mapping[str, str],
+) -> list[str]:
+    """Catalog datasets on a local path that one step writes and another reads."""
+    flagged: list[str] = []
+    for dataset, path in sorted(dataset_paths.items()):
+        producer = producers.get(dataset)
+        if producer is None or not is_local_path(path):
+            continue
+        readers = [n for n in consumers.get(dataset, []) if step_of.get(n) != step_of.get(producer)]
+        if readers:
+            flagged.append(dataset)
+            log.warning(
+                f"catalog dataset '{dataset}' is on a local path ({path}) that node '{producer}' "
+                f"writes and node '{readers[0]}' reads in another step: each Vertex AI step has "
+                "its own disk, so the reader will not find it; use a gs:// path",
+                dataset=dataset,
+                writer=producer,
+                readers=readers,
+            )
+    return flagged

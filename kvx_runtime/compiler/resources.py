@@ -1,0 +1,94 @@
+"""Per-step settings chosen by node name, tag or ``__default__``: resources, accelerators,
+retry policies. More specific wins: a node's own entry over its tags', tags over the default."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvx_runtime.config import ResourceSpec, RetrySpec
+
+T = TypeVar("T")
+DEFAULT = "__default__"
+ACCELERATOR_KEY = "cloud.google.com/gke-accelerator"
+_MEMORY_UNITS = {
+    "": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def cpu_cores(text: str) -> float:
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(text: str) -> float:
+    match = re.match(r"^(\d+(?:\.\d+)?)([A-Za-z]*)$", text)
+    if not match:  # pragma: no cover - validated by the config schema
+        raise ValueError(text)
+    return float(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+
+
+def _layers(table: Mapping[str, T], node: str, tags: Iterable[str]) -> list[T]:
+    """Entries that apply to ``node``, least specific first."""
+    layers = [table[DEFAULT]] if DEFAULT in table else []
+    layers += [table[tag] for tag in sorted(tags) if tag in table]
+    if node in table:
+        layers.append(table[node])
+    return layers
+
+
+def node_resources(table: Mapping[str, ResourceSpec], node: str, tags: Iterable[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in _layers(table, node, tags):
+        merged.update({k: v for k, v in layer.model_dump(exclude_none=True).items() if k in {"cpu", "memory", "gpu"}})
+    return merged
+
+
+def node_selectors(table: Mapping[str, Mapping[str, str]], node: str, tags: Iterable[str]) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for layer in _layers(table, node, tags):
+        merged.update(layer)
+    return merged
+
+
+def node_retry(table: Mapping[str, RetrySpec], node: str, tags: Iterable[str]) -> RetrySpec | None:
+    layers = _layers(table, node, tags)
+    return layers[-1] if layers else None
+
+
+@dataclass(frozen=True)
+class StepResources:
+    cpu: str | None = None
+    memory: str | None = None
+    gpu: int | None = None
+    accelerator: str | None = None
+
+    def to_spec(self) -> dict[str, Any]:
+        """The ``PipelineContainerSpec.ResourceSpec`` JSON (limits and requests alike)."""
+        spec: dict[str, Any] = {}
+        if self.cpu:
+            cores = cpu_cores(self.cpu)
+            spec.update(cpuLimit=cores, cpuRequest=cores,
+                        resourceCpuLimit=self.cpu, resourceCpuRequest=self.cpu)
+        if self.memory:
+            gigabytes = memory_bytes(self.memory) / 10**9
+            spec.update(memoryLimit=gigabytes, memoryRequest=gigabytes,
+                        resourceMemoryLimit=self.memory, resourceMemoryRequest=self.memory)
+        if self.gpu or self.accelerator:
+            count = str(self.gpu or 1)
+            accelerator: dict[str, Any] = {"count": count, "resourceCount": count}
+            if self.accelerator:
+                accelerator.update(type=self.accelerator, resourceType=self.accelerator)
+            spec["accelerator"] = accelerator
+        return spec
+
+
+def group_resources(per_node: list[dict[str, Any]], selectors: list[dict[str, str]]) -> StepResources:
+    """A group step gets the largest request of its nodes, field by field."""
+    cpu = max((r["cpu"] for r in per_node if "cpu" in r), key=cpu_cores, default=None)
+    memory = max((r["memory"] for r in per_node if "memory" in r), key=memory_bytes, default=None)
+    gpu = max((r["gpu"] for r in per_node if r.get("gpu")), default=None)
+    accelerators = sorted({s[ACCELERATOR_KEY] for s in selectors if ACCELERATOR_KEY in s})
+    return StepResources(cpu=cpu, memory=memory, gpu=gpu, accelerator=accelerators[-1] if accelerators else None)
