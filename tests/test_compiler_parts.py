@@ -1,0 +1,205 @@
+"""Compiler building blocks: names, grouping, resources, retry mapping, reference checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from kedro.pipeline import Node, Pipeline
+
+from kvx_runtime.compiler.checks import check_references, is_local_path
+from kvx_runtime.compiler.names import check_label, parameter_name, sanitize, unique_task_names
+from kvx_runtime.compiler.resources import (
+    group_resources,
+    node_resources,
+    node_retry,
+    node_selectors,
+)
+from kvx_runtime.compiler.spec import PipelineParameter, SpecBuilder, Step, retry_policy
+from kvx_runtime.config import parse_plugin_config
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.grouping import (
+    IdentityNodeGrouper,
+    TagNodeGrouper,
+    build_grouper,
+    group_dependencies,
+    order_groups,
+)
+
+
+def f(*args):
+    return args[0] if args else 1
+
+
+# --- names -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("data_science.train_model_node", "data-science-train-model-node"),
+        ("Train Model!", "train-model"),
+        ("123abc", "n-123abc"),
+        ("__x__", "x"),
+        ("...", "n"),
+    ],
+)
+def test_sanitize(name: str, expected: str) -> None:
+    assert sanitize(name) == expected
+
+
+def test_long_names_are_cut_with_a_hash_and_stay_distinct() -> None:
+    a, b = "x" * 100 + "_first", "x" * 100 + "_second"
+    assert len(sanitize(a)) <= 63 and sanitize(a) != sanitize(b)
+
+
+def test_task_names_are_unique_and_stable() -> None:
+    names = ["a.b", "a_b", "a-b", "mlflow_start_run", "A.B"]
+    first = unique_task_names(names)
+    assert first == unique_task_names(names)
+    assert first == {"a.b": "a-b", "a_b": "a-b-2", "a-b": "a-b-3",
+                     "mlflow_start_run": "mlflow-start-run-2", "A.B": "a-b-4"}
+
+
+def test_parameter_names() -> None:
+    assert parameter_name("data_science.model_options.test_size") == "data_science__model_options__test_size"
+    with pytest.raises(ConfigError):
+        parameter_name("9lives")
+
+
+def test_label_rules() -> None:
+    check_label("team", "ml-ops_1")
+    with pytest.raises(ConfigError, match="label key"):
+        check_label("Team", "x")
+    with pytest.raises(ConfigError, match="label value"):
+        check_label("team", "ML Ops")
+
+
+# --- grouping ----------------------------------------------------------------------------
+
+PIPE = Pipeline([
+    Node(f, "raw", "a", name="load", tags=["group.prep"]),
+    Node(f, "a", "b", name="clean", tags=["group.prep"]),
+    Node(f, "b", "model", name="train", tags=["gpu"]),
+    Node(f, "model", "report", name="report"),
+    Node(f, "b", "stats", name="stats", tags=["group.prep"]),
+])
+
+
+def test_identity_grouping_has_one_step_per_node() -> None:
+    groups = IdentityNodeGrouper().group(PIPE)
+    assert [g.nodes for g in groups] == [(n.name,) for n in PIPE.nodes]
+    needs = group_dependencies(PIPE, groups)
+    assert needs["train"] == {"clean"} and needs["report"] == {"train"}
+
+
+def test_tag_grouping_merges_tagged_nodes_in_pipeline_order() -> None:
+    groups = TagNodeGrouper().group(PIPE)
+    by_name = {g.name: g for g in groups}
+    assert by_name["prep"].nodes == ("load", "clean", "stats")
+    assert set(by_name) == {"prep", "train", "report"}
+    needs = group_dependencies(PIPE, groups)
+    assert needs == {"prep": set(), "train": {"prep"}, "report": {"train"}}
+    assert order_groups(needs) == ["prep", "train", "report"]
+
+
+def test_grouping_that_creates_a_cycle_is_refused() -> None:
+    pipe = Pipeline([
+        Node(f, "raw", "a", name="first", tags=["group.g"]),
+        Node(f, "a", "b", name="middle"),
+        Node(f, "b", "c", name="last", tags=["group.g"]),
+    ])
+    groups = TagNodeGrouper().group(pipe)
+    with pytest.raises(ConfigError, match="cycle between steps"):
+        order_groups(group_dependencies(pipe, groups))
+
+
+def test_node_with_two_group_tags_is_refused() -> None:
+    pipe = Pipeline([Node(f, "raw", "a", name="n", tags=["group.x", "group.y"])])
+    with pytest.raises(ConfigError, match="several group tags"):
+        TagNodeGrouper().group(pipe)
+
+
+def test_family_class_paths_and_custom_prefix() -> None:
+    grouper = build_grouper("kedro_vertexai.grouping.TagNodeGrouper", {"tag_prefix": "step:"})
+    assert isinstance(grouper, TagNodeGrouper) and grouper.tag_prefix == "step:"
+    with pytest.raises(ConfigError, match="not a subclass"):
+        build_grouper("builtins.dict", {})
+
+
+# --- resources, selectors, retries -------------------------------------------------------
+
+RUN = parse_plugin_config({"run_config": {
+    "resources": {"__default__": {"cpu": "500m", "memory": "1Gi"}, "gpu": {"cpu": 4, "gpu": 1},
+                  "train": {"memory": "16Gi"}},
+    "node_selectors": {"gpu": {"cloud.google.com/gke-accelerator": "NVIDIA_TESLA_T4"}},
+    "retries": {"__default__": {"max_retry_count": 1}, "train": {"max_retry_count": 3, "backoff_duration": 30}},
+}}).run_config
+
+
+def test_node_beats_tag_beats_default() -> None:
+    assert node_resources(RUN.resources, "train", ["gpu"]) == {"cpu": "4", "memory": "16Gi", "gpu": 1}
+    assert node_resources(RUN.resources, "report", []) == {"cpu": "500m", "memory": "1Gi"}
+    assert node_selectors(RUN.node_selectors, "train", ["gpu"]) == {
+        "cloud.google.com/gke-accelerator": "NVIDIA_TESLA_T4"}
+    assert node_retry(RUN.retries, "train", ["gpu"]).max_retry_count == 3
+    assert node_retry(RUN.retries, "report", []).max_retry_count == 1
+
+
+def test_resource_spec_conversion_matches_kfp() -> None:
+    spec = group_resources(
+        [{"cpu": "500m", "memory": "1024Mi"}, {"cpu": "2", "memory": "1Gi", "gpu": 2}],
+        [{"cloud.google.com/gke-accelerator": "NVIDIA_L4"}],
+    ).to_spec()
+    assert spec["cpuLimit"] == 2.0 and spec["resourceCpuLimit"] == "2"
+    assert spec["memoryLimit"] == pytest.approx(1.073741824)
+    assert spec["accelerator"] == {"count": "2", "resourceCount": "2", "type": "NVIDIA_L4",
+                                   "resourceType": "NVIDIA_L4"}
+    assert group_resources([{"cpu": "500m"}], []).to_spec()["cpuLimit"] == 0.5
+
+
+def test_retry_policy_mapping() -> None:
+    assert retry_policy(RUN.retries["train"]) == {
+        "backoffDuration": "30s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s", "maxRetryCount": 3}
+    assert retry_policy(None) is None
+
+
+def test_local_path_detection() -> None:
+    assert is_local_path("data/08_reporting/x.csv") and is_local_path("/tmp/x.csv")
+    assert not is_local_path("gs://b/x.csv") and not is_local_path("/gcs/bucket/x.csv")
+
+
+# --- reference checks --------------------------------------------------------------------
+
+def small_spec() -> dict:
+    builder = SpecBuilder(name="p", description=None, image="img", storage_root="gs://b",
+                          parameters=[PipelineParameter("a.b", "a__b", "int", 3)], mlflow=False,
+                          has_exit_handler=False)
+    step = Step(task="one", display_name="one", command=["kvx-runtime", "exec-node"],
+                args=["--param", "a.b:int={{$.inputs.parameters['a__b']}}"],
+                inputs={"a__b": "NUMBER_INTEGER", "kvx_storage_root": "STRING"})
+    two = Step(task="two", display_name="two", command=["x"], args=[], depends_on=["one"])
+    return builder.build([step, two], None, [])
+
+
+def test_a_built_spec_has_no_dangling_references() -> None:
+    check_references(small_spec())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["root"]["dag"]["tasks"]["two"].__setitem__("dependentTasks", ["zero"]), "dependentTasks 'zero'"),
+        (lambda s: s["root"]["dag"]["tasks"]["one"]["componentRef"].__setitem__("name", "comp-x"), "componentRef 'comp-x'"),
+        (lambda s: s["components"]["comp-one"].__setitem__("executorLabel", "exec-x"), "executorLabel 'exec-x'"),
+        (lambda s: s["deploymentSpec"]["executors"]["exec-one"]["container"]["args"].append(
+            "{{$.inputs.parameters['nope']}}"), "placeholder input 'nope'"),
+        (lambda s: s["root"]["dag"]["tasks"]["one"]["inputs"]["parameters"]["a__b"].__setitem__(
+            "componentInputParameter", "zz"), "reads 'zz'"),
+        (lambda s: s["root"]["dag"]["tasks"]["one"]["inputs"]["parameters"].pop("a__b"), "required inputs not given: a__b"),
+    ],
+)
+def test_dangling_references_are_reported(mutate, message: str) -> None:
+    spec = copy.deepcopy(small_spec())
+    mutate(spec)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_references(spec)

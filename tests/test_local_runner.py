@@ -1,0 +1,193 @@
+"""run-local on small hand-made specs whose steps are tiny Python processes: placeholder
+substitution, dependency order, parallelism, retries, trigger policies, failure reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvx_runtime.compiler.spec import (
+    FINAL_STATUS,
+    PipelineParameter,
+    SpecBuilder,
+    Step,
+    output_file,
+    placeholder,
+)
+from kvx_runtime.errors import UsageError
+from kvx_runtime.local_runner import parse_overrides, run_local
+
+PY = sys.executable
+
+# Appends "<name> start|end <monotonic ns>" to events.log, sleeps, optionally fails.
+STEP = """
+import os, sys, time, pathlib
+name, sleep, fail_times = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+log = pathlib.Path("events.log")
+with log.open("a") as f: f.write(f"{name} start {time.monotonic_ns()}\\n")
+time.sleep(sleep)
+attempts = pathlib.Path(f"attempts-{name}")
+count = int(attempts.read_text()) + 1 if attempts.exists() else 1
+attempts.write_text(str(count))
+with log.open("a") as f: f.write(f"{name} end {time.monotonic_ns()}\\n")
+if count <= fail_times:
+    print('{"severity": "ERROR", "message": "step ' + name + ' broke on purpose"}', file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def step(task: str, *, deps=(), sleep=0.0, fail_times=0, retry=None, **extra) -> Step:
+    return Step(task=task, display_name=task, command=[PY, "-c", STEP],
+                args=[task, str(sleep), str(fail_times)], depends_on=list(deps), retry=retry, **extra)
+
+
+def build(steps, exit_steps=(), parameters=(), start=None) -> dict:
+    builder = SpecBuilder(name="test-pipe", description=None, image="img", storage_root="/unused",
+                          parameters=list(parameters), mlflow=False, has_exit_handler=bool(exit_steps))
+    return builder.build(list(steps), start, list(exit_steps))
+
+
+def events(project: Path) -> list[tuple[str, str, int]]:
+    lines = (project / "events.log").read_text().split("\n")
+    return [(a, b, int(c)) for a, b, c in (line.split() for line in lines if line)]
+
+
+def run(spec, project, **kwargs):
+    out = io.StringIO()
+    result = run_local(spec, project, stream=out, **kwargs)
+    return result, out.getvalue()
+
+
+def test_dependencies_are_respected(tmp_path: Path) -> None:
+    spec = build([step("a"), step("b", deps=["a"]), step("c", deps=["a"]), step("d", deps=["b", "c"])])
+    result, _ = run(spec, tmp_path, max_parallel=4)
+    assert result.exit_code == 0
+    order = [(n, e) for n, e, _ in events(tmp_path)]
+    position = {item: i for i, item in enumerate(order)}
+    assert position[("a", "end")] < position[("b", "start")]
+    assert position[("a", "end")] < position[("c", "start")]
+    assert position[("b", "end")] < position[("d", "start")] and position[("c", "end")] < position[("d", "start")]
+
+
+def _overlap(log, x: str, y: str) -> bool:
+    times = {(n, e): t for n, e, t in log}
+    return times[(x, "start")] < times[(y, "end")] and times[(y, "start")] < times[(x, "end")]
+
+
+def test_independent_steps_run_in_parallel_up_to_the_limit(tmp_path: Path) -> None:
+    spec = build([step("a", sleep=1.0), step("b", sleep=1.0), step("c", sleep=1.0)])
+    (tmp_path / "two").mkdir()
+    result, _ = run(spec, tmp_path / "two", max_parallel=2)
+    assert result.exit_code == 0
+    log = events(tmp_path / "two")
+    first_two = [n for n, e, _ in log if e == "start"][:2]
+    assert _overlap(log, *first_two)
+
+    (tmp_path / "one").mkdir()
+    result, _ = run(spec, tmp_path / "one", max_parallel=1)
+    log = events(tmp_path / "one")
+    assert not _overlap(log, "a", "b") and not _overlap(log, "b", "c") and not _overlap(log, "a", "c")
+
+
+def test_retry_policy_reruns_a_failing_step(tmp_path: Path) -> None:
+    retry = {"backoffDuration": "0s", "backoffFactor": 2.0, "backoffMaxDuration": "1s", "maxRetryCount": 2}
+    spec = build([step("flaky", fail_times=2, retry=retry), step("after", deps=["flaky"])])
+    result, output = run(spec, tmp_path)
+    assert result.exit_code == 0
+    assert (tmp_path / "attempts-flaky").read_text() == "3"
+    assert "retrying  flaky" in output
+
+
+def test_exhausted_retries_fail_with_the_steps_exit_code(tmp_path: Path) -> None:
+    retry = {"backoffDuration": "0s", "maxRetryCount": 1}
+    spec = build([step("bad", fail_times=5, retry=retry)])
+    result, output = run(spec, tmp_path)
+    assert result.exit_code == 3
+    assert (tmp_path / "attempts-bad").read_text() == "2"
+
+
+def test_failure_stops_scheduling_and_reports_replay_and_log_tail(tmp_path: Path) -> None:
+    status_file = tmp_path / "final_status.json"
+    exit_step = Step(
+        task="on-exit", display_name="on-exit", command=[PY, "-c",
+        "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"],
+        args=[str(status_file), placeholder(FINAL_STATUS)],
+        inputs={FINAL_STATUS: "TASK_FINAL_STATUS"}, depends_on=["exit-handler-1"], final_status=True,
+    )
+    spec = build([step("a"), step("b", deps=["a"], fail_times=1), step("c", deps=["b"]),
+                  step("side", deps=["a"], sleep=0.5)], exit_steps=[exit_step])
+    result, output = run(spec, tmp_path, max_parallel=1, job_name="job-x")
+    assert result.exit_code == 3
+    assert result.failed_task == "b"
+    assert result.states["c"] == "skipped"
+    assert result.states["on-exit"] == "done"
+    status = json.loads(status_file.read_text())
+    assert status["state"] == "FAILED"
+    assert "step b broke on purpose" in status["error"]["message"]
+    assert status["pipelineJobResourceName"].endswith("/pipelineJobs/job-x")
+    assert "Step 'b' failed (exit 3): step b broke on purpose" in output
+    assert "--- last lines of" in output and "broke on purpose" in output.split("--- last lines of")[1]
+    assert f"cd {tmp_path}" in output and "Replay this step with" in output
+    persisted = json.loads((tmp_path / ".kvx" / "runs" / "job-x" / "status.json").read_text())
+    assert persisted["failed_task"] == "b"
+
+
+def test_exit_handler_sees_success(tmp_path: Path) -> None:
+    status_file = tmp_path / "status.json"
+    exit_step = Step(
+        task="on-exit", display_name="on-exit", command=[PY, "-c",
+        "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"],
+        args=[str(status_file), placeholder(FINAL_STATUS)],
+        inputs={FINAL_STATUS: "TASK_FINAL_STATUS"}, depends_on=["exit-handler-1"], final_status=True,
+    )
+    result, _ = run(build([step("a")], exit_steps=[exit_step]), tmp_path)
+    assert result.exit_code == 0
+    assert json.loads(status_file.read_text())["state"] == "SUCCEEDED"
+
+
+def test_placeholders_parameters_and_output_files(tmp_path: Path) -> None:
+    echo = ("import json, sys, pathlib; pathlib.Path('seen.json').write_text(json.dumps(sys.argv[1:]));"
+            "pathlib.Path(sys.argv[-1]).write_text('out-value')")
+    producer = Step(
+        task="produce", display_name="produce", command=[PY, "-c", echo],
+        args=["{{$.pipeline_job_name}}", "{{$.pipeline_job_uuid}}", "{{$.pipeline_task_name}}",
+              placeholder("kvx_storage_root"), "n={{$.inputs.parameters['n']}}",
+              placeholder("flags"), placeholder("ratio"), output_file("result")],
+        inputs={"kvx_storage_root": "STRING", "n": "NUMBER_INTEGER", "flags": "LIST", "ratio": "NUMBER_DOUBLE"},
+        outputs={"result": "STRING"},
+    )
+    consume = Step(
+        task="consume", display_name="consume", command=[PY, "-c",
+        "import sys, pathlib; pathlib.Path('consumed').write_text(sys.argv[1])"],
+        args=[placeholder("mlflow_run_id")], inputs={"mlflow_run_id": "STRING"}, depends_on=["produce"],
+    )
+    params = [PipelineParameter("n", "n", "int", 10.0), PipelineParameter("flags", "flags", "list", ["a"]),
+              PipelineParameter("ratio", "ratio", "float", 0.5)]
+    spec = build([consume], parameters=params, start=producer)
+    # Route consume's input to produce's output, as mlflow-start-run -> steps.
+    spec["root"]["dag"]["tasks"]["consume"]["inputs"]["parameters"]["mlflow_run_id"] = {
+        "taskOutputParameter": {"outputParameterKey": "result", "producerTask": "produce"}}
+    result, _ = run(spec, tmp_path, job_name="job-1", params=parse_overrides(["ratio=0.25"]))
+    assert result.exit_code == 0, (tmp_path / ".kvx/runs/job-1/logs/produce.log").read_text()
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen[0] == "job-1" and len(seen[1]) == 36 and seen[2] == "produce"
+    assert seen[3] == str(tmp_path / ".kvx" / "storage")  # default local storage root
+    assert seen[4] == "n=10" and seen[5] == '["a"]' and seen[6] == "0.25"
+    assert (tmp_path / "consumed").read_text() == "out-value"
+    assert result.outputs["produce"] == {"result": "out-value"}
+
+
+def test_unknown_or_mistyped_parameter_overrides_are_usage_errors(tmp_path: Path) -> None:
+    spec = build([step("a")], parameters=[PipelineParameter("n", "n", "int", 1)])
+    with pytest.raises(UsageError, match="unknown pipeline parameter"):
+        run(spec, tmp_path, params={"m": "1"})
+    with pytest.raises(UsageError, match="not a valid NUMBER_INTEGER"):
+        run(spec, tmp_path, params={"n": "1.5"})
+
+
+def test_dotted_kedro_names_map_to_pipeline_parameters() -> None:
+    assert parse_overrides(["model.lr=0.1", "seed=3"]) == {"model__lr": "0.1", "seed": "3"}
