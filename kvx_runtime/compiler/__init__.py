@@ -46,6 +46,7 @@ __all__ = ["CompileRequest", "CompiledPipeline", "check_references", "compile_pi
 log = get_logger(__name__)
 
 KVX = "kvx-runtime"
+FINAL_STATUS_PARAMETER = "kvx_final_status"
 #: Passed from the compiling machine into every step, so ${commit_id} means the same thing.
 FORWARDED_ENV = ("KEDRO_CONFIG_COMMIT_ID", "KEDRO_CONFIG_BRANCH_NAME")
 
@@ -270,7 +271,9 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
             command=[KVX, "exec-node"],
             args=[*(a for n in exit_nodes for a in ("--node", n)), "--pipeline", exit_pipeline,
                   *common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER),
-                  *parameter_args(parameters)],
+                  *parameter_args(parameters),
+                  # The exit pipeline's nodes may take params:kvx_final_status.
+                  "--param", f"{FINAL_STATUS_PARAMETER}:dict={placeholder(FINAL_STATUS)}"],
             inputs={**parameter_inputs(parameters), FINAL_STATUS: "TASK_FINAL_STATUS"},
             depends_on=["exit-handler-1"], final_status=True, env=env,
         ))
