@@ -106,8 +106,12 @@ def test_undefined_placeholder_exits_2_naming_file(example_project: Path, tmp_pa
 
 
 def test_opt_out_of_templating_warns_and_leaves_placeholders(example_project: Path, tmp_path) -> None:
+    # A project that does not name the loader in settings.py (the example does, for kedro run).
+    settings = example_project / "src" / "spaceflights_kvx" / "settings.py"
+    settings.write_text('CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}\n')
     env = step_env(KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK="true")
-    result = run_step(example_project, "--node", FIRST, "--storage-root", str(tmp_path), env=env)
+    result = run_step(example_project, "--node", FIRST, "--storage-root", str(tmp_path), "--env", "base",
+                      env=env)
     assert any("KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK environment variable is set" in m
                for m in result.messages())
     # Kedro's own loader cannot fill ${run_id}: the catalog cannot be built.

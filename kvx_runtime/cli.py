@@ -233,6 +233,84 @@ def run_local_command(
     _run("run-local", lambda: do_run_local(spec, project_path, params, storage_root, max_parallel, job_name))
 
 
+def _step_identity(run_id: str | None, job_name: str | None) -> tuple[str, str]:
+    from kvx_runtime.config_loader import env_var_name
+    from kvx_runtime.errors import UsageError
+
+    run_id = run_id or os.environ.get(env_var_name("run_id"))
+    job_name = job_name or os.environ.get(env_var_name("job_name")) or run_id
+    if not run_id or not job_name:
+        raise UsageError("no run id", hint="pass --run-id (and --job-name) or set KEDRO_CONFIG_RUN_ID")
+    os.environ[env_var_name("run_id")] = run_id
+    os.environ[env_var_name("job_name")] = job_name
+    return run_id, job_name
+
+
+def _mlflow_project(project_path: str | None, env: str | None) -> object:
+    from kvx_runtime.config import STEP_KEYS
+    from kvx_runtime.errors import ConfigError
+    from kvx_runtime.mlflow import mlflow_available
+    from kvx_runtime.project import open_project
+
+    if not mlflow_available():
+        raise ConfigError("kedro-mlflow is not installed", hint='pip install "kvx-runtime[mlflow]"')
+    return open_project(project_path, env, needed=STEP_KEYS)
+
+
+@cli.command("mlflow-start")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="File to write the MLflow run id to (its directory is created).")
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
+@click.option("-e", "--env", default=None, help="Kedro config environment.")
+@click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID).")
+@click.option("--job-name", default=None, help="Pipeline job name (default: KEDRO_CONFIG_JOB_NAME, then the run id).")
+@click.option("--kubeflow", is_flag=True, help="Also tag kubeflow_run_id (Kubeflow Pipelines targets).")
+def mlflow_start_command(output: str, project_path: str | None, env: str | None, run_id: str | None,
+                         job_name: str | None, kubeflow: bool) -> None:
+    """Create the pipeline's MLflow run; write its id to OUTPUT and print it."""
+
+    def action() -> None:
+        from kvx_runtime.log import bind_step_context
+        from kvx_runtime.mlflow import start_pipeline_run
+
+        resolved_run, resolved_job = _step_identity(run_id, job_name)
+        bind_step_context(node="mlflow-start-run", run_id=resolved_run, job_name=resolved_job)
+        project = _mlflow_project(project_path, env)
+        mlflow_run_id, _ = start_pipeline_run(project, resolved_run, resolved_job, kubeflow=kubeflow)
+        target = Path(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(mlflow_run_id)
+        click.echo(mlflow_run_id)
+
+    _run("mlflow-start", action)
+
+
+@cli.command("mlflow-end")
+@click.option("--final-status", required=True, metavar="JSON",
+              help='The pipeline\'s final status as Vertex passes it, e.g. {"state": "FAILED", "error": {...}}.')
+@click.option("--mlflow-run-id", default=None, help="The run to end (default: found by --job-name).")
+@click.option("--job-name", default=None, help="Find the run by its vertexai_job_name tag (default: KEDRO_CONFIG_JOB_NAME).")
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
+@click.option("-e", "--env", default=None, help="Kedro config environment.")
+def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: str | None,
+                       project_path: str | None, env: str | None) -> None:
+    """End the pipeline's MLflow run as FINISHED, FAILED or KILLED."""
+
+    def action() -> None:
+        from kvx_runtime.config_loader import env_var_name
+        from kvx_runtime.log import bind_step_context
+        from kvx_runtime.mlflow import end_pipeline_run, parse_final_status
+
+        parse_final_status(final_status)  # bad input fails before any network call
+        job = job_name or os.environ.get(env_var_name("job_name"))
+        bind_step_context(node="mlflow-end-run", job_name=job)
+        project = _mlflow_project(project_path, env)
+        run_id, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)
+        click.echo(f"{run_id} {status}")
+
+    _run("mlflow-end", action)
+
+
 @cli.command("init")
 @click.argument("project_id")
 @click.argument("region")

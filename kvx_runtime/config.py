@@ -466,15 +466,20 @@ def load_plugin_config(
     return parse_plugin_config(raw, needed=needed, source=source)
 
 
-def normalize_storage_root(root: str) -> str:
-    """``bucket/prefix`` (the seed's ``run_config.root``) means ``gs://bucket/prefix``.
+def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
+    """The storage root as a URL or an absolute local path.
 
-    URLs with a scheme (``gs://``, ``file://``, ``memory://``) are kept; absolute and explicitly
-    relative local paths (``/data``, ``./tmp``) stay local paths.
+    In ``run_config.root`` a bare ``bucket/prefix`` (the seed's style) means
+    ``gs://bucket/prefix``; on the command line (``bare_is_bucket=False``) a path without a
+    scheme is a local path. URLs with a scheme (``gs://``, ``file://``, ``memory://``) are kept.
     """
+    import os
+
     root = root.strip()
     if not root:
         raise ConfigError("the storage root is empty")
-    if "://" in root or root.startswith(("/", "./", "../", "~")):
-        return root.rstrip("/") if root not in {"/"} else root
+    if "://" in root:
+        return root.rstrip("/")
+    if root.startswith(("/", "./", "../", "~")) or not bare_is_bucket:
+        return os.path.abspath(os.path.expanduser(root))
     return "gs://" + root.strip("/")

@@ -148,8 +148,11 @@ def is_declared(catalog: Any, name: str) -> bool:
 class _StepHooks:
     """Kedro hooks registered on the step's session: blob injection and node logging."""
 
-    def __init__(self, plan: StepPlan, storage_root: str | None, job_name: str) -> None:
+    def __init__(
+        self, plan: StepPlan, storage_root: str | None, job_name: str, tracking: Any = None
+    ) -> None:
         self.plan = plan
+        self.tracking = tracking
         self.storage_root = storage_root
         self.job_name = job_name
         self.stored: list[str] = []
@@ -228,10 +231,18 @@ class _StepHooks:
     def after_node_run(self, node: Any) -> None:
         seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
         log.info("node finished", seconds=round(seconds, 3))
+        if self.tracking is not None:
+            from kvx_runtime.mlflow import TAG_LAST_NODE
+
+            self.tracking.tag(TAG_LAST_NODE, node.name)
 
     def on_node_error(self, error: BaseException, node: Any) -> None:
         self.failed_node = node.name
         self.node_error = error
+        if self.tracking is not None:
+            from kvx_runtime.mlflow import TAG_FAILED_NODE
+
+            self.tracking.tag(TAG_FAILED_NODE, node.name)
         if find_kvx_error(error) is None:
             # The one place the user's traceback is printed.
             log.error(
@@ -272,12 +283,7 @@ def execute_step(request: StepRequest) -> StepResult:
     step_label = request.nodes[0] if len(request.nodes) == 1 else "+".join(request.nodes)
     bind_step_context(node=step_label, run_id=run_id, job_name=job_name)
 
-    from kvx_runtime.project import (
-        disable_plugin_hooks,
-        entry_points_of_disabled_plugins_not_loaded,
-        has_config,
-        open_project,
-    )
+    from kvx_runtime.project import disable_plugin_hooks, open_project
 
     # Installs the templating config loader too; Kedro instantiates it only in the session,
     # i.e. after the dynamic config below is written.
@@ -289,12 +295,12 @@ def execute_step(request: StepRequest) -> StepResult:
 
     from kedro.framework.project import pipelines, settings
 
-    if not has_config(project, "mlflow*"):
-        # kedro-mlflow without an mlflow.yml would start a run of its own in every step.
-        disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
-
-    root = request.storage_root or project.plugin_config.run_config.root
-    storage_root = normalize_storage_root(root) if root else None
+    if request.storage_root:
+        storage_root: str | None = normalize_storage_root(request.storage_root, bare_is_bucket=False)
+    elif project.plugin_config.run_config.root:
+        storage_root = normalize_storage_root(project.plugin_config.run_config.root)
+    else:
+        storage_root = None
 
     try:
         pipeline = pipelines[request.pipeline]
@@ -312,7 +318,21 @@ def execute_step(request: StepRequest) -> StepResult:
         ) from exc
     plan = plan_step(pipeline, request.pipeline, request.nodes)
 
-    hooks = _StepHooks(plan, storage_root, job_name)
+    from kvx_runtime.mlflow import mlflow_enabled
+
+    tracking = None
+    if mlflow_enabled(project):
+        from kvx_runtime.mlflow import attach_step
+
+        # Before the session: kedro-mlflow then finds the pipeline's run already active and
+        # logs into it instead of starting (and ending) a run of its own.
+        tracking = attach_step(project, request.params, run_id, job_name, request.mlflow_run_id)
+    if tracking is None:
+        # Without an mlflow.yml (or with MLflow unreachable and not required) kedro-mlflow
+        # would start a run of its own, or fail.
+        disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+
+    hooks = _StepHooks(plan, storage_root, job_name, tracking)
     log.info(
         "step starting",
         nodes=list(plan.nodes),
@@ -320,44 +340,15 @@ def execute_step(request: StepRequest) -> StepResult:
         env=project.env,
         project=str(project.path),
     )
-    from kedro.framework.session import KedroSession
-    from kedro.runner import SequentialRunner
-
     try:
-        with entry_points_of_disabled_plugins_not_loaded(settings):
-            session = KedroSession.create(
-                project.path, env=project.env, runtime_params=request.params or None
-            )
-        with session:
-            session._hook_manager.register(hooks, name="kvx-runtime-step")
-            session.run(
-                pipeline_names=[request.pipeline],
-                node_names=list(plan.nodes),
-                runner=SequentialRunner(),
-            )
+        _run_session(project, request, plan, hooks, settings)
     except KvxError:
         raise
     except Exception as exc:
-        ours = find_kvx_error(exc)
-        if ours is not None:
-            raise ours from exc
-        replay = replay_command(request, run_id, job_name, project.env, storage_root)
-        if not hooks.pipeline_started:
-            # Kedro failed while building the context or catalog: the project's config.
-            raise ConfigError(
-                f"the Kedro project could not be set up for this step: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
-            ) from exc
-        if hooks.failed_node is not None:
-            raise NodeError(
-                f"node '{hooks.failed_node}' raised {type(hooks.node_error).__name__}: "
-                f"{_first_line(hooks.node_error)}",
-                hint=f"replay: {replay}",
-            ) from exc
-        raise NodeError(
-            f"the step failed: {type(exc).__name__}: {_first_line(exc)}",
-            hint=f"replay: {replay}",
-        ) from exc
+        raise _step_error(exc, hooks, request, run_id, job_name, project.env, storage_root) from exc
+    finally:
+        if tracking is not None:
+            tracking.detach()
 
     seconds = time.perf_counter() - started
     log.info("step finished", seconds=round(seconds, 3), stored=hooks.stored, loaded=hooks.loaded)
@@ -368,6 +359,58 @@ def execute_step(request: StepRequest) -> StepResult:
         stored=tuple(hooks.stored),
         loaded=tuple(hooks.loaded),
         seconds=seconds,
+    )
+
+
+def _run_session(
+    project: Any, request: StepRequest, plan: StepPlan, hooks: _StepHooks, settings: Any
+) -> None:
+    from kedro.framework.session import KedroSession
+    from kedro.runner import SequentialRunner
+
+    from kvx_runtime.project import entry_points_of_disabled_plugins_not_loaded
+
+    with entry_points_of_disabled_plugins_not_loaded(settings):
+        session = KedroSession.create(
+            project.path, env=project.env, runtime_params=request.params or None
+        )
+    with session:
+        session._hook_manager.register(hooks, name="kvx-runtime-step")
+        session.run(
+            pipeline_names=[request.pipeline],
+            node_names=list(plan.nodes),
+            runner=SequentialRunner(),
+        )
+
+
+def _step_error(
+    exc: Exception,
+    hooks: _StepHooks,
+    request: StepRequest,
+    run_id: str,
+    job_name: str,
+    env: str,
+    storage_root: str | None,
+) -> KvxError:
+    """Classify what came out of Kedro: our own error, a setup problem or the user's node."""
+    ours = find_kvx_error(exc)
+    if ours is not None:
+        return ours
+    replay = replay_command(request, run_id, job_name, env, storage_root)
+    if not hooks.pipeline_started:
+        # Kedro failed while building the context or catalog: the project's config.
+        return ConfigError(
+            f"the Kedro project could not be set up for this step: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        )
+    if hooks.failed_node is not None:
+        return NodeError(
+            f"node '{hooks.failed_node}' raised {type(hooks.node_error).__name__}: "
+            f"{_first_line(hooks.node_error)}",
+            hint=f"replay: {replay}",
+        )
+    return NodeError(
+        f"the step failed: {type(exc).__name__}: {_first_line(exc)}", hint=f"replay: {replay}"
     )
 
 

@@ -71,17 +71,25 @@ def wants_json(stream: Any = None) -> bool:
     return not (hasattr(stream, "isatty") and stream.isatty())
 
 
-class _KedroResumeAdviceFilter(logging.Filter):
-    """Drop Kedro's "resume with --from-nodes" advice: a failed step prints its own replay line."""
+class _StepNoiseFilter(logging.Filter):
+    """Drop advice that is wrong inside a kvx-runtime command:
 
-    _prefixes = ("No nodes ran.", "There are ")
+    - Kedro's "resume with --from-nodes": a failed step prints its own replay command;
+    - kedro-mlflow's warnings about an already active run: attaching to the pipeline's run
+      before the session starts is exactly how a step shares one run.
+    """
+
+    _mlflow_prefixes = ("The mlflow run", "mlflow_config.", "A mlflow run was already active",
+                        "The run '")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("kedro.runner"):
-            return True
         message = str(record.getMessage())
-        return not (message.startswith(self._prefixes) and "--from-nodes" in message
-                    or message.startswith("No nodes ran."))
+        if record.name.startswith("kedro.runner"):
+            return not (message.startswith("No nodes ran.")
+                        or (message.startswith("There are ") and "--from-nodes" in message))
+        if record.name.startswith("kedro_mlflow.framework.hooks"):
+            return not message.startswith(self._mlflow_prefixes)
+        return True
 
 
 def _cloud_logging_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +177,7 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     )
     handler = logging.StreamHandler(_CurrentStderr())
     handler.set_name(_HANDLER_NAME)
-    handler.addFilter(_KedroResumeAdviceFilter())
+    handler.addFilter(_StepNoiseFilter())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_shared_processors(),

@@ -25,7 +25,11 @@ __all__ = ["KedroProject", "open_project"]
 log = get_logger(__name__)
 
 #: Set in every step: kedro-telemetry must neither prompt nor call home from a container.
-TELEMETRY_OFF = {"KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+TELEMETRY_OFF = {
+    "KEDRO_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 _TELEMETRY_PLUGINS = ("kedro-telemetry", "kedro_telemetry")
 
 

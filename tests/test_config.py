@@ -168,7 +168,7 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
         ("gs://bucket/prefix/", "gs://bucket/prefix"),
         ("file:///tmp/x", "file:///tmp/x"),
         ("/tmp/x", "/tmp/x"),
-        ("./rel", "./rel"),
+        ("./rel", str(Path("./rel").resolve())),
     ],
 )
 def test_storage_root_normalization(root: str, expected: str) -> None:

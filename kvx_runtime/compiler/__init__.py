@@ -166,7 +166,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     root = request.storage_root or run.root
     if not root:
         raise ConfigError("no storage root for intermediates", hint="set run_config.root or pass --storage-root")
-    storage_root = normalize_storage_root(root)
+    storage_root = normalize_storage_root(root, bare_is_bucket=request.storage_root is None)
     for key, value in run.labels.items():
         check_label(key, value)
 

@@ -52,11 +52,14 @@ def evaluate_model(
     scale: Callable[[pd.DataFrame], pd.DataFrame],
     x_test: pd.DataFrame,
     y_test: pd.Series,
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
+    """Metrics in kedro-mlflow's format ({name: {value, step}}), so that the ``local``
+    environment can log them to MLflow while ``base`` writes them as JSON."""
     predicted = regressor.predict(scale(x_test))
-    return {
+    values = {
         "r2_score": round(float(r2_score(y_test, predicted)), 10),
         "mae": round(float(mean_absolute_error(y_test, predicted)), 6),
         "max_error": round(float(max_error(y_test, predicted)), 6),
-        "test_rows": int(len(y_test)),
+        "test_rows": float(len(y_test)),
     }
+    return {name: {"value": value, "step": 0} for name, value in values.items()}

@@ -32,14 +32,14 @@ def feature_importance(
 
 
 def build_report(
-    metrics: dict[str, float],
+    metrics: dict[str, dict[str, float]],
     importance_table: pd.DataFrame,
     shuttle_summary: pd.DataFrame,
     top_n: int,
     title: str,
 ) -> str:
     lines = [f"# {title}", "", "## Metrics", ""]
-    lines += [f"- {name}: {value}" for name, value in sorted(metrics.items())]
+    lines += [f"- {name}: {metric['value']}" for name, metric in sorted(metrics.items())]
     lines += ["", f"## Top {top_n} features", ""]
     lines += [
         f"- {row.feature}: {row.importance}" for row in importance_table.head(top_n).itertuples()

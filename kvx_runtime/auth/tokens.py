@@ -1,0 +1,62 @@
+"""Token caching shared by every auth mode: a token is reused until shortly before it expires.
+
+The expiry comes from the token itself when it is a JWT (Google ID tokens are), else from a
+conservative default lifetime. Nothing here logs or formats a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+
+from cachetools import TLRUCache
+
+#: Refresh this long before ``exp``, so a long request never carries an expired token.
+REFRESH_MARGIN = 120.0
+#: Lifetime assumed for tokens that do not say when they expire.
+DEFAULT_LIFETIME = 300.0
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (seconds since the epoch), without verifying it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+        return float(claims["exp"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class TokenCache:
+    """One cached token per key, each living until ``exp - REFRESH_MARGIN``."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: TLRUCache[str, tuple[str, float]] = TLRUCache(
+            maxsize=16, ttu=lambda _key, value, _now: value[1], timer=clock
+        )
+
+    def get(self, key: str, fetch: Callable[[], str]) -> str:
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached[0]
+            token = fetch()
+            expiry = jwt_expiry(token)
+            now = self._clock()
+            lifetime = (expiry - now) if expiry else DEFAULT_LIFETIME
+            # Very short-lived tokens are still reused for half their life.
+            valid_until = now + max(lifetime - REFRESH_MARGIN, lifetime / 2, 0.0)
+            self._cache[key] = (token, valid_until)
+            return token
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
