@@ -9,6 +9,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,91 @@ def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, cata
     if vertexai:
         (project / "conf" / "base" / "vertexai.yml").write_text(textwrap.dedent(vertexai))
     return project
+
+
+# --- MLflow servers and Google fakes (started once per test session) ---------------------
+
+from collections.abc import Iterator  # noqa: E402
+
+from conftest import free_port, stop, wait_for_port  # noqa: E402
+
+ADMIN_USER, ADMIN_PASSWORD = "admin", "kvx-admin-Passw0rd!"
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    port: int
+    process: subprocess.Popen
+
+    def client(self, **env: str):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url)
+
+
+def _start_mlflow(root: Path, *extra: str, env_extra: dict[str, str] | None = None) -> MlflowServer:
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           **(env_extra or {})}
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    try:
+        wait_for_port(port, process, timeout=120)
+    except RuntimeError:
+        stop(process)
+        raise RuntimeError(f"mlflow server failed: {(root / 'server.log').read_text()[-2000:]}") from None
+    return MlflowServer(url=f"http://127.0.0.1:{port}", port=port, process=process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    server = _start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+        f"admin_username = {ADMIN_USER}\nadmin_password = {ADMIN_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    server = _start_mlflow(root, "--app-name", "basic-auth", env_extra={
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "kvx-test-flask-secret",
+    })
+    yield server
+    stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def fake_google() -> Iterator[Any]:
+    from integration.fakes import FakeGoogle
+
+    server = FakeGoogle().start()
+    yield server
+    server.stop()
+
+
+AUDIENCE = "kvx-test-oauth-client.apps.googleusercontent.com"
+
+
+@pytest.fixture(scope="session")
+def bearer_proxy(mlflow_server, fake_google) -> Iterator[Any]:
+    from integration.fakes import BearerProxy
+
+    proxy = BearerProxy(mlflow_server.port, AUDIENCE).start()
+    yield proxy
+    proxy.stop()

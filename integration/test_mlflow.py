@@ -1,0 +1,371 @@
+"""One MLflow run per pipeline, against real MLflow servers on 127.0.0.1, with each auth mode.
+
+Servers: a plain `mlflow server` (sqlite), the same behind a bearer-token proxy (ID tokens
+from a fake GCE metadata server, a fake IAM Credentials API, or a self-made service-account
+key whose token_uri is local), and MLflow's basic-auth app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from integration.conftest import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    AUDIENCE,
+    KVX,
+    make_project,
+    run_step,
+    step_env,
+)
+
+pytestmark = pytest.mark.slow
+
+ML_NODES = """
+import time
+
+def make(n):
+    return list(range(n))
+
+def train(values, lr):
+    model = {"weights": [v * lr for v in values]}
+    return model, float(sum(model["weights"]))
+
+def wait_then_score(model, seconds):
+    time.sleep(seconds)
+    return {"late_score": {"value": float(len(model["weights"])), "step": 1}}
+
+def report(model, limit):
+    if len(model["weights"]) > limit:
+        raise ValueError(f"model too large: {len(model['weights'])} > {limit}")
+    return f"weights: {model['weights']}"
+"""
+ML_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from mlproj.nodes import make, report, train, wait_then_score
+
+def register_pipelines():
+    pipe = Pipeline([
+        Node(make, "params:n", "values", name="make"),
+        Node(train, ["values", "params:lr"], ["model", "score"], name="train"),
+        Node(wait_then_score, ["model", "params:wait_seconds"], "late_metrics", name="wait_then_score"),
+        Node(report, ["model", "params:limit"], "report", name="report"),
+    ])
+    return {"__default__": pipe}
+"""
+ML_CATALOG = """
+score:
+  type: kedro_mlflow.io.metrics.MlflowMetricDataset
+late_metrics:
+  type: kedro_mlflow.io.metrics.MlflowMetricsHistoryDataset
+report:
+  type: kedro_mlflow.io.artifacts.MlflowArtifactDataset
+  dataset:
+    type: text.TextDataset
+    filepath: data/report.txt
+"""
+
+
+def ml_project(tmp_path: Path, mlflow_params: dict | None = None, *, required: bool = True,
+               wait_seconds: float = 0.0, limit: int = 100) -> Path:
+    mlflow_section = {"required": required}
+    if mlflow_params is not None:
+        mlflow_section["request_header_provider_params"] = mlflow_params
+    project = make_project(
+        tmp_path, "mlproj", ML_NODES, ML_PIPELINE, catalog=ML_CATALOG,
+        vertexai=yaml.safe_dump({"run_config": {"image": "img", "root": str(tmp_path / "storage"),
+                                                "mlflow": mlflow_section}}),
+    )
+    (project / "conf" / "base" / "parameters.yml").write_text(
+        f"n: 4\nlr: 0.5\nwait_seconds: {wait_seconds}\nlimit: {limit}\n")
+    (project / "conf" / "base" / "mlflow.yml").write_text(textwrap.dedent("""
+        server:
+          mlflow_tracking_uri: ${mlflow_tracking_uri}
+        tracking:
+          experiment:
+            name: mlproj
+    """))
+    return project
+
+
+def kvx(project: Path, *args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*KVX, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stderr: str) -> dict:
+    lines = [line for line in stderr.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"message": stderr[-500:]}
+
+
+def start(project: Path, env: dict[str, str], job: str, tmp_path: Path) -> str:
+    output = tmp_path / "out" / f"{job}.txt"
+    result = kvx(project, "mlflow-start", "--run-id", f"{job}-uuid", "--job-name", job,
+                 "--output", str(output), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = output.read_text()
+    assert result.stdout.strip() == run_id
+    return run_id
+
+
+def run_all(project: Path, env: dict[str, str], job: str, mlflow_run_id: str | None, nodes: list[str]):
+    results = []
+    for node in nodes:
+        args = ["--node", node, "--run-id", f"{job}-uuid", "--job-name", job]
+        if mlflow_run_id:
+            args += ["--mlflow-run-id", mlflow_run_id]
+        results.append(run_step(project, *args, env=env))
+    return results
+
+
+def end(project: Path, env: dict[str, str], job: str, state: str, message: str | None = None):
+    status = {"state": state, "pipelineJobResourceName": f"projects/p/locations/l/pipelineJobs/{job}",
+              "pipelineTaskName": "exit-handler-1"}
+    if message:
+        status["error"] = {"code": 9, "message": message}
+    return kvx(project, "mlflow-end", "--job-name", job, "--final-status", json.dumps(status), env=env)
+
+
+EXAMPLE_NODES = [
+    "data_processing.preprocess_companies_node", "data_processing.preprocess_shuttles_node",
+    "data_processing.create_model_input_table_node", "reporting.summarize_shuttles_node",
+    "data_science.split_data_node", "data_science.fit_scaler_node", "data_science.train_model_node",
+    "data_science.evaluate_model_node", "reporting.feature_importance_node", "reporting.build_report_node",
+]
+
+
+def test_one_run_holds_every_step_of_the_example_pipeline(example_project, mlflow_server, tmp_path) -> None:
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    job = "example-job-1"
+    run_id = start(example_project, env, job, tmp_path)
+    client = mlflow_server.client()
+    for node in EXAMPLE_NODES:
+        result = run_step(example_project, "--node", node, "--run-id", "example-uuid", "--job-name", job,
+                          "--storage-root", str(tmp_path / "storage"), "--mlflow-run-id", run_id, env=env)
+        assert result.returncode == 0, f"{node}: {result.stderr[-3000:]}"
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING", f"after {node}"
+        assert run.info.run_name == job
+        assert run.data.tags["kvx.last_node"] == node
+    ended = end(example_project, env, job, "SUCCEEDED")
+    assert ended.returncode == 0, ended.stderr[-2000:]
+
+    experiment = client.get_experiment_by_name("spaceflights-kvx")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.vertexai_job_name = '{job}'")
+    assert [r.info.run_id for r in runs] == [run_id]  # exactly one run for the pipeline
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == job
+    assert run.data.tags["vertexai_run_id"] == f"{job}-uuid"
+    assert run.data.tags["kvx.final_state"] == "SUCCEEDED"
+    assert run.data.params["data_science.model_options.test_size"] == "0.2"
+    assert run.data.params["reporting.top_n"] == "3"
+    assert set(run.data.metrics) == {"metrics.r2_score", "metrics.mae", "metrics.max_error", "metrics.test_rows"}
+    assert [a.path for a in client.list_artifacts(run_id)] == ["report_dirty.md"]
+
+
+def test_exec_node_finds_the_run_by_job_name(tmp_path, mlflow_server) -> None:
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "by-tag-job", tmp_path)
+    results = run_all(project, env, "by-tag-job", None, ["make", "train"])
+    assert all(r.returncode == 0 for r in results), results[-1].stderr[-2000:]
+    run = mlflow_server.client().get_run(run_id)
+    assert run.data.metrics["score"] == 3.0 and run.data.params["lr"] == "0.5"
+    # Retrying a step logs the same params again: no error.
+    again = run_all(project, env, "by-tag-job", None, ["train"])[0]
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_failing_pipeline_run_local_ends_failed_with_failed_node(tmp_path, mlflow_server) -> None:
+    project = ml_project(tmp_path, limit=2)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    compiled = kvx(project, "compile", "-o", str(tmp_path / "p.json"), env=env)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "failing-job", env=env, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:]
+    status = json.loads((project / ".kvx" / "runs" / "failing-job" / "status.json").read_text())
+    assert status["states"]["report"] == "failed" and status["states"]["mlflow-end-run"] == "done"
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("mlproj")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'failing-job'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["kvx.failed_node"] == "report"
+    assert "model too large: 4 > 2" in run.data.tags["kvx.error"]
+    assert run.data.tags["kvx.final_state"] == "FAILED"
+
+
+def test_successful_run_local_with_mlflow_is_one_finished_run(tmp_path, mlflow_server) -> None:
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    assert kvx(project, "compile", "-o", str(tmp_path / "p.json"), env=env).returncode == 0
+    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "ok-job", env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("mlproj")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'ok-job'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["score"] == 3.0 and run.data.metrics["late_metrics.late_score"] == 4.0
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["report.txt"]
+    assert run.data.tags["kvx.last_node"] in {"report", "wait_then_score"}
+
+
+def test_basic_auth_with_environment_credentials(tmp_path, mlflow_auth_server) -> None:
+    project = ml_project(tmp_path, {"env_vars": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]})
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_auth_server.url,
+                   MLFLOW_TRACKING_USERNAME=ADMIN_USER, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    run_id = start(project, env, "auth-job", tmp_path)
+    (step,) = run_all(project, env, "auth-job", run_id, ["make"])
+    assert step.returncode == 0, step.stderr[-2000:]
+    assert end(project, env, "auth-job", "SUCCEEDED").returncode == 0
+    for output in (step.stderr, step.stdout):
+        assert ADMIN_PASSWORD not in output
+
+    no_credentials = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_auth_server.url,
+                              MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    project_without = ml_project(tmp_path / "second")
+    result = kvx(project_without, "mlflow-start", "--run-id", "x", "--job-name", "denied",
+                 "--output", str(tmp_path / "denied.txt"), env=no_credentials)
+    assert result.returncode == 3
+    message = last_json(result.stderr)["message"]
+    assert "mlflow-start failed" in message and "unauthenticated (401)" in message
+    assert "Traceback" not in result.stderr
+
+
+def _assert_no_token_leaked(tokens: set[str] | list[str], *outputs: str) -> None:
+    for token in tokens:
+        for output in outputs:
+            assert token not in output
+
+
+def test_oauth_id_tokens_from_the_metadata_server_are_refreshed(tmp_path, fake_google, bearer_proxy) -> None:
+    fake_google.lifetime = 4.0  # each token is reused for 2 s, so a 5 s node needs a new one
+    try:
+        project = ml_project(tmp_path, {"client_id": AUDIENCE}, wait_seconds=5)
+        host = fake_google.url.removeprefix("http://")
+        env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=bearer_proxy.url, GCE_METADATA_HOST=host,
+                       GCE_METADATA_IP=host, GOOGLE_APPLICATION_CREDENTIALS="", NO_GCE_CHECK="False")
+        env.pop("GOOGLE_APPLICATION_CREDENTIALS")
+        rejected_before = len(bearer_proxy.rejected)
+        run_id = start(project, env, "oauth-job", tmp_path)
+        seen_before = set(bearer_proxy.tokens_seen)
+        steps = run_all(project, env, "oauth-job", run_id, ["make", "train", "wait_then_score"])
+        assert all(s.returncode == 0 for s in steps), steps[-1].stderr[-3000:]
+        assert end(project, env, "oauth-job", "SUCCEEDED").returncode == 0
+    finally:
+        fake_google.lifetime = 3600.0
+    assert len(bearer_proxy.rejected) == rejected_before  # every request carried a valid token
+    # The slow step needed more than one token: it refreshed before expiry.
+    assert len(bearer_proxy.tokens_seen - seen_before) >= 4
+    _assert_no_token_leaked(fake_google.issued, *(s.stderr for s in steps), *(s.stdout for s in steps))
+
+
+def _service_account_key(path: Path, token_uri: str, email: str) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "kvx-test", "private_key_id": "k1",
+        "private_key": pem, "client_email": email, "client_id": "1",
+        "token_uri": token_uri,
+    }))
+    return path
+
+
+def test_iam_id_tokens_with_a_service_account_key(tmp_path, fake_google, bearer_proxy) -> None:
+    key = _service_account_key(tmp_path / "key.json", f"{fake_google.url}/token",
+                               "caller@kvx-test.iam.gserviceaccount.com")
+    target = "pipelines@kvx-test.iam.gserviceaccount.com"
+    project = ml_project(tmp_path, {"service_account": target, "client_id": AUDIENCE,
+                                    "iam_endpoint": fake_google.url})
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=bearer_proxy.url, GOOGLE_APPLICATION_CREDENTIALS=str(key),
+                   GCE_METADATA_HOST="127.0.0.1:9", NO_GCE_CHECK="True")
+    calls_before = len(fake_google.iam_calls)
+    run_id = start(project, env, "iam-job", tmp_path)
+    (step,) = run_all(project, env, "iam-job", run_id, ["make"])
+    assert step.returncode == 0, step.stderr[-3000:]
+    new_calls = fake_google.iam_calls[calls_before:]
+    assert new_calls and all(c["account"] == target and c["audience"] == AUDIENCE for c in new_calls)
+    _assert_no_token_leaked(fake_google.issued, step.stderr, step.stdout)
+
+
+def test_a_rejected_token_is_refreshed_after_401(tmp_path, fake_google, bearer_proxy, monkeypatch) -> None:
+    """In-process: the token cache is dropped and the request retried once after a 401."""
+    from mlflow.tracking import MlflowClient
+
+    from kvx_runtime.auth import install_request_header_provider, uninstall_request_header_provider
+    from kvx_runtime.config import MLflowConfig
+
+    key = _service_account_key(tmp_path / "key.json", f"{fake_google.url}/token",
+                               "caller@kvx-test.iam.gserviceaccount.com")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    install_request_header_provider(MLflowConfig(request_header_provider_params={"client_id": AUDIENCE}))
+    try:
+        client = MlflowClient(tracking_uri=bearer_proxy.url)
+        client.search_experiments(max_results=1)
+        first = set(bearer_proxy.tokens_seen)
+        bearer_proxy.revoked |= first
+        rejected = len(bearer_proxy.rejected)
+        client.search_experiments(max_results=1)  # 401, refresh, retry
+        assert len(bearer_proxy.rejected) == rejected + 1
+        assert bearer_proxy.tokens_seen - first  # a new token was used
+    finally:
+        uninstall_request_header_provider()
+
+
+def test_oauth_credentials_provider_writes_the_token_into_credentials(tmp_path, fake_google) -> None:
+    project = ml_project(tmp_path)
+    key = _service_account_key(tmp_path / "key.json", f"{fake_google.url}/token", "sa@kvx-test.iam.gserviceaccount.com")
+    vertexai = project / "conf" / "base" / "vertexai.yml"
+    config = yaml.safe_load(vertexai.read_text())
+    config["run_config"]["dynamic_config_providers"] = [
+        {"cls": "kedro_vertexai.auth.gcp.MLFlowGoogleOAuthCredentialsProvider", "params": {"client_id": AUDIENCE}}]
+    vertexai.write_text(yaml.safe_dump(config))
+    (project / "conf" / "base" / "mlflow.yml").unlink()  # MLflow off: only the provider is tested
+    env = step_env(GOOGLE_APPLICATION_CREDENTIALS=str(key))
+    result = run_step(project, "--node", "make", "--storage-root", str(tmp_path / "s"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    credentials = yaml.safe_load((project / "conf" / "local" / "credentials.yml").read_text())
+    token = credentials["gcp_credentials"]["MLFLOW_TRACKING_TOKEN"]
+    assert token in fake_google.issued
+    assert token not in result.stderr
+
+
+def test_unreachable_mlflow_exits_3_unless_not_required(tmp_path) -> None:
+    from conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    project = ml_project(tmp_path)
+    result = run_step(project, "--node", "make", "--job-name", "down", env=env)
+    assert result.returncode == 3
+    assert f"MLflow at {url}: the tracking server is unreachable" in result.last_message
+
+    optional = ml_project(tmp_path / "optional", required=False)
+    result = run_step(optional, "--node", "make", "--job-name", "down", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any("runs untracked" in m for m in result.messages())
+
+
+def test_without_kedro_mlflow_nodes_run_untracked(tmp_path) -> None:
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    # Simulates an image without the mlflow extra: kedro_mlflow and mlflow cannot be imported.
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['kedro_mlflow'] = None\nsys.modules['mlflow'] = None\n")
+    project = ml_project(tmp_path)
+    (project / "conf" / "base" / "catalog.yml").write_text("")
+    env = step_env(PYTHONPATH=f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = run_step(project, "--node", "make", "--storage-root", str(tmp_path / "s"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    infos = [m for m in result.messages() if "kedro-mlflow is not installed" in m]
+    assert len(infos) == 1
