@@ -34,6 +34,15 @@ def install_signal_handlers() -> None:
         signal.signal(signum, _raise_interrupted)
 
 
+def _run_unless_ok(what: str, action: Callable[[], Any]) -> None:
+    """Run a start-up action; a failure ends the process like a command failure."""
+    try:
+        action()
+    except KvxError as exc:
+        log.error(f"{what}: {exc}", exit_code=int(exc.exit_code))
+        _exit(int(exc.exit_code))
+
+
 def _exit(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -69,6 +78,10 @@ def cli() -> None:
     """Run Kedro nodes as Vertex AI / Kubeflow pipeline steps."""
     configure_logging()
     install_signal_handlers()
+    if os.environ.get("KVX_HOST_ALIASES"):
+        from kvx_runtime.hosts import install_host_aliases
+
+        _run_unless_ok("host aliases", install_host_aliases)
 
 
 # --- command bodies, shared with the `kedro vertexai` plugin commands ---------------------
@@ -309,6 +322,30 @@ def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: s
         click.echo(f"{run_id} {status}")
 
     _run("mlflow-end", action)
+
+
+@cli.command("doctor")
+@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
+@click.option("-e", "--env", default=None, help="Kedro config environment.")
+@click.option("--storage-root", default=None, help="Storage root to check (default: run_config.root).")
+@click.option("--runtime-only", is_flag=True, help="Only check the runtime itself (base image smoke test).")
+def doctor_command(project_path: str | None, env: str | None, storage_root: str | None, runtime_only: bool) -> None:
+    """Check that this container can run steps: project, config, storage, MLflow, auth."""
+
+    def action() -> None:
+        from kvx_runtime.doctor import run_doctor
+
+        code = run_doctor(project_path, env, storage_root, runtime_only)
+        if code:
+            raise _DoctorFailed(code)
+
+    _run("doctor", action)
+
+
+class _DoctorFailed(KvxError):
+    def __init__(self, code: int) -> None:
+        super().__init__("at least one check failed (see the FAIL lines above)")
+        self.exit_code = code  # type: ignore[assignment]
 
 
 @cli.command("init")

@@ -1,0 +1,137 @@
+"""``kvx-runtime doctor``: can this container run a step? One line per check.
+
+Checks, in order: the runtime's own packages; the Kedro project loads; ``vertexai.yml`` is
+valid; the storage root is reachable and writable; MLflow answers (when configured); auth
+headers can be obtained (when configured). Also the smoke test of the images
+(``--runtime-only`` for the base image, which holds no project).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from kvx_runtime.errors import ExitCode, InfrastructureError, KvxError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    code: int = 0
+
+
+def _run_check(name: str, function: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, function())
+    except KvxError as exc:
+        return Check(name, False, str(exc), int(exc.exit_code))
+    except Exception as exc:  # a check must report, never crash the doctor
+        return Check(name, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                     int(ExitCode.INFRASTRUCTURE))
+
+
+def _runtime() -> str:
+    import sys
+
+    from kvx_runtime import __version__
+
+    modules = ["kedro", "cloudpickle", "zstandard", "fsspec", "structlog", "tenacity", "pydantic"]
+    for module in modules:
+        importlib.import_module(module)
+    extras = []
+    for optional in ("gcsfs", "kedro_mlflow"):
+        try:
+            importlib.import_module(optional)
+            extras.append(optional)
+        except ImportError:
+            pass
+    return (f"kvx-runtime {__version__}, Python {sys.version.split()[0]}, "
+            f"optional: {', '.join(extras) or 'none'}")
+
+
+def run_doctor(project_path: str | None, env: str | None, storage_root: str | None,
+               runtime_only: bool, echo: Callable[[str], Any] = click.echo) -> int:
+    checks: list[Check] = [_run_check("runtime", _runtime)]
+    echo_check(checks[-1], echo)
+    if runtime_only:
+        return _exit_code(checks)
+
+    state: dict[str, Any] = {}
+
+    def project() -> str:
+        from kvx_runtime.config import STEP_KEYS
+        from kvx_runtime.project import open_project
+
+        state["project"] = open_project(project_path, env, needed=STEP_KEYS)
+        from kedro.framework.project import pipelines
+
+        count = sum(len(p.nodes) for name, p in pipelines.items() if name == "__default__")
+        return f"{state['project'].package_name} (env {state['project'].env}), {count} nodes in __default__"
+
+    def config() -> str:
+        from kvx_runtime.config import load_plugin_config
+
+        loaded = state["project"]
+        load_plugin_config(loaded.conf_source, loaded.env, base_env=loaded.base_env)
+        return "vertexai.yml is valid"
+
+    def storage() -> str:
+        from kvx_runtime.config import normalize_storage_root
+        from kvx_runtime.storage.store import BlobStore, RetryPolicy
+
+        loaded = state["project"]
+        if storage_root:
+            root = normalize_storage_root(storage_root, bare_is_bucket=False)
+        elif loaded.plugin_config.run_config.root:
+            root = normalize_storage_root(loaded.plugin_config.run_config.root)
+        else:
+            raise InfrastructureError("no storage root (run_config.root or --storage-root)")
+        BlobStore(root, "kvx-doctor", retry=RetryPolicy(attempts=1)).check_writable()
+        return f"{root} is writable"
+
+    def mlflow() -> str:
+        from kvx_runtime.mlflow import connect, mlflow_enabled
+
+        loaded = state["project"]
+        if not mlflow_enabled(loaded):
+            return "not configured (skipped)"
+        connection = connect(loaded)
+        state["mlflow"] = True
+        return f"{connection.tracking_uri} answers, experiment '{connection.experiment_name}'"
+
+    def auth() -> str:
+        from kvx_runtime.auth import active_provider, build_request_header_provider
+
+        loaded = state["project"]
+        provider = active_provider() or build_request_header_provider(
+            loaded.plugin_config.run_config.mlflow.cls,
+            dict(loaded.plugin_config.run_config.mlflow.request_header_provider_params),
+        )
+        if provider is None:
+            return "not configured (skipped)"
+        headers = provider.request_headers()
+        return f"{type(provider).__name__} gave headers: {', '.join(sorted(headers)) or 'none'}"
+
+    for name, function in (("project", project), ("config", config), ("storage", storage),
+                           ("mlflow", mlflow), ("auth", auth)):
+        if "project" not in state and name != "project":
+            checks.append(Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE)))
+        else:
+            checks.append(_run_check(name, function))
+        echo_check(checks[-1], echo)
+    return _exit_code(checks)
+
+
+def echo_check(check: Check, echo: Callable[[str], Any]) -> None:
+    echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name:<8} {check.detail}")
+
+
+def _exit_code(checks: list[Check]) -> int:
+    failed = [c.code or int(ExitCode.NODE_FAILED) for c in checks if not c.ok]
+    return max(failed) if failed else 0
