@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvx-installed
 
-.PHONY: demo test test-fast lint bench bench-quick clean
+.PHONY: demo test test-fast test-image image lint bench bench-quick clean
 
 $(STAMP): pyproject.toml integration/example_project/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests
+
+# Builds the base and example project images with buildah (needs root, buildah, debootstrap).
+test-image: $(STAMP)
+	$(PY) -m pytest -m buildah integration/test_image.py
+
+# The base image from this checkout (needs buildah or docker and a registry-reachable base).
+image: $(STAMP)
+	rm -f docker/wheels/*.whl
+	$(PY) -m pip wheel -q --no-deps -w docker/wheels .
+	buildah bud -f docker/Dockerfile -t kvx-runtime:0.1.0 . || docker build -f docker/Dockerfile -t kvx-runtime:0.1.0 .
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench

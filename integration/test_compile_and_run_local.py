@@ -275,6 +275,12 @@ def test_kedro_vertexai_plugin_commands(example_project: Path, tmp_path: Path) -
     again = subprocess.run([*kedro, "vertexai", "init", "my-proj", "europe-west4"], cwd=example_project,
                            env=step_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr
+    forced = subprocess.run([*kedro, "vertexai", "init", "my-proj", "us-central1", "--force", "--with-dockerfile"],
+                            cwd=example_project, env=step_env(), capture_output=True, text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert yaml.safe_load((example_project / "conf" / "base" / "vertexai.yml").read_text())["region"] == "us-central1"
+    assert (example_project / "Dockerfile").read_text().startswith("# Image of a Kedro project")
+    assert "conf/local/" in (example_project / ".dockerignore").read_text()
     compiled = subprocess.run([*kedro, "vertexai", "-e", "cloud", "compile", "-o", str(tmp_path / "k.json")],
                               cwd=example_project, env=step_env(KEDRO_CONFIG_COMMIT_ID="abc123"),
                               capture_output=True, text=True, timeout=300)

@@ -134,7 +134,8 @@ def do_run_local(
     click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
 
 
-def do_init(project_path: str | None, project_id: str, region: str, force: bool) -> Path:
+def do_init(project_path: str | None, project_id: str, region: str, force: bool,
+            with_dockerfile: bool = False) -> Path:
     from kvx_runtime.errors import UsageError
     from kvx_runtime.project import find_package_name
 
@@ -147,6 +148,14 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(template.format(project_id=project_id, region=region, package=package))
     click.echo(f"Configuration generated in {target}")
+    if with_dockerfile:
+        templates = Path(__file__).parent / "templates"
+        for source, name in (("project.Dockerfile", "Dockerfile"), ("project.dockerignore", ".dockerignore")):
+            destination = root / name
+            if destination.exists() and not force:
+                raise UsageError(f"{destination} already exists", hint="pass --force to overwrite it")
+            destination.write_text((templates / source).read_text())
+            click.echo(f"{name} generated in {destination}")
     return target
 
 
@@ -352,10 +361,11 @@ class _DoctorFailed(KvxError):
 @click.argument("project_id")
 @click.argument("region")
 @click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
-@click.option("--force", is_flag=True, help="Overwrite an existing conf/base/vertexai.yml.")
-def init_command(project_id: str, region: str, project_path: str | None, force: bool) -> None:
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--with-dockerfile", is_flag=True, help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
+def init_command(project_id: str, region: str, project_path: str | None, force: bool, with_dockerfile: bool) -> None:
     """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
-    _run("init", lambda: do_init(project_path, project_id, region, force))
+    _run("init", lambda: do_init(project_path, project_id, region, force, with_dockerfile))
 
 
 def main() -> None:

@@ -69,7 +69,8 @@ def run_local_(ctx: click.Context, pipeline: str, params: tuple[str, ...], overr
 @vertexai.command("init")
 @click.argument("project_id")
 @click.argument("region")
-@click.option("--force", is_flag=True, help="Overwrite an existing conf/base/vertexai.yml.")
-def init_(project_id: str, region: str, force: bool) -> None:
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--with-dockerfile", is_flag=True, help="Also write a Dockerfile and .dockerignore.")
+def init_(project_id: str, region: str, force: bool, with_dockerfile: bool) -> None:
     """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
-    _run("kedro vertexai init", lambda: do_init(None, project_id, region, force))
+    _run("kedro vertexai init", lambda: do_init(None, project_id, region, force, with_dockerfile))

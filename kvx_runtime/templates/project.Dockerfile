@@ -1,0 +1,30 @@
+# Image of a Kedro project, FROM the kvx-runtime base image. Build from the project directory:
+#
+#   buildah bud -f project.Dockerfile --build-arg KVX_BASE_IMAGE=<registry>/kvx-runtime:0.1.0 \
+#       -t <registry>/<project>:<commit> .
+#
+# (`kedro vertexai init --with-dockerfile` writes this file and a .dockerignore into the project.)
+ARG KVX_BASE_IMAGE=kvx-runtime:0.1.0
+FROM ${KVX_BASE_IMAGE}
+
+# Dependencies first (cached while only the code changes), into the runtime's environment.
+USER 0
+WORKDIR /home/kvx/project
+COPY requirements.txt /tmp/requirements.txt
+RUN python3 -m pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# The project: its package, configuration and the raw data the pipeline starts from.
+# conf/local and credentials stay out (.dockerignore); steps get credentials at run time.
+COPY --chown=1000:1000 pyproject.toml README.md ./
+COPY --chown=1000:1000 src/ src/
+COPY --chown=1000:1000 conf/ conf/
+COPY --chown=1000:1000 data/01_raw/ data/01_raw/
+
+# Install the package, compile its bytecode, and record telemetry consent as "no" so that
+# kedro-telemetry can never prompt in a step (it is also disabled by the environment).
+RUN python3 -m pip install --no-cache-dir --no-deps . \
+ && python3 -m compileall -q src > /dev/null \
+ && printf 'consent: false\n' > .telemetry \
+ && chown 1000:1000 .telemetry
+USER 1000:1000
