@@ -40,5 +40,12 @@ image: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench
 
+# Benchmarks: bench/results/latest.json and docs/benchmarks.md (full: tens of minutes).
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache integration/example_project/.kvx

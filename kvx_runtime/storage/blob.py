@@ -126,9 +126,16 @@ class _CountingWriter(io.RawIOBase):
         return view.nbytes
 
 
+#: zstd job size for multi-threaded compression. zstd's default for level 3 buffers about
+#: 35 MB per worker; 2 MiB jobs keep the extra memory of a save near 10 MB per worker at the
+#: same speed (measured in bench/).
+_JOB_SIZE = 2 * 1024 * 1024
+_MAX_THREADS = 8
+
+
 def _threads() -> int:
-    # zstd's worker threads; 0 would mean single-threaded in-line compression.
-    return max(1, os.cpu_count() or 1)
+    # zstd's worker threads (0 would mean single-threaded, in-line compression).
+    return max(1, min(os.cpu_count() or 1, _MAX_THREADS))
 
 
 def write_blob(
@@ -145,7 +152,10 @@ def write_blob(
     target.write(prefix)
 
     body = _CountingWriter(target)
-    compressor = zstandard.ZstdCompressor(level=level, threads=_threads(), write_checksum=True)
+    parameters = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=_threads(), job_size=_JOB_SIZE, write_checksum=1
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=parameters)
     with compressor.stream_writer(body, closefd=False) as zwriter:
         sink = _CountingWriter(zwriter)
         try:

@@ -40,8 +40,15 @@ SUFFIX = ".bin"
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
-_READ_BLOCK = 16 * 1024 * 1024
-_WRITE_BLOCK = 16 * 1024 * 1024
+_DEFAULT_BLOCK = 16 * 1024 * 1024
+
+
+def block_size() -> int:
+    """Upload/download chunk size for remote roots (``KVX_STORAGE_BLOCK_SIZE`` bytes, 16 MiB)."""
+    try:
+        return max(256 * 1024, int(os.environ.get("KVX_STORAGE_BLOCK_SIZE", _DEFAULT_BLOCK)))
+    except ValueError:
+        return _DEFAULT_BLOCK
 
 
 class BlobMissing(InputDataError):
@@ -214,7 +221,7 @@ class BlobStore:
         path = self.path(dataset)
         if _is_local(self._fs):
             return self._write_local(dataset, path, obj)
-        handle = self._fs.open(path, "wb", block_size=_WRITE_BLOCK)
+        handle = self._fs.open(path, "wb", block_size=block_size())
         try:
             info = write_blob(obj, handle, dataset=dataset, level=self.level)
         except BaseException:
@@ -231,7 +238,7 @@ class BlobStore:
         os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(temporary, "wb", buffering=_WRITE_BLOCK) as handle:
+            with open(temporary, "wb", buffering=1024 * 1024) as handle:
                 info = write_blob(obj, handle, dataset=dataset, level=self.level)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -248,7 +255,7 @@ class BlobStore:
         path = self.path(dataset)
         describe = self._describe(dataset)
         try:
-            handle = self._fs.open(path, "rb", block_size=_READ_BLOCK, cache_type="readahead")
+            handle = self._fs.open(path, "rb", block_size=block_size(), cache_type="readahead")
         except FileNotFoundError:
             made_by = f"it is produced by node '{producer}'" if producer else "no node produces it"
             raise BlobMissing(

@@ -1,0 +1,455 @@
+"""kvx-runtime benchmarks: the numbers we promise, measured side by side with the reference.
+
+    python bench/run.py [--quick] [--large] [--runs N] [--only intermediates,step,compiler,local]
+
+Writes ``bench/results/latest.json`` (every figure: name, unit, median, min, max, runs) and
+regenerates ``docs/benchmarks.md``. Each figure is the median of at least 3 runs in this
+invocation; comparisons are ratios of figures measured here, side by side. ``--quick``
+shrinks the objects and pipelines so that the whole run takes under two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "integration" / "example_project"
+RESULTS = REPO / "bench" / "results" / "latest.json"
+DOCS = REPO / "docs" / "benchmarks.md"
+PY = sys.executable
+WORKER = REPO / "bench" / "worker.py"
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    runs: list[float]
+    group: str
+    goal: str | None = None
+    met: bool | None = None
+    note: str | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "unit": self.unit, "median": self.median, "min": min(self.runs),
+                "max": max(self.runs), "runs": self.runs, "group": self.group, "goal": self.goal,
+                "met": self.met, "note": self.note}
+
+
+@dataclass
+class Bench:
+    runs: int
+    quick: bool
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, name: str, unit: str, runs: list[float], group: str, **extra: Any) -> Figure:
+        figure = Figure(name, unit, [round(r, 6) for r in runs], group, **extra)
+        self.figures.append(figure)
+        print(f"  {name}: {figure.median:.4g} {unit} (min {min(runs):.4g}, max {max(runs):.4g})", flush=True)
+        return figure
+
+    def get(self, name: str) -> Figure:
+        return next(f for f in self.figures if f.name == name)
+
+    def ratio(self, name: str, numerator: str, denominator: str, group: str, goal: str | None = None,
+              check: Any = None, note: str | None = None) -> Figure:
+        top, bottom = self.get(numerator), self.get(denominator)
+        runs = [a / b for a, b in zip(top.runs, bottom.runs, strict=False) if b]
+        figure = self.add(name, "x", runs, group, goal=goal, note=note)
+        if check is not None:
+            figure.met = bool(check(figure.median))
+        return figure
+
+
+def env() -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KEDRO_CONFIG_", "KVX_"))}
+    clean.update({"KVX_LOG_FORMAT": "json", "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                  "MLFLOW_DISABLE_TELEMETRY": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+    return clean
+
+
+def timed(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env={**env(), **(extra_env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} failed ({code}):\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def worker(action: str, fmt: str, kind: str, size_mb: float, root: str, extra_env: dict[str, str]) -> dict:
+    result = subprocess.run([PY, str(WORKER), action, fmt, kind, str(size_mb), root], capture_output=True,
+                            text=True, env={**env(), **extra_env})
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {action} {fmt} {kind} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- 1. intermediates ----------------------------------------------------------------------
+
+def bench_intermediates(bench: Bench, objects: list[tuple[str, str, float]], roots: list[tuple[str, str, dict]]) -> None:
+    for root_label, root, root_env in roots:
+        for label, kind, size_mb in objects:
+            print(f"intermediates: {label} on {root_label}", flush=True)
+            group = f"intermediates ({root_label})"
+            measured: dict[str, dict[str, list[float]]] = {}
+            for fmt in ("kvx", "bz2", "pickle"):
+                values: dict[str, list[float]] = {k: [] for k in ("save", "load", "bytes", "save_rss", "load_rss")}
+                for _ in range(bench.runs):
+                    saved = worker("save", fmt, kind, size_mb, root, root_env)
+                    loaded = worker("load", fmt, kind, size_mb, root, root_env)
+                    values["save"].append(saved["seconds"])
+                    values["load"].append(loaded["seconds"])
+                    values["bytes"].append(saved["stored_bytes"] / 2**20)
+                    values["save_rss"].append(saved["rss_ratio"])
+                    values["load_rss"].append(loaded["rss_ratio"])
+                measured[fmt] = values
+                prefix = f"{label} [{root_label}] {fmt}"
+                bench.add(f"{prefix} save", "s", values["save"], group)
+                bench.add(f"{prefix} load", "s", values["load"], group)
+                bench.add(f"{prefix} stored", "MiB", values["bytes"], group)
+                # The memory goal is about large objects: for small ones the fixed buffers dominate.
+                judged = fmt == "kvx" and size_mb >= 100
+                for op in ("save", "load"):
+                    ratios = values[f"{op}_rss"]
+                    bench.add(f"{prefix} {op} peak RSS / object", "x", ratios, group,
+                              goal="< 1.3" if judged else None,
+                              met=(statistics.median(ratios) < 1.3) if judged else None)
+            base = f"{label} [{root_label}]"
+            for op in ("save", "load"):
+                bench.ratio(f"{base} bz2/kvx {op} speed-up", f"{base} bz2 {op}", f"{base} kvx {op}", group,
+                            goal=">= 15", check=lambda v: v >= 15)
+                bench.ratio(f"{base} kvx/pickle {op} time", f"{base} kvx {op}", f"{base} pickle {op}", group,
+                            goal="<= 2", check=lambda v: v <= 2)
+
+
+# --- 2. step overhead ----------------------------------------------------------------------
+
+REFERENCE_INIT = """
+import sys
+from pathlib import Path
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+bootstrap_project(Path.cwd())
+with KedroSession.create(Path.cwd(), env="base") as session:
+    session.load_context()
+"""
+
+
+def step_project(tmp: Path) -> Path:
+    """The example project with kedro-mlflow's hooks off for all three variants alike."""
+    project = tmp / "step-project"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".kvx", "08_reporting", "__pycache__"))
+    settings = project / "src" / "spaceflights_kvx" / "settings.py"
+    settings.write_text(settings.read_text() + '\nDISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)\n')
+    subprocess.run([PY, "-m", "compileall", "-q", str(project / "src")], capture_output=True)
+    return project
+
+
+def bench_step(bench: Bench, tmp: Path) -> None:
+    print("step overhead", flush=True)
+    project = step_project(tmp)
+    node = "data_processing.preprocess_companies_node"
+    kedro = [PY, "-m", "kedro"]
+    variants = {
+        "kvx-runtime exec-node": [[PY, "-m", "kvx_runtime", "exec-node", "--node", node, "--env", "base",
+                                   "--run-id", "bench", "--storage-root", str(tmp / "step-storage")]],
+        "kedro run --nodes (floor)": [[*kedro, "run", "--env", "base", "--nodes", node]],
+        "reference: session init + kedro run": [[PY, "-c", REFERENCE_INIT],
+                                                 [*kedro, "run", "--env", "base", "--nodes", node]],
+    }
+    extra = {"KEDRO_CONFIG_RUN_ID": "bench"}
+    if not bench.quick:
+        timed(variants["kedro run --nodes (floor)"][0], project, extra)  # warm the file cache
+    results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in variants}
+    for _ in range(bench.runs):
+        for name, commands in variants.items():  # interleaved: same conditions for each
+            seconds, peak = 0.0, 0
+            for command in commands:
+                s, p = timed(command, project, extra)
+                seconds += s
+                peak = max(peak, p)
+            results[name][0].append(seconds)
+            results[name][1].append(peak / 2**20)
+    for name, (seconds, peaks) in results.items():
+        bench.add(f"step: {name} wall", "s", seconds, "step overhead")
+        bench.add(f"step: {name} peak RSS", "MiB", peaks, "step overhead")
+    bench.ratio("step: exec-node / kedro run", "step: kvx-runtime exec-node wall",
+                "step: kedro run --nodes (floor) wall", "step overhead", goal="<= 1.0", check=lambda v: v <= 1.0)
+    bench.ratio("step: reference / kedro run", "step: reference: session init + kedro run wall",
+                "step: kedro run --nodes (floor) wall", "step overhead")
+    import_profile(bench, project, tmp)
+
+
+def import_profile(bench: Bench, project: Path, tmp: Path) -> None:
+    node = "data_processing.preprocess_companies_node"
+    result = subprocess.run([PY, "-X", "importtime", "-m", "kvx_runtime", "exec-node", "--node", node, "--env",
+                             "base", "--run-id", "bench", "--storage-root", str(tmp / "step-storage")],
+                            cwd=project, env={**env(), "KEDRO_CONFIG_RUN_ID": "bench"}, capture_output=True, text=True)
+    modules: dict[str, int] = {}
+    for line in result.stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( +)(\S+)", line)
+        if match and len(match.group(2)) == 1:  # top-level imports carry the cumulative time
+            top = match.group(3).split(".")[0]
+            modules[top] = modules.get(top, 0) + int(match.group(1))
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    forbidden = {
+        "kvx_runtime.compiler": "the compiler",
+        "mlflow": "mlflow (MLflow is off in this step)",
+        "gcsfs": "gcsfs (the storage root is local)",
+        "kvx_runtime.local_runner": "the local runner",
+    }
+    for module, label in forbidden.items():
+        present = module in imported
+        bench.add(f"import: {label} imported", "bool", [1.0 if present else 0.0], "import profile",
+                  goal="not imported", met=not present)
+    for top, micros in sorted(modules.items(), key=lambda kv: -kv[1])[:8]:
+        bench.add(f"import: {top} (cumulative)", "s", [micros / 1e6], "import profile")
+
+
+# --- 3. compiler ---------------------------------------------------------------------------
+
+GENERATED = """
+from kedro.pipeline import Node, Pipeline
+
+def step(*args):
+    return 1
+
+def register_pipelines():
+    size = int(__import__("os").environ["KVX_BENCH_NODES"])
+    nodes = [Node(step, None if i == 0 else f"d{i - 1}", f"d{i}", name=f"node_{i}") for i in range(size)]
+    nodes += [Node(step, [f"d{i}" for i in range(j, min(j + 10, size))], f"agg{j}", name=f"agg_{j}")
+              for j in range(0, size, 10)]
+    return {"__default__": Pipeline(nodes)}
+"""
+
+COMPILE_TIMER = """
+import json, sys, time
+from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
+started = time.perf_counter()
+compiled = compile_pipeline(CompileRequest(project_path=sys.argv[1], env="base"))
+elapsed = time.perf_counter() - started
+path = write_spec(compiled.spec, sys.argv[2])
+print(json.dumps({"seconds": elapsed, "bytes": path.stat().st_size, "tasks": len(compiled.steps)}))
+"""
+
+
+def generated_project(tmp: Path) -> Path:
+    project = tmp / "generated"
+    package = project / "src" / "benchgen"
+    package.mkdir(parents=True)
+    (project / "conf" / "base").mkdir(parents=True)
+    (project / "conf" / "local").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        '[tool.kedro]\npackage_name = "benchgen"\nproject_name = "benchgen"\nkedro_init_version = "1.7.0"\nsource_dir = "src"\n')
+    (package / "__init__.py").write_text("")
+    (package / "settings.py").write_text("")
+    (package / "pipeline_registry.py").write_text(GENERATED)
+    (project / "conf" / "base" / "catalog.yml").write_text("{}\n")
+    (project / "conf" / "base" / "parameters.yml").write_text("{}\n")
+    (project / "conf" / "base" / "vertexai.yml").write_text("run_config: {image: img, root: bucket/x}\n")
+    return project
+
+
+def bench_compiler(bench: Bench, tmp: Path, sizes: list[int]) -> None:
+    project = generated_project(tmp)
+    for size in sizes:
+        print(f"compiler: {size} nodes", flush=True)
+        in_process, wall, spec_bytes = [], [], []
+        for _ in range(bench.runs):
+            extra = {"KVX_BENCH_NODES": str(size)}
+            started = time.perf_counter()
+            result = subprocess.run([PY, "-c", COMPILE_TIMER, str(project), str(tmp / f"spec-{size}.json")],
+                                    env={**env(), **extra}, capture_output=True, text=True)
+            wall.append(time.perf_counter() - started)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            data = json.loads(result.stdout.strip().splitlines()[-1])
+            in_process.append(data["seconds"])
+            spec_bytes.append(data["bytes"] / 2**20)
+        goal = {"goal": "< 2", "met": statistics.median(in_process) < 2} if size == 1000 else {}
+        bench.add(f"compile: {size} nodes (+{size // 10} fan-in), compile", "s", in_process, "compiler", **goal)
+        bench.add(f"compile: {size} nodes, whole process", "s", wall, "compiler")
+        bench.add(f"compile: {size} nodes, spec size", "MiB", spec_bytes, "compiler")
+
+
+# --- 4. local runner -----------------------------------------------------------------------
+
+def bench_local(bench: Bench, tmp: Path) -> None:
+    print("local runner", flush=True)
+    project = step_project(tmp)
+    spec = tmp / "local-spec.json"
+    subprocess.run([PY, "-m", "kvx_runtime", "compile", "--env", "base", "-o", str(spec)], cwd=project, env=env(),
+                   check=True, capture_output=True)
+    run_local, kedro_run = [], []
+    for index in range(bench.runs):
+        seconds, _ = timed([PY, "-m", "kvx_runtime", "run-local", str(spec), "--max-parallel", "2",
+                            "--job-name", f"bench-{index}"], project)
+        run_local.append(seconds)
+        seconds, _ = timed([PY, "-m", "kedro", "run", "--env", "base"], project, {"KEDRO_CONFIG_RUN_ID": f"k{index}"})
+        kedro_run.append(seconds)
+    bench.add("run-local: example project (10 steps, 2 parallel)", "s", run_local, "local runner")
+    bench.add("run-local: kedro run of the same pipeline", "s", kedro_run, "local runner")
+    bench.ratio("run-local / kedro run", "run-local: example project (10 steps, 2 parallel)",
+                "run-local: kedro run of the same pipeline", "local runner",
+                note="every step is a separate process that starts Kedro, as on Vertex AI")
+
+
+# --- machine, GCS emulator, output ---------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    memory = 0
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    packages = {}
+    for name in ("kvx-runtime", "kedro", "kedro-mlflow", "mlflow", "pandas", "numpy", "cloudpickle", "zstandard",
+                 "gcsfs", "fsspec"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "packages": packages}
+
+
+def start_emulator() -> tuple[subprocess.Popen, dict[str, str], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    executable = Path(PY).with_name("gcp-storage-emulator")
+    process = subprocess.Popen([str(executable), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+                                "--default-bucket", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    # The emulator does not implement multi-chunk resumable uploads: one chunk per object.
+    root_env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "KVX_STORAGE_BLOCK_SIZE": str(2**31 - 1)}
+    return process, root_env, "gs://bench/blobs"
+
+
+def render(bench: Bench, info: dict[str, Any], seconds: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python bench/run.py`); `make bench-quick` runs the same",
+        "harness on small inputs in under two minutes. Every figure is the median of "
+        f"{bench.runs} runs in one invocation; ratios compare figures measured side by side.",
+        "Raw numbers: `bench/results/latest.json`.",
+        "",
+        f"Machine: {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "
+        f"{info['platform']}. Packages: "
+        + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v) + ".",
+        f"Mode: {'quick' if bench.quick else 'full'}; total {seconds / 60:.1f} min.",
+        "",
+    ]
+    groups: dict[str, list[Figure]] = {}
+    for figure in bench.figures:
+        groups.setdefault(figure.group, []).append(figure)
+    for group, figures in groups.items():
+        lines += [f"## {group[0].upper() + group[1:]}", "", "| figure | median | min | max | goal | met |",
+                  "|---|---|---|---|---|---|"]
+        for figure in figures:
+            met = "" if figure.met is None else ("yes" if figure.met else "**no**")
+            lines.append(f"| {figure.name} | {figure.median:.4g} {figure.unit} | {min(figure.runs):.4g} | "
+                         f"{max(figure.runs):.4g} | {figure.goal or ''} | {met} |")
+        lines.append("")
+    notes = NOTES.strip()
+    missed = [f for f in bench.figures if f.met is False]
+    lines += ["## Goals missed and why", ""]
+    if missed:
+        lines += [f"- {f.name}: {f.median:.3g} {f.unit} (goal {f.goal})" for f in missed] + [""]
+    else:
+        lines += ["Every goal was met in this run.", ""]
+    lines += [notes, ""]
+    return "\n".join(lines)
+
+
+NOTES_PATH = REPO / "bench" / "NOTES.md"
+NOTES = NOTES_PATH.read_text() if NOTES_PATH.exists() else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small inputs, under two minutes")
+    parser.add_argument("--large", action="store_true", help="also the ~1 GB DataFrame")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="intermediates,step,compiler,local")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    bench = Bench(runs=max(3, args.runs), quick=args.quick)
+    only = set(args.only.split(","))
+    started = time.perf_counter()
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="kvx-bench-") as directory:
+        tmp = Path(directory)
+        if "intermediates" in only:
+            if args.quick:
+                objects = [("DataFrame ~10 MB (mixed dtypes)", "dataframe", 10),
+                           ("float32 array ~20 MB (incompressible)", "array", 20),
+                           ("model-like object ~5 MB", "model", 5)]
+                gcs_objects = [("model-like object ~2 MB", "model", 2)]
+            else:
+                objects = [("DataFrame ~200 MB (mixed dtypes)", "dataframe", 200),
+                           ("float32 array ~400 MB (incompressible)", "array", 400),
+                           ("model-like object ~64 MB", "model", 64)]
+                if args.large:
+                    objects.append(("DataFrame ~1 GB (mixed dtypes)", "dataframe", 1024))
+                gcs_objects = [("DataFrame ~50 MB (mixed dtypes)", "dataframe", 50),
+                               ("model-like object ~64 MB", "model", 64)]
+            emulator, emulator_env, gcs_root = start_emulator()
+            try:
+                bench_intermediates(bench, objects, [("local disk", str(tmp / "blobs"), {})])
+                bench_intermediates(bench, gcs_objects, [("GCS emulator", gcs_root, emulator_env)])
+            finally:
+                emulator.terminate()
+                emulator.wait()
+        if "step" in only:
+            bench_step(bench, tmp)
+        if "compiler" in only:
+            bench_compiler(bench, tmp, [10, 1000] if args.quick else [10, 100, 1000, 5000])
+        if "local" in only and not args.quick:
+            bench_local(bench, tmp)
+    seconds = time.perf_counter() - started
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": "quick" if args.quick else "full",
+               "seconds": seconds, "machine": info, "figures": [f.to_json() for f in bench.figures]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+    if not args.no_docs:
+        DOCS.write_text(render(bench, info, seconds))
+    print(f"wrote {RESULTS}{'' if args.no_docs else ' and ' + str(DOCS)} in {seconds:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
