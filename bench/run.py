@@ -111,7 +111,9 @@ def worker(action: str, fmt: str, kind: str, size_mb: float, root: str, extra_en
 
 # --- 1. intermediates ----------------------------------------------------------------------
 
-def bench_intermediates(bench: Bench, objects: list[tuple[str, str, float]], roots: list[tuple[str, str, dict]]) -> None:
+def bench_intermediates(
+    bench: Bench, objects: list[tuple[str, str, float]], roots: list[tuple[str, str, dict]]
+) -> None:
     for root_label, root, root_env in roots:
         for label, kind, size_mb in objects:
             print(f"intermediates: {label} on {root_label}", flush=True)
@@ -265,7 +267,8 @@ def generated_project(tmp: Path) -> Path:
     (project / "conf" / "base").mkdir(parents=True)
     (project / "conf" / "local").mkdir(parents=True)
     (project / "pyproject.toml").write_text(
-        '[tool.kedro]\npackage_name = "benchgen"\nproject_name = "benchgen"\nkedro_init_version = "1.7.0"\nsource_dir = "src"\n')
+        '[tool.kedro]\npackage_name = "benchgen"\nproject_name = "benchgen"\n'
+        'kedro_init_version = "1.7.0"\nsource_dir = "src"\n')
     (package / "__init__.py").write_text("")
     (package / "settings.py").write_text("")
     (package / "pipeline_registry.py").write_text(GENERATED)

@@ -140,9 +140,9 @@ def main() -> None:
     if kind == "dataframe":
         import pandas  # noqa: F401
 
-    import kvx_runtime.storage.store  # noqa: F401
-
     import gc
+
+    import kvx_runtime.storage.store  # noqa: F401
 
     baseline = rss_bytes()
     if action == "save":

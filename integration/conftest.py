@@ -108,6 +108,20 @@ def node_order() -> list[str]:
     return json.loads(kedro_in_process(EXAMPLE_PROJECT, "order").strip().splitlines()[-1])
 
 
+def signal_after_node_started(process: subprocess.Popen, signum: int, timeout: float = 60) -> str:
+    """Wait until the step logs "node started", send ``signum``, return the rest of stderr."""
+    import time
+
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout
+    for line in process.stderr:
+        if '"node started"' in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signum)
+    _, rest = process.communicate(timeout=30)
+    return str(rest)
+
+
 def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, catalog: str = "",
                  vertexai: str = "") -> Path:
     """A minimal Kedro project written from strings (for failure modes the example lacks)."""

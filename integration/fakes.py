@@ -121,7 +121,7 @@ class _GoogleHandler(_Handler):
     def google(self) -> FakeGoogle:
         return self.server.owner  # type: ignore[attr-defined,no-any-return]
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlparse(self.path)
         metadata = {"Metadata-Flavor": "Google"}
         if self.headers.get("Metadata-Flavor") != "Google" and url.path.startswith("/computeMetadata"):
@@ -139,14 +139,15 @@ class _GoogleHandler(_Handler):
         elif url.path.endswith("/service-accounts/default/email"):
             self._send(200, self.google.email, "text/plain", metadata)
         elif url.path.endswith("/service-accounts/default/") or url.path.endswith("/service-accounts/default"):
-            body = json.dumps({"email": self.google.email, "scopes": ["https://www.googleapis.com/auth/cloud-platform"], "aliases": ["default"]})
+            body = json.dumps({"email": self.google.email, "aliases": ["default"],
+                               "scopes": ["https://www.googleapis.com/auth/cloud-platform"]})
             self._send(200, body, "application/json", metadata)
         elif url.path.endswith("/project/project-id"):
             self._send(200, "kvx-test", "text/plain", metadata)
         else:
             self._send(404, "not found", "text/plain", metadata)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         url = urlparse(self.path)
         body = self._body()
         if url.path == "/token":
@@ -155,7 +156,8 @@ class _GoogleHandler(_Handler):
             assertion = form.get("assertion", [""])[0]
             claims = json.loads(base64.urlsafe_b64decode(assertion.split(".")[1] + "=="))
             if "target_audience" in claims:
-                self._send(200, json.dumps({"id_token": self.google.id_token(claims["target_audience"], claims.get("iss"))}))
+                token = self.google.id_token(claims["target_audience"], claims.get("iss"))
+                self._send(200, json.dumps({"id_token": token}))
             else:
                 self._send(200, json.dumps({"access_token": self.google.access_token(), "expires_in": 3600,
                                             "token_type": "Bearer"}))
@@ -218,4 +220,4 @@ class _ProxyHandler(_Handler):
         self._send(response.status, data, response.getheader("Content-Type", "application/json"), passthrough)
         connection.close()
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward  # noqa: N815
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward

@@ -57,7 +57,8 @@ def test_example_project_compiles_to_a_valid_spec(example_project: Path, tmp_pat
     args = executor_args(spec, "data-science-train-model-node")
     assert args[:2] == ["--node", "data_science.train_model_node"]
     assert "{{$.pipeline_job_uuid}}" in args and "{{$.pipeline_job_name}}" in args
-    assert "data_science.model_options.test_size:float={{$.inputs.parameters['data_science__model_options__test_size']}}" in args
+    placeholder = "{{$.inputs.parameters['data_science__model_options__test_size']}}"
+    assert f"data_science.model_options.test_size:float={placeholder}" in args
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["data_science__model_options__test_size"] == {
         "defaultValue": 0.2, "isOptional": True, "parameterType": "NUMBER_DOUBLE"}

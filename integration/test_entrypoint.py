@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from integration.conftest import make_project, step_env
+from integration.conftest import make_project, signal_after_node_started, step_env
 
 pytestmark = pytest.mark.slow
 
@@ -106,13 +105,8 @@ def test_sigterm_through_the_entrypoint_reaches_the_step(tmp_path: Path) -> None
                           capture_output=True).returncode == 0
     process = subprocess.Popen([str(ENTRYPOINT), "exec-node", "--node", "slow", *args], cwd=project, env=env,
                                stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in process.stderr:
-        if '"node started"' in line or time.monotonic() > deadline:
-            break
-    process.send_signal(signal.SIGTERM)  # to the entrypoint's PID: exec made it kvx-runtime
-    _, rest = process.communicate(timeout=30)
+    # To the entrypoint's PID: exec made it kvx-runtime.
+    rest = signal_after_node_started(process, signal.SIGTERM)
     assert process.returncode == 143
     assert "stopped by SIGTERM" in rest
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]

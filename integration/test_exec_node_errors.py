@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port
-from integration.conftest import KVX, make_project, run_step, step_env
+from integration.conftest import KVX, make_project, run_step, signal_after_node_started, step_env
 from kvx_runtime.storage.store import BlobStore
 
 pytestmark = pytest.mark.slow
@@ -159,13 +158,7 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
         [*KVX, "exec-node", "--node", "slow", "--run-id", "s", "--storage-root", str(root)],
         cwd=project, env=step_env(), stderr=subprocess.PIPE, text=True,
     )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in process.stderr:
-        if '"node started"' in line or time.monotonic() > deadline:
-            break
-    process.send_signal(signum)
-    _, rest = process.communicate(timeout=30)
+    rest = signal_after_node_started(process, signum)
     assert process.returncode == code
     assert "nothing partial was left behind" in rest.splitlines()[-1]
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]

@@ -49,7 +49,8 @@ if REASON:
 
 def buildah(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     result = subprocess.run([*BUILDAH, *args], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"buildah {' '.join(args[:3])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"buildah {' '.join(args[:3])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 

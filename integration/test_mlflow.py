@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -361,7 +359,8 @@ def test_without_kedro_mlflow_nodes_run_untracked(tmp_path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()
     # Simulates an image without the mlflow extra: kedro_mlflow and mlflow cannot be imported.
-    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['kedro_mlflow'] = None\nsys.modules['mlflow'] = None\n")
+    (shim / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['kedro_mlflow'] = None\nsys.modules['mlflow'] = None\n")
     project = ml_project(tmp_path)
     (project / "conf" / "base" / "catalog.yml").write_text("")
     env = step_env(PYTHONPATH=f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

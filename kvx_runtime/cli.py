@@ -72,6 +72,16 @@ def _run(command: str, action: Callable[[], Any]) -> NoReturn:
     _exit(int(ExitCode.SUCCESS))
 
 
+project_path_option = click.option(
+    "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
+    help="Kedro project directory (default: the working directory).",
+)
+env_option = click.option(
+    "-e", "--env", default=None,
+    help="Kedro config environment (default: KEDRO_ENV, then the project's default run env).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kvx-runtime")
 def cli() -> None:
@@ -162,13 +172,14 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
 @cli.command("exec-node")
 @click.option("--node", "nodes", multiple=True, required=True, metavar="NAME",
               help="Node to run; repeat for a group (run in one process, data in memory).")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Kedro project directory (default: the working directory).")
-@click.option("-e", "--env", default=None, help="Kedro config environment (default: KEDRO_ENV, then the project's default).")
+@project_path_option
+@env_option
 @click.option("--pipeline", default="__default__", show_default=True, help="Registered pipeline the node(s) belong to.")
-@click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID, then a generated local id).")
+@click.option("--run-id", default=None,
+              help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID, then a generated local id).")
 @click.option("--job-name", default=None, help="Pipeline job name (default: KEDRO_CONFIG_JOB_NAME, then the run id).")
-@click.option("--storage-root", default=None, help="Root for intermediates: gs://bucket/prefix, file://..., or a path (default: run_config.root).")
+@click.option("--storage-root", default=None,
+              help="Root for intermediates: gs://bucket/prefix, file://..., or a path (default: run_config.root).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Runtime parameter; typed (int, float, bool, JSON); dotted keys override nested ones. Repeatable.")
 @click.option("--mlflow-run-id", default=None, help="MLflow run to log into (the pipeline's run).")
@@ -208,9 +219,8 @@ def exec_node(
 
 
 @cli.command("compile")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Kedro project directory (default: the working directory).")
-@click.option("-e", "--env", default=None, help="Kedro config environment used to compile and baked into every step.")
+@project_path_option
+@env_option
 @click.option("--pipeline", default="__default__", show_default=True, help="Registered pipeline to compile.")
 @click.option("--image", default=None, help="Image of the steps (default: run_config.image).")
 @click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
@@ -234,8 +244,7 @@ def compile_command(
 
 @cli.command("run-local")
 @click.argument("spec", type=click.Path(dir_okay=False, exists=True))
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Kedro project directory the steps run in (default: the working directory).")
+@project_path_option
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Override a pipeline parameter (pipeline or dotted Kedro name). Repeatable.")
 @click.option("--storage-root", default=None, help="Storage root of the run (default: <project>/.kvx/storage).")
@@ -282,8 +291,8 @@ def _mlflow_project(project_path: str | None, env: str | None) -> object:
 @cli.command("mlflow-start")
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="File to write the MLflow run id to (its directory is created).")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
-@click.option("-e", "--env", default=None, help="Kedro config environment.")
+@project_path_option
+@env_option
 @click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID).")
 @click.option("--job-name", default=None, help="Pipeline job name (default: KEDRO_CONFIG_JOB_NAME, then the run id).")
 @click.option("--kubeflow", is_flag=True, help="Also tag kubeflow_run_id (Kubeflow Pipelines targets).")
@@ -311,9 +320,10 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
 @click.option("--final-status", required=True, metavar="JSON",
               help='The pipeline\'s final status as Vertex passes it, e.g. {"state": "FAILED", "error": {...}}.')
 @click.option("--mlflow-run-id", default=None, help="The run to end (default: found by --job-name).")
-@click.option("--job-name", default=None, help="Find the run by its vertexai_job_name tag (default: KEDRO_CONFIG_JOB_NAME).")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
-@click.option("-e", "--env", default=None, help="Kedro config environment.")
+@click.option("--job-name", default=None,
+              help="Find the run by its vertexai_job_name tag (default: KEDRO_CONFIG_JOB_NAME).")
+@project_path_option
+@env_option
 def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: str | None,
                        project_path: str | None, env: str | None) -> None:
     """End the pipeline's MLflow run as FINISHED, FAILED or KILLED."""
@@ -334,8 +344,8 @@ def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: s
 
 
 @cli.command("doctor")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
-@click.option("-e", "--env", default=None, help="Kedro config environment.")
+@project_path_option
+@env_option
 @click.option("--storage-root", default=None, help="Storage root to check (default: run_config.root).")
 @click.option("--runtime-only", is_flag=True, help="Only check the runtime itself (base image smoke test).")
 def doctor_command(project_path: str | None, env: str | None, storage_root: str | None, runtime_only: bool) -> None:
@@ -360,9 +370,10 @@ class _DoctorFailed(KvxError):
 @cli.command("init")
 @click.argument("project_id")
 @click.argument("region")
-@click.option("--project-path", type=click.Path(file_okay=False, exists=True), default=None)
+@project_path_option
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-@click.option("--with-dockerfile", is_flag=True, help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
+@click.option("--with-dockerfile", is_flag=True,
+              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
 def init_command(project_id: str, region: str, project_path: str | None, force: bool, with_dockerfile: bool) -> None:
     """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
     _run("init", lambda: do_init(project_path, project_id, region, force, with_dockerfile))

@@ -368,7 +368,7 @@ def _resolve_leaves(node: Any) -> Any:
 
     if isinstance(node, DictConfig):
         out: dict[str, Any] = {}
-        for key in node.keys():
+        for key in node:
             try:
                 child = node._get_node(key)
                 value = node[key] if not OmegaConf.is_config(child) else child
@@ -445,7 +445,7 @@ def read_raw_plugin_config(
         merged = OmegaConf.merge(*layers)
     else:
         merged = OmegaConf.merge(layers[0])
-        for key in layers[1].keys():
+        for key in layers[1]:
             merged[key] = layers[1]._get_node(key)
     return _resolve_leaves(merged), files
 

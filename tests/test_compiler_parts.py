@@ -189,13 +189,15 @@ def test_a_built_spec_has_no_dangling_references() -> None:
     ("mutate", "message"),
     [
         (lambda s: s["root"]["dag"]["tasks"]["two"].__setitem__("dependentTasks", ["zero"]), "dependentTasks 'zero'"),
-        (lambda s: s["root"]["dag"]["tasks"]["one"]["componentRef"].__setitem__("name", "comp-x"), "componentRef 'comp-x'"),
+        (lambda s: s["root"]["dag"]["tasks"]["one"]["componentRef"].__setitem__("name", "comp-x"),
+         "componentRef 'comp-x'"),
         (lambda s: s["components"]["comp-one"].__setitem__("executorLabel", "exec-x"), "executorLabel 'exec-x'"),
         (lambda s: s["deploymentSpec"]["executors"]["exec-one"]["container"]["args"].append(
             "{{$.inputs.parameters['nope']}}"), "placeholder input 'nope'"),
         (lambda s: s["root"]["dag"]["tasks"]["one"]["inputs"]["parameters"]["a__b"].__setitem__(
             "componentInputParameter", "zz"), "reads 'zz'"),
-        (lambda s: s["root"]["dag"]["tasks"]["one"]["inputs"]["parameters"].pop("a__b"), "required inputs not given: a__b"),
+        (lambda s: s["root"]["dag"]["tasks"]["one"]["inputs"]["parameters"].pop("a__b"),
+         "required inputs not given: a__b"),
     ],
 )
 def test_dangling_references_are_reported(mutate, message: str) -> None:

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import logged_text
 
+from conftest import logged_text
 from kvx_runtime.config import (
     STEP_KEYS,
     load_plugin_config,

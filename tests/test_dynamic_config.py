@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import logged_text
 import yaml
 
+from conftest import logged_text
 from kvx_runtime.config import parse_plugin_config
 from kvx_runtime.dynamic_config import DynamicConfigProvider, deep_merge, materialize_dynamic_config
 from kvx_runtime.errors import ConfigError

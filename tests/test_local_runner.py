@@ -105,19 +105,24 @@ def test_retry_policy_reruns_a_failing_step(tmp_path: Path) -> None:
 def test_exhausted_retries_fail_with_the_steps_exit_code(tmp_path: Path) -> None:
     retry = {"backoffDuration": "0s", "maxRetryCount": 1}
     spec = build([step("bad", fail_times=5, retry=retry)])
-    result, output = run(spec, tmp_path)
+    result, _ = run(spec, tmp_path)
     assert result.exit_code == 3
     assert (tmp_path / "attempts-bad").read_text() == "2"
 
 
-def test_failure_stops_scheduling_and_reports_replay_and_log_tail(tmp_path: Path) -> None:
-    status_file = tmp_path / "final_status.json"
-    exit_step = Step(
+def status_writer(path: Path) -> Step:
+    """An exit-handler step that writes the final status it receives to ``path``."""
+    return Step(
         task="on-exit", display_name="on-exit", command=[PY, "-c",
         "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"],
-        args=[str(status_file), placeholder(FINAL_STATUS)],
+        args=[str(path), placeholder(FINAL_STATUS)],
         inputs={FINAL_STATUS: "TASK_FINAL_STATUS"}, depends_on=["exit-handler-1"], final_status=True,
     )
+
+
+def test_failure_stops_scheduling_and_reports_replay_and_log_tail(tmp_path: Path) -> None:
+    status_file = tmp_path / "final_status.json"
+    exit_step = status_writer(status_file)
     spec = build([step("a"), step("b", deps=["a"], fail_times=1), step("c", deps=["b"]),
                   step("side", deps=["a"], sleep=0.5)], exit_steps=[exit_step])
     result, output = run(spec, tmp_path, max_parallel=1, job_name="job-x")
@@ -138,13 +143,7 @@ def test_failure_stops_scheduling_and_reports_replay_and_log_tail(tmp_path: Path
 
 def test_exit_handler_sees_success(tmp_path: Path) -> None:
     status_file = tmp_path / "status.json"
-    exit_step = Step(
-        task="on-exit", display_name="on-exit", command=[PY, "-c",
-        "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"],
-        args=[str(status_file), placeholder(FINAL_STATUS)],
-        inputs={FINAL_STATUS: "TASK_FINAL_STATUS"}, depends_on=["exit-handler-1"], final_status=True,
-    )
-    result, _ = run(build([step("a")], exit_steps=[exit_step]), tmp_path)
+    result, _ = run(build([step("a")], exit_steps=[status_writer(status_file)]), tmp_path)
     assert result.exit_code == 0
     assert json.loads(status_file.read_text())["state"] == "SUCCEEDED"
 

@@ -25,8 +25,8 @@ from kvx_runtime.compiler.resources import (
 from kvx_runtime.compiler.spec import (
     FINAL_STATUS,
     MLFLOW_RUN_ID,
-    STORAGE_ROOT_PARAMETER,
     PARAMETER_TYPES,
+    STORAGE_ROOT_PARAMETER,
     PipelineParameter,
     SpecBuilder,
     Step,

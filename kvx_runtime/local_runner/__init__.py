@@ -268,10 +268,10 @@ class _Scheduler:
                         self.progress.skipped_task(task.name, "an upstream step failed"
                                                    if not self.cancelled else "the run was interrupted")
                         progressed = True
-                    elif ready and len(self.running) < self.max_parallel:
-                        if time.monotonic() >= self.not_before.get(task.name, 0.0):
-                            self._start(task)
-                            progressed = True
+                    elif (ready and len(self.running) < self.max_parallel
+                          and time.monotonic() >= self.not_before.get(task.name, 0.0)):
+                        self._start(task)
+                        progressed = True
                 if not self.running and all(self._finished(t) for t in self.graph.tasks):
                     break
                 if not self.running and not progressed and not any(

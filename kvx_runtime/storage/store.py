@@ -97,7 +97,7 @@ class RetryPolicy:
 
 def is_transient(exc: BaseException) -> bool:
     """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
-    if isinstance(exc, KvxError) or isinstance(exc, (FileNotFoundError, PermissionError)):
+    if isinstance(exc, (KvxError, FileNotFoundError, PermissionError)):
         return False
     code = getattr(exc, "code", None) or getattr(exc, "status", None)
     if isinstance(code, int):
