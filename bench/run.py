@@ -387,6 +387,12 @@ def render(bench: Bench, info: dict[str, Any], seconds: float) -> str:
             lines.append(f"| {figure.name} | {figure.median:.4g} {figure.unit} | {min(figure.runs):.4g} | "
                          f"{max(figure.runs):.4g} | {figure.goal or ''} | {met} |")
         lines.append("")
+    sizes_file = REPO / "bench" / "results" / "image-sizes.json"
+    if sizes_file.exists():
+        sizes = json.loads(sizes_file.read_text())
+        lines += ["## Image size", "", "From the last `make test-image` (buildah, vfs); see docs/images.md.", "",
+                  "| image | size |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in sizes.items()] + [""]
     notes = NOTES.strip()
     missed = [f for f in bench.figures if f.met is False]
     lines += ["## Goals missed and why", ""]

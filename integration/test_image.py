@@ -136,6 +136,24 @@ def test_base_image_smoke_test_and_configuration(runtime_image: str) -> None:
     assert leftovers.stdout.strip() == "0"
 
 
+def test_image_sizes_are_recorded_for_the_benchmarks(python_base: str, runtime_image: str, project_image: str) -> None:
+    """The sizes reported in docs/images.md and docs/benchmarks.md (bench/run.py reads this file)."""
+    import json
+
+    listing = buildah("images", "--json").stdout
+    sizes = {}
+    for entry in json.loads(listing):
+        for name in entry.get("names") or []:
+            if name in {f"{python_base}", f"{runtime_image}", f"{project_image}"}:
+                sizes[name] = str(entry["size"])  # as buildah prints it, e.g. "1.2 GB"
+    assert set(sizes) == {python_base, runtime_image, project_image}
+    target = REPO / "bench" / "results" / "image-sizes.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"base (Debian bookworm + python3)": sizes[python_base],
+                                  "kvx-runtime base image (mlflow extra)": sizes[runtime_image],
+                                  "example project image": sizes[project_image]}, indent=2) + "\n")
+
+
 def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
     script = (
         "kvx-entrypoint exec-node --node data_processing.preprocess_companies_node --run-id img "

@@ -127,3 +127,24 @@ def test_credentials_in_urls_never_reach_messages() -> None:
     error = _infrastructure_error("connect", "https://u:pw@host", ConnectionError("Max retries exceeded with url https://u:pw@host/x"))
     assert "pw" not in str(error) and "unreachable" in str(error)
     assert "unauthenticated (401)" in str(_infrastructure_error("connect", None, Exception("HTTP 401 Unauthorized")))
+
+
+def test_custom_provider_subclass_gets_params_and_kedro_context() -> None:
+    from kvx_runtime.auth import RequestHeaderProviderWithKedroContext
+
+    class MyCustomMLflowHeaderProvider(RequestHeaderProviderWithKedroContext):
+        def in_context(self) -> bool:
+            return "my_auth_info" in self.params
+
+        def request_headers(self) -> dict[str, str]:
+            token = self.tokens.get("k", lambda: f"token-for-{self.kedro_context}")
+            return {"Authorization": f"Bearer {token}", "X-My-Custom-Header": self.params["my_auth_info"]}
+
+    globals()["MyCustomMLflowHeaderProvider"] = MyCustomMLflowHeaderProvider
+    try:
+        provider = build_request_header_provider(
+            f"{__name__}.MyCustomMLflowHeaderProvider", {"my_auth_info": "YOLO"}, kedro_context="ctx")
+        assert provider is not None and provider.in_context()
+        assert provider.request_headers() == {"Authorization": "Bearer token-for-ctx", "X-My-Custom-Header": "YOLO"}
+    finally:
+        del globals()["MyCustomMLflowHeaderProvider"]
