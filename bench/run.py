@@ -162,9 +162,9 @@ with KedroSession.create(Path.cwd(), env="base") as session:
 """
 
 
-def step_project(tmp: Path) -> Path:
+def step_project(tmp: Path, name: str = "step-project") -> Path:
     """The example project with kedro-mlflow's hooks off for all three variants alike."""
-    project = tmp / "step-project"
+    project = tmp / name
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".kvx", "08_reporting", "__pycache__"))
     settings = project / "src" / "spaceflights_kvx" / "settings.py"
     settings.write_text(settings.read_text() + '\nDISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)\n')
@@ -304,7 +304,7 @@ def bench_compiler(bench: Bench, tmp: Path, sizes: list[int]) -> None:
 
 def bench_local(bench: Bench, tmp: Path) -> None:
     print("local runner", flush=True)
-    project = step_project(tmp)
+    project = step_project(tmp, "local-project")
     spec = tmp / "local-spec.json"
     subprocess.run([PY, "-m", "kvx_runtime", "compile", "--env", "base", "-o", str(spec)], cwd=project, env=env(),
                    check=True, capture_output=True)
@@ -419,10 +419,11 @@ def main() -> int:
     bench = Bench(runs=max(3, args.runs), quick=args.quick)
     only = set(args.only.split(","))
     started = time.perf_counter()
+    failures: list[str] = []
     info = machine()
     with tempfile.TemporaryDirectory(prefix="kvx-bench-") as directory:
         tmp = Path(directory)
-        if "intermediates" in only:
+        if "intermediates" in only:  # noqa: SIM102 - kept apart from the sections below
             if args.quick:
                 objects = [("DataFrame ~10 MB (mixed dtypes)", "dataframe", 10),
                            ("float32 array ~20 MB (incompressible)", "array", 20),
@@ -443,21 +444,29 @@ def main() -> int:
             finally:
                 emulator.terminate()
                 emulator.wait()
-        if "step" in only:
-            bench_step(bench, tmp)
-        if "compiler" in only:
-            bench_compiler(bench, tmp, [10, 1000] if args.quick else [10, 100, 1000, 5000])
-        if "local" in only and not args.quick:
-            bench_local(bench, tmp)
+        sections = [
+            ("step", lambda: bench_step(bench, tmp)),
+            ("compiler", lambda: bench_compiler(bench, tmp, [10, 1000] if args.quick else [10, 100, 1000, 5000])),
+            ("local", lambda: None if args.quick else bench_local(bench, tmp)),
+        ]
+        for name, section in sections:
+            if name not in only:
+                continue
+            try:
+                section()
+            except Exception as exc:  # one broken section must not lose the others' figures
+                failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                print(f"section {name} failed: {exc}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": "quick" if args.quick else "full",
-               "seconds": seconds, "machine": info, "figures": [f.to_json() for f in bench.figures]}
+               "seconds": seconds, "machine": info, "failures": failures,
+               "figures": [f.to_json() for f in bench.figures]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
     if not args.no_docs:
         DOCS.write_text(render(bench, info, seconds))
     print(f"wrote {RESULTS}{'' if args.no_docs else ' and ' + str(DOCS)} in {seconds:.0f}s")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

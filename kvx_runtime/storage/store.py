@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvx_runtime.errors import InputDataError, KvxError, StorageError
+from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
 
@@ -49,6 +49,20 @@ def block_size() -> int:
         return max(256 * 1024, int(os.environ.get("KVX_STORAGE_BLOCK_SIZE", _DEFAULT_BLOCK)))
     except ValueError:
         return _DEFAULT_BLOCK
+
+
+def _level_from_env() -> int:
+    """``KVX_BLOB_LEVEL`` (zstd level 1-19) or the default."""
+    text = os.environ.get("KVX_BLOB_LEVEL")
+    if not text:
+        return DEFAULT_LEVEL
+    try:
+        level = int(text)
+    except ValueError:
+        raise ConfigError(f"KVX_BLOB_LEVEL={text!r} is not a zstd level (1-19)") from None
+    if not 1 <= level <= 19:
+        raise ConfigError(f"KVX_BLOB_LEVEL={level} is not a zstd level (1-19)")
+    return level
 
 
 class BlobMissing(InputDataError):
@@ -139,13 +153,13 @@ class BlobStore:
         job_name: str,
         *,
         retry: RetryPolicy | None = None,
-        level: int = DEFAULT_LEVEL,
+        level: int | None = None,
         filesystem: Any = None,
     ) -> None:
         self.root = root
         self.job_name = job_name
         self.retry = retry or RetryPolicy.from_env()
-        self.level = level
+        self.level = level if level is not None else _level_from_env()
         if filesystem is not None:
             self._fs, base = filesystem, root.rstrip("/")
         else:
@@ -238,10 +252,10 @@ class BlobStore:
         os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
+            # No fsync: the rename makes the blob appear whole to readers, and a blob cut short
+            # by a crash of the machine fails the reader's trailer check, never silently.
             with open(temporary, "wb", buffering=1024 * 1024) as handle:
                 info = write_blob(obj, handle, dataset=dataset, level=self.level)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(temporary, path)
         except BaseException:
             try:
