@@ -423,7 +423,7 @@ def main() -> int:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="kvx-bench-") as directory:
         tmp = Path(directory)
-        if "intermediates" in only:  # noqa: SIM102 - kept apart from the sections below
+        if "intermediates" in only:
             if args.quick:
                 objects = [("DataFrame ~10 MB (mixed dtypes)", "dataframe", 10),
                            ("float32 array ~20 MB (incompressible)", "array", 20),
