@@ -415,7 +415,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="intermediates,step,compiler,local")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="regenerate docs/benchmarks.md from bench/results/latest.json")
     args = parser.parse_args()
+    if args.render_only:
+        payload = json.loads(RESULTS.read_text())
+        bench = Bench(runs=min(len(f["runs"]) for f in payload["figures"]), quick=payload["mode"] == "quick")
+        keys = ("goal", "met", "note")
+        bench.figures = [Figure(f["name"], f["unit"], f["runs"], f["group"], **{k: f[k] for k in keys})
+                         for f in payload["figures"]]
+        DOCS.write_text(render(bench, payload["machine"], payload["seconds"]))
+        return 0
     bench = Bench(runs=max(3, args.runs), quick=args.quick)
     only = set(args.only.split(","))
     started = time.perf_counter()
