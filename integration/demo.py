@@ -2,8 +2,11 @@
 
 ``kvx-runtime compile`` turns the Kedro pipeline into a Vertex AI pipeline spec;
 ``kvx-runtime run-local`` executes that same spec here, each step a separate
-``kvx-runtime exec-node`` process exactly as Vertex AI would start it, with the intermediates
-on a local storage root under the project (``.kvx/storage``). Prints where the outputs are.
+``kvx-runtime exec-node`` process exactly as Vertex AI would start it. The project's default
+("local") environment gives the embedded defaults: intermediates on a storage root under the
+project (``.kvx/storage``) and a local MLflow (``.kvx/mlflow.db``) holding the pipeline's one
+run, started by the ``mlflow-start-run`` step and ended by the exit handler. Prints where
+everything is.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ def main() -> int:
     spec = PROJECT / ".kvx" / "pipeline.json"
     print(f"1/2 Compiling {PROJECT.name} to {spec}", flush=True)
     compiled = subprocess.run(
-        [*KVX, "compile", "--env", "base", "--output", str(spec),
+        [*KVX, "compile", "--output", str(spec),
          "--params", "data_science.model_options.test_size:float,reporting.top_n:int"],
         cwd=PROJECT, env=_env(), capture_output=True, text=True,
     )
@@ -42,7 +45,28 @@ def main() -> int:
     print(f"Report:\n\n{next(reports.glob('report_*.md')).read_text()}")
     print(f"Intermediates: {PROJECT / '.kvx' / 'storage' / 'kedro-vertexai-temp' / status['job_name']}")
     print(f"Step logs:     {runs[-1] / 'logs'}")
+    print(f"MLflow run:    {mlflow_summary(status['job_name'])}")
+    print(f"               browse it with: mlflow ui --backend-store-uri sqlite:///{PROJECT / '.kvx' / 'mlflow.db'}")
     return 0
+
+
+def mlflow_summary(job_name: str) -> str:
+    """The pipeline's one run in the embedded MLflow: status, metrics, artifacts."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return "MLflow is not installed"
+    client = MlflowClient(tracking_uri=f"sqlite:///{PROJECT / '.kvx' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("spaceflights-kvx")
+    if experiment is None:
+        return "no experiment (MLflow was off)"
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.vertexai_job_name = '{job_name}'")
+    if len(runs) != 1:
+        return f"{len(runs)} runs for this job (expected exactly one)"
+    run = runs[0]
+    metrics = ", ".join(f"{k}={v:g}" for k, v in sorted(run.data.metrics.items()))
+    artifacts = ", ".join(a.path for a in client.list_artifacts(run.info.run_id))
+    return f"{run.info.run_name} {run.info.status}; metrics: {metrics}; artifacts: {artifacts}"
 
 
 def _env() -> dict[str, str]:
