@@ -122,6 +122,32 @@ def signal_after_node_started(process: subprocess.Popen, signum: int, timeout: f
     return str(rest)
 
 
+_SLOW_NODES = """
+import time
+
+def make():
+    return list(range(1000))
+
+def slow(values):
+    time.sleep(120)
+    return values
+"""
+_SLOW_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from {package}.nodes import make, slow
+
+def register_pipelines():
+    return {{"__default__": Pipeline([Node(make, None, "values", name="make"),
+                                      Node(slow, "values", "result", name="slow"),
+                                      Node(len, "result", "size", name="count")])}}
+"""
+
+
+def make_slow_project(root: Path, package: str) -> Path:
+    """make -> slow (sleeps two minutes) -> count: for stopping a step in the middle of a node."""
+    return make_project(root, package, _SLOW_NODES, _SLOW_PIPELINE.format(package=package))
+
+
 def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, catalog: str = "",
                  vertexai: str = "") -> Path:
     """A minimal Kedro project written from strings (for failure modes the example lacks)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from integration.conftest import make_project, signal_after_node_started, step_env
+from integration.conftest import make_slow_project, signal_after_node_started, step_env
 
 pytestmark = pytest.mark.slow
 
@@ -75,29 +75,10 @@ def test_bad_host_alias_is_a_usage_error(tmp_path: Path) -> None:
     assert "'not-an-ip' is not an IP address" in result.stderr
 
 
-SLOW_NODES = """
-import time
-
-def make():
-    return list(range(10))
-
-def slow(values):
-    time.sleep(120)
-    return values
-"""
-SLOW_PIPELINE = """
-from kedro.pipeline import Node, Pipeline
-from sigproj2.nodes import make, slow
-
-def register_pipelines():
-    return {"__default__": Pipeline([Node(make, None, "values", name="make"),
-                                     Node(slow, "values", "result", name="slow"),
-                                     Node(len, "result", "size", name="count")])}
-"""
 
 
 def test_sigterm_through_the_entrypoint_reaches_the_step(tmp_path: Path) -> None:
-    project = make_project(tmp_path, "sigproj2", SLOW_NODES, SLOW_PIPELINE)
+    project = make_slow_project(tmp_path, "sigproj2")
     root = tmp_path / "storage"
     env = entry_env(tmp_path)
     args = ["--run-id", "s", "--storage-root", str(root)]

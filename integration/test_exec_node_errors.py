@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from integration.conftest import KVX, make_project, run_step, signal_after_node_started, step_env
+from integration.conftest import KVX, make_slow_project, run_step, signal_after_node_started, step_env
 from kvx_runtime.storage.store import BlobStore
 
 pytestmark = pytest.mark.slow
@@ -127,31 +127,11 @@ def test_unreachable_storage_exits_3(example_project: Path) -> None:
     assert result.records[-1]["exit_code"] == 3
 
 
-SLOW_NODES = """
-import time
-
-def make():
-    return list(range(1000))
-
-def slow(values):
-    time.sleep(120)
-    return values
-"""
-SLOW_PIPELINE = """
-from kedro.pipeline import Node, Pipeline
-from sigproj.nodes import make, slow
-
-def register_pipelines():
-    pipe = Pipeline([Node(make, None, "values", name="make"),
-                     Node(slow, "values", "result", name="slow"),
-                     Node(len, "result", "size", name="count")])
-    return {"__default__": pipe}
-"""
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, code: int) -> None:
-    project = make_project(tmp_path, "sigproj", SLOW_NODES, SLOW_PIPELINE)
+    project = make_slow_project(tmp_path, "sigproj")
     root = tmp_path / "storage"
     assert run_step(project, "--node", "make", "--run-id", "s", "--storage-root", str(root)).returncode == 0
     process = subprocess.Popen(
