@@ -17,6 +17,7 @@ from sklearn.linear_model import LinearRegression
 
 from kvx_runtime.errors import ExitCode
 from kvx_runtime.storage.blob import (
+    FRAME_SIZE,
     MAGIC,
     BlobCorrupt,
     BlobIncompatible,
@@ -183,3 +184,96 @@ def test_missing_class_on_load_is_incompatible_not_a_traceback() -> None:
         del sys.modules["kvx_vanishing_module"]
     with pytest.raises(BlobIncompatible, match="needs code this image does not have"):
         read(buffer.getvalue())
+
+
+# --- the frame layout: large objects span many independent frames ------------------------
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int]]:
+    """(offset, stored length, raw length) of every frame of a blob, end marker excluded."""
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    offset = len(MAGIC) + 4 + length + 4
+    frames = []
+    while True:
+        stored, raw = struct.unpack_from("<II", data, offset)
+        if stored == 0:
+            return frames
+        frames.append((offset, stored, raw))
+        offset += 8 + stored
+
+
+def test_large_objects_span_many_frames_and_roundtrip_exactly() -> None:
+    rng = np.random.default_rng(7)
+    # Buffers bigger than a frame (decompressed in place on load), small objects between them
+    # (frames that straddle pickle opcodes), and a tail shorter than a frame.
+    obj = {
+        "big": rng.random(1_500_000),  # ~11 MiB
+        "names": [f"n{i}" for i in range(50_000)],
+        "odd": rng.integers(0, 255, FRAME_SIZE + 12_345, dtype=np.uint8),
+        "small": np.arange(10),
+    }
+    loaded, data = roundtrip(obj)
+    frames = _frames(data)
+    assert len(frames) >= 7
+    assert all(raw <= FRAME_SIZE for _, _, raw in frames)
+    np.testing.assert_array_equal(loaded["big"], obj["big"])
+    np.testing.assert_array_equal(loaded["odd"], obj["odd"])
+    assert loaded["names"] == obj["names"] and list(loaded["small"]) == list(range(10))
+
+
+@pytest.fixture
+def large_blob() -> bytes:
+    buffer = io.BytesIO()
+    write_blob(np.random.default_rng(3).random(1_000_000), buffer, dataset="ds")
+    return buffer.getvalue()
+
+
+def test_flipped_bit_in_a_later_frame_is_detected(large_blob: bytes) -> None:
+    offset, stored, _ = _frames(large_blob)[-1]
+    corrupt = bytearray(large_blob)
+    corrupt[offset + 8 + stored // 2] ^= 0x04
+    with pytest.raises(BlobCorrupt, match=r"gs://b/ds\.bin: compressed data is corrupt"):
+        read(bytes(corrupt))
+
+
+def test_damaged_frame_length_is_reported_not_allocated(large_blob: bytes) -> None:
+    offset, _, _ = _frames(large_blob)[1]
+    corrupt = bytearray(large_blob)
+    struct.pack_into("<I", corrupt, offset + 4, 0xFFFFFFFF)  # an absurd raw length
+    with pytest.raises(BlobCorrupt, match="damaged frame header"):
+        read(bytes(corrupt))
+
+
+def test_frame_shorter_than_its_recorded_length_is_corrupt(large_blob: bytes) -> None:
+    offset, _, raw = _frames(large_blob)[0]
+    corrupt = bytearray(large_blob)
+    struct.pack_into("<I", corrupt, offset + 4, raw - 1)
+    with pytest.raises(BlobCorrupt, match="gs://b/ds.bin"):
+        read(bytes(corrupt))
+
+
+def test_frames_after_the_pickle_ends_are_corrupt(blob_bytes: bytes) -> None:
+    # A whole valid frame slipped in before the end marker, with a trailer to match: the pickle
+    # is complete without it, so the reader must notice the leftover bytes.
+    import zstandard
+
+    extra = zstandard.ZstdCompressor(write_checksum=True).compress(b"trailing garbage")
+    end_marker = len(blob_bytes) - 24 - 8
+    body_end = blob_bytes[:end_marker] + struct.pack("<II", len(extra), 16) + extra
+    body_end += blob_bytes[end_marker : end_marker + 8]
+    (header_length,) = struct.unpack_from("<I", blob_bytes, len(MAGIC))
+    body_length = len(body_end) - (len(MAGIC) + 4 + header_length + 4)
+    (pickled,) = struct.unpack_from("<Q", blob_bytes, len(blob_bytes) - 8)
+    trailer = struct.pack("<8sQQ", b"KVXEND01", body_length, pickled)
+    with pytest.raises(BlobCorrupt, match="decompressed"):
+        read(body_end + trailer)
+
+
+def test_version_1_blobs_are_refused_with_a_clear_message(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobIncompatible, match="format version 1 is not supported.*reads version 2"):
+        read(_rewrite_header(blob_bytes, format=1))
+
+
+def test_header_with_unknown_fields_of_a_future_version_names_the_version(blob_bytes: bytes) -> None:
+    with pytest.raises(BlobIncompatible, match="format version 3"):
+        read(_rewrite_header(blob_bytes, format=3, frame_index="footer"))

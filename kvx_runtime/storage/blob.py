@@ -1,4 +1,4 @@
-"""The intermediate blob format: a checked header, a zstd cloudpickle stream, a trailer.
+"""The intermediate blob format: a checked header, independent zstd frames, a trailer.
 
 Layout (all integers little-endian)::
 
@@ -6,16 +6,21 @@ Layout (all integers little-endian)::
     header length    4 bytes   uint32
     header           n bytes   UTF-8 JSON (format, codec, pickle protocol, versions, dataset)
     header crc32     4 bytes   uint32, of the header bytes
-    body             ...       codec stream of the cloudpickle bytes
+    frames           ...       per frame: uint32 stored length, uint32 raw length, one zstd
+                               frame (with content checksum) of up to 2 MiB of pickle bytes
+    end of frames    8 bytes   two zero uint32
     trailer         24 bytes   b"KVXEND01" + uint64 body length + uint64 pickle length
 
-The zstd frame carries its own content checksum, so a flipped bit in the body is detected when
-the last byte is decompressed; the trailer's lengths detect truncation before any unpickling
-starts; the header says which Python and cloudpickle wrote the blob, so an incompatible reader
-fails with a clear message instead of an unpickling traceback.
+The body (frames and end marker) is the cloudpickle stream cut into independent zstd frames,
+so that frames are compressed and decompressed on a thread pool in both directions (zstd
+releases the GIL) while the pickler or unpickler works on the main thread. Each frame carries
+its own content checksum, so a flipped bit is detected when its frame is decompressed; the
+trailer's lengths detect truncation before any unpickling starts; the header says which
+Python and cloudpickle wrote the blob, so an incompatible reader fails with a clear message
+instead of an unpickling traceback.
 
-Both directions stream: the pickler writes into the compressor, which writes into the target,
-and the unpickler reads through the decompressor, so memory stays close to the object's size.
+Both directions stream with a bounded number of frames in flight, so memory stays close to the
+object's size plus a few megabytes per worker thread.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import os
 import pickle
 import struct
 import sys
+import threading
 import zlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
@@ -48,8 +57,9 @@ __all__ = [
 
 MAGIC = b"\x89KVXBLB\n"
 TRAILER_MAGIC = b"KVXEND01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _U32 = struct.Struct("<I")
+_FRAME_PREFIX = struct.Struct("<II")
 _TRAILER = struct.Struct("<8sQQ")
 _MAX_HEADER = 64 * 1024
 #: Pickle protocol 5 lets large buffers (numpy, pandas) go to the stream without copies.
@@ -57,6 +67,14 @@ PICKLE_PROTOCOL = 5
 #: zstd level 1: on DataFrames and arrays it stores within 1% of level 3's size in half the
 #: time (bench/); KVX_BLOB_LEVEL overrides it (1-19).
 DEFAULT_LEVEL = 1
+#: Pickle bytes per zstd frame. Small enough that a few frames in flight per worker cost only
+#: megabytes, large enough that per-frame overhead and the lost cross-frame matches do not show
+#: (level 1 matches within 512 KiB anyway).
+FRAME_SIZE = 2 * 1024 * 1024
+#: The most a frame may take stored: zstd's worst case for FRAME_SIZE is far below this, so a
+#: larger length prefix can only come from damage.
+_MAX_STORED_FRAME = FRAME_SIZE + FRAME_SIZE // 8 + 64 * 1024
+_MAX_THREADS = 8
 _COPY_CHUNK = 1 << 20
 
 
@@ -111,33 +129,122 @@ class BlobInfo:
     pickled_bytes: int
 
 
-class _CountingWriter(io.RawIOBase):
-    """Counts the bytes passing through on their way to ``target``."""
+def _threads() -> int:
+    return max(1, min(os.cpu_count() or 1, _MAX_THREADS))
 
-    def __init__(self, target: Any) -> None:
+
+class _FramePipeline:
+    """Runs zstd work frame by frame on a thread pool, handing results back in order.
+
+    At most ``window`` frames are in flight, which bounds the memory a blob needs beyond the
+    object itself. Each worker thread keeps its own (de)compressor: zstd contexts are not
+    thread-safe, and one per thread saves allocating a context for every frame.
+    """
+
+    def __init__(self, make_codec: Callable[[], Any]) -> None:
+        threads = _threads()
+        self.window = threads + 1
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvx-blob")
+        self._local = threading.local()
+        self._make_codec = make_codec
+        self._pending: deque[tuple[Future[Any], int]] = deque()
+        #: Raw (pickle) bytes of the frames in flight.
+        self.pending_raw = 0
+
+    def _run(self, operation: Callable[[Any, Any], Any], data: Any) -> Any:
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = self._make_codec()
+        return operation(codec, data)
+
+    def submit(self, operation: Callable[[Any, Any], Any], data: Any, raw_length: int) -> None:
+        self._pending.append((self._pool.submit(self._run, operation, data), raw_length))
+        self.pending_raw += raw_length
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def next_result(self) -> tuple[Any, int]:
+        """The oldest frame's result and raw length (waiting for it if needed)."""
+        future, raw_length = self._pending.popleft()
+        self.pending_raw -= raw_length
+        return future.result(), raw_length
+
+    def close(self) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+
+def _compress_frame(compressor: zstandard.ZstdCompressor, data: Any) -> bytes:
+    return compressor.compress(data)
+
+
+class _FrameWriter(io.RawIOBase):
+    """Receives the pickle stream; writes it to ``target`` as length-prefixed zstd frames.
+
+    Small writes (the pickler's own framed output) are gathered into a frame buffer; large
+    writes (protocol-5 buffers of arrays) are cut into frames without copying, and all of
+    their frames are written before ``write`` returns, since the caller's buffer is only
+    ours to read during the call.
+    """
+
+    def __init__(self, target: IO[bytes], level: int) -> None:
+        parameters = zstandard.ZstdCompressionParameters.from_level(
+            level, write_checksum=1, write_content_size=1
+        )
+        self._frames = _FramePipeline(lambda: zstandard.ZstdCompressor(compression_params=parameters))
         self._target = target
-        self.count = 0
+        self._buffer = bytearray()
+        self.pickled = 0
+        self.stored = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._target.write(view)
-        self.count += view.nbytes
-        return view.nbytes
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        self.pickled += size
+        if self._buffer or size < FRAME_SIZE:
+            take = min(FRAME_SIZE - len(self._buffer), size)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == FRAME_SIZE:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+        if view.nbytes >= FRAME_SIZE:
+            while view.nbytes >= FRAME_SIZE:
+                self._submit(view[:FRAME_SIZE])
+                view = view[FRAME_SIZE:]
+            self._drain(0)  # the caller's buffer must not be read after we return
+        self._buffer += view
+        return size
 
+    def _submit(self, frame: Any) -> None:
+        self._frames.submit(_compress_frame, frame, len(frame))
+        self._drain(self._frames.window)
 
-#: zstd job size for multi-threaded compression. zstd's default for level 3 buffers about
-#: 35 MB per worker; 2 MiB jobs keep the extra memory of a save near 10 MB per worker at the
-#: same speed (measured in bench/).
-_JOB_SIZE = 2 * 1024 * 1024
-_MAX_THREADS = 8
+    def _drain(self, keep: int) -> None:
+        while len(self._frames) > keep:
+            stored, raw_length = self._frames.next_result()
+            self._target.write(_FRAME_PREFIX.pack(len(stored), raw_length))
+            self._target.write(stored)
+            self.stored += _FRAME_PREFIX.size + len(stored)
 
+    def finish(self) -> None:
+        """Write the last partial frame and the end-of-frames marker."""
+        if self._buffer:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        self._drain(0)
+        self._target.write(_FRAME_PREFIX.pack(0, 0))
+        self.stored += _FRAME_PREFIX.size
 
-def _threads() -> int:
-    # zstd's worker threads (0 would mean single-threaded, in-line compression).
-    return max(1, min(os.cpu_count() or 1, _MAX_THREADS))
+    def close(self) -> None:
+        self._frames.close()
+        super().close()
 
 
 def write_blob(
@@ -153,76 +260,129 @@ def write_blob(
     prefix = MAGIC + _U32.pack(len(header_bytes)) + header_bytes + _U32.pack(zlib.crc32(header_bytes))
     target.write(prefix)
 
-    body = _CountingWriter(target)
-    parameters = zstandard.ZstdCompressionParameters.from_level(
-        level, threads=_threads(), job_size=_JOB_SIZE, write_checksum=1
-    )
-    compressor = zstandard.ZstdCompressor(compression_params=parameters)
-    with compressor.stream_writer(body, closefd=False) as zwriter:
-        sink = _CountingWriter(zwriter)
+    writer = _FrameWriter(target, level)
+    try:
         try:
-            cloudpickle.dump(obj, sink, protocol=PICKLE_PROTOCOL)  # type: ignore[arg-type]
+            cloudpickle.dump(obj, writer, protocol=PICKLE_PROTOCOL)  # type: ignore[arg-type]
         except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
             what = f"dataset '{dataset}'" if dataset else "the object"
             raise BlobUnpicklable(
                 f"{what} cannot be pickled ({type(exc).__name__}: {exc})",
                 hint="declare it in the catalog with a dataset type that can store it",
             ) from exc
-        zwriter.flush(zstandard.FLUSH_FRAME)
-    target.write(_TRAILER.pack(TRAILER_MAGIC, body.count, sink.count))
+        writer.finish()
+    finally:
+        writer.close()
+    target.write(_TRAILER.pack(TRAILER_MAGIC, writer.stored, writer.pickled))
     return BlobInfo(
         header=header,
-        stored_bytes=len(prefix) + body.count + _TRAILER.size,
-        pickled_bytes=sink.count,
+        stored_bytes=len(prefix) + writer.stored + _TRAILER.size,
+        pickled_bytes=writer.pickled,
     )
 
 
-class _BoundedReader(io.RawIOBase):
-    """Exposes exactly ``length`` bytes of ``source`` from its current position."""
+def _read_exact(source: IO[bytes], n: int, what: str, describe: str) -> bytes:
+    data = source.read(n)
+    if data is None or len(data) != n:
+        raise BlobCorrupt(f"{describe}: truncated ({what} incomplete)")
+    return bytes(data)
 
-    def __init__(self, source: IO[bytes], length: int) -> None:
+
+def _decompress_frame(decompressor: zstandard.ZstdDecompressor, frame: tuple[bytes, int]) -> bytes:
+    stored, raw_length = frame
+    return decompressor.decompress(stored, max_output_size=raw_length)
+
+
+def _decompress_frame_into(
+    decompressor: zstandard.ZstdDecompressor, frame: tuple[bytes, memoryview]
+) -> int:
+    stored, target = frame
+    reader = decompressor.stream_reader(stored)
+    filled = reader.readinto(target)
+    if reader.read(1):  # the frame holds more than its length prefix says
+        raise zstandard.ZstdError("frame longer than recorded")
+    return int(filled)
+
+
+class _FrameReader(io.RawIOBase):
+    """Feeds the unpickler from the frames of a blob body, decompressed ahead on a thread pool.
+
+    Frames are read from ``source`` in order on the calling thread (storage handles are not
+    thread-safe) and decompressed by the pool. When the unpickler asks for a large buffer (a
+    protocol-5 array), the frames that fall wholly inside it are decompressed straight into it,
+    sparing a copy. Every zstd or framing error becomes a :class:`BlobCorrupt` naming the blob.
+    """
+
+    def __init__(self, source: IO[bytes], describe: str) -> None:
         self._source = source
-        self._left = length
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._left <= 0:
-            return 0
-        view = memoryview(buffer).cast("B")
-        want = min(len(view), self._left)
-        data = self._source.read(want)
-        if not data:
-            return 0
-        n = len(data)
-        view[:n] = data
-        self._left -= n
-        return n
-
-
-class _UnpickleSource(io.RawIOBase):
-    """Feeds the unpickler from the decompressor; counts bytes; turns zstd errors into ours."""
-
-    def __init__(self, reader: Any, describe: str) -> None:
-        self._reader = reader
         self._describe = describe
+        self._frames = _FramePipeline(zstandard.ZstdDecompressor)
+        self._current = memoryview(b"")
+        self._ended = False
         self.count = 0
+        self.stored = 0
 
     def readable(self) -> bool:
         return True
 
-    def _call(self, method: Any, arg: Any) -> Any:
+    def _corrupt(self, what: str) -> BlobCorrupt:
+        return BlobCorrupt(f"{self._describe}: {what}")
+
+    def _read_ahead(self, target: memoryview | None, filled: int) -> None:
+        """Submit frames until the window is full; those that fit in ``target`` go there."""
+        claimed = filled + self._current.nbytes + self._frames.pending_raw
+        while not self._ended and len(self._frames) < self._frames.window:
+            prefix = _read_exact(self._source, _FRAME_PREFIX.size, "frame length", self._describe)
+            stored_length, raw_length = _FRAME_PREFIX.unpack(prefix)
+            self.stored += _FRAME_PREFIX.size + stored_length
+            if stored_length == 0:
+                self._ended = True
+                if raw_length:
+                    raise self._corrupt("damaged end-of-frames marker")
+                return
+            if stored_length > _MAX_STORED_FRAME or not 0 < raw_length <= FRAME_SIZE:
+                raise self._corrupt(f"damaged frame header ({stored_length}/{raw_length} bytes)")
+            stored = _read_exact(self._source, stored_length, "frame", self._describe)
+            if target is not None and claimed + raw_length <= target.nbytes:
+                into = target[claimed : claimed + raw_length]
+                self._frames.submit(_decompress_frame_into, (stored, into), raw_length)
+            else:
+                self._frames.submit(_decompress_frame, (stored, raw_length), raw_length)
+            claimed += raw_length
+
+    def _next_result(self) -> Any:
         try:
-            return method(arg)
+            result, raw_length = self._frames.next_result()
         except zstandard.ZstdError as exc:
-            raise BlobCorrupt(f"{self._describe}: compressed data is corrupt ({exc})") from None
+            raise self._corrupt(f"compressed data is corrupt ({exc})") from None
+        got = result if isinstance(result, int) else len(result)
+        if got != raw_length:
+            raise self._corrupt(f"a frame decompressed to {got} bytes, not {raw_length}")
+        return result
 
     def readinto(self, buffer: Any) -> int:
-        # Large numpy/pandas buffers (pickle protocol 5) arrive here: no intermediate copy.
-        n = int(self._call(self._reader.readinto, buffer))
-        self.count += n
-        return n
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < view.nbytes:
+            if self._current.nbytes:
+                n = min(view.nbytes - filled, self._current.nbytes)
+                view[filled : filled + n] = self._current[:n]
+                self._current = self._current[n:]
+                filled += n
+                continue
+            self._read_ahead(view, filled)
+            if not len(self._frames):
+                break
+            result = self._next_result()
+            if isinstance(result, int):  # decompressed in place, at ``filled``
+                filled += result
+            else:
+                self._current = memoryview(result)
+        # Frames decompressed in place are all done (they lie below ``filled``); keep the
+        # pool busy for the next call.
+        self._read_ahead(None, 0)
+        self.count += filled
+        return filled
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -230,16 +390,15 @@ class _UnpickleSource(io.RawIOBase):
             while chunk := self.read(_COPY_CHUNK):
                 chunks.append(chunk)
             return b"".join(chunks)
-        chunks, left = [], size
-        while left > 0:
-            chunk = self._call(self._reader.read, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.count += len(data)
-        return data
+        if self._current.nbytes >= size:  # the common case: one copy, straight from the frame
+            data = bytes(self._current[:size])
+            self._current = self._current[size:]
+            self.count += size
+            return data
+        out = bytearray(size)
+        n = self.readinto(out)
+        del out[n:]
+        return bytes(out)
 
     def readline(self, size: int | None = -1) -> bytes:
         # Only text-mode pickle opcodes (never emitted at protocol 5) use readline.
@@ -250,12 +409,9 @@ class _UnpickleSource(io.RawIOBase):
                 break
         return bytes(out)
 
-
-def _read_exact(source: IO[bytes], n: int, what: str, describe: str) -> bytes:
-    data = source.read(n)
-    if data is None or len(data) != n:
-        raise BlobCorrupt(f"{describe}: truncated ({what} incomplete)")
-    return bytes(data)
+    def close(self) -> None:
+        self._frames.close()
+        super().close()
 
 
 def read_header(source: IO[bytes], describe: str) -> tuple[BlobHeader, int]:
@@ -276,20 +432,30 @@ def read_header(source: IO[bytes], describe: str) -> tuple[BlobHeader, int]:
         raise BlobCorrupt(f"{describe}: header checksum mismatch")
     try:
         fields = json.loads(header_bytes)
+    except ValueError as exc:
+        raise BlobCorrupt(f"{describe}: unreadable header ({exc})") from None
+    if not isinstance(fields, dict):
+        raise BlobCorrupt(f"{describe}: unreadable header (not a JSON object)")
+    # The version decides what the other fields mean, so it is checked on its own first.
+    _check_format(fields.get("format"), describe)
+    try:
         header = BlobHeader(**fields)
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:
         raise BlobCorrupt(f"{describe}: unreadable header ({exc})") from None
     _check_compatible(header, describe)
     return header, len(MAGIC) + _U32.size + length + _U32.size
 
 
-def _check_compatible(header: BlobHeader, describe: str) -> None:
-    if header.format != FORMAT_VERSION:
+def _check_format(version: Any, describe: str) -> None:
+    if version != FORMAT_VERSION:
         raise BlobIncompatible(
-            f"{describe}: blob format version {header.format} is not supported by this "
+            f"{describe}: blob format version {version} is not supported by this "
             f"kvx-runtime (it reads version {FORMAT_VERSION}); use the same kvx-runtime version "
             "in every step of a pipeline"
         )
+
+
+def _check_compatible(header: BlobHeader, describe: str) -> None:
     if header.codec != "zstd":
         raise BlobIncompatible(f"{describe}: unknown codec {header.codec!r}")
     if header.pickle_protocol > pickle.HIGHEST_PROTOCOL:
@@ -329,10 +495,7 @@ def read_blob(source: BinaryIO, size: int, *, describe: str) -> tuple[Any, BlobI
         )
     source.seek(header_length)
 
-    bounded = _BoundedReader(source, body_length)
-    decompressor = zstandard.ZstdDecompressor()
-    with decompressor.stream_reader(bounded, closefd=False, read_across_frames=False) as zreader:
-        feed = _UnpickleSource(zreader, describe)
+    with _FrameReader(source, describe) as feed:
         try:
             obj = pickle.load(feed)  # cloudpickle output is plain pickle
         except InputDataError:
@@ -344,11 +507,12 @@ def read_blob(source: BinaryIO, size: int, *, describe: str) -> tuple[Any, BlobI
                 f"{describe}: the object needs code this image does not have ({exc}); "
                 "every step must run the same image"
             ) from None
-        # Drain to the end of the frame so zstd verifies its content checksum.
+        # Read to the end-of-frames marker: every frame is checked, and nothing may follow.
         while feed.read(_COPY_CHUNK):
             pass
-    if feed.count != recorded_pickled:
+    if feed.count != recorded_pickled or feed.stored != body_length:
         raise BlobCorrupt(
-            f"{describe}: decompressed {feed.count} bytes, the writer recorded {recorded_pickled}"
+            f"{describe}: decompressed {feed.count} of {recorded_pickled} pickled bytes from "
+            f"{feed.stored} of {body_length} stored bytes"
         )
     return obj, BlobInfo(header=header, stored_bytes=size, pickled_bytes=feed.count)
