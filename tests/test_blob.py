@@ -277,3 +277,64 @@ def test_version_1_blobs_are_refused_with_a_clear_message(blob_bytes: bytes) -> 
 def test_header_with_unknown_fields_of_a_future_version_names_the_version(blob_bytes: bytes) -> None:
     with pytest.raises(BlobIncompatible, match="format version 3"):
         read(_rewrite_header(blob_bytes, format=3, frame_index="footer"))
+
+
+# --- columns that pickle itself would copy ------------------------------------------------
+
+
+def test_datetime_and_timedelta_arrays_roundtrip_in_every_layout() -> None:
+    stamps = (np.arange(24, dtype=np.int64) * 3_600_000_000).astype("M8[us]").reshape(4, 6)
+    arrays = {
+        "c_order": stamps,
+        "f_order": np.asfortranarray(stamps),
+        "strided": stamps[:, ::2],  # not contiguous: numpy's own (copying) path
+        "big_endian": stamps.astype(">M8[us]"),
+        "timedelta": np.diff(stamps.ravel()),
+        "scalar_array": np.array(np.datetime64("2024-02-29T12:00", "s")),
+        "with_nat": np.array(["2024-01-01", "NaT"], dtype="M8[D]"),
+    }
+    loaded, _ = roundtrip(arrays)
+    for name, original in arrays.items():
+        assert loaded[name].dtype == original.dtype, name
+        assert loaded[name].shape == original.shape, name
+        np.testing.assert_array_equal(loaded[name], original)
+    assert loaded["f_order"].flags.f_contiguous
+
+
+def test_datetime_arrays_are_pickled_as_a_view_not_a_copy() -> None:
+    from kvx_runtime.storage.blob import _datetime_array_reduction
+
+    stamps = np.arange(1000).astype("M8[ns]")
+    _, (as_integers, dtype) = _datetime_array_reduction(stamps)
+    assert np.shares_memory(as_integers, stamps) and dtype == stamps.dtype
+    assert _datetime_array_reduction(np.arange(10)) is None  # numeric arrays: numpy's own path
+
+
+def test_arrow_backed_columns_roundtrip_single_and_multi_chunk() -> None:
+    import pyarrow as pa
+
+    single = pd.Series([f"s{i}" for i in range(1000)] + [None], dtype="str")
+    chunked = pd.Series(pd.arrays.ArrowExtensionArray(pa.chunked_array([["a", "b"], ["c", None]])))
+    sliced = single.iloc[10:20]
+    frame = pd.DataFrame(
+        {
+            "s": single,
+            "t": pd.date_range("2024-01-01", periods=1001, freq="h", tz="Europe/Paris"),
+            "n": pd.Series(range(1001), dtype="int64[pyarrow]"),
+        }
+    )
+    loaded, _ = roundtrip({"frame": frame, "chunked": chunked, "sliced": sliced})
+    pd.testing.assert_frame_equal(loaded["frame"], frame)
+    pd.testing.assert_series_equal(loaded["chunked"], chunked)
+    pd.testing.assert_series_equal(loaded["sliced"], sliced)
+
+
+def test_single_chunk_arrow_arrays_are_pickled_without_combining_chunks() -> None:
+    from kvx_runtime.storage.blob import _arrow_array_reduction
+
+    array = pd.Series([f"value {i}" for i in range(100)], dtype="str").array
+    if not hasattr(array, "_pa_array"):
+        pytest.skip("pandas stores these strings without pyarrow here")
+    _, _, state = _arrow_array_reduction(array)
+    chunk = array._pa_array.chunk(0)
+    assert state["_pa_array"].buffers()[2].address == chunk.buffers()[2].address  # same memory

@@ -25,6 +25,7 @@ object's size plus a few megabytes per worker thread.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import json
 import os
@@ -130,7 +131,9 @@ class BlobInfo:
 
 
 def _threads() -> int:
-    return max(1, min(os.cpu_count() or 1, _MAX_THREADS))
+    # The CPUs this process may run on (a container's cpuset), not the host's count.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(usable or 1, _MAX_THREADS))
 
 
 class _FramePipeline:
@@ -247,6 +250,54 @@ class _FrameWriter(io.RawIOBase):
         super().close()
 
 
+def _datetime_array_reduction(obj: Any) -> Any:
+    """datetime64/timedelta64 arrays as their int64 view: numpy hands protocol 5 a zero-copy
+    buffer for numeric arrays but copies datetime arrays (pandas' datetime columns among them)
+    into a bytes object first. Viewing the int64 array back as the original dtype on load
+    restores the same bytes, with numpy alone."""
+    numpy = sys.modules.get("numpy")  # not imported: obj cannot be an array
+    if (
+        numpy is not None
+        and type(obj) is numpy.ndarray
+        and obj.dtype.kind in "mM"
+        and (obj.flags.c_contiguous or obj.flags.f_contiguous)
+    ):
+        return numpy.ndarray.view, (obj.view(numpy.int64), obj.dtype)
+    return None
+
+
+def _arrow_array_reduction(obj: Any) -> Any:
+    """pandas' Arrow-backed arrays (its default string columns) without their chunk copy:
+    pandas' ``__getstate__`` calls ``combine_chunks()``, which copies even a single chunk.
+    For one chunk the state below is what pandas writes minus that copy (the chunk's buffers
+    then go to protocol 5 without copies); pandas' own ``__setstate__`` loads it."""
+    arrow_arrays = sys.modules.get("pandas.core.arrays.arrow.array")
+    base = getattr(arrow_arrays, "ArrowExtensionArray", None)
+    if (
+        base is None
+        or not isinstance(obj, base)
+        or type(obj).__getstate__ is not base.__getstate__  # a subclass pickles its own way
+        or getattr(obj, "_pa_array", None) is None
+        or obj._pa_array.num_chunks != 1
+    ):
+        return None
+    state = obj.__dict__.copy()
+    state["_pa_array"] = obj._pa_array.chunk(0)
+    state["_cache"] = {}
+    return copyreg.__newobj__, (type(obj),), state
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, minus the copies numpy and pandas make of some columns when pickled.
+
+    The blob stays loadable by plain ``pickle`` with numpy and pandas alone.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduction = _datetime_array_reduction(obj) or _arrow_array_reduction(obj)
+        return reduction if reduction is not None else super().reducer_override(obj)
+
+
 def write_blob(
     obj: Any, target: IO[bytes], *, dataset: str | None = None, level: int = DEFAULT_LEVEL
 ) -> BlobInfo:
@@ -263,7 +314,7 @@ def write_blob(
     writer = _FrameWriter(target, level)
     try:
         try:
-            cloudpickle.dump(obj, writer, protocol=PICKLE_PROTOCOL)  # type: ignore[arg-type]
+            _Pickler(writer, protocol=PICKLE_PROTOCOL).dump(obj)
         except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
             what = f"dataset '{dataset}'" if dataset else "the object"
             raise BlobUnpicklable(
