@@ -206,25 +206,26 @@ def test_run_local_of_the_compiled_spec_matches_kedro_run(example_project: Path,
 
 FAILING_NODES = """
 def make(n):
-    return list(range(n))
+    return list(range(n)), n
 
 def explode(values, limit):
     if len(values) > limit:
         raise ValueError(f"too many values: {len(values)} > {limit}")
     return values
 
-def notify(status):
-    return f"final state: {status['state']}"
+def notify(status, made):
+    return f"final state: {status['state']} after making {made}"
 """
 FAILING_PIPELINE = """
 from kedro.pipeline import Node, Pipeline
 from failproj.nodes import explode, make, notify
 
 def register_pipelines():
-    main = Pipeline([Node(make, "params:n", "values", name="make"),
+    main = Pipeline([Node(make, "params:n", ["values", "made"], name="make"),
                      Node(explode, ["values", "params:limit"], "checked", name="explode"),
                      Node(len, "checked", "size", name="count")])
-    exit_pipe = Pipeline([Node(notify, "params:kvx_final_status", "notice", name="notify")])
+    # "made" is read by the exit handler only: the main step must store it all the same.
+    exit_pipe = Pipeline([Node(notify, ["params:kvx_final_status", "made"], "notice", name="notify")])
     return {"__default__": main, "notify": exit_pipe}
 """
 
@@ -246,7 +247,7 @@ def test_failing_node_stops_run_local_and_the_exit_handler_sees_failed(tmp_path:
     assert "Replay this step with:" in out and "kvx-runtime exec-node --node explode" in out
     status = json.loads((project / ".kvx" / "runs" / "fj" / "status.json").read_text())
     assert status["states"] == {"make": "done", "explode": "failed", "count": "skipped", "on-exit": "done"}
-    assert (project / "data" / "notice.txt").read_text() == "final state: FAILED"
+    assert (project / "data" / "notice.txt").read_text() == "final state: FAILED after making 5"
     assert "step 'explode' of job fj failed" in result.stderr
 
     # The replay command works as printed (from the project directory).
@@ -261,7 +262,7 @@ def test_failing_node_stops_run_local_and_the_exit_handler_sees_failed(tmp_path:
     result = kvx(project, "run-local", str(tmp_path / "g.json"), "--param", "limit=10", "--job-name", "gj",
                  timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert (project / "data" / "notice.txt").read_text() == "final state: SUCCEEDED"
+    assert (project / "data" / "notice.txt").read_text() == "final state: SUCCEEDED after making 5"
 
 
 def test_kedro_vertexai_plugin_commands(example_project: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 import secrets
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,17 @@ def _unknown_node_error(unknown: Iterable[str], known: Sequence[str], pipeline: 
     )
 
 
-def plan_step(pipeline: Any, pipeline_name: str, node_names: Sequence[str]) -> StepPlan:
-    """Find the datasets that cross the boundary of the group ``node_names`` in ``pipeline``."""
+def plan_step(
+    pipeline: Any,
+    pipeline_name: str,
+    node_names: Sequence[str],
+    consumed_elsewhere: Collection[str] = (),
+) -> StepPlan:
+    """Find the datasets that cross the boundary of the group ``node_names`` in ``pipeline``.
+
+    ``consumed_elsewhere`` names datasets that a later step outside ``pipeline`` reads (the
+    exit handler's ``on_exit_pipeline``): outputs among them cross the boundary too.
+    """
     known = [node.name for node in pipeline.nodes]
     unknown = [name for name in node_names if name not in set(known)]
     if unknown:
@@ -113,7 +122,7 @@ def plan_step(pipeline: Any, pipeline_name: str, node_names: Sequence[str]) -> S
     producers = {output: node.name for node in pipeline.nodes for output in node.outputs}
     produced_inside = {output for node in group for output in node.outputs}
     consumed_inside = {name for node in group for name in node.inputs}
-    consumed_outside = {name for node in others for name in node.inputs}
+    consumed_outside = {name for node in others for name in node.inputs} | set(consumed_elsewhere)
 
     inputs = sorted(
         name for name in consumed_inside if name not in produced_inside and not _is_parameter(name)
@@ -267,6 +276,19 @@ def replay_command(request: StepRequest, run_id: str, job_name: str, env: str, r
     return shlex.join(argv)
 
 
+def _exit_pipeline_inputs(project: Any, pipeline_name: str) -> set[str]:
+    """What the exit handler's pipeline reads, for the steps of the main pipeline to store."""
+    exit_pipeline = project.plugin_config.run_config.on_exit_pipeline
+    if not exit_pipeline or exit_pipeline == pipeline_name:
+        return set()
+    from kedro.framework.project import pipelines
+
+    try:
+        return set(pipelines[exit_pipeline].inputs())
+    except KeyError:  # `compile` refuses this config; a step has nothing to add
+        return set()
+
+
 def execute_step(request: StepRequest) -> StepResult:
     """Run one step. Raises :class:`KvxError` subclasses carrying the exit code."""
     started = time.perf_counter()
@@ -316,7 +338,7 @@ def execute_step(request: StepRequest) -> StepResult:
         raise ConfigError(
             f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}"
         ) from exc
-    plan = plan_step(pipeline, request.pipeline, request.nodes)
+    plan = plan_step(pipeline, request.pipeline, request.nodes, _exit_pipeline_inputs(project, request.pipeline))
 
     from kvx_runtime.mlflow import mlflow_enabled
 

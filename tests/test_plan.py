@@ -82,3 +82,11 @@ def test_catalog_declarations() -> None:
     assert is_declared(catalog, "scores_table")  # matched by a dataset factory
     assert not is_declared(catalog, "declared_memory")  # memory does not cross containers
     assert not is_declared(catalog, "anything_else")
+
+
+def test_outputs_the_exit_pipeline_reads_cross_the_boundary() -> None:
+    # "report" is final in the main pipeline; the exit handler's pipeline reads it.
+    plan = plan_step(PIPELINE, "__default__", ["report_node"], consumed_elsewhere={"report", "params:x"})
+    assert plan.crossing_outputs == ("report",)
+    assert plan.final_outputs == ()
+    assert plan_step(PIPELINE, "__default__", ["report_node"]).final_outputs == ("report",)
