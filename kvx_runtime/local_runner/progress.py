@@ -85,13 +85,15 @@ class TerminalProgress(Progress):
         self._live.update(self._render())
 
     def _render(self) -> Any:
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         colours = {"done": "green", "failed": "red", "running": "cyan", "retrying": "yellow",
                    "skipped": "dim", "cancelled": "magenta", "waiting": "dim"}
         counts = {s: sum(1 for v in self.state.values() if v == s) for s in STATES}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        table = Table(title=f"kvx-runtime run-local: {summary}", title_justify="left", expand=False)
+        table = Table(expand=False)
         table.add_column("step")
         table.add_column("state")
         table.add_column("time", justify="right")
@@ -102,7 +104,8 @@ class TerminalProgress(Progress):
             seconds = self.seconds.get(task) if since is None else now - since
             table.add_row(task, f"[{colours[state]}]{state}[/]",
                           f"{seconds:.1f}s" if seconds is not None else "")
-        return table
+        # The summary on its own line: as the table's title it would wrap to the table's width.
+        return Group(Text(f"kvx-runtime run-local: {summary}", no_wrap=True), table)
 
 
 def make_progress(tasks: list[str], stream: TextIO | None = None) -> Progress:
