@@ -40,7 +40,7 @@ image: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench
 
-# Benchmarks: bench/results/latest.json and docs/benchmarks.md (full: tens of minutes).
+# Benchmarks: bench/results/latest.json and docs/benchmarks.md (full: about ten minutes).
 bench: $(STAMP)
 	$(PY) bench/run.py
 
