@@ -338,3 +338,11 @@ def test_single_chunk_arrow_arrays_are_pickled_without_combining_chunks() -> Non
     _, _, state = _arrow_array_reduction(array)
     chunk = array._pa_array.chunk(0)
     assert state["_pa_array"].buffers()[2].address == chunk.buffers()[2].address  # same memory
+
+
+def test_a_few_rows_of_a_big_arrow_column_store_only_those_rows() -> None:
+    column = pd.Series([f"value {i}" for i in range(200_000)], dtype="str")
+    for rows in (column.iloc[:10], column.iloc[1000:1010]):
+        loaded, data = roundtrip(rows)
+        pd.testing.assert_series_equal(loaded, rows)
+        assert len(data) < 20_000  # not the column's ~3 MB of buffers

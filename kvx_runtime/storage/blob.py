@@ -270,7 +270,9 @@ def _arrow_array_reduction(obj: Any) -> Any:
     """pandas' Arrow-backed arrays (its default string columns) without their chunk copy:
     pandas' ``__getstate__`` calls ``combine_chunks()``, which copies even a single chunk.
     For one chunk the state below is what pandas writes minus that copy (the chunk's buffers
-    then go to protocol 5 without copies); pandas' own ``__setstate__`` loads it."""
+    then go to protocol 5 without copies); pandas' own ``__setstate__`` loads it. A chunk that
+    is a slice of larger buffers keeps pandas' path: pyarrow pickles whole buffers, so a few
+    rows of a big column would store the column."""
     arrow_arrays = sys.modules.get("pandas.core.arrays.arrow.array")
     base = getattr(arrow_arrays, "ArrowExtensionArray", None)
     if (
@@ -281,8 +283,12 @@ def _arrow_array_reduction(obj: Any) -> Any:
         or obj._pa_array.num_chunks != 1
     ):
         return None
+    chunk = obj._pa_array.chunk(0)
+    unreferenced = chunk.get_total_buffer_size() - chunk.nbytes
+    if unreferenced > max(4096, chunk.nbytes // 100):
+        return None
     state = obj.__dict__.copy()
-    state["_pa_array"] = obj._pa_array.chunk(0)
+    state["_pa_array"] = chunk
     state["_cache"] = {}
     return copyreg.__newobj__, (type(obj),), state
 
