@@ -18,7 +18,7 @@ import os
 import secrets
 import shlex
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,12 @@ from typing import Any
 from kvx_runtime.config import STEP_KEYS, normalize_storage_root
 from kvx_runtime.config_loader import env_var_name
 from kvx_runtime.errors import ConfigError, KvxError, NodeError, UsageError, find_kvx_error
+from kvx_runtime.graph import StepPlan, dataset_identity, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
 
-__all__ = ["StepPlan", "StepRequest", "StepResult", "execute_step", "plan_step"]
+__all__ = ["StepRequest", "StepResult", "execute_step", "is_declared"]
 
 log = get_logger(__name__)
-
-_PARAMS_PREFIX = "params:"
-
 
 @dataclass
 class StepRequest:
@@ -61,85 +59,8 @@ class StepResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """The datasets at the boundary of a step, before the catalog decides which are blobs."""
-
-    pipeline: str
-    nodes: tuple[str, ...]
-    #: Inputs of the group produced outside it (or by nobody), excluding parameters.
-    inputs: tuple[str, ...]
-    #: Outputs of the group that nodes outside it consume.
-    crossing_outputs: tuple[str, ...]
-    #: Outputs nobody in the pipeline consumes.
-    final_outputs: tuple[str, ...]
-    #: Crossing outputs that nodes inside the group also consume (kept in memory too).
-    shared_outputs: frozenset[str]
-    #: dataset -> name of the node that produces it in the pipeline.
-    producers: dict[str, str]
-
-
 def _local_run_id() -> str:
     return time.strftime("local-%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def _is_parameter(name: str) -> bool:
-    return name == "parameters" or name.startswith(_PARAMS_PREFIX)
-
-
-def _unknown_node_error(unknown: Iterable[str], known: Sequence[str], pipeline: str) -> UsageError:
-    parts = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        # Namespaced pipelines: "train_model" should find "data_science.train_model".
-        close += [k for k in known if k.endswith("." + name) and k not in close]
-        parts.append(f"'{name}'" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-    return UsageError(
-        f"pipeline '{pipeline}' has no node {', '.join(parts)}",
-        hint=f"it has {len(known)} nodes; `kedro registry describe --name {pipeline}` lists them",
-    )
-
-
-def plan_step(
-    pipeline: Any,
-    pipeline_name: str,
-    node_names: Sequence[str],
-    consumed_elsewhere: Collection[str] = (),
-) -> StepPlan:
-    """Find the datasets that cross the boundary of the group ``node_names`` in ``pipeline``.
-
-    ``consumed_elsewhere`` names datasets that a later step outside ``pipeline`` reads (the
-    exit handler's ``on_exit_pipeline``): outputs among them cross the boundary too.
-    """
-    known = [node.name for node in pipeline.nodes]
-    unknown = [name for name in node_names if name not in set(known)]
-    if unknown:
-        raise _unknown_node_error(unknown, known, pipeline_name)
-    selected = set(node_names)
-    group = [node for node in pipeline.nodes if node.name in selected]
-    others = [node for node in pipeline.nodes if node.name not in selected]
-
-    producers = {output: node.name for node in pipeline.nodes for output in node.outputs}
-    produced_inside = {output for node in group for output in node.outputs}
-    consumed_inside = {name for node in group for name in node.inputs}
-    consumed_outside = {name for node in others for name in node.inputs} | set(consumed_elsewhere)
-
-    inputs = sorted(
-        name for name in consumed_inside if name not in produced_inside and not _is_parameter(name)
-    )
-    crossing = sorted(name for name in produced_inside if name in consumed_outside)
-    final = sorted(
-        name for name in produced_inside if name not in consumed_outside and name not in consumed_inside
-    )
-    return StepPlan(
-        pipeline=pipeline_name,
-        nodes=tuple(node.name for node in group),
-        inputs=tuple(inputs),
-        crossing_outputs=tuple(crossing),
-        final_outputs=tuple(final),
-        shared_outputs=frozenset(name for name in crossing if name in consumed_inside),
-        producers=producers,
-    )
 
 
 def is_declared(catalog: Any, name: str) -> bool:
@@ -194,21 +115,26 @@ class _StepHooks:
             )
         return BlobStore(self.storage_root, self.job_name)
 
-    def after_catalog_created(self, catalog: Any) -> None:
+    def _blob(self, name: str, store: Any) -> Any:
         from kvx_runtime.storage.dataset import BlobDataset
 
+        # One blob per dataset: `x@spark` saved and `x@pandas` loaded are both the blob `x`.
+        identity = dataset_identity(name)
+        return BlobDataset(identity, store, producer=self.plan.producers.get(identity))
+
+    def after_catalog_created(self, catalog: Any) -> None:
         store = None
         for name in self.plan.inputs:
             if is_declared(catalog, name):
                 continue
             store = store or self._store()
-            catalog[name] = BlobDataset(name, store, producer=self.plan.producers.get(name))
+            catalog[name] = self._blob(name, store)
             self.loaded.append(name)
         for name in self.plan.crossing_outputs:
             if is_declared(catalog, name):
                 continue
             store = store or self._store()
-            dataset: Any = BlobDataset(name, store, producer=self.plan.producers.get(name))
+            dataset: Any = self._blob(name, store)
             if name in self.plan.shared_outputs:
                 from kedro.io import CachedDataset
 
@@ -278,15 +204,35 @@ def replay_command(request: StepRequest, run_id: str, job_name: str, env: str, r
 
 def _exit_pipeline_inputs(project: Any, pipeline_name: str) -> set[str]:
     """What the exit handler's pipeline reads, for the steps of the main pipeline to store."""
+    from kvx_runtime.project import load_pipeline
+
     exit_pipeline = project.plugin_config.run_config.on_exit_pipeline
     if not exit_pipeline or exit_pipeline == pipeline_name:
         return set()
-    from kedro.framework.project import pipelines
-
     try:
-        return set(pipelines[exit_pipeline].inputs())
+        return set(load_pipeline(exit_pipeline).inputs())
     except KeyError:  # `compile` refuses this config; a step has nothing to add
         return set()
+
+
+def _load_step_pipeline(name: str) -> Any:
+    """The step's pipeline, loaded exactly as the session will load it to run the node(s)."""
+    from kvx_runtime.project import load_pipeline, registered_pipeline_names
+
+    try:
+        return load_pipeline(name)
+    except KeyError:
+        known = registered_pipeline_names()
+        close = difflib.get_close_matches(name, known, n=3)
+        raise UsageError(
+            f"no pipeline named '{name}'"
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
+            hint=f"registered pipelines: {', '.join(known) or 'none'}",
+        ) from None
+    except Exception as exc:
+        raise ConfigError(
+            f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def execute_step(request: StepRequest) -> StepResult:
@@ -315,7 +261,7 @@ def execute_step(request: StepRequest) -> StepResult:
 
     materialize_dynamic_config(project.plugin_config, project.conf_root, project.env)
 
-    from kedro.framework.project import pipelines, settings
+    from kedro.framework.project import settings
 
     if request.storage_root:
         storage_root: str | None = normalize_storage_root(request.storage_root, bare_is_bucket=False)
@@ -324,21 +270,9 @@ def execute_step(request: StepRequest) -> StepResult:
     else:
         storage_root = None
 
-    try:
-        pipeline = pipelines[request.pipeline]
-    except KeyError:
-        known = sorted(pipelines.keys())
-        close = difflib.get_close_matches(request.pipeline, known, n=3)
-        raise UsageError(
-            f"no pipeline named '{request.pipeline}'"
-            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""),
-            hint=f"registered pipelines: {', '.join(known) or 'none'}",
-        ) from None
-    except Exception as exc:
-        raise ConfigError(
-            f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}"
-        ) from exc
-    plan = plan_step(pipeline, request.pipeline, request.nodes, _exit_pipeline_inputs(project, request.pipeline))
+    exit_inputs = _exit_pipeline_inputs(project, request.pipeline)
+    pipeline = _load_step_pipeline(request.pipeline)
+    plan = plan_step(pipeline, request.pipeline, request.nodes, exit_inputs)
 
     from kvx_runtime.mlflow import mlflow_enabled
 

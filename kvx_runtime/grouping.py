@@ -8,7 +8,7 @@ Configured in ``vertexai.yml``::
         params: {tag_prefix: "group."}
 
 A grouper returns :class:`StepGroup` s; the compiler derives the dependencies between groups
-from the datasets their nodes exchange and refuses groupings that create a cycle.
+from Kedro's own node dependencies and refuses groupings that create a cycle.
 """
 
 from __future__ import annotations
@@ -116,20 +116,11 @@ def build_grouper(cls_path: str, params: dict[str, Any]) -> NodeGrouper:
 
 
 def group_dependencies(pipeline: Any, groups: Sequence[StepGroup]) -> dict[str, set[str]]:
-    """group name -> names of the groups it needs (their nodes produce its inputs)."""
-    group_of = {node: group.name for group in groups for node in group.nodes}
-    covered = set(group_of)
-    missing = [n.name for n in pipeline.nodes if n.name not in covered]
-    if missing:
-        raise ConfigError(f"grouping left nodes without a step: {', '.join(missing)}")
-    producer = {output: group_of[n.name] for n in pipeline.nodes for output in n.outputs}
-    needs: dict[str, set[str]] = {group.name: set() for group in groups}
-    for node in pipeline.nodes:
-        for dataset in node.inputs:
-            source = producer.get(dataset)
-            if source is not None and source != group_of[node.name]:
-                needs[group_of[node.name]].add(source)
-    return needs
+    """group name -> names of the groups it needs, from Kedro's ``node_dependencies`` (so a
+    node reading ``x@pandas`` waits for the node writing ``x@spark``)."""
+    from kvx_runtime.graph import step_dependencies
+
+    return step_dependencies(pipeline, {node: group.name for group in groups for node in group.nodes})
 
 
 def order_groups(needs: dict[str, set[str]]) -> list[str]:

@@ -9,10 +9,11 @@ uses it too, so a hand-edited spec fails with a clear message instead of a KeyEr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kvx_runtime.errors import ConfigError
+from kvx_runtime.graph import dataset_identity, missing_step_dependencies
 from kvx_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -124,21 +125,52 @@ def is_local_path(filepath: str) -> bool:
     return "://" not in filepath and not filepath.startswith("/gcs/")
 
 
+def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], spec: Mapping[str, Any]) -> None:
+    """Every edge of Kedro's ``node_dependencies`` must be a (transitive) dependency between
+    the steps of ``spec`` (``steps``: task -> its nodes), as an orchestrator reads the spec.
+
+    A violation means a step could start before the data it reads is written (and read an
+    earlier run's file): a :class:`ConfigError`, never a spec.
+    """
+    from kvx_runtime.local_runner.graph import build_graph
+
+    graph = build_graph(spec, {})
+    step_of = {node: task for task, nodes in steps.items() for node in nodes}
+    needs = {task: graph.tasks[task].depends_on if task in graph.tasks else set() for task in steps}
+    missing = missing_step_dependencies(pipeline, step_of, needs)
+    if missing:
+        shown = "; ".join(
+            f"'{child}' (step {step_of.get(child)}) reads what '{parent}' (step {step_of.get(parent)}) writes"
+            for child, parent in missing[:5]
+        )
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConfigError(
+            f"the spec does not order {len(missing)} of Kedro's node dependencies: {shown}{more}; "
+            "a step could read data before it is written, so no spec was written",
+            hint="this is a bug in the node grouper or the compiler: please report it",
+        )
+
+
 def warn_local_datasets(
     dataset_paths: Mapping[str, str],
     producers: Mapping[str, str],
     consumers: Mapping[str, list[str]],
     step_of: Mapping[str, str],
 ) -> list[str]:
-    """Catalog datasets on a local path that one step writes and another reads."""
+    """Catalog datasets on a local path that one step writes and another reads.
+
+    ``dataset_paths`` is keyed by catalog name (``x@pandas``), ``producers`` and ``consumers``
+    by dataset identity (``x``): a transcoded pair on one local file is one dataset.
+    """
     flagged: list[str] = []
     for dataset, path in sorted(dataset_paths.items()):
-        producer = producers.get(dataset)
-        if producer is None or not is_local_path(path):
+        identity = dataset_identity(dataset)
+        producer = producers.get(identity)
+        if producer is None or not is_local_path(path) or identity in flagged:
             continue
-        readers = [n for n in consumers.get(dataset, []) if step_of.get(n) != step_of.get(producer)]
+        readers = [n for n in consumers.get(identity, []) if step_of.get(n) != step_of.get(producer)]
         if readers:
-            flagged.append(dataset)
+            flagged.append(identity)
             log.warning(
                 f"catalog dataset '{dataset}' is on a local path ({path}) that node '{producer}' "
                 f"writes and node '{readers[0]}' reads in another step: each Vertex AI step has "
