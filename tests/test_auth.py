@@ -13,7 +13,7 @@ from kvx_runtime.auth.env import EnvCredentialsRequestHeaderProvider
 from kvx_runtime.auth.gcp import MLFlowGoogleIAMRequestHeaderProvider, MLFlowGoogleOAuthRequestHeaderProvider
 from kvx_runtime.auth.tokens import REFRESH_MARGIN, TokenCache, jwt_expiry
 from kvx_runtime.errors import ConfigError, UsageError
-from kvx_runtime.mlflow import FINAL_STATES, _infrastructure_error, _redact, parse_final_status
+from kvx_runtime.mlflow.pipeline_run import FINAL_STATES, _infrastructure_error, _redact, parse_final_status
 
 
 def jwt(exp: float) -> str:

@@ -1,0 +1,410 @@
+"""``run-local``: execute a compiled pipeline spec on this machine, as Vertex AI would.
+
+Each task's container command runs as a subprocess in the project directory (no Docker),
+with the spec's placeholders substituted as Vertex substitutes them, its env vars, its retry
+policy and trigger policy. Independent tasks run in parallel (``max_parallel``). After the
+first failure nothing new is scheduled except tasks that run regardless (exit handlers),
+which receive the final status as Vertex passes it. A failure report names the step, shows
+the tail of its log and the exact command that replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from kvx_runtime.errors import ExitCode, Interrupted, UsageError
+from kvx_runtime.local_runner.graph import (
+    LocalGraph,
+    LocalTask,
+    build_graph,
+    input_key,
+    output_key,
+    render,
+    substitute,
+)
+from kvx_runtime.local_runner.progress import make_progress
+from kvx_runtime.log import get_logger
+
+__all__ = ["LocalRunResult", "run_local"]
+
+log = get_logger(__name__)
+
+STORAGE_ROOT_PARAMETER = "kvx_storage_root"
+_POLL = 0.05
+_LOG_TAIL = 40
+
+
+@dataclass
+class Attempt:
+    task: str
+    number: int
+    process: subprocess.Popen
+    log_path: Path
+    argv: list[str]
+    started: float
+
+
+@dataclass
+class LocalRunResult:
+    job_name: str
+    run_id: str
+    run_dir: Path
+    states: dict[str, str]
+    exit_code: int
+    failed_task: str | None = None
+    replay: str | None = None
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def _duration(text: str | None, default: float = 0.0) -> float:
+    if not text:
+        return default
+    return float(str(text).rstrip("s"))
+
+
+def _retry_wait(policy: Mapping[str, Any], attempt: int) -> float:
+    base = _duration(policy.get("backoffDuration"))
+    factor = float(policy.get("backoffFactor", 2.0))
+    ceiling = _duration(policy.get("backoffMaxDuration"), default=3600.0)
+    return float(min(base * factor ** (attempt - 1), ceiling))
+
+
+def _command(container: Mapping[str, Any], values: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(argv to execute here, argv as the container would run it)."""
+    shown = [substitute(str(part), values) for part in [*container.get("command", []), *container.get("args", [])]]
+    if not shown:
+        raise UsageError("a task has neither command nor args; local runs need an explicit command")
+    argv = list(shown)
+    if argv[0] == "kvx-runtime":
+        # The same program, from this interpreter (works without the venv on PATH).
+        argv = [sys.executable, "-m", "kvx_runtime", *argv[1:]]
+    return argv, shown
+
+
+class _Scheduler:
+    def __init__(
+        self,
+        graph: LocalGraph,
+        project: Path,
+        run_dir: Path,
+        job_name: str,
+        max_parallel: int,
+        stream: TextIO,
+        extra_env: Mapping[str, str],
+    ) -> None:
+        self.graph = graph
+        self.project = project
+        self.run_dir = run_dir
+        self.job_name = job_name
+        self.job_uuid = str(uuid.uuid4())
+        self.max_parallel = max(1, max_parallel)
+        self.extra_env = dict(extra_env)
+        self.states = dict.fromkeys(graph.tasks, "waiting")
+        self.exit_codes: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.attempts: dict[str, int] = {}
+        self.not_before: dict[str, float] = {}
+        self.running: dict[str, Attempt] = {}
+        self.replays: dict[str, str] = {}
+        self.failed_task: str | None = None
+        self.cancelled = False
+        order = list(graph.tasks)
+        self.progress = make_progress(order, stream)
+
+    # --- readiness ----------------------------------------------------------------------
+
+    def _finished(self, task: str) -> bool:
+        return self.states[task] in {"done", "failed", "skipped", "cancelled"}
+
+    def _ready(self, task: LocalTask) -> bool | None:
+        """True: start now; False: not yet; None: can never run (skip)."""
+        deps = task.depends_on
+        if task.run_after_failure:  # exit handlers: once everything upstream has finished
+            return all(self._finished(d) for d in deps)
+        if any(self.states[d] in {"failed", "skipped", "cancelled"} for d in deps):
+            return None
+        if self.failed_task is not None or self.cancelled:
+            return None
+        return all(self.states[d] == "done" for d in deps)
+
+    def _group_state(self, group: str) -> tuple[str, str | None]:
+        members = self.graph.groups.get(group, {group})
+        states = [self.states[m] for m in members]
+        if any(s == "failed" for s in states):
+            failed = sorted(m for m in members if self.states[m] == "failed")
+            return "FAILED", self.errors.get(failed[0])
+        if any(s == "cancelled" for s in states) or self.cancelled:
+            return "CANCELLED", "the run was interrupted"
+        if all(s == "done" for s in states):
+            return "SUCCEEDED", None
+        return "FAILED", "upstream tasks did not run"
+
+    # --- values -------------------------------------------------------------------------
+
+    def _values(self, task: LocalTask) -> dict[str, str]:
+        values = {
+            "pipeline_job_name": self.job_name,
+            "pipeline_job_uuid": self.job_uuid,
+            "pipeline_task_name": task.display_name,
+            "pipeline_task_uuid": str(uuid.uuid4()),
+            "pipeline_root": str(self.run_dir / "pipeline_root"),
+        }
+        for name, source in task.inputs.items():
+            kind = task.input_types.get(name, "STRING")
+            if source.kind == "value":
+                values[input_key(name)] = render(kind, source.value)
+            elif source.kind == "output":
+                produced = self.outputs.get(source.producer or "", {})
+                values[input_key(name)] = produced.get(source.key or "", "")
+            else:
+                state, message = self._group_state(source.producer or "")
+                status: dict[str, Any] = {
+                    "state": state,
+                    "pipelineJobResourceName": f"projects/local/locations/local/pipelineJobs/{self.job_name}",
+                    "pipelineTaskName": source.producer,
+                }
+                if message:
+                    status["error"] = {"code": 9 if state == "FAILED" else 1, "message": message}
+                values[input_key(name)] = json.dumps(status)
+        out_dir = self.run_dir / "outputs" / task.name
+        for name in task.output_names:
+            values[output_key(name)] = str(out_dir / name)
+        return values
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _start(self, task: LocalTask) -> None:
+        number = self.attempts.get(task.name, 0) + 1
+        self.attempts[task.name] = number
+        values = self._values(task)
+        argv, shown = _command(task.container, values)
+        (self.run_dir / "outputs" / task.name).mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "logs" / f"{task.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        container_env = {e["name"]: e.get("value", "") for e in task.container.get("env", [])}
+        env = {**os.environ, **self.extra_env, **container_env}
+        handle = log_path.open("ab")
+        header = f"--- attempt {number}: {shlex.join(shown)}\n".encode()
+        handle.write(header)
+        handle.flush()
+        process = subprocess.Popen(
+            argv, cwd=self.project, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
+        )
+        handle.close()
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(container_env.items()))
+        self.replays[task.name] = (
+            f"cd {shlex.quote(str(self.project))} && {prefix + ' ' if prefix else ''}{shlex.join(shown)}"
+        )
+        self.running[task.name] = Attempt(task.name, number, process, log_path, argv, time.monotonic())
+        self.states[task.name] = "running"
+        self.progress.started_task(task.name, number)
+
+    def _reap(self, attempt: Attempt) -> None:
+        task = self.graph.tasks[attempt.task]
+        code = attempt.process.returncode
+        if code < 0:  # killed by a signal: report it as a shell would (128 + signal)
+            code = 128 - code
+        seconds = time.monotonic() - attempt.started
+        del self.running[attempt.task]
+        if code == 0:
+            produced = {}
+            for name in task.output_names:
+                path = self.run_dir / "outputs" / task.name / name
+                produced[name] = path.read_text().strip() if path.exists() else ""
+            self.outputs[task.name] = produced
+            self.states[task.name] = "done"
+            self.progress.finished_task(task.name, "done", seconds)
+            return
+        policy = task.retry or {}
+        if not self.cancelled and attempt.number <= int(policy.get("maxRetryCount", 0)):
+            wait = _retry_wait(policy, attempt.number)
+            self.not_before[task.name] = time.monotonic() + wait
+            self.states[task.name] = "waiting"
+            self.progress.retrying_task(task.name, wait, code)
+            return
+        self.exit_codes[task.name] = code
+        self.errors[task.name] = _last_error_line(attempt.log_path) or f"exit code {code}"
+        state = "cancelled" if self.cancelled else "failed"
+        self.states[task.name] = state
+        self.progress.finished_task(task.name, state, seconds, f"(exit {code})")
+        if state == "failed" and self.failed_task is None:
+            self.failed_task = task.name
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for attempt in self.running.values():
+            if attempt.process.poll() is None:
+                try:
+                    os.killpg(attempt.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def run(self) -> None:
+        with self.progress:
+            while True:
+                for attempt in list(self.running.values()):
+                    if attempt.process.poll() is not None:
+                        self._reap(attempt)
+                progressed = False
+                for task in self.graph.tasks.values():
+                    if self.states[task.name] != "waiting" or task.name in self.running:
+                        continue
+                    ready = self._ready(task)
+                    if ready is None:
+                        self.states[task.name] = "skipped"
+                        self.progress.skipped_task(task.name, "an upstream step failed"
+                                                   if not self.cancelled else "the run was interrupted")
+                        progressed = True
+                    elif (ready and len(self.running) < self.max_parallel
+                          and time.monotonic() >= self.not_before.get(task.name, 0.0)):
+                        self._start(task)
+                        progressed = True
+                if not self.running and all(self._finished(t) for t in self.graph.tasks):
+                    break
+                if not self.running and not progressed and not any(
+                    self.states[t] == "waiting" and t in self.not_before for t in self.graph.tasks
+                ):
+                    # Nothing runs, nothing can start: only possible with a broken graph.
+                    stuck = [t for t, s in self.states.items() if s == "waiting"]
+                    raise UsageError(f"cannot schedule steps {', '.join(stuck)}: their dependencies never finish")
+                self.progress.tick()
+                time.sleep(_POLL)
+
+
+def _last_error_line(log_path: Path) -> str | None:
+    """The failing command's own last ERROR line (kvx-runtime logs one on every failure)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("severity") == "ERROR":
+                return str(record.get("message"))
+    return lines[-1] if lines else None
+
+
+def tail(path: Path, lines: int = _LOG_TAIL) -> str:
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(content[-lines:])
+
+
+def default_job_name(spec: Mapping[str, Any]) -> str:
+    name = spec.get("pipelineInfo", {}).get("name", "pipeline")
+    return f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
+
+
+def run_local(
+    spec: Mapping[str, Any],
+    project: str | Path,
+    *,
+    params: Mapping[str, Any] | None = None,
+    storage_root: str | None = None,
+    max_parallel: int = 4,
+    job_name: str | None = None,
+    stream: TextIO | None = None,
+) -> LocalRunResult:
+    """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``."""
+    project_path = Path(project).resolve()
+    overrides = dict(params or {})
+    definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    if STORAGE_ROOT_PARAMETER in definitions and STORAGE_ROOT_PARAMETER not in overrides:
+        overrides[STORAGE_ROOT_PARAMETER] = storage_root or str(project_path / ".kvx" / "storage")
+    graph = build_graph(spec, overrides)
+    job = job_name or default_job_name(spec)
+    run_dir = project_path / ".kvx" / "runs" / job
+    run_dir.mkdir(parents=True, exist_ok=True)
+    output = stream or sys.stdout
+    scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
+                           {"KVX_LOG_FORMAT": "json"})
+    print(f"Running {len(graph.tasks)} steps of {spec.get('pipelineInfo', {}).get('name')} "
+          f"as job {job}, run id {scheduler.job_uuid} (logs: {run_dir / 'logs'})",
+          file=output, flush=True)
+    try:
+        scheduler.run()
+    except Interrupted as exc:
+        scheduler.cancel()
+        deadline = time.monotonic() + 30
+        while scheduler.running and time.monotonic() < deadline:
+            for attempt in list(scheduler.running.values()):
+                if attempt.process.poll() is not None:
+                    scheduler._reap(attempt)
+            time.sleep(_POLL)
+        # Exit handlers still run, with a CANCELLED status, as on Vertex AI.
+        for task in graph.tasks.values():
+            if task.run_after_failure and scheduler.states[task.name] == "waiting":
+                scheduler._start(task)
+                scheduler.running[task.name].process.wait()
+                scheduler._reap(scheduler.running[task.name])
+        _write_status(run_dir, job, scheduler)
+        raise exc
+
+    _write_status(run_dir, job, scheduler)
+    failed = scheduler.failed_task
+    exit_code = int(ExitCode.SUCCESS)
+    replay = None
+    if failed is not None:
+        exit_code = scheduler.exit_codes.get(failed, 1) or 1
+        replay = scheduler.replays.get(failed)
+        log_path = run_dir / "logs" / f"{failed}.log"
+        print(f"\nStep '{failed}' failed (exit {exit_code}): {scheduler.errors.get(failed)}",
+              file=output)
+        print(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---", file=output)
+        print(f"Replay this step with:\n  {replay}", file=output, flush=True)
+    else:
+        failures = [t for t, s in scheduler.states.items() if s == "failed"]
+        if failures:  # only exit-handler tasks failed
+            failed = failures[0]
+            exit_code = scheduler.exit_codes.get(failed, 1) or 1
+            replay = scheduler.replays.get(failed)
+            print(f"\nExit handler step '{failed}' failed: {scheduler.errors.get(failed)}\n"
+                  f"Replay it with:\n  {replay}", file=output, flush=True)
+    return LocalRunResult(job_name=job, run_id=scheduler.job_uuid, run_dir=run_dir, states=dict(scheduler.states),
+                          exit_code=exit_code, failed_task=failed, replay=replay,
+                          outputs=scheduler.outputs)
+
+
+def _write_status(run_dir: Path, job: str, scheduler: _Scheduler) -> None:
+    status = {
+        "job_name": job,
+        "run_id": scheduler.job_uuid,
+        "states": scheduler.states,
+        "exit_codes": scheduler.exit_codes,
+        "failed_task": scheduler.failed_task,
+        "outputs": scheduler.outputs,
+    }
+    (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``name=value`` pairs; a dotted Kedro name maps to its pipeline parameter name."""
+    from kvx_runtime.compiler.names import parameter_name
+
+    result: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--param {item!r} must look like name=value")
+        name = name.strip()
+        result[parameter_name(name) if "." in name else name] = value
+    return result

@@ -1,0 +1,358 @@
+"""One MLflow run per pipeline, shared by every step.
+
+- ``mlflow-start`` creates the run (name = job name, tags ``vertexai_run_id`` and
+  ``vertexai_job_name``) in the experiment of kedro-mlflow's ``mlflow.yml``;
+- each step attaches to it *before* its Kedro session starts: kedro-mlflow then finds an
+  active run, logs params, metrics, artifacts and its datasets into it, and (by its own
+  design) neither renames nor ends a run that was already active. After the step the run is
+  detached without being terminated, so it stays RUNNING between steps;
+- the step records ``kvx.last_node`` (and ``kvx.failed_node`` on failure);
+- ``mlflow-end`` sets FINISHED / FAILED / KILLED from the pipeline's final status.
+
+Talking to the server goes through kedro-mlflow's own setup (tracking URI, credentials from
+``server.credentials``, experiment creation) plus the request header provider configured
+in ``vertexai.yml`` (see :mod:`kvx_runtime.auth`). Failures after MLflow's HTTP retries are
+:class:`~kvx_runtime.errors.InfrastructureError` (exit 3), unless
+``run_config.mlflow.required: false``, which turns them into a warning and an untracked step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
+from kvx_runtime.log import get_logger
+
+__all__ = [
+    "AttachedRun",
+    "attach_step",
+    "end_pipeline_run",
+    "mlflow_available",
+    "mlflow_enabled",
+    "start_pipeline_run",
+]
+
+log = get_logger(__name__)
+
+TAG_RUN_ID = "vertexai_run_id"
+TAG_JOB_NAME = "vertexai_job_name"
+TAG_KUBEFLOW_RUN_ID = "kubeflow_run_id"
+TAG_LAST_NODE = "kvx.last_node"
+TAG_FAILED_NODE = "kvx.failed_node"
+TAG_FINAL_STATE = "kvx.final_state"
+TAG_ERROR = "kvx.error"
+
+#: Vertex AI / KFP final states -> MLflow run statuses.
+FINAL_STATES = {
+    "SUCCEEDED": "FINISHED",
+    "FAILED": "FAILED",
+    "CANCELLED": "KILLED",
+    "CANCELING": "KILLED",
+    "CANCELLING": "KILLED",
+    "SKIPPED": "KILLED",
+}
+#: MLflow's HTTP retry settings for steps: about 30 s of retries, not MLflow's default minutes.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def mlflow_available() -> bool:
+    return importlib.util.find_spec("kedro_mlflow") is not None and importlib.util.find_spec("mlflow") is not None
+
+
+def mlflow_enabled(project: Any) -> bool:
+    """kedro-mlflow is installed and the project configures it (an ``mlflow*`` config file)."""
+    from kvx_runtime.project import has_config
+
+    if not has_config(project, "mlflow*"):
+        return False
+    if not mlflow_available():
+        log.info("the project has mlflow.yml but kedro-mlflow is not installed: MLflow tracking is off")
+        return False
+    return True
+
+
+def _redact(text: str) -> str:
+    """Drop credentials embedded in URLs (``https://user:pass@host``) from messages."""
+    return _USERINFO.sub("", text)
+
+
+def _infrastructure_error(action: str, uri: str | None, exc: BaseException) -> InfrastructureError:
+    text = _redact(" ".join(str(exc).split()))[:400]
+    where = f" at {_redact(uri)}" if uri else ""
+    if re.search(r"\b401\b|UNAUTHENTICATED|Unauthorized|credentials", text, re.IGNORECASE):
+        reason = ("the tracking server refused the request as unauthenticated (401): configure "
+                  "run_config.mlflow.request_header_provider_params or MLFLOW_TRACKING_* credentials")
+    elif re.search(r"\b403\b|PERMISSION_DENIED|Forbidden", text, re.IGNORECASE):
+        reason = "the tracking server refused the request (403: permission denied)"
+    elif re.search(r"Max retries|Connection refused|ConnectionError|timed out|NameResolution", text):
+        reason = "the tracking server is unreachable"
+    else:
+        reason = text
+    return InfrastructureError(f"could not {action}: MLflow{where}: {reason}")
+
+
+@dataclass
+class MlflowConnection:
+    """A configured MLflow client for the project's tracking server and experiment."""
+
+    client: Any
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str
+    config: Any  # kedro-mlflow's KedroMlflowConfig
+
+
+def _project_context(project: Any, runtime_params: dict[str, Any] | None) -> Any:
+    """A KedroContext (config loader, credentials) without a session: no hooks run."""
+    from kedro.framework.context import KedroContext
+    from kedro.framework.hooks import _create_hook_manager
+    from kedro.framework.project import settings
+
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=project.conf_source,
+        env=project.env,
+        runtime_params=runtime_params,
+        **settings.CONFIG_LOADER_ARGS,
+    )
+    loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+    return KedroContext(
+        package_name=project.package_name,
+        project_path=project.path,
+        config_loader=loader,
+        hook_manager=_create_hook_manager(),
+        env=project.env,
+        runtime_params=runtime_params,
+    )
+
+
+def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> MlflowConnection:
+    """Set up MLflow for this process as kedro-mlflow would, plus our auth headers."""
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    from kedro.config import MissingConfigException
+    from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+    from pydantic import ValidationError
+
+    from kvx_runtime.auth import install_request_header_provider
+
+    context = _project_context(project, runtime_params)
+    try:
+        raw = context.config_loader["mlflow"]
+    except MissingConfigException:
+        raw = {}
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf / YAML errors in the user's file
+        text = str(exc).strip().splitlines()
+        raise ConfigError(f"mlflow.yml cannot be read: {type(exc).__name__}: "
+                          f"{text[0] if text else ''}") from None
+    try:
+        config = KedroMlflowConfig.model_validate({**raw})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"mlflow.yml: {problems}") from None
+    if config.tracking.experiment.name is None:
+        config.tracking.experiment.name = project.package_name
+    install_request_header_provider(project.plugin_config.run_config.mlflow, context)
+    uri = config.server.mlflow_tracking_uri
+    _ensure_sqlite_directory(uri, project.path)
+    try:
+        config.setup(context)
+    except (KeyError, ConfigError):
+        raise
+    except Exception as exc:
+        raise _infrastructure_error("connect", uri, exc) from exc
+    experiment = config.tracking.experiment._experiment
+    return MlflowConnection(
+        client=config.server._mlflow_client,
+        tracking_uri=str(config.server.mlflow_tracking_uri),
+        experiment_id=str(experiment.experiment_id),
+        experiment_name=str(config.tracking.experiment.name),
+        config=config,
+    )
+
+
+def _ensure_sqlite_directory(uri: str | None, project_path: Any) -> None:
+    """An embedded ``sqlite:///`` store needs its directory; SQLite only creates the file."""
+    from pathlib import Path
+
+    if not uri or not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _call(connection: MlflowConnection, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except Exception as exc:
+        raise _infrastructure_error(action, connection.tracking_uri, exc) from exc
+
+
+def find_run(connection: MlflowConnection, job_name: str) -> str | None:
+    """The newest run of the experiment tagged with this job name."""
+    safe = job_name.replace("'", "\\'")
+    runs = _call(
+        connection, "search MLflow runs", connection.client.search_runs,
+        experiment_ids=[connection.experiment_id],
+        filter_string=f"tags.{TAG_JOB_NAME} = '{safe}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubeflow: bool) -> str:
+    tags = {TAG_RUN_ID: run_id, TAG_JOB_NAME: job_name}
+    if kubeflow:
+        tags[TAG_KUBEFLOW_RUN_ID] = run_id
+    run = _call(connection, "create the MLflow run", connection.client.create_run,
+                experiment_id=connection.experiment_id, run_name=job_name, tags=tags)
+    return str(run.info.run_id)
+
+
+def start_pipeline_run(
+    project: Any, run_id: str, job_name: str, *, kubeflow: bool = False
+) -> tuple[str, MlflowConnection]:
+    """Create the pipeline's run, or return the existing one (a retried start step)."""
+    connection = connect(project)
+    existing = find_run(connection, job_name)
+    if existing is not None:
+        log.info("MLflow run for this job already exists", mlflow_run_id=existing)
+        return existing, connection
+    mlflow_run_id = _create_run(connection, run_id, job_name, kubeflow)
+    log.info("MLflow run started", mlflow_run_id=mlflow_run_id, experiment=connection.experiment_name,
+             tracking_uri=_redact(connection.tracking_uri))
+    return mlflow_run_id, connection
+
+
+def _resolve_run(connection: MlflowConnection, mlflow_run_id: str | None, job_name: str | None) -> str:
+    if mlflow_run_id:
+        return mlflow_run_id
+    if job_name:
+        found = find_run(connection, job_name)
+        if found:
+            return found
+        raise UsageError(f"no MLflow run tagged {TAG_JOB_NAME}={job_name} in experiment "
+                         f"'{connection.experiment_name}'",
+                         hint="did mlflow-start run for this job?")
+    raise UsageError("pass --mlflow-run-id or --job-name")
+
+
+def parse_final_status(text: str) -> tuple[str, str | None]:
+    """(state, error message) from the final status Vertex passes to an exit handler."""
+    try:
+        status = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--final-status is not JSON: {exc}") from None
+    if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+        raise UsageError('--final-status must be a JSON object with a "state"')
+    error = status.get("error") or {}
+    message = error.get("message") if isinstance(error, dict) else str(error)
+    return status["state"].upper(), (str(message) if message else None)
+
+
+def end_pipeline_run(
+    project: Any, final_status: str, *, mlflow_run_id: str | None = None, job_name: str | None = None
+) -> tuple[str, str]:
+    """Terminate the pipeline's run from the final status; returns (run id, MLflow status)."""
+    state, message = parse_final_status(final_status)
+    status = FINAL_STATES.get(state)
+    if status is None:
+        log.warning("unknown pipeline state, recording the run as FAILED", state=state)
+        status = "FAILED"
+    connection = connect(project)
+    run_id = _resolve_run(connection, mlflow_run_id, job_name)
+    client = connection.client
+    _call(connection, "tag the MLflow run", client.set_tag, run_id, TAG_FINAL_STATE, state)
+    if message:
+        _call(connection, "tag the MLflow run", client.set_tag, run_id, TAG_ERROR, message[:5000])
+    _call(connection, "end the MLflow run", client.set_terminated, run_id, status)
+    log.info("MLflow run ended", mlflow_run_id=run_id, status=status, state=state)
+    return run_id, status
+
+
+@dataclass
+class AttachedRun:
+    """The pipeline's run, active in this process while the step runs."""
+
+    connection: MlflowConnection
+    run_id: str
+
+    def tag(self, key: str, value: str) -> None:
+        """Best effort: a tag that cannot be written is a warning, not a failed node."""
+        try:
+            self.connection.client.set_tag(self.run_id, key, value)
+        except Exception as exc:
+            log.warning("could not tag the MLflow run", tag=key, error=_redact(str(exc))[:200])
+
+    def detach(self) -> None:
+        """Leave the run RUNNING: drop it from MLflow's active-run stack without ending it
+        (MLflow would otherwise end it as FINISHED when the process exits)."""
+        from mlflow.tracking import fluent
+
+        stack_holder = getattr(fluent, "_active_run_stack", None)
+        try:
+            stack = stack_holder.get() if stack_holder is not None else None
+        except Exception:  # pragma: no cover - MLflow internals changed
+            stack = None
+        if isinstance(stack, list):
+            stack[:] = [run for run in stack if run.info.run_id != self.run_id]
+            return
+        # Fallback on other MLflow versions: end it as RUNNING (status kept).
+        import mlflow  # pragma: no cover
+
+        mlflow.end_run(status="RUNNING")  # pragma: no cover
+
+
+def attach_step(
+    project: Any,
+    runtime_params: dict[str, Any] | None,
+    run_id: str,
+    job_name: str,
+    mlflow_run_id: str | None,
+) -> AttachedRun | None:
+    """Make the pipeline's run the active MLflow run of this process.
+
+    Returns None when MLflow cannot be reached and ``run_config.mlflow.required`` is false
+    (the step then runs untracked).
+    """
+    import mlflow
+
+    required = project.plugin_config.run_config.mlflow.required
+    try:
+        connection = connect(project, runtime_params)
+        resolved = mlflow_run_id or find_run(connection, job_name)
+        if resolved is None:
+            log.info("no MLflow run for this job yet: creating it (no mlflow-start step ran)")
+            resolved = _create_run(connection, run_id, job_name, kubeflow=False)
+        try:
+            mlflow.start_run(run_id=resolved)
+        except Exception as exc:
+            raise _infrastructure_error(f"resume MLflow run {resolved}", connection.tracking_uri, exc) from exc
+    except InfrastructureError as exc:
+        if required:
+            raise
+        log.warning("MLflow is not available; this step runs untracked (run_config.mlflow.required is false)",
+                    error=str(exc))
+        from kvx_runtime.auth import uninstall_request_header_provider
+
+        uninstall_request_header_provider()
+        return None
+    log.info("attached to the pipeline's MLflow run", mlflow_run_id=resolved,
+             experiment=connection.experiment_name)
+    return AttachedRun(connection=connection, run_id=resolved)
