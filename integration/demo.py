@@ -2,11 +2,12 @@
 
 ``kvx-runtime compile`` turns the Kedro pipeline into a Vertex AI pipeline spec;
 ``kvx-runtime run-local`` executes that same spec here, each step a separate
-``kvx-runtime exec-node`` process exactly as Vertex AI would start it. The project's default
-("local") environment gives the embedded defaults: intermediates on a storage root under the
-project (``.kvx/storage``) and a local MLflow (``.kvx/mlflow.db``) holding the pipeline's one
-run, started by the ``mlflow-start-run`` step and ended by the exit handler. Prints where
-everything is.
+``kvx-runtime exec-node`` process exactly as Vertex AI would start it. It is compiled for the
+laptop's ``local`` environment, which gives the embedded defaults: intermediates on a storage
+root under the project (``.kvx/storage``) and a local MLflow (``.kvx/mlflow.db``) holding the
+pipeline's one run, started by the ``mlflow-start-run`` step and ended by the exit handler.
+(Without ``--env`` steps use ``base``, which project images contain; ``conf/local`` stays on
+the laptop.) Prints where everything is.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main() -> int:
     spec = PROJECT / ".kvx" / "pipeline.json"
     print(f"1/2 Compiling {PROJECT.name} to {spec}", flush=True)
     compiled = subprocess.run(
-        [*KVX, "compile", "--output", str(spec),
+        [*KVX, "compile", "--env", "local", "--output", str(spec),
          "--params", "data_science.model_options.test_size:float,reporting.top_n:int"],
         cwd=PROJECT, env=_env(), capture_output=True, text=True,
     )

@@ -242,17 +242,17 @@ def test_failing_node_stops_run_local_and_the_exit_handler_sees_failed(tmp_path:
     result = kvx(project, "run-local", str(tmp_path / "f.json"), "--job-name", "fj", timeout=600)
     assert result.returncode == 1
     out = result.stdout
-    assert "Step 'explode' failed (exit 1)" in out
-    assert "too many values: 5 > 3" in out
-    assert "Replay this step with:" in out and "kvx-runtime exec-node --node explode" in out
+    assert "1 step failed, 1 skipped:" in out
+    assert "  explode: exit 1: node 'explode' raised ValueError: too many values: 5 > 3" in out
+    assert "replay: cd " in out and "kvx-runtime exec-node --node explode" in out
     status = json.loads((project / ".kvx" / "runs" / "fj" / "status.json").read_text())
     assert status["states"] == {"make": "done", "explode": "failed", "count": "skipped", "on-exit": "done"}
     assert (project / "data" / "notice.txt").read_text() == "final state: FAILED after making 5"
     assert "step 'explode' of job fj failed" in result.stderr
 
     # The replay command works as printed (from the project directory).
-    replay = out.split("Replay this step with:")[1].strip().splitlines()[0]
-    replayed = subprocess.run(replay.replace("kvx-runtime", f"{sys.executable} -m kvx_runtime", 1),
+    replay = out.split("replay: ")[1].strip().splitlines()[0]
+    replayed = subprocess.run(replay.replace(" kvx-runtime ", f" {sys.executable} -m kvx_runtime ", 1),
                               shell=True, capture_output=True, text=True, env=step_env(), timeout=120)
     assert replayed.returncode == 1 and "too many values" in replayed.stderr
 

@@ -137,7 +137,7 @@ def test_dynamic_config_provider_writes_credentials_before_kedro_reads_them(exam
     ]
     vertexai.write_text(yaml.safe_dump(config))
     result = run_step(example_project, "--node", "data_processing.preprocess_companies_node",
-                      "--run-id", "d", "--storage-root", str(tmp_path))
+                      "--run-id", "d", "--storage-root", str(tmp_path), "--env", "local")
     assert result.returncode == 0, result.stderr[-2000:]
     credentials = example_project / "conf" / "local" / "credentials.yml"
     assert yaml.safe_load(credentials.read_text()) == {

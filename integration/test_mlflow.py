@@ -141,7 +141,8 @@ EXAMPLE_NODES = [
 
 
 def test_one_run_holds_every_step_of_the_example_pipeline(example_project, mlflow_server, tmp_path) -> None:
-    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    # The example project's MLflow setup is in its laptop env, conf/local.
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url, KEDRO_ENV="local")
     job = "example-job-1"
     run_id = start(example_project, env, job, tmp_path)
     client = mlflow_server.client()
@@ -333,7 +334,8 @@ def test_oauth_credentials_provider_writes_the_token_into_credentials(tmp_path, 
     env = step_env(GOOGLE_APPLICATION_CREDENTIALS=str(key))
     result = run_step(project, "--node", "make", "--storage-root", str(tmp_path / "s"), env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    credentials = yaml.safe_load((project / "conf" / "local" / "credentials.yml").read_text())
+    # Steps run in the base env by default: what a container without conf/local does.
+    credentials = yaml.safe_load((project / "conf" / "base" / "credentials.yml").read_text())
     token = credentials["gcp_credentials"]["MLFLOW_TRACKING_TOKEN"]
     assert token in fake_google.issued
     assert token not in result.stderr

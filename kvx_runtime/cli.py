@@ -57,7 +57,8 @@ def _run(command: str, action: Callable[[], Any]) -> NoReturn:
     try:
         action()
     except KvxError as exc:
-        log.error(f"{command} failed: {exc}", exit_code=int(exc.exit_code), error_type=type(exc).__name__)
+        log.error(f"{command} failed: {exc}", exit_code=int(exc.exit_code), error_type=type(exc).__name__,
+                  error=exc.message)
         _exit(int(exc.exit_code))
     except Interrupted as exc:
         log.error(f"{command} {exc}: nothing partial was left behind", exit_code=int(exc.exit_code))
@@ -75,6 +76,15 @@ def _run(command: str, action: Callable[[], Any]) -> NoReturn:
 project_path_option = click.option(
     "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
     help="Kedro project directory (default: the working directory).",
+)
+load_version_option = click.option(
+    "--load-version", "load_versions", multiple=True, metavar="DATASET=VERSION",
+    help="Load this version of a versioned dataset (wins over the run's own version). Repeatable.",
+)
+fail_fast_option = click.option(
+    "--fail-fast", is_flag=True,
+    help="After a failure start no new step (default: the spec's kvx_failure_policy, fail_slow: "
+    "independent steps finish, as on Vertex AI).",
 )
 env_option = click.option(
     "-e", "--env", default=None,
@@ -105,12 +115,14 @@ def do_compile(
     storage_root: str | None,
     params: tuple[str, ...],
     output: str,
+    load_versions: tuple[str, ...] = (),
 ) -> Path:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
+    from kvx_runtime.versions import parse_load_versions
 
     compiled = compile_pipeline(CompileRequest(
         project_path=project_path, env=env, pipeline=pipeline, image=image,
-        params=params, storage_root=storage_root,
+        params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
     ))
     path = write_spec(compiled.spec, output)
     click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
@@ -124,6 +136,7 @@ def do_run_local(
     storage_root: str | None,
     max_parallel: int,
     job_name: str | None,
+    fail_fast: bool = False,
 ) -> None:
     from kvx_runtime.compiler import read_spec
     from kvx_runtime.errors import NodeError
@@ -136,9 +149,12 @@ def do_run_local(
         storage_root=storage_root,
         max_parallel=max_parallel,
         job_name=job_name,
+        fail_fast=fail_fast,
     )
     if result.exit_code:
-        error = NodeError(f"step '{result.failed_task}' of job {result.job_name} failed")
+        failed = result.failed_tasks or [result.failed_task]
+        steps = f"step '{failed[0]}'" if len(failed) == 1 else f"steps {', '.join(map(repr, failed))}"
+        error = NodeError(f"{steps} of job {result.job_name} failed")
         error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
         raise error
     click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
@@ -183,6 +199,10 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Runtime parameter; typed (int, float, bool, JSON); dotted keys override nested ones. Repeatable.")
 @click.option("--mlflow-run-id", default=None, help="MLflow run to log into (the pipeline's run).")
+@click.option("--save-version", default=None, metavar="VERSION",
+              help="The pipeline run's version for versioned datasets: a Kedro version or an RFC 3339 "
+              "time (default: KVX_SAVE_VERSION, else one per process as in kedro run).")
+@load_version_option
 def exec_node(
     nodes: tuple[str, ...],
     project_path: str | None,
@@ -193,12 +213,15 @@ def exec_node(
     storage_root: str | None,
     params: tuple[str, ...],
     mlflow_run_id: str | None,
+    save_version: str | None,
+    load_versions: tuple[str, ...],
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
 
     def action() -> None:
         from kvx_runtime.executor import StepRequest, execute_step
         from kvx_runtime.params import parse_params
+        from kvx_runtime.versions import parse_load_versions
 
         execute_step(
             StepRequest(
@@ -212,6 +235,8 @@ def exec_node(
                 params=parse_params(params),
                 raw_params=params,
                 mlflow_run_id=mlflow_run_id,
+                save_version=save_version or os.environ.get("KVX_SAVE_VERSION") or None,
+                load_versions=parse_load_versions(load_versions),
             )
         )
 
@@ -226,6 +251,7 @@ def exec_node(
 @click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
 @click.option("--params", "params", multiple=True, metavar="NAME:TYPE[,NAME:TYPE]",
               help="Kedro parameters exposed as pipeline parameters (types: str, int, float, bool, list, dict).")
+@load_version_option
 @click.option("-o", "--output", default="pipeline.json", show_default=True,
               help="Where to write the spec: JSON, or YAML for .yaml/.yml.")
 def compile_command(
@@ -235,11 +261,13 @@ def compile_command(
     image: str | None,
     storage_root: str | None,
     params: tuple[str, ...],
+    load_versions: tuple[str, ...],
     output: str,
 ) -> None:
     """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
 
-    _run("compile", lambda: do_compile(project_path, env, pipeline, image, storage_root, params, output))
+    _run("compile", lambda: do_compile(project_path, env, pipeline, image, storage_root, params, output,
+                                       load_versions))
 
 
 @cli.command("run-local")
@@ -251,6 +279,7 @@ def compile_command(
 @click.option("--max-parallel", default=4, show_default=True, type=click.IntRange(min=1),
               help="Steps that may run at the same time.")
 @click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
+@fail_fast_option
 def run_local_command(
     spec: str,
     project_path: str | None,
@@ -258,10 +287,12 @@ def run_local_command(
     storage_root: str | None,
     max_parallel: int,
     job_name: str | None,
+    fail_fast: bool,
 ) -> None:
     """Run a compiled pipeline spec on this machine, each step a separate process."""
 
-    _run("run-local", lambda: do_run_local(spec, project_path, params, storage_root, max_parallel, job_name))
+    _run("run-local", lambda: do_run_local(spec, project_path, params, storage_root, max_parallel, job_name,
+                                           fail_fast))
 
 
 def _step_identity(run_id: str | None, job_name: str | None) -> tuple[str, str]:

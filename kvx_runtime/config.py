@@ -170,6 +170,9 @@ class RunConfig(_Section):
     description: str | None = None
     ttl: int = Field(default=604800, gt=0)
     on_exit_pipeline: str | None = None
+    #: After a step fails: fail_slow (Vertex AI's default) lets independent steps finish,
+    #: fail_fast starts nothing new. Carried by the spec (kvx_failure_policy) and the job.
+    failure_policy: Literal["fail_slow", "fail_fast"] = "fail_slow"
     resources: dict[str, ResourceSpec] = Field(default_factory=dict)
     node_selectors: dict[str, dict[str, str]] = Field(default_factory=dict)
     retries: dict[str, RetrySpec] = Field(default_factory=dict)

@@ -55,6 +55,12 @@ class InputDataError(KvxError):
     """
 
 
+class CatalogDataError(InputDataError):
+    """A dataset declared in the catalog could not be loaded or saved: a missing file, a
+    permission, a malformed file. The project's data or configuration, not the node's code
+    (and not transient: those are :class:`InfrastructureError`)."""
+
+
 class InfrastructureError(KvxError):
     """Storage, MLflow or authentication failed after retries; a retry may succeed."""
 
@@ -89,17 +95,22 @@ class Interrupted(BaseException):
         )
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (cycles cut)."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        chain.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def find_kvx_error(exc: BaseException) -> KvxError | None:
     """Return the first :class:`KvxError` in ``exc``'s cause/context chain, if any.
 
     Kedro wraps dataset and hook exceptions; this digs our own error back out so that a
     corrupt blob reports as such (exit 2) and not as a failing node (exit 1).
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KvxError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((item for item in exception_chain(exc) if isinstance(item, KvxError)), None)

@@ -25,9 +25,19 @@ from typing import Any
 
 from kvx_runtime.config import STEP_KEYS, normalize_storage_root
 from kvx_runtime.config_loader import env_var_name
-from kvx_runtime.errors import ConfigError, KvxError, NodeError, UsageError, find_kvx_error
+from kvx_runtime.errors import (
+    CatalogDataError,
+    ConfigError,
+    InfrastructureError,
+    KvxError,
+    NodeError,
+    UsageError,
+    exception_chain,
+    find_kvx_error,
+)
 from kvx_runtime.graph import StepPlan, dataset_identity, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
+from kvx_runtime.versions import kedro_version
 
 __all__ = ["StepRequest", "StepResult", "execute_step", "is_declared"]
 
@@ -47,6 +57,10 @@ class StepRequest:
     params: dict[str, Any] = field(default_factory=dict)
     raw_params: Sequence[str] = ()
     mlflow_run_id: str | None = None
+    #: The pipeline run's save version (Kedro format or an RFC 3339 time), see kvx_runtime.versions.
+    save_version: str | None = None
+    #: Explicit load versions (dataset -> Kedro version); they win over the run's version.
+    load_versions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,17 +93,26 @@ class _StepHooks:
     """Kedro hooks registered on the step's session: blob injection and node logging."""
 
     def __init__(
-        self, plan: StepPlan, storage_root: str | None, job_name: str, tracking: Any = None
+        self,
+        plan: StepPlan,
+        storage_root: str | None,
+        job_name: str,
+        tracking: Any = None,
+        save_version: str | None = None,
     ) -> None:
         self.plan = plan
         self.tracking = tracking
         self.storage_root = storage_root
         self.job_name = job_name
+        self.save_version = save_version
         self.stored: list[str] = []
         self.loaded: list[str] = []
         self.pipeline_started = False
         self.failed_node: str | None = None
         self.node_error: BaseException | None = None
+        #: The catalog operation under way: ("load" | "save", dataset name), else None.
+        self.dataset_operation: tuple[str, str] | None = None
+        self.catalog: Any = None
         self._started: dict[str, float] = {}
         from kedro.framework.hooks import hook_impl
 
@@ -100,8 +123,28 @@ class _StepHooks:
             "before_node_run",
             "after_node_run",
             "on_node_error",
+            "before_dataset_loaded",
+            "after_dataset_loaded",
+            "before_dataset_saved",
+            "after_dataset_saved",
         ):
             hook_impl(getattr(self, name).__func__)
+
+    def before_dataset_loaded(self, dataset_name: str) -> None:
+        self.dataset_operation = ("load", dataset_name)
+
+    def after_dataset_loaded(self) -> None:
+        self.dataset_operation = None
+
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        self.dataset_operation = ("save", dataset_name)
+        if self.save_version and self.catalog is not None:
+            from kvx_runtime.versions import remove_earlier_attempt
+
+            remove_earlier_attempt(self.catalog.get(dataset_name), dataset_name, self.save_version)
+
+    def after_dataset_saved(self) -> None:
+        self.dataset_operation = None
 
     def _store(self) -> Any:
         from kvx_runtime.storage.store import BlobStore
@@ -123,6 +166,7 @@ class _StepHooks:
         return BlobDataset(identity, store, producer=self.plan.producers.get(identity))
 
     def after_catalog_created(self, catalog: Any) -> None:
+        self.catalog = catalog
         store = None
         for name in self.plan.inputs:
             if is_declared(catalog, name):
@@ -187,7 +231,14 @@ class _StepHooks:
             )
 
 
-def replay_command(request: StepRequest, run_id: str, job_name: str, env: str, root: str | None) -> str:
+def replay_command(
+    request: StepRequest,
+    run_id: str,
+    job_name: str,
+    env: str,
+    root: str | None,
+    save_version: str | None = None,
+) -> str:
     """A one-line command that re-runs this step elsewhere against the same storage root."""
     argv = ["kvx-runtime", "exec-node"]
     for name in request.nodes:
@@ -197,9 +248,36 @@ def replay_command(request: StepRequest, run_id: str, job_name: str, env: str, r
     argv += ["--env", env, "--run-id", run_id, "--job-name", job_name]
     if root:
         argv += ["--storage-root", root]
+    if save_version:
+        argv += ["--save-version", save_version]
+    for dataset, version in sorted(request.load_versions.items()):
+        argv += ["--load-version", f"{dataset}={version}"]
     for item in request.raw_params:
         argv += ["--param", item]
     return shlex.join(argv)
+
+
+def _load_versions(project: Any, request: StepRequest, plan: StepPlan, save_version: str | None) -> dict[str, str]:
+    """Versions to load: inputs saved earlier in this run at the run's version, and the
+    explicit ones (which win)."""
+    produced = [name for name in plan.inputs if plan.produced_in_pipeline(name)]
+    if not save_version or not produced:
+        return dict(request.load_versions)
+    from kvx_runtime.project import catalog_config
+    from kvx_runtime.versions import run_load_versions
+
+    try:
+        config = catalog_config(project, request.params)
+    except KvxError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the catalog configuration cannot be read: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    versions = run_load_versions(config, produced, save_version, request.load_versions)
+    if versions:
+        log.info("versioned inputs load this run's version", load_versions=versions)
+    return versions
 
 
 def _exit_pipeline_inputs(project: Any, pipeline_name: str) -> set[str]:
@@ -241,6 +319,7 @@ def execute_step(request: StepRequest) -> StepResult:
     if not request.nodes:
         raise UsageError("no node given", hint="pass --node NAME (repeat it for a group)")
 
+    save_version = kedro_version(request.save_version) if request.save_version else None
     run_id = request.run_id or os.environ.get(env_var_name("run_id")) or _local_run_id()
     job_name = request.job_name or os.environ.get(env_var_name("job_name")) or run_id
     # The config loader and the user's own code read these; flags win over the environment.
@@ -288,20 +367,23 @@ def execute_step(request: StepRequest) -> StepResult:
         # would start a run of its own, or fail.
         disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
 
-    hooks = _StepHooks(plan, storage_root, job_name, tracking)
+    load_versions = _load_versions(project, request, plan, save_version)
+    hooks = _StepHooks(plan, storage_root, job_name, tracking, save_version)
     log.info(
         "step starting",
         nodes=list(plan.nodes),
         pipeline=request.pipeline,
         env=project.env,
         project=str(project.path),
+        save_version=save_version,
     )
     try:
-        _run_session(project, request, plan, hooks, settings)
+        _run_session(project, request, plan, hooks, settings, save_version, load_versions)
     except KvxError:
         raise
     except Exception as exc:
-        raise _step_error(exc, hooks, request, run_id, job_name, project.env, storage_root) from exc
+        replay = replay_command(request, run_id, job_name, project.env, storage_root, save_version)
+        raise _step_error(exc, hooks, replay) from exc
     finally:
         if tracking is not None:
             tracking.detach()
@@ -318,8 +400,29 @@ def execute_step(request: StepRequest) -> StepResult:
     )
 
 
+def _pin_save_version(session: Any, save_version: str) -> None:
+    """Make ``session.run`` save versioned datasets with the pipeline run's version.
+
+    Kedro saves with the session id; a session has no public way to set it, so the id in
+    its store is replaced (checked by the end-to-end tests on every supported Kedro)."""
+    store = getattr(session, "_store", None)
+    if store is None or "session_id" not in store:
+        raise ConfigError(
+            "this Kedro version's session cannot take the pipeline run's save version",
+            hint="versioned datasets need kvx-runtime's supported Kedro versions (see the README)",
+        )
+    store["session_id"] = save_version
+    session.session_id = save_version
+
+
 def _run_session(
-    project: Any, request: StepRequest, plan: StepPlan, hooks: _StepHooks, settings: Any
+    project: Any,
+    request: StepRequest,
+    plan: StepPlan,
+    hooks: _StepHooks,
+    settings: Any,
+    save_version: str | None,
+    load_versions: dict[str, str],
 ) -> None:
     from kedro.framework.session import KedroSession
     from kedro.runner import SequentialRunner
@@ -330,29 +433,24 @@ def _run_session(
         session = KedroSession.create(
             project.path, env=project.env, runtime_params=request.params or None
         )
+    if save_version:
+        _pin_save_version(session, save_version)
     with session:
         session._hook_manager.register(hooks, name="kvx-runtime-step")
         session.run(
             pipeline_names=[request.pipeline],
             node_names=list(plan.nodes),
             runner=SequentialRunner(),
+            load_versions=load_versions or None,
         )
 
 
-def _step_error(
-    exc: Exception,
-    hooks: _StepHooks,
-    request: StepRequest,
-    run_id: str,
-    job_name: str,
-    env: str,
-    storage_root: str | None,
-) -> KvxError:
-    """Classify what came out of Kedro: our own error, a setup problem or the user's node."""
+def _step_error(exc: Exception, hooks: _StepHooks, replay: str) -> KvxError:
+    """Classify what came out of Kedro: our own error, a setup problem, a catalog dataset
+    that could not be read or written, or the user's node (table in docs/exec-node.md)."""
     ours = find_kvx_error(exc)
     if ours is not None:
         return ours
-    replay = replay_command(request, run_id, job_name, env, storage_root)
     if not hooks.pipeline_started:
         # Kedro failed while building the context or catalog: the project's config.
         return ConfigError(
@@ -365,9 +463,27 @@ def _step_error(
             f"{_first_line(hooks.node_error)}",
             hint=f"replay: {replay}",
         )
+    if hooks.dataset_operation is not None:
+        return _catalog_error(exc, *hooks.dataset_operation, replay)
     return NodeError(
         f"the step failed: {type(exc).__name__}: {_first_line(exc)}", hint=f"replay: {replay}"
     )
+
+
+def _catalog_error(exc: Exception, operation: str, dataset: str, replay: str) -> KvxError:
+    """A catalog dataset failed to load or save: keep the innermost cause (the path, the
+    permission), which Kedro's own wrapping message does not show."""
+    from kvx_runtime.storage.store import is_transient
+
+    chain = exception_chain(exc)
+    root = chain[-1]
+    verb = "loaded" if operation == "load" else "saved"
+    message = f"catalog dataset '{dataset}' could not be {verb}: {type(root).__name__}: {_first_line(root)}"
+    if any(is_transient(item) for item in chain):
+        return InfrastructureError(message + " (a transient storage error)", hint=f"worth a retry: {replay}")
+    fix = ("check that the file exists where the catalog says and that this step may read it"
+           if operation == "load" else "check the catalog entry's path and that this step may write there")
+    return CatalogDataError(message, hint=f"{fix}; replay: {replay}")
 
 
 def _first_line(exc: BaseException | None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from kvx_runtime.cli import _run, do_compile, do_init, do_run_local
+from kvx_runtime.cli import _run, do_compile, do_init, do_run_local, fail_fast_option
 from kvx_runtime.log import configure_logging
 
 
@@ -50,9 +50,10 @@ def compile_(ctx: click.Context, pipeline: str, image: str | None, storage_root:
               help="Override a pipeline parameter for this run.")
 @click.option("--storage-root", default=None, help="Storage root (default: <project>/.kvx/storage).")
 @click.option("--max-parallel", default=4, show_default=True, type=click.IntRange(min=1))
+@fail_fast_option
 @click.pass_context
 def run_local_(ctx: click.Context, pipeline: str, params: tuple[str, ...], overrides: tuple[str, ...],
-               storage_root: str | None, max_parallel: int) -> None:
+               storage_root: str | None, max_parallel: int, fail_fast: bool) -> None:
     """Compile the pipeline, then run the compiled spec here, step by step."""
 
     def action() -> None:
@@ -61,7 +62,7 @@ def run_local_(ctx: click.Context, pipeline: str, params: tuple[str, ...], overr
         root = storage_root or os.path.join(os.getcwd(), ".kvx", "storage")
         # The image does not matter locally: steps run in this environment.
         spec = do_compile(None, ctx.obj["env"], pipeline, "local", root, params, ".kvx/pipeline.json")
-        do_run_local(spec, None, overrides, root, max_parallel, None)
+        do_run_local(spec, None, overrides, root, max_parallel, None, fail_fast)
 
     _run("kedro vertexai run-local", action)
 

@@ -132,6 +132,43 @@ def find_package_name(project_path: Path) -> str:
         ) from None
 
 
+#: Kedro's own default run environment: the laptop's, holding credentials, left out of images.
+LAPTOP_ENV = "local"
+
+
+def default_env(loader_args: dict[str, Any]) -> str:
+    """The config environment when neither ``--env`` nor ``KEDRO_ENV`` names one.
+
+    The project's ``default_run_env``, unless that is ``local``: Kedro's default for the
+    laptop, which holds credentials and which project images leave out (our .dockerignore
+    does, rightly). Steps compiled without ``--env`` then run in ``base`` (``base_env``),
+    which every image contains, on Vertex AI and in run-local alike.
+    """
+    configured = str(loader_args.get("default_run_env") or LAPTOP_ENV)
+    if configured == LAPTOP_ENV:
+        return str(loader_args.get("base_env") or "base")
+    return configured
+
+
+def check_env_exists(conf_source: str, env: str, base_env: str) -> None:
+    """A missing environment directory is a configuration error naming the fix."""
+    if "://" in conf_source or not Path(conf_source).is_dir():
+        return  # remote or packaged configuration: Kedro reports what is missing
+    for name in dict.fromkeys([base_env, env]):
+        directory = Path(conf_source) / name
+        if not directory.is_dir():
+            hint = (
+                f"pass --env with an environment that exists here (e.g. --env {base_env}); "
+                "conf/local is usually left out of images by .dockerignore: compile without "
+                f"--env (steps then use '{base_env}') or with an environment the image contains"
+                if name != base_env
+                else f"the project's base configuration must exist at {directory}"
+            )
+            raise ConfigError(
+                f"config environment '{name}' does not exist: {directory} is missing", hint=hint
+            )
+
+
 def open_project(
     project_path: str | Path | None,
     env: str | None,
@@ -141,7 +178,7 @@ def open_project(
 ) -> KedroProject:
     """Bootstrap the Kedro project at ``project_path`` (default: the working directory).
 
-    ``env`` falls back to ``KEDRO_ENV``, then to the project's ``default_run_env``.
+    ``env`` falls back to ``KEDRO_ENV``, then to :func:`default_env`.
     """
     for key, value in TELEMETRY_OFF.items():
         os.environ[key] = value
@@ -153,12 +190,11 @@ def open_project(
     disable_plugin_hooks(settings, _TELEMETRY_PLUGINS)
     loader_args = dict(getattr(settings, "CONFIG_LOADER_ARGS", {}) or {})
     base_env = str(loader_args.get("base_env") or "base")
-    resolved_env = env or os.environ.get("KEDRO_ENV") or str(
-        loader_args.get("default_run_env") or "local"
-    )
+    resolved_env = env or os.environ.get("KEDRO_ENV") or default_env(loader_args)
     conf_source = str(settings.CONF_SOURCE)
     if "://" not in conf_source and not Path(conf_source).is_absolute():
         conf_source = str(path / conf_source)
+    check_env_exists(conf_source, resolved_env, base_env)
     merge_strategy = (loader_args.get("merge_strategy") or {}).get("vertexai", "destructive")
     templated = install_templating(settings) if templating else False
     plugin_config = load_plugin_config(
@@ -248,3 +284,25 @@ def registered_pipeline_names() -> list[str]:
     if set_requested is not None:
         set_requested(None)
     return sorted(pipelines.keys())
+
+
+def make_config_loader(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> Any:
+    """The project's config loader, as its sessions build it (no session, no hooks)."""
+    from kedro.framework.project import settings
+
+    return settings.CONFIG_LOADER_CLASS(
+        conf_source=project.conf_source,
+        env=project.env,
+        runtime_params=runtime_params,
+        **settings.CONFIG_LOADER_ARGS,
+    )
+
+
+def catalog_config(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merged catalog configuration (``{}`` when the project has none)."""
+    from kedro.config import MissingConfigException
+
+    try:
+        return dict(make_config_loader(project, runtime_params)["catalog"] or {})
+    except MissingConfigException:
+        return {}

@@ -158,9 +158,45 @@ def test_unknown_codec_is_incompatible(blob_bytes: bytes) -> None:
 
 
 def test_object_that_cannot_be_pickled_names_the_dataset() -> None:
-    with pytest.raises(BlobUnpicklable, match="dataset 'locks' cannot be pickled") as caught:
+    with pytest.raises(BlobUnpicklable, match="output 'locks' cannot be pickled") as caught:
         write_blob({"lock": threading.Lock()}, io.BytesIO(), dataset="locks")
     assert caught.value.exit_code == ExitCode.NODE_FAILED
+    assert "spark.SparkDataset" in str(caught.value) and "run_config.grouping" in str(caught.value)
+
+
+class _RefusesPickling:
+    """Like a Spark DataFrame: pickling raises an exception of its own kind."""
+
+    def __reduce__(self):
+        raise RuntimeError("It appears that you are attempting to reference SparkContext")
+
+
+def test_any_exception_while_pickling_is_the_outputs_problem() -> None:
+    with pytest.raises(BlobUnpicklable, match=r"output 'table' .*RuntimeError: It appears") as caught:
+        write_blob({"frame": _RefusesPickling()}, io.BytesIO(), dataset="table")
+    assert caught.value.exit_code == ExitCode.NODE_FAILED
+
+
+class _BrokenSink(io.RawIOBase):
+    """Accepts the header, then fails like a dropped upload connection."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.written > 1024:
+            raise ConnectionResetError("connection reset by peer")
+        self.written += len(data)
+        return len(data)
+
+
+def test_a_failing_sink_is_not_blamed_on_the_object() -> None:
+    # Large enough that frames reach the sink while pickling is still under way.
+    with pytest.raises(ConnectionResetError):
+        write_blob({"data": bytes(40 * 1024 * 1024)}, _BrokenSink(), dataset="big")
 
 
 def test_missing_class_on_load_is_incompatible_not_a_traceback() -> None:

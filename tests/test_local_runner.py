@@ -120,25 +120,52 @@ def status_writer(path: Path) -> Step:
     )
 
 
-def test_failure_stops_scheduling_and_reports_replay_and_log_tail(tmp_path: Path) -> None:
+def test_after_a_failure_independent_steps_finish_as_on_vertex(tmp_path: Path) -> None:
     status_file = tmp_path / "final_status.json"
     exit_step = status_writer(status_file)
+    # "side" does not depend on "b": Vertex AI's default policy (fail_slow) still runs it,
+    # after "b" failed (max_parallel=1 and the order b, c, side).
     spec = build([step("a"), step("b", deps=["a"], fail_times=1), step("c", deps=["b"]),
-                  step("side", deps=["a"], sleep=0.5)], exit_steps=[exit_step])
+                  step("side", deps=["a"], sleep=0.5), step("late", deps=["side"], fail_times=1)],
+                 exit_steps=[exit_step])
     result, output = run(spec, tmp_path, max_parallel=1, job_name="job-x")
     assert result.exit_code == 3
-    assert result.failed_task == "b"
-    assert result.states["c"] == "skipped"
-    assert result.states["on-exit"] == "done"
+    assert result.failed_task == "b" and result.failed_tasks == ["b", "late"]
+    assert result.states == {"a": "done", "b": "failed", "c": "skipped", "side": "done", "late": "failed",
+                             "on-exit": "done"}
     status = json.loads(status_file.read_text())
     assert status["state"] == "FAILED"
     assert "step b broke on purpose" in status["error"]["message"]
     assert status["pipelineJobResourceName"].endswith("/pipelineJobs/job-x")
-    assert "Step 'b' failed (exit 3): step b broke on purpose" in output
-    assert "--- last lines of" in output and "broke on purpose" in output.split("--- last lines of")[1]
-    assert f"cd {tmp_path}" in output and "Replay this step with" in output
+    # Per failed step: the error line, the log, the replay; no log dump.
+    report = output.split("2 steps failed, 1 skipped:")[1]
+    assert "  b: exit 3: step b broke on purpose" in report
+    assert "  late: exit 3: step late broke on purpose" in report
+    assert f"log:    {tmp_path / '.kvx' / 'runs' / 'job-x' / 'logs' / 'b.log'}" in report
+    assert f"replay: cd {tmp_path}" in report
+    assert "--- attempt" not in output  # no log dump
+    assert sum(line.startswith("    log:") for line in report.splitlines()) == 2
     persisted = json.loads((tmp_path / ".kvx" / "runs" / "job-x" / "status.json").read_text())
     assert persisted["failed_task"] == "b"
+
+
+def test_fail_fast_starts_nothing_new(tmp_path: Path) -> None:
+    spec = build([step("a"), step("b", deps=["a"], fail_times=1), step("side", deps=["a"], sleep=0.2)])
+    result, output = run(spec, tmp_path, max_parallel=1, fail_fast=True)
+    assert result.states == {"a": "done", "b": "failed", "side": "skipped"}
+    assert "fail_fast" in output.splitlines()[0]
+
+
+def test_the_specs_failure_policy_is_applied(tmp_path: Path) -> None:
+    spec = build([step("a", fail_times=1), step("b", sleep=0.2)])
+    spec["root"]["inputDefinitions"]["parameters"]["kvx_failure_policy"]["defaultValue"] = "fail_fast"
+    result, _ = run(spec, tmp_path, max_parallel=1)
+    assert result.states == {"a": "failed", "b": "skipped"}
+    (tmp_path / "slow").mkdir()
+    result, _ = run(spec, tmp_path / "slow", max_parallel=1, params={"kvx_failure_policy": "fail_slow"})
+    assert result.states == {"a": "failed", "b": "done"}
+    with pytest.raises(UsageError, match="kvx_failure_policy 'sometimes'"):
+        run(spec, tmp_path, params={"kvx_failure_policy": "sometimes"})
 
 
 def test_exit_handler_sees_success(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kvx_runtime.errors import ConfigError
@@ -178,5 +179,32 @@ def warn_local_datasets(
                 dataset=dataset,
                 writer=producer,
                 readers=readers,
+            )
+    return flagged
+
+
+def warn_envs_not_in_image(project_path: Path, conf_root: Path, envs: Iterable[str]) -> list[str]:
+    """Config environments the steps use that the project's .dockerignore leaves out of the
+    image (every file of ``conf/<env>`` excluded): steps would fail only once in the cloud."""
+    from kvx_runtime.dockerignore import DockerIgnore
+
+    ignore = DockerIgnore.of_project(project_path)
+    if ignore is None:
+        return []
+    flagged: list[str] = []
+    for env in dict.fromkeys(envs):
+        directory = conf_root / env
+        try:
+            relative = directory.relative_to(project_path)
+        except ValueError:  # configuration outside the build context
+            continue
+        files = [p.relative_to(project_path).as_posix() for p in directory.rglob("*") if p.is_file()]
+        if files and all(ignore.excludes(name) for name in files):
+            flagged.append(env)
+            log.warning(
+                f"steps will use config environment '{env}', but the project's .dockerignore leaves "
+                f"{relative.as_posix()}/ out of the image: every step would fail on Vertex AI; compile "
+                "with --env naming an environment the image contains",
+                env=env,
             )
     return flagged

@@ -14,6 +14,7 @@ from typing import Any
 from kvx_runtime.compiler.checks import (
     check_node_dependencies,
     check_references,
+    warn_envs_not_in_image,
     warn_local_datasets,
     warn_unknown_selectors,
 )
@@ -26,6 +27,7 @@ from kvx_runtime.compiler.resources import (
 )
 from kvx_runtime.compiler.spec import (
     FINAL_STATUS,
+    JOB_CREATE_TIME,
     MLFLOW_RUN_ID,
     PARAMETER_TYPES,
     STORAGE_ROOT_PARAMETER,
@@ -63,6 +65,7 @@ class CompileRequest:
     image: str | None = None
     params: Sequence[str] = ()  # "kedro.name:type"
     storage_root: str | None = None
+    load_versions: dict[str, str] = field(default_factory=dict)  # dataset -> Kedro version
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     paths = _dataset_paths(catalog, catalog_config,
                            {name for name in catalog_names if dataset_identity(name) in producers})
     warnings += warn_local_datasets(paths, producers, consumers, step_of)
+    warnings += [f"env {env} not in image" for env in
+                 warn_envs_not_in_image(project.path, project.conf_root, [project.base_env, project.env])]
 
     parameters = _pipeline_parameters(request.params, kedro_params)
     mlflow = mlflow_configured(project)
@@ -269,6 +274,9 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
 
     common = ["--env", project.env, "--run-id", "{{$.pipeline_job_uuid}}",
               "--job-name", "{{$.pipeline_job_name}}"]
+    # Every step of a run saves (and reads back) versioned datasets at one version: the run's.
+    versions = ["--save-version", placeholder(JOB_CREATE_TIME),
+                *(a for d, v in sorted(request.load_versions.items()) for a in ("--load-version", f"{d}={v}"))]
     node_steps: list[Step] = []
     steps_nodes: dict[str, tuple[str, ...]] = {}
     tags_of = {node.name: node.tags for node in kedro_pipeline.nodes}
@@ -283,8 +291,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
         args = [arg for n in group.nodes for arg in ("--node", n)]
         if request.pipeline != "__default__":
             args += ["--pipeline", request.pipeline]
-        args += [*common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER)]
-        inputs = parameter_inputs(parameters)
+        args += [*common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER), *versions]
+        inputs = {**parameter_inputs(parameters), JOB_CREATE_TIME: "STRING"}
         depends = [task_of[g] for g in sorted(graph.needs[group_name])]
         if mlflow:
             args += ["--mlflow-run-id", placeholder(MLFLOW_RUN_ID)]
@@ -330,11 +338,12 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
             task="on-exit", display_name="on-exit",
             command=[KVX, "exec-node"],
             args=[*(a for n in exit_nodes for a in ("--node", n)), "--pipeline", exit_pipeline,
-                  *common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER),
+                  *common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER), *versions,
                   *parameter_args(parameters),
                   # The exit pipeline's nodes may take params:kvx_final_status.
                   "--param", f"{FINAL_STATUS_PARAMETER}:dict={placeholder(FINAL_STATUS)}"],
-            inputs={**parameter_inputs(parameters), FINAL_STATUS: "TASK_FINAL_STATUS"},
+            inputs={**parameter_inputs(parameters), FINAL_STATUS: "TASK_FINAL_STATUS",
+                    JOB_CREATE_TIME: "STRING"},
             depends_on=["exit-handler-1"], final_status=True, env=env,
         ))
 
@@ -343,6 +352,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     builder = SpecBuilder(
         name=name, description=run.description, image=image, parameters=parameters,
         storage_root=storage_root, mlflow=mlflow, has_exit_handler=bool(exit_steps),
+        failure_policy=run.failure_policy,
     )
     spec = builder.build(node_steps, start, exit_steps)
     check_references(spec)

@@ -18,7 +18,14 @@ from typing import Any
 
 SCHEMA_VERSION = "2.1.0"
 STORAGE_ROOT_PARAMETER = "kvx_storage_root"
+#: A pipeline parameter no task reads: the failure policy that run-local applies and that a
+#: submitted job carries as runtimeConfig.failurePolicy (the spec itself has no such field).
+FAILURE_POLICY_PARAMETER = "kvx_failure_policy"
+FAILURE_POLICIES = ("fail_slow", "fail_fast")
 MLFLOW_RUN_ID = "mlflow_run_id"
+#: A task input fed the job's creation time (the run's save version for versioned datasets).
+JOB_CREATE_TIME = "kvx_job_create_time"
+JOB_CREATE_TIME_PLACEHOLDER = "{{$.pipeline_job_create_time_utc}}"
 FINAL_STATUS = "status"
 EXIT_HANDLER = "exit-handler-1"
 CHANNEL = "pipelinechannel--"
@@ -79,6 +86,7 @@ class SpecBuilder:
     storage_root: str
     mlflow: bool
     has_exit_handler: bool
+    failure_policy: str = "fail_slow"
 
     def build(self, node_steps: Sequence[Step], start: Step | None, exit_steps: Sequence[Step]) -> dict[str, Any]:
         components: dict[str, Any] = {}
@@ -142,6 +150,13 @@ class SpecBuilder:
                 "parameterType": "STRING",
             }
         }
+        definitions[FAILURE_POLICY_PARAMETER] = {
+            "defaultValue": self.failure_policy,
+            "description": "After a step fails: fail_slow lets independent steps finish (Vertex AI's "
+            "default), fail_fast starts no new step. Read by run-local and by job submission.",
+            "isOptional": True,
+            "parameterType": "STRING",
+        }
         for parameter in self.parameters:
             definitions[parameter.name] = {
                 "defaultValue": parameter.default,
@@ -183,6 +198,10 @@ class SpecBuilder:
                     "outputParameterKey": MLFLOW_RUN_ID, "producerTask": "mlflow-start-run"}}
             elif name == FINAL_STATUS:
                 parameters[name] = {"taskFinalStatus": {"producerTask": EXIT_HANDLER}}
+            elif name == JOB_CREATE_TIME:
+                # As the kfp SDK passes dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER: a constant
+                # that Vertex AI and KFP resolve when the task starts.
+                parameters[name] = {"runtimeValue": {"constant": JOB_CREATE_TIME_PLACEHOLDER}}
             else:
                 parameters[name] = {"componentInputParameter": prefix + name}
         task: dict[str, Any] = {

@@ -2,10 +2,12 @@
 
 Each task's container command runs as a subprocess in the project directory (no Docker),
 with the spec's placeholders substituted as Vertex substitutes them, its env vars, its retry
-policy and trigger policy. Independent tasks run in parallel (``max_parallel``). After the
-first failure nothing new is scheduled except tasks that run regardless (exit handlers),
-which receive the final status as Vertex passes it. A failure report names the step, shows
-the tail of its log and the exact command that replays it.
+policy and trigger policy. Independent tasks run in parallel (``max_parallel``). After a
+failure, Vertex AI's default failure policy (fail_slow) lets every step that does not depend
+on the failed one finish; fail_fast (the spec's ``kvx_failure_policy``, or ``--fail-fast``)
+starts nothing new. Tasks that run regardless (exit handlers) receive the final status as
+Vertex passes it. The report names each failed step with its error line, its log and the
+exact command that replays it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.errors import ExitCode, Interrupted, UsageError
 from kvx_runtime.local_runner.graph import (
     LocalGraph,
@@ -40,9 +44,7 @@ __all__ = ["LocalRunResult", "run_local"]
 
 log = get_logger(__name__)
 
-STORAGE_ROOT_PARAMETER = "kvx_storage_root"
 _POLL = 0.05
-_LOG_TAIL = 40
 
 
 @dataclass
@@ -62,9 +64,12 @@ class LocalRunResult:
     run_dir: Path
     states: dict[str, str]
     exit_code: int
+    #: The first step that failed (its exit code is the run's).
     failed_task: str | None = None
     replay: str | None = None
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Every failed step, in the order they failed.
+    failed_tasks: list[str] = field(default_factory=list)
 
 
 def _duration(text: str | None, default: float = 0.0) -> float:
@@ -102,12 +107,16 @@ class _Scheduler:
         max_parallel: int,
         stream: TextIO,
         extra_env: Mapping[str, str],
+        fail_fast: bool = False,
     ) -> None:
         self.graph = graph
+        self.fail_fast = fail_fast
         self.project = project
         self.run_dir = run_dir
         self.job_name = job_name
         self.job_uuid = str(uuid.uuid4())
+        # RFC 3339 with microseconds, the form Vertex AI fills {{$.pipeline_job_create_time_utc}} with.
+        self.created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.max_parallel = max(1, max_parallel)
         self.extra_env = dict(extra_env)
         self.states = dict.fromkeys(graph.tasks, "waiting")
@@ -119,6 +128,7 @@ class _Scheduler:
         self.running: dict[str, Attempt] = {}
         self.replays: dict[str, str] = {}
         self.failed_task: str | None = None
+        self.failed_tasks: list[str] = []
         self.cancelled = False
         order = list(graph.tasks)
         self.progress = make_progress(order, stream)
@@ -135,7 +145,7 @@ class _Scheduler:
             return all(self._finished(d) for d in deps)
         if any(self.states[d] in {"failed", "skipped", "cancelled"} for d in deps):
             return None
-        if self.failed_task is not None or self.cancelled:
+        if self.cancelled or (self.fail_fast and self.failed_task is not None):
             return None
         return all(self.states[d] == "done" for d in deps)
 
@@ -157,6 +167,8 @@ class _Scheduler:
         values = {
             "pipeline_job_name": self.job_name,
             "pipeline_job_uuid": self.job_uuid,
+            "pipeline_job_create_time_utc": self.created,
+            "pipeline_job_schedule_time_utc": self.created,
             "pipeline_task_name": task.display_name,
             "pipeline_task_uuid": str(uuid.uuid4()),
             "pipeline_root": str(self.run_dir / "pipeline_root"),
@@ -164,7 +176,8 @@ class _Scheduler:
         for name, source in task.inputs.items():
             kind = task.input_types.get(name, "STRING")
             if source.kind == "value":
-                values[input_key(name)] = render(kind, source.value)
+                # Constants may themselves be placeholders (the job's create time), as on Vertex.
+                values[input_key(name)] = substitute(render(kind, source.value), values)
             elif source.kind == "output":
                 produced = self.outputs.get(source.producer or "", {})
                 values[input_key(name)] = produced.get(source.key or "", "")
@@ -240,8 +253,10 @@ class _Scheduler:
         state = "cancelled" if self.cancelled else "failed"
         self.states[task.name] = state
         self.progress.finished_task(task.name, state, seconds, f"(exit {code})")
-        if state == "failed" and self.failed_task is None:
-            self.failed_task = task.name
+        if state == "failed":
+            self.failed_tasks.append(task.name)
+            if self.failed_task is None:
+                self.failed_task = task.name
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -285,7 +300,8 @@ class _Scheduler:
 
 
 def _last_error_line(log_path: Path) -> str | None:
-    """The failing command's own last ERROR line (kvx-runtime logs one on every failure)."""
+    """The failing command's own final error (kvx-runtime logs one on every failure): its
+    ``error`` field (the message without the replay hint) or its message."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
@@ -297,16 +313,8 @@ def _last_error_line(log_path: Path) -> str | None:
             except json.JSONDecodeError:
                 continue
             if record.get("severity") == "ERROR":
-                return str(record.get("message"))
-    return lines[-1] if lines else None
-
-
-def tail(path: Path, lines: int = _LOG_TAIL) -> str:
-    try:
-        content = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(content[-lines:])
+                return str(record.get("error") or record.get("message"))
+    return lines[-1][:500] if lines else None
 
 
 def default_job_name(spec: Mapping[str, Any]) -> str:
@@ -323,22 +331,27 @@ def run_local(
     max_parallel: int = 4,
     job_name: str | None = None,
     stream: TextIO | None = None,
+    fail_fast: bool = False,
 ) -> LocalRunResult:
-    """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``."""
+    """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``; the failure
+    policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``."""
     project_path = Path(project).resolve()
     overrides = dict(params or {})
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     if STORAGE_ROOT_PARAMETER in definitions and STORAGE_ROOT_PARAMETER not in overrides:
         overrides[STORAGE_ROOT_PARAMETER] = storage_root or str(project_path / ".kvx" / "storage")
     graph = build_graph(spec, overrides)
+    policy = "fail_fast" if fail_fast else str(graph.parameters.get(FAILURE_POLICY_PARAMETER, ("", "fail_slow"))[1])
+    if policy not in FAILURE_POLICIES:
+        raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
     job = job_name or default_job_name(spec)
     run_dir = project_path / ".kvx" / "runs" / job
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
-                           {"KVX_LOG_FORMAT": "json"})
+                           {"KVX_LOG_FORMAT": "json"}, fail_fast=policy == "fail_fast")
     print(f"Running {len(graph.tasks)} steps of {spec.get('pipelineInfo', {}).get('name')} "
-          f"as job {job}, run id {scheduler.job_uuid} (logs: {run_dir / 'logs'})",
+          f"as job {job}, run id {scheduler.job_uuid}, {policy} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:
         scheduler.run()
@@ -363,25 +376,32 @@ def run_local(
     failed = scheduler.failed_task
     exit_code = int(ExitCode.SUCCESS)
     replay = None
-    if failed is not None:
+    if scheduler.failed_tasks:
+        failed = failed or scheduler.failed_tasks[0]
         exit_code = scheduler.exit_codes.get(failed, 1) or 1
         replay = scheduler.replays.get(failed)
-        log_path = run_dir / "logs" / f"{failed}.log"
-        print(f"\nStep '{failed}' failed (exit {exit_code}): {scheduler.errors.get(failed)}",
-              file=output)
-        print(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---", file=output)
-        print(f"Replay this step with:\n  {replay}", file=output, flush=True)
-    else:
-        failures = [t for t, s in scheduler.states.items() if s == "failed"]
-        if failures:  # only exit-handler tasks failed
-            failed = failures[0]
-            exit_code = scheduler.exit_codes.get(failed, 1) or 1
-            replay = scheduler.replays.get(failed)
-            print(f"\nExit handler step '{failed}' failed: {scheduler.errors.get(failed)}\n"
-                  f"Replay it with:\n  {replay}", file=output, flush=True)
+        _report_failures(scheduler, run_dir, output)
     return LocalRunResult(job_name=job, run_id=scheduler.job_uuid, run_dir=run_dir, states=dict(scheduler.states),
                           exit_code=exit_code, failed_task=failed, replay=replay,
-                          outputs=scheduler.outputs)
+                          outputs=scheduler.outputs, failed_tasks=list(scheduler.failed_tasks))
+
+
+def _report_failures(scheduler: _Scheduler, run_dir: Path, output: TextIO) -> None:
+    """Per failed step: its final error line, its log and its replay command; not whole logs."""
+    failed = scheduler.failed_tasks
+    skipped = sum(1 for state in scheduler.states.values() if state == "skipped")
+    summary = f"{len(failed)} step{'s' if len(failed) > 1 else ''} failed"
+    if skipped:
+        summary += f", {skipped} skipped"
+    lines = ["", summary + ":"]
+    for task in failed:
+        handler = " (exit handler)" if scheduler.graph.tasks[task].run_after_failure else ""
+        lines += [
+            f"  {task}{handler}: exit {scheduler.exit_codes.get(task)}: {scheduler.errors.get(task)}",
+            f"    log:    {run_dir / 'logs' / f'{task}.log'}",
+            f"    replay: {scheduler.replays.get(task)}",
+        ]
+    print("\n".join(lines), file=output, flush=True)
 
 
 def _write_status(run_dir: Path, job: str, scheduler: _Scheduler) -> None:
@@ -391,6 +411,7 @@ def _write_status(run_dir: Path, job: str, scheduler: _Scheduler) -> None:
         "states": scheduler.states,
         "exit_codes": scheduler.exit_codes,
         "failed_task": scheduler.failed_task,
+        "created": scheduler.created,
         "outputs": scheduler.outputs,
     }
     (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")

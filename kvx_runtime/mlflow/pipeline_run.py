@@ -116,14 +116,10 @@ def _project_context(project: Any, runtime_params: dict[str, Any] | None) -> Any
     """A KedroContext (config loader, credentials) without a session: no hooks run."""
     from kedro.framework.context import KedroContext
     from kedro.framework.hooks import _create_hook_manager
-    from kedro.framework.project import settings
 
-    loader = settings.CONFIG_LOADER_CLASS(
-        conf_source=project.conf_source,
-        env=project.env,
-        runtime_params=runtime_params,
-        **settings.CONFIG_LOADER_ARGS,
-    )
+    from kvx_runtime.project import make_config_loader
+
+    loader = make_config_loader(project, runtime_params)
     loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
     return KedroContext(
         package_name=project.package_name,
@@ -301,8 +297,8 @@ class AttachedRun:
             log.warning("could not tag the MLflow run", tag=key, error=_redact(str(exc))[:200])
 
     def detach(self) -> None:
-        """Leave the run RUNNING: drop it from MLflow's active-run stack without ending it
-        (MLflow would otherwise end it as FINISHED when the process exits)."""
+        """Leave the run as the pipeline has it: drop it from MLflow's active-run stack without
+        ending it (MLflow would otherwise end it as FINISHED when the process exits)."""
         from mlflow.tracking import fluent
 
         stack_holder = getattr(fluent, "_active_run_stack", None)
@@ -312,11 +308,29 @@ class AttachedRun:
             stack = None
         if isinstance(stack, list):
             stack[:] = [run for run in stack if run.info.run_id != self.run_id]
-            return
-        # Fallback on other MLflow versions: end it as RUNNING (status kept).
-        import mlflow  # pragma: no cover
+        else:  # pragma: no cover - other MLflow versions: end it as RUNNING (status kept)
+            import mlflow
 
-        mlflow.end_run(status="RUNNING")  # pragma: no cover
+            mlflow.end_run(status="RUNNING")
+        self._keep_final_status()
+
+    def _keep_final_status(self) -> None:
+        """Attaching resumes the run (RUNNING). If ``mlflow-end`` already ended it (the exit
+        pipeline's step may run after it, or a step is replayed later), put back the final
+        status it recorded, so the order of the final steps does not matter."""
+        client = self.connection.client
+        try:
+            run = client.get_run(self.run_id)
+            state = run.data.tags.get(TAG_FINAL_STATE)
+            if state is None or run.info.status != "RUNNING":
+                return
+            status = FINAL_STATES.get(state, "FAILED")
+            client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            log.warning("could not check the MLflow run's final status", error=_redact(str(exc))[:200])
+            return
+        log.info("the pipeline's MLflow run had already ended; its final status is kept",
+                 mlflow_run_id=self.run_id, status=status)
 
 
 def attach_step(

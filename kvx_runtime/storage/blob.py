@@ -202,6 +202,8 @@ class _FrameWriter(io.RawIOBase):
         self._buffer = bytearray()
         self.pickled = 0
         self.stored = 0
+        #: What the storage side raised, if anything: not the pickled object's fault.
+        self.sink_error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -232,9 +234,16 @@ class _FrameWriter(io.RawIOBase):
     def _drain(self, keep: int) -> None:
         while len(self._frames) > keep:
             stored, raw_length = self._frames.next_result()
-            self._target.write(_FRAME_PREFIX.pack(len(stored), raw_length))
-            self._target.write(stored)
+            self._write_target(_FRAME_PREFIX.pack(len(stored), raw_length))
+            self._write_target(stored)
             self.stored += _FRAME_PREFIX.size + len(stored)
+
+    def _write_target(self, data: bytes) -> None:
+        try:
+            self._target.write(data)
+        except BaseException as exc:
+            self.sink_error = exc
+            raise
 
     def finish(self) -> None:
         """Write the last partial frame and the end-of-frames marker."""
@@ -242,7 +251,7 @@ class _FrameWriter(io.RawIOBase):
             self._submit(bytes(self._buffer))
             self._buffer.clear()
         self._drain(0)
-        self._target.write(_FRAME_PREFIX.pack(0, 0))
+        self._write_target(_FRAME_PREFIX.pack(0, 0))
         self.stored += _FRAME_PREFIX.size
 
     def close(self) -> None:
@@ -321,11 +330,21 @@ def write_blob(
     try:
         try:
             _Pickler(writer, protocol=PICKLE_PROTOCOL).dump(obj)
-        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
-            what = f"dataset '{dataset}'" if dataset else "the object"
+        except (KvxError, MemoryError):
+            raise
+        except Exception as exc:
+            if writer.sink_error is not None:
+                raise  # storage failed under the pickler: the store classifies and retries it
+            # Anything else raised while pickling is the object's own doing (a Spark DataFrame
+            # raises RuntimeError, a lock TypeError, a custom __reduce__ anything at all).
+            what = f"output '{dataset}'" if dataset else "the object"
+            message = " ".join(str(exc).split())
             raise BlobUnpicklable(
-                f"{what} cannot be pickled ({type(exc).__name__}: {exc})",
-                hint="declare it in the catalog with a dataset type that can store it",
+                f"{what} cannot be pickled to cross to another step "
+                f"({type(exc).__name__}: {message[:300] or 'no message'})",
+                hint="declare it in the catalog with a dataset type that stores it, e.g. "
+                "spark.SparkDataset for a Spark DataFrame, or run its producer and consumers in "
+                "one step with run_config.grouping",
             ) from exc
         writer.finish()
     finally:

@@ -1,0 +1,150 @@
+"""One save version per pipeline run for Kedro's versioned datasets.
+
+A plain ``kedro run`` saves every versioned dataset with one version (the session's
+timestamp) and loads "the latest" of the others. Split into steps, every step would pick its
+own timestamp, and a step loading a dataset that an earlier step of the same run saved would
+load whatever is newest, possibly another run's. So a pipeline run has one save version,
+derived from the run's creation time (``{{$.pipeline_job_create_time_utc}}`` on Vertex AI and
+KFP, the same value for every step; run-local passes its own start time), in Kedro's version
+format so that "latest" keeps its meaning for readers outside the run. Steps load the inputs
+that an earlier step of the run saved at that version; explicit load versions still win.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from kvx_runtime.errors import UsageError
+from kvx_runtime.log import get_logger
+
+__all__ = [
+    "kedro_version",
+    "parse_load_versions",
+    "remove_earlier_attempt",
+    "run_load_versions",
+]
+
+log = get_logger(__name__)
+
+_KEDRO_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):?(\d{2}))?$"
+)
+
+
+def kedro_version(text: str) -> str:
+    """A Kedro version string (``2026-11-24T10.15.00.123Z``) from itself or an RFC 3339 time
+    (``2026-11-24T10:15:00.123456Z``, what Vertex AI and KFP put in the create-time placeholder).
+    """
+    value = text.strip()
+    if _KEDRO_VERSION.match(value):
+        return value
+    match = _RFC3339.match(value)
+    if not match:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise UsageError(
+            f"--save-version {shown!r} is neither a Kedro version (2026-11-24T10.15.00.123Z) "
+            "nor an RFC 3339 time (2026-11-24T10:15:00Z)",
+            hint="an unresolved {{$...}} placeholder means the orchestrator does not fill "
+            "pipeline_job_create_time_utc: pass --save-version explicitly",
+        )
+    year, month, day, hour, minute, second, fraction, _zulu, sign, off_h, off_m = match.groups()
+    micros = int((fraction or "0").ljust(6, "0")[:6])
+    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros,
+                      tzinfo=timezone.utc)
+    if sign:
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
+        moment = moment - offset if sign == "+" else moment + offset
+    stamp = moment.strftime("%Y-%m-%dT%H.%M.%S.%f")
+    return stamp[:-3] + "Z"  # milliseconds, as Kedro's own generate_timestamp()
+
+
+def parse_load_versions(items: Iterable[str]) -> dict[str, str]:
+    """``--load-version dataset=version`` flags (Kedro's own format for the version)."""
+    versions: dict[str, str] = {}
+    for item in items:
+        name, sep, version = item.partition("=")
+        if not sep or not name.strip() or not version.strip():
+            raise UsageError(f"--load-version {item!r} must look like dataset=version")
+        versions[name.strip()] = version.strip()
+    return versions
+
+
+def _without_credentials(value: Any) -> Any:
+    """The catalog config without ``credentials`` keys: deciding whether a dataset is
+    versioned must neither need nor touch secrets."""
+    if isinstance(value, Mapping):
+        return {k: _without_credentials(v) for k, v in value.items() if k != "credentials"}
+    if isinstance(value, list):
+        return [_without_credentials(v) for v in value]
+    return value
+
+
+def versioned_names(catalog_config: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """Which of ``names`` the catalog declares ``versioned: true`` (explicitly or through a
+    dataset factory that Kedro accepts ``load_versions`` for)."""
+    from kedro.io import CatalogConfigResolver
+
+    resolver = CatalogConfigResolver(_without_credentials(dict(catalog_config)))
+    found = []
+    for name in names:
+        if name in resolver.config:
+            config = resolver.config[name]
+        elif resolver.match_dataset_pattern(name):
+            config = resolver.resolve_pattern(name)
+        else:
+            continue
+        if isinstance(config, Mapping) and config.get("versioned") is True:
+            found.append(name)
+    return sorted(found)
+
+
+def run_load_versions(
+    catalog_config: Mapping[str, Any],
+    inputs: Iterable[str],
+    save_version: str,
+    explicit: Mapping[str, str],
+) -> dict[str, str]:
+    """Load versions for a step: its versioned ``inputs`` saved earlier in this run at
+    ``save_version``, unless ``explicit`` names another version for them."""
+    versions = {name: save_version for name in versioned_names(catalog_config, inputs)}
+    versions.update(explicit)
+    return versions
+
+
+def remove_earlier_attempt(dataset: Any, name: str, save_version: str) -> bool:
+    """Delete ``name``'s output at ``save_version`` if an earlier attempt of this step wrote it.
+
+    Kedro refuses to save a version that exists; with one version per run, a retried step
+    (after a transient failure, or replayed) would otherwise fail for ever on the output its
+    first attempt saved. The version belongs to this run and this step is its only writer,
+    so replacing it is what the retry means. Best effort: datasets without an fsspec
+    filesystem are left to Kedro's own error.
+    """
+    from kedro.io.core import AbstractVersionedDataset, get_filepath_str
+
+    inner = getattr(dataset, "_dataset", dataset)  # CachedDataset
+    if not isinstance(inner, AbstractVersionedDataset) or not getattr(inner, "_version", None):
+        return False
+    if inner.resolve_save_version() != save_version:
+        return False
+    filesystem = getattr(inner, "_fs", None)
+    if filesystem is None:
+        return False
+    path = get_filepath_str(inner._get_versioned_path(save_version), getattr(inner, "_protocol", "file"))
+    try:
+        if not filesystem.exists(path):
+            return False
+        filesystem.rm(path, recursive=True)
+    except OSError as exc:
+        log.warning("could not replace an earlier attempt's output", dataset=name, error=str(exc)[:200])
+        return False
+    log.warning(
+        "an earlier attempt of this step saved this output at this run's version; replacing it",
+        dataset=name,
+        version=save_version,
+    )
+    return True

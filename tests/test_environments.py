@@ -1,0 +1,72 @@
+"""Which config environment steps use, and whether the project image contains it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvx_runtime.compiler.checks import warn_envs_not_in_image
+from kvx_runtime.dockerignore import DockerIgnore
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.project import check_env_exists, default_env
+
+TEMPLATE = (Path(__file__).resolve().parents[1] / "kvx_runtime" / "templates" / "project.dockerignore").read_text()
+
+
+@pytest.mark.parametrize(
+    ("path", "excluded"),
+    [
+        ("conf/base/catalog.yml", False),
+        ("conf/local/catalog.yml", True),
+        ("conf/local", True),
+        ("conf/base/credentials.yml", True),
+        ("conf/cloud/nested/credentials_gcp.yml", True),
+        ("src/pkg/nodes.py", False),
+        ("src/pkg/__pycache__/nodes.cpython-311.pyc", True),
+        ("data/01_raw/companies.csv", False),
+        ("data/02_intermediate/x.parquet", True),
+        ("notebooks/explore.ipynb", True),
+        ("pyproject.toml", False),
+    ],
+)
+def test_the_project_template_dockerignore(path: str, excluded: bool) -> None:
+    assert DockerIgnore(TEMPLATE).excludes(path) is excluded
+
+
+def test_docker_rules_differ_from_gitignore() -> None:
+    ignore = DockerIgnore("*.pyc\n/build/\n**/secret?.txt\nlogs/**\n!logs/keep.log\n# comment\n")
+    assert ignore.excludes("x.pyc") and not ignore.excludes("src/x.pyc")  # anchored at the root
+    assert ignore.excludes("build/out/a.bin")  # a matching parent directory covers its files
+    assert ignore.excludes("a/b/secret1.txt") and ignore.excludes("secret2.txt")
+    assert not ignore.excludes("secret10.txt")
+    assert ignore.excludes("logs/run.log") and not ignore.excludes("logs/keep.log")  # last match wins
+
+
+def test_default_env_avoids_the_laptop_env() -> None:
+    assert default_env({}) == "base"
+    assert default_env({"default_run_env": "local"}) == "base"
+    assert default_env({"default_run_env": "local", "base_env": "common"}) == "common"
+    assert default_env({"default_run_env": "prod"}) == "prod"
+
+
+def test_a_missing_env_directory_names_the_env_the_path_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "conf" / "base").mkdir(parents=True)
+    check_env_exists(str(tmp_path / "conf"), "base", "base")
+    with pytest.raises(ConfigError) as caught:
+        check_env_exists(str(tmp_path / "conf"), "local", "base")
+    text = str(caught.value)
+    assert "config environment 'local' does not exist" in text
+    assert str(tmp_path / "conf" / "local") in text and "--env base" in text
+
+
+def test_compile_warns_when_the_image_lacks_the_env(tmp_path: Path, caplog) -> None:
+    for env in ("base", "local", "cloud"):
+        (tmp_path / "conf" / env).mkdir(parents=True)
+        (tmp_path / "conf" / env / "catalog.yml").write_text("{}\n")
+    (tmp_path / "conf" / "cloud" / "credentials.yml").write_text("{}\n")
+    assert warn_envs_not_in_image(tmp_path, tmp_path / "conf", ["base", "local"]) == []  # no .dockerignore
+    (tmp_path / ".dockerignore").write_text(TEMPLATE)
+    assert warn_envs_not_in_image(tmp_path, tmp_path / "conf", ["base", "local"]) == ["local"]
+    # Credentials left out of an env that the image otherwise has: intended, no warning.
+    assert warn_envs_not_in_image(tmp_path, tmp_path / "conf", ["base", "cloud"]) == []
