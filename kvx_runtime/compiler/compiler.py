@@ -41,7 +41,7 @@ from kvx_runtime.compiler.spec import (
     retry_policy,
 )
 from kvx_runtime.config import normalize_storage_root
-from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import NodeGrouper, StepGroup, build_grouper, group_dependencies, order_groups
 from kvx_runtime.log import get_logger
@@ -191,12 +191,21 @@ def _load_kedro(project: Any, pipeline: str) -> tuple[Any, dict[str, Any], Any, 
     # Compiling must not start MLflow runs or contact a tracking server.
     disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
     kedro_pipeline = load_pipeline_as_steps_do(pipeline, "the pipeline")
-    with entry_points_of_disabled_plugins_not_loaded(settings):
-        session = KedroSession.create(project.path, env=project.env)
-    with session:
-        context = session.load_context()
-        catalog_config = context.config_loader["catalog"]
-        return kedro_pipeline, context.params, context.catalog, catalog_config
+    try:
+        with entry_points_of_disabled_plugins_not_loaded(settings):
+            session = KedroSession.create(project.path, env=project.env)
+        with session:
+            context = session.load_context()
+            catalog_config = context.config_loader["catalog"]
+            return kedro_pipeline, context.params, context.catalog, catalog_config
+    except KvxError:
+        raise
+    except Exception as exc:  # the user's catalog, parameters or settings
+        text = " ".join(str(exc).split())
+        raise ConfigError(
+            f"the Kedro project's configuration (env {project.env}) cannot be loaded: "
+            f"{type(exc).__name__}: {text[:500]}"
+        ) from exc
 
 
 def _dataset_paths(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, str]:
