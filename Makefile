@@ -6,17 +6,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvx-installed
 
-.PHONY: demo test test-fast test-image image lint bench bench-quick clean
+# The oldest Kedro we support; `make test-kedro-oldest` runs the whole suite against it.
+KEDRO_OLDEST ?= kedro~=1.0.0
+OLDEST_VENV ?= .venv-kedro-oldest
 
-$(STAMP): pyproject.toml integration/example_project/requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev]" \
-		-r integration/example_project/requirements.txt
+.PHONY: demo test test-fast test-kedro-oldest test-image image lint bench bench-quick clean
+
+# $(1): the virtualenv, $(2): extra requirements (a Kedro pin).
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip uv
+	$(1)/bin/uv pip install --python $(1)/bin/python --quiet -e ".[dev]" \
+		-r integration/example_project/requirements.txt $(2)
 	# Write bytecode now: with PYTHONDONTWRITEBYTECODE set (as on our CI machines) every step
 	# process would otherwise recompile Kedro, MLflow and pandas from source (~8 s each).
-	$(PY) -m compileall -q -j 0 $(VENV)/lib kvx_runtime integration/example_project/src > /dev/null || true
-	touch $(STAMP)
+	$(1)/bin/python -m compileall -q -j 0 $(1)/lib kvx_runtime integration/example_project/src \
+		integration/real_world_project/src > /dev/null || true
+	$(1)/bin/python -c "import kedro; print('Kedro', kedro.__version__, 'in $(1)')"
+	touch $(1)/.kvx-installed
+endef
+
+$(STAMP): pyproject.toml integration/example_project/requirements.txt
+	$(call make_venv,$(VENV),)
+
+$(OLDEST_VENV)/.kvx-installed: pyproject.toml integration/example_project/requirements.txt Makefile
+	$(call make_venv,$(OLDEST_VENV),"$(KEDRO_OLDEST)")
 
 demo: $(STAMP)
 	$(PY) integration/demo.py
@@ -26,6 +40,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests
+
+# The same suite on the oldest supported Kedro (CI runs both).
+test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
+	$(OLDEST_VENV)/bin/python -m pytest
 
 # Builds the base and example project images with buildah (needs root, buildah, debootstrap).
 test-image: $(STAMP)
@@ -48,4 +66,4 @@ bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache integration/example_project/.kvx
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache integration/example_project/.kvx

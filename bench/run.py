@@ -281,7 +281,7 @@ def generated_project(tmp: Path) -> Path:
     (project / "conf" / "local").mkdir(parents=True)
     (project / "pyproject.toml").write_text(
         '[tool.kedro]\npackage_name = "benchgen"\nproject_name = "benchgen"\n'
-        'kedro_init_version = "1.7.0"\nsource_dir = "src"\n')
+        'kedro_init_version = "1.0.0"\nsource_dir = "src"\n')
     (package / "__init__.py").write_text("")
     (package / "settings.py").write_text("")
     (package / "pipeline_registry.py").write_text(GENERATED)

@@ -159,7 +159,7 @@ def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, cata
     (project / "pyproject.toml").write_text(
         f'[project]\nname = "{package}"\nversion = "0.1"\n\n'
         f'[tool.kedro]\npackage_name = "{package}"\nproject_name = "{package}"\n'
-        'kedro_init_version = "1.7.0"\nsource_dir = "src"\n'
+        'kedro_init_version = "1.0.0"\nsource_dir = "src"\n'
     )
     (src / "__init__.py").write_text("")
     (src / "settings.py").write_text("")

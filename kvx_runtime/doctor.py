@@ -4,12 +4,20 @@ Checks, in order: the runtime's own packages; the Kedro project loads; ``vertexa
 valid; the storage root is reachable and writable; MLflow answers (when configured); auth
 headers can be obtained (when configured). Also the smoke test of the images
 (``--runtime-only`` for the base image, which holds no project).
+
+Without a network, a check that would wait (libraries retry for minutes) fails after
+``KVX_DOCTOR_TIMEOUT`` seconds (default 10) instead; libraries' own log lines are kept out of
+the way, so the answer is one line per check.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +34,18 @@ class Check:
     code: int = 0
 
 
-def _run_check(name: str, function: Callable[[], str]) -> Check:
+#: Libraries that log their own retries and tracebacks while a check waits for the network.
+_NOISY_LOGGERS = ("gcsfs", "fsspec", "google", "urllib3", "aiohttp", "mlflow", "kedro_mlflow", "asyncio")
+
+
+def _timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get("KVX_DOCTOR_TIMEOUT", "10")))
+    except ValueError:
+        return 10.0
+
+
+def _outcome(name: str, function: Callable[[], str]) -> Check:
     try:
         return Check(name, True, function())
     except KvxError as exc:
@@ -34,6 +53,35 @@ def _run_check(name: str, function: Callable[[], str]) -> Check:
     except Exception as exc:  # a check must report, never crash the doctor
         return Check(name, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                      int(ExitCode.INFRASTRUCTURE))
+
+
+def _run_check(name: str, function: Callable[[], str], timeout: float | None = None) -> Check:
+    """Run one check; with ``timeout``, give up waiting after that many seconds (the check
+    keeps its daemon thread, which ends with the process)."""
+    if timeout is None:
+        return _outcome(name, function)
+    result: list[Check] = []
+    worker = threading.Thread(target=lambda: result.append(_outcome(name, function)), daemon=True,
+                              name=f"kvx-doctor-{name}")
+    worker.start()
+    worker.join(timeout)
+    if result:
+        return result[0]
+    return Check(name, False, f"no answer within {timeout:g} s (no network, a firewall, or a wrong "
+                 "address?); KVX_DOCTOR_TIMEOUT sets the wait", int(ExitCode.INFRASTRUCTURE))
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _runtime() -> str:
@@ -118,13 +166,18 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         headers = provider.request_headers()
         return f"{type(provider).__name__} gave headers: {', '.join(sorted(headers)) or 'none'}"
 
-    for name, function in (("project", project), ("config", config), ("storage", storage),
-                           ("mlflow", mlflow), ("auth", auth)):
-        if "project" not in state and name != "project":
-            checks.append(Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE)))
-        else:
-            checks.append(_run_check(name, function))
-        echo_check(checks[-1], echo)
+    # One answer per request, not MLflow's minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    networked = {"storage", "mlflow", "auth"}
+    with _quiet_libraries():
+        for name, function in (("project", project), ("config", config), ("storage", storage),
+                               ("mlflow", mlflow), ("auth", auth)):
+            if "project" not in state and name != "project":
+                checks.append(Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE)))
+            else:
+                checks.append(_run_check(name, function, _timeout() if name in networked else None))
+            echo_check(checks[-1], echo)
     return _exit_code(checks)
 
 

@@ -438,11 +438,21 @@ def _run_session(
     with session:
         session._hook_manager.register(hooks, name="kvx-runtime-step")
         session.run(
-            pipeline_names=[request.pipeline],
+            **_pipeline_argument(session, request.pipeline),
             node_names=list(plan.nodes),
             runner=SequentialRunner(),
             load_versions=load_versions or None,
         )
+
+
+def _pipeline_argument(session: Any, pipeline: str) -> dict[str, Any]:
+    """``pipeline_names=[...]`` (Kedro >= 1.x, where ``pipeline_name`` is deprecated) or
+    ``pipeline_name=...`` (Kedro 1.0)."""
+    import inspect
+
+    if "pipeline_names" in inspect.signature(session.run).parameters:
+        return {"pipeline_names": [pipeline]}
+    return {"pipeline_name": pipeline}
 
 
 def _step_error(exc: Exception, hooks: _StepHooks, replay: str) -> KvxError:

@@ -202,6 +202,23 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     # Third-party chatter that adds nothing to a step's log.
     for noisy in ("urllib3", "google.auth", "gcsfs", "fsspec", "asyncio", "git"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    adopt_library_loggers()
+
+
+#: Libraries that install console handlers of their own on import (MLflow does), whose lines
+#: would then bypass the step's JSON handler.
+_SELF_CONFIGURED = ("mlflow",)
+
+
+def adopt_library_loggers() -> None:
+    """Send the lines of self-configured library loggers through our handler (call again after
+    importing such a library)."""
+    for name in _SELF_CONFIGURED:
+        logger = logging.getLogger(name)
+        for existing in list(logger.handlers):
+            if not isinstance(existing, logging.FileHandler):
+                logger.removeHandler(existing)
+        logger.propagate = True
 
 
 _library_defaults()

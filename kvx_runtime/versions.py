@@ -86,9 +86,10 @@ def _without_credentials(value: Any) -> Any:
 def versioned_names(catalog_config: Mapping[str, Any], names: Iterable[str]) -> list[str]:
     """Which of ``names`` the catalog declares ``versioned: true`` (explicitly or through a
     dataset factory that Kedro accepts ``load_versions`` for)."""
-    from kedro.io import CatalogConfigResolver
+    from kedro.io import CatalogConfigResolver, DataCatalog
 
-    resolver = CatalogConfigResolver(_without_credentials(dict(catalog_config)))
+    resolver = CatalogConfigResolver(_without_credentials(dict(catalog_config)),
+                                     default_runtime_patterns=DataCatalog.default_runtime_patterns)
     found = []
     for name in names:
         if name in resolver.config:

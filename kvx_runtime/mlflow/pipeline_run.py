@@ -142,7 +142,9 @@ def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> Mlflo
     from pydantic import ValidationError
 
     from kvx_runtime.auth import install_request_header_provider
+    from kvx_runtime.log import adopt_library_loggers
 
+    adopt_library_loggers()  # importing mlflow installed its own console handler
     context = _project_context(project, runtime_params)
     try:
         raw = context.config_loader["mlflow"]
