@@ -77,6 +77,13 @@ def warnings_of(run: StepRun) -> list[str]:
     return [r["message"] for r in run.records if r.get("severity") == "WARNING"]
 
 
+def assert_each_warning_once(run: StepRun) -> None:
+    """Third-party warnings (Kedro's, MLflow's, pandas') at most once per step."""
+    warnings = warnings_of(run)
+    assert len(warnings) == len(set(warnings)), sorted({w for w in warnings if warnings.count(w) > 1})
+    assert all(line.startswith("{") for line in run.stderr.splitlines() if line.strip()), "non-JSON log lines"
+
+
 def versions(project: Path, dataset_dir: str) -> set[str]:
     return {p.name for p in (project / dataset_dir).iterdir()}
 
@@ -144,6 +151,7 @@ def test_laptop_compile_runs_from_the_image_copy_as_kedro_run(tmp_path: Path) ->
                       "--save-version", status["created"])
     assert replay.returncode == 0, replay.stderr[-3000:]
     assert versions(image, "data/06_models/scaler.pkl") == {DECOY, run_version}
+    assert_each_warning_once(replay)
 
 
 def test_an_env_the_image_lacks_is_caught_on_the_laptop_and_in_the_step(tmp_path: Path) -> None:
@@ -190,8 +198,10 @@ def test_failures_say_whose_fault_it_is(tmp_path: Path) -> None:
     step = run_step(image, "--node", "make_handle", "--pipeline", "faulty", "--storage-root", str(tmp_path / "s"))
     assert step.returncode == 1
     assert "spark.SparkDataset" in step.last_message and "run_config.grouping" in step.last_message
+    assert_each_warning_once(step)
     missing = run_step(image, "--node", "describe_missing", "--pipeline", "faulty")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert_each_warning_once(missing)
     assert "never_delivered.csv" in missing.last_message and "replay: kvx-runtime exec-node" in missing.last_message
 
 
