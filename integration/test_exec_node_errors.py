@@ -34,6 +34,21 @@ def test_unknown_pipeline_exits_2(example_project: Path, tmp_path) -> None:
     assert "data_science" in result.last_message
 
 
+@pytest.mark.parametrize(("root", "problem"), [
+    ("", "the storage root is empty"),
+    ("gs://", "names no bucket"),
+    ("file://", "needs an absolute path"),
+    ("http://example.com/bucket", "unsupported scheme http://"),
+])
+def test_a_storage_root_that_is_not_one_exits_2(example_project: Path, root: str, problem: str) -> None:
+    # Never a silent fallback to run_config.root or to the working directory.
+    result = run_step(example_project, "--node", FIRST, "--storage-root", root)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert problem in result.last_message and "gs://bucket[/prefix]" in result.last_message
+    assert not (example_project / "kedro-vertexai-temp").exists()
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_upstream_blob_names_dataset_path_and_producer(example_project: Path, tmp_path) -> None:
     result = run_step(example_project, "--node", TABLE, "--run-id", "m", "--storage-root", str(tmp_path))
     assert result.returncode == 2

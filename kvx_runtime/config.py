@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kvx_runtime.errors import ConfigError
+from kvx_runtime.errors import ConfigError, KvxError
 from kvx_runtime.log import get_logger
 
 __all__ = [
@@ -391,11 +391,67 @@ def _resolve_leaves(node: Any) -> Any:
     return node
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: BaseException) -> str:
     from kvx_runtime.config_loader import explain_interpolation_error
 
     explained = explain_interpolation_error(exc)  # type: ignore[arg-type]
-    return str(explained) if explained else str(exc).splitlines()[0]
+    if explained:
+        return str(explained)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+#: Deeper than any real configuration; deeper input is refused before anything recurses on it.
+MAX_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests mappings and lists (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        current, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        if isinstance(current, Mapping):
+            stack.extend((item, level + 1) for item in current.values())
+        elif isinstance(current, list):
+            stack.extend((item, level + 1) for item in current)
+    return deepest
+
+
+def _parse_file(raw: bytes, path: str) -> Any:
+    """One config file's text parsed, or a ConfigError saying what is wrong with it."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from kvx_runtime.config_loader import render_templates
+
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})",
+                          hint="save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        data = yaml.safe_load(text)  # depth first: OmegaConf recurses without a limit
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        return OmegaConf.create(render_templates(text, path))
+    except KvxError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
 
 
 def read_raw_plugin_config(
@@ -414,8 +470,6 @@ def read_raw_plugin_config(
     import fsspec
     from omegaconf import OmegaConf
 
-    from kvx_runtime.config_loader import render_templates
-
     fs, root = fsspec.core.url_to_fs(str(conf_source))
     layers: list[Any] = []
     files: list[str] = []
@@ -429,11 +483,7 @@ def read_raw_plugin_config(
         for path in sorted(found):
             if not path.endswith((".yml", ".yaml", ".json")) or fs.isdir(path):
                 continue
-            text = fs.cat_file(path).decode("utf-8")
-            try:
-                loaded = OmegaConf.create(render_templates(text, path)) if text.strip() else None
-            except Exception as exc:
-                raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from exc
+            loaded = _parse_file(fs.cat_file(path), path)
             if loaded is None:
                 continue
             if not OmegaConf.is_dict(loaded):
@@ -441,16 +491,25 @@ def read_raw_plugin_config(
             configs.append(loaded)
             files.append(path)
         if configs:
-            layers.append(OmegaConf.merge(*configs))
+            layers.append(_merge(configs, files))
     if not layers:
         return {}, files
     if merge_strategy == "soft" or len(layers) == 1:
-        merged = OmegaConf.merge(*layers)
+        merged = _merge(layers, files)
     else:
         merged = OmegaConf.merge(layers[0])
         for key in layers[1]:
             merged[key] = layers[1]._get_node(key)
     return _resolve_leaves(merged), files
+
+
+def _merge(configs: list[Any], files: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.merge(*configs)
+    except Exception as exc:  # e.g. a mapping in one file, a list in another
+        raise ConfigError(f"{', '.join(files)}: the files cannot be merged: {_first_line(exc)}") from None
 
 
 def load_plugin_config(
@@ -469,20 +528,46 @@ def load_plugin_config(
     return parse_plugin_config(raw, needed=needed, source=source)
 
 
+#: What a storage root may look like (said in every error about one).
+STORAGE_ROOT_FORMS = "gs://bucket[/prefix], file:///absolute/path, or a local path"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
 def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
-    """The storage root as a URL or an absolute local path.
+    """The storage root as a URL or an absolute local path; anything else is a ConfigError.
 
     In ``run_config.root`` a bare ``bucket/prefix`` (the seed's style) means
     ``gs://bucket/prefix``; on the command line (``bare_is_bucket=False``) a path without a
-    scheme is a local path. URLs with a scheme (``gs://``, ``file://``, ``memory://``) are kept.
+    scheme is a local path. Accepted schemes: ``gs://`` (``gcs://``) with a valid bucket name,
+    ``file://`` with an absolute path, and ``memory://`` (tests).
     """
     import os
 
-    root = root.strip()
-    if not root:
-        raise ConfigError("the storage root is empty")
-    if "://" in root:
-        return root.rstrip("/")
-    if root.startswith(("/", "./", "../", "~")) or not bare_is_bucket:
-        return os.path.abspath(os.path.expanduser(root))
-    return "gs://" + root.strip("/")
+    text = root.strip()
+    if not text:
+        raise ConfigError("the storage root is empty", hint=f"use {STORAGE_ROOT_FORMS}")
+    if "://" not in text:
+        if text.startswith(("/", "./", "../", "~")) or not bare_is_bucket:
+            return os.path.abspath(os.path.expanduser(text))
+        text = "gs://" + text.strip("/")
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    shown = root if len(root) <= 80 else root[:77] + "..."
+    if scheme in {"gs", "gcs"}:
+        bucket = rest.split("/", 1)[0]
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise ConfigError(
+                f"storage root {shown!r}: {bucket!r} is not a Cloud Storage bucket name" if bucket
+                else f"storage root {shown!r} names no bucket",
+                hint=f"use {STORAGE_ROOT_FORMS}",
+            )
+        return f"gs://{rest}".rstrip("/")
+    if scheme == "file":
+        if not rest.startswith("/") or not rest.strip("/"):
+            raise ConfigError(f"storage root {shown!r}: a file:// root needs an absolute path (file:///dir)",
+                              hint=f"use {STORAGE_ROOT_FORMS}")
+        return f"file://{rest}".rstrip("/")
+    if scheme == "memory" and rest.strip("/"):
+        return text.rstrip("/")
+    raise ConfigError(f"storage root {shown!r}: unsupported scheme {scheme + '://' if scheme else '(none)'}",
+                      hint=f"use {STORAGE_ROOT_FORMS}")

@@ -342,7 +342,7 @@ def execute_step(request: StepRequest) -> StepResult:
 
     from kedro.framework.project import settings
 
-    if request.storage_root:
+    if request.storage_root is not None:  # given, even empty: never silently another root
         storage_root: str | None = normalize_storage_root(request.storage_root, bare_is_bucket=False)
     elif project.plugin_config.run_config.root:
         storage_root = normalize_storage_root(project.plugin_config.run_config.root)

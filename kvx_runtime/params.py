@@ -26,6 +26,7 @@ _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
 _KEY = re.compile(r"^[A-Za-z_][\w\-]*(\.[A-Za-z_0-9][\w\-]*)*$")
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+_MAX_KEY_PARTS = 32
 
 
 def _as_int(text: str) -> int:
@@ -42,14 +43,31 @@ def _as_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not true or false")
 
 
+def _json(text: str) -> Any:
+    """JSON no deeper than any configuration (deeper input would exhaust the stack later)."""
+    from kvx_runtime.config import MAX_DEPTH, _depth
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"JSON nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
 def _as_json(kind: type) -> Any:
     def convert(text: str) -> Any:
-        value = json.loads(text)
+        value = _json(text)
         if not isinstance(value, kind):
-            raise ValueError(f"{text!r} is not a JSON {kind.__name__}")
+            raise ValueError(f"{_shown(text)} is not a JSON {kind.__name__}")
         return value
 
     return convert
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 _TYPED = {
@@ -76,9 +94,9 @@ def parse_param_value(text: str) -> Any:
         return float(stripped)
     if stripped[:1] in {"[", "{"}:
         try:
-            return json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--param value {text!r} looks like JSON but is invalid: {exc}") from None
+            return _json(stripped)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise UsageError(f"--param value {_shown(text)} looks like JSON but is invalid: {exc}") from None
     return text
 
 
@@ -91,11 +109,13 @@ def parse_params(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"--param {item!r} must look like key=value")
         if not _KEY.match(key):
-            raise UsageError(f"--param key {key!r} is not a parameter name (letters, digits, _ and dots)")
+            raise UsageError(f"--param key {_shown(key)} is not a parameter name (letters, digits, _ and dots)")
+        if key.count(".") >= _MAX_KEY_PARTS:
+            raise UsageError(f"--param key {_shown(key)} has more than {_MAX_KEY_PARTS} dotted parts")
         value: Any
         if kind:
             if kind not in _TYPED:
-                raise UsageError(f"--param {key}: unknown type {kind!r} (use {', '.join(_TYPED)})")
+                raise UsageError(f"--param {key}: unknown type {_shown(kind)} (use {', '.join(_TYPED)})")
             try:
                 value = _TYPED[kind](raw)
             except ValueError as exc:

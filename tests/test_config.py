@@ -4,6 +4,7 @@ for values a step does not need."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,22 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
 )
 def test_storage_root_normalization(root: str, expected: str) -> None:
     assert normalize_storage_root(root) == expected
+
+
+@pytest.mark.parametrize(
+    ("root", "problem"),
+    [
+        ("gs://", "names no bucket"),
+        ("gs:///prefix", "names no bucket"),
+        ("gs://Not_A_Bucket!/x", "is not a Cloud Storage bucket name"),
+        ("file://", "needs an absolute path"),
+        ("file://relative/dir", "needs an absolute path"),
+        ("://x", "unsupported scheme (none)"),
+        ("http://example.com/x", "unsupported scheme http://"),
+        ("   ", "the storage root is empty"),
+    ],
+)
+def test_storage_roots_that_would_write_somewhere_unexpected_are_refused(root: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)) as caught:
+        normalize_storage_root(root, bare_is_bucket=False)
+    assert "gs://bucket[/prefix], file:///absolute/path, or a local path" in str(caught.value)
