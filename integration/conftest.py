@@ -108,15 +108,18 @@ def node_order() -> list[str]:
     return json.loads(kedro_in_process(EXAMPLE_PROJECT, "order").strip().splitlines()[-1])
 
 
-def signal_after_node_started(process: subprocess.Popen, signum: int, timeout: float = 60) -> str:
-    """Wait until the step logs "node started", send ``signum``, return the rest of stderr."""
+def signal_after_node_started(process: subprocess.Popen, signum: int, timeout: float = 60,
+                              event: str = "node started", delay: float = 0.0) -> str:
+    """Wait until the step logs ``event`` (and ``delay`` seconds more), send ``signum``,
+    return the rest of stderr."""
     import time
 
     assert process.stderr is not None
     deadline = time.monotonic() + timeout
     for line in process.stderr:
-        if '"node started"' in line or time.monotonic() > deadline:
+        if f'"{event}"' in line or time.monotonic() > deadline:
             break
+    time.sleep(delay)
     process.send_signal(signum)
     _, rest = process.communicate(timeout=30)
     return str(rest)

@@ -157,3 +157,47 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
     assert process.returncode == code
     assert "nothing partial was left behind" in rest.splitlines()[-1]
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]
+
+
+_SLOW_PICKLING_NODES = """
+import os, time
+
+
+class SlowToPickle:
+    def __reduce__(self):
+        time.sleep(0.02)
+        return (SlowToPickle, ())
+
+
+def make():
+    # Megabytes first (an upload session is open by then), then seconds of pickling.
+    return [os.urandom(3 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
+"""
+_SLOW_PICKLING_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from {package}.nodes import make
+
+def register_pipelines():
+    return {{"__default__": Pipeline([Node(make, None, "payload", name="make"),
+                                      Node(len, "payload", "size", name="count")])}}
+"""
+
+
+def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path, gcs_emulator) -> None:
+    """A stop signal wins over whatever cancelling the upload session raises."""
+    from integration.conftest import make_project
+
+    project = make_project(tmp_path, "uploadsig", _SLOW_PICKLING_NODES,
+                           _SLOW_PICKLING_PIPELINE.format(package="uploadsig"))
+    root = f"gs://{gcs_emulator.bucket}/sigterm"
+    env = step_env(**gcs_emulator.env, KVX_STORAGE_BLOCK_SIZE=str(256 * 1024))
+    process = subprocess.Popen(
+        [*KVX, "exec-node", "--node", "make", "--run-id", "u", "--storage-root", root],
+        cwd=project, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    rest = signal_after_node_started(process, signal.SIGTERM, event="node finished", delay=2.0)
+    assert process.returncode == 143, rest[-2000:]
+    assert "stopped by SIGTERM" in rest.splitlines()[-1]
+    fs = gcs_emulator.filesystem()
+    assert not fs.exists(f"{gcs_emulator.bucket}/sigterm/kedro-vertexai-temp/u/payload.bin")
+

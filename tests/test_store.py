@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
@@ -146,5 +147,61 @@ def test_failed_remote_write_is_never_finalized(gcs_emulator) -> None:
     payload = [os.urandom(1024 * 1024), threading.Lock()]
     with pytest.raises(BlobUnpicklable):
         store.save("partial", payload)
+    # gcsfs closes (flushes!) forgotten files in a background thread when they are collected:
+    # the abandoned handle must not be one of them.
+    gc.collect()
+    _wait_for_gcsfs_deferred_closes()
     fs = gcs_emulator.filesystem()
     assert not fs.exists(f"{gcs_emulator.bucket}/unit/kedro-vertexai-temp/job-partial/partial.bin")
+
+
+def _wait_for_gcsfs_deferred_closes(timeout: float = 10.0) -> None:
+    import time
+
+    from gcsfs import core
+
+    queue = getattr(core, "_deferred_close_queue", None)
+    if queue is None:
+        return
+    done = threading.Event()
+    queue.put(done.set)  # runs after every close queued before it
+    assert done.wait(timeout)
+    time.sleep(0.1)
+
+
+def test_a_valid_blob_of_another_dataset_or_job_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from kvx_runtime.storage.blob import BlobMismatch
+
+    first = BlobStore(str(tmp_path), "job-1", retry=FAST_RETRY)
+    first.save("features", {"x": 1})
+    first.save("labels", {"y": 2})
+    # A hand copy puts the features blob where the labels blob was: it loads nothing silently.
+    shutil.copy(first.path("features"), first.path("labels"))
+    with pytest.raises(BlobMismatch, match="holds dataset 'features'") as caught:
+        first.load("labels")
+    assert caught.value.exit_code == ExitCode.USAGE
+    # The right dataset of another run's job directory is refused too.
+    other = BlobStore(str(tmp_path), "job-2", retry=FAST_RETRY)
+    Path(other.path("features")).parent.mkdir(parents=True)
+    shutil.copy(first.path("features"), other.path("features"))
+    with pytest.raises(BlobMismatch, match="holds job 'job-1'"):
+        other.load("features")
+    assert first.load("features") == {"x": 1}
+
+
+def test_an_abandoned_upload_is_never_finalized_later(gcs_emulator) -> None:
+    """gcsfs flushes a forgotten write handle when it is garbage collected (in a background
+    thread): an upload abandoned after a failure or a signal must stay abandoned."""
+    from kvx_runtime.storage.store import _abandon
+
+    fs = gcs_emulator.filesystem()
+    path = f"{gcs_emulator.bucket}/unit/abandoned.bin"
+    handle = fs.open(path, "wb", block_size=8 * 1024 * 1024)
+    handle.write(os.urandom(1024 * 1024))  # still in the buffer: no upload session yet
+    _abandon(handle, path)
+    del handle
+    gc.collect()
+    _wait_for_gcsfs_deferred_closes()
+    assert not fs.exists(path)

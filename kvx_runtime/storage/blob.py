@@ -87,6 +87,10 @@ class BlobIncompatible(InputDataError):
     """The blob is intact but was written by an incompatible format, codec or Python."""
 
 
+class BlobMismatch(InputDataError):
+    """A valid blob, but of another dataset or job (copied or renamed by hand, a bug)."""
+
+
 class BlobUnpicklable(KvxError):
     """The node's output cannot be pickled, so it cannot cross to another step."""
 
@@ -104,9 +108,11 @@ class BlobHeader:
     python: str
     cloudpickle: str
     dataset: str | None = None
+    #: The pipeline job that wrote it (absent in blobs written before it was recorded).
+    job: str | None = None
 
     @classmethod
-    def current(cls, *, dataset: str | None, level: int) -> BlobHeader:
+    def current(cls, *, dataset: str | None, level: int, job: str | None = None) -> BlobHeader:
         return cls(
             format=FORMAT_VERSION,
             codec="zstd",
@@ -115,6 +121,7 @@ class BlobHeader:
             python=".".join(map(str, sys.version_info[:3])),
             cloudpickle=cloudpickle.__version__,
             dataset=dataset,
+            job=job,
         )
 
     def to_bytes(self) -> bytes:
@@ -314,14 +321,19 @@ class _Pickler(cloudpickle.Pickler):
 
 
 def write_blob(
-    obj: Any, target: IO[bytes], *, dataset: str | None = None, level: int = DEFAULT_LEVEL
+    obj: Any,
+    target: IO[bytes],
+    *,
+    dataset: str | None = None,
+    level: int = DEFAULT_LEVEL,
+    job: str | None = None,
 ) -> BlobInfo:
     """Pickle ``obj`` with cloudpickle into ``target`` as one kvx blob; return its sizes.
 
     ``target`` is only written sequentially (no seek), so it can be a local file or an
     fsspec remote file being uploaded.
     """
-    header = BlobHeader.current(dataset=dataset, level=level)
+    header = BlobHeader.current(dataset=dataset, level=level, job=job)
     header_bytes = header.to_bytes()
     prefix = MAGIC + _U32.pack(len(header_bytes)) + header_bytes + _U32.pack(zlib.crc32(header_bytes))
     target.write(prefix)
@@ -522,6 +534,19 @@ def read_header(source: IO[bytes], describe: str) -> tuple[BlobHeader, int]:
     return header, len(MAGIC) + _U32.size + length + _U32.size
 
 
+def _check_identity(header: BlobHeader, dataset: str | None, job: str | None, describe: str) -> None:
+    wrong = []
+    if dataset is not None and header.dataset is not None and header.dataset != dataset:
+        wrong.append(f"dataset '{header.dataset}'")
+    if job is not None and header.job is not None and header.job != job:
+        wrong.append(f"job '{header.job}'")
+    if wrong:
+        raise BlobMismatch(
+            f"{describe}: holds {' of '.join(wrong)}, not what this step reads (copied or renamed by "
+            "hand, or another run's job directory?)"
+        )
+
+
 def _check_format(version: Any, describe: str) -> None:
     if version != FORMAT_VERSION:
         raise BlobIncompatible(
@@ -550,13 +575,22 @@ def _check_compatible(header: BlobHeader, describe: str) -> None:
         )
 
 
-def read_blob(source: BinaryIO, size: int, *, describe: str) -> tuple[Any, BlobInfo]:
+def read_blob(
+    source: BinaryIO,
+    size: int,
+    *,
+    describe: str,
+    dataset: str | None = None,
+    job: str | None = None,
+) -> tuple[Any, BlobInfo]:
     """Load the object stored in a blob of ``size`` bytes that ``source`` is positioned at.
 
     ``source`` must support ``seek`` (local files and fsspec files do): the trailer is checked
-    first so that a truncated blob fails before anything is unpickled.
+    first so that a truncated blob fails before anything is unpickled. With ``dataset`` (and
+    ``job``), a blob that records another dataset (or job) is refused before unpickling.
     """
     header, header_length = read_header(source, describe)
+    _check_identity(header, dataset, job, describe)
     body_length = size - header_length - _TRAILER.size
     if body_length <= 0:
         raise BlobCorrupt(f"{describe}: truncated ({size} bytes, no body)")

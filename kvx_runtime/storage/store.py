@@ -237,12 +237,9 @@ class BlobStore:
             return self._write_local(dataset, path, obj)
         handle = self._fs.open(path, "wb", block_size=block_size())
         try:
-            info = write_blob(obj, handle, dataset=dataset, level=self.level)
+            info = write_blob(obj, handle, dataset=dataset, level=self.level, job=self.job_name)
         except BaseException:
-            # Never finalize a partial upload: the object would appear under its final name.
-            discard = getattr(handle, "discard", None)
-            if discard is not None:
-                discard()
+            _abandon(handle, self.url(dataset))
             raise
         handle.close()
         return info
@@ -255,12 +252,12 @@ class BlobStore:
             # No fsync: the rename makes the blob appear whole to readers, and a blob cut short
             # by a crash of the machine fails the reader's trailer check, never silently.
             with open(temporary, "wb", buffering=1024 * 1024) as handle:
-                info = write_blob(obj, handle, dataset=dataset, level=self.level)
+                info = write_blob(obj, handle, dataset=dataset, level=self.level, job=self.job_name)
             os.replace(temporary, path)
         except BaseException:
             try:
                 os.unlink(temporary)
-            except FileNotFoundError:
+            except OSError:  # never in place of what stopped the write (a signal, the error)
                 pass
             raise
         return info
@@ -278,7 +275,7 @@ class BlobStore:
             ) from None
         with handle:
             size = handle.size if hasattr(handle, "size") else self._fs.size(path)
-            return read_blob(handle, int(size), describe=describe)
+            return read_blob(handle, int(size), describe=describe, dataset=dataset, job=self.job_name)
 
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
         from tenacity import (
@@ -314,6 +311,24 @@ class BlobStore:
             raise
         except Exception as exc:
             raise StorageError(f"could not {what}: {_short(exc)}") from exc
+
+
+def _abandon(handle: Any, where: str) -> None:
+    """Cancel an unfinished upload so that it is never finalized, and never raise: the error
+    or stop signal that interrupted the write is what the caller reports.
+
+    fsspec files flush (and so finalize) what they hold in ``close()`` and when garbage
+    collected; marking the handle closed rules both out, whether or not ``discard()`` (which
+    cancels GCS's upload session) succeeded.
+    """
+    try:
+        discard = getattr(handle, "discard", None)
+        if discard is not None:
+            discard()
+    except Exception as exc:
+        log.debug("could not cancel the unfinished upload", path=where, error=type(exc).__name__)
+    finally:
+        handle.closed = True
 
 
 def _short(exc: BaseException | None) -> str:
