@@ -201,3 +201,28 @@ def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path,
     fs = gcs_emulator.filesystem()
     assert not fs.exists(f"{gcs_emulator.bucket}/sigterm/kedro-vertexai-temp/u/payload.bin")
 
+
+
+def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_step_removes(tmp_path: Path) -> None:
+    from integration.conftest import make_project
+
+    project = make_project(tmp_path, "killproj", _SLOW_PICKLING_NODES,
+                           _SLOW_PICKLING_PIPELINE.format(package="killproj"))
+    root = tmp_path / "storage"
+    process = subprocess.Popen(
+        [*KVX, "exec-node", "--node", "make", "--run-id", "k", "--storage-root", str(root)],
+        cwd=project, env=step_env(), stderr=subprocess.PIPE, text=True,
+    )
+    signal_after_node_started(process, signal.SIGKILL, event="node finished", delay=2.0)
+    job_dir = root / "kedro-vertexai-temp" / "k"
+    leftovers = [p.name for p in job_dir.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".payload.bin.") and leftovers[0].endswith(".tmp")
+    assert not (job_dir / "payload.bin").exists()  # never a partial blob under the final name
+
+    # `gc` sees it (dry run), then the next step of the job removes it.
+    listed = subprocess.run([*KVX, "gc", "--storage-root", str(root), "--older-than", "86400"], cwd=project,
+                            env=step_env(), capture_output=True, text=True)
+    assert listed.returncode == 0 and f"would delete temporary file of a dead writer: k/{leftovers[0]}" in listed.stdout
+    reader = run_step(project, "--node", "count", "--run-id", "k", "--storage-root", str(root))
+    assert reader.returncode == 2 and "payload" in reader.last_message  # the blob was never written
+    assert list(job_dir.iterdir()) == []

@@ -401,6 +401,40 @@ class _DoctorFailed(KvxError):
         self.exit_code = code  # type: ignore[assignment]
 
 
+@cli.command("gc")
+@project_path_option
+@env_option
+@click.option("--storage-root", default=None, help="Storage root to clean (default: run_config.root).")
+@click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Expire jobs whose newest blob is older than this (default: run_config.ttl).")
+@click.option("--yes", is_flag=True, help="Delete (default: only say what would be deleted).")
+def gc_command(project_path: str | None, env: str | None, storage_root: str | None, older_than: float | None,
+               yes: bool) -> None:
+    """Delete what a storage root no longer needs: expired jobs' intermediates, dead writers' files."""
+
+    def action() -> None:
+        from kvx_runtime.config import normalize_storage_root
+        from kvx_runtime.storage.gc import collect_garbage, describe
+
+        ttl = older_than
+        root = normalize_storage_root(storage_root, bare_is_bucket=False) if storage_root is not None else None
+        if root is None or ttl is None:
+            from kvx_runtime.config import STEP_KEYS
+            from kvx_runtime.errors import ConfigError
+            from kvx_runtime.project import open_project
+
+            run = open_project(project_path, env, needed=(*STEP_KEYS, "run_config.ttl")).plugin_config.run_config
+            ttl = run.ttl if ttl is None else ttl
+            if root is None:
+                if not run.root:
+                    raise ConfigError("no storage root", hint="pass --storage-root or set run_config.root")
+                root = normalize_storage_root(run.root)
+        for line in describe(collect_garbage(root, float(ttl), delete=yes)):
+            click.echo(line)
+
+    _run("gc", action)
+
+
 @cli.command("init")
 @click.argument("project_id")
 @click.argument("region")

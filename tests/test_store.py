@@ -205,3 +205,59 @@ def test_an_abandoned_upload_is_never_finalized_later(gcs_emulator) -> None:
     gc.collect()
     _wait_for_gcsfs_deferred_closes()
     assert not fs.exists(path)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_the_next_writer_removes_what_dead_writers_left(tmp_path: Path) -> None:
+    import time
+
+    from kvx_runtime.storage.store import _host
+
+    store = BlobStore(str(tmp_path), "job", retry=FAST_RETRY)
+    directory = Path(store.path("x")).parent
+    directory.mkdir(parents=True)
+    dead = directory / f".x.bin.{_host()}.{_dead_pid()}.{'a' * 32}.tmp"
+    alive = directory / f".y.bin.{_host()}.{os.getpid()}.{'b' * 32}.tmp"
+    elsewhere_fresh = directory / f".z.bin.other-host.123.{'c' * 32}.tmp"
+    elsewhere_old = directory / f".w.bin.other-host.123.{'d' * 32}.tmp"
+    legacy_old = directory / f".v.bin.{'e' * 32}.tmp"  # written before writers were named
+    for path in (dead, alive, elsewhere_fresh, elsewhere_old, legacy_old):
+        path.write_bytes(b"partial")
+    week_ago = time.time() - 7 * 86400
+    for path in (elsewhere_old, legacy_old):
+        os.utime(path, (week_ago, week_ago))
+    store.save("x", 1)
+    assert sorted(p.name for p in directory.iterdir()) == sorted([alive.name, elsewhere_fresh.name, "x.bin"])
+    assert store.load("x") == 1
+
+
+def test_gc_lists_then_deletes_expired_jobs_and_dead_writers_files(tmp_path: Path) -> None:
+    import time
+
+    from kvx_runtime.storage.gc import collect_garbage, describe
+    from kvx_runtime.storage.store import _host
+
+    old, recent = BlobStore(str(tmp_path), "old-job"), BlobStore(str(tmp_path), "recent-job")
+    old.save("a", list(range(1000)))
+    recent.save("a", 1)
+    leftover = Path(recent.path("a")).parent / f".b.bin.{_host()}.{_dead_pid()}.{'f' * 32}.tmp"
+    leftover.write_bytes(b"partial")
+    month_ago = time.time() - 30 * 86400
+    os.utime(old.path("a"), (month_ago, month_ago))
+
+    dry = collect_garbage(str(tmp_path), max_age=7 * 86400)
+    assert [job for job, _, _ in dry.expired_jobs] == ["old-job"] and dry.temp_files == [f"recent-job/{leftover.name}"]
+    assert Path(old.path("a")).exists() and leftover.exists()  # a dry run deletes nothing
+    assert describe(dry)[-1].endswith("(dry run: pass --yes to delete)")
+
+    done = collect_garbage(str(tmp_path), max_age=7 * 86400, delete=True)
+    assert done.deleted and not Path(old.path("a")).parent.exists() and not leftover.exists()
+    assert recent.load("a") == 1

@@ -144,6 +144,60 @@ def _is_local(fs: Any) -> bool:
     return protocol in {"file", "local"}
 
 
+#: A temporary file of a local write: ``.<blob>.<host>.<pid>.<random>.tmp``.
+_TEMP_FILE = re.compile(r"^\.(?P<blob>.+?)(?:\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+))?\.[0-9a-f]{32}\.tmp$")
+#: After this long without a write, a temporary file's writer is taken for dead whatever its pid.
+_TEMP_MAX_AGE = 6 * 3600.0
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:60] or "host"
+
+
+def temp_name(blob: str) -> str:
+    """Temporary file name of a local write, naming its writer (host and pid)."""
+    return f".{blob}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+
+
+def _writer_alive(host: str | None, pid: str | None) -> bool | None:
+    """True/False for a writer on this host; None when it cannot be told (another host)."""
+    if host is None or pid is None or host != _host():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def sweep_temp_files(directory: str, *, max_age: float = _TEMP_MAX_AGE, dry_run: bool = False) -> list[str]:
+    """Remove the temporary files in ``directory`` whose writer is dead: gone from this host,
+    or silent for ``max_age`` seconds. Returns their names."""
+    now = time.time()
+    removed = []
+    for entry in os.scandir(directory):
+        match = _TEMP_FILE.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        alive = _writer_alive(match.group("host"), match.group("pid"))
+        try:
+            stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age
+        except FileNotFoundError:  # its writer just finished
+            continue
+        if alive is False or stale:  # stale: even a live pid may be a reused one
+            if not dry_run:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+            removed.append(entry.name)
+    return sorted(removed)
+
+
 class BlobStore:
     """Blobs of one pipeline run: ``<root>/kedro-vertexai-temp/<job name>/``."""
 
@@ -166,6 +220,7 @@ class BlobStore:
             self._fs, base = _filesystem(root)
         self._base = f"{base}/{TEMP_DIR}/{object_name(job_name)}"
         self._display_root = root.rstrip("/")
+        self._swept = False
 
     # --- naming -------------------------------------------------------------------------
 
@@ -247,7 +302,8 @@ class BlobStore:
     def _write_local(self, dataset: str, path: str, obj: Any) -> BlobInfo:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        self._sweep(directory)
+        temporary = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
             # No fsync: the rename makes the blob appear whole to readers, and a blob cut short
             # by a crash of the machine fails the reader's trailer check, never silently.
@@ -262,8 +318,24 @@ class BlobStore:
             raise
         return info
 
+    def _sweep(self, directory: str) -> None:
+        """Once per store: remove what writers that died (SIGKILL, a lost machine) left in
+        this job directory. Local roots only: remote writes leave no temporary objects."""
+        if self._swept:
+            return
+        self._swept = True
+        try:
+            removed = sweep_temp_files(directory)
+        except OSError as exc:
+            log.warning("could not clean up temporary files", directory=directory, error=str(exc))
+            return
+        if removed:
+            log.info("removed temporary files of writers that died", directory=directory, files=removed)
+
     def _read(self, dataset: str, producer: str | None) -> tuple[Any, BlobInfo]:
         path = self.path(dataset)
+        if _is_local(self._fs) and os.path.isdir(os.path.dirname(path)):
+            self._sweep(os.path.dirname(path))
         describe = self._describe(dataset)
         try:
             handle = self._fs.open(path, "rb", block_size=block_size(), cache_type="readahead")
