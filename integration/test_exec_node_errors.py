@@ -140,6 +140,10 @@ def test_unreachable_storage_exits_3(example_project: Path) -> None:
     assert result.returncode == 3
     assert "could not write gs://bucket/root/kedro-vertexai-temp/" in result.last_message
     assert result.records[-1]["exit_code"] == 3
+    # The verdict is the only error: no library tracebacks before it.
+    errors = [r for r in result.records if r.get("severity") == "ERROR"]
+    assert errors == [result.records[-1]], [e["message"][:200] for e in errors]
+    assert "Traceback" not in result.stderr
 
 
 

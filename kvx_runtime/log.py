@@ -76,7 +76,9 @@ class _StepNoiseFilter(logging.Filter):
 
     - Kedro's "resume with --from-nodes": a failed step prints its own replay command;
     - kedro-mlflow's warnings about an already active run: attaching to the pipeline's run
-      before the session starts is exactly how a step shares one run.
+      before the session starts is exactly how a step shares one run;
+    - gcsfs's own error records with tracebacks (out of retries, deferred closes): the blob
+      store retries and reports storage failures itself, in one line (kept at DEBUG).
     """
 
     _mlflow_prefixes = ("The mlflow run", "mlflow_config.", "A mlflow run was already active",
@@ -89,6 +91,8 @@ class _StepNoiseFilter(logging.Filter):
                         or (message.startswith("There are ") and "--from-nodes" in message))
         if record.name.startswith("kedro_mlflow.framework.hooks"):
             return not message.startswith(self._mlflow_prefixes)
+        if record.name.startswith("gcsfs") and record.levelno >= logging.ERROR:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
 
 
