@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kvx_runtime.errors import ConfigError, KvxError
-from kvx_runtime.log import get_logger
+from kvx_runtime.log import get_logger, register_secrets
 
 if TYPE_CHECKING:
     from kvx_runtime.config import DynamicConfigProviderSpec, PluginConfig
@@ -159,6 +159,8 @@ def materialize_dynamic_config(
     """Run every configured provider in order; return the files written."""
     written: list[Path] = []
     for index, spec in enumerate(config.run_config.dynamic_config_providers):
+        # Parameters may carry secrets, and an exception's text may quote them.
+        register_secrets([spec.params])
         provider = build_provider(spec, config, run_env, index)
         name = type(provider).__name__
         try:
@@ -171,6 +173,7 @@ def materialize_dynamic_config(
             ) from exc
         if not isinstance(generated, Mapping):
             raise ConfigError(f"dynamic config provider {spec.cls} must return a mapping")
+        register_secrets([generated])
         target = conf_root / provider.target_env / provider.target_config_file
         if conf_root.resolve() not in target.resolve().parents:
             raise ConfigError(f"dynamic config provider {spec.cls}: {target} is outside {conf_root}")

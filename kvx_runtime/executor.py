@@ -338,7 +338,10 @@ def execute_step(request: StepRequest) -> StepResult:
 
     from kvx_runtime.dynamic_config import materialize_dynamic_config
 
-    materialize_dynamic_config(project.plugin_config, project.conf_root, project.env)
+    if materialize_dynamic_config(project.plugin_config, project.conf_root, project.env):
+        from kvx_runtime.project import register_credentials
+
+        register_credentials(project)  # what the files now hold, merged
 
     from kedro.framework.project import settings
 

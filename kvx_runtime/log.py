@@ -5,19 +5,64 @@ with the fields Cloud Logging reads (``severity``, ``message``, ``time``) plus t
 (``node``, ``run_id``, ``job_name``) bound with :func:`bind_step_context`. On a TTY the same
 events render as readable text.
 
-Secrets are never passed to a logger: callers log names, paths and sizes, not values.
+Secrets are never passed to a logger: callers log names, paths and sizes, not values. As a
+second line of defence every rendered line (ours, Kedro's, the user's, at any level) has the
+values of the project's credentials and of dynamic config providers' outputs replaced
+(:func:`register_secrets`), as well as credentials in URLs and upload-session ids; Kedro's
+hook-call traces (DEBUG, with every hook argument, credentials included) are dropped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
 
-__all__ = ["bind_step_context", "configure_logging", "get_logger"]
+__all__ = ["bind_step_context", "configure_logging", "get_logger", "redact", "register_secrets"]
+
+REDACTED = "[redacted]"
+#: Values shorter than this are not secrets worth redacting (and would mangle every line).
+_MIN_SECRET = 4
+_SECRETS: set[str] = set()
+_URL_SECRETS = [
+    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), REDACTED + "@"),  # https://user:password@host
+    (re.compile(r"(?i)((?:upload_id|access_token|token|sig|signature|key|password|secret)=)[^&\s'\"]+"),
+     r"\1" + REDACTED),
+]
+
+
+def register_secrets(values: Iterable[Any]) -> None:
+    """Redact these values (and every string nested in them) wherever they would be logged."""
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
+        elif isinstance(value, str) and len(value.strip()) >= _MIN_SECRET:
+            _SECRETS.add(value.strip())
+            _SECRETS.add(json.dumps(value.strip())[1:-1])  # as it appears inside a JSON line
+
+
+def redact(text: str) -> str:
+    """``text`` without registered secrets, URL credentials or upload-session ids."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _URL_SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_rendered(_: Any, __: str, rendered: Any) -> Any:
+    return redact(rendered) if isinstance(rendered, str) else rendered
 
 _HANDLER_NAME = "kvx-runtime"
 # Cloud Logging's severity names; stdlib's "warning"/"critical" map onto them directly.
@@ -85,6 +130,8 @@ class _StepNoiseFilter(logging.Filter):
                         "The run '")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "kedro.framework.hooks.manager" and record.levelno <= logging.DEBUG:
+            return False  # pluggy's hook-call traces: every argument, credentials included
         message = str(record.getMessage())
         if record.name.startswith("kedro.runner"):
             return not (message.startswith("No nodes ran.")
@@ -134,10 +181,12 @@ def _renderer_chain(json_output: bool) -> list[Any]:
             structlog.processors.format_exc_info,
             _cloud_logging_fields,
             structlog.processors.JSONRenderer(default=str),
+            _redact_rendered,
         ]
     return [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=40),
+        _redact_rendered,
     ]
 
 

@@ -200,7 +200,7 @@ def open_project(
     plugin_config = load_plugin_config(
         conf_source, resolved_env, base_env=base_env, merge_strategy=merge_strategy, needed=needed
     )
-    return KedroProject(
+    project = KedroProject(
         path=path,
         package_name=metadata.package_name,
         conf_source=conf_source,
@@ -209,6 +209,20 @@ def open_project(
         plugin_config=plugin_config,
         templating=templated,
     )
+    register_credentials(project)
+    return project
+
+
+def register_credentials(project: KedroProject) -> None:
+    """Have every value of the project's credentials redacted from all log lines (best effort:
+    credentials that cannot be loaded are reported by Kedro, where they are used)."""
+    from kvx_runtime.log import register_secrets
+
+    try:
+        credentials = make_config_loader(project)["credentials"]
+    except Exception:
+        return
+    register_secrets([credentials])
 
 
 def _normalize(name: str) -> str:

@@ -81,3 +81,17 @@ def test_kedro_resume_advice_is_dropped(json_logs) -> None:
     )
     logging.getLogger("kedro.runner.sequential_runner").warning("No nodes ran. Repeat the previous command")
     assert lines(json_logs) == []
+
+
+def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -> None:
+    from kvx_runtime.log import redact, register_secrets
+
+    register_secrets([{"db": {"password": 's3cr"et-value'}, "short": "ab"}, ["tok-123456"]])
+    assert redact('login with s3cr"et-value') == "login with [redacted]"
+    assert redact('{"message": "login with s3cr\\"et-value"}') == '{"message": "login with [redacted]"}'
+    assert redact("bearer tok-123456 rejected") == "bearer [redacted] rejected"
+    assert redact("ab stays: too short to be a secret") == "ab stays: too short to be a secret"
+    url = "https://storage.googleapis.com/upload/storage/v1/b/b/o?uploadType=resumable&upload_id=ADPycdt-xyz"
+    assert redact(f"404 for {url}") == ("404 for https://storage.googleapis.com/upload/storage/v1/b/b/o?"
+                                        "uploadType=resumable&upload_id=[redacted]")
+    assert redact("https://user:pa55@mlflow.example.com/api") == "https://[redacted]@mlflow.example.com/api"

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from cachetools import TLRUCache
 
+from kvx_runtime.log import register_secrets
+
 #: Refresh this long before ``exp``, so a long request never carries an expired token.
 REFRESH_MARGIN = 120.0
 #: Lifetime assumed for tokens that do not say when they expire.
@@ -49,6 +51,7 @@ class TokenCache:
             if cached is not None:
                 return cached[0]
             token = fetch()
+            register_secrets([token])  # never in a log line, even inside a library's message
             expiry = jwt_expiry(token)
             now = self._clock()
             lifetime = (expiry - now) if expiry else DEFAULT_LIFETIME
