@@ -355,6 +355,13 @@ def test_unreachable_mlflow_exits_3_unless_not_required(tmp_path) -> None:
     result = run_step(optional, "--node", "make", "--job-name", "down", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert any("runs untracked" in m for m in result.messages())
+    # Steps whose outputs are kedro-mlflow datasets run too: local files saved, nothing logged.
+    for node in ("train", "report"):
+        result = run_step(optional, "--node", node, "--job-name", "down", env=env)
+        assert result.returncode == 0, f"{node}: {result.stderr[-2000:]}"
+        muted = [m for m in result.messages() if "kedro-mlflow datasets log nothing" in m]
+        assert len(muted) == 1
+    assert (optional / "data" / "report.txt").exists()
 
 
 def test_without_kedro_mlflow_nodes_run_untracked(tmp_path) -> None:
@@ -370,3 +377,60 @@ def test_without_kedro_mlflow_nodes_run_untracked(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     infos = [m for m in result.messages() if "kedro-mlflow is not installed" in m]
     assert len(infos) == 1
+
+
+def test_mlflow_lost_during_a_step_exits_3(tmp_path, mlflow_server) -> None:
+    from integration.faults import Forwarder
+
+    relay = Forwarder(mlflow_server.port).start()
+    try:
+        project = ml_project(tmp_path, wait_seconds=3.0)
+        env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=relay.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+        run_id = start(project, env, "lost-job", tmp_path)
+        assert all(r.returncode == 0 for r in run_all(project, env, "lost-job", run_id, ["make", "train"]))
+        process = subprocess.Popen(
+            [*KVX, "exec-node", "--node", "wait_then_score", "--run-id", "lost-job-uuid", "--job-name", "lost-job",
+             "--mlflow-run-id", run_id], cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"node started"' in line:
+                break
+        relay.cut()  # the tracking server goes away while the node runs
+        _, rest = process.communicate(timeout=120)
+    finally:
+        relay.stop()
+    assert process.returncode == 3, rest[-2000:]
+    final = last_json(rest)
+    assert final["message"].startswith("exec-node failed: MLflow became unreachable during the step")
+    assert "Traceback" not in final["message"]
+
+
+def test_a_parameter_changed_within_one_run_is_a_clear_config_error(tmp_path, mlflow_server) -> None:
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "param-job", tmp_path)
+    assert all(r.returncode == 0 for r in run_all(project, env, "param-job", run_id, ["make", "train"]))
+    changed = run_step(project, "--node", "train", "--run-id", "param-job-uuid", "--job-name", "param-job",
+                       "--mlflow-run-id", run_id, "--param", "lr=0.9", env=env)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert ("parameter lr already logged with another value in this pipeline's MLflow run"
+            in changed.last_message)
+    assert "Changing param values is not allowed" not in changed.last_message
+
+
+def test_a_lost_answer_to_the_create_request_leaves_one_run(tmp_path, mlflow_server) -> None:
+    from integration.faults import FaultPlan, FaultProxy
+
+    plan = FaultPlan(rules=[(lambda method, path: method == "POST" and "/runs/create" in path, "lost")])
+    proxy = FaultProxy(mlflow_server.port, plan).start()
+    try:
+        project = ml_project(tmp_path)
+        env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=proxy.url)
+        run_id = start(project, env, "lost-create-job", tmp_path)
+    finally:
+        proxy.stop()
+    assert proxy.injected["lost"] == 1  # the server created a run and its answer never came
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("mlproj")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'lost-create-job'")
+    assert [run.info.run_id for run in runs] == [run_id]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import secrets
 import shlex
 import time
@@ -165,8 +166,27 @@ class _StepHooks:
         identity = dataset_identity(name)
         return BlobDataset(identity, store, producer=self.plan.producers.get(identity))
 
+    def _mute_mlflow_datasets(self, catalog: Any) -> None:
+        """Untracked step (MLflow unreachable with ``required: false``, or not configured):
+        kedro-mlflow's datasets still save their local files but log nothing (kedro-mlflow's
+        own switch), instead of failing for want of a run."""
+        import importlib.util
+
+        if importlib.util.find_spec("kedro_mlflow") is None:
+            return
+        names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
+                 if str(catalog.get_type(name) or "").rsplit(".", 1)[-1].startswith("Mlflow")]
+        if not names:
+            return
+        from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
+
+        switch_catalog_logging(catalog, False)
+        log.warning("this step is not tracked: kedro-mlflow datasets log nothing to MLflow", datasets=names)
+
     def after_catalog_created(self, catalog: Any) -> None:
         self.catalog = catalog
+        if self.tracking is None:
+            self._mute_mlflow_datasets(catalog)
         store = None
         for name in self.plan.inputs:
             if is_declared(catalog, name):
@@ -464,6 +484,9 @@ def _step_error(exc: Exception, hooks: _StepHooks, replay: str) -> KvxError:
     ours = find_kvx_error(exc)
     if ours is not None:
         return ours
+    mlflow = _mlflow_failure(exc, hooks, replay)
+    if mlflow is not None:
+        return mlflow
     if not hooks.pipeline_started:
         # Kedro failed while building the context or catalog: the project's config.
         return ConfigError(
@@ -481,6 +504,44 @@ def _step_error(exc: Exception, hooks: _StepHooks, replay: str) -> KvxError:
     return NodeError(
         f"the step failed: {type(exc).__name__}: {_first_line(exc)}", hint=f"replay: {replay}"
     )
+
+
+_UNREACHABLE = re.compile(
+    r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|RemoteDisconnected|"
+    r"Failed to establish a new connection|Read timed out|NameResolutionError"
+)
+# MLflow says "Param with key='lr' was already logged" (one param) or lists dicts with 'key': ... (batches).
+_PARAM_KEYS = re.compile(r"key='([^']+)'|'key': '([^']+)'")
+
+
+def _mlflow_failure(exc: Exception, hooks: _StepHooks, replay: str) -> KvxError | None:
+    """MLflow's part of a failure: the tracking server lost mid-step (exit 3, whoever called
+    MLflow: kedro-mlflow's hooks, its datasets, the node), or a parameter logged again with
+    another value (exit 2: MLflow keeps one value per run)."""
+    chain = exception_chain(exc)
+    operation = hooks.dataset_operation
+    mlflow_dataset = (operation is not None and hooks.catalog is not None
+                      and str(hooks.catalog.get_type(operation[1]) or "").rsplit(".", 1)[-1].startswith("Mlflow"))
+    if not mlflow_dataset and not any(type(item).__module__.startswith("mlflow") for item in chain):
+        return None
+    text = " ".join(str(item) for item in chain)
+    if "Changing param values is not allowed" in text:
+        keys = sorted({one or other for one, other in _PARAM_KEYS.findall(text)})
+        return ConfigError(
+            f"parameter{'s' if len(keys) != 1 else ''} {', '.join(keys) or '(unknown)'} already logged with "
+            "another value in this pipeline's MLflow run: every step of one run must use the same "
+            "parameter values",
+            hint="a run with other values needs its own job (another --job-name, a new pipeline run)",
+        )
+    from kvx_runtime.storage.store import is_transient
+
+    if any(is_transient(item) for item in chain) or _UNREACHABLE.search(text):
+        root = chain[-1]
+        return InfrastructureError(
+            f"MLflow became unreachable during the step: {type(root).__name__}: {_first_line(root)[:300]}",
+            hint=f"worth a retry: {replay}",
+        )
+    return None
 
 
 def _catalog_error(exc: Exception, operation: str, dataset: str, replay: str) -> KvxError:

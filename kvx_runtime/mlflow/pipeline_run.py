@@ -22,6 +22,8 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,8 @@ TAG_LAST_NODE = "kvx.last_node"
 TAG_FAILED_NODE = "kvx.failed_node"
 TAG_FINAL_STATE = "kvx.final_state"
 TAG_ERROR = "kvx.error"
+#: A token of the process that creates the run: a retried create finds the run by it.
+TAG_CREATE_TOKEN = "kvx.create_token"
 
 #: Vertex AI / KFP final states -> MLflow run statuses.
 FINAL_STATES = {
@@ -214,13 +218,58 @@ def find_run(connection: MlflowConnection, job_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+@contextmanager
+def _no_http_retries() -> Iterator[None]:
+    """MLflow retries every method, POST included; a create whose answer was lost would then
+    create a second run. Around a create we retry ourselves, looking before creating again."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    previous = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def _retryable(exc: BaseException) -> bool:
+    text = str(exc)
+    return bool(re.search(r"Max retries exceeded|Connection (refused|aborted|reset)|RemoteDisconnected|"
+                          r"Read timed out|status code (429|5\d\d)|TEMPORARILY_UNAVAILABLE|"
+                          r"RESOURCE_EXHAUSTED", text))
+
+
 def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubeflow: bool) -> str:
-    tags = {TAG_RUN_ID: run_id, TAG_JOB_NAME: job_name}
+    """Create the run idempotently: it carries a token of ours, and a retry first looks for a
+    run with that token (the server may have created it and lost the answer)."""
+    import uuid
+
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    token = uuid.uuid4().hex
+    tags = {TAG_RUN_ID: run_id, TAG_JOB_NAME: job_name, TAG_CREATE_TOKEN: token}
     if kubeflow:
         tags[TAG_KUBEFLOW_RUN_ID] = run_id
-    run = _call(connection, "create the MLflow run", connection.client.create_run,
-                experiment_id=connection.experiment_id, run_name=job_name, tags=tags)
-    return str(run.info.run_id)
+    client = connection.client
+
+    def attempt() -> str:
+        found = client.search_runs(experiment_ids=[connection.experiment_id],
+                                   filter_string=f"tags.`{TAG_CREATE_TOKEN}` = '{token}'", max_results=1)
+        if found:
+            return str(found[0].info.run_id)
+        with _no_http_retries():
+            run = client.create_run(experiment_id=connection.experiment_id, run_name=job_name, tags=tags)
+        return str(run.info.run_id)
+
+    retrying = Retrying(stop=stop_after_attempt(int(os.environ.get("KVX_MLFLOW_CREATE_ATTEMPTS", "5"))),
+                        wait=wait_random_exponential(multiplier=0.5, max=10),
+                        retry=retry_if_exception(_retryable), reraise=True)
+    try:
+        return retrying(attempt)
+    except Exception as exc:
+        raise _infrastructure_error("create the MLflow run", connection.tracking_uri, exc) from exc
 
 
 def start_pipeline_run(
