@@ -109,8 +109,35 @@ class RetryPolicy:
         return cls(attempts=max(1, attempts), initial_wait=max(0.0, wait))
 
 
+class UploadNotFinalized(Exception):
+    """A remote write whose finalization failed and whose object is not what was sent: the
+    whole write is retried."""
+
+
+class _ChecksummedSink:
+    """Passes writes through to an upload, keeping their count, MD5 and last bytes, so that a
+    finalization whose answer was lost can be checked against what GCS holds."""
+
+    _TAIL = 64
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.count = 0
+        self.tail = b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.md5.update(view)
+        self.count += view.nbytes
+        self.tail = (self.tail + bytes(view[-self._TAIL:]))[-self._TAIL:]
+        return int(self._target.write(view) or view.nbytes)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
+    if isinstance(exc, UploadNotFinalized):
+        return True
     if isinstance(exc, (KvxError, FileNotFoundError, PermissionError)):
         return False
     code = getattr(exc, "code", None) or getattr(exc, "status", None)
@@ -291,13 +318,45 @@ class BlobStore:
         if _is_local(self._fs):
             return self._write_local(dataset, path, obj)
         handle = self._fs.open(path, "wb", block_size=block_size())
+        sink = _ChecksummedSink(handle)
         try:
-            info = write_blob(obj, handle, dataset=dataset, level=self.level, job=self.job_name)
+            info = write_blob(obj, sink, dataset=dataset, level=self.level, job=self.job_name)
         except BaseException:
             _abandon(handle, self.url(dataset))
             raise
-        handle.close()
+        try:
+            handle.close()
+        except Exception as exc:
+            # The finalizing request may have succeeded with its answer lost: a re-sent final
+            # chunk then gets 404 for the finished session. What is stored decides.
+            _abandon(handle, self.url(dataset))
+            if self._landed(path, sink):
+                log.warning("the answer to the final upload request was lost; the object is complete "
+                            "(size and MD5 match what was sent)", dataset=dataset, path=self.url(dataset))
+                return info
+            raise UploadNotFinalized(f"the upload was not finalized ({_short(exc)})") from exc
         return info
+
+    def _landed(self, path: str, sink: _ChecksummedSink) -> bool:
+        """Does ``path`` hold exactly the bytes ``sink`` sent?"""
+        import base64
+
+        try:
+            invalidate = getattr(self._fs, "invalidate_cache", None)
+            if invalidate is not None:
+                invalidate(path)
+            details = self._fs.info(path)
+        except Exception:
+            return False
+        if int(details.get("size") or -1) != sink.count:
+            return False
+        stored_md5 = details.get("md5Hash")
+        if stored_md5:
+            return bool(base64.b64decode(stored_md5) == sink.md5.digest())
+        try:  # no MD5 (composite objects): the blob's own end marker, as sent
+            return bool(self._fs.cat_file(path, start=sink.count - len(sink.tail)) == sink.tail)
+        except Exception:
+            return False
 
     def _write_local(self, dataset: str, path: str, obj: Any) -> BlobInfo:
         directory = os.path.dirname(path)
