@@ -151,6 +151,36 @@ def make_slow_project(root: Path, package: str) -> Path:
     return make_project(root, package, _SLOW_NODES, _SLOW_PIPELINE.format(package=package))
 
 
+_SLOW_PICKLING_NODES = """
+import os, time
+
+
+class SlowToPickle:
+    def __reduce__(self):
+        time.sleep(0.02)
+        return (SlowToPickle, ())
+
+
+def make():
+    # Megabytes first (an upload session is open by then), then seconds of pickling.
+    return [os.urandom(3 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
+"""
+_SLOW_PICKLING_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from {package}.nodes import make
+
+def register_pipelines():
+    return {{"__default__": Pipeline([Node(make, None, "payload", name="make"),
+                                      Node(len, "payload", "size", name="count")])}}
+"""
+
+
+def make_slow_pickling_project(root: Path, package: str) -> Path:
+    """make -> count, where make's output takes seconds to pickle after megabytes of data: for
+    stopping a step in the middle of writing a blob."""
+    return make_project(root, package, _SLOW_PICKLING_NODES, _SLOW_PICKLING_PIPELINE.format(package=package))
+
+
 def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, catalog: str = "",
                  vertexai: str = "") -> Path:
     """A minimal Kedro project written from strings (for failure modes the example lacks)."""

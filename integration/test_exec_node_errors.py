@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from integration.conftest import KVX, make_slow_project, run_step, signal_after_node_started, step_env
+from integration.conftest import (
+    KVX,
+    make_slow_pickling_project,
+    make_slow_project,
+    run_step,
+    signal_after_node_started,
+    step_env,
+)
 from kvx_runtime.storage.store import BlobStore
 
 pytestmark = pytest.mark.slow
@@ -163,36 +170,9 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]
 
 
-_SLOW_PICKLING_NODES = """
-import os, time
-
-
-class SlowToPickle:
-    def __reduce__(self):
-        time.sleep(0.02)
-        return (SlowToPickle, ())
-
-
-def make():
-    # Megabytes first (an upload session is open by then), then seconds of pickling.
-    return [os.urandom(3 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
-"""
-_SLOW_PICKLING_PIPELINE = """
-from kedro.pipeline import Node, Pipeline
-from {package}.nodes import make
-
-def register_pipelines():
-    return {{"__default__": Pipeline([Node(make, None, "payload", name="make"),
-                                      Node(len, "payload", "size", name="count")])}}
-"""
-
-
 def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path, gcs_emulator) -> None:
     """A stop signal wins over whatever cancelling the upload session raises."""
-    from integration.conftest import make_project
-
-    project = make_project(tmp_path, "uploadsig", _SLOW_PICKLING_NODES,
-                           _SLOW_PICKLING_PIPELINE.format(package="uploadsig"))
+    project = make_slow_pickling_project(tmp_path, "uploadsig")
     root = f"gs://{gcs_emulator.bucket}/sigterm"
     env = step_env(**gcs_emulator.env, KVX_STORAGE_BLOCK_SIZE=str(256 * 1024))
     process = subprocess.Popen(
@@ -208,10 +188,7 @@ def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path,
 
 
 def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_step_removes(tmp_path: Path) -> None:
-    from integration.conftest import make_project
-
-    project = make_project(tmp_path, "killproj", _SLOW_PICKLING_NODES,
-                           _SLOW_PICKLING_PIPELINE.format(package="killproj"))
+    project = make_slow_pickling_project(tmp_path, "killproj")
     root = tmp_path / "storage"
     process = subprocess.Popen(
         [*KVX, "exec-node", "--node", "make", "--run-id", "k", "--storage-root", str(root)],

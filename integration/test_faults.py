@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from integration.conftest import kedro_in_process, run_step, step_env
+from integration.conftest import (
+    KVX,
+    kedro_in_process,
+    make_slow_pickling_project,
+    run_step,
+    signal_after_node_started,
+    step_env,
+)
 from integration.faults import FaultPlan, FaultProxy
 from integration.test_exec_node import EXPECTED_BLOBS, reports
 from kvx_runtime.storage.store import BlobStore
@@ -63,3 +73,54 @@ def _record(summary: dict) -> None:
     if target:
         with Path(target).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(summary) + "\n")
+
+
+# --- stop signals at random points of large writes ----------------------------------------
+
+SIGNAL_TRIALS = int(os.environ.get("KVX_SIGNAL_TRIALS", "3"))
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_stop_signals_mid_write_leave_no_partial_blob(tmp_path: Path, gcs_emulator, where: str, signum: int) -> None:
+    project = make_slow_pickling_project(tmp_path, "sigtrials")
+    rng = random.Random(f"{where}-{signum}")
+    proxy = None
+    if where == "gs":
+        # Every request slowed down: signals land inside upload requests too.
+        proxy = FaultProxy(gcs_emulator.port, FaultPlan(rate=1.0, kinds=("delay",), delay=0.3)).start()
+        root = f"gs://{gcs_emulator.bucket}/signals-{signum}"
+        env = step_env(STORAGE_EMULATOR_HOST=proxy.url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+                       KVX_STORAGE_BLOCK_SIZE=str(256 * 1024))
+    else:
+        root = str(tmp_path / "storage")
+        env = step_env()
+    outcomes = []
+    try:
+        for trial in range(SIGNAL_TRIALS):
+            job = f"trial-{trial}"
+            process = subprocess.Popen(
+                [*KVX, "exec-node", "--node", "make", "--run-id", job, "--storage-root", root],
+                cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+            rest = signal_after_node_started(process, signum, event="node finished", delay=rng.uniform(0.05, 3.0))
+            outcomes.append(process.returncode)
+            if signum == signal.SIGTERM:
+                assert process.returncode == 143, rest[-2000:]
+                assert "stopped by SIGTERM" in rest.splitlines()[-1]
+            else:
+                assert process.returncode == -signal.SIGKILL
+            # Never a blob under its final name; the next step of the job finds none and
+            # (locally) removes what the dead writer left.
+            reader = run_step(project, "--node", "count", "--run-id", job, "--storage-root", root, env=env)
+            assert reader.returncode == 2 and "does not exist" in reader.last_message, reader.last_message
+            if where == "local":
+                assert list((Path(root) / "kedro-vertexai-temp" / job).iterdir()) == []
+            else:
+                fs = gcs_emulator.filesystem()
+                prefix = f"{gcs_emulator.bucket}/signals-{signum}/kedro-vertexai-temp/{job}"
+                assert not fs.exists(f"{prefix}/payload.bin")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+    _record({"signal_trials": where, "signal": int(signum), "trials": len(outcomes), "exit_codes": outcomes,
+             "partial_blobs": 0, "leftover_temp_files": 0})
