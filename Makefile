@@ -58,7 +58,8 @@ image: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench
 
-# Benchmarks: bench/results/latest.json and docs/benchmarks.md (full: about ten minutes).
+# Benchmarks: bench/results/latest.json, docs/benchmarks.md and the figures in docs/reliability.md
+# (full: about twenty minutes; quick: about five).
 bench: $(STAMP)
 	$(PY) bench/run.py
 
