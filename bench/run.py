@@ -359,13 +359,13 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
         passed[name] = result.returncode == 0
         print(f"  reliability {name}: {'passed' if passed[name] else 'FAILED'}", flush=True)
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    pipelines = [r for r in records if "seed" in r]
+    pipelines = [r for r in records if "seed" in r]  # storage faults alone, and with MLflow faults too
     steps = sum(r["steps"] for r in pipelines)
     first_time = steps - sum(r["first_attempt_failures"] for r in pipelines)
     trials = [r for r in records if "signal_trials" in r]
     add = bench.add
     if steps:
-        add(f"steps succeeding first time at {pipelines[0]['rate']:.0%} injected GCS faults "
+        add(f"steps succeeding first time at {pipelines[0]['rate']:.0%} injected GCS (and MLflow) faults "
             f"({len(pipelines)} runs of the example pipeline, {steps} steps)", "%", [100.0 * first_time / steps],
             "reliability", goal="100%", met=first_time == steps)
         add("faults injected (429, 503, resets, lost answers, delays)", "faults",

@@ -68,6 +68,51 @@ def test_every_step_succeeds_first_time_through_injected_gcs_faults(
         store.load(blob)
 
 
+def test_the_pipelines_mlflow_run_survives_faults_on_both_servers(
+    example_project: Path, node_order, gcs_emulator, mlflow_server
+) -> None:
+    """Storage and tracking behind fault proxies at once: the example project's laptop env
+    logs metrics and an artifact to the pipeline's one MLflow run."""
+    from integration.test_mlflow import end, start
+
+    seed = SEEDS[0]
+    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="clean"))
+    clean = json.loads((example_project / "data" / "08_reporting" / "clean" / "metrics.json").read_text())
+    storage = FaultProxy(gcs_emulator.port, FaultPlan(rate=FAULT_RATE, seed=seed, delay=0.3)).start()
+    tracking = FaultProxy(mlflow_server.port, FaultPlan(rate=FAULT_RATE, seed=seed + 1000, delay=0.3)).start()
+    job = f"faults-ml-{seed}"
+    env = step_env(STORAGE_EMULATOR_HOST=storage.url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+                   KVX_STORAGE_RETRY_WAIT="0.2", KEDRO_CONFIG_MLFLOW_TRACKING_URI=tracking.url, KEDRO_ENV="local")
+    failures = []
+    try:
+        run_id = start(example_project, env, job, example_project)
+        for node in node_order:
+            result = run_step(example_project, "--node", node, "--run-id", job, "--job-name", job,
+                              "--storage-root", f"gs://{gcs_emulator.bucket}/{job}", "--mlflow-run-id", run_id,
+                              env=env, timeout=600)
+            if result.returncode != 0:
+                failures.append(f"{node}: exit {result.returncode}: {result.last_message[:300]}")
+        ended = end(example_project, env, job, "SUCCEEDED")
+        assert ended.returncode == 0, ended.stderr[-2000:]
+    finally:
+        storage.stop()
+        tracking.stop()
+    _record({"seed": seed, "rate": FAULT_RATE, "steps": len(node_order) + 2, "mlflow": True,
+             "requests": storage.requests + tracking.requests,
+             "injected": dict(storage.injected + tracking.injected), "first_attempt_failures": len(failures)})
+    assert failures == [], failures
+    assert sum(tracking.injected.values()) > 0
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("spaceflights-kvx").experiment_id],
+                              filter_string=f"tags.vertexai_job_name = '{job}'")
+    assert [run.info.run_id for run in runs] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for name, value in clean.items():  # the metrics equal the clean run's
+        assert run.data.metrics[f"metrics.{name}"] == pytest.approx(value["value"] if isinstance(value, dict)
+                                                                   else value)
+
+
 def _record(summary: dict) -> None:
     target = os.environ.get("KVX_FAULT_RESULTS")
     if target:
