@@ -163,7 +163,7 @@ class SlowToPickle:
 
 def make():
     # Megabytes first (an upload session is open by then), then seconds of pickling.
-    return [os.urandom(3 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
+    return [os.urandom(16 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
 """
 _SLOW_PICKLING_PIPELINE = """
 from kedro.pipeline import Node, Pipeline

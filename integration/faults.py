@@ -109,13 +109,15 @@ _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodi
 @dataclass
 class FaultPlan:
     """Which requests fail, and how: a seeded ``rate`` over ``kinds``, plus targeted ``rules``
-    (method, path) -> kind that fire once each (then the request passes)."""
+    (method, path) -> kind that fire once each (then the request passes) and ``always``."""
 
     rate: float = 0.0
     kinds: tuple[str, ...] = FAULT_KINDS
     seed: int = 0
     delay: float = 0.5
     rules: list[tuple[Callable[[str, str], bool], str]] = field(default_factory=list)
+    #: Like ``rules``, but firing on every matching request.
+    always: list[tuple[Callable[[str, str], bool], str]] = field(default_factory=list)
 
 
 class FaultProxy:
@@ -167,6 +169,10 @@ class FaultProxy:
             for index, (matches, kind) in enumerate(self.plan.rules):
                 if matches(method, path):
                     del self.plan.rules[index]
+                    self.injected[kind] += 1
+                    return kind
+            for matches, kind in self.plan.always:
+                if matches(method, path):
                     self.injected[kind] += 1
                     return kind
             if self.plan.rate and self._rng.random() < self.plan.rate:

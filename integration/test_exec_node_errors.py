@@ -171,17 +171,26 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
 
 
 def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path, gcs_emulator) -> None:
-    """A stop signal wins over whatever cancelling the upload session raises."""
+    """A stop signal wins, at once, over an upload session that cannot be cancelled (every
+    DELETE of the session fails here, as it did when the trials measured exit 3)."""
+    from integration.faults import FaultPlan, FaultProxy
+
     project = make_slow_pickling_project(tmp_path, "uploadsig")
+    proxy = FaultProxy(gcs_emulator.port, FaultPlan(always=[(lambda method, _: method == "DELETE", "503")])).start()
     root = f"gs://{gcs_emulator.bucket}/sigterm"
-    env = step_env(**gcs_emulator.env, KVX_STORAGE_BLOCK_SIZE=str(256 * 1024))
-    process = subprocess.Popen(
-        [*KVX, "exec-node", "--node", "make", "--run-id", "u", "--storage-root", root],
-        cwd=project, env=env, stderr=subprocess.PIPE, text=True,
-    )
-    rest = signal_after_node_started(process, signal.SIGTERM, event="node finished", delay=2.0)
+    env = step_env(STORAGE_EMULATOR_HOST=proxy.url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+                   KVX_STORAGE_BLOCK_SIZE=str(256 * 1024))
+    try:
+        process = subprocess.Popen(
+            [*KVX, "exec-node", "--node", "make", "--run-id", "u", "--storage-root", root],
+            cwd=project, env=env, stderr=subprocess.PIPE, text=True,
+        )
+        rest = signal_after_node_started(process, signal.SIGTERM, event="node finished", delay=2.0)
+    finally:
+        proxy.stop()
     assert process.returncode == 143, rest[-2000:]
     assert "stopped by SIGTERM" in rest.splitlines()[-1]
+    assert proxy.injected["503"] == 0  # no time spent cancelling the session
     fs = gcs_emulator.filesystem()
     assert not fs.exists(f"{gcs_emulator.bucket}/sigterm/kedro-vertexai-temp/u/payload.bin")
 

@@ -321,8 +321,10 @@ class BlobStore:
         sink = _ChecksummedSink(handle)
         try:
             info = write_blob(obj, sink, dataset=dataset, level=self.level, job=self.job_name)
-        except BaseException:
-            _abandon(handle, self.url(dataset))
+        except BaseException as exc:
+            # A stop signal leaves at once: no request to cancel the upload session (which GCS
+            # expires by itself) may eat into the grace period before SIGKILL.
+            _abandon(handle, self.url(dataset), cancel=isinstance(exc, Exception))
             raise
         try:
             handle.close()
@@ -444,16 +446,16 @@ class BlobStore:
             raise StorageError(f"could not {what}: {_short(exc)}") from exc
 
 
-def _abandon(handle: Any, where: str) -> None:
-    """Cancel an unfinished upload so that it is never finalized, and never raise: the error
-    or stop signal that interrupted the write is what the caller reports.
+def _abandon(handle: Any, where: str, *, cancel: bool = True) -> None:
+    """Make sure an unfinished upload is never finalized, and never raise: the error or stop
+    signal that interrupted the write is what the caller reports.
 
     fsspec files flush (and so finalize) what they hold in ``close()`` and when garbage
     collected; marking the handle closed rules both out, whether or not ``discard()`` (which
-    cancels GCS's upload session) succeeded.
+    cancels GCS's upload session, with ``cancel``) succeeded.
     """
     try:
-        discard = getattr(handle, "discard", None)
+        discard = getattr(handle, "discard", None) if cancel else None
         if discard is not None:
             discard()
     except Exception as exc:
