@@ -1,0 +1,289 @@
+"""The project commands, each defined once, for both front-ends.
+
+``kvx-runtime <command>`` and ``kedro vertexai <command>`` are the same click commands: the
+``kvx-runtime`` group adds them next to the step commands (``exec-node``, ``mlflow-*``), the
+``kedro vertexai`` group of :mod:`kvx_runtime.kedro_plugin` adds them under its ``-e/--env``
+option (which every command here also takes itself). Bodies stay thin: the logic lives in the
+compiler, the local runner, the targets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kvx_runtime.errors import KvxError
+from kvx_runtime.process import run_command
+
+__all__ = ["PROJECT_COMMANDS", "env_option", "fail_fast_option", "load_version_option", "project_path_option"]
+
+project_path_option = click.option(
+    "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
+    help="Kedro project directory (default: the working directory).",
+)
+load_version_option = click.option(
+    "--load-version", "load_versions", multiple=True, metavar="DATASET=VERSION",
+    help="Load this version of a versioned dataset (wins over the run's own version). Repeatable.",
+)
+fail_fast_option = click.option(
+    "--fail-fast", is_flag=True,
+    help="After a failure start no new step (default: the spec's kvx_failure_policy, fail_slow: "
+    "independent steps finish, as on Vertex AI).",
+)
+env_option = click.option(
+    "-e", "--env", default=None,
+    help="Kedro config environment (default: KEDRO_ENV, then the project's default_run_env unless "
+    "it is 'local', then base).",
+)
+
+
+def _compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """What says which pipeline to compile, and how: shared by compile and run-local."""
+    for option in reversed([
+        click.option("-p", "--pipeline", default="__default__", show_default=True, help="Registered pipeline."),
+        click.option("-i", "--image", default=None, help="Image of the steps (default: run_config.image)."),
+        click.option("--params", "params", multiple=True, metavar="NAME:TYPE[,NAME:TYPE]",
+                     help="Kedro parameters exposed as pipeline parameters (types: str, int, float, bool, "
+                     "list, dict)."),
+        load_version_option,
+    ]):
+        function = option(function)
+    return function
+
+
+def resolve_env(ctx: click.Context, env: str | None) -> str | None:
+    """The command's own ``--env``, else the ``kedro vertexai -e`` group's."""
+    if env:
+        return env
+    parent = ctx.find_object(dict) or {}
+    return parent.get("env")
+
+
+def run(ctx: click.Context, action: Callable[[], Any]) -> None:
+    run_command(ctx.command_path, action)
+
+
+# --- bodies --------------------------------------------------------------------------------
+
+
+def do_compile(
+    project_path: str | None,
+    env: str | None,
+    pipeline: str,
+    image: str | None,
+    storage_root: str | None,
+    params: tuple[str, ...],
+    output: str,
+    load_versions: tuple[str, ...] = (),
+) -> Path:
+    from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
+    from kvx_runtime.versions import parse_load_versions
+
+    compiled = compile_pipeline(CompileRequest(
+        project_path=project_path, env=env, pipeline=pipeline, image=image,
+        params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
+    ))
+    path = write_spec(compiled.spec, output)
+    click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
+    return path
+
+
+def do_run_local(
+    spec: str | Path,
+    project_path: str | None,
+    params: tuple[str, ...],
+    storage_root: str | None,
+    max_parallel: int,
+    job_name: str | None,
+    fail_fast: bool = False,
+) -> None:
+    from kvx_runtime.compiler import read_spec
+    from kvx_runtime.errors import NodeError
+    from kvx_runtime.local_runner import parse_overrides, run_local
+
+    result = run_local(
+        read_spec(spec),
+        project_path or os.getcwd(),
+        params=parse_overrides(params),
+        storage_root=storage_root,
+        max_parallel=max_parallel,
+        job_name=job_name,
+        fail_fast=fail_fast,
+    )
+    if result.exit_code:
+        failed = result.failed_tasks or [result.failed_task]
+        steps = f"step '{failed[0]}'" if len(failed) == 1 else f"steps {', '.join(map(repr, failed))}"
+        error = NodeError(f"{steps} of job {result.job_name} failed")
+        error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
+        raise error
+    click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
+
+
+def do_init(project_path: str | None, project_id: str, region: str, force: bool,
+            with_dockerfile: bool = False) -> Path:
+    from kvx_runtime.errors import UsageError
+    from kvx_runtime.project import find_package_name
+
+    root = Path(project_path or os.getcwd()).resolve()
+    templates = Path(__file__).parent / "templates"
+    package = find_package_name(root).replace("_", "-")
+    config = templates.joinpath("vertexai.yml").read_text()
+    files = {root / "conf" / "base" / "vertexai.yml":
+             config.format(project_id=project_id, region=region, package=package)}
+    if with_dockerfile:
+        files[root / "Dockerfile"] = templates.joinpath("project.Dockerfile").read_text()
+        files[root / ".dockerignore"] = templates.joinpath("project.dockerignore").read_text()
+    # Refuse before writing anything: never a half-done init.
+    existing = [path for path in files if path.exists()]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}; nothing was written",
+            hint="pass --force to overwrite",
+        )
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        click.echo(f"{path.relative_to(root)} written ({path})")
+    return root / "conf" / "base" / "vertexai.yml"
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@click.command("compile")
+@project_path_option
+@env_option
+@_compile_options
+@click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
+@click.option("-o", "--output", default="pipeline.json", show_default=True,
+              help="Where to write the spec: JSON, or YAML for .yaml/.yml.")
+@click.pass_context
+def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                    image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                    storage_root: str | None, output: str) -> None:
+    """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
+    run(ctx, lambda: do_compile(project_path, resolve_env(ctx, env), pipeline, image, storage_root, params,
+                                output, load_versions))
+
+
+@click.command("run-local")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, exists=True))
+@project_path_option
+@env_option
+@_compile_options
+@click.option("--param", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Override a pipeline parameter (pipeline or dotted Kedro name). Repeatable.")
+@click.option("--storage-root", default=None, help="Storage root of the run (default: <project>/.kvx/storage).")
+@click.option("--max-parallel", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Steps that may run at the same time.")
+@click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
+@fail_fast_option
+@click.pass_context
+def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
+                      pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                      overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
+                      job_name: str | None, fail_fast: bool) -> None:
+    """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
+    project's pipeline first, to .kvx/pipeline.json)."""
+
+    def action() -> None:
+        nonlocal spec
+        project = project_path or os.getcwd()
+        root = storage_root or os.path.join(project, ".kvx", "storage")
+        if spec is None:
+            # The image does not matter locally: steps run in this environment.
+            spec = str(do_compile(project_path, resolve_env(ctx, env), pipeline, image or "local", root, params,
+                                  os.path.join(project, ".kvx", "pipeline.json"), load_versions))
+        do_run_local(spec, project_path, overrides, root, max_parallel, job_name, fail_fast)
+
+    run(ctx, action)
+
+
+@click.command("init")
+@click.argument("project_id")
+@click.argument("region")
+@project_path_option
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--with-dockerfile", is_flag=True,
+              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
+@click.pass_context
+def init_command(ctx: click.Context, project_id: str, region: str, project_path: str | None, force: bool,
+                 with_dockerfile: bool) -> None:
+    """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
+    run(ctx, lambda: do_init(project_path, project_id, region, force, with_dockerfile))
+
+
+class _DoctorFailed(KvxError):
+    def __init__(self, code: int) -> None:
+        super().__init__("at least one check failed (see the FAIL lines above)")
+        self.exit_code = code  # type: ignore[assignment]
+
+
+@click.command("doctor")
+@project_path_option
+@env_option
+@click.option("--storage-root", default=None, help="Storage root to check (default: run_config.root).")
+@click.option("--runtime-only", is_flag=True, help="Only check the runtime itself (base image smoke test).")
+@click.pass_context
+def doctor_command(ctx: click.Context, project_path: str | None, env: str | None, storage_root: str | None,
+                   runtime_only: bool) -> None:
+    """Check that this container can run steps: project, config, storage, MLflow, auth."""
+
+    def action() -> None:
+        from kvx_runtime.doctor import run_doctor
+
+        code = run_doctor(project_path, resolve_env(ctx, env), storage_root, runtime_only)
+        if code:
+            raise _DoctorFailed(code)
+
+    run(ctx, action)
+
+
+@click.command("gc")
+@project_path_option
+@env_option
+@click.option("--storage-root", default=None, help="Storage root to clean (default: run_config.root).")
+@click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Expire jobs whose newest blob is older than this (default: run_config.ttl).")
+@click.option("--yes", is_flag=True, help="Delete (default: only say what would be deleted).")
+@click.pass_context
+def gc_command(ctx: click.Context, project_path: str | None, env: str | None, storage_root: str | None,
+               older_than: float | None, yes: bool) -> None:
+    """Delete what a storage root no longer needs: expired jobs' intermediates, dead writers' files."""
+
+    def action() -> None:
+        from kvx_runtime.config import normalize_storage_root
+        from kvx_runtime.storage.gc import collect_garbage, describe
+
+        ttl = older_than
+        root = normalize_storage_root(storage_root, bare_is_bucket=False) if storage_root is not None else None
+        if root is None or ttl is None:
+            from kvx_runtime.config import STEP_KEYS
+            from kvx_runtime.errors import ConfigError
+            from kvx_runtime.project import open_project
+
+            config = open_project(project_path, resolve_env(ctx, env), needed=(*STEP_KEYS, "run_config.ttl"))
+            run_config = config.plugin_config.run_config
+            ttl = run_config.ttl if ttl is None else ttl
+            if root is None:
+                if not run_config.root:
+                    raise ConfigError("no storage root", hint="pass --storage-root or set run_config.root")
+                root = normalize_storage_root(run_config.root)
+        for line in describe(collect_garbage(root, float(ttl), delete=yes)):
+            click.echo(line)
+
+    run(ctx, action)
+
+
+#: Shared by ``kvx-runtime`` and ``kedro vertexai``.
+PROJECT_COMMANDS: tuple[click.Command, ...] = (
+    compile_command,
+    run_local_command,
+    init_command,
+    doctor_command,
+    gc_command,
+)

@@ -1,0 +1,69 @@
+"""The process-level contract of every kvx-runtime command.
+
+Logging set up first, SIGTERM/SIGINT turned into a clean stop, and every failure ending in one
+clear log line and the documented exit code (see :class:`~kvx_runtime.errors.ExitCode`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from kvx_runtime.errors import ExitCode, Interrupted, KvxError
+from kvx_runtime.log import get_logger
+
+__all__ = ["install_signal_handlers", "run_command", "run_unless_ok"]
+
+log = get_logger("kvx_runtime.cli")
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    # Restore the default action so a second signal during cleanup ends the process at once.
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_interrupted)
+
+
+def run_unless_ok(what: str, action: Callable[[], Any]) -> None:
+    """Run a start-up action; a failure ends the process like a command failure."""
+    try:
+        action()
+    except KvxError as exc:
+        log.error(f"{what}: {exc}", exit_code=int(exc.exit_code))
+        _exit(int(exc.exit_code))
+
+
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    sys.exit(code)
+
+
+def run_command(command: str, action: Callable[[], Any]) -> NoReturn:
+    """Run ``action`` under the exit-code contract and exit the process."""
+    try:
+        action()
+    except KvxError as exc:
+        log.error(f"{command} failed: {exc}", exit_code=int(exc.exit_code), error_type=type(exc).__name__,
+                  error=exc.message)
+        _exit(int(exc.exit_code))
+    except Interrupted as exc:
+        log.error(f"{command} {exc}: nothing partial was left behind", exit_code=int(exc.exit_code))
+        _exit(int(exc.exit_code))
+    except Exception as exc:  # a bug in kvx-runtime itself: show everything
+        log.error(
+            f"{command} failed with an internal error: {type(exc).__name__}: {exc}",
+            exit_code=int(ExitCode.NODE_FAILED),
+            exc_info=True,
+        )
+        _exit(int(ExitCode.NODE_FAILED))
+    _exit(int(ExitCode.SUCCESS))
