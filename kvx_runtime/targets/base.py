@@ -1,0 +1,152 @@
+"""A place that runs compiled pipelines: submit, watch, list, cancel, schedule.
+
+The interface knows pipeline runs, tasks and schedules, nothing Vertex-only: Vertex AI
+Pipelines is the first implementation (:mod:`.vertex`), Kubeflow Pipelines the next. Commands
+(``run-once``, ``schedule``, ``status``...) talk to a :class:`PipelineTarget` only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "FINAL_STATES",
+    "PipelineTarget",
+    "RunInfo",
+    "RunRequest",
+    "ScheduleInfo",
+    "ScheduleRequest",
+    "TaskInfo",
+]
+
+#: Run and task states, as the targets report them after normalization.
+FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "SKIPPED"})
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run of a compiled pipeline spec."""
+
+    spec: Mapping[str, Any]
+    run_id: str  # the id the target gives the run (Vertex: the PipelineJob id)
+    display_name: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    failure_policy: str = "fail_slow"  # fail_slow | fail_fast
+    #: Where the target keeps run artifacts (Vertex: runtimeConfig.gcsOutputDirectory).
+    output_root: str | None = None
+    service_account: str | None = None
+    network: str | None = None
+    encryption_key: str | None = None
+    #: A spec already uploaded to the target (Vertex: templateUri) instead of ``spec``.
+    template_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    state: str
+    error: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    #: Target-specific ids of what ran the task (Vertex: the CustomJob resource name).
+    executor: str | None = None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str  # the target's full resource name
+    run_id: str
+    display_name: str
+    state: str
+    create_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    error: str | None = None
+    tasks: tuple[TaskInfo, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def duration(self) -> float | None:
+        if self.start_time is None:
+            return None
+        end = self.end_time or datetime.now(self.start_time.tzinfo)
+        return (end - self.start_time).total_seconds()
+
+
+@dataclass(frozen=True)
+class ScheduleRequest:
+    display_name: str
+    cron: str
+    timezone: str | None
+    run: RunRequest
+    start_time: str | None = None
+    end_time: str | None = None
+    max_run_count: int | None = None
+    max_concurrent_runs: int = 1
+    allow_queueing: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    display_name: str
+    state: str
+    cron: str
+    next_run_time: datetime | None = None
+
+
+class PipelineTarget(ABC):
+    """A place that runs compiled pipelines."""
+
+    #: What users call the target in messages ("Vertex AI").
+    title: str = "pipeline service"
+
+    @abstractmethod
+    def submit(self, run: RunRequest) -> RunInfo:
+        """Start a run; returns it as the target sees it right after creation."""
+
+    @abstractmethod
+    def get(self, name: str) -> RunInfo:
+        """A run by resource name or run id, with its tasks."""
+
+    @abstractmethod
+    def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
+        """Runs, newest first; of one pipeline (its name in the spec) unless None."""
+
+    @abstractmethod
+    def cancel(self, name: str) -> None:
+        """Ask the target to stop a run (it may take a while to stop)."""
+
+    @abstractmethod
+    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        """The schedule with this display name, if any."""
+
+    @abstractmethod
+    def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
+        """Create the schedule, or update the one with the same display name in place;
+        returns it and whether it was created."""
+
+    @abstractmethod
+    def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
+        """``pause``, ``resume`` or ``delete`` (then None) a schedule."""
+
+    @abstractmethod
+    def console_url(self, run: RunInfo | None = None) -> str:
+        """Where a user watches the run (or all runs) in a browser."""
+
+    def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
+        """Where a task's logs are, if the target has such a place."""
+        return None
+
+    def task_errors(self, run: RunInfo, task: TaskInfo, limit: int = 5) -> list[str]:
+        """The last error lines a task logged, if the target can read them."""
+        return []

@@ -1,0 +1,308 @@
+"""Vertex AI Pipelines through its REST API (v1), without the aiplatform or kfp SDKs.
+
+Requests go through google-auth's ``AuthorizedSession`` with Application Default Credentials
+(cloud-platform scope) to the regional endpoint ``https://{region}-aiplatform.googleapis.com``
+(``KVX_VERTEX_ENDPOINT`` replaces it: tests, private endpoints). 429, 5xx and connection errors
+are retried with backoff (tenacity), other 4xx never; list calls follow ``nextPageToken``. An
+API error is one line with Google's status and message: exit 2 for 400/403/404 (and other
+4xx), exit 3 after retries. No token or credential ever reaches a log or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
+from kvx_runtime.log import get_logger
+from kvx_runtime.targets.base import (
+    PipelineTarget,
+    RunInfo,
+    RunRequest,
+    ScheduleInfo,
+    ScheduleRequest,
+    TaskInfo,
+)
+
+__all__ = ["ApiError", "VertexTarget"]
+
+log = get_logger(__name__)
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+_RETRIED = {408, 429, 500, 502, 503, 504}
+_STATE_PREFIX = "PIPELINE_STATE_"
+FAILURE_POLICIES = {"fail_slow": "PIPELINE_FAILURE_POLICY_FAIL_SLOW", "fail_fast": "PIPELINE_FAILURE_POLICY_FAIL_FAST"}
+#: The fields a schedule update changes (never its name or run history).
+_SCHEDULE_FIELDS = ("cron", "startTime", "endTime", "maxRunCount", "maxConcurrentRunCount", "allowQueueing",
+                    "createPipelineJobRequest")
+
+
+class ApiError(KvxError):
+    """The Vertex AI API refused a request (exit 2), or kept failing (exit 3)."""
+
+
+class _Transient(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time from the API (any number of fractional digits)."""
+    match = _TIME.match(text or "")
+    if not match:
+        return None
+    base, fraction, zone = match.groups()
+    fraction = f".{(fraction + '000000')[:6]}" if fraction else ""
+    return datetime.fromisoformat(base + fraction + ("+00:00" if zone in (None, "Z") else zone))
+
+
+def _status_message(payload: Any, fallback: str) -> str:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return f"{error.get('status') or error.get('code')}: {error.get('message', '')}".strip()
+    return fallback
+
+
+class VertexTarget(PipelineTarget):
+    title = "Vertex AI"
+
+    def __init__(self, project: str, region: str, *, session: Any = None, endpoint: str | None = None,
+                 attempts: int | None = None) -> None:
+        if not project or not region:
+            raise ConfigError("Vertex AI needs project_id and region",
+                              hint="set them in vertexai.yml (kedro vertexai init)")
+        self.project = project
+        self.region = region
+        self.endpoint = (endpoint or os.environ.get("KVX_VERTEX_ENDPOINT")
+                         or f"https://{region}-aiplatform.googleapis.com").rstrip("/")
+        self.parent = f"projects/{project}/locations/{region}"
+        self._session = session
+        self._attempts = attempts or int(os.environ.get("KVX_VERTEX_ATTEMPTS", "6"))
+
+    # --- transport --------------------------------------------------------------------------
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            import google.auth
+            from google.auth.exceptions import DefaultCredentialsError
+            from google.auth.transport.requests import AuthorizedSession
+
+            try:
+                credentials, _ = google.auth.default(scopes=[SCOPE])
+            except DefaultCredentialsError as exc:
+                raise ConfigError(
+                    "no Google credentials: " + str(exc).splitlines()[0][:200],
+                    hint="run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS",
+                ) from None
+            self._session = AuthorizedSession(credentials)
+        return self._session
+
+    def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                 body: Any = None) -> Any:
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+        url = f"{self.endpoint}/v1/{path}"
+        what = f"{method} {path.split('?')[0]}"
+
+        def attempt() -> Any:
+            import requests
+
+            try:
+                response = self.session.request(method, url, params=params, json=body, timeout=60)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise _Transient(0, f"{type(exc).__name__}") from None
+            except Exception as exc:  # google-auth refreshing a token, for example
+                if type(exc).__module__.startswith("google.auth"):
+                    raise InfrastructureError(f"Vertex AI: could not get credentials: {type(exc).__name__}: "
+                                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                raise
+            try:
+                payload = response.json() if response.content else {}
+            except ValueError:
+                payload = {}
+            if response.status_code in _RETRIED:
+                raise _Transient(response.status_code, _status_message(payload, f"HTTP {response.status_code}"))
+            if response.status_code >= 400:
+                message = _status_message(payload, f"HTTP {response.status_code}")
+                error = ApiError(f"Vertex AI refused {what}: {message}")
+                if response.status_code == 404:
+                    error = ApiError(f"Vertex AI: not found ({what}): {message}")
+                raise error
+            return payload
+
+        retrying = Retrying(stop=stop_after_attempt(self._attempts),
+                            wait=wait_random_exponential(multiplier=float(os.environ.get("KVX_VERTEX_RETRY_WAIT", "1")),
+                                                         max=30),
+                            retry=retry_if_exception_type(_Transient), reraise=True)
+        try:
+            return retrying(attempt)
+        except _Transient as exc:
+            error = ApiError(f"Vertex AI did not answer {what} after {self._attempts} attempts: "
+                             f"{exc.status or 'connection'}: {exc}")
+            error.exit_code = InfrastructureError.exit_code  # type: ignore[assignment]
+            raise error from None
+
+    def _pages(self, path: str, key: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            page = self._request("GET", path, params={**params, **({"pageToken": token} if token else {})})
+            yield from page.get(key, [])
+            token = page.get("nextPageToken")
+            if not token:
+                return
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def _job_name(self, name: str) -> str:
+        return name if name.startswith("projects/") else f"{self.parent}/pipelineJobs/{name}"
+
+    def job_body(self, run: RunRequest) -> dict[str, Any]:
+        """The PipelineJob resource for ``run`` (also the Schedule's createPipelineJobRequest)."""
+        runtime: dict[str, Any] = {"parameterValues": dict(run.parameters),
+                                   "failurePolicy": FAILURE_POLICIES[run.failure_policy]}
+        if run.output_root:
+            runtime["gcsOutputDirectory"] = run.output_root
+        body: dict[str, Any] = {"displayName": run.display_name, "runtimeConfig": runtime,
+                                "labels": dict(run.labels)}
+        if run.template_uri:
+            body["templateUri"] = run.template_uri
+        else:
+            body["pipelineSpec"] = dict(run.spec)
+        if run.service_account:
+            body["serviceAccount"] = run.service_account
+        if run.network:
+            body["network"] = run.network
+        if run.encryption_key:
+            body["encryptionSpec"] = {"kmsKeyName": run.encryption_key}
+        return body
+
+    def submit(self, run: RunRequest) -> RunInfo:
+        payload = self._request("POST", f"{self.parent}/pipelineJobs", params={"pipelineJobId": run.run_id},
+                                body=self.job_body(run))
+        return self._run(payload)
+
+    def get(self, name: str) -> RunInfo:
+        return self._run(self._request("GET", self._job_name(name)))
+
+    def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
+        params: dict[str, Any] = {"orderBy": "create_time desc", "pageSize": 100}
+        if pipeline:
+            params["filter"] = f'labels.kvx-pipeline="{_label(pipeline)}"'
+        for job in self._pages(f"{self.parent}/pipelineJobs", "pipelineJobs", params):
+            yield self._run(job)
+
+    def cancel(self, name: str) -> None:
+        self._request("POST", f"{self._job_name(name)}:cancel", body={})
+
+    def _run(self, job: Mapping[str, Any]) -> RunInfo:
+        name = str(job.get("name", ""))
+        tasks = []
+        for detail in (job.get("jobDetail") or {}).get("taskDetails", []) or []:
+            executor = (detail.get("executorDetail") or {}).get("containerDetail") or {}
+            error = detail.get("error") or {}
+            tasks.append(TaskInfo(
+                name=str(detail.get("taskName", "")),
+                state=str(detail.get("state", "STATE_UNSPECIFIED")),
+                error=str(error.get("message")) if error.get("message") else None,
+                start=_parse_time(detail.get("startTime")),
+                end=_parse_time(detail.get("endTime")),
+                executor=executor.get("mainJob"),
+            ))
+        error = job.get("error") or {}
+        return RunInfo(
+            name=name,
+            run_id=name.rsplit("/", 1)[-1],
+            display_name=str(job.get("displayName", "")),
+            state=str(job.get("state", "PIPELINE_STATE_UNSPECIFIED")).removeprefix(_STATE_PREFIX),
+            create_time=_parse_time(job.get("createTime")),
+            start_time=_parse_time(job.get("startTime")),
+            end_time=_parse_time(job.get("endTime")),
+            error=str(error.get("message")) if error.get("message") else None,
+            tasks=tuple(tasks),
+            labels=dict(job.get("labels") or {}),
+        )
+
+    # --- schedules --------------------------------------------------------------------------
+
+    def _schedule(self, payload: Mapping[str, Any]) -> ScheduleInfo:
+        return ScheduleInfo(name=str(payload.get("name", "")), display_name=str(payload.get("displayName", "")),
+                            state=str(payload.get("state", "")), cron=str(payload.get("cron", "")),
+                            next_run_time=_parse_time(payload.get("nextRunTime")))
+
+    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        params = {"filter": f'display_name="{display_name}"', "pageSize": 100}
+        for schedule in self._pages(f"{self.parent}/schedules", "schedules", params):
+            if schedule.get("displayName") == display_name:  # the filter is a hint, this is the rule
+                return self._schedule(schedule)
+        return None
+
+    def schedule_body(self, request: ScheduleRequest) -> dict[str, Any]:
+        cron = f"TZ={request.timezone} {request.cron}" if request.timezone else request.cron
+        body: dict[str, Any] = {
+            "displayName": request.display_name,
+            "cron": cron,
+            "maxConcurrentRunCount": str(request.max_concurrent_runs),
+            "allowQueueing": request.allow_queueing,
+            "createPipelineJobRequest": {"parent": self.parent, "pipelineJob": self.job_body(request.run)},
+        }
+        if request.start_time:
+            body["startTime"] = request.start_time
+        if request.end_time:
+            body["endTime"] = request.end_time
+        if request.max_run_count is not None:
+            body["maxRunCount"] = str(request.max_run_count)
+        return body
+
+    def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
+        body = self.schedule_body(request)
+        existing = self.find_schedule(request.display_name)
+        if existing is None:
+            return self._schedule(self._request("POST", f"{self.parent}/schedules", body=body)), True
+        fields = [name for name in _SCHEDULE_FIELDS if name in body]
+        # Fields this request leaves unset are cleared (an end time removed from the config).
+        fields += [name for name in ("startTime", "endTime", "maxRunCount") if name not in body]
+        updated = self._request("PATCH", existing.name, params={"updateMask": ",".join(sorted(set(fields)))},
+                                body=body)
+        return self._schedule(updated), False
+
+    def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
+        if action == "delete":
+            self._request("DELETE", name)
+            return None
+        if action not in {"pause", "resume"}:
+            raise UsageError(f"unknown schedule action {action!r}")
+        self._request("POST", f"{name}:{action}", body={})
+        return self._schedule(self._request("GET", name))
+
+    # --- where to look ----------------------------------------------------------------------
+
+    def console_url(self, run: RunInfo | None = None) -> str:
+        if run is None:
+            return f"https://console.cloud.google.com/vertex-ai/pipelines/runs?project={quote(self.project)}"
+        return (f"https://console.cloud.google.com/vertex-ai/locations/{quote(self.region)}/pipelines/runs/"
+                f"{quote(run.run_id)}?project={quote(self.project)}")
+
+    def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
+        job_id = (task.executor or "").rsplit("/", 1)[-1]
+        if not job_id:
+            return None
+        query = (f'resource.type="ml_job"\nresource.labels.job_id="{job_id}"')
+        return (f"https://console.cloud.google.com/logs/query;query={quote(query, safe='')}"
+                f"?project={quote(self.project)}")
+
+
+_LABEL_CHARS = re.compile(r"[^a-z0-9_-]")
+
+
+def _label(value: str) -> str:
+    """A value as Vertex accepts it in a label: lowercase, [a-z0-9_-], at most 63 characters."""
+    return _LABEL_CHARS.sub("-", value.lower())[:63]
