@@ -279,10 +279,258 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
     run(ctx, action)
 
 
+# --- commands that talk to the target (Vertex AI) ---------------------------------------------
+
+
+def _target_and_project(project_path: str | None, env: str | None) -> tuple[Any, Any]:
+    from kvx_runtime.project import open_project
+    from kvx_runtime.targets import VertexTarget
+
+    project = open_project(project_path, env)
+    config = project.plugin_config
+    return VertexTarget(str(config.project_id or ""), str(config.region or "")), project
+
+
+def _submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
+                     help="Any Kedro parameter for this run, typed from its Kedro value. Repeatable."),
+        click.option("--storage-root", default=None, help="Storage root of the run (default: run_config.root)."),
+    ]):
+        function = option(function)
+    return function
+
+
+def _compile_for_target(project_path: str | None, env: str | None, pipeline: str, image: str | None,
+                        storage_root: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                        values: tuple[str, ...]) -> Any:
+    from kvx_runtime.compiler import CompileRequest, compile_pipeline
+    from kvx_runtime.errors import UsageError
+    from kvx_runtime.versions import parse_load_versions
+
+    parsed: dict[str, str] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {item!r} must look like KEY=VALUE")
+        parsed[key.strip()] = text
+    return compile_pipeline(CompileRequest(
+        project_path=project_path, env=env, pipeline=pipeline, image=image, params=params,
+        storage_root=storage_root, load_versions=parse_load_versions(load_versions), values=parsed,
+    ))
+
+
+def _finish(target: Any, run: Any, spec: Any, values: Any, fetch_logs: bool = False) -> None:
+    """Print the summary and, on failure, the diagnosis; exit 1 unless the run succeeded."""
+    from kvx_runtime.errors import NodeError
+    from kvx_runtime.submission import diagnose, summary
+
+    click.echo(summary(run))
+    if run.state == "SUCCEEDED":
+        return
+    for line in diagnose(target, run, spec, values, fetch_logs=fetch_logs):
+        click.echo(line)
+    raise NodeError(f"pipeline run {run.run_id} {run.state}", hint=target.console_url(run))
+
+
+@click.command("run-once")
+@project_path_option
+@env_option
+@_compile_options
+@_submit_options
+@click.option("--wait", is_flag=True, help="Watch the run until it ends (exit 0 if it succeeded, 1 if not).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="With --wait: stop waiting after this long (the run goes on).")
+@click.pass_context
+def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                     values: tuple[str, ...], storage_root: str | None, wait: bool, timeout: float | None) -> None:
+    """Compile the pipeline and run it once on Vertex AI; with --wait, watch it to the end."""
+
+    def action() -> None:
+        from kvx_runtime.submission import run_request, watch
+
+        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
+                                       load_versions, values)
+        request = run_request(compiled.spec, project.plugin_config.run_config, values=compiled.values)
+        run = target.submit(request)
+        click.echo(f"Submitted {run.name}")
+        click.echo(f"  {target.console_url(run)}")
+        if not wait:
+            return
+        interval = float(os.environ.get("KVX_WATCH_INTERVAL", "5"))
+        try:
+            run = watch(target, run, click.echo, timeout=timeout, first_poll=interval,
+                        max_poll=max(interval, 60.0 if interval >= 5 else interval))
+        except KeyboardInterrupt:
+            click.echo(f"Stopped watching; the run goes on. Cancel it with: kvx-runtime cancel {run.run_id}")
+            return
+        _finish(target, run, compiled.spec, compiled.values)
+
+    run(ctx, action)
+
+
+@click.command("status")
+@click.argument("job")
+@project_path_option
+@env_option
+@click.option("--logs", "fetch_logs", is_flag=True, help="Also fetch failed tasks' last error log entries.")
+@click.pass_context
+def status_command(ctx: click.Context, job: str, project_path: str | None, env: str | None, fetch_logs: bool) -> None:
+    """A run's state and its tasks; for a failed run, what failed and where to look."""
+
+    def action() -> None:
+        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        info = target.get(job)
+        click.echo(f"{info.run_id}: {info.state}  {target.console_url(info)}")
+        for task in info.tasks:
+            click.echo(f"  {task.state:<10} {task.name}" + (f": {task.error}" if task.error else ""))
+        if info.finished:
+            _finish(target, info, info.spec, info.parameters, fetch_logs=fetch_logs)
+
+    run(ctx, action)
+
+
+@click.command("list-pipelines")
+@project_path_option
+@env_option
+@click.option("-p", "--pipeline", default="__default__", show_default=True, help="Registered pipeline.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many runs.")
+@click.option("--all", "all_pipelines", is_flag=True, help="Runs of every pipeline, not only this one.")
+@click.pass_context
+def list_pipelines_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                           limit: int, all_pipelines: bool) -> None:
+    """Runs of this pipeline on Vertex AI, newest first: job, state, start, duration."""
+
+    def action() -> None:
+        from itertools import islice
+
+        from kvx_runtime.compiler.names import pipeline_name
+
+        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        name = pipeline_name(project.package_name if pipeline == "__default__"
+                             else f"{project.package_name}-{pipeline}")
+        runs = list(islice(target.list_runs(None if all_pipelines else name), limit))
+        click.echo(f"{'JOB':<60} {'STATE':<10} {'STARTED (UTC)':<19} DURATION")
+        for info in runs:
+            started = info.start_time.strftime("%Y-%m-%d %H:%M:%S") if info.start_time else "-"
+            duration = f"{info.duration / 60:.1f} min" if info.duration is not None else "-"
+            click.echo(f"{info.run_id:<60} {info.state:<10} {started:<19} {duration}")
+        if not runs:
+            click.echo("no runs")
+
+    run(ctx, action)
+
+
+@click.command("cancel")
+@click.argument("job")
+@project_path_option
+@env_option
+@click.pass_context
+def cancel_command(ctx: click.Context, job: str, project_path: str | None, env: str | None) -> None:
+    """Ask Vertex AI to cancel a run."""
+
+    def action() -> None:
+        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        target.cancel(job)
+        click.echo(f"Cancellation of {job} requested; `kvx-runtime status {job}` shows when it stopped")
+
+    run(ctx, action)
+
+
+@click.command("ui")
+@project_path_option
+@env_option
+@click.option("--open", "open_browser", is_flag=True, help="Also open it in a browser.")
+@click.pass_context
+def ui_command(ctx: click.Context, project_path: str | None, env: str | None, open_browser: bool) -> None:
+    """Print the Vertex AI Pipelines console URL (--open: open a browser)."""
+
+    def action() -> None:
+        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        url = target.console_url()
+        click.echo(url)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    run(ctx, action)
+
+
+@click.command("schedule")
+@project_path_option
+@env_option
+@_compile_options
+@_submit_options
+@click.option("--cron", default=None, help="Cron expression (default: run_config.schedules).")
+@click.option("--timezone", default=None, help="IANA time zone of the cron expression (sent as TZ=<zone>).")
+@click.option("--start-time", default=None, metavar="RFC3339", help="First possible run.")
+@click.option("--end-time", default=None, metavar="RFC3339", help="No runs after this.")
+@click.option("--max-run-count", type=click.IntRange(min=1), default=None, help="Stop after this many runs.")
+@click.option("--max-concurrent-runs", type=click.IntRange(min=1), default=None, help="Runs at the same time.")
+@click.option("--allow-queueing/--no-queueing", default=None, help="Queue runs beyond the concurrency limit.")
+@click.option("--pause", "action_name", flag_value="pause", help="Pause the schedule.")
+@click.option("--resume", "action_name", flag_value="resume", help="Resume the schedule.")
+@click.option("--delete", "action_name", flag_value="delete", help="Delete the schedule.")
+@click.pass_context
+def schedule_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                     values: tuple[str, ...], storage_root: str | None, cron: str | None, timezone: str | None,
+                     start_time: str | None, end_time: str | None, max_run_count: int | None,
+                     max_concurrent_runs: int | None, allow_queueing: bool | None, action_name: str | None) -> None:
+    """Create or update (in place, by display name) the recurring run of this pipeline; or
+    --pause, --resume, --delete it."""
+
+    def action() -> None:
+        from kvx_runtime.config import ScheduleConfig
+        from kvx_runtime.errors import ConfigError, UsageError
+        from kvx_runtime.submission import run_request
+        from kvx_runtime.targets import ScheduleRequest
+
+        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        run_config = project.plugin_config.run_config
+        key = pipeline if pipeline in run_config.schedules else "default_schedule"
+        configured = run_config.schedules.get(key) or ScheduleConfig()
+        compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
+                                       load_versions, values)
+        request = run_request(compiled.spec, run_config, values=compiled.values)
+        display_name = run_config.scheduled_run_name or request.display_name
+        if action_name is not None:
+            existing = target.find_schedule(display_name)
+            if existing is None:
+                raise UsageError(f"no schedule named {display_name!r}", hint="create it with `schedule --cron ...`")
+            after = target.set_schedule_state(existing.name, action_name)
+            click.echo(f"Schedule {display_name}: {'deleted' if after is None else after.state}")
+            return
+        expression = cron or configured.cron_expression
+        if not expression:
+            raise ConfigError("no cron expression",
+                              hint=f"pass --cron or set run_config.schedules.{key}.cron_expression")
+        schedule, created = target.upsert_schedule(ScheduleRequest(
+            display_name=display_name, cron=expression, timezone=timezone or configured.timezone, run=request,
+            start_time=start_time or configured.start_time, end_time=end_time or configured.end_time,
+            max_run_count=max_run_count or configured.max_run_count,
+            max_concurrent_runs=max_concurrent_runs or configured.max_concurrent_run_count,
+            allow_queueing=configured.allow_queueing if allow_queueing is None else allow_queueing,
+        ))
+        click.echo(f"Schedule {display_name} {'created' if created else 'updated'}: {schedule.cron} "
+                   f"({schedule.state}) {schedule.name}")
+
+    run(ctx, action)
+
+
 #: Shared by ``kvx-runtime`` and ``kedro vertexai``.
 PROJECT_COMMANDS: tuple[click.Command, ...] = (
     compile_command,
     run_local_command,
+    run_once_command,
+    schedule_command,
+    list_pipelines_command,
+    status_command,
+    cancel_command,
+    ui_command,
     init_command,
     doctor_command,
     gc_command,

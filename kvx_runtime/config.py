@@ -39,6 +39,7 @@ __all__ = [
     "ResourceSpec",
     "RetrySpec",
     "RunConfig",
+    "ScheduleConfig",
     "load_plugin_config",
     "parse_plugin_config",
 ]
@@ -160,6 +161,18 @@ class MLflowConfig(_Section):
     required: bool = True
 
 
+class ScheduleConfig(_Section):
+    """``run_config.schedules.<pipeline or default_schedule>``: a recurring run."""
+
+    cron_expression: str | None = None
+    timezone: str | None = None
+    start_time: str | None = None  # RFC 3339
+    end_time: str | None = None
+    max_run_count: int | None = Field(default=None, ge=1)
+    max_concurrent_run_count: int = Field(default=1, ge=1)
+    allow_queueing: bool = False
+
+
 class RunConfig(_Section):
     image: str | None = None
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
@@ -181,6 +194,9 @@ class RunConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     service_account: str | None = None
+    #: Customer-managed encryption key of submitted jobs (the aiplatform SDK's name for it).
+    encryption_spec_key_name: str | None = None
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
 

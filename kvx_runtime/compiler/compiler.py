@@ -66,6 +66,9 @@ class CompileRequest:
     params: Sequence[str] = ()  # "kedro.name:type"
     storage_root: str | None = None
     load_versions: dict[str, str] = field(default_factory=dict)  # dataset -> Kedro version
+    #: Values for this run ("kedro.name" -> text): each becomes a pipeline parameter (typed
+    #: from its Kedro value, declared or not) and a value in ``CompiledPipeline.values``.
+    values: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class CompiledPipeline:
     spec: dict[str, Any]
     steps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> node names
     warnings: list[str] = field(default_factory=list)
+    #: Pipeline parameter values for one run (from ``CompileRequest.values``), typed.
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 def _lookup(params: dict[str, Any], dotted: str) -> Any:
@@ -128,6 +133,35 @@ def _pipeline_parameters(declared: Sequence[str], kedro_params: dict[str, Any]) 
             seen.add(pipeline_param)
             parameters.append(PipelineParameter(name, pipeline_param, kind, default))
     return parameters
+
+
+def _kind_of(value: Any) -> str:
+    """The pipeline parameter type of a Kedro parameter's value."""
+    for kind, python in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", list),
+                         ("dict", dict)):
+        if isinstance(value, python):
+            return kind
+    raise ConfigError(f"a Kedro parameter of type {type(value).__name__} cannot be a pipeline parameter")
+
+
+def _run_values(values: dict[str, str], declared: list[PipelineParameter],
+                kedro_params: dict[str, Any]) -> tuple[list[PipelineParameter], dict[str, Any]]:
+    """Pipeline parameters for ``values`` (added when not declared) and their typed values."""
+    from kvx_runtime.local_runner.graph import coerce
+
+    parameters = list(declared)
+    by_name = {p.kedro_name: p for p in parameters}
+    typed: dict[str, Any] = {}
+    for name, text in values.items():
+        parameter = by_name.get(name)
+        if parameter is None:
+            default = _lookup(kedro_params, name)
+            kind = _kind_of(default)
+            parameter = PipelineParameter(name, parameter_name(name), kind, _coerce_default(name, kind, default))
+            parameters.append(parameter)
+            by_name[name] = parameter
+        typed[parameter.name] = coerce(name, PARAMETER_TYPES[parameter.type], text)
+    return parameters, typed
 
 
 def _coerce_default(name: str, kind: str, value: Any) -> Any:
@@ -271,7 +305,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     warnings += [f"env {env} not in image" for env in
                  warn_envs_not_in_image(project.path, project.conf_root, [project.base_env, project.env])]
 
-    parameters = _pipeline_parameters(request.params, kedro_params)
+    parameters, values = _run_values(request.values, _pipeline_parameters(request.params, kedro_params),
+                                     kedro_params)
     mlflow = mlflow_configured(project)
     exit_pipeline = run.on_exit_pipeline
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
@@ -368,7 +403,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     check_node_dependencies(kedro_pipeline, graph.nodes_of_task, spec)
     log.info("pipeline compiled", pipeline=name, steps=len(node_steps), mlflow=mlflow,
              parameters=[p.kedro_name for p in parameters])
-    return CompiledPipeline(spec=spec, steps=steps_nodes, warnings=warnings)
+    return CompiledPipeline(spec=spec, steps=steps_nodes, warnings=warnings, values=values)
 
 
 def write_spec(spec: dict[str, Any], output: str | Path) -> Path:

@@ -69,6 +69,9 @@ class RunInfo:
     error: str | None = None
     tasks: tuple[TaskInfo, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: The spec and parameter values the run ran with, when the target returns them.
+    spec: Mapping[str, Any] | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

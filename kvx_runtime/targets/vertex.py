@@ -229,6 +229,8 @@ class VertexTarget(PipelineTarget):
             error=str(error.get("message")) if error.get("message") else None,
             tasks=tuple(tasks),
             labels=dict(job.get("labels") or {}),
+            spec=job.get("pipelineSpec"),
+            parameters=dict((job.get("runtimeConfig") or {}).get("parameterValues") or {}),
         )
 
     # --- schedules --------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""run-once, schedule, list-pipelines, status, cancel and ui against a fake Vertex AI API that
+validates every request body with Google's published discovery document (fake_vertex.py), with
+Application Default Credentials from a service-account key whose token_uri is 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import KVX, step_env
+from integration.fake_vertex import FakeVertex, Invalid, discovery, validate
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ID, REGION = "kvx-example-project", "europe-west1"
+#: google-auth looks up a service account's regional access boundary at iamcredentials.googleapis.com
+#: in the background; in tests anything not on 127.0.0.1 goes to a closed local port instead.
+LOOPBACK_ONLY = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+                 "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@pytest.fixture
+def vertex(fake_google):
+    fake = FakeVertex(fake_google, project=PROJECT_ID, region=REGION).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def adc(tmp_path, fake_google) -> Path:
+    from integration.test_mlflow import _service_account_key
+
+    return _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token", "deployer@kvx-test.iam.gserviceaccount.com")
+
+
+def kvx(project: Path, vertex: FakeVertex, adc: Path, *args: str, timeout: float = 300, **extra: str):
+    env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_WATCH_INTERVAL="0.05",
+                   KVX_VERTEX_RETRY_WAIT="0.05", KVX_LOG_FORMAT="json", **LOOPBACK_ONLY, **extra)
+    return subprocess.run([*KVX, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_discovery_validation_is_what_google_does() -> None:
+    job = discovery()["schemas"]["GoogleCloudAiplatformV1PipelineJob"]
+    validate({"displayName": "x", "runtimeConfig": {"parameterValues": {"a": 1}}}, job, "pipeline_job")
+    with pytest.raises(Invalid, match='Unknown name "runtime_config"'):
+        validate({"runtime_config": {}}, job, "pipeline_job")
+    with pytest.raises(Invalid, match="TYPE_STRING"):
+        validate({"displayName": 3}, job, "pipeline_job")
+    with pytest.raises(Invalid, match="failurePolicy"):
+        validate({"runtimeConfig": {"failurePolicy": "SOMETIMES"}}, job, "pipeline_job")
+
+
+def test_run_once_wait_succeeds_with_a_valid_job(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    result = kvx(example_project, vertex, adc, "run-once", "--wait", "--param", "reporting.top_n=5",
+                 "--param", "data_science.model_options.test_size=0.3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [job] = vertex.jobs.values()
+    job_id = job["name"].rsplit("/", 1)[-1]
+    assert job_id.startswith("spaceflights-kvx-") and len(job_id) == len("spaceflights-kvx-") + 14
+    runtime = job["runtimeConfig"]
+    assert runtime["failurePolicy"] == "PIPELINE_FAILURE_POLICY_FAIL_SLOW"
+    assert runtime["gcsOutputDirectory"] == "gs://kvx-example-bucket/pipelines"
+    assert runtime["parameterValues"] == {"reporting__top_n": 5, "data_science__model_options__test_size": 0.3}
+    assert job["labels"]["kvx-pipeline"] == "spaceflights-kvx" and "kvx-version" in job["labels"]
+    inputs = job["pipelineSpec"]["root"]["inputDefinitions"]["parameters"]
+    assert inputs["reporting__top_n"]["parameterType"] == "NUMBER_INTEGER"  # typed from the Kedro value
+    out = result.stdout
+    assert f"Submitted {job['name']}" in out
+    assert f"console.cloud.google.com/vertex-ai/locations/{REGION}/pipelines/runs/{job_id}" in out
+    assert "RUNNING    data-processing-preprocess-companies-node" in out
+    assert "SUCCEEDED  data-processing-preprocess-companies-node" in out
+    assert f"{job_id}: SUCCEEDED" in out
+
+
+def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    vertex.fail_tasks = {"data-science-train-model-node"}
+    result = kvx(example_project, vertex, adc, "run-once", "--wait")
+    assert result.returncode == 1, result.stderr[-3000:]
+    out = result.stdout
+    assert "task data-science-train-model-node FAILED: The replica workerpool0-0 exited" in out
+    assert f"ran as:  projects/{PROJECT_ID}/locations/{REGION}/customJobs/" in out
+    assert "logs:    https://console.cloud.google.com/logs/query;query=resource.type%3D%22ml_job%22" in out
+    replay = next(line for line in out.splitlines() if line.startswith("  replay:  "))
+    [job] = vertex.jobs.values()
+    job_id = job["name"].rsplit("/", 1)[-1]
+    assert replay.startswith("  replay:  kvx-runtime exec-node --node data_science.train_model_node --env base")
+    assert f"--job-name {job_id}" in replay and "--storage-root gs://kvx-example-bucket/pipelines" in replay
+    assert "--save-version 20" in replay and "{{$" not in replay
+    final = json.loads(result.stderr.strip().splitlines()[-1])
+    assert final["message"].startswith(f"kvx-runtime run-once failed: pipeline run {job_id} FAILED")
+
+    # status says the same afterwards, from the job alone.
+    status = kvx(example_project, vertex, adc, "status", job_id)
+    assert status.returncode == 1
+    assert "FAILED     data-science-train-model-node" in status.stdout and "  replay:  kvx-runtime exec-node" in status.stdout
+
+
+def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Path, vertex: FakeVertex,
+                                                             adc: Path) -> None:
+    first = kvx(example_project, vertex, adc, "schedule", "--cron", "0 6 * * *", "--timezone", "Europe/Warsaw")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "created: TZ=Europe/Warsaw 0 6 * * *" in first.stdout
+    second = kvx(example_project, vertex, adc, "schedule", "--cron", "30 7 * * 1", "--max-run-count", "10")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "updated: 30 7 * * 1" in second.stdout
+    [schedule] = vertex.schedules.values()
+    assert schedule["cron"] == "30 7 * * 1" and schedule["maxRunCount"] == "10"
+    assert schedule["createPipelineJobRequest"]["pipelineJob"]["runtimeConfig"]["failurePolicy"].endswith("FAIL_SLOW")
+    assert ("PATCH", schedule["name"]) in [(m, p.removeprefix("/v1/")) for m, p in vertex.requests]
+    paused = kvx(example_project, vertex, adc, "schedule", "--pause")
+    assert paused.returncode == 0 and "PAUSED" in paused.stdout and schedule["state"] == "PAUSED"
+    resumed = kvx(example_project, vertex, adc, "schedule", "--resume")
+    assert resumed.returncode == 0 and schedule["state"] == "ACTIVE"
+    deleted = kvx(example_project, vertex, adc, "schedule", "--delete")
+    assert deleted.returncode == 0 and vertex.schedules == {}
+
+
+def test_list_across_pages_cancel_and_ui(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    for _ in range(3):
+        assert kvx(example_project, vertex, adc, "run-once").returncode == 0
+        import time
+
+        time.sleep(1.1)  # job ids carry the second
+    listed = kvx(example_project, vertex, adc, "list-pipelines")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    rows = [line for line in listed.stdout.splitlines()[1:] if line.startswith("spaceflights-kvx-")]
+    assert len(rows) == 3  # the fake pages by 2
+    newest = rows[0].split()[0]
+    cancelled = kvx(example_project, vertex, adc, "cancel", newest)
+    assert cancelled.returncode == 0 and "Cancellation of" in cancelled.stdout
+    status = kvx(example_project, vertex, adc, "status", newest)
+    assert f"{newest}: CANCELLED" in status.stdout and status.returncode == 1
+    ui = kvx(example_project, vertex, adc, "ui")
+    assert ui.stdout.strip() == f"https://console.cloud.google.com/vertex-ai/pipelines/runs?project={PROJECT_ID}"
+    missing = kvx(example_project, vertex, adc, "status", "no-such-job")
+    assert missing.returncode == 2 and "Vertex AI: not found" in missing.stderr
+
+
+def test_every_command_succeeds_through_429_and_503(example_project: Path, fake_google, adc: Path) -> None:
+    fake = FakeVertex(fake_google, project=PROJECT_ID, region=REGION, fault_rate=0.2, seed=5).start()
+    try:
+        for args in (["run-once", "--wait"], ["schedule", "--cron", "0 1 * * *"], ["schedule", "--cron", "0 2 * * *"],
+                     ["list-pipelines"]):
+            result = kvx(example_project, fake, adc, *args)
+            assert result.returncode == 0, f"{args}: {result.stderr[-2000:]}"
+    finally:
+        fake.stop()
+    assert fake.faults > 0 and len(fake.schedules) == 1
+    tokens = [t for t in fake_google.issued if t.startswith("ya29")]
+    assert tokens and not any(token in result.stdout + result.stderr for token in tokens)
+
+
+def test_credentials_from_the_metadata_server(example_project: Path, vertex: FakeVertex, fake_google) -> None:
+    """On a Google machine (a Cloud Build step, a VM), ADC come from the metadata server."""
+    host = fake_google.url.removeprefix("http://")
+    env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GCE_METADATA_HOST=host, GCE_METADATA_IP=host,
+                   KVX_VERTEX_RETRY_WAIT="0.05", CLOUDSDK_CONFIG=str(example_project / "no-gcloud"), **LOOPBACK_ONLY)
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    result = subprocess.run([*KVX, "run-once"], cwd=example_project, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(vertex.jobs) == 1

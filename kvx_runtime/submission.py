@@ -1,0 +1,167 @@
+"""From a compiled spec to a run on a target, and from a failed run to its cause.
+
+- :func:`run_request`: the run of a compiled pipeline as the project configures it (job id
+  ``<pipeline>-<UTC yyyymmddhhmmss>``, labels, service account, network, CMEK, failure policy,
+  output directory, parameter values);
+- :func:`watch`: poll with backoff, one line per task state change, a summary at the end;
+- :func:`diagnose`: per failed task its error, what ran it, where its logs are and the
+  ``exec-node`` command that replays it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from kvx_runtime.compiler.spec import FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
+from kvx_runtime.errors import ExitCode, KvxError
+from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
+
+__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "run_request", "summary", "watch"]
+
+_JOB_ID = re.compile(r"[^a-z0-9-]")
+
+
+class WaitTimeout(KvxError):
+    """``--timeout`` passed while the run was still going (it keeps going)."""
+
+    exit_code = ExitCode.INFRASTRUCTURE
+
+
+def job_id(pipeline_name: str, now: datetime | None = None) -> str:
+    """``<pipeline name>-<UTC yyyymmddhhmmss>``, valid as a Vertex AI PipelineJob id
+    (``[a-z][-a-z0-9]*``, at most 128 characters)."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d%H%M%S")
+    base = _JOB_ID.sub("-", pipeline_name.lower()).strip("-") or "pipeline"
+    if not base[0].isalpha():
+        base = "p-" + base
+    return f"{base[: 127 - len(stamp) - 1]}-{stamp}"
+
+
+def kvx_labels(pipeline_name: str, user_labels: Mapping[str, str]) -> dict[str, str]:
+    """The user's labels plus kvx-runtime's own (which pipeline, which kvx version)."""
+    from kvx_runtime import __version__
+
+    def label(value: str) -> str:
+        return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+
+    return {**user_labels, "kvx-pipeline": label(pipeline_name), "kvx-version": label(__version__)}
+
+
+def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str, Any] | None = None,
+                now: datetime | None = None, template_uri: str | None = None) -> RunRequest:
+    """The run of ``spec`` that ``run_config`` (``vertexai.yml``) describes."""
+    name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+    definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    policy = str(values.get(FAILURE_POLICY_PARAMETER) if values and FAILURE_POLICY_PARAMETER in values
+                 else definitions.get(FAILURE_POLICY_PARAMETER, {}).get("defaultValue", run_config.failure_policy))
+    storage_root = str(definitions.get(STORAGE_ROOT_PARAMETER, {}).get("defaultValue", ""))
+    return RunRequest(
+        spec=spec,
+        run_id=job_id(name, now),
+        display_name=name,
+        parameters=dict(values or {}),
+        labels=kvx_labels(name, run_config.labels),
+        failure_policy=policy,
+        output_root=storage_root if storage_root.startswith("gs://") else None,
+        service_account=run_config.service_account,
+        network=run_config.network.vpc,
+        encryption_key=run_config.encryption_spec_key_name,
+        template_uri=template_uri,
+    )
+
+
+def _clock(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%H:%M:%S") if moment else "--:--:--"
+
+
+def watch(target: PipelineTarget, run: RunInfo, echo: Callable[[str], Any], *, timeout: float | None = None,
+          first_poll: float = 5.0, max_poll: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> RunInfo:
+    """Poll ``run`` until it ends: one line per task state change as it happens."""
+    started = time.monotonic()
+    seen: dict[str, str] = {}
+    poll = first_poll
+    state = run.state
+    echo(f"watching {run.run_id} ({run.state}); Ctrl-C stops watching, not the run")
+    while True:
+        for task in sorted(run.tasks, key=lambda t: (t.start or datetime.max.replace(tzinfo=timezone.utc), t.name)):
+            if seen.get(task.name) != task.state:
+                seen[task.name] = task.state
+                suffix = f": {task.error}" if task.error else ""
+                echo(f"  {_clock(task.end or task.start)} {task.state:<10} {task.name}{suffix}")
+        if run.state != state:
+            state = run.state
+            echo(f"  run {run.state}")
+        if run.finished:
+            return run
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise WaitTimeout(f"{run.run_id} is still {run.state} after {timeout:g} s; it keeps running",
+                              hint=f"watch it with `kvx-runtime status {run.run_id}`")
+        sleep(poll)
+        poll = min(max_poll, poll * 1.5)
+        run = target.get(run.name)
+
+
+def summary(run: RunInfo) -> str:
+    counts: dict[str, int] = {}
+    for task in run.tasks:
+        counts[task.state] = counts.get(task.state, 0) + 1
+    tasks = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+    duration = f" in {run.duration / 60:.1f} min" if run.duration is not None else ""
+    return f"{run.run_id}: {run.state}{duration} ({tasks or 'no tasks'})"
+
+
+def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any]) -> str | None:
+    """The ``exec-node`` command of ``task`` with this run's values: the one the step printed."""
+    from kvx_runtime.local_runner.graph import build_graph, render, substitute
+
+    try:
+        graph = build_graph(spec, {k: v for k, v in values.items()
+                                   if k in spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})})
+    except KvxError:
+        return None
+    local = graph.tasks.get(task.name)
+    if local is None:
+        return None
+    created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
+    job_values = {"pipeline_job_name": run.run_id, "pipeline_job_uuid": run.run_id,
+                  "pipeline_job_create_time_utc": created, "pipeline_task_name": task.name}
+    for name, source in local.inputs.items():
+        if source.kind == "value":
+            job_values[f"inputs.parameters['{name}']"] = substitute(
+                render(local.input_types.get(name, "STRING"), source.value), job_values)
+    container = local.container
+    argv = [str(part) for part in [*container.get("command", []), *container.get("args", [])]]
+    if "exec-node" not in argv:
+        return None
+    try:
+        return shlex.join(substitute(part, job_values) for part in argv)
+    except KvxError:
+        return None
+
+
+def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None,
+             values: Mapping[str, Any] | None = None, *, fetch_logs: bool = False) -> list[str]:
+    """Lines saying, per failed task, what failed and where to look."""
+    failed = [task for task in run.tasks if task.state == "FAILED" and task.name]
+    lines = []
+    if run.error and not failed:
+        lines.append(f"{run.run_id} {run.state}: {run.error}")
+    for task in failed:
+        lines.append(f"task {task.name} FAILED: {task.error or 'no error message'}")
+        if task.executor:
+            lines.append(f"  ran as:  {task.executor}")
+        url = target.logs_url(run, task)
+        if url:
+            lines.append(f"  logs:    {url}")
+        if fetch_logs:
+            for entry in target.task_errors(run, task):
+                lines.append(f"  log:     {entry}")
+        replay = _replay(spec, run, task, values or {}) if spec else None
+        if replay:
+            lines.append(f"  replay:  {replay}")
+    return lines
