@@ -33,7 +33,8 @@ def vertex(fake_google):
 def adc(tmp_path, fake_google) -> Path:
     from integration.test_mlflow import _service_account_key
 
-    return _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token", "deployer@kvx-test.iam.gserviceaccount.com")
+    return _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token",
+                                "deployer@kvx-test.iam.gserviceaccount.com")
 
 
 def kvx(project: Path, vertex: FakeVertex, adc: Path, *args: str, timeout: float = 300, **extra: str):
@@ -95,7 +96,8 @@ def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: Fa
     # status says the same afterwards, from the job alone.
     status = kvx(example_project, vertex, adc, "status", job_id)
     assert status.returncode == 1
-    assert "FAILED     data-science-train-model-node" in status.stdout and "  replay:  kvx-runtime exec-node" in status.stdout
+    assert "FAILED     data-science-train-model-node" in status.stdout
+    assert "  replay:  kvx-runtime exec-node" in status.stdout
 
 
 def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Path, vertex: FakeVertex,
