@@ -20,27 +20,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-_DOC: dict[str, Any] | None = None
+_DOCS: dict[str, dict[str, Any]] = {}
 
 
-def discovery() -> dict[str, Any]:
-    global _DOC
-    if _DOC is None:
+def discovery(api: str = "aiplatform.v1") -> dict[str, Any]:
+    """Google's published description of ``api`` (as google-api-python-client ships it)."""
+    if api not in _DOCS:
         import googleapiclient
 
-        path = Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / "aiplatform.v1.json"
-        _DOC = json.loads(path.read_text())
-    return _DOC
+        path = Path(googleapiclient.__file__).parent / "discovery_cache" / "documents" / f"{api}.json"
+        _DOCS[api] = json.loads(path.read_text())
+    return _DOCS[api]
 
 
 class Invalid(Exception):
     pass
 
 
-def validate(value: Any, schema: dict[str, Any], where: str) -> None:
+def validate(value: Any, schema: dict[str, Any], where: str, api: str = "aiplatform.v1") -> None:
     """Check ``value`` against a discovery schema the way Google's JSON parser does."""
     if "$ref" in schema:
-        schema = discovery()["schemas"][schema["$ref"]]
+        schema = discovery(api)["schemas"][schema["$ref"]]
     kind = schema.get("type")
     if kind == "object":
         if not isinstance(value, dict):
@@ -51,16 +51,16 @@ def validate(value: Any, schema: dict[str, Any], where: str) -> None:
                 if key not in properties:
                     raise Invalid(f'Invalid JSON payload received. Unknown name "{key}" at \'{where}\': '
                                   "Cannot find field.")
-                validate(item, properties[key], f"{where}.{key}" if where else key)
+                validate(item, properties[key], f"{where}.{key}" if where else key, api)
         elif "additionalProperties" in schema:
             for key, item in value.items():
-                validate(item, schema["additionalProperties"], f"{where}[{key}]")
+                validate(item, schema["additionalProperties"], f"{where}[{key}]", api)
         return
     if kind == "array":
         if not isinstance(value, list):
             raise Invalid(f"Invalid value at '{where}', expected a list")
         for index, item in enumerate(value):
-            validate(item, schema.get("items", {}), f"{where}[{index}]")
+            validate(item, schema.get("items", {}), f"{where}[{index}]", api)
         return
     if kind == "string":
         if schema.get("format") in {"int64", "uint64"}:
@@ -103,6 +103,7 @@ class FakeVertex:
         self.rng = random.Random(seed)
         self.page_size = page_size
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.templates: dict[tuple[str, str], dict[str, Any]] = {}  # (package, tag or version) -> spec
         self.schedules: dict[str, dict[str, Any]] = {}
         self.fail_tasks: set[str] = set()
         self.requests: list[tuple[str, str]] = []
@@ -156,8 +157,15 @@ class FakeVertex:
                                                 "credentials.", "status": "UNAUTHENTICATED"}})
             return
         try:
+            if url.path.startswith("/kfp/"):
+                status, payload = self._upload(handler.headers.get("Content-Type", ""), raw)
+                self._send(handler, status, payload)
+                return
             body = json.loads(raw) if raw else {}
-            status, payload = self._route(handler.command, url.path.removeprefix("/v1/"), query, body)
+            if url.path == "/v2/entries:list":
+                status, payload = self._log_entries(body)
+            else:
+                status, payload = self._route(handler.command, url.path.removeprefix("/v1/"), query, body)
         except Invalid as exc:
             status, payload = 400, {"error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}}
         except json.JSONDecodeError:
@@ -221,12 +229,55 @@ class FakeVertex:
                 return self._schedule(method, path, query, body)
         return self._not_found(path)
 
+    def _upload(self, content_type: str, raw: bytes) -> tuple[int, Any]:
+        """Artifact Registry's KFP upload: multipart form with ``content`` and ``tags``."""
+        import email.parser
+        import hashlib
+
+        import yaml
+
+        message = email.parser.BytesParser().parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                  for part in message.get_payload()} if message.is_multipart() else {}
+        if not fields.get("content"):
+            raise Invalid("no pipeline template in the upload")
+        spec = yaml.safe_load(fields["content"])
+        package = spec["pipelineInfo"]["name"]
+        version = "sha256:" + hashlib.sha256(fields["content"]).hexdigest()
+        with self.lock:
+            for tag in [version, *(fields.get("tags") or b"").decode().split(",")]:
+                if tag:
+                    self.templates[(package, tag)] = spec
+        return 200, {"packageName": package, "versionName": version}
+
+    def _log_entries(self, body: dict[str, Any]) -> tuple[int, Any]:
+        validate(body, {"$ref": "ListLogEntriesRequest"}, "", "logging.v2")
+        match = re.search(r'resource\.labels\.job_id="(\d+)"', body.get("filter", ""))
+        entries = []
+        with self.lock:
+            for job in self.jobs.values():
+                for detail in (job.get("jobDetail") or {}).get("taskDetails", []):
+                    main = (detail.get("executorDetail") or {}).get("containerDetail", {}).get("mainJob", "")
+                    if match and main.endswith("/" + match.group(1)):
+                        entries.append({"timestamp": _now(), "severity": "ERROR", "jsonPayload": {
+                            "message": f"exec-node failed: node '{detail['taskName']}' raised ValueError: "
+                                       "injected failure"}})
+        return 200, {"entries": entries}
+
     def _create_job(self, body: dict[str, Any], job_id: str | None) -> tuple[int, Any]:
         if not job_id or not re.fullmatch(r"[a-z][-a-z0-9]{0,127}", job_id):
             raise Invalid(f"Invalid pipelineJobId {job_id!r}")
         name = f"{self.parent}/pipelineJobs/{job_id}"
         if name in self.jobs:
             return 409, {"error": {"code": 409, "message": f"{name} already exists", "status": "ALREADY_EXISTS"}}
+        if "templateUri" in body:
+            package, tag = body["templateUri"].rstrip("/").split("/")[-2:]
+            spec = self.templates.get((package, tag))
+            if spec is None:
+                return 404, {"error": {"code": 404, "message": f"template {body['templateUri']} not found",
+                                       "status": "NOT_FOUND"}}
+            body = {**body, "pipelineSpec": spec}
         job = {**body, "name": name, "state": "PIPELINE_STATE_PENDING", "createTime": _now(), "polls": 0}
         self.jobs[name] = job
         return 200, self._public(job)

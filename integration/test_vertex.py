@@ -165,3 +165,30 @@ def test_credentials_from_the_metadata_server(example_project: Path, vertex: Fak
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(vertex.jobs) == 1
+
+
+def test_upload_pipeline_then_run_the_template(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    repository = f"{vertex.url}/kfp/{PROJECT_ID}/pipelines"
+    text = config.read_text().replace("run_config:\n", f"run_config:\n  template_repository: {repository}\n", 1)
+    config.write_text(text)
+    uploaded = kvx(example_project, vertex, adc, "upload-pipeline", "--tag", "nightly",
+                   KEDRO_CONFIG_COMMIT_ID="abc123")
+    assert uploaded.returncode == 0, uploaded.stderr[-2000:]
+    assert f"Uploaded as {repository}/spaceflights-kvx/nightly" in uploaded.stdout
+    assert {tag for _, tag in vertex.templates} >= {"nightly", "abc123", "latest"}
+    ran = kvx(example_project, vertex, adc, "run-once", "--template", "abc123", "--wait")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    [job] = vertex.jobs.values()
+    assert job["templateUri"] == f"{repository}/spaceflights-kvx/abc123" and "pipelineSpec" in job
+
+
+def test_status_logs_fetches_the_failed_tasks_errors(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    vertex.fail_tasks = {"reporting-build-report-node"}
+    assert kvx(example_project, vertex, adc, "run-once", "--wait").returncode == 1
+    [job] = vertex.jobs.values()
+    status = kvx(example_project, vertex, adc, "status", job["name"].rsplit("/", 1)[-1], "--logs",
+                 KVX_LOGGING_ENDPOINT=vertex.url)
+    assert status.returncode == 1
+    assert "  log:     " in status.stdout
+    assert "exec-node failed: node 'reporting-build-report-node' raised ValueError: injected failure" in status.stdout

@@ -296,9 +296,24 @@ def _submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
                      help="Any Kedro parameter for this run, typed from its Kedro value. Repeatable."),
         click.option("--storage-root", default=None, help="Storage root of the run (default: run_config.root)."),
+        click.option("--template", default=None, metavar="TAG",
+                     help="Run the spec uploaded with this tag to run_config.template_repository "
+                     "(upload-pipeline) instead of sending the spec itself."),
     ]):
         function = option(function)
     return function
+
+
+def _template_uri(run_config: Any, spec: Any, tag: str | None) -> str | None:
+    from kvx_runtime.errors import ConfigError
+
+    if tag is None:
+        return None
+    if not run_config.template_repository:
+        raise ConfigError("--template needs run_config.template_repository",
+                          hint="https://{region}-kfp.pkg.dev/{project}/{repository}")
+    name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+    return f"{run_config.template_repository.rstrip('/')}/{name}/{tag}"
 
 
 def _compile_for_target(project_path: str | None, env: str | None, pipeline: str, image: str | None,
@@ -344,7 +359,8 @@ def _finish(target: Any, run: Any, spec: Any, values: Any, fetch_logs: bool = Fa
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     values: tuple[str, ...], storage_root: str | None, wait: bool, timeout: float | None) -> None:
+                     values: tuple[str, ...], storage_root: str | None, template: str | None, wait: bool,
+                     timeout: float | None) -> None:
     """Compile the pipeline and run it once on Vertex AI; with --wait, watch it to the end."""
 
     def action() -> None:
@@ -353,7 +369,9 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
         target, project = _target_and_project(project_path, resolve_env(ctx, env))
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
                                        load_versions, values)
-        request = run_request(compiled.spec, project.plugin_config.run_config, values=compiled.values)
+        run_config = project.plugin_config.run_config
+        request = run_request(compiled.spec, run_config, values=compiled.values,
+                              template_uri=_template_uri(run_config, compiled.spec, template))
         run = target.submit(request)
         click.echo(f"Submitted {run.name}")
         click.echo(f"  {target.console_url(run)}")
@@ -477,7 +495,8 @@ def ui_command(ctx: click.Context, project_path: str | None, env: str | None, op
 @click.pass_context
 def schedule_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     values: tuple[str, ...], storage_root: str | None, cron: str | None, timezone: str | None,
+                     values: tuple[str, ...], storage_root: str | None, template: str | None,
+                     cron: str | None, timezone: str | None,
                      start_time: str | None, end_time: str | None, max_run_count: int | None,
                      max_concurrent_runs: int | None, allow_queueing: bool | None, action_name: str | None) -> None:
     """Create or update (in place, by display name) the recurring run of this pipeline; or
@@ -495,7 +514,8 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
         configured = run_config.schedules.get(key) or ScheduleConfig()
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
                                        load_versions, values)
-        request = run_request(compiled.spec, run_config, values=compiled.values)
+        request = run_request(compiled.spec, run_config, values=compiled.values,
+                              template_uri=_template_uri(run_config, compiled.spec, template))
         display_name = run_config.scheduled_run_name or request.display_name
         if action_name is not None:
             existing = target.find_schedule(display_name)
@@ -521,6 +541,58 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
     run(ctx, action)
 
 
+def _project_version(path: Path) -> str | None:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        version = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return str(version)
+
+
+@click.command("upload-pipeline")
+@project_path_option
+@env_option
+@_compile_options
+@click.option("--storage-root", default=None, help="Default storage root of the runs (default: run_config.root).")
+@click.option("--tag", "tags", multiple=True, help="Extra tags (always: the project version, the commit id, latest).")
+@click.pass_context
+def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                            image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                            storage_root: str | None, tags: tuple[str, ...]) -> None:
+    """Compile the pipeline and push it to run_config.template_repository (Artifact Registry,
+    Kubeflow Pipelines format), tagged; run-once and schedule run it with --template TAG."""
+
+    def action() -> None:
+        import re
+        import tempfile
+
+        from kvx_runtime.compiler import write_spec
+        from kvx_runtime.errors import ConfigError
+
+        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        repository = project.plugin_config.run_config.template_repository
+        if not repository:
+            raise ConfigError("no run_config.template_repository",
+                              hint="https://{region}-kfp.pkg.dev/{project}/{repository} (an Artifact Registry "
+                              "repository of format Kubeflow Pipelines)")
+        compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
+                                       load_versions, ())
+        version = _project_version(project.path)
+        commit = os.environ.get("KEDRO_CONFIG_COMMIT_ID")
+        wanted = [*tags, *([f"v{version}"] if version else []), *([commit] if commit else []), "latest"]
+        clean = list(dict.fromkeys(re.sub(r"[^A-Za-z0-9_.-]", "-", tag)[:128] for tag in wanted if tag))
+        with tempfile.TemporaryDirectory() as directory:
+            spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml")
+            uri = target.upload_template(repository, str(spec_file), clean)
+        click.echo(f"Uploaded as {uri} (tags: {', '.join(clean)})")
+
+    run(ctx, action)
+
+
 #: Shared by ``kvx-runtime`` and ``kedro vertexai``.
 PROJECT_COMMANDS: tuple[click.Command, ...] = (
     compile_command,
@@ -531,6 +603,7 @@ PROJECT_COMMANDS: tuple[click.Command, ...] = (
     status_command,
     cancel_command,
     ui_command,
+    upload_pipeline_command,
     init_command,
     doctor_command,
     gc_command,

@@ -197,6 +197,8 @@ class RunConfig(_Section):
     #: Customer-managed encryption key of submitted jobs (the aiplatform SDK's name for it).
     encryption_spec_key_name: str | None = None
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    #: An Artifact Registry KFP repository, https://{region}-kfp.pkg.dev/{project}/{repository}.
+    template_repository: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
 

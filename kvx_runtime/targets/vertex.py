@@ -107,17 +107,21 @@ class VertexTarget(PipelineTarget):
         return self._session
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                 body: Any = None) -> Any:
+                 body: Any = None, base: str | None = None, data: Any = None, files: Any = None,
+                 service: str = "Vertex AI") -> Any:
         from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-        url = f"{self.endpoint}/v1/{path}"
+        url = f"{base or self.endpoint + '/v1'}/{path}".rstrip("/")
         what = f"{method} {path.split('?')[0]}"
 
         def attempt() -> Any:
             import requests
 
             try:
-                response = self.session.request(method, url, params=params, json=body, timeout=60)
+                if files is not None:
+                    response = self.session.request(method, url, params=params, data=data, files=files, timeout=300)
+                else:
+                    response = self.session.request(method, url, params=params, json=body, timeout=60)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise _Transient(0, f"{type(exc).__name__}") from None
             except Exception as exc:  # google-auth refreshing a token, for example
@@ -133,9 +137,9 @@ class VertexTarget(PipelineTarget):
                 raise _Transient(response.status_code, _status_message(payload, f"HTTP {response.status_code}"))
             if response.status_code >= 400:
                 message = _status_message(payload, f"HTTP {response.status_code}")
-                error = ApiError(f"Vertex AI refused {what}: {message}")
+                error = ApiError(f"{service} refused {what}: {message}")
                 if response.status_code == 404:
-                    error = ApiError(f"Vertex AI: not found ({what}): {message}")
+                    error = ApiError(f"{service}: not found ({what}): {message}")
                 raise error
             return payload
 
@@ -146,7 +150,7 @@ class VertexTarget(PipelineTarget):
         try:
             return retrying(attempt)
         except _Transient as exc:
-            error = ApiError(f"Vertex AI did not answer {what} after {self._attempts} attempts: "
+            error = ApiError(f"{service} did not answer {what} after {self._attempts} attempts: "
                              f"{exc.status or 'connection'}: {exc}")
             error.exit_code = InfrastructureError.exit_code  # type: ignore[assignment]
             raise error from None
@@ -292,6 +296,42 @@ class VertexTarget(PipelineTarget):
             return f"https://console.cloud.google.com/vertex-ai/pipelines/runs?project={quote(self.project)}"
         return (f"https://console.cloud.google.com/vertex-ai/locations/{quote(self.region)}/pipelines/runs/"
                 f"{quote(run.run_id)}?project={quote(self.project)}")
+
+    def task_errors(self, run: RunInfo, task: TaskInfo, limit: int = 5) -> list[str]:
+        """The task's last ERROR entries, through the Cloud Logging API (``entries:list``)."""
+        job_id = (task.executor or "").rsplit("/", 1)[-1]
+        if not job_id:
+            return []
+        base = os.environ.get("KVX_LOGGING_ENDPOINT", "https://logging.googleapis.com").rstrip("/") + "/v2"
+        body = {"resourceNames": [f"projects/{self.project}"], "orderBy": "timestamp desc", "pageSize": limit,
+                "filter": f'resource.type="ml_job" AND resource.labels.job_id="{job_id}" AND severity>=ERROR'}
+        try:
+            payload = self._request("POST", "entries:list", body=body, base=base, service="Cloud Logging")
+        except ApiError as exc:
+            return [f"(cannot read the logs: {exc.message}; reading them needs roles/logging.viewer)"]
+        lines = []
+        for entry in reversed(payload.get("entries", [])):
+            message = entry.get("textPayload") or (entry.get("jsonPayload") or {}).get("message") or ""
+            lines.append(f"{entry.get('timestamp', '')} {' '.join(str(message).split())[:500]}")
+        return lines
+
+    # --- pipeline templates (Artifact Registry, Kubeflow Pipelines format) --------------------
+
+    def upload_template(self, repository: str, spec_file: str, tags: list[str]) -> str:
+        """Push a compiled spec to an Artifact Registry KFP repository; returns its templateUri."""
+        from pathlib import Path
+
+        host = repository.rstrip("/")
+        path = Path(spec_file)
+        content = path.read_bytes()  # bytes, not a handle: a retried upload sends them again
+        payload = self._request("POST", "", base=host, data={"tags": ",".join(tags)},
+                                files={"content": (path.name, content, "application/octet-stream")},
+                                service="Artifact Registry")
+        package = str(payload.get("packageName", ""))
+        version = str(payload.get("versionName", ""))
+        if not package:
+            raise ApiError(f"Artifact Registry answered the upload without a package name: {payload!r}"[:300])
+        return f"{host}/{package}/{tags[0] if tags else version}"
 
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         job_id = (task.executor or "").rsplit("/", 1)[-1]
