@@ -192,3 +192,13 @@ def test_status_logs_fetches_the_failed_tasks_errors(example_project: Path, vert
     assert status.returncode == 1
     assert "  log:     " in status.stdout
     assert "exec-node failed: node 'reporting-build-report-node' raised ValueError: injected failure" in status.stdout
+
+
+def test_wait_timeout_stops_waiting_not_the_run(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    result = kvx(example_project, vertex, adc, "run-once", "--wait", "--timeout", "0")
+    assert result.returncode == 3
+    final = json.loads(result.stderr.strip().splitlines()[-1])
+    assert "is still PENDING after 0 s; it keeps running" in final["message"]
+    assert "kvx-runtime status" in final["message"]
+    [job] = vertex.jobs.values()
+    assert job["state"] != "PIPELINE_STATE_CANCELLED"
