@@ -202,3 +202,22 @@ def test_wait_timeout_stops_waiting_not_the_run(example_project: Path, vertex: F
     assert "kvx-runtime status" in final["message"]
     [job] = vertex.jobs.values()
     assert job["state"] != "PIPELINE_STATE_CANCELLED"
+
+
+def test_ctrl_c_stops_watching_not_the_run(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    import signal
+
+    env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_WATCH_INTERVAL="5",
+                   KVX_LOG_FORMAT="json", **LOOPBACK_ONLY)
+    process = subprocess.Popen([*KVX, "run-once", "--wait"], cwd=example_project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("watching "):
+            break
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Stopped watching; the run goes on. Cancel it with: kvx-runtime cancel spaceflights-kvx-" in out
+    [job] = vertex.jobs.values()
+    assert job["state"] not in {"PIPELINE_STATE_CANCELLING", "PIPELINE_STATE_CANCELLED"}

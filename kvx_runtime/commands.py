@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from kvx_runtime.errors import KvxError
+from kvx_runtime.errors import Interrupted, KvxError
 from kvx_runtime.process import run_command
 
 __all__ = ["PROJECT_COMMANDS", "env_option", "fail_fast_option", "load_version_option", "project_path_option"]
@@ -381,9 +381,9 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
         try:
             run = watch(target, run, click.echo, timeout=timeout, first_poll=interval,
                         max_poll=max(interval, 60.0 if interval >= 5 else interval))
-        except KeyboardInterrupt:
+        except Interrupted:  # Ctrl-C (SIGINT, turned into Interrupted by the process contract)
             click.echo(f"Stopped watching; the run goes on. Cancel it with: kvx-runtime cancel {run.run_id}")
-            return
+            raise
         _finish(target, run, compiled.spec, compiled.values)
 
     run(ctx, action)
