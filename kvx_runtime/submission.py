@@ -45,11 +45,9 @@ def job_id(pipeline_name: str, now: datetime | None = None) -> str:
 def kvx_labels(pipeline_name: str, user_labels: Mapping[str, str]) -> dict[str, str]:
     """The user's labels plus kvx-runtime's own (which pipeline, which kvx version)."""
     from kvx_runtime import __version__
+    from kvx_runtime.compiler.names import label_value
 
-    def label(value: str) -> str:
-        return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
-
-    return {**user_labels, "kvx-pipeline": label(pipeline_name), "kvx-version": label(__version__)}
+    return {**user_labels, "kvx-pipeline": label_value(pipeline_name), "kvx-version": label_value(__version__)}
 
 
 def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str, Any] | None = None,

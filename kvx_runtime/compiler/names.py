@@ -77,3 +77,8 @@ def check_label(key: str, value: str) -> None:
     if not re.match(r"^[a-z0-9_-]{0,63}$", value):
         raise ConfigError(f"run_config.labels.{key}: {value!r} is not a valid label value "
                           "(lowercase letters, digits, _ or -, <= 63)")
+
+
+def label_value(value: str) -> str:
+    """``value`` as Vertex AI accepts it in a label: lowercase, ``[a-z0-9_-]``, 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from kvx_runtime.compiler.names import label_value
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
@@ -200,7 +201,7 @@ class VertexTarget(PipelineTarget):
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
         params: dict[str, Any] = {"orderBy": "create_time desc", "pageSize": 100}
         if pipeline:
-            params["filter"] = f'labels.kvx-pipeline="{_label(pipeline)}"'
+            params["filter"] = f'labels.kvx-pipeline="{label_value(pipeline)}"'
         for job in self._pages(f"{self.parent}/pipelineJobs", "pipelineJobs", params):
             yield self._run(job)
 
@@ -340,11 +341,3 @@ class VertexTarget(PipelineTarget):
         query = (f'resource.type="ml_job"\nresource.labels.job_id="{job_id}"')
         return (f"https://console.cloud.google.com/logs/query;query={quote(query, safe='')}"
                 f"?project={quote(self.project)}")
-
-
-_LABEL_CHARS = re.compile(r"[^a-z0-9_-]")
-
-
-def _label(value: str) -> str:
-    """A value as Vertex accepts it in a label: lowercase, [a-z0-9_-], at most 63 characters."""
-    return _LABEL_CHARS.sub("-", value.lower())[:63]
