@@ -292,3 +292,31 @@ def test_kedro_vertexai_plugin_commands(example_project: Path, tmp_path: Path) -
     executor = next(iter(spec["deploymentSpec"]["executors"].values()))["container"]
     assert executor["image"].endswith("spaceflights-kvx:abc123")
     assert {"name": "KEDRO_CONFIG_COMMIT_ID", "value": "abc123"} in executor["env"]
+
+
+def test_run_local_with_code_upload_runs_the_archive(example_project: Path, tmp_path: Path) -> None:
+    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline"))
+    spec = compile_spec(example_project, tmp_path / "code.json", "--env", "base", "--code-upload",
+                        "--storage-root", str(tmp_path / "storage"))
+    args = executor_args(spec, "data-processing-preprocess-companies-node")
+    reference = args[args.index("--code") + 1]
+    assert reference.startswith(f"{tmp_path / 'storage'}/kvx-code/") and "#sha256=" in reference
+    # The workspace changes after compiling: the steps run what was packaged, not this.
+    nodes = example_project / "src" / "spaceflights_kvx" / "pipelines" / "data_processing" / "nodes.py"
+    nodes.write_text(nodes.read_text() + "\nraise RuntimeError('the workspace changed after compiling')\n")
+    result = kvx(example_project, "run-local", str(tmp_path / "code.json"), "--job-name", "code-job",
+                 "--storage-root", str(tmp_path / "storage"), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status = json.loads((example_project / ".kvx" / "runs" / "code-job" / "status.json").read_text())
+    produced = example_project / "data" / "08_reporting" / status["run_id"]
+    baseline = example_project / "data" / "08_reporting" / "baseline"
+    for name in ["importance.csv", "metrics.json", "report_dirty.md", "shuttle_summary.csv"]:
+        assert (produced / name).read_text() == (baseline / name).read_text(), name
+
+    # An image built from other requirements refuses the archive: exit 2, nothing run.
+    (example_project / ".kvx-requirements.sha256").write_text("0" * 64 + "\n")
+    replay = subprocess.run([*KVX, "exec-node", "--node", "data_processing.preprocess_companies_node", "--env",
+                             "base", "--storage-root", str(tmp_path / "storage"), "--code", reference],
+                            cwd=example_project, env=step_env(), capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 2
+    assert "requirements changed since the image was built" in replay.stderr

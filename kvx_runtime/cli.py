@@ -50,6 +50,8 @@ for _command in PROJECT_COMMANDS:
               help="The pipeline run's version for versioned datasets: a Kedro version or an RFC 3339 "
               "time (default: KVX_SAVE_VERSION, else one per process as in kedro run).")
 @load_version_option
+@click.option("--code", default=None, metavar="URI#sha256=DIGEST",
+              help="Run the code and configuration of this archive (code upload; default: KVX_CODE).")
 def exec_node(
     nodes: tuple[str, ...],
     project_path: str | None,
@@ -62,6 +64,7 @@ def exec_node(
     mlflow_run_id: str | None,
     save_version: str | None,
     load_versions: tuple[str, ...],
+    code: str | None,
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
 
@@ -84,6 +87,7 @@ def exec_node(
                 mlflow_run_id=mlflow_run_id,
                 save_version=save_version or os.environ.get("KVX_SAVE_VERSION") or None,
                 load_versions=parse_load_versions(load_versions),
+                code=code or os.environ.get("KVX_CODE") or None,
             )
         )
 

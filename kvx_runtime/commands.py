@@ -50,6 +50,9 @@ def _compile_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Kedro parameters exposed as pipeline parameters (types: str, int, float, bool, "
                      "list, dict)."),
         load_version_option,
+        click.option("--code-upload/--no-code-upload", default=None,
+                     help="Package the workspace's code and configuration for the steps to run, so that a "
+                     "code change needs no image rebuild (default: run_config.code_upload)."),
     ]):
         function = option(function)
     return function
@@ -79,6 +82,7 @@ def do_compile(
     params: tuple[str, ...],
     output: str,
     load_versions: tuple[str, ...] = (),
+    code_upload: bool | None = None,
 ) -> Path:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
     from kvx_runtime.versions import parse_load_versions
@@ -86,6 +90,7 @@ def do_compile(
     compiled = compile_pipeline(CompileRequest(
         project_path=project_path, env=env, pipeline=pipeline, image=image,
         params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
+        code_upload=code_upload,
     ))
     path = write_spec(compiled.spec, output)
     click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
@@ -164,10 +169,10 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
 @click.pass_context
 def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                    storage_root: str | None, output: str) -> None:
+                    code_upload: bool | None, storage_root: str | None, output: str) -> None:
     """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
     run(ctx, lambda: do_compile(project_path, resolve_env(ctx, env), pipeline, image, storage_root, params,
-                                output, load_versions))
+                                output, load_versions, code_upload))
 
 
 @click.command("run-local")
@@ -185,6 +190,7 @@ def compile_command(ctx: click.Context, project_path: str | None, env: str | Non
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                      code_upload: bool | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
                       job_name: str | None, fail_fast: bool) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
@@ -197,7 +203,7 @@ def run_local_command(ctx: click.Context, spec: str | None, project_path: str | 
         if spec is None:
             # The image does not matter locally: steps run in this environment.
             spec = str(do_compile(project_path, resolve_env(ctx, env), pipeline, image or "local", root, params,
-                                  os.path.join(project, ".kvx", "pipeline.json"), load_versions))
+                                  os.path.join(project, ".kvx", "pipeline.json"), load_versions, code_upload))
         do_run_local(spec, project_path, overrides, root, max_parallel, job_name, fail_fast)
 
     run(ctx, action)
@@ -318,7 +324,7 @@ def _template_uri(run_config: Any, spec: Any, tag: str | None) -> str | None:
 
 def _compile_for_target(project_path: str | None, env: str | None, pipeline: str, image: str | None,
                         storage_root: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                        values: tuple[str, ...]) -> Any:
+                        values: tuple[str, ...], code_upload: bool | None = None) -> Any:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline
     from kvx_runtime.errors import UsageError
     from kvx_runtime.versions import parse_load_versions
@@ -332,6 +338,7 @@ def _compile_for_target(project_path: str | None, env: str | None, pipeline: str
     return compile_pipeline(CompileRequest(
         project_path=project_path, env=env, pipeline=pipeline, image=image, params=params,
         storage_root=storage_root, load_versions=parse_load_versions(load_versions), values=parsed,
+        code_upload=code_upload,
     ))
 
 
@@ -359,6 +366,7 @@ def _finish(target: Any, run: Any, spec: Any, values: Any, fetch_logs: bool = Fa
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                     code_upload: bool | None,
                      values: tuple[str, ...], storage_root: str | None, template: str | None, wait: bool,
                      timeout: float | None) -> None:
     """Compile the pipeline and run it once on Vertex AI; with --wait, watch it to the end."""
@@ -368,7 +376,7 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
 
         target, project = _target_and_project(project_path, resolve_env(ctx, env))
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
-                                       load_versions, values)
+                                       load_versions, values, code_upload)
         run_config = project.plugin_config.run_config
         request = run_request(compiled.spec, run_config, values=compiled.values,
                               template_uri=_template_uri(run_config, compiled.spec, template))
@@ -495,6 +503,7 @@ def ui_command(ctx: click.Context, project_path: str | None, env: str | None, op
 @click.pass_context
 def schedule_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                     code_upload: bool | None,
                      values: tuple[str, ...], storage_root: str | None, template: str | None,
                      cron: str | None, timezone: str | None,
                      start_time: str | None, end_time: str | None, max_run_count: int | None,
@@ -513,7 +522,7 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
         key = pipeline if pipeline in run_config.schedules else "default_schedule"
         configured = run_config.schedules.get(key) or ScheduleConfig()
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
-                                       load_versions, values)
+                                       load_versions, values, code_upload)
         request = run_request(compiled.spec, run_config, values=compiled.values,
                               template_uri=_template_uri(run_config, compiled.spec, template))
         display_name = run_config.scheduled_run_name or request.display_name
@@ -562,7 +571,7 @@ def _project_version(path: Path) -> str | None:
 @click.pass_context
 def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                             image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                            storage_root: str | None, tags: tuple[str, ...]) -> None:
+                            code_upload: bool | None, storage_root: str | None, tags: tuple[str, ...]) -> None:
     """Compile the pipeline and push it to run_config.template_repository (Artifact Registry,
     Kubeflow Pipelines format), tagged; run-once and schedule run it with --template TAG."""
 
@@ -580,7 +589,7 @@ def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: s
                               hint="https://{region}-kfp.pkg.dev/{project}/{repository} (an Artifact Registry "
                               "repository of format Kubeflow Pipelines)")
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
-                                       load_versions, ())
+                                       load_versions, (), code_upload)
         version = _project_version(project.path)
         commit = os.environ.get("KEDRO_CONFIG_COMMIT_ID")
         wanted = [*tags, *([f"v{version}"] if version else []), *([commit] if commit else []), "latest"]

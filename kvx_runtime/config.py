@@ -199,6 +199,10 @@ class RunConfig(_Section):
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     #: An Artifact Registry KFP repository, https://{region}-kfp.pkg.dev/{project}/{repository}.
     template_repository: str | None = None
+    #: Run the workspace's code without rebuilding the image (docs/code-upload.md).
+    code_upload: bool = False
+    #: When the archive's requirements differ from the image's: fail (default) or warn.
+    code_upload_on_drift: Literal["fail", "warn"] = "fail"
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
 

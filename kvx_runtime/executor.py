@@ -62,6 +62,8 @@ class StepRequest:
     save_version: str | None = None
     #: Explicit load versions (dataset -> Kedro version); they win over the run's version.
     load_versions: dict[str, str] = field(default_factory=dict)
+    #: A code archive to run instead of the image's code: ``<uri>#sha256=<digest>``.
+    code: str | None = None
 
 
 @dataclass
@@ -272,6 +274,8 @@ def replay_command(
         argv += ["--save-version", save_version]
     for dataset, version in sorted(request.load_versions.items()):
         argv += ["--load-version", f"{dataset}={version}"]
+    if request.code:
+        argv += ["--code", request.code]
     for item in request.raw_params:
         argv += ["--param", item]
     return shlex.join(argv)
@@ -352,9 +356,18 @@ def execute_step(request: StepRequest) -> StepResult:
 
     from kvx_runtime.project import disable_plugin_hooks, open_project
 
+    code_dir = None
+    if request.code:
+        from kvx_runtime.code_upload import fetch_code
+
+        code_dir, manifest = fetch_code(request.code)
     # Installs the templating config loader too; Kedro instantiates it only in the session,
     # i.e. after the dynamic config below is written.
-    project = open_project(request.project_path, request.env, needed=STEP_KEYS)
+    project = open_project(request.project_path, request.env, needed=STEP_KEYS, code_dir=code_dir)
+    if code_dir is not None:
+        from kvx_runtime.code_upload import check_drift
+
+        check_drift(manifest, project)
 
     from kvx_runtime.dynamic_config import materialize_dynamic_config
 
@@ -454,7 +467,8 @@ def _run_session(
 
     with entry_points_of_disabled_plugins_not_loaded(settings):
         session = KedroSession.create(
-            project.path, env=project.env, runtime_params=request.params or None
+            project.path, env=project.env, runtime_params=request.params or None,
+            conf_source=project.conf_source,
         )
     if save_version:
         _pin_save_version(session, save_version)

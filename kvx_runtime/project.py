@@ -175,15 +175,19 @@ def open_project(
     *,
     needed: Iterable[str] = ALL_KEYS,
     templating: bool = True,
+    code_dir: Path | None = None,
 ) -> KedroProject:
     """Bootstrap the Kedro project at ``project_path`` (default: the working directory).
 
-    ``env`` falls back to ``KEDRO_ENV``, then to :func:`default_env`.
+    ``env`` falls back to ``KEDRO_ENV``, then to :func:`default_env`. With ``code_dir`` (an
+    unpacked code archive), the package and ``conf/`` come from there while the project
+    directory (relative data paths) stays ``project_path``.
     """
     for key, value in TELEMETRY_OFF.items():
         os.environ[key] = value
     path = Path(project_path or os.getcwd()).expanduser().resolve()
-    metadata = _bootstrap(path)
+    code_root = code_dir.resolve() if code_dir is not None else path
+    metadata = _bootstrap(code_root)
 
     from kedro.framework.project import settings
 
@@ -193,7 +197,7 @@ def open_project(
     resolved_env = env or os.environ.get("KEDRO_ENV") or default_env(loader_args)
     conf_source = str(settings.CONF_SOURCE)
     if "://" not in conf_source and not Path(conf_source).is_absolute():
-        conf_source = str(path / conf_source)
+        conf_source = str(code_root / conf_source)
     check_env_exists(conf_source, resolved_env, base_env)
     merge_strategy = (loader_args.get("merge_strategy") or {}).get("vertexai", "destructive")
     templated = install_templating(settings) if templating else False

@@ -69,6 +69,9 @@ class CompileRequest:
     #: Values for this run ("kedro.name" -> text): each becomes a pipeline parameter (typed
     #: from its Kedro value, declared or not) and a value in ``CompiledPipeline.values``.
     values: dict[str, str] = field(default_factory=dict)
+    #: Package the workspace's code and configuration and have the steps run it (None:
+    #: run_config.code_upload decides).
+    code_upload: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,12 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     # Every step of a run saves (and reads back) versioned datasets at one version: the run's.
     versions = ["--save-version", placeholder(JOB_CREATE_TIME),
                 *(a for d, v in sorted(request.load_versions.items()) for a in ("--load-version", f"{d}={v}"))]
+    if run.code_upload if request.code_upload is None else request.code_upload:
+        from kvx_runtime.code_upload import build_archive, upload_archive
+
+        archive = build_archive(project.path, project.package_name, project.conf_root)
+        versions += ["--code", upload_archive(archive, storage_root)]
+        log.info("code archive", sha256=archive.digest, files=len(archive.files), bytes=len(archive.data))
     node_steps: list[Step] = []
     steps_nodes: dict[str, tuple[str, ...]] = {}
     tags_of = {node.name: node.tags for node in kedro_pipeline.nodes}

@@ -1,0 +1,309 @@
+"""Code upload: run changed code without rebuilding the image.
+
+The laptop packs the project's code and configuration into a deterministic archive, stored
+content-addressed under ``<storage root>/kvx-code/<sha256>.tar.gz``; every step of the run
+gets ``--code <uri>#sha256=<digest>``, downloads it once per container, checks the digest
+before unpacking anything, and runs with the archive's package (shadowing the one installed
+in the image) and the archive's ``conf/``, in the image's project directory (so relative data
+paths resolve as without code upload).
+
+What goes in: the source package, ``conf/`` without ``conf/local`` and without any
+``credentials*`` file, ``pyproject.toml``; files that .gitignore or .dockerignore leave out
+stay out. Deterministic: sorted members, fixed times, owners and modes, so the digest depends
+on content only. The archive records the fingerprint of the project's declared requirements;
+a step whose image was built from other requirements stops (code upload never installs
+packages). Trust: whoever can write ``<root>/kvx-code/`` can run code in the steps, the same
+trust as whoever can push to the image registry (docs/code-upload.md).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kvx_runtime.errors import ConfigError, InputDataError, StorageError, UsageError
+from kvx_runtime.log import get_logger
+
+__all__ = [
+    "CodeArchive",
+    "build_archive",
+    "check_drift",
+    "fetch_code",
+    "parse_code_reference",
+    "requirements_fingerprint",
+    "upload_archive",
+]
+
+log = get_logger(__name__)
+
+CODE_DIR = "kvx-code"
+MANIFEST = ".kvx-code.json"
+#: Written into images built from the project template: the requirements they hold.
+IMAGE_FINGERPRINT = ".kvx-requirements.sha256"
+FORMAT = 1
+_FIXED_MTIME = 315532800  # 1980-01-01, what reproducible builds use
+_DEFAULT_MAX_BYTES = 200 * 1024 * 1024
+_REFERENCE = re.compile(r"^(?P<uri>.+)#sha256=(?P<digest>[0-9a-f]{64})$")
+
+
+class CodeRejected(InputDataError):
+    """The archive is not what it claims to be, or would write outside its directory."""
+
+
+@dataclass(frozen=True)
+class CodeArchive:
+    data: bytes
+    digest: str
+    files: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.digest}.tar.gz"
+
+
+def _max_bytes() -> int:
+    try:
+        return int(os.environ.get("KVX_CODE_MAX_BYTES", _DEFAULT_MAX_BYTES))
+    except ValueError:
+        return _DEFAULT_MAX_BYTES
+
+
+def requirements_fingerprint(project: Path) -> str:
+    """sha256 of the project's declared requirements (requirements.txt, else pyproject's
+    ``[project].dependencies``), normalized: comments, blank lines and order do not count."""
+    requirements = project / "requirements.txt"
+    lines: list[str] = []
+    if requirements.is_file():
+        lines = requirements.read_text(encoding="utf-8").splitlines()
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            lines = list(tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+                         ["dependencies"])
+        except (OSError, KeyError, ValueError):
+            lines = []
+    normalized = sorted({re.sub(r"\s+", "", line.split("#", 1)[0]).lower() for line in lines} - {""})
+    return hashlib.sha256("\n".join(normalized).encode()).hexdigest()
+
+
+def _ignore_rules(project: Path) -> Any:
+    """A predicate: is this project-relative POSIX path left out by .gitignore or .dockerignore?"""
+    import pathspec
+
+    from kvx_runtime.dockerignore import DockerIgnore
+
+    git = None
+    if (project / ".gitignore").is_file():
+        git = pathspec.GitIgnoreSpec.from_lines((project / ".gitignore").read_text(encoding="utf-8").splitlines())
+    docker = DockerIgnore.of_project(project)
+
+    def ignored(relative: str) -> bool:
+        by_git = git is not None and git.match_file(relative)
+        return bool(by_git or (docker is not None and docker.excludes(relative)))
+
+    return ignored
+
+
+def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str, Path]]:
+    """(name in the archive, file) for everything the archive holds, sorted."""
+    ignored = _ignore_rules(project)
+    chosen: dict[str, Path] = {}
+    for root, arcroot in ((package_dir, f"src/{package_dir.name}"), (conf_dir, "conf")):
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root).as_posix()
+            parts = relative.split("/")
+            if path.is_dir() or "__pycache__" in parts or path.suffix in {".pyc", ".pyo"}:
+                continue
+            if arcroot == "conf" and (parts[0] == "local" or any(p.startswith("credentials") for p in parts)):
+                continue
+            try:
+                project_relative = path.relative_to(project).as_posix()
+            except ValueError:
+                project_relative = f"{arcroot}/{relative}"
+            if ignored(project_relative):
+                continue
+            if path.is_symlink() or not path.is_file():
+                continue  # links and special files never travel
+            chosen[f"{arcroot}/{relative}"] = path
+    if (project / "pyproject.toml").is_file():
+        chosen["pyproject.toml"] = project / "pyproject.toml"
+    return sorted(chosen.items())
+
+
+def build_archive(project: Path, package_name: str, conf_dir: Path | None = None) -> CodeArchive:
+    """The project's code and configuration as a deterministic tar.gz."""
+    from kvx_runtime import __version__
+
+    package_dir = _package_dir(project, package_name)
+    members = _members(project, package_dir, conf_dir or project / "conf")
+    fingerprint = requirements_fingerprint(project)
+    manifest = json.dumps({"format": FORMAT, "package": package_name, "requirements_sha256": fingerprint,
+                           "kvx_runtime": __version__}, sort_keys=True).encode()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [(MANIFEST, manifest), *((name, path.read_bytes()) for name, path in members)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = _FIXED_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    compressed = io.BytesIO()
+    with gzip.GzipFile(fileobj=compressed, mode="wb", mtime=0, filename="", compresslevel=9) as handle:
+        handle.write(raw.getvalue())
+    data = compressed.getvalue()
+    if len(data) > _max_bytes():
+        raise ConfigError(f"the code archive is {len(data) / 1e6:.1f} MB, over the {_max_bytes() / 1e6:.0f} MB limit",
+                          hint="leave large files out with .gitignore/.dockerignore, or raise KVX_CODE_MAX_BYTES")
+    return CodeArchive(data=data, digest=hashlib.sha256(data).hexdigest(),
+                       files=tuple(name for name, _ in members), fingerprint=fingerprint)
+
+
+def _package_dir(project: Path, package_name: str) -> Path:
+    for candidate in (project / "src" / package_name, project / package_name):
+        if (candidate / "__init__.py").is_file():
+            return candidate
+    raise ConfigError(f"the project's package {package_name} is not under src/ in {project}")
+
+
+def upload_archive(archive: CodeArchive, storage_root: str) -> str:
+    """Store the archive content-addressed under the storage root (only when absent);
+    return the ``--code`` reference ``<uri>#sha256=<digest>``."""
+    from kvx_runtime.storage.store import _filesystem
+
+    fs, base = _filesystem(storage_root)
+    path = f"{base}/{CODE_DIR}/{archive.name}"
+    uri = f"{storage_root.rstrip('/')}/{CODE_DIR}/{archive.name}"
+    try:
+        if fs.exists(path) and int(fs.size(path)) == len(archive.data):
+            log.info("code archive already stored", uri=uri)
+        else:
+            fs.makedirs(f"{base}/{CODE_DIR}", exist_ok=True)
+            fs.pipe_file(path, archive.data)
+            log.info("code archive stored", uri=uri, bytes=len(archive.data), files=len(archive.files))
+    except OSError as exc:
+        raise StorageError(f"could not store the code archive at {uri}: {exc}") from exc
+    return f"{uri}#sha256={archive.digest}"
+
+
+def parse_code_reference(reference: str) -> tuple[str, str]:
+    match = _REFERENCE.match(reference.strip())
+    if not match:
+        raise UsageError(f"--code {reference!r} must look like <uri>#sha256=<64 hex digits>")
+    return match.group("uri"), match.group("digest")
+
+
+def _download(uri: str, limit: int) -> bytes:
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    from kvx_runtime.storage.store import _filesystem, is_transient
+
+    root, _, name = uri.rpartition("/")
+    fs, base = _filesystem(root)
+
+    def attempt() -> bytes:
+        size = int(fs.size(f"{base}/{name}"))
+        if size > limit:
+            raise CodeRejected(f"the code archive {uri} is {size} bytes, over the {limit}-byte limit "
+                               "(KVX_CODE_MAX_BYTES)")
+        return bytes(fs.cat_file(f"{base}/{name}"))
+
+    try:
+        return Retrying(stop=stop_after_attempt(4), wait=wait_random_exponential(multiplier=0.5, max=10),
+                        retry=retry_if_exception(is_transient), reraise=True)(attempt)
+    except FileNotFoundError:
+        raise CodeRejected(f"the code archive {uri} does not exist") from None
+    except CodeRejected:
+        raise
+    except Exception as exc:
+        raise StorageError(f"could not download the code archive {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def _safe_extract(data: bytes, target: Path) -> dict[str, Any]:
+    """Unpack, refusing anything that would land outside ``target`` or is not a plain file."""
+    manifest: dict[str, Any] | None = None
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:") as tar:
+        members = tar.getmembers()
+        for member in members:
+            path = PurePosixPath(member.name)
+            if path.is_absolute() or ".." in path.parts or not member.name or member.name.startswith("/"):
+                raise CodeRejected(f"the code archive holds {member.name!r}, which would land outside its directory")
+            if not (member.isfile() or member.isdir()):
+                raise CodeRejected(f"the code archive holds {member.name!r}, which is not a plain file "
+                                   "(links and special files are refused)")
+        for member in members:
+            destination = target / member.name
+            if member.isdir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None
+            destination.write_bytes(source.read())
+            if member.name == MANIFEST:
+                manifest = json.loads(destination.read_text())
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise CodeRejected("the code archive has no kvx-runtime manifest (or one of another format)")
+    return manifest
+
+
+def fetch_code(reference: str, cache: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Download (once per container), verify and unpack the archive; returns its directory
+    and manifest. Nothing is unpacked unless the digest matches."""
+    uri, digest = parse_code_reference(reference)
+    cache = cache or Path(os.environ.get("KVX_CODE_CACHE", Path(tempfile.gettempdir()) / "kvx-code"))
+    target = cache / digest
+    manifest_path = target / MANIFEST
+    if manifest_path.is_file():
+        log.info("code archive already unpacked in this container", directory=str(target))
+        return target, json.loads(manifest_path.read_text())
+    data = _download(uri, _max_bytes())
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise CodeRejected(f"the code archive {uri} has sha256 {actual}, not {digest}: refused, nothing was run")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=cache))
+    try:
+        manifest = _safe_extract(data, staging)
+        try:
+            staging.rename(target)  # whole or not at all; a concurrent step may have won
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("code archive unpacked", uri=uri, directory=str(target), package=manifest.get("package"))
+    return target, manifest
+
+
+def check_drift(manifest: dict[str, Any], project: Any) -> None:
+    """The archive's requirements against the image's: code upload never installs packages."""
+    recorded = project.path / IMAGE_FINGERPRINT
+    if not recorded.is_file():
+        log.warning("the image records no requirements fingerprint: code upload cannot check that the "
+                    "archive's requirements are installed", expected=str(recorded))
+        return
+    image = recorded.read_text(encoding="utf-8").split()[0] if recorded.read_text(encoding="utf-8").strip() else ""
+    if image == manifest.get("requirements_sha256"):
+        return
+    message = ("the project's requirements changed since the image was built (code upload never installs "
+               "packages)")
+    if project.plugin_config.run_config.code_upload_on_drift == "warn":
+        log.warning(message + "; running anyway (run_config.code_upload_on_drift: warn)")
+        return
+    raise ConfigError(message, hint="rebuild and push the image, or set run_config.code_upload_on_drift: warn")

@@ -1,0 +1,124 @@
+"""Code upload's archive: deterministic, holding only code and shareable configuration, and
+refused (before anything is unpacked) when tampered with or unsafe."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kvx_runtime.code_upload import (
+    CodeRejected,
+    build_archive,
+    fetch_code,
+    requirements_fingerprint,
+    upload_archive,
+)
+from kvx_runtime.errors import ExitCode
+
+
+def _project(root: Path) -> Path:
+    package = root / "src" / "demo_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nodes.py").write_text("def f():\n    return 1\n")
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "nodes.cpython-311.pyc").write_bytes(b"\x00")
+    for env in ("base", "local", "cloud"):
+        (root / "conf" / env).mkdir(parents=True)
+        (root / "conf" / env / "parameters.yml").write_text(f"env: {env}\n")
+    (root / "conf" / "base" / "credentials.yml").write_text("db: {password: secret}\n")
+    (root / "conf" / "cloud" / "credentials_gcp.yml").write_text("token: secret\n")
+    (root / "conf" / "base" / "scratch.tmp").write_text("ignored by git\n")
+    (root / ".gitignore").write_text("*.tmp\n")
+    (root / "pyproject.toml").write_text('[project]\nname = "demo"\n[tool.kedro]\npackage_name = "demo_pkg"\n')
+    (root / "requirements.txt").write_text("kedro>=1.0\npandas  # data\n")
+    return root
+
+
+def test_the_archive_holds_code_and_shareable_conf_only(tmp_path: Path) -> None:
+    archive = build_archive(_project(tmp_path), "demo_pkg")
+    assert archive.files == ("conf/base/parameters.yml", "conf/cloud/parameters.yml", "pyproject.toml",
+                             "src/demo_pkg/__init__.py", "src/demo_pkg/nodes.py")
+
+
+def test_the_digest_depends_on_content_only(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    first = build_archive(project, "demo_pkg")
+    later = time.time() + 3600
+    for path in project.rglob("*"):
+        os.utime(path, (later, later))
+    assert build_archive(project, "demo_pkg").digest == first.digest
+    (project / "src" / "demo_pkg" / "nodes.py").write_text("def f():\n    return 2\n")
+    assert build_archive(project, "demo_pkg").digest != first.digest
+
+
+def test_requirements_fingerprint_ignores_comments_and_order(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    before = requirements_fingerprint(project)
+    (project / "requirements.txt").write_text("# deps\npandas\n\nkedro >= 1.0\n")
+    assert requirements_fingerprint(project) == before
+    (project / "requirements.txt").write_text("pandas\nkedro>=1.1\n")
+    assert requirements_fingerprint(project) != before
+
+
+def test_fetch_checks_the_digest_before_unpacking_and_downloads_once(tmp_path: Path) -> None:
+    archive = build_archive(_project(tmp_path / "p"), "demo_pkg")
+    reference = upload_archive(archive, str(tmp_path / "root"))
+    assert reference == f"{tmp_path / 'root'}/kvx-code/{archive.digest}.tar.gz#sha256={archive.digest}"
+    directory, manifest = fetch_code(reference, cache=tmp_path / "cache")
+    assert manifest["package"] == "demo_pkg" and (directory / "src" / "demo_pkg" / "nodes.py").is_file()
+    stored = tmp_path / "root" / "kvx-code" / archive.name
+    stored.unlink()  # a second step of the container does not download again
+    assert fetch_code(reference, cache=tmp_path / "cache")[0] == directory
+
+    tampered = bytearray(archive.data)
+    tampered[-20] ^= 0xFF
+    stored.write_bytes(bytes(tampered))
+    with pytest.raises(CodeRejected, match="refused, nothing was run") as caught:
+        fetch_code(reference, cache=tmp_path / "other-cache")
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert not (tmp_path / "other-cache" / archive.digest).exists()
+
+
+def _evil(members: list[tarfile.TarInfo], tmp_path: Path) -> str:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for info in members:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    data = gzip.compress(raw.getvalue())
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "kvx-code").mkdir(exist_ok=True)
+    (tmp_path / "kvx-code" / f"{digest}.tar.gz").write_bytes(data)
+    return f"{tmp_path}/kvx-code/{digest}.tar.gz#sha256={digest}"
+
+
+def test_members_that_escape_or_are_not_plain_files_are_refused(tmp_path: Path) -> None:
+    escape = tarfile.TarInfo("../outside.py")
+    escape.size = 1
+    with pytest.raises(CodeRejected, match="would land outside"):
+        fetch_code(_evil([escape], tmp_path), cache=tmp_path / "c1")
+    assert not (tmp_path / "outside.py").exists()
+    link = tarfile.TarInfo("src/link")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    with pytest.raises(CodeRejected, match="not a plain file"):
+        fetch_code(_evil([link], tmp_path), cache=tmp_path / "c2")
+    absolute = tarfile.TarInfo("/etc/cron.d/x")
+    absolute.size = 1
+    with pytest.raises(CodeRejected):
+        fetch_code(_evil([absolute], tmp_path), cache=tmp_path / "c3")
+
+
+def test_the_size_limit(tmp_path: Path, monkeypatch) -> None:
+    archive = build_archive(_project(tmp_path / "p"), "demo_pkg")
+    reference = upload_archive(archive, str(tmp_path / "root"))
+    monkeypatch.setenv("KVX_CODE_MAX_BYTES", "10")
+    with pytest.raises(CodeRejected, match="over the 10-byte limit"):
+        fetch_code(reference, cache=tmp_path / "cache")
