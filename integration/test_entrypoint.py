@@ -100,7 +100,7 @@ def test_doctor_reports_each_check_and_fails_on_a_bad_storage_root(example_proje
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     lines = ok.stdout.splitlines()
-    assert [line.split()[1] for line in lines] == ["runtime", "project", "config", "storage", "mlflow", "auth"]
+    assert [line.split()[1] for line in lines] == ["runtime", "project", "config", "storage", "mlflow", "auth", "code"]
     assert all(line.startswith("ok") for line in lines)
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("x")
@@ -133,7 +133,7 @@ def test_doctor_without_network_answers_one_line_per_check(example_project: Path
     finally:
         silent.close()
     lines = result.stdout.splitlines()
-    assert [line.split()[1] for line in lines] == ["runtime", "project", "config", "storage", "mlflow", "auth"]
+    assert [line.split()[1] for line in lines] == ["runtime", "project", "config", "storage", "mlflow", "auth", "code"]
     failed = [line for line in lines if line.startswith("FAIL")]
     assert [line.split()[1] for line in failed] == ["storage", "mlflow"], result.stdout
     assert all("no answer within 3 s" in line or "unreachable" in line for line in failed), result.stdout

@@ -107,10 +107,11 @@ def project_image(runtime_image: str, tmp_path_factory) -> Iterator[str]:
     subprocess.run([*BUILDAH, "rmi", "-f", PROJECT], capture_output=True)
 
 
-def run_in(image: str, *command: str) -> subprocess.CompletedProcess:
+def run_in(image: str, *command: str, volumes: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     container = buildah("from", "-q", image).stdout.strip()
+    mounts = [arg for volume in volumes for arg in ("--volume", volume)]
     try:
-        return subprocess.run([*BUILDAH, "run", "--isolation", "chroot", container, "--", *command],
+        return subprocess.run([*BUILDAH, "run", "--isolation", "chroot", *mounts, container, "--", *command],
                               capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run([*BUILDAH, "rm", container], capture_output=True)
@@ -171,3 +172,73 @@ def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
     # Credentials and local config never reach the image.
     listing = run_in(project_image, "sh", "-c", "ls conf; ls conf/local 2>&1 | head -1")
     assert "local" not in listing.stdout.split()[:3]
+
+
+def test_code_upload_runs_changed_code_in_the_built_image(project_image: str, tmp_path: Path) -> None:
+    """The image stays as built; the workspace's changed code and parameter reach the step
+    through a code archive. A tampered archive, an escaping member and changed requirements
+    are refused before anything runs."""
+    import gzip
+    import hashlib
+    import io
+
+    from kvx_runtime.code_upload import build_archive, upload_archive
+
+    workspace = tmp_path / "workspace"
+    shutil.copytree(EXAMPLE_PROJECT, workspace, ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting"))
+    nodes = workspace / "src" / "spaceflights_kvx" / "pipelines" / "data_processing" / "nodes.py"
+    nodes.write_text(nodes.read_text() + (
+        "\n\ndef preprocess_companies_announced(companies, title):\n"
+        "    import logging\n"
+        "    logging.getLogger('spaceflights_kvx').warning('new code says: %s', title)\n"
+        "    return preprocess_companies(companies)\n"))
+    pipeline = nodes.with_name("pipeline.py")
+    text = pipeline.read_text()
+    text = text.replace("preprocess_companies, preprocess_shuttles",
+                        "preprocess_companies, preprocess_companies_announced, preprocess_shuttles")
+    text = text.replace('Node(preprocess_companies, "companies",',
+                        'Node(preprocess_companies_announced, ["companies", "params:reporting.title"],')
+    text = text.replace('        outputs={"model_input_table", "preprocessed_shuttles"},\n',
+                        '        outputs={"model_input_table", "preprocessed_shuttles"},\n'
+                        '        parameters={"params:reporting.title"},\n')
+    pipeline.write_text(text)
+    parameters = workspace / "conf" / "base" / "parameters.yml"
+    parameters.write_text(parameters.read_text().replace("title: Spaceflights price model",
+                                                         "title: Shipped without a rebuild"))
+    store = tmp_path / "store"
+    store.mkdir(mode=0o777)
+    reference = upload_archive(build_archive(workspace, "spaceflights_kvx"), str(store))
+    inside = reference.replace(str(store), "/mnt/store")
+    volumes = (f"{store}:/mnt/store",)
+
+    def step(code: str) -> subprocess.CompletedProcess:
+        return run_in(project_image, "kvx-entrypoint", "exec-node", "--node",
+                      "data_processing.preprocess_companies_node", "--run-id", "code", "--env", "base",
+                      "--storage-root", "/tmp/store", "--code", code, volumes=volumes)
+
+    result = step(inside)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "new code says: Shipped without a rebuild" in result.stderr
+
+    tampered = store / "kvx-code" / "tampered.tar.gz"
+    data = bytearray((store / "kvx-code" / reference.split("/")[-1].split("#")[0]).read_bytes())
+    data[-30] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    refused = step(f"/mnt/store/kvx-code/tampered.tar.gz#sha256={reference.rsplit('=', 1)[1]}")
+    assert refused.returncode == 2 and "refused, nothing was run" in refused.stderr
+    assert '"node started"' not in refused.stderr
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.py")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    evil = gzip.compress(raw.getvalue())
+    (store / "kvx-code" / "evil.tar.gz").write_bytes(evil)
+    escaping = step(f"/mnt/store/kvx-code/evil.tar.gz#sha256={hashlib.sha256(evil).hexdigest()}")
+    assert escaping.returncode == 2 and "would land outside its directory" in escaping.stderr
+
+    (workspace / "requirements.txt").write_text((workspace / "requirements.txt").read_text() + "requests>=2\n")
+    drifted = upload_archive(build_archive(workspace, "spaceflights_kvx"), str(store)).replace(str(store), "/mnt/store")
+    result = step(drifted)
+    assert result.returncode == 2 and "requirements changed since the image was built" in result.stderr

@@ -173,6 +173,19 @@ def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: s
     run_command("mlflow-end", action)
 
 
+@cli.command("fingerprint")
+@project_path_option
+def fingerprint_command(project_path: str | None) -> None:
+    """Print the fingerprint of the project's declared requirements (what code upload checks)."""
+
+    def action() -> None:
+        from kvx_runtime.code_upload import requirements_fingerprint
+
+        click.echo(requirements_fingerprint(Path(project_path or os.getcwd())))
+
+    run_command("fingerprint", action)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="kvx-runtime")

@@ -2,7 +2,8 @@
 
 Checks, in order: the runtime's own packages; the Kedro project loads; ``vertexai.yml`` is
 valid; the storage root is reachable and writable; MLflow answers (when configured); auth
-headers can be obtained (when configured). Also the smoke test of the images
+headers can be obtained (when configured); code upload: configured or not, and whether the
+image's requirements fingerprint matches the project's. Also the smoke test of the images
 (``--runtime-only`` for the base image, which holds no project).
 
 Without a network, a check that would wait (libraries retry for minutes) fails after
@@ -166,13 +167,31 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         headers = provider.request_headers()
         return f"{type(provider).__name__} gave headers: {', '.join(sorted(headers)) or 'none'}"
 
+    def code() -> str:
+        from kvx_runtime.code_upload import IMAGE_FINGERPRINT, requirements_fingerprint
+
+        loaded = state["project"]
+        configured = loaded.plugin_config.run_config.code_upload
+        recorded = loaded.path / IMAGE_FINGERPRINT
+        workspace = requirements_fingerprint(loaded.path)
+        if not recorded.is_file():
+            return (f"code upload {'on' if configured else 'off'}; no {IMAGE_FINGERPRINT} here (not an image "
+                    "built from the project template)")
+        image = recorded.read_text(encoding="utf-8").split()[0] if recorded.read_text().strip() else ""
+        if image != workspace:
+            from kvx_runtime.errors import ConfigError
+
+            raise ConfigError(f"the image's requirements fingerprint {image[:12]} differs from the project's "
+                              f"{workspace[:12]}: code upload would refuse to run; rebuild the image")
+        return f"code upload {'on' if configured else 'off'}; the image's requirements match the project's"
+
     # One answer per request, not MLflow's minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     networked = {"storage", "mlflow", "auth"}
     with _quiet_libraries():
         for name, function in (("project", project), ("config", config), ("storage", storage),
-                               ("mlflow", mlflow), ("auth", auth)):
+                               ("mlflow", mlflow), ("auth", auth), ("code", code)):
             if "project" not in state and name != "project":
                 checks.append(Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE)))
             else:

@@ -23,8 +23,12 @@ COPY --chown=1000:1000 data/01_raw/ data/01_raw/
 
 # Install the package, compile its bytecode, and record telemetry consent as "no" so that
 # kedro-telemetry can never prompt in a step (it is also disabled by the environment).
+# The requirements fingerprint lets code upload (run-once --code-upload) refuse an archive
+# whose requirements this image does not hold.
+COPY requirements.txt ./
 RUN python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m compileall -q src > /dev/null \
  && printf 'consent: false\n' > .telemetry \
- && chown 1000:1000 .telemetry
+ && kvx-runtime fingerprint --project-path . > .kvx-requirements.sha256 \
+ && chown 1000:1000 .telemetry .kvx-requirements.sha256
 USER 1000:1000
