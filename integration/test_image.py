@@ -155,6 +155,40 @@ def test_image_sizes_are_recorded_for_the_benchmarks(python_base: str, runtime_i
                                   "example project image": sizes[project_image]}, indent=2) + "\n")
 
 
+def test_rebuilding_after_a_code_change_is_timed_for_the_benchmarks(runtime_image: str, tmp_path: Path) -> None:
+    """What code upload saves: a rebuild of the project image after a one-line code change,
+    with a warm layer cache (bench/run.py reads the figure)."""
+    import json
+    import time
+
+    context = tmp_path / "project"
+    shutil.copytree(EXAMPLE_PROJECT, context, ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting"))
+    shutil.copy(REPO / "docker" / "project.Dockerfile", context / "Dockerfile")
+    shutil.copy(REPO / "docker" / "project.dockerignore", context / ".dockerignore")
+    tag = "localhost/kvx-rebuild:kvx-test"
+    command = ["bud", "--isolation", "chroot", "--layers", "-q", "-f", "Dockerfile", "--build-arg",
+               f"KVX_BASE_IMAGE={runtime_image}", "-t", tag, str(context)]
+    try:
+        buildah(*command)  # warms the layer cache
+        nodes = context / "src" / "spaceflights_kvx" / "pipelines" / "data_processing" / "nodes.py"
+        seconds = []
+        for change in range(2):
+            nodes.write_text(nodes.read_text() + f"\n# a code change ({change})\n")
+            started = time.perf_counter()
+            buildah(*command)
+            seconds.append(round(time.perf_counter() - started, 2))
+        # The timed rebuild must deliver the change to the package a step imports.
+        installed = run_in(tag, "python3", "-c", "import inspect, spaceflights_kvx.pipelines.data_processing.nodes "
+                           "as n; print(inspect.getsource(n))")
+    finally:
+        subprocess.run([*BUILDAH, "rmi", "-f", tag], capture_output=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    assert "# a code change (1)" in installed.stdout
+    target = REPO / "bench" / "results" / "image-rebuild.json"
+    target.write_text(json.dumps({"seconds": seconds, "what": "buildah bud --layers after a one-line code change"},
+                                 indent=2) + "\n")
+
+
 def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
     script = (
         "kvx-entrypoint exec-node --node data_processing.preprocess_companies_node --run-id img "
