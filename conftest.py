@@ -1,7 +1,8 @@
 """Fixtures shared by the fast tests (tests/) and the end-to-end tests (integration/).
 
-Servers are real and local: the GCS emulator (PyPI gcp-storage-emulator) on 127.0.0.1,
-started once per test session on a free port and stopped at the end.
+Servers are real and local: the GCS emulator (PyPI gcp-storage-emulator) and an S3 server
+(moto's server mode, PyPI moto[server]) on 127.0.0.1, each started once per test session on a
+free port and stopped at the end.
 """
 
 from __future__ import annotations
@@ -94,6 +95,61 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
             else:
                 os.environ[key] = value
     finally:
+        stop(process)
+
+
+class S3Server:
+    """moto's S3 server: it checks request shapes and keeps objects, multipart uploads included."""
+
+    def __init__(self, port: int, bucket: str) -> None:
+        self.port = port
+        self.bucket = bucket
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a step needs to reach it: the standard AWS variables."""
+        return {"AWS_ENDPOINT_URL": self.url, **S3_CREDENTIALS}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.url, key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                 secret=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+
+#: Throwaway credentials for the local S3 server (moto accepts any); the secret is long enough
+#: for the tests that check it never appears in logs.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kvx-test-access-key", "AWS_SECRET_ACCESS_KEY": "kvx-test-secret-8f3e1c",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    port = free_port()
+    executable = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    previous = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", *S3_CREDENTIALS)}
+    try:
+        wait_for_port(port, process)
+        server = S3Server(port, "kvx-test")
+        server.client().create_bucket(Bucket=server.bucket)
+        os.environ.update(server.env)
+        yield server
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         stop(process)
 
 

@@ -56,7 +56,11 @@ def test_example_project_compiles_to_a_valid_spec(example_project: Path, tmp_pat
         "data-science-fit-scaler-node", "data-science-split-data-node", "data-science-train-model-node"]
     args = executor_args(spec, "data-science-train-model-node")
     assert args[:2] == ["--node", "data_science.train_model_node"]
-    assert "{{$.pipeline_job_uuid}}" in args and "{{$.pipeline_job_name}}" in args
+    assert args[args.index("--run-id") + 1] == "{{$.inputs.parameters['kvx_job_uuid']}}"
+    assert args[args.index("--job-name") + 1] == "{{$.inputs.parameters['kvx_job_name']}}"
+    task_inputs = tasks["data-science-train-model-node"]["inputs"]["parameters"]
+    assert task_inputs["kvx_job_uuid"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert task_inputs["kvx_job_name"] == {"runtimeValue": {"constant": "{{$.pipeline_job_name}}"}}
     placeholder = "{{$.inputs.parameters['data_science__model_options__test_size']}}"
     assert f"data_science.model_options.test_size:float={placeholder}" in args
     inputs = spec["root"]["inputDefinitions"]["parameters"]
@@ -69,6 +73,36 @@ def test_example_project_compiles_to_a_valid_spec(example_project: Path, tmp_pat
     assert container["resources"]["resourceMemoryLimit"] == "4Gi"
     assert container["image"].endswith("spaceflights-kvx:latest")
     assert all(task["cachingOptions"] == {} for task in tasks.values())
+
+
+def test_container_args_hold_only_placeholders_both_targets_resolve(example_project: Path, tmp_path: Path) -> None:
+    """One spec for Vertex AI and KFP: KFP's launcher resolves only input/output placeholders in
+    container args (the job's name, uuid and creation time reach a step as task inputs, the
+    way the kfp SDK passes them), so no arg may hold any other ``{{$...}}``."""
+    import re
+
+    (example_project / "conf" / "base" / "mlflow.yml").write_text("server:\n  mlflow_tracking_uri: http://127.0.0.1:9\n")
+    spec = compile_spec(example_project, tmp_path / "p.json", "--env", "base")
+    resolvable = re.compile(r"\{\{\$\.(inputs\.parameters\['[^']+'\]|outputs\.parameters\['[^']+'\]\.output_file)\}\}")
+    executors = spec["deploymentSpec"]["executors"]
+    assert {"exec-mlflow-start-run", "exec-mlflow-end-run"} <= set(executors)
+    for name, executor in executors.items():
+        for arg in executor["container"]["args"]:
+            leftover = resolvable.sub("", arg)
+            assert "{{$" not in leftover, f"{name}: {arg}"
+    pipeline_placeholders = set()
+
+    def walk(dag: dict) -> None:
+        for task in dag.get("tasks", {}).values():
+            for source in task.get("inputs", {}).get("parameters", {}).values():
+                constant = source.get("runtimeValue", {}).get("constant")
+                if isinstance(constant, str) and constant.startswith("{{$"):
+                    pipeline_placeholders.add(constant)
+    walk(spec["root"]["dag"])
+    for component in spec["components"].values():
+        walk(component.get("dag", {}))
+    assert pipeline_placeholders == {"{{$.pipeline_job_name}}", "{{$.pipeline_job_uuid}}",
+                                     "{{$.pipeline_job_create_time_utc}}"}
 
 
 def test_yaml_output_and_stable_task_names(example_project: Path, tmp_path: Path) -> None:

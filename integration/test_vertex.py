@@ -89,7 +89,7 @@ def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: Fa
     job_id = job["name"].rsplit("/", 1)[-1]
     assert replay.startswith("  replay:  kvx-runtime exec-node --node data_science.train_model_node --env base")
     assert f"--job-name {job_id}" in replay and "--storage-root gs://kvx-example-bucket/pipelines" in replay
-    assert "--save-version 20" in replay and "{{$" not in replay
+    assert "--job-create-time 20" in replay and "--save-version" not in replay and "{{$" not in replay
     final = json.loads(result.stderr.strip().splitlines()[-1])
     assert final["message"].startswith(f"kvx-runtime run-once failed: pipeline run {job_id} FAILED")
 

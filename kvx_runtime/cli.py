@@ -11,7 +11,14 @@ from pathlib import Path
 import click
 
 from kvx_runtime import __version__
-from kvx_runtime.commands import PROJECT_COMMANDS, env_option, load_version_option, project_path_option
+from kvx_runtime.commands import (
+    KUBEFLOW,
+    KUBEFLOW_COMMANDS,
+    PROJECT_COMMANDS,
+    env_option,
+    load_version_option,
+    project_path_option,
+)
 from kvx_runtime.log import configure_logging
 from kvx_runtime.process import install_signal_handlers, run_command, run_unless_ok
 
@@ -32,6 +39,18 @@ for _command in PROJECT_COMMANDS:
     cli.add_command(_command)
 
 
+@cli.group("kfp")
+@click.pass_context
+def kfp_group(ctx: click.Context) -> None:
+    """The same project commands against Kubeflow Pipelines (host and run_config.namespace,
+    experiment_name in vertexai.yml or kubeflow.yml; auth from the environment, docs/kubeflow.md)."""
+    ctx.obj = {"target": KUBEFLOW}
+
+
+for _command in KUBEFLOW_COMMANDS:
+    kfp_group.add_command(_command)
+
+
 @cli.command("exec-node")
 @click.option("--node", "nodes", multiple=True, required=True, metavar="NAME",
               help="Node to run; repeat for a group (run in one process, data in memory).")
@@ -48,7 +67,10 @@ for _command in PROJECT_COMMANDS:
 @click.option("--mlflow-run-id", default=None, help="MLflow run to log into (the pipeline's run).")
 @click.option("--save-version", default=None, metavar="VERSION",
               help="The pipeline run's version for versioned datasets: a Kedro version or an RFC 3339 "
-              "time (default: KVX_SAVE_VERSION, else one per process as in kedro run).")
+              "time (default: KVX_SAVE_VERSION, then --job-create-time, else one per process as in kedro run).")
+@click.option("--job-create-time", default=None, metavar="RFC3339",
+              help="The job's creation time (the spec passes the orchestrator's): the run's save version "
+              "when --save-version is empty.")
 @load_version_option
 @click.option("--code", default=None, metavar="URI#sha256=DIGEST",
               help="Run the code and configuration of this archive (code upload; default: KVX_CODE).")
@@ -63,6 +85,7 @@ def exec_node(
     params: tuple[str, ...],
     mlflow_run_id: str | None,
     save_version: str | None,
+    job_create_time: str | None,
     load_versions: tuple[str, ...],
     code: str | None,
 ) -> None:
@@ -86,6 +109,7 @@ def exec_node(
                 raw_params=params,
                 mlflow_run_id=mlflow_run_id,
                 save_version=save_version or os.environ.get("KVX_SAVE_VERSION") or None,
+                job_create_time=job_create_time or None,
                 load_versions=parse_load_versions(load_versions),
                 code=code or os.environ.get("KVX_CODE") or None,
             )
@@ -97,11 +121,13 @@ def exec_node(
 def _step_identity(run_id: str | None, job_name: str | None) -> tuple[str, str]:
     from kvx_runtime.config_loader import env_var_name
     from kvx_runtime.errors import UsageError
+    from kvx_runtime.orchestrator import unique_job_name
 
     run_id = run_id or os.environ.get(env_var_name("run_id"))
     job_name = job_name or os.environ.get(env_var_name("job_name")) or run_id
     if not run_id or not job_name:
         raise UsageError("no run id", hint="pass --run-id (and --job-name) or set KEDRO_CONFIG_RUN_ID")
+    job_name = unique_job_name(job_name, run_id)
     os.environ[env_var_name("run_id")] = run_id
     os.environ[env_var_name("job_name")] = job_name
     return run_id, job_name
@@ -125,7 +151,8 @@ def _mlflow_project(project_path: str | None, env: str | None) -> object:
 @env_option
 @click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID).")
 @click.option("--job-name", default=None, help="Pipeline job name (default: KEDRO_CONFIG_JOB_NAME, then the run id).")
-@click.option("--kubeflow", is_flag=True, help="Also tag kubeflow_run_id (Kubeflow Pipelines targets).")
+@click.option("--kubeflow", is_flag=True,
+              help="Also tag kubeflow_run_id (default: when the step runs in a Kubeflow Pipelines pod).")
 def mlflow_start_command(output: str, project_path: str | None, env: str | None, run_id: str | None,
                          job_name: str | None, kubeflow: bool) -> None:
     """Create the pipeline's MLflow run; write its id to OUTPUT and print it."""
@@ -137,7 +164,10 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
         resolved_run, resolved_job = _step_identity(run_id, job_name)
         bind_step_context(node="mlflow-start-run", run_id=resolved_run, job_name=resolved_job)
         project = _mlflow_project(project_path, env)
-        mlflow_run_id, _ = start_pipeline_run(project, resolved_run, resolved_job, kubeflow=kubeflow)
+        from kvx_runtime.orchestrator import on_kubeflow
+
+        mlflow_run_id, _ = start_pipeline_run(project, resolved_run, resolved_job,
+                                              kubeflow=kubeflow or on_kubeflow())
         target = Path(output)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(mlflow_run_id)
@@ -152,9 +182,10 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
 @click.option("--mlflow-run-id", default=None, help="The run to end (default: found by --job-name).")
 @click.option("--job-name", default=None,
               help="Find the run by its vertexai_job_name tag (default: KEDRO_CONFIG_JOB_NAME).")
+@click.option("--run-id", default=None, help="Pipeline run id (on Kubeflow Pipelines part of the job's identity).")
 @project_path_option
 @env_option
-def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: str | None,
+def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: str | None, run_id: str | None,
                        project_path: str | None, env: str | None) -> None:
     """End the pipeline's MLflow run as FINISHED, FAILED or KILLED."""
 
@@ -162,13 +193,15 @@ def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: s
         from kvx_runtime.config_loader import env_var_name
         from kvx_runtime.log import bind_step_context
         from kvx_runtime.mlflow import end_pipeline_run, parse_final_status
+        from kvx_runtime.orchestrator import unique_job_name
 
         parse_final_status(final_status)  # bad input fails before any network call
         job = job_name or os.environ.get(env_var_name("job_name"))
+        job = unique_job_name(job, run_id or os.environ.get(env_var_name("run_id"))) if job else job
         bind_step_context(node="mlflow-end-run", job_name=job)
         project = _mlflow_project(project_path, env)
-        run_id, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)
-        click.echo(f"{run_id} {status}")
+        ended, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)
+        click.echo(f"{ended} {status}")
 
     run_command("mlflow-end", action)
 

@@ -19,7 +19,8 @@ import click
 from kvx_runtime.errors import Interrupted, KvxError
 from kvx_runtime.process import run_command
 
-__all__ = ["PROJECT_COMMANDS", "env_option", "fail_fast_option", "load_version_option", "project_path_option"]
+__all__ = ["KUBEFLOW_COMMANDS", "PROJECT_COMMANDS", "env_option", "fail_fast_option", "load_version_option",
+           "project_path_option"]
 
 project_path_option = click.option(
     "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
@@ -288,12 +289,27 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
 # --- commands that talk to the target (Vertex AI) ---------------------------------------------
 
 
-def _target_and_project(project_path: str | None, env: str | None) -> tuple[Any, Any]:
+#: ``ctx.obj["target"]`` of the group a command runs under: ``kvx-runtime kfp`` and ``kedro
+#: kubeflow`` set "kubeflow"; everything else talks to Vertex AI.
+VERTEX, KUBEFLOW = "vertex", "kubeflow"
+
+
+def target_kind(ctx: click.Context) -> str:
+    return str((ctx.find_object(dict) or {}).get("target") or VERTEX)
+
+
+def _target_and_project(ctx: click.Context, project_path: str | None, env: str | None) -> tuple[Any, Any]:
     from kvx_runtime.project import open_project
+
+    project = open_project(project_path, resolve_env(ctx, env))
+    config = project.plugin_config
+    if target_kind(ctx) == KUBEFLOW:
+        from kvx_runtime.targets.kubeflow import KubeflowTarget
+
+        return KubeflowTarget(str(config.host or ""), namespace=config.run_config.namespace,
+                              experiment_name=config.run_config.experiment_name), project
     from kvx_runtime.targets import VertexTarget
 
-    project = open_project(project_path, env)
-    config = project.plugin_config
     return VertexTarget(str(config.project_id or ""), str(config.region or "")), project
 
 
@@ -360,30 +376,39 @@ def _finish(target: Any, run: Any, spec: Any, values: Any, fetch_logs: bool = Fa
 @env_option
 @_compile_options
 @_submit_options
-@click.option("--wait", is_flag=True, help="Watch the run until it ends (exit 0 if it succeeded, 1 if not).")
+@click.option("--wait/--no-wait", default=None,
+              help="Watch the run until it ends: exit 0 if it succeeded, 1 if not (default: "
+              "run_config.wait_for_completion, false).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="With --wait: stop waiting after this long (the run goes on).")
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                      code_upload: bool | None,
-                     values: tuple[str, ...], storage_root: str | None, template: str | None, wait: bool,
+                     values: tuple[str, ...], storage_root: str | None, template: str | None, wait: bool | None,
                      timeout: float | None) -> None:
-    """Compile the pipeline and run it once on Vertex AI; with --wait, watch it to the end."""
+    """Compile the pipeline and run it once (on Vertex AI; under `kfp`, Kubeflow Pipelines); with
+    --wait, watch it to the end."""
 
     def action() -> None:
         from kvx_runtime.submission import run_request, watch
 
-        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        target, project = _target_and_project(ctx, project_path, env)
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
                                        load_versions, values, code_upload)
         run_config = project.plugin_config.run_config
         request = run_request(compiled.spec, run_config, values=compiled.values,
                               template_uri=_template_uri(run_config, compiled.spec, template))
+        if target_kind(ctx) == KUBEFLOW and run_config.run_name:
+            from dataclasses import replace
+
+            from kvx_runtime.submission import job_id
+
+            request = replace(request, run_id=job_id(run_config.run_name))
         run = target.submit(request)
-        click.echo(f"Submitted {run.name}")
+        click.echo(f"Submitted {run.name}" + (f" ({run.display_name})" if run.display_name != run.name else ""))
         click.echo(f"  {target.console_url(run)}")
-        if not wait:
+        if not (run_config.wait_for_completion if wait is None else wait):
             return
         interval = float(os.environ.get("KVX_WATCH_INTERVAL", "5"))
         try:
@@ -407,7 +432,7 @@ def status_command(ctx: click.Context, job: str, project_path: str | None, env: 
     """A run's state and its tasks; for a failed run, what failed and where to look."""
 
     def action() -> None:
-        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        target, _ = _target_and_project(ctx, project_path, env)
         info = target.get(job)
         click.echo(f"{info.run_id}: {info.state}  {target.console_url(info)}")
         for task in info.tasks:
@@ -427,14 +452,14 @@ def status_command(ctx: click.Context, job: str, project_path: str | None, env: 
 @click.pass_context
 def list_pipelines_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                            limit: int, all_pipelines: bool) -> None:
-    """Runs of this pipeline on Vertex AI, newest first: job, state, start, duration."""
+    """Runs of this pipeline, newest first: job, state, start, duration."""
 
     def action() -> None:
         from itertools import islice
 
         from kvx_runtime.compiler.names import pipeline_name
 
-        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        target, project = _target_and_project(ctx, project_path, env)
         name = pipeline_name(project.package_name if pipeline == "__default__"
                              else f"{project.package_name}-{pipeline}")
         runs = list(islice(target.list_runs(None if all_pipelines else name), limit))
@@ -455,10 +480,10 @@ def list_pipelines_command(ctx: click.Context, project_path: str | None, env: st
 @env_option
 @click.pass_context
 def cancel_command(ctx: click.Context, job: str, project_path: str | None, env: str | None) -> None:
-    """Ask Vertex AI to cancel a run."""
+    """Ask the pipeline service to cancel a run (Kubeflow Pipelines: terminate it)."""
 
     def action() -> None:
-        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        target, _ = _target_and_project(ctx, project_path, env)
         target.cancel(job)
         click.echo(f"Cancellation of {job} requested; `kvx-runtime status {job}` shows when it stopped")
 
@@ -471,10 +496,10 @@ def cancel_command(ctx: click.Context, job: str, project_path: str | None, env: 
 @click.option("--open", "open_browser", is_flag=True, help="Also open it in a browser.")
 @click.pass_context
 def ui_command(ctx: click.Context, project_path: str | None, env: str | None, open_browser: bool) -> None:
-    """Print the Vertex AI Pipelines console URL (--open: open a browser)."""
+    """Print the pipeline service's console URL (--open: open a browser)."""
 
     def action() -> None:
-        target, _ = _target_and_project(project_path, resolve_env(ctx, env))
+        target, _ = _target_and_project(ctx, project_path, env)
         url = target.console_url()
         click.echo(url)
         if open_browser:
@@ -517,7 +542,7 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
         from kvx_runtime.submission import run_request
         from kvx_runtime.targets import ScheduleRequest
 
-        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        target, project = _target_and_project(ctx, project_path, env)
         run_config = project.plugin_config.run_config
         key = pipeline if pipeline in run_config.schedules else "default_schedule"
         configured = run_config.schedules.get(key) or ScheduleConfig()
@@ -572,8 +597,8 @@ def _project_version(path: Path) -> str | None:
 def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                             image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                             code_upload: bool | None, storage_root: str | None, tags: tuple[str, ...]) -> None:
-    """Compile the pipeline and push it to run_config.template_repository (Artifact Registry,
-    Kubeflow Pipelines format), tagged; run-once and schedule run it with --template TAG."""
+    """Compile the pipeline and upload it: to run_config.template_repository on Vertex AI (run-once
+    and schedule run it with --template TAG), as a pipeline or a new version on Kubeflow Pipelines."""
 
     def action() -> None:
         import re
@@ -582,7 +607,11 @@ def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: s
         from kvx_runtime.compiler import write_spec
         from kvx_runtime.errors import ConfigError
 
-        target, project = _target_and_project(project_path, resolve_env(ctx, env))
+        target, project = _target_and_project(ctx, project_path, env)
+        if target_kind(ctx) == KUBEFLOW:
+            _upload_to_kubeflow(target, project, ctx, pipeline, image, storage_root, params, load_versions,
+                                code_upload, tags)
+            return
         repository = project.plugin_config.run_config.template_repository
         if not repository:
             raise ConfigError("no run_config.template_repository",
@@ -602,6 +631,33 @@ def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: s
     run(ctx, action)
 
 
+def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline: str, image: str | None,
+                        storage_root: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                        code_upload: bool | None, tags: tuple[str, ...]) -> None:
+    """A new KFP pipeline, or a new version of the existing one (named by the project version,
+    the commit and the time: KFP version names are unique per pipeline)."""
+    import re
+    import tempfile
+    from datetime import datetime, timezone
+
+    from kvx_runtime.compiler import write_spec
+
+    compiled = _compile_for_target(project.path, project.env, pipeline, image, storage_root, params,
+                                   load_versions, (), code_upload)
+    name = str(compiled.spec.get("pipelineInfo", {}).get("name", "pipeline"))
+    version = _project_version(project.path)
+    commit = os.environ.get("KEDRO_CONFIG_COMMIT_ID")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    parts = [*tags, *([f"v{version}"] if version else []), *([commit[:12]] if commit else []), stamp]
+    version_name = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "-", part) for part in parts)[:100]
+    description = str(project.plugin_config.run_config.description or "")
+    with tempfile.TemporaryDirectory() as directory:
+        spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml")
+        pipeline_id, version_id, created = target.upload_pipeline(name, str(spec_file), version_name, description)
+    what = "pipeline" if created else "version"
+    click.echo(f"Uploaded {name} as a new {what} (pipeline {pipeline_id}, version {version_name} {version_id})")
+
+
 #: Shared by ``kvx-runtime`` and ``kedro vertexai``.
 PROJECT_COMMANDS: tuple[click.Command, ...] = (
     compile_command,
@@ -617,3 +673,5 @@ PROJECT_COMMANDS: tuple[click.Command, ...] = (
     doctor_command,
     gc_command,
 )
+#: Under ``kvx-runtime kfp`` and ``kedro kubeflow`` (the plugin family's names), for Kubeflow Pipelines.
+KUBEFLOW_COMMANDS: tuple[click.Command, ...] = tuple(c for c in PROJECT_COMMANDS if c.name not in {"init", "gc"})

@@ -48,6 +48,8 @@ log = get_logger(__name__)
 
 CONFIG_KEY = "vertexai"
 CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
+#: Read when no vertexai* file exists: projects coming from kedro-kubeflow.
+KUBEFLOW_CONFIG_PATTERNS = ["kubeflow*", "kubeflow/**"]
 _CPU = re.compile(r"^\d+(\.\d+)?m?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?(E|P|T|G|M|K|Ei|Pi|Ti|Gi|Mi|Ki)?$")
 _DURATION = re.compile(r"^\d+(\.\d+)?s$")
@@ -161,6 +163,23 @@ class MLflowConfig(_Section):
     required: bool = True
 
 
+class S3Config(_Section):
+    """``run_config.s3``: where an ``s3://`` storage root lives (MinIO on a self-hosted
+    Kubeflow). The standard AWS variables win: ``AWS_ENDPOINT_URL`` (``_S3``) and
+    ``AWS_REGION``/``AWS_DEFAULT_REGION``; credentials only ever come from the environment
+    (or the pod's role), never from this file."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+
 class ScheduleConfig(_Section):
     """``run_config.schedules.<pipeline or default_schedule>``: a recurring run."""
 
@@ -205,13 +224,22 @@ class RunConfig(_Section):
     code_upload_on_drift: Literal["fail", "warn"] = "fail"
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    s3: S3Config = Field(default_factory=S3Config)
+    #: Kubeflow Pipelines: the user namespace (profile) of multi-user installations.
+    namespace: str | None = None
+    #: Kubeflow Pipelines: display name of run-once runs (kedro-kubeflow's key).
+    run_name: str | None = None
+    #: Kubeflow Pipelines: run-once waits for the run to end unless --no-wait (kedro-kubeflow's key).
+    wait_for_completion: bool = False
 
 
 class PluginConfig(_Section):
-    """The whole ``vertexai.yml``."""
+    """The whole ``vertexai.yml`` (or a kedro-kubeflow project's ``kubeflow.yml``)."""
 
     project_id: str | None = None
     region: str | None = None
+    #: Kubeflow Pipelines: the API's base URL, e.g. https://kubeflow.example.com/pipeline.
+    host: str | None = None
     run_config: RunConfig = Field(default_factory=RunConfig)
 
 
@@ -220,6 +248,7 @@ STEP_KEYS: tuple[str, ...] = (
     "run_config.root",
     "run_config.dynamic_config_providers",
     "run_config.mlflow",
+    "run_config.s3",
 )
 #: Everything (compile, doctor).
 ALL_KEYS: tuple[str, ...] = ("",)
@@ -483,7 +512,8 @@ def read_raw_plugin_config(
     base_env: str = "base",
     merge_strategy: str = "destructive",
 ) -> tuple[dict[str, Any], list[str]]:
-    """Read and merge ``vertexai*`` files from ``<conf>/<base_env>`` and ``<conf>/<env>``.
+    """Read and merge ``vertexai*`` files from ``<conf>/<base_env>`` and ``<conf>/<env>``
+    (``kubeflow*`` files when there is no ``vertexai*`` file: a kedro-kubeflow project).
 
     Returns the merged mapping (values resolved one by one, see :func:`_resolve_leaves`) and
     the files read. ``merge_strategy`` is Kedro's: ``destructive`` (the env file replaces
@@ -496,10 +526,13 @@ def read_raw_plugin_config(
     layers: list[Any] = []
     files: list[str] = []
     envs = [base_env] if env == base_env else [base_env, env]
+    patterns = CONFIG_PATTERNS
+    if not any(fs.glob(f"{PurePosixPath(root) / name}/{p}") for name in envs for p in CONFIG_PATTERNS):
+        patterns = KUBEFLOW_CONFIG_PATTERNS
     for env_name in envs:
         env_dir = str(PurePosixPath(root) / env_name)
         found: set[str] = set()
-        for pattern in CONFIG_PATTERNS:
+        for pattern in patterns:
             found.update(fs.glob(f"{env_dir}/{pattern}"))
         configs = []
         for path in sorted(found):
@@ -551,8 +584,10 @@ def load_plugin_config(
 
 
 #: What a storage root may look like (said in every error about one).
-STORAGE_ROOT_FORMS = "gs://bucket[/prefix], file:///absolute/path, or a local path"
+STORAGE_ROOT_FORMS = "gs://bucket[/prefix], s3://bucket[/prefix], file:///absolute/path, or a local path"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+#: S3 (and MinIO) bucket names: 3-63 lowercase letters, digits, dots and hyphens.
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
@@ -560,8 +595,8 @@ def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
 
     In ``run_config.root`` a bare ``bucket/prefix`` (the seed's style) means
     ``gs://bucket/prefix``; on the command line (``bare_is_bucket=False``) a path without a
-    scheme is a local path. Accepted schemes: ``gs://`` (``gcs://``) with a valid bucket name,
-    ``file://`` with an absolute path, and ``memory://`` (tests).
+    scheme is a local path. Accepted schemes: ``gs://`` (``gcs://``) and ``s3://`` (``s3a://``)
+    with a valid bucket name, ``file://`` with an absolute path, and ``memory://`` (tests).
     """
     import os
 
@@ -584,6 +619,15 @@ def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
                 hint=f"use {STORAGE_ROOT_FORMS}",
             )
         return f"gs://{rest}".rstrip("/")
+    if scheme in {"s3", "s3a"}:
+        bucket = rest.split("/", 1)[0]
+        if not _S3_BUCKET.match(bucket) or ".." in bucket:
+            raise ConfigError(
+                f"storage root {shown!r}: {bucket!r} is not an S3 bucket name" if bucket
+                else f"storage root {shown!r} names no bucket",
+                hint=f"use {STORAGE_ROOT_FORMS}",
+            )
+        return f"s3://{rest}".rstrip("/")
     if scheme == "file":
         if not rest.startswith("/") or not rest.strip("/"):
             raise ConfigError(f"storage root {shown!r}: a file:// root needs an absolute path (file:///dir)",

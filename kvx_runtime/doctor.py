@@ -36,7 +36,8 @@ class Check:
 
 
 #: Libraries that log their own retries and tracebacks while a check waits for the network.
-_NOISY_LOGGERS = ("gcsfs", "fsspec", "google", "urllib3", "aiohttp", "mlflow", "kedro_mlflow", "asyncio")
+_NOISY_LOGGERS = ("gcsfs", "s3fs", "botocore", "aiobotocore", "fsspec", "google", "urllib3", "aiohttp", "mlflow",
+                  "kedro_mlflow", "asyncio")
 
 
 def _timeout() -> float:

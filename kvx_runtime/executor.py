@@ -38,7 +38,8 @@ from kvx_runtime.errors import (
 )
 from kvx_runtime.graph import StepPlan, dataset_identity, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
-from kvx_runtime.versions import kedro_version
+from kvx_runtime.orchestrator import unique_job_name
+from kvx_runtime.versions import SAVE_VERSION_PARAMETER, resolve_save_version
 
 __all__ = ["StepRequest", "StepResult", "execute_step", "is_declared"]
 
@@ -60,6 +61,8 @@ class StepRequest:
     mlflow_run_id: str | None = None
     #: The pipeline run's save version (Kedro format or an RFC 3339 time), see kvx_runtime.versions.
     save_version: str | None = None
+    #: The job's creation time as the orchestrator filled it in: the save version without one.
+    job_create_time: str | None = None
     #: Explicit load versions (dataset -> Kedro version); they win over the run's version.
     load_versions: dict[str, str] = field(default_factory=dict)
     #: A code archive to run instead of the image's code: ``<uri>#sha256=<digest>``.
@@ -281,6 +284,24 @@ def replay_command(
     return shlex.join(argv)
 
 
+def _check_runs_without_save_version(project: Any, request: StepRequest, plan: StepPlan, why: str) -> None:
+    """Without a run version, a versioned dataset passed between steps would be read as
+    "latest", possibly another run's: refuse such a step; others run as `kedro run` would."""
+    from kvx_runtime.project import catalog_config
+    from kvx_runtime.versions import versioned_names
+
+    between_steps = [name for name in plan.inputs if plan.produced_in_pipeline(name)] + list(plan.crossing_outputs)
+    shared = versioned_names(catalog_config(project, request.params), between_steps) if between_steps else []
+    if shared:
+        raise UsageError(
+            f"{why}, and this step passes versioned datasets to or from other steps ({', '.join(shared)}): "
+            "without one version for the run it could read another run's",
+            hint=f"set the pipeline parameter {SAVE_VERSION_PARAMETER} (`kvx-runtime kfp run-once` does) or pass "
+            "--save-version",
+        )
+    log.warning("no run version for versioned datasets: this step's saves get their own version", reason=why)
+
+
 def _load_versions(project: Any, request: StepRequest, plan: StepPlan, save_version: str | None) -> dict[str, str]:
     """Versions to load: inputs saved earlier in this run at the run's version, and the
     explicit ones (which win)."""
@@ -343,9 +364,9 @@ def execute_step(request: StepRequest) -> StepResult:
     if not request.nodes:
         raise UsageError("no node given", hint="pass --node NAME (repeat it for a group)")
 
-    save_version = kedro_version(request.save_version) if request.save_version else None
+    save_version, no_version = resolve_save_version(request.save_version, request.job_create_time)
     run_id = request.run_id or os.environ.get(env_var_name("run_id")) or _local_run_id()
-    job_name = request.job_name or os.environ.get(env_var_name("job_name")) or run_id
+    job_name = unique_job_name(request.job_name or os.environ.get(env_var_name("job_name")) or run_id, run_id)
     # The config loader and the user's own code read these; flags win over the environment.
     os.environ[env_var_name("run_id")] = run_id
     os.environ[env_var_name("job_name")] = job_name
@@ -403,6 +424,8 @@ def execute_step(request: StepRequest) -> StepResult:
         # would start a run of its own, or fail.
         disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
 
+    if no_version:
+        _check_runs_without_save_version(project, request, plan, no_version)
     load_versions = _load_versions(project, request, plan, save_version)
     hooks = _StepHooks(plan, storage_root, job_name, tracking, save_version)
     log.info(

@@ -32,7 +32,7 @@ _MIN_SECRET = 4
 _SECRETS: set[str] = set()
 _URL_SECRETS = [
     (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), REDACTED + "@"),  # https://user:password@host
-    (re.compile(r"(?i)((?:upload_id|access_token|token|sig|signature|key|password|secret)=)[^&\s'\"]+"),
+    (re.compile(r"(?i)((?:upload_?id|access_token|token|sig|signature|key|password|secret|x-amz-(?:security-token|signature|credential))=)[^&\s'\"]+"),
      r"\1" + REDACTED),
 ]
 
@@ -253,7 +253,7 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     for name in ("kvx_runtime", "kedro"):
         logging.getLogger(name).setLevel(level_name)
     # Third-party chatter that adds nothing to a step's log.
-    for noisy in ("urllib3", "google.auth", "gcsfs", "fsspec", "asyncio", "git"):
+    for noisy in ("urllib3", "google.auth", "gcsfs", "s3fs", "botocore", "aiobotocore", "fsspec", "asyncio", "git"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     adopt_library_loggers()
 

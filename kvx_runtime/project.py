@@ -31,6 +31,9 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 _TELEMETRY_PLUGINS = ("kedro-telemetry", "kedro_telemetry")
+#: Environment variables whose values are secrets wherever they would appear.
+ENVIRONMENT_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DEX_PASSWORD", "KF_PIPELINES_TOKEN",
+                       "KVX_KFP_TOKEN")
 
 
 @dataclass
@@ -214,6 +217,9 @@ def open_project(
         templating=templated,
     )
     register_credentials(project)
+    from kvx_runtime.storage.store import configure_s3
+
+    configure_s3(plugin_config.run_config.s3.endpoint_url, plugin_config.run_config.s3.region)
     return project
 
 
@@ -222,6 +228,8 @@ def register_credentials(project: KedroProject) -> None:
     credentials that cannot be loaded are reported by Kedro, where they are used)."""
     from kvx_runtime.log import register_secrets
 
+    # Cloud credentials that libraries read from the environment (S3/MinIO, KFP tokens).
+    register_secrets([os.environ.get(name) for name in ENVIRONMENT_SECRETS])
     try:
         credentials = make_config_loader(project)["credentials"]
     except Exception:

@@ -137,9 +137,17 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
     if "exec-node" not in argv:
         return None
     try:
-        return shlex.join(substitute(part, job_values) for part in argv)
+        resolved = [substitute(part, job_values) for part in argv]
     except KvxError:
         return None
+    # An empty --save-version (the spec's default) means the job's creation time: leave it out.
+    cleaned = []
+    for index, part in enumerate(resolved):
+        if (part == "--save-version" and index + 1 < len(resolved) and not resolved[index + 1]) or (
+                index and resolved[index - 1] == "--save-version" and not part):
+            continue
+        cleaned.append(part)
+    return shlex.join(cleaned)
 
 
 def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None,

@@ -21,14 +21,19 @@ from kvx_runtime.errors import UsageError
 from kvx_runtime.log import get_logger
 
 __all__ = [
+    "SAVE_VERSION_PARAMETER",
     "kedro_version",
     "parse_load_versions",
     "remove_earlier_attempt",
+    "resolve_save_version",
     "run_load_versions",
+    "unresolved",
 ]
 
 log = get_logger(__name__)
 
+#: The spec's pipeline parameter for the run's save version (empty: the job's creation time).
+SAVE_VERSION_PARAMETER = "kvx_save_version"
 _KEDRO_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):?(\d{2}))?$"
@@ -60,6 +65,24 @@ def kedro_version(text: str) -> str:
         moment = moment - offset if sign == "+" else moment + offset
     stamp = moment.strftime("%Y-%m-%dT%H.%M.%S.%f")
     return stamp[:-3] + "Z"  # milliseconds, as Kedro's own generate_timestamp()
+
+
+def unresolved(value: str | None) -> bool:
+    """A value the orchestrator left as it was compiled (``{{$...}}``), or left empty."""
+    return value is None or not value.strip() or value.strip().startswith("{{$")
+
+
+def resolve_save_version(explicit: str | None, job_create_time: str | None) -> tuple[str | None, str | None]:
+    """The run's save version: ``explicit`` (``--save-version``, the spec's ``kvx_save_version``)
+    unless empty, else the job's creation time. Returns ``(version, None)``, or ``(None, why)``
+    when neither is there (KFP releases that leave ``pipeline_job_create_time_utc`` unfilled)."""
+    if not unresolved(explicit):
+        return kedro_version(str(explicit)), None
+    if job_create_time is None:
+        return None, None  # not asked for: one version per process, as in kedro run
+    if not unresolved(job_create_time):
+        return kedro_version(job_create_time), None
+    return None, f"the orchestrator did not fill the job's creation time ({job_create_time.strip() or 'empty'})"
 
 
 def parse_load_versions(items: Iterable[str]) -> dict[str, str]:

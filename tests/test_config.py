@@ -167,6 +167,8 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
         ("bucket/prefix", "gs://bucket/prefix"),
         ("bucket", "gs://bucket"),
         ("gs://bucket/prefix/", "gs://bucket/prefix"),
+        ("s3://minio-bucket/kvx/", "s3://minio-bucket/kvx"),
+        ("s3a://bucket.with.dots", "s3://bucket.with.dots"),
         ("file:///tmp/x", "file:///tmp/x"),
         ("/tmp/x", "/tmp/x"),
         ("./rel", str(Path("./rel").resolve())),
@@ -182,6 +184,9 @@ def test_storage_root_normalization(root: str, expected: str) -> None:
         ("gs://", "names no bucket"),
         ("gs:///prefix", "names no bucket"),
         ("gs://Not_A_Bucket!/x", "is not a Cloud Storage bucket name"),
+        ("s3://", "names no bucket"),
+        ("s3://Upper_Case/x", "is not an S3 bucket name"),
+        ("s3://" + "b" * 64, "is not an S3 bucket name"),
         ("file://", "needs an absolute path"),
         ("file://relative/dir", "needs an absolute path"),
         ("://x", "unsupported scheme (none)"),
@@ -192,4 +197,27 @@ def test_storage_root_normalization(root: str, expected: str) -> None:
 def test_storage_roots_that_would_write_somewhere_unexpected_are_refused(root: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(problem)) as caught:
         normalize_storage_root(root, bare_is_bucket=False)
-    assert "gs://bucket[/prefix], file:///absolute/path, or a local path" in str(caught.value)
+    assert "gs://bucket[/prefix], s3://bucket[/prefix], file:///absolute/path, or a local path" in str(caught.value)
+
+
+def test_a_kedro_kubeflow_projects_kubeflow_yml_is_read_when_there_is_no_vertexai_yml(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kubeflow.yml").write_text(
+        "host: https://kubeflow.example.com/pipeline\n"
+        "run_config:\n  image: img\n  experiment_name: Demo\n  run_name: Demo Run\n  namespace: team-a\n"
+        "  s3:\n    endpoint_url: http://minio-service.kubeflow:9000\n")
+    config = load_plugin_config(tmp_path, "base")
+    assert config.host == "https://kubeflow.example.com/pipeline"
+    assert (config.run_config.namespace, config.run_config.run_name) == ("team-a", "Demo Run")
+    assert config.run_config.s3.endpoint_url == "http://minio-service.kubeflow:9000"
+    # A vertexai.yml, when there is one, is the configuration (never a merge of both).
+    (tmp_path / "base" / "vertexai.yml").write_text("run_config:\n  image: other\n")
+    assert load_plugin_config(tmp_path, "base").run_config.image == "other"
+    assert load_plugin_config(tmp_path, "base").host is None
+
+
+def test_an_s3_endpoint_that_is_not_a_url_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "vertexai.yml").write_text("run_config:\n  s3:\n    endpoint_url: minio:9000\n")
+    with pytest.raises(ConfigError, match="run_config.s3.endpoint_url"):
+        load_plugin_config(tmp_path, "base")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from kvx_runtime.errors import ExitCode, StorageError
+from kvx_runtime.errors import ConfigError, ExitCode, StorageError
 from kvx_runtime.storage.blob import BlobUnpicklable
 from kvx_runtime.storage.store import BlobMissing, BlobStore, RetryPolicy, object_name
 
@@ -261,3 +261,58 @@ def test_gc_lists_then_deletes_expired_jobs_and_dead_writers_files(tmp_path: Pat
     done = collect_garbage(str(tmp_path), max_age=7 * 86400, delete=True)
     assert done.deleted and not Path(old.path("a")).parent.exists() and not leftover.exists()
     assert recent.load("a") == 1
+
+
+# --- s3:// (moto's S3 server on 127.0.0.1) ---------------------------------------------------
+
+
+def test_remote_blob_roundtrip_on_s3_single_put_and_multipart(s3_server) -> None:
+    store = BlobStore(f"s3://{s3_server.bucket}/unit", "job-s3", retry=FAST_RETRY)
+    small = {"rows": list(range(100))}
+    large = os.urandom(12 * 1024 * 1024)  # incompressible: three 5 MiB parts at least
+    store.save("small", small)
+    store.save("large", large)
+    fs = s3_server.filesystem()
+    assert fs.exists(f"{s3_server.bucket}/unit/kedro-vertexai-temp/job-s3/small.bin")
+    assert store.url("large") == f"s3://{s3_server.bucket}/unit/kedro-vertexai-temp/job-s3/large.bin"
+    assert store.load("small") == small
+    assert store.load("large") == large
+
+
+def test_failed_s3_multipart_write_is_aborted_never_completed(s3_server) -> None:
+    """Pickling fails after parts were uploaded: no object, and no multipart upload left open
+    (S3 would keep charging for its parts)."""
+    store = BlobStore(f"s3://{s3_server.bucket}/unit", "job-s3-partial", retry=FAST_RETRY)
+    payload = [os.urandom(11 * 1024 * 1024), threading.Lock()]
+    with pytest.raises(BlobUnpicklable):
+        store.save("partial", payload)
+    gc.collect()
+    key = "unit/kedro-vertexai-temp/job-s3-partial/partial.bin"
+    assert not s3_server.filesystem().exists(f"{s3_server.bucket}/{key}")
+    uploads = s3_server.client().list_multipart_uploads(Bucket=s3_server.bucket, Prefix=key).get("Uploads", [])
+    assert uploads == []
+
+
+def test_s3_errors_are_classified_by_their_http_status() -> None:
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from kvx_runtime.storage.store import is_transient
+
+    def error(code: str, status: int) -> OSError:
+        cause = ClientError({"Error": {"Code": code, "Message": code},
+                             "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+        return translate_boto_error(cause)
+
+    assert is_transient(error("SlowDown", 503))
+    assert is_transient(error("InternalError", 500))
+    assert not is_transient(error("AccessDenied", 403))
+    assert not is_transient(error("InvalidBucketName", 400))
+
+
+def test_a_missing_s3_bucket_is_not_reported_as_a_missing_blob(s3_server) -> None:
+    store = BlobStore("s3://kvx-no-such-bucket/unit", "job", retry=FAST_RETRY)
+    with pytest.raises(ConfigError, match="bucket 'kvx-no-such-bucket' of storage root s3://kvx-no-such-bucket/unit "
+                       "does not exist") as caught:
+        store.load("ds")
+    assert caught.value.exit_code == ExitCode.USAGE

@@ -28,8 +28,11 @@ from kvx_runtime.compiler.resources import (
 from kvx_runtime.compiler.spec import (
     FINAL_STATUS,
     JOB_CREATE_TIME,
+    JOB_NAME,
+    JOB_UUID,
     MLFLOW_RUN_ID,
     PARAMETER_TYPES,
+    SAVE_VERSION_PARAMETER,
     STORAGE_ROOT_PARAMETER,
     PipelineParameter,
     SpecBuilder,
@@ -319,10 +322,11 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
             f"{alias.ip}={','.join(alias.hostnames)}" for alias in run.network.host_aliases
         )
 
-    common = ["--env", project.env, "--run-id", "{{$.pipeline_job_uuid}}",
-              "--job-name", "{{$.pipeline_job_name}}"]
+    common = ["--env", project.env, "--run-id", placeholder(JOB_UUID), "--job-name", placeholder(JOB_NAME)]
+    job_inputs = {JOB_NAME: "STRING", JOB_UUID: "STRING"}
     # Every step of a run saves (and reads back) versioned datasets at one version: the run's.
-    versions = ["--save-version", placeholder(JOB_CREATE_TIME),
+    versions = ["--save-version", placeholder(SAVE_VERSION_PARAMETER),
+                "--job-create-time", placeholder(JOB_CREATE_TIME),
                 *(a for d, v in sorted(request.load_versions.items()) for a in ("--load-version", f"{d}={v}"))]
     if run.code_upload if request.code_upload is None else request.code_upload:
         from kvx_runtime.code_upload import build_archive, upload_archive
@@ -345,7 +349,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
         if request.pipeline != "__default__":
             args += ["--pipeline", request.pipeline]
         args += [*common, "--storage-root", placeholder(STORAGE_ROOT_PARAMETER), *versions]
-        inputs = {**parameter_inputs(parameters), JOB_CREATE_TIME: "STRING"}
+        inputs = {**parameter_inputs(parameters), **job_inputs, JOB_CREATE_TIME: "STRING"}
         depends = [task_of[g] for g in sorted(graph.needs[group_name])]
         if mlflow:
             args += ["--mlflow-run-id", placeholder(MLFLOW_RUN_ID)]
@@ -370,15 +374,14 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
         start = Step(
             task="mlflow-start-run", display_name="mlflow-start-run",
             command=[KVX, "mlflow-start"],
-            args=[*common, "--output", output_file(MLFLOW_RUN_ID)],
+            args=[*common, "--output", output_file(MLFLOW_RUN_ID)], inputs=dict(job_inputs),
             outputs={MLFLOW_RUN_ID: "STRING"}, env=env,
         )
         exit_steps.append(Step(
             task="mlflow-end-run", display_name="mlflow-end-run",
             command=[KVX, "mlflow-end"],
-            args=["--env", project.env, "--job-name", "{{$.pipeline_job_name}}",
-                  "--final-status", placeholder(FINAL_STATUS)],
-            inputs={FINAL_STATUS: "TASK_FINAL_STATUS"}, depends_on=["exit-handler-1"],
+            args=[*common, "--final-status", placeholder(FINAL_STATUS)],
+            inputs={FINAL_STATUS: "TASK_FINAL_STATUS", **job_inputs}, depends_on=["exit-handler-1"],
             final_status=True, env=env,
         ))
     if exit_pipeline:
@@ -395,7 +398,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
                   *parameter_args(parameters),
                   # The exit pipeline's nodes may take params:kvx_final_status.
                   "--param", f"{FINAL_STATUS_PARAMETER}:dict={placeholder(FINAL_STATUS)}"],
-            inputs={**parameter_inputs(parameters), FINAL_STATUS: "TASK_FINAL_STATUS",
+            inputs={**parameter_inputs(parameters), FINAL_STATUS: "TASK_FINAL_STATUS", **job_inputs,
                     JOB_CREATE_TIME: "STRING"},
             depends_on=["exit-handler-1"], final_status=True, env=env,
         ))

@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: A pipeline parameter: the run's save version when the orchestrator does not fill the
+#: create-time placeholder (KFP); empty = the job's creation time.
+from kvx_runtime.versions import SAVE_VERSION_PARAMETER
+
 SCHEMA_VERSION = "2.1.0"
 STORAGE_ROOT_PARAMETER = "kvx_storage_root"
 #: A pipeline parameter no task reads: the failure policy that run-local applies and that a
@@ -26,6 +30,18 @@ MLFLOW_RUN_ID = "mlflow_run_id"
 #: A task input fed the job's creation time (the run's save version for versioned datasets).
 JOB_CREATE_TIME = "kvx_job_create_time"
 JOB_CREATE_TIME_PLACEHOLDER = "{{$.pipeline_job_create_time_utc}}"
+#: Task inputs fed the job's name and uuid.
+JOB_NAME = "kvx_job_name"
+JOB_UUID = "kvx_job_uuid"
+#: The orchestrator's values, passed as the kfp SDK passes dsl.PIPELINE_JOB_*_PLACEHOLDER: as
+#: task input constants, which Vertex AI and KFP (>= 2.4) resolve when the task starts. KFP's
+#: launcher does not resolve them inside container args, so args only ever name the inputs.
+RUNTIME_PLACEHOLDERS = {
+    JOB_CREATE_TIME: JOB_CREATE_TIME_PLACEHOLDER,
+    JOB_NAME: "{{$.pipeline_job_name}}",
+    JOB_UUID: "{{$.pipeline_job_uuid}}",
+}
+
 FINAL_STATUS = "status"
 EXIT_HANDLER = "exit-handler-1"
 CHANNEL = "pipelinechannel--"
@@ -138,9 +154,7 @@ class SpecBuilder:
     # --- pieces -------------------------------------------------------------------------
 
     def _pipeline_inputs(self) -> dict[str, str]:
-        inputs = {STORAGE_ROOT_PARAMETER: "STRING"}
-        inputs.update({p.name: PARAMETER_TYPES[p.type] for p in self.parameters})
-        return inputs
+        return parameter_inputs(self.parameters)
 
     def _root_input_definitions(self) -> dict[str, Any]:
         definitions: dict[str, Any] = {
@@ -149,6 +163,14 @@ class SpecBuilder:
                 "isOptional": True,
                 "parameterType": "STRING",
             }
+        }
+        definitions[SAVE_VERSION_PARAMETER] = {
+            "defaultValue": "",
+            "description": "The run's version for Kedro's versioned datasets (a Kedro version or an RFC 3339 "
+            "time); empty: the job's creation time. Submitters set it where the orchestrator does not fill "
+            "pipeline_job_create_time_utc.",
+            "isOptional": True,
+            "parameterType": "STRING",
         }
         definitions[FAILURE_POLICY_PARAMETER] = {
             "defaultValue": self.failure_policy,
@@ -198,10 +220,8 @@ class SpecBuilder:
                     "outputParameterKey": MLFLOW_RUN_ID, "producerTask": "mlflow-start-run"}}
             elif name == FINAL_STATUS:
                 parameters[name] = {"taskFinalStatus": {"producerTask": EXIT_HANDLER}}
-            elif name == JOB_CREATE_TIME:
-                # As the kfp SDK passes dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER: a constant
-                # that Vertex AI and KFP resolve when the task starts.
-                parameters[name] = {"runtimeValue": {"constant": JOB_CREATE_TIME_PLACEHOLDER}}
+            elif name in RUNTIME_PLACEHOLDERS:
+                parameters[name] = {"runtimeValue": {"constant": RUNTIME_PLACEHOLDERS[name]}}
             else:
                 parameters[name] = {"componentInputParameter": prefix + name}
         task: dict[str, Any] = {
@@ -229,7 +249,7 @@ def parameter_args(parameters: Sequence[PipelineParameter]) -> list[str]:
 
 
 def parameter_inputs(parameters: Sequence[PipelineParameter]) -> dict[str, str]:
-    inputs = {STORAGE_ROOT_PARAMETER: "STRING"}
+    inputs = {STORAGE_ROOT_PARAMETER: "STRING", SAVE_VERSION_PARAMETER: "STRING"}
     inputs.update({p.name: PARAMETER_TYPES[p.type] for p in parameters})
     return inputs
 

@@ -1,14 +1,15 @@
 """Where intermediate blobs live: ``<root>/kedro-vertexai-temp/<job name>/<dataset>.bin``.
 
 The layout is the kedro-vertexai family's, so tooling that looks for it keeps working. Access
-goes through fsspec (gcsfs for ``gs://``, the local filesystem for paths and ``file://``); gcsfs
-is imported only when a ``gs://`` root is used.
+goes through fsspec (gcsfs for ``gs://``, s3fs for ``s3://`` (S3, MinIO), the local filesystem
+for paths and ``file://``); the cloud libraries are imported only when such a root is used.
 
 Guarantees:
 
 - readers never see a partial blob under its final name: local writes go to a temporary file
-  in the same directory and are renamed; remote writes are single uploads that are discarded
-  (never finalized) when anything fails;
+  in the same directory and are renamed; remote writes are single uploads (GCS resumable
+  uploads, S3 PUTs or multipart uploads) that are discarded (never finalized) when anything
+  fails, and checked against what was sent when the answer to the finalizing request is lost;
 - transient storage errors (HTTP 408/429/5xx, connection resets, timeouts) are retried with
   exponential backoff and jitter (tenacity); what still fails is a :class:`StorageError`
   (exit code 3);
@@ -30,7 +31,7 @@ from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageErr
 from kvx_runtime.log import get_logger
 from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
 
-__all__ = ["TEMP_DIR", "BlobMissing", "BlobStore", "RetryPolicy", "object_name"]
+__all__ = ["TEMP_DIR", "BlobMissing", "BlobStore", "RetryPolicy", "configure_s3", "object_name"]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -41,6 +42,7 @@ _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 _DEFAULT_BLOCK = 16 * 1024 * 1024
+_S3_MIN_PART = 5 * 1024 * 1024
 
 
 def block_size() -> int:
@@ -134,26 +136,57 @@ class _ChecksummedSink:
         return int(self._target.write(view) or view.nbytes)
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind ``exc``: gcsfs errors carry it as ``code``, aiohttp's as
+    ``status``, botocore's in their response (s3fs raises them as the ``__cause__`` of an
+    OSError)."""
+    for error in (exc, exc.__cause__):
+        if error is None:
+            continue
+        code = getattr(error, "code", None) or getattr(error, "status", None)
+        if isinstance(code, int):
+            return code
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
     if isinstance(exc, UploadNotFinalized):
         return True
     if isinstance(exc, (KvxError, FileNotFoundError, PermissionError)):
         return False
-    code = getattr(exc, "code", None) or getattr(exc, "status", None)
-    if isinstance(code, int):
+    code = _http_status(exc)
+    if code is not None:
         return code in _TRANSIENT_HTTP
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     module = type(exc).__module__
-    # aiohttp client errors, google-auth transport errors, requests' connection errors.
-    if module.startswith(("aiohttp", "google.auth", "requests", "urllib3")):
+    # aiohttp client errors, google-auth transport errors, requests' connection errors,
+    # botocore's connection and read-timeout errors (s3fs).
+    if module.startswith(("aiohttp", "google.auth", "requests", "urllib3", "botocore", "aiobotocore")):
         return True
     return isinstance(exc, OSError) and exc.errno is None and "timeout" in str(exc).lower()
 
 
+def configure_s3(endpoint_url: str | None, region: str | None) -> None:
+    """Defaults for every ``s3://`` filesystem fsspec makes in this process (the blob store's and
+    the Kedro datasets'), from ``run_config.s3``; the standard AWS variables win."""
+    import fsspec.config
+
+    defaults = fsspec.config.conf.setdefault("s3", {})
+    if endpoint_url and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
+        defaults.setdefault("endpoint_url", endpoint_url)
+    if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        defaults.setdefault("client_kwargs", {}).setdefault("region_name", region)
+
+
 def _filesystem(root: str) -> tuple[Any, str]:
-    """fsspec filesystem and root path for ``root`` (imports gcsfs only for ``gs://``)."""
+    """fsspec filesystem and root path for ``root`` (imports gcsfs/s3fs only for their roots)."""
     import fsspec
 
     if root.startswith(("gs://", "gcs://")):
@@ -256,7 +289,7 @@ class BlobStore:
         return f"{self._base}/{object_name(dataset)}{SUFFIX}"
 
     def url(self, dataset: str) -> str:
-        """Where the blob is, as a user would type it (``gs://...`` or a local path)."""
+        """Where the blob is, as a user would type it (``gs://...``, ``s3://...`` or a local path)."""
         return (
             f"{self._display_root}/{TEMP_DIR}/{object_name(self.job_name)}/"
             f"{object_name(dataset)}{SUFFIX}"
@@ -317,7 +350,7 @@ class BlobStore:
         path = self.path(dataset)
         if _is_local(self._fs):
             return self._write_local(dataset, path, obj)
-        handle = self._fs.open(path, "wb", block_size=block_size())
+        handle = self._fs.open(path, "wb", block_size=self._upload_block_size())
         sink = _ChecksummedSink(handle)
         try:
             info = write_blob(obj, sink, dataset=dataset, level=self.level, job=self.job_name)
@@ -339,6 +372,25 @@ class BlobStore:
             raise UploadNotFinalized(f"the upload was not finalized ({_short(exc)})") from exc
         return info
 
+    def _check_bucket(self) -> None:
+        """A blob that is missing because its bucket is: a configuration error, said so."""
+        if _is_local(self._fs):
+            return
+        bucket = self._base.split("/", 1)[0]
+        try:
+            exists = self._fs.exists(bucket)
+        except Exception:  # unknown: report the missing blob
+            return
+        if not exists:
+            raise ConfigError(f"bucket {bucket!r} of storage root {self._display_root} does not exist "
+                              "(or these credentials cannot see it)",
+                              hint="create it, or fix the storage root and the credentials' permissions")
+
+    def _upload_block_size(self) -> int:
+        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
+        # S3 multipart uploads need parts of at least 5 MiB (s3fs refuses smaller blocks).
+        return max(block_size(), _S3_MIN_PART) if protocol in {"s3", "s3a"} else block_size()
+
     def _landed(self, path: str, sink: _ChecksummedSink) -> bool:
         """Does ``path`` hold exactly the bytes ``sink`` sent?"""
         import base64
@@ -355,6 +407,9 @@ class BlobStore:
         stored_md5 = details.get("md5Hash")
         if stored_md5:
             return bool(base64.b64decode(stored_md5) == sink.md5.digest())
+        etag = str(details.get("ETag") or details.get("etag") or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{32}", etag):  # S3: a single PUT's ETag is its MD5
+            return etag == sink.md5.hexdigest()
         try:  # no MD5 (composite objects): the blob's own end marker, as sent
             return bool(self._fs.cat_file(path, start=sink.count - len(sink.tail)) == sink.tail)
         except Exception:
@@ -401,6 +456,7 @@ class BlobStore:
         try:
             handle = self._fs.open(path, "rb", block_size=block_size(), cache_type="readahead")
         except FileNotFoundError:
+            self._check_bucket()
             made_by = f"it is produced by node '{producer}'" if producer else "no node produces it"
             raise BlobMissing(
                 f"{describe} does not exist",

@@ -11,14 +11,12 @@ API error is one line with Google's status and message: exit 2 for 400/403/404 (
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from kvx_runtime.compiler.names import label_value
-from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
+from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
     PipelineTarget,
@@ -28,48 +26,18 @@ from kvx_runtime.targets.base import (
     ScheduleRequest,
     TaskInfo,
 )
+from kvx_runtime.targets.http import ApiError, parse_time, request_json
 
 __all__ = ["ApiError", "VertexTarget"]
 
 log = get_logger(__name__)
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
-_RETRIED = {408, 429, 500, 502, 503, 504}
 _STATE_PREFIX = "PIPELINE_STATE_"
 FAILURE_POLICIES = {"fail_slow": "PIPELINE_FAILURE_POLICY_FAIL_SLOW", "fail_fast": "PIPELINE_FAILURE_POLICY_FAIL_FAST"}
 #: The fields a schedule update changes (never its name or run history).
 _SCHEDULE_FIELDS = ("cron", "startTime", "endTime", "maxRunCount", "maxConcurrentRunCount", "allowQueueing",
                     "createPipelineJobRequest")
-
-
-class ApiError(KvxError):
-    """The Vertex AI API refused a request (exit 2), or kept failing (exit 3)."""
-
-
-class _Transient(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time from the API (any number of fractional digits)."""
-    match = _TIME.match(text or "")
-    if not match:
-        return None
-    base, fraction, zone = match.groups()
-    fraction = f".{(fraction + '000000')[:6]}" if fraction else ""
-    return datetime.fromisoformat(base + fraction + ("+00:00" if zone in (None, "Z") else zone))
-
-
-def _status_message(payload: Any, fallback: str) -> str:
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        return f"{error.get('status') or error.get('code')}: {error.get('message', '')}".strip()
-    return fallback
 
 
 class VertexTarget(PipelineTarget):
@@ -110,51 +78,10 @@ class VertexTarget(PipelineTarget):
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  body: Any = None, base: str | None = None, data: Any = None, files: Any = None,
                  service: str = "Vertex AI") -> Any:
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
         url = f"{base or self.endpoint + '/v1'}/{path}".rstrip("/")
-        what = f"{method} {path.split('?')[0]}"
-
-        def attempt() -> Any:
-            import requests
-
-            try:
-                if files is not None:
-                    response = self.session.request(method, url, params=params, data=data, files=files, timeout=300)
-                else:
-                    response = self.session.request(method, url, params=params, json=body, timeout=60)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise _Transient(0, f"{type(exc).__name__}") from None
-            except Exception as exc:  # google-auth refreshing a token, for example
-                if type(exc).__module__.startswith("google.auth"):
-                    raise InfrastructureError(f"Vertex AI: could not get credentials: {type(exc).__name__}: "
-                                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-                raise
-            try:
-                payload = response.json() if response.content else {}
-            except ValueError:
-                payload = {}
-            if response.status_code in _RETRIED:
-                raise _Transient(response.status_code, _status_message(payload, f"HTTP {response.status_code}"))
-            if response.status_code >= 400:
-                message = _status_message(payload, f"HTTP {response.status_code}")
-                error = ApiError(f"{service} refused {what}: {message}")
-                if response.status_code == 404:
-                    error = ApiError(f"{service}: not found ({what}): {message}")
-                raise error
-            return payload
-
-        retrying = Retrying(stop=stop_after_attempt(self._attempts),
-                            wait=wait_random_exponential(multiplier=float(os.environ.get("KVX_VERTEX_RETRY_WAIT", "1")),
-                                                         max=30),
-                            retry=retry_if_exception_type(_Transient), reraise=True)
-        try:
-            return retrying(attempt)
-        except _Transient as exc:
-            error = ApiError(f"{service} did not answer {what} after {self._attempts} attempts: "
-                             f"{exc.status or 'connection'}: {exc}")
-            error.exit_code = InfrastructureError.exit_code  # type: ignore[assignment]
-            raise error from None
+        return request_json(self.session, method, url, service=service, what=f"{method} {path.split('?')[0]}",
+                            params=params, body=body, data=data, files=files, attempts=self._attempts,
+                            wait=float(os.environ.get("KVX_VERTEX_RETRY_WAIT", "1")))
 
     def _pages(self, path: str, key: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         token: str | None = None
@@ -218,8 +145,8 @@ class VertexTarget(PipelineTarget):
                 name=str(detail.get("taskName", "")),
                 state=str(detail.get("state", "STATE_UNSPECIFIED")),
                 error=str(error.get("message")) if error.get("message") else None,
-                start=_parse_time(detail.get("startTime")),
-                end=_parse_time(detail.get("endTime")),
+                start=parse_time(detail.get("startTime")),
+                end=parse_time(detail.get("endTime")),
                 executor=executor.get("mainJob"),
             ))
         error = job.get("error") or {}
@@ -228,9 +155,9 @@ class VertexTarget(PipelineTarget):
             run_id=name.rsplit("/", 1)[-1],
             display_name=str(job.get("displayName", "")),
             state=str(job.get("state", "PIPELINE_STATE_UNSPECIFIED")).removeprefix(_STATE_PREFIX),
-            create_time=_parse_time(job.get("createTime")),
-            start_time=_parse_time(job.get("startTime")),
-            end_time=_parse_time(job.get("endTime")),
+            create_time=parse_time(job.get("createTime")),
+            start_time=parse_time(job.get("startTime")),
+            end_time=parse_time(job.get("endTime")),
             error=str(error.get("message")) if error.get("message") else None,
             tasks=tuple(tasks),
             labels=dict(job.get("labels") or {}),
@@ -243,7 +170,7 @@ class VertexTarget(PipelineTarget):
     def _schedule(self, payload: Mapping[str, Any]) -> ScheduleInfo:
         return ScheduleInfo(name=str(payload.get("name", "")), display_name=str(payload.get("displayName", "")),
                             state=str(payload.get("state", "")), cron=str(payload.get("cron", "")),
-                            next_run_time=_parse_time(payload.get("nextRunTime")))
+                            next_run_time=parse_time(payload.get("nextRunTime")))
 
     def find_schedule(self, display_name: str) -> ScheduleInfo | None:
         params = {"filter": f'display_name="{display_name}"', "pageSize": 100}

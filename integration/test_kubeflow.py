@@ -1,0 +1,138 @@
+"""``kvx-runtime kfp ...`` against a fake Kubeflow Pipelines API on 127.0.0.1.
+
+The fake (integration/fake_kfp.py) checks every request body against the published
+kfp-server-api models and requires the auth of its mode: a bearer token, a Google IAP ID
+token (from the fake Google token endpoint) or a Dex login.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import KVX, step_env
+from integration.fake_kfp import BEARER_TOKEN, DEX_PASSWORD, DEX_USER, FakeKfp
+
+pytestmark = pytest.mark.slow
+
+IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
+#: Google libraries must never leave 127.0.0.1 (see test_vertex.py).
+LOOPBACK_ONLY = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@pytest.fixture
+def kfp(request) -> Iterator[FakeKfp]:
+    mode = getattr(request, "param", "bearer")
+    server = FakeKfp(auth=mode, audience=IAP_CLIENT).start()
+    yield server
+    server.stop()
+
+
+def configure(project: Path, kfp: FakeKfp) -> None:
+    config = project / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text() + f"\nhost: {kfp.url}\n")
+    config.write_text(config.read_text().replace("run_config:\n", "run_config:\n  namespace: team-a\n", 1))
+
+
+def kfp_cli(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = step_env(KVX_WATCH_INTERVAL="0.05", KVX_API_RETRY_WAIT="0.05", KVX_LOG_FORMAT="json",
+                           **LOOPBACK_ONLY, **env)
+    return subprocess.run([*KVX, "kfp", *args], cwd=project, env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project: Path, kfp: FakeKfp) -> None:
+    configure(example_project, kfp)
+    token = {"KF_PIPELINES_TOKEN": BEARER_TOKEN}
+
+    first = kfp_cli(example_project, "upload-pipeline", **token)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "as a new pipeline" in first.stdout
+    second = kfp_cli(example_project, "upload-pipeline", "--tag", "release", **token)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "as a new version" in second.stdout
+    [pipeline_id] = kfp.pipelines
+    assert len(kfp.versions[pipeline_id]) == 2
+
+    ran = kfp_cli(example_project, "run-once", "--wait", "--param", "reporting.top_n=2", **token)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    [run] = kfp.runs.values()
+    assert run["state"] == "SUCCEEDED" and "SUCCEEDED" in ran.stdout
+    [experiment] = kfp.experiments.values()
+    assert experiment["display_name"] == "spaceflights-kvx" and experiment["namespace"] == "team-a"
+    assert run["experiment_id"] == experiment["experiment_id"]
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters["kvx_save_version"].endswith("Z")  # KFP may not fill the create-time placeholder
+    assert f"/_/pipeline/#/runs/details/{run['run_id']}" in ran.stdout
+
+    listed = kfp_cli(example_project, "list-pipelines", **token)
+    assert listed.returncode == 0 and run["run_id"] in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    for _ in range(2):  # twice: one recurring run, replaced rather than duplicated
+        scheduled = kfp_cli(example_project, "schedule", "--cron", "0 6 * * *", **token)
+        assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+    [recurring] = kfp.recurring.values()
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 6 * * *"
+    assert recurring["no_catchup"] is True and recurring["max_concurrency"] == "1"
+    assert "kvx_save_version" not in recurring["runtime_config"]["parameters"]
+    paused = kfp_cli(example_project, "schedule", "--pause", **token)
+    assert paused.returncode == 0 and "DISABLED" in paused.stdout
+
+    kfp.fail_tasks = set()
+    started = kfp_cli(example_project, "run-once", **token)
+    assert started.returncode == 0
+    [newest] = [other for other in kfp.runs.values() if other is not run]
+    cancelled = kfp_cli(example_project, "cancel", newest["run_id"], **token)
+    assert cancelled.returncode == 0, cancelled.stderr[-2000:]
+    assert newest["state"] == "CANCELED" and ("POST", f"/pipeline/apis/v2beta1/runs/{newest['run_id']}:terminate") \
+        in kfp.requests
+    assert kfp.problems == []
+    everything = "".join(r.stdout + r.stderr for r in (first, second, ran, listed, scheduled, started, cancelled))
+    assert BEARER_TOKEN not in everything
+
+
+def test_a_failing_run_exits_1_and_says_which_task_failed(example_project: Path, kfp: FakeKfp) -> None:
+    configure(example_project, kfp)
+    kfp.fail_tasks = {"data-science-train-model-node"}
+    ran = kfp_cli(example_project, "run-once", "--wait", KF_PIPELINES_TOKEN=BEARER_TOKEN)
+    assert ran.returncode == 1
+    assert "task data-science-train-model-node FAILED: exit status 1: node raised ValueError" in ran.stdout
+    assert "ran as:  data-science-train-model-node-pod" in ran.stdout
+    assert "replay:  kvx-runtime exec-node --node data_science.train_model_node" in ran.stdout
+    assert kfp.problems == []
+
+
+def test_without_credentials_the_api_error_is_one_clear_line(example_project: Path, kfp: FakeKfp) -> None:
+    configure(example_project, kfp)
+    ran = kfp_cli(example_project, "run-once", KF_PIPELINES_TOKEN="wrong-token-value")
+    assert ran.returncode == 2
+    errors = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+    assert any("Kubeflow Pipelines refused" in e["message"] and "Unauthenticated" in e["message"] for e in errors)
+    assert "Traceback" not in ran.stderr and "wrong-token-value" not in ran.stderr + ran.stdout
+
+
+@pytest.mark.parametrize("kfp", ["iap"], indirect=True)
+def test_iap_id_tokens_for_the_client_id(example_project: Path, kfp: FakeKfp, fake_google) -> None:
+    configure(example_project, kfp)
+    host = fake_google.url.removeprefix("http://")
+    ran = kfp_cli(example_project, "run-once", "--wait", IAP_CLIENT_ID=IAP_CLIENT, GCE_METADATA_HOST=host,
+                  GCE_METADATA_IP=host, GOOGLE_APPLICATION_CREDENTIALS="", NO_GCE_CHECK="False")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert kfp.problems == [] and len(kfp.runs) == 1
+
+
+@pytest.mark.parametrize("kfp", ["dex"], indirect=True)
+def test_dex_static_password_login(example_project: Path, kfp: FakeKfp) -> None:
+    configure(example_project, kfp)
+    ran = kfp_cli(example_project, "run-once", "--wait", DEX_USERNAME=DEX_USER, DEX_PASSWORD=DEX_PASSWORD)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert kfp.logins == 1 and len(kfp.runs) == 1  # one login for the whole command
+    wrong = kfp_cli(example_project, "list-pipelines", DEX_USERNAME=DEX_USER, DEX_PASSWORD="not-the-password")
+    assert wrong.returncode == 2
+    assert f"Dex refused the login of '{DEX_USER}'" in wrong.stderr
+    assert "not-the-password" not in wrong.stderr + wrong.stdout
+    assert DEX_PASSWORD not in ran.stderr + ran.stdout

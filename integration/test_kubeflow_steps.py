@@ -1,0 +1,119 @@
+"""Steps as Kubeflow Pipelines runs them: the same compiled spec, an ``s3://`` storage root
+(MinIO on a self-hosted KFP; here moto's S3 server on 127.0.0.1), the job's placeholders
+filled the way KFP fills them, and the pipeline's one MLflow run tagged ``kubeflow_run_id``.
+
+KFP's pods are recognized by ``KFP_POD_NAME`` (set by KFP v2 in every step's main container),
+which these tests set; everything else is the real runtime, run-local and servers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import KVX, kedro_in_process, run_step, step_env
+from integration.test_exec_node import EXPECTED_BLOBS
+from kvx_runtime.storage.store import BlobStore
+
+pytestmark = pytest.mark.slow
+
+KFP_POD = {"KFP_POD_NAME": "spaceflights-kvx-x7k2p-system-container-impl-1234"}
+
+
+def reports_of(project: Path, run_id: str) -> dict[str, str]:
+    """The report files a run wrote (in the local env, metrics.json goes to MLflow instead)."""
+    folder = project / "data" / "08_reporting" / run_id
+    return {path.name: path.read_text() for path in folder.iterdir()}
+
+
+def kvx(project: Path, *args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*KVX, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_example_pipeline_on_s3_in_kfp_pods_equals_kedro_run_with_one_tagged_mlflow_run(
+    example_project: Path, s3_server, mlflow_server, tmp_path: Path
+) -> None:
+    # The baseline: a plain `kedro run` in the same env (its MLflow datasets log to an embedded store).
+    kedro_in_process(example_project, "run", "local", env=step_env(KEDRO_CONFIG_RUN_ID="clean"))
+    root = f"s3://{s3_server.bucket}/kfp-e2e"
+    env = step_env(**s3_server.env, **KFP_POD, KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    # A display name that every run of the uploaded pipeline may carry on KFP.
+    ran = kvx(example_project, "run-local", "--env", "local", "--storage-root", root, "--job-name",
+              "spaceflights-kvx", "--max-parallel", "2", env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    status = json.loads((example_project / ".kvx" / "runs" / "spaceflights-kvx" / "status.json").read_text())
+    run_uuid = status["run_id"]
+
+    ours, clean = reports_of(example_project, run_uuid), reports_of(example_project, "clean")
+    assert set(ours) == set(clean) == {"importance.csv", "report_dirty.md", "shuttle_summary.csv"}
+    # kedro-mlflow's hook (off in the baseline) prefixes metric names with their dataset's name.
+    ours["report_dirty.md"] = ours["report_dirty.md"].replace("- metrics.", "- ")
+    assert ours == clean
+    # Blobs live under the display name made unique by the run's uuid, and read back intact.
+    store = BlobStore(root, f"spaceflights-kvx-{run_uuid}")
+    for blob in EXPECTED_BLOBS:
+        store.load(blob)
+    assert not s3_server.filesystem().exists(f"{s3_server.bucket}/kfp-e2e/kedro-vertexai-temp/spaceflights-kvx")
+
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("spaceflights-kvx")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.kubeflow_run_id = '{run_uuid}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["vertexai_job_name"] == f"spaceflights-kvx-{run_uuid}"
+    # In the local env the metrics go to MLflow (and into the report, equal to kedro run's).
+    reported = dict(line[2:].split(": ") for line in clean["report_dirty.md"].splitlines()
+                    if line.startswith("- ") and ":" in line and line[2:].split(":")[0] in {"mae", "r2_score"})
+    assert len(reported) == 2 and {n: run.data.metrics[f"metrics.{n}"] for n in reported} == pytest.approx(
+        {name: float(value) for name, value in reported.items()})
+    # The access key's secret appears in no step log.
+    logs = "".join(p.read_text() for p in (example_project / ".kvx" / "runs" / "spaceflights-kvx" / "logs").glob("*"))
+    assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in logs + ran.stdout + ran.stderr
+
+
+def test_two_kfp_runs_with_one_display_name_never_share_intermediates(example_project: Path, s3_server) -> None:
+    root = f"s3://{s3_server.bucket}/kfp-shared-name"
+    env = step_env(**s3_server.env, **KFP_POD)
+    node = "data_processing.preprocess_companies_node"
+    for uuid in ("0b5c-run-a", "7e21-run-b"):
+        result = run_step(example_project, "--node", node, "--run-id", uuid, "--job-name", "same-display-name",
+                          "--storage-root", root, "--env", "base", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    fs = s3_server.filesystem()
+    jobs = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_server.bucket}/kfp-shared-name/kedro-vertexai-temp"))
+    assert jobs == ["same-display-name-0b5c-run-a", "same-display-name-7e21-run-b"]
+
+
+def test_unfilled_create_time_refuses_versioned_datasets_between_steps_only(tmp_path: Path) -> None:
+    """KFP releases that leave ``{{$.pipeline_job_create_time_utc}}`` unfilled: a step passing a
+    versioned dataset to another step stops (exit 2) rather than read another run's version;
+    a step without one runs; ``--save-version`` (the spec's kvx_save_version) fixes both."""
+    from integration.conftest import make_project
+
+    nodes = "def make():\n    return [1, 2, 3]\n\ndef total(values):\n    return sum(values)\n"
+    pipeline = (
+        "from kedro.pipeline import Node, Pipeline\n"
+        "from vproj.nodes import make, total\n\n"
+        "def register_pipelines():\n"
+        "    p = Pipeline([Node(make, None, 'values', name='make'), Node(total, 'values', 'sum', name='total')])\n"
+        "    return {'__default__': p}\n"
+    )
+    catalog = "values:\n  type: pickle.PickleDataset\n  filepath: data/values.pkl\n  versioned: true\n"
+    project = make_project(tmp_path, "vproj", nodes, pipeline, catalog)
+    unfilled = "{{$.pipeline_job_create_time_utc}}"
+    common = ["--run-id", "r-1", "--storage-root", str(tmp_path / "s"), "--env", "base", "--save-version", "",
+              "--job-create-time", unfilled]
+    refused = run_step(project, "--node", "make", *common, env=step_env(**KFP_POD))
+    assert refused.returncode == 2
+    assert "did not fill the job's creation time" in refused.last_message
+    assert "values" in refused.last_message and "kvx_save_version" in refused.last_message
+    assert not (project / "data" / "values.pkl").exists()
+    fixed = [*common[:-4], "--save-version", "2026-11-24T10:00:00Z", "--job-create-time", unfilled]
+    for node in ("make", "total"):
+        result = run_step(project, "--node", node, *fixed, env=step_env(**KFP_POD))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (project / "data" / "values.pkl").iterdir()] == ["2026-11-24T10.00.00.000Z"]

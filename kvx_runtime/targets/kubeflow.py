@@ -1,0 +1,326 @@
+"""Kubeflow Pipelines v2 through its REST API (``/apis/v2beta1``), without the kfp SDK.
+
+``host`` is the API's base URL as the plugin family configures it (e.g.
+``https://kubeflow.example.com/pipeline`` behind the central dashboard, or a port-forwarded
+``http://localhost:8080``). Credentials come from :mod:`kvx_runtime.auth.kfp`. Bodies use
+the API's proto field names (snake_case), as the published ``kfp-server-api`` client sends
+them. Runs live in an experiment (``run_config.experiment_name``, created when missing) of a
+namespace (``run_config.namespace`` on multi-user installations).
+
+What differs from Vertex AI: KFP takes no failure policy per run; recurring runs cannot be
+updated in place (an update replaces the recurring run, keeping its name); cron expressions
+have a seconds field (a 5-field expression gets ``0`` seconds) and run in UTC; the job's
+creation-time placeholder is not filled by every KFP release, so each run carries its save
+version as the ``kvx_save_version`` parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.log import get_logger
+from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
+from kvx_runtime.targets.http import ApiError, parse_time, request_json
+from kvx_runtime.versions import SAVE_VERSION_PARAMETER
+
+__all__ = ["KubeflowTarget"]
+
+log = get_logger(__name__)
+
+API = "apis/v2beta1"
+#: KFP's run states, as :data:`~kvx_runtime.targets.base.FINAL_STATES` and the rest name them.
+_STATES = {"CANCELED": "CANCELLED", "CANCELING": "CANCELLING", "RUNTIME_STATE_UNSPECIFIED": "PENDING"}
+
+
+def _state(value: Any) -> str:
+    text = str(value or "RUNTIME_STATE_UNSPECIFIED")
+    return _STATES.get(text, text)
+
+
+def _time(value: Any) -> datetime | None:
+    """A time from the API; KFP sends the epoch for "not yet"."""
+    text = str(value or "")
+    return None if not text or text.startswith("1970-01-01") else parse_time(text)
+
+
+def _equals(key: str, value: str) -> str:
+    """A KFP list filter (JSON-serialized ``Filter``) matching ``key == value``."""
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "string_value": value}]})
+
+
+def kfp_cron(expression: str) -> str:
+    """KFP's 6-field cron (seconds first) from a 5- or 6-field expression."""
+    fields = expression.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise UsageError(f"cron expression {expression!r} has {len(fields)} fields",
+                     hint="5 fields (minute hour day month weekday) or 6 with seconds first")
+
+
+def save_version_now(now: datetime | None = None) -> str:
+    """A save version for a run submitted now, in Kedro's format."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H.%M.%S.%f")
+    return stamp[:-3] + "Z"
+
+
+class KubeflowTarget(PipelineTarget):
+    title = "Kubeflow Pipelines"
+
+    def __init__(self, host: str, *, namespace: str | None = None, experiment_name: str | None = None,
+                 auth: Any = None, session: Any = None, attempts: int | None = None) -> None:
+        if not host or "://" not in host:
+            raise ConfigError("Kubeflow Pipelines needs host: the API's URL (https://kubeflow.example.com/pipeline)",
+                              hint="set host in conf/base/vertexai.yml (or kubeflow.yml)")
+        self.host = host.rstrip("/")
+        self.namespace = namespace or None
+        self.experiment_name = experiment_name or "Default"
+        self._auth = auth
+        self._session = session
+        self._attempts = attempts or int(os.environ.get("KVX_API_ATTEMPTS", "6"))
+        self._experiment_id: str | None = None
+
+    # --- transport --------------------------------------------------------------------------
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            import requests
+
+            from kvx_runtime.auth.kfp import kfp_auth_from_environment
+
+            self._session = requests.Session()
+            if self._auth is None:
+                self._auth = kfp_auth_from_environment(self.host)
+            self._session.auth = self._auth
+        return self._session
+
+    def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None,
+                 files: Any = None) -> Any:
+        session = self.session
+        return request_json(session, method, f"{self.host}/{API}/{path}", service=self.title,
+                            what=f"{method} /{API}/{path}", params=params, body=body, files=files,
+                            data={} if files is not None else None, attempts=self._attempts,
+                            on_unauthorized=getattr(self._auth, "invalidate", None))
+
+    def _pages(self, path: str, keys: tuple[str, ...], params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            page = self._request("GET", path, params={**params, **({"page_token": token} if token else {})})
+            for key in keys:  # list recurring runs answers "recurringRuns" (camelCase), the rest snake_case
+                yield from page.get(key) or []
+            token = page.get("next_page_token") or page.get("nextPageToken")
+            if not token:
+                return
+
+    def _scoped(self, **params: Any) -> dict[str, Any]:
+        return {**({"namespace": self.namespace} if self.namespace else {}), **params}
+
+    # --- experiments ------------------------------------------------------------------------
+
+    def experiment_id(self) -> str:
+        """The configured experiment's id; the experiment is created when missing."""
+        if self._experiment_id is None:
+            params = self._scoped(filter=_equals("display_name", self.experiment_name), page_size=100)
+            for experiment in self._pages("experiments", ("experiments",), params):
+                if experiment.get("display_name") == self.experiment_name:
+                    self._experiment_id = str(experiment["experiment_id"])
+                    break
+            else:
+                body = {"display_name": self.experiment_name, **({"namespace": self.namespace} if self.namespace
+                                                                   else {})}
+                created = self._request("POST", "experiments", body=body)
+                self._experiment_id = str(created["experiment_id"])
+                log.info("experiment created", experiment=self.experiment_name, id=self._experiment_id)
+        return self._experiment_id
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def _parameters(self, run: RunRequest) -> dict[str, Any]:
+        parameters = dict(run.parameters)
+        definitions = run.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+        if SAVE_VERSION_PARAMETER in definitions and not parameters.get(SAVE_VERSION_PARAMETER):
+            parameters[SAVE_VERSION_PARAMETER] = save_version_now()
+        return parameters
+
+    def run_body(self, run: RunRequest) -> dict[str, Any]:
+        if run.template_uri:
+            raise UsageError("--template is a Vertex AI (Artifact Registry) option",
+                             hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
+        body: dict[str, Any] = {
+            "display_name": run.run_id,
+            "description": f"{run.display_name} (kvx-runtime)",
+            "experiment_id": self.experiment_id(),
+            "pipeline_spec": dict(run.spec),
+            "runtime_config": {"parameters": self._parameters(run)},
+        }
+        if run.service_account:
+            body["service_account"] = run.service_account
+        return body
+
+    def submit(self, run: RunRequest) -> RunInfo:
+        return self._run(self._request("POST", "runs", body=self.run_body(run)))
+
+    def get(self, name: str) -> RunInfo:
+        return self._run(self._request("GET", f"runs/{quote(name, safe='')}"))
+
+    def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
+        from kvx_runtime.submission import job_id
+
+        prefix = job_id(pipeline, datetime(2000, 1, 1)).rsplit("-", 1)[0] + "-" if pipeline else ""
+        params = self._scoped(experiment_id=self.experiment_id(), sort_by="created_at desc", page_size=100)
+        for run in self._pages("runs", ("runs",), params):
+            if str(run.get("display_name", "")).startswith(prefix):
+                yield self._run(run)
+
+    def cancel(self, name: str) -> None:
+        self._request("POST", f"runs/{quote(name, safe='')}:terminate")
+
+    def _run(self, run: Mapping[str, Any]) -> RunInfo:
+        tasks = []
+        for detail in (run.get("run_details") or {}).get("task_details") or []:
+            error = detail.get("error") or {}
+            pods = [child.get("pod_name") for child in detail.get("child_tasks") or [] if child.get("pod_name")]
+            tasks.append(TaskInfo(
+                name=str(detail.get("display_name", "")),
+                state=_state(detail.get("state")),
+                error=str(error.get("message")) if error.get("message") else None,
+                start=_time(detail.get("start_time")),
+                end=_time(detail.get("end_time")),
+                executor=", ".join(pods) or detail.get("pod_name") or None,
+            ))
+        error = run.get("error") or {}
+        run_id = str(run.get("run_id", ""))
+        return RunInfo(
+            name=run_id,
+            run_id=run_id,
+            display_name=str(run.get("display_name", "")),
+            state=_state(run.get("state")),
+            create_time=_time(run.get("created_at")),
+            start_time=_time(run.get("scheduled_at")) or _time(run.get("created_at")),
+            end_time=_time(run.get("finished_at")),
+            error=str(error.get("message")) if error.get("message") else None,
+            tasks=tuple(tasks),
+            spec=run.get("pipeline_spec"),
+            parameters=dict((run.get("runtime_config") or {}).get("parameters") or {}),
+        )
+
+    # --- recurring runs -------------------------------------------------------------------
+
+    def _schedule(self, payload: Mapping[str, Any]) -> ScheduleInfo:
+        cron = ((payload.get("trigger") or {}).get("cron_schedule") or {}).get("cron", "")
+        return ScheduleInfo(name=str(payload.get("recurring_run_id", "")),
+                            display_name=str(payload.get("display_name", "")),
+                            state=str(payload.get("status") or payload.get("mode") or ""), cron=str(cron))
+
+    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        params = self._scoped(experiment_id=self.experiment_id(), filter=_equals("display_name", display_name),
+                              page_size=100)
+        for schedule in self._pages("recurringruns", ("recurringRuns", "recurring_runs"), params):
+            if schedule.get("display_name") == display_name:  # the filter is a hint, this is the rule
+                return self._schedule(schedule)
+        return None
+
+    def schedule_body(self, request: ScheduleRequest) -> dict[str, Any]:
+        if request.timezone:
+            raise UsageError("Kubeflow Pipelines runs schedules in UTC; it takes no time zone",
+                             hint="drop --timezone (and the schedule's timezone) and write the cron in UTC")
+        if request.max_run_count is not None:
+            raise UsageError("Kubeflow Pipelines recurring runs have no maximum run count",
+                             hint="use --end-time instead")
+        run = self.run_body(request.run)
+        parameters = dict(run["runtime_config"]["parameters"])
+        parameters.pop(SAVE_VERSION_PARAMETER, None)  # each scheduled run gets its creation time
+        cron: dict[str, Any] = {"cron": kfp_cron(request.cron)}
+        if request.start_time:
+            cron["start_time"] = request.start_time
+        if request.end_time:
+            cron["end_time"] = request.end_time
+        body: dict[str, Any] = {
+            "display_name": request.display_name,
+            "description": run["description"],
+            "pipeline_spec": run["pipeline_spec"],
+            "runtime_config": {"parameters": parameters},
+            "trigger": {"cron_schedule": cron},
+            "max_concurrency": str(request.max_concurrent_runs),
+            "no_catchup": True,
+            "mode": "ENABLE",
+            "experiment_id": run["experiment_id"],
+        }
+        if self.namespace:
+            body["namespace"] = self.namespace
+        if "service_account" in run:
+            body["service_account"] = run["service_account"]
+        return body
+
+    def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
+        body = self.schedule_body(request)
+        existing = self.find_schedule(request.display_name)
+        created = self._schedule(self._request("POST", "recurringruns", body=body))
+        if existing is not None:
+            # KFP cannot update a recurring run: the new one replaces it (created first, so
+            # that a refused body never leaves the pipeline unscheduled).
+            self._request("DELETE", f"recurringruns/{quote(existing.name, safe='')}")
+        return created, existing is None
+
+    def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
+        path = f"recurringruns/{quote(name, safe='')}"
+        if action == "delete":
+            self._request("DELETE", path)
+            return None
+        verbs = {"pause": "disable", "resume": "enable"}
+        if action not in verbs:
+            raise UsageError(f"unknown schedule action {action!r}")
+        self._request("POST", f"{path}:{verbs[action]}")
+        return self._schedule(self._request("GET", path))
+
+    # --- pipelines --------------------------------------------------------------------------
+
+    def upload_pipeline(self, name: str, spec_file: str, version: str, description: str = "") -> tuple[str, str, bool]:
+        """Upload the spec as pipeline ``name`` (new) or as its version ``version``; returns the
+        pipeline id, the version id and whether the pipeline was created."""
+        from pathlib import Path
+
+        content = Path(spec_file).read_bytes()
+        files = {"uploadfile": (Path(spec_file).name, content, "application/x-yaml")}
+        try:
+            pipeline = self._request("GET", f"pipelines/names/{quote(name, safe='')}", params=self._scoped())
+        except ApiError as exc:
+            if "not found" not in exc.message:
+                raise
+            pipeline = None
+        if pipeline is None:
+            created = self._request("POST", "pipelines/upload", files=files,
+                                    params=self._scoped(name=name, display_name=name, description=description))
+            pipeline_id = str(created["pipeline_id"])
+            versions = list(self._pages(f"pipelines/{pipeline_id}/versions", ("pipeline_versions",),
+                                        {"page_size": 1, "sort_by": "created_at desc"}))
+            return pipeline_id, str(versions[0]["pipeline_version_id"]) if versions else "", True
+        pipeline_id = str(pipeline["pipeline_id"])
+        uploaded = self._request("POST", "pipelines/upload_version", files=files,
+                                 params={"name": version, "display_name": version, "pipelineid": pipeline_id,
+                                         "description": description})
+        return pipeline_id, str(uploaded["pipeline_version_id"]), False
+
+    # --- where to look ----------------------------------------------------------------------
+
+    def _ui(self) -> str:
+        """The KFP UI: behind the central dashboard /pipeline's UI is /_/pipeline."""
+        if self.host.endswith("/pipeline"):
+            return self.host[: -len("/pipeline")] + "/_/pipeline"
+        return self.host
+
+    def console_url(self, run: RunInfo | None = None) -> str:
+        if run is None:
+            return f"{self._ui()}/#/runs"
+        return f"{self._ui()}/#/runs/details/{quote(run.run_id)}"
+
+    def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
+        return self.console_url(run) if task.executor else None

@@ -1,0 +1,86 @@
+"""Kubeflow Pipelines pieces that need no server: auth selection, cron, job identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvx_runtime.auth.kfp import (
+    BearerTokenAuth,
+    DexAuth,
+    IapAuth,
+    NoAuth,
+    ServiceAccountTokenAuth,
+    kfp_auth_from_environment,
+)
+from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.orchestrator import unique_job_name
+from kvx_runtime.targets.kubeflow import KubeflowTarget, kfp_cron
+
+_AUTH_VARIABLES = ("KF_PIPELINES_TOKEN", "KVX_KFP_TOKEN", "IAP_CLIENT_ID", "DEX_USERNAME", "DEX_PASSWORD",
+                   "KF_PIPELINES_SA_TOKEN_PATH")
+
+
+@pytest.fixture
+def clean_auth_env(monkeypatch) -> pytest.MonkeyPatch:
+    for name in _AUTH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_auth_modes_are_chosen_in_the_documented_order(clean_auth_env, tmp_path: Path) -> None:
+    host = "https://kubeflow.example.com/pipeline"
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token-value\n")
+    clean_auth_env.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
+    in_cluster = kfp_auth_from_environment(host)
+    assert isinstance(in_cluster, ServiceAccountTokenAuth)
+    assert in_cluster.headers() == {"Authorization": "Bearer sa-token-value"}
+    clean_auth_env.setenv("DEX_USERNAME", "ci@example.com")
+    with pytest.raises(ConfigError, match="both DEX_USERNAME and DEX_PASSWORD"):
+        kfp_auth_from_environment(host)
+    clean_auth_env.setenv("DEX_PASSWORD", "secret-password")
+    assert isinstance(kfp_auth_from_environment(host), DexAuth)
+    clean_auth_env.setenv("IAP_CLIENT_ID", "client.apps.googleusercontent.com")
+    assert isinstance(kfp_auth_from_environment(host), IapAuth)
+    clean_auth_env.setenv("KF_PIPELINES_TOKEN", "bearer-value")
+    assert isinstance(kfp_auth_from_environment(host), BearerTokenAuth)
+
+
+def test_without_any_credentials_requests_go_unauthenticated(clean_auth_env) -> None:
+    auth = kfp_auth_from_environment("http://localhost:8080")
+    assert isinstance(auth, NoAuth) and auth.headers() == {}
+
+
+def test_an_unreadable_service_account_token_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the service-account token"):
+        ServiceAccountTokenAuth(tmp_path / "missing").headers()
+
+
+@pytest.mark.parametrize(("given", "expected"), [("0 6 * * *", "0 0 6 * * *"), ("30 0 6 * * 1", "30 0 6 * * 1")])
+def test_cron_expressions_get_kfps_seconds_field(given: str, expected: str) -> None:
+    assert kfp_cron(given) == expected
+
+
+def test_a_cron_with_the_wrong_number_of_fields_is_refused() -> None:
+    with pytest.raises(UsageError, match="has 3 fields"):
+        kfp_cron("0 6 *")
+
+
+def test_kfp_needs_a_host_url() -> None:
+    with pytest.raises(ConfigError, match="needs host"):
+        KubeflowTarget("")
+
+
+def test_the_ui_url_follows_the_central_dashboard_layout() -> None:
+    assert KubeflowTarget("https://kf.example.com/pipeline").console_url() == "https://kf.example.com/_/pipeline/#/runs"
+    assert KubeflowTarget("http://localhost:8080").console_url() == "http://localhost:8080/#/runs"
+
+
+def test_job_names_are_made_unique_per_run_only_in_kfp_pods(monkeypatch) -> None:
+    monkeypatch.delenv("KFP_POD_NAME", raising=False)
+    assert unique_job_name("my-pipeline", "uuid-1") == "my-pipeline"
+    monkeypatch.setenv("KFP_POD_NAME", "pod-1")
+    assert unique_job_name("my-pipeline", "uuid-1") == "my-pipeline-uuid-1"
+    assert unique_job_name("my-pipeline-uuid-1", "uuid-1") == "my-pipeline-uuid-1"
