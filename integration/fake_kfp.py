@@ -73,6 +73,9 @@ class FakeKfp:
         self.fail_tasks: set[str] = set()
         self.sessions: set[str] = set()
         self.logins = 0
+        #: Credentials seen so far that are refused from now on (a revoked token, an ended session).
+        self.revoked: set[str] = set()
+        self.revoke_after_first_use = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.fake = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
@@ -89,6 +92,16 @@ class FakeKfp:
     # --- auth -------------------------------------------------------------------------------
 
     def authorized(self, headers: Any) -> bool:
+        credential = headers.get("Authorization", "") + headers.get("Cookie", "")
+        if credential in self.revoked:
+            return False
+        accepted = self._accepted(headers)
+        if accepted and self.revoke_after_first_use:
+            self.revoked.add(credential)
+            self.revoke_after_first_use = False
+        return accepted
+
+    def _accepted(self, headers: Any) -> bool:
         header = headers.get("Authorization", "")
         if self.auth == "bearer":
             return header == f"Bearer {BEARER_TOKEN}"

@@ -136,3 +136,14 @@ def test_dex_static_password_login(example_project: Path, kfp: FakeKfp) -> None:
     assert f"Dex refused the login of '{DEX_USER}'" in wrong.stderr
     assert "not-the-password" not in wrong.stderr + wrong.stdout
     assert DEX_PASSWORD not in ran.stderr + ran.stdout
+
+
+@pytest.mark.parametrize("kfp", ["dex"], indirect=True)
+def test_a_revoked_session_is_renewed_once_after_401(example_project: Path, kfp: FakeKfp) -> None:
+    """The cluster ends the session after its first use: the next request gets 401, the client
+    logs in again and the command succeeds."""
+    configure(example_project, kfp)
+    kfp.revoke_after_first_use = True
+    ran = kfp_cli(example_project, "list-pipelines", DEX_USERNAME=DEX_USER, DEX_PASSWORD=DEX_PASSWORD)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert kfp.logins == 2 and len(kfp.revoked) == 1, (kfp.requests, kfp.revoked)
