@@ -304,7 +304,7 @@ def _target_and_project(ctx: click.Context, project_path: str | None, env: str |
     project = open_project(project_path, resolve_env(ctx, env))
     config = project.plugin_config
     if target_kind(ctx) == KUBEFLOW:
-        from kvx_runtime.targets.kubeflow import KubeflowTarget
+        from kvx_runtime.targets import KubeflowTarget
 
         return KubeflowTarget(str(config.host or ""), namespace=config.run_config.namespace,
                               experiment_name=config.run_config.experiment_name), project

@@ -588,6 +588,13 @@ STORAGE_ROOT_FORMS = "gs://bucket[/prefix], s3://bucket[/prefix], file:///absolu
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 #: S3 (and MinIO) bucket names: 3-63 lowercase letters, digits, dots and hyphens.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: Scheme -> (canonical scheme, bucket name rule, what such a bucket is called).
+_BUCKET_RULES = {
+    "gs": ("gs", _BUCKET, "a Cloud Storage"),
+    "gcs": ("gs", _BUCKET, "a Cloud Storage"),
+    "s3": ("s3", _S3_BUCKET, "an S3"),
+    "s3a": ("s3", _S3_BUCKET, "an S3"),
+}
 
 
 def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
@@ -610,24 +617,17 @@ def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
     scheme, _, rest = text.partition("://")
     scheme = scheme.lower()
     shown = root if len(root) <= 80 else root[:77] + "..."
-    if scheme in {"gs", "gcs"}:
+    bucket_rule = _BUCKET_RULES.get(scheme)
+    if bucket_rule is not None:
+        canonical, pattern, kind = bucket_rule
         bucket = rest.split("/", 1)[0]
-        if not _BUCKET.match(bucket) or ".." in bucket:
+        if not pattern.match(bucket) or ".." in bucket:
             raise ConfigError(
-                f"storage root {shown!r}: {bucket!r} is not a Cloud Storage bucket name" if bucket
+                f"storage root {shown!r}: {bucket!r} is not {kind} bucket name" if bucket
                 else f"storage root {shown!r} names no bucket",
                 hint=f"use {STORAGE_ROOT_FORMS}",
             )
-        return f"gs://{rest}".rstrip("/")
-    if scheme in {"s3", "s3a"}:
-        bucket = rest.split("/", 1)[0]
-        if not _S3_BUCKET.match(bucket) or ".." in bucket:
-            raise ConfigError(
-                f"storage root {shown!r}: {bucket!r} is not an S3 bucket name" if bucket
-                else f"storage root {shown!r} names no bucket",
-                hint=f"use {STORAGE_ROOT_FORMS}",
-            )
-        return f"s3://{rest}".rstrip("/")
+        return f"{canonical}://{rest}".rstrip("/")
     if scheme == "file":
         if not rest.startswith("/") or not rest.strip("/"):
             raise ConfigError(f"storage root {shown!r}: a file:// root needs an absolute path (file:///dir)",

@@ -217,9 +217,11 @@ def open_project(
         templating=templated,
     )
     register_credentials(project)
-    from kvx_runtime.storage.store import configure_s3
+    s3 = plugin_config.run_config.s3
+    if s3.endpoint_url or s3.region:
+        from kvx_runtime.storage.store import configure_s3
 
-    configure_s3(plugin_config.run_config.s3.endpoint_url, plugin_config.run_config.s3.region)
+        configure_s3(s3.endpoint_url, s3.region)
     return project
 
 

@@ -316,3 +316,26 @@ def test_a_missing_s3_bucket_is_not_reported_as_a_missing_blob(s3_server) -> Non
                        "does not exist") as caught:
         store.load("ds")
     assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_run_config_s3_endpoint_is_used_when_no_aws_variable_names_one(s3_server, monkeypatch) -> None:
+    import fsspec.config
+
+    from kvx_runtime.storage.store import configure_s3
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    configure_s3(s3_server.url, "us-east-1")
+    assert fsspec.config.conf["s3"] == {"endpoint_url": s3_server.url, "client_kwargs": {"region_name": "us-east-1"}}
+    store = BlobStore(f"s3://{s3_server.bucket}/configured", "job-conf", retry=FAST_RETRY)
+    store.save("ds", {"a": 1})
+    assert s3_server.filesystem().exists(f"{s3_server.bucket}/configured/kedro-vertexai-temp/job-conf/ds.bin")
+
+    # The standard variable wins over the project's configuration.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    configure_s3("http://127.0.0.1:9", None)
+    assert "endpoint_url" not in fsspec.config.conf["s3"]

@@ -1,4 +1,5 @@
-"""Places that run compiled pipelines (:class:`~.base.PipelineTarget`): Vertex AI first."""
+"""Places that run compiled pipelines (:class:`~.base.PipelineTarget`): Vertex AI and Kubeflow
+Pipelines."""
 
 from kvx_runtime.targets.base import (
     FINAL_STATES,
@@ -9,11 +10,14 @@ from kvx_runtime.targets.base import (
     ScheduleRequest,
     TaskInfo,
 )
-from kvx_runtime.targets.vertex import ApiError, VertexTarget
+from kvx_runtime.targets.http import ApiError
+from kvx_runtime.targets.kubeflow import KubeflowTarget
+from kvx_runtime.targets.vertex import VertexTarget
 
 __all__ = [
     "FINAL_STATES",
     "ApiError",
+    "KubeflowTarget",
     "PipelineTarget",
     "RunInfo",
     "RunRequest",
