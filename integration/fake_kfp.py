@@ -76,6 +76,7 @@ class FakeKfp:
         #: Credentials seen so far that are refused from now on (a revoked token, an ended session).
         self.revoked: set[str] = set()
         self.revoke_after_first_use = False
+        self.lose_next_run_answer = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.fake = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
@@ -214,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.fake.auth == "dex" and self._dex(method, url):
             return
         if not self.fake.authorized(self.headers):
-            if self.fake.auth == "dex" and not url.path.startswith("/pipeline/apis/"):
+            if self.fake.auth == "dex":  # the auth proxy sends anything without a session to log in
                 self._send(302, "", {"Location": "/dex/auth?client_id=kubeflow-oidc-authservice&state=r1"},
                            "text/html")
                 return
@@ -248,6 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._json("V2beta1Run")
             if body is None:
                 return
+            lose_answer = fake.lose_next_run_answer
+            fake.lose_next_run_answer = False
             if body.get("experiment_id") not in fake.experiments:
                 self._error(400, "experiment not found")
                 return
@@ -258,9 +261,15 @@ class _Handler(BaseHTTPRequestHandler):
                    "scheduled_at": _now(), "finished_at": "1970-01-01T00:00:00Z",
                    "run_details": {"task_details": tasks}}
             fake.runs[run["run_id"]] = run
+            if lose_answer:  # the run exists; its creator never hears
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
             self._send(200, run)
         elif route == "runs" and method == "GET":
-            runs = [r for r in fake.runs.values() if r.get("experiment_id") == query.get("experiment_id")]
+            wanted = _filter_value(query)
+            runs = [r for r in fake.runs.values() if r.get("experiment_id") == query.get("experiment_id")
+                    and (wanted is None or r["display_name"] == wanted)]
             runs.sort(key=lambda r: r["created_at"], reverse=True)
             self._send(200, {"runs": runs, "total_size": len(runs)})
         elif parts[0] == "runs" and len(parts) == 2 and method == "GET":

@@ -32,9 +32,9 @@ def kfp(request) -> Iterator[FakeKfp]:
     server.stop()
 
 
-def configure(project: Path, kfp: FakeKfp) -> None:
+def configure(project: Path, kfp: FakeKfp, host: str | None = None) -> None:
     config = project / "conf" / "base" / "vertexai.yml"
-    config.write_text(config.read_text() + f"\nhost: {kfp.url}\n")
+    config.write_text(config.read_text() + f"\nhost: {host or kfp.url}\n")
     config.write_text(config.read_text().replace("run_config:\n", "run_config:\n  namespace: team-a\n", 1))
 
 
@@ -103,6 +103,9 @@ def test_a_failing_run_exits_1_and_says_which_task_failed(example_project: Path,
     assert "task data-science-train-model-node FAILED: exit status 1: node raised ValueError" in ran.stdout
     assert "ran as:  data-science-train-model-node-pod" in ran.stdout
     assert "replay:  kvx-runtime exec-node --node data_science.train_model_node" in ran.stdout
+    # The replay names the job directory the step used: the display name made unique by the uuid.
+    [run] = kfp.runs.values()
+    assert f"--job-name {run['display_name']}-{run['run_id']} " in ran.stdout
     assert kfp.problems == []
 
 
@@ -147,3 +150,30 @@ def test_a_revoked_session_is_renewed_once_after_401(example_project: Path, kfp:
     ran = kfp_cli(example_project, "list-pipelines", DEX_USERNAME=DEX_USER, DEX_PASSWORD=DEX_PASSWORD)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert kfp.logins == 2 and len(kfp.revoked) == 1, (kfp.requests, kfp.revoked)
+
+
+def test_a_lost_answer_to_the_runs_creation_never_starts_it_twice(example_project: Path, kfp: FakeKfp) -> None:
+    configure(example_project, kfp)
+    kfp.lose_next_run_answer = True
+    ran = kfp_cli(example_project, "run-once", KF_PIPELINES_TOKEN=BEARER_TOKEN)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert len(kfp.runs) == 1, (kfp.requests, ran.stderr[-3000:])
+    [run] = kfp.runs.values()
+    assert run["run_id"] in ran.stdout and "the run exists" in ran.stderr
+
+
+@pytest.mark.parametrize(("host", "problem", "code"), [
+    ("http://127.0.0.1:{port}/", "answered GET /apis/v2beta1/experiments with text/html, not the API's JSON", 2),
+    ("http://127.0.0.1:99999/pipeline", "is not an http(s) URL", 2),
+    ("ftp://kubeflow.example.com/pipeline", "is not an http(s) URL", 2),
+    ("http://127.0.0.1:9/pipeline", "did not answer", 3),
+])
+def test_a_host_that_is_not_the_kfp_api_is_one_clear_line(example_project: Path, kfp: FakeKfp, host: str,
+                                                          problem: str, code: int) -> None:
+    configure(example_project, kfp, host.format(port=kfp.port))
+    ran = kfp_cli(example_project, "list-pipelines", KF_PIPELINES_TOKEN=BEARER_TOKEN, KVX_API_ATTEMPTS="2")
+    assert ran.returncode == code
+    errors = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+    assert len([e for e in errors if e.get("severity") == "ERROR"]) == 1
+    assert any(problem in e["message"] for e in errors), errors
+    assert "Traceback" not in ran.stderr and BEARER_TOKEN not in ran.stderr + ran.stdout

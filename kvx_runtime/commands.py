@@ -298,6 +298,12 @@ def target_kind(ctx: click.Context) -> str:
     return str((ctx.find_object(dict) or {}).get("target") or VERTEX)
 
 
+def sibling_command(ctx: click.Context, name: str) -> str:
+    """How the user types another command of the same group (``kvx-runtime kfp status``)."""
+    parent = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime"
+    return f"{parent} {name}"
+
+
 def _target_and_project(ctx: click.Context, project_path: str | None, env: str | None) -> tuple[Any, Any]:
     from kvx_runtime.project import open_project
 
@@ -413,9 +419,11 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
         interval = float(os.environ.get("KVX_WATCH_INTERVAL", "5"))
         try:
             run = watch(target, run, click.echo, timeout=timeout, first_poll=interval,
+                        status_command=sibling_command(ctx, "status"),
                         max_poll=max(interval, 60.0 if interval >= 5 else interval))
         except Interrupted:  # Ctrl-C (SIGINT, turned into Interrupted by the process contract)
-            click.echo(f"Stopped watching; the run goes on. Cancel it with: kvx-runtime cancel {run.run_id}")
+            cancel = sibling_command(ctx, "cancel")
+            click.echo(f"Stopped watching; the run goes on. Cancel it with: {cancel} {run.run_id}")
             raise
         _finish(target, run, compiled.spec, compiled.values)
 
@@ -485,7 +493,7 @@ def cancel_command(ctx: click.Context, job: str, project_path: str | None, env: 
     def action() -> None:
         target, _ = _target_and_project(ctx, project_path, env)
         target.cancel(job)
-        click.echo(f"Cancellation of {job} requested; `kvx-runtime status {job}` shows when it stopped")
+        click.echo(f"Cancellation of {job} requested; `{sibling_command(ctx, 'status')} {job}` shows when it stopped")
 
     run(ctx, action)
 

@@ -23,8 +23,9 @@ def on_kubeflow() -> bool:
     return bool(os.environ.get(KFP_POD_VARIABLE))
 
 
-def unique_job_name(job_name: str, run_id: str | None) -> str:
-    """``job_name``, unique per run: on KFP with the run's uuid appended (unless it holds it)."""
-    if on_kubeflow() and run_id and run_id not in job_name:
+def unique_job_name(job_name: str, run_id: str | None, *, kubeflow: bool | None = None) -> str:
+    """``job_name``, unique per run: on KFP (default: in a KFP pod) with the run's uuid appended
+    (unless it holds it)."""
+    if (on_kubeflow() if kubeflow is None else kubeflow) and run_id and run_id not in job_name:
         return f"{job_name}-{run_id}"
     return job_name

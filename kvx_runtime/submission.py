@@ -78,7 +78,8 @@ def _clock(moment: datetime | None) -> str:
 
 
 def watch(target: PipelineTarget, run: RunInfo, echo: Callable[[str], Any], *, timeout: float | None = None,
-          first_poll: float = 5.0, max_poll: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> RunInfo:
+          first_poll: float = 5.0, max_poll: float = 60.0, sleep: Callable[[float], None] = time.sleep,
+          status_command: str = "kvx-runtime status") -> RunInfo:
     """Poll ``run`` until it ends: one line per task state change as it happens."""
     started = time.monotonic()
     seen: dict[str, str] = {}
@@ -98,7 +99,7 @@ def watch(target: PipelineTarget, run: RunInfo, echo: Callable[[str], Any], *, t
             return run
         if timeout is not None and time.monotonic() - started > timeout:
             raise WaitTimeout(f"{run.run_id} is still {run.state} after {timeout:g} s; it keeps running",
-                              hint=f"watch it with `kvx-runtime status {run.run_id}`")
+                              hint=f"watch it with `{status_command} {run.run_id}`")
         sleep(poll)
         poll = min(max_poll, poll * 1.5)
         run = target.get(run.name)
@@ -113,7 +114,8 @@ def summary(run: RunInfo) -> str:
     return f"{run.run_id}: {run.state}{duration} ({tasks or 'no tasks'})"
 
 
-def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any]) -> str | None:
+def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
+            job_name: str) -> str | None:
     """The ``exec-node`` command of ``task`` with this run's values: the one the step printed."""
     from kvx_runtime.local_runner.graph import build_graph, render, substitute
 
@@ -126,7 +128,7 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
     if local is None:
         return None
     created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
-    job_values = {"pipeline_job_name": run.run_id, "pipeline_job_uuid": run.run_id,
+    job_values = {"pipeline_job_name": job_name, "pipeline_job_uuid": run.run_id,
                   "pipeline_job_create_time_utc": created, "pipeline_task_name": task.name}
     for name, source in local.inputs.items():
         if source.kind == "value":
@@ -167,7 +169,7 @@ def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | Non
         if fetch_logs:
             for entry in target.task_errors(run, task):
                 lines.append(f"  log:     {entry}")
-        replay = _replay(spec, run, task, values or {}) if spec else None
+        replay = _replay(spec, run, task, values or {}, target.job_name(run)) if spec else None
         if replay:
             lines.append(f"  replay:  {replay}")
     return lines

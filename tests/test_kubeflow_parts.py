@@ -84,3 +84,15 @@ def test_job_names_are_made_unique_per_run_only_in_kfp_pods(monkeypatch) -> None
     monkeypatch.setenv("KFP_POD_NAME", "pod-1")
     assert unique_job_name("my-pipeline", "uuid-1") == "my-pipeline-uuid-1"
     assert unique_job_name("my-pipeline-uuid-1", "uuid-1") == "my-pipeline-uuid-1"
+
+
+def test_a_time_zone_prefix_in_the_cron_is_refused_on_kfp() -> None:
+    with pytest.raises(UsageError, match="UTC"):
+        kfp_cron("TZ=Europe/Paris 0 6 * * *")
+
+
+def test_replays_name_the_job_directory_kfp_steps_use() -> None:
+    from kvx_runtime.targets.base import RunInfo
+
+    run = RunInfo(name="uuid-7", run_id="uuid-7", display_name="spaceflights-20261124", state="FAILED")
+    assert KubeflowTarget("http://localhost:8080").job_name(run) == "spaceflights-20261124-uuid-7"

@@ -312,10 +312,11 @@ def test_s3_errors_are_classified_by_their_http_status() -> None:
 
 def test_a_missing_s3_bucket_is_not_reported_as_a_missing_blob(s3_server) -> None:
     store = BlobStore("s3://kvx-no-such-bucket/unit", "job", retry=FAST_RETRY)
-    with pytest.raises(ConfigError, match="bucket 'kvx-no-such-bucket' of storage root s3://kvx-no-such-bucket/unit "
-                       "does not exist") as caught:
-        store.load("ds")
-    assert caught.value.exit_code == ExitCode.USAGE
+    for operation in (lambda: store.load("ds"), lambda: store.save("ds", [1, 2])):
+        with pytest.raises(ConfigError, match="bucket 'kvx-no-such-bucket' of storage root "
+                           "s3://kvx-no-such-bucket/unit does not exist") as caught:
+            operation()
+        assert caught.value.exit_code == ExitCode.USAGE
 
 
 def test_run_config_s3_endpoint_is_used_when_no_aws_variable_names_one(s3_server, monkeypatch) -> None:
@@ -339,3 +340,16 @@ def test_run_config_s3_endpoint_is_used_when_no_aws_variable_names_one(s3_server
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
     configure_s3("http://127.0.0.1:9", None)
     assert "endpoint_url" not in fsspec.config.conf["s3"]
+
+
+def test_a_root_whose_filesystem_is_not_installed_says_which_extra_to_install(monkeypatch) -> None:
+    import fsspec.core
+
+    def missing(url: str, **_: object) -> None:
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(ConfigError, match="Install s3fs to access S3") as caught:
+        BlobStore("s3://bucket/prefix", "job")
+    assert 'pip install "kvx-runtime[s3]"' in str(caught.value)
+    assert caught.value.exit_code == ExitCode.USAGE

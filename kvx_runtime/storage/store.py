@@ -195,7 +195,12 @@ def _filesystem(root: str) -> tuple[Any, str]:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     if root.startswith("file://"):
         root = root[len("file://") :]
-    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        fs, path = fsspec.core.url_to_fs(root)
+    except ImportError as exc:  # fsspec: "Install s3fs to access S3" and the like
+        extra = "s3" if root.startswith(("s3://", "s3a://")) else None
+        raise ConfigError(f"storage root {root[:80]}: {str(exc).splitlines()[0][:160]}",
+                          hint=f'pip install "kvx-runtime[{extra}]"' if extra else None) from None
     return fs, path.rstrip("/")
 
 
@@ -365,6 +370,8 @@ class BlobStore:
             # The finalizing request may have succeeded with its answer lost: a re-sent final
             # chunk then gets 404 for the finished session. What is stored decides.
             _abandon(handle, self.url(dataset))
+            if isinstance(exc, FileNotFoundError):
+                self._check_bucket()  # S3 answers a PUT into a missing bucket with NoSuchBucket
             if self._landed(path, sink):
                 log.warning("the answer to the final upload request was lost; the object is complete "
                             "(size and MD5 match what was sent)", dataset=dataset, path=self.url(dataset))

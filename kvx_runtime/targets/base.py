@@ -146,6 +146,10 @@ class PipelineTarget(ABC):
     def console_url(self, run: RunInfo | None = None) -> str:
         """Where a user watches the run (or all runs) in a browser."""
 
+    def job_name(self, run: RunInfo) -> str:
+        """The job name the run's steps use (for their intermediates and the replay command)."""
+        return run.run_id
+
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         """Where a task's logs are, if the target has such a place."""
         return None

@@ -12,10 +12,11 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
-from kvx_runtime.errors import InfrastructureError, KvxError
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 
-__all__ = ["ApiError", "parse_time", "request_json"]
+__all__ = ["ApiError", "env_number", "parse_time", "request_json"]
 
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
 
@@ -35,6 +36,11 @@ RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 class ApiError(KvxError):
     """A pipeline service refused a request (exit 2), or kept failing (exit 3)."""
+
+    def __init__(self, message: str, *, status: int = 0, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: The HTTP status behind the error (0: none, e.g. a connection or URL problem).
+        self.status = status
 
 
 class _Transient(Exception):
@@ -56,6 +62,17 @@ def status_message(payload: Any, fallback: str) -> str:
     return fallback
 
 
+def env_number(name: str, default: float) -> float:
+    """A number from the environment; an unusable value is a config error naming the variable."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
+
+
 def request_json(
     session: Any,
     method: str,
@@ -71,22 +88,39 @@ def request_json(
     wait: float | None = None,
     on_unauthorized: Callable[[], None] | None = None,
 ) -> Any:
-    """``method url`` through ``session`` (a requests-like session); returns the JSON answer."""
-    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+    """``method url`` through ``session`` (a requests-like session); returns the JSON answer.
 
+    Redirects are not followed: an API answers, a login proxy redirects (a session that ended),
+    which counts as a 401. A success that is not JSON (an HTML page: the host is not the API)
+    is an error, never an empty answer.
+    """
+    from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
+
+    where = urlsplit(url).netloc or url[:60]
     refreshed = False
+    made = 0
 
     def attempt() -> Any:
-        nonlocal refreshed
+        nonlocal refreshed, made
         import requests
 
+        made += 1
+        options: dict[str, Any] = {"params": params, "headers": {"Accept": "application/json"},
+                                   "allow_redirects": False}
         try:
             if files is not None:
-                response = session.request(method, url, params=params, data=data, files=files, timeout=300)
+                response = session.request(method, url, data=data, files=files, timeout=300, **options)
             else:
-                response = session.request(method, url, params=params, json=body, timeout=60)
+                response = session.request(method, url, json=body, timeout=60, **options)
+        except requests.exceptions.SSLError:
+            raise ApiError(f"{service}: TLS handshake with {where} failed", status=0,
+                           hint="check the host's certificate (REQUESTS_CA_BUNDLE for a private CA)") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Transient(0, f"{type(exc).__name__}") from None
+            raise _Transient(0, f"{type(exc).__name__} ({where})") from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
+            raise ApiError(f"{service}: {url.split('?')[0][:120]} is not a usable URL ({type(exc).__name__})",
+                           status=0) from None
         except KvxError:
             raise
         except Exception as exc:  # google-auth refreshing a token, for example
@@ -94,34 +128,42 @@ def request_json(
                 raise InfrastructureError(f"{service}: could not get credentials: {type(exc).__name__}: "
                                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
             raise
+        status = response.status_code
+        if 300 <= status < 400:  # a login proxy sending us to its login page
+            status = 401
         try:
             payload = response.json() if response.content else {}
         except ValueError:
-            payload = {}
-        if response.status_code == 401 and on_unauthorized is not None and not refreshed:
-            refreshed = True  # a token that expired early or was revoked: one fresh try
+            payload = None
+        if status == 401 and on_unauthorized is not None and not refreshed:
+            refreshed = True  # a token that expired early, a revoked token, an ended session: one fresh try
             on_unauthorized()
             raise _Transient(401, "unauthorized")
-        if response.status_code in RETRIED_STATUSES:
-            raise _Transient(response.status_code, status_message(payload, f"HTTP {response.status_code}"))
-        if response.status_code >= 400:
+        if status in RETRIED_STATUSES:
+            raise _Transient(status, status_message(payload, f"HTTP {status}"))
+        if status >= 400:
             message = status_message(payload, f"HTTP {response.status_code}")
-            if response.status_code == 404:
-                raise ApiError(f"{service}: not found ({what}): {message}")
-            if response.status_code in (401, 403):
-                raise ApiError(f"{service} refused {what}: {message}",
+            if status == 404:
+                raise ApiError(f"{service}: not found ({what}): {message}", status=status)
+            if status in (401, 403):
+                raise ApiError(f"{service} refused {what}: {message}", status=status,
                                hint="check the credentials (and that they may use this API)")
-            raise ApiError(f"{service} refused {what}: {message}")
+            raise ApiError(f"{service} refused {what}: {message}", status=status)
+        if payload is None:
+            kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+            raise ApiError(f"{service}: {where} answered {what} with {kind}, not the API's JSON", status=status,
+                           hint="check that the host is the API's URL")
         return payload
 
-    pause = float(os.environ.get("KVX_API_RETRY_WAIT", "1")) if wait is None else wait
-    retrying = Retrying(stop=stop_after_attempt(attempts + 1 if on_unauthorized else attempts),
+    pause = env_number("KVX_API_RETRY_WAIT", 1.0) if wait is None else wait
+    # The one try after a credential refresh comes on top of the attempts, never instead of them.
+    retrying = Retrying(stop=lambda state: state.attempt_number >= attempts + (1 if refreshed else 0),
                         wait=wait_random_exponential(multiplier=pause, max=30),
                         retry=retry_if_exception_type(_Transient), reraise=True)
     try:
         return retrying(attempt)
     except _Transient as exc:
-        error = ApiError(f"{service} did not answer {what} after {attempts} attempts: "
-                         f"{exc.status or 'connection'}: {exc}")
+        error = ApiError(f"{service} did not answer {what} after {made} attempts: "
+                         f"{exc.status or 'connection'}: {exc}", status=exc.status)
         error.exit_code = InfrastructureError.exit_code  # type: ignore[assignment]
         raise error from None

@@ -17,16 +17,15 @@ version as the ``kvx_save_version`` parameter.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
-from kvx_runtime.targets.http import ApiError, parse_time, request_json
+from kvx_runtime.targets.http import ApiError, env_number, parse_time, request_json
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 __all__ = ["KubeflowTarget"]
@@ -43,6 +42,30 @@ def _state(value: Any) -> str:
     return _STATES.get(text, text)
 
 
+def _checked_host(host: str) -> str:
+    """``host`` as an http(s) URL with a host name (and a valid port), or a ConfigError."""
+    from urllib.parse import urlsplit
+
+    example = "https://kubeflow.example.com/pipeline"
+    if not host:
+        raise ConfigError(f"Kubeflow Pipelines needs host: the API's URL ({example})",
+                          hint="set host in conf/base/vertexai.yml (or kubeflow.yml)")
+    parts = urlsplit(host.strip())
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in range)
+        valid = parts.scheme in {"http", "https"} and bool(parts.hostname) and " " not in host.strip()
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"host {host[:100]!r} is not an http(s) URL", hint=f"e.g. {example}")
+    return host.strip().rstrip("/")
+
+
+def _description(pipeline: str) -> str:
+    """What a submitted run's description says: its pipeline (list-pipelines filters on it)."""
+    return f"{pipeline} (kvx-runtime)"
+
+
 def _time(value: Any) -> datetime | None:
     """A time from the API; KFP sends the epoch for "not yet"."""
     text = str(value or "")
@@ -57,6 +80,9 @@ def _equals(key: str, value: str) -> str:
 def kfp_cron(expression: str) -> str:
     """KFP's 6-field cron (seconds first) from a 5- or 6-field expression."""
     fields = expression.split()
+    if fields and fields[0].upper().startswith(("TZ=", "CRON_TZ=")):
+        raise UsageError("Kubeflow Pipelines runs schedules in UTC; it takes no time zone",
+                         hint="drop the TZ= prefix and write the cron in UTC")
     if len(fields) == 5:
         return " ".join(["0", *fields])
     if len(fields) == 6:
@@ -67,8 +93,9 @@ def kfp_cron(expression: str) -> str:
 
 def save_version_now(now: datetime | None = None) -> str:
     """A save version for a run submitted now, in Kedro's format."""
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H.%M.%S.%f")
-    return stamp[:-3] + "Z"
+    from kvx_runtime.versions import kedro_version
+
+    return kedro_version((now or datetime.now(timezone.utc)).isoformat())
 
 
 class KubeflowTarget(PipelineTarget):
@@ -76,15 +103,12 @@ class KubeflowTarget(PipelineTarget):
 
     def __init__(self, host: str, *, namespace: str | None = None, experiment_name: str | None = None,
                  auth: Any = None, session: Any = None, attempts: int | None = None) -> None:
-        if not host or "://" not in host:
-            raise ConfigError("Kubeflow Pipelines needs host: the API's URL (https://kubeflow.example.com/pipeline)",
-                              hint="set host in conf/base/vertexai.yml (or kubeflow.yml)")
-        self.host = host.rstrip("/")
+        self.host = _checked_host(host)
         self.namespace = namespace or None
         self.experiment_name = experiment_name or "Default"
         self._auth = auth
         self._session = session
-        self._attempts = attempts or int(os.environ.get("KVX_API_ATTEMPTS", "6"))
+        self._attempts = attempts or max(1, int(env_number("KVX_API_ATTEMPTS", 6)))
         self._experiment_id: str | None = None
 
     # --- transport --------------------------------------------------------------------------
@@ -103,11 +127,11 @@ class KubeflowTarget(PipelineTarget):
         return self._session
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None,
-                 files: Any = None) -> Any:
+                 files: Any = None, attempts: int | None = None) -> Any:
         session = self.session
         return request_json(session, method, f"{self.host}/{API}/{path}", service=self.title,
                             what=f"{method} /{API}/{path}", params=params, body=body, files=files,
-                            data={} if files is not None else None, attempts=self._attempts,
+                            data={} if files is not None else None, attempts=attempts or self._attempts,
                             on_unauthorized=getattr(self._auth, "invalidate", None))
 
     def _pages(self, path: str, keys: tuple[str, ...], params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -125,8 +149,8 @@ class KubeflowTarget(PipelineTarget):
 
     # --- experiments ------------------------------------------------------------------------
 
-    def experiment_id(self) -> str:
-        """The configured experiment's id; the experiment is created when missing."""
+    def experiment_id(self, *, create: bool = True) -> str | None:
+        """The configured experiment's id; created when missing (with ``create``, else None)."""
         if self._experiment_id is None:
             params = self._scoped(filter=_equals("display_name", self.experiment_name), page_size=100)
             for experiment in self._pages("experiments", ("experiments",), params):
@@ -134,6 +158,8 @@ class KubeflowTarget(PipelineTarget):
                     self._experiment_id = str(experiment["experiment_id"])
                     break
             else:
+                if not create:
+                    return None
                 body = {"display_name": self.experiment_name, **({"namespace": self.namespace} if self.namespace
                                                                    else {})}
                 created = self._request("POST", "experiments", body=body)
@@ -156,7 +182,7 @@ class KubeflowTarget(PipelineTarget):
                              hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
         body: dict[str, Any] = {
             "display_name": run.run_id,
-            "description": f"{run.display_name} (kvx-runtime)",
+            "description": _description(run.display_name),
             "experiment_id": self.experiment_id(),
             "pipeline_spec": dict(run.spec),
             "runtime_config": {"parameters": self._parameters(run)},
@@ -166,18 +192,43 @@ class KubeflowTarget(PipelineTarget):
         return body
 
     def submit(self, run: RunRequest) -> RunInfo:
-        return self._run(self._request("POST", "runs", body=self.run_body(run)))
+        """Create the run. A creation whose answer was lost is looked up (by its unique display
+        name) before it is sent again: a run is never started twice."""
+        import time
+
+        body = self.run_body(run)
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return self._run(self._request("POST", "runs", body=body, attempts=1))
+            except ApiError as exc:
+                if exc.exit_code != InfrastructureError.exit_code or attempt == self._attempts:
+                    raise
+            existing = self._find_run(body["display_name"], str(body["experiment_id"]))
+            if existing is not None:
+                log.warning("the answer to the run's creation was lost; the run exists", run=existing.run_id)
+                return existing
+            time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _find_run(self, display_name: str, experiment_id: str) -> RunInfo | None:
+        params = self._scoped(experiment_id=experiment_id, filter=_equals("display_name", display_name),
+                              page_size=100)
+        for run in self._pages("runs", ("runs",), params):
+            if run.get("display_name") == display_name:
+                return self._run(run)
+        return None
 
     def get(self, name: str) -> RunInfo:
         return self._run(self._request("GET", f"runs/{quote(name, safe='')}"))
 
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
-        from kvx_runtime.submission import job_id
-
-        prefix = job_id(pipeline, datetime(2000, 1, 1)).rsplit("-", 1)[0] + "-" if pipeline else ""
-        params = self._scoped(experiment_id=self.experiment_id(), sort_by="created_at desc", page_size=100)
+        experiment = self.experiment_id(create=False)
+        if experiment is None:
+            return
+        params = self._scoped(experiment_id=experiment, sort_by="created_at desc", page_size=100)
         for run in self._pages("runs", ("runs",), params):
-            if str(run.get("display_name", "")).startswith(prefix):
+            # Submitted runs say which pipeline they run (run_body); display names may be anything.
+            if pipeline is None or run.get("description") == _description(pipeline):
                 yield self._run(run)
 
     def cancel(self, name: str) -> None:
@@ -221,7 +272,10 @@ class KubeflowTarget(PipelineTarget):
                             state=str(payload.get("status") or payload.get("mode") or ""), cron=str(cron))
 
     def find_schedule(self, display_name: str) -> ScheduleInfo | None:
-        params = self._scoped(experiment_id=self.experiment_id(), filter=_equals("display_name", display_name),
+        experiment = self.experiment_id(create=False)
+        if experiment is None:
+            return None
+        params = self._scoped(experiment_id=experiment, filter=_equals("display_name", display_name),
                               page_size=100)
         for schedule in self._pages("recurringruns", ("recurringRuns", "recurring_runs"), params):
             if schedule.get("display_name") == display_name:  # the filter is a hint, this is the rule
@@ -293,7 +347,7 @@ class KubeflowTarget(PipelineTarget):
         try:
             pipeline = self._request("GET", f"pipelines/names/{quote(name, safe='')}", params=self._scoped())
         except ApiError as exc:
-            if "not found" not in exc.message:
+            if exc.status != 404:
                 raise
             pipeline = None
         if pipeline is None:
@@ -324,3 +378,8 @@ class KubeflowTarget(PipelineTarget):
 
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         return self.console_url(run) if task.executor else None
+
+    def job_name(self, run: RunInfo) -> str:
+        from kvx_runtime.orchestrator import unique_job_name
+
+        return unique_job_name(run.display_name or run.run_id, run.run_id, kubeflow=True)
