@@ -96,3 +96,19 @@ def test_replays_name_the_job_directory_kfp_steps_use() -> None:
 
     run = RunInfo(name="uuid-7", run_id="uuid-7", display_name="spaceflights-20261124", state="FAILED")
     assert KubeflowTarget("http://localhost:8080").job_name(run) == "spaceflights-20261124-uuid-7"
+
+
+def test_schedule_options_kfp_lacks_are_refused_not_ignored() -> None:
+    from kvx_runtime.targets.base import RunRequest, ScheduleRequest
+
+    run = RunRequest(spec={"root": {}}, run_id="p-1", display_name="p")
+    target = KubeflowTarget("http://localhost:8080")
+    for request, problem in [
+        (ScheduleRequest(display_name="s", cron="0 6 * * *", timezone="Europe/Paris", run=run), "UTC"),
+        (ScheduleRequest(display_name="s", cron="0 6 * * *", timezone=None, run=run, max_run_count=3),
+         "maximum run count"),
+        (ScheduleRequest(display_name="s", cron="0 6 * * *", timezone=None, run=run, allow_queueing=True),
+         "do not queue"),
+    ]:
+        with pytest.raises(UsageError, match=problem):
+            target.schedule_body(request)

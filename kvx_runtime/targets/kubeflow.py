@@ -286,6 +286,9 @@ class KubeflowTarget(PipelineTarget):
         if request.timezone:
             raise UsageError("Kubeflow Pipelines runs schedules in UTC; it takes no time zone",
                              hint="drop --timezone (and the schedule's timezone) and write the cron in UTC")
+        if request.allow_queueing:
+            raise UsageError("Kubeflow Pipelines recurring runs do not queue runs beyond max concurrency",
+                             hint="drop --allow-queueing (and the schedule's allow_queueing)")
         if request.max_run_count is not None:
             raise UsageError("Kubeflow Pipelines recurring runs have no maximum run count",
                              hint="use --end-time instead")
