@@ -147,8 +147,10 @@ def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> Mlflo
 
     from kvx_runtime.auth import install_request_header_provider
     from kvx_runtime.log import adopt_library_loggers
+    from kvx_runtime.mlflow.concurrent_tags import install_concurrent_tag_retry
 
     adopt_library_loggers()  # importing mlflow installed its own console handler
+    install_concurrent_tag_retry()
     context = _project_context(project, runtime_params)
     try:
         raw = context.config_loader["mlflow"]
