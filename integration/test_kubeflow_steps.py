@@ -88,10 +88,12 @@ def test_two_kfp_runs_with_one_display_name_never_share_intermediates(example_pr
     assert jobs == ["same-display-name-0b5c-run-a", "same-display-name-7e21-run-b"]
 
 
-def test_unfilled_create_time_refuses_versioned_datasets_between_steps_only(tmp_path: Path) -> None:
-    """KFP releases that leave ``{{$.pipeline_job_create_time_utc}}`` unfilled: a step passing a
-    versioned dataset to another step stops (exit 2) rather than read another run's version;
-    a step without one runs; ``--save-version`` (the spec's kvx_save_version) fixes both."""
+def test_unfilled_create_time_the_job_directory_records_one_version_for_the_run(tmp_path: Path) -> None:
+    """KFP's recurring and UI-started runs leave ``{{$.pipeline_job_create_time_utc}}`` unfilled
+    and carry no kvx_save_version: the first step records the run's version in the job
+    directory and the others read it, so a versioned dataset passes between steps at one
+    version. Without a storage root, a step passing one refuses (exit 2) rather than read
+    another run's; ``--save-version`` still wins."""
     from integration.conftest import make_project
 
     nodes = "def make():\n    return [1, 2, 3]\n\ndef total(values):\n    return sum(values)\n"
@@ -104,16 +106,34 @@ def test_unfilled_create_time_refuses_versioned_datasets_between_steps_only(tmp_
     )
     catalog = "values:\n  type: pickle.PickleDataset\n  filepath: data/values.pkl\n  versioned: true\n"
     project = make_project(tmp_path, "vproj", nodes, pipeline, catalog)
-    unfilled = "{{$.pipeline_job_create_time_utc}}"
-    common = ["--run-id", "r-1", "--storage-root", str(tmp_path / "s"), "--env", "base", "--save-version", "",
-              "--job-create-time", unfilled]
-    refused = run_step(project, "--node", "make", *common, env=step_env(**KFP_POD))
+    unfilled = ["--save-version", "", "--job-create-time", "{{$.pipeline_job_create_time_utc}}"]
+    root = tmp_path / "s"
+    for node in ("make", "total"):
+        result = run_step(project, "--node", node, "--run-id", "r-1", "--storage-root", str(root), "--env", "base",
+                          *unfilled, env=step_env(**KFP_POD))
+        assert result.returncode == 0, result.stderr[-3000:]
+    (version,) = [p.name for p in (project / "data" / "values.pkl").iterdir()]
+    record = json.loads((root / "kedro-vertexai-temp" / "r-1" / "run-version.json").read_text())
+    assert record == {"format": 1, "run_id": "r-1", "save_version": version}
+    # The second step loaded the first step's version (it would fail on any other).
+    assert "versioned inputs load this run's version" in result.stderr and version in result.stderr
+
+    # Two runs in one job directory (a job name reused outside KFP): refused, nothing saved.
+    shared = ["--job-name", "reused", "--storage-root", str(root), "--env", "base", *unfilled]
+    assert run_step(project, "--node", "make", "--run-id", "r-2", *shared).returncode == 0
+    clash = run_step(project, "--node", "make", "--run-id", "r-3", *shared)
+    assert clash.returncode == 2 and "two runs share one job directory" in clash.last_message
+    assert len(list((project / "data" / "values.pkl").iterdir())) == 2
+
+    # No storage root: nowhere to record it.
+    refused = run_step(project, "--node", "make", "--run-id", "r-4", "--env", "base", *unfilled,
+                       env=step_env(**KFP_POD))
     assert refused.returncode == 2
     assert "did not fill the job's creation time" in refused.last_message
-    assert "values" in refused.last_message and "kvx_save_version" in refused.last_message
-    assert not (project / "data" / "values.pkl").exists()
-    fixed = [*common[:-4], "--save-version", "2026-11-24T10:00:00Z", "--job-create-time", unfilled]
+    assert "values" in refused.last_message and "run_config.root" in refused.last_message
+    explicit = ["--run-id", "r-5", "--env", "base", "--save-version", "2026-11-24T10:00:00Z",
+                "--job-create-time", "{{$.pipeline_job_create_time_utc}}"]
     for node in ("make", "total"):
-        result = run_step(project, "--node", node, *fixed, env=step_env(**KFP_POD))
+        result = run_step(project, "--node", node, *explicit, env=step_env(**KFP_POD))
         assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in (project / "data" / "values.pkl").iterdir()] == ["2026-11-24T10.00.00.000Z"]
+    assert "2026-11-24T10.00.00.000Z" in [p.name for p in (project / "data" / "values.pkl").iterdir()]

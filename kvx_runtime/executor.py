@@ -296,8 +296,8 @@ def _check_runs_without_save_version(project: Any, request: StepRequest, plan: S
         raise UsageError(
             f"{why}, and this step passes versioned datasets to or from other steps ({', '.join(shared)}): "
             "without one version for the run it could read another run's",
-            hint=f"set the pipeline parameter {SAVE_VERSION_PARAMETER} (`kvx-runtime kfp run-once` does) or pass "
-            "--save-version",
+            hint=f"set run_config.root (the job directory then records the run's version), the pipeline "
+            f"parameter {SAVE_VERSION_PARAMETER} (`kvx-runtime kfp run-once` does), or pass --save-version",
         )
     log.warning("no run version for versioned datasets: this step's saves get their own version", reason=why)
 
@@ -405,6 +405,14 @@ def execute_step(request: StepRequest) -> StepResult:
         storage_root = normalize_storage_root(project.plugin_config.run_config.root)
     else:
         storage_root = None
+
+    if no_version and storage_root is not None:
+        from kvx_runtime.storage.store import BlobStore
+        from kvx_runtime.versions import recorded_save_version
+
+        log.info("no run version from the orchestrator: using the one recorded in the job directory",
+                 reason=no_version)
+        save_version, no_version = recorded_save_version(BlobStore(storage_root, job_name), run_id), None
 
     exit_inputs = _exit_pipeline_inputs(project, request.pipeline)
     pipeline = _load_step_pipeline(request.pipeline)

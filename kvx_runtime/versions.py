@@ -12,18 +12,20 @@ that an earlier step of the run saved at that version; explicit load versions st
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kvx_runtime.errors import UsageError
+from kvx_runtime.errors import InputDataError, UsageError
 from kvx_runtime.log import get_logger
 
 __all__ = [
     "SAVE_VERSION_PARAMETER",
     "kedro_version",
     "parse_load_versions",
+    "recorded_save_version",
     "remove_earlier_attempt",
     "resolve_save_version",
     "run_load_versions",
@@ -83,6 +85,41 @@ def resolve_save_version(explicit: str | None, job_create_time: str | None) -> t
     if not unresolved(job_create_time):
         return kedro_version(job_create_time), None
     return None, f"the orchestrator did not fill the job's creation time ({job_create_time.strip() or 'empty'})"
+
+
+#: The job directory's record of the run's save version (not a blob: no ``.bin`` suffix).
+RUN_VERSION_RECORD = "run-version.json"
+
+
+def recorded_save_version(store: Any, run_id: str, *, now: datetime | None = None) -> str:
+    """The run's save version as its job directory records it; the first step to ask records
+    ``now``. ``store`` is the run's :class:`~kvx_runtime.storage.store.BlobStore`.
+
+    A record of another run means two runs share one job directory (their intermediates too):
+    refused rather than mixing their versions.
+    """
+    moment = now or datetime.now(timezone.utc)
+    candidate = kedro_version(moment.isoformat().replace("+00:00", "Z"))
+    ours = json.dumps({"format": 1, "run_id": run_id, "save_version": candidate}, sort_keys=True).encode()
+    raw = store.first_record(RUN_VERSION_RECORD, ours)
+    where = f"{store.job_url}/{RUN_VERSION_RECORD}"
+    try:
+        record = json.loads(raw)
+        recorded_run, version = str(record["run_id"]), kedro_version(str(record["save_version"]))
+    except (ValueError, KeyError, TypeError, UsageError):
+        raise InputDataError(f"the run version record {where} is unreadable",
+                             hint="delete it only if no step of this run has saved a versioned dataset yet") from None
+    if recorded_run != run_id:
+        raise UsageError(
+            f"the job directory of {store.job_name} records the save version of run {recorded_run}, "
+            f"not of this run ({run_id}): two runs share one job directory",
+            hint="give each run its own job name",
+        )
+    if version == candidate:
+        log.info("this step recorded the run's save version", save_version=version, record=where)
+    else:
+        log.info("the run's save version, as its first step recorded it", save_version=version, record=where)
+    return version
 
 
 def parse_load_versions(items: Iterable[str]) -> dict[str, str]:

@@ -353,3 +353,66 @@ def test_a_root_whose_filesystem_is_not_installed_says_which_extra_to_install(mo
         BlobStore("s3://bucket/prefix", "job")
     assert 'pip install "kvx-runtime[s3]"' in str(caught.value)
     assert caught.value.exit_code == ExitCode.USAGE
+
+
+def _store_on(backend: str, tmp_path: Path, request: pytest.FixtureRequest, job: str) -> BlobStore:
+    if backend == "local":
+        return BlobStore(str(tmp_path / "root"), job, retry=FAST_RETRY)
+    server = request.getfixturevalue("s3_server" if backend == "s3" else "gcs_emulator")
+    scheme = "s3" if backend == "s3" else "gs"
+    return BlobStore(f"{scheme}://{server.bucket}/records-{tmp_path.name}", job, retry=FAST_RETRY)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
+def test_a_record_keeps_what_its_first_writer_wrote(backend: str, tmp_path: Path, request) -> None:
+    store = _store_on(backend, tmp_path, request, "job-records")
+    assert store.first_record("run-version.json", b"first") == b"first"
+    assert store.first_record("run-version.json", b"second") == b"first"
+    assert _store_on(backend, tmp_path, request, "job-records").first_record("run-version.json", b"x") == b"first"
+    assert store.first_record("other.json", b"other") == b"other"
+    if backend == "local":
+        job_dir = tmp_path / "root" / "kedro-vertexai-temp" / "job-records"
+        assert sorted(p.name for p in job_dir.iterdir()) == ["other.json", "run-version.json"]  # no temp files
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_concurrent_first_writers_all_read_one_record(backend: str, tmp_path: Path, request) -> None:
+    """Steps of one run starting together: whoever creates the record first, all agree on it.
+    (The GCS emulator ignores ifGenerationMatch, so GCS is covered by the sequential test.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    writers = 6
+    for record in range(5):
+        store = _store_on(backend, tmp_path, request, f"job-race-{record}")
+        barrier = threading.Barrier(writers)
+
+        def write(writer: int, store: BlobStore = store, barrier: threading.Barrier = barrier) -> bytes:
+            barrier.wait()
+            return store.first_record("run-version.json", f"writer-{writer}".encode())
+
+        with ThreadPoolExecutor(writers) as pool:
+            seen = {future.result() for future in [pool.submit(write, w) for w in range(writers)]}
+        assert len(seen) == 1, seen
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_writer_that_looked_before_the_first_write_does_not_overwrite(
+    backend: str, tmp_path: Path, request, monkeypatch
+) -> None:
+    """The interleaving the conditional create exists for: a second step found no record, then
+    the first step created it; the second step's create must fail and it must read the first's.
+    (S3's If-None-Match here is moto's, as AWS S3 and MinIO honour it.)"""
+    store = _store_on(backend, tmp_path, request, "job-interleaved")
+    assert store.first_record("run-version.json", b"first") == b"first"
+    real_cat = store._fs.cat_file
+    looked: list[str] = []
+
+    def stale_first_look(path: str, *args, **kwargs):
+        if not looked:
+            looked.append(path)
+            raise FileNotFoundError(path)  # what it saw before the first writer's create
+        return real_cat(path, *args, **kwargs)
+
+    monkeypatch.setattr(store._fs, "cat_file", stale_first_look)
+    assert store.first_record("run-version.json", b"late") == b"first"
+    assert looked and real_cat(looked[0]) == b"first"

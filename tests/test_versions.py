@@ -8,10 +8,13 @@ import pytest
 from kedro.io import DataCatalog
 from kedro.io.core import generate_timestamp
 
-from kvx_runtime.errors import UsageError
+from kvx_runtime.errors import ExitCode, InputDataError, UsageError
+from kvx_runtime.storage.store import BlobStore
 from kvx_runtime.versions import (
+    RUN_VERSION_RECORD,
     kedro_version,
     parse_load_versions,
+    recorded_save_version,
     remove_earlier_attempt,
     run_load_versions,
     versioned_names,
@@ -82,3 +85,32 @@ def test_a_retried_save_replaces_its_own_earlier_attempt(tmp_path: Path) -> None
     assert [p.name for p in (tmp_path / "model.pkl").iterdir()] == [version]
     # Another run's version is never touched.
     assert not remove_earlier_attempt(second.get("model"), "model", "2026-11-24T10.15.00.001Z")
+
+
+def test_the_first_step_records_the_run_version_and_later_steps_read_it(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    store = BlobStore(str(tmp_path), "job-1")
+    first = recorded_save_version(store, "run-1", now=datetime(2026, 11, 24, 10, 15, 0, 123456, timezone.utc))
+    later = recorded_save_version(store, "run-1", now=datetime(2026, 11, 24, 11, 0, 0, tzinfo=timezone.utc))
+    assert first == later == "2026-11-24T10.15.00.123Z"
+    assert recorded_save_version(BlobStore(str(tmp_path), "job-2"), "run-2") != first  # its own job dir
+
+
+def test_a_job_directory_of_another_run_is_refused(tmp_path: Path) -> None:
+    recorded_save_version(BlobStore(str(tmp_path), "shared-name"), "run-1")
+    expected = "records the save version of run run-1, not of this run \\(run-2\\)"
+    with pytest.raises(UsageError, match=expected) as refused:
+        recorded_save_version(BlobStore(str(tmp_path), "shared-name"), "run-2")
+    assert refused.value.exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"{not json", b'{"run_id": "run-1"}', b'{"run_id": "run-1", "save_version": "soon"}']
+)
+def test_an_unreadable_run_version_record_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    job_dir = tmp_path / "kedro-vertexai-temp" / "job"
+    job_dir.mkdir(parents=True)
+    (job_dir / RUN_VERSION_RECORD).write_bytes(content)
+    with pytest.raises(InputDataError, match=f"run version record {job_dir / RUN_VERSION_RECORD} is unreadable"):
+        recorded_save_version(BlobStore(str(tmp_path), "job"), "run-1")

@@ -293,12 +293,14 @@ class BlobStore:
         """Filesystem path of ``dataset``'s blob (as fsspec sees it)."""
         return f"{self._base}/{object_name(dataset)}{SUFFIX}"
 
+    @property
+    def job_url(self) -> str:
+        """The job directory, as a user would type it (``gs://...``, ``s3://...`` or a local path)."""
+        return f"{self._display_root}/{TEMP_DIR}/{object_name(self.job_name)}"
+
     def url(self, dataset: str) -> str:
-        """Where the blob is, as a user would type it (``gs://...``, ``s3://...`` or a local path)."""
-        return (
-            f"{self._display_root}/{TEMP_DIR}/{object_name(self.job_name)}/"
-            f"{object_name(dataset)}{SUFFIX}"
-        )
+        """Where ``dataset``'s blob is, as a user would type it."""
+        return f"{self.job_url}/{object_name(dataset)}{SUFFIX}"
 
     # --- operations ---------------------------------------------------------------------
 
@@ -346,7 +348,49 @@ class BlobStore:
 
         self._retrying(f"write a probe object under {self._display_root}", attempt)
 
+    def first_record(self, name: str, content: bytes) -> bytes:
+        """The job's small record ``name``: written with ``content`` if absent, else left as the
+        first writer wrote it. Returns what the record holds, so that concurrent steps of one
+        run agree. The create is conditional (``ifGenerationMatch=0`` on GCS, ``If-None-Match``
+        on S3, a hard link locally), and a retry after a lost answer reads what it wrote."""
+        path = f"{self._base}/{name}"
+
+        def attempt() -> bytes:
+            try:
+                return bytes(self._fs.cat_file(path))
+            except FileNotFoundError:
+                pass
+            if _is_local(self._fs):
+                self._create_local(path, content)
+            else:
+                try:
+                    self._fs.pipe_file(path, content, mode="create")
+                except FileExistsError:
+                    pass  # another step of the run was first
+            return bytes(self._fs.cat_file(path))
+
+        return self._retrying(f"record {self.job_url}/{name}", attempt)
+
     # --- internals ----------------------------------------------------------------------
+
+    def _create_local(self, path: str, content: bytes) -> None:
+        """Create ``path`` whole or not at all: written aside, then hard-linked (which, unlike
+        a rename, fails when the name exists)."""
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, temp_name(os.path.basename(path)))
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(content)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
 
     def _describe(self, dataset: str) -> str:
         return f"intermediate dataset '{dataset}' at {self.url(dataset)}"
