@@ -137,3 +137,43 @@ def test_unfilled_create_time_the_job_directory_records_one_version_for_the_run(
         result = run_step(project, "--node", node, *explicit, env=step_env(**KFP_POD))
         assert result.returncode == 0, result.stderr[-3000:]
     assert "2026-11-24T10.00.00.000Z" in [p.name for p in (project / "data" / "values.pkl").iterdir()]
+
+
+def test_run_config_s3_alone_reaches_the_store_for_code_archives_and_gc(s3_server, tmp_path: Path) -> None:
+    """MinIO configured only in run_config.s3 (no AWS_ENDPOINT_URL): steps fetch the code archive
+    before they read the project's config, so the compiled spec carries the endpoint; `gc` with
+    an s3:// root given outright uses the project's."""
+    from integration.conftest import make_project
+
+    root = f"s3://{s3_server.bucket}/s3-config-only"
+    vertexai = (f"run_config:\n  image: img\n  root: {root}\n  code_upload: true\n"
+                f"  s3: {{endpoint_url: '{s3_server.url}', region: us-east-1}}\n")
+    nodes = "def make():\n    return [1, 2, 3]\n\ndef total(values):\n    return sum(values)\n"
+    pipeline = (
+        "from kedro.pipeline import Node, Pipeline\n"
+        "from s3proj.nodes import make, total\n\n"
+        "def register_pipelines():\n"
+        "    p = Pipeline([Node(make, None, 'values', name='make'), Node(total, 'values', 'sum', name='total')])\n"
+        "    return {'__default__': p}\n"
+    )
+    project = make_project(tmp_path, "s3proj", nodes, pipeline, vertexai=vertexai)
+    credentials_only = {k: v for k, v in s3_server.env.items() if not k.startswith("AWS_ENDPOINT")}
+    env = {k: v for k, v in step_env(**credentials_only, **KFP_POD).items() if not k.startswith("AWS_ENDPOINT")}
+    compiled = kvx(project, "compile", "--env", "base", "-o", str(tmp_path / "p.json"), env=env)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    spec = json.loads((tmp_path / "p.json").read_text())
+    for executor in spec["deploymentSpec"]["executors"].values():
+        container_env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        assert container_env["KVX_S3_ENDPOINT_URL"] == s3_server.url
+        assert container_env["KVX_S3_REGION"] == "us-east-1"
+    ran = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "s3-only", "--storage-root", root, env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    step_logs = "".join(p.read_text() for p in (project / ".kvx" / "runs" / "s3-only" / "logs").glob("*"))
+    assert "code archive" in step_logs and s3_server.bucket in step_logs
+
+    fs = s3_server.filesystem()
+    jobs = fs.ls(f"{s3_server.bucket}/s3-config-only/kedro-vertexai-temp", detail=False)
+    assert len(jobs) == 1 and jobs[0].rsplit("/", 1)[-1].startswith("s3-only-")
+    listed = kvx(project, "gc", "--env", "base", "--storage-root", root, "--older-than", "0", env=env)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert jobs[0].rsplit("/", 1)[-1] in listed.stdout

@@ -263,17 +263,22 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
     """Delete what a storage root no longer needs: expired jobs' intermediates, dead writers' files."""
 
     def action() -> None:
-        from kvx_runtime.config import normalize_storage_root
+        from kvx_runtime.config import STEP_KEYS, normalize_storage_root
+        from kvx_runtime.errors import ConfigError, KvxError
+        from kvx_runtime.project import open_project
         from kvx_runtime.storage.gc import collect_garbage, describe
 
         ttl = older_than
         root = normalize_storage_root(storage_root, bare_is_bucket=False) if storage_root is not None else None
-        if root is None or ttl is None:
-            from kvx_runtime.config import STEP_KEYS
-            from kvx_runtime.errors import ConfigError
-            from kvx_runtime.project import open_project
-
-            config = open_project(project_path, resolve_env(ctx, env), needed=(*STEP_KEYS, "run_config.ttl"))
+        needs_project = root is None or ttl is None
+        config = None
+        if needs_project or root.startswith("s3://"):
+            try:  # for an s3:// root given outright, the project's run_config.s3, when there is one
+                config = open_project(project_path, resolve_env(ctx, env), needed=(*STEP_KEYS, "run_config.ttl"))
+            except KvxError:
+                if needs_project:
+                    raise
+        if needs_project and config is not None:
             run_config = config.plugin_config.run_config
             ttl = run_config.ttl if ttl is None else ttl
             if root is None:

@@ -416,3 +416,18 @@ def test_a_writer_that_looked_before_the_first_write_does_not_overwrite(
     monkeypatch.setattr(store._fs, "cat_file", stale_first_look)
     assert store.first_record("run-version.json", b"late") == b"first"
     assert looked and real_cat(looked[0]) == b"first"
+
+
+def test_gc_on_an_unreachable_store_is_one_line_and_exit_3(monkeypatch) -> None:
+    import fsspec.config
+
+    from kvx_runtime.storage.gc import collect_garbage
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(StorageError, match=r"^could not clean s3://kvx-gc/x: EndpointConnectionError") as failed:
+        collect_garbage("s3://kvx-gc/x", 0)
+    assert failed.value.exit_code == ExitCode.INFRASTRUCTURE

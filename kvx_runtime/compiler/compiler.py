@@ -48,6 +48,7 @@ from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import NodeGrouper, StepGroup, build_grouper, group_dependencies, order_groups
 from kvx_runtime.log import get_logger
+from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
 
 __all__ = ["CompileRequest", "CompiledPipeline", "StepGraph", "compile_pipeline", "plan_steps", "read_spec",
            "write_spec"]
@@ -317,6 +318,9 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     exit_pipeline = run.on_exit_pipeline
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     env.update(run.env)
+    # Steps need the S3 endpoint before they read the project's config: to fetch a code archive.
+    env.update({name: value for name, value in ((S3_ENDPOINT_ENV, run.s3.endpoint_url),
+                                                 (S3_REGION_ENV, run.s3.region)) if value})
     if run.network.host_aliases:
         env["KVX_HOST_ALIASES"] = ";".join(
             f"{alias.ip}={','.join(alias.hostnames)}" for alias in run.network.host_aliases

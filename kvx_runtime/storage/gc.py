@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kvx_runtime.storage.store import TEMP_DIR, _filesystem, _is_local, sweep_temp_files
+from kvx_runtime.errors import KvxError, StorageError
+from kvx_runtime.storage.store import TEMP_DIR, _filesystem, _is_local, _short, sweep_temp_files
 
 __all__ = ["GarbageReport", "collect_garbage", "describe"]
 
@@ -49,6 +50,17 @@ def _modified(info: dict[str, Any]) -> float:
 
 
 def collect_garbage(root: str, max_age: float, *, delete: bool = False) -> GarbageReport:
+    """List (and with ``delete``, remove) what ``root`` no longer needs. A storage failure is a
+    :class:`StorageError` (exit 3) naming the root; what was deleted before it stays deleted."""
+    try:
+        return _collect(root, max_age, delete)
+    except KvxError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"could not clean {root}: {_short(exc)}") from exc
+
+
+def _collect(root: str, max_age: float, delete: bool) -> GarbageReport:
     fs, base = _filesystem(root)
     temp_root = f"{base}/{TEMP_DIR}"
     report = GarbageReport(root=root)

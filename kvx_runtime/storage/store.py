@@ -31,7 +31,16 @@ from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageErr
 from kvx_runtime.log import get_logger
 from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
 
-__all__ = ["TEMP_DIR", "BlobMissing", "BlobStore", "RetryPolicy", "configure_s3", "object_name"]
+__all__ = [
+    "S3_ENDPOINT_ENV",
+    "S3_REGION_ENV",
+    "TEMP_DIR",
+    "BlobMissing",
+    "BlobStore",
+    "RetryPolicy",
+    "configure_s3",
+    "object_name",
+]
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -173,6 +182,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno is None and "timeout" in str(exc).lower()
 
 
+#: ``run_config.s3`` as compiled into every step's environment (read before the project's config).
+S3_ENDPOINT_ENV = "KVX_S3_ENDPOINT_URL"
+S3_REGION_ENV = "KVX_S3_REGION"
+
+
 def configure_s3(endpoint_url: str | None, region: str | None) -> None:
     """Defaults for every ``s3://`` filesystem fsspec makes in this process (the blob store's and
     the Kedro datasets'), from ``run_config.s3``; the standard AWS variables win."""
@@ -195,6 +209,10 @@ def _filesystem(root: str) -> tuple[Any, str]:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     if root.startswith("file://"):
         root = root[len("file://") :]
+    if root.startswith(("s3://", "s3a://")):
+        # What the compiler put in the step's environment from run_config.s3: code archives
+        # and `gc` reach the store before (or without) reading the project's config.
+        configure_s3(os.environ.get(S3_ENDPOINT_ENV), os.environ.get(S3_REGION_ENV))
     try:
         fs, path = fsspec.core.url_to_fs(root)
     except ImportError as exc:  # fsspec: "Install s3fs to access S3" and the like
