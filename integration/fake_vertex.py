@@ -108,6 +108,8 @@ class FakeVertex:
         self.fail_tasks: set[str] = set()
         self.requests: list[tuple[str, str]] = []
         self.faults = 0
+        #: Create the next job but drop the connection instead of answering (a lost answer).
+        self.lose_next_job_answer = False
         self.lock = threading.Lock()
         fake = self
 
@@ -166,6 +168,13 @@ class FakeVertex:
                 status, payload = self._log_entries(body)
             else:
                 status, payload = self._route(handler.command, url.path.removeprefix("/v1/"), query, body)
+                if status == 200 and handler.command == "POST" and url.path.endswith("/pipelineJobs"):
+                    with self.lock:
+                        lose, self.lose_next_job_answer = self.lose_next_job_answer, False
+                    if lose:  # the job exists; its creator never hears
+                        handler.close_connection = True
+                        handler.connection.shutdown(2)
+                        return
         except Invalid as exc:
             status, payload = 400, {"error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}}
         except json.JSONDecodeError:

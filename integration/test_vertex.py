@@ -221,3 +221,36 @@ def test_ctrl_c_stops_watching_not_the_run(example_project: Path, vertex: FakeVe
     assert "Stopped watching; the run goes on. Cancel it with: kvx-runtime cancel spaceflights-kvx-" in out
     [job] = vertex.jobs.values()
     assert job["state"] not in {"PIPELINE_STATE_CANCELLING", "PIPELINE_STATE_CANCELLED"}
+
+
+def test_a_lost_answer_to_the_jobs_creation_is_not_reported_as_refused(example_project: Path, vertex: FakeVertex,
+                                                                         adc: Path) -> None:
+    """The create is retried after its answer is lost; Vertex AI then answers 409 for the job the
+    first try created. That job carries this submission's label: it is ours, not a failure."""
+    vertex.lose_next_job_answer = True
+    result = kvx(example_project, vertex, adc, "run-once")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [job] = vertex.jobs.values()
+    assert f"Submitted {job['name']}" in result.stdout
+    assert "the answer to the job's creation was lost; the job exists" in result.stderr
+    creates = [path for method, path in vertex.requests if method == "POST" and path.endswith("/pipelineJobs")]
+    assert len(creates) == 2
+
+
+def test_a_job_id_taken_by_another_submission_is_refused(vertex: FakeVertex, fake_google) -> None:
+    import requests
+
+    from kvx_runtime.targets.base import RunRequest
+    from kvx_runtime.targets.http import ApiError
+    from kvx_runtime.targets.vertex import VertexTarget
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {fake_google.access_token()}"
+    target = VertexTarget(PROJECT_ID, REGION, session=session, endpoint=vertex.url, attempts=2)
+    spec = {"pipelineInfo": {"name": "p"}, "root": {}, "schemaVersion": "2.1.0"}
+    # Two submissions within one second get one job id.
+    run = RunRequest(spec=spec, run_id="p-20261124101500", display_name="p")
+    first = target.submit(run)
+    with pytest.raises(ApiError, match="a pipeline job p-20261124101500 already exists \\(another submission's\\)"):
+        target.submit(run)
+    assert [j["name"] for j in vertex.jobs.values()] == [first.name]

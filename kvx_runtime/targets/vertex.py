@@ -32,6 +32,9 @@ __all__ = ["ApiError", "VertexTarget"]
 
 log = get_logger(__name__)
 
+#: The label that marks a job with its submission (a retried create finds its own job by it).
+SUBMISSION_LABEL = "kvx-submission"
+
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _STATE_PREFIX = "PIPELINE_STATE_"
 FAILURE_POLICIES = {"fail_slow": "PIPELINE_FAILURE_POLICY_FAIL_SLOW", "fail_fast": "PIPELINE_FAILURE_POLICY_FAIL_FAST"}
@@ -118,8 +121,24 @@ class VertexTarget(PipelineTarget):
         return body
 
     def submit(self, run: RunRequest) -> RunInfo:
-        payload = self._request("POST", f"{self.parent}/pipelineJobs", params={"pipelineJobId": run.run_id},
-                                body=self.job_body(run))
+        """Create the job. A retry after a lost answer gets 409 for the job it created: the job
+        carries a token of this submission, so ours is told from another with the same id."""
+        import uuid
+
+        token = uuid.uuid4().hex
+        body = self.job_body(run)
+        body["labels"][SUBMISSION_LABEL] = token
+        try:
+            payload = self._request("POST", f"{self.parent}/pipelineJobs", params={"pipelineJobId": run.run_id},
+                                    body=body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            payload = self._request("GET", self._job_name(run.run_id))
+            if (payload.get("labels") or {}).get(SUBMISSION_LABEL) != token:
+                raise ApiError(f"a pipeline job {run.run_id} already exists (another submission's)", status=409,
+                               hint="submit again: the job id carries the time to the second") from None
+            log.info("the answer to the job's creation was lost; the job exists", job=run.run_id)
         return self._run(payload)
 
     def get(self, name: str) -> RunInfo:
