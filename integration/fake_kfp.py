@@ -76,7 +76,9 @@ class FakeKfp:
         #: Credentials seen so far that are refused from now on (a revoked token, an ended session).
         self.revoked: set[str] = set()
         self.revoke_after_first_use = False
-        self.lose_next_run_answer = False
+        #: Routes ("runs", "experiments", "recurringruns") whose next create is made but never
+        #: answered: the connection drops, as when an answer is lost on the way.
+        self.lose_next_answer_to: set[str] = set()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.fake = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
@@ -145,6 +147,14 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def fake(self) -> FakeKfp:
         return self.server.fake  # type: ignore[attr-defined]
+
+    def _created(self, route: str, resource: Any) -> None:
+        if route in self.fake.lose_next_answer_to:  # it exists; its creator never hears
+            self.fake.lose_next_answer_to.discard(route)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self._send(200, resource)
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
@@ -242,15 +252,17 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "experiments" and method == "POST":
             body = self._json("V2beta1Experiment")
             if body is not None:
+                if any(e["display_name"] == body.get("display_name") for e in fake.experiments.values()):
+                    self._error(409, f"Failed to create a new experiment. The name {body.get('display_name')} "
+                                "already exists. Please specify a new name")
+                    return
                 experiment = {**body, "experiment_id": uuid.uuid4().hex, "created_at": _now()}
                 fake.experiments[experiment["experiment_id"]] = experiment
-                self._send(200, experiment)
+                self._created("experiments", experiment)
         elif route == "runs" and method == "POST":
             body = self._json("V2beta1Run")
             if body is None:
                 return
-            lose_answer = fake.lose_next_run_answer
-            fake.lose_next_run_answer = False
             if body.get("experiment_id") not in fake.experiments:
                 self._error(400, "experiment not found")
                 return
@@ -261,11 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
                    "scheduled_at": _now(), "finished_at": "1970-01-01T00:00:00Z",
                    "run_details": {"task_details": tasks}}
             fake.runs[run["run_id"]] = run
-            if lose_answer:  # the run exists; its creator never hears
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return
-            self._send(200, run)
+            self._created("runs", run)
         elif route == "runs" and method == "GET":
             wanted = _filter_value(query)
             runs = [r for r in fake.runs.values() if r.get("experiment_id") == query.get("experiment_id")
@@ -291,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body is not None:
                 recurring = {**body, "recurring_run_id": uuid.uuid4().hex, "status": "ENABLED", "created_at": _now()}
                 fake.recurring[recurring["recurring_run_id"]] = recurring
-                self._send(200, recurring)
+                self._created("recurringruns", recurring)
         elif route == "recurringruns" and method == "GET":
             wanted = _filter_value(query)
             found = [r for r in fake.recurring.values() if wanted is None or r["display_name"] == wanted]

@@ -152,14 +152,25 @@ def test_a_revoked_session_is_renewed_once_after_401(example_project: Path, kfp:
     assert kfp.logins == 2 and len(kfp.revoked) == 1, (kfp.requests, kfp.revoked)
 
 
-def test_a_lost_answer_to_the_runs_creation_never_starts_it_twice(example_project: Path, kfp: FakeKfp) -> None:
+def test_lost_answers_to_creations_never_create_anything_twice(example_project: Path, kfp: FakeKfp) -> None:
+    """KFP takes no request id: after a lost answer the experiment (whose retry gets 409), the
+    run and the recurring run are looked up before the create is sent again."""
     configure(example_project, kfp)
-    kfp.lose_next_run_answer = True
+    kfp.lose_next_answer_to = {"experiments", "runs"}
     ran = kfp_cli(example_project, "run-once", KF_PIPELINES_TOKEN=BEARER_TOKEN)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert len(kfp.runs) == 1, (kfp.requests, ran.stderr[-3000:])
+    assert len(kfp.runs) == 1 and len(kfp.experiments) == 1, (kfp.requests, ran.stderr[-3000:])
     [run] = kfp.runs.values()
-    assert run["run_id"] in ran.stdout and "the run exists" in ran.stderr
+    assert run["run_id"] in ran.stdout and "the run exists" in ran.stderr and "the experiment exists" in ran.stderr
+    assert not kfp.lose_next_answer_to
+
+    for _ in range(2):  # a new schedule, then its replacement, each answer lost
+        kfp.lose_next_answer_to = {"recurringruns"}
+        scheduled = kfp_cli(example_project, "schedule", "--cron", "0 3 * * *",
+                            KF_PIPELINES_TOKEN=BEARER_TOKEN)
+        assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+        assert "the recurring run exists" in scheduled.stderr
+        assert len(kfp.recurring) == 1, kfp.recurring
 
 
 @pytest.mark.parametrize(("host", "problem", "code"), [

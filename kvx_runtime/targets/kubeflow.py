@@ -17,7 +17,7 @@ version as the ``kvx_save_version`` parameter.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -147,25 +147,51 @@ class KubeflowTarget(PipelineTarget):
     def _scoped(self, **params: Any) -> dict[str, Any]:
         return {**({"namespace": self.namespace} if self.namespace else {}), **params}
 
+    def _create(self, what: str, path: str, body: Mapping[str, Any],
+                find: Callable[[], Mapping[str, Any] | None]) -> Mapping[str, Any]:
+        """POST ``body`` to create ``what``, never twice: KFP takes no request id, so after a lost
+        answer (or a 409, the echo of an earlier try that did create it) ``find`` looks for what
+        an earlier try made before the create is sent again."""
+        import time
+
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return dict(self._request("POST", path, body=body, attempts=1))
+            except ApiError as exc:
+                lost = exc.exit_code == InfrastructureError.exit_code
+                if not lost and exc.status != 409:
+                    raise
+                found = find()
+                if found is not None:
+                    log.warning(f"the answer to the {what}'s creation was lost; the {what} exists")
+                    return found
+                if not lost or attempt == self._attempts:
+                    raise
+            time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # --- experiments ------------------------------------------------------------------------
 
     def experiment_id(self, *, create: bool = True) -> str | None:
         """The configured experiment's id; created when missing (with ``create``, else None)."""
         if self._experiment_id is None:
-            params = self._scoped(filter=_equals("display_name", self.experiment_name), page_size=100)
-            for experiment in self._pages("experiments", ("experiments",), params):
-                if experiment.get("display_name") == self.experiment_name:
-                    self._experiment_id = str(experiment["experiment_id"])
-                    break
-            else:
+            found = self._find_experiment()
+            if found is None:
                 if not create:
                     return None
                 body = {"display_name": self.experiment_name, **({"namespace": self.namespace} if self.namespace
                                                                    else {})}
-                created = self._request("POST", "experiments", body=body)
-                self._experiment_id = str(created["experiment_id"])
-                log.info("experiment created", experiment=self.experiment_name, id=self._experiment_id)
+                found = self._create("experiment", "experiments", body, self._find_experiment)
+                log.info("experiment created", experiment=self.experiment_name, id=found["experiment_id"])
+            self._experiment_id = str(found["experiment_id"])
         return self._experiment_id
+
+    def _find_experiment(self) -> Mapping[str, Any] | None:
+        params = self._scoped(filter=_equals("display_name", self.experiment_name), page_size=100)
+        for experiment in self._pages("experiments", ("experiments",), params):
+            if experiment.get("display_name") == self.experiment_name:  # the filter is a hint, this is the rule
+                return experiment
+        return None
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -192,30 +218,18 @@ class KubeflowTarget(PipelineTarget):
         return body
 
     def submit(self, run: RunRequest) -> RunInfo:
-        """Create the run. A creation whose answer was lost is looked up (by its unique display
-        name) before it is sent again: a run is never started twice."""
-        import time
-
+        """Create the run; after a lost answer it is looked up by its display name (unique: the
+        job id) before it is sent again, so a run is never started twice."""
         body = self.run_body(run)
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return self._run(self._request("POST", "runs", body=body, attempts=1))
-            except ApiError as exc:
-                if exc.exit_code != InfrastructureError.exit_code or attempt == self._attempts:
-                    raise
-            existing = self._find_run(body["display_name"], str(body["experiment_id"]))
-            if existing is not None:
-                log.warning("the answer to the run's creation was lost; the run exists", run=existing.run_id)
-                return existing
-            time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._run(self._create("run", "runs", body,
+                                      lambda: self._find_run(body["display_name"], str(body["experiment_id"]))))
 
-    def _find_run(self, display_name: str, experiment_id: str) -> RunInfo | None:
+    def _find_run(self, display_name: str, experiment_id: str) -> Mapping[str, Any] | None:
         params = self._scoped(experiment_id=experiment_id, filter=_equals("display_name", display_name),
                               page_size=100)
         for run in self._pages("runs", ("runs",), params):
             if run.get("display_name") == display_name:
-                return self._run(run)
+                return run
         return None
 
     def get(self, name: str) -> RunInfo:
@@ -272,15 +286,17 @@ class KubeflowTarget(PipelineTarget):
                             state=str(payload.get("status") or payload.get("mode") or ""), cron=str(cron))
 
     def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        found = self._schedules_named(display_name)
+        return self._schedule(found[0]) if found else None
+
+    def _schedules_named(self, display_name: str) -> list[Mapping[str, Any]]:
         experiment = self.experiment_id(create=False)
         if experiment is None:
-            return None
+            return []
         params = self._scoped(experiment_id=experiment, filter=_equals("display_name", display_name),
                               page_size=100)
-        for schedule in self._pages("recurringruns", ("recurringRuns", "recurring_runs"), params):
-            if schedule.get("display_name") == display_name:  # the filter is a hint, this is the rule
-                return self._schedule(schedule)
-        return None
+        return [schedule for schedule in self._pages("recurringruns", ("recurringRuns", "recurring_runs"), params)
+                if schedule.get("display_name") == display_name]  # the filter is a hint, this is the rule
 
     def schedule_body(self, request: ScheduleRequest) -> dict[str, Any]:
         if request.timezone:
@@ -319,13 +335,19 @@ class KubeflowTarget(PipelineTarget):
 
     def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
         body = self.schedule_body(request)
-        existing = self.find_schedule(request.display_name)
-        created = self._schedule(self._request("POST", "recurringruns", body=body))
-        if existing is not None:
-            # KFP cannot update a recurring run: the new one replaces it (created first, so
-            # that a refused body never leaves the pipeline unscheduled).
-            self._request("DELETE", f"recurringruns/{quote(existing.name, safe='')}")
-        return created, existing is None
+        before = self._schedules_named(request.display_name)
+        known = {str(schedule.get("recurring_run_id")) for schedule in before}
+
+        def made_by_an_earlier_try() -> Mapping[str, Any] | None:
+            return next((schedule for schedule in self._schedules_named(request.display_name)
+                         if str(schedule.get("recurring_run_id")) not in known), None)
+
+        created = self._schedule(self._create("recurring run", "recurringruns", body, made_by_an_earlier_try))
+        # KFP cannot update a recurring run: the new one replaces the old ones (created first, so
+        # that a refused body never leaves the pipeline unscheduled).
+        for old in before:
+            self._request("DELETE", f"recurringruns/{quote(str(old['recurring_run_id']), safe='')}")
+        return created, not before
 
     def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
         path = f"recurringruns/{quote(name, safe='')}"
