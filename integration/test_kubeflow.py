@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project:
 
     listed = kfp_cli(example_project, "list-pipelines", **token)
     assert listed.returncode == 0 and run["run_id"] in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = kfp_cli(example_project, "status", run["run_id"], **token)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"{run['run_id']}: SUCCEEDED" in status.stdout, status.stdout
+    assert "SUCCEEDED  data-science-train-model-node" in status.stdout, status.stdout
+    console = kfp_cli(example_project, "ui", **token)
+    ui_url = f"{kfp.url.removesuffix('/pipeline')}/_/pipeline/#/runs"
+    assert console.returncode == 0 and console.stdout.strip() == ui_url
+    # The plugin family's command names, through Kedro's own CLI.
+    kedro_listed = subprocess.run([sys.executable, "-m", "kedro", "kubeflow", "list-pipelines"], cwd=example_project,
+                                  env=step_env(KVX_LOG_FORMAT="json", **LOOPBACK_ONLY, **token),
+                                  capture_output=True, text=True, timeout=300)
+    assert kedro_listed.returncode == 0, kedro_listed.stderr[-2000:]
+    assert run["run_id"] in kedro_listed.stdout
 
     for _ in range(2):  # twice: one recurring run, replaced rather than duplicated
         scheduled = kfp_cli(example_project, "schedule", "--cron", "0 6 * * *", **token)

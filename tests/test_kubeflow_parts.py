@@ -112,3 +112,26 @@ def test_schedule_options_kfp_lacks_are_refused_not_ignored() -> None:
     ]:
         with pytest.raises(UsageError, match=problem):
             target.schedule_body(request)
+
+
+@pytest.mark.parametrize(("account", "problem"), [
+    ("pipelines@my-project.iam.gserviceaccount.com", "is a Google service account's email"),
+    ("Pipeline_Runner", "is not a Kubernetes name"),
+    ("-runner", "is not a Kubernetes name"),
+])
+def test_a_service_account_kfp_cannot_run_pods_as_is_refused_before_any_request(account: str, problem: str) -> None:
+    from kvx_runtime.targets.base import RunRequest
+
+    # Port 9 is closed: the refusal must come before the experiment is looked up.
+    target = KubeflowTarget("http://127.0.0.1:9/pipeline", attempts=1)
+    run = RunRequest(spec={"root": {}}, run_id="p-1", display_name="p", service_account=account)
+    with pytest.raises(ConfigError, match=problem) as refused:
+        target.run_body(run)
+    assert "Kubernetes service account" in refused.value.hint
+
+
+def test_a_kubernetes_service_account_name_is_sent_as_is() -> None:
+    from kvx_runtime.targets.kubeflow import _kubernetes_service_account
+
+    assert _kubernetes_service_account("default-editor") == "default-editor"
+    assert _kubernetes_service_account("kvx.runner-1") == "kvx.runner-1"

@@ -17,6 +17,7 @@ version as the ``kvx_save_version`` parameter.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -75,6 +76,21 @@ def _time(value: Any) -> datetime | None:
 def _equals(key: str, value: str) -> str:
     """A KFP list filter (JSON-serialized ``Filter``) matching ``key == value``."""
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "string_value": value}]})
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _kubernetes_service_account(name: str) -> str:
+    """KFP runs pods as a Kubernetes service account: a DNS subdomain name, not a Google
+    service account's email (what run_config.service_account holds for Vertex AI)."""
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+        kind = "a Google service account's email" if "@" in name else "not a Kubernetes name"
+        raise ConfigError(f"run_config.service_account {name!r} is {kind}: Kubeflow Pipelines runs steps as a "
+                          "Kubernetes service account of the namespace",
+                          hint="set it to the Kubernetes service account's name (e.g. default-editor), or "
+                          "leave it out for the namespace's default")
+    return name
 
 
 def kfp_cron(expression: str) -> str:
@@ -206,6 +222,8 @@ class KubeflowTarget(PipelineTarget):
         if run.template_uri:
             raise UsageError("--template is a Vertex AI (Artifact Registry) option",
                              hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
+        if run.service_account:  # before any request: a refused name must not create the experiment
+            _kubernetes_service_account(run.service_account)
         body: dict[str, Any] = {
             "display_name": run.run_id,
             "description": _description(run.display_name),
