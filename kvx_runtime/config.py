@@ -513,7 +513,8 @@ def read_raw_plugin_config(
     merge_strategy: str = "destructive",
 ) -> tuple[dict[str, Any], list[str]]:
     """Read and merge ``vertexai*`` files from ``<conf>/<base_env>`` and ``<conf>/<env>``
-    (``kubeflow*`` files when there is no ``vertexai*`` file: a kedro-kubeflow project).
+    (in an environment without ``vertexai*`` files, its ``kubeflow*`` files: a kedro-kubeflow
+    project).
 
     Returns the merged mapping (values resolved one by one, see :func:`_resolve_leaves`) and
     the files read. ``merge_strategy`` is Kedro's: ``destructive`` (the env file replaces
@@ -526,14 +527,17 @@ def read_raw_plugin_config(
     layers: list[Any] = []
     files: list[str] = []
     envs = [base_env] if env == base_env else [base_env, env]
-    patterns = CONFIG_PATTERNS
-    if not any(fs.glob(f"{PurePosixPath(root) / name}/{p}") for name in envs for p in CONFIG_PATTERNS):
-        patterns = KUBEFLOW_CONFIG_PATTERNS
     for env_name in envs:
         env_dir = str(PurePosixPath(root) / env_name)
-        found: set[str] = set()
-        for pattern in patterns:
-            found.update(fs.glob(f"{env_dir}/{pattern}"))
+        # Per environment: its vertexai* files, else its kubeflow* files (a kedro-kubeflow
+        # project), so that conf/base/kubeflow.yml and conf/local/vertexai.yml both count.
+        found = {path for pattern in CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")}
+        ignored = {path for pattern in KUBEFLOW_CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")}
+        if not found:
+            found, ignored = ignored, set()
+        elif ignored:
+            log.warning("both vertexai and kubeflow config files in one environment: the kubeflow ones are "
+                        "not read", environment=env_name, ignored=sorted(ignored))
         configs = []
         for path in sorted(found):
             if not path.endswith((".yml", ".yaml", ".json")) or fs.isdir(path):

@@ -216,6 +216,23 @@ def test_a_kedro_kubeflow_projects_kubeflow_yml_is_read_when_there_is_no_vertexa
     assert load_plugin_config(tmp_path, "base").host is None
 
 
+def test_kubeflow_yml_in_base_and_vertexai_yml_in_an_env_both_count(tmp_path: Path, caplog) -> None:
+    """Files are chosen per environment: a kedro-kubeflow project that adds conf/local/vertexai.yml
+    keeps its conf/base/kubeflow.yml (the env file on top, as Kedro merges)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "base" / "kubeflow.yml").write_text(
+        "host: https://kubeflow.example.com/pipeline\nrun_config:\n  image: img\n  namespace: team-a\n")
+    (tmp_path / "local" / "vertexai.yml").write_text("run_config:\n  image: img\n  namespace: team-b\n")
+    config = load_plugin_config(tmp_path, "local", merge_strategy="soft")
+    assert config.host == "https://kubeflow.example.com/pipeline"
+    assert config.run_config.namespace == "team-b"
+    # Both kinds in one environment: vertexai wins there, with a warning.
+    (tmp_path / "local" / "kubeflow.yml").write_text("run_config:\n  namespace: team-c\n")
+    assert load_plugin_config(tmp_path, "local", merge_strategy="soft").run_config.namespace == "team-b"
+    assert "the kubeflow ones are not read" in caplog.text
+
+
 def test_an_s3_endpoint_that_is_not_a_url_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "vertexai.yml").write_text("run_config:\n  s3:\n    endpoint_url: minio:9000\n")
