@@ -207,7 +207,10 @@ class FaultProxy:
             if name.lower() not in _HOP_HEADERS and name.lower() != "content-length":
                 handler.send_header(name, self._rewrite(value))
         content = self._rewrite_bytes(content)
-        handler.send_header("Content-Length", str(len(content)))
+        # A HEAD answer has no body: its Content-Length is the object's size (S3's HEAD Object).
+        length = dict((k.lower(), v) for k, v in headers).get("content-length", "0") \
+            if handler.command == "HEAD" else str(len(content))
+        handler.send_header("Content-Length", length)
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(content)

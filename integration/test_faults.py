@@ -68,6 +68,33 @@ def test_every_step_succeeds_first_time_through_injected_gcs_faults(
         store.load(blob)
 
 
+def test_every_step_succeeds_first_time_through_injected_s3_faults(
+    example_project: Path, node_order, s3_server
+) -> None:
+    """The same on an s3:// root (moto behind the proxy): botocore's retries, then ours, under
+    throttling, resets, delays and PUTs whose answer is lost after moto stored the object."""
+    seed = SEEDS[0]
+    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="clean"))
+    proxy = FaultProxy(s3_server.port, FaultPlan(rate=FAULT_RATE, seed=seed, delay=0.3)).start()
+    root = f"s3://{s3_server.bucket}/faults-s3-{seed}"
+    env = step_env(**{**s3_server.env, "AWS_ENDPOINT_URL": proxy.url}, KVX_STORAGE_RETRY_WAIT="0.2")
+    first_attempt_failures = []
+    try:
+        for node in node_order:
+            result = run_step(example_project, "--node", node, "--run-id", f"faults-s3-{seed}", "--storage-root",
+                              root, "--env", "base", env=env, timeout=600)
+            if result.returncode != 0:
+                first_attempt_failures.append(f"{node}: exit {result.returncode}: {result.last_message[:300]}")
+    finally:
+        proxy.stop()
+    assert first_attempt_failures == [], first_attempt_failures
+    assert sum(proxy.injected.values()) > 0 and proxy.injected["lost"] > 0, proxy.injected
+    assert reports(example_project, f"faults-s3-{seed}") == reports(example_project, "clean")
+    store = BlobStore(root, f"faults-s3-{seed}")  # read from moto directly (the test's AWS_ENDPOINT_URL)
+    for blob in EXPECTED_BLOBS:
+        store.load(blob)
+
+
 def test_the_pipelines_mlflow_run_survives_faults_on_both_servers(
     example_project: Path, node_order, gcs_emulator, mlflow_server
 ) -> None:
