@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,11 @@ from conftest import EXAMPLE_PROJECT, REPO
 
 pytestmark = [pytest.mark.buildah, pytest.mark.slow]
 
-BUILDAH = ["buildah", "--storage-driver", "vfs"]
+#: A storage of the test session's own, deleted after the module: vfs copies every layer whole,
+#: and the layer cache that repeated runs leave (untagged intermediate images, the working
+#: containers of a failed build) would fill the disk.
+STORAGE = Path(tempfile.gettempdir()) / f"kvx-buildah-{os.getpid()}"
+BUILDAH = ["buildah", "--storage-driver", "vfs", "--root", str(STORAGE / "root"), "--runroot", str(STORAGE / "run")]
 BASE = "localhost/kvx-test-python:bookworm"
 RUNTIME = "localhost/kvx-runtime:kvx-test"
 PROJECT = "localhost/spaceflights-kvx:kvx-test"
@@ -38,6 +43,7 @@ def _why_not() -> str | None:
         return "building with --isolation chroot --storage-driver vfs needs root here"
     probe = subprocess.run([*BUILDAH, "images"], capture_output=True, text=True)
     if probe.returncode != 0:
+        shutil.rmtree(STORAGE, ignore_errors=True)
         return f"buildah cannot run: {probe.stderr.strip()[:200]}"
     return None
 
@@ -45,6 +51,14 @@ def _why_not() -> str | None:
 REASON = _why_not()
 if REASON:
     pytestmark.append(pytest.mark.skip(reason=REASON))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_storage() -> Iterator[Path]:
+    yield STORAGE
+    subprocess.run([*BUILDAH, "rm", "--all"], capture_output=True)
+    subprocess.run([*BUILDAH, "rmi", "--all", "--force"], capture_output=True)
+    shutil.rmtree(STORAGE, ignore_errors=True)
 
 
 def buildah(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
