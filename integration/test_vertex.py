@@ -236,6 +236,12 @@ def test_a_lost_answer_to_the_jobs_creation_is_not_reported_as_refused(example_p
     creates = [path for method, path in vertex.requests if method == "POST" and path.endswith("/pipelineJobs")]
     assert len(creates) == 2
 
+    # No try left after the lost answer: the job is looked up rather than reported failed.
+    vertex.lose_next_job_answer = True
+    single = kvx(example_project, vertex, adc, "run-once", KVX_VERTEX_ATTEMPTS="1")
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
+    assert len(vertex.jobs) == 2 and "the job exists" in single.stderr
+
 
 def test_a_job_id_taken_by_another_submission_is_refused(vertex: FakeVertex, fake_google) -> None:
     import requests

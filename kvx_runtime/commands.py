@@ -275,9 +275,13 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
         if needs_project or root.startswith("s3://"):
             try:  # for an s3:// root given outright, the project's run_config.s3, when there is one
                 config = open_project(project_path, resolve_env(ctx, env), needed=(*STEP_KEYS, "run_config.ttl"))
-            except KvxError:
+            except KvxError as exc:
                 if needs_project:
                     raise
+                from kvx_runtime.log import get_logger
+
+                get_logger(__name__).warning(
+                    "no project config read: run_config.s3 does not apply (the AWS variables do)", error=str(exc))
         if needs_project and config is not None:
             run_config = config.plugin_config.run_config
             ttl = run_config.ttl if ttl is None else ttl

@@ -48,6 +48,7 @@ log = get_logger(__name__)
 
 CONFIG_KEY = "vertexai"
 CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
+_CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 #: Read when no vertexai* file exists: projects coming from kedro-kubeflow.
 KUBEFLOW_CONFIG_PATTERNS = ["kubeflow*", "kubeflow/**"]
 _CPU = re.compile(r"^\d+(\.\d+)?m?$")
@@ -531,8 +532,10 @@ def read_raw_plugin_config(
         env_dir = str(PurePosixPath(root) / env_name)
         # Per environment: its vertexai* files, else its kubeflow* files (a kedro-kubeflow
         # project), so that conf/base/kubeflow.yml and conf/local/vertexai.yml both count.
-        found = {path for pattern in CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")}
-        ignored = {path for pattern in KUBEFLOW_CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")}
+        found = {path for pattern in CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")
+                 if path.endswith(_CONFIG_SUFFIXES)}  # a stray vertexai.yml.bak chooses nothing
+        ignored = {path for pattern in KUBEFLOW_CONFIG_PATTERNS for path in fs.glob(f"{env_dir}/{pattern}")
+                   if path.endswith(_CONFIG_SUFFIXES)}
         if not found:
             found, ignored = ignored, set()
         elif ignored:
@@ -540,7 +543,7 @@ def read_raw_plugin_config(
                         "not read", environment=env_name, ignored=sorted(ignored))
         configs = []
         for path in sorted(found):
-            if not path.endswith((".yml", ".yaml", ".json")) or fs.isdir(path):
+            if fs.isdir(path):
                 continue
             loaded = _parse_file(fs.cat_file(path), path)
             if loaded is None:

@@ -231,6 +231,9 @@ def test_kubeflow_yml_in_base_and_vertexai_yml_in_an_env_both_count(tmp_path: Pa
     (tmp_path / "local" / "kubeflow.yml").write_text("run_config:\n  namespace: team-c\n")
     assert load_plugin_config(tmp_path, "local", merge_strategy="soft").run_config.namespace == "team-b"
     assert "the kubeflow ones are not read" in caplog.text
+    # A stray backup is not a config file: it hides nothing.
+    (tmp_path / "base" / "vertexai.yml.bak").write_text("run_config:\n  namespace: stale\n")
+    assert load_plugin_config(tmp_path, "base").host == "https://kubeflow.example.com/pipeline"
 
 
 def test_an_s3_endpoint_that_is_not_a_url_is_a_config_error(tmp_path: Path) -> None:

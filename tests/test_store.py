@@ -431,3 +431,17 @@ def test_gc_on_an_unreachable_store_is_one_line_and_exit_3(monkeypatch) -> None:
     with pytest.raises(StorageError, match=r"^could not clean s3://kvx-gc/x: EndpointConnectionError") as failed:
         collect_garbage("s3://kvx-gc/x", 0)
     assert failed.value.exit_code == ExitCode.INFRASTRUCTURE
+
+
+def test_an_s3_store_that_ignores_conditional_writes_is_refused(s3_server, tmp_path: Path, monkeypatch) -> None:
+    """A store that overwrites where it should refuse (older S3-compatible servers): simulated
+    by dropping s3fs's If-None-Match on the real moto server. Two steps could otherwise each
+    keep their own run version; the record is refused before it is written."""
+    store = BlobStore(f"s3://{s3_server.bucket}/ignores-{tmp_path.name}", "job", retry=FAST_RETRY)
+    real_pipe = store._fs.pipe_file
+    monkeypatch.setattr(store._fs, "pipe_file", lambda path, data, mode="overwrite", **kw: real_pipe(path, data, **kw))
+    with pytest.raises(ConfigError, match="ignores conditional writes") as refused:
+        store.first_record("run-version.json", b"first")
+    assert refused.value.exit_code == ExitCode.USAGE
+    fs = s3_server.filesystem()
+    assert fs.find(f"{s3_server.bucket}/ignores-{tmp_path.name}") == []  # neither record nor probe

@@ -18,6 +18,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -163,9 +164,14 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+class CreateConflict(Exception):
+    """A conditional create that met another in flight (AWS S3: 409 ConditionalRequestConflict,
+    to be retried)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
-    if isinstance(exc, UploadNotFinalized):
+    if isinstance(exc, (UploadNotFinalized, CreateConflict)):
         return True
     if isinstance(exc, (KvxError, FileNotFoundError, PermissionError)):
         return False
@@ -304,6 +310,7 @@ class BlobStore:
         self._base = f"{base}/{TEMP_DIR}/{object_name(job_name)}"
         self._display_root = root.rstrip("/")
         self._swept = False
+        self._conditional_create_checked = False
 
     # --- naming -------------------------------------------------------------------------
 
@@ -381,13 +388,46 @@ class BlobStore:
             if _is_local(self._fs):
                 self._create_local(path, content)
             else:
+                self._require_conditional_create()
                 try:
                     self._fs.pipe_file(path, content, mode="create")
                 except FileExistsError:
                     pass  # another step of the run was first
+                except OSError as exc:
+                    if _http_status(exc) == 409:
+                        raise CreateConflict(str(exc)) from exc
+                    raise
             return bytes(self._fs.cat_file(path))
 
         return self._retrying(f"record {self.job_url}/{name}", attempt)
+
+    def _require_conditional_create(self) -> None:
+        """S3-compatible stores that ignore ``If-None-Match`` overwrite instead of refusing, and
+        two steps would each keep their own record: checked once, with a probe object."""
+        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
+        if self._conditional_create_checked or protocol not in {"s3", "s3a"}:
+            return
+        probe = f"{self._base}/.kvx-create-probe-{uuid.uuid4().hex}"
+        try:
+            self._fs.pipe_file(probe, b"first", mode="create")
+        except FileExistsError:
+            pass  # our own create, whose answer was lost and re-sent
+        try:
+            self._fs.pipe_file(probe, b"second", mode="create")
+            honoured = False
+        except FileExistsError:
+            honoured = True
+        finally:
+            with contextlib.suppress(Exception):
+                self._fs.rm_file(probe)
+        if not honoured:
+            raise ConfigError(
+                f"the S3 store of {self._display_root} ignores conditional writes (If-None-Match): "
+                "the steps of a run could each record their own save version",
+                hint="use a store that supports them (AWS S3; MinIO releases since 2024), or set the pipeline "
+                "parameter kvx_save_version",
+            )
+        self._conditional_create_checked = True
 
     # --- internals ----------------------------------------------------------------------
 

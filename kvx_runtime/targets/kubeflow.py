@@ -177,13 +177,14 @@ class KubeflowTarget(PipelineTarget):
                 lost = exc.exit_code == InfrastructureError.exit_code
                 if not lost and exc.status != 409:
                     raise
+                if lost:  # a server still at work (a gateway's 504, our timeout) shows the result later
+                    time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
                 found = find()
                 if found is not None:
                     log.warning(f"the answer to the {what}'s creation was lost; the {what} exists")
                     return found
                 if not lost or attempt == self._attempts:
                     raise
-            time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- experiments ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kvx_runtime.compiler.names import label_value
-from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
     PipelineTarget,
@@ -132,10 +132,18 @@ class VertexTarget(PipelineTarget):
             payload = self._request("POST", f"{self.parent}/pipelineJobs", params={"pipelineJobId": run.run_id},
                                     body=body)
         except ApiError as exc:
-            if exc.status != 409:
+            conflict = exc.status == 409
+            if not conflict and exc.exit_code != InfrastructureError.exit_code:
                 raise
-            payload = self._request("GET", self._job_name(run.run_id))
+            try:  # a 409 for our own job, or no answer at all: the job may exist all the same
+                payload = self._request("GET", self._job_name(run.run_id))
+            except ApiError:
+                if conflict:
+                    raise
+                raise exc from None  # not there (or not reachable either): the create's own error
             if (payload.get("labels") or {}).get(SUBMISSION_LABEL) != token:
+                if not conflict:
+                    raise exc from None
                 raise ApiError(f"a pipeline job {run.run_id} already exists (another submission's)", status=409,
                                hint="submit again: the job id carries the time to the second") from None
             log.info("the answer to the job's creation was lost; the job exists", job=run.run_id)
