@@ -135,3 +135,31 @@ def test_a_kubernetes_service_account_name_is_sent_as_is() -> None:
 
     assert _kubernetes_service_account("default-editor") == "default-editor"
     assert _kubernetes_service_account("kvx.runner-1") == "kvx.runner-1"
+
+
+def test_a_host_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as refused:
+        KubeflowTarget("http://admin:s3cretpw@kubeflow.example.com/pipeline")
+    assert "s3cretpw" not in str(refused.value) + str(refused.value.hint)
+    assert "must not hold credentials" in str(refused.value)
+    for host in ("http://[::1", "https://kubeflow.example.com/pipeline?x=1"):
+        with pytest.raises(ConfigError, match="host"):
+            KubeflowTarget(host)
+
+
+def test_a_bearer_token_is_trimmed_and_one_with_inner_whitespace_refused(clean_auth_env) -> None:
+    clean_auth_env.setenv("KF_PIPELINES_TOKEN", "tok-123\n")
+    assert kfp_auth_from_environment("http://h").headers() == {"Authorization": "Bearer tok-123"}
+    clean_auth_env.setenv("KF_PIPELINES_TOKEN", "tok 123")
+    with pytest.raises(ConfigError, match="holds whitespace") as refused:
+        kfp_auth_from_environment("http://h")
+    assert "tok 123" not in str(refused.value)
+
+
+def test_a_bad_cron_is_refused_before_any_request() -> None:
+    from kvx_runtime.targets.base import RunRequest, ScheduleRequest
+
+    target = KubeflowTarget("http://127.0.0.1:9/pipeline", attempts=1)  # closed: no request may be made
+    run = RunRequest(spec={"root": {}}, run_id="p-1", display_name="p")
+    with pytest.raises(UsageError, match="cron"):
+        target.schedule_body(ScheduleRequest(display_name="s", cron="* * *", timezone=None, run=run))

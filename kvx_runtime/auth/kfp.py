@@ -205,8 +205,10 @@ class NoAuth(KfpAuth):
 
 def kfp_auth_from_environment(host: str) -> KfpAuth:
     """The auth mode the environment configures (see the module docstring for the order)."""
-    token = os.environ.get("KF_PIPELINES_TOKEN") or os.environ.get("KVX_KFP_TOKEN")
+    token = (os.environ.get("KF_PIPELINES_TOKEN") or os.environ.get("KVX_KFP_TOKEN") or "").strip()
     if token:
+        if any(ch.isspace() for ch in token):  # never sendable as a header; never echoed
+            raise ConfigError("KF_PIPELINES_TOKEN (or KVX_KFP_TOKEN) holds whitespace: it is not a bearer token")
         return BearerTokenAuth(token)
     client_id = os.environ.get("IAP_CLIENT_ID")
     if client_id:

@@ -96,7 +96,7 @@ def request_json(
     """
     from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
-    where = urlsplit(url).netloc or url[:60]
+    where = urlsplit(url).netloc.rpartition("@")[2] or "the service"  # never user:password@
     refreshed = False
     made = 0
 

@@ -51,14 +51,22 @@ def _checked_host(host: str) -> str:
     if not host:
         raise ConfigError(f"Kubeflow Pipelines needs host: the API's URL ({example})",
                           hint="set host in conf/base/vertexai.yml (or kubeflow.yml)")
-    parts = urlsplit(host.strip())
     try:
+        parts = urlsplit(host.strip())
         parts.port  # noqa: B018  (raises on a port that is not a number in range)
         valid = parts.scheme in {"http", "https"} and bool(parts.hostname) and " " not in host.strip()
     except ValueError:
         valid = False
-    if not valid:
+        parts = None
+    if parts is not None and (parts.username or parts.password):
+        # Never echo it: the part before "@" may be a password.
+        raise ConfigError("host must not hold credentials (user:password@)",
+                          hint="use DEX_USERNAME/DEX_PASSWORD, KF_PIPELINES_TOKEN or IAP_CLIENT_ID")
+    if not valid or parts is None:
         raise ConfigError(f"host {host[:100]!r} is not an http(s) URL", hint=f"e.g. {example}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"host {host[:100]!r} has a query or fragment: give the API's base URL",
+                          hint=f"e.g. {example}")
     return host.strip().rstrip("/")
 
 
@@ -327,10 +335,10 @@ class KubeflowTarget(PipelineTarget):
         if request.max_run_count is not None:
             raise UsageError("Kubeflow Pipelines recurring runs have no maximum run count",
                              hint="use --end-time instead")
+        cron: dict[str, Any] = {"cron": kfp_cron(request.cron)}  # before any request: a bad cron creates nothing
         run = self.run_body(request.run)
         parameters = dict(run["runtime_config"]["parameters"])
         parameters.pop(SAVE_VERSION_PARAMETER, None)  # each scheduled run gets its creation time
-        cron: dict[str, Any] = {"cron": kfp_cron(request.cron)}
         if request.start_time:
             cron["start_time"] = request.start_time
         if request.end_time:
