@@ -4,7 +4,8 @@ Chosen from the environment, first match wins:
 
 1. ``KF_PIPELINES_TOKEN`` (or ``KVX_KFP_TOKEN``): a bearer token as is;
 2. ``IAP_CLIENT_ID``: KFP behind Google's Identity-Aware Proxy: a Google ID token for that
-   audience (service-account key, metadata server or gcloud credentials, via google-auth);
+   audience (a service-account key in GOOGLE_APPLICATION_CREDENTIALS or the metadata server,
+   via google-auth; gcloud user credentials cannot mint one);
 3. ``DEX_USERNAME`` and ``DEX_PASSWORD``: KFP behind Dex (static password) and
    oidc-authservice or oauth2-proxy: the login form flow, ending with the session cookie
    (``authservice_session``; ``oauth2_proxy_kubeflow`` on Kubeflow >= 1.9);
