@@ -37,6 +37,12 @@ def adc(tmp_path, fake_google) -> Path:
                                 "deployer@kvx-test.iam.gserviceaccount.com")
 
 
+def final_record(stderr: str) -> dict:
+    """The command's last line of its own (a library thread may log after it)."""
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [record for record in records if record.get("logger", "").startswith("kvx_runtime")][-1]
+
+
 def kvx(project: Path, vertex: FakeVertex, adc: Path, *args: str, timeout: float = 300, **extra: str):
     env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_WATCH_INTERVAL="0.05",
                    KVX_VERTEX_RETRY_WAIT="0.05", KVX_LOG_FORMAT="json", **LOOPBACK_ONLY, **extra)
@@ -90,7 +96,7 @@ def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: Fa
     assert replay.startswith("  replay:  kvx-runtime exec-node --node data_science.train_model_node --env base")
     assert f"--job-name {job_id}" in replay and "--storage-root gs://kvx-example-bucket/pipelines" in replay
     assert "--job-create-time 20" in replay and "--save-version" not in replay and "{{$" not in replay
-    final = json.loads(result.stderr.strip().splitlines()[-1])
+    final = final_record(result.stderr)
     assert final["message"].startswith(f"kvx-runtime run-once failed: pipeline run {job_id} FAILED")
 
     # status says the same afterwards, from the job alone.
@@ -197,7 +203,7 @@ def test_status_logs_fetches_the_failed_tasks_errors(example_project: Path, vert
 def test_wait_timeout_stops_waiting_not_the_run(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
     result = kvx(example_project, vertex, adc, "run-once", "--wait", "--timeout", "0")
     assert result.returncode == 3
-    final = json.loads(result.stderr.strip().splitlines()[-1])
+    final = final_record(result.stderr)
     assert "is still PENDING after 0 s; it keeps running" in final["message"]
     assert "kvx-runtime status" in final["message"]
     [job] = vertex.jobs.values()

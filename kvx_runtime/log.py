@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -123,7 +124,11 @@ class _StepNoiseFilter(logging.Filter):
     - kedro-mlflow's warnings about an already active run: attaching to the pipeline's run
       before the session starts is exactly how a step shares one run;
     - gcsfs's own error records with tracebacks (out of retries, deferred closes): the blob
-      store retries and reports storage failures itself, in one line (kept at DEBUG).
+      store retries and reports storage failures itself, in one line (kept at DEBUG);
+    - urllib3's connection warnings from google-auth's background Regional Access Boundary
+      lookup: google-auth treats that lookup as optional and logs its failure at DEBUG, but
+      the retries under it would warn (where iamcredentials.googleapis.com is unreachable),
+      at any moment, even after a command's final line (kept at DEBUG).
     """
 
     _mlflow_prefixes = ("The mlflow run", "mlflow_config.", "A mlflow run was already active",
@@ -140,7 +145,15 @@ class _StepNoiseFilter(logging.Filter):
             return not message.startswith(self._mlflow_prefixes)
         if record.name.startswith("gcsfs") and record.levelno >= logging.ERROR:
             return logging.getLogger().isEnabledFor(logging.DEBUG)
+        if record.name.startswith("urllib3") and _in_access_boundary_lookup():
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
+
+
+def _in_access_boundary_lookup() -> bool:
+    # google-auth runs the lookup in a thread of this (private) class; if it is renamed the
+    # warnings simply show again.
+    return type(threading.current_thread()).__name__ == "_RegionalAccessBoundaryRefreshThread"
 
 
 def _cloud_logging_fields(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

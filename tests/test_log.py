@@ -95,3 +95,46 @@ def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -
     assert redact(f"404 for {url}") == ("404 for https://storage.googleapis.com/upload/storage/v1/b/b/o?"
                                         "uploadType=resumable&upload_id=[redacted]")
     assert redact("https://user:pa55@mlflow.example.com/api") == "https://[redacted]@mlflow.example.com/api"
+
+
+def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, monkeypatch) -> None:
+    """google-auth >= 2.62 looks up a service account's Regional Access Boundary in a background
+    thread after each token use; where iamcredentials.googleapis.com is unreachable (here: a
+    refused proxy, nothing leaves the machine) urllib3 warns about its retries at any moment,
+    even after a command's final line. google-auth itself logs that failure at DEBUG."""
+    import datetime
+    import threading
+
+    import requests
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.auth.transport.requests import AuthorizedSession
+    from google.oauth2 import service_account
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    credentials = service_account.Credentials.from_service_account_info({
+        "type": "service_account", "client_email": "deployer@kvx-test.iam.gserviceaccount.com",
+        "private_key": key, "private_key_id": "k1", "token_uri": "http://127.0.0.1:9/token",
+    })
+    credentials.token = "a-token"
+    credentials.expiry = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(hours=1)
+
+    seen: list[logging.LogRecord] = []
+    witness = logging.Handler(level=logging.WARNING)
+    witness.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("urllib3").addHandler(witness)
+    try:
+        with pytest.raises(requests.ConnectionError):  # nothing listens there: only the lookup matters
+            AuthorizedSession(credentials).get("http://127.0.0.1:9/v1/anything", timeout=5)
+        for thread in threading.enumerate():
+            if type(thread).__name__ == "_RegionalAccessBoundaryRefreshThread":
+                thread.join(timeout=30)
+    finally:
+        logging.getLogger("urllib3").removeHandler(witness)
+    assert seen, "google-auth did not look the boundary up: this test no longer checks anything"
+    assert "allowedLocations" in seen[0].getMessage()
+    assert lines(json_logs) == []
