@@ -28,6 +28,22 @@ os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 
 
+#: HTTP(S) that is not for 127.0.0.1 goes to a port nothing listens on. Libraries call Google on
+#: their own (google-auth >= 2.62 looks up every service account's Regional Access Boundary at
+#: iamcredentials.googleapis.com, whatever endpoint the request itself was for).
+LOOPBACK_ONLY = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+                 "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+                 "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test and the processes it starts (image builds fetch base packages: exempt)."""
+    if request.node.get_closest_marker("buildah") is None:
+        for key, value in LOOPBACK_ONLY.items():
+            monkeypatch.setenv(key, value)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

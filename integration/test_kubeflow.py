@@ -21,8 +21,6 @@ from integration.fake_kfp import BEARER_TOKEN, DEX_PASSWORD, DEX_USER, FakeKfp
 pytestmark = pytest.mark.slow
 
 IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
-#: Google libraries must never leave 127.0.0.1 (see test_vertex.py).
-LOOPBACK_ONLY = {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
 
 
 @pytest.fixture
@@ -41,7 +39,7 @@ def configure(project: Path, kfp: FakeKfp, host: str | None = None) -> None:
 
 def kfp_cli(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environment = step_env(KVX_WATCH_INTERVAL="0.05", KVX_API_RETRY_WAIT="0.05", KVX_LOG_FORMAT="json",
-                           **LOOPBACK_ONLY, **env)
+                           **env)
     return subprocess.run([*KVX, "kfp", *args], cwd=project, env=environment, capture_output=True, text=True,
                           timeout=300)
 
@@ -81,7 +79,7 @@ def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project:
     assert console.returncode == 0 and console.stdout.strip() == ui_url
     # The plugin family's command names, through Kedro's own CLI.
     kedro_listed = subprocess.run([sys.executable, "-m", "kedro", "kubeflow", "list-pipelines"], cwd=example_project,
-                                  env=step_env(KVX_LOG_FORMAT="json", **LOOPBACK_ONLY, **token),
+                                  env=step_env(KVX_LOG_FORMAT="json", **token),
                                   capture_output=True, text=True, timeout=300)
     assert kedro_listed.returncode == 0, kedro_listed.stderr[-2000:]
     assert run["run_id"] in kedro_listed.stdout
