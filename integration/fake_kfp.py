@@ -76,8 +76,9 @@ class FakeKfp:
         #: Credentials seen so far that are refused from now on (a revoked token, an ended session).
         self.revoked: set[str] = set()
         self.revoke_after_first_use = False
-        #: Routes ("runs", "experiments", "recurringruns") whose next create is made but never
-        #: answered: the connection drops, as when an answer is lost on the way.
+        #: Routes ("runs", "experiments", "recurringruns", "pipelines/upload", "pipelines/upload_version")
+        #: whose next create is made but never answered: the connection drops, as when an answer is
+        #: lost on the way.
         self.lose_next_answer_to: set[str] = set()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.fake = self  # type: ignore[attr-defined]
@@ -328,6 +329,11 @@ class _Handler(BaseHTTPRequestHandler):
             if spec is None:
                 return
             if route == "pipelines/upload":
+                if any(p["display_name"] == query["name"] for p in fake.pipelines.values()):
+                    # KFP's words (the pipeline store's unique name per namespace)
+                    self._error(409, f"Failed to create a pipeline due to conflict: pipeline {query['name']} "
+                                     "already exists")
+                    return
                 pipeline = {"pipeline_id": uuid.uuid4().hex, "display_name": query["name"], "created_at": _now()}
                 fake.pipelines[pipeline["pipeline_id"]] = pipeline
                 pipeline_id, name = pipeline["pipeline_id"], query["name"]
@@ -342,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
             version = {"pipeline_id": pipeline_id, "pipeline_version_id": uuid.uuid4().hex, "display_name": name,
                        "created_at": _now(), "pipeline_spec": spec}
             fake.versions.setdefault(pipeline_id, []).append(version)
-            self._send(200, fake.pipelines[pipeline_id] if route == "pipelines/upload" else version)
+            self._created(route, fake.pipelines[pipeline_id] if route == "pipelines/upload" else version)
         elif parts[0] == "pipelines" and len(parts) == 3 and parts[2] == "versions" and method == "GET":
             versions = sorted(fake.versions.get(parts[1], []), key=lambda v: v["created_at"], reverse=True)
             self._send(200, {"pipeline_versions": versions, "total_size": len(versions)})

@@ -185,6 +185,45 @@ def test_lost_answers_to_creations_never_create_anything_twice(example_project: 
         assert len(kfp.recurring) == 1, kfp.recurring
 
 
+def test_an_upload_whose_answer_was_lost_is_not_sent_twice(example_project: Path, kfp: FakeKfp) -> None:
+    """A retried upload gets 409 (the name is taken by the first try): it counts as done only when
+    the version found holds exactly this spec; a name taken by another spec stays an error."""
+    configure(example_project, kfp)
+    token = {"KF_PIPELINES_TOKEN": BEARER_TOKEN}
+    kfp.lose_next_answer_to = {"pipelines/upload"}
+    first = kfp_cli(example_project, "upload-pipeline", **token)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "as a new pipeline" in first.stdout and "the pipeline exists" in first.stderr
+    [pipeline_id] = kfp.pipelines
+    [version] = kfp.versions[pipeline_id]
+    assert version["pipeline_version_id"] in first.stdout
+
+    kfp.lose_next_answer_to = {"pipelines/upload_version"}
+    second = kfp_cli(example_project, "upload-pipeline", "--tag", "release", **token)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "as a new version" in second.stdout and "the pipeline version exists" in second.stderr
+    assert len(kfp.versions[pipeline_id]) == 2 and kfp.versions[pipeline_id][1]["pipeline_version_id"] in second.stdout
+    assert not kfp.lose_next_answer_to
+
+    # Another spec holds the version name (someone else's upload): a 409 is refused, never reused.
+    import requests
+
+    from kvx_runtime.targets.http import ApiError
+    from kvx_runtime.targets.kubeflow import KubeflowTarget
+
+    taken = kfp.versions[pipeline_id][1]
+    stored = json.loads(json.dumps(taken["pipeline_spec"]))
+    spec_file = example_project / "other.yaml"
+    spec_file.write_text(json.dumps({**taken["pipeline_spec"], "sdkVersion": "someone-else"}))
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {BEARER_TOKEN}"
+    target = KubeflowTarget(kfp.url, namespace="team-a", session=session, attempts=2)
+    with pytest.raises(ApiError, match=f"version {taken['display_name']} exists") as refused:
+        target.upload_pipeline(kfp.pipelines[pipeline_id]["display_name"], str(spec_file), taken["display_name"])
+    assert refused.value.exit_code == 2
+    assert len(kfp.versions[pipeline_id]) == 2 and kfp.versions[pipeline_id][1]["pipeline_spec"] == stored
+
+
 @pytest.mark.parametrize(("host", "problem", "code"), [
     ("http://127.0.0.1:{port}/", "answered GET /apis/v2beta1/experiments with text/html, not the API's JSON", 2),
     ("http://127.0.0.1:99999/pipeline", "is not an http(s) URL", 2),

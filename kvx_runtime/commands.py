@@ -690,5 +690,26 @@ PROJECT_COMMANDS: tuple[click.Command, ...] = (
     doctor_command,
     gc_command,
 )
+#: Options only Vertex AI has. Kubeflow Pipelines refuses them with a clear line (the schedule's
+#: config can set them too), so its commands' help does not offer them.
+_VERTEX_ONLY_OPTIONS = frozenset({"template", "timezone", "max_run_count", "allow_queueing"})
+
+
+def _for_kubeflow(command: click.Command) -> click.Command:
+    """``command`` with the Vertex-only options hidden from its help."""
+    import copy
+
+    def hidden(option: click.Parameter) -> click.Parameter:
+        option = copy.copy(option)
+        option.hidden = True  # type: ignore[attr-defined]
+        return option
+
+    clone = copy.copy(command)
+    clone.params = [hidden(p) if p.name in _VERTEX_ONLY_OPTIONS else p for p in command.params]
+    return clone
+
+
 #: Under ``kvx-runtime kfp`` and ``kedro kubeflow`` (the plugin family's names), for Kubeflow Pipelines.
-KUBEFLOW_COMMANDS: tuple[click.Command, ...] = tuple(c for c in PROJECT_COMMANDS if c.name not in {"init", "gc"})
+KUBEFLOW_COMMANDS: tuple[click.Command, ...] = tuple(
+    _for_kubeflow(c) for c in PROJECT_COMMANDS if c.name not in {"init", "gc"}
+)

@@ -130,6 +130,25 @@ def test_a_service_account_kfp_cannot_run_pods_as_is_refused_before_any_request(
     assert "Kubernetes service account" in refused.value.hint
 
 
+def test_vertex_only_network_and_cmek_settings_are_named_as_not_applied(caplog) -> None:
+    from conftest import logged_text
+    from kvx_runtime.targets.base import RunRequest
+
+    target = KubeflowTarget("http://127.0.0.1:9/pipeline", attempts=1)
+    target._experiment_id = "e-1"  # known already: no request (port 9 is closed)
+    key = "projects/p/locations/europe-west1/keyRings/r/cryptoKeys/k"
+    run = RunRequest(spec={"root": {}}, run_id="p-1", display_name="p", network="projects/1/global/networks/n",
+                     encryption_key=key)
+    body = target.run_body(run)
+    assert key not in str(body) and "network" not in body
+    text = logged_text(caplog)
+    assert "run_config.network.vpc is a Vertex AI setting that Kubeflow Pipelines does not apply" in text
+    assert "run_config.encryption_spec_key_name is a Vertex AI setting" in text and "not with this key" in text
+    caplog.clear()
+    target.run_body(RunRequest(spec={"root": {}}, run_id="p-2", display_name="p"))
+    assert "Vertex AI setting" not in logged_text(caplog)
+
+
 def test_a_kubernetes_service_account_name_is_sent_as_is() -> None:
     from kvx_runtime.targets.kubeflow import _kubernetes_service_account
 
@@ -163,3 +182,21 @@ def test_a_bad_cron_is_refused_before_any_request() -> None:
     run = RunRequest(spec={"root": {}}, run_id="p-1", display_name="p")
     with pytest.raises(UsageError, match="cron"):
         target.schedule_body(ScheduleRequest(display_name="s", cron="* * *", timezone=None, run=run))
+
+
+@pytest.mark.parametrize("command", ["run-once", "schedule", "compile", "upload-pipeline"])
+def test_kfp_help_does_not_offer_vertex_only_options_but_still_refuses_them(command: str) -> None:
+    from click.testing import CliRunner
+
+    from kvx_runtime.cli import cli
+
+    runner = CliRunner()
+    kfp_help = runner.invoke(cli, ["kfp", command, "--help"]).output.split("Options:")[1]
+    vertex_help = runner.invoke(cli, [command, "--help"]).output.split("Options:")[1]
+    for option in ("--template", "--timezone", "--max-run-count", "--allow-queueing"):
+        assert option not in kfp_help
+    if command in {"run-once", "schedule"}:
+        assert "--template" in vertex_help  # hidden on a copy: the Vertex commands keep them
+        # still parsed (and refused by the target with its own line), not "no such option"
+        parsed = runner.invoke(cli, ["kfp", command, "--template", "v1", "--project-path", "/nonexistent"])
+        assert "No such option" not in parsed.output and parsed.exit_code == 2

@@ -101,6 +101,13 @@ def _kubernetes_service_account(name: str) -> str:
     return name
 
 
+def _holds(version: Mapping[str, Any], spec: Any) -> bool:
+    """Whether a KFP pipeline version stores ``spec`` (KFP keeps a spec that came with a platform
+    spec under ``pipeline_spec.pipeline_spec``)."""
+    stored = version.get("pipeline_spec")
+    return stored == spec or (isinstance(stored, Mapping) and stored.get("pipeline_spec") == spec)
+
+
 def kfp_cron(expression: str) -> str:
     """KFP's 6-field cron (seconds first) from a 5- or 6-field expression."""
     fields = expression.split()
@@ -171,16 +178,17 @@ class KubeflowTarget(PipelineTarget):
     def _scoped(self, **params: Any) -> dict[str, Any]:
         return {**({"namespace": self.namespace} if self.namespace else {}), **params}
 
-    def _create(self, what: str, path: str, body: Mapping[str, Any],
-                find: Callable[[], Mapping[str, Any] | None]) -> Mapping[str, Any]:
-        """POST ``body`` to create ``what``, never twice: KFP takes no request id, so after a lost
-        answer (or a 409, the echo of an earlier try that did create it) ``find`` looks for what
-        an earlier try made before the create is sent again."""
+    def _create(self, what: str, path: str, body: Mapping[str, Any] | None,
+                find: Callable[[], Mapping[str, Any] | None], *, params: Mapping[str, Any] | None = None,
+                files: Any = None) -> Mapping[str, Any]:
+        """POST ``body`` (or ``files``) to create ``what``, never twice: KFP takes no request id,
+        so after a lost answer (or a 409, the echo of an earlier try that did create it) ``find``
+        looks for what an earlier try made before the create is sent again."""
         import time
 
         for attempt in range(1, self._attempts + 1):
             try:
-                return dict(self._request("POST", path, body=body, attempts=1))
+                return dict(self._request("POST", path, params=params, body=body, files=files, attempts=1))
             except ApiError as exc:
                 lost = exc.exit_code == InfrastructureError.exit_code
                 if not lost and exc.status != 409:
@@ -189,7 +197,8 @@ class KubeflowTarget(PipelineTarget):
                     time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
                 found = find()
                 if found is not None:
-                    log.warning(f"the answer to the {what}'s creation was lost; the {what} exists")
+                    log.warning(f"the answer to the {what}'s creation was lost; the {what} exists" if lost
+                                else f"the {what} exists already (made by an earlier try); using it")
                     return found
                 if not lost or attempt == self._attempts:
                     raise
@@ -233,6 +242,14 @@ class KubeflowTarget(PipelineTarget):
                              hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
         if run.service_account:  # before any request: a refused name must not create the experiment
             _kubernetes_service_account(run.service_account)
+        for setting, value, meaning in (
+            ("network.vpc", run.network, "the pods use the cluster's network"),
+            ("encryption_spec_key_name", run.encryption_key, "the run's data is encrypted as the cluster's "
+             "storage is, not with this key"),
+        ):
+            if value:
+                log.warning(f"run_config.{setting} is a Vertex AI setting that Kubeflow Pipelines does not "
+                            f"apply: {meaning}", setting=f"run_config.{setting}")
         body: dict[str, Any] = {
             "display_name": run.run_id,
             "description": _description(run.display_name),
@@ -391,29 +408,55 @@ class KubeflowTarget(PipelineTarget):
 
     def upload_pipeline(self, name: str, spec_file: str, version: str, description: str = "") -> tuple[str, str, bool]:
         """Upload the spec as pipeline ``name`` (new) or as its version ``version``; returns the
-        pipeline id, the version id and whether the pipeline was created."""
+        pipeline id, the version id and whether the pipeline was created.
+
+        After a lost answer or a 409 the upload counts as done only if the pipeline version found
+        holds exactly this spec: a name taken by another spec is refused, never reused."""
         from pathlib import Path
 
+        import yaml
+
         content = Path(spec_file).read_bytes()
+        spec = yaml.safe_load(content)
         files = {"uploadfile": (Path(spec_file).name, content, "application/x-yaml")}
+        pipeline = self._find_pipeline(name)
+        if pipeline is None:
+            def uploaded_by_an_earlier_try() -> Mapping[str, Any] | None:
+                found = self._find_pipeline(name)
+                newest = self._versions(str(found["pipeline_id"]), newest_only=True) if found else []
+                return found if newest and _holds(newest[0], spec) else None
+
+            created = self._create("pipeline", "pipelines/upload", None, uploaded_by_an_earlier_try, files=files,
+                                   params=self._scoped(name=name, display_name=name, description=description))
+            pipeline_id = str(created["pipeline_id"])
+            versions = self._versions(pipeline_id, newest_only=True)
+            return pipeline_id, str(versions[0]["pipeline_version_id"]) if versions else "", True
+        pipeline_id = str(pipeline["pipeline_id"])
+
+        def version_by_an_earlier_try() -> Mapping[str, Any] | None:
+            return next((found for found in self._versions(pipeline_id)
+                         if found.get("display_name") == version and _holds(found, spec)), None)
+
+        uploaded = self._create("pipeline version", "pipelines/upload_version", None, version_by_an_earlier_try,
+                                files=files, params={"name": version, "display_name": version,
+                                                     "pipelineid": pipeline_id, "description": description})
+        return pipeline_id, str(uploaded["pipeline_version_id"]), False
+
+    def _find_pipeline(self, name: str) -> Mapping[str, Any] | None:
         try:
-            pipeline = self._request("GET", f"pipelines/names/{quote(name, safe='')}", params=self._scoped())
+            return dict(self._request("GET", f"pipelines/names/{quote(name, safe='')}", params=self._scoped()))
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            pipeline = None
-        if pipeline is None:
-            created = self._request("POST", "pipelines/upload", files=files,
-                                    params=self._scoped(name=name, display_name=name, description=description))
-            pipeline_id = str(created["pipeline_id"])
-            versions = list(self._pages(f"pipelines/{pipeline_id}/versions", ("pipeline_versions",),
-                                        {"page_size": 1, "sort_by": "created_at desc"}))
-            return pipeline_id, str(versions[0]["pipeline_version_id"]) if versions else "", True
-        pipeline_id = str(pipeline["pipeline_id"])
-        uploaded = self._request("POST", "pipelines/upload_version", files=files,
-                                 params={"name": version, "display_name": version, "pipelineid": pipeline_id,
-                                         "description": description})
-        return pipeline_id, str(uploaded["pipeline_version_id"]), False
+            return None
+
+    def _versions(self, pipeline_id: str, *, newest_only: bool = False) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"sort_by": "created_at desc"}
+        if newest_only:
+            params["page_size"] = 1
+            page = self._request("GET", f"pipelines/{quote(pipeline_id, safe='')}/versions", params=params)
+            return list(page.get("pipeline_versions") or [])
+        return list(self._pages(f"pipelines/{quote(pipeline_id, safe='')}/versions", ("pipeline_versions",), params))
 
     # --- where to look ----------------------------------------------------------------------
 
