@@ -148,3 +148,23 @@ def test_custom_provider_subclass_gets_params_and_kedro_context() -> None:
         assert provider.request_headers() == {"Authorization": "Bearer token-for-ctx", "X-My-Custom-Header": "YOLO"}
     finally:
         del globals()["MyCustomMLflowHeaderProvider"]
+
+
+@pytest.mark.parametrize("content", [
+    {"type": "authorized_user", "client_id": "c.apps.googleusercontent.com", "client_secret": "s3cret-client",
+     "refresh_token": "1//refresh-token-value"},  # what `gcloud auth application-default login` writes
+    None,  # the file is missing
+])
+def test_a_key_file_that_cannot_mint_id_tokens_is_a_config_error(tmp_path, monkeypatch, content) -> None:
+    from kvx_runtime.auth.gcp import fetch_oauth_id_token
+
+    key_file = tmp_path / "adc.json"
+    if content is not None:
+        key_file.write_text(json.dumps(content))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+    with pytest.raises(ConfigError) as error:
+        fetch_oauth_id_token("kvx-iap-client.apps.googleusercontent.com")
+    assert error.value.exit_code == 2
+    text = str(error.value) + str(error.value.hint)
+    assert str(key_file) in text and "service-account key" in text
+    assert "s3cret-client" not in text and "refresh-token-value" not in text

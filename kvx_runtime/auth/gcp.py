@@ -60,6 +60,16 @@ def fetch_oauth_id_token(audience: str) -> str:
     try:
         return str(id_token.fetch_id_token(Request(), audience))
     except google.auth.exceptions.DefaultCredentialsError as exc:
+        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if key_file:  # the file is missing, malformed or not a key: fixing it is the user's part
+            raise ConfigError(
+                f"GOOGLE_APPLICATION_CREDENTIALS ({key_file}) cannot mint an ID token: "
+                f"{_first_line(exc)}",
+                hint="point it to a service-account key (gcloud user credentials cannot mint ID tokens), "
+                "or unset it on Google Cloud to use the metadata server",
+            ) from None
+        # No key file and no metadata server answered: off Google Cloud, or its metadata server
+        # is unreachable for now.
         raise GoogleAuthError(
             "no Google credentials for an ID token: set GOOGLE_APPLICATION_CREDENTIALS to a "
             f"service-account key or run on Google Cloud ({_first_line(exc)})"
