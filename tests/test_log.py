@@ -95,6 +95,12 @@ def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -
     assert redact(f"404 for {url}") == ("404 for https://storage.googleapis.com/upload/storage/v1/b/b/o?"
                                         "uploadType=resumable&upload_id=[redacted]")
     assert redact("https://user:pa55@mlflow.example.com/api") == "https://[redacted]@mlflow.example.com/api"
+    assert redact("GET https://x.googleapis.com/v1/a?alt=json&key=AIzaSy-secret") == \
+        "GET https://x.googleapis.com/v1/a?alt=json&key=[redacted]"
+    assert redact("api_key=abc123 and AWS_SECRET_ACCESS_KEY=wJalr") == \
+        "api_key=[redacted] and AWS_SECRET_ACCESS_KEY=[redacted]"
+    # Advice that merely shows the shape of an argument stays readable.
+    assert redact("--param 'x' must look like KEY=VALUE") == "--param 'x' must look like KEY=VALUE"
 
 
 def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, monkeypatch) -> None:
