@@ -119,9 +119,10 @@ def warn_unknown_selectors(
 
 
 def is_local_path(filepath: str) -> bool:
-    """A path on the step machine's own disk (each Vertex AI step has its own disk).
+    """A path on the step machine's own disk (each step has its own disk).
 
-    ``/gcs/...`` is Vertex AI's Cloud Storage FUSE mount, shared by every step.
+    ``/gcs/...`` is Vertex AI's Cloud Storage FUSE mount, shared by every step (on Kubeflow only
+    where the cluster mounts it the same way).
     """
     return "://" not in filepath and not filepath.startswith("/gcs/")
 
@@ -174,8 +175,9 @@ def warn_local_datasets(
             flagged.append(identity)
             log.warning(
                 f"catalog dataset '{dataset}' is on a local path ({path}) that node '{producer}' "
-                f"writes and node '{readers[0]}' reads in another step: each Vertex AI step has "
-                "its own disk, so the reader will not find it; use a gs:// path",
+                f"writes and node '{readers[0]}' reads in another step: each step has its own disk "
+                "(a Vertex AI machine, a Kubeflow pod), so the reader will not find it; use a gs:// or "
+                "s3:// path",
                 dataset=dataset,
                 writer=producer,
                 readers=readers,
@@ -203,7 +205,7 @@ def warn_envs_not_in_image(project_path: Path, conf_root: Path, envs: Iterable[s
             flagged.append(env)
             log.warning(
                 f"steps will use config environment '{env}', but the project's .dockerignore leaves "
-                f"{relative.as_posix()}/ out of the image: every step would fail on Vertex AI; compile "
+                f"{relative.as_posix()}/ out of the image: every step would fail in the cloud; compile "
                 "with --env naming an environment the image contains",
                 env=env,
             )
