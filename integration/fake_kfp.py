@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -28,10 +29,55 @@ from integration.fakes import verify_jwt
 BEARER_TOKEN = "kfp-test-bearer-token-5d1c"
 DEX_USER, DEX_PASSWORD = "ci@example.com", "dex-Passw0rd-for-tests"
 _COOKIE = "authservice_session"
+#: oauth2-proxy's cookie (Kubeflow >= 1.9); one over 4 KB is split into _0, _1...
+_PROXY_COOKIE = "oauth2_proxy_kubeflow"
+_COOKIE_LIMIT = 4000
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: The fields of kfp-kubernetes' ``KubernetesExecutorConfig.secret_as_env`` entries
+#: (kubernetes_executor_config.proto: SecretAsEnv and its SecretKeyToEnvMap), proto3 JSON names.
+_SECRET_AS_ENV_FIELDS = {"secretName", "secretNameParameter", "keyToEnv", "optional"}
+_KEY_TO_ENV_FIELDS = {"secretKey", "envVar"}
+
+
+def split_pipeline_spec(value: Any) -> tuple[dict, dict | None]:
+    """A run's ``pipeline_spec``: the spec alone, or ``{"pipeline_spec", "platform_spec"}`` (as
+    the kfp SDK's client sends a spec with a platform spec)."""
+    if isinstance(value, dict) and set(value) == {"pipeline_spec", "platform_spec"}:
+        return value["pipeline_spec"], value["platform_spec"]
+    return value, None
+
+
+def check_platform_spec(spec: dict, platform: dict | None) -> list[str]:
+    """A Kubernetes platform spec as KFP reads it: kfp-pipeline-spec's ``PlatformSpec``, one
+    executor config per executor of the spec."""
+    if platform is None:
+        return []
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    try:
+        json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec())
+    except json_format.ParseError as exc:
+        return [f"platform_spec: {exc}"]
+    problems = []
+    known = set(spec.get("deploymentSpec", {}).get("executors", {}))
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+    for label, config in executors.items():
+        if label not in known:
+            problems.append(f"platform_spec: executor {label} is not in the pipeline spec")
+        for entry in config.get("secretAsEnv", []):
+            problems += [f"platform_spec: {label}.secretAsEnv.{key}: unknown field" for key in entry
+                         if key not in _SECRET_AS_ENV_FIELDS]
+            problems += [f"platform_spec: {label}.secretAsEnv.keyToEnv.{key}: unknown field"
+                         for pair in entry.get("keyToEnv", []) for key in pair if key not in _KEY_TO_ENV_FIELDS]
+            if not entry.get("secretName") and not entry.get("secretNameParameter"):
+                problems.append(f"platform_spec: {label}.secretAsEnv: no secret name")
+    return problems
 
 
 def check_model(data: Any, model: str, where: str = "") -> list[str]:
@@ -112,9 +158,13 @@ class FakeKfp:
         if self.auth == "iap":
             claims = verify_jwt(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
             return bool(claims and claims.get("aud") == self.audience)
+        cookies = dict(part.strip().split("=", 1) for part in headers.get("Cookie", "").split(";") if "=" in part)
         if self.auth == "dex":
-            cookies = dict(part.strip().split("=", 1) for part in headers.get("Cookie", "").split(";") if "=" in part)
             return cookies.get(_COOKIE) in self.sessions
+        if self.auth == "oauth2-proxy":
+            parts = [cookies.get(f"{_PROXY_COOKIE}_{i}") for i in range(len(cookies))]
+            joined = "".join(part for part in parts if part is not None)
+            return (joined or cookies.get(_PROXY_COOKIE)) in self.sessions
         return True
 
     # --- runs advance as they are watched ---------------------------------------------------
@@ -157,14 +207,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, resource)
 
-    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
+    def _send(self, status: int, body: Any = None, headers: dict[str, str | list[str]] | None = None,
               content_type: str = "application/json") -> None:
         data = body.encode() if isinstance(body, str) else json.dumps(body if body is not None else {}).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
-            self.send_header(name, value)
+            for one in value if isinstance(value, list) else [value]:
+                self.send_header(name, one)
         self.end_headers()
         self.wfile.write(data)
 
@@ -206,13 +257,25 @@ class _Handler(BaseHTTPRequestHandler):
             if not ok:
                 self._send(200, "<html>Invalid Email Address and password</html>", content_type="text/html")
             else:
-                self._send(303, "", {"Location": "/authservice/oidc/callback?code=c1&state=r1"}, "text/html")
+                callback = "/oauth2/callback" if self.fake.auth == "oauth2-proxy" else "/authservice/oidc/callback"
+                self._send(303, "", {"Location": f"{callback}?code=c1&state=r1"}, "text/html")
+        elif path == "/oauth2/start":  # oauth2-proxy sends the login to Dex
+            self._send(302, "", {"Location": "/dex/auth?client_id=kubeflow-oidc-authservice&state=r1"}, "text/html")
         elif path == "/authservice/oidc/callback":
             session = uuid.uuid4().hex
             with self.fake.lock:
                 self.fake.sessions.add(session)
                 self.fake.logins += 1
             self._send(302, "", {"Location": "/pipeline", "Set-Cookie": f"{_COOKIE}={session}; Path=/"}, "text/html")
+        elif path == "/oauth2/callback":
+            # A session cookie holding Dex's tokens is larger than a browser keeps in one cookie.
+            session = secrets.token_hex(2600)
+            with self.fake.lock:
+                self.fake.sessions.add(session)
+                self.fake.logins += 1
+            chunks = [session[i:i + _COOKIE_LIMIT] for i in range(0, len(session), _COOKIE_LIMIT)]
+            cookies = [f"{_PROXY_COOKIE}_{i}={chunk}; Path=/; HttpOnly" for i, chunk in enumerate(chunks)]
+            self._send(302, "", {"Location": "/pipeline", "Set-Cookie": cookies}, "text/html")
         else:
             return False
         return True
@@ -223,14 +286,14 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         method = self.command
         self.fake.requests.append((method, url.path))
-        if self.fake.auth == "dex" and self._dex(method, url):
+        if self.fake.auth in {"dex", "oauth2-proxy"} and self._dex(method, url):
             return
         if not self.fake.authorized(self.headers):
             if self.fake.auth == "dex":  # the auth proxy sends anything without a session to log in
                 self._send(302, "", {"Location": "/dex/auth?client_id=kubeflow-oidc-authservice&state=r1"},
                            "text/html")
                 return
-            self._error(401, "Unauthenticated")
+            self._error(401, "Unauthenticated")  # oauth2-proxy too: an API client is not redirected
             return
         prefix = "/pipeline/apis/v2beta1/"
         if not url.path.startswith(prefix):
@@ -262,14 +325,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._created("experiments", experiment)
         elif route == "runs" and method == "POST":
             body = self._json("V2beta1Run")
-            if body is None:
+            if body is None or not self._platform_checked(body):
                 return
             if body.get("experiment_id") not in fake.experiments:
                 self._error(400, "experiment not found")
                 return
             tasks = [{"display_name": name, "task_id": uuid.uuid4().hex, "state": "PENDING",
                       "child_tasks": [{"pod_name": f"{name}-pod"}]}
-                     for name in body["pipeline_spec"]["root"]["dag"]["tasks"]]
+                     for name in split_pipeline_spec(body["pipeline_spec"])[0]["root"]["dag"]["tasks"]]
             run = {**body, "run_id": str(uuid.uuid4()), "state": "PENDING", "created_at": _now(),
                    "scheduled_at": _now(), "finished_at": "1970-01-01T00:00:00Z",
                    "run_details": {"task_details": tasks}}
@@ -297,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {})
         elif route == "recurringruns" and method == "POST":
             body = self._json("V2beta1RecurringRun")
-            if body is not None:
+            if body is not None and self._platform_checked(body):
                 recurring = {**body, "recurring_run_id": uuid.uuid4().hex, "status": "ENABLED", "created_at": _now()}
                 fake.recurring[recurring["recurring_run_id"]] = recurring
                 self._created("recurringruns", recurring)
@@ -355,6 +418,13 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no route {method} {route}")
 
+    def _platform_checked(self, body: dict) -> bool:
+        problems = check_platform_spec(*split_pipeline_spec(body.get("pipeline_spec")))
+        if problems:
+            self.fake.problems += problems
+            self._error(400, "; ".join(problems))
+        return not problems
+
     def _upload(self) -> dict | None:
         """The ``uploadfile`` part of a multipart upload, parsed as a pipeline spec."""
         import email
@@ -369,11 +439,19 @@ class _Handler(BaseHTTPRequestHandler):
         if "uploadfile" not in parts:
             self._error(400, "no uploadfile part")
             return None
-        spec = yaml.safe_load(parts["uploadfile"])
+        # KFP's reading: the pipeline spec, then (optionally) platform spec documents
+        documents = list(yaml.safe_load_all(parts["uploadfile"]))
+        spec = documents[0] if documents else None
         if not isinstance(spec, dict) or "pipelineInfo" not in spec:
             self._error(400, "uploadfile is not a pipeline spec")
             return None
-        return spec
+        platform: dict | None = None
+        for document in documents[1:]:
+            platform = {**(platform or {}), **document}
+        stored = {"pipeline_spec": spec, "platform_spec": platform} if platform else spec
+        if not self._platform_checked({"pipeline_spec": stored}):
+            return None
+        return stored
 
 
 def _filter_value(query: dict[str, str]) -> str | None:

@@ -140,8 +140,10 @@ def test_iap_id_tokens_for_the_client_id(example_project: Path, kfp: FakeKfp, fa
     assert kfp.problems == [] and len(kfp.runs) == 1
 
 
-@pytest.mark.parametrize("kfp", ["dex"], indirect=True)
+@pytest.mark.parametrize("kfp", ["dex", "oauth2-proxy"], indirect=True)
 def test_dex_static_password_login(example_project: Path, kfp: FakeKfp) -> None:
+    """Through oidc-authservice (Kubeflow <= 1.8) and oauth2-proxy (>= 1.9), whose session
+    cookie, too large for one cookie, comes split in parts that must all be sent back."""
     configure(example_project, kfp)
     ran = kfp_cli(example_project, "run-once", "--wait", DEX_USERNAME=DEX_USER, DEX_PASSWORD=DEX_PASSWORD)
     assert ran.returncode == 0, ran.stderr[-3000:]
@@ -183,6 +185,62 @@ def test_lost_answers_to_creations_never_create_anything_twice(example_project: 
         assert scheduled.returncode == 0, scheduled.stderr[-3000:]
         assert "the recurring run exists" in scheduled.stderr
         assert len(kfp.recurring) == 1, kfp.recurring
+
+
+MINIO_SECRET = """
+  kubernetes:
+    secrets_as_env:
+      - secret_name: mlpipeline-minio-artifact
+        keys: {accesskey: AWS_ACCESS_KEY_ID, secretkey: AWS_SECRET_ACCESS_KEY}
+"""
+
+
+def test_kubernetes_secrets_reach_every_step_as_environment_variables(example_project: Path, kfp: FakeKfp) -> None:
+    """run_config.kubernetes.secrets_as_env becomes the platform spec of runs, recurring runs and
+    uploads (checked by the fake against kfp-pipeline-spec's PlatformSpec); the secret's values
+    never pass through us."""
+    from integration.fake_kfp import split_pipeline_spec
+
+    configure(example_project, kfp)
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text().replace("run_config:\n", "run_config:" + MINIO_SECRET, 1))
+    token = {"KF_PIPELINES_TOKEN": BEARER_TOKEN}
+    wanted = [{"secretName": "mlpipeline-minio-artifact",
+               "secretNameParameter": {"runtimeValue": {"constant": "mlpipeline-minio-artifact"}},
+               "keyToEnv": [{"secretKey": "accesskey", "envVar": "AWS_ACCESS_KEY_ID"},
+                            {"secretKey": "secretkey", "envVar": "AWS_SECRET_ACCESS_KEY"}]}]
+
+    def secrets_of_every_executor(pipeline_spec: dict) -> None:
+        spec, platform = split_pipeline_spec(pipeline_spec)
+        assert platform is not None, "no platform spec"
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert set(executors) == set(spec["deploymentSpec"]["executors"])
+        assert all(config == {"secretAsEnv": wanted} for config in executors.values())
+
+    ran = kfp_cli(example_project, "run-once", "--wait", **token)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    [run] = kfp.runs.values()
+    secrets_of_every_executor(run["pipeline_spec"])
+    assert all(task["state"] == "SUCCEEDED" for task in run["run_details"]["task_details"])
+
+    scheduled = kfp_cli(example_project, "schedule", "--cron", "0 3 * * *", **token)
+    assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+    [recurring] = kfp.recurring.values()
+    secrets_of_every_executor(recurring["pipeline_spec"])
+
+    uploaded = kfp_cli(example_project, "upload-pipeline", **token)
+    assert uploaded.returncode == 0, uploaded.stderr[-3000:]
+    [versions] = kfp.versions.values()
+    secrets_of_every_executor(versions[0]["pipeline_spec"])
+    assert kfp.problems == []
+
+    # A name Kubernetes refuses is a config error before any request.
+    config.write_text(config.read_text().replace("secret_name: mlpipeline-minio-artifact",
+                                                 "secret_name: MinIO_Secret"))
+    requests_before = len(kfp.requests)
+    refused = kfp_cli(example_project, "run-once", **token)
+    assert refused.returncode == 2 and "is not a Kubernetes secret name" in refused.stderr
+    assert len(kfp.requests) == requests_before
 
 
 def test_an_upload_whose_answer_was_lost_is_not_sent_twice(example_project: Path, kfp: FakeKfp) -> None:

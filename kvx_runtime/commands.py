@@ -658,6 +658,7 @@ def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline:
     from datetime import datetime, timezone
 
     from kvx_runtime.compiler import write_spec
+    from kvx_runtime.compiler.platform import kubernetes_platform_spec
 
     compiled = _compile_for_target(project.path, project.env, pipeline, image, storage_root, params,
                                    load_versions, (), code_upload)
@@ -669,7 +670,8 @@ def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline:
     version_name = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "-", part) for part in parts)[:100]
     description = str(project.plugin_config.run_config.description or "")
     with tempfile.TemporaryDirectory() as directory:
-        spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml")
+        platform = kubernetes_platform_spec(compiled.spec, project.plugin_config.run_config.kubernetes)
+        spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml", platform)
         pipeline_id, version_id, created = target.upload_pipeline(name, str(spec_file), version_name, description)
     what = "pipeline" if created else "version"
     click.echo(f"Uploaded {name} as a new {what} (pipeline {pipeline_id}, version {version_name} {version_id})")

@@ -181,6 +181,46 @@ class S3Config(_Section):
         return value
 
 
+#: Kubernetes names: a secret is a DNS subdomain; its keys and environment variable names.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class SecretAsEnv(_Section):
+    """A Kubernetes secret of the run's namespace whose keys become environment variables of
+    every step (``keys``: secret key -> variable), e.g. MinIO's access keys."""
+
+    secret_name: str
+    keys: dict[str, str] = Field(min_length=1)
+    #: A missing secret (or key) leaves the variables unset instead of failing the pod.
+    optional: bool = False
+
+    @field_validator("secret_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if len(value) > 253 or not _K8S_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes secret name")
+        return value
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, variable in value.items():
+            if not _SECRET_KEY.fullmatch(key):
+                raise ValueError(f"{key!r} is not a secret key")
+            if not _ENV_VAR.fullmatch(variable):
+                raise ValueError(f"{variable!r} is not an environment variable name")
+        return value
+
+
+class KubernetesConfig(_Section):
+    """``run_config.kubernetes``: pod settings that only Kubeflow Pipelines applies (sent as the
+    run's Kubernetes platform spec; Vertex AI steps get credentials from their service account)."""
+
+    secrets_as_env: list[SecretAsEnv] = Field(default_factory=list)
+
+
 class ScheduleConfig(_Section):
     """``run_config.schedules.<pipeline or default_schedule>``: a recurring run."""
 
@@ -226,6 +266,8 @@ class RunConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     s3: S3Config = Field(default_factory=S3Config)
+    #: Kubeflow Pipelines: Kubernetes secrets as step environment variables.
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     #: Kubeflow Pipelines: the user namespace (profile) of multi-user installations.
     namespace: str | None = None
     #: Kubeflow Pipelines: display name of run-once runs (kedro-kubeflow's key).

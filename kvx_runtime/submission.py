@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from kvx_runtime.compiler.platform import kubernetes_platform_spec
 from kvx_runtime.compiler.spec import FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.errors import ExitCode, KvxError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
@@ -70,6 +71,7 @@ def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str
         network=run_config.network.vpc,
         encryption_key=run_config.encryption_spec_key_name,
         template_uri=template_uri,
+        platform_spec=kubernetes_platform_spec(spec, run_config.kubernetes),
     )
 
 

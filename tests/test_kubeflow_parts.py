@@ -200,3 +200,58 @@ def test_kfp_help_does_not_offer_vertex_only_options_but_still_refuses_them(comm
         # still parsed (and refused by the target with its own line), not "no such option"
         parsed = runner.invoke(cli, ["kfp", command, "--template", "v1", "--project-path", "/nonexistent"])
         assert "No such option" not in parsed.output and parsed.exit_code == 2
+
+
+def test_a_split_oauth2_proxy_session_cookie_is_sent_whole_and_in_order() -> None:
+    import requests
+
+    from kvx_runtime.auth.kfp import _session_cookies
+
+    jar = requests.cookies.RequestsCookieJar()
+    for index in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9):
+        jar.set(f"oauth2_proxy_kubeflow_{index}", f"part{index}")
+    jar.set("unrelated", "x")
+    cookies = _session_cookies(jar)
+    assert list(cookies) == [f"oauth2_proxy_kubeflow_{i}" for i in range(11)]
+    jar.set("authservice_session", "whole")  # an unsplit session cookie wins
+    assert _session_cookies(jar) == {"authservice_session": "whole"}
+    assert _session_cookies(requests.cookies.RequestsCookieJar()) == {}
+
+
+def test_the_kubernetes_platform_spec_is_built_for_kfp_and_named_as_not_applied_on_vertex(caplog) -> None:
+    from conftest import logged_text
+    from kvx_runtime.compiler.platform import kubernetes_platform_spec, with_platform_spec
+    from kvx_runtime.config import KubernetesConfig
+    from kvx_runtime.targets.base import RunRequest
+    from kvx_runtime.targets.vertex import VertexTarget
+
+    spec = {"root": {}, "deploymentSpec": {"executors": {"exec-a": {}, "exec-b": {}}}}
+    assert kubernetes_platform_spec(spec, KubernetesConfig()) is None
+    assert with_platform_spec(spec, None) == spec
+    config = KubernetesConfig(secrets_as_env=[{"secret_name": "s3-keys", "keys": {"k": "AWS_ACCESS_KEY_ID"},
+                                               "optional": True}])
+    platform = kubernetes_platform_spec(spec, config)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {"exec-a", "exec-b"}
+    assert executors["exec-a"]["secretAsEnv"][0]["optional"] is True
+    assert with_platform_spec(spec, platform) == {"pipeline_spec": spec, "platform_spec": platform}
+
+    run = RunRequest(spec=spec, run_id="p-1", display_name="p", platform_spec=platform)
+    body = VertexTarget("proj", "europe-west1").job_body(run)
+    assert body["pipelineSpec"] == spec and "s3-keys" not in str(body)
+    assert "run_config.kubernetes is for Kubeflow Pipelines; Vertex AI does not apply it" in logged_text(caplog)
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"secret_name": "MinIO_Keys", "keys": {"a": "B"}}, "is not a Kubernetes secret name"),
+    ({"secret_name": "keys", "keys": {"a": "1B"}}, "is not an environment variable name"),
+    ({"secret_name": "keys", "keys": {"a/b": "B"}}, "is not a secret key"),
+    ({"secret_name": "keys", "keys": {}}, "at least 1 item"),
+])
+def test_bad_secrets_as_env_entries_are_refused(entry: dict, problem: str) -> None:
+    from pydantic import ValidationError
+
+    from kvx_runtime.config import KubernetesConfig
+
+    with pytest.raises(ValidationError, match=problem):
+        KubernetesConfig(secrets_as_env=[entry])

@@ -151,14 +151,16 @@ class DexAuth(KfpAuth):
 
     def headers(self) -> dict[str, str]:
         if self._cookie is None:
-            self._cookie = self._login()
-            register_secrets([self._cookie.split("=", 1)[1]])
+            cookies = self._login()
+            register_secrets(cookies.values())
+            self._cookie = "; ".join(f"{name}={value}" for name, value in cookies.items())
         return {"Cookie": self._cookie}
 
     def invalidate(self) -> None:
         self._cookie = None
 
-    def _login(self) -> str:
+    def _login(self) -> dict[str, str]:
+        """Log in; returns the session cookie(s) to send."""
         import requests
 
         session = self._session_factory() if self._session_factory else requests.Session()
@@ -188,15 +190,28 @@ class DexAuth(KfpAuth):
                              data={**approval.hidden, "approval": "approve"}, allow_redirects=True, timeout=30)
         except requests.RequestException as exc:
             raise InfrastructureError(f"Dex login at {origin} failed: {type(exc).__name__}") from None
-        for name in SESSION_COOKIES:
-            value = session.cookies.get(name)
-            if value:
-                return f"{name}={value}"
+        cookies = _session_cookies(session.cookies)
+        if cookies:
+            return cookies
         if re.search(r"(?i)invalid|incorrect", answer.text or ""):
             raise ConfigError(f"Dex refused the login of {self.username!r}",
                               hint="check DEX_USERNAME and DEX_PASSWORD (a static-password user)")
         raise ConfigError(f"Dex login as {self.username!r} ended without a session cookie "
                           f"({' or '.join(SESSION_COOKIES)})", hint="is host the cluster's URL behind Dex?")
+
+
+def _session_cookies(jar: Any) -> dict[str, str]:
+    """The auth proxy's session cookie; oauth2-proxy splits one over 4 KB into ``<name>_0``,
+    ``<name>_1``... and needs every part back (in order)."""
+    cookies = {cookie.name: str(cookie.value) for cookie in jar if cookie.value}
+    for name in SESSION_COOKIES:
+        if name in cookies:
+            return {name: cookies[name]}
+        parts = sorted((int(key.rpartition("_")[2]), key) for key in cookies
+                       if re.fullmatch(rf"{re.escape(name)}_\d+", key))
+        if parts:
+            return {key: cookies[key] for _, key in parts}
+    return {}
 
 
 class NoAuth(KfpAuth):

@@ -422,14 +422,19 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     return CompiledPipeline(spec=spec, steps=steps_nodes, warnings=warnings, values=values)
 
 
-def write_spec(spec: dict[str, Any], output: str | Path) -> Path:
-    """Write JSON, or YAML when the file name ends in .yaml/.yml."""
+def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:
+    """Write JSON, or YAML when the file name ends in .yaml/.yml (with ``platform``, a Kubernetes
+    platform spec, as its second document, as KFP reads an uploaded pipeline)."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in {".yaml", ".yml"}:
         import yaml
 
         text = yaml.safe_dump(spec, sort_keys=False, default_flow_style=False)
+        if platform:
+            text += "---\n" + yaml.safe_dump(platform, sort_keys=False, default_flow_style=False)
+    elif platform:
+        raise ValueError("a platform spec is written only as YAML")
     else:
         text = json.dumps(spec, indent=2) + "\n"
     path.write_text(text, encoding="utf-8")

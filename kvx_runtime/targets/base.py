@@ -44,6 +44,8 @@ class RunRequest:
     encryption_key: str | None = None
     #: A spec already uploaded to the target (Vertex: templateUri) instead of ``spec``.
     template_uri: str | None = None
+    #: Kubernetes pod settings beside the spec (KFP's platform spec; Vertex AI has none).
+    platform_spec: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+from kvx_runtime.compiler.platform import with_platform_spec
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
@@ -101,11 +102,17 @@ def _kubernetes_service_account(name: str) -> str:
     return name
 
 
+def _pipeline_spec(stored: Any) -> Any:
+    """The pipeline spec of what KFP stores: a spec with a platform spec is kept as
+    ``{"pipeline_spec", "platform_spec"}``."""
+    if isinstance(stored, Mapping) and "pipeline_spec" in stored and "root" not in stored:
+        return stored["pipeline_spec"]
+    return stored
+
+
 def _holds(version: Mapping[str, Any], spec: Any) -> bool:
-    """Whether a KFP pipeline version stores ``spec`` (KFP keeps a spec that came with a platform
-    spec under ``pipeline_spec.pipeline_spec``)."""
-    stored = version.get("pipeline_spec")
-    return stored == spec or (isinstance(stored, Mapping) and stored.get("pipeline_spec") == spec)
+    """Whether a KFP pipeline version stores ``spec``."""
+    return bool(_pipeline_spec(version.get("pipeline_spec")) == spec)
 
 
 def kfp_cron(expression: str) -> str:
@@ -254,7 +261,7 @@ class KubeflowTarget(PipelineTarget):
             "display_name": run.run_id,
             "description": _description(run.display_name),
             "experiment_id": self.experiment_id(),
-            "pipeline_spec": dict(run.spec),
+            "pipeline_spec": with_platform_spec(run.spec, run.platform_spec),
             "runtime_config": {"parameters": self._parameters(run)},
         }
         if run.service_account:
@@ -317,7 +324,7 @@ class KubeflowTarget(PipelineTarget):
             end_time=_time(run.get("finished_at")),
             error=str(error.get("message")) if error.get("message") else None,
             tasks=tuple(tasks),
-            spec=run.get("pipeline_spec"),
+            spec=_pipeline_spec(run.get("pipeline_spec")),
             parameters=dict((run.get("runtime_config") or {}).get("parameters") or {}),
         )
 
@@ -417,7 +424,7 @@ class KubeflowTarget(PipelineTarget):
         import yaml
 
         content = Path(spec_file).read_bytes()
-        spec = yaml.safe_load(content)
+        spec = next(iter(yaml.safe_load_all(content)), None)  # a platform spec may follow
         files = {"uploadfile": (Path(spec_file).name, content, "application/x-yaml")}
         pipeline = self._find_pipeline(name)
         if pipeline is None:

@@ -118,6 +118,9 @@ class VertexTarget(PipelineTarget):
             body["network"] = run.network
         if run.encryption_key:
             body["encryptionSpec"] = {"kmsKeyName": run.encryption_key}
+        if run.platform_spec:
+            log.warning("run_config.kubernetes is for Kubeflow Pipelines; Vertex AI does not apply it (steps get "
+                        "credentials from their service account)", setting="run_config.kubernetes")
         return body
 
     def submit(self, run: RunRequest) -> RunInfo:
