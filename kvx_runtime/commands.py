@@ -129,20 +129,55 @@ def do_run_local(
     click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
 
 
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
 def do_init(project_path: str | None, project_id: str, region: str, force: bool,
             with_dockerfile: bool = False) -> Path:
-    from kvx_runtime.errors import UsageError
     from kvx_runtime.project import find_package_name
 
     root = Path(project_path or os.getcwd()).resolve()
-    templates = Path(__file__).parent / "templates"
     package = find_package_name(root).replace("_", "-")
-    config = templates.joinpath("vertexai.yml").read_text()
-    files = {root / "conf" / "base" / "vertexai.yml":
-             config.format(project_id=project_id, region=region, package=package)}
+    config = _TEMPLATES.joinpath("vertexai.yml").read_text()
+    target = root / "conf" / "base" / "vertexai.yml"
+    _write_init_files(root, {target: config.format(project_id=project_id, region=region, package=package)},
+                      force, with_dockerfile)
+    return target
+
+
+def do_kubeflow_init(project_path: str | None, host: str, namespace: str | None, force: bool,
+                     with_dockerfile: bool = False) -> Path:
+    """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``."""
+    from kvx_runtime.errors import UsageError
+    from kvx_runtime.project import find_package_name
+    from kvx_runtime.targets.kubeflow import KubeflowTarget
+
+    root = Path(project_path or os.getcwd()).resolve()
+    host = KubeflowTarget(host).host  # refused here (exit 2) rather than at the first command
+    base = root / "conf" / "base"
+    hiding = sorted(p.name for p in base.glob("vertexai*") if p.suffix in {".yml", ".yaml", ".json"})
+    if hiding:
+        raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
+                         "environment, so nothing was written",
+                         hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
+    package = find_package_name(root).replace("_", "-")
+    namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: {namespace}\n"
+                      if namespace else
+                      "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
+    config = _TEMPLATES.joinpath("kubeflow.yml").read_text()
+    target = base / "kubeflow.yml"
+    _write_init_files(root, {target: config.format(host=host, package=package, namespace_line=namespace_line)},
+                      force, with_dockerfile)
+    return target
+
+
+def _write_init_files(root: Path, files: dict[Path, str], force: bool, with_dockerfile: bool) -> None:
+    from kvx_runtime.errors import UsageError
+
+    files = dict(files)
     if with_dockerfile:
-        files[root / "Dockerfile"] = templates.joinpath("project.Dockerfile").read_text()
-        files[root / ".dockerignore"] = templates.joinpath("project.dockerignore").read_text()
+        files[root / "Dockerfile"] = _TEMPLATES.joinpath("project.Dockerfile").read_text()
+        files[root / ".dockerignore"] = _TEMPLATES.joinpath("project.dockerignore").read_text()
     # Refuse before writing anything: never a half-done init.
     existing = [path for path in files if path.exists()]
     if existing and not force:
@@ -154,7 +189,6 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         click.echo(f"{path.relative_to(root)} written ({path})")
-    return root / "conf" / "base" / "vertexai.yml"
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -222,6 +256,21 @@ def init_command(ctx: click.Context, project_id: str, region: str, project_path:
                  with_dockerfile: bool) -> None:
     """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION."""
     run(ctx, lambda: do_init(project_path, project_id, region, force, with_dockerfile))
+
+
+@click.command("init")
+@click.argument("host")
+@click.option("--namespace", default=None, help="The user namespace (profile) of a multi-user Kubeflow.")
+@project_path_option
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--with-dockerfile", is_flag=True,
+              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
+@click.pass_context
+def kubeflow_init_command(ctx: click.Context, host: str, namespace: str | None, project_path: str | None,
+                          force: bool, with_dockerfile: bool) -> None:
+    """Write a commented conf/base/kubeflow.yml for the Kubeflow Pipelines API at HOST (its
+    /pipeline URL), with KFP's MinIO as the storage root."""
+    run(ctx, lambda: do_kubeflow_init(project_path, host, namespace, force, with_dockerfile))
 
 
 class _DoctorFailed(KvxError):
@@ -712,6 +761,7 @@ def _for_kubeflow(command: click.Command) -> click.Command:
 
 
 #: Under ``kvx-runtime kfp`` and ``kedro kubeflow`` (the plugin family's names), for Kubeflow Pipelines.
-KUBEFLOW_COMMANDS: tuple[click.Command, ...] = tuple(
-    _for_kubeflow(c) for c in PROJECT_COMMANDS if c.name not in {"init", "gc"}
+KUBEFLOW_COMMANDS: tuple[click.Command, ...] = (
+    *(_for_kubeflow(c) for c in PROJECT_COMMANDS if c.name not in {"init", "gc"}),
+    kubeflow_init_command,
 )

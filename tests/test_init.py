@@ -38,3 +38,48 @@ def test_a_refused_init_writes_nothing(tmp_path: Path) -> None:
     assert (tmp_path / "Dockerfile").read_text() == "FROM mine\n"
     forced = init(tmp_path, "--with-dockerfile", "--force")
     assert forced.exit_code == 0 and (tmp_path / "Dockerfile").read_text() != "FROM mine\n"
+
+
+def kfp_init(path: Path, *args: str):
+    return CliRunner().invoke(cli, ["kfp", "init", *args, "--project-path", str(path)])
+
+
+def test_kfp_init_writes_a_kubeflow_yml_that_loads_with_kfps_minio(tmp_path: Path, caplog) -> None:
+    from conftest import logged_text
+    from kvx_runtime.config import load_plugin_config
+
+    result = kfp_init(project(tmp_path), "https://kubeflow.example.com/pipeline/", "--namespace", "team-a")
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "conf" / "base" / "kubeflow.yml"
+    assert "conf/base/kubeflow.yml written" in result.output
+    config = load_plugin_config(tmp_path / "conf", "base")
+    assert "unknown" not in logged_text(caplog).lower()  # every key of the template is known
+    assert config.host == "https://kubeflow.example.com/pipeline"
+    run_config = config.run_config
+    assert run_config.namespace == "team-a" and run_config.experiment_name == "my-proj"
+    assert run_config.root == "s3://mlpipeline/kvx/my-proj"
+    assert run_config.s3.endpoint_url == "http://minio-service.kubeflow:9000"
+    [secret] = run_config.kubernetes.secrets_as_env
+    assert secret.secret_name == "mlpipeline-minio-artifact"
+    assert secret.keys == {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+    assert run_config.image == "my-proj:latest"  # no KEDRO_CONFIG_COMMIT_ID here
+    # Without --namespace the key is left commented out.
+    again = kfp_init(tmp_path, "http://localhost:8080", "--force")
+    assert again.exit_code == 0 and "# namespace: team-a" in written.read_text()
+    assert load_plugin_config(tmp_path / "conf", "base").run_config.namespace is None
+
+
+def test_kfp_init_refuses_a_bad_host_an_existing_file_and_a_vertexai_yml_that_would_hide_it(tmp_path: Path) -> None:
+    project(tmp_path)
+    bad = kfp_init(tmp_path, "ftp://kubeflow.example.com")
+    assert bad.exit_code == 2 and "is not an http(s) URL" in bad.output
+    assert not (tmp_path / "conf").exists()
+    assert kfp_init(tmp_path, "http://localhost:8080").exit_code == 0
+    twice = kfp_init(tmp_path, "http://localhost:8080")
+    assert twice.exit_code == 2 and "already exists; nothing was written" in twice.output
+    (tmp_path / "conf" / "base" / "kubeflow.yml").unlink()
+    (tmp_path / "conf" / "base" / "vertexai.yml").write_text("project_id: p\nregion: r\n")
+    hidden = kfp_init(tmp_path, "http://localhost:8080")
+    assert hidden.exit_code == 2 and "conf/base/vertexai.yml exists" in hidden.output
+    assert "host: http://localhost:8080" in hidden.output
+    assert not (tmp_path / "conf" / "base" / "kubeflow.yml").exists()
