@@ -148,6 +148,8 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
 def do_kubeflow_init(project_path: str | None, host: str, namespace: str | None, force: bool,
                      with_dockerfile: bool = False) -> Path:
     """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``."""
+    import re
+
     from kvx_runtime.errors import UsageError
     from kvx_runtime.project import find_package_name
     from kvx_runtime.targets.kubeflow import KubeflowTarget
@@ -155,13 +157,17 @@ def do_kubeflow_init(project_path: str | None, host: str, namespace: str | None,
     root = Path(project_path or os.getcwd()).resolve()
     host = KubeflowTarget(host).host  # refused here (exit 2) rather than at the first command
     base = root / "conf" / "base"
-    hiding = sorted(p.name for p in base.glob("vertexai*") if p.suffix in {".yml", ".yaml", ".json"})
+    hiding = sorted(p.name for p in base.glob("vertexai*")
+                    if p.suffix in {".yml", ".yaml", ".json"} or (p.is_dir() and p.name == "vertexai"))
     if hiding:
         raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
                          "environment, so nothing was written",
                          hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
+    if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise UsageError(f"--namespace {namespace!r} is not a Kubernetes namespace name",
+                         hint="lowercase letters, digits and '-', at most 63 characters")
     package = find_package_name(root).replace("_", "-")
-    namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: {namespace}\n"
+    namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: '{namespace}'\n"
                       if namespace else
                       "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
     config = _TEMPLATES.joinpath("kubeflow.yml").read_text()

@@ -109,7 +109,23 @@ class RetrySpec(_Section):
         text = f"{value}s" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if not isinstance(text, str) or not _DURATION.match(text):
             raise ValueError(f"{value!r} is not a duration in seconds (examples: 30, '30s')")
-        return text
+        return canonical_duration(text)
+
+
+def canonical_duration(text: str) -> str:
+    """A ``<seconds>s`` duration as protobuf's JSON writes it ("30s", "1.500s"): KFP stores a
+    spec re-serialized, and a pipeline version is recognised by its spec (after a lost answer)."""
+    from decimal import Decimal
+
+    nanos = int((Decimal(text[:-1]) * 10**9).to_integral_value())
+    whole, fraction = divmod(nanos, 10**9)
+    if not fraction:
+        return f"{whole}s"
+    digits = f"{fraction:09d}"
+    for kept in (3, 6):
+        if digits[kept:] == "0" * (9 - kept):
+            return f"{whole}.{digits[:kept]}s"
+    return f"{whole}.{digits}s"
 
 
 class DynamicConfigProviderSpec(_Section):

@@ -33,10 +33,11 @@ _MIN_SECRET = 4
 _SECRETS: set[str] = set()
 _URL_SECRETS = [
     (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), REDACTED + "@"),  # https://user:password@host
-    (re.compile(r"(?i)((?:upload_?id|access_token|token|sig|signature|(?:api|private|secret|access)_?key|password|"
-                r"secret|x-amz-(?:security-token|signature|credential))=)[^&\s'\"]+"), r"\1" + REDACTED),
-    # A bare "key" only as a URL query parameter (?key=API_KEY): "--param KEY=VALUE" is advice.
-    (re.compile(r"(?i)([?&]key=)[^&\s'\"]+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)((?:upload_?id|access_token|token|sig|signature|[\w-]+key|password|"
+                r"secret|x-amz-(?:security-token|signature|credential))=)[^&;\s'\"]+"), r"\1" + REDACTED),
+    # A bare "key" (no name before it) only as a URL query parameter (?key=API_KEY): in
+    # "--param KEY=VALUE" it is advice.
+    (re.compile(r"(?i)([?&]key=)[^&;\s'\"]+"), r"\1" + REDACTED),
 ]
 
 

@@ -241,3 +241,15 @@ def test_an_s3_endpoint_that_is_not_a_url_is_a_config_error(tmp_path: Path) -> N
     (tmp_path / "base" / "vertexai.yml").write_text("run_config:\n  s3:\n    endpoint_url: minio:9000\n")
     with pytest.raises(ConfigError, match="run_config.s3.endpoint_url"):
         load_plugin_config(tmp_path, "base")
+
+
+@pytest.mark.parametrize(("given", "canonical"), [
+    (30, "30s"), ("30.0s", "30s"), (1.5, "1.500s"), ("0.25s", "0.250s"), ("0.000001s", "0.000001s"),
+    ("2.1234567891s", "2.123456789s"), ("600s", "600s"),
+])
+def test_retry_durations_are_written_as_protobuf_writes_them(given, canonical) -> None:
+    """KFP stores an uploaded spec re-serialized: its durations must already be canonical for the
+    stored version to be recognised as ours after a lost answer."""
+    from kvx_runtime.config import RetrySpec
+
+    assert RetrySpec(backoff_duration=given).backoff_duration == canonical

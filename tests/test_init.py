@@ -83,3 +83,15 @@ def test_kfp_init_refuses_a_bad_host_an_existing_file_and_a_vertexai_yml_that_wo
     assert hidden.exit_code == 2 and "conf/base/vertexai.yml exists" in hidden.output
     assert "host: http://localhost:8080" in hidden.output
     assert not (tmp_path / "conf" / "base" / "kubeflow.yml").exists()
+
+
+def test_kfp_init_quotes_the_namespace_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from kvx_runtime.config import load_plugin_config
+
+    project(tmp_path)
+    bad = kfp_init(tmp_path, "http://localhost:8080", "--namespace", "Team_A")
+    assert bad.exit_code == 2 and "is not a Kubernetes namespace name" in bad.output
+    assert not (tmp_path / "conf").exists()
+    for namespace in ("on", "123"):  # YAML would read these as a bool and an int unquoted
+        assert kfp_init(tmp_path, "http://localhost:8080", "--namespace", namespace, "--force").exit_code == 0
+        assert load_plugin_config(tmp_path / "conf", "base").run_config.namespace == namespace

@@ -99,6 +99,8 @@ def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -
         "GET https://x.googleapis.com/v1/a?alt=json&key=[redacted]"
     assert redact("api_key=abc123 and AWS_SECRET_ACCESS_KEY=wJalr") == \
         "api_key=[redacted] and AWS_SECRET_ACCESS_KEY=[redacted]"
+    assert redact("DefaultEndpointsProtocol=https;AccountKey=c2VjcmV0;x-api-key=k1") == \
+        "DefaultEndpointsProtocol=https;AccountKey=[redacted];x-api-key=[redacted]"
     # Advice that merely shows the shape of an argument stays readable.
     assert redact("--param 'x' must look like KEY=VALUE") == "--param 'x' must look like KEY=VALUE"
 
@@ -109,14 +111,18 @@ def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, 
     refused proxy, nothing leaves the machine) urllib3 warns about its retries at any moment,
     even after a command's final line. google-auth itself logs that failure at DEBUG."""
     import datetime
+    import importlib.util
     import threading
 
+    import google.auth
     import requests
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from google.auth.transport.requests import AuthorizedSession
     from google.oauth2 import service_account
 
+    if importlib.util.find_spec("google.auth._regional_access_boundary_utils") is None:
+        pytest.skip(f"google-auth {google.auth.__version__} has no Regional Access Boundary lookup")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
@@ -127,7 +133,8 @@ def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, 
         "private_key": key, "private_key_id": "k1", "token_uri": "http://127.0.0.1:9/token",
     })
     credentials.token = "a-token"
-    credentials.expiry = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(hours=1)
+    credentials.expiry = (datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                          + datetime.timedelta(hours=1))
 
     seen: list[logging.LogRecord] = []
     witness = logging.Handler(level=logging.WARNING)
