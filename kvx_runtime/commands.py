@@ -148,8 +148,7 @@ def do_init(project_path: str | None, project_id: str, region: str, force: bool,
 def do_kubeflow_init(project_path: str | None, host: str, namespace: str | None, force: bool,
                      with_dockerfile: bool = False) -> Path:
     """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``."""
-    import re
-
+    from kvx_runtime.config import is_kubernetes_namespace
     from kvx_runtime.errors import UsageError
     from kvx_runtime.project import find_package_name
     from kvx_runtime.targets.kubeflow import KubeflowTarget
@@ -163,7 +162,7 @@ def do_kubeflow_init(project_path: str | None, host: str, namespace: str | None,
         raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
                          "environment, so nothing was written",
                          hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
-    if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+    if namespace is not None and not is_kubernetes_namespace(namespace):
         raise UsageError(f"--namespace {namespace!r} is not a Kubernetes namespace name",
                          hint="lowercase letters, digits and '-', at most 63 characters")
     package = find_package_name(root).replace("_", "-")

@@ -197,10 +197,21 @@ class S3Config(_Section):
         return value
 
 
-#: Kubernetes names: a secret is a DNS subdomain; its keys and environment variable names.
-_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+#: A secret's keys and environment variable names, as Kubernetes accepts them.
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_kubernetes_name(value: str) -> bool:
+    """A Kubernetes object name (secret, service account): a DNS subdomain."""
+    return len(value) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(value))
+
+
+def is_kubernetes_namespace(value: str) -> bool:
+    """A Kubernetes namespace name: a DNS label."""
+    return bool(_DNS_LABEL.fullmatch(value))
 
 
 class SecretAsEnv(_Section):
@@ -215,7 +226,7 @@ class SecretAsEnv(_Section):
     @field_validator("secret_name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if len(value) > 253 or not _K8S_NAME.fullmatch(value):
+        if not is_kubernetes_name(value):
             raise ValueError(f"{value!r} is not a Kubernetes secret name")
         return value
 
@@ -286,6 +297,13 @@ class RunConfig(_Section):
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     #: Kubeflow Pipelines: the user namespace (profile) of multi-user installations.
     namespace: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is not None and not is_kubernetes_namespace(value):
+            raise ValueError(f"{value!r} is not a Kubernetes namespace name (lowercase letters, digits, '-')")
+        return value
     #: Kubeflow Pipelines: display name of run-once runs (kedro-kubeflow's key).
     run_name: str | None = None
     #: Kubeflow Pipelines: run-once waits for the run to end unless --no-wait (kedro-kubeflow's key).

@@ -253,3 +253,14 @@ def test_retry_durations_are_written_as_protobuf_writes_them(given, canonical) -
     from kvx_runtime.config import RetrySpec
 
     assert RetrySpec(backoff_duration=given).backoff_duration == canonical
+
+
+def test_a_kubeflow_namespace_that_kubernetes_refuses_is_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    from kvx_runtime.config import RunConfig
+
+    assert RunConfig(namespace="team-a").namespace == "team-a"
+    for bad in ("Team_A", "team.a", "-team", "x" * 64):
+        with pytest.raises(ValidationError, match="is not a Kubernetes namespace name"):
+            RunConfig(namespace=bad)

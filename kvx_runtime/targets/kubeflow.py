@@ -17,13 +17,13 @@ version as the ``kvx_save_version`` parameter.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
 from kvx_runtime.compiler.platform import with_platform_spec
+from kvx_runtime.config import is_kubernetes_name
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
@@ -87,13 +87,10 @@ def _equals(key: str, value: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "string_value": value}]})
 
 
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
 def _kubernetes_service_account(name: str) -> str:
     """KFP runs pods as a Kubernetes service account: a DNS subdomain name, not a Google
     service account's email (what run_config.service_account holds for Vertex AI)."""
-    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+    if not is_kubernetes_name(name):
         kind = "a Google service account's email" if "@" in name else "not a Kubernetes name"
         raise ConfigError(f"run_config.service_account {name!r} is {kind}: Kubeflow Pipelines runs steps as a "
                           "Kubernetes service account of the namespace",
