@@ -234,6 +234,17 @@ def test_kubernetes_secrets_reach_every_step_as_environment_variables(example_pr
     secrets_of_every_executor(versions[0]["pipeline_spec"])
     assert kfp.problems == []
 
+    # A YAML compiled for KFP (to upload by hand) carries it as its second document; JSON cannot.
+    import yaml
+
+    compiled = kfp_cli(example_project, "compile", "-o", "kfp.yaml")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    spec, platform = yaml.safe_load_all((example_project / "kfp.yaml").read_text())
+    secrets_of_every_executor({"pipeline_spec": spec, "platform_spec": platform})
+    as_json = kfp_cli(example_project, "compile", "-o", "kfp.json")
+    assert as_json.returncode == 0 and "run_config.kubernetes is left out of a JSON spec" in as_json.stderr
+    assert "mlpipeline-minio-artifact" not in (example_project / "kfp.json").read_text()
+
     # A name Kubernetes refuses is a config error before any request.
     config.write_text(config.read_text().replace("secret_name: mlpipeline-minio-artifact",
                                                  "secret_name: MinIO_Secret"))

@@ -84,6 +84,7 @@ def do_compile(
     output: str,
     load_versions: tuple[str, ...] = (),
     code_upload: bool | None = None,
+    for_kubeflow: bool = False,
 ) -> Path:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
     from kvx_runtime.versions import parse_load_versions
@@ -93,7 +94,20 @@ def do_compile(
         params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
         code_upload=code_upload,
     ))
-    path = write_spec(compiled.spec, output)
+    platform = None
+    if for_kubeflow:  # KFP reads run_config.kubernetes from a YAML's second document
+        from kvx_runtime.compiler.platform import kubernetes_platform_spec
+        from kvx_runtime.project import open_project
+
+        platform = kubernetes_platform_spec(compiled.spec,
+                                            open_project(project_path, env).plugin_config.run_config.kubernetes)
+        if platform and Path(output).suffix not in {".yaml", ".yml"}:
+            from kvx_runtime.log import get_logger
+
+            get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec: write .yaml "
+                                         "(-o pipeline.yaml) for KFP to apply it", output=str(output))
+            platform = None
+    path = write_spec(compiled.spec, output, platform)
     click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
     return path
 
@@ -212,7 +226,7 @@ def compile_command(ctx: click.Context, project_path: str | None, env: str | Non
                     code_upload: bool | None, storage_root: str | None, output: str) -> None:
     """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
     run(ctx, lambda: do_compile(project_path, resolve_env(ctx, env), pipeline, image, storage_root, params,
-                                output, load_versions, code_upload))
+                                output, load_versions, code_upload, for_kubeflow=target_kind(ctx) == KUBEFLOW))
 
 
 @click.command("run-local")
