@@ -107,9 +107,10 @@ def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -
 
 def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, monkeypatch) -> None:
     """google-auth >= 2.62 looks up a service account's Regional Access Boundary in a background
-    thread after each token use; where iamcredentials.googleapis.com is unreachable (here: a
-    refused proxy, nothing leaves the machine) urllib3 warns about its retries at any moment,
-    even after a command's final line. google-auth itself logs that failure at DEBUG."""
+    thread after each token use (2.62 always, 2.63+ when a user opts in with an environment
+    variable); where iamcredentials.googleapis.com is unreachable (here: a refused proxy, nothing
+    leaves the machine) urllib3 warns about its retries at any moment, even after a command's
+    final line. google-auth itself logs that failure at DEBUG."""
     import datetime
     import importlib.util
     import threading
@@ -125,6 +126,8 @@ def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, 
         pytest.skip(f"google-auth {google.auth.__version__} has no Regional Access Boundary lookup")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    # 2.63 made the lookup opt-in; users who opt in must still get clean logs.
+    monkeypatch.setenv("GOOGLE_SDK_EXPERIMENTAL_PYTHON_REGIONAL_ACCESS_BOUNDARY_LOOKUP_ENABLED", "true")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
