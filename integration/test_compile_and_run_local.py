@@ -122,6 +122,24 @@ def test_local_datasets_shared_between_steps_are_warned_about(example_project: P
                and "reporting.build_report_node" in w for w in local)
 
 
+def test_gcs_fuse_paths_count_as_shared_on_vertex_ai_only(example_project: Path, tmp_path: Path) -> None:
+    (example_project / "conf" / "fuse").mkdir()
+    (example_project / "conf" / "fuse" / "globals.yml").write_text("outputs: /gcs/kvx-example-bucket/outputs\n")
+
+    def local_path_warnings(*command: str) -> list[str]:
+        result = kvx(example_project, *command, "--env", "fuse", "--output", str(tmp_path / "p.yaml"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [json.loads(line)["message"] for line in result.stderr.splitlines()
+                if line.startswith("{") and '"WARNING"' in line and "local path" in line]
+
+    # The three datasets that the base environment keeps on local disk are all under outputs.
+    assert local_path_warnings("compile") == []
+    on_kubeflow = local_path_warnings("kfp", "compile")
+    assert len(on_kubeflow) == 3, on_kubeflow
+    assert all("/gcs/kvx-example-bucket/outputs" in w and "Kubeflow pods do not have" in w for w in on_kubeflow)
+    assert any("'metrics'" in w for w in on_kubeflow)
+
+
 def test_mlflow_projects_get_start_task_and_exit_handler(example_project: Path, tmp_path: Path) -> None:
     (example_project / "conf" / "base" / "mlflow.yml").write_text(
         "server:\n  mlflow_tracking_uri: http://127.0.0.1:1\n")

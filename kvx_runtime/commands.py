@@ -87,12 +87,13 @@ def do_compile(
     for_kubeflow: bool = False,
 ) -> Path:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
+    from kvx_runtime.compiler.checks import VERTEX_SHARED_MOUNTS
     from kvx_runtime.versions import parse_load_versions
 
     compiled = compile_pipeline(CompileRequest(
         project_path=project_path, env=env, pipeline=pipeline, image=image,
         params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
-        code_upload=code_upload,
+        code_upload=code_upload, shared_mounts=() if for_kubeflow else VERTEX_SHARED_MOUNTS,
     ))
     platform = None
     if for_kubeflow:  # KFP reads run_config.kubernetes from a YAML's second document
@@ -423,8 +424,10 @@ def _template_uri(run_config: Any, spec: Any, tag: str | None) -> str | None:
 
 def _compile_for_target(project_path: str | None, env: str | None, pipeline: str, image: str | None,
                         storage_root: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                        values: tuple[str, ...], code_upload: bool | None = None) -> Any:
+                        values: tuple[str, ...], code_upload: bool | None = None,
+                        for_kubeflow: bool = False) -> Any:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline
+    from kvx_runtime.compiler.checks import VERTEX_SHARED_MOUNTS
     from kvx_runtime.errors import UsageError
     from kvx_runtime.versions import parse_load_versions
 
@@ -437,7 +440,7 @@ def _compile_for_target(project_path: str | None, env: str | None, pipeline: str
     return compile_pipeline(CompileRequest(
         project_path=project_path, env=env, pipeline=pipeline, image=image, params=params,
         storage_root=storage_root, load_versions=parse_load_versions(load_versions), values=parsed,
-        code_upload=code_upload,
+        code_upload=code_upload, shared_mounts=() if for_kubeflow else VERTEX_SHARED_MOUNTS,
     ))
 
 
@@ -478,7 +481,7 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
 
         target, project = _target_and_project(ctx, project_path, env)
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
-                                       load_versions, values, code_upload)
+                                       load_versions, values, code_upload, target_kind(ctx) == KUBEFLOW)
         run_config = project.plugin_config.run_config
         request = run_request(compiled.spec, run_config, values=compiled.values,
                               template_uri=_template_uri(run_config, compiled.spec, template))
@@ -632,7 +635,7 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
         key = pipeline if pipeline in run_config.schedules else "default_schedule"
         configured = run_config.schedules.get(key) or ScheduleConfig()
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
-                                       load_versions, values, code_upload)
+                                       load_versions, values, code_upload, target_kind(ctx) == KUBEFLOW)
         request = run_request(compiled.spec, run_config, values=compiled.values,
                               template_uri=_template_uri(run_config, compiled.spec, template))
         display_name = run_config.scheduled_run_name or request.display_name
@@ -729,7 +732,7 @@ def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline:
     from kvx_runtime.compiler.platform import kubernetes_platform_spec
 
     compiled = _compile_for_target(project.path, project.env, pipeline, image, storage_root, params,
-                                   load_versions, (), code_upload)
+                                   load_versions, (), code_upload, for_kubeflow=True)
     name = str(compiled.spec.get("pipelineInfo", {}).get("name", "pipeline"))
     version = _project_version(project.path)
     commit = os.environ.get("KEDRO_CONFIG_COMMIT_ID")

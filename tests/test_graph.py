@@ -115,6 +115,15 @@ def test_local_path_warning_covers_a_transcoded_pair(caplog) -> None:
     assert flagged == ["model_input"]
 
 
+def test_gcs_fuse_paths_are_shared_only_where_the_target_mounts_them(caplog) -> None:
+    """Vertex AI mounts Cloud Storage at /gcs/ on every step; a Kubeflow pod has no such mount."""
+    shared = {"dataset_paths": {"features": "/gcs/bucket/features.parquet"}, "producers": {"features": "build"},
+              "consumers": {"features": ["train"]}, "step_of": {"build": "build", "train": "train"}}
+    assert warn_local_datasets(**shared) == []
+    assert warn_local_datasets(**shared, shared_mounts=()) == ["features"]
+    assert "Kubeflow pods do not have" in caplog.text
+
+
 GRAPH_REGISTRY = """
 import json
 from pathlib import Path

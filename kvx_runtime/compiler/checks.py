@@ -118,13 +118,14 @@ def warn_unknown_selectors(
     return unknown
 
 
-def is_local_path(filepath: str) -> bool:
-    """A path on the step machine's own disk (each step has its own disk).
+#: Local paths every Vertex AI step sees: its Cloud Storage FUSE mount.
+VERTEX_SHARED_MOUNTS: tuple[str, ...] = ("/gcs/",)
 
-    ``/gcs/...`` is Vertex AI's Cloud Storage FUSE mount, shared by every step (on Kubeflow only
-    where the cluster mounts it the same way).
-    """
-    return "://" not in filepath and not filepath.startswith("/gcs/")
+
+def is_local_path(filepath: str, shared_mounts: Sequence[str] = VERTEX_SHARED_MOUNTS) -> bool:
+    """A path on the step machine's own disk (each step has its own disk), unless under one of
+    ``shared_mounts``, a mount every step of the target sees (a Kubeflow pod has none)."""
+    return "://" not in filepath and not filepath.startswith(tuple(shared_mounts))
 
 
 def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], spec: Mapping[str, Any]) -> None:
@@ -158,6 +159,7 @@ def warn_local_datasets(
     producers: Mapping[str, str],
     consumers: Mapping[str, list[str]],
     step_of: Mapping[str, str],
+    shared_mounts: Sequence[str] = VERTEX_SHARED_MOUNTS,
 ) -> list[str]:
     """Catalog datasets on a local path that one step writes and another reads.
 
@@ -168,16 +170,18 @@ def warn_local_datasets(
     for dataset, path in sorted(dataset_paths.items()):
         identity = dataset_identity(dataset)
         producer = producers.get(identity)
-        if producer is None or not is_local_path(path) or identity in flagged:
+        if producer is None or not is_local_path(path, shared_mounts) or identity in flagged:
             continue
         readers = [n for n in consumers.get(identity, []) if step_of.get(n) != step_of.get(producer)]
         if readers:
             flagged.append(identity)
+            mount = ("/gcs/ is Vertex AI's Cloud Storage mount, which Kubeflow pods do not have; "
+                     if any(path.startswith(m) for m in VERTEX_SHARED_MOUNTS) else "")
             log.warning(
                 f"catalog dataset '{dataset}' is on a local path ({path}) that node '{producer}' "
                 f"writes and node '{readers[0]}' reads in another step: each step has its own disk "
-                "(a Vertex AI machine, a Kubeflow pod), so the reader will not find it; use a gs:// or "
-                "s3:// path",
+                f"(a Vertex AI machine, a Kubeflow pod), so the reader will not find it; {mount}use a "
+                "gs:// or s3:// path",
                 dataset=dataset,
                 writer=producer,
                 readers=readers,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvx_runtime.compiler.checks import (
+    VERTEX_SHARED_MOUNTS,
     check_node_dependencies,
     check_references,
     warn_envs_not_in_image,
@@ -76,6 +77,8 @@ class CompileRequest:
     #: Package the workspace's code and configuration and have the steps run it (None:
     #: run_config.code_upload decides).
     code_upload: bool | None = None
+    #: Local paths every step of the target sees (Vertex AI's /gcs/ FUSE mount; none on Kubeflow).
+    shared_mounts: tuple[str, ...] = VERTEX_SHARED_MOUNTS
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
     paths = _dataset_paths(catalog, catalog_config,
                            {name for name in catalog_names if dataset_identity(name) in producers})
-    warnings += warn_local_datasets(paths, producers, consumers, step_of)
+    warnings += warn_local_datasets(paths, producers, consumers, step_of, request.shared_mounts)
     warnings += [f"env {env} not in image" for env in
                  warn_envs_not_in_image(project.path, project.conf_root, [project.base_env, project.env])]
 
