@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine (each creates .venv if needed):
 #   make demo   run the example project's pipeline, step by step, through kvx-runtime
-#   make test   run the test suite
+#   make test   run the test suite (CI also runs test-faults, test-kedro-oldest and test-image)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.kvx-installed
 KEDRO_OLDEST ?= kedro~=1.0.0
 OLDEST_VENV ?= .venv-kedro-oldest
 
-.PHONY: demo test test-fast test-kedro-oldest test-image image lint bench bench-quick clean
+.PHONY: demo test test-fast test-faults test-kedro-oldest test-image image lint bench bench-quick clean
 
 # $(1): the virtualenv, $(2): extra requirements (a Kedro pin).
 define make_venv
@@ -41,7 +41,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests
 
-# The same suite on the oldest supported Kedro (CI runs both).
+# The fault-injection suite (integration/test_faults.py): steps through seeded 429s, 503s,
+# resets and lost answers, and stop signals mid-write. Most of its time is retry back-off.
+test-faults: $(STAMP)
+	$(PY) -m pytest -m faults integration/test_faults.py
+
+# The same suite on the oldest supported Kedro (CI runs both; the fault suite on the newest only).
 test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
 	$(OLDEST_VENV)/bin/python -m pytest
 

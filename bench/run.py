@@ -393,7 +393,7 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
     env = {**os.environ, "KVX_FAULT_RESULTS": str(results), "KVX_FAULT_SEEDS": "2" if quick else "1,2,3,4,5",
            "KVX_SIGNAL_TRIALS": "2" if quick else "5"}
     tests = {
-        "faults": ["integration/test_faults.py"],
+        "faults": ["-m", "faults", "integration/test_faults.py"],
         "fuzz": ["tests/test_config_fuzz.py"],
         "secrets": ["integration/test_secrets.py"],
         "mlflow": ["integration/test_mlflow.py", "-k", "lost_answer or lost_during or parameter_changed"],

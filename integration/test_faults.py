@@ -1,4 +1,5 @@
-"""The fault-injection suite (bounded form, run by CI): steps survive a hostile network.
+"""The fault-injection suite (bounded form: ``make test-faults``, run by CI): steps survive a
+hostile network.
 
 The example pipeline runs step by step against the GCS emulator behind a seeded fault proxy
 (429, 503, resets, delays, answers lost after the server acted) that also carries the upload
@@ -30,7 +31,7 @@ from integration.faults import FaultPlan, FaultProxy
 from integration.test_exec_node import EXPECTED_BLOBS, reports
 from kvx_runtime.storage.store import BlobStore
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 FAULT_RATE = float(os.environ.get("KVX_FAULT_RATE", "0.2"))
 # Seeds 2 and 4 lose answers to upload requests (the case that used to fail good writes).
