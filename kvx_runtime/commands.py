@@ -95,19 +95,14 @@ def do_compile(
         params=params, storage_root=storage_root, load_versions=parse_load_versions(load_versions),
         code_upload=code_upload, shared_mounts=() if for_kubeflow else VERTEX_SHARED_MOUNTS,
     ))
-    platform = None
-    if for_kubeflow:  # KFP reads run_config.kubernetes from a YAML's second document
-        from kvx_runtime.compiler.platform import kubernetes_platform_spec
-        from kvx_runtime.project import open_project
+    # KFP reads run_config.kubernetes from a YAML's second document (Vertex AI does not apply it).
+    platform = compiled.platform_spec if for_kubeflow else None
+    if platform and Path(output).suffix not in {".yaml", ".yml"}:
+        from kvx_runtime.log import get_logger
 
-        platform = kubernetes_platform_spec(compiled.spec,
-                                            open_project(project_path, env).plugin_config.run_config.kubernetes)
-        if platform and Path(output).suffix not in {".yaml", ".yml"}:
-            from kvx_runtime.log import get_logger
-
-            get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec: write .yaml "
-                                         "(-o pipeline.yaml) for KFP to apply it", output=str(output))
-            platform = None
+        get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec: write .yaml "
+                                     "(-o pipeline.yaml) for KFP to apply it", output=str(output))
+        platform = None
     path = write_spec(compiled.spec, output, platform)
     click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
     return path
@@ -484,7 +479,8 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
                                        load_versions, values, code_upload, target_kind(ctx) == KUBEFLOW)
         run_config = project.plugin_config.run_config
         request = run_request(compiled.spec, run_config, values=compiled.values,
-                              template_uri=_template_uri(run_config, compiled.spec, template))
+                              template_uri=_template_uri(run_config, compiled.spec, template),
+                              platform_spec=compiled.platform_spec)
         if target_kind(ctx) == KUBEFLOW and run_config.run_name:
             from dataclasses import replace
 
@@ -637,7 +633,8 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
         compiled = _compile_for_target(project_path, project.env, pipeline, image, storage_root, params,
                                        load_versions, values, code_upload, target_kind(ctx) == KUBEFLOW)
         request = run_request(compiled.spec, run_config, values=compiled.values,
-                              template_uri=_template_uri(run_config, compiled.spec, template))
+                              template_uri=_template_uri(run_config, compiled.spec, template),
+                              platform_spec=compiled.platform_spec)
         display_name = run_config.scheduled_run_name or request.display_name
         if action_name is not None:
             existing = target.find_schedule(display_name)
@@ -729,7 +726,6 @@ def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline:
     from datetime import datetime, timezone
 
     from kvx_runtime.compiler import write_spec
-    from kvx_runtime.compiler.platform import kubernetes_platform_spec
 
     compiled = _compile_for_target(project.path, project.env, pipeline, image, storage_root, params,
                                    load_versions, (), code_upload, for_kubeflow=True)
@@ -741,8 +737,7 @@ def _upload_to_kubeflow(target: Any, project: Any, ctx: click.Context, pipeline:
     version_name = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "-", part) for part in parts)[:100]
     description = str(project.plugin_config.run_config.description or "")
     with tempfile.TemporaryDirectory() as directory:
-        platform = kubernetes_platform_spec(compiled.spec, project.plugin_config.run_config.kubernetes)
-        spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml", platform)
+        spec_file = write_spec(compiled.spec, Path(directory) / "pipeline.yaml", compiled.platform_spec)
         pipeline_id, version_id, created = target.upload_pipeline(name, str(spec_file), version_name, description)
     what = "pipeline" if created else "version"
     click.echo(f"Uploaded {name} as a new {what} (pipeline {pipeline_id}, version {version_name} {version_id})")

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from kvx_runtime.compiler.platform import kubernetes_platform_spec
 from kvx_runtime.compiler.spec import FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.errors import ExitCode, KvxError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
@@ -52,8 +51,10 @@ def kvx_labels(pipeline_name: str, user_labels: Mapping[str, str]) -> dict[str, 
 
 
 def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str, Any] | None = None,
-                now: datetime | None = None, template_uri: str | None = None) -> RunRequest:
-    """The run of ``spec`` that ``run_config`` (``vertexai.yml``) describes."""
+                now: datetime | None = None, template_uri: str | None = None,
+                platform_spec: Mapping[str, Any] | None = None) -> RunRequest:
+    """The run of ``spec`` (with its Kubernetes ``platform_spec``) that ``run_config``
+    (``vertexai.yml``) describes."""
     name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     policy = str(values.get(FAILURE_POLICY_PARAMETER) if values and FAILURE_POLICY_PARAMETER in values
@@ -71,7 +72,7 @@ def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str
         network=run_config.network.vpc,
         encryption_key=run_config.encryption_spec_key_name,
         template_uri=template_uri,
-        platform_spec=kubernetes_platform_spec(spec, run_config.kubernetes),
+        platform_spec=platform_spec,
     )
 
 

@@ -20,6 +20,7 @@ from kvx_runtime.compiler.checks import (
     warn_unknown_selectors,
 )
 from kvx_runtime.compiler.names import check_label, parameter_name, pipeline_name, unique_task_names
+from kvx_runtime.compiler.platform import kubernetes_platform_spec
 from kvx_runtime.compiler.resources import (
     group_resources,
     node_resources,
@@ -115,6 +116,8 @@ class CompiledPipeline:
     warnings: list[str] = field(default_factory=list)
     #: Pipeline parameter values for one run (from ``CompileRequest.values``), typed.
     values: dict[str, Any] = field(default_factory=dict)
+    #: ``run_config.kubernetes`` as a Kubernetes platform spec (KFP applies it), None if unset.
+    platform_spec: dict[str, Any] | None = None
 
 
 def _lookup(params: dict[str, Any], dotted: str) -> Any:
@@ -422,7 +425,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     check_node_dependencies(kedro_pipeline, graph.nodes_of_task, spec)
     log.info("pipeline compiled", pipeline=name, steps=len(node_steps), mlflow=mlflow,
              parameters=[p.kedro_name for p in parameters])
-    return CompiledPipeline(spec=spec, steps=steps_nodes, warnings=warnings, values=values)
+    return CompiledPipeline(spec=spec, steps=steps_nodes, warnings=warnings, values=values,
+                            platform_spec=kubernetes_platform_spec(spec, run.kubernetes))
 
 
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:
