@@ -3,6 +3,8 @@
 In order (the step contract in docs/exec-node.md):
 
 1. open the Kedro project, read ``vertexai.yml`` (only what a step needs is strict);
+   type the ``--param`` values from the project's Kedro parameters (a value that does not fit
+   its parameter is a usage error, exit 2);
 2. resolve run id and job name and export them as ``KEDRO_CONFIG_RUN_ID`` / ``_JOB_NAME``;
 3. materialize dynamic config providers;
 4. install the templating config loader;
@@ -20,7 +22,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +360,52 @@ def _load_step_pipeline(name: str) -> Any:
         ) from exc
 
 
+def _kedro_parameters(project: Any, runtime_params: dict[str, Any]) -> dict[str, Any]:
+    """The project's Kedro parameters for its env, without the runtime params merged in (as
+    the session's config loader reads them; no session, no hooks, no validation)."""
+    from kedro.config import MissingConfigException
+
+    from kvx_runtime.project import make_config_loader
+
+    def read(runtime: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            return dict(make_config_loader(project, runtime)["parameters"] or {})
+        except MissingConfigException:
+            return {}
+
+    try:
+        return read(None)
+    except KvxError:
+        raise
+    except Exception:
+        pass
+    try:
+        # `${runtime_params:x}` without a default needs the values: the check then sees them
+        # merged in, i.e. checks less for those keys.
+        return read(runtime_params)
+    except KvxError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the project's parameters (env {project.env}) cannot be read: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+
+
+def _typed_params(project: Any, request: StepRequest) -> dict[str, Any]:
+    """``--param`` values typed from the project's Kedro values (kvx_runtime.params.typed_params):
+    a mapping replaced by a scalar, a dotted key through a scalar, a value that is not of its
+    parameter's kind are usage errors here, not the node's TypeError later."""
+    if not request.raw_params and not request.params:
+        return request.params
+    from kvx_runtime.params import check_shapes, typed_params
+
+    kedro_params = _kedro_parameters(project, request.params)
+    if not request.raw_params:  # built by a caller, already typed: the shapes are checked
+        check_shapes(request.params, kedro_params)
+        return request.params
+    return typed_params(request.raw_params, kedro_params)
+
+
 def execute_step(request: StepRequest) -> StepResult:
     """Run one step. Raises :class:`KvxError` subclasses carrying the exit code."""
     started = time.perf_counter()
@@ -389,6 +437,8 @@ def execute_step(request: StepRequest) -> StepResult:
         from kvx_runtime.code_upload import check_drift
 
         check_drift(manifest, project)
+    # Before anything is written or contacted: a --param that does not fit is the caller's error.
+    request = replace(request, params=_typed_params(project, request))
 
     from kvx_runtime.dynamic_config import materialize_dynamic_config
 

@@ -33,7 +33,6 @@ from kvx_runtime.compiler.spec import (
     JOB_NAME,
     JOB_UUID,
     MLFLOW_RUN_ID,
-    PARAMETER_TYPES,
     SAVE_VERSION_PARAMETER,
     STORAGE_ROOT_PARAMETER,
     PipelineParameter,
@@ -50,6 +49,7 @@ from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import NodeGrouper, StepGroup, build_grouper, group_dependencies, order_groups
 from kvx_runtime.log import get_logger
+from kvx_runtime.params import KINDS, fits, is_missing, kind_of, lookup, type_param
 from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
 
 __all__ = ["CompileRequest", "CompiledPipeline", "StepGraph", "compile_pipeline", "plan_steps", "read_spec",
@@ -121,11 +121,10 @@ class CompiledPipeline:
 
 
 def _lookup(params: dict[str, Any], dotted: str) -> Any:
-    value: Any = params
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise ConfigError(f"--params {dotted}: no such Kedro parameter")
-        value = value[part]
+    value, blocked = lookup(params, dotted)
+    if is_missing(value):
+        where = f" ({blocked} is not a mapping)" if blocked else ""
+        raise ConfigError(f"--params {dotted}: no such Kedro parameter{where}")
     return value
 
 
@@ -136,8 +135,8 @@ def _pipeline_parameters(declared: Sequence[str], kedro_params: dict[str, Any]) 
         for entry in filter(None, (e.strip() for e in item.split(","))):
             name, _, kind = entry.partition(":")
             kind = kind or "str"
-            if kind not in PARAMETER_TYPES:
-                raise UsageError(f"--params {entry}: unknown type '{kind}' (use {', '.join(PARAMETER_TYPES)})")
+            if kind not in KINDS:
+                raise UsageError(f"--params {entry}: unknown type '{kind}' (use {', '.join(KINDS)})")
             default = _lookup(kedro_params, name)
             default = _coerce_default(name, kind, default)
             pipeline_param = parameter_name(name)
@@ -149,44 +148,36 @@ def _pipeline_parameters(declared: Sequence[str], kedro_params: dict[str, Any]) 
 
 
 def _kind_of(value: Any) -> str:
-    """The pipeline parameter type of a Kedro parameter's value."""
-    for kind, python in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", list),
-                         ("dict", dict)):
-        if isinstance(value, python):
-            return kind
-    raise ConfigError(f"a Kedro parameter of type {type(value).__name__} cannot be a pipeline parameter")
+    """The pipeline parameter type of a Kedro parameter's value (kvx_runtime.params' table)."""
+    kind = kind_of(value)
+    if kind is None:
+        raise ConfigError(f"a Kedro parameter of type {type(value).__name__} cannot be a pipeline parameter")
+    return kind
 
 
 def _run_values(values: dict[str, str], declared: list[PipelineParameter],
                 kedro_params: dict[str, Any]) -> tuple[list[PipelineParameter], dict[str, Any]]:
-    """Pipeline parameters for ``values`` (added when not declared) and their typed values."""
-    from kvx_runtime.local_runner.graph import coerce
-
+    """Pipeline parameters for ``values`` (added when not declared) and their values, typed
+    as exec-node types them: from the Kedro value, or as declared."""
     parameters = list(declared)
     by_name = {p.kedro_name: p for p in parameters}
     typed: dict[str, Any] = {}
     for name, text in values.items():
+        default = _lookup(kedro_params, name)
         parameter = by_name.get(name)
+        declared_kind = parameter.type if parameter is not None else None
         if parameter is None:
-            default = _lookup(kedro_params, name)
             kind = _kind_of(default)
             parameter = PipelineParameter(name, parameter_name(name), kind, _coerce_default(name, kind, default))
             parameters.append(parameter)
             by_name[name] = parameter
-        typed[parameter.name] = coerce(name, PARAMETER_TYPES[parameter.type], text)
+        typed[parameter.name] = type_param(name, text, default, declared_kind)
     return parameters, typed
 
 
 def _coerce_default(name: str, kind: str, value: Any) -> Any:
-    checks = {
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "list": lambda v: isinstance(v, list),
-        "dict": lambda v: isinstance(v, dict),
-    }
-    if not checks[kind](value):
+    """The Kedro default of a pipeline parameter of ``kind`` (an int for a float is a float)."""
+    if not fits(kind, value):
         raise ConfigError(f"--params {name}:{kind}: the Kedro default {value!r} is not a {kind}")
     return float(value) if kind == "float" else value
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvx_runtime.errors import UsageError
+from kvx_runtime.params import convert, kind_of_spec_type, quoted
 
-_PLACEHOLDER = re.compile(r"\{\{\$\.([^}]+)\}\}")
+_PLACEHOLDER = re.compile(r"\{\{\$\.([^}]*)(\}?\}?)")  # "{{$." up to its first "}": see substitute()
 _INPUT = re.compile(r"^inputs\.parameters\['([^']+)'\]$")
 _OUTPUT = re.compile(r"^outputs\.parameters\['([^']+)'\]\.output_file$")
 
@@ -156,31 +157,17 @@ def _source(source: Mapping[str, Any], scope: Mapping[str, Source]) -> Source:
 
 
 def coerce(name: str, kind: str, value: Any) -> Any:
-    """A --param override (text) typed as the spec declares it."""
+    """A --param override (text) typed as the spec declares it (kvx_runtime.params' table)."""
     if not isinstance(value, str):
         return value
     try:
-        if kind == "STRING":
-            return value
-        if kind == "NUMBER_INTEGER":
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError("not a whole number")
-            return int(number)
-        if kind == "NUMBER_DOUBLE":
-            return float(value)
-        if kind == "BOOLEAN":
-            lowered = value.strip().lower()
-            if lowered not in {"true", "false"}:
-                raise ValueError("not true or false")
-            return lowered == "true"
-        parsed = json.loads(value)
-        expected = list if kind == "LIST" else dict
-        if not isinstance(parsed, expected):
-            raise ValueError(f"not a JSON {expected.__name__}")
-        return parsed
+        typed_as = kind_of_spec_type(kind)
+    except KeyError:
+        raise UsageError(f"--param {name}: a {kind} parameter cannot be given on the command line") from None
+    try:
+        return convert(typed_as, value)
     except ValueError as exc:
-        raise UsageError(f"--param {name}: {value!r} is not a valid {kind} ({exc})") from None
+        raise UsageError(f"--param {name}: {quoted(value)} is not a valid {kind} ({exc})") from None
 
 
 def substitute(text: str, values: Mapping[str, str]) -> str:
@@ -188,6 +175,10 @@ def substitute(text: str, values: Mapping[str, str]) -> str:
 
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)
+        if not key or match.group(2) != "}}":
+            # Not a placeholder, and none starts inside it (all would stop at the same "}"): it
+            # is skipped whole, in linear time ("[^}]+}}" rescanned it from each "{{$.").
+            return match.group(0)
         if key not in values:
             raise UsageError(f"placeholder {{{{$.{key}}}}} has no value in a local run")
         return values[key]
