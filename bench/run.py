@@ -1,6 +1,7 @@
 """kvx-runtime benchmarks: the numbers we promise, measured side by side with the reference.
 
-    python bench/run.py [--quick] [--large] [--runs N] [--only intermediates,step,compiler,local,code,reliability]
+    python bench/run.py [--quick] [--large] [--runs N]
+                        [--only intermediates,step,compiler,local,code,reliability,logging]
 
 Writes ``bench/results/latest.json`` (every figure: name, unit, median, min, max, runs) and
 regenerates ``docs/benchmarks.md``. Each figure is the median of at least 3 runs in this
@@ -335,6 +336,61 @@ def bench_local(bench: Bench, tmp: Path) -> None:
                 note="every step is a separate process that starts Kedro, as on Vertex AI")
 
 
+# --- 5. logging ---------------------------------------------------------------------------
+
+REDACTION_TIMER = r"""
+import json, logging, os, sys, time
+from kvx_runtime.log import configure_logging
+
+rounds = int(sys.argv[1])
+size = 2**20
+# Lines that make a backtracking pattern rescan: a long word, long names before "key", URLs
+# with "user:" and no "@", runs of the characters the patterns look for, real secrets to replace.
+families = {
+    "a long word": "a" * size,
+    "a long word ending in key": "x" * (size - 3) + "key",
+    "a long name before key=": "a-b_" * (size // 4) + "key=value",
+    "key repeated": "key" * (size // 3),
+    "a URL with user: and no @": "https://user:" + "p" * size,
+    "many ://a:b": "://a:b" * (size // 6),
+    "a run of =": "=" * size,
+    "a run of :": ":" * size,
+    "?key= repeated": "?key=" * (size // 5),
+    "&key=v repeated": "&key=v" * (size // 6),
+    "token= repeated": "token=" * (size // 6),
+}
+configure_logging(json_output=True)
+sys.stderr = open(os.devnull, "w")  # the handler writes to whatever sys.stderr is
+user = logging.getLogger("bench.node")  # a node's line, rendered and redacted like every line
+worst = []
+for _ in range(rounds):
+    seconds = {}
+    for name, line in families.items():
+        started = time.perf_counter()
+        user.error(line)
+        seconds[name] = time.perf_counter() - started
+    family = max(seconds, key=seconds.get)
+    worst.append((seconds[family], family))
+print(json.dumps({"worst": worst}), file=sys.__stdout__)
+"""
+
+
+def bench_logging(bench: Bench) -> None:
+    """Every log line (a node's exception message, a long --param value) is redacted: a 1 MB
+    single-line message through the step's JSON log pipeline, the slowest of its line families."""
+    print("logging: redaction of 1 MB lines", flush=True)
+    result = subprocess.run([PY, "-c", REDACTION_TIMER, str(bench.runs)], cwd=REPO, env=env(), capture_output=True,
+                            text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    worst = json.loads(result.stdout.strip().splitlines()[-1])["worst"]
+    seconds = [value for value, _ in worst]
+    families = sorted({family for _, family in worst})
+    bench.add("redaction of a 1 MB single-line log message (JSON line to the step's log, worst line family)", "s",
+              seconds, "logging", goal="< 1", met=statistics.median(seconds) < 1,
+              note=f"slowest family: {', '.join(families)}")
+
+
 # --- machine, GCS emulator, output ---------------------------------------------------------
 
 def bench_code_upload(bench: Bench, tmp: Path) -> None:
@@ -539,7 +595,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, about five minutes")
     parser.add_argument("--large", action="store_true", help="also the ~1 GB DataFrame")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="intermediates,step,compiler,local,code,reliability")
+    parser.add_argument("--only", default="intermediates,step,compiler,local,code,reliability,logging")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true",
                         help="regenerate docs/benchmarks.md from bench/results/latest.json")
@@ -586,6 +642,7 @@ def main() -> int:
             ("local", lambda: None if args.quick else bench_local(bench, tmp)),
             ("code", lambda: bench_code_upload(bench, tmp)),
             ("reliability", lambda: bench_reliability(bench, tmp, args.quick)),
+            ("logging", lambda: bench_logging(bench)),
         ]
         for name, section in sections:
             if name not in only:

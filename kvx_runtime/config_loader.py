@@ -143,7 +143,10 @@ def render_templates(text: str, source: str) -> str:
         _REGISTRY.leave(name, source)
         return match.group(0)
 
-    return _PLACEHOLDER.sub(replace, text)
+    # A placeholder ends with "}": none lies past the last one. Scanning there would be
+    # quadratic, each "${x|" rescanning to the end of the text for a "}" that is not there.
+    end = text.rfind("}") + 1
+    return _PLACEHOLDER.sub(replace, text[:end]) + text[end:]
 
 
 def explain_interpolation_error(exc: OmegaConfBaseException) -> ConfigError | None:

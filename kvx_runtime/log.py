@@ -31,13 +31,25 @@ REDACTED = "[redacted]"
 #: Values shorter than this are not secrets worth redacting (and would mangle every line).
 _MIN_SECRET = 4
 _SECRETS: set[str] = set()
+# Every rendered line passes through these, so each must take linear time on any text (a 1 MB
+# word included). Each starts with a literal ("://", "="), which re.sub finds by a fast scan; the
+# name before "=" is checked by fixed-width lookbehinds and the value that follows is a greedy
+# run that nothing can fail after. ("[\w-]+key=", which this replaced, rescanned a long word
+# from each of its positions: quadratic, minutes for 100 KB.) The user:password part can fail
+# at its end, but its scan stops at the next "/": scans from two "://" never overlap. Same
+# redactions as before (tests/test_log.py compares them with the previous patterns).
+_VALUE = r"[^&;\s'\"]+"  # a value stops at &, ;, whitespace and quotes
 _URL_SECRETS = [
-    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"), REDACTED + "@"),  # https://user:password@host
-    (re.compile(r"(?i)((?:upload_?id|access_token|token|sig|signature|[\w-]+key|password|"
-                r"secret|x-amz-(?:security-token|signature|credential))=)[^&;\s'\"]+"), r"\1" + REDACTED),
+    (re.compile(r"://[^/@\s:]+:[^/@\s]+@"), "://" + REDACTED + "@"),  # https://user:password@host
+    # <name>=VALUE anywhere (access_token and x-amz-security-token end in "token",
+    # x-amz-signature in "signature"), and <name>key=VALUE: AccountKey=, x-api-key=, ssh_key=...
+    # ("[deglnty]": the last letters of those names, one quick test for a run of "=".)
+    (re.compile(r"(?i)=(?<=[deglnty]=)(?:(?<=upload_id=)|(?<=uploadid=)|(?<=token=)|(?<=sig=)|(?<=signature=)|"
+                r"(?<=[\w-]key=)|(?<=password=)|(?<=secret=)|(?<=x-amz-credential=))" + _VALUE),
+     "=" + REDACTED),
     # A bare "key" (no name before it) only as a URL query parameter (?key=API_KEY): in
     # "--param KEY=VALUE" it is advice.
-    (re.compile(r"(?i)([?&]key=)[^&;\s'\"]+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)=(?<=[?&]key=)" + _VALUE), "=" + REDACTED),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import pytest
 import structlog
@@ -104,6 +105,140 @@ def test_redaction_of_registered_secrets_url_credentials_and_upload_sessions() -
     # Advice that merely shows the shape of an argument stays readable.
     assert redact("--param 'x' must look like KEY=VALUE") == "--param 'x' must look like KEY=VALUE"
 
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    # <name>key=VALUE, whatever the name and its case
+    ("ssh_key=AAAAB3Nza private_key=MIIE", "ssh_key=[redacted] private_key=[redacted]"),
+    ("AccountName=acct;AccountKey=c2Vj==;EndpointSuffix=core",
+     "AccountName=acct;AccountKey=[redacted];EndpointSuffix=core"),
+    ("-H x-api-key=k1 -H X-API-KEY='k2'", "-H x-api-key=[redacted] -H X-API-KEY='k2'"),
+    # query parameters and settings whose value is a secret; a value stops at & ; space quotes
+    ("?access_token=ya29.a0&alt=json", "?access_token=[redacted]&alt=json"),
+    ("token=t1;sig=s1&signature=s2 password=p1 secret=\"s3\"",
+     "token=[redacted];sig=[redacted]&signature=[redacted] password=[redacted] secret=\"s3\""),
+    ("mytoken=t2 'DB_PASSWORD=p2' uploadid=u1", "mytoken=[redacted] 'DB_PASSWORD=[redacted]' uploadid=[redacted]"),
+    ("X-Amz-Credential=AKIA%2F20260101&X-Amz-Security-Token=FwoG&X-Amz-Signature=abc&X-Amz-Date=20260101",
+     "X-Amz-Credential=[redacted]&X-Amz-Security-Token=[redacted]&X-Amz-Signature=[redacted]&X-Amz-Date=20260101"),
+    ("token=a=b=c&x=1", "token=[redacted]&x=1"),
+    # a bare key= only as a query parameter
+    ("https://h/v1?key=AIza&alt=json", "https://h/v1?key=[redacted]&alt=json"),
+    ("--param key=value and KEY=VALUE; key='x'", "--param key=value and KEY=VALUE; key='x'"),
+    ("a monkey=3 keys=4", "a monkey=[redacted] keys=4"),
+    # URL credentials; without an "@" nothing is a credential
+    ("postgresql://app:pa:ss@db:5432/x and ftp://u:p@h", "postgresql://[redacted]@db:5432/x and ftp://[redacted]@h"),
+    ("https://host:8443/path and https://user@host/", "https://host:8443/path and https://user@host/"),
+    ("http://a:b/c@d", "http://a:b/c@d"),
+    ("tokens, keys and passwords: token= key= password", "tokens, keys and passwords: token= key= password"),
+])
+def test_redaction_of_each_kind_of_secret(line: str, expected: str) -> None:
+    from kvx_runtime.log import redact
+
+    assert redact(line) == expected
+
+
+# The patterns redact() used before they were made linear: an oracle on short inputs (on long
+# ones they are quadratic).
+_PREVIOUS_PATTERNS = [
+    (r"(?<=://)[^/@\s:]+:[^/@\s]+@", "[redacted]@"),
+    (r"(?i)((?:upload_?id|access_token|token|sig|signature|[\w-]+key|password|"
+     r"secret|x-amz-(?:security-token|signature|credential))=)[^&;\s'\"]+", r"\1[redacted]"),
+    (r"(?i)([?&]key=)[^&;\s'\"]+", r"\1[redacted]"),
+]
+_PIECES = ["a", "K", "key", "KEY", "Key", "=", "==", "&", "?", ":", "/", "//", "://", "@", "-", "_", " ", "\n",
+           "'", '"', ";", "%", "token", "access_", "sig", "signature", "x-amz-", "security-", "credential",
+           "password", "secret", "upload", "upload_", "id", "https", "user", "api_", "Account", "é", "\u212a"]
+
+
+def test_redaction_matches_the_previous_patterns_on_random_short_lines() -> None:
+    import random
+    import re
+
+    from kvx_runtime.log import _URL_SECRETS
+
+    previous = [(re.compile(pattern), replacement) for pattern, replacement in _PREVIOUS_PATTERNS]
+    rng = random.Random(19)
+    for _ in range(20_000):
+        line = "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 24)))
+        expected = actual = line
+        for pattern, replacement in previous:
+            expected = pattern.sub(replacement, expected)
+        for pattern, replacement in _URL_SECRETS:
+            actual = pattern.sub(replacement, actual)
+        assert actual == expected, line
+
+
+def _adversarial_lines() -> dict[str, Any]:
+    """Each family of lines that makes a backtracking pattern rescan: size -> a line of about that size."""
+    import random
+
+    def mixture(size: int) -> str:  # the same seed at every size: the same kind of text
+        rng = random.Random(19)
+        return "".join(rng.choice(_PIECES) for _ in range(size // 4))[:size]
+
+    return {
+        "a long word": lambda n: "a" * n,
+        "a long word ending in key": lambda n: "x" * (n - 3) + "key",
+        "a long word ending in key=": lambda n: "x" * (n - 5) + "key=v",
+        "key repeated, no =": lambda n: "key" * (n // 3),
+        "key repeated, then =": lambda n: "key" * (n // 3) + "=",
+        "a long name before key=": lambda n: "a-b_" * (n // 4) + "key=value",
+        "a long name before an unfinished key": lambda n: "a-b_" * (n // 4) + "ke",
+        "a URL with user: and no @": lambda n: "https://user:" + "p" * n,
+        "a URL with colons and no @": lambda n: "https://" + "u:" * (n // 2),
+        "many ://": lambda n: "://" * (n // 3),
+        "many ://a:b": lambda n: "://a:b" * (n // 6),
+        "a run of =": lambda n: "=" * n,
+        "a run of &": lambda n: "&" * n,
+        "a run of :": lambda n: ":" * n,
+        "?key= repeated": lambda n: "?key=" * (n // 5),
+        "&key=v repeated": lambda n: "&key=v" * (n // 6),
+        "token= repeated": lambda n: "token=" * (n // 6),
+        "a mixture": lambda n: "a" * (n // 2) + "key" * (n // 6) + "://u:" * (n // 10),
+        "random pieces (seeded)": mixture,
+    }
+
+
+def _seconds_per_redaction(line: str, repeats: int = 3) -> float:
+    """The fastest of a few timings (each at least 2 ms, over as many calls as that takes)."""
+    import time
+
+    from kvx_runtime.log import redact
+
+    best = float("inf")
+    for _ in range(repeats):
+        calls, started = 0, time.perf_counter()
+        while True:
+            redact(line)
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= 0.002:
+                break
+        best = min(best, elapsed / calls)
+    return best
+
+
+@pytest.mark.parametrize("family", list(_adversarial_lines()))
+def test_redaction_time_grows_linearly_up_to_a_megabyte(family: str) -> None:
+    """Redacting 10 times more text takes about 10 times longer, never ~100 times (quadratic).
+
+    Growth ratios, not wall-clock bounds: the step that first exceeds 30 fails, so a quadratic
+    pattern fails at 10 KB in about a second instead of stalling for minutes at 100 KB.
+    """
+    import itertools
+
+    make = _adversarial_lines()[family]
+    sizes = [1_000, 10_000, 100_000, 1_000_000]
+    lines = {size: make(size) for size in sizes}
+    times = {sizes[0]: _seconds_per_redaction(lines[sizes[0]])}
+    for small, large in itertools.pairwise(sizes):
+        times[large] = _seconds_per_redaction(lines[large])
+        ratio = times[large] / times[small]
+        if ratio >= 30:  # a busy machine: measure both once more before calling it quadratic
+            times[small], times[large] = _seconds_per_redaction(lines[small]), _seconds_per_redaction(lines[large])
+            ratio = times[large] / times[small]
+        assert ratio < 30, (f"{family}: {len(lines[small])} -> {len(lines[large])} characters took "
+                            f"{times[small]:.2g} s -> {times[large]:.2g} s (x{ratio:.0f}; linear is x10)")
 
 def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, monkeypatch) -> None:
     """google-auth >= 2.62 looks up a service account's Regional Access Boundary in a background
