@@ -686,7 +686,8 @@ def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
     In ``run_config.root`` a bare ``bucket/prefix`` (the seed's style) means
     ``gs://bucket/prefix``; on the command line (``bare_is_bucket=False``) a path without a
     scheme is a local path. Accepted schemes: ``gs://`` (``gcs://``) and ``s3://`` (``s3a://``)
-    with a valid bucket name, ``file://`` with an absolute path, and ``memory://`` (tests).
+    with a valid bucket name and ``file://`` with an absolute path. In-process file systems
+    (``memory://``) are refused: what a step writes there dies with its process.
     """
     import os
 
@@ -716,7 +717,9 @@ def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:
             raise ConfigError(f"storage root {shown!r}: a file:// root needs an absolute path (file:///dir)",
                               hint=f"use {STORAGE_ROOT_FORMS}")
         return f"file://{rest}".rstrip("/")
-    if scheme == "memory" and rest.strip("/"):
-        return text.rstrip("/")
+    if scheme == "memory":
+        raise ConfigError(f"storage root {shown!r}: memory:// lives inside one process, and every step is "
+                          "a process of its own: what one step writes, the next would never see",
+                          hint=f"use {STORAGE_ROOT_FORMS}")
     raise ConfigError(f"storage root {shown!r}: unsupported scheme {scheme + '://' if scheme else '(none)'}",
                       hint=f"use {STORAGE_ROOT_FORMS}")

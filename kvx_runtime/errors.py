@@ -61,6 +61,12 @@ class CatalogDataError(InputDataError):
     (and not transient: those are :class:`InfrastructureError`)."""
 
 
+class StorageAccessError(ConfigError):
+    """The storage root refuses this step, and no retry can change that: the credentials were
+    rejected (401/403, a revoked key's ``invalid_grant``, an unreadable credentials file), or the
+    root cannot hold files as given (a regular file, a read-only or special file system)."""
+
+
 class InfrastructureError(KvxError):
     """Storage, MLflow or authentication failed after retries; a retry may succeed."""
 

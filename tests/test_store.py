@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from kvx_runtime.errors import ConfigError, ExitCode, StorageError
+from kvx_runtime.errors import ConfigError, ExitCode, KvxError, StorageAccessError, StorageError
 from kvx_runtime.storage.blob import BlobUnpicklable
 from kvx_runtime.storage.store import BlobMissing, BlobStore, RetryPolicy, object_name
 
@@ -121,12 +121,56 @@ def test_persistent_failure_is_a_storage_error_with_exit_code_3() -> None:
     assert fs.calls == 3
 
 
-def test_permission_errors_are_not_retried(tmp_path: Path) -> None:
+def test_permission_errors_are_not_retried_and_exit_2(tmp_path: Path) -> None:
     fs = FlakyMemoryFileSystem(failures=100, error=PermissionError("403 forbidden"), skip_instance_cache=True)
     store = BlobStore("memory://root", "job", retry=FAST_RETRY, filesystem=fs)
-    with pytest.raises(StorageError, match="PermissionError"):
+    with pytest.raises(StorageAccessError, match="refused this step's credentials: PermissionError") as caught:
         store.save("ds", 1)
+    assert caught.value.exit_code == ExitCode.USAGE
     assert fs.calls == 1
+
+
+def test_the_retry_budget_ends_retries_of_storage_that_stays_down() -> None:
+    fs = FlakyMemoryFileSystem(failures=10_000, error=ServiceUnavailable("backend error"), skip_instance_cache=True)
+    budget = RetryPolicy(attempts=10_000, initial_wait=0.01, max_wait=0.05, budget=0.5)
+    store = BlobStore("memory://root", "job", retry=budget, filesystem=fs)
+    with pytest.raises(StorageError, match=r"after \d+ attempts in [\d.]+ s \(the retry budget, "
+                       r"KVX_STORAGE_RETRY_BUDGET=0.5 s, is spent\): ServiceUnavailable") as caught:
+        store.save("ds", 1)
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+    assert 1 < fs.calls < 10_000  # retried, then stopped by the budget, not by the attempts
+
+
+@pytest.mark.parametrize(("name", "value"), [("KVX_STORAGE_RETRY_BUDGET", "soon"), ("KVX_STORAGE_RETRIES", "3.5"),
+                                             ("KVX_STORAGE_RETRY_WAIT", "nan")])
+def test_bad_retry_settings_are_config_errors_naming_the_variable(monkeypatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}="):
+        RetryPolicy.from_env()
+
+
+def test_budget_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("KVX_STORAGE_RETRY_BUDGET", "12.5")
+    assert RetryPolicy.from_env().budget == 12.5
+    monkeypatch.delenv("KVX_STORAGE_RETRY_BUDGET")
+    assert RetryPolicy.from_env().budget == 90.0
+
+
+@pytest.mark.parametrize("kind", ["file", "proc"])
+def test_a_root_that_cannot_hold_directories_is_exit_2(tmp_path: Path, kind: str) -> None:
+    if kind == "file":
+        root = tmp_path / "a-file"
+        root.write_text("not a directory")
+    else:
+        root = Path("/proc/self")
+    store = BlobStore(str(root), "job", retry=FAST_RETRY)
+    with pytest.raises(StorageAccessError, match=f"storage root {root} cannot hold intermediates") as caught:
+        store.save("ds", 1)
+    assert caught.value.exit_code == ExitCode.USAGE
+    with pytest.raises(KvxError) as caught:  # a file in the way: the root; in /proc: no such blob
+        store.load("ds")
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert kind == "proc" or "cannot hold intermediates" in str(caught.value)
 
 
 def test_remote_blob_roundtrip_on_the_gcs_emulator(gcs_emulator) -> None:

@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -28,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageError
+from kvx_runtime import failures
+from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageAccessError, StorageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
 
@@ -50,7 +52,6 @@ TEMP_DIR = "kedro-vertexai-temp"
 SUFFIX = ".bin"
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
-_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 _DEFAULT_BLOCK = 16 * 1024 * 1024
 _S3_MIN_PART = 5 * 1024 * 1024
 
@@ -103,22 +104,40 @@ def object_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of a whole blob read or write after a transient error.
+    """Retries of a whole blob read or write after a transient error, within a give-up budget.
 
-    gcsfs already retries each HTTP request (6 tries, up to ~30 s of backoff); these retries
-    restart the whole streamed operation, which also covers a connection lost mid-stream.
+    gcsfs and botocore also retry each HTTP request; these retries restart the whole streamed
+    operation, which also covers a connection lost mid-stream. ``budget`` bounds the whole
+    operation, both layers included: no retry starts (and no gcsfs backoff) that would end past
+    it, so storage that is down for good is reported within the budget plus one request.
     """
 
     attempts: int = 3
     initial_wait: float = 1.0
     max_wait: float = 30.0
+    budget: float = 90.0
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        """``KVX_STORAGE_RETRIES`` and ``KVX_STORAGE_RETRY_WAIT`` (seconds) override defaults."""
-        attempts = int(os.environ.get("KVX_STORAGE_RETRIES", cls.attempts))
-        wait = float(os.environ.get("KVX_STORAGE_RETRY_WAIT", cls.initial_wait))
-        return cls(attempts=max(1, attempts), initial_wait=max(0.0, wait))
+        """``KVX_STORAGE_RETRIES``, ``KVX_STORAGE_RETRY_WAIT`` and ``KVX_STORAGE_RETRY_BUDGET``
+        (seconds) override the defaults; a value that is not a number is a ConfigError."""
+        attempts = _env_number("KVX_STORAGE_RETRIES", cls.attempts, int)
+        wait = _env_number("KVX_STORAGE_RETRY_WAIT", cls.initial_wait, float)
+        budget = _env_number("KVX_STORAGE_RETRY_BUDGET", cls.budget, float)
+        return cls(attempts=max(1, int(attempts)), initial_wait=max(0.0, wait), budget=max(0.0, budget))
+
+
+def _env_number(name: str, default: float, kind: type) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text[:40]!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}={text[:40]!r} is not a finite number")
+    return float(value)
 
 
 class UploadNotFinalized(Exception):
@@ -146,46 +165,15 @@ class _ChecksummedSink:
         return int(self._target.write(view) or view.nbytes)
 
 
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind ``exc``: gcsfs errors carry it as ``code``, aiohttp's as
-    ``status``, botocore's in their response (s3fs raises them as the ``__cause__`` of an
-    OSError)."""
-    for error in (exc, exc.__cause__):
-        if error is None:
-            continue
-        code = getattr(error, "code", None) or getattr(error, "status", None)
-        if isinstance(code, int):
-            return code
-        response = getattr(error, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int):
-                return status
-    return None
-
-
 class CreateConflict(Exception):
     """A conditional create that met another in flight (AWS S3: 409 ConditionalRequestConflict,
     to be retried)."""
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Is ``exc`` worth retrying? Network trouble and throttling/server errors are."""
-    if isinstance(exc, (UploadNotFinalized, CreateConflict)):
-        return True
-    if isinstance(exc, (KvxError, FileNotFoundError, PermissionError)):
-        return False
-    code = _http_status(exc)
-    if code is not None:
-        return code in _TRANSIENT_HTTP
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    module = type(exc).__module__
-    # aiohttp client errors, google-auth transport errors, requests' connection errors,
-    # botocore's connection and read-timeout errors (s3fs).
-    if module.startswith(("aiohttp", "google.auth", "requests", "urllib3", "botocore", "aiobotocore")):
-        return True
-    return isinstance(exc, OSError) and exc.errno is None and "timeout" in str(exc).lower()
+    """Is ``exc`` worth retrying? The shared rule (:mod:`kvx_runtime.failures`), plus the blob
+    store's own retryable outcomes."""
+    return isinstance(exc, (UploadNotFinalized, CreateConflict)) or failures.is_transient(exc)
 
 
 #: ``run_config.s3`` as compiled into every step's environment (read before the project's config).
@@ -213,6 +201,10 @@ def _filesystem(root: str) -> tuple[Any, str]:
         # Without this, gcsfs probes for hierarchical-namespace buckets on every call; against
         # the emulator (and in a sandbox) that probe hangs for a minute.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        from kvx_runtime.storage.gcs import check_credentials_file, install_request_retry_policy
+
+        check_credentials_file()  # gcsfs would fall back to anonymous access without a word
+        install_request_retry_policy()
     if root.startswith("file://"):
         root = root[len("file://") :]
     if root.startswith(("s3://", "s3a://")):
@@ -394,7 +386,7 @@ class BlobStore:
                 except FileExistsError:
                     pass  # another step of the run was first
                 except OSError as exc:
-                    if _http_status(exc) == 409:
+                    if failures.http_status(exc) == 409:
                         raise CreateConflict(str(exc)) from exc
                     raise
             return bytes(self._fs.cat_file(path))
@@ -404,8 +396,7 @@ class BlobStore:
     def _require_conditional_create(self) -> None:
         """S3-compatible stores that ignore ``If-None-Match`` overwrite instead of refusing, and
         two steps would each keep their own record: checked once, with a probe object."""
-        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
-        if self._conditional_create_checked or protocol not in {"s3", "s3a"}:
+        if self._conditional_create_checked or self._protocol() not in {"s3", "s3a"}:
             return
         probe = f"{self._base}/.kvx-create-probe-{uuid.uuid4().hex}"
         try:
@@ -435,7 +426,7 @@ class BlobStore:
         """Create ``path`` whole or not at all: written aside, then hard-linked (which, unlike
         a rename, fails when the name exists)."""
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        self._makedirs_local(directory)
         temporary = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
             with open(temporary, "wb") as handle:
@@ -496,9 +487,8 @@ class BlobStore:
                               hint="create it, or fix the storage root and the credentials' permissions")
 
     def _upload_block_size(self) -> int:
-        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
         # S3 multipart uploads need parts of at least 5 MiB (s3fs refuses smaller blocks).
-        return max(block_size(), _S3_MIN_PART) if protocol in {"s3", "s3a"} else block_size()
+        return max(block_size(), _S3_MIN_PART) if self._protocol() in {"s3", "s3a"} else block_size()
 
     def _landed(self, path: str, sink: _ChecksummedSink) -> bool:
         """Does ``path`` hold exactly the bytes ``sink`` sent?"""
@@ -524,9 +514,19 @@ class BlobStore:
         except Exception:
             return False
 
+    def _makedirs_local(self, directory: str) -> None:
+        """The job directory, or exit 2 when the root cannot have one (a regular file in the
+        way, a read-only or special file system such as /proc)."""
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in failures.IMPOSSIBLE_PATH_ERRNOS | {errno.ENOENT, errno.EEXIST}:
+                raise self._impossible_root(exc) from exc
+            raise
+
     def _write_local(self, dataset: str, path: str, obj: Any) -> BlobInfo:
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        self._makedirs_local(directory)
         self._sweep(directory)
         temporary = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
@@ -576,19 +576,18 @@ class BlobStore:
             return read_blob(handle, int(size), describe=describe, dataset=dataset, job=self.job_name)
 
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
-        from tenacity import (
-            RetryError,
-            Retrying,
-            retry_if_exception,
-            stop_after_attempt,
-            wait_random_exponential,
-        )
+        from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+        started = time.monotonic()
+        deadline = started + self.retry.budget
+        backoff = wait_random_exponential(multiplier=self.retry.initial_wait, max=self.retry.max_wait)
+
+        def wait(state: Any) -> float:  # never sleep past the budget
+            return max(0.0, min(float(backoff(state)), deadline - time.monotonic()))
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_random_exponential(
-                multiplier=self.retry.initial_wait, max=self.retry.max_wait
-            ),
+            stop=stop_after_attempt(self.retry.attempts) | (lambda _: time.monotonic() >= deadline),
+            wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=lambda state: log.warning(
                 "storage operation failed, retrying",
@@ -599,16 +598,54 @@ class BlobStore:
             reraise=False,
         )
         try:
-            return retrying(operation)
+            with self._request_deadline(deadline):
+                return retrying(operation)
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            attempts = exc.last_attempt.attempt_number
+            elapsed = time.monotonic() - started
+            out_of_time = attempts < self.retry.attempts
             raise StorageError(
-                f"could not {what} after {self.retry.attempts} attempts: {_short(last)}"
+                f"could not {what} after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
+                + (f" (the retry budget, KVX_STORAGE_RETRY_BUDGET={self.retry.budget:g} s, is spent)"
+                   if out_of_time else "")
+                + f": {_short(last)}"
             ) from last
         except KvxError:
             raise
         except Exception as exc:
-            raise StorageError(f"could not {what}: {_short(exc)}") from exc
+            raise self._final_error(what, exc) from exc
+
+    def _request_deadline(self, deadline: float) -> Any:
+        """gcsfs's own request retries end by ``deadline`` too (see :mod:`.gcs`)."""
+        if self._protocol() in {"gs", "gcs"}:
+            from kvx_runtime.storage.gcs import operation_deadline
+
+            return operation_deadline(deadline)
+        return contextlib.nullcontext()
+
+    def _protocol(self) -> str:
+        return str(self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0])
+
+    def _final_error(self, what: str, exc: Exception) -> KvxError:
+        """A failure no retry changes: refused credentials or an impossible root are exit 2,
+        anything else exit 3."""
+        if failures.is_refused(exc):
+            return StorageAccessError(
+                f"could not {what}: the storage refused this step's credentials: {_short(exc)}",
+                hint="check the credentials the step runs with (GOOGLE_APPLICATION_CREDENTIALS, the service "
+                "account, AWS keys) and their permissions on the storage root",
+            )
+        if _is_local(self._fs) and isinstance(exc, OSError) and exc.errno in failures.IMPOSSIBLE_PATH_ERRNOS:
+            return self._impossible_root(exc)
+        return StorageError(f"could not {what}: {_short(exc)}")
+
+    def _impossible_root(self, exc: OSError) -> StorageAccessError:
+        return StorageAccessError(
+            f"storage root {self._display_root} cannot hold intermediates: "
+            f"{exc.strerror or type(exc).__name__}: {exc.filename or self._display_root}",
+            hint="use a directory this step may write (or a gs:// or s3:// root)",
+        )
 
 
 def _abandon(handle: Any, where: str, *, cancel: bool = True) -> None:

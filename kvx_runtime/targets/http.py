@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
+from kvx_runtime.failures import TRANSIENT_HTTP
 
 __all__ = ["ApiError", "env_number", "parse_time", "request_json"]
 
@@ -29,9 +30,6 @@ def parse_time(text: str | None) -> datetime | None:
     base, fraction, zone = match.groups()
     fraction = f".{(fraction + '000000')[:6]}" if fraction else ""
     return datetime.fromisoformat(base + fraction + ("+00:00" if zone in (None, "Z") else zone))
-
-
-RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class ApiError(KvxError):
@@ -139,7 +137,7 @@ def request_json(
             refreshed = True  # a token that expired early, a revoked token, an ended session: one fresh try
             on_unauthorized()
             raise _Transient(401, "unauthorized")
-        if status in RETRIED_STATUSES:
+        if status in TRANSIENT_HTTP:
             raise _Transient(status, status_message(payload, f"HTTP {status}"))
         if status >= 400:
             message = status_message(payload, f"HTTP {response.status_code}")

@@ -1,0 +1,120 @@
+"""What gs:// roots need beyond fsspec: credentials that fail loudly, and gcsfs's own request
+retries kept inside the blob store's give-up budget.
+
+- gcsfs tries ``GOOGLE_APPLICATION_CREDENTIALS`` and, when that file cannot be read or parsed,
+  silently falls back to anonymous access: on real Cloud Storage every request then fails with
+  401 and nothing names the bad file. :func:`check_credentials_file` says so at once (exit 2).
+- gcsfs retries each request itself (6 tries, up to ~35 s of backoff) and treats a refused token
+  refresh (``invalid_grant``: a revoked key) as retryable. :func:`install_request_retry_policy`
+  wraps gcsfs's retry predicate: a refusal is never retried, and no retry starts whose backoff
+  would end past the deadline of the blob operation under way (:func:`operation_deadline`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.failures import http_status, is_refused
+
+__all__ = ["check_credentials_file", "install_request_retry_policy", "operation_deadline"]
+
+CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+#: gcsfs's backoff before its n-th retry is at most ``2 ** (n - 1) + 1`` seconds, capped at 32.
+_GCSFS_MAX_SLEEP = 32.0
+
+_lock = threading.Lock()
+_deadline: float | None = None
+#: Failed tries per asyncio task of the operation under way (gcsfs's retry loop runs in one task).
+_failures: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_installed = False
+
+
+def check_credentials_file() -> None:
+    """``GOOGLE_APPLICATION_CREDENTIALS``, when set, names a credentials file google-auth can load.
+
+    No network: the file is parsed, not used. The message names the file, never its content.
+    """
+    path = os.environ.get(CREDENTIALS_ENV)
+    if not path:
+        return
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.load_credentials_from_file(path)
+    except google.auth.exceptions.GoogleAuthError as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if not os.path.exists(path):
+            reason = "no such file"
+        elif not os.access(path, os.R_OK):
+            reason = "not readable by this process"
+        raise ConfigError(
+            f"{CREDENTIALS_ENV} ({path}) is not a usable Google credentials file: {reason}",
+            hint="point it to a service-account key or an authorized-user file, or unset it to use the "
+            "metadata server (on Google Cloud)",
+        ) from None
+
+
+@contextmanager
+def operation_deadline(deadline: float) -> Iterator[None]:
+    """gcsfs's request retries under this ``time.monotonic()`` deadline (one blob operation)."""
+    global _deadline
+    with _lock:
+        previous, _deadline = _deadline, deadline
+        _failures.clear()
+    try:
+        yield
+    finally:
+        with _lock:
+            _deadline = previous
+
+
+def _next_sleep_bound(failures: int) -> float:
+    return min(2.0 ** max(failures - 1, 0) + 1.0, _GCSFS_MAX_SLEEP)
+
+
+def _within_budget() -> bool:
+    """Would gcsfs's next backoff still end before the deadline? Counted per asyncio task."""
+    import asyncio
+
+    with _lock:
+        deadline = _deadline
+        if deadline is None:
+            return True
+        try:
+            task: Any = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        failures = 1
+        if task is not None:
+            failures = _failures.get(task, 0) + 1
+            _failures[task] = failures
+    return time.monotonic() + _next_sleep_bound(failures) < deadline
+
+
+def install_request_retry_policy() -> None:
+    """Wrap gcsfs's retry predicate once per process (see the module docstring)."""
+    global _installed
+    if _installed:
+        return
+    import gcsfs.retry
+
+    original = gcsfs.retry.is_retriable
+
+    def is_retriable(exception: BaseException) -> bool:
+        # A 401 may be a token that expired in flight: gcsfs's one more try (with a refreshed
+        # token) stays; a refused refresh or a 403 is final.
+        if is_refused(exception) and http_status(exception) != 401:
+            return False
+        return bool(original(exception)) and _within_budget()
+
+    # gcsfs's retry decorator looks the predicate up in its module at each failure.
+    gcsfs.retry.is_retriable = is_retriable
+    _installed = True
