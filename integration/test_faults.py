@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import pytest
 from integration.conftest import (
     KVX,
     kedro_in_process,
+    make_project,
     make_slow_pickling_project,
     run_step,
     signal_after_node_started,
@@ -197,3 +199,77 @@ def test_stop_signals_mid_write_leave_no_partial_blob(tmp_path: Path, gcs_emulat
             proxy.stop()
     _record({"signal_trials": where, "signal": int(signum), "trials": len(outcomes), "exit_codes": outcomes,
              "partial_blobs": 0, "leftover_temp_files": 0})
+
+
+# --- SIGTERM at any moment of a step's life ------------------------------------------------
+
+SIGTERM_TRIALS = int(os.environ.get("KVX_SIGTERM_TRIALS", "20"))
+_SAVING_NODES = """
+import time
+
+
+class SlowToPickle:
+    def __reduce__(self):
+        time.sleep(0.01)
+        return (SlowToPickle, ())
+
+
+def make():
+    return [bytes(1024 * 1024), [SlowToPickle() for _ in range(150)]]
+"""
+_SAVING_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from sigany.nodes import make
+
+def register_pipelines():
+    return {"__default__": Pipeline([Node(make, None, "payload", name="make"),
+                                      Node(len, "payload", "size", name="count")])}
+"""
+
+
+def test_sigterm_at_any_moment_from_start_to_the_end_of_a_save_exits_143(tmp_path: Path) -> None:
+    """Start-up, imports, the project, the node, the save and the end: wherever SIGTERM lands,
+    the step exits 143 (never killed by the signal itself, never 0 or 1) and leaves no partial
+    blob. Steps start as run-local starts them: with the stop signals held across exec, which
+    closes the interpreter's own start-up window (see kvx_runtime.lifecycle)."""
+    from kvx_runtime.lifecycle import held_across_exec
+
+    project = make_project(tmp_path, "sigany", _SAVING_NODES, _SAVING_PIPELINE)
+    root = tmp_path / "storage"
+    env = step_env()
+
+    def start(job: str) -> subprocess.Popen:
+        with held_across_exec():
+            return subprocess.Popen([*KVX, "exec-node", "--node", "make", "--run-id", job, "--storage-root",
+                                     str(root)], cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+
+    # One undisturbed run: when the blob is written, measured from the start.
+    started = time.monotonic()
+    process = start("timeline")
+    saved_at = None
+    for line in process.stderr:
+        if '"blob written"' in line:
+            saved_at = time.monotonic() - started
+    assert process.wait() == 0 and saved_at is not None
+
+    rng = random.Random(19)
+    outcomes = []
+    for trial in range(SIGTERM_TRIALS):
+        job = f"any-{trial}"
+        delay = rng.uniform(0.0, saved_at)
+        process = start(job)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        outcomes.append((round(delay, 3), process.returncode))
+        assert process.returncode == 143, (delay, stderr[-2000:])
+        assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-2000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        job_dir = root / "kedro-vertexai-temp" / job
+        blob = job_dir / "payload.bin"
+        if blob.exists():  # the signal came after the save: the blob is whole
+            assert BlobStore(str(root), job).load("payload")[0] == bytes(1024 * 1024)
+        leftovers = [p.name for p in job_dir.iterdir() if p.name.endswith(".tmp")] if job_dir.exists() else []
+        assert leftovers == [], leftovers
+    _record({"sigterm_any_moment": True, "trials": len(outcomes), "window_seconds": round(saved_at, 3),
+             "exit_codes": sorted({code for _, code in outcomes})})

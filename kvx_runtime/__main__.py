@@ -1,3 +1,3 @@
-from kvx_runtime.cli import main
+from kvx_runtime.entry import main
 
 main()

@@ -220,9 +220,7 @@ def fingerprint_command(project_path: str | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="kvx-runtime")
+    """The program: :func:`kvx_runtime.entry.main` (stop signals handled from its first line)."""
+    from kvx_runtime.entry import main as program
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+    program()

@@ -6,7 +6,6 @@ clear log line and the documented exit code (see :class:`~kvx_runtime.errors.Exi
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -19,15 +18,11 @@ __all__ = ["install_signal_handlers", "run_command", "run_unless_ok"]
 log = get_logger("kvx_runtime.cli")
 
 
-def _raise_interrupted(signum: int, _frame: Any) -> None:
-    # Restore the default action so a second signal during cleanup ends the process at once.
-    signal.signal(signum, signal.SIG_DFL)
-    raise Interrupted(signum)
-
-
 def install_signal_handlers() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _raise_interrupted)
+    """SIGTERM/SIGINT raise :class:`Interrupted` (see :mod:`kvx_runtime.lifecycle`)."""
+    from kvx_runtime.lifecycle import install
+
+    install()
 
 
 def run_unless_ok(what: str, action: Callable[[], Any]) -> None:

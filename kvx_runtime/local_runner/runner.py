@@ -12,6 +12,7 @@ exact command that replays it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 
 from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.errors import ExitCode, Interrupted, UsageError
+from kvx_runtime.lifecycle import held_across_exec
 from kvx_runtime.local_runner.graph import (
     LocalGraph,
     LocalTask,
@@ -212,10 +214,14 @@ class _Scheduler:
         header = f"--- attempt {number}: {shlex.join(shown)}\n".encode()
         handle.write(header)
         handle.flush()
-        process = subprocess.Popen(
-            argv, cwd=self.project, env=env, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
-        )
+        # Our own program starts with the stop signals held until its handlers exist, so that a
+        # cancel right after the start ends it with 143 too; anything else starts as usual.
+        held = held_across_exec() if shown[0] == "kvx-runtime" else contextlib.nullcontext()
+        with held:
+            process = subprocess.Popen(
+                argv, cwd=self.project, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
+            )
         handle.close()
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(container_env.items()))
         self.replays[task.name] = (

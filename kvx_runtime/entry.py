@@ -1,0 +1,60 @@
+"""The ``kvx-runtime`` program (console script and ``python -m kvx_runtime``).
+
+Deliberately tiny: the stop-signal handlers are installed before the command line, click,
+logging or any other kvx-runtime module is imported, and the process ends through
+:func:`kvx_runtime.lifecycle.finish`, so that a SIGTERM at any moment ends it with 143.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from kvx_runtime import lifecycle
+from kvx_runtime.errors import Interrupted
+
+
+def _report(stop: Interrupted) -> None:
+    """One line for a stop that came outside a command (during start-up, say). The stop may
+    have cut an import short and left a library half-imported: then the line is written
+    without the logging machinery."""
+    message = f"kvx-runtime {stop}: nothing was started or left behind"
+    try:
+        from kvx_runtime.log import configure_logging, get_logger
+
+        configure_logging()
+        get_logger("kvx_runtime.cli").error(message, exit_code=int(stop.exit_code))
+    except Exception:
+        import json
+
+        sys.stderr.write(json.dumps({"severity": "ERROR", "message": message, "logger": "kvx_runtime.cli",
+                                     "exit_code": int(stop.exit_code)}) + "\n")
+
+
+def _exit_status(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # what sys.exit("message") would print
+    return 1
+
+
+def main() -> NoReturn:
+    """Run the command line and end the process with the contract's exit code."""
+    try:
+        try:
+            lifecycle.install()  # delivers a signal held back by the launcher: inside the try
+            from kvx_runtime.cli import cli
+
+            cli(prog_name="kvx-runtime")  # standalone mode: ends with SystemExit
+            code = 0
+        except SystemExit as exc:
+            code = _exit_status(exc.code)
+    except Interrupted as stop:
+        try:
+            _report(stop)
+        except Interrupted:
+            pass
+        code = int(stop.exit_code)
+    lifecycle.finish(code)

@@ -1,0 +1,109 @@
+"""The life of a kvx-runtime process: stop signals honoured from its first instruction to its
+last, and an end that always reports the exit code of the contract.
+
+SIGTERM (a preempted machine, a cancelled run) and SIGINT end every command with 143 and 130
+(:class:`~kvx_runtime.errors.ExitCode`), whenever they arrive:
+
+- **start-up and imports**: the handlers are installed by :func:`install` before anything but
+  this module and :mod:`kvx_runtime.errors` is imported. The interpreter's own start-up comes
+  before any Python code; a launcher closes that window by starting us with the stop signals
+  blocked (:func:`held_across_exec`, as ``run-local`` does): they are then delivered the moment
+  the handlers are in place;
+- **the work**: a signal raises :class:`~kvx_runtime.errors.Interrupted` (a BaseException that a
+  node's ``except Exception`` cannot swallow); the command stops, cleans up, leaves nothing
+  partial behind and exits 130/143;
+- **the end**: once the command's outcome is known, :func:`finish` runs the interpreter's exit
+  work (thread shutdown, atexit callbacks such as MLflow's and logging's) with a signal only
+  recorded, then ends the process itself, with 128 + the signal if one came. Python's own
+  finalization would reset the handlers to the default action part-way (the process then dies
+  "by signal 15") or drop a signal raised inside an atexit callback (exit 0).
+
+A second stop signal ends the process at once, with the code of the first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from kvx_runtime.errors import Interrupted
+
+__all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "stop_code"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_received: int | None = None
+_finishing = False
+
+
+def stop_code(signum: int) -> int:
+    """The exit code of a process stopped by ``signum`` (as shells and Kubernetes report it)."""
+    return 128 + int(signum)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _on_stop_signal(signum: int, _frame: Any) -> None:
+    global _received
+    if _received is not None:  # the second one: now
+        _flush()
+        os._exit(stop_code(_received))
+    _received = signum
+    if not _finishing:
+        raise Interrupted(signum)
+    # Finishing: the outcome is known; the exit code will say that a stop signal came.
+
+
+def install() -> None:
+    """Turn SIGTERM/SIGINT into :class:`Interrupted`; deliver any a launcher held back."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def held_across_exec() -> Iterator[None]:
+    """Processes started inside this block begin with the stop signals blocked (the mask is
+    inherited across fork and exec): a signal sent to one before its handlers exist waits for
+    them instead of killing it. Only kvx-runtime commands unblock them, so start nothing else
+    here."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _interpreter_exit_work() -> None:
+    """What Python's finalization would do that matters: wait for non-daemon threads (and stop
+    idle thread pools), then run the atexit callbacks (MLflow's, logging's flush...)."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+    atexit._run_exitfuncs()
+
+
+def finish(code: int) -> NoReturn:
+    """End the process with ``code``, or with 128 + the stop signal that came before the end."""
+    global _finishing
+    _finishing = True
+    try:
+        _interpreter_exit_work()
+    except BaseException:  # the end must come, whatever the exit work raises
+        pass
+    finally:
+        _flush()
+        os._exit(stop_code(_received) if _received is not None else code)
