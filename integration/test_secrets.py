@@ -123,3 +123,68 @@ def test_a_providers_error_quoting_a_secret_is_redacted(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "the vault rejected token [redacted]" in result.last_message
     assert _hits(result.stdout + result.stderr) == []
+
+
+# --- a secret passed as a parameter never reaches the MLflow run ------------------------------
+
+PARAM_SECRET = "sk-live-SECRET-9f8e7d6c"
+PARAM_NODES = """
+def call(api_key, options):
+    return len(api_key) + options["n"]
+
+def everything(parameters):
+    return sorted(parameters)
+"""
+PARAM_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from secparam.nodes import call, everything
+
+def register_pipelines():
+    return {"__default__": Pipeline([Node(call, ["params:api_key", "params:options"], "size", name="call"),
+                                     Node(everything, "parameters", "names", name="everything")])}
+"""
+
+
+def test_a_secret_parameter_is_nowhere_in_the_mlflow_run(tmp_path: Path, mlflow_server) -> None:
+    """kedro-mlflow logs the parameters a node takes (``params:api_key``, the whole ``parameters``)
+    and tags the run with the session's runtime params; kvx tags the run too. None of it may
+    carry the value of ``--param api_key=...``; the other parameters are still logged."""
+    from integration.test_mlflow import end, start
+
+    project = make_project(
+        tmp_path, "secparam", PARAM_NODES, PARAM_PIPELINE,
+        vertexai=yaml.safe_dump({"run_config": {"image": "img", "root": str(tmp_path / "storage"),
+                                                "mlflow": {"required": True}}}))
+    (project / "conf" / "base" / "parameters.yml").write_text("api_key: set-at-run-time\noptions:\n  n: 2\n")
+    (project / "conf" / "base" / "mlflow.yml").write_text(textwrap.dedent("""
+        server:
+          mlflow_tracking_uri: ${mlflow_tracking_uri}
+        tracking:
+          experiment:
+            name: secparam
+    """))
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    job = "secret-param-job"
+    run_id = start(project, env, job, tmp_path)
+    outputs = []
+    for node in ("call", "everything"):
+        result = run_step(project, "--node", node, "--run-id", f"{job}-uuid", "--job-name", job,
+                          "--mlflow-run-id", run_id, "--param", f"api_key={PARAM_SECRET}", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stderr + result.stdout)
+        assert any("not logged to MLflow" in message for message in result.messages())
+    assert end(project, env, job, "SUCCEEDED").returncode == 0
+
+    client = mlflow_server.client()
+    run = client.get_run(run_id)
+    assert "api_key" not in run.data.params
+    assert run.data.params["options"] == "{'n': 2}"  # what is not secret is still logged
+    assert "parameters" in run.data.params and "[redacted]" in run.data.params["parameters"]
+    written = [*run.data.params.items(), *run.data.tags.items(), *map(str, run.data.metrics.items())]
+    artifacts = tmp_path / "artifacts"
+    client.download_artifacts(run_id, "", str(artifacts)) if client.list_artifacts(run_id) else None
+    for path in artifacts.rglob("*") if artifacts.exists() else []:
+        if path.is_file():
+            written.append(path.read_text(errors="replace"))
+    assert written and not [item for item in written if PARAM_SECRET in str(item)]
+    assert not [text for text in outputs if PARAM_SECRET in text]  # nor in any log line

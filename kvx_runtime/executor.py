@@ -406,6 +406,25 @@ def _typed_params(project: Any, request: StepRequest) -> dict[str, Any]:
     return typed_params(request.raw_params, kedro_params)
 
 
+def _keep_secret_params_secret(request: StepRequest) -> None:
+    """Parameters named like secrets (``--param api_key=...``): their values are redacted from
+    every log line and kept out of MLflow (kvx_runtime.mlflow.secret_guard); said once."""
+    from kvx_runtime.log import register_secrets
+    from kvx_runtime.params import SECRET_HINT, says_secret, secret_params
+
+    found = secret_params(request.params)
+    for item in request.raw_params:  # the text as given, before typing (10 vs "10")
+        key, _, value = item.partition("=")
+        if says_secret(key.partition(":")[0].strip()):
+            found.setdefault(key.partition(":")[0].strip(), []).append(value)
+    if not found:
+        return
+    register_secrets(value for values in found.values() for value in values)
+    log.warning("parameters named like secrets are redacted from the logs and not logged to MLflow",
+                parameters=sorted(found),
+                hint=SECRET_HINT)
+
+
 def execute_step(request: StepRequest) -> StepResult:
     """Run one step. Raises :class:`KvxError` subclasses carrying the exit code."""
     started = time.perf_counter()
@@ -422,6 +441,7 @@ def execute_step(request: StepRequest) -> StepResult:
         os.environ["KVX_MLFLOW_RUN_ID"] = request.mlflow_run_id
     step_label = request.nodes[0] if len(request.nodes) == 1 else "+".join(request.nodes)
     bind_step_context(node=step_label, run_id=run_id, job_name=job_name)
+    _keep_secret_params_secret(request)
 
     from kvx_runtime.project import disable_plugin_hooks, open_project
 

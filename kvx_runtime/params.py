@@ -36,6 +36,8 @@ from kvx_runtime.errors import UsageError
 
 __all__ = [
     "KINDS",
+    "SECRET_HINT",
+    "SECRET_NAME_SUFFIXES",
     "SPEC_TYPES",
     "check_shapes",
     "convert",
@@ -47,6 +49,8 @@ __all__ = [
     "parse_param_value",
     "parse_params",
     "quoted",
+    "says_secret",
+    "secret_params",
     "type_param",
     "typed_params",
 ]
@@ -360,3 +364,39 @@ def typed_params(items: Iterable[str], kedro_params: Mapping[str, Any]) -> dict[
 def parse_params(items: Iterable[str]) -> dict[str, Any]:
     """The params without a project: typed as declared, or inferred (:func:`typed_params`)."""
     return typed_params(items, {})
+
+
+# --- parameters whose names say secret ---------------------------------------------------------
+
+#: The last part of a parameter name that says its value is a secret (``api_key``, ``db.password``,
+#: ``github_token``, ``client_secret``). Literal suffixes: linear on any input.
+SECRET_NAME_SUFFIXES = ("key", "token", "password", "secret")
+#: Where such values belong instead (said wherever one is kept out of MLflow).
+SECRET_HINT = ("secrets belong in credentials.yml (conf/local, or written at run time by "
+               "run_config.dynamic_config_providers), not in parameters")
+
+
+def says_secret(name: str) -> bool:
+    """Does the (dotted) parameter name say its value is a secret?"""
+    return name.rsplit(".", 1)[-1].lower().endswith(SECRET_NAME_SUFFIXES)
+
+
+def secret_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, list[str]]:
+    """Dotted names of the parameters in ``params`` whose names say secret -> their text values
+    (every string and number under such a name, nested ones included)."""
+    found: dict[str, list[str]] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if says_secret(str(key)):
+            found[name] = _leaves(value)
+        elif isinstance(value, Mapping):
+            found.update(secret_params(value, f"{name}."))
+    return found
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [text for item in value.values() for text in _leaves(item)]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _leaves(item)]
+    return [] if value is None or isinstance(value, bool) else [str(value)]

@@ -283,3 +283,22 @@ def test_the_compiler_looks_kedro_parameters_up_in_the_same_table() -> None:
     assert _coerce_default("seed", "float", 3) == 3.0
     with pytest.raises(ConfigError, match="is not a int"):
         _coerce_default("lr", "int", 0.5)
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("api_key", True), ("AccountKey", True), ("services.github_token", True), ("db.password", True),
+    ("client_secret", True), ("key", True), ("keys", False), ("token_ttl", False), ("model.lr", False),
+    ("api_key.enabled", False), ("secrets.region", False),
+])
+def test_names_that_say_secret(name: str, secret: bool) -> None:
+    from kvx_runtime.params import says_secret
+
+    assert says_secret(name) is secret
+
+
+def test_secret_params_finds_nested_values_as_text() -> None:
+    from kvx_runtime.params import secret_params
+
+    found = secret_params({"api_key": "abc-123", "db": {"password": 12345, "host": "h"},
+                           "vendor_token": {"a": "x1", "b": ["y2", None, True]}, "lr": 0.1})
+    assert found == {"api_key": ["abc-123"], "db.password": ["12345"], "vendor_token": ["x1", "y2"]}

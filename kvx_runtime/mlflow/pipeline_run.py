@@ -148,9 +148,11 @@ def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> Mlflo
     from kvx_runtime.auth import install_request_header_provider
     from kvx_runtime.log import adopt_library_loggers
     from kvx_runtime.mlflow.concurrent_tags import install_concurrent_tag_retry
+    from kvx_runtime.mlflow.secret_guard import install_secret_guard
 
     adopt_library_loggers()  # importing mlflow installed its own console handler
     install_concurrent_tag_retry()
+    install_secret_guard()
     context = _project_context(project, runtime_params)
     try:
         raw = context.config_loader["mlflow"]

@@ -1,0 +1,76 @@
+"""Secrets never reach the MLflow run: parameters named like secrets are not logged, and no
+logged value carries a registered secret.
+
+kedro-mlflow logs every parameter a node takes as an MLflow param and sets the run's tags from
+the session's run parameters (``runtime_params`` included): ``--param api_key=...`` would be
+readable by anyone who may read the experiment. Installed in every process that talks to
+MLflow, this guard filters the three ways a param or tag is written (``MlflowClient.log_param``,
+``set_tag`` and ``log_batch``, which the fluent ``mlflow.log_param(s)``/``set_tag(s)`` use):
+
+- a param whose name says secret (:func:`kvx_runtime.params.says_secret`) is dropped, with one
+  warning per name that says where secrets belong;
+- every other param and tag value goes through the log redaction (registered secrets, such as
+  the values of those parameters, credentials in URLs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from kvx_runtime.log import get_logger, redact
+from kvx_runtime.params import SECRET_HINT, says_secret
+
+__all__ = ["install_secret_guard"]
+
+log = get_logger(__name__)
+
+_INSTALLED = "_kvx_secret_guard"
+_warned: set[str] = set()
+
+
+def _keep_param(key: str) -> bool:
+    if not says_secret(key):
+        return True
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(f"parameter {key} is not logged to MLflow: its name says it is a secret",
+                    hint=SECRET_HINT)
+    return False
+
+
+def _safe(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
+
+
+def install_secret_guard() -> None:
+    """Wrap MlflowClient's param and tag writes (once per process)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    if getattr(MlflowClient.log_batch, _INSTALLED, False):
+        return
+    log_param, set_tag, log_batch = MlflowClient.log_param, MlflowClient.set_tag, MlflowClient.log_batch
+
+    @functools.wraps(log_param)
+    def guarded_log_param(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _keep_param(key):
+            return value  # what MLflow returns: the value "logged"
+        return log_param(self, run_id, key, _safe(str(value)), *args, **kwargs)
+
+    @functools.wraps(set_tag)
+    def guarded_set_tag(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return set_tag(self, run_id, key, _safe(str(value)), *args, **kwargs)
+
+    @functools.wraps(log_batch)
+    def guarded_log_batch(self: Any, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (),
+                          *args: Any, **kwargs: Any) -> Any:
+        params = [Param(p.key, _safe(str(p.value))) for p in params or () if _keep_param(p.key)]
+        tags = [RunTag(t.key, _safe(str(t.value))) for t in tags or ()]
+        return log_batch(self, run_id, metrics, params, tags, *args, **kwargs)
+
+    for guarded in (guarded_log_param, guarded_set_tag, guarded_log_batch):
+        setattr(guarded, _INSTALLED, True)
+    MlflowClient.log_param = guarded_log_param  # type: ignore[method-assign]
+    MlflowClient.set_tag = guarded_set_tag  # type: ignore[method-assign]
+    MlflowClient.log_batch = guarded_log_batch  # type: ignore[method-assign]
