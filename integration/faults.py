@@ -5,7 +5,8 @@
   network goes away in the middle of a step;
 - ``FaultProxy``: an HTTP proxy that answers a seeded share of requests with 429 or 503,
   resets the connection, delays, or forwards the request and loses the answer (the server
-  acted, the client never hears), plus targeted faults on chosen requests. It rewrites the
+  acted, the client never hears), plus targeted faults on chosen requests (also answers cut
+  off in the middle of their body). It rewrites the
   GCS emulator's upload-session URLs so that uploads go through it too.
 """
 
@@ -102,6 +103,7 @@ class Forwarder:
 # --- HTTP faults ----------------------------------------------------------------------------
 
 #: What a fault does. "lost": the server acts, the answer never arrives (the hardest case).
+#: "truncate" (targeted only): the answer's headers and half its body, then a reset.
 FAULT_KINDS = ("429", "503", "reset", "lost", "delay")
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -201,6 +203,16 @@ class FaultProxy:
         status, headers, content = self._forward(handler, body)
         if fault == "lost":
             _reset(handler)  # the server acted; its answer is lost
+            return
+        if fault == "truncate":  # the connection drops in the middle of the body
+            handler.send_response(status)
+            for name, value in headers:
+                if name.lower() not in _HOP_HEADERS:
+                    handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(content[: len(content) // 2])
+            handler.wfile.flush()
+            _reset(handler)
             return
         handler.send_response(status)
         for name, value in headers:

@@ -142,7 +142,8 @@ def test_opt_out_of_templating_warns_and_leaves_placeholders(example_project: Pa
 
 def test_unreachable_storage_exits_3(example_project: Path) -> None:
     port = free_port()  # nothing listens there
-    env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", KVX_STORAGE_RETRIES="1")
+    # A small give-up budget: gcsfs's own request retries end with it too.
+    env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", KVX_STORAGE_RETRY_BUDGET="4")
     result = run_step(example_project, "--node", FIRST, "--storage-root", "gs://bucket/root", env=env)
     assert result.returncode == 3
     assert "could not write gs://bucket/root/kedro-vertexai-temp/" in result.last_message
@@ -153,6 +154,90 @@ def test_unreachable_storage_exits_3(example_project: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+
+
+# --- what no retry can change: exit 2 at once, naming the cause ------------------------------
+
+def _exits_2_at_once(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.last_message, result.last_message
+    assert result.records[-1]["exit_code"] == 2
+    assert "Traceback" not in result.stderr
+    assert not [m for m in result.messages() if "retrying" in m]
+
+
+def test_a_memory_root_is_refused(example_project: Path) -> None:
+    result = run_step(example_project, "--node", FIRST, "--storage-root", "memory://kvx", timeout=60)
+    _exits_2_at_once(result, "storage root 'memory://kvx'", "inside one process")
+
+
+def test_a_root_that_is_a_file_is_refused(example_project: Path, tmp_path: Path) -> None:
+    root = tmp_path / "not-a-directory"
+    root.write_text("x")
+    result = run_step(example_project, "--node", FIRST, "--storage-root", str(root), timeout=60)
+    _exits_2_at_once(result, f"storage root {root} cannot hold intermediates", "Not a directory")
+
+
+def test_a_malformed_credentials_file_is_named_not_replaced_by_anonymous_access(
+        example_project: Path, tmp_path: Path, gcs_emulator) -> None:
+    key = tmp_path / "key.json"
+    key.write_text('{"type": "service_account", "client_email": "x@y", "private_key": "-----BEGIN PRIV')
+    env = step_env(GOOGLE_APPLICATION_CREDENTIALS=str(key), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    result = run_step(example_project, "--node", FIRST, "--storage-root", f"gs://{gcs_emulator.bucket}/creds",
+                      env=env, timeout=60)
+    _exits_2_at_once(result, f"GOOGLE_APPLICATION_CREDENTIALS ({key}) is not a usable Google credentials file")
+    assert "BEGIN PRIV" not in result.stderr
+
+
+class _RevokedKeyTokenEndpoint:
+    """A token endpoint that answers every grant as Google does for a deleted or revoked key."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        endpoint = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                endpoint.requests += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"error": "invalid_grant", "error_description": "Invalid JWT Signature."}'
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_revoked_key_is_exit_2_at_once(example_project: Path, tmp_path: Path, gcs_emulator) -> None:
+    """The token endpoint answers invalid_grant: no retry can help (gcsfs used to retry it for
+    ~35 s per request, then we did, 206 s in all, and called it transient: exit 3)."""
+    from integration.test_mlflow import _service_account_key
+
+    endpoint = _RevokedKeyTokenEndpoint()
+    try:
+        key = _service_account_key(tmp_path / "key.json", endpoint.url, "steps@kvx-test.iam.gserviceaccount.com")
+        env = step_env(GOOGLE_APPLICATION_CREDENTIALS=str(key), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+        result = run_step(example_project, "--node", FIRST, "--storage-root",
+                          f"gs://{gcs_emulator.bucket}/revoked", env=env, timeout=60)
+    finally:
+        endpoint.stop()
+    _exits_2_at_once(result, "refused this step's credentials", "invalid_grant")
+    assert 1 <= endpoint.requests <= 3  # google-auth's own tries, nothing more
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

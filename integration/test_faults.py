@@ -143,6 +143,53 @@ def test_the_pipelines_mlflow_run_survives_faults_on_both_servers(
                                                                    else value)
 
 
+def test_storage_down_for_good_ends_within_the_give_up_budget(example_project: Path, gcs_emulator) -> None:
+    """Every request answered 503: exit 3 within the budget plus one request, in one line with
+    the attempts and the elapsed time (it took 208 s with gcsfs's and our retries stacked)."""
+    import re
+
+    budget = 12.0
+    proxy = FaultProxy(gcs_emulator.port, FaultPlan(always=[(lambda method, path: True, "503")])).start()
+    env = step_env(STORAGE_EMULATOR_HOST=proxy.url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+                   KVX_STORAGE_RETRY_BUDGET=str(budget), KVX_STORAGE_RETRY_WAIT="0.5")
+    try:
+        result = run_step(example_project, "--node", "data_processing.preprocess_companies_node", "--run-id",
+                          "down", "--storage-root", f"gs://{gcs_emulator.bucket}/down", env=env, timeout=300)
+    finally:
+        proxy.stop()
+    assert result.returncode == 3, result.stderr[-3000:]
+    match = re.search(r"^could not .+ after (\d+) attempts? in ([\d.]+) s.*: .*injected fault, 503",
+                      result.last_message.removeprefix("exec-node failed: "))
+    assert match, result.last_message
+    attempts, elapsed = int(match.group(1)), float(match.group(2))
+    assert attempts >= 1 and elapsed <= budget + 10.0, result.last_message  # + one request at most
+    assert proxy.injected["503"] > attempts  # gcsfs retried requests inside the attempts too
+    _record({"storage_down": True, "budget": budget, "attempts": attempts, "seconds": elapsed,
+             "requests": proxy.requests})
+
+
+def test_a_read_cut_off_mid_body_is_retried_and_the_step_succeeds(example_project: Path, gcs_emulator) -> None:
+    """A connection reset in the middle of a blob's body (aiohttp reports it with code 400, once
+    mistaken for a permanent error): retried, and the step succeeds."""
+    root = f"gs://{gcs_emulator.bucket}/cut"
+    env = step_env(GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    producer = run_step(example_project, "--node", "data_processing.preprocess_shuttles_node", "--run-id", "cut",
+                        "--storage-root", root, env=env)
+    assert producer.returncode == 0, producer.stderr[-3000:]
+
+    def blob_read(method: str, path: str) -> bool:
+        return method == "GET" and "preprocessed_shuttles.bin" in path and "alt=media" in path
+
+    proxy = FaultProxy(gcs_emulator.port, FaultPlan(rules=[(blob_read, "truncate"), (blob_read, "truncate")])).start()
+    try:
+        consumer = run_step(example_project, "--node", "reporting.summarize_shuttles_node", "--run-id", "cut",
+                            "--storage-root", root, env={**env, "STORAGE_EMULATOR_HOST": proxy.url})
+    finally:
+        proxy.stop()
+    assert consumer.returncode == 0, consumer.stderr[-3000:]
+    assert proxy.injected["truncate"] == 2
+
+
 def _record(summary: dict) -> None:
     target = os.environ.get("KVX_FAULT_RESULTS")
     if target:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["TRANSIENT_HTTP", "http_status", "is_refused", "is_transient"]
+__all__ = ["TRANSIENT_HTTP", "http_status", "is_refused", "is_transient", "refused_refresh"]
 
 #: HTTP statuses worth a retry, for every service we call.
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -49,9 +49,14 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
+def refused_refresh(exc: BaseException) -> BaseException | None:
+    """google-auth's token refresh that failed for good (``invalid_grant``, a deleted key...),
+    behind ``exc`` (gcsfs re-raises it as a 401 "Invalid Credentials" caused by it), or None."""
+    return next((error for error in (exc, exc.__cause__) if error is not None and _refresh_refused(error)), None)
+
+
 def _refresh_refused(exc: BaseException) -> bool:
-    """google-auth's token refresh failed for good (``invalid_grant``, a deleted key...).
-    google-auth says so itself: a RefreshError is ``retryable`` only for 5xx/429-like answers."""
+    """google-auth says so itself: a RefreshError is ``retryable`` only for 5xx/429-like answers."""
     if type(exc).__name__ != "RefreshError" or not type(exc).__module__.startswith("google.auth"):
         return False
     retryable = getattr(exc, "retryable", None)

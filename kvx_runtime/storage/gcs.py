@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kvx_runtime.errors import ConfigError
-from kvx_runtime.failures import http_status, is_refused
+from kvx_runtime.failures import http_status, is_refused, refused_refresh
 
 __all__ = ["check_credentials_file", "install_request_retry_policy", "operation_deadline"]
 
@@ -109,9 +109,9 @@ def install_request_retry_policy() -> None:
     original = gcsfs.retry.is_retriable
 
     def is_retriable(exception: BaseException) -> bool:
-        # A 401 may be a token that expired in flight: gcsfs's one more try (with a refreshed
-        # token) stays; a refused refresh or a 403 is final.
-        if is_refused(exception) and http_status(exception) != 401:
+        # A 401 may be a token that expired in flight: gcsfs's retries (with a refreshed token)
+        # stay; a refused refresh (which gcsfs re-raises as a 401) or a 403 is final.
+        if refused_refresh(exception) is not None or (is_refused(exception) and http_status(exception) != 401):
             return False
         return bool(original(exception)) and _within_budget()
 

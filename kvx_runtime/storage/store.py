@@ -463,6 +463,8 @@ class BlobStore:
             # The finalizing request may have succeeded with its answer lost: a re-sent final
             # chunk then gets 404 for the finished session. What is stored decides.
             _abandon(handle, self.url(dataset))
+            if failures.is_refused(exc):
+                raise  # refused credentials: nothing landed, and no retry changes that
             if isinstance(exc, FileNotFoundError):
                 self._check_bucket()  # S3 answers a PUT into a missing bucket with NoSuchBucket
             if self._landed(path, sink):
@@ -632,7 +634,8 @@ class BlobStore:
         anything else exit 3."""
         if failures.is_refused(exc):
             return StorageAccessError(
-                f"could not {what}: the storage refused this step's credentials: {_short(exc)}",
+                f"could not {what}: the storage refused this step's credentials: "
+                f"{_short(failures.refused_refresh(exc) or exc)}",
                 hint="check the credentials the step runs with (GOOGLE_APPLICATION_CREDENTIALS, the service "
                 "account, AWS keys) and their permissions on the storage root",
             )
