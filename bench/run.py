@@ -447,12 +447,14 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
     """The fault-injection suite's figures: run the suite, read what each test recorded."""
     results = tmp / "faults.jsonl"
     env = {**os.environ, "KVX_FAULT_RESULTS": str(results), "KVX_FAULT_SEEDS": "2" if quick else "1,2,3,4,5",
-           "KVX_SIGNAL_TRIALS": "2" if quick else "5"}
+           "KVX_SIGNAL_TRIALS": "2" if quick else "5", "KVX_SIGTERM_TRIALS": "6" if quick else "20"}
     tests = {
         "faults": ["-m", "faults", "integration/test_faults.py"],
         "fuzz": ["tests/test_config_fuzz.py"],
         "secrets": ["integration/test_secrets.py"],
         "mlflow": ["integration/test_mlflow.py", "-k", "lost_answer or lost_during or parameter_changed"],
+        "refusals": ["integration/test_exec_node_errors.py", "-k",
+                     "memory_root or file_is_refused or malformed_credentials or revoked_key"],
     }
     passed: dict[str, bool] = {}
     for name, args in tests.items():
@@ -465,6 +467,8 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
     steps = sum(r["steps"] for r in pipelines)
     first_time = steps - sum(r["first_attempt_failures"] for r in pipelines)
     trials = [r for r in records if "signal_trials" in r]
+    any_moment = [r for r in records if r.get("sigterm_any_moment")]
+    down = [r for r in records if r.get("storage_down")]
     add = bench.add
     if steps:
         add(f"steps succeeding first time at {pipelines[0]['rate']:.0%} injected GCS (and MLflow) faults "
@@ -480,9 +484,23 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
             met=passed["faults"])
         add("temporary files left after the next writer", "files", [0.0 if passed["faults"] else 1.0],
             "reliability", goal="0", met=passed["faults"])
+    for record in any_moment:
+        others = [code for code in record["exit_codes"] if code != 143]
+        add(f"exits other than 143 after SIGTERM at random moments from process start to the end of a save "
+            f"({record['trials']} trials over {record['window_seconds']:.1f} s)", "exits",
+            [float(len(others) if passed["faults"] else max(1, len(others)))], "reliability", goal="0",
+            met=passed["faults"] and not others)
+    for record in down:
+        add(f"storage down for good (every request 503): time to exit 3 with a {record['budget']:g} s give-up "
+            "budget", "s", [float(record["seconds"])], "reliability", goal=f"<= {record['budget']:g} s + one request",
+            met=record["seconds"] <= record["budget"] + 10)
+    add("refusals no retry can change (revoked key, malformed credentials file, memory:// root, a root that "
+        "is a file) not ending in exit 2 at once", "cases", [0.0 if passed["refusals"] else 1.0], "reliability",
+        goal="0", met=passed["refusals"])
     add("tracebacks over 2,000 fuzzed configs, --param values and storage roots", "tracebacks",
         [0.0 if passed["fuzz"] else 1.0], "reliability", goal="0", met=passed["fuzz"])
-    add("secrets in logs, outputs and files at DEBUG", "hits", [0.0 if passed["secrets"] else 1.0],
+    add("secrets in logs, outputs and files at DEBUG, and secret parameters in the MLflow run", "hits",
+        [0.0 if passed["secrets"] else 1.0],
         "reliability", goal="0", met=passed["secrets"])
     add("MLflow runs per pipeline under a lost create answer", "runs", [1.0 if passed["mlflow"] else 2.0],
         "reliability", goal="1", met=passed["mlflow"])

@@ -63,7 +63,8 @@ for _command in KUBEFLOW_COMMANDS:
 @click.option("--storage-root", default=None,
               help="Root for intermediates: gs://bucket/prefix, file://..., or a path (default: run_config.root).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Runtime parameter; typed (int, float, bool, JSON); dotted keys override nested ones. Repeatable.")
+              help="Runtime parameter, typed from its Kedro value (str, int, float, bool, list, dict); dotted keys "
+              "override nested ones. Repeatable.")
 @click.option("--mlflow-run-id", default=None, help="MLflow run to log into (the pipeline's run).")
 @click.option("--save-version", default=None, metavar="VERSION",
               help="The pipeline run's version for versioned datasets: a Kedro version or an RFC 3339 "
