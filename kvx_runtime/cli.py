@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kvx_runtime import __version__
+from kvx_runtime import __version__, settings
 from kvx_runtime.commands import (
     KUBEFLOW,
     KUBEFLOW_COMMANDS,
@@ -29,7 +29,7 @@ def cli() -> None:
     """Run Kedro nodes as Vertex AI / Kubeflow pipeline steps."""
     configure_logging()
     install_signal_handlers()
-    if os.environ.get("KVX_HOST_ALIASES"):
+    if settings.HOST_ALIASES.get():
         from kvx_runtime.hosts import install_host_aliases
 
         run_unless_ok("host aliases", install_host_aliases)
@@ -109,10 +109,10 @@ def exec_node(
                 params=parse_params(params),
                 raw_params=params,
                 mlflow_run_id=mlflow_run_id,
-                save_version=save_version or os.environ.get("KVX_SAVE_VERSION") or None,
+                save_version=save_version or settings.SAVE_VERSION.get() or None,
                 job_create_time=job_create_time or None,
                 load_versions=parse_load_versions(load_versions),
-                code=code or os.environ.get("KVX_CODE") or None,
+                code=code or settings.CODE.get() or None,
             )
         )
 

@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InputDataError, StorageError, UsageError
 from kvx_runtime.log import get_logger
 
@@ -52,7 +52,6 @@ MANIFEST = ".kvx-code.json"
 IMAGE_FINGERPRINT = ".kvx-requirements.sha256"
 FORMAT = 1
 _FIXED_MTIME = 315532800  # 1980-01-01, what reproducible builds use
-_DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 _REFERENCE = re.compile(r"^(?P<uri>.+)#sha256=(?P<digest>[0-9a-f]{64})$")
 
 
@@ -73,10 +72,7 @@ class CodeArchive:
 
 
 def _max_bytes() -> int:
-    try:
-        return int(os.environ.get("KVX_CODE_MAX_BYTES", _DEFAULT_MAX_BYTES))
-    except ValueError:
-        return _DEFAULT_MAX_BYTES
+    return settings.CODE_MAX_BYTES.get()
 
 
 def requirements_fingerprint(project: Path) -> str:
@@ -266,7 +262,7 @@ def fetch_code(reference: str, cache: Path | None = None) -> tuple[Path, dict[st
     """Download (once per container), verify and unpack the archive; returns its directory
     and manifest. Nothing is unpacked unless the digest matches."""
     uri, digest = parse_code_reference(reference)
-    cache = cache or Path(os.environ.get("KVX_CODE_CACHE", Path(tempfile.gettempdir()) / "kvx-code"))
+    cache = cache or Path(settings.CODE_CACHE.get() or Path(tempfile.gettempdir()) / "kvx-code")
     target = cache / digest
     manifest_path = target / MANIFEST
     if manifest_path.is_file():

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from kvx_runtime import settings
 from kvx_runtime.errors import Interrupted, KvxError
 from kvx_runtime.process import run_command
 
@@ -492,7 +493,7 @@ def run_once_command(ctx: click.Context, project_path: str | None, env: str | No
         click.echo(f"  {target.console_url(run)}")
         if not (run_config.wait_for_completion if wait is None else wait):
             return
-        interval = float(os.environ.get("KVX_WATCH_INTERVAL", "5"))
+        interval = settings.WATCH_INTERVAL.get()
         try:
             run = watch(target, run, click.echo, timeout=timeout, first_poll=interval,
                         status_command=sibling_command(ctx, "status"),

@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ExitCode, InfrastructureError, KvxError
 
 
@@ -41,10 +42,7 @@ _NOISY_LOGGERS = ("gcsfs", "s3fs", "botocore", "aiobotocore", "fsspec", "google"
 
 
 def _timeout() -> float:
-    try:
-        return max(1.0, float(os.environ.get("KVX_DOCTOR_TIMEOUT", "10")))
-    except ValueError:
-        return 10.0
+    return settings.DOCTOR_TIMEOUT.get()
 
 
 def _outcome(name: str, function: Callable[[], str]) -> Check:

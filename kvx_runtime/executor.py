@@ -41,6 +41,7 @@ from kvx_runtime.errors import (
 from kvx_runtime.graph import StepPlan, dataset_identity, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
 from kvx_runtime.orchestrator import unique_job_name
+from kvx_runtime.settings import MLFLOW_RUN_ID
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER, resolve_save_version
 
 __all__ = ["StepRequest", "StepResult", "execute_step", "is_declared"]
@@ -438,7 +439,7 @@ def execute_step(request: StepRequest) -> StepResult:
     os.environ[env_var_name("run_id")] = run_id
     os.environ[env_var_name("job_name")] = job_name
     if request.mlflow_run_id:
-        os.environ["KVX_MLFLOW_RUN_ID"] = request.mlflow_run_id
+        os.environ[MLFLOW_RUN_ID.name] = request.mlflow_run_id
     step_label = request.nodes[0] if len(request.nodes) == 1 else "+".join(request.nodes)
     bind_step_context(node=step_label, run_id=run_id, job_name=job_name)
     _keep_secret_params_secret(request)

@@ -12,9 +12,10 @@ import os
 import socket
 from typing import Any
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 
-ENV_VAR = "KVX_HOST_ALIASES"
+ENV_VAR = settings.HOST_ALIASES.name
 _installed: dict[str, str] = {}
 
 

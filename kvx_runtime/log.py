@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import threading
@@ -24,6 +23,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
+
+from kvx_runtime import settings
+from kvx_runtime.errors import ConfigError
 
 __all__ = ["bind_step_context", "configure_logging", "get_logger", "redact", "register_secrets"]
 
@@ -125,8 +127,8 @@ def bind_step_context(**values: Any) -> None:
 
 def wants_json(stream: Any = None) -> bool:
     """JSON when forced by ``KVX_LOG_FORMAT=json``, or when the stream is not a terminal."""
-    fmt = os.environ.get("KVX_LOG_FORMAT", "").strip().lower()
-    if fmt in {"json", "text", "console"}:
+    fmt, _ = _lenient(settings.LOG_FORMAT)
+    if fmt:
         return fmt == "json"
     stream = stream or sys.stderr
     return not (hasattr(stream, "isatty") and stream.isatty())
@@ -244,7 +246,9 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     """
     if json_output is None:
         json_output = wants_json()
-    level_name = (level or os.environ.get("KVX_LOG_LEVEL") or "INFO").upper()
+    _, format_problem = _lenient(settings.LOG_FORMAT)
+    configured_level, level_problem = _lenient(settings.LOG_LEVEL)
+    level_name = (level or configured_level).upper()
 
     structlog.configure(
         processors=[
@@ -284,6 +288,17 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     for noisy in ("urllib3", "google.auth", "gcsfs", "s3fs", "botocore", "aiobotocore", "fsspec", "asyncio", "git"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     adopt_library_loggers()
+    for problem in (format_problem, level_problem):
+        if problem:  # logging must work to report anything: said, not fatal
+            get_logger("kvx_runtime").warning(f"{problem}: the default is used")
+
+
+def _lenient(setting: settings.Setting[str]) -> tuple[str, str | None]:
+    """A logging setting, or its default and what was wrong with it."""
+    try:
+        return setting.get(), None
+    except ConfigError as exc:
+        return setting.default, exc.message
 
 
 #: Libraries that install console handlers of their own on import (MLflow does), whose lines

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from kvx_runtime import settings
 from kvx_runtime.auth.tokens import TokenCache
 from kvx_runtime.errors import ConfigError, InfrastructureError
 from kvx_runtime.log import register_secrets
@@ -221,7 +222,7 @@ class NoAuth(KfpAuth):
 
 def kfp_auth_from_environment(host: str) -> KfpAuth:
     """The auth mode the environment configures (see the module docstring for the order)."""
-    token = (os.environ.get("KF_PIPELINES_TOKEN") or os.environ.get("KVX_KFP_TOKEN") or "").strip()
+    token = (os.environ.get("KF_PIPELINES_TOKEN") or settings.KFP_TOKEN.get() or "").strip()
     if token:
         if any(ch.isspace() for ch in token):  # never sendable as a header; never echoed
             raise ConfigError("KF_PIPELINES_TOKEN (or KVX_KFP_TOKEN) holds whitespace: it is not a bearer token")

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 
@@ -267,7 +268,7 @@ def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubefl
             run = client.create_run(experiment_id=connection.experiment_id, run_name=job_name, tags=tags)
         return str(run.info.run_id)
 
-    retrying = Retrying(stop=stop_after_attempt(int(os.environ.get("KVX_MLFLOW_CREATE_ATTEMPTS", "5"))),
+    retrying = Retrying(stop=stop_after_attempt(settings.MLFLOW_CREATE_ATTEMPTS.get()),
                         wait=wait_random_exponential(multiplier=0.5, max=10),
                         retry=retry_if_exception(_retryable), reraise=True)
     try:

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvx_runtime import failures
+from kvx_runtime import failures, settings
 from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageAccessError, StorageError
 from kvx_runtime.log import get_logger
-from kvx_runtime.storage.blob import DEFAULT_LEVEL, BlobInfo, read_blob, write_blob
+from kvx_runtime.storage.blob import BlobInfo, read_blob, write_blob
 
 __all__ = [
     "S3_ENDPOINT_ENV",
@@ -52,30 +52,17 @@ TEMP_DIR = "kedro-vertexai-temp"
 SUFFIX = ".bin"
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
-_DEFAULT_BLOCK = 16 * 1024 * 1024
 _S3_MIN_PART = 5 * 1024 * 1024
 
 
 def block_size() -> int:
     """Upload/download chunk size for remote roots (``KVX_STORAGE_BLOCK_SIZE`` bytes, 16 MiB)."""
-    try:
-        return max(256 * 1024, int(os.environ.get("KVX_STORAGE_BLOCK_SIZE", _DEFAULT_BLOCK)))
-    except ValueError:
-        return _DEFAULT_BLOCK
+    return settings.STORAGE_BLOCK_SIZE.get()
 
 
 def _level_from_env() -> int:
     """``KVX_BLOB_LEVEL`` (zstd level 1-19) or the default."""
-    text = os.environ.get("KVX_BLOB_LEVEL")
-    if not text:
-        return DEFAULT_LEVEL
-    try:
-        level = int(text)
-    except ValueError:
-        raise ConfigError(f"KVX_BLOB_LEVEL={text!r} is not a zstd level (1-19)") from None
-    if not 1 <= level <= 19:
-        raise ConfigError(f"KVX_BLOB_LEVEL={level} is not a zstd level (1-19)")
-    return level
+    return settings.BLOB_LEVEL.get()
 
 
 class BlobMissing(InputDataError):
@@ -121,23 +108,8 @@ class RetryPolicy:
     def from_env(cls) -> RetryPolicy:
         """``KVX_STORAGE_RETRIES``, ``KVX_STORAGE_RETRY_WAIT`` and ``KVX_STORAGE_RETRY_BUDGET``
         (seconds) override the defaults; a value that is not a number is a ConfigError."""
-        attempts = _env_number("KVX_STORAGE_RETRIES", cls.attempts, int)
-        wait = _env_number("KVX_STORAGE_RETRY_WAIT", cls.initial_wait, float)
-        budget = _env_number("KVX_STORAGE_RETRY_BUDGET", cls.budget, float)
-        return cls(attempts=max(1, int(attempts)), initial_wait=max(0.0, wait), budget=max(0.0, budget))
-
-
-def _env_number(name: str, default: float, kind: type) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ConfigError(f"{name}={text[:40]!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name}={text[:40]!r} is not a finite number")
-    return float(value)
+        return cls(attempts=settings.STORAGE_RETRIES.get(), initial_wait=settings.STORAGE_RETRY_WAIT.get(),
+                   budget=settings.STORAGE_RETRY_BUDGET.get())
 
 
 class UploadNotFinalized(Exception):
@@ -177,8 +149,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 #: ``run_config.s3`` as compiled into every step's environment (read before the project's config).
-S3_ENDPOINT_ENV = "KVX_S3_ENDPOINT_URL"
-S3_REGION_ENV = "KVX_S3_REGION"
+S3_ENDPOINT_ENV = settings.S3_ENDPOINT_URL.name
+S3_REGION_ENV = settings.S3_REGION.name
 
 
 def configure_s3(endpoint_url: str | None, region: str | None) -> None:
@@ -210,7 +182,7 @@ def _filesystem(root: str) -> tuple[Any, str]:
     if root.startswith(("s3://", "s3a://")):
         # What the compiler put in the step's environment from run_config.s3: code archives
         # and `gc` reach the store before (or without) reading the project's config.
-        configure_s3(os.environ.get(S3_ENDPOINT_ENV), os.environ.get(S3_REGION_ENV))
+        configure_s3(settings.S3_ENDPOINT_URL.get() or None, settings.S3_REGION.get() or None)
     try:
         fs, path = fsspec.core.url_to_fs(root)
     except ImportError as exc:  # fsspec: "Install s3fs to access S3" and the like

@@ -7,17 +7,17 @@ one line with the service's status and message: exit 2 for 4xx, exit 3 after ret
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
+from kvx_runtime import settings
+from kvx_runtime.errors import InfrastructureError, KvxError
 from kvx_runtime.failures import TRANSIENT_HTTP
 
-__all__ = ["ApiError", "env_number", "parse_time", "request_json"]
+__all__ = ["ApiError", "parse_time", "request_json"]
 
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
 
@@ -58,17 +58,6 @@ def status_message(payload: Any, fallback: str) -> str:
         if payload.get("message"):
             return f"{payload.get('code', '')}: {payload['message']}".strip(": ")[:300]
     return fallback
-
-
-def env_number(name: str, default: float) -> float:
-    """A number from the environment; an unusable value is a config error naming the variable."""
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={text!r} is not a number") from None
 
 
 def request_json(
@@ -153,7 +142,7 @@ def request_json(
                            hint="check that the host is the API's URL")
         return payload
 
-    pause = env_number("KVX_API_RETRY_WAIT", 1.0) if wait is None else wait
+    pause = settings.API_RETRY_WAIT.get() if wait is None else wait
     # The one try after a credential refresh comes on top of the attempts, never instead of them.
     retrying = Retrying(stop=lambda state: state.attempt_number >= attempts + (1 if refreshed else 0),
                         wait=wait_random_exponential(multiplier=pause, max=30),

@@ -22,12 +22,13 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+from kvx_runtime import settings
 from kvx_runtime.compiler.platform import with_platform_spec
 from kvx_runtime.config import is_kubernetes_name
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
-from kvx_runtime.targets.http import ApiError, env_number, parse_time, request_json
+from kvx_runtime.targets.http import ApiError, parse_time, request_json
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 __all__ = ["KubeflowTarget"]
@@ -143,7 +144,7 @@ class KubeflowTarget(PipelineTarget):
         self.experiment_name = experiment_name or "Default"
         self._auth = auth
         self._session = session
-        self._attempts = attempts or max(1, int(env_number("KVX_API_ATTEMPTS", 6)))
+        self._attempts = attempts or settings.API_ATTEMPTS.get()
         self._experiment_id: str | None = None
 
     # --- transport --------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class KubeflowTarget(PipelineTarget):
                 if not lost and exc.status != 409:
                     raise
                 if lost:  # a server still at work (a gateway's 504, our timeout) shows the result later
-                    time.sleep(min(30.0, env_number("KVX_API_RETRY_WAIT", 1.0) * 2 ** (attempt - 1)))
+                    time.sleep(min(30.0, settings.API_RETRY_WAIT.get() * 2 ** (attempt - 1)))
                 found = find()
                 if found is not None:
                     log.warning(f"the answer to the {what}'s creation was lost; the {what} exists" if lost

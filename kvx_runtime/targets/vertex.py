@@ -10,11 +10,11 @@ API error is one line with Google's status and message: exit 2 for 400/403/404 (
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from kvx_runtime import settings
 from kvx_runtime.compiler.names import label_value
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
@@ -53,11 +53,11 @@ class VertexTarget(PipelineTarget):
                               hint="set them in vertexai.yml (kedro vertexai init)")
         self.project = project
         self.region = region
-        self.endpoint = (endpoint or os.environ.get("KVX_VERTEX_ENDPOINT")
+        self.endpoint = (endpoint or settings.VERTEX_ENDPOINT.get()
                          or f"https://{region}-aiplatform.googleapis.com").rstrip("/")
         self.parent = f"projects/{project}/locations/{region}"
         self._session = session
-        self._attempts = attempts or int(os.environ.get("KVX_VERTEX_ATTEMPTS", "6"))
+        self._attempts = attempts or settings.VERTEX_ATTEMPTS.get()
 
     # --- transport --------------------------------------------------------------------------
 
@@ -84,7 +84,7 @@ class VertexTarget(PipelineTarget):
         url = f"{base or self.endpoint + '/v1'}/{path}".rstrip("/")
         return request_json(self.session, method, url, service=service, what=f"{method} {path.split('?')[0]}",
                             params=params, body=body, data=data, files=files, attempts=self._attempts,
-                            wait=float(os.environ.get("KVX_VERTEX_RETRY_WAIT", "1")))
+                            wait=settings.VERTEX_RETRY_WAIT.get())
 
     def _pages(self, path: str, key: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         token: str | None = None
@@ -260,7 +260,7 @@ class VertexTarget(PipelineTarget):
         job_id = (task.executor or "").rsplit("/", 1)[-1]
         if not job_id:
             return []
-        base = os.environ.get("KVX_LOGGING_ENDPOINT", "https://logging.googleapis.com").rstrip("/") + "/v2"
+        base = settings.LOGGING_ENDPOINT.get().rstrip("/") + "/v2"
         body = {"resourceNames": [f"projects/{self.project}"], "orderBy": "timestamp desc", "pageSize": limit,
                 "filter": f'resource.type="ml_job" AND resource.labels.job_id="{job_id}" AND severity>=ERROR'}
         try:

@@ -1,0 +1,130 @@
+"""Every ``KVX_*`` environment variable that tunes kvx-runtime, in one table.
+
+Each :class:`Setting` has its name, kind, default, bounds and one line of documentation; a
+module reads a setting with ``SETTING.get()``. An empty or unset variable means the default; a
+value that cannot be read, or lies outside the bounds, is a :class:`ConfigError` (exit 2) naming
+the variable: never a raw ``ValueError`` ending as an internal error, never a silent default.
+
+Variables that carry data rather than tune behaviour (``KVX_CODE``, ``KVX_SAVE_VERSION``,
+``KVX_HOST_ALIASES``, ``KVX_KFP_TOKEN``, ``KVX_S3_*``, ``KVX_MLFLOW_RUN_ID``) are read where
+their meaning lives; they are listed here too (kind ``str``), so that this table is the index
+of every variable (``tests/test_settings.py`` checks that the code reads no other and that the
+docs name them all).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kvx_runtime.errors import ConfigError
+
+__all__ = ["SETTINGS", "Setting"]
+
+T = TypeVar("T", int, float, str)
+
+_SHOWN = 40
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable: ``get()`` returns its typed value or the default."""
+
+    name: str
+    kind: type[T]
+    default: T
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def get(self) -> T:
+        text = os.environ.get(self.name, "").strip()
+        if not text:
+            return self.default
+        value = self._parse(text)
+        self._check_bounds(text, value)
+        return value
+
+    def _parse(self, text: str) -> T:
+        shown = text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+        if self.kind is str:
+            if self.choices and text.lower() not in self.choices:
+                raise ConfigError(f"{self.name}={shown!r} is not one of {', '.join(self.choices)}")
+            return text.lower() if self.choices else text  # type: ignore[return-value]
+        parse: Callable[[str], Any] = int if self.kind is int else float
+        try:
+            value = parse(text)
+        except ValueError:
+            raise ConfigError(f"{self.name}={shown!r} is not {'an integer' if self.kind is int else 'a number'}",
+                              hint=self.doc) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{self.name}={shown!r} is not a finite number", hint=self.doc)
+        return value  # type: ignore[no-any-return]
+
+    def _check_bounds(self, text: str, value: Any) -> None:
+        if self.kind is str:
+            return
+        low, high = self.minimum, self.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = (f"from {low:g} to {high:g}" if low is not None and high is not None
+                      else f"at least {low:g}" if low is not None else f"at most {high:g}")
+            raise ConfigError(f"{self.name}={text[:_SHOWN]!r} is out of range: {bounds}", hint=self.doc)
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+# Storage (kvx_runtime.storage)
+STORAGE_RETRIES = Setting("KVX_STORAGE_RETRIES", int, 3,
+                          "attempts of a whole blob read or write (gcsfs also retries each request)", minimum=1)
+STORAGE_RETRY_WAIT = Setting("KVX_STORAGE_RETRY_WAIT", float, 1.0,
+                             "first backoff wait in seconds (exponential with jitter, at most 30)", minimum=0)
+STORAGE_RETRY_BUDGET = Setting("KVX_STORAGE_RETRY_BUDGET", float, 90.0,
+                               "give-up budget in seconds of one blob read or write, request retries included",
+                               minimum=0)
+STORAGE_BLOCK_SIZE = Setting("KVX_STORAGE_BLOCK_SIZE", int, 16 * 1024 * 1024,
+                             "chunk size in bytes of remote uploads and reads (at least 5 MiB on S3)",
+                             minimum=256 * 1024)
+BLOB_LEVEL = Setting("KVX_BLOB_LEVEL", int, 1, "zstd compression level of new blobs", minimum=1, maximum=19)
+S3_ENDPOINT_URL = Setting("KVX_S3_ENDPOINT_URL", str, "", "run_config.s3.endpoint_url, compiled into every step")
+S3_REGION = Setting("KVX_S3_REGION", str, "", "run_config.s3.region, compiled into every step")
+
+# Logging (kvx_runtime.log)
+LOG_FORMAT = Setting("KVX_LOG_FORMAT", str, "", "json or text (default: JSON unless stderr is a terminal)",
+                     choices=("json", "text", "console"))
+LOG_LEVEL = Setting("KVX_LOG_LEVEL", str, "INFO", "log level", choices=("debug", "info", "warning", "error",
+                                                                      "critical"))
+
+# The step (exec-node)
+SAVE_VERSION = Setting("KVX_SAVE_VERSION", str, "", "the run's save version when --save-version is absent")
+CODE = Setting("KVX_CODE", str, "", "the code archive to run when --code is absent")
+CODE_CACHE = Setting("KVX_CODE_CACHE", str, "", "where code archives are unpacked (default: <tmp>/kvx-code)")
+CODE_MAX_BYTES = Setting("KVX_CODE_MAX_BYTES", int, 200 * 1024 * 1024,
+                         "largest code archive accepted, in bytes", minimum=1)
+HOST_ALIASES = Setting("KVX_HOST_ALIASES", str, "", "IP=name1,name2;... (run_config.network.host_aliases)")
+MLFLOW_RUN_ID = Setting("KVX_MLFLOW_RUN_ID", str, "", "the pipeline's MLflow run, set by exec-node for the step")
+MLFLOW_CREATE_ATTEMPTS = Setting("KVX_MLFLOW_CREATE_ATTEMPTS", int, 5,
+                                 "attempts to create the pipeline's MLflow run", minimum=1)
+
+# Commands that talk to the pipeline services (kvx_runtime.targets, doctor)
+API_ATTEMPTS = Setting("KVX_API_ATTEMPTS", int, 6, "attempts of a Kubeflow Pipelines API request", minimum=1)
+API_RETRY_WAIT = Setting("KVX_API_RETRY_WAIT", float, 1.0, "first backoff wait in seconds of API retries",
+                         minimum=0)
+VERTEX_ATTEMPTS = Setting("KVX_VERTEX_ATTEMPTS", int, 6, "attempts of a Vertex AI API request", minimum=1)
+VERTEX_RETRY_WAIT = Setting("KVX_VERTEX_RETRY_WAIT", float, 1.0,
+                            "first backoff wait in seconds of Vertex AI API retries", minimum=0)
+VERTEX_ENDPOINT = Setting("KVX_VERTEX_ENDPOINT", str, "", "Vertex AI API base URL (private endpoints, tests)")
+LOGGING_ENDPOINT = Setting("KVX_LOGGING_ENDPOINT", str, "https://logging.googleapis.com",
+                           "Cloud Logging API base URL")
+KFP_TOKEN = Setting("KVX_KFP_TOKEN", str, "", "a Kubeflow Pipelines bearer token (as KF_PIPELINES_TOKEN)")
+WATCH_INTERVAL = Setting("KVX_WATCH_INTERVAL", float, 5.0, "seconds between status polls of --wait",
+                         minimum=0.1)
+DOCTOR_TIMEOUT = Setting("KVX_DOCTOR_TIMEOUT", float, 10.0, "seconds doctor waits for each check", minimum=1)
+
+#: Every setting, by variable name.
+SETTINGS: dict[str, Setting[Any]] = {
+    value.name: value for value in list(globals().values()) if isinstance(value, Setting)
+}
