@@ -6,9 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvx-installed
 
-# The oldest Kedro we support; `make test-kedro-oldest` runs the whole suite against it.
+# The oldest Kedro we support; `make test-kedro-oldest` runs what depends on Kedro against it.
 KEDRO_OLDEST ?= kedro~=1.0.0
 OLDEST_VENV ?= .venv-kedro-oldest
+# pytest-xdist workers: one per core.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS)
+# Modules that never touch Kedro (log rendering, blob format, storage, retries, settings, process
+# life): the oldest-Kedro run leaves them out.
+KEDRO_INDEPENDENT := tests/test_log.py tests/test_blob.py tests/test_store.py tests/test_failures.py \
+	tests/test_settings.py tests/test_lifecycle.py tests/test_progress.py
 
 .PHONY: demo test test-fast test-faults test-kedro-oldest test-image image lint bench bench-quick clean
 
@@ -36,19 +43,22 @@ demo: $(STAMP)
 	$(PY) integration/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
+# The fast tests: tests/ without the slow ones (the 2,000-case config fuzz, the random-pipeline
+# property test), which make test and CI run.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PYTEST_PARALLEL) -m "not slow and not buildah and not faults"
 
 # The fault-injection suite (integration/test_faults.py): steps through seeded 429s, 503s,
 # resets and lost answers, and stop signals mid-write. Most of its time is retry back-off.
 test-faults: $(STAMP)
-	$(PY) -m pytest -m faults integration/test_faults.py
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m faults integration/test_faults.py
 
-# The same suite on the oldest supported Kedro (CI runs both; the fault suite on the newest only).
+# make test's suite on the oldest supported Kedro, less the modules that never touch Kedro (CI
+# runs both; the fault suite on the newest only).
 test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
-	$(OLDEST_VENV)/bin/python -m pytest
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(KEDRO_INDEPENDENT))
 
 # Builds the base and example project images with buildah (needs root, buildah, debootstrap).
 test-image: $(STAMP)

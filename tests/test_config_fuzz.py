@@ -97,6 +97,7 @@ def _document(rng: random.Random) -> bytes:
     return data if rng.random() > 0.05 else b"\xef\xbb\xbf" + data  # a BOM sometimes
 
 
+@pytest.mark.slow  # make test and CI run it; make test-fast does not
 def test_two_thousand_vertexai_yml_files_never_end_in_a_traceback(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     conf = tmp_path / "conf"
@@ -136,6 +137,7 @@ def test_deeply_nested_params_are_an_error_not_a_crash(depth: int) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_params_and_storage_roots_fuzz(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     alphabet = "abc.:=/[]{}\"'\\ ${}|@%\u00e9\x00\n\t-_0123456789"
