@@ -249,12 +249,14 @@ def run_local_command(ctx: click.Context, spec: str | None, project_path: str | 
 
     def action() -> None:
         nonlocal spec
+        from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
+
         project = project_path or os.getcwd()
-        root = storage_root or os.path.join(project, ".kvx", "storage")
+        root = resolve_storage_root(storage_root, None, required=True, default=local_storage_root(project))
         if spec is None:
             # The image does not matter locally: steps run in this environment.
             spec = str(do_compile(project_path, resolve_env(ctx, env), pipeline, image or "local", root, params,
-                                  os.path.join(project, ".kvx", "pipeline.json"), load_versions, code_upload))
+                                  os.path.join(project, LOCAL_STATE_DIR, "pipeline.json"), load_versions, code_upload))
         do_run_local(spec, project_path, overrides, root, max_parallel, job_name, fail_fast)
 
     run(ctx, action)
@@ -328,13 +330,13 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
     """Delete what a storage root no longer needs: expired jobs' intermediates, dead writers' files."""
 
     def action() -> None:
-        from kvx_runtime.config import STEP_KEYS, normalize_storage_root
-        from kvx_runtime.errors import ConfigError, KvxError
+        from kvx_runtime.config import STEP_KEYS, resolve_storage_root
+        from kvx_runtime.errors import KvxError
         from kvx_runtime.project import open_project
         from kvx_runtime.storage.gc import collect_garbage, describe
 
         ttl = older_than
-        root = normalize_storage_root(storage_root, bare_is_bucket=False) if storage_root is not None else None
+        root = resolve_storage_root(storage_root, None, required=False)
         needs_project = root is None or ttl is None
         config = None
         if needs_project or root.startswith("s3://"):
@@ -350,10 +352,7 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
         if needs_project and config is not None:
             run_config = config.plugin_config.run_config
             ttl = run_config.ttl if ttl is None else ttl
-            if root is None:
-                if not run_config.root:
-                    raise ConfigError("no storage root", hint="pass --storage-root or set run_config.root")
-                root = normalize_storage_root(run_config.root)
+            root = root or resolve_storage_root(None, run_config.root, required=True)
         for line in describe(collect_garbage(root, float(ttl), delete=yes)):
             click.echo(line)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -678,6 +679,35 @@ _BUCKET_RULES = {
     "s3": ("s3", _S3_BUCKET, "an S3"),
     "s3a": ("s3", _S3_BUCKET, "an S3"),
 }
+
+
+#: Where a project's local runs keep their state (compiled spec, step logs, storage root).
+LOCAL_STATE_DIR = ".kvx"
+
+
+def local_storage_root(project: str | os.PathLike[str]) -> str:
+    """The storage root of runs on this machine: ``<project>/.kvx/storage``."""
+    return os.path.join(os.fspath(project), LOCAL_STATE_DIR, "storage")
+
+
+def resolve_storage_root(flag: str | None, configured: str | None, *, required: bool,
+                         default: str | None = None) -> str | None:
+    """The storage root of a command, by one rule for every command.
+
+    ``--storage-root`` when given (even empty: an error, never silently another root; a path
+    without a scheme is local), else ``run_config.root`` (a bare ``bucket/prefix`` is
+    ``gs://``), else ``default``. None of them: a ConfigError (exit 2) when ``required``.
+    """
+    if flag is not None:
+        return normalize_storage_root(flag, bare_is_bucket=False)
+    if configured:
+        return normalize_storage_root(configured)
+    if default is not None:
+        return normalize_storage_root(default, bare_is_bucket=False)
+    if required:
+        raise ConfigError("no storage root is set",
+                          hint=f"pass --storage-root or set run_config.root ({STORAGE_ROOT_FORMS})")
+    return None
 
 
 def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:

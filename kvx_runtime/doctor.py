@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from kvx_runtime import settings
-from kvx_runtime.errors import ExitCode, InfrastructureError, KvxError
+from kvx_runtime.errors import ExitCode, KvxError
 
 
 @dataclass
@@ -130,16 +130,12 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         return "vertexai.yml is valid"
 
     def storage() -> str:
-        from kvx_runtime.config import normalize_storage_root
+        from kvx_runtime.config import resolve_storage_root
         from kvx_runtime.storage.store import BlobStore, RetryPolicy
 
         loaded = state["project"]
-        if storage_root:
-            root = normalize_storage_root(storage_root, bare_is_bucket=False)
-        elif loaded.plugin_config.run_config.root:
-            root = normalize_storage_root(loaded.plugin_config.run_config.root)
-        else:
-            raise InfrastructureError("no storage root (run_config.root or --storage-root)")
+        root = resolve_storage_root(storage_root, loaded.plugin_config.run_config.root, required=True)
+        assert root is not None
         BlobStore(root, "kvx-doctor", retry=RetryPolicy(attempts=1)).check_writable()
         return f"{root} is writable"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvx_runtime.config import STEP_KEYS, normalize_storage_root
+from kvx_runtime.config import STEP_KEYS, resolve_storage_root
 from kvx_runtime.config_loader import env_var_name
 from kvx_runtime.errors import (
     CatalogDataError,
@@ -470,12 +470,8 @@ def execute_step(request: StepRequest) -> StepResult:
 
     from kedro.framework.project import settings
 
-    if request.storage_root is not None:  # given, even empty: never silently another root
-        storage_root: str | None = normalize_storage_root(request.storage_root, bare_is_bucket=False)
-    elif project.plugin_config.run_config.root:
-        storage_root = normalize_storage_root(project.plugin_config.run_config.root)
-    else:
-        storage_root = None
+    # Only a step that exchanges intermediates needs one (the step hooks say so when it does).
+    storage_root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=False)
 
     if no_version and storage_root is not None:
         from kvx_runtime.storage.store import BlobStore

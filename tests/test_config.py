@@ -4,6 +4,7 @@ for values a step does not need."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -264,3 +265,21 @@ def test_a_kubeflow_namespace_that_kubernetes_refuses_is_a_config_error() -> Non
     for bad in ("Team_A", "team.a", "-team", "x" * 64):
         with pytest.raises(ValidationError, match="is not a Kubernetes namespace name"):
             RunConfig(namespace=bad)
+
+
+def test_one_storage_root_rule_for_every_command(tmp_path) -> None:
+    from kvx_runtime.config import local_storage_root, resolve_storage_root
+
+    # The flag wins; without a scheme it is a local path, where run_config.root's bucket/prefix is gs://.
+    assert resolve_storage_root("bucket/prefix", "other/root", required=True) == os.path.abspath("bucket/prefix")
+    assert resolve_storage_root(None, "bucket/prefix", required=True) == "gs://bucket/prefix"
+    assert resolve_storage_root(None, None, required=False) is None
+    assert resolve_storage_root(None, None, required=True, default=local_storage_root(tmp_path)) == str(
+        tmp_path / ".kvx" / "storage")
+    # Given but empty is an error, never run_config.root read some other way.
+    with pytest.raises(ConfigError, match="the storage root is empty") as caught:
+        resolve_storage_root("", "bucket/prefix", required=True)
+    assert caught.value.exit_code == 2
+    with pytest.raises(ConfigError, match="no storage root is set") as caught:
+        resolve_storage_root(None, "", required=True)
+    assert caught.value.exit_code == 2

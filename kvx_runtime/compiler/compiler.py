@@ -44,7 +44,7 @@ from kvx_runtime.compiler.spec import (
     placeholder,
     retry_policy,
 )
-from kvx_runtime.config import normalize_storage_root
+from kvx_runtime.config import resolve_storage_root
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import NodeGrouper, StepGroup, build_grouper, group_dependencies, order_groups
@@ -276,10 +276,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     image = request.image or run.image
     if not image:
         raise ConfigError("no image to run the steps in", hint="pass --image or set run_config.image")
-    root = request.storage_root or run.root
-    if not root:
-        raise ConfigError("no storage root for intermediates", hint="set run_config.root or pass --storage-root")
-    storage_root = normalize_storage_root(root, bare_is_bucket=request.storage_root is None)
+    storage_root = resolve_storage_root(request.storage_root, run.root, required=True)
+    assert storage_root is not None
     for key, value in run.labels.items():
         check_label(key, value)
 

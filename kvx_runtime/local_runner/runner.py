@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
+from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root
 from kvx_runtime.errors import ExitCode, Interrupted, UsageError
 from kvx_runtime.lifecycle import held_across_exec
 from kvx_runtime.local_runner.graph import (
@@ -345,13 +346,13 @@ def run_local(
     overrides = dict(params or {})
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     if STORAGE_ROOT_PARAMETER in definitions and STORAGE_ROOT_PARAMETER not in overrides:
-        overrides[STORAGE_ROOT_PARAMETER] = storage_root or str(project_path / ".kvx" / "storage")
+        overrides[STORAGE_ROOT_PARAMETER] = storage_root or local_storage_root(project_path)
     graph = build_graph(spec, overrides)
     policy = "fail_fast" if fail_fast else str(graph.parameters.get(FAILURE_POLICY_PARAMETER, ("", "fail_slow"))[1])
     if policy not in FAILURE_POLICIES:
         raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
     job = job_name or default_job_name(spec)
-    run_dir = project_path / ".kvx" / "runs" / job
+    run_dir = project_path / LOCAL_STATE_DIR / "runs" / job
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
