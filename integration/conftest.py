@@ -157,13 +157,13 @@ import os, time
 
 class SlowToPickle:
     def __reduce__(self):
-        time.sleep(0.02)
+        time.sleep({pause})
         return (SlowToPickle, ())
 
 
 def make():
     # Megabytes first (an upload session is open by then), then seconds of pickling.
-    return [os.urandom(16 * 1024 * 1024), [SlowToPickle() for _ in range(1000)]]
+    return [os.urandom({megabytes} * 1024 * 1024), [SlowToPickle() for _ in range({objects})]]
 """
 _SLOW_PICKLING_PIPELINE = """
 from kedro.pipeline import Node, Pipeline
@@ -175,10 +175,12 @@ def register_pipelines():
 """
 
 
-def make_slow_pickling_project(root: Path, package: str) -> Path:
-    """make -> count, where make's output takes seconds to pickle after megabytes of data: for
-    stopping a step in the middle of writing a blob."""
-    return make_project(root, package, _SLOW_PICKLING_NODES, _SLOW_PICKLING_PIPELINE.format(package=package))
+def make_slow_pickling_project(root: Path, package: str, *, megabytes: int = 16, objects: int = 1000,
+                               pause: float = 0.02) -> Path:
+    """make -> count, where make's output takes seconds to pickle (``objects`` x ``pause``) after
+    megabytes of data: for stopping a step in the middle of writing a blob."""
+    nodes = _SLOW_PICKLING_NODES.format(megabytes=megabytes, objects=objects, pause=pause)
+    return make_project(root, package, nodes, _SLOW_PICKLING_PIPELINE.format(package=package))
 
 
 def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, catalog: str = "",

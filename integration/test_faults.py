@@ -23,7 +23,6 @@ import pytest
 from integration.conftest import (
     KVX,
     kedro_in_process,
-    make_project,
     make_slow_pickling_project,
     run_step,
     signal_after_node_started,
@@ -251,29 +250,6 @@ def test_stop_signals_mid_write_leave_no_partial_blob(tmp_path: Path, gcs_emulat
 # --- SIGTERM at any moment of a step's life ------------------------------------------------
 
 SIGTERM_TRIALS = int(os.environ.get("KVX_SIGTERM_TRIALS", "20"))
-_SAVING_NODES = """
-import time
-
-
-class SlowToPickle:
-    def __reduce__(self):
-        time.sleep(0.01)
-        return (SlowToPickle, ())
-
-
-def make():
-    return [bytes(1024 * 1024), [SlowToPickle() for _ in range(150)]]
-"""
-_SAVING_PIPELINE = """
-from kedro.pipeline import Node, Pipeline
-from sigany.nodes import make
-
-def register_pipelines():
-    return {"__default__": Pipeline([Node(make, None, "payload", name="make"),
-                                      Node(len, "payload", "size", name="count")])}
-"""
-
-
 def test_sigterm_at_any_moment_from_start_to_the_end_of_a_save_exits_143(tmp_path: Path) -> None:
     """Start-up, imports, the project, the node, the save and the end: wherever SIGTERM lands,
     the step exits 143 (never killed by the signal itself, never 0 or 1) and leaves no partial
@@ -281,7 +257,7 @@ def test_sigterm_at_any_moment_from_start_to_the_end_of_a_save_exits_143(tmp_pat
     closes the interpreter's own start-up window (see kvx_runtime.lifecycle)."""
     from kvx_runtime.lifecycle import held_across_exec
 
-    project = make_project(tmp_path, "sigany", _SAVING_NODES, _SAVING_PIPELINE)
+    project = make_slow_pickling_project(tmp_path, "sigany", megabytes=1, objects=150, pause=0.01)
     root = tmp_path / "storage"
     env = step_env()
 
@@ -315,7 +291,7 @@ def test_sigterm_at_any_moment_from_start_to_the_end_of_a_save_exits_143(tmp_pat
         job_dir = root / "kedro-vertexai-temp" / job
         blob = job_dir / "payload.bin"
         if blob.exists():  # the signal came after the save: the blob is whole
-            assert BlobStore(str(root), job).load("payload")[0] == bytes(1024 * 1024)
+            assert len(BlobStore(str(root), job).load("payload")[0]) == 1024 * 1024
         leftovers = [p.name for p in job_dir.iterdir() if p.name.endswith(".tmp")] if job_dir.exists() else []
         assert leftovers == [], leftovers
     _record({"sigterm_any_moment": True, "trials": len(outcomes), "window_seconds": round(saved_at, 3),

@@ -128,7 +128,7 @@ _KINDS: dict[str, tuple[Callable[[str], Any], tuple[type, ...], str]] = {
     "dict": (_as_json(dict), (Mapping,), "a JSON object"),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
-#: kind -> its pipeline spec parameter type (compiler.spec.PARAMETER_TYPES is the same table).
+#: kind -> its pipeline spec parameter type (compiler.spec.PARAMETER_TYPES is this table).
 SPEC_TYPES: dict[str, str] = {
     "str": "STRING",
     "int": "NUMBER_INTEGER",

@@ -18,6 +18,7 @@ from typing import Any
 
 #: A pipeline parameter: the run's save version when the orchestrator does not fill the
 #: create-time placeholder (KFP); empty = the job's creation time.
+from kvx_runtime.params import SPEC_TYPES
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 SCHEMA_VERSION = "2.1.0"
@@ -46,14 +47,8 @@ FINAL_STATUS = "status"
 EXIT_HANDLER = "exit-handler-1"
 CHANNEL = "pipelinechannel--"
 
-PARAMETER_TYPES = {
-    "str": "STRING",
-    "int": "NUMBER_INTEGER",
-    "float": "NUMBER_DOUBLE",
-    "bool": "BOOLEAN",
-    "list": "LIST",
-    "dict": "STRUCT",
-}
+#: A parameter kind -> its pipeline spec type (the one typing table: kvx_runtime.params).
+PARAMETER_TYPES = SPEC_TYPES
 
 
 @dataclass(frozen=True)
