@@ -72,6 +72,7 @@ image: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench
+	$(VENV)/bin/python -m mypy
 
 # Benchmarks: bench/results/latest.json, docs/benchmarks.md and the figures in docs/reliability.md
 # (full: about twenty minutes; quick: about five).

@@ -86,7 +86,7 @@ def requirements_fingerprint(project: Path) -> str:
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         try:
             lines = list(tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
                          ["dependencies"])

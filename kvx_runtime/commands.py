@@ -132,7 +132,7 @@ def do_run_local(
         fail_fast=fail_fast,
     )
     if result.exit_code:
-        failed = result.failed_tasks or [result.failed_task]
+        failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
         steps = f"step '{failed[0]}'" if len(failed) == 1 else f"steps {', '.join(map(repr, failed))}"
         error = NodeError(f"{steps} of job {result.job_name} failed")
         error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
@@ -331,7 +331,7 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
 
     def action() -> None:
         from kvx_runtime.config import STEP_KEYS, resolve_storage_root
-        from kvx_runtime.errors import KvxError
+        from kvx_runtime.errors import ConfigError, KvxError
         from kvx_runtime.project import open_project
         from kvx_runtime.storage.gc import collect_garbage, describe
 
@@ -339,7 +339,7 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
         root = resolve_storage_root(storage_root, None, required=False)
         needs_project = root is None or ttl is None
         config = None
-        if needs_project or root.startswith("s3://"):
+        if root is None or ttl is None or root.startswith("s3://"):
             try:  # for an s3:// root given outright, the project's run_config.s3, when there is one
                 config = open_project(project_path, resolve_env(ctx, env), needed=(*STEP_KEYS, "run_config.ttl"))
             except KvxError as exc:
@@ -353,6 +353,9 @@ def gc_command(ctx: click.Context, project_path: str | None, env: str | None, st
             run_config = config.plugin_config.run_config
             ttl = run_config.ttl if ttl is None else ttl
             root = root or resolve_storage_root(None, run_config.root, required=True)
+        if root is None or ttl is None:  # a project was read when either was missing
+            raise ConfigError("gc needs a storage root and a time to live",
+                           hint="pass --storage-root and --older-than, or set run_config.root and run_config.ttl")
         for line in describe(collect_garbage(root, float(ttl), delete=yes)):
             click.echo(line)
 
@@ -664,7 +667,7 @@ def _project_version(path: Path) -> str | None:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
     try:
         version = tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
     except (OSError, KeyError, ValueError):

@@ -204,7 +204,7 @@ class EnvTemplatingMixin:
 
     def __getitem__(self, key: str) -> dict[str, Any]:
         try:
-            return super().__getitem__(key)  # type: ignore[misc, no-any-return]
+            return super().__getitem__(key)  # type: ignore[misc]  # a mixin: the loader class is the base
         except OmegaConfBaseException as exc:
             explained = explain_interpolation_error(exc)
             if explained is not None:

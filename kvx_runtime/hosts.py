@@ -52,6 +52,6 @@ def install_host_aliases(text: str | None = None) -> dict[str, str]:
                 host = _installed[host.lower()]
             return original(host, *args, **kwargs)
 
-        socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+        socket.getaddrinfo = getaddrinfo
     _installed.update(mapping)
     return mapping

@@ -123,7 +123,7 @@ def find_package_name(project_path: Path) -> str:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10 (Kedro depends on tomli there)
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
 
     pyproject = project_path / "pyproject.toml"
     try:
@@ -275,11 +275,11 @@ def entry_points_of_disabled_plugins_not_loaded(settings: Any) -> Iterator[None]
             manager.set_blocked(name)
         return manager
 
-    session_module._create_hook_manager = create_hook_manager  # type: ignore[attr-defined]
+    session_module._create_hook_manager = create_hook_manager
     try:
         yield
     finally:
-        session_module._create_hook_manager = original  # type: ignore[attr-defined]
+        session_module._create_hook_manager = original
 
 
 def has_config(project: KedroProject, pattern: str) -> bool:

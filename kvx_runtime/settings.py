@@ -63,7 +63,7 @@ class Setting(Generic[T]):
                               hint=self.doc) from None
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{self.name}={shown!r} is not a finite number", hint=self.doc)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def _check_bounds(self, text: str, value: Any) -> None:
         if self.kind is str:

@@ -132,7 +132,7 @@ def _project_context(project: Any, runtime_params: dict[str, Any] | None) -> Any
         config_loader=loader,
         hook_manager=_create_hook_manager(),
         env=project.env,
-        runtime_params=runtime_params,
+        runtime_params=runtime_params,  # type: ignore[arg-type]  # attrs' converter types it as _T
     )
 
 

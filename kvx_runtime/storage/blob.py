@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol
 
 import cloudpickle
 import zstandard
@@ -200,7 +200,7 @@ class _FrameWriter(io.RawIOBase):
     ours to read during the call.
     """
 
-    def __init__(self, target: IO[bytes], level: int) -> None:
+    def __init__(self, target: Sink, level: int) -> None:
         parameters = zstandard.ZstdCompressionParameters.from_level(
             level, write_checksum=1, write_content_size=1
         )
@@ -306,7 +306,7 @@ def _arrow_array_reduction(obj: Any) -> Any:
     state = obj.__dict__.copy()
     state["_pa_array"] = chunk
     state["_cache"] = {}
-    return copyreg.__newobj__, (type(obj),), state
+    return copyreg.__newobj__, (type(obj),), state  # type: ignore[attr-defined]  # absent from typeshed
 
 
 class _Pickler(cloudpickle.Pickler):
@@ -320,9 +320,15 @@ class _Pickler(cloudpickle.Pickler):
         return reduction if reduction is not None else super().reducer_override(obj)
 
 
+class Sink(Protocol):
+    """Where a blob is written: anything with ``write`` (a file, an upload, a checksumming wrapper)."""
+
+    def write(self, data: Any, /) -> Any: ...
+
+
 def write_blob(
     obj: Any,
-    target: IO[bytes],
+    target: Sink,
     *,
     dataset: str | None = None,
     level: int = DEFAULT_LEVEL,

@@ -550,7 +550,7 @@ class BlobStore:
             return read_blob(handle, int(size), describe=describe, dataset=dataset, job=self.job_name)
 
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
-        from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+        from tenacity import RetryError, Retrying, retry_if_exception, wait_random_exponential
 
         started = time.monotonic()
         deadline = started + self.retry.budget
@@ -560,7 +560,7 @@ class BlobStore:
             return max(0.0, min(float(backoff(state)), deadline - time.monotonic()))
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.retry.attempts) | (lambda _: time.monotonic() >= deadline),
+            stop=lambda state: state.attempt_number >= self.retry.attempts or time.monotonic() >= deadline,
             wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=lambda state: log.warning(

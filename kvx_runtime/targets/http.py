@@ -152,5 +152,5 @@ def request_json(
     except _Transient as exc:
         error = ApiError(f"{service} did not answer {what} after {made} attempts: "
                          f"{exc.status or 'connection'}: {exc}", status=exc.status)
-        error.exit_code = InfrastructureError.exit_code  # type: ignore[assignment]
+        error.exit_code = InfrastructureError.exit_code
         raise error from None
