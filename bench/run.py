@@ -504,10 +504,10 @@ def bench_reliability(bench: Bench, tmp: Path, quick: bool) -> None:
         "reliability", goal="0", met=passed["secrets"])
     add("MLflow runs per pipeline under a lost create answer", "runs", [1.0 if passed["mlflow"] else 2.0],
         "reliability", goal="1", met=passed["mlflow"])
-    _write_reliability_figures(bench)
+    _write_reliability_figures(bench, quick)
 
 
-def _write_reliability_figures(bench: Bench) -> None:
+def _write_reliability_figures(bench: Bench, quick: bool = False) -> None:
     if not RELIABILITY_DOC.exists():
         return
     text = RELIABILITY_DOC.read_text()
@@ -519,7 +519,8 @@ def _write_reliability_figures(bench: Bench) -> None:
         rows.append(f"| {figure.name} | {figure.median:.4g} {figure.unit} | {figure.goal or ''} | {met} |")
     head, rest = text.split(_FIGURES_START, 1)
     _, tail = rest.split(_FIGURES_END, 1)
-    stamp = f"Last run: {time.strftime('%Y-%m-%d', time.gmtime())} (`python bench/run.py --only reliability`)."
+    command = f"python bench/run.py --only reliability{' --quick' if quick else ''}"
+    stamp = f"Last run: {time.strftime('%Y-%m-%d', time.gmtime())} (`{command}`)."
     RELIABILITY_DOC.write_text(head + _FIGURES_START + "\n" + stamp + "\n\n" + "\n".join(rows) + "\n"
                                + _FIGURES_END + tail)
 
