@@ -12,10 +12,12 @@ OLDEST_VENV ?= .venv-kedro-oldest
 # pytest-xdist workers: one per core.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS)
-# Modules that never touch Kedro (log rendering, blob format, storage, retries, settings, process
-# life): the oldest-Kedro run leaves them out.
+# What the oldest-Kedro run leaves out: modules that never touch Kedro (log rendering, blob
+# format, storage, retries, settings, process life), and the pipeline services' clients against
+# their fakes, whose only Kedro part (compiling the example) test_compile_and_run_local covers.
 KEDRO_INDEPENDENT := tests/test_log.py tests/test_blob.py tests/test_store.py tests/test_failures.py \
-	tests/test_settings.py tests/test_lifecycle.py tests/test_progress.py
+	tests/test_settings.py tests/test_lifecycle.py tests/test_progress.py \
+	integration/test_vertex.py integration/test_kubeflow.py
 
 .PHONY: demo test test-fast test-faults test-kedro-oldest test-image image lint bench bench-quick clean
 
