@@ -18,7 +18,9 @@ SIGTERM (a preempted machine, a cancelled run) and SIGINT end every command with
   finalization would reset the handlers to the default action part-way (the process then dies
   "by signal 15") or drop a signal raised inside an atexit callback (exit 0).
 
-A second stop signal ends the process at once, with the code of the first.
+A second stop signal ends the process at once, with the code of the first. A stop raised
+where Python swallows exceptions (an object's ``__del__``, a weakref callback: "Exception
+ignored in ...") is raised again at the next instruction, so it still stops the command.
 """
 
 from __future__ import annotations
@@ -64,8 +66,31 @@ def _on_stop_signal(signum: int, _frame: Any) -> None:
     # Finishing: the outcome is known; the exit code will say that a stop signal came.
 
 
+def _on_unraisable(unraisable: Any) -> None:
+    """An :class:`Interrupted` raised inside a finalizer is swallowed by Python: raise it again
+    a moment later, once the finalizer has returned (a one-shot timer; should that land in a
+    finalizer too, this runs again). Anything else goes to Python's own hook."""
+    stop = unraisable.exc_value
+    if not isinstance(stop, Interrupted) or _finishing:
+        sys.__unraisablehook__(unraisable)
+        return
+    previous = signal.getsignal(signal.SIGALRM)
+
+    def raise_again(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        raise Interrupted(stop.signum)
+
+    try:  # handlers run in the main thread, so the stop was raised (and swallowed) there
+        signal.signal(signal.SIGALRM, raise_again)
+    except ValueError:
+        sys.__unraisablehook__(unraisable)
+        return
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+
+
 def install() -> None:
     """Turn SIGTERM/SIGINT into :class:`Interrupted`; deliver any a launcher held back."""
+    sys.unraisablehook = _on_unraisable
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

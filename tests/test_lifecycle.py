@@ -36,3 +36,37 @@ def test_held_across_exec_restores_the_mask() -> None:
     with held_across_exec():
         assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+_SWALLOWED_IN_A_FINALIZER = """
+import signal
+from kvx_runtime import lifecycle
+from kvx_runtime.errors import Interrupted
+
+lifecycle.install()
+
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, inside __del__, where Python swallows it
+            pass
+
+
+try:
+    Finalized()
+    for _ in range(10 ** 6):
+        pass
+    print("not stopped")
+except Interrupted as exc:
+    print(exc)
+lifecycle.finish(0)
+"""
+
+
+def test_a_stop_raised_inside_a_finalizer_still_stops_the_command() -> None:
+    result = subprocess.run([sys.executable, "-c", _SWALLOWED_IN_A_FINALIZER], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == "stopped by SIGTERM", result.stdout + result.stderr
+    assert result.returncode == 143
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
