@@ -43,6 +43,7 @@ from typing import IO, Any, BinaryIO, Protocol
 import cloudpickle
 import zstandard
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ExitCode, InputDataError, KvxError
 
 __all__ = [
@@ -65,9 +66,9 @@ _TRAILER = struct.Struct("<8sQQ")
 _MAX_HEADER = 64 * 1024
 #: Pickle protocol 5 lets large buffers (numpy, pandas) go to the stream without copies.
 PICKLE_PROTOCOL = 5
-#: zstd level 1: on DataFrames and arrays it stores within 1% of level 3's size in half the
-#: time (bench/); KVX_BLOB_LEVEL overrides it (1-19).
-DEFAULT_LEVEL = 1
+#: zstd level 1 (its home: settings.BLOB_LEVEL): on DataFrames and arrays it stores within 1%
+#: of level 3's size in half the time (bench/); KVX_BLOB_LEVEL overrides it (1-19).
+DEFAULT_LEVEL = settings.BLOB_LEVEL.default
 #: Pickle bytes per zstd frame. Small enough that a few frames in flight per worker cost only
 #: megabytes, large enough that per-frame overhead and the lost cross-frame matches do not show
 #: (level 1 matches within 512 KiB anyway).

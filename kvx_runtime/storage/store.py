@@ -99,10 +99,10 @@ class RetryPolicy:
     it, so storage that is down for good is reported within the budget plus one request.
     """
 
-    attempts: int = 3
-    initial_wait: float = 1.0
+    attempts: int = settings.STORAGE_RETRIES.default
+    initial_wait: float = settings.STORAGE_RETRY_WAIT.default
     max_wait: float = 30.0
-    budget: float = 90.0
+    budget: float = settings.STORAGE_RETRY_BUDGET.default
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
