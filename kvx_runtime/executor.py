@@ -411,13 +411,9 @@ def _keep_secret_params_secret(request: StepRequest) -> None:
     """Parameters named like secrets (``--param api_key=...``): their values are redacted from
     every log line and kept out of MLflow (kvx_runtime.mlflow.secret_guard); said once."""
     from kvx_runtime.log import register_secrets
-    from kvx_runtime.params import SECRET_HINT, says_secret, secret_params
+    from kvx_runtime.params import SECRET_HINT, secret_params_given
 
-    found = secret_params(request.params)
-    for item in request.raw_params:  # the text as given, before typing (10 vs "10")
-        key, _, value = item.partition("=")
-        if says_secret(key.partition(":")[0].strip()):
-            found.setdefault(key.partition(":")[0].strip(), []).append(value)
+    found = secret_params_given(request.params, request.raw_params)
     if not found:
         return
     register_secrets(value for values in found.values() for value in values)

@@ -51,6 +51,7 @@ __all__ = [
     "quoted",
     "says_secret",
     "secret_params",
+    "secret_params_given",
     "type_param",
     "typed_params",
 ]
@@ -391,6 +392,17 @@ def secret_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, list
             found[name] = _leaves(value)
         elif isinstance(value, Mapping):
             found.update(secret_params(value, f"{name}."))
+    return found
+
+
+def secret_params_given(params: Mapping[str, Any], items: Iterable[str]) -> dict[str, list[str]]:
+    """:func:`secret_params` of the typed ``params``, plus each ``key[:kind]=value`` item's text as
+    given (``10``, where typing made it ``10.0``): every form in which the value may be shown."""
+    found = secret_params(params)
+    for item in items:
+        key, _, text = _split(item)
+        if says_secret(key):
+            found.setdefault(key, []).append(text)
     return found
 
 

@@ -302,3 +302,10 @@ def test_secret_params_finds_nested_values_as_text() -> None:
     found = secret_params({"api_key": "abc-123", "db": {"password": 12345, "host": "h"},
                            "vendor_token": {"a": "x1", "b": ["y2", None, True]}, "lr": 0.1})
     assert found == {"api_key": ["abc-123"], "db.password": ["12345"], "vendor_token": ["x1", "y2"]}
+
+
+def test_secret_params_given_keep_the_text_as_given() -> None:
+    from kvx_runtime.params import secret_params_given
+
+    found = secret_params_given({"api_key": 10.0, "lr": 0.1}, ["api_key:float=10", "lr=0.1", "db.password=pw-1234"])
+    assert found == {"api_key": ["10.0", "10"], "db.password": ["pw-1234"]}
