@@ -15,7 +15,7 @@ PYTEST_PARALLEL := -n $(TEST_WORKERS)
 # What the oldest-Kedro run leaves out: modules that never touch Kedro (log rendering, blob
 # format, storage, retries, settings, process life), and the pipeline services' clients against
 # their fakes, whose only Kedro part (compiling the example) test_compile_and_run_local covers.
-KEDRO_INDEPENDENT := tests/test_log.py tests/test_blob.py tests/test_store.py tests/test_failures.py \
+NOT_ON_OLDEST_KEDRO := tests/test_log.py tests/test_blob.py tests/test_store.py tests/test_failures.py \
 	tests/test_settings.py tests/test_lifecycle.py tests/test_progress.py \
 	integration/test_vertex.py integration/test_kubeflow.py
 
@@ -60,7 +60,7 @@ test-faults: $(STAMP)
 # make test's suite on the oldest supported Kedro, less the modules that never touch Kedro (CI
 # runs both; the fault suite on the newest only).
 test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
-	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(KEDRO_INDEPENDENT))
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) $(addprefix --ignore=,$(NOT_ON_OLDEST_KEDRO))
 
 # Builds the base and example project images with buildah (needs root, buildah, debootstrap).
 test-image: $(STAMP)

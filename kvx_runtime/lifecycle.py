@@ -88,9 +88,12 @@ def _on_unraisable(unraisable: Any) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.01)
 
 
-def install() -> None:
-    """Turn SIGTERM/SIGINT into :class:`Interrupted`; deliver any a launcher held back."""
-    sys.unraisablehook = _on_unraisable
+def install(*, own_process: bool = True) -> None:
+    """Turn SIGTERM/SIGINT into :class:`Interrupted`; deliver any a launcher held back. Only the
+    program itself (``own_process``) also takes over ``sys.unraisablehook``: a host process
+    running a command in-process (a test runner) keeps its own."""
+    if own_process:
+        sys.unraisablehook = _on_unraisable
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

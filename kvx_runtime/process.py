@@ -22,7 +22,7 @@ def install_signal_handlers() -> None:
     """SIGTERM/SIGINT raise :class:`Interrupted` (see :mod:`kvx_runtime.lifecycle`)."""
     from kvx_runtime.lifecycle import install
 
-    install()
+    install(own_process=False)  # the program (kvx_runtime.entry) installed the rest
 
 
 def run_unless_ok(what: str, action: Callable[[], Any]) -> None:
