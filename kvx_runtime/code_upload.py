@@ -28,11 +28,14 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InputDataError, StorageError, UsageError
 from kvx_runtime.log import get_logger
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 __all__ = [
     "CodeArchive",
@@ -287,7 +290,7 @@ def fetch_code(reference: str, cache: Path | None = None) -> tuple[Path, dict[st
     return target, manifest
 
 
-def check_drift(manifest: dict[str, Any], project: Any) -> None:
+def check_drift(manifest: dict[str, Any], project: KedroProject) -> None:
     """The archive's requirements against the image's: code upload never installs packages."""
     recorded = project.path / IMAGE_FINGERPRINT
     if not recorded.is_file():

@@ -20,12 +20,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kvx_runtime import settings
 from kvx_runtime.errors import ExitCode, KvxError
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 
 @dataclass
@@ -110,7 +113,7 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
     if runtime_only:
         return _exit_code(checks)
 
-    state: dict[str, Any] = {}
+    state: dict[str, KedroProject] = {}  # "project", once its check opened it
 
     def project() -> str:
         from kvx_runtime.config import STEP_KEYS
@@ -146,7 +149,6 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         if not mlflow_enabled(loaded):
             return "not configured (skipped)"
         connection = connect(loaded)
-        state["mlflow"] = True
         return f"{connection.tracking_uri} answers, experiment '{connection.experiment_name}'"
 
     def auth() -> str:

@@ -94,13 +94,13 @@ def _as_bool(text: str) -> bool:
 
 def _json(text: str) -> Any:
     """JSON no deeper than any configuration (deeper input would exhaust the stack later)."""
-    from kvx_runtime.config import MAX_DEPTH, _depth
+    from kvx_runtime.config import MAX_DEPTH, nesting_depth
 
     try:
         value = json.loads(text)
     except RecursionError:
         raise ValueError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
-    if _depth(value) > MAX_DEPTH:
+    if nesting_depth(value) > MAX_DEPTH:
         raise ValueError(f"JSON nested more than {MAX_DEPTH} levels deep")
     return value
 

@@ -25,11 +25,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 __all__ = [
     "AttachedRun",
@@ -74,7 +77,7 @@ def mlflow_available() -> bool:
     return importlib.util.find_spec("kedro_mlflow") is not None and importlib.util.find_spec("mlflow") is not None
 
 
-def mlflow_enabled(project: Any) -> bool:
+def mlflow_enabled(project: KedroProject) -> bool:
     """kedro-mlflow is installed and the project configures it (an ``mlflow*`` config file)."""
     from kvx_runtime.project import has_config
 
@@ -117,7 +120,7 @@ class MlflowConnection:
     config: Any  # kedro-mlflow's KedroMlflowConfig
 
 
-def _project_context(project: Any, runtime_params: dict[str, Any] | None) -> Any:
+def _project_context(project: KedroProject, runtime_params: dict[str, Any] | None) -> Any:
     """A KedroContext (config loader, credentials) without a session: no hooks run."""
     from kedro.framework.context import KedroContext
     from kedro.framework.hooks import _create_hook_manager
@@ -136,7 +139,7 @@ def _project_context(project: Any, runtime_params: dict[str, Any] | None) -> Any
     )
 
 
-def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> MlflowConnection:
+def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> MlflowConnection:
     """Set up MLflow for this process as kedro-mlflow would, plus our auth headers."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -174,7 +177,7 @@ def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> Mlflo
         config.tracking.experiment.name = project.package_name
     install_request_header_provider(project.plugin_config.run_config.mlflow, context)
     uri = config.server.mlflow_tracking_uri
-    _ensure_sqlite_directory(uri, project.path)
+    _ensure_sqlite_directory(uri)
     try:
         config.setup(context)
     except (KeyError, ConfigError):
@@ -191,7 +194,7 @@ def connect(project: Any, runtime_params: dict[str, Any] | None = None) -> Mlflo
     )
 
 
-def _ensure_sqlite_directory(uri: str | None, project_path: Any) -> None:
+def _ensure_sqlite_directory(uri: str | None) -> None:
     """An embedded ``sqlite:///`` store needs its directory; SQLite only creates the file."""
     from pathlib import Path
 
@@ -390,7 +393,7 @@ class AttachedRun:
 
 
 def attach_step(
-    project: Any,
+    project: KedroProject,
     runtime_params: dict[str, Any] | None,
     run_id: str,
     job_name: str,

@@ -1,0 +1,83 @@
+"""The plugin configuration (``conf/<env>/vertexai.yml``) as typed, validated objects, and
+where a command's storage root comes from.
+
+- :mod:`~kvx_runtime.config.schema`: the typed sections and their defaults;
+- :mod:`~kvx_runtime.config.validation`: a raw mapping checked leniently against the schema
+  (key paths in errors, one warning for unknown keys, strict only for the keys a command needs);
+- :mod:`~kvx_runtime.config.files`: finding, reading and merging a project's config files;
+- :mod:`~kvx_runtime.config.storage_root`: the storage-root rule of every command.
+"""
+
+from __future__ import annotations
+
+from kvx_runtime.config.files import (
+    CONFIG_PATTERNS,
+    KUBEFLOW_CONFIG_PATTERNS,
+    load_plugin_config,
+    read_raw_plugin_config,
+)
+from kvx_runtime.config.schema import (
+    DynamicConfigProviderSpec,
+    GroupingConfig,
+    HostAlias,
+    KubernetesConfig,
+    MLflowConfig,
+    NetworkConfig,
+    PluginConfig,
+    ResourceSpec,
+    RetrySpec,
+    RunConfig,
+    S3Config,
+    ScheduleConfig,
+    SecretAsEnv,
+    canonical_duration,
+    is_kubernetes_name,
+    is_kubernetes_namespace,
+)
+from kvx_runtime.config.storage_root import (
+    LOCAL_STATE_DIR,
+    STORAGE_ROOT_FORMS,
+    local_storage_root,
+    normalize_storage_root,
+    resolve_storage_root,
+)
+from kvx_runtime.config.validation import (
+    ALL_KEYS,
+    MAX_DEPTH,
+    STEP_KEYS,
+    nesting_depth,
+    parse_plugin_config,
+)
+
+__all__ = [
+    "ALL_KEYS",
+    "CONFIG_PATTERNS",
+    "KUBEFLOW_CONFIG_PATTERNS",
+    "LOCAL_STATE_DIR",
+    "MAX_DEPTH",
+    "STEP_KEYS",
+    "STORAGE_ROOT_FORMS",
+    "DynamicConfigProviderSpec",
+    "GroupingConfig",
+    "HostAlias",
+    "KubernetesConfig",
+    "MLflowConfig",
+    "NetworkConfig",
+    "PluginConfig",
+    "ResourceSpec",
+    "RetrySpec",
+    "RunConfig",
+    "S3Config",
+    "ScheduleConfig",
+    "SecretAsEnv",
+    "canonical_duration",
+    "is_kubernetes_name",
+    "is_kubernetes_namespace",
+    "load_plugin_config",
+    "local_storage_root",
+    "nesting_depth",
+    "normalize_storage_root",
+    "parse_plugin_config",
+    "read_raw_plugin_config",
+    "resolve_storage_root",
+]

@@ -1,0 +1,187 @@
+"""Reading a project's ``vertexai.yml``: finding the files of the base and the run
+environment (or a kedro-kubeflow project's ``kubeflow.yml``), parsing them (YAML errors with the
+file's name), merging them the way Kedro merges configuration, then validating the result
+(:mod:`kvx_runtime.config.validation`). A missing file means defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kvx_runtime.config.schema import PluginConfig
+from kvx_runtime.config.validation import ALL_KEYS, MAX_DEPTH, Unresolved, nesting_depth, parse_plugin_config
+from kvx_runtime.errors import ConfigError, KvxError
+from kvx_runtime.log import get_logger
+
+__all__ = ["CONFIG_PATTERNS", "KUBEFLOW_CONFIG_PATTERNS", "load_plugin_config", "read_raw_plugin_config"]
+
+# The package's logger: its lines keep the name they had before config.py became a package.
+log = get_logger(__package__)
+
+#: The plugin's config files in an environment directory.
+CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
+#: Read when no vertexai* file exists: projects coming from kedro-kubeflow.
+KUBEFLOW_CONFIG_PATTERNS = ["kubeflow*", "kubeflow/**"]
+_CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
+
+
+def _resolve_leaves(node: Any) -> Any:
+    """Resolve an OmegaConf tree value by value; failures become :class:`Unresolved`."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(node, DictConfig):
+        out: dict[str, Any] = {}
+        for key in node:
+            try:
+                child = node._get_node(key)
+                value = node[key] if not OmegaConf.is_config(child) else child
+            except OmegaConfBaseException as exc:
+                out[str(key)] = Unresolved(_first_line(exc))
+                continue
+            out[str(key)] = _resolve_leaves(value)
+        return out
+    if isinstance(node, ListConfig):
+        items: list[Any] = []
+        for index in range(len(node)):
+            try:
+                items.append(_resolve_leaves(node[index]))
+            except OmegaConfBaseException as exc:
+                items.append(Unresolved(_first_line(exc)))
+        return items
+    return node
+
+
+def _first_line(exc: BaseException) -> str:
+    from kvx_runtime.config_loader import explain_interpolation_error
+
+    explained = explain_interpolation_error(exc)  # type: ignore[arg-type]
+    if explained:
+        return str(explained)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _parse_file(raw: bytes, path: str) -> Any:
+    """One config file's text parsed, or a ConfigError saying what is wrong with it."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from kvx_runtime.config_loader import render_templates
+
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})",
+                          hint="save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        data = yaml.safe_load(text)  # depth first: OmegaConf recurses without a limit
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    if nesting_depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        return OmegaConf.create(render_templates(text, path))
+    except KvxError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
+
+
+def read_raw_plugin_config(
+    conf_source: str | Path,
+    env: str,
+    *,
+    base_env: str = "base",
+    merge_strategy: str = "destructive",
+) -> tuple[dict[str, Any], list[str]]:
+    """Read and merge ``vertexai*`` files from ``<conf>/<base_env>`` and ``<conf>/<env>``
+    (in an environment without ``vertexai*`` files, its ``kubeflow*`` files: a kedro-kubeflow
+    project).
+
+    Returns the merged mapping (values resolved one by one, see :func:`_resolve_leaves`) and
+    the files read. ``merge_strategy`` is Kedro's: ``destructive`` (the env file replaces
+    top-level keys, Kedro's default) or ``soft`` (deep merge).
+    """
+    import fsspec
+    from omegaconf import OmegaConf
+
+    fs, root = fsspec.core.url_to_fs(str(conf_source))
+    layers: list[Any] = []
+    files: list[str] = []
+    envs = [base_env] if env == base_env else [base_env, env]
+    for env_name in envs:
+        env_dir = str(PurePosixPath(root) / env_name)
+        # Per environment: its vertexai* files, else its kubeflow* files (a kedro-kubeflow
+        # project), so that conf/base/kubeflow.yml and conf/local/vertexai.yml both count.
+        found = _config_files(fs, env_dir, CONFIG_PATTERNS)
+        ignored = _config_files(fs, env_dir, KUBEFLOW_CONFIG_PATTERNS)
+        if not found:
+            found, ignored = ignored, set()
+        elif ignored:
+            log.warning("both vertexai and kubeflow config files in one environment: the kubeflow ones are "
+                        "not read", environment=env_name, ignored=sorted(ignored))
+        configs = []
+        for path in sorted(found):
+            if fs.isdir(path):
+                continue
+            loaded = _parse_file(fs.cat_file(path), path)
+            if loaded is None:
+                continue
+            if not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+            configs.append(loaded)
+            files.append(path)
+        if configs:
+            layers.append(_merge(configs, files))
+    if not layers:
+        return {}, files
+    if merge_strategy == "soft" or len(layers) == 1:
+        merged = _merge(layers, files)
+    else:
+        merged = OmegaConf.merge(layers[0])
+        for key in layers[1]:
+            merged[key] = layers[1]._get_node(key)
+    return _resolve_leaves(merged), files
+
+
+def _config_files(fs: Any, env_dir: str, patterns: Iterable[str]) -> set[str]:
+    """The paths in ``env_dir`` matching ``patterns`` with a config file's suffix (a stray
+    ``vertexai.yml.bak`` chooses nothing)."""
+    return {path for pattern in patterns for path in fs.glob(f"{env_dir}/{pattern}")
+            if path.endswith(_CONFIG_SUFFIXES)}
+
+
+def _merge(configs: list[Any], files: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.merge(*configs)
+    except Exception as exc:  # e.g. a mapping in one file, a list in another
+        raise ConfigError(f"{', '.join(files)}: the files cannot be merged: {_first_line(exc)}") from None
+
+
+def load_plugin_config(
+    conf_source: str | Path,
+    env: str,
+    *,
+    base_env: str = "base",
+    merge_strategy: str = "destructive",
+    needed: Iterable[str] = ALL_KEYS,
+) -> PluginConfig:
+    """Read, merge and validate ``vertexai.yml`` for ``env``. A missing file means defaults."""
+    raw, files = read_raw_plugin_config(
+        conf_source, env, base_env=base_env, merge_strategy=merge_strategy
+    )
+    source = ", ".join(files) if files else f"{conf_source}/{{{base_env},{env}}}/vertexai.yml"
+    return parse_plugin_config(raw, needed=needed, source=source)
