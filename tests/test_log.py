@@ -199,46 +199,24 @@ def _adversarial_lines() -> dict[str, Any]:
     }
 
 
-def _seconds_per_redaction(line: str, repeats: int = 3) -> float:
-    """The fastest of a few timings (each at least 2 ms, over as many calls as that takes)."""
-    import time
+@pytest.mark.parametrize("family", list(_adversarial_lines()))
+def test_redaction_of_a_megabyte_line_never_stalls(family: str) -> None:
+    """A megabyte of each adversarial family is redacted (linear: milliseconds); a backtracking
+    pattern would take hours on it, so the guard's generous limit only ever trips on one.
+    How redaction time grows with size is measured by ``make bench`` (``--only logging``),
+    never timed here."""
+    import threading
 
     from kvx_runtime.log import redact
 
-    best = float("inf")
-    for _ in range(repeats):
-        calls, started = 0, time.perf_counter()
-        while True:
-            redact(line)
-            calls += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= 0.002:
-                break
-        best = min(best, elapsed / calls)
-    return best
+    line = _adversarial_lines()[family](1_000_000)
+    results: list[str] = []
+    worker = threading.Thread(target=lambda: results.append(redact(line)), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), f"{family}: redacting {len(line)} characters did not finish in 120 s"
+    assert len(results) == 1 and isinstance(results[0], str)
 
-
-@pytest.mark.parametrize("family", list(_adversarial_lines()))
-def test_redaction_time_grows_linearly_up_to_a_megabyte(family: str) -> None:
-    """Redacting 10 times more text takes about 10 times longer, never ~100 times (quadratic).
-
-    Growth ratios, not wall-clock bounds: the step that first exceeds 30 fails, so a quadratic
-    pattern fails at 10 KB in about a second instead of stalling for minutes at 100 KB.
-    """
-    import itertools
-
-    make = _adversarial_lines()[family]
-    sizes = [1_000, 10_000, 100_000, 1_000_000]
-    lines = {size: make(size) for size in sizes}
-    times = {sizes[0]: _seconds_per_redaction(lines[sizes[0]])}
-    for small, large in itertools.pairwise(sizes):
-        times[large] = _seconds_per_redaction(lines[large])
-        ratio = times[large] / times[small]
-        if ratio >= 30:  # a busy machine: measure both once more before calling it quadratic
-            times[small], times[large] = _seconds_per_redaction(lines[small]), _seconds_per_redaction(lines[large])
-            ratio = times[large] / times[small]
-        assert ratio < 30, (f"{family}: {len(lines[small])} -> {len(lines[large])} characters took "
-                            f"{times[small]:.2g} s -> {times[large]:.2g} s (x{ratio:.0f}; linear is x10)")
 
 def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, monkeypatch) -> None:
     """google-auth >= 2.62 looks up a service account's Regional Access Boundary in a background
