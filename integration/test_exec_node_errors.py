@@ -66,6 +66,25 @@ def test_missing_upstream_blob_names_dataset_path_and_producer(example_project: 
     assert "Traceback" not in result.stderr
 
 
+def test_two_runs_sharing_a_job_directory_are_refused_naming_both(example_project: Path, tmp_path) -> None:
+    first = run_step(example_project, "--node", FIRST, "--run-id", "run-a", "--job-name", "shared",
+                     "--storage-root", str(tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    blobs = sorted((tmp_path / "kedro-vertexai-temp" / "shared").glob("*.bin"))
+    written = [blob.read_bytes() for blob in blobs]
+    assert blobs
+    # Another run with the same job name: reading run-a's intermediates would mix two runs.
+    second = run_step(example_project, "--node", TABLE, "--run-id", "run-b", "--job-name", "shared",
+                      "--storage-root", str(tmp_path))
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "belongs to run run-a, not to this run (run-b)" in second.last_message
+    assert "Traceback" not in second.stderr
+    # Nor may it overwrite them.
+    again = run_step(example_project, "--node", FIRST, "--run-id", "run-b", "--job-name", "shared",
+                     "--storage-root", str(tmp_path))
+    assert again.returncode == 2 and [blob.read_bytes() for blob in blobs] == written
+
+
 def test_corrupt_blob_exits_2_naming_dataset_and_path(example_project: Path, tmp_path) -> None:
     root = str(tmp_path)
     assert run_step(example_project, "--node", FIRST, "--run-id", "c", "--storage-root", root).returncode == 0

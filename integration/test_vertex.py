@@ -78,9 +78,13 @@ def test_run_once_wait_succeeds_with_a_valid_job(example_project: Path, vertex: 
     assert f"{job_id}: SUCCEEDED" in out
 
 
-def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: FakeVertex, adc: Path,
+                                               gcs_emulator) -> None:
+    storage = gcs_emulator.filesystem()
+    if not storage.exists("kvx-example-bucket"):
+        storage.mkdir("kvx-example-bucket")  # the example's run_config.root, where steps record their run id
     vertex.fail_tasks = {"data-science-train-model-node"}
-    result = kvx(example_project, vertex, adc, "run-once", "--wait")
+    result = kvx(example_project, vertex, adc, "run-once", "--wait", **gcs_emulator.env)
     assert result.returncode == 1, result.stderr[-3000:]
     out = result.stdout
     assert "task data-science-train-model-node FAILED: The replica workerpool0-0 exited" in out
@@ -92,14 +96,21 @@ def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: Fa
     assert replay.startswith("  replay:  kvx-runtime exec-node --node data_science.train_model_node --env base")
     assert f"--job-name {job_id}" in replay and "--storage-root gs://kvx-example-bucket/pipelines" in replay
     assert "--job-create-time 20" in replay and "--save-version" not in replay and "{{$" not in replay
+    # The fake runs no step, so none recorded the run id it got: the replay says its own may differ.
+    assert "no step recorded the one it ran with" in out
     final = final_record(result.stderr)
     assert final["message"].startswith(f"kvx-runtime run-once failed: pipeline run {job_id} FAILED")
 
-    # status says the same afterwards, from the job alone.
-    status = kvx(example_project, vertex, adc, "status", job_id)
+    # status says the same afterwards, from the job alone, with the run id the steps recorded
+    # (Vertex AI's pipeline_job_uuid, which its API does not return).
+    storage.pipe_file(f"kvx-example-bucket/pipelines/kedro-vertexai-temp/{job_id}/owner.json",
+                      json.dumps({"format": 1, "run_id": "4815162342", "job_name": job_id}).encode())
+    status = kvx(example_project, vertex, adc, "status", job_id, **gcs_emulator.env)
     assert status.returncode == 1
     assert "FAILED     data-science-train-model-node" in status.stdout
-    assert "  replay:  kvx-runtime exec-node" in status.stdout
+    replay = next(line for line in status.stdout.splitlines() if line.startswith("  replay:  "))
+    assert replay.startswith("  replay:  kvx-runtime exec-node") and "--run-id 4815162342 " in replay
+    assert "no step recorded" not in status.stdout
 
 
 def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Path, vertex: FakeVertex,

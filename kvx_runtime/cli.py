@@ -93,8 +93,9 @@ def exec_node(
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
 
     def action() -> None:
-        from kvx_runtime.executor import StepRequest, execute_step
         from kvx_runtime.params import parse_params
+        from kvx_runtime.step.executor import execute_step
+        from kvx_runtime.step.request import StepRequest
         from kvx_runtime.versions import parse_load_versions
 
         execute_step(
@@ -119,21 +120,6 @@ def exec_node(
     run_command("exec-node", action)
 
 
-def _step_identity(run_id: str | None, job_name: str | None) -> tuple[str, str]:
-    from kvx_runtime.config_loader import env_var_name
-    from kvx_runtime.errors import UsageError
-    from kvx_runtime.orchestrator import unique_job_name
-
-    run_id = run_id or os.environ.get(env_var_name("run_id"))
-    job_name = job_name or os.environ.get(env_var_name("job_name")) or run_id
-    if not run_id or not job_name:
-        raise UsageError("no run id", hint="pass --run-id (and --job-name) or set KEDRO_CONFIG_RUN_ID")
-    job_name = unique_job_name(job_name, run_id)
-    os.environ[env_var_name("run_id")] = run_id
-    os.environ[env_var_name("job_name")] = job_name
-    return run_id, job_name
-
-
 def _mlflow_project(project_path: str | None, env: str | None) -> object:
     from kvx_runtime.config import STEP_KEYS
     from kvx_runtime.errors import ConfigError
@@ -152,8 +138,8 @@ def _mlflow_project(project_path: str | None, env: str | None) -> object:
 @env_option
 @click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID).")
 @click.option("--job-name", default=None, help="Pipeline job name (default: KEDRO_CONFIG_JOB_NAME, then the run id).")
-@click.option("--kubeflow", is_flag=True,
-              help="Also tag kubeflow_run_id (default: when the step runs in a Kubeflow Pipelines pod).")
+@click.option("--kubeflow", is_flag=True, hidden=True,
+              help="Run as under Kubeflow Pipelines (as KVX_ORCHESTRATOR=kubeflow; default: detected).")
 def mlflow_start_command(output: str, project_path: str | None, env: str | None, run_id: str | None,
                          job_name: str | None, kubeflow: bool) -> None:
     """Create the pipeline's MLflow run; write its id to OUTPUT and print it."""
@@ -161,14 +147,16 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
     def action() -> None:
         from kvx_runtime.log import bind_step_context
         from kvx_runtime.mlflow import start_pipeline_run
+        from kvx_runtime.step.identity import resolve_identity
+        from kvx_runtime.step.orchestrator import KubeflowPipelines, current
 
-        resolved_run, resolved_job = _step_identity(run_id, job_name)
-        bind_step_context(node="mlflow-start-run", run_id=resolved_run, job_name=resolved_job)
+        orchestrator = KubeflowPipelines() if kubeflow else current()
+        identity = resolve_identity(run_id, job_name, orchestrator=orchestrator)
+        identity.export()
+        bind_step_context(node="mlflow-start-run", run_id=identity.run_id, job_name=identity.job_name)
         project = _mlflow_project(project_path, env)
-        from kvx_runtime.orchestrator import on_kubeflow
-
-        mlflow_run_id, _ = start_pipeline_run(project, resolved_run, resolved_job,
-                                              kubeflow=kubeflow or on_kubeflow())
+        mlflow_run_id, _ = start_pipeline_run(project, identity.run_id, identity.job_name,
+                                              tags=orchestrator.run_tags(identity.run_id))
         target = Path(output)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(mlflow_run_id)
@@ -191,14 +179,12 @@ def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: s
     """End the pipeline's MLflow run as FINISHED, FAILED or KILLED."""
 
     def action() -> None:
-        from kvx_runtime.config_loader import env_var_name
         from kvx_runtime.log import bind_step_context
         from kvx_runtime.mlflow import end_pipeline_run, parse_final_status
-        from kvx_runtime.orchestrator import unique_job_name
+        from kvx_runtime.step.identity import job_directory_name
 
         parse_final_status(final_status)  # bad input fails before any network call
-        job = job_name or os.environ.get(env_var_name("job_name"))
-        job = unique_job_name(job, run_id or os.environ.get(env_var_name("run_id"))) if job else job
+        job = job_directory_name(run_id, job_name)
         bind_step_context(node="mlflow-end-run", job_name=job)
         project = _mlflow_project(project_path, env)
         ended, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)

@@ -11,17 +11,21 @@
 from __future__ import annotations
 
 import re
-import shlex
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 from kvx_runtime.compiler.spec import FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.errors import ExitCode, KvxError
+from kvx_runtime.log import get_logger
+from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
 
 __all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "run_request", "summary", "watch"]
+
+log = get_logger(__name__)
 
 _JOB_ID = re.compile(r"[^a-z0-9-]")
 
@@ -118,8 +122,25 @@ def summary(run: RunInfo) -> str:
 
 
 def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
-            job_name: str) -> str | None:
-    """The ``exec-node`` command of ``task`` with this run's values: the one the step printed."""
+            target: PipelineTarget) -> list[str]:
+    """The ``exec-node`` command of ``task`` as the step ran it (the one it printed), with a
+    note when the run id it ran with is not known: lines for :func:`diagnose`."""
+    invocation = _task_invocation(spec, run, task, values, target.job_name(run))
+    if invocation is None:
+        return []
+    run_id = target.step_run_id(run) or _recorded_run_id(invocation)
+    if run_id is None:
+        return [f"  replay:  {invocation.command_line()}",
+                "           (the run id is the job's: no step recorded the one it ran with, so ${run_id} "
+                "paths may differ)"]
+    return [f"  replay:  {invocation.with_values(run_id=run_id).command_line()}"]
+
+
+def _task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
+                     job_name: str) -> ExecNodeInvocation | None:
+    """``task``'s exec-node invocation with the run's values filled in (None for a task that
+    runs no exec-node). The run id is the job's until the caller knows better; an MLflow run
+    id known only to the run is left out (the step finds the run by job name)."""
     from kvx_runtime.local_runner.graph import build_graph, render, substitute
 
     try:
@@ -138,21 +159,49 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
             job_values[f"inputs.parameters['{name}']"] = substitute(
                 render(local.input_types.get(name, "STRING"), source.value), job_values)
     container = local.container
-    argv = [str(part) for part in [*container.get("command", []), *container.get("args", [])]]
-    if "exec-node" not in argv:
-        return None
     try:
-        resolved = [substitute(part, job_values) for part in argv]
+        invocation = ExecNodeInvocation.parse([str(part) for part in
+                                               [*container.get("command", []), *container.get("args", [])]])
+    except InvocationError:
+        return None
+
+    def resolved(value: str | None) -> str | None:
+        return None if value is None else substitute(value, job_values)
+
+    try:
+        mlflow_run_id = resolved(invocation.mlflow_run_id)
+    except KvxError:
+        mlflow_run_id = None
+    try:
+        changes: dict[str, Any] = {name: resolved(getattr(invocation, name)) for name in _SINGLE_VALUED}
+        for name in ("nodes", "load_versions", "params"):
+            changes[name] = tuple(substitute(item, job_values) for item in getattr(invocation, name))
     except KvxError:
         return None
-    # An empty --save-version (the spec's default) means the job's creation time: leave it out.
-    cleaned = []
-    for index, part in enumerate(resolved):
-        if (part == "--save-version" and index + 1 < len(resolved) and not resolved[index + 1]) or (
-                index and resolved[index - 1] == "--save-version" and not part):
-            continue
-        cleaned.append(part)
-    return shlex.join(cleaned)
+    return replace(invocation, **changes, mlflow_run_id=mlflow_run_id)
+
+
+_SINGLE_VALUED = ("env", "run_id", "job_name", "storage_root", "save_version", "job_create_time", "code")
+
+
+def _recorded_run_id(invocation: ExecNodeInvocation) -> str | None:
+    """The run id recorded in the job directory by the run's first step (see
+    :mod:`kvx_runtime.step.identity`); None if there is none or it cannot be read quickly."""
+    if not invocation.storage_root or not invocation.job_name:
+        return None
+    from kvx_runtime.step.identity import read_owner
+    from kvx_runtime.storage.store import BlobStore, RetryPolicy
+
+    try:
+        return read_owner(BlobStore(invocation.storage_root, invocation.job_name,
+                                    retry=RetryPolicy(attempts=2, budget=_RECORD_BUDGET)))
+    except Exception as exc:  # a diagnosis goes on without it
+        log.info("the job directory's owner record cannot be read", error=f"{type(exc).__name__}: {exc}"[:300])
+        return None
+
+
+#: Seconds ``status`` spends reading a job directory's owner record.
+_RECORD_BUDGET = 10.0
 
 
 def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None,
@@ -172,7 +221,6 @@ def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | Non
         if fetch_logs:
             for entry in target.task_errors(run, task):
                 lines.append(f"  log:     {entry}")
-        replay = _replay(spec, run, task, values or {}, target.job_name(run)) if spec else None
-        if replay:
-            lines.append(f"  replay:  {replay}")
+        if spec:
+            lines += _replay(spec, run, task, values or {}, target)
     return lines

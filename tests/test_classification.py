@@ -12,8 +12,10 @@ from gcsfs.retry import HttpError
 from kedro.io.core import DatasetError
 
 from kvx_runtime.errors import CatalogDataError, ExitCode, InfrastructureError, NodeError
-from kvx_runtime.executor import _catalog_error, _step_error, _StepHooks
 from kvx_runtime.graph import plan_step
+from kvx_runtime.step.failures import catalog_error, classify
+from kvx_runtime.step.hooks import StepHooks
+from kvx_runtime.step.identity import JobDirectory, RunIdentity
 
 
 def _wrapped(cause: BaseException, operation: str = "loading data from") -> DatasetError:
@@ -28,7 +30,7 @@ def _wrapped(cause: BaseException, operation: str = "loading data from") -> Data
 
 
 def test_a_missing_file_is_input_data_with_its_path() -> None:
-    error = _catalog_error(_wrapped(FileNotFoundError(2, "No such file or directory", "data/in.csv")),
+    error = catalog_error(_wrapped(FileNotFoundError(2, "No such file or directory", "data/in.csv")),
                            "load", "companies", "kvx-runtime exec-node ...")
     assert isinstance(error, CatalogDataError) and error.exit_code == ExitCode.USAGE
     assert error.message == ("catalog dataset 'companies' could not be loaded: FileNotFoundError: "
@@ -36,7 +38,7 @@ def test_a_missing_file_is_input_data_with_its_path() -> None:
 
 
 def test_a_refused_save_is_the_projects_problem() -> None:
-    error = _catalog_error(_wrapped(PermissionError(13, "Permission denied", "/data/out.csv"), "saving data to"),
+    error = catalog_error(_wrapped(PermissionError(13, "Permission denied", "/data/out.csv"), "saving data to"),
                            "save", "report", "replay")
     assert isinstance(error, CatalogDataError) and "could not be saved: PermissionError" in error.message
 
@@ -48,13 +50,13 @@ def test_a_refused_save_is_the_projects_problem() -> None:
     TimeoutError("read timed out"),
 ])
 def test_a_transient_storage_error_of_a_catalog_dataset_is_infrastructure(cause: BaseException) -> None:
-    error = _catalog_error(_wrapped(cause), "load", "companies", "replay")
+    error = catalog_error(_wrapped(cause), "load", "companies", "replay")
     assert isinstance(error, InfrastructureError) and error.exit_code == ExitCode.INFRASTRUCTURE
     assert "(a transient storage error)" in error.message
 
 
 def test_a_not_found_from_gcs_is_not_transient() -> None:
-    error = _catalog_error(_wrapped(HttpError({"code": 404, "message": "No such object: b/x.csv"})),
+    error = catalog_error(_wrapped(HttpError({"code": 404, "message": "No such object: b/x.csv"})),
                            "load", "companies", "replay")
     assert isinstance(error, CatalogDataError) and "No such object: b/x.csv" in error.message
 
@@ -62,12 +64,13 @@ def test_a_not_found_from_gcs_is_not_transient() -> None:
 def test_the_pending_dataset_operation_decides_between_node_and_data() -> None:
     from kedro.pipeline import Node, Pipeline
 
-    hooks = _StepHooks(plan_step(Pipeline([Node(len, "a", "b", name="n")]), "__default__", ["n"]), None, "job")
+    hooks = StepHooks(plan_step(Pipeline([Node(len, "a", "b", name="n")]), "__default__", ["n"]),
+                      JobDirectory(None, RunIdentity("run", "job")))
     hooks.before_pipeline_run()
     hooks.before_dataset_loaded("a")
-    error = _step_error(_wrapped(FileNotFoundError("a.csv")), hooks, "replay")
+    error = classify(_wrapped(FileNotFoundError("a.csv")), hooks, "replay")
     assert isinstance(error, CatalogDataError)
     hooks.after_dataset_loaded()
     hooks.on_node_error(ValueError("bad value"), Node(len, "a", "b", name="n"))
-    error = _step_error(ValueError("bad value"), hooks, "replay")
+    error = classify(ValueError("bad value"), hooks, "replay")
     assert isinstance(error, NodeError) and error.message == "node 'n' raised ValueError: bad value"

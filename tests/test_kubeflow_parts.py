@@ -15,7 +15,6 @@ from kvx_runtime.auth.kfp import (
     kfp_auth_from_environment,
 )
 from kvx_runtime.errors import ConfigError, UsageError
-from kvx_runtime.orchestrator import unique_job_name
 from kvx_runtime.targets.kubeflow import KubeflowTarget, kfp_cron
 
 _AUTH_VARIABLES = ("KF_PIPELINES_TOKEN", "KVX_KFP_TOKEN", "IAP_CLIENT_ID", "DEX_USERNAME", "DEX_PASSWORD",
@@ -79,11 +78,17 @@ def test_the_ui_url_follows_the_central_dashboard_layout() -> None:
 
 
 def test_job_names_are_made_unique_per_run_only_in_kfp_pods(monkeypatch) -> None:
+    from kvx_runtime.step.identity import resolve_identity
+
     monkeypatch.delenv("KFP_POD_NAME", raising=False)
-    assert unique_job_name("my-pipeline", "uuid-1") == "my-pipeline"
+    monkeypatch.delenv("KVX_ORCHESTRATOR", raising=False)
+    assert resolve_identity("uuid-1", "my-pipeline").job_name == "my-pipeline"
     monkeypatch.setenv("KFP_POD_NAME", "pod-1")
-    assert unique_job_name("my-pipeline", "uuid-1") == "my-pipeline-uuid-1"
-    assert unique_job_name("my-pipeline-uuid-1", "uuid-1") == "my-pipeline-uuid-1"
+    assert resolve_identity("uuid-1", "my-pipeline").job_name == "my-pipeline-uuid-1"
+    assert resolve_identity("uuid-1", "my-pipeline-uuid-1").job_name == "my-pipeline-uuid-1"
+    monkeypatch.delenv("KFP_POD_NAME")
+    monkeypatch.setenv("KVX_ORCHESTRATOR", "kubeflow")
+    assert resolve_identity("uuid-1", "my-pipeline").job_name == "my-pipeline-uuid-1"
 
 
 def test_a_time_zone_prefix_in_the_cron_is_refused_on_kfp() -> None:

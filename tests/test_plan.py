@@ -7,8 +7,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
 from kvx_runtime.errors import UsageError
-from kvx_runtime.executor import is_declared
 from kvx_runtime.graph import plan_step
+from kvx_runtime.step.hooks import is_declared
 
 
 def identity(x):

@@ -22,7 +22,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,6 @@ log = get_logger(__name__)
 
 TAG_RUN_ID = "vertexai_run_id"
 TAG_JOB_NAME = "vertexai_job_name"
-TAG_KUBEFLOW_RUN_ID = "kubeflow_run_id"
 TAG_LAST_NODE = "kvx.last_node"
 TAG_FAILED_NODE = "kvx.failed_node"
 TAG_FINAL_STATE = "kvx.final_state"
@@ -249,7 +248,8 @@ def _retryable(exc: BaseException) -> bool:
                           r"RESOURCE_EXHAUSTED", text))
 
 
-def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubeflow: bool) -> str:
+def _create_run(connection: MlflowConnection, run_id: str, job_name: str,
+                tags: Mapping[str, str] | None = None) -> str:
     """Create the run idempotently: it carries a token of ours, and a retry first looks for a
     run with that token (the server may have created it and lost the answer)."""
     import uuid
@@ -257,9 +257,7 @@ def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubefl
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
     token = uuid.uuid4().hex
-    tags = {TAG_RUN_ID: run_id, TAG_JOB_NAME: job_name, TAG_CREATE_TOKEN: token}
-    if kubeflow:
-        tags[TAG_KUBEFLOW_RUN_ID] = run_id
+    tags = {**(tags or {}), TAG_RUN_ID: run_id, TAG_JOB_NAME: job_name, TAG_CREATE_TOKEN: token}
     client = connection.client
 
     def attempt() -> str:
@@ -281,15 +279,16 @@ def _create_run(connection: MlflowConnection, run_id: str, job_name: str, kubefl
 
 
 def start_pipeline_run(
-    project: Any, run_id: str, job_name: str, *, kubeflow: bool = False
+    project: Any, run_id: str, job_name: str, *, tags: Mapping[str, str] | None = None
 ) -> tuple[str, MlflowConnection]:
-    """Create the pipeline's run, or return the existing one (a retried start step)."""
+    """Create the pipeline's run (with the orchestrator's ``tags``), or return the existing
+    one (a retried start step)."""
     connection = connect(project)
     existing = find_run(connection, job_name)
     if existing is not None:
         log.info("MLflow run for this job already exists", mlflow_run_id=existing)
         return existing, connection
-    mlflow_run_id = _create_run(connection, run_id, job_name, kubeflow)
+    mlflow_run_id = _create_run(connection, run_id, job_name, tags)
     log.info("MLflow run started", mlflow_run_id=mlflow_run_id, experiment=connection.experiment_name,
              tracking_uri=_redact(connection.tracking_uri))
     return mlflow_run_id, connection
@@ -412,7 +411,7 @@ def attach_step(
         resolved = mlflow_run_id or find_run(connection, job_name)
         if resolved is None:
             log.info("no MLflow run for this job yet: creating it (no mlflow-start step ran)")
-            resolved = _create_run(connection, run_id, job_name, kubeflow=False)
+            resolved = _create_run(connection, run_id, job_name)
         try:
             mlflow.start_run(run_id=resolved)
         except Exception as exc:

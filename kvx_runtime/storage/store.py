@@ -365,6 +365,18 @@ class BlobStore:
 
         return self._retrying(f"record {self.job_url}/{name}", attempt)
 
+    def read_record(self, name: str) -> bytes | None:
+        """The job's small record ``name`` (see :meth:`first_record`), None if absent."""
+        path = f"{self._base}/{name}"
+
+        def attempt() -> bytes | None:
+            try:
+                return bytes(self._fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+
+        return self._retrying(f"read {self.job_url}/{name}", attempt)
+
     def _require_conditional_create(self) -> None:
         """S3-compatible stores that ignore ``If-None-Match`` overwrite instead of refusing, and
         two steps would each keep their own record: checked once, with a probe object."""

@@ -152,6 +152,12 @@ class PipelineTarget(ABC):
         """The job name the run's steps use (for their intermediates and the replay command)."""
         return run.run_id
 
+    def step_run_id(self, run: RunInfo) -> str | None:
+        """The run id the run's steps were given (``{{$.pipeline_job_uuid}}``), when the API
+        says it; None when only the steps know it (Vertex AI: then it is read from the job
+        directory's owner record)."""
+        return None
+
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         """Where a task's logs are, if the target has such a place."""
         return None

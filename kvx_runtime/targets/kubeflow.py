@@ -479,7 +479,10 @@ class KubeflowTarget(PipelineTarget):
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         return self.console_url(run) if task.executor else None
 
-    def job_name(self, run: RunInfo) -> str:
-        from kvx_runtime.orchestrator import unique_job_name
+    def step_run_id(self, run: RunInfo) -> str | None:
+        return run.run_id  # KFP's run uuid is what its steps get as pipeline_job_uuid
 
-        return unique_job_name(run.display_name or run.run_id, run.run_id, kubeflow=True)
+    def job_name(self, run: RunInfo) -> str:
+        from kvx_runtime.step.orchestrator import KubeflowPipelines
+
+        return KubeflowPipelines().job_directory_name(run.display_name or run.run_id, run.run_id)

@@ -1,0 +1,182 @@
+"""The Kedro hooks a step registers on its session: intermediates injected into the catalog
+as blobs, node logging and MLflow tags, and what was under way when something failed (which
+:mod:`kvx_runtime.step.failures` reads to say whose fault it was)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvx_runtime.errors import find_kvx_error
+from kvx_runtime.graph import StepPlan, dataset_identity
+from kvx_runtime.log import bind_step_context, get_logger
+from kvx_runtime.step.identity import JobDirectory
+
+__all__ = ["StepHooks", "is_declared"]
+
+log = get_logger(__name__)
+
+_HOOKS = (
+    "after_catalog_created",
+    "before_pipeline_run",
+    "before_node_run",
+    "after_node_run",
+    "on_node_error",
+    "before_dataset_loaded",
+    "after_dataset_loaded",
+    "before_dataset_saved",
+    "after_dataset_saved",
+)
+
+
+def is_declared(catalog: Any, name: str) -> bool:
+    """Does the catalog keep ``name`` somewhere that survives the step?
+
+    Explicit entries and dataset factory patterns count; a (Shared)MemoryDataset does not,
+    since memory does not cross containers; Kedro's default runtime pattern does not either.
+    """
+    dataset_type = catalog.get_type(name)
+    if dataset_type is None:
+        return False
+    return not dataset_type.rsplit(".", 1)[-1].endswith("MemoryDataset")
+
+
+class StepHooks:
+    """Kedro hooks registered on the step's session: blob injection and node logging."""
+
+    def __init__(
+        self,
+        plan: StepPlan,
+        job_directory: JobDirectory,
+        tracking: Any = None,
+        save_version: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.tracking = tracking
+        self.job_directory = job_directory
+        self.save_version = save_version
+        self.stored: list[str] = []
+        self.loaded: list[str] = []
+        self.pipeline_started = False
+        self.failed_node: str | None = None
+        self.node_error: BaseException | None = None
+        #: The catalog operation under way: ("load" | "save", dataset name), else None.
+        self.dataset_operation: tuple[str, str] | None = None
+        self.catalog: Any = None
+        self._started: dict[str, float] = {}
+        from kedro.framework.hooks import hook_impl
+
+        # pluggy discovers hook implementations through this marker.
+        for name in _HOOKS:
+            hook_impl(getattr(self, name).__func__)
+
+    def before_dataset_loaded(self, dataset_name: str) -> None:
+        self.dataset_operation = ("load", dataset_name)
+
+    def after_dataset_loaded(self) -> None:
+        self.dataset_operation = None
+
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        self.dataset_operation = ("save", dataset_name)
+        if self.save_version and self.catalog is not None:
+            from kvx_runtime.versions import remove_earlier_attempt
+
+            remove_earlier_attempt(self.catalog.get(dataset_name), dataset_name, self.save_version)
+
+    def after_dataset_saved(self) -> None:
+        self.dataset_operation = None
+
+    def _store(self) -> Any:
+        exchanged = ", ".join(self.plan.inputs + self.plan.crossing_outputs)
+        return self.job_directory.store(f"this step exchanges intermediate data ({exchanged})")
+
+    def _blob(self, name: str, store: Any) -> Any:
+        from kvx_runtime.storage.dataset import BlobDataset
+
+        # One blob per dataset: `x@spark` saved and `x@pandas` loaded are both the blob `x`.
+        identity = dataset_identity(name)
+        return BlobDataset(identity, store, producer=self.plan.producers.get(identity))
+
+    def _mute_mlflow_datasets(self, catalog: Any) -> None:
+        """Untracked step (MLflow unreachable with ``required: false``, or not configured):
+        kedro-mlflow's datasets still save their local files but log nothing (kedro-mlflow's
+        own switch), instead of failing for want of a run."""
+        import importlib.util
+
+        if importlib.util.find_spec("kedro_mlflow") is None:
+            return
+        names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
+                 if str(catalog.get_type(name) or "").rsplit(".", 1)[-1].startswith("Mlflow")]
+        if not names:
+            return
+        from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
+
+        switch_catalog_logging(catalog, False)
+        log.warning("this step is not tracked: kedro-mlflow datasets log nothing to MLflow", datasets=names)
+
+    def after_catalog_created(self, catalog: Any) -> None:
+        self.catalog = catalog
+        if self.tracking is None:
+            self._mute_mlflow_datasets(catalog)
+        store = None
+        for name in self.plan.inputs:
+            if is_declared(catalog, name):
+                continue
+            store = store or self._store()
+            catalog[name] = self._blob(name, store)
+            self.loaded.append(name)
+        for name in self.plan.crossing_outputs:
+            if is_declared(catalog, name):
+                continue
+            store = store or self._store()
+            dataset: Any = self._blob(name, store)
+            if name in self.plan.shared_outputs:
+                from kedro.io import CachedDataset
+
+                dataset = CachedDataset(dataset=dataset)
+            catalog[name] = dataset
+            self.stored.append(name)
+        dropped = [name for name in self.plan.final_outputs if not is_declared(catalog, name)]
+        if dropped:
+            log.warning(
+                "outputs that no node consumes and the catalog does not define are not stored",
+                datasets=dropped,
+                hint="declare them in catalog.yml to keep them",
+            )
+        log.info(
+            "step plan",
+            blob_inputs=self.loaded,
+            blob_outputs=self.stored,
+            storage_root=self.job_directory.root if (self.loaded or self.stored) else None,
+        )
+
+    def before_pipeline_run(self) -> None:
+        self.pipeline_started = True
+
+    def before_node_run(self, node: Any) -> None:
+        bind_step_context(node=node.name)
+        self._started[node.name] = time.perf_counter()
+        log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
+
+    def after_node_run(self, node: Any) -> None:
+        seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
+        log.info("node finished", seconds=round(seconds, 3))
+        if self.tracking is not None:
+            from kvx_runtime.mlflow import TAG_LAST_NODE
+
+            self.tracking.tag(TAG_LAST_NODE, node.name)
+
+    def on_node_error(self, error: BaseException, node: Any) -> None:
+        self.failed_node = node.name
+        self.node_error = error
+        if self.tracking is not None:
+            from kvx_runtime.mlflow import TAG_FAILED_NODE
+
+            self.tracking.tag(TAG_FAILED_NODE, node.name)
+        if find_kvx_error(error) is None:
+            # The one place the user's traceback is printed.
+            log.error(
+                "node raised an exception",
+                error=f"{type(error).__name__}: {error}",
+                exc_info=(type(error), error, error.__traceback__),
+            )
