@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,9 @@ from kvx_runtime.commands import (
 )
 from kvx_runtime.log import configure_logging
 from kvx_runtime.process import install_signal_handlers, run_command, run_unless_ok
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,7 +124,7 @@ def exec_node(
     run_command("exec-node", action)
 
 
-def _mlflow_project(project_path: str | None, env: str | None) -> object:
+def _mlflow_project(project_path: str | None, env: str | None) -> KedroProject:
     from kvx_runtime.config import STEP_KEYS
     from kvx_runtime.errors import ConfigError
     from kvx_runtime.mlflow import mlflow_available

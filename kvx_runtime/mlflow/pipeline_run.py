@@ -279,7 +279,7 @@ def _create_run(connection: MlflowConnection, run_id: str, job_name: str,
 
 
 def start_pipeline_run(
-    project: Any, run_id: str, job_name: str, *, tags: Mapping[str, str] | None = None
+    project: KedroProject, run_id: str, job_name: str, *, tags: Mapping[str, str] | None = None
 ) -> tuple[str, MlflowConnection]:
     """Create the pipeline's run (with the orchestrator's ``tags``), or return the existing
     one (a retried start step)."""
@@ -321,7 +321,7 @@ def parse_final_status(text: str) -> tuple[str, str | None]:
 
 
 def end_pipeline_run(
-    project: Any, final_status: str, *, mlflow_run_id: str | None = None, job_name: str | None = None
+    project: KedroProject, final_status: str, *, mlflow_run_id: str | None = None, job_name: str | None = None
 ) -> tuple[str, str]:
     """Terminate the pipeline's run from the final status; returns (run id, MLflow status)."""
     state, message = parse_final_status(final_status)

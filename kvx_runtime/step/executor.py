@@ -26,7 +26,7 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.config import STEP_KEYS, resolve_storage_root
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
@@ -38,6 +38,9 @@ from kvx_runtime.step.hooks import StepHooks
 from kvx_runtime.step.identity import JobDirectory, RunIdentity, resolve_identity
 from kvx_runtime.step.request import StepRequest, StepResult
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER, resolve_save_version
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 __all__ = ["execute_step"]
 
@@ -106,7 +109,7 @@ def _identify(request: StepRequest) -> RunIdentity:
     return identity
 
 
-def _open_project(request: StepRequest) -> Any:
+def _open_project(request: StepRequest) -> KedroProject:
     """Phase 2: the project (from the code archive when there is one); installs the
     templating config loader, which Kedro instantiates only in the session, i.e. after the
     dynamic config is written."""
@@ -125,7 +128,7 @@ def _open_project(request: StepRequest) -> Any:
     return project
 
 
-def _materialize_dynamic_config(project: Any) -> None:
+def _materialize_dynamic_config(project: KedroProject) -> None:
     """Phase 3: dynamic config providers written into credentials, and registered."""
     from kvx_runtime.dynamic_config import materialize_dynamic_config
 
@@ -143,7 +146,7 @@ class _RunStorage:
     no_version: str | None
 
 
-def _run_storage(project: Any, request: StepRequest, identity: RunIdentity) -> _RunStorage:
+def _run_storage(project: KedroProject, request: StepRequest, identity: RunIdentity) -> _RunStorage:
     """Phase 4: the job directory under the storage root (only a step that exchanges
     intermediates needs a root: the step hooks say so when it does) and the run's version."""
     root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=False)
@@ -159,14 +162,14 @@ def _run_storage(project: Any, request: StepRequest, identity: RunIdentity) -> _
     return _RunStorage(job_directory, save_version, no_version)
 
 
-def _plan(project: Any, request: StepRequest) -> StepPlan:
+def _plan(project: KedroProject, request: StepRequest) -> StepPlan:
     """Phase 5: which datasets cross this step's boundary (the exit pipeline's inputs too)."""
     exit_inputs = _exit_pipeline_inputs(project, request.pipeline)
     pipeline = _load_step_pipeline(request.pipeline)
     return plan_step(pipeline, request.pipeline, request.nodes, exit_inputs)
 
 
-def _attach_tracking(project: Any, request: StepRequest, identity: RunIdentity) -> Any:
+def _attach_tracking(project: KedroProject, request: StepRequest, identity: RunIdentity) -> Any:
     """Phase 6: the pipeline's MLflow run, attached before the session (kedro-mlflow then
     finds it active and logs into it instead of starting and ending a run of its own); None
     when the step is not tracked, with kedro-mlflow's hooks kept out of the session."""
@@ -187,7 +190,7 @@ def _attach_tracking(project: Any, request: StepRequest, identity: RunIdentity) 
     return tracking
 
 
-def _check_runs_without_save_version(project: Any, request: StepRequest, plan: StepPlan, why: str) -> None:
+def _check_runs_without_save_version(project: KedroProject, request: StepRequest, plan: StepPlan, why: str) -> None:
     """Without a run version, a versioned dataset passed between steps would be read as
     "latest", possibly another run's: refuse such a step; others run as `kedro run` would."""
     from kvx_runtime.project import catalog_config
@@ -205,7 +208,8 @@ def _check_runs_without_save_version(project: Any, request: StepRequest, plan: S
     log.warning("no run version for versioned datasets: this step's saves get their own version", reason=why)
 
 
-def _load_versions(project: Any, request: StepRequest, plan: StepPlan, save_version: str | None) -> dict[str, str]:
+def _load_versions(project: KedroProject, request: StepRequest, plan: StepPlan,
+                   save_version: str | None) -> dict[str, str]:
     """Versions to load: inputs saved earlier in this run at the run's version, and the
     explicit ones (which win)."""
     produced = [name for name in plan.inputs if plan.produced_in_pipeline(name)]
@@ -228,7 +232,7 @@ def _load_versions(project: Any, request: StepRequest, plan: StepPlan, save_vers
     return versions
 
 
-def _exit_pipeline_inputs(project: Any, pipeline_name: str) -> set[str]:
+def _exit_pipeline_inputs(project: KedroProject, pipeline_name: str) -> set[str]:
     """What the exit handler's pipeline reads, for the steps of the main pipeline to store."""
     from kvx_runtime.project import load_pipeline
 
@@ -261,7 +265,7 @@ def _load_step_pipeline(name: str) -> Any:
         ) from exc
 
 
-def _kedro_parameters(project: Any, runtime_params: dict[str, Any]) -> dict[str, Any]:
+def _kedro_parameters(project: KedroProject, runtime_params: dict[str, Any]) -> dict[str, Any]:
     """The project's Kedro parameters for its env, without the runtime params merged in (as
     the session's config loader reads them; no session, no hooks, no validation)."""
     from kedro.config import MissingConfigException
@@ -292,7 +296,7 @@ def _kedro_parameters(project: Any, runtime_params: dict[str, Any]) -> dict[str,
         ) from exc
 
 
-def _typed_params(project: Any, request: StepRequest) -> dict[str, Any]:
+def _typed_params(project: KedroProject, request: StepRequest) -> dict[str, Any]:
     """``--param`` values typed from the project's Kedro values (kvx_runtime.params.typed_params):
     a mapping replaced by a scalar, a dotted key through a scalar, a value that is not of its
     parameter's kind are usage errors here, not the node's TypeError later."""
@@ -338,7 +342,7 @@ def _pin_save_version(session: Any, save_version: str) -> None:
 
 
 def _run_session(
-    project: Any,
+    project: KedroProject,
     request: StepRequest,
     plan: StepPlan,
     hooks: StepHooks,
