@@ -120,7 +120,7 @@ def summary(run: RunInfo) -> str:
 def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
             job_name: str) -> str | None:
     """The ``exec-node`` command of ``task`` with this run's values: the one the step printed."""
-    from kvx_runtime.local_runner.graph import build_graph, render, substitute
+    from kvx_runtime.compiler.kfp_reader import build_graph, render, substitute
 
     try:
         graph = build_graph(spec, {k: v for k, v in values.items()

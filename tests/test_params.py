@@ -140,7 +140,7 @@ def test_run_once_and_exec_node_agree_on_typing(kind: str) -> None:
     the Kedro value), exec-node's declared ``key:kind=`` (what the compiler emits) and exec-node's
     ``key=`` typed from the Kedro value give one result, or all refuse."""
     from kvx_runtime.compiler.compiler import _run_values
-    from kvx_runtime.local_runner.graph import coerce
+    from kvx_runtime.compiler.kfp_reader import coerce
 
     kedro = {"k": KEDRO_VALUES[kind]}
     for text in TEXTS:
