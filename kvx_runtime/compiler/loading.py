@@ -1,7 +1,7 @@
 """Loading what planning needs from a Kedro project: its configuration, the pipeline as a step
-loads it, parameters, catalog paths, the exit pipeline. Every refusal of the project's setup
-(no image, no storage root, a pipeline that does not load alone, ...) happens here, before
-anything is planned or uploaded."""
+loads it, parameters, catalog paths, the exit pipeline. The project's setup is refused here
+(no image, no storage root, a pipeline that does not load alone, ...), before anything is
+planned or uploaded."""
 
 from __future__ import annotations
 
