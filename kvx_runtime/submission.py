@@ -141,7 +141,7 @@ def _task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, valu
     """``task``'s exec-node invocation with the run's values filled in (None for a task that
     runs no exec-node). The run id is the job's until the caller knows better; an MLflow run
     id known only to the run is left out (the step finds the run by job name)."""
-    from kvx_runtime.local_runner.graph import build_graph, render, substitute
+    from kvx_runtime.compiler.kfp_reader import build_graph, render, substitute
 
     try:
         graph = build_graph(spec, {k: v for k, v in values.items()

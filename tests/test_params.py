@@ -139,8 +139,8 @@ def test_run_once_and_exec_node_agree_on_typing(kind: str) -> None:
     """One table: run-local's overrides (the spec's type), run-once's values (the compiler, from
     the Kedro value), exec-node's declared ``key:kind=`` (what the compiler emits) and exec-node's
     ``key=`` typed from the Kedro value give one result, or all refuse."""
-    from kvx_runtime.compiler.compiler import _run_values
-    from kvx_runtime.local_runner.graph import coerce
+    from kvx_runtime.compiler.kfp_reader import coerce
+    from kvx_runtime.compiler.planner import _run_values
 
     kedro = {"k": KEDRO_VALUES[kind]}
     for text in TEXTS:
@@ -269,7 +269,7 @@ def test_already_typed_params_have_their_shapes_checked() -> None:
 
 
 def test_the_compiler_looks_kedro_parameters_up_in_the_same_table() -> None:
-    from kvx_runtime.compiler.compiler import _coerce_default, _kind_of, _lookup
+    from kvx_runtime.compiler.planner import _coerce_default, _kind_of, _lookup
     from kvx_runtime.errors import ConfigError
 
     assert _lookup(KEDRO, "data_science.model_options.random_state") == 3

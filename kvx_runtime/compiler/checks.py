@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvx_runtime.compiler.kfp_reader import build_graph
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.graph import dataset_identity, missing_step_dependencies
 from kvx_runtime.log import get_logger
@@ -135,8 +136,6 @@ def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], s
     A violation means a step could start before the data it reads is written (and read an
     earlier run's file): a :class:`ConfigError`, never a spec.
     """
-    from kvx_runtime.local_runner.graph import build_graph
-
     graph = build_graph(spec, {})
     step_of = {node: task for task, nodes in steps.items() for node in nodes}
     needs = {task: graph.tasks[task].depends_on if task in graph.tasks else set() for task in steps}

@@ -1,4 +1,5 @@
-"""Building the pipeline spec (KFP IR, ``PipelineSpec`` schemaVersion 2.1.0) as plain dicts.
+"""Building the pipeline spec (KFP IR, ``PipelineSpec`` schemaVersion 2.1.0) as plain dicts,
+from the tasks :mod:`.kfp_render` makes of a plan's steps.
 
 Shape (see ``../shared/reference/kfp/`` for what the kfp SDK emits for the same features):
 
@@ -16,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvx_runtime.compiler.plan import MLFLOW_START_STEP, PipelineParameter
+from kvx_runtime.params import SPEC_TYPES
+
 #: A pipeline parameter: the run's save version when the orchestrator does not fill the
 #: create-time placeholder (KFP); empty = the job's creation time.
-from kvx_runtime.params import SPEC_TYPES
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 SCHEMA_VERSION = "2.1.0"
@@ -49,16 +52,6 @@ CHANNEL = "pipelinechannel--"
 
 #: A parameter kind -> its pipeline spec type (the one typing table: kvx_runtime.params).
 PARAMETER_TYPES = SPEC_TYPES
-
-
-@dataclass(frozen=True)
-class PipelineParameter:
-    """A Kedro parameter exposed as a pipeline parameter (overridable per run)."""
-
-    kedro_name: str
-    name: str
-    type: str
-    default: Any
 
 
 @dataclass
@@ -212,7 +205,7 @@ class SpecBuilder:
         for name in step.inputs:
             if name == MLFLOW_RUN_ID:
                 parameters[name] = {"taskOutputParameter": {
-                    "outputParameterKey": MLFLOW_RUN_ID, "producerTask": "mlflow-start-run"}}
+                    "outputParameterKey": MLFLOW_RUN_ID, "producerTask": MLFLOW_START_STEP}}
             elif name == FINAL_STATUS:
                 parameters[name] = {"taskFinalStatus": {"producerTask": EXIT_HANDLER}}
             elif name in RUNTIME_PLACEHOLDERS:
@@ -233,14 +226,6 @@ class SpecBuilder:
         if step.final_status:
             task["triggerPolicy"] = {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
         return task
-
-
-def parameter_args(parameters: Sequence[PipelineParameter]) -> list[str]:
-    """``--param kedro.name:type={{...}}`` for every pipeline parameter."""
-    args: list[str] = []
-    for parameter in parameters:
-        args += ["--param", f"{parameter.kedro_name}:{parameter.type}={placeholder(parameter.name)}"]
-    return args
 
 
 def parameter_inputs(parameters: Sequence[PipelineParameter]) -> dict[str, str]:

@@ -27,19 +27,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
-from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root
-from kvx_runtime.errors import ExitCode, Interrupted, UsageError
-from kvx_runtime.lifecycle import held_across_exec
-from kvx_runtime.local_runner.graph import (
-    LocalGraph,
-    LocalTask,
+from kvx_runtime.compiler.kfp_reader import (
+    SpecGraph,
+    SpecTask,
     build_graph,
     input_key,
     output_key,
     render,
     substitute,
 )
+from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
+from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root
+from kvx_runtime.errors import ExitCode, Interrupted, UsageError
+from kvx_runtime.lifecycle import held_across_exec
 from kvx_runtime.local_runner.progress import make_progress
 from kvx_runtime.log import get_logger
 
@@ -103,7 +103,7 @@ def _command(container: Mapping[str, Any], values: Mapping[str, str]) -> tuple[l
 class _Scheduler:
     def __init__(
         self,
-        graph: LocalGraph,
+        graph: SpecGraph,
         project: Path,
         run_dir: Path,
         job_name: str,
@@ -141,7 +141,7 @@ class _Scheduler:
     def _finished(self, task: str) -> bool:
         return self.states[task] in {"done", "failed", "skipped", "cancelled"}
 
-    def _ready(self, task: LocalTask) -> bool | None:
+    def _ready(self, task: SpecTask) -> bool | None:
         """True: start now; False: not yet; None: can never run (skip)."""
         deps = task.depends_on
         if task.run_after_failure:  # exit handlers: once everything upstream has finished
@@ -166,7 +166,7 @@ class _Scheduler:
 
     # --- values -------------------------------------------------------------------------
 
-    def _values(self, task: LocalTask) -> dict[str, str]:
+    def _values(self, task: SpecTask) -> dict[str, str]:
         values = {
             "pipeline_job_name": self.job_name,
             "pipeline_job_uuid": self.job_uuid,
@@ -201,7 +201,7 @@ class _Scheduler:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def _start(self, task: LocalTask) -> None:
+    def _start(self, task: SpecTask) -> None:
         number = self.attempts.get(task.name, 0) + 1
         self.attempts[task.name] = number
         values = self._values(task)

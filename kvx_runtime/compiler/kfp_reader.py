@@ -1,9 +1,11 @@
-"""A compiled pipeline spec, flattened into tasks that can run as local processes.
+"""Reading a compiled KFP pipeline spec: its tasks flattened, as an orchestrator runs them.
 
-Vertex AI's semantics that matter here: nested DAG components (the exit handler) are
-flattened, a dependency on a DAG task means "on every task inside it", inputs come from
-pipeline parameters, constants, other tasks' output parameters or a final status, and
-``{{$...}}`` placeholders in the command are substituted before the container starts.
+run-local executes the tasks, the compiler's checks read the dependencies of the spec just
+rendered, and ``status`` rebuilds a failed step's command. Vertex AI's semantics that matter
+here: nested DAG components (the exit handler) are flattened, a dependency on a DAG task
+means "on every task inside it", inputs come from pipeline parameters, constants, other
+tasks' output parameters or a final status, and ``{{$...}}`` placeholders in the command are
+substituted before the container starts.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Source:
 
 
 @dataclass
-class LocalTask:
+class SpecTask:
     name: str
     display_name: str
     container: dict[str, Any]
@@ -46,8 +48,8 @@ class LocalTask:
 
 
 @dataclass
-class LocalGraph:
-    tasks: dict[str, LocalTask]
+class SpecGraph:
+    tasks: dict[str, SpecTask]
     #: DAG task name -> the tasks inside it (for final statuses).
     groups: dict[str, set[str]]
     parameters: dict[str, tuple[str, Any]]  # name -> (type, value)
@@ -67,7 +69,7 @@ def render(kind: str, value: Any) -> str:
     return json.dumps(value)
 
 
-def build_graph(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> LocalGraph:
+def build_graph(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> SpecGraph:
     components = spec["components"]
     executors = spec["deploymentSpec"]["executors"]
     root = spec["root"]
@@ -87,7 +89,7 @@ def build_graph(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> LocalG
             parameters[name] = (kind, _typed(kind, definition["defaultValue"]))
         elif not definition.get("isOptional"):
             raise UsageError(f"pipeline parameter '{name}' has no default: pass --param {name}=...")
-    tasks: dict[str, LocalTask] = {}
+    tasks: dict[str, SpecTask] = {}
     groups: dict[str, set[str]] = {}
     scope = {name: Source("value", value) for name, (_, value) in parameters.items()}
     _flatten(root["dag"], scope, components, executors, tasks, groups, set())
@@ -97,7 +99,7 @@ def build_graph(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> LocalG
         for dependency in task.depends_on:
             expanded |= groups.get(dependency, {dependency})
         task.depends_on = expanded
-    return LocalGraph(tasks=tasks, groups=groups, parameters=parameters)
+    return SpecGraph(tasks=tasks, groups=groups, parameters=parameters)
 
 
 def _flatten(
@@ -105,7 +107,7 @@ def _flatten(
     scope: Mapping[str, Source],
     components: Mapping[str, Any],
     executors: Mapping[str, Any],
-    tasks: dict[str, LocalTask],
+    tasks: dict[str, SpecTask],
     groups: dict[str, set[str]],
     outer_dependencies: set[str],
 ) -> set[str]:
@@ -125,7 +127,7 @@ def _flatten(
         if name in tasks:
             raise UsageError(f"task name '{name}' appears twice in the spec; cannot run it locally")
         declared = component.get("inputDefinitions", {}).get("parameters", {})
-        tasks[name] = LocalTask(
+        tasks[name] = SpecTask(
             name=name,
             display_name=task.get("taskInfo", {}).get("name", name),
             container=executor["container"],

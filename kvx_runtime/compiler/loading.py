@@ -1,0 +1,153 @@
+"""Loading what planning needs from a Kedro project: its configuration, the pipeline as a step
+loads it, parameters, catalog paths, the exit pipeline. The project's setup is refused here
+(no image, no storage root, a pipeline that does not load alone, ...), before anything is
+planned or uploaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from kvx_runtime.compiler.checks import warn_envs_not_in_image
+from kvx_runtime.compiler.names import check_label
+from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts
+from kvx_runtime.config import resolve_storage_root
+from kvx_runtime.errors import ConfigError, KvxError, UsageError
+from kvx_runtime.graph import dataset_identity
+from kvx_runtime.grouping import build_grouper
+
+__all__ = ["load_pipeline_as_steps_do", "load_project_facts", "mlflow_configured"]
+
+#: Passed from the compiling machine into every step, so ${commit_id} means the same thing.
+FORWARDED_ENV = ("KEDRO_CONFIG_COMMIT_ID", "KEDRO_CONFIG_BRANCH_NAME")
+
+
+def load_project_facts(request: CompileRequest) -> ProjectFacts:
+    """Open the project of ``request`` and load what its plan is made of."""
+    from kvx_runtime.project import open_project
+
+    project = open_project(request.project_path, request.env)
+    run = project.plugin_config.run_config
+    image = request.image or run.image
+    if not image:
+        raise ConfigError("no image to run the steps in", hint="pass --image or set run_config.image")
+    storage_root = resolve_storage_root(request.storage_root, run.root, required=True)
+    assert storage_root is not None
+    for key, value in run.labels.items():
+        check_label(key, value)
+
+    kedro_pipeline, kedro_params, catalog, catalog_config = _load_kedro(project, request.pipeline)
+    if not kedro_pipeline.nodes:
+        raise ConfigError(f"pipeline '{request.pipeline}' has no nodes")
+    grouper = build_grouper(run.grouping.cls, run.grouping.params)
+    written = {dataset_identity(out) for node in kedro_pipeline.nodes for out in node.outputs}
+    catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
+    return ProjectFacts(
+        project_path=project.path, package_name=project.package_name, conf_root=project.conf_root,
+        env=project.env, run=run, image=image, storage_root=storage_root,
+        pipeline=kedro_pipeline, kedro_params=kedro_params, grouper=grouper,
+        dataset_paths=_dataset_paths(catalog, catalog_config,
+                                     {name for name in catalog_names if dataset_identity(name) in written}),
+        exit_nodes=_exit_nodes(run.on_exit_pipeline),
+        mlflow=mlflow_configured(project),
+        forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
+        envs_not_in_image=tuple(warn_envs_not_in_image(project.path, project.conf_root,
+                                                       [project.base_env, project.env])),
+    )
+
+
+def load_pipeline_as_steps_do(name: str, role: str) -> Any:
+    """The registered pipeline ``name``, checked to be what a step gets when Kedro loads it
+    alone (Kedro 1.x loads only the pipelines a run asks for: a pipeline that exists only
+    when the whole registry is loaded would fail every step in the cloud)."""
+    from kedro.framework.project import pipelines
+
+    from kvx_runtime.project import load_pipeline, registered_pipeline_names
+
+    try:
+        known = registered_pipeline_names()
+    except Exception as exc:
+        raise ConfigError(f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if name not in known:
+        raise UsageError(f"{role}: no pipeline named '{name}'", hint=f"registered: {', '.join(known) or 'none'}")
+    whole = pipelines[name]
+    try:
+        alone = load_pipeline(name)
+    except Exception as exc:
+        raise ConfigError(
+            f"{role} '{name}' exists when Kedro loads every pipeline but not when it loads "
+            f"'{name}' alone, as a step does ({type(exc).__name__}: {exc})",
+            hint=f"check that `kedro run --pipeline {name}` works; with find_pipelines() the "
+            f"pipeline must live in a module named pipelines/{name}/",
+        ) from None
+    expected = sorted(node.name for node in whole.nodes)
+    got = sorted(node.name for node in alone.nodes)
+    if got != expected:
+        differing = sorted(set(expected) ^ set(got))
+        raise ConfigError(
+            f"{role} '{name}' has other nodes when Kedro loads it alone, as a step does, than "
+            f"when it loads every pipeline: {', '.join(differing[:5])}"
+            + (f" and {len(differing) - 5} more" if len(differing) > 5 else ""),
+            hint=f"compare `kedro run --pipeline {name}` with the registry",
+        )
+    return alone
+
+
+def mlflow_configured(project: Any) -> bool:
+    """MLflow steps are compiled in when kedro-mlflow is installed and configured."""
+    from kvx_runtime.project import has_config
+
+    return importlib.util.find_spec("kedro_mlflow") is not None and has_config(project, "mlflow*")
+
+
+def _exit_nodes(exit_pipeline: str | None) -> tuple[str, ...]:
+    if not exit_pipeline:
+        return ()
+    try:
+        pipeline = load_pipeline_as_steps_do(exit_pipeline, "run_config.on_exit_pipeline")
+    except UsageError as exc:  # not the command line's fault: the project's configuration
+        raise ConfigError(exc.message, hint=exc.hint) from None
+    return tuple(node.name for node in pipeline.nodes)
+
+
+def _load_kedro(project: Any, pipeline: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """The pipeline, the resolved parameters, the catalog and the catalog config."""
+    from kedro.framework.project import settings
+    from kedro.framework.session import KedroSession
+
+    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+
+    # Compiling must not start MLflow runs or contact a tracking server.
+    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+    kedro_pipeline = load_pipeline_as_steps_do(pipeline, "the pipeline")
+    try:
+        with entry_points_of_disabled_plugins_not_loaded(settings):
+            session = KedroSession.create(project.path, env=project.env)
+        with session:
+            context = session.load_context()
+            catalog_config = context.config_loader["catalog"]
+            return kedro_pipeline, context.params, context.catalog, catalog_config
+    except KvxError:
+        raise
+    except Exception as exc:  # the user's catalog, parameters or settings
+        text = " ".join(str(exc).split())
+        raise ConfigError(
+            f"the Kedro project's configuration (env {project.env}) cannot be loaded: "
+            f"{type(exc).__name__}: {text[:500]}"
+        ) from exc
+
+
+def _dataset_paths(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, str]:
+    """Local or remote file path of every catalog dataset in ``names`` (None if none)."""
+    paths: dict[str, str] = {}
+    resolver = getattr(catalog, "config_resolver", None)
+    for name in sorted(names):
+        config = catalog_config.get(name)
+        if config is None and resolver is not None and resolver.match_dataset_pattern(name):
+            config = resolver.resolve_pattern(name)
+        if isinstance(config, dict):
+            path = config.get("filepath") or config.get("path")
+            if isinstance(path, str):
+                paths[name] = path
+    return paths

@@ -1,0 +1,311 @@
+"""Planning: a Kedro pipeline and the project's configuration, as loaded by :mod:`.loading`,
+turned into a :class:`~.plan.PipelinePlan`. No I/O here (beyond the warnings it logs) and
+nothing of any target's format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvx_runtime.compiler.checks import VERTEX_SHARED_MOUNTS, warn_local_datasets, warn_unknown_selectors
+from kvx_runtime.compiler.names import parameter_name, pipeline_name, unique_task_names
+from kvx_runtime.compiler.plan import (
+    MLFLOW_END_STEP,
+    MLFLOW_START_STEP,
+    ON_EXIT_STEP,
+    CodeUpload,
+    ParameterRef,
+    PipelineParameter,
+    PipelinePlan,
+    PlannedStep,
+    StepKind,
+    Symbol,
+)
+from kvx_runtime.compiler.resources import group_resources, node_resources, node_retry, node_selectors
+from kvx_runtime.errors import ConfigError, UsageError
+from kvx_runtime.graph import dataset_identity
+from kvx_runtime.grouping import NodeGrouper, StepGroup, group_dependencies, order_groups
+from kvx_runtime.params import KINDS, fits, is_missing, kind_of, lookup, type_param
+from kvx_runtime.step.invocation import DEFAULT_PIPELINE, EXEC_NODE, ExecNodeInvocation, identity_args
+from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
+
+__all__ = ["CompileRequest", "ProjectFacts", "StepGraph", "plan_pipeline", "plan_steps"]
+
+#: The exit pipeline's nodes may take ``params:kvx_final_status``: the body's outcome.
+FINAL_STATUS_PARAMETER = "kvx_final_status"
+
+
+@dataclass
+class CompileRequest:
+    project_path: str | Path | None = None
+    env: str | None = None
+    pipeline: str = DEFAULT_PIPELINE
+    image: str | None = None
+    params: Sequence[str] = ()  # "kedro.name:type"
+    storage_root: str | None = None
+    load_versions: dict[str, str] = field(default_factory=dict)  # dataset -> Kedro version
+    #: Values for this run ("kedro.name" -> text): each becomes a pipeline parameter (typed
+    #: from its Kedro value, declared or not) and a value in ``CompiledPipeline.values``.
+    values: dict[str, str] = field(default_factory=dict)
+    #: Package the workspace's code and configuration and have the steps run it (None:
+    #: run_config.code_upload decides).
+    code_upload: bool | None = None
+    #: Local paths every step of the target sees (Vertex AI's /gcs/ FUSE mount; none on Kubeflow).
+    shared_mounts: tuple[str, ...] = VERTEX_SHARED_MOUNTS
+
+
+@dataclass(frozen=True)
+class ProjectFacts:
+    """What planning needs from the project, loaded once (:func:`.loading.load_project_facts`)."""
+
+    project_path: Path
+    package_name: str
+    conf_root: Path
+    env: str
+    run: Any  # run_config (kvx_runtime.config.RunConfig)
+    image: str
+    storage_root: str
+    pipeline: Any  # the Kedro pipeline, as a step loads it
+    kedro_params: dict[str, Any]
+    grouper: NodeGrouper
+    #: Catalog name -> file path, for the datasets some node writes.
+    dataset_paths: dict[str, str]
+    #: ``run_config.on_exit_pipeline``'s nodes, in its order (empty: none).
+    exit_nodes: tuple[str, ...]
+    mlflow: bool
+    #: Variables passed from the compiling machine into every step.
+    forwarded_env: dict[str, str]
+    #: Config environments the steps use that their image leaves out.
+    envs_not_in_image: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepGraph:
+    """The steps of a pipeline: groups of nodes, their task names and dependencies."""
+
+    groups: dict[str, StepGroup]  # group name -> group
+    task_of: dict[str, str]  # group name -> task name
+    needs: dict[str, set[str]]  # group name -> group names it waits for
+    order: list[str]  # group names, topologically sorted
+
+    @property
+    def nodes_of_task(self) -> dict[str, tuple[str, ...]]:
+        return {self.task_of[name]: self.groups[name].nodes for name in self.order}
+
+
+def plan_steps(pipeline: Any, grouper: NodeGrouper) -> StepGraph:
+    """Group ``pipeline``'s nodes into steps ordered by Kedro's node dependencies."""
+    groups = grouper.group(pipeline)
+    needs = group_dependencies(pipeline, groups)
+    return StepGraph(
+        groups={group.name: group for group in groups},
+        # Stable task names: assigned in the pipeline's order, not the sort order.
+        task_of=unique_task_names(group.name for group in groups),
+        needs=needs,
+        order=order_groups(needs),
+    )
+
+
+def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
+    """The plan of ``request`` for the project described by ``facts``."""
+    graph = plan_steps(facts.pipeline, facts.grouper)
+    warnings = _warnings(request, facts, graph)
+    parameters, values = _run_values(request.values, _pipeline_parameters(request.params, facts.kedro_params),
+                                     facts.kedro_params)
+    env = _step_env(facts.forwarded_env, facts.run)
+    exec_node = _exec_node_invocation(request, facts, parameters)
+    run = facts.run
+    return PipelinePlan(
+        name=pipeline_name(facts.package_name if request.pipeline == DEFAULT_PIPELINE
+                           else f"{facts.package_name}-{request.pipeline}"),
+        description=run.description, image=facts.image, storage_root=facts.storage_root,
+        failure_policy=run.failure_policy,
+        steps=_body_steps(graph, exec_node, facts, env), exit_steps=_exit_steps(exec_node, facts, env),
+        parameters=tuple(parameters), values=values, warnings=tuple(warnings), kubernetes=run.kubernetes,
+        code_upload=_code_upload(request, facts),
+    )
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+def _identity(env: str) -> list[str]:
+    return identity_args(env, Symbol.RUN_ID.marker, Symbol.JOB_NAME.marker)
+
+
+def _exec_node_invocation(request: CompileRequest, facts: ProjectFacts,
+                          parameters: Sequence[PipelineParameter]) -> ExecNodeInvocation:
+    """What every node step is asked, less its nodes and the MLflow run."""
+    return ExecNodeInvocation(
+        nodes=(),
+        pipeline=request.pipeline,
+        env=facts.env,
+        run_id=Symbol.RUN_ID.marker,
+        job_name=Symbol.JOB_NAME.marker,
+        storage_root=Symbol.STORAGE_ROOT.marker,
+        # Every step of a run saves (and reads back) versioned datasets at one version: the run's.
+        save_version=Symbol.SAVE_VERSION.marker,
+        job_create_time=Symbol.JOB_CREATE_TIME.marker,
+        load_versions=ExecNodeInvocation.load_version_items(request.load_versions),
+        params=tuple(f"{p.kedro_name}:{p.type}={ParameterRef(p.name).marker}" for p in parameters),
+    )
+
+
+def _body_steps(graph: StepGraph, exec_node: ExecNodeInvocation, facts: ProjectFacts,
+                env: Mapping[str, str]) -> tuple[PlannedStep, ...]:
+    """The MLflow start step (with MLflow), then one step per group of nodes, in dependency order."""
+    tags_of = {node.name: node.tags for node in facts.pipeline.nodes}
+    steps = [_node_step(graph, group, exec_node, tags_of, facts, env) for group in graph.order]
+    if facts.mlflow:
+        steps.insert(0, PlannedStep(
+            name=MLFLOW_START_STEP, kind=StepKind.MLFLOW_START, command="mlflow-start",
+            flags=(*_identity(facts.env), "--output", Symbol.MLFLOW_RUN_ID_OUTPUT.marker), env=env,
+        ))
+    return tuple(steps)
+
+
+def _node_step(graph: StepGraph, group_name: str, exec_node: ExecNodeInvocation,
+               tags_of: Mapping[str, Any], facts: ProjectFacts, env: Mapping[str, str]) -> PlannedStep:
+    group = graph.groups[group_name]
+    run = facts.run
+    per_node = [node_resources(run.resources, n, tags_of[n]) for n in group.nodes]
+    selectors = [node_selectors(run.node_selectors, n, tags_of[n]) for n in group.nodes]
+    retries = [r for r in (node_retry(run.retries, n, tags_of[n]) for n in group.nodes) if r]
+    after = [graph.task_of[g] for g in sorted(graph.needs[group_name])]
+    if facts.mlflow:
+        after.append(MLFLOW_START_STEP)  # the node steps log to the MLflow run it opens
+    return PlannedStep(
+        name=graph.task_of[group_name], kind=StepKind.NODES, command=EXEC_NODE,
+        invocation=exec_node.with_values(
+            nodes=group.nodes, mlflow_run_id=Symbol.MLFLOW_RUN_ID.marker if facts.mlflow else None),
+        after=tuple(after),
+        resources=group_resources(per_node, selectors),
+        retry=max(retries, key=lambda r: r.max_retry_count, default=None),
+        env=env,
+    )
+
+
+def _exit_steps(exec_node: ExecNodeInvocation, facts: ProjectFacts,
+                env: Mapping[str, str]) -> tuple[PlannedStep, ...]:
+    """The MLflow end step (with MLflow) and the exit pipeline's step (when configured)."""
+    steps: list[PlannedStep] = []
+    if facts.mlflow:
+        steps.append(PlannedStep(
+            name=MLFLOW_END_STEP, kind=StepKind.MLFLOW_END, command="mlflow-end",
+            flags=(*_identity(facts.env), "--final-status", Symbol.FINAL_STATUS.marker), env=env,
+        ))
+    if facts.exit_nodes:
+        steps.append(PlannedStep(
+            name=ON_EXIT_STEP, kind=StepKind.ON_EXIT, command=EXEC_NODE, env=env,
+            invocation=exec_node.with_values(
+                nodes=facts.exit_nodes, pipeline=facts.run.on_exit_pipeline,
+                params=(*exec_node.params, f"{FINAL_STATUS_PARAMETER}:dict={Symbol.FINAL_STATUS.marker}"),
+            ),
+        ))
+    return tuple(steps)
+
+
+def _code_upload(request: CompileRequest, facts: ProjectFacts) -> CodeUpload | None:
+    asked = facts.run.code_upload if request.code_upload is None else request.code_upload
+    return CodeUpload(facts.project_path, facts.package_name, facts.conf_root) if asked else None
+
+
+def _step_env(forwarded: Mapping[str, str], run: Any) -> dict[str, str]:
+    """The environment of every step: forwarded variables, run_config.env, S3 and host aliases."""
+    env = dict(forwarded)
+    env.update(run.env)
+    # Steps need the S3 endpoint before they read the project's config: to fetch a code archive.
+    env.update({name: value for name, value in ((S3_ENDPOINT_ENV, run.s3.endpoint_url),
+                                                 (S3_REGION_ENV, run.s3.region)) if value})
+    if run.network.host_aliases:
+        env["KVX_HOST_ALIASES"] = ";".join(
+            f"{alias.ip}={','.join(alias.hostnames)}" for alias in run.network.host_aliases
+        )
+    return env
+
+
+def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) -> list[str]:
+    """What the pipeline and its configuration look wrong in (logged as found)."""
+    pipeline, run = facts.pipeline, facts.run
+    node_names = {node.name for node in pipeline.nodes}
+    tags = {tag for node in pipeline.nodes for tag in node.tags}
+    warnings: list[str] = []
+    for section, table in (("resources", run.resources), ("node_selectors", run.node_selectors),
+                           ("retries", run.retries)):
+        warnings += [f"run_config.{section}.{k}" for k in warn_unknown_selectors(section, table, node_names, tags)]
+    producers = {dataset_identity(out): node.name for node in pipeline.nodes for out in node.outputs}
+    consumers: dict[str, list[str]] = {}
+    for node in pipeline.nodes:
+        for dataset in node.inputs:
+            consumers.setdefault(dataset_identity(dataset), []).append(node.name)
+    step_of = {node: group.name for group in graph.groups.values() for node in group.nodes}
+    warnings += warn_local_datasets(facts.dataset_paths, producers, consumers, step_of, request.shared_mounts)
+    warnings += [f"env {env} not in image" for env in facts.envs_not_in_image]
+    return warnings
+
+
+# --- pipeline parameters -------------------------------------------------------------------
+
+
+def _lookup(params: dict[str, Any], dotted: str) -> Any:
+    value, blocked = lookup(params, dotted)
+    if is_missing(value):
+        where = f" ({blocked} is not a mapping)" if blocked else ""
+        raise ConfigError(f"--params {dotted}: no such Kedro parameter{where}")
+    return value
+
+
+def _pipeline_parameters(declared: Sequence[str], kedro_params: dict[str, Any]) -> list[PipelineParameter]:
+    parameters: list[PipelineParameter] = []
+    seen: set[str] = set()
+    for item in declared:
+        for entry in filter(None, (e.strip() for e in item.split(","))):
+            name, _, kind = entry.partition(":")
+            kind = kind or "str"
+            if kind not in KINDS:
+                raise UsageError(f"--params {entry}: unknown type '{kind}' (use {', '.join(KINDS)})")
+            default = _lookup(kedro_params, name)
+            default = _coerce_default(name, kind, default)
+            pipeline_param = parameter_name(name)
+            if pipeline_param in seen:
+                raise UsageError(f"--params {name}: given twice")
+            seen.add(pipeline_param)
+            parameters.append(PipelineParameter(name, pipeline_param, kind, default))
+    return parameters
+
+
+def _kind_of(value: Any) -> str:
+    """The pipeline parameter type of a Kedro parameter's value (kvx_runtime.params' table)."""
+    kind = kind_of(value)
+    if kind is None:
+        raise ConfigError(f"a Kedro parameter of type {type(value).__name__} cannot be a pipeline parameter")
+    return kind
+
+
+def _run_values(values: dict[str, str], declared: list[PipelineParameter],
+                kedro_params: dict[str, Any]) -> tuple[list[PipelineParameter], dict[str, Any]]:
+    """Pipeline parameters for ``values`` (added when not declared) and their values, typed
+    as exec-node types them: from the Kedro value, or as declared."""
+    parameters = list(declared)
+    by_name = {p.kedro_name: p for p in parameters}
+    typed: dict[str, Any] = {}
+    for name, text in values.items():
+        default = _lookup(kedro_params, name)
+        parameter = by_name.get(name)
+        declared_kind = parameter.type if parameter is not None else None
+        if parameter is None:
+            kind = _kind_of(default)
+            parameter = PipelineParameter(name, parameter_name(name), kind, _coerce_default(name, kind, default))
+            parameters.append(parameter)
+            by_name[name] = parameter
+        typed[parameter.name] = type_param(name, text, default, declared_kind)
+    return parameters, typed
+
+
+def _coerce_default(name: str, kind: str, value: Any) -> Any:
+    """The Kedro default of a pipeline parameter of ``kind`` (an int for a float is a float)."""
+    if not fits(kind, value):
+        raise ConfigError(f"--params {name}:{kind}: the Kedro default {value!r} is not a {kind}")
+    return float(value) if kind == "float" else value

@@ -1,0 +1,124 @@
+"""The pipeline plan (target-neutral, markers for the orchestrator's values), the code upload as
+a phase of its own, and the KFP renderer's reading of the plan. Whole specs are compared with
+golden ones in integration/test_golden_specs.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kedro.pipeline import Node, Pipeline
+
+from kvx_runtime.compiler.kfp_render import render_kfp
+from kvx_runtime.compiler.plan import ParameterRef, StepKind, Symbol, fill, references
+from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts, plan_pipeline
+from kvx_runtime.compiler.upload import upload_code
+from kvx_runtime.config import parse_plugin_config
+from kvx_runtime.grouping import IdentityNodeGrouper
+from kvx_runtime.step.invocation import ExecNodeInvocation
+
+
+def f(*args: Any) -> Any:
+    return args[0] if args else 1
+
+
+PIPELINE = Pipeline([
+    Node(f, None, "raw", name="make"),
+    Node(f, ["raw", "params:model.alpha"], "model", name="train"),
+    Node(f, "raw", "summary", name="summarize"),
+])
+
+
+def facts(*, mlflow: bool = True, exit_nodes: tuple[str, ...] = ("notify",), **run_config: Any) -> ProjectFacts:
+    run = parse_plugin_config({"run_config": {"image": "img", "root": "gs://b/p",
+                                              "on_exit_pipeline": "notify" if exit_nodes else None,
+                                              **run_config}}).run_config
+    return ProjectFacts(
+        project_path=Path("/project"), package_name="demo", conf_root=Path("/project/conf"), env="base",
+        run=run, image="img", storage_root="gs://b/p", pipeline=PIPELINE,
+        kedro_params={"model": {"alpha": 0.5}}, grouper=IdentityNodeGrouper(), dataset_paths={},
+        exit_nodes=exit_nodes, mlflow=mlflow, forwarded_env={"KEDRO_CONFIG_COMMIT_ID": "abc"},
+        envs_not_in_image=(),
+    )
+
+
+def test_markers_are_read_back_and_an_unknown_one_is_refused() -> None:
+    text = f"model.alpha:float={ParameterRef('model__alpha').marker} at {Symbol.RUN_ID.marker}"
+    assert references(text) == [ParameterRef("model__alpha"), Symbol.RUN_ID]
+    assert fill(text, lambda reference: reference.name if isinstance(reference, ParameterRef) else "R") == \
+        "model.alpha:float=model__alpha at R"
+    with pytest.raises(ValueError, match="unknown marker '<kvx:no_such_value>'"):
+        references("<kvx:no_such_value>")
+
+
+def test_the_plan_holds_steps_and_markers_and_nothing_of_kfp() -> None:
+    plan = plan_pipeline(CompileRequest(params=["model.alpha:float"], values={"model.alpha": "0.75"}), facts())
+    assert [(step.name, step.kind) for step in plan.steps] == [
+        ("mlflow-start-run", StepKind.MLFLOW_START), ("make", StepKind.NODES), ("summarize", StepKind.NODES),
+        ("train", StepKind.NODES)]
+    assert [step.kind for step in plan.exit_steps] == [StepKind.MLFLOW_END, StepKind.ON_EXIT]
+    assert list(plan.nodes_of_step.items()) == [("make", ("make",)), ("summarize", ("summarize",)),
+                                                ("train", ("train",))]
+    assert dict(plan.values) == {"model__alpha": 0.75}
+    train = plan.steps[3]
+    assert set(train.after) == {"make", "mlflow-start-run"}
+    assert train.invocation == ExecNodeInvocation(
+        nodes=("train",), env="base", run_id="<kvx:run_id>", job_name="<kvx:job_name>",
+        storage_root="<kvx:storage_root>", save_version="<kvx:save_version>",
+        job_create_time="<kvx:job_create_time>", mlflow_run_id="<kvx:mlflow_run_id>",
+        params=("model.alpha:float=<kvx:param:model__alpha>",))
+    on_exit = plan.exit_steps[1]
+    assert on_exit.nodes == ("notify",) and on_exit.invocation is not None
+    assert on_exit.invocation.pipeline == "notify" and on_exit.invocation.mlflow_run_id is None
+    assert on_exit.invocation.params[-1] == "kvx_final_status:dict=<kvx:final_status>"
+    every_arg = [arg for step in (*plan.steps, *plan.exit_steps) for arg in step.args()]
+    assert not any("{{" in arg or "$." in arg for arg in every_arg)
+    assert plan.steps[0].args() == ["--env", "base", "--run-id", "<kvx:run_id>", "--job-name", "<kvx:job_name>",
+                                    "--output", "<kvx:mlflow_run_id_output>"]
+
+
+def test_kfp_renders_each_marker_as_the_input_or_output_it_names() -> None:
+    plan = plan_pipeline(CompileRequest(params=["model.alpha:float"]), facts())
+    spec = render_kfp(plan).spec
+    executors = spec["deploymentSpec"]["executors"]
+    train = ExecNodeInvocation.parse(executors["exec-train"]["container"]["args"])
+    assert train.run_id == "{{$.inputs.parameters['kvx_job_uuid']}}"
+    assert train.mlflow_run_id == "{{$.inputs.parameters['mlflow_run_id']}}"
+    assert train.params == ("model.alpha:float={{$.inputs.parameters['model__alpha']}}",)
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert list(inner) == ["mlflow-start-run", "make", "summarize", "train"]
+    assert inner["train"]["inputs"]["parameters"]["mlflow_run_id"] == {"taskOutputParameter": {
+        "outputParameterKey": "mlflow_run_id", "producerTask": "mlflow-start-run"}}
+    assert set(spec["components"]["comp-train"]["inputDefinitions"]["parameters"]) == {
+        "kvx_job_uuid", "kvx_job_name", "kvx_job_create_time", "kvx_storage_root", "kvx_save_version",
+        "mlflow_run_id", "model__alpha"}
+    assert spec["components"]["comp-mlflow-start-run"]["outputDefinitions"] == {
+        "parameters": {"mlflow_run_id": {"parameterType": "STRING"}}}
+    assert "{{$.outputs.parameters['mlflow_run_id'].output_file}}" in \
+        executors["exec-mlflow-start-run"]["container"]["args"]
+    end = spec["root"]["dag"]["tasks"]["mlflow-end-run"]
+    assert end["dependentTasks"] == ["exit-handler-1"]
+    assert end["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+
+
+def test_the_code_upload_is_a_phase_between_plan_and_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvx_runtime import code_upload
+
+    plan = plan_pipeline(CompileRequest(code_upload=True), facts())
+    assert plan.code_upload is not None and plan.code_upload.package_name == "demo"
+    with pytest.raises(ValueError, match="not uploaded yet"):
+        render_kfp(plan)
+    archive = SimpleNamespace(digest="d" * 64, files=("a",), data=b"x")
+    monkeypatch.setattr(code_upload, "build_archive", lambda project, package, conf: archive)
+    monkeypatch.setattr(code_upload, "upload_archive", lambda built, root: f"{root}/kvx-code/a.tar.gz#sha256=d")
+    uploaded = upload_code(plan)
+    assert uploaded.code_upload is None
+    codes = {step.name: step.invocation.code if step.invocation else None
+             for step in (*uploaded.steps, *uploaded.exit_steps)}
+    assert codes == {"mlflow-start-run": None, "make": "gs://b/p/kvx-code/a.tar.gz#sha256=d",
+                     "train": "gs://b/p/kvx-code/a.tar.gz#sha256=d", "summarize": "gs://b/p/kvx-code/a.tar.gz#sha256=d",
+                     "mlflow-end-run": None, "on-exit": "gs://b/p/kvx-code/a.tar.gz#sha256=d"}
+    assert upload_code(plan_pipeline(CompileRequest(), facts())).code_upload is None  # nothing asked: unchanged
+    render_kfp(uploaded)
