@@ -37,18 +37,18 @@ class TargetInfo:
     client: str
     #: What to install when the client cannot be imported.
     install_hint: str
-    #: The group under ``kvx-runtime`` (``kvx-runtime kfp ...``); None: the top-level commands.
-    command_group: str | None
-    #: The ``kedro <group> ...`` group of the kedro plugin (the plugin family's names).
+    #: The ``kedro <group> ...`` group of the kedro plugin (the plugin family's names), its help.
     kedro_group: str
-    #: The groups' help texts.
-    command_group_help: str
     kedro_group_help: str
     #: ``module:attribute`` of its ``init`` command, which writes ``config_files[0]`` from the
     #: template of that name (kvx_runtime/templates/).
     init_command: str
     #: The plugin config files it is configured by, in conf/<env>/; ``init`` writes the first.
     config_files: tuple[str, ...]
+    #: The group under ``kvx-runtime`` (``kvx-runtime kfp ...``), its help; None: the default
+    #: target, whose commands are kvx-runtime's own.
+    command_group: str | None = None
+    command_group_help: str = ""
     #: The spec format its renderer takes ("kfp": a KFP v2 pipeline spec).
     spec_format: str = "kfp"
     #: Options of the shared commands it does not offer: hidden from its help (the client still
@@ -81,9 +81,7 @@ TARGETS: Mapping[str, TargetInfo] = {
         name="vertex",
         client="kvx_runtime.targets.vertex:VertexTarget",
         install_hint='pip install "kvx-runtime" (Vertex AI needs google-auth and requests)',
-        command_group=None,
         kedro_group="vertexai",
-        command_group_help="",
         kedro_group_help="Compile, run and watch Kedro pipelines on Vertex AI / Kubeflow Pipelines (kvx-runtime).",
         init_command="kvx_runtime.commands.vertex_init:init_command",
         config_files=("vertexai.yml",),
@@ -93,13 +91,13 @@ TARGETS: Mapping[str, TargetInfo] = {
         name="kubeflow",
         client="kvx_runtime.targets.kubeflow:KubeflowTarget",
         install_hint='pip install "kvx-runtime" (Kubeflow Pipelines needs requests)',
-        command_group="kfp",
         kedro_group="kubeflow",
-        command_group_help="The same project commands against Kubeflow Pipelines (host and run_config.namespace, "
-        "experiment_name in vertexai.yml or kubeflow.yml; auth from the environment, docs/kubeflow.md).",
         kedro_group_help="Compile, run and watch Kedro pipelines on Kubeflow Pipelines (kvx-runtime).",
         init_command="kvx_runtime.commands.kubeflow_init:init_command",
         config_files=("kubeflow.yml",),
+        command_group="kfp",
+        command_group_help="The same project commands against Kubeflow Pipelines (host and run_config.namespace, "
+        "experiment_name in vertexai.yml or kubeflow.yml; auth from the environment, docs/kubeflow.md).",
         unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
         unsupported_commands=frozenset({"gc"}),
         applies_platform_spec=True,
