@@ -168,7 +168,7 @@ def _pin_environment() -> None:
 def compile_case(case: Case, project: Path, out: Path) -> list[Path]:
     """Compile ``case`` in ``project`` as the commands do; write its files to ``out``."""
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
-    from kvx_runtime.compiler.checks import VERTEX_SHARED_MOUNTS
+    from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
 
     compiled = compile_pipeline(CompileRequest(
         project_path=project, env=case.env, pipeline=case.pipeline, params=case.params,

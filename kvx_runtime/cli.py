@@ -1,6 +1,8 @@
 """The ``kvx-runtime`` command line: the step commands (``exec-node``, ``mlflow-start``,
-``mlflow-end``) and the project commands shared with ``kedro vertexai``
-(:mod:`kvx_runtime.commands`). Every command runs under :func:`kvx_runtime.process.run_command`.
+``mlflow-end``, ``fingerprint``) and the project commands shared with ``kedro vertexai``
+(:mod:`kvx_runtime.commands`): the default target's at the top, every other target's under its
+command group (``kvx-runtime kfp ...``). Every command is a :class:`~kvx_runtime.commands.KvxCommand`,
+run under :func:`kvx_runtime.process.run_command`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ import click
 
 from kvx_runtime import __version__, settings
 from kvx_runtime.commands import (
-    KUBEFLOW,
-    KUBEFLOW_COMMANDS,
-    PROJECT_COMMANDS,
+    StepCommand,
+    commands_for,
     env_option,
+    kvx_group,
     load_version_option,
     project_path_option,
 )
 from kvx_runtime.log import configure_logging
-from kvx_runtime.process import install_signal_handlers, run_command, run_unless_ok
+from kvx_runtime.process import install_signal_handlers, run_unless_ok
+from kvx_runtime.targets.registry import TARGETS
 
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
@@ -39,23 +42,15 @@ def cli() -> None:
         run_unless_ok("host aliases", install_host_aliases)
 
 
-for _command in PROJECT_COMMANDS:
-    cli.add_command(_command)
+for _target in TARGETS.values():
+    if _target.command_group is None:  # the default target
+        for _command in commands_for(_target):
+            cli.add_command(_command)
+    else:
+        cli.add_command(kvx_group(_target))
 
 
-@cli.group("kfp")
-@click.pass_context
-def kfp_group(ctx: click.Context) -> None:
-    """The same project commands against Kubeflow Pipelines (host and run_config.namespace,
-    experiment_name in vertexai.yml or kubeflow.yml; auth from the environment, docs/kubeflow.md)."""
-    ctx.obj = {"target": KUBEFLOW}
-
-
-for _command in KUBEFLOW_COMMANDS:
-    kfp_group.add_command(_command)
-
-
-@cli.command("exec-node")
+@cli.command("exec-node", cls=StepCommand)
 @click.option("--node", "nodes", multiple=True, required=True, metavar="NAME",
               help="Node to run; repeat for a group (run in one process, data in memory).")
 @project_path_option
@@ -95,33 +90,29 @@ def exec_node(
     code: str | None,
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
+    from kvx_runtime.params import parse_params
+    from kvx_runtime.step.executor import execute_step
+    from kvx_runtime.step.request import StepRequest
+    from kvx_runtime.versions import parse_load_versions
 
-    def action() -> None:
-        from kvx_runtime.params import parse_params
-        from kvx_runtime.step.executor import execute_step
-        from kvx_runtime.step.request import StepRequest
-        from kvx_runtime.versions import parse_load_versions
-
-        execute_step(
-            StepRequest(
-                nodes=nodes,
-                project_path=project_path,
-                env=env,
-                pipeline=pipeline,
-                run_id=run_id,
-                job_name=job_name,
-                storage_root=storage_root,
-                params=parse_params(params),
-                raw_params=params,
-                mlflow_run_id=mlflow_run_id,
-                save_version=save_version or settings.SAVE_VERSION.get() or None,
-                job_create_time=job_create_time or None,
-                load_versions=parse_load_versions(load_versions),
-                code=code or settings.CODE.get() or None,
-            )
+    execute_step(
+        StepRequest(
+            nodes=nodes,
+            project_path=project_path,
+            env=env,
+            pipeline=pipeline,
+            run_id=run_id,
+            job_name=job_name,
+            storage_root=storage_root,
+            params=parse_params(params),
+            raw_params=params,
+            mlflow_run_id=mlflow_run_id,
+            save_version=save_version or settings.SAVE_VERSION.get() or None,
+            job_create_time=job_create_time or None,
+            load_versions=parse_load_versions(load_versions),
+            code=code or settings.CODE.get() or None,
         )
-
-    run_command("exec-node", action)
+    )
 
 
 def _mlflow_project(project_path: str | None, env: str | None) -> KedroProject:
@@ -135,7 +126,7 @@ def _mlflow_project(project_path: str | None, env: str | None) -> KedroProject:
     return open_project(project_path, env, needed=STEP_KEYS)
 
 
-@cli.command("mlflow-start")
+@cli.command("mlflow-start", cls=StepCommand)
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
               help="File to write the MLflow run id to (its directory is created).")
 @project_path_option
@@ -147,29 +138,25 @@ def _mlflow_project(project_path: str | None, env: str | None) -> KedroProject:
 def mlflow_start_command(output: str, project_path: str | None, env: str | None, run_id: str | None,
                          job_name: str | None, kubeflow: bool) -> None:
     """Create the pipeline's MLflow run; write its id to OUTPUT and print it."""
+    from kvx_runtime.log import bind_step_context
+    from kvx_runtime.mlflow import start_pipeline_run
+    from kvx_runtime.step.identity import resolve_identity
+    from kvx_runtime.step.orchestrator import KubeflowPipelines, current
 
-    def action() -> None:
-        from kvx_runtime.log import bind_step_context
-        from kvx_runtime.mlflow import start_pipeline_run
-        from kvx_runtime.step.identity import resolve_identity
-        from kvx_runtime.step.orchestrator import KubeflowPipelines, current
-
-        orchestrator = KubeflowPipelines() if kubeflow else current()
-        identity = resolve_identity(run_id, job_name, orchestrator=orchestrator)
-        identity.export()
-        bind_step_context(node="mlflow-start-run", run_id=identity.run_id, job_name=identity.job_name)
-        project = _mlflow_project(project_path, env)
-        mlflow_run_id, _ = start_pipeline_run(project, identity.run_id, identity.job_name,
-                                              tags=orchestrator.run_tags(identity.run_id))
-        target = Path(output)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(mlflow_run_id)
-        click.echo(mlflow_run_id)
-
-    run_command("mlflow-start", action)
+    orchestrator = KubeflowPipelines() if kubeflow else current()
+    identity = resolve_identity(run_id, job_name, orchestrator=orchestrator)
+    identity.export()
+    bind_step_context(node="mlflow-start-run", run_id=identity.run_id, job_name=identity.job_name)
+    project = _mlflow_project(project_path, env)
+    mlflow_run_id, _ = start_pipeline_run(project, identity.run_id, identity.job_name,
+                                          tags=orchestrator.run_tags(identity.run_id))
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(mlflow_run_id)
+    click.echo(mlflow_run_id)
 
 
-@cli.command("mlflow-end")
+@cli.command("mlflow-end", cls=StepCommand)
 @click.option("--final-status", required=True, metavar="JSON",
               help='The pipeline\'s final status as Vertex passes it, e.g. {"state": "FAILED", "error": {...}}.')
 @click.option("--mlflow-run-id", default=None, help="The run to end (default: found by --job-name).")
@@ -181,33 +168,25 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
 def mlflow_end_command(final_status: str, mlflow_run_id: str | None, job_name: str | None, run_id: str | None,
                        project_path: str | None, env: str | None) -> None:
     """End the pipeline's MLflow run as FINISHED, FAILED or KILLED."""
+    from kvx_runtime.log import bind_step_context
+    from kvx_runtime.mlflow import end_pipeline_run, parse_final_status
+    from kvx_runtime.step.identity import job_directory_name
 
-    def action() -> None:
-        from kvx_runtime.log import bind_step_context
-        from kvx_runtime.mlflow import end_pipeline_run, parse_final_status
-        from kvx_runtime.step.identity import job_directory_name
-
-        parse_final_status(final_status)  # bad input fails before any network call
-        job = job_directory_name(run_id, job_name)
-        bind_step_context(node="mlflow-end-run", job_name=job)
-        project = _mlflow_project(project_path, env)
-        ended, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)
-        click.echo(f"{ended} {status}")
-
-    run_command("mlflow-end", action)
+    parse_final_status(final_status)  # bad input fails before any network call
+    job = job_directory_name(run_id, job_name)
+    bind_step_context(node="mlflow-end-run", job_name=job)
+    project = _mlflow_project(project_path, env)
+    ended, status = end_pipeline_run(project, final_status, mlflow_run_id=mlflow_run_id, job_name=job)
+    click.echo(f"{ended} {status}")
 
 
-@cli.command("fingerprint")
+@cli.command("fingerprint", cls=StepCommand)
 @project_path_option
 def fingerprint_command(project_path: str | None) -> None:
     """Print the fingerprint of the project's declared requirements (what code upload checks)."""
+    from kvx_runtime.code_upload import requirements_fingerprint
 
-    def action() -> None:
-        from kvx_runtime.code_upload import requirements_fingerprint
-
-        click.echo(requirements_fingerprint(Path(project_path or os.getcwd())))
-
-    run_command("fingerprint", action)
+    click.echo(requirements_fingerprint(Path(project_path or os.getcwd())))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from kvx_runtime.compiler.kfp_reader import build_graph
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.graph import dataset_identity, missing_step_dependencies
 from kvx_runtime.log import get_logger
+from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
 
 log = get_logger(__name__)
 
@@ -117,10 +118,6 @@ def warn_unknown_selectors(
             entries=unknown,
         )
     return unknown
-
-
-#: Local paths every Vertex AI step sees: its Cloud Storage FUSE mount.
-VERTEX_SHARED_MOUNTS: tuple[str, ...] = ("/gcs/",)
 
 
 def is_local_path(filepath: str, shared_mounts: Sequence[str] = VERTEX_SHARED_MOUNTS) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvx_runtime.compiler.checks import VERTEX_SHARED_MOUNTS, warn_local_datasets, warn_unknown_selectors
+from kvx_runtime.compiler.checks import warn_local_datasets, warn_unknown_selectors
 from kvx_runtime.compiler.names import parameter_name, pipeline_name, unique_task_names
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
@@ -30,6 +30,7 @@ from kvx_runtime.grouping import NodeGrouper, StepGroup, group_dependencies, ord
 from kvx_runtime.params import KINDS, fits, is_missing, kind_of, lookup, type_param
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE, EXEC_NODE, ExecNodeInvocation, identity_args
 from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
+from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
 
 __all__ = ["CompileRequest", "ProjectFacts", "StepGraph", "plan_pipeline", "plan_steps"]
 

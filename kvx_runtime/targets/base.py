@@ -1,8 +1,9 @@
-"""A place that runs compiled pipelines: submit, watch, list, cancel, schedule.
+"""A place that runs compiled pipelines: submit, watch, list, cancel, schedule, upload.
 
-The interface knows pipeline runs, tasks and schedules, nothing Vertex-only: Vertex AI
-Pipelines is the first implementation (:mod:`.vertex`), Kubeflow Pipelines the next. Commands
-(``run-once``, ``schedule``, ``status``...) talk to a :class:`PipelineTarget` only.
+The interface knows pipeline runs, tasks, schedules and uploaded pipelines, nothing
+Vertex-only: Vertex AI Pipelines (:mod:`.vertex`) and Kubeflow Pipelines (:mod:`.kubeflow`)
+implement it, and :mod:`.registry` declares them. Commands (``run-once``, ``schedule``,
+``status``...) talk to a :class:`PipelineTarget` only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kvx_runtime.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvx_runtime.config import PluginConfig
 
 __all__ = [
     "FINAL_STATES",
@@ -21,6 +27,7 @@ __all__ = [
     "ScheduleInfo",
     "ScheduleRequest",
     "TaskInfo",
+    "UploadRequest",
 ]
 
 #: Run and task states, as the targets report them after normalization.
@@ -109,11 +116,32 @@ class ScheduleInfo:
     next_run_time: datetime | None = None
 
 
+@dataclass(frozen=True)
+class UploadRequest:
+    """A compiled pipeline to publish on the target, for runs to start from (upload-pipeline)."""
+
+    spec: Mapping[str, Any]
+    #: Kubernetes pod settings beside the spec (KFP's platform spec).
+    platform_spec: Mapping[str, Any] | None = None
+    #: The user's own tags; the target adds what identifies the code (version, commit).
+    tags: tuple[str, ...] = ()
+    #: The project's version (pyproject.toml) and commit (KEDRO_CONFIG_COMMIT_ID), when known.
+    project_version: str | None = None
+    commit: str | None = None
+    #: What the pipeline is (run_config.description), for targets that show it.
+    description: str = ""
+
+
 class PipelineTarget(ABC):
     """A place that runs compiled pipelines."""
 
     #: What users call the target in messages ("Vertex AI").
     title: str = "pipeline service"
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: PluginConfig) -> PipelineTarget:
+        """The client that a project's plugin config (vertexai.yml, kubeflow.yml) describes."""
 
     @abstractmethod
     def submit(self, run: RunRequest) -> RunInfo:
@@ -143,6 +171,26 @@ class PipelineTarget(ABC):
     @abstractmethod
     def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
         """``pause``, ``resume`` or ``delete`` (then None) a schedule."""
+
+    def check_upload(self) -> None:  # noqa: B027  (a hook: most targets have nothing to check)
+        """Refuse, before anything is compiled, an upload the target's config does not allow
+        (default: nothing to check)."""
+
+    @abstractmethod
+    def upload(self, request: UploadRequest) -> str:
+        """Publish a compiled pipeline; returns one line for the user saying what went where."""
+
+    def template_uri(self, spec: Mapping[str, Any], tag: str | None) -> str | None:
+        """Where the spec uploaded with ``tag`` is, for a run to start from it instead of
+        ``spec`` (run-once and schedule ``--template``); None without a tag."""
+        if tag is None:
+            return None
+        raise UsageError(f"--template is not a {self.title} option", hint="run-once sends the compiled spec itself")
+
+    def run_once_name(self) -> str | None:
+        """What a run-once run's id is made from when the target's config names it (default:
+        the pipeline's name)."""
+        return None
 
     @abstractmethod
     def console_url(self, run: RunInfo | None = None) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from kvx_runtime import settings
@@ -27,9 +27,20 @@ from kvx_runtime.compiler.platform import with_platform_spec
 from kvx_runtime.config import is_kubernetes_name
 from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
 from kvx_runtime.log import get_logger
-from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, ScheduleInfo, ScheduleRequest, TaskInfo
+from kvx_runtime.targets.base import (
+    PipelineTarget,
+    RunInfo,
+    RunRequest,
+    ScheduleInfo,
+    ScheduleRequest,
+    TaskInfo,
+    UploadRequest,
+)
 from kvx_runtime.targets.http import ApiError, parse_time, request_json
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
+
+if TYPE_CHECKING:
+    from kvx_runtime.config import PluginConfig
 
 __all__ = ["KubeflowTarget"]
 
@@ -70,6 +81,11 @@ def _checked_host(host: str) -> str:
         raise ConfigError(f"host {host[:100]!r} has a query or fragment: give the API's base URL",
                           hint=f"e.g. {example}")
     return host.strip().rstrip("/")
+
+
+def _no_templates() -> UsageError:
+    return UsageError("--template is a Vertex AI (Artifact Registry) option",
+                      hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
 
 
 def _description(pipeline: str) -> str:
@@ -138,14 +154,31 @@ class KubeflowTarget(PipelineTarget):
     title = "Kubeflow Pipelines"
 
     def __init__(self, host: str, *, namespace: str | None = None, experiment_name: str | None = None,
-                 auth: Any = None, session: Any = None, attempts: int | None = None) -> None:
+                 run_name: str | None = None, auth: Any = None, session: Any = None,
+                 attempts: int | None = None) -> None:
         self.host = _checked_host(host)
         self.namespace = namespace or None
         self.experiment_name = experiment_name or "Default"
+        self.run_name = run_name or None
         self._auth = auth
         self._session = session
         self._attempts = attempts or settings.API_ATTEMPTS.get()
         self._experiment_id: str | None = None
+
+    @classmethod
+    def from_config(cls, config: PluginConfig) -> KubeflowTarget:
+        run_config = config.run_config
+        return cls(str(config.host or ""), namespace=run_config.namespace,
+                   experiment_name=run_config.experiment_name, run_name=run_config.run_name)
+
+    def run_once_name(self) -> str | None:
+        """run_config.run_name (kedro-kubeflow's key), when set."""
+        return self.run_name
+
+    def template_uri(self, spec: Mapping[str, Any], tag: str | None) -> str | None:
+        if tag is None:
+            return None
+        raise _no_templates()
 
     # --- transport --------------------------------------------------------------------------
 
@@ -243,8 +276,7 @@ class KubeflowTarget(PipelineTarget):
 
     def run_body(self, run: RunRequest) -> dict[str, Any]:
         if run.template_uri:
-            raise UsageError("--template is a Vertex AI (Artifact Registry) option",
-                             hint="on Kubeflow Pipelines run-once sends the compiled spec itself")
+            raise _no_templates()
         if run.service_account:  # before any request: a refused name must not create the experiment
             _kubernetes_service_account(run.service_account)
         for setting, value, meaning in (
@@ -410,6 +442,28 @@ class KubeflowTarget(PipelineTarget):
         return self._schedule(self._request("GET", path))
 
     # --- pipelines --------------------------------------------------------------------------
+
+    def upload(self, request: UploadRequest) -> str:
+        """A new KFP pipeline, or a new version of the existing one, named by the user's tags, the
+        project version, the commit and the time (KFP version names are unique per pipeline)."""
+        import re
+        import tempfile
+        from pathlib import Path
+
+        from kvx_runtime.compiler import write_spec
+
+        name = str(request.spec.get("pipelineInfo", {}).get("name", "pipeline"))
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+        parts = [*request.tags, *([f"v{request.project_version}"] if request.project_version else []),
+                 *([request.commit[:12]] if request.commit else []), stamp]
+        version_name = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "-", part) for part in parts)[:100]
+        platform = dict(request.platform_spec) if request.platform_spec else None
+        with tempfile.TemporaryDirectory() as directory:
+            spec_file = write_spec(dict(request.spec), Path(directory) / "pipeline.yaml", platform)
+            pipeline_id, version_id, created = self.upload_pipeline(name, str(spec_file), version_name,
+                                                                    request.description)
+        what = "pipeline" if created else "version"
+        return f"Uploaded {name} as a new {what} (pipeline {pipeline_id}, version {version_name} {version_id})"
 
     def upload_pipeline(self, name: str, spec_file: str, version: str, description: str = "") -> tuple[str, str, bool]:
         """Upload the spec as pipeline ``name`` (new) or as its version ``version``; returns the

@@ -6,12 +6,15 @@ Requests go through google-auth's ``AuthorizedSession`` with Application Default
 are retried with backoff (tenacity), other 4xx never; list calls follow ``nextPageToken``. An
 API error is one line with Google's status and message: exit 2 for 400/403/404 (and other
 4xx), exit 3 after retries. No token or credential ever reaches a log or an error.
+
+Compiled pipelines are uploaded as templates to an Artifact Registry repository of format
+Kubeflow Pipelines (``run_config.template_repository``); runs start from one with ``--template``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from kvx_runtime import settings
@@ -25,8 +28,12 @@ from kvx_runtime.targets.base import (
     ScheduleInfo,
     ScheduleRequest,
     TaskInfo,
+    UploadRequest,
 )
 from kvx_runtime.targets.http import ApiError, parse_time, request_json
+
+if TYPE_CHECKING:
+    from kvx_runtime.config import PluginConfig
 
 __all__ = ["ApiError", "VertexTarget"]
 
@@ -38,6 +45,8 @@ SUBMISSION_LABEL = "kvx-submission"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _STATE_PREFIX = "PIPELINE_STATE_"
 FAILURE_POLICIES = {"fail_slow": "PIPELINE_FAILURE_POLICY_FAIL_SLOW", "fail_fast": "PIPELINE_FAILURE_POLICY_FAIL_FAST"}
+#: What a template repository looks like (run_config.template_repository).
+_REPOSITORY_FORM = "https://{region}-kfp.pkg.dev/{project}/{repository}"
 #: The fields a schedule update changes (never its name or run history).
 _SCHEDULE_FIELDS = ("cron", "startTime", "endTime", "maxRunCount", "maxConcurrentRunCount", "allowQueueing",
                     "createPipelineJobRequest")
@@ -47,7 +56,7 @@ class VertexTarget(PipelineTarget):
     title = "Vertex AI"
 
     def __init__(self, project: str, region: str, *, session: Any = None, endpoint: str | None = None,
-                 attempts: int | None = None) -> None:
+                 attempts: int | None = None, template_repository: str | None = None) -> None:
         if not project or not region:
             raise ConfigError("Vertex AI needs project_id and region",
                               hint="set them in vertexai.yml (kedro vertexai init)")
@@ -58,6 +67,12 @@ class VertexTarget(PipelineTarget):
         self.parent = f"projects/{project}/locations/{region}"
         self._session = session
         self._attempts = attempts or settings.VERTEX_ATTEMPTS.get()
+        self.template_repository = template_repository
+
+    @classmethod
+    def from_config(cls, config: PluginConfig) -> VertexTarget:
+        return cls(str(config.project_id or ""), str(config.region or ""),
+                   template_repository=config.run_config.template_repository)
 
     # --- transport --------------------------------------------------------------------------
 
@@ -274,6 +289,42 @@ class VertexTarget(PipelineTarget):
         return lines
 
     # --- pipeline templates (Artifact Registry, Kubeflow Pipelines format) --------------------
+
+    def _upload_repository(self) -> str:
+        if not self.template_repository:
+            raise ConfigError("no run_config.template_repository",
+                              hint=f"{_REPOSITORY_FORM} (an Artifact Registry repository of format Kubeflow "
+                              "Pipelines)")
+        return self.template_repository
+
+    def check_upload(self) -> None:
+        self._upload_repository()
+
+    def upload(self, request: UploadRequest) -> str:
+        """The spec as a template of run_config.template_repository, tagged with the user's tags,
+        the project version, the commit and ``latest``."""
+        import re
+        import tempfile
+        from pathlib import Path
+
+        from kvx_runtime.compiler import write_spec
+
+        repository = self._upload_repository()
+        wanted = [*request.tags, *([f"v{request.project_version}"] if request.project_version else []),
+                  *([request.commit] if request.commit else []), "latest"]
+        tags = list(dict.fromkeys(re.sub(r"[^A-Za-z0-9_.-]", "-", tag)[:128] for tag in wanted if tag))
+        with tempfile.TemporaryDirectory() as directory:
+            spec_file = write_spec(dict(request.spec), Path(directory) / "pipeline.yaml")
+            uri = self.upload_template(repository, str(spec_file), tags)
+        return f"Uploaded as {uri} (tags: {', '.join(tags)})"
+
+    def template_uri(self, spec: Mapping[str, Any], tag: str | None) -> str | None:
+        if tag is None:
+            return None
+        if not self.template_repository:
+            raise ConfigError("--template needs run_config.template_repository", hint=_REPOSITORY_FORM)
+        name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+        return f"{self.template_repository.rstrip('/')}/{name}/{tag}"
 
     def upload_template(self, repository: str, spec_file: str, tags: list[str]) -> str:
         """Push a compiled spec to an Artifact Registry KFP repository; returns its templateUri."""

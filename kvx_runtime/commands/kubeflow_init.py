@@ -1,0 +1,67 @@
+"""``kvx-runtime kfp init`` / ``kedro kubeflow init``: Kubeflow Pipelines' config file (the
+registry names this command as the target's ``init``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from kvx_runtime.commands.command import KvxCommand
+from kvx_runtime.commands.options import project_path_option
+from kvx_runtime.commands.project import write_config_file
+from kvx_runtime.targets.registry import get_target
+
+__all__ = ["KubeflowInitRequest", "init_command", "init_kubeflow"]
+
+
+@dataclass(frozen=True)
+class KubeflowInitRequest:
+    host: str
+    namespace: str | None = None
+    project_path: str | None = None
+    force: bool = False
+    with_dockerfile: bool = False
+
+
+def init_kubeflow(request: KubeflowInitRequest) -> Path:
+    """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``, with
+    KFP's MinIO as the storage root; returns it."""
+    from kvx_runtime.config import is_kubernetes_namespace
+    from kvx_runtime.errors import UsageError
+    from kvx_runtime.targets.kubeflow import KubeflowTarget
+
+    root = Path(request.project_path or os.getcwd()).resolve()
+    host = KubeflowTarget(request.host).host  # refused here (exit 2) rather than at the first command
+    base = root / "conf" / "base"
+    hiding = sorted(p.name for p in base.glob("vertexai*")
+                    if p.suffix in {".yml", ".yaml", ".json"} or (p.is_dir() and p.name == "vertexai"))
+    if hiding:
+        raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
+                         "environment, so nothing was written",
+                         hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
+    namespace = request.namespace
+    if namespace is not None and not is_kubernetes_namespace(namespace):
+        raise UsageError(f"--namespace {namespace!r} is not a Kubernetes namespace name",
+                         hint="lowercase letters, digits and '-', at most 63 characters")
+    namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: '{namespace}'\n"
+                      if namespace else
+                      "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
+    return write_config_file(root, get_target("kubeflow"), {"host": host, "namespace_line": namespace_line},
+                             request.force, request.with_dockerfile)
+
+
+@click.command("init", cls=KvxCommand)
+@click.argument("host")
+@click.option("--namespace", default=None, help="The user namespace (profile) of a multi-user Kubeflow.")
+@project_path_option
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--with-dockerfile", is_flag=True,
+              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
+def init_command(host: str, namespace: str | None, project_path: str | None, force: bool,
+                 with_dockerfile: bool) -> None:
+    """Write a commented conf/base/kubeflow.yml for the Kubeflow Pipelines API at HOST (its
+    /pipeline URL), with KFP's MinIO as the storage root."""
+    init_kubeflow(KubeflowInitRequest(host, namespace, project_path, force, with_dockerfile))

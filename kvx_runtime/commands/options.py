@@ -1,0 +1,63 @@
+"""Click options shared by several commands, each written once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+__all__ = ["env_option", "fail_fast_option", "load_version_option", "pipeline_options", "project_path_option",
+           "submit_options"]
+
+project_path_option = click.option(
+    "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
+    help="Kedro project directory (default: the working directory).",
+)
+load_version_option = click.option(
+    "--load-version", "load_versions", multiple=True, metavar="DATASET=VERSION",
+    help="Load this version of a versioned dataset (wins over the run's own version). Repeatable.",
+)
+fail_fast_option = click.option(
+    "--fail-fast", is_flag=True,
+    help="After a failure start no new step (default: the spec's kvx_failure_policy, fail_slow: "
+    "independent steps finish, as on Vertex AI).",
+)
+env_option = click.option(
+    "-e", "--env", default=None,
+    help="Kedro config environment (default: KEDRO_ENV, then the project's default_run_env unless "
+    "it is 'local', then base).",
+)
+
+
+def _apply(options: list[Callable[[Any], Any]], function: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def pipeline_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """What says which pipeline to compile, and how (:class:`~.project.PipelineOptions`)."""
+    return _apply([
+        click.option("-p", "--pipeline", default="__default__", show_default=True, help="Registered pipeline."),
+        click.option("-i", "--image", default=None, help="Image of the steps (default: run_config.image)."),
+        click.option("--params", "params", multiple=True, metavar="NAME:TYPE[,NAME:TYPE]",
+                     help="Kedro parameters exposed as pipeline parameters (types: str, int, float, bool, "
+                     "list, dict)."),
+        load_version_option,
+        click.option("--code-upload/--no-code-upload", default=None,
+                     help="Package the workspace's code and configuration for the steps to run, so that a "
+                     "code change needs no image rebuild (default: run_config.code_upload)."),
+    ], function)
+
+
+def submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """What a run sent to the pipeline service takes besides its pipeline (run-once, schedule)."""
+    return _apply([
+        click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
+                     help="Any Kedro parameter for this run, typed from its Kedro value. Repeatable."),
+        click.option("--storage-root", default=None, help="Storage root of the run (default: run_config.root)."),
+        click.option("--template", default=None, metavar="TAG",
+                     help="Run the spec uploaded with this tag to run_config.template_repository "
+                     "(upload-pipeline) instead of sending the spec itself."),
+    ], function)

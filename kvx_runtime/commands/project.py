@@ -1,0 +1,230 @@
+"""Commands that work on the project itself: ``compile``, ``run-local``, and what every
+target's ``init`` shares (writing its config file from a template, refusing a half-done init)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
+from kvx_runtime.commands.options import env_option, fail_fast_option, pipeline_options, project_path_option
+from kvx_runtime.targets.registry import TargetInfo, default_target
+
+if TYPE_CHECKING:
+    from kvx_runtime.compiler import CompiledPipeline
+
+__all__ = ["CompileSpecRequest", "PipelineOptions", "RunLocalRequest", "compile_command", "compile_for",
+           "compile_spec", "run_local_command", "run_local_spec", "write_config_file", "write_init_files"]
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Which pipeline to compile, and how (the options of :func:`~.options.pipeline_options`)."""
+
+    pipeline: str = "__default__"
+    image: str | None = None
+    params: tuple[str, ...] = ()  # NAME:TYPE[,NAME:TYPE]: Kedro parameters exposed as pipeline parameters
+    load_versions: tuple[str, ...] = ()  # DATASET=VERSION
+    code_upload: bool | None = None
+
+
+def _run_values(values: tuple[str, ...]) -> dict[str, str]:
+    """``--param KEY=VALUE`` items of a run, by Kedro name."""
+    from kvx_runtime.errors import UsageError
+
+    parsed: dict[str, str] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {item!r} must look like KEY=VALUE")
+        parsed[key.strip()] = text
+    return parsed
+
+
+def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | None,
+                values: tuple[str, ...] = ()) -> CompiledPipeline:
+    """The project's pipeline compiled for the command's target (``values``: this run's
+    ``--param KEY=VALUE``)."""
+    from kvx_runtime.compiler import CompileRequest, compile_pipeline
+    from kvx_runtime.versions import parse_load_versions
+
+    run_values = _run_values(values)
+    return compile_pipeline(CompileRequest(
+        project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
+        params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
+        values=run_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
+    ))
+
+
+# --- compile -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompileSpecRequest:
+    at: Invocation
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    storage_root: str | None = None
+    output: str = "pipeline.json"
+
+
+def compile_spec(request: CompileSpecRequest) -> Path:
+    """Compile for the command's target and write the spec (with the target's Kubernetes
+    platform spec when it applies one and the file is YAML); returns the file written."""
+    from kvx_runtime.compiler import write_spec
+
+    target = request.at.target
+    compiled = compile_for(request.at, request.options, request.storage_root)
+    platform = compiled.platform_spec if target.applies_platform_spec else None
+    if platform and Path(request.output).suffix not in {".yaml", ".yml"}:
+        from kvx_runtime.log import get_logger
+
+        get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec: write .yaml "
+                                     "(-o pipeline.yaml) for KFP to apply it", output=str(request.output))
+        platform = None
+    path = write_spec(compiled.spec, request.output, platform)
+    click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
+    return path
+
+
+@click.command("compile", cls=KvxCommand)
+@project_path_option
+@env_option
+@pipeline_options
+@click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
+@click.option("-o", "--output", default="pipeline.json", show_default=True,
+              help="Where to write the spec: JSON, or YAML for .yaml/.yml.")
+@click.pass_context
+def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                    image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                    code_upload: bool | None, storage_root: str | None, output: str) -> None:
+    """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
+    compile_spec(CompileSpecRequest(
+        at=invocation(ctx, project_path, env),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        storage_root=storage_root, output=output,
+    ))
+
+
+# --- run-local -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunLocalRequest:
+    at: Invocation
+    #: The compiled spec to run; None: compile the project's pipeline first (``options``).
+    spec: str | None = None
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    overrides: tuple[str, ...] = ()  # NAME=VALUE
+    storage_root: str | None = None
+    max_parallel: int = 4
+    job_name: str | None = None
+    fail_fast: bool = False
+
+
+def run_local_spec(request: RunLocalRequest) -> None:
+    """Run the spec here, each step a process; a failed step fails with its own exit code."""
+    from kvx_runtime.compiler import read_spec
+    from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
+    from kvx_runtime.errors import NodeError
+    from kvx_runtime.local_runner import parse_overrides, run_local
+
+    project = request.at.project_path or os.getcwd()
+    root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
+    spec = request.spec
+    if spec is None:
+        # Steps run here, whatever the group: compiled as for the default target, any image.
+        spec = str(compile_spec(CompileSpecRequest(
+            at=replace(request.at, target=default_target()),
+            options=replace(request.options, image=request.options.image or "local"),
+            storage_root=root, output=os.path.join(project, LOCAL_STATE_DIR, "pipeline.json"),
+        )))
+    result = run_local(
+        read_spec(spec),
+        project,
+        params=parse_overrides(request.overrides),
+        storage_root=root,
+        max_parallel=request.max_parallel,
+        job_name=request.job_name,
+        fail_fast=request.fail_fast,
+    )
+    if result.exit_code:
+        failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
+        steps = f"step '{failed[0]}'" if len(failed) == 1 else f"steps {', '.join(map(repr, failed))}"
+        error = NodeError(f"{steps} of job {result.job_name} failed")
+        error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
+        raise error
+    click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
+
+
+@click.command("run-local", cls=KvxCommand)
+@click.argument("spec", required=False, type=click.Path(dir_okay=False, exists=True))
+@project_path_option
+@env_option
+@pipeline_options
+@click.option("--param", "overrides", multiple=True, metavar="NAME=VALUE",
+              help="Override a pipeline parameter (pipeline or dotted Kedro name). Repeatable.")
+@click.option("--storage-root", default=None, help="Storage root of the run (default: <project>/.kvx/storage).")
+@click.option("--max-parallel", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Steps that may run at the same time.")
+@click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
+@fail_fast_option
+@click.pass_context
+def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
+                      pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                      code_upload: bool | None,
+                      overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
+                      job_name: str | None, fail_fast: bool) -> None:
+    """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
+    project's pipeline first, to .kvx/pipeline.json)."""
+    run_local_spec(RunLocalRequest(
+        at=invocation(ctx, project_path, env), spec=spec,
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=job_name,
+        fail_fast=fail_fast,
+    ))
+
+
+# --- what every target's init shares -------------------------------------------------------
+
+
+def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_dockerfile: bool) -> None:
+    """Write ``files`` (and with ``with_dockerfile`` the project's Dockerfile and .dockerignore);
+    an existing file without ``force`` refuses them all before anything is written."""
+    from kvx_runtime.errors import UsageError
+
+    files = dict(files)
+    if with_dockerfile:
+        files[root / "Dockerfile"] = TEMPLATES.joinpath("project.Dockerfile").read_text()
+        files[root / ".dockerignore"] = TEMPLATES.joinpath("project.dockerignore").read_text()
+    # Refuse before writing anything: never a half-done init.
+    existing = [path for path in files if path.exists()]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}; nothing was written",
+            hint="pass --force to overwrite",
+        )
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        click.echo(f"{path.relative_to(root)} written ({path})")
+
+
+def write_config_file(root: Path, target: TargetInfo, values: Mapping[str, str], force: bool,
+                      with_dockerfile: bool) -> Path:
+    """conf/base/<the target's config file>, from the template of that name filled with
+    ``values`` (and ``package``, the project's package name as a label value)."""
+    from kvx_runtime.project import find_package_name
+
+    name = target.config_files[0]
+    package = find_package_name(root).replace("_", "-")
+    config = root / "conf" / "base" / name
+    text = TEMPLATES.joinpath(name).read_text().format(package=package, **values)
+    write_init_files(root, {config: text}, force, with_dockerfile)
+    return config

@@ -1,0 +1,135 @@
+"""The pipeline services kvx-runtime can target, each declared once (fsspec's
+``known_implementations`` is the model: a name, a lazy import path, an install hint).
+
+An entry says everything the commands would otherwise decide by testing the target's name:
+which command group reaches it, which client class talks to it (imported only when a command
+needs it, so ``exec-node`` never pays for a client), its config file, the spec format its
+renderer takes, the options it does not offer, the local mounts its steps share, whether it
+applies ``run_config.kubernetes`` from the spec file, and its ``init`` command. Adding a target
+is one entry here plus its own modules (docs/architecture.md, "Adding a target").
+
+This module imports nothing heavy: ``kvx_runtime.cli`` reads it at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvx_runtime.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from kvx_runtime.config import PluginConfig
+    from kvx_runtime.targets.base import PipelineTarget
+
+__all__ = ["TARGETS", "VERTEX_SHARED_MOUNTS", "TargetInfo", "default_target", "get_target", "load_object"]
+
+#: Vertex AI's Cloud Storage FUSE mount, which every step of a Vertex AI pipeline sees.
+VERTEX_SHARED_MOUNTS: tuple[str, ...] = ("/gcs/",)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """One pipeline service, as the commands see it."""
+
+    #: What the command groups record as the target of their commands (``ctx.obj["target"]``).
+    name: str
+    #: ``module:ClassName`` of its :class:`~kvx_runtime.targets.base.PipelineTarget`, imported lazily.
+    client: str
+    #: What to install when the client cannot be imported.
+    install_hint: str
+    #: The ``kedro <group> ...`` group of the kedro plugin (the plugin family's names), its help.
+    kedro_group: str
+    kedro_group_help: str
+    #: ``module:attribute`` of its ``init`` command, which writes ``config_files[0]`` from the
+    #: template of that name (kvx_runtime/templates/).
+    init_command: str
+    #: The plugin config files it is configured by, in conf/<env>/; ``init`` writes the first.
+    config_files: tuple[str, ...]
+    #: The group under ``kvx-runtime`` (``kvx-runtime kfp ...``), its help; None: the default
+    #: target, whose commands are kvx-runtime's own.
+    command_group: str | None = None
+    command_group_help: str = ""
+    #: The spec format its renderer takes ("kfp": a KFP v2 pipeline spec).
+    spec_format: str = "kfp"
+    #: Options of the shared commands it does not offer: hidden from its help (the client still
+    #: refuses them with its own line, since a schedule's config can set them too).
+    unsupported_options: frozenset[str] = frozenset()
+    #: Shared commands its group leaves out.
+    unsupported_commands: frozenset[str] = frozenset()
+    #: Local paths every step sees (Vertex AI's Cloud Storage FUSE mount): a dataset there is
+    #: shared between steps, anywhere else it is on the step machine's own disk.
+    shared_mounts: tuple[str, ...] = ()
+    #: It applies ``run_config.kubernetes``, read from the spec file's second YAML document
+    #: (KFP's platform spec); elsewhere the setting is left out of the file.
+    applies_platform_spec: bool = False
+
+    def client_class(self) -> type[PipelineTarget]:
+        """The client class, imported now; a missing dependency is a ConfigError with the install hint."""
+        client: type[PipelineTarget] = load_object(self.client, what=f"the {self.name} target",
+                                                   install_hint=self.install_hint)
+        return client
+
+    def build(self, config: PluginConfig) -> PipelineTarget:
+        """The client for a project whose plugin config is ``config``."""
+        return self.client_class().from_config(config)
+
+
+#: Every known target, by name. The one without a command group is the default: the commands
+#: at the top of ``kvx-runtime`` and ``kedro vertexai`` talk to it.
+TARGETS: Mapping[str, TargetInfo] = {
+    "vertex": TargetInfo(
+        name="vertex",
+        client="kvx_runtime.targets.vertex:VertexTarget",
+        install_hint='pip install "kvx-runtime" (Vertex AI needs google-auth and requests)',
+        kedro_group="vertexai",
+        kedro_group_help="Compile, run and watch Kedro pipelines on Vertex AI / Kubeflow Pipelines (kvx-runtime).",
+        init_command="kvx_runtime.commands.vertex_init:init_command",
+        config_files=("vertexai.yml",),
+        shared_mounts=VERTEX_SHARED_MOUNTS,
+    ),
+    "kubeflow": TargetInfo(
+        name="kubeflow",
+        client="kvx_runtime.targets.kubeflow:KubeflowTarget",
+        install_hint='pip install "kvx-runtime" (Kubeflow Pipelines needs requests)',
+        kedro_group="kubeflow",
+        kedro_group_help="Compile, run and watch Kedro pipelines on Kubeflow Pipelines (kvx-runtime).",
+        init_command="kvx_runtime.commands.kubeflow_init:init_command",
+        config_files=("kubeflow.yml",),
+        command_group="kfp",
+        command_group_help="The same project commands against Kubeflow Pipelines (host and run_config.namespace, "
+        "experiment_name in vertexai.yml or kubeflow.yml; auth from the environment, docs/kubeflow.md).",
+        unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
+        unsupported_commands=frozenset({"gc"}),
+        applies_platform_spec=True,
+    ),
+}
+
+
+def get_target(name: str) -> TargetInfo:
+    """The target called ``name``; an unknown name is a UsageError naming the known ones."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown target {name!r}", hint=f"known targets: {', '.join(TARGETS)}") from None
+
+
+def default_target() -> TargetInfo:
+    """The target of the commands outside any target's group."""
+    [default] = [target for target in TARGETS.values() if target.command_group is None]
+    return default
+
+
+def load_object(path: str, *, what: str, install_hint: str) -> Any:
+    """The attribute ``path`` (``module:attribute``) names, importing its module now. A module
+    that cannot be imported (a dependency not installed) is a ConfigError (exit 2) with
+    ``install_hint``, never a traceback."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = f"{exc.name} is not installed" if exc.name else str(exc)
+        raise ConfigError(f"{what} cannot be loaded: {missing}", hint=install_hint) from None
+    return getattr(module, attribute)
