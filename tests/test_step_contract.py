@@ -86,6 +86,7 @@ def test_identity_comes_from_flags_then_the_environment(monkeypatch: pytest.Monk
     with pytest.raises(UsageError, match="no run id"):
         resolve_identity(None, "job")
     assert resolve_identity(None, None, missing="invent").run_id.startswith("local-")
+    assert resolve_identity(None, "by-hand", missing="invent") == RunIdentity("by-hand", "by-hand")
     monkeypatch.setenv("KEDRO_CONFIG_RUN_ID", "env-run")
     assert resolve_identity(None, None) == RunIdentity("env-run", "env-run")
     assert resolve_identity("flag-run", "job") == RunIdentity("flag-run", "job")

@@ -58,13 +58,16 @@ def resolve_identity(run_id: str | None, job_name: str | None, *,
                      missing: Literal["invent", "refuse"] = "refuse",
                      orchestrator: Orchestrator | None = None) -> RunIdentity:
     """The step's run identity, flags first, then the environment. Without a run id a step
-    started by hand gets a local one (``missing="invent"``); the MLflow steps refuse."""
+    started by hand (``missing="invent"``) belongs to the run its job name names, else to a new
+    local one; the MLflow steps refuse."""
     run_id = run_id or os.environ.get(env_var_name("run_id"))
+    job_name = job_name or os.environ.get(env_var_name("job_name"))
     if not run_id:
         if missing == "refuse":
             raise UsageError("no run id", hint="pass --run-id (and --job-name) or set KEDRO_CONFIG_RUN_ID")
-        run_id = local_run_id()
-    job_name = job_name or os.environ.get(env_var_name("job_name")) or run_id
+        # Steps started by hand with one --job-name are one run: the job names it.
+        run_id = job_name or local_run_id()
+    job_name = job_name or run_id
     return RunIdentity(run_id, (orchestrator or current()).job_directory_name(job_name, run_id))
 
 
