@@ -72,8 +72,8 @@ def _check_env_uploaded(env: str, code_upload: bool) -> None:
         raise ConfigError(
             f"--env {env} with code upload: conf/{env} is never uploaded (it holds this machine's credentials "
             "and settings), so every step would fail",
-            hint="compile with an environment the archive carries (e.g. --env base, or a cloud env from "
-            "`kvx-runtime init --cloud-env`), or without --code-upload",
+            hint="compile with an environment the archive carries (--env base, or an env of your own such "
+            "as conf/cloud), or without --code-upload",
         )
 
 
