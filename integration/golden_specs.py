@@ -103,7 +103,11 @@ def _add_env(project: Path, env: str, files: dict[str, str]) -> None:
 #: How each project is copied: one copy per project (a package is imported once per process),
 #: with the config environments its cases add.
 PROJECTS: dict[str, tuple[Path, Callable[[Path], None]]] = {
-    "example": (EXAMPLE_PROJECT, lambda project: _add_env(project, "golden", {"vertexai.yml": EXAMPLE_RICH_CONFIG})),
+    "example": (EXAMPLE_PROJECT, lambda project: (
+        _add_env(project, "golden", {"vertexai.yml": EXAMPLE_RICH_CONFIG}),
+        # The local env's MLflow and catalog in an env a code archive carries (conf/local never travels).
+        _add_env(project, "tracked", {name: (project / "conf" / "local" / name).read_text()
+                                      for name in ("mlflow.yml", "catalog.yml")}))),
     "real_world": (REAL_WORLD_PROJECT, lambda project: _add_env(project, "mlflow", {"mlflow.yml": MLFLOW_CONFIG})),
 }
 
@@ -113,8 +117,8 @@ CASES: tuple[Case, ...] = (
     Case("example-vertex-params", "example", ".json", env="cloud",
          params=("data_science.model_options.test_size:float",
                  "data_science.model_options.features:list,reporting.title:str")),
-    # The local env configures MLflow; run values (run-once's --param), load versions, code upload.
-    Case("example-vertex-mlflow-code", "example", ".json", env="local",
+    # An env with MLflow (the local env's files); run values (run-once's --param), load versions, code upload.
+    Case("example-vertex-mlflow-code", "example", ".json", env="tracked",
          storage_root="gs://kvx-golden-bucket/runs", params=("data_science.model_options.test_size:float",),
          values={"data_science.model_options.test_size": "0.3", "reporting.top_n": "2",
                  "data_science.model_options.scaler": '{"method": "minmax", "clip": 1}'},

@@ -117,6 +117,10 @@ def _ignore_rules(project: Path) -> Any:
     return ignored
 
 
+#: Config environments a code archive never holds: the laptop's own (credentials, experiments).
+NOT_UPLOADED_ENVS = ("local",)
+
+
 def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str, Path]]:
     """(name in the archive, file) for everything the archive holds, sorted."""
     ignored = _ignore_rules(project)
@@ -127,7 +131,7 @@ def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str
             parts = relative.split("/")
             if path.is_dir() or "__pycache__" in parts or path.suffix in {".pyc", ".pyo"}:
                 continue
-            if arcroot == "conf" and (parts[0] == "local" or any(p.startswith("credentials") for p in parts)):
+            if arcroot == "conf" and (parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in parts)):
                 continue
             try:
                 project_relative = path.relative_to(project).as_posix()

@@ -72,6 +72,8 @@ class CompileSpecRequest:
     options: PipelineOptions = field(default_factory=PipelineOptions)
     storage_root: str | None = None
     output: str = "pipeline.json"
+    #: Every warning (a trap that would fail in the cloud) is an error: for CI.
+    strict: bool = False
 
 
 def compile_spec(request: CompileSpecRequest) -> Path:
@@ -81,6 +83,15 @@ def compile_spec(request: CompileSpecRequest) -> Path:
 
     target = request.at.target
     compiled = compile_for(request.at, request.options, request.storage_root)
+    if request.strict and compiled.warnings:
+        from kvx_runtime.errors import UsageError
+
+        count = len(compiled.warnings)
+        raise UsageError(
+            f"--strict: {count} warning{'s' if count != 1 else ''} (above): {'; '.join(compiled.warnings[:5])}"
+            + (f" and {count - 5} more" if count > 5 else "") + "; no spec written",
+            hint="fix what each warning says, or compile without --strict",
+        )
     platform = compiled.platform_spec if target.applies_platform_spec else None
     if platform and Path(request.output).suffix not in {".yaml", ".yml"}:
         from kvx_runtime.log import get_logger
@@ -100,15 +111,17 @@ def compile_spec(request: CompileSpecRequest) -> Path:
 @click.option("--storage-root", default=None, help="Default storage root of the run (default: run_config.root).")
 @click.option("-o", "--output", default="pipeline.json", show_default=True,
               help="Where to write the spec: JSON, or YAML for .yaml/.yml.")
+@click.option("--strict", is_flag=True,
+              help="Exit 2 on any warning (a trap that would fail in the cloud), writing no spec: for CI.")
 @click.pass_context
 def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                    code_upload: bool | None, storage_root: str | None, output: str) -> None:
+                    code_upload: bool | None, storage_root: str | None, output: str, strict: bool) -> None:
     """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
     compile_spec(CompileSpecRequest(
         at=invocation(ctx, project_path, env),
         options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
-        storage_root=storage_root, output=output,
+        storage_root=storage_root, output=output, strict=strict,
     ))
 
 

@@ -185,6 +185,33 @@ def warn_local_datasets(
     return flagged
 
 
+def warn_uncopyable_crossings(
+    assigned: Iterable[str],
+    producers: Mapping[str, str],
+    consumers: Mapping[str, list[str]],
+    step_of: Mapping[str, str],
+) -> list[str]:
+    """Datasets the catalog keeps in memory uncopied (``copy_mode: assign``, e.g. a Spark
+    DataFrame) that one step writes and another reads: between steps they would be pickled,
+    which such objects refuse at run time. Returns their names (warned)."""
+    flagged: list[str] = []
+    for dataset in sorted(assigned):
+        producer = producers.get(dataset_identity(dataset))
+        readers = [n for n in consumers.get(dataset_identity(dataset), [])
+                   if producer is not None and step_of.get(n) != step_of.get(producer)]
+        if not readers:
+            continue
+        flagged.append(dataset)
+        log.warning(
+            f"catalog dataset '{dataset}' is a MemoryDataset with copy_mode: assign (an object that cannot be "
+            f"copied, such as a Spark DataFrame) that node '{producer}' writes and node '{readers[0]}' reads in "
+            "another step: crossing steps pickles it, which such objects refuse",
+            hint="persist it (e.g. spark.SparkDataset under the storage root), or run its producer and consumers "
+            "in one step (run_config.grouping)",
+        )
+    return flagged
+
+
 def warn_envs_not_in_image(project_path: Path, conf_root: Path, envs: Iterable[str]) -> list[str]:
     """Config environments the steps use that the project's .dockerignore leaves out of the
     image (every file of ``conf/<env>`` excluded): steps would fail only once in the cloud."""

@@ -16,8 +16,11 @@ from kvx_runtime.config import resolve_storage_root
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import build_grouper
+from kvx_runtime.log import get_logger
 
 __all__ = ["load_pipeline_as_steps_do", "load_project_facts", "mlflow_configured"]
+
+log = get_logger(__name__)
 
 #: Passed from the compiling machine into every step, so ${commit_id} means the same thing.
 FORWARDED_ENV = ("KEDRO_CONFIG_COMMIT_ID", "KEDRO_CONFIG_BRANCH_NAME")
@@ -29,6 +32,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
 
     project = open_project(request.project_path, request.env)
     run = project.plugin_config.run_config
+    _check_env_uploaded(project.env, request.code_upload if request.code_upload is not None else run.code_upload)
     image = request.image or run.image
     if not image:
         raise ConfigError("no image to run the steps in", hint="pass --image or set run_config.image")
@@ -54,6 +58,48 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
         envs_not_in_image=tuple(warn_envs_not_in_image(project.path, project.conf_root,
                                                        [project.base_env, project.env])),
+        unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
+        memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
+    )
+
+
+def _check_env_uploaded(env: str, code_upload: bool) -> None:
+    """With code upload the steps read the archive's configuration, which never holds
+    ``conf/local``: a pipeline compiled for it would fail every step."""
+    from kvx_runtime.code_upload import NOT_UPLOADED_ENVS
+
+    if code_upload and env in NOT_UPLOADED_ENVS:
+        raise ConfigError(
+            f"--env {env} with code upload: conf/{env} is never uploaded (it holds this machine's credentials "
+            "and settings), so every step would fail",
+            hint="compile with an environment the archive carries (--env base, or an env of your own such "
+            "as conf/cloud), or without --code-upload",
+        )
+
+
+def _unread_mlflow_files(project: Any) -> tuple[str, ...]:
+    """kedro-mlflow configuration in environments the steps will not read (``kedro mlflow
+    init`` writes ``conf/local/mlflow.yml``): the pipeline would be compiled without tracking."""
+    if importlib.util.find_spec("kedro_mlflow") is None:
+        return ()
+    read = {project.base_env, project.env}
+    files = sorted(path for path in project.conf_root.glob("*/mlflow*") if path.parent.name not in read)
+    for path in files:
+        log.warning(
+            f"MLflow is configured in {path.relative_to(project.path)}, which the steps do not read (they use "
+            f"env {project.env}): this pipeline is compiled without tracking",
+            hint=f"compile with --env {path.parent.name}, or move the file to conf/{project.base_env}",
+        )
+    return tuple(str(path.relative_to(project.path)) for path in files)
+
+
+def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:
+    """Catalog entries that keep an object in memory without copying it (``MemoryDataset``
+    with ``copy_mode: assign``, what Kedro's Spark starters use for DataFrames)."""
+    return frozenset(
+        name for name, config in catalog_config.items()
+        if isinstance(config, dict) and str(config.get("type", "")).rsplit(".", 1)[-1] == "MemoryDataset"
+        and config.get("copy_mode") == "assign"
     )
 
 

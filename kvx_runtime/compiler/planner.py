@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvx_runtime.compiler.checks import warn_local_datasets, warn_unknown_selectors
+from kvx_runtime.compiler.checks import warn_local_datasets, warn_uncopyable_crossings, warn_unknown_selectors
 from kvx_runtime.compiler.names import parameter_name, pipeline_name, unique_task_names
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
@@ -80,6 +80,10 @@ class ProjectFacts:
     forwarded_env: dict[str, str]
     #: Config environments the steps use that their image leaves out.
     envs_not_in_image: tuple[str, ...]
+    #: kedro-mlflow files in environments the steps do not read (when none they read has one).
+    unread_mlflow_files: tuple[str, ...] = ()
+    #: Catalog entries held in memory uncopied (``copy_mode: assign``): objects that cannot cross steps.
+    memory_datasets_assigned: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,8 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
     step_of = {node: group.name for group in graph.groups.values() for node in group.nodes}
     warnings += warn_local_datasets(facts.dataset_paths, producers, consumers, step_of, request.shared_mounts)
     warnings += [f"env {env} not in image" for env in facts.envs_not_in_image]
+    warnings += [f"MLflow configured in {path}, not read by the steps" for path in facts.unread_mlflow_files]
+    warnings += warn_uncopyable_crossings(facts.memory_datasets_assigned, producers, consumers, step_of)
     return warnings
 
 
