@@ -90,7 +90,7 @@ def test_sigterm_through_the_entrypoint_reaches_the_step(tmp_path: Path) -> None
     rest = signal_after_node_started(process, signal.SIGTERM)
     assert process.returncode == 143
     assert "stopped by SIGTERM" in rest
-    assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]
+    assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["owner.json", "values.bin"]
 
 
 def test_doctor_reports_each_check_and_fails_on_a_bad_storage_root(example_project: Path, tmp_path: Path) -> None:

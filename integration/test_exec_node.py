@@ -52,8 +52,9 @@ def test_stepwise_on_local_root_matches_kedro_run(example_project: Path, node_or
     runs = run_pipeline_stepwise(example_project, node_order, str(root), "stepwise")
 
     assert reports(example_project, "stepwise") == reports(example_project, "baseline")
-    blobs = {p.name.removesuffix(".bin") for p in (root / "kedro-vertexai-temp" / "stepwise").iterdir()}
-    assert blobs == EXPECTED_BLOBS
+    listed = {p.name for p in (root / "kedro-vertexai-temp" / "stepwise").iterdir()}
+    assert {name.removesuffix(".bin") for name in listed - {"owner.json"}} == EXPECTED_BLOBS
+    assert "owner.json" in listed  # the run that owns the job directory
 
     by_node = dict(zip(node_order, runs, strict=True))
     # Every line carries the step context.
@@ -80,7 +81,8 @@ def test_stepwise_on_gcs_emulator_matches_kedro_run(example_project: Path, node_
     assert reports(example_project, "gcs-run") == reports(example_project, "baseline")
     fs = gcs_emulator.filesystem()
     listed = fs.ls(f"{gcs_emulator.bucket}/e2e/kedro-vertexai-temp/gcs-job")
-    assert {Path(p).name.removesuffix(".bin") for p in listed} == EXPECTED_BLOBS
+    names = {Path(p).name for p in listed}
+    assert {name.removesuffix(".bin") for name in names - {"owner.json"}} == EXPECTED_BLOBS and "owner.json" in names
 
 
 def test_group_runs_in_one_process_and_stores_only_what_leaves(example_project: Path, tmp_path) -> None:

@@ -165,7 +165,8 @@ def test_unreachable_storage_exits_3(example_project: Path) -> None:
     env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", KVX_STORAGE_RETRY_BUDGET="4")
     result = run_step(example_project, "--node", FIRST, "--storage-root", "gs://bucket/root", env=env)
     assert result.returncode == 3
-    assert "could not write gs://bucket/root/kedro-vertexai-temp/" in result.last_message
+    # The step's first storage operation: recording the run that owns the job directory.
+    assert "could not record gs://bucket/root/kedro-vertexai-temp/" in result.last_message
     assert result.records[-1]["exit_code"] == 3
     # The verdict is the only error: no library tracebacks before it.
     errors = [r for r in result.records if r.get("severity") == "ERROR"]
@@ -271,7 +272,7 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
     rest = signal_after_node_started(process, signum)
     assert process.returncode == code
     assert "nothing partial was left behind" in rest.splitlines()[-1]
-    assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["values.bin"]
+    assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["owner.json", "values.bin"]
 
 
 def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path, gcs_emulator) -> None:
@@ -309,7 +310,7 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_step_removes(tmp_pat
     )
     signal_after_node_started(process, signal.SIGKILL, event="node finished", delay=2.0)
     job_dir = root / "kedro-vertexai-temp" / "k"
-    leftovers = [p.name for p in job_dir.iterdir()]
+    leftovers = [p.name for p in job_dir.iterdir() if p.name != "owner.json"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".payload.bin.") and leftovers[0].endswith(".tmp")
     assert not (job_dir / "payload.bin").exists()  # never a partial blob under the final name
 
@@ -319,4 +320,4 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_step_removes(tmp_pat
     assert listed.returncode == 0 and f"would delete temporary file of a dead writer: k/{leftovers[0]}" in listed.stdout
     reader = run_step(project, "--node", "count", "--run-id", "k", "--storage-root", str(root))
     assert reader.returncode == 2 and "payload" in reader.last_message  # the blob was never written
-    assert list(job_dir.iterdir()) == []
+    assert [p.name for p in job_dir.iterdir()] == ["owner.json"]  # the run's record, no blob

@@ -235,7 +235,7 @@ def test_stop_signals_mid_write_leave_no_partial_blob(tmp_path: Path, gcs_emulat
             reader = run_step(project, "--node", "count", "--run-id", job, "--storage-root", root, env=env)
             assert reader.returncode == 2 and "does not exist" in reader.last_message, reader.last_message
             if where == "local":
-                assert list((Path(root) / "kedro-vertexai-temp" / job).iterdir()) == []
+                assert [p.name for p in (Path(root) / "kedro-vertexai-temp" / job).iterdir()] == ["owner.json"]
             else:
                 fs = gcs_emulator.filesystem()
                 prefix = f"{gcs_emulator.bucket}/signals-{signum}/kedro-vertexai-temp/{job}"
