@@ -91,7 +91,9 @@ def compile_spec(request: CompileSpecRequest) -> Path:
                                      output=str(request.output))
         platform = None
     path = write_spec(compiled.spec, request.output, platform)
-    click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
+    from kvx_runtime.compiler.kfp_reader import describe_steps, step_names
+
+    click.echo(f"Pipeline spec with {describe_steps(step_names(compiled.spec))} written to {path}")
     return path
 
 
