@@ -7,12 +7,14 @@ laptop's ``local`` environment, which gives the embedded defaults: intermediates
 root under the project (``.kvx/storage``) and a local MLflow (``.kvx/mlflow.db``) holding the
 pipeline's one run, started by the ``mlflow-start-run`` step and ended by the exit handler.
 (Without ``--env`` steps use ``base``, which project images contain; ``conf/local`` stays on
-the laptop.) Prints where everything is.
+the laptop.) ``${commit_id}`` is the checkout's commit, as CI would set it (``local`` outside
+a git checkout). Prints where everything is.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +75,16 @@ def mlflow_summary(job_name: str) -> str:
 def _env() -> dict[str, str]:
     import os
 
-    return {**os.environ, "KVX_LOG_FORMAT": os.environ.get("KVX_LOG_FORMAT", "text")}
+    return {**os.environ, "KVX_LOG_FORMAT": os.environ.get("KVX_LOG_FORMAT", "text"),
+            "KEDRO_CONFIG_COMMIT_ID": os.environ.get("KEDRO_CONFIG_COMMIT_ID") or _commit_id()}
+
+
+def _commit_id() -> str:
+    """What CI sets ``KEDRO_CONFIG_COMMIT_ID`` to (docs/configuration.md): the checkout's commit,
+    "local" outside a checkout, so the example's ``${commit_id|dirty}`` names what ran."""
+    found = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT, capture_output=True,
+                           text=True, check=False) if shutil.which("git") else None
+    return found.stdout.strip() if found is not None and found.returncode == 0 else "local"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,17 @@ def _now() -> str:
 #: (kubernetes_executor_config.proto: SecretAsEnv and its SecretKeyToEnvMap), proto3 JSON names.
 _SECRET_AS_ENV_FIELDS = {"secretName", "secretNameParameter", "keyToEnv", "optional"}
 _KEY_TO_ENV_FIELDS = {"secretKey", "envVar"}
+#: The fields of kfp-kubernetes' ``KubernetesExecutorConfig`` (proto3 JSON names) and of its
+#: ``NodeSelector``.
+_EXECUTOR_CONFIG_FIELDS = {
+    "secretAsVolume", "secretAsEnv", "pvcMount", "nodeSelector", "podMetadata", "imagePullSecret",
+    "imagePullPolicy", "configMapAsVolume", "configMapAsEnv", "activeDeadlineSeconds", "fieldPathAsEnv",
+    "tolerations", "genericEphemeralVolume", "nodeAffinity", "podAffinity", "enabledSharedMemory", "emptyDirMounts",
+}
+_NODE_SELECTOR_FIELDS = {"labels", "nodeSelectorJson"}
+#: Resource names a container may ask for without a domain; any other must be an extended
+#: resource with one (nvidia.com/gpu), or Kubernetes refuses the pod.
+_STANDARD_RESOURCES = {"cpu", "memory", "ephemeral-storage"}
 
 
 def split_pipeline_spec(value: Any) -> tuple[dict, dict | None]:
@@ -70,6 +81,14 @@ def check_platform_spec(spec: dict, platform: dict | None) -> list[str]:
     for label, config in executors.items():
         if label not in known:
             problems.append(f"platform_spec: executor {label} is not in the pipeline spec")
+        problems += [f"platform_spec: {label}.{key}: not a field of KubernetesExecutorConfig" for key in config
+                     if key not in _EXECUTOR_CONFIG_FIELDS]
+        selector = config.get("nodeSelector", {})
+        problems += [f"platform_spec: {label}.nodeSelector.{key}: unknown field" for key in selector
+                     if key not in _NODE_SELECTOR_FIELDS]
+        labels = selector.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            problems.append(f"platform_spec: {label}.nodeSelector.labels: not a map of strings")
         for entry in config.get("secretAsEnv", []):
             problems += [f"platform_spec: {label}.secretAsEnv.{key}: unknown field" for key in entry
                          if key not in _SECRET_AS_ENV_FIELDS]
@@ -77,6 +96,25 @@ def check_platform_spec(spec: dict, platform: dict | None) -> list[str]:
                          for pair in entry.get("keyToEnv", []) for key in pair if key not in _KEY_TO_ENV_FIELDS]
             if not entry.get("secretName") and not entry.get("secretNameParameter"):
                 problems.append(f"platform_spec: {label}.secretAsEnv: no secret name")
+    return problems
+
+
+def check_accelerators(spec: dict) -> list[str]:
+    """Accelerators as KFP's driver reads them: ``resourceType`` (``type`` in releases before it)
+    is the Kubernetes resource name it puts in the pod's limits, ``resourceCount`` the count."""
+    problems = []
+    for label, executor in spec.get("deploymentSpec", {}).get("executors", {}).items():
+        accelerator = executor.get("container", {}).get("resources", {}).get("accelerator")
+        if not accelerator:
+            continue
+        for key in ("resourceType", "type"):
+            name = accelerator.get(key)
+            if name and "/" not in name and name not in _STANDARD_RESOURCES:
+                problems.append(f"pipeline_spec: {label}.resources.accelerator.{key}: {name!r} is not a "
+                                "Kubernetes resource name (e.g. nvidia.com/gpu): the pod would be refused")
+        count = accelerator.get("resourceCount", accelerator.get("count"))
+        if count is not None and not str(count).isdigit():
+            problems.append(f"pipeline_spec: {label}.resources.accelerator: count {count!r} is not a number")
     return problems
 
 
@@ -419,7 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {method} {route}")
 
     def _platform_checked(self, body: dict) -> bool:
-        problems = check_platform_spec(*split_pipeline_spec(body.get("pipeline_spec")))
+        spec, platform = split_pipeline_spec(body.get("pipeline_spec"))
+        problems = check_accelerators(spec) + check_platform_spec(spec, platform)
         if problems:
             self.fake.problems += problems
             self._error(400, "; ".join(problems))

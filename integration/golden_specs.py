@@ -172,14 +172,16 @@ def _pin_environment() -> None:
 def compile_case(case: Case, project: Path, out: Path) -> list[Path]:
     """Compile ``case`` in ``project`` as the commands do; write its files to ``out``."""
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
-    from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
+    from kvx_runtime.targets.registry import TARGETS, default_target
 
+    target = TARGETS["kubeflow"] if case.kubeflow else default_target()
     compiled = compile_pipeline(CompileRequest(
         project_path=project, env=case.env, pipeline=case.pipeline, params=case.params,
         storage_root=case.storage_root, load_versions=dict(case.load_versions), values=dict(case.values),
-        code_upload=case.code_upload, shared_mounts=() if case.kubeflow else VERTEX_SHARED_MOUNTS,
+        code_upload=case.code_upload, shared_mounts=target.shared_mounts,
+        gpu_resource_name=target.gpu_resource_name,
     ))
-    platform = compiled.platform_spec if case.kubeflow and case.output == ".yaml" else None
+    platform = compiled.platform_spec if target.applies_platform_spec and case.output == ".yaml" else None
     spec_path = write_spec(compiled.spec, out / f"{case.name}{case.output}", platform)
     rest = out / f"{case.name}.compiled.json"
     rest.write_text(json.dumps({"steps": compiled.steps, "warnings": compiled.warnings,

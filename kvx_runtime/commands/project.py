@@ -60,6 +60,7 @@ def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | No
         project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
         params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
         values=run_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
+        gpu_resource_name=at.target.gpu_resource_name,
     ))
 
 
@@ -96,11 +97,14 @@ def compile_spec(request: CompileSpecRequest) -> Path:
     if platform and Path(request.output).suffix not in {".yaml", ".yml"}:
         from kvx_runtime.log import get_logger
 
-        get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec: write .yaml "
-                                     "(-o pipeline.yaml) for KFP to apply it", output=str(request.output))
+        get_logger(__name__).warning("run_config.kubernetes is left out of a JSON spec (and so are the GPU "
+                                     "node selectors): write .yaml (-o pipeline.yaml) for KFP to apply it",
+                                     output=str(request.output))
         platform = None
     path = write_spec(compiled.spec, request.output, platform)
-    click.echo(f"Pipeline spec with {len(compiled.steps)} steps written to {path}")
+    from kvx_runtime.compiler.kfp_reader import describe_steps, step_names
+
+    click.echo(f"Pipeline spec with {describe_steps(step_names(compiled.spec))} written to {path}")
     return path
 
 

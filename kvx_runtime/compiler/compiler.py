@@ -37,7 +37,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     """Plan ``request``, upload its code when asked, render it as a KFP spec and check it."""
     facts = load_project_facts(request)
     plan = upload_code(plan_pipeline(request, facts))
-    kfp = render_kfp(plan)
+    kfp = render_kfp(plan, request.gpu_resource_name)
     check_node_dependencies(facts.pipeline, plan.nodes_of_step, kfp.spec)
     log.info("pipeline compiled", pipeline=plan.name, steps=len(plan.node_steps), mlflow=plan.mlflow,
              parameters=[p.kedro_name for p in plan.parameters])

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvx_runtime.compiler.plan import MLFLOW_END_STEP, MLFLOW_START_STEP
 from kvx_runtime.errors import UsageError
 from kvx_runtime.params import convert, kind_of_spec_type, quoted
 
@@ -67,6 +68,31 @@ def render(kind: str, value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value)
+
+
+def step_names(spec: Mapping[str, Any]) -> list[str]:
+    """The tasks of a compiled spec that run a container, those inside the exit handler too."""
+    names: list[str] = []
+
+    def walk(dag: Mapping[str, Any]) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            component = spec["components"].get(task.get("componentRef", {}).get("name"), {})
+            if "dag" in component:
+                walk(component["dag"])
+            else:
+                names.append(name)
+
+    walk(spec["root"].get("dag", {}))
+    return names
+
+
+def describe_steps(names: Iterable[str]) -> str:
+    """How many steps a pipeline runs, as compile and run-local both say it: "10 node steps +
+    2 MLflow steps" (MLflow's start and end are steps of their own, running no node)."""
+    listed = list(names)
+    mlflow = sum(name in (MLFLOW_START_STEP, MLFLOW_END_STEP) for name in listed)
+    nodes = f"{len(listed) - mlflow} node steps"
+    return f"{nodes} + {mlflow} MLflow steps" if mlflow else nodes
 
 
 def build_graph(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> SpecGraph:

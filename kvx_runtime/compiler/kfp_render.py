@@ -29,6 +29,7 @@ from kvx_runtime.compiler.spec import (
     STORAGE_ROOT_PARAMETER,
     SpecBuilder,
     Step,
+    executor_label,
     output_file,
     placeholder,
     retry_policy,
@@ -60,8 +61,10 @@ class KfpPipeline:
     platform_spec: dict[str, Any] | None
 
 
-def render_kfp(plan: PipelinePlan) -> KfpPipeline:
-    """The pipeline spec of ``plan`` (checked for dangling references) and its platform spec."""
+def render_kfp(plan: PipelinePlan, gpu_resource_name: str | None = None) -> KfpPipeline:
+    """The pipeline spec of ``plan`` (checked for dangling references) and its platform spec.
+    ``gpu_resource_name``: the target asks for GPUs by this Kubernetes resource name, the
+    accelerator type becoming a node selector (KFP); None: by accelerator type (Vertex AI)."""
     if plan.code_upload is not None:
         raise ValueError("the plan's code archive is not uploaded yet: run compiler.upload.upload_code first")
     parameter_types = {parameter.name: PARAMETER_TYPES[parameter.type] for parameter in plan.parameters}
@@ -71,15 +74,18 @@ def render_kfp(plan: PipelinePlan) -> KfpPipeline:
         failure_policy=plan.failure_policy,
     )
     spec = builder.build(
-        [_task(step, parameter_types, after_body=False) for step in plan.steps],
+        [_task(step, parameter_types, gpu_resource_name, after_body=False) for step in plan.steps],
         None,
-        [_task(step, parameter_types, after_body=True) for step in plan.exit_steps],
+        [_task(step, parameter_types, gpu_resource_name, after_body=True) for step in plan.exit_steps],
     )
     check_references(spec)
-    return KfpPipeline(spec=spec, platform_spec=kubernetes_platform_spec(spec, plan.kubernetes))
+    node_selectors = {executor_label(step.name): step.resources.node_selector(gpu_resource_name)
+                      for step in (*plan.steps, *plan.exit_steps) if step.resources is not None}
+    return KfpPipeline(spec=spec, platform_spec=kubernetes_platform_spec(spec, plan.kubernetes, node_selectors))
 
 
-def _task(step: PlannedStep, parameter_types: Mapping[str, str], *, after_body: bool) -> Step:
+def _task(step: PlannedStep, parameter_types: Mapping[str, str], gpu_resource_name: str | None, *,
+          after_body: bool) -> Step:
     """One task; ``after_body``: an exit step, run by the exit handler whatever the body's outcome."""
     inputs: dict[str, str] = {}
     outputs: dict[str, str] = {}
@@ -100,7 +106,7 @@ def _task(step: PlannedStep, parameter_types: Mapping[str, str], *, after_body: 
         inputs=inputs,
         outputs=outputs,
         depends_on=[EXIT_HANDLER] if after_body else list(step.after),
-        resources=step.resources.to_spec() if step.resources is not None else {},
+        resources=step.resources.to_spec(gpu_resource_name) if step.resources is not None else {},
         retry=retry_policy(step.retry),
         env=dict(step.env),
         final_status=after_body,

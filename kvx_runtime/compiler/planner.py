@@ -55,6 +55,9 @@ class CompileRequest:
     code_upload: bool | None = None
     #: Local paths every step of the target sees (Vertex AI's /gcs/ FUSE mount; none on Kubeflow).
     shared_mounts: tuple[str, ...] = VERTEX_SHARED_MOUNTS
+    #: The Kubernetes resource name the target asks GPUs by, the accelerator type becoming a
+    #: node selector (KFP: nvidia.com/gpu); None: by accelerator type (Vertex AI).
+    gpu_resource_name: str | None = None
 
 
 @dataclass(frozen=True)

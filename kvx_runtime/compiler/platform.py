@@ -14,9 +14,11 @@ from typing import Any
 __all__ = ["kubernetes_platform_spec", "with_platform_spec"]
 
 
-def kubernetes_platform_spec(spec: Mapping[str, Any], kubernetes: Any) -> dict[str, Any] | None:
+def kubernetes_platform_spec(spec: Mapping[str, Any], kubernetes: Any,
+                             node_selectors: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any] | None:
     """The platform spec giving every executor of ``spec`` what ``run_config.kubernetes`` asks
-    for; None when it asks for nothing."""
+    for, and an executor of ``node_selectors`` (executor label -> node labels) its node
+    selector; None when nothing is asked for."""
     secrets = [
         {
             # secretName for KFP releases before secretNameParameter existed; newer read either.
@@ -27,12 +29,19 @@ def kubernetes_platform_spec(spec: Mapping[str, Any], kubernetes: Any) -> dict[s
         }
         for secret in kubernetes.secrets_as_env
     ]
-    if not secrets:
+    selectors = node_selectors or {}
+    configs: dict[str, dict[str, Any]] = {}
+    for label in spec.get("deploymentSpec", {}).get("executors", {}):
+        config: dict[str, Any] = {}
+        if secrets:
+            config["secretAsEnv"] = [dict(secret) for secret in secrets]
+        if selectors.get(label):
+            config["nodeSelector"] = {"labels": dict(selectors[label])}
+        if config:
+            configs[label] = config
+    if not configs:
         return None
-    executors = spec.get("deploymentSpec", {}).get("executors", {})
-    return {"platforms": {"kubernetes": {"deploymentSpec": {"executors": {
-        label: {"secretAsEnv": [dict(secret) for secret in secrets]} for label in executors
-    }}}}}
+    return {"platforms": {"kubernetes": {"deploymentSpec": {"executors": configs}}}}
 
 
 def with_platform_spec(spec: Mapping[str, Any], platform: Mapping[str, Any] | None) -> dict[str, Any]:

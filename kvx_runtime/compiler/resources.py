@@ -12,6 +12,8 @@ from kvx_runtime.config import ResourceSpec, RetrySpec
 
 T = TypeVar("T")
 DEFAULT = "__default__"
+#: The node label of GKE naming a node's accelerator: in ``run_config.node_selectors``, the
+#: step's accelerator type (as Vertex AI names it, NVIDIA_TESLA_T4).
 ACCELERATOR_KEY = "cloud.google.com/gke-accelerator"
 _MEMORY_UNITS = {
     "": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -65,8 +67,11 @@ class StepResources:
     gpu: int | None = None
     accelerator: str | None = None
 
-    def to_spec(self) -> dict[str, Any]:
-        """The ``PipelineContainerSpec.ResourceSpec`` JSON (limits and requests alike)."""
+    def to_spec(self, gpu_resource_name: str | None = None) -> dict[str, Any]:
+        """The ``PipelineContainerSpec.ResourceSpec`` JSON (limits and requests alike). The
+        accelerator's type is ``gpu_resource_name`` where the target asks for GPUs by Kubernetes
+        resource name (KFP: ``nvidia.com/gpu``, the type going to :meth:`node_selector`), else
+        the accelerator type itself (Vertex AI)."""
         spec: dict[str, Any] = {}
         if self.cpu:
             cores = cpu_cores(self.cpu)
@@ -79,10 +84,25 @@ class StepResources:
         if self.gpu or self.accelerator:
             count = str(self.gpu or 1)
             accelerator: dict[str, Any] = {"count": count, "resourceCount": count}
-            if self.accelerator:
-                accelerator.update(type=self.accelerator, resourceType=self.accelerator)
+            # Both spellings: KFP releases before resourceType existed read type and count.
+            kind = gpu_resource_name or self.accelerator
+            if kind:
+                accelerator.update(type=kind, resourceType=kind)
             spec["accelerator"] = accelerator
         return spec
+
+    def node_selector(self, gpu_resource_name: str | None = None) -> dict[str, str]:
+        """The node labels a Kubernetes pod of this step needs where GPUs are asked for by
+        resource name: the accelerator type as GKE labels its nodes (nvidia-tesla-t4)."""
+        if not gpu_resource_name or not self.accelerator:
+            return {}
+        return {ACCELERATOR_KEY: gke_accelerator_label(self.accelerator)}
+
+
+def gke_accelerator_label(accelerator: str) -> str:
+    """GKE's node label value for an accelerator type as Vertex AI names it
+    (NVIDIA_TESLA_T4 -> nvidia-tesla-t4; a label value is kept as it is)."""
+    return accelerator.lower().replace("_", "-")
 
 
 def group_resources(per_node: list[dict[str, Any]], selectors: list[dict[str, str]]) -> StepResources:

@@ -25,6 +25,12 @@ from kvx_runtime.params import SPEC_TYPES
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 SCHEMA_VERSION = "2.1.0"
+
+
+def executor_label(task: str) -> str:
+    """The label of a task's executor in ``deploymentSpec`` (and in the platform spec)."""
+    return f"exec-{task}"
+
 STORAGE_ROOT_PARAMETER = "kvx_storage_root"
 #: A pipeline parameter no task reads: the failure policy that run-local applies and that a
 #: submitted job carries as runtimeConfig.failurePolicy (the spec itself has no such field).
@@ -102,11 +108,11 @@ class SpecBuilder:
         inside = self.has_exit_handler
         for step in body:
             components[f"comp-{step.task}"] = self._component(step)
-            executors[f"exec-{step.task}"] = self._executor(step)
+            executors[executor_label(step.task)] = self._executor(step)
             (inner_tasks if inside else root_tasks)[step.task] = self._task(step, inside=inside)
         for step in exit_steps:
             components[f"comp-{step.task}"] = self._component(step)
-            executors[f"exec-{step.task}"] = self._executor(step)
+            executors[executor_label(step.task)] = self._executor(step)
             root_tasks[step.task] = self._task(step, inside=False)
 
         if inside:
@@ -176,7 +182,7 @@ class SpecBuilder:
         return definitions
 
     def _component(self, step: Step) -> dict[str, Any]:
-        component: dict[str, Any] = {"executorLabel": f"exec-{step.task}"}
+        component: dict[str, Any] = {"executorLabel": executor_label(step.task)}
         if step.inputs:
             definitions = {}
             for name, kind in sorted(step.inputs.items()):

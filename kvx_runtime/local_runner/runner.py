@@ -31,6 +31,7 @@ from kvx_runtime.compiler.kfp_reader import (
     SpecGraph,
     SpecTask,
     build_graph,
+    describe_steps,
     input_key,
     output_key,
     render,
@@ -357,7 +358,7 @@ def run_local(
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
                            {"KVX_LOG_FORMAT": "json"}, fail_fast=policy == "fail_fast")
-    print(f"Running {len(graph.tasks)} steps of {spec.get('pipelineInfo', {}).get('name')} "
+    print(f"Running {describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
           f"as job {job}, run id {scheduler.job_uuid}, {policy} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:

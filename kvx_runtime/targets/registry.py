@@ -5,7 +5,8 @@ An entry says everything the commands would otherwise decide by testing the targ
 which command group reaches it, which client class talks to it (imported only when a command
 needs it, so ``exec-node`` never pays for a client), its config file, the spec format its
 renderer takes, the options it does not offer, the local mounts its steps share, whether it
-applies ``run_config.kubernetes`` from the spec file, and its ``init`` command. Adding a target
+applies ``run_config.kubernetes`` from the spec file, how its steps ask for GPUs, and its
+``init`` command. Adding a target
 is one entry here plus its own modules (docs/architecture.md, "Adding a target").
 
 This module imports nothing heavy: ``kvx_runtime.cli`` reads it at start-up.
@@ -65,6 +66,10 @@ class TargetInfo:
     #: It applies ``run_config.kubernetes``, read from the spec file's second YAML document
     #: (KFP's platform spec); elsewhere the setting is left out of the file.
     applies_platform_spec: bool = False
+    #: The Kubernetes resource name its steps ask GPUs by, the accelerator type
+    #: (``cloud.google.com/gke-accelerator`` in ``run_config.node_selectors``) becoming a node
+    #: selector of the platform spec; None: the accelerator type itself is asked for (Vertex AI).
+    gpu_resource_name: str | None = None
 
     def client_class(self) -> type[PipelineTarget]:
         """The client class, imported now; a missing dependency is a ConfigError with the install hint."""
@@ -104,6 +109,7 @@ TARGETS: Mapping[str, TargetInfo] = {
         unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
         unsupported_commands=frozenset({"gc"}),
         applies_platform_spec=True,
+        gpu_resource_name="nvidia.com/gpu",
     ),
 }
 
