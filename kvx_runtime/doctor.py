@@ -16,7 +16,6 @@ last thing printed.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import threading
 import time
@@ -81,28 +80,14 @@ class _Pending:
                      "address?); KVX_DOCTOR_TIMEOUT sets the wait", int(ExitCode.INFRASTRUCTURE))
 
 
-class _DoctorLinesOnly(logging.Filter):
-    """Lets through only kvx-runtime's records from the doctor's own thread: libraries' retries
-    and warnings, and whatever a check's thread (or one a library started) says, would break
-    up the table or come after it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread == self._thread and record.name.split(".")[0] == "kvx_runtime"
-
-
 @contextmanager
 def _quiet_libraries(pending: list[_Pending]) -> Iterator[None]:
-    """Swallow log lines and warnings but the doctor's own; put them back on leaving unless a
-    check in ``pending`` is still running (it would print after the table; the process is
-    about to end, and the filter still lets the doctor's verdict through)."""
-    only_doctor = _DoctorLinesOnly()
-    handlers = [*logging.getLogger().handlers, *([logging.lastResort] if logging.lastResort else [])]
-    for handler in handlers:
-        handler.addFilter(only_doctor)
+    """Print only the doctor's own log lines (not libraries', not the checks' threads') and no
+    warnings; all again on leaving unless a check in ``pending`` is still running (it would
+    print after the table; the process is about to end, and the doctor's verdict still prints)."""
+    from kvx_runtime.log import print_only_own_lines
+
+    print_only_own_lines(threading.get_ident())
     caught = warnings.catch_warnings()
     caught.__enter__()
     warnings.simplefilter("ignore")
@@ -111,8 +96,7 @@ def _quiet_libraries(pending: list[_Pending]) -> Iterator[None]:
     finally:
         if not any(check.abandoned for check in pending):
             caught.__exit__(None, None, None)
-            for handler in handlers:
-                handler.removeFilter(only_doctor)
+            print_only_own_lines(None)
 
 
 def _runtime() -> str:
