@@ -6,7 +6,7 @@ headers can be obtained (when configured); code upload: configured or not, and w
 image's requirements fingerprint matches the project's. Also the smoke test of the images
 (``--runtime-only`` for the base image, which holds no project).
 
-The checks that talk to the network (storage, MLflow, auth) run in parallel, each bounded by
+The checks that talk to the network (storage, MLflow, auth) run in parallel, together bounded by
 ``KVX_DOCTOR_TIMEOUT`` seconds (default 3): without a network (libraries retry for minutes) the
 doctor answers within seconds. Libraries' own log lines and warnings are swallowed while it
 runs, and stay swallowed while a check it gave up on is still running, so the table is the
@@ -162,10 +162,12 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
 
         loaded = state["project"]
         if not mlflow_enabled(loaded):
-            unread = [str(path.relative_to(loaded.path)) for path in unread_mlflow_files(loaded)]
-            if not unread:
+            files = unread_mlflow_files(loaded)
+            if not files:
                 return "not configured (skipped)"
-            envs = sorted({path.split("/")[1] for path in unread})
+            unread = [str(path.relative_to(loaded.path) if path.is_relative_to(loaded.path) else path)
+                      for path in files]
+            envs = sorted({path.parent.name for path in files})
             return (f"off for the steps: {', '.join(unread)} is in env {', '.join(envs)}, which steps of env "
                     f"{loaded.env} do not read; compile with --env {envs[0]} or move it to conf/{loaded.base_env}")
         connection = connect(loaded)
