@@ -1,7 +1,7 @@
 """kvx-runtime benchmarks: the numbers we promise, measured side by side with the reference.
 
     python bench/run.py [--quick] [--large] [--runs N]
-                        [--only intermediates,step,compiler,local,code,reliability,logging]
+                        [--only intermediates,step,compiler,local,code,reliability,logging,doctor]
 
 Writes ``bench/results/latest.json`` (every figure: name, unit, median, min, max, runs) and
 regenerates ``docs/benchmarks.md``. Each figure is the median of at least 3 runs in this
@@ -391,6 +391,32 @@ def bench_logging(bench: Bench) -> None:
               note=f"slowest family: {', '.join(families)}")
 
 
+def bench_doctor(bench: Bench, tmp: Path) -> None:
+    """``kvx-runtime doctor`` offline, the whole command: the example project with a ``gs://``
+    root, no credentials file, and a metadata server on a closed port (google-auth retries)."""
+    print("doctor: offline with a gs:// root", flush=True)
+    project = tmp / "doctor-project"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting", "mlruns"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    offline = {**env(), "GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed,
+               "CLOUDSDK_CONFIG": str(tmp / "doctor-gcloud")}
+    for key in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"):
+        offline.pop(key, None)
+    seconds = []
+    for _ in range(bench.runs):
+        started = time.perf_counter()
+        result = subprocess.run([PY, "-m", "kvx_runtime", "doctor", "--env", "base", "--storage-root",
+                                 "gs://kvx-bench-offline/pipelines"], cwd=project, env=offline, capture_output=True,
+                                text=True, timeout=300)
+        seconds.append(time.perf_counter() - started)
+        if result.returncode != 3 or "FAIL storage" not in result.stdout:  # else it was not offline
+            raise RuntimeError(f"doctor offline exited {result.returncode}:\n{result.stdout}{result.stderr[-2000:]}")
+    bench.add("doctor offline with a gs:// root (whole command, example project)", "s", seconds, "doctor",
+              goal="<= 5 s", met=statistics.median(seconds) <= 5)
+
+
 # --- machine, GCS emulator, output ---------------------------------------------------------
 
 def bench_code_upload(bench: Bench, tmp: Path) -> None:
@@ -614,7 +640,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, about five minutes")
     parser.add_argument("--large", action="store_true", help="also the ~1 GB DataFrame")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="intermediates,step,compiler,local,code,reliability,logging")
+    parser.add_argument("--only", default="intermediates,step,compiler,local,code,reliability,logging,doctor")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true",
                         help="regenerate docs/benchmarks.md from bench/results/latest.json")
@@ -662,6 +688,7 @@ def main() -> int:
             ("code", lambda: bench_code_upload(bench, tmp)),
             ("reliability", lambda: bench_reliability(bench, tmp, args.quick)),
             ("logging", lambda: bench_logging(bench)),
+            ("doctor", lambda: bench_doctor(bench, tmp)),
         ]
         for name, section in sections:
             if name not in only:

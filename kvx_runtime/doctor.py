@@ -6,17 +6,20 @@ headers can be obtained (when configured); code upload: configured or not, and w
 image's requirements fingerprint matches the project's. Also the smoke test of the images
 (``--runtime-only`` for the base image, which holds no project).
 
-Without a network, a check that would wait (libraries retry for minutes) fails after
-``KVX_DOCTOR_TIMEOUT`` seconds (default 10) instead; libraries' own log lines are kept out of
-the way, so the answer is one line per check.
+The checks that talk to the network (storage, MLflow, auth) run in parallel, together bounded by
+``KVX_DOCTOR_TIMEOUT`` seconds (default 3): without a network (libraries retry for minutes) the
+doctor answers within seconds. Libraries' own log lines and warnings are swallowed while it
+runs, and stay swallowed while a check it gave up on is still running, so the table is the
+last thing printed.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,11 +42,6 @@ class Check:
     code: int = 0
 
 
-#: Libraries that log their own retries and tracebacks while a check waits for the network.
-_NOISY_LOGGERS = ("gcsfs", "s3fs", "botocore", "aiobotocore", "fsspec", "google", "urllib3", "aiohttp", "mlflow",
-                  "kedro_mlflow", "asyncio")
-
-
 def _timeout() -> float:
     return settings.DOCTOR_TIMEOUT.get()
 
@@ -58,33 +56,47 @@ def _outcome(name: str, function: Callable[[], str]) -> Check:
                      int(ExitCode.INFRASTRUCTURE))
 
 
-def _run_check(name: str, function: Callable[[], str], timeout: float | None = None) -> Check:
-    """Run one check; with ``timeout``, give up waiting after that many seconds (the check
-    keeps its daemon thread, which ends with the process)."""
-    if timeout is None:
-        return _outcome(name, function)
-    result: list[Check] = []
-    worker = threading.Thread(target=lambda: result.append(_outcome(name, function)), daemon=True,
-                              name=f"kvx-doctor-{name}")
-    worker.start()
-    worker.join(timeout)
-    if result:
-        return result[0]
-    return Check(name, False, f"no answer within {timeout:g} s (no network, a firewall, or a wrong "
-                 "address?); KVX_DOCTOR_TIMEOUT sets the wait", int(ExitCode.INFRASTRUCTURE))
+class _Pending:
+    """A check running in its own daemon thread (a check given up on keeps it; it ends with
+    the process)."""
+
+    def __init__(self, name: str, function: Callable[[], str]) -> None:
+        self.name = name
+        self._result: list[Check] = []
+        self._thread = threading.Thread(target=lambda: self._result.append(_outcome(name, function)),
+                                        daemon=True, name=f"kvx-doctor-{name}")
+        self._thread.start()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, deadline: float, timeout: float) -> Check:
+        """Its check, or a failure once ``deadline`` (a ``time.monotonic()``) has passed."""
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._result:
+            return self._result[0]
+        return Check(self.name, False, f"no answer within {timeout:g} s (no network, a firewall, or a wrong "
+                     "address?); KVX_DOCTOR_TIMEOUT sets the wait", int(ExitCode.INFRASTRUCTURE))
 
 
 @contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+def _quiet_libraries(pending: list[_Pending]) -> Iterator[None]:
+    """Print only the doctor's own log lines (not libraries', not the checks' threads') and no
+    warnings; all again on leaving unless a check in ``pending`` is still running (it would
+    print after the table; the process is about to end, and the doctor's verdict still prints)."""
+    from kvx_runtime.log import print_only_own_lines
+
+    print_only_own_lines(threading.get_ident())
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    warnings.simplefilter("ignore")
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        if not any(check.abandoned for check in pending):
+            caught.__exit__(None, None, None)
+            print_only_own_lines(None)
 
 
 def _runtime() -> str:
@@ -108,7 +120,7 @@ def _runtime() -> str:
 
 def run_doctor(project_path: str | None, env: str | None, storage_root: str | None,
                runtime_only: bool, echo: Callable[[str], Any] = click.echo) -> int:
-    checks: list[Check] = [_run_check("runtime", _runtime)]
+    checks: list[Check] = [_outcome("runtime", _runtime)]
     echo_check(checks[-1], echo)
     if runtime_only:
         return _exit_code(checks)
@@ -120,10 +132,13 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         from kvx_runtime.project import open_project
 
         state["project"] = open_project(project_path, env, needed=STEP_KEYS)
+        return f"{state['project'].package_name} (env {state['project'].env})"
+
+    def nodes() -> str:
         from kedro.framework.project import pipelines
 
         count = sum(len(p.nodes) for name, p in pipelines.items() if name == "__default__")
-        return f"{state['project'].package_name} (env {state['project'].env}), {count} nodes in __default__"
+        return f"{count} nodes in __default__"
 
     def config() -> str:
         from kvx_runtime.config import load_plugin_config
@@ -143,11 +158,18 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
         return f"{root} is writable"
 
     def mlflow() -> str:
-        from kvx_runtime.mlflow import connect, mlflow_enabled
+        from kvx_runtime.mlflow import connect, mlflow_enabled, unread_mlflow_files
 
         loaded = state["project"]
         if not mlflow_enabled(loaded):
-            return "not configured (skipped)"
+            files = unread_mlflow_files(loaded)
+            if not files:
+                return "not configured (skipped)"
+            unread = [str(path.relative_to(loaded.path) if path.is_relative_to(loaded.path) else path)
+                      for path in files]
+            envs = sorted({path.parent.name for path in files})
+            return (f"off for the steps: {', '.join(unread)} is in env {', '.join(envs)}, which steps of env "
+                    f"{loaded.env} do not read; compile with --env {envs[0]} or move it to conf/{loaded.base_env}")
         connection = connect(loaded)
         return f"{connection.tracking_uri} answers, experiment '{connection.experiment_name}'"
 
@@ -182,19 +204,37 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
                               f"{workspace[:12]}: code upload would refuse to run; rebuild the image")
         return f"code upload {'on' if configured else 'off'}; the image's requirements match the project's"
 
-    # One answer per request, not MLflow's minutes of retries.
+    timeout = _timeout()
+    # One answer per request within the doctor's wait, not MLflow's minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    networked = {"storage", "mlflow", "auth"}
-    with _quiet_libraries():
-        for name, function in (("project", project), ("config", config), ("storage", storage),
-                               ("mlflow", mlflow), ("auth", auth), ("code", code)):
-            if "project" not in state and name != "project":
-                checks.append(Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE)))
-            else:
-                checks.append(_run_check(name, function, _timeout() if name in networked else None))
-            echo_check(checks[-1], echo)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
+    networked = {"storage": storage, "mlflow": mlflow, "auth": auth}
+    pending: list[_Pending] = []
+    with _quiet_libraries(pending):
+        opened = _outcome("project", project)
+        if "project" not in state:
+            for check in (opened, *(_skipped(name) for name in ("config", *networked, "code"))):
+                checks.append(check)
+                echo_check(check, echo)
+            return _exit_code(checks)
+        # The checks that may wait on the network run together, while the project's pipelines
+        # are imported (the user's libraries: seconds): the doctor waits for the slowest.
+        deadline = time.monotonic() + timeout
+        pending.extend(_Pending(name, function) for name, function in networked.items())
+        counted = _outcome("project", nodes)
+        checks.append(Check("project", counted.ok, f"{opened.detail}, {counted.detail}", counted.code))
+        echo_check(checks[-1], echo)
+        checks.append(_outcome("config", config))
+        echo_check(checks[-1], echo)
+        code_check = _outcome("code", code)
+        for check in (*(each.wait(deadline, timeout) for each in pending), code_check):
+            checks.append(check)
+            echo_check(check, echo)
     return _exit_code(checks)
+
+
+def _skipped(name: str) -> Check:
+    return Check(name, False, "skipped: the project did not load", int(ExitCode.USAGE))
 
 
 def echo_check(check: Check, echo: Callable[[str], Any]) -> None:

@@ -142,10 +142,9 @@ def _write_private_yaml(path: Path, content: Mapping[str, Any]) -> None:
 def _read_existing(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: existing file is not valid YAML ({exc})") from None
+    from kvx_runtime.config.yaml_text import load_yaml
+
+    loaded = load_yaml(path.read_text(encoding="utf-8"), str(path))
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

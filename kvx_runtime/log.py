@@ -27,7 +27,7 @@ import structlog
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["bind_step_context", "configure_logging", "get_logger", "redact", "register_secrets"]
+__all__ = ["bind_step_context", "configure_logging", "get_logger", "print_only_own_lines", "redact", "register_secrets"]
 
 REDACTED = "[redacted]"
 #: Values shorter than this are not secrets worth redacting (and would mangle every line).
@@ -134,6 +134,19 @@ def wants_json(stream: Any = None) -> bool:
     return not (hasattr(stream, "isatty") and stream.isatty())
 
 
+#: While set (a thread's id), only kvx-runtime's own records logged by that thread are printed.
+_own_lines_thread: int | None = None
+
+
+def print_only_own_lines(thread: int | None) -> None:
+    """From now on print only kvx-runtime's records logged by ``thread``; ``None``: all again.
+    For a command that prints a table while libraries retry, warn and log in threads (its own
+    and theirs) that it may give up on: their lines would break up the table or follow its
+    verdict (doctor). Survives :func:`configure_logging`; at level DEBUG everything prints."""
+    global _own_lines_thread
+    _own_lines_thread = thread
+
+
 class _StepNoiseFilter(logging.Filter):
     """Drop advice that is wrong inside a kvx-runtime command:
 
@@ -152,6 +165,9 @@ class _StepNoiseFilter(logging.Filter):
                         "The run '")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (_own_lines_thread is not None and not logging.getLogger().isEnabledFor(logging.DEBUG)
+                and (record.thread != _own_lines_thread or record.name.split(".")[0] != "kvx_runtime")):
+            return False
         if record.name == "kedro.framework.hooks.manager" and record.levelno <= logging.DEBUG:
             return False  # pluggy's hook-call traces: every argument, credentials included
         message = str(record.getMessage())

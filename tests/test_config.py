@@ -158,7 +158,7 @@ def test_yaml_extension_and_missing_file(tmp_path: Path) -> None:
 
 def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
     write_conf(tmp_path, "base", "run_config: [unclosed\n")
-    with pytest.raises(ConfigError, match="vertexai.yml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"vertexai.yml:2:1: not valid YAML"):
         load_plugin_config(tmp_path, "local")
 
 

@@ -1,7 +1,8 @@
 """Reading a project's ``vertexai.yml``: finding the files of the base and the run
 environment (or a kedro-kubeflow project's ``kubeflow.yml``), parsing them (YAML errors with the
-file's name), merging them the way Kedro merges configuration, then validating the result
-(:mod:`kvx_runtime.config.validation`). A missing file means defaults.
+file's name, line and column: :mod:`kvx_runtime.config.yaml_text`), merging them the way Kedro
+merges configuration, then validating the result (:mod:`kvx_runtime.config.validation`). A
+missing file means defaults.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def _parse_file(raw: bytes, path: str) -> Any:
     import yaml
     from omegaconf import OmegaConf
 
+    from kvx_runtime.config.yaml_text import describe_yaml_error, load_yaml
     from kvx_runtime.config_loader import render_templates
 
     try:
@@ -78,12 +80,7 @@ def _parse_file(raw: bytes, path: str) -> Any:
                           hint="save the file as UTF-8") from None
     if not text.strip():
         return None
-    try:
-        data = yaml.safe_load(text)  # depth first: OmegaConf recurses without a limit
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
+    data = load_yaml(text, path)  # depth first: OmegaConf recurses without a limit
     if data is None:
         return None
     if not isinstance(data, dict):
@@ -94,6 +91,8 @@ def _parse_file(raw: bytes, path: str) -> Any:
         return OmegaConf.create(render_templates(text, path))
     except KvxError:
         raise
+    except yaml.YAMLError as exc:
+        raise ConfigError(describe_yaml_error(exc, path)) from None
     except Exception as exc:
         raise ConfigError(f"{path}: not valid YAML: {_first_line(exc)}") from None
 

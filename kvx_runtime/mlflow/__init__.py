@@ -17,6 +17,7 @@ from kvx_runtime.mlflow.pipeline_run import (
     mlflow_enabled,
     parse_final_status,
     start_pipeline_run,
+    unread_mlflow_files,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "mlflow_enabled",
     "parse_final_status",
     "start_pipeline_run",
+    "unread_mlflow_files",
 ]

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime import settings
@@ -41,6 +42,7 @@ __all__ = [
     "mlflow_available",
     "mlflow_enabled",
     "start_pipeline_run",
+    "unread_mlflow_files",
 ]
 
 log = get_logger(__name__)
@@ -86,6 +88,14 @@ def mlflow_enabled(project: KedroProject) -> bool:
         log.info("the project has mlflow.yml but kedro-mlflow is not installed: MLflow tracking is off")
         return False
     return True
+
+
+def unread_mlflow_files(project: KedroProject) -> list[Path]:
+    """kedro-mlflow config files in environments the steps do not read (``kedro mlflow init``
+    writes ``conf/local/mlflow.yml``, while steps read ``base`` and their own env): with
+    only those, tracking is silently off."""
+    read = {project.base_env, project.env}
+    return sorted(path for path in project.conf_root.glob("*/mlflow*") if path.parent.name not in read)
 
 
 def _redact(text: str) -> str:
@@ -195,8 +205,6 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None)
 
 def _ensure_sqlite_directory(uri: str | None) -> None:
     """An embedded ``sqlite:///`` store needs its directory; SQLite only creates the file."""
-    from pathlib import Path
-
     if not uri or not uri.startswith("sqlite:///"):
         return
     path = Path(uri[len("sqlite:///"):])
