@@ -82,8 +82,9 @@ def _unread_mlflow_files(project: Any) -> tuple[str, ...]:
     init`` writes ``conf/local/mlflow.yml``): the pipeline would be compiled without tracking."""
     if importlib.util.find_spec("kedro_mlflow") is None:
         return ()
-    read = {project.base_env, project.env}
-    files = sorted(path for path in project.conf_root.glob("*/mlflow*") if path.parent.name not in read)
+    from kvx_runtime.mlflow import unread_mlflow_files
+
+    files = unread_mlflow_files(project)
     for path in files:
         log.warning(
             f"MLflow is configured in {path.relative_to(project.path)}, which the steps do not read (they use "
