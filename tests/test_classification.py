@@ -15,6 +15,9 @@ from kvx_runtime.errors import CatalogDataError, ExitCode, InfrastructureError, 
 from kvx_runtime.executor import _catalog_error, _step_error, _StepHooks
 from kvx_runtime.graph import plan_step
 
+# Kedro's dataset errors and hooks around its runner.
+pytestmark = pytest.mark.kedro
+
 
 def _wrapped(cause: BaseException, operation: str = "loading data from") -> DatasetError:
     """What Kedro raises: a DatasetError whose message hides the cause."""

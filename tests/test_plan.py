@@ -10,6 +10,9 @@ from kvx_runtime.errors import UsageError
 from kvx_runtime.executor import is_declared
 from kvx_runtime.graph import plan_step
 
+# Step plans over Kedro's pipelines and catalogs.
+pytestmark = pytest.mark.kedro
+
 
 def identity(x):
     return x
