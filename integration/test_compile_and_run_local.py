@@ -44,6 +44,7 @@ def executor_args(spec: dict, task: str) -> list[str]:
     return spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]["args"]
 
 
+@pytest.mark.kedro
 def test_example_project_compiles_to_a_valid_spec(example_project: Path, tmp_path: Path) -> None:
     spec = compile_spec(example_project, tmp_path / "p.json", "--env", "cloud",
                         "--params", "data_science.model_options.test_size:float",
@@ -111,6 +112,7 @@ def test_yaml_output_and_stable_task_names(example_project: Path, tmp_path: Path
     assert first["root"] == second["root"] and first["components"] == second["components"]
 
 
+@pytest.mark.kedro
 def test_local_datasets_shared_between_steps_are_warned_about(example_project: Path, tmp_path: Path) -> None:
     result = kvx(example_project, "compile", "--env", "base", "--output", str(tmp_path / "p.json"))
     assert result.returncode == 0
@@ -140,6 +142,7 @@ def test_gcs_fuse_paths_count_as_shared_on_vertex_ai_only(example_project: Path,
     assert any("'metrics'" in w for w in on_kubeflow)
 
 
+@pytest.mark.kedro
 def test_mlflow_projects_get_start_task_and_exit_handler(example_project: Path, tmp_path: Path) -> None:
     (example_project / "conf" / "base" / "mlflow.yml").write_text(
         "server:\n  mlflow_tracking_uri: http://127.0.0.1:1\n")
@@ -317,6 +320,7 @@ def test_failing_node_stops_run_local_and_the_exit_handler_sees_failed(tmp_path:
     assert (project / "data" / "notice.txt").read_text() == "final state: SUCCEEDED after making 5"
 
 
+@pytest.mark.kedro
 def test_kedro_vertexai_plugin_commands(example_project: Path, tmp_path: Path) -> None:
     kedro = [sys.executable, "-m", "kedro"]
     (example_project / "conf" / "base" / "vertexai.yml").unlink()

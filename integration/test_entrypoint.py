@@ -93,6 +93,7 @@ def test_sigterm_through_the_entrypoint_reaches_the_step(tmp_path: Path) -> None
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["owner.json", "values.bin"]
 
 
+@pytest.mark.kedro
 def test_doctor_reports_each_check_and_fails_on_a_bad_storage_root(example_project: Path, tmp_path: Path) -> None:
     env = step_env()
     ok = subprocess.run([sys.executable, "-m", "kvx_runtime", "doctor", "--env", "base",

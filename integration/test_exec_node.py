@@ -85,6 +85,7 @@ def test_stepwise_on_gcs_emulator_matches_kedro_run(example_project: Path, node_
     assert {name.removesuffix(".bin") for name in names - {"owner.json"}} == EXPECTED_BLOBS and "owner.json" in names
 
 
+@pytest.mark.kedro
 def test_group_runs_in_one_process_and_stores_only_what_leaves(example_project: Path, tmp_path) -> None:
     root = str(tmp_path / "storage")
     for node in ["data_processing.preprocess_companies_node", "data_processing.preprocess_shuttles_node",
@@ -122,6 +123,7 @@ def test_params_override_nested_parameters(example_project: Path, tmp_path) -> N
     assert len(x_test) == len(x_train)  # test_size 0.5 replaced 0.2; the rest of the dict kept
 
 
+@pytest.mark.kedro
 def test_dynamic_config_provider_writes_credentials_before_kedro_reads_them(example_project: Path, tmp_path) -> None:
     package = example_project / "src" / "spaceflights_kvx"
     (package / "kvx_test_provider.py").write_text(

@@ -26,6 +26,7 @@ FIRST = "data_processing.preprocess_companies_node"
 TABLE = "data_processing.create_model_input_table_node"
 
 
+@pytest.mark.kedro
 def test_unknown_node_exits_2_and_suggests_names(example_project: Path, tmp_path) -> None:
     result = run_step(example_project, "--node", "train_model_node", "--storage-root", str(tmp_path))
     assert result.returncode == 2
@@ -34,6 +35,7 @@ def test_unknown_node_exits_2_and_suggests_names(example_project: Path, tmp_path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.kedro
 def test_unknown_pipeline_exits_2(example_project: Path, tmp_path) -> None:
     result = run_step(example_project, "--node", FIRST, "--pipeline", "data_sciense")
     assert result.returncode == 2
@@ -56,6 +58,7 @@ def test_a_storage_root_that_is_not_one_exits_2(example_project: Path, root: str
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.kedro
 def test_missing_upstream_blob_names_dataset_path_and_producer(example_project: Path, tmp_path) -> None:
     result = run_step(example_project, "--node", TABLE, "--run-id", "m", "--storage-root", str(tmp_path))
     assert result.returncode == 2
@@ -120,6 +123,7 @@ def test_no_storage_root_exits_2_only_when_needed(example_project: Path) -> None
     assert "no storage root is set" in result.last_message
 
 
+@pytest.mark.kedro
 def test_failing_node_exits_1_with_its_traceback_once(example_project: Path, tmp_path) -> None:
     root = str(tmp_path)
     for node in [FIRST, "data_processing.preprocess_shuttles_node", TABLE]:
@@ -136,6 +140,7 @@ def test_failing_node_exits_1_with_its_traceback_once(example_project: Path, tmp
     assert not (tmp_path / "kedro-vertexai-temp" / "f" / "data_science.X_train.bin").exists()
 
 
+@pytest.mark.kedro
 def test_undefined_placeholder_exits_2_naming_file(example_project: Path, tmp_path) -> None:
     catalog = example_project / "conf" / "base" / "catalog.yml"
     catalog.write_text(catalog.read_text().replace("${commit_id|dirty}", "${commit_sha}"))
@@ -145,6 +150,7 @@ def test_undefined_placeholder_exits_2_naming_file(example_project: Path, tmp_pa
     assert "KEDRO_CONFIG_COMMIT_SHA" in result.last_message
 
 
+@pytest.mark.kedro
 def test_opt_out_of_templating_warns_and_leaves_placeholders(example_project: Path, tmp_path) -> None:
     # A project that does not name the loader in settings.py (the example does, for kedro run).
     settings = example_project / "src" / "spaceflights_kvx" / "settings.py"
@@ -260,7 +266,8 @@ def test_a_revoked_key_is_exit_2_at_once(example_project: Path, tmp_path: Path, 
     assert 1 <= endpoint.requests <= 3  # google-auth's own tries, nothing more
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("signum", "code"), [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.kedro),
+                                             (signal.SIGINT, 130)])
 def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, code: int) -> None:
     project = make_slow_project(tmp_path, "sigproj")
     root = tmp_path / "storage"

@@ -88,6 +88,7 @@ def test_two_kfp_runs_with_one_display_name_never_share_intermediates(example_pr
     assert jobs == ["same-display-name-0b5c-run-a", "same-display-name-7e21-run-b"]
 
 
+@pytest.mark.kedro
 def test_unfilled_create_time_the_job_directory_records_one_version_for_the_run(tmp_path: Path) -> None:
     """KFP's recurring and UI-started runs leave ``{{$.pipeline_job_create_time_utc}}`` unfilled
     and carry no kvx_save_version: the first step records the run's version in the job

@@ -170,6 +170,7 @@ def test_one_run_holds_every_step_of_the_example_pipeline(example_project, mlflo
     assert [a.path for a in client.list_artifacts(run_id)] == ["report_dirty.md"]
 
 
+@pytest.mark.kedro
 def test_exec_node_finds_the_run_by_job_name(tmp_path, mlflow_server) -> None:
     project = ml_project(tmp_path)
     env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
@@ -341,6 +342,7 @@ def test_oauth_credentials_provider_writes_the_token_into_credentials(tmp_path, 
     assert token not in result.stderr
 
 
+@pytest.mark.kedro
 def test_unreachable_mlflow_exits_3_unless_not_required(tmp_path) -> None:
     from conftest import free_port
 
@@ -364,6 +366,7 @@ def test_unreachable_mlflow_exits_3_unless_not_required(tmp_path) -> None:
     assert (optional / "data" / "report.txt").exists()
 
 
+@pytest.mark.kedro
 def test_without_kedro_mlflow_nodes_run_untracked(tmp_path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()

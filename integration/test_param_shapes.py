@@ -28,9 +28,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("param", "message"), [
-    ("data_science.model_options=yes",
-     "--param data_science.model_options: expected a mapping (keys: test_size, random_state, features, scaler), "
-     "got a str (yes)"),
+    pytest.param("data_science.model_options=yes",
+                 "--param data_science.model_options: expected a mapping (keys: test_size, random_state, features, "
+                 "scaler), got a str (yes)", marks=pytest.mark.kedro),
     ("data_science=5", "--param data_science: expected a mapping (keys: model_options), got an int (5)"),
     ("reporting.top_n=many", "--param reporting.top_n: expected an int (a whole number), got 'many'"),
     ("reporting.top_n.first=1", "--param reporting.top_n.first: reporting.top_n is an int (3) in the Kedro "

@@ -100,6 +100,7 @@ def plant_decoys(project: Path) -> None:
         path.write_bytes(pickle.dumps(value))
 
 
+@pytest.mark.kedro
 def test_laptop_compile_runs_from_the_image_copy_as_kedro_run(tmp_path: Path) -> None:
     baseline = laptop_copy(tmp_path, "baseline")
     kedro_run(baseline, "--env", "base")
@@ -170,6 +171,7 @@ def test_an_env_the_image_lacks_is_caught_on_the_laptop_and_in_the_step(tmp_path
     assert "Traceback" not in step.stderr
 
 
+@pytest.mark.kedro
 def test_failures_say_whose_fault_it_is(tmp_path: Path) -> None:
     laptop = laptop_copy(tmp_path)
     compiled = kvx(laptop, "compile", "--pipeline", "faulty", "-o", str(tmp_path / "faulty.json"))
@@ -205,6 +207,7 @@ def test_failures_say_whose_fault_it_is(tmp_path: Path) -> None:
     assert "never_delivered.csv" in missing.last_message and "replay: kvx-runtime exec-node" in missing.last_message
 
 
+@pytest.mark.kedro
 def test_compile_checks_that_the_exit_pipeline_loads_alone(tmp_path: Path) -> None:
     from kedro.framework.project import pipelines
 

@@ -89,6 +89,7 @@ def _hits(text: str) -> list[str]:
     return [secret for secret in SECRETS if secret in text]
 
 
+@pytest.mark.kedro
 def test_no_secret_anywhere_at_debug(tmp_path: Path) -> None:
     project = _project(tmp_path, "TokenProvider")
     env = step_env(KVX_LOG_LEVEL="DEBUG", SECRET_API_KEY=FROM_ENV)
@@ -145,6 +146,7 @@ def register_pipelines():
 """
 
 
+@pytest.mark.kedro
 def test_a_secret_parameter_is_nowhere_in_the_mlflow_run(tmp_path: Path, mlflow_server) -> None:
     """kedro-mlflow logs the parameters a node takes (``params:api_key``, the whole ``parameters``)
     and tags the run with the session's runtime params; kvx tags the run too. None of it may

@@ -17,6 +17,9 @@ from kvx_runtime.step.failures import catalog_error, classify
 from kvx_runtime.step.hooks import StepHooks
 from kvx_runtime.step.identity import JobDirectory, RunIdentity
 
+# Kedro's dataset errors and hooks around its runner.
+pytestmark = pytest.mark.kedro
+
 
 def _wrapped(cause: BaseException, operation: str = "loading data from") -> DatasetError:
     """What Kedro raises: a DatasetError whose message hides the cause."""

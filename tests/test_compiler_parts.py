@@ -26,6 +26,9 @@ from kvx_runtime.grouping import (
     order_groups,
 )
 
+# Grouping and checks over Kedro pipelines.
+pytestmark = pytest.mark.kedro
+
 
 def f(*args):
     return args[0] if args else 1

@@ -9,6 +9,9 @@ import pytest
 from kvx_runtime.config_loader import EnvTemplatedConfigLoader, with_env_templating
 from kvx_runtime.errors import ConfigError
 
+# A subclass of Kedro's OmegaConfigLoader, with Kedro's resolvers.
+pytestmark = pytest.mark.kedro
+
 
 @pytest.fixture
 def conf(tmp_path: Path) -> Path:

@@ -35,17 +35,20 @@ TRANSCODED = Pipeline([
 ])
 
 
+@pytest.mark.kedro
 def test_identity_is_kedros() -> None:
     assert dataset_identity("model_input@pandas") == dataset_identity("model_input@spark") == "model_input"
     assert dataset_identity("ns.table") == "ns.table"
 
 
+@pytest.mark.kedro
 def test_transcoded_names_depend_on_each_other() -> None:
     groups = IdentityNodeGrouper().group(TRANSCODED)
     needs = group_dependencies(TRANSCODED, groups)
     assert needs == {"build": set(), "train": {"build"}, "report": {"train", "build"}}
 
 
+@pytest.mark.kedro
 def test_step_plan_of_transcoded_datasets() -> None:
     writer = plan_step(TRANSCODED, "__default__", ["build"])
     assert writer.crossing_outputs == ("model_input@spark",)
@@ -61,11 +64,13 @@ def test_step_plan_of_transcoded_datasets() -> None:
     assert shared.shared_outputs == frozenset({"model_input@spark"})
 
 
+@pytest.mark.kedro
 def test_exit_pipeline_reading_a_transcoded_name_makes_the_output_cross() -> None:
     plan = plan_step(TRANSCODED, "__default__", ["report"], consumed_elsewhere={"report@text"})
     assert plan.crossing_outputs == ("report",) and plan.final_outputs == ()
 
 
+@pytest.mark.kedro
 def test_missing_dependencies_are_found_transitively() -> None:
     step_of = {"build": "a", "train": "b", "report": "c"}
     assert missing_step_dependencies(TRANSCODED, step_of, {"a": set(), "b": {"a"}, "c": {"b"}}) == []
@@ -82,6 +87,7 @@ def _spec_for(pipeline: Pipeline, needs: dict[str, set[str]]) -> dict:
     return builder.build(steps, None, [])
 
 
+@pytest.mark.kedro
 def test_compiler_check_refuses_a_spec_missing_a_dependency() -> None:
     needs = group_dependencies(TRANSCODED, IdentityNodeGrouper().group(TRANSCODED))
     spec = _spec_for(TRANSCODED, needs)
@@ -93,6 +99,7 @@ def test_compiler_check_refuses_a_spec_missing_a_dependency() -> None:
         check_node_dependencies(TRANSCODED, steps, broken)
 
 
+@pytest.mark.kedro
 def test_tag_groups_follow_transcoded_dependencies() -> None:
     pipeline = Pipeline([
         Node(f, "a", "x@spark", name="first", tags=["group.one"]),
@@ -105,6 +112,7 @@ def test_tag_groups_follow_transcoded_dependencies() -> None:
     assert needs == {"one": {"second"}, "second": {"one"}}
 
 
+@pytest.mark.kedro
 def test_local_path_warning_covers_a_transcoded_pair(caplog) -> None:
     flagged = warn_local_datasets(
         {"model_input@spark": "data/mi.parquet", "model_input@pandas": "data/mi.parquet"},
@@ -115,6 +123,7 @@ def test_local_path_warning_covers_a_transcoded_pair(caplog) -> None:
     assert flagged == ["model_input"]
 
 
+@pytest.mark.kedro
 def test_gcs_fuse_paths_are_shared_only_where_the_target_mounts_them(caplog) -> None:
     """Vertex AI mounts Cloud Storage at /gcs/ on every step; a Kubeflow pod has no such mount."""
     shared = {"dataset_paths": {"features": "/gcs/bucket/features.parquet"}, "producers": {"features": "build"},

@@ -10,6 +10,9 @@ from kvx_runtime.errors import UsageError
 from kvx_runtime.graph import plan_step
 from kvx_runtime.step.hooks import is_declared
 
+# Step plans over Kedro's pipelines and catalogs.
+pytestmark = pytest.mark.kedro
+
 
 def identity(x):
     return x

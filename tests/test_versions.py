@@ -20,6 +20,9 @@ from kvx_runtime.versions import (
     versioned_names,
 )
 
+# Save versions through Kedro's catalog and versioned datasets.
+pytestmark = pytest.mark.kedro
+
 
 @pytest.mark.parametrize(
     ("given", "expected"),
