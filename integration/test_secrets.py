@@ -7,6 +7,7 @@ replayed at ``KVX_LOG_LEVEL=DEBUG``; then a provider whose exception quotes a se
 
 from __future__ import annotations
 
+import json
 import subprocess
 import textwrap
 from pathlib import Path
@@ -103,7 +104,9 @@ def test_no_secret_anywhere_at_debug(tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     outputs += [ran.stdout, ran.stderr]
-    replay = run_step(project, "--node", "count", "--run-id", "x", "--job-name", "sec", env=env)
+    # A replay of the run's step (its run id, as the job directory's owner record holds it).
+    owner = json.loads((tmp_path / "storage" / "kedro-vertexai-temp" / "sec" / "owner.json").read_text())
+    replay = run_step(project, "--node", "count", "--run-id", owner["run_id"], "--job-name", "sec", env=env)
     assert replay.returncode == 0, replay.stderr[-2000:]
     outputs += [replay.stdout, replay.stderr]
     assert any('"severity": "DEBUG"' in text for text in outputs)  # DEBUG really was on
