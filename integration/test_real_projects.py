@@ -320,3 +320,13 @@ def test_spark_writes_and_pandas_reads_one_dataset(tmp_path: Path) -> None:
     assert status["states"]["count-frame"] == "skipped"
     assert "output 'fleet_frame' cannot be pickled" in ran.stdout
     assert ran.returncode == 1
+    # Its log's last line is the verdict, though py4j closes the Spark connection of the node's
+    # worker thread (and logs it) only when the process ends: that line is kept at DEBUG
+    # (tests/test_log.py shows it at DEBUG), and the JVM writes nothing after it.
+    log = (image / ".kvx" / "runs" / "spark-1" / "logs" / "spark-frame.log").read_text()
+    last = json.loads(log.strip().splitlines()[-1])
+    assert last["severity"] == "ERROR" and last["exit_code"] == 1, log[-3000:]
+    assert last["message"].startswith("exec-node failed: output 'fleet_frame' cannot be pickled to cross to "
+                                      "another step (PySpark") and "spark.SparkDataset" in last["message"]
+    assert "Traceback" not in log and "Running node: spark_frame" in log
+

@@ -20,10 +20,10 @@ def _report(stop: Interrupted) -> None:
     without the logging machinery."""
     message = f"kvx-runtime {stop}: nothing was started or left behind"
     try:
-        from kvx_runtime.log import configure_logging, get_logger
+        from kvx_runtime.log import configure_logging, get_logger, log_verdict
 
         configure_logging()
-        get_logger("kvx_runtime.cli").error(message, exit_code=int(stop.exit_code))
+        log_verdict(get_logger("kvx_runtime.cli"), message, exit_code=int(stop.exit_code))
     except Exception:
         import json
 

@@ -10,6 +10,9 @@ second line of defence every rendered line (ours, Kedro's, the user's, at any le
 values of the project's credentials and of dynamic config providers' outputs replaced
 (:func:`register_secrets`), as well as credentials in URLs and upload-session ids; Kedro's
 hook-call traces (DEBUG, with every hook argument, credentials included) are dropped.
+
+A failed command's final line is its verdict (:func:`log_verdict`): what failed and where. Lines
+logged after it (libraries closing down at the process's end) are kept at DEBUG.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import structlog
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["bind_step_context", "configure_logging", "get_logger", "print_only_own_lines", "redact", "register_secrets"]
+__all__ = ["bind_step_context", "configure_logging", "get_logger", "log_verdict", "print_only_own_lines", "redact",
+           "register_secrets"]
 
 REDACTED = "[redacted]"
 #: Values shorter than this are not secrets worth redacting (and would mangle every line).
@@ -147,6 +151,31 @@ def print_only_own_lines(thread: int | None) -> None:
     _own_lines_thread = thread
 
 
+#: Set once the command has logged its verdict: every later line is kept at DEBUG.
+_verdict_given = False
+
+
+def log_verdict(logger: Any, message: str, **fields: Any) -> None:
+    """Log a failed command's final line (ERROR) with ``logger``, and keep every line logged
+    after it at DEBUG: dropped, or at level DEBUG printed with severity DEBUG (and the severity
+    it was logged with as ``demoted_from``). Whatever runs once the outcome is known (thread
+    shutdown, atexit callbacks, a library's finalizers: py4j closing a thread's connection to
+    the JVM logs at INFO) would otherwise bury the line that says what failed and where.
+    Reset by :func:`configure_logging` (the start of a command)."""
+    global _verdict_given
+    logger.error(message, **fields)
+    _verdict_given = True
+
+
+def _demote_late_lines(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _verdict_given:
+        level = str(event.get("level", "info")).lower()
+        event["level"] = "debug"
+        if level != "debug":
+            event["demoted_from"] = _SEVERITY.get(level, level.upper())
+    return event
+
+
 class _StepNoiseFilter(logging.Filter):
     """Drop advice that is wrong inside a kvx-runtime command:
 
@@ -158,13 +187,16 @@ class _StepNoiseFilter(logging.Filter):
     - urllib3's connection warnings from google-auth's background Regional Access Boundary
       lookup: google-auth treats that lookup as optional and logs its failure at DEBUG, but
       the retries under it would warn (where iamcredentials.googleapis.com is unreachable),
-      at any moment, even after a command's final line (kept at DEBUG).
+      at any moment, even after a command's final line (kept at DEBUG);
+    - any line after the command's verdict (:func:`log_verdict`; kept at DEBUG).
     """
 
     _mlflow_prefixes = ("The mlflow run", "mlflow_config.", "A mlflow run was already active",
                         "The run '")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _verdict_given and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
         if (_own_lines_thread is not None and not logging.getLogger().isEnabledFor(logging.DEBUG)
                 and (record.thread != _own_lines_thread or record.name.split(".")[0] != "kvx_runtime")):
             return False
@@ -224,6 +256,7 @@ def _renderer_chain(json_output: bool) -> list[Any]:
     if json_output:
         return [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _demote_late_lines,
             structlog.processors.format_exc_info,
             _cloud_logging_fields,
             structlog.processors.JSONRenderer(default=str),
@@ -231,6 +264,7 @@ def _renderer_chain(json_output: bool) -> list[Any]:
         ]
     return [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _demote_late_lines,
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=40),
         _redact_rendered,
     ]
@@ -260,6 +294,8 @@ def configure_logging(*, json_output: bool | None = None, level: str | None = No
     bootstrapped, so the executor calls this again afterwards to take the console back.
     File handlers configured by the project are kept.
     """
+    global _verdict_given
+    _verdict_given = False  # a new command: no verdict yet
     if json_output is None:
         json_output = wants_json()
     _, format_problem = _lenient(settings.LOG_FORMAT)

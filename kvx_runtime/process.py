@@ -1,7 +1,8 @@
 """The process-level contract of every kvx-runtime command.
 
 Logging set up first, SIGTERM/SIGINT turned into a clean stop, and every failure ending in one
-clear log line and the documented exit code (see :class:`~kvx_runtime.errors.ExitCode`).
+clear log line, its verdict (:func:`~kvx_runtime.log.log_verdict`: lines logged after it are kept
+at DEBUG), and the documented exit code (see :class:`~kvx_runtime.errors.ExitCode`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from kvx_runtime.errors import ExitCode, Interrupted, KvxError
-from kvx_runtime.log import get_logger
+from kvx_runtime.log import get_logger, log_verdict
 
 __all__ = ["install_signal_handlers", "run_command", "run_unless_ok"]
 
@@ -30,7 +31,7 @@ def run_unless_ok(what: str, action: Callable[[], Any]) -> None:
     try:
         action()
     except KvxError as exc:
-        log.error(f"{what}: {exc}", exit_code=int(exc.exit_code))
+        log_verdict(log, f"{what}: {exc}", exit_code=int(exc.exit_code))
         _exit(int(exc.exit_code))
 
 
@@ -48,14 +49,15 @@ def run_command(command: str, action: Callable[[], Any]) -> NoReturn:
     try:
         action()
     except KvxError as exc:
-        log.error(f"{command} failed: {exc}", exit_code=int(exc.exit_code), error_type=type(exc).__name__,
-                  error=exc.message)
+        log_verdict(log, f"{command} failed: {exc}", exit_code=int(exc.exit_code), error_type=type(exc).__name__,
+                    error=exc.message)
         _exit(int(exc.exit_code))
     except Interrupted as exc:
-        log.error(f"{command} {exc}: nothing partial was left behind", exit_code=int(exc.exit_code))
+        log_verdict(log, f"{command} {exc}: nothing partial was left behind", exit_code=int(exc.exit_code))
         _exit(int(exc.exit_code))
     except Exception as exc:  # a bug in kvx-runtime itself: show everything
-        log.error(
+        log_verdict(
+            log,
             f"{command} failed with an internal error: {type(exc).__name__}: {exc}",
             exit_code=int(ExitCode.NODE_FAILED),
             exc_info=True,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -267,3 +270,80 @@ def test_google_auth_background_access_boundary_lookup_does_not_warn(json_logs, 
     assert seen, "google-auth did not look the boundary up: this test no longer checks anything"
     assert "allowedLocations" in seen[0].getMessage()
     assert lines(json_logs) == []
+
+
+# A failed command whose process, at its end, hears from a library once more: an atexit callback,
+# and a thread-local connection closed when its pool thread ends at the interpreter's exit work
+# (what py4j does for each thread that talked to Spark's JVM).
+_LATE_LINES_AT_EXIT = """
+import atexit
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from kvx_runtime import lifecycle
+from kvx_runtime.errors import NodeError
+from kvx_runtime.log import configure_logging, get_logger
+from kvx_runtime.process import run_command
+
+lifecycle.install()
+configure_logging()
+
+
+class Connection:
+    def __del__(self):
+        logging.getLogger("py4j.clientserver").info("Closing down clientserver connection")
+
+
+local = threading.local()
+pool = ThreadPoolExecutor(max_workers=1)
+pool.submit(lambda: setattr(local, "connection", Connection())).result()
+atexit.register(lambda: logging.getLogger("py4j.java_gateway").warning("Callback Server Shutting Down"))
+
+
+def fail():
+    get_logger("kvx_runtime.step").info("node finished")
+    raise NodeError("output 'frame' cannot be pickled to cross to another step")
+
+
+try:
+    run_command("exec-node", fail)
+except SystemExit as exc:
+    lifecycle.finish(exc.code)
+"""
+
+
+def _run_late_lines(level: str) -> tuple[int, list[dict]]:
+    result = subprocess.run([sys.executable, "-c", _LATE_LINES_AT_EXIT], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "KVX_LOG_FORMAT": "json", "KVX_LOG_LEVEL": level})
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_lines_logged_after_the_verdict_at_the_process_end_are_kept_at_debug() -> None:
+    code, records = _run_late_lines("INFO")
+    assert code == 1
+    verdict = "exec-node failed: output 'frame' cannot be pickled to cross to another step"
+    assert [(r["severity"], r["message"]) for r in records] == [("INFO", "node finished"), ("ERROR", verdict)]
+    assert records[-1]["exit_code"] == 1
+
+    code, records = _run_late_lines("DEBUG")  # nothing is lost: the late lines, at DEBUG
+    assert code == 1
+    messages = [r["message"] for r in records]
+    late = records[messages.index(verdict) + 1:]
+    assert {(r["message"], r["severity"], r["demoted_from"]) for r in late} == {
+        ("Closing down clientserver connection", "DEBUG", "INFO"),
+        ("Callback Server Shutting Down", "DEBUG", "WARNING"),
+    }
+    assert {"severity": "INFO", "message": "node finished"}.items() <= records[messages.index("node finished")].items()
+
+
+def test_the_next_command_logs_again(json_logs) -> None:
+    from kvx_runtime.log import log_verdict
+
+    log_verdict(get_logger("kvx_runtime.cli"), "exec-node failed: boom", exit_code=1)
+    logging.getLogger("py4j.clientserver").info("Closing down clientserver connection")
+    assert [r["message"] for r in lines(json_logs)] == ["exec-node failed: boom"]
+    configure_logging(json_output=True)  # what every command does first
+    logging.getLogger("kedro.io.data_catalog").info("Loading data from x")
+    assert [(r["severity"], r["message"]) for r in lines(json_logs)] == [("INFO", "Loading data from x")]

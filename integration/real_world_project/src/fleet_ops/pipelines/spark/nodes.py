@@ -1,4 +1,11 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pandas as pd
+
+# Spark jobs submitted from a long-lived worker thread, as code that runs them concurrently does.
+# py4j gives each thread its own connection to the JVM and closes it (logging at INFO) when the
+# thread ends: for this pool's thread, at the end of the process, after a failed step's verdict.
+_WORKERS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spark-jobs")
 
 
 def _spark():
@@ -21,4 +28,4 @@ def regional_totals(fleet: pd.DataFrame) -> pd.DataFrame:
 
 
 def spark_frame(table: pd.DataFrame):
-    return to_spark(table)
+    return _WORKERS.submit(to_spark, table).result()
