@@ -60,7 +60,7 @@ def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | No
         project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
         params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
         values=run_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
-        gpu_resource_name=at.target.gpu_resource_name,
+        gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
     ))
 
 

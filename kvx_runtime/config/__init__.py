@@ -37,9 +37,12 @@ from kvx_runtime.config.schema import (
 from kvx_runtime.config.storage_root import (
     LOCAL_STATE_DIR,
     STORAGE_ROOT_FORMS,
+    STORAGE_ROOT_PLACEHOLDER,
+    configured_storage_root,
     local_storage_root,
     normalize_storage_root,
     resolve_storage_root,
+    under_storage_root,
 )
 from kvx_runtime.config.validation import (
     ALL_KEYS,
@@ -57,6 +60,7 @@ __all__ = [
     "MAX_DEPTH",
     "STEP_KEYS",
     "STORAGE_ROOT_FORMS",
+    "STORAGE_ROOT_PLACEHOLDER",
     "DynamicConfigProviderSpec",
     "GroupingConfig",
     "HostAlias",
@@ -71,6 +75,7 @@ __all__ = [
     "ScheduleConfig",
     "SecretAsEnv",
     "canonical_duration",
+    "configured_storage_root",
     "is_kubernetes_name",
     "is_kubernetes_namespace",
     "load_plugin_config",
@@ -80,4 +85,5 @@ __all__ = [
     "parse_plugin_config",
     "read_raw_plugin_config",
     "resolve_storage_root",
+    "under_storage_root",
 ]
