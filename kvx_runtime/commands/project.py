@@ -143,6 +143,8 @@ class RunLocalRequest:
     max_parallel: int = 4
     job_name: str | None = None
     fail_fast: bool = False
+    #: Each step in a fresh copy of what the project's image holds (as on separate machines).
+    fresh_copies: bool = False
 
 
 def run_local_spec(request: RunLocalRequest) -> None:
@@ -170,6 +172,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         max_parallel=request.max_parallel,
         job_name=request.job_name,
         fail_fast=request.fail_fast,
+        fresh_copies=request.fresh_copies,
     )
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
@@ -192,19 +195,23 @@ def run_local_spec(request: RunLocalRequest) -> None:
               help="Steps that may run at the same time.")
 @click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
 @fail_fast_option
+@click.option("--fresh-copies", is_flag=True,
+              help="Run each step in a fresh copy of what the project's image holds (its .dockerignore applied, "
+              "else the project template's), as on separate machines: nothing a step leaves on its disk is there "
+              "for the next.")
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                       code_upload: bool | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
-                      job_name: str | None, fail_fast: bool) -> None:
+                      job_name: str | None, fail_fast: bool, fresh_copies: bool) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
     project's pipeline first, to .kvx/pipeline.json)."""
     run_local_spec(RunLocalRequest(
         at=invocation(ctx, project_path, env), spec=spec,
         options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
         overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=job_name,
-        fail_fast=fail_fast,
+        fail_fast=fail_fast, fresh_copies=fresh_copies,
     ))
 
 
