@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from kvx_runtime.config.storage_root import STORAGE_ROOT_PLACEHOLDER, configured_storage_root
+from kvx_runtime.config.storage_root import configured_storage_root
+from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 
 if TYPE_CHECKING:

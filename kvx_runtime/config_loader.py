@@ -41,12 +41,12 @@ from kedro.config import OmegaConfigLoader
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kvx_runtime.config.storage_root import STORAGE_ROOT_PLACEHOLDER, configured_storage_root
 from kvx_runtime.errors import ConfigError
 
 __all__ = [
     "DISABLE_ENV_VAR",
     "ENV_PREFIX",
+    "STORAGE_ROOT_PLACEHOLDER",
     "EnvTemplatedConfigLoader",
     "EnvTemplatingMixin",
     "env_var_name",
@@ -62,6 +62,8 @@ DISABLED_WARNING = (
 )
 #: Names that always have a value, even outside a step (then a generated local id).
 ALWAYS_DEFINED = ("run_id", "job_name")
+#: The run's storage root (what it means where: :mod:`kvx_runtime.config.storage_root`).
+STORAGE_ROOT_PLACEHOLDER = "storage_root"
 _RESOLVER = "kvx_template"
 _CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 # ${name} or ${name|default}; a backslash before "$" escapes it, as in OmegaConf.
@@ -250,6 +252,9 @@ class EnvTemplatingMixin:
             loader: Any = self  # a mixin: the loader class gives these attributes
             env = loader.env or loader.default_run_env or loader.base_env
             merge_strategy = (getattr(loader, "merge_strategy", None) or {}).get("vertexai", "destructive")
+            # Here, not at the top: plain `kedro run` imports this module from settings.py.
+            from kvx_runtime.config.storage_root import configured_storage_root
+
             try:
                 self._kvx_configured_root = configured_storage_root(loader.conf_source, env, loader.base_env,
                                                                     merge_strategy)

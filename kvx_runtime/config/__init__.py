@@ -37,7 +37,6 @@ from kvx_runtime.config.schema import (
 from kvx_runtime.config.storage_root import (
     LOCAL_STATE_DIR,
     STORAGE_ROOT_FORMS,
-    STORAGE_ROOT_PLACEHOLDER,
     configured_storage_root,
     local_storage_root,
     normalize_storage_root,
@@ -60,7 +59,6 @@ __all__ = [
     "MAX_DEPTH",
     "STEP_KEYS",
     "STORAGE_ROOT_FORMS",
-    "STORAGE_ROOT_PLACEHOLDER",
     "DynamicConfigProviderSpec",
     "GroupingConfig",
     "HostAlias",

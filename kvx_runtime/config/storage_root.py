@@ -20,7 +20,6 @@ from kvx_runtime.errors import ConfigError
 __all__ = [
     "LOCAL_STATE_DIR",
     "STORAGE_ROOT_FORMS",
-    "STORAGE_ROOT_PLACEHOLDER",
     "configured_storage_root",
     "local_storage_root",
     "normalize_storage_root",
@@ -41,10 +40,6 @@ _BUCKET_RULES = {
     "s3a": ("s3", _S3_BUCKET, "an S3"),
 }
 
-
-#: The config placeholder of the storage root: ``${storage_root}``, filled from
-#: ``KEDRO_CONFIG_STORAGE_ROOT`` (see the module's docstring for what it means where).
-STORAGE_ROOT_PLACEHOLDER = "storage_root"
 
 #: Where a project's local runs keep their state (compiled spec, step logs, storage root).
 LOCAL_STATE_DIR = ".kvx"

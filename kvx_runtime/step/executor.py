@@ -30,8 +30,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.config import STEP_KEYS, resolve_storage_root
-from kvx_runtime.config.storage_root import STORAGE_ROOT_PLACEHOLDER
-from kvx_runtime.config_loader import env_var_name
+from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER, env_var_name
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import StepPlan, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
