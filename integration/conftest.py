@@ -207,6 +207,166 @@ def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, cata
     return project
 
 
+# --- a spaceflights-like project with a local-path catalog (as the Kedro starter's) ---------
+
+_SPACEFLIGHTS_NODES = """
+import numpy as np
+import pandas as pd
+
+
+def preprocess_companies(companies):
+    companies = companies.copy()
+    companies["iata_approved"] = companies["iata_approved"] == "t"
+    companies["company_rating"] = companies["company_rating"].str.rstrip("%").astype(float) / 100
+    return companies
+
+
+def preprocess_shuttles(shuttles):
+    shuttles = shuttles.copy()
+    shuttles["price"] = shuttles["price"].str.lstrip("$").str.replace(",", "", regex=False).astype(float)
+    return shuttles
+
+
+def create_model_input_table(shuttles, companies, reviews):
+    table = shuttles.merge(reviews, left_on="id", right_on="shuttle_id").drop(columns=["id"])
+    return table.merge(companies, left_on="company_id", right_on="id").dropna().reset_index(drop=True)
+
+
+def split_data(table, options):
+    features = table[options["features"]].astype(float)
+    cut = int(len(table) * (1 - options["test_size"]))
+    return features[:cut], features[cut:], table["price"][:cut], table["price"][cut:]
+
+
+def train_model(x_train, y_train):
+    design = np.column_stack([np.ones(len(x_train)), x_train.to_numpy()])
+    coefficients, *_ = np.linalg.lstsq(design, y_train.to_numpy(), rcond=None)
+    return {"coefficients": coefficients, "features": list(x_train.columns)}
+
+
+def evaluate_model(regressor, x_test, y_test):
+    design = np.column_stack([np.ones(len(x_test)), x_test[regressor["features"]].to_numpy()])
+    errors = design @ regressor["coefficients"] - y_test.to_numpy()
+    return {"mae": round(float(np.abs(errors).mean()), 6), "rows": int(len(x_test))}
+
+
+def shuttle_summary(table):
+    return table.groupby("engine_type", as_index=False)["price"].mean().round(4)
+"""
+
+_SPACEFLIGHTS_PIPELINE = """
+from kedro.pipeline import Pipeline, node
+
+from {package}.nodes import (create_model_input_table, evaluate_model, preprocess_companies, preprocess_shuttles,
+                             shuttle_summary, split_data, train_model)
+
+
+def register_pipelines():
+    processing = Pipeline([
+        node(preprocess_companies, "companies", "preprocessed_companies", name="preprocess_companies"),
+        node(preprocess_shuttles, "shuttles", "preprocessed_shuttles", name="preprocess_shuttles"),
+        node(create_model_input_table, ["preprocessed_shuttles", "preprocessed_companies", "reviews"],
+             "model_input_table", name="create_model_input_table"),
+    ])
+    science = Pipeline([
+        node(split_data, ["model_input_table", "params:model_options"], ["x_train", "x_test", "y_train", "y_test"],
+             name="split_data"),
+        node(train_model, ["x_train", "y_train"], "regressor", name="train_model"),
+        node(evaluate_model, ["regressor", "x_test", "y_test"], "metrics", name="evaluate_model"),
+        node(shuttle_summary, "model_input_table", "shuttle_summary_report", name="shuttle_summary"),
+    ])
+    return {{"__default__": processing + science, "data_processing": processing}}
+"""
+
+#: The Kedro spaceflights starter's catalog, locally: csv (one with load_args), parquet, a
+#: dataset factory, a versioned pickle, json; plus what a cloud env leaves as it is.
+SPACEFLIGHTS_CATALOG = """
+_csv: &csv
+  type: pandas.CSVDataset
+
+companies:
+  <<: *csv
+  filepath: data/01_raw/companies.csv
+
+reviews:
+  type: pandas.CSVDataset
+  filepath: data/01_raw/reviews.csv
+
+shuttles:
+  type: pandas.CSVDataset
+  filepath: data/01_raw/shuttles.csv
+  load_args:
+    sep: ";"
+
+preprocessed_companies:
+  type: pandas.ParquetDataset
+  filepath: data/02_intermediate/preprocessed_companies.parquet
+
+preprocessed_shuttles:
+  type: pandas.ParquetDataset
+  filepath: data/02_intermediate/preprocessed_shuttles.parquet
+  save_args:
+    index: false
+
+"{name}_table":
+  type: pandas.ParquetDataset
+  filepath: data/03_primary/{name}_table.parquet
+
+regressor:
+  type: pickle.PickleDataset
+  filepath: data/06_models/regressor.pickle
+  versioned: true
+
+metrics:
+  type: json.JSONDataset
+  filepath: data/08_reporting/metrics.json
+
+"{name}_report":
+  type: pandas.CSVDataset
+  filepath: data/08_reporting/{name}.csv
+  save_args:
+    index: false
+
+archive:
+  type: pandas.CSVDataset
+  filepath: s3://kvx-archive/shuttles.csv
+
+scratch:
+  type: MemoryDataset
+"""
+
+
+def make_spaceflights_project(root: Path, package: str, *, shuttles: int = 60,
+                              vertexai: str = "run_config: {image: sf:1, root: gs://kvx-e2e/spaceflights}\n") -> Path:
+    """A project laid out as the Kedro spaceflights starter, with deterministic raw data."""
+    import numpy as np
+    import pandas as pd
+
+    project = make_project(root, package, _SPACEFLIGHTS_NODES, _SPACEFLIGHTS_PIPELINE.format(package=package),
+                           SPACEFLIGHTS_CATALOG, vertexai)
+    (project / "conf" / "base" / "parameters.yml").write_text(
+        "model_options:\n  test_size: 0.25\n  features: [engines, passenger_capacity, company_rating]\n")
+    rng = np.random.default_rng(11)
+    companies = pd.DataFrame({"id": range(1, 11),
+                              "company_rating": [f"{r}%" for r in rng.integers(50, 101, 10)],
+                              "iata_approved": rng.choice(["t", "f"], 10)})
+    ids = np.arange(1, shuttles + 1)
+    engines = rng.integers(1, 5, shuttles)
+    capacity = rng.integers(2, 9, shuttles)
+    table = pd.DataFrame({"id": ids, "company_id": rng.integers(1, 11, shuttles), "engines": engines,
+                          "passenger_capacity": capacity,
+                          "engine_type": rng.choice(["Plasma", "Quantum", "Nuclear"], shuttles),
+                          "price": [f"${p:,.2f}" for p in 900 + 350 * engines + 120 * capacity
+                                    + rng.normal(0, 40, shuttles)]})
+    reviews = pd.DataFrame({"shuttle_id": ids, "review_scores_rating": rng.integers(60, 101, shuttles)})
+    raw = project / "data" / "01_raw"
+    raw.mkdir(parents=True)
+    companies.to_csv(raw / "companies.csv", index=False)
+    table.to_csv(raw / "shuttles.csv", index=False, sep=";")
+    reviews.to_csv(raw / "reviews.csv", index=False)
+    return project
+
+
 # --- MLflow servers and Google fakes (started once per test session) ---------------------
 
 from collections.abc import Iterator  # noqa: E402

@@ -14,6 +14,11 @@ defined during a step (``run_id``, ``job_name``). A bare ``${name}`` that is non
 left to OmegaConf, since it may point at another key; if OmegaConf cannot resolve it either, the
 error names the placeholder, the file(s) it appears in and the variable to set.
 
+``${storage_root}`` (what a cloud env's catalog puts local datasets under) is defined in a step
+(``exec-node`` exports the step's storage root) and while ``compile`` loads the catalog; anywhere
+else it falls back to the env's ``run_config.root``, and without one it is undefined: never a
+local directory (:mod:`kvx_runtime.config.storage_root` says why).
+
 A project can name the class in its ``settings.py``::
 
     from kvx_runtime.config_loader import EnvTemplatedConfigLoader
@@ -28,6 +33,8 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kedro.config import OmegaConfigLoader
@@ -39,9 +46,11 @@ from kvx_runtime.errors import ConfigError
 __all__ = [
     "DISABLE_ENV_VAR",
     "ENV_PREFIX",
+    "STORAGE_ROOT_PLACEHOLDER",
     "EnvTemplatedConfigLoader",
     "EnvTemplatingMixin",
     "env_var_name",
+    "exported_storage_root",
     "render_templates",
 ]
 
@@ -53,6 +62,8 @@ DISABLED_WARNING = (
 )
 #: Names that always have a value, even outside a step (then a generated local id).
 ALWAYS_DEFINED = ("run_id", "job_name")
+#: The run's storage root (what it means where: :mod:`kvx_runtime.config.storage_root`).
+STORAGE_ROOT_PLACEHOLDER = "storage_root"
 _RESOLVER = "kvx_template"
 _CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 # ${name} or ${name|default}; a backslash before "$" escapes it, as in OmegaConf.
@@ -129,10 +140,12 @@ def _ensure_resolver() -> None:
     register(_RESOLVER, _REGISTRY.resolve, use_cache=False)
 
 
-def render_templates(text: str, source: str) -> str:
+def render_templates(text: str, source: str, configured_root: Callable[[], str | None] | None = None) -> str:
     """Rewrite our placeholders in one config file's text into ``kvx_template`` calls.
 
-    ``source`` (the file path) is kept for error messages.
+    ``source`` (the file path) is kept for error messages; ``configured_root`` gives
+    ``${storage_root}``'s value where no step or command exported one (``run_config.root``),
+    asked only when the file uses it.
     """
     _ensure_resolver()
 
@@ -140,6 +153,10 @@ def render_templates(text: str, source: str) -> str:
         name, default = match.group(1), match.group(2)
         if default is not None or env_var_name(name) in os.environ or name in ALWAYS_DEFINED:
             return "${%s:%d}" % (_RESOLVER, _REGISTRY.claim(name, default, source))
+        if name == STORAGE_ROOT_PLACEHOLDER and configured_root is not None:
+            root = configured_root()
+            if root is not None:  # the variable, when set later, still wins
+                return "${%s:%d}" % (_RESOLVER, _REGISTRY.claim(name, root, source))
         _REGISTRY.leave(name, source)
         return match.group(0)
 
@@ -158,10 +175,33 @@ def explain_interpolation_error(exc: OmegaConfBaseException) -> ConfigError | No
     files = sorted(_REGISTRY.unclaimed.get(name, ()))
     if not files:
         return None
-    return ConfigError(
-        f"config placeholder ${{{name}}} in {', '.join(files)} is not defined",
-        hint=f"set {env_var_name(name)} or write a default: ${{{name}|value}}",
-    )
+    hint = f"set {env_var_name(name)} or write a default: ${{{name}|value}}"
+    if name == STORAGE_ROOT_PLACEHOLDER:
+        hint = (f"a step sets it from its --storage-root, else run_config.root; elsewhere set run_config.root "
+                f"in vertexai.yml or {env_var_name(name)}")
+    return ConfigError(f"config placeholder ${{{name}}} in {', '.join(files)} is not defined", hint=hint)
+
+
+@contextmanager
+def exported_storage_root(root: str | None) -> Iterator[None]:
+    """``${storage_root}`` is ``root`` inside the block (a command loading the catalog for its
+    run's root, as a step does); the variable's earlier value is restored after it."""
+    if root is None:
+        yield
+        return
+    name = env_var_name(STORAGE_ROOT_PLACEHOLDER)
+    previous = os.environ.get(name)
+    os.environ[name] = root
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+_UNREAD = object()
 
 
 class _TemplatingFile(io.BytesIO):
@@ -174,8 +214,9 @@ class _TemplatingFileSystem:
     Everything except ``open`` (glob, isdir, ls...) goes to the wrapped filesystem unchanged.
     """
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, configured_root: Callable[[], str | None] | None = None) -> None:
         self._fs = fs
+        self._configured_root = configured_root
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fs, name)
@@ -187,7 +228,7 @@ class _TemplatingFileSystem:
         with handle:
             raw = handle.read()
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return _TemplatingFile(render_templates(text, str(path)).encode("utf-8"))
+        return _TemplatingFile(render_templates(text, str(path), self._configured_root).encode("utf-8"))
 
 
 class EnvTemplatingMixin:
@@ -197,10 +238,31 @@ class EnvTemplatingMixin:
     the executor composes ``(EnvTemplatingMixin, TheirLoader)`` instead of replacing it.
     """
 
+    _kvx_configured_root: Any = _UNREAD
+
     def _initialise_filesystem_and_protocol(self, conf_source: str) -> tuple[Any, str]:
         fs, protocol = super()._initialise_filesystem_and_protocol(conf_source)  # type: ignore[misc]
         _ensure_resolver()
-        return _TemplatingFileSystem(fs), protocol
+        return _TemplatingFileSystem(fs, self._configured_storage_root), protocol
+
+    def _configured_storage_root(self) -> str | None:
+        """This loader's env's ``run_config.root`` (read once, when a file uses ``${storage_root}``
+        and no step or command exported one)."""
+        if self._kvx_configured_root is _UNREAD:
+            loader: Any = self  # a mixin: the loader class gives these attributes
+            env = loader.env or loader.default_run_env or loader.base_env
+            merge_strategy = (getattr(loader, "merge_strategy", None) or {}).get("vertexai", "destructive")
+            # Here, not at the top: plain `kedro run` imports this module from settings.py.
+            from kvx_runtime.config.storage_root import configured_storage_root
+
+            try:
+                self._kvx_configured_root = configured_storage_root(loader.conf_source, env, loader.base_env,
+                                                                    merge_strategy)
+            except ConfigError:
+                raise  # a broken vertexai.yml says so
+            except Exception:  # configuration that is not a folder (an archive): no root known
+                self._kvx_configured_root = None
+        return self._kvx_configured_root
 
     def __getitem__(self, key: str) -> dict[str, Any]:
         try:

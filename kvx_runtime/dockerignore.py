@@ -8,12 +8,17 @@ everything below it, ``!`` re-includes, and the last matching pattern wins.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DockerIgnore"]
+__all__ = ["TEMPLATE", "DockerIgnore", "image_files"]
+
+#: The .dockerignore of kvx-runtime's project template (``init --with-dockerfile`` writes it).
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "project.dockerignore"
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,7 @@ class _Pattern:
     regex: re.Pattern[str]
     depth: int  # path components in the pattern
     include: bool  # a "!" pattern
+    text: str = ""  # the pattern, normalized
 
 
 def _translate(pattern: str) -> str:
@@ -74,7 +80,7 @@ class DockerIgnore:
             line = posixpath.normpath(line).lstrip("/")
             if not line or line == ".":
                 continue
-            self.patterns.append(_Pattern(re.compile(_translate(line)), len(line.split("/")), include))
+            self.patterns.append(_Pattern(re.compile(_translate(line)), len(line.split("/")), include, line))
 
     @classmethod
     def of_project(cls, project: Path) -> DockerIgnore | None:
@@ -96,3 +102,37 @@ class DockerIgnore:
             if matched:
                 excluded = not pattern.include
         return excluded
+
+    def may_include_below(self, relative_dir: str) -> bool:
+        """Could a ``!`` pattern bring back something below the directory ``relative_dir``
+        (so that an excluded directory must still be looked into)? Errs on yes."""
+        parts = posixpath.normpath(relative_dir).lstrip("/").split("/")
+        return any(pattern.include and _may_match_below(pattern.text.split("/"), parts) for pattern in self.patterns)
+
+
+def _may_match_below(components: list[str], parts: list[str]) -> bool:
+    """May a pattern of ``components`` match the directory of ``parts``, a parent of it or
+    something below it?"""
+    for index, part in enumerate(parts):
+        if index >= len(components) or "**" in components[index]:
+            return True  # it names a parent (whose files it brings back), or any depth
+        if not re.match(_translate(components[index]), part):
+            return False
+    return True
+
+
+def image_files(project: Path, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """The files (POSIX paths relative to ``project``) a build of the project image would
+    hold: the project's .dockerignore applied, else the project template's. Top-level
+    directories in ``skip`` are never looked into."""
+    ignore = DockerIgnore.of_project(project) or DockerIgnore(TEMPLATE.read_text(encoding="utf-8"))
+    for directory, subdirectories, files in os.walk(project):
+        relative_dir = Path(directory).relative_to(project).as_posix()
+        prefix = "" if relative_dir == "." else relative_dir + "/"
+        subdirectories[:] = sorted(
+            name for name in subdirectories
+            if not (prefix == "" and name in skip)
+            and (not ignore.excludes(prefix + name) or ignore.may_include_below(prefix + name)))
+        for name in sorted(files):
+            if not ignore.excludes(prefix + name):
+                yield prefix + name

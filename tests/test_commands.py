@@ -149,7 +149,7 @@ def test_init_bodies_write_the_targets_config_file_and_refuse_a_half_done_init(t
     from kvx_runtime.commands.vertex_init import VertexInitRequest, init_vertex
 
     vertex_root, kubeflow_root = _pyproject(tmp_path / "vertex"), _pyproject(tmp_path / "kubeflow")
-    written = init_vertex(VertexInitRequest("my-gcp", "europe-west4", str(vertex_root)))
+    [written] = init_vertex(VertexInitRequest("my-gcp", "europe-west4", str(vertex_root)))
     assert written == vertex_root / "conf" / "base" / "vertexai.yml"
     assert "project_id: my-gcp" in written.read_text()
     assert "conf/base/vertexai.yml written" in capsys.readouterr().out
@@ -157,7 +157,7 @@ def test_init_bodies_write_the_targets_config_file_and_refuse_a_half_done_init(t
         init_vertex(VertexInitRequest("my-gcp", "europe-west4", str(vertex_root), with_dockerfile=True))
     assert not (vertex_root / "Dockerfile").exists()
 
-    written = init_kubeflow(KubeflowInitRequest("http://localhost:8080/", "team-a", str(kubeflow_root)))
+    [written] = init_kubeflow(KubeflowInitRequest("http://localhost:8080/", "team-a", str(kubeflow_root)))
     assert written.name == "kubeflow.yml" and "host: http://localhost:8080\n" in written.read_text()
     assert "namespace: 'team-a'" in written.read_text()
     with pytest.raises(UsageError, match="not a Kubernetes namespace name"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,45 @@ def test_templating_composes_with_a_projects_own_loader() -> None:
     assert with_env_templating(OmegaConfigLoader) is EnvTemplatedConfigLoader
     assert with_env_templating(EnvTemplatedConfigLoader) is EnvTemplatedConfigLoader
     assert with_env_templating(dict) is None
+
+
+STORAGE_CATALOG = "model:\n  type: pickle.PickleDataset\n  filepath: ${storage_root}/data/06_models/model.pkl\n"
+
+
+def test_storage_root_is_what_a_step_or_command_exports(conf: Path, monkeypatch) -> None:
+    from kvx_runtime.config_loader import exported_storage_root
+
+    (conf / "base" / "catalog.yml").write_text(STORAGE_CATALOG)
+    (conf / "base" / "vertexai.yml").write_text("run_config:\n  root: configured-bucket/x\n")
+    monkeypatch.setenv("KEDRO_CONFIG_STORAGE_ROOT", "gs://step-bucket/run")  # what exec-node exports
+    assert loader(conf)["catalog"]["model"]["filepath"] == "gs://step-bucket/run/data/06_models/model.pkl"
+    with exported_storage_root("/tmp/compile-root"):  # compile's storage root while it loads the catalog
+        assert loader(conf)["catalog"]["model"]["filepath"] == "/tmp/compile-root/data/06_models/model.pkl"
+    assert os.environ["KEDRO_CONFIG_STORAGE_ROOT"] == "gs://step-bucket/run"  # restored
+
+
+def test_storage_root_outside_a_step_is_the_envs_run_config_root(conf: Path, monkeypatch) -> None:
+    monkeypatch.delenv("KEDRO_CONFIG_STORAGE_ROOT", raising=False)
+    (conf / "cloud").mkdir()
+    (conf / "base" / "catalog.yml").write_text(STORAGE_CATALOG)
+    (conf / "base" / "vertexai.yml").write_text("run_config:\n  root: base-bucket/pipelines\n")
+    (conf / "cloud" / "vertexai.yml").write_text("run_config:\n  root: s3://cloud-bucket/runs/\n")
+    # A bare bucket/prefix is a Cloud Storage root, as every command reads run_config.root.
+    assert loader(conf)["catalog"]["model"]["filepath"] == "gs://base-bucket/pipelines/data/06_models/model.pkl"
+    cloud = EnvTemplatedConfigLoader(str(conf), base_env="base", default_run_env="local", env="cloud")
+    assert cloud["catalog"]["model"]["filepath"] == "s3://cloud-bucket/runs/data/06_models/model.pkl"
+    monkeypatch.setenv("KEDRO_CONFIG_STORAGE_ROOT", "/mnt/shared")  # the variable wins
+    assert loader(conf)["catalog"]["model"]["filepath"] == "/mnt/shared/data/06_models/model.pkl"
+
+
+def test_storage_root_never_falls_back_to_a_local_directory(conf: Path, monkeypatch) -> None:
+    monkeypatch.delenv("KEDRO_CONFIG_STORAGE_ROOT", raising=False)
+    path = conf / "base" / "catalog.yml"
+    path.write_text(STORAGE_CATALOG)
+    (conf / "base" / "vertexai.yml").write_text("run_config:\n  image: img\n")  # no root
+    with pytest.raises(ConfigError) as caught:
+        loader(conf)["catalog"]
+    message = str(caught.value)
+    assert message.startswith(f"config placeholder ${{storage_root}} in {path} is not defined")
+    assert "KEDRO_CONFIG_STORAGE_ROOT" in message and "run_config.root" in message
+    assert "\n" not in message

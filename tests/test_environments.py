@@ -70,3 +70,23 @@ def test_compile_warns_when_the_image_lacks_the_env(tmp_path: Path, caplog) -> N
     assert warn_envs_not_in_image(tmp_path, tmp_path / "conf", ["base", "local"]) == ["local"]
     # Credentials left out of an env that the image otherwise has: intended, no warning.
     assert warn_envs_not_in_image(tmp_path, tmp_path / "conf", ["base", "cloud"]) == []
+
+
+def test_image_files_look_into_excluded_folders_only_for_what_is_brought_back(tmp_path: Path) -> None:
+    from kvx_runtime.dockerignore import image_files
+
+    for name in ("pyproject.toml", "src/pkg/nodes.py", "src/pkg/__pycache__/nodes.pyc", "conf/base/catalog.yml",
+                 "conf/local/credentials.yml", "data/01_raw/a.csv", "data/02_intermediate/b.parquet",
+                 "notebooks/x.ipynb", ".kvx/runs/j/copies/t/pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    # No .dockerignore: the project template's.
+    assert list(image_files(tmp_path, skip=(".kvx",))) == [
+        "pyproject.toml", "conf/base/catalog.yml", "data/01_raw/a.csv", "src/pkg/nodes.py"]
+    (tmp_path / ".dockerignore").write_text("data/\n!data/02_intermediate/\nnotebooks\n")
+    assert list(image_files(tmp_path, skip=(".kvx",))) == [
+        ".dockerignore", "pyproject.toml", "conf/base/catalog.yml", "conf/local/credentials.yml",
+        "data/02_intermediate/b.parquet", "src/pkg/nodes.py", "src/pkg/__pycache__/nodes.pyc"]
+    ignore = DockerIgnore("*\n!src/\n!**/keep.txt\n")
+    assert ignore.may_include_below("src") and ignore.may_include_below("anything/deep")
+    assert not DockerIgnore("*\n!src/\n").may_include_below("data")

@@ -185,3 +185,26 @@ def test_every_kedro_dependency_is_a_step_dependency_in_random_pipelines(tmp_pat
     assert summary["violations"] == []
     assert summary["examples"] >= 200  # most examples compile (the rest are refused cycles)
     assert summary["transcoded_edges"] > 50  # the property was exercised on transcoded names
+
+
+def test_paths_under_the_runs_storage_root_are_shared_and_the_warning_suggests_a_cloud_env(caplog) -> None:
+    """run-local's root is a local folder every step sees: what the cloud env puts there is shared."""
+    crossing = {"producers": {"model": "train"}, "consumers": {"model": ["score"]},
+                "step_of": {"train": "train", "score": "score"}, "shared_mounts": ()}
+    under = {"model": "/home/me/proj/.kvx/storage/data/06_models/model.pkl"}
+    assert warn_local_datasets(under, **crossing, storage_root="/home/me/proj/.kvx/storage") == []
+    # A sibling folder whose name starts like the root's is not under it.
+    beside = {"model": "/home/me/proj/.kvx/storage-old/model.pkl"}
+    assert warn_local_datasets(beside, **crossing, storage_root="/home/me/proj/.kvx/storage") == ["model"]
+    assert warn_local_datasets(under, **crossing, init_command="kedro kubeflow init") == ["model"]
+    assert "`kedro kubeflow init --cloud-env cloud` writes a Kedro env" in caplog.text
+
+
+def test_missing_inputs_under_the_root_are_named_with_the_projects_copy(caplog) -> None:
+    from kvx_runtime.compiler.checks import warn_missing_inputs
+
+    missing = {"shuttles": "file:///tmp/root/data/01_raw/shuttles.csv"}
+    assert warn_missing_inputs(missing, "file:///tmp/root") == ["shuttles"]
+    assert ("pipeline input 'shuttles' is read from file:///tmp/root/data/01_raw/shuttles.csv, which does not "
+            "exist: copy it there before the run (the project's own copy is usually data/01_raw/shuttles.csv)"
+            in caplog.text)

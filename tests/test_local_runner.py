@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -217,3 +218,39 @@ def test_unknown_or_mistyped_parameter_overrides_are_usage_errors(tmp_path: Path
 
 def test_dotted_kedro_names_map_to_pipeline_parameters() -> None:
     assert parse_overrides(["model.lr=0.1", "seed=3"]) == {"model__lr": "0.1", "seed": "3"}
+
+
+# Leaves a file on its "disk" and fails if it finds one an earlier step left, or lacks the code.
+DISK = """
+import pathlib, sys
+here = pathlib.Path.cwd()
+leftovers = sorted(p.name for p in here.glob("leftover-*"))
+if leftovers or not (here / "src" / "pkg" / "nodes.py").is_file() or (here / "data" / "02_intermediate").exists():
+    print('{"severity": "ERROR", "message": "not a fresh copy: ' + " ".join(leftovers) + '"}', file=sys.stderr)
+    sys.exit(1)
+(here / f"leftover-{sys.argv[1]}").write_text("x")
+"""
+
+
+def test_fresh_copies_give_each_step_an_empty_disk_with_the_images_files(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.kedro]\npackage_name = 'pkg'\n")
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "nodes.py").write_text("")
+    (tmp_path / "data" / "02_intermediate").mkdir(parents=True)
+    (tmp_path / "data" / "02_intermediate" / "stale.csv").write_text("a\n")  # the template leaves data out
+    steps = [Step(task=name, display_name=name, command=[PY, "-c", DISK], args=[name], depends_on=deps)
+             for name, deps in (("first", []), ("second", ["first"]))]
+    spec = build(steps)
+    result, out = run(spec, tmp_path, job_name="fresh", fresh_copies=True)
+    copies = tmp_path / ".kvx" / "runs" / "fresh" / "copies"
+    assert result.exit_code == 0, (tmp_path / ".kvx/runs/fresh/logs/second.log").read_text()
+    assert sorted(p.name for p in (copies / "second").glob("leftover-*")) == ["leftover-second"]
+    assert "each step in a fresh copy" in out
+    # The same steps in the project itself (one disk for all): the second finds the first's file.
+    shutil.rmtree(tmp_path / "data")
+    shared, _ = run(spec, tmp_path, job_name="shared")
+    assert shared.exit_code == 1 and shared.failed_task == "second"
+    assert shared.replay is not None and shared.replay.startswith(f"cd {tmp_path} && ")
+    # What the image would not hold stays out of the copies (the template keeps only code, conf, raw data).
+    again, _ = run(spec, tmp_path, job_name="again", fresh_copies=True)
+    assert again.exit_code == 0 and (tmp_path / "leftover-first").exists()

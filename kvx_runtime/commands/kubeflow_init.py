@@ -1,5 +1,6 @@
 """``kvx-runtime kfp init`` / ``kedro kubeflow init``: Kubeflow Pipelines' config file (the
-registry names this command as the target's ``init``)."""
+registry names this command as the target's ``init``), and with ``--cloud-env`` a Kedro env
+putting the catalog's local datasets under the storage root."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import click
 
 from kvx_runtime.commands.command import KvxCommand
-from kvx_runtime.commands.options import project_path_option
-from kvx_runtime.commands.project import write_config_file
+from kvx_runtime.commands.options import cloud_env_options, project_path_option
+from kvx_runtime.commands.project import CloudEnvOptions, InitRequest, init_arguments_given, write_init
 from kvx_runtime.targets.registry import get_target
 
 __all__ = ["KubeflowInitRequest", "init_command", "init_kubeflow"]
@@ -19,22 +20,31 @@ __all__ = ["KubeflowInitRequest", "init_command", "init_kubeflow"]
 
 @dataclass(frozen=True)
 class KubeflowInitRequest:
-    host: str
+    host: str | None
     namespace: str | None = None
     project_path: str | None = None
     force: bool = False
     with_dockerfile: bool = False
+    #: ``--cloud-env NAME``: also (or, without HOST, only) the env overlay.
+    cloud_env: str | None = None
+    per_run: bool = False
+    group: str = "kvx-runtime kfp"
 
 
-def init_kubeflow(request: KubeflowInitRequest) -> Path:
+def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
     """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``, with
-    KFP's MinIO as the storage root; returns it."""
+    KFP's MinIO as the storage root, and the cloud env when asked; returns the files written."""
     from kvx_runtime.config import is_kubernetes_namespace
     from kvx_runtime.errors import UsageError
     from kvx_runtime.targets.kubeflow import KubeflowTarget
 
     root = Path(request.project_path or os.getcwd()).resolve()
-    host = KubeflowTarget(request.host).host  # refused here (exit 2) rather than at the first command
+    cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
+    target = get_target("kubeflow")
+    if not init_arguments_given({"HOST": request.host}, request.cloud_env, request.per_run):
+        return write_init(InitRequest(root, target, None, request.force, request.with_dockerfile, cloud_env,
+                                      request.group))
+    host = KubeflowTarget(str(request.host)).host  # refused here (exit 2) rather than at the first command
     base = root / "conf" / "base"
     hiding = sorted(p.name for p in base.glob("vertexai*")
                     if p.suffix in {".yml", ".yaml", ".json"} or (p.is_dir() and p.name == "vertexai"))
@@ -49,19 +59,24 @@ def init_kubeflow(request: KubeflowInitRequest) -> Path:
     namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: '{namespace}'\n"
                       if namespace else
                       "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
-    return write_config_file(root, get_target("kubeflow"), {"host": host, "namespace_line": namespace_line},
-                             request.force, request.with_dockerfile)
+    return write_init(InitRequest(root, target, {"host": host, "namespace_line": namespace_line}, request.force,
+                                  request.with_dockerfile, cloud_env, request.group))
 
 
 @click.command("init", cls=KvxCommand)
-@click.argument("host")
+@click.argument("host", required=False)
 @click.option("--namespace", default=None, help="The user namespace (profile) of a multi-user Kubeflow.")
 @project_path_option
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--with-dockerfile", is_flag=True,
               help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
-def init_command(host: str, namespace: str | None, project_path: str | None, force: bool,
-                 with_dockerfile: bool) -> None:
+@cloud_env_options
+@click.pass_context
+def init_command(ctx: click.Context, host: str | None, namespace: str | None, project_path: str | None, force: bool,
+                 with_dockerfile: bool, cloud_env: str | None, per_run: bool) -> None:
     """Write a commented conf/base/kubeflow.yml for the Kubeflow Pipelines API at HOST (its
-    /pipeline URL), with KFP's MinIO as the storage root."""
-    init_kubeflow(KubeflowInitRequest(host, namespace, project_path, force, with_dockerfile))
+    /pipeline URL), with KFP's MinIO as the storage root (with --cloud-env NAME also
+    conf/NAME/catalog.yml; HOST may then be left out)."""
+    group = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime kfp"
+    init_kubeflow(KubeflowInitRequest(host, namespace, project_path, force, with_dockerfile, cloud_env, per_run,
+                                      group))

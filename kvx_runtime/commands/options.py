@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-__all__ = ["env_option", "fail_fast_option", "load_version_option", "pipeline_options", "project_path_option",
-           "submit_options"]
+__all__ = ["cloud_env_options", "env_option", "fail_fast_option", "load_version_option", "pipeline_options",
+           "project_path_option", "submit_options"]
 
 project_path_option = click.option(
     "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
@@ -60,4 +60,16 @@ def submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--template", default=None, metavar="TAG",
                      help="Run the spec uploaded with this tag to run_config.template_repository "
                      "(upload-pipeline) instead of sending the spec itself."),
+    ], function)
+
+
+def cloud_env_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Every target's ``init``: a Kedro env putting the catalog's local datasets under the storage root."""
+    return _apply([
+        click.option("--cloud-env", "cloud_env", metavar="NAME", default=None,
+                     help="Also write conf/NAME/catalog.yml: every catalog dataset of the base env on a local path, "
+                     "under the run's storage root (${storage_root}). With an existing config file, only this."),
+        click.option("--per-run", is_flag=True,
+                     help="With --cloud-env: what the pipelines write goes under <root>/<run id>/ (their inputs "
+                     "stay shared)."),
     ], function)

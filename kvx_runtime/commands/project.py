@@ -16,10 +16,12 @@ from kvx_runtime.commands.options import env_option, fail_fast_option, pipeline_
 from kvx_runtime.targets.registry import TargetInfo, default_target
 
 if TYPE_CHECKING:
+    from kvx_runtime.cloud_env import CloudEnv
     from kvx_runtime.compiler import CompiledPipeline
 
-__all__ = ["CompileSpecRequest", "PipelineOptions", "RunLocalRequest", "compile_command", "compile_for",
-           "compile_spec", "run_local_command", "run_local_spec", "write_config_file", "write_init_files"]
+__all__ = ["CloudEnvOptions", "CompileSpecRequest", "InitRequest", "PipelineOptions", "RunLocalRequest",
+           "compile_command", "compile_for", "compile_spec", "init_arguments_given",
+           "run_local_command", "run_local_spec", "write_config_file", "write_init", "write_init_files"]
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -60,7 +62,7 @@ def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | No
         project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
         params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
         values=run_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
-        gpu_resource_name=at.target.gpu_resource_name,
+        gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
     ))
 
 
@@ -143,6 +145,8 @@ class RunLocalRequest:
     max_parallel: int = 4
     job_name: str | None = None
     fail_fast: bool = False
+    #: Each step in a fresh copy of what the project's image holds (as on separate machines).
+    fresh_copies: bool = False
 
 
 def run_local_spec(request: RunLocalRequest) -> None:
@@ -170,6 +174,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         max_parallel=request.max_parallel,
         job_name=request.job_name,
         fail_fast=request.fail_fast,
+        fresh_copies=request.fresh_copies,
     )
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
@@ -192,19 +197,23 @@ def run_local_spec(request: RunLocalRequest) -> None:
               help="Steps that may run at the same time.")
 @click.option("--job-name", default=None, help="Job name (default: <pipeline>-<timestamp>).")
 @fail_fast_option
+@click.option("--fresh-copies", is_flag=True,
+              help="Run each step in a fresh copy of what the project's image holds (its .dockerignore applied, "
+              "else the project template's), as on separate machines: nothing a step leaves on its disk is there "
+              "for the next.")
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                       code_upload: bool | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
-                      job_name: str | None, fail_fast: bool) -> None:
+                      job_name: str | None, fail_fast: bool, fresh_copies: bool) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
     project's pipeline first, to .kvx/pipeline.json)."""
     run_local_spec(RunLocalRequest(
         at=invocation(ctx, project_path, env), spec=spec,
         options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
         overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=job_name,
-        fail_fast=fail_fast,
+        fail_fast=fail_fast, fresh_copies=fresh_copies,
     ))
 
 
@@ -237,11 +246,109 @@ def write_config_file(root: Path, target: TargetInfo, values: Mapping[str, str],
                       with_dockerfile: bool) -> Path:
     """conf/base/<the target's config file>, from the template of that name filled with
     ``values`` (and ``package``, the project's package name as a label value)."""
+    [config] = write_init(InitRequest(root, target, values, force, with_dockerfile))
+    return config
+
+
+@dataclass(frozen=True)
+class CloudEnvOptions:
+    """``--cloud-env NAME [--per-run]``: a Kedro env overlay putting local datasets under the
+    storage root (:mod:`kvx_runtime.cloud_env`)."""
+
+    name: str
+    per_run: bool = False
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    """What a target's ``init`` writes: its config file from ``values`` (None: not asked for),
+    the cloud env when asked, the Dockerfile when asked."""
+
+    root: Path
+    target: TargetInfo
+    values: Mapping[str, str] | None
+    force: bool = False
+    with_dockerfile: bool = False
+    cloud_env: CloudEnvOptions | None = None
+    #: How the user reaches the target's commands (what the closing lines suggest).
+    group: str = "kvx-runtime"
+
+
+def init_arguments_given(names: Mapping[str, str | None], cloud_env: str | None, per_run: bool) -> bool:
+    """Were a target's ``init`` arguments (``names``: argument -> value) given? All or none;
+    none only with ``--cloud-env``, which also writes the overlay alone."""
+    from kvx_runtime.errors import UsageError
+
+    missing = [name for name, value in names.items() if not value]
+    if per_run and cloud_env is None:
+        raise UsageError("--per-run is an option of --cloud-env", hint="add --cloud-env NAME")
+    if missing and (len(missing) < len(names) or cloud_env is None):
+        raise UsageError(f"missing argument{'s' if len(missing) > 1 else ''} {' '.join(missing)}",
+                         hint="--cloud-env NAME alone writes only the cloud env" if cloud_env is None else None)
+    return not missing
+
+
+def write_init(request: InitRequest) -> list[Path]:
+    """Write what ``request`` asks for, refusing everything before anything is written (an
+    existing file without ``force``: exit 2). With a cloud env an existing config file is kept,
+    not refused: the overlay is what is asked for. Returns the files written."""
     from kvx_runtime.project import find_package_name
 
-    name = target.config_files[0]
-    package = find_package_name(root).replace("_", "-")
+    root = request.root
+    files: dict[Path, str] = {}
+    name = request.target.config_files[0]
     config = root / "conf" / "base" / name
-    text = TEMPLATES.joinpath(name).read_text().format(package=package, **values)
-    write_init_files(root, {config: text}, force, with_dockerfile)
-    return config
+    kept = request.values is not None and request.cloud_env is not None and config.exists() and not request.force
+    if request.values is not None and not kept:
+        package = find_package_name(root).replace("_", "-")
+        files[config] = TEMPLATES.joinpath(name).read_text().format(package=package, **request.values)
+    env = _plan_cloud_env(root, request.cloud_env) if request.cloud_env is not None else None
+    if env is not None:
+        files[env.path] = env.text
+    write_init_files(root, files, request.force, request.with_dockerfile)
+    if kept:
+        click.echo(f"{config.relative_to(root)} exists: kept as it is (--force rewrites it)")
+    if env is not None:
+        _explain_cloud_env(env, request.group)
+    return list(files)
+
+
+def _plan_cloud_env(root: Path, options: CloudEnvOptions) -> CloudEnv:
+    """The overlay for the project at ``root`` (opened as the env will see it)."""
+    from kvx_runtime.cloud_env import plan_cloud_env
+    from kvx_runtime.config_loader import EnvTemplatingMixin
+    from kvx_runtime.project import install_templating, open_project
+
+    env_dir = root / "conf" / options.name
+    project = open_project(root, options.name if env_dir.is_dir() else None, needed=(), templating=False)
+    from kedro.framework.project import settings  # after open_project: it keeps Kedro's logging quiet
+
+    loader_class = settings.CONFIG_LOADER_CLASS
+    fills = isinstance(loader_class, type) and issubclass(loader_class, EnvTemplatingMixin)
+    if not install_templating(settings):
+        from kvx_runtime.errors import ConfigError
+
+        raise ConfigError("the project's config loader cannot fill ${storage_root} (it is not Kedro's "
+                          "OmegaConfigLoader, or KEDRO_VERTEXAI_DISABLE_CONFIG_HOOK is set): no cloud env written")
+    return plan_cloud_env(project, options.name, per_run=options.per_run, kedro_run_fills_placeholder=fills)
+
+
+def _explain_cloud_env(env: CloudEnv, group: str) -> None:
+    """One short block: what was redirected, which inputs to copy where, what to run next."""
+    from kvx_runtime.cloud_env import CATALOG_FILE
+    from kvx_runtime.config import LOCAL_STATE_DIR
+
+    left = f", {len(env.left_out)} left as they are (listed in its header)" if env.left_out else ""
+    count = len(env.redirected)
+    lines = [f"conf/{env.name}/{CATALOG_FILE}: {count} catalog entr{'y' if count == 1 else 'ies'} under "
+             f"${{storage_root}}{left}"]
+    root = env.configured_root()  # after the config file this init may have written
+    copy = env.copy_lines(root)
+    if copy:
+        lines += [f"Before the first run copy the pipelines' inputs to the storage root ({root or 'run_config.root'}):",
+                  *copy, f"  (run-local's root is {LOCAL_STATE_DIR}/storage: copy them there too to rehearse here)"]
+    if not env.kedro_run_fills_placeholder:
+        lines.append(f"`kedro run --env {env.name}` needs kvx-runtime's config loader in settings.py: "
+                     "CONFIG_LOADER_CLASS = EnvTemplatedConfigLoader (from kvx_runtime.config_loader)")
+    lines.append(f"Next: {group} compile --env {env.name} --strict")
+    click.echo("\n".join(lines))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvx_runtime.compiler.kfp_reader import build_graph
+from kvx_runtime.config.storage_root import under_storage_root
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.graph import dataset_identity, missing_step_dependencies
 from kvx_runtime.log import get_logger
@@ -156,17 +157,23 @@ def warn_local_datasets(
     consumers: Mapping[str, list[str]],
     step_of: Mapping[str, str],
     shared_mounts: Sequence[str] = VERTEX_SHARED_MOUNTS,
+    *,
+    storage_root: str | None = None,
+    init_command: str = "kvx-runtime init",
 ) -> list[str]:
     """Catalog datasets on a local path that one step writes and another reads.
 
     ``dataset_paths`` is keyed by catalog name (``x@pandas``), ``producers`` and ``consumers``
-    by dataset identity (``x``): a transcoded pair on one local file is one dataset.
+    by dataset identity (``x``): a transcoded pair on one local file is one dataset. A path
+    under the run's ``storage_root`` is shared by every step (a local root: run-local's).
     """
     flagged: list[str] = []
     for dataset, path in sorted(dataset_paths.items()):
         identity = dataset_identity(dataset)
         producer = producers.get(identity)
         if producer is None or not is_local_path(path, shared_mounts) or identity in flagged:
+            continue
+        if storage_root is not None and under_storage_root(path, storage_root):
             continue
         readers = [n for n in consumers.get(identity, []) if step_of.get(n) != step_of.get(producer)]
         if readers:
@@ -177,12 +184,27 @@ def warn_local_datasets(
                 f"catalog dataset '{dataset}' is on a local path ({path}) that node '{producer}' "
                 f"writes and node '{readers[0]}' reads in another step: each step has its own disk "
                 f"(a Vertex AI machine, a Kubeflow pod), so the reader will not find it; {mount}use a "
-                "gs:// or s3:// path",
+                f"gs:// or s3:// path: `{init_command} --cloud-env cloud` writes a Kedro env that puts every "
+                "local dataset under the storage root (then compile with --env cloud)",
                 dataset=dataset,
                 writer=producer,
                 readers=readers,
             )
     return flagged
+
+
+def warn_missing_inputs(missing: Mapping[str, str], storage_root: str) -> list[str]:
+    """Pipeline inputs the catalog reads from under the (local) storage root that are not there:
+    the first step reading one would fail. Returns their names (warned)."""
+    prefix = len(storage_root.removeprefix("file://").rstrip("/")) + 1
+    for name, path in sorted(missing.items()):
+        relative = path.removeprefix("file://")[prefix:]
+        log.warning(
+            f"pipeline input '{name}' is read from {path}, which does not exist: copy it there before the "
+            f"run (the project's own copy is usually {relative})",
+            dataset=name,
+        )
+    return sorted(missing)
 
 
 def warn_uncopyable_crossings(

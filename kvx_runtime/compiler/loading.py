@@ -12,7 +12,7 @@ from typing import Any
 from kvx_runtime.compiler.checks import warn_envs_not_in_image
 from kvx_runtime.compiler.names import check_label
 from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts
-from kvx_runtime.config import resolve_storage_root
+from kvx_runtime.config import resolve_storage_root, under_storage_root
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import build_grouper
@@ -41,12 +41,14 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     for key, value in run.labels.items():
         check_label(key, value)
 
-    kedro_pipeline, kedro_params, catalog, catalog_config = _load_kedro(project, request.pipeline)
+    kedro_pipeline, kedro_params, catalog, catalog_config = _load_kedro(project, request.pipeline, storage_root)
     if not kedro_pipeline.nodes:
         raise ConfigError(f"pipeline '{request.pipeline}' has no nodes")
     grouper = build_grouper(run.grouping.cls, run.grouping.params)
     written = {dataset_identity(out) for node in kedro_pipeline.nodes for out in node.outputs}
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
+    inputs = {name for name in catalog_names
+              if dataset_identity(name) not in written and not name.startswith("params:") and name != "parameters"}
     return ProjectFacts(
         project_path=project.path, package_name=project.package_name, conf_root=project.conf_root,
         env=project.env, run=run, image=image, storage_root=storage_root,
@@ -60,6 +62,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                                        [project.base_env, project.env])),
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
+        missing_inputs=_missing_inputs(_dataset_paths(catalog, catalog_config, inputs), storage_root),
     )
 
 
@@ -92,6 +95,17 @@ def _unread_mlflow_files(project: Any) -> tuple[str, ...]:
             hint=f"compile with --env {path.parent.name}, or move the file to conf/{project.base_env}",
         )
     return tuple(str(path.relative_to(project.path)) for path in files)
+
+
+def _missing_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
+    """The pipeline's inputs (datasets no node writes) that the catalog reads from under a
+    storage root on this machine, and that are not there (on a cloud root they are not looked
+    for: compiling talks to no storage)."""
+    local_root = storage_root.removeprefix("file://")
+    if "://" in local_root:
+        return {}
+    return {name: path for name, path in paths.items()
+            if under_storage_root(path, storage_root) and not os.path.exists(path.removeprefix("file://"))}
 
 
 def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:
@@ -158,11 +172,13 @@ def _exit_nodes(exit_pipeline: str | None) -> tuple[str, ...]:
     return tuple(node.name for node in pipeline.nodes)
 
 
-def _load_kedro(project: Any, pipeline: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
-    """The pipeline, the resolved parameters, the catalog and the catalog config."""
+def _load_kedro(project: Any, pipeline: str, storage_root: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """The pipeline, the resolved parameters, the catalog and the catalog config (with
+    ``${storage_root}`` the run's storage root, as in its steps)."""
     from kedro.framework.project import settings
     from kedro.framework.session import KedroSession
 
+    from kvx_runtime.config_loader import exported_storage_root
     from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
 
     # Compiling must not start MLflow runs or contact a tracking server.
@@ -171,7 +187,7 @@ def _load_kedro(project: Any, pipeline: str) -> tuple[Any, dict[str, Any], Any, 
     try:
         with entry_points_of_disabled_plugins_not_loaded(settings):
             session = KedroSession.create(project.path, env=project.env)
-        with session:
+        with session, exported_storage_root(storage_root):
             context = session.load_context()
             catalog_config = context.config_loader["catalog"]
             return kedro_pipeline, context.params, context.catalog, catalog_config

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvx_runtime.compiler.checks import warn_local_datasets, warn_uncopyable_crossings, warn_unknown_selectors
+from kvx_runtime.compiler.checks import (
+    warn_local_datasets,
+    warn_missing_inputs,
+    warn_uncopyable_crossings,
+    warn_unknown_selectors,
+)
 from kvx_runtime.compiler.names import parameter_name, pipeline_name, unique_task_names
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
@@ -58,6 +63,8 @@ class CompileRequest:
     #: The Kubernetes resource name the target asks GPUs by, the accelerator type becoming a
     #: node selector (KFP: nvidia.com/gpu); None: by accelerator type (Vertex AI).
     gpu_resource_name: str | None = None
+    #: How the user reaches the target's ``init`` (warnings suggest its ``--cloud-env``).
+    init_command: str = "kvx-runtime init"
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class ProjectFacts:
     unread_mlflow_files: tuple[str, ...] = ()
     #: Catalog entries held in memory uncopied (``copy_mode: assign``): objects that cannot cross steps.
     memory_datasets_assigned: frozenset[str] = frozenset()
+    #: Pipeline inputs the catalog reads from under a storage root on this machine, not there:
+    #: catalog name -> path.
+    missing_inputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -249,7 +259,9 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
         for dataset in node.inputs:
             consumers.setdefault(dataset_identity(dataset), []).append(node.name)
     step_of = {node: group.name for group in graph.groups.values() for node in group.nodes}
-    warnings += warn_local_datasets(facts.dataset_paths, producers, consumers, step_of, request.shared_mounts)
+    warnings += warn_local_datasets(facts.dataset_paths, producers, consumers, step_of, request.shared_mounts,
+                                    storage_root=facts.storage_root, init_command=request.init_command)
+    warnings += [f"input {name} missing" for name in warn_missing_inputs(facts.missing_inputs, facts.storage_root)]
     warnings += [f"env {env} not in image" for env in facts.envs_not_in_image]
     warnings += [f"MLflow configured in {path}, not read by the steps" for path in facts.unread_mlflow_files]
     warnings += warn_uncopyable_crossings(facts.memory_datasets_assigned, producers, consumers, step_of)

@@ -37,9 +37,11 @@ from kvx_runtime.config.schema import (
 from kvx_runtime.config.storage_root import (
     LOCAL_STATE_DIR,
     STORAGE_ROOT_FORMS,
+    configured_storage_root,
     local_storage_root,
     normalize_storage_root,
     resolve_storage_root,
+    under_storage_root,
 )
 from kvx_runtime.config.validation import (
     ALL_KEYS,
@@ -71,6 +73,7 @@ __all__ = [
     "ScheduleConfig",
     "SecretAsEnv",
     "canonical_duration",
+    "configured_storage_root",
     "is_kubernetes_name",
     "is_kubernetes_namespace",
     "load_plugin_config",
@@ -80,4 +83,5 @@ __all__ = [
     "parse_plugin_config",
     "read_raw_plugin_config",
     "resolve_storage_root",
+    "under_storage_root",
 ]

@@ -1,5 +1,14 @@
 """Where a command's storage root comes from, and what a storage root may look like: one rule
-for every command (``--storage-root``, else ``run_config.root``, else a command's default)."""
+for every command (``--storage-root``, else ``run_config.root``, else a command's default).
+
+Also what the ``${storage_root}`` config placeholder means (a cloud env's catalog puts local
+datasets under it, :mod:`kvx_runtime.cloud_env`): in a step, the step's storage root, which
+``exec-node`` exports as ``KEDRO_CONFIG_STORAGE_ROOT``; while ``compile`` loads the catalog, the
+compile's storage root (exported the same way); anywhere else (``kedro run --env cloud``)
+``KEDRO_CONFIG_STORAGE_ROOT`` when set, else the env's ``run_config.root``, else it is undefined
+and loading the catalog fails naming the variable. Never a silent local fallback: a step that
+would write the catalog's datasets to its own disk loses them when its machine goes.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +20,11 @@ from kvx_runtime.errors import ConfigError
 __all__ = [
     "LOCAL_STATE_DIR",
     "STORAGE_ROOT_FORMS",
+    "configured_storage_root",
     "local_storage_root",
     "normalize_storage_root",
     "resolve_storage_root",
+    "under_storage_root",
 ]
 
 #: What a storage root may look like (said in every error about one).
@@ -57,6 +68,25 @@ def resolve_storage_root(flag: str | None, configured: str | None, *, required: 
         raise ConfigError("no storage root is set",
                           hint=f"pass --storage-root or set run_config.root ({STORAGE_ROOT_FORMS})")
     return None
+
+
+def configured_storage_root(conf_source: str | os.PathLike[str], env: str, base_env: str = "base",
+                            merge_strategy: str = "destructive") -> str | None:
+    """``${storage_root}`` where neither a step nor a command exported one: the env's
+    ``run_config.root``, normalized as every command reads it; None when it sets none."""
+    from kvx_runtime.config.files import read_raw_plugin_config
+
+    raw, _ = read_raw_plugin_config(os.fspath(conf_source), env, base_env=base_env, merge_strategy=merge_strategy)
+    run_config = raw.get("run_config")
+    root = run_config.get("root") if isinstance(run_config, dict) else None
+    return normalize_storage_root(root) if isinstance(root, str) and root.strip() else None
+
+
+def under_storage_root(path: str, root: str) -> bool:
+    """Is ``path`` (a catalog dataset's, as loaded) under the run's storage root ``root`` (as
+    resolved)? Every step of the run sees what is there, whatever the target."""
+    prefix = root.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def normalize_storage_root(root: str, *, bare_is_bucket: bool = True) -> str:

@@ -7,7 +7,9 @@ failure, Vertex AI's default failure policy (fail_slow) lets every step that doe
 on the failed one finish; fail_fast (the spec's ``kvx_failure_policy``, or ``--fail-fast``)
 starts nothing new. Tasks that run regardless (exit handlers) receive the final status as
 Vertex passes it. The report names each failed step with its error line, its log and the
-exact command that replays it.
+exact command that replays it. With ``fresh_copies`` each step runs in a fresh copy of what the
+project's image holds (``.kvx/runs/<job>/copies/<task>``): as on separate machines, nothing one
+step leaves on its disk is there for another.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +42,7 @@ from kvx_runtime.compiler.kfp_reader import (
 )
 from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root
+from kvx_runtime.dockerignore import image_files
 from kvx_runtime.errors import ExitCode, Interrupted, UsageError
 from kvx_runtime.lifecycle import held_across_exec
 from kvx_runtime.local_runner.progress import make_progress
@@ -112,9 +116,11 @@ class _Scheduler:
         stream: TextIO,
         extra_env: Mapping[str, str],
         fail_fast: bool = False,
+        fresh_copies: bool = False,
     ) -> None:
         self.graph = graph
         self.fail_fast = fail_fast
+        self.fresh_copies = fresh_copies
         self.project = project
         self.run_dir = run_dir
         self.job_name = job_name
@@ -219,19 +225,33 @@ class _Scheduler:
         # Our own program starts with the stop signals held until its handlers exist, so that a
         # cancel right after the start ends it with 143 too; anything else starts as usual.
         held = held_across_exec() if shown[0] == "kvx-runtime" else contextlib.nullcontext()
+        workdir = self._fresh_copy(task.name) if self.fresh_copies else self.project
         with held:
             process = subprocess.Popen(
-                argv, cwd=self.project, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                argv, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT,
                 start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
             )
         handle.close()
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(container_env.items()))
         self.replays[task.name] = (
-            f"cd {shlex.quote(str(self.project))} && {prefix + ' ' if prefix else ''}{shlex.join(shown)}"
+            f"cd {shlex.quote(str(workdir))} && {prefix + ' ' if prefix else ''}{shlex.join(shown)}"
         )
         self.running[task.name] = Attempt(task.name, number, process, log_path, argv, time.monotonic())
         self.states[task.name] = "running"
         self.progress.started_task(task.name, number)
+
+    def _fresh_copy(self, task: str) -> Path:
+        """A new copy of what the project's image holds, for one attempt of ``task`` (a retry
+        starts on a fresh machine too)."""
+        target = self.run_dir / "copies" / task
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for relative in image_files(self.project, skip=(LOCAL_STATE_DIR,)):
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.project / relative, destination)
+        return target
 
     def _reap(self, attempt: Attempt) -> None:
         task = self.graph.tasks[attempt.task]
@@ -340,9 +360,11 @@ def run_local(
     job_name: str | None = None,
     stream: TextIO | None = None,
     fail_fast: bool = False,
+    fresh_copies: bool = False,
 ) -> LocalRunResult:
     """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``; the failure
-    policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``."""
+    policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``;
+    with ``fresh_copies`` every step starts in a fresh copy of what the project's image holds."""
     project_path = Path(project).resolve()
     overrides = dict(params or {})
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
@@ -357,9 +379,10 @@ def run_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
-                           {"KVX_LOG_FORMAT": "json"}, fail_fast=policy == "fail_fast")
+                           {"KVX_LOG_FORMAT": "json"}, fail_fast=policy == "fail_fast", fresh_copies=fresh_copies)
+    copies = f", each step in a fresh copy of the project's image files ({run_dir / 'copies'})" if fresh_copies else ""
     print(f"Running {describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
-          f"as job {job}, run id {scheduler.job_uuid}, {policy} (logs: {run_dir / 'logs'})",
+          f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:
         scheduler.run()

@@ -8,8 +8,9 @@ In order (the step contract in docs/exec-node.md), one function per phase:
    (only what a step needs is strict), install the templating config loader; type the
    ``--param`` values from the project's Kedro parameters (a value that does not fit is exit 2);
 3. dynamic config providers materialized into credentials;
-4. storage: the storage root, the job directory (its owner record checked on first use) and
-   the run's save version;
+4. storage: the storage root (exported as ``KEDRO_CONFIG_STORAGE_ROOT``: a cloud env's
+   ``${storage_root}``), the job directory (its owner record checked on first use) and the run's
+   save version;
 5. plan: which datasets cross the step's boundary and are not in the catalog;
 6. MLflow: attach to the pipeline's run (or keep kedro-mlflow out);
 7. session: the node(s) run with Kedro's session, runner and the step hooks
@@ -29,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.config import STEP_KEYS, resolve_storage_root
+from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER, env_var_name
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import StepPlan, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
@@ -148,8 +150,11 @@ class _RunStorage:
 
 def _run_storage(project: KedroProject, request: StepRequest, identity: RunIdentity) -> _RunStorage:
     """Phase 4: the job directory under the storage root (only a step that exchanges
-    intermediates needs a root: the step hooks say so when it does) and the run's version."""
+    intermediates needs a root: the step hooks say so when it does) and the run's version. The
+    root is what ``${storage_root}`` means in the step's catalog (before the catalog is read)."""
     root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=False)
+    if root is not None:
+        os.environ[env_var_name(STORAGE_ROOT_PLACEHOLDER)] = root
     job_directory = JobDirectory(root, identity)
     save_version, no_version = resolve_save_version(request.save_version, request.job_create_time)
     if no_version and root is not None:
