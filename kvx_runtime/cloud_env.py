@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from kvx_runtime.config.storage_root import configured_storage_root
-from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER
+from kvx_runtime.config_loader import CONFIG_SUFFIXES, STORAGE_ROOT_PLACEHOLDER
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _MEMORY_TYPES = {"MemoryDataset", "SharedMemoryDataset"}
 #: Where a dataset's path may be, in the order Kedro's datasets name it.
 _PATH_KEYS = ("filepath", "path")
-_CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 _PLACEHOLDER = "${%s}" % STORAGE_ROOT_PLACEHOLDER
 _RUN_ID = "${run_id}"
 
@@ -207,7 +206,7 @@ def _catalog_files(directory: Path, patterns: Iterable[str], hidden: Path | None
     """The catalog files of one env folder, as Kedro finds them (hidden ones skipped), in a
     stable order; ``hidden`` left out."""
     found = {path for pattern in patterns for path in directory.glob(pattern)
-             if path.is_file() and path.suffix in _CONFIG_SUFFIXES}
+             if path.is_file() and path.suffix in CONFIG_SUFFIXES}
     visible = [path for path in found if not any(part.startswith(".") for part in path.relative_to(directory).parts)]
     return sorted(path for path in visible if hidden is None or path.resolve() != hidden.resolve())
 

@@ -44,6 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kvx_runtime.errors import ConfigError
 
 __all__ = [
+    "CONFIG_SUFFIXES",
     "DISABLE_ENV_VAR",
     "ENV_PREFIX",
     "STORAGE_ROOT_PLACEHOLDER",
@@ -65,7 +66,8 @@ ALWAYS_DEFINED = ("run_id", "job_name")
 #: The run's storage root (what it means where: :mod:`kvx_runtime.config.storage_root`).
 STORAGE_ROOT_PLACEHOLDER = "storage_root"
 _RESOLVER = "kvx_template"
-_CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
+#: What Kedro reads as a config file (the rest of a conf folder is not config).
+CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 # ${name} or ${name|default}; a backslash before "$" escapes it, as in OmegaConf.
 _PLACEHOLDER = re.compile(r"(?<!\\)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
 _MISSING_KEY = re.compile(r"Interpolation key '([A-Za-z_][A-Za-z0-9_]*)' not found")
@@ -223,7 +225,7 @@ class _TemplatingFileSystem:
 
     def open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
         handle = self._fs.open(path, mode, *args, **kwargs)
-        if "r" not in mode or not str(path).endswith(_CONFIG_SUFFIXES):
+        if "r" not in mode or not str(path).endswith(CONFIG_SUFFIXES):
             return handle
         with handle:
             raw = handle.read()

@@ -25,7 +25,6 @@ log = get_logger(__package__)
 CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
 #: Read when no vertexai* file exists: projects coming from kedro-kubeflow.
 KUBEFLOW_CONFIG_PATTERNS = ["kubeflow*", "kubeflow/**"]
-_CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 
 
 def _resolve_leaves(node: Any) -> Any:
@@ -157,8 +156,10 @@ def read_raw_plugin_config(
 def _config_files(fs: Any, env_dir: str, patterns: Iterable[str]) -> set[str]:
     """The paths in ``env_dir`` matching ``patterns`` with a config file's suffix (a stray
     ``vertexai.yml.bak`` chooses nothing)."""
+    from kvx_runtime.config_loader import CONFIG_SUFFIXES
+
     return {path for pattern in patterns for path in fs.glob(f"{env_dir}/{pattern}")
-            if path.endswith(_CONFIG_SUFFIXES)}
+            if path.endswith(CONFIG_SUFFIXES)}
 
 
 def _merge(configs: list[Any], files: list[str]) -> Any:
