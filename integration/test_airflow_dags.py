@@ -135,7 +135,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, airflow: AirflowEnv) -> d
 def test_the_dag_imports_and_its_graph_is_kedros(compiled: dict[str, Any], case: str) -> None:
     parsed = compiled[case]["parsed"]
     assert parsed["errors"] == {}
-    [(dag_id, dag)] = parsed["dags"].items()
+    [dag] = parsed["dags"].values()
     kfp = build_graph(compiled[case]["spec"], {}).tasks
     tasks = dag["tasks"]
     # One task per step of the plan, plus the run's outcome when there are exit steps.
@@ -202,3 +202,19 @@ def test_the_local_dag_runs_exec_node_from_the_project_directory_with_every_valu
     assert task["bash_command"].startswith(
         "kvx-runtime exec-node --node data_processing.preprocess_companies_node --env base "
         "--run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx ")
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ("run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  schedule: '0 3 * *'\n",
+     "run_config.schedule: '0 3 * *' is not a cron expression: 4 fields, not 5"),
+    ("run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  schedule: '@daily'\n",
+     "run_config.schedule '@daily' needs run_config.start_date"),
+])
+def test_a_bad_schedule_is_one_line_and_exit_2(tmp_path: Path, config: str, says: str) -> None:
+    project = _copy(REPO / "integration" / "example_project", tmp_path / "example")
+    (project / "conf" / "bad").mkdir()
+    (project / "conf" / "bad" / "airflow-k8s.yml").write_text(config)
+    made = _kvx(project, "airflow", "compile", "--env", "bad", "-o", str(tmp_path / "dag.py"))
+    assert made.returncode == 2 and "Traceback" not in made.stderr
+    assert says in made.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "dag.py").exists()
