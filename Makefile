@@ -9,11 +9,15 @@ STAMP := $(VENV)/.kvx-installed
 # The oldest Kedro we support; `make test-kedro-oldest` runs what depends on Kedro against it.
 KEDRO_OLDEST ?= kedro~=1.0.0
 OLDEST_VENV ?= .venv-kedro-oldest
+# Airflow 3 and the Kubernetes provider, in a virtualenv of their own (the tests marked
+# `airflow` parse and run the compiled DAGs with its python; integration/airflow_env.py).
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_REQUIREMENTS ?= "apache-airflow>=3.3,<4" "apache-airflow-providers-cncf-kubernetes>=10,<11"
 # pytest-xdist workers: one per core.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS)
 
-.PHONY: demo test test-fast test-faults test-kedro-oldest test-image image lint bench bench-quick clean
+.PHONY: demo test test-fast test-faults test-kedro-oldest test-image test-airflow airflow-venv image lint bench bench-quick clean
 
 # $(1): the virtualenv, $(2): extra requirements (a Kedro pin).
 define make_venv
@@ -57,6 +61,15 @@ test-faults: $(STAMP)
 # variation again; make test runs them all on the newest.
 test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
 	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m kedro
+
+# Airflow's own virtualenv (about 10 s with uv's cache warm); the airflow tests build it on demand too.
+airflow-venv: $(STAMP)
+	$(VENV)/bin/uv venv -q --python $(PYTHON) $(AIRFLOW_VENV)
+	$(VENV)/bin/uv pip install -q --python $(AIRFLOW_VENV)/bin/python $(AIRFLOW_REQUIREMENTS)
+
+# The compiled DAGs parsed and their pods built by real Airflow 3 (make test runs them too).
+test-airflow: airflow-venv
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m airflow
 
 # Builds the base and example project images with buildah (needs root, buildah, debootstrap).
 test-image: $(STAMP)

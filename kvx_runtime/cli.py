@@ -7,6 +7,7 @@ run under :func:`kvx_runtime.process.run_command`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,7 +129,8 @@ def _mlflow_project(project_path: str | None, env: str | None) -> KedroProject:
 
 @cli.command("mlflow-start", cls=StepCommand)
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
-              help="File to write the MLflow run id to (its directory is created).")
+              help="File to write the MLflow run id to (its directory is created; a .json file gets a JSON "
+              "string).")
 @project_path_option
 @env_option
 @click.option("--run-id", default=None, help="Pipeline run id (default: KEDRO_CONFIG_RUN_ID).")
@@ -152,7 +154,8 @@ def mlflow_start_command(output: str, project_path: str | None, env: str | None,
                                           tags=orchestrator.run_tags(identity.run_id))
     target = Path(output)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(mlflow_run_id)
+    # A .json OUTPUT holds the id as a JSON string: Airflow's pod operator reads its XCom file as JSON.
+    target.write_text(json.dumps(mlflow_run_id) if target.suffix == ".json" else mlflow_run_id)
     click.echo(mlflow_run_id)
 
 

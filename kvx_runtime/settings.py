@@ -105,7 +105,7 @@ CODE_CACHE = Setting("KVX_CODE_CACHE", str, "", "where code archives are unpacke
 CODE_MAX_BYTES = Setting("KVX_CODE_MAX_BYTES", int, 200 * 1024 * 1024,
                          "largest code archive accepted, in bytes", minimum=1)
 ORCHESTRATOR = Setting("KVX_ORCHESTRATOR", str, "",
-                       "the orchestrator a step runs under: vertex, kubeflow or local (default: detected)")
+                       "the orchestrator a step runs under: vertex, kubeflow, airflow or local (default: detected)")
 HOST_ALIASES = Setting("KVX_HOST_ALIASES", str, "", "IP=name1,name2;... (run_config.network.host_aliases)")
 MLFLOW_RUN_ID = Setting("KVX_MLFLOW_RUN_ID", str, "", "the pipeline's MLflow run, set by exec-node for the step")
 MLFLOW_CREATE_ATTEMPTS = Setting("KVX_MLFLOW_CREATE_ATTEMPTS", int, 5,

@@ -29,9 +29,9 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "kvx_runtime" / "templates"
 
 
 def test_an_unknown_target_is_a_usage_error_naming_the_known_ones() -> None:
-    with pytest.raises(UsageError, match="unknown target 'airflow'") as refused:
-        get_target("airflow")
-    assert "vertex, kubeflow" in str(refused.value) and refused.value.exit_code == 2
+    with pytest.raises(UsageError, match="unknown target 'argo'") as refused:
+        get_target("argo")
+    assert "vertex, kubeflow, airflow" in str(refused.value) and refused.value.exit_code == 2
 
 
 def test_every_target_is_complete_and_one_is_the_default() -> None:
@@ -39,11 +39,29 @@ def test_every_target_is_complete_and_one_is_the_default() -> None:
     groups = [target.command_group for target in TARGETS.values()]
     assert groups.count(None) == 1 and len(set(groups)) == len(groups)
     for target in TARGETS.values():
-        assert issubclass(target.client_class(), PipelineTarget)
+        commands = {command.name: command for command in commands_for(target)}
+        if target.client is None:  # no API client: none of the commands that need one
+            assert not {"run-once", "schedule", "status", "cancel", "list-pipelines", "ui"} & set(commands)
+        else:
+            assert issubclass(target.client_class(), PipelineTarget)
         assert (TEMPLATES / target.config_files[0]).is_file()  # what its init writes
-        [init] = [command for command in commands_for(target) if command.name == "init"]
-        assert isinstance(init, KvxCommand)
-        assert target.spec_format == "kfp"
+        assert isinstance(commands["init"], KvxCommand) and isinstance(commands["compile"], KvxCommand)
+        assert target.spec_format == ("airflow-dag" if target.name == "airflow" else "kfp")
+
+
+def test_a_target_without_a_client_says_so_in_one_line() -> None:
+    with pytest.raises(UsageError, match="the airflow target has no API client in this version") as refused:
+        TARGETS["airflow"].client_class()
+    assert refused.value.exit_code == 2
+
+
+def test_a_targets_own_command_replaces_the_shared_one_of_its_name() -> None:
+    from kvx_runtime.commands.airflow_compile import compile_command as airflow_compile
+
+    airflow = {command.name: command for command in commands_for(TARGETS["airflow"])}
+    assert airflow["compile"] is airflow_compile and "--operator" in {o for p in airflow_compile.params
+                                                                       for o in p.opts}
+    assert airflow["run-local"] is next(c for c in commands_for(TARGETS["vertex"]) if c.name == "run-local")
 
 
 def test_a_target_whose_client_cannot_be_imported_exits_2_with_the_install_hint() -> None:

@@ -13,6 +13,7 @@ import pytest
 from conftest import logged_text
 from kvx_runtime.config import (
     STEP_KEYS,
+    PluginConfig,
     load_plugin_config,
     normalize_storage_root,
     parse_plugin_config,
@@ -231,7 +232,7 @@ def test_kubeflow_yml_in_base_and_vertexai_yml_in_an_env_both_count(tmp_path: Pa
     # Both kinds in one environment: vertexai wins there, with a warning.
     (tmp_path / "local" / "kubeflow.yml").write_text("run_config:\n  namespace: team-c\n")
     assert load_plugin_config(tmp_path, "local", merge_strategy="soft").run_config.namespace == "team-b"
-    assert "the kubeflow ones are not read" in caplog.text
+    assert "vertexai and kubeflow config files in one environment: only the vertexai ones are read" in caplog.text
     # A stray backup is not a config file: it hides nothing.
     (tmp_path / "base" / "vertexai.yml.bak").write_text("run_config:\n  namespace: stale\n")
     assert load_plugin_config(tmp_path, "base").host == "https://kubeflow.example.com/pipeline"
@@ -283,3 +284,59 @@ def test_one_storage_root_rule_for_every_command(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no storage root is set") as caught:
         resolve_storage_root(None, "", required=True)
     assert caught.value.exit_code == 2
+
+
+# --- airflow-k8s.yml ---------------------------------------------------------------------------
+
+
+def test_airflow_k8s_yml_is_read_with_its_own_keys_and_the_familys_volume_is_ignored_saying_why(
+        tmp_path: Path, caplog) -> None:
+    from kvx_runtime.config import AirflowPluginConfig
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "airflow-k8s.yml").write_text(
+        "host: https://airflow.example.com\nrun_config:\n  image: img\n  schedule: '0 3 * * mon-fri'\n"
+        "  start_date: 2026-01-01\n  tolerations: [{key: gpu, operator: Exists, effect: NoSchedule}]\n"
+        "  secrets: [{secret_name: mlflow-auth, deploy_target: MLFLOW_TRACKING_TOKEN, key: token}]\n"
+        "  volume: {size: 10Gi, access_modes: [ReadWriteMany]}\n  dag_idd: x\n")
+    config = load_plugin_config(tmp_path, "base")
+    assert isinstance(config, AirflowPluginConfig) and config.run_config.schedule == "0 3 * * mon-fri"
+    assert config.run_config.start_date is not None and config.run_config.start_date.tzinfo is not None
+    assert config.run_config.tolerations[0].operator == "Exists" and config.run_config.secrets[0].key == "token"
+    assert "run_config.volume is ignored: steps exchange intermediates as blobs" in caplog.text
+    assert "run_config.dag_idd (did you mean run_config.dag_id?)" in logged_text(caplog)  # as elsewhere
+    # airflow.yml is accepted too; a vertexai.yml in the same environment wins (a warning names both).
+    (tmp_path / "base" / "airflow-k8s.yml").rename(tmp_path / "base" / "airflow.yml")
+    assert isinstance(load_plugin_config(tmp_path, "base"), AirflowPluginConfig)
+    (tmp_path / "base" / "vertexai.yml").write_text("run_config:\n  image: other\n")
+    assert type(load_plugin_config(tmp_path, "base")) is PluginConfig
+    assert "vertexai and airflow config files in one environment" in caplog.text
+
+
+@pytest.mark.parametrize(("schedule", "says"), [
+    ("0 3 * *", "4 fields, not 5"),
+    ("60 * * * *", "'60' is out of the minute field's range 0-59"),
+    ("0 3 * smarch *", "'smarch' is out of the month field's range 1-12"),
+    ("*/0 * * * *", "a step of 0 in the minute field"),
+    ("@fortnightly", "is not one of Airflow's presets"),
+])
+def test_a_bad_schedule_is_one_config_error_naming_the_field(schedule: str, says: str) -> None:
+    from kvx_runtime.config import AirflowPluginConfig
+
+    with pytest.raises(ConfigError, match="run_config.schedule") as refused:
+        parse_plugin_config({"run_config": {"schedule": schedule}}, schema=AirflowPluginConfig)
+    assert says in str(refused.value) and refused.value.exit_code == 2
+
+
+def test_airflow_pod_settings_are_checked() -> None:
+    from kvx_runtime.config import AirflowPluginConfig
+
+    for bad, says in [({"dag_id": "my dag"}, "is not a DAG id"),
+                      ({"secrets": [{"secret_name": "s", "deploy_type": "volume", "deploy_target": "rel"}]},
+                       "not an absolute mount path"),
+                      ({"secrets": [{"secret_name": "s", "deploy_target": "TOKEN"}]}, "needs the key"),
+                      ({"tolerations": [{"operator": "Exists", "value": "x"}]}, "takes no value"),
+                      ({"service_account": "sa@project.iam.gserviceaccount.com"}, "Kubernetes service account"),
+                      ({"start_date": "next tuesday"}, "is not a date")]:
+        with pytest.raises(ConfigError, match=says):
+            parse_plugin_config({"run_config": bad}, schema=AirflowPluginConfig)

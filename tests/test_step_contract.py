@@ -110,7 +110,17 @@ def test_the_orchestrator_is_named_or_detected(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KVX_ORCHESTRATOR", "mesos")
     with pytest.raises(ConfigError, match="KVX_ORCHESTRATOR='mesos': unknown orchestrator") as caught:
         current()
-    assert caught.value.exit_code == ExitCode.USAGE and "vertex, kubeflow, local" in str(caught.value.hint)
+    assert caught.value.exit_code == ExitCode.USAGE and "vertex, kubeflow, airflow, local" in str(caught.value.hint)
+
+
+def test_under_airflow_a_runs_job_directory_is_the_dag_id_and_its_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every run of a DAG passes the DAG id as its job name; Airflow's run ids carry ':' and '+'.
+    monkeypatch.setenv("KVX_ORCHESTRATOR", "airflow")
+    identity = resolve_identity("manual__2026-01-02T03:04:05.678+00:00", "spaceflights")
+    assert identity.job_name == "spaceflights-manual__2026-01-02T03-04-05.678-00-00"
+    assert resolve_identity("scheduled__2026-01-03T00:00:00+00:00", "spaceflights").job_name != identity.job_name
+    assert resolve_identity(identity.run_id, identity.job_name).job_name == identity.job_name  # given back as is
+    assert current().run_tags("r1") == {"airflow_run_id": "r1"}
 
 
 def test_the_first_run_owns_the_job_directory_and_a_second_is_refused(tmp_path: Path) -> None:

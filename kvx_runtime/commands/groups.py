@@ -1,5 +1,6 @@
 """Which commands each target's group has: the shared project commands, less what the target
-leaves out (its options hidden from help), plus its own ``init``; and the groups themselves."""
+leaves out (its options hidden from help), plus its own ``init`` and the commands it replaces;
+and the groups themselves."""
 
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def _hiding(command: click.Command, options: frozenset[str]) -> click.Command:
 @functools.cache
 def commands_for(target: TargetInfo) -> tuple[click.Command, ...]:
     """The commands of ``target``'s group (the same objects for every front-end's group)."""
-    init: click.Command = load_object(target.init_command, what=f"the {target.name} target's init command",
-                                      install_hint=target.install_hint)
-    shared = (command for command in SHARED_COMMANDS if command.name not in target.unsupported_commands)
-    return (*(_hiding(command, target.unsupported_options) for command in shared), init)
+    own: list[click.Command] = [
+        load_object(path, what=f"the {target.name} target's commands", install_hint=target.install_hint)
+        for path in (*target.own_commands, target.init_command)
+    ]
+    replaced = {command.name for command in own} | target.unsupported_commands
+    shared = (command for command in SHARED_COMMANDS if command.name not in replaced)
+    return (*(_hiding(command, target.unsupported_options) for command in shared), *own)
 
 
 def kvx_group(target: TargetInfo) -> click.Group:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CloudEnvOptions", "CompileSpecRequest", "InitRequest", "PipelineOptions", "RunLocalRequest",
            "compile_command", "compile_for", "compile_spec", "init_arguments_given",
-           "run_local_command", "run_local_spec", "write_config_file", "write_init", "write_init_files"]
+           "run_local_command", "run_local_spec", "run_values", "write_config_file", "write_init",
+           "write_init_files"]
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -37,7 +38,7 @@ class PipelineOptions:
     code_upload: bool | None = None
 
 
-def _run_values(values: tuple[str, ...]) -> dict[str, str]:
+def run_values(values: tuple[str, ...]) -> dict[str, str]:
     """``--param KEY=VALUE`` items of a run, by Kedro name."""
     from kvx_runtime.errors import UsageError
 
@@ -57,11 +58,11 @@ def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | No
     from kvx_runtime.compiler import CompileRequest, compile_pipeline
     from kvx_runtime.versions import parse_load_versions
 
-    run_values = _run_values(values)
+    parsed_values = run_values(values)
     return compile_pipeline(CompileRequest(
         project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
         params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
-        values=run_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
+        values=parsed_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
         gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
     ))
 

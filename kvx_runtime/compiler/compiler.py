@@ -1,6 +1,7 @@
 """Compiling a Kedro pipeline of a project into a pipeline spec, in named phases: load the
 project (:mod:`.loading`), plan (:mod:`.planner`), upload the code when asked (:mod:`.upload`),
-render as a KFP spec (:mod:`.kfp_render`) and check that the spec orders Kedro's dependencies."""
+render as a KFP spec (:mod:`.kfp_render`) and check that the spec orders Kedro's dependencies;
+or render the plan as an Airflow DAG file (:mod:`.airflow_render`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvx_runtime.compiler.airflow_render import AirflowDag, DagSource, Operator, render_airflow
 from kvx_runtime.compiler.checks import check_node_dependencies, check_references
 from kvx_runtime.compiler.kfp_render import render_kfp
 from kvx_runtime.compiler.loading import load_project_facts
@@ -17,7 +19,8 @@ from kvx_runtime.compiler.upload import upload_code
 from kvx_runtime.errors import UsageError
 from kvx_runtime.log import get_logger
 
-__all__ = ["CompileRequest", "CompiledPipeline", "compile_pipeline", "read_spec", "write_spec"]
+__all__ = ["CompileRequest", "CompiledDag", "CompiledPipeline", "compile_dag", "compile_pipeline", "read_spec",
+           "write_spec"]
 
 log = get_logger(__name__)
 
@@ -43,6 +46,35 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
              parameters=[p.kedro_name for p in plan.parameters])
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),
                             values=dict(plan.values), platform_spec=kfp.platform_spec)
+
+
+@dataclass
+class CompiledDag:
+    dag: AirflowDag
+    steps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> node names
+    warnings: list[str] = field(default_factory=list)
+
+
+def compile_dag(request: CompileRequest, operator: Operator = "pods", project_dir: str | None = None) -> CompiledDag:
+    """Plan ``request``, upload its code when asked and render it as an Airflow DAG file
+    (``project_dir``: where the project lives on the worker, for the local operator; default:
+    the project's absolute path here)."""
+    import kedro
+
+    import kvx_runtime
+    from kvx_runtime.config import AirflowRunConfig
+
+    facts = load_project_facts(request)
+    plan = upload_code(plan_pipeline(request, facts))
+    # A project configured by vertexai.yml or kubeflow.yml alone gets the DAG's defaults.
+    run = facts.run if isinstance(facts.run, AirflowRunConfig) else AirflowRunConfig.model_validate(
+        facts.run.model_dump())
+    source = DagSource(package=facts.package_name, pipeline=request.pipeline, env=facts.env,
+                       kvx_version=kvx_runtime.__version__, kedro_version=kedro.__version__)
+    worker_dir = (project_dir or str(facts.project_path)) if operator == "local" else None
+    dag = render_airflow(plan, run, source, operator=operator, project_dir=worker_dir)
+    log.info("DAG compiled", dag_id=dag.dag_id, steps=len(plan.node_steps), mlflow=plan.mlflow, operator=operator)
+    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings))
 
 
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:

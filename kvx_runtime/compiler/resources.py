@@ -66,6 +66,9 @@ class StepResources:
     memory: str | None = None
     gpu: int | None = None
     accelerator: str | None = None
+    #: ``run_config.node_selectors``' other labels, sorted: what the step's Kubernetes pod needs
+    #: of its node on targets that schedule pods themselves (Airflow); KFP and Vertex AI leave them.
+    node_labels: tuple[tuple[str, str], ...] = ()
 
     def to_spec(self, gpu_resource_name: str | None = None) -> dict[str, Any]:
         """The ``PipelineContainerSpec.ResourceSpec`` JSON (limits and requests alike). The
@@ -98,6 +101,18 @@ class StepResources:
             return {}
         return {ACCELERATOR_KEY: gke_accelerator_label(self.accelerator)}
 
+    def pod_node_selector(self, gpu_resource_name: str) -> dict[str, str]:
+        """Every node label of a pod the target schedules itself: the configured labels and
+        the accelerator's (Airflow's pods)."""
+        return {**dict(self.node_labels), **self.node_selector(gpu_resource_name)}
+
+    def requests(self, gpu_resource_name: str) -> dict[str, str]:
+        """Kubernetes requests (and limits: the same) of the step's container."""
+        amounts = {"cpu": self.cpu, "memory": self.memory}
+        if self.gpu or self.accelerator:
+            amounts[gpu_resource_name] = str(self.gpu or 1)
+        return {name: value for name, value in amounts.items() if value}
+
 
 def gke_accelerator_label(accelerator: str) -> str:
     """GKE's node label value for an accelerator type as Vertex AI names it
@@ -111,4 +126,8 @@ def group_resources(per_node: list[dict[str, Any]], selectors: list[dict[str, st
     memory = max((r["memory"] for r in per_node if "memory" in r), key=memory_bytes, default=None)
     gpu = max((r["gpu"] for r in per_node if r.get("gpu")), default=None)
     accelerators = sorted({s[ACCELERATOR_KEY] for s in selectors if ACCELERATOR_KEY in s})
-    return StepResources(cpu=cpu, memory=memory, gpu=gpu, accelerator=accelerators[-1] if accelerators else None)
+    labels: dict[str, str] = {}
+    for selector in selectors:  # nodes of one group that disagree on a label: the last node's wins
+        labels.update((key, value) for key, value in selector.items() if key != ACCELERATOR_KEY)
+    return StepResources(cpu=cpu, memory=memory, gpu=gpu, accelerator=accelerators[-1] if accelerators else None,
+                         node_labels=tuple(sorted(labels.items())))

@@ -1,7 +1,8 @@
 """The plugin configuration (``conf/<env>/vertexai.yml``) as typed, validated objects, and
 where a command's storage root comes from.
 
-- :mod:`~kvx_runtime.config.schema`: the typed sections and their defaults;
+- :mod:`~kvx_runtime.config.schema`: the typed sections and their defaults (and
+  :mod:`~kvx_runtime.config.airflow`: ``airflow-k8s.yml``'s, a superset);
 - :mod:`~kvx_runtime.config.validation`: a raw mapping checked leniently against the schema
   (key paths in errors, one warning for unknown keys, strict only for the keys a command needs);
 - :mod:`~kvx_runtime.config.files`: finding, reading and merging a project's config files;
@@ -10,11 +11,14 @@ where a command's storage root comes from.
 
 from __future__ import annotations
 
+from kvx_runtime.config.airflow import AirflowPluginConfig, AirflowRunConfig, PodSecret, Toleration
 from kvx_runtime.config.files import (
+    AIRFLOW_CONFIG_PATTERNS,
     CONFIG_PATTERNS,
     KUBEFLOW_CONFIG_PATTERNS,
     load_plugin_config,
     read_raw_plugin_config,
+    schema_of,
 )
 from kvx_runtime.config.schema import (
     DynamicConfigProviderSpec,
@@ -52,6 +56,7 @@ from kvx_runtime.config.validation import (
 )
 
 __all__ = [
+    "AIRFLOW_CONFIG_PATTERNS",
     "ALL_KEYS",
     "CONFIG_PATTERNS",
     "KUBEFLOW_CONFIG_PATTERNS",
@@ -59,6 +64,8 @@ __all__ = [
     "MAX_DEPTH",
     "STEP_KEYS",
     "STORAGE_ROOT_FORMS",
+    "AirflowPluginConfig",
+    "AirflowRunConfig",
     "DynamicConfigProviderSpec",
     "GroupingConfig",
     "HostAlias",
@@ -66,12 +73,14 @@ __all__ = [
     "MLflowConfig",
     "NetworkConfig",
     "PluginConfig",
+    "PodSecret",
     "ResourceSpec",
     "RetrySpec",
     "RunConfig",
     "S3Config",
     "ScheduleConfig",
     "SecretAsEnv",
+    "Toleration",
     "canonical_duration",
     "configured_storage_root",
     "is_kubernetes_name",
@@ -83,5 +92,6 @@ __all__ = [
     "parse_plugin_config",
     "read_raw_plugin_config",
     "resolve_storage_root",
+    "schema_of",
     "under_storage_root",
 ]

@@ -1,5 +1,6 @@
 """Reading a project's ``vertexai.yml``: finding the files of the base and the run
-environment (or a kedro-kubeflow project's ``kubeflow.yml``), parsing them (YAML errors with the
+environment (or a kedro-kubeflow project's ``kubeflow.yml``, a kedro-airflow-k8s project's
+``airflow-k8s.yml``), parsing them (YAML errors with the
 file's name, line and column: :mod:`kvx_runtime.config.yaml_text`), merging them the way Kedro
 merges configuration, then validating the result (:mod:`kvx_runtime.config.validation`). A
 missing file means defaults.
@@ -16,7 +17,8 @@ from kvx_runtime.config.validation import ALL_KEYS, MAX_DEPTH, Unresolved, nesti
 from kvx_runtime.errors import ConfigError, KvxError
 from kvx_runtime.log import get_logger
 
-__all__ = ["CONFIG_PATTERNS", "KUBEFLOW_CONFIG_PATTERNS", "load_plugin_config", "read_raw_plugin_config"]
+__all__ = ["AIRFLOW_CONFIG_PATTERNS", "CONFIG_PATTERNS", "KUBEFLOW_CONFIG_PATTERNS", "load_plugin_config",
+           "read_raw_plugin_config", "schema_of"]
 
 # The package's logger: its lines keep the name they had before config.py became a package.
 log = get_logger(__package__)
@@ -25,6 +27,15 @@ log = get_logger(__package__)
 CONFIG_PATTERNS = ["vertexai*", "vertexai/**"]
 #: Read when no vertexai* file exists: projects coming from kedro-kubeflow.
 KUBEFLOW_CONFIG_PATTERNS = ["kubeflow*", "kubeflow/**"]
+#: Read when neither exists: projects coming from kedro-airflow-k8s (``airflow.yml`` accepted too).
+AIRFLOW_CONFIG_PATTERNS = ["airflow-k8s*", "airflow-k8s/**", "airflow.yml", "airflow.yaml"]
+#: The families of config files, in the order an environment's files are chosen: the first
+#: family with a file there is read, the others' files are ignored with a warning.
+_FAMILIES: tuple[tuple[str, list[str]], ...] = (
+    ("vertexai", CONFIG_PATTERNS),
+    ("kubeflow", KUBEFLOW_CONFIG_PATTERNS),
+    ("airflow", AIRFLOW_CONFIG_PATTERNS),
+)
 
 
 def _resolve_leaves(node: Any) -> Any:
@@ -121,14 +132,15 @@ def read_raw_plugin_config(
     for env_name in envs:
         env_dir = str(PurePosixPath(root) / env_name)
         # Per environment: its vertexai* files, else its kubeflow* files (a kedro-kubeflow
-        # project), so that conf/base/kubeflow.yml and conf/local/vertexai.yml both count.
-        found = _config_files(fs, env_dir, CONFIG_PATTERNS)
-        ignored = _config_files(fs, env_dir, KUBEFLOW_CONFIG_PATTERNS)
-        if not found:
-            found, ignored = ignored, set()
-        elif ignored:
-            log.warning("both vertexai and kubeflow config files in one environment: the kubeflow ones are "
-                        "not read", environment=env_name, ignored=sorted(ignored))
+        # project), else its airflow ones, so that conf/base/kubeflow.yml and
+        # conf/local/vertexai.yml both count.
+        present = [(family, files_of) for family, patterns in _FAMILIES
+                   if (files_of := _config_files(fs, env_dir, patterns))]
+        found = present[0][1] if present else set()
+        ignored = sorted(path for _, files_of in present[1:] for path in files_of)
+        if ignored:
+            log.warning(f"{' and '.join(family for family, _ in present)} config files in one environment: only "
+                        f"the {present[0][0]} ones are read", environment=env_name, ignored=ignored)
         configs = []
         for path in sorted(found):
             if fs.isdir(path):
@@ -171,6 +183,17 @@ def _merge(configs: list[Any], files: list[str]) -> Any:
         raise ConfigError(f"{', '.join(files)}: the files cannot be merged: {_first_line(exc)}") from None
 
 
+def schema_of(files: Iterable[str]) -> type[PluginConfig]:
+    """The schema of the config ``files`` read: ``airflow-k8s.yml``'s when one of them is an
+    Airflow file (its keys are a superset of the others'), else ``vertexai.yml``'s."""
+    from kvx_runtime.config.airflow import AirflowPluginConfig
+
+    names = [PurePosixPath(path) for path in files]
+    airflow = any(name.match(pattern) or any(parent.match(pattern.removesuffix("/**")) for parent in name.parents)
+                  for name in names for pattern in AIRFLOW_CONFIG_PATTERNS)
+    return AirflowPluginConfig if airflow else PluginConfig
+
+
 def load_plugin_config(
     conf_source: str | Path,
     env: str,
@@ -184,4 +207,4 @@ def load_plugin_config(
         conf_source, env, base_env=base_env, merge_strategy=merge_strategy
     )
     source = ", ".join(files) if files else f"{conf_source}/{{{base_env},{env}}}/vertexai.yml"
-    return parse_plugin_config(raw, needed=needed, source=source)
+    return parse_plugin_config(raw, needed=needed, source=source, schema=schema_of(files))

@@ -66,26 +66,30 @@ def _is_needed(path: str, needed: Iterable[str]) -> bool:
     )
 
 
-def _collect_unknown(model: BaseModel, prefix: str, found: list[str]) -> None:
+def _collect_unknown(model: BaseModel, prefix: str, found: list[str], unused: dict[str, str]) -> None:
     known = list(type(model).model_fields)
+    accepted: dict[str, str] = getattr(type(model), "ACCEPTED_UNUSED", {})
     for key in model.model_extra or {}:
         path = f"{prefix}{key}"
+        if key in accepted:
+            unused[path] = accepted[key]
+            continue
         close = difflib.get_close_matches(str(key), known, n=1)
         found.append(f"{path} (did you mean {prefix}{close[0]}?)" if close else path)
     for name in known:
         value = getattr(model, name)
-        _collect_unknown_in(value, f"{prefix}{name}.", found)
+        _collect_unknown_in(value, f"{prefix}{name}.", found, unused)
 
 
-def _collect_unknown_in(value: Any, prefix: str, found: list[str]) -> None:
+def _collect_unknown_in(value: Any, prefix: str, found: list[str], unused: dict[str, str]) -> None:
     if isinstance(value, BaseModel):
-        _collect_unknown(value, prefix, found)
+        _collect_unknown(value, prefix, found, unused)
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            _collect_unknown_in(item, f"{prefix}{key}.", found)
+            _collect_unknown_in(item, f"{prefix}{key}.", found, unused)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _collect_unknown_in(item, f"{prefix}{index}.", found)
+            _collect_unknown_in(item, f"{prefix}{index}.", found, unused)
 
 
 def _drop(raw: dict[str, Any], loc: tuple[Any, ...]) -> None:
@@ -127,12 +131,14 @@ def parse_plugin_config(
     *,
     needed: Iterable[str] = ALL_KEYS,
     source: str = "vertexai.yml",
+    schema: type[PluginConfig] = PluginConfig,
 ) -> PluginConfig:
     """Validate a raw ``vertexai.yml`` mapping.
 
     Raises :class:`ConfigError` (one message listing every problem with its key path) for
     problems in ``needed`` keys; problems elsewhere are logged as one warning and the
-    offending section falls back to its defaults.
+    offending section falls back to its defaults. ``schema``: the target's file
+    (:class:`~kvx_runtime.config.airflow.AirflowPluginConfig` for ``airflow-k8s.yml``).
     """
     needed = tuple(needed)
     if raw is None:
@@ -150,7 +156,7 @@ def parse_plugin_config(
     config: PluginConfig | None = None
     for _ in range(8):  # each round drops the sections that are not needed and failed
         try:
-            config = PluginConfig.model_validate(data)
+            config = schema.model_validate(data)
             break
         except ValidationError as exc:
             dropped = False
@@ -176,7 +182,10 @@ def parse_plugin_config(
             source=source,
         )
     unknown: list[str] = []
-    _collect_unknown(config, "", unknown)
+    unused: dict[str, str] = {}
+    _collect_unknown(config, "", unknown, unused)
+    for path, why in unused.items():
+        log.warning(f"{path} is ignored: {why}", source=source)
     if unknown:
         log.warning("unknown keys in vertexai.yml are ignored", keys=unknown, source=source)
     return config

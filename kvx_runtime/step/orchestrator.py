@@ -7,18 +7,21 @@ started from the UI can carry the same one). Intermediates and the MLflow run ar
 job name, so on KFP the name is made unique with the run's uuid: two runs must never share
 their blobs. KFP's pods are recognized by ``KFP_POD_NAME``, which KFP v2 sets in every step's
 main container (Vertex AI does not); ``KVX_ORCHESTRATOR`` names the orchestrator explicitly
-(a target whose pods cannot be recognized sets it in every step's environment).
+(a target whose pods cannot be recognized sets it in every step's environment: the Airflow
+DAGs do).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import ClassVar
 
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["KFP_POD_VARIABLE", "KubeflowPipelines", "Local", "Orchestrator", "VertexAI", "by_name", "current"]
+__all__ = ["KFP_POD_VARIABLE", "Airflow", "KubeflowPipelines", "Local", "Orchestrator", "VertexAI", "by_name",
+           "current"]
 
 KFP_POD_VARIABLE = "KFP_POD_NAME"
 
@@ -58,13 +61,30 @@ class KubeflowPipelines(Orchestrator):
         return {"kubeflow_run_id": run_id}
 
 
+class Airflow(Orchestrator):
+    """Airflow: the DAG passes its ``dag_id`` as the job name, shared by every run of the DAG,
+    and Airflow's ``run_id`` (``manual__2026-01-01T00:00:00+00:00``), unique per DAG."""
+
+    name = "airflow"
+
+    def job_directory_name(self, job_name: str, run_id: str | None) -> str:
+        if not run_id:
+            return job_name
+        # ':' and '+' are legal in Airflow run ids but awkward in object names and MLflow run names.
+        suffix = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")
+        return job_name if suffix in job_name else f"{job_name}-{suffix}"
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return {"airflow_run_id": run_id}
+
+
 class Local(Orchestrator):
     """A step started by hand, by ``run-local`` or by a test: names are taken as given."""
 
     name = "local"
 
 
-_KNOWN: dict[str, type[Orchestrator]] = {kind.name: kind for kind in (VertexAI, KubeflowPipelines, Local)}
+_KNOWN: dict[str, type[Orchestrator]] = {kind.name: kind for kind in (VertexAI, KubeflowPipelines, Airflow, Local)}
 
 
 def by_name(name: str) -> Orchestrator:

@@ -37,8 +37,9 @@ class TargetInfo:
 
     #: What the command groups record as the target of their commands (``ctx.obj["target"]``).
     name: str
-    #: ``module:ClassName`` of its :class:`~kvx_runtime.targets.base.PipelineTarget`, imported lazily.
-    client: str
+    #: ``module:ClassName`` of its :class:`~kvx_runtime.targets.base.PipelineTarget`, imported
+    #: lazily; None: no API client (yet): its group offers only the commands that need none.
+    client: str | None
     #: What to install when the client cannot be imported.
     install_hint: str
     #: The ``kedro <group> ...`` group of the kedro plugin (the plugin family's names), its help.
@@ -60,6 +61,9 @@ class TargetInfo:
     unsupported_options: frozenset[str] = frozenset()
     #: Shared commands its group leaves out.
     unsupported_commands: frozenset[str] = frozenset()
+    #: ``module:attribute`` of commands of its own, each replacing the shared command of its
+    #: name (Airflow's ``compile`` writes a DAG file, with options of its own).
+    own_commands: tuple[str, ...] = ()
     #: Local paths every step sees (Vertex AI's Cloud Storage FUSE mount): a dataset there is
     #: shared between steps, anywhere else it is on the step machine's own disk.
     shared_mounts: tuple[str, ...] = ()
@@ -73,6 +77,9 @@ class TargetInfo:
 
     def client_class(self) -> type[PipelineTarget]:
         """The client class, imported now; a missing dependency is a ConfigError with the install hint."""
+        if self.client is None:
+            raise UsageError(f"the {self.name} target has no API client in this version",
+                             hint="its group's commands that need none (compile, init, doctor, run-local) work")
         client: type[PipelineTarget] = load_object(self.client, what=f"the {self.name} target",
                                                    install_hint=self.install_hint)
         return client
@@ -109,6 +116,27 @@ TARGETS: Mapping[str, TargetInfo] = {
         unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
         unsupported_commands=frozenset({"gc"}),
         applies_platform_spec=True,
+        gpu_resource_name="nvidia.com/gpu",
+    ),
+    "airflow": TargetInfo(
+        name="airflow",
+        # The REST client (run-once, schedule, status...) is not written yet: docs/airflow.md.
+        client=None,
+        install_hint='pip install "apache-airflow-providers-cncf-kubernetes>=10,<11" where Airflow runs '
+        "(Cloud Composer 3 has it); the steps' image needs kvx-runtime",
+        kedro_group="airflow-k8s",
+        kedro_group_help="Compile Kedro pipelines into Airflow 3 / Cloud Composer DAGs (kvx-runtime).",
+        init_command="kvx_runtime.commands.airflow_init:init_command",
+        config_files=("airflow-k8s.yml", "airflow.yml"),
+        command_group="airflow",
+        command_group_help="Compile the project's pipeline into an Airflow 3 DAG whose tasks run exec-node, "
+        "as Kubernetes pods or worker subprocesses (airflow-k8s.yml; docs/airflow.md).",
+        spec_format="airflow-dag",
+        # Airflow has no template repository, and a DAG's schedule lives in the DAG file.
+        unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
+        unsupported_commands=frozenset({"run-once", "schedule", "list-pipelines", "status", "cancel", "ui",
+                                        "upload-pipeline", "gc"}),
+        own_commands=("kvx_runtime.commands.airflow_compile:compile_command",),
         gpu_resource_name="nvidia.com/gpu",
     ),
 }

@@ -1,0 +1,87 @@
+"""``kvx-runtime airflow compile`` / ``kedro airflow-k8s compile``: the project's pipeline as
+one Airflow DAG file (the Airflow target's own ``compile``, replacing the shared one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
+from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option
+from kvx_runtime.commands.project import PipelineOptions, run_values
+from kvx_runtime.errors import UsageError
+
+__all__ = ["CompileDagRequest", "compile_command", "compile_dag_file"]
+
+
+@dataclass(frozen=True)
+class CompileDagRequest:
+    at: Invocation
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    storage_root: str | None = None
+    values: tuple[str, ...] = ()
+    output: str | None = None
+    operator: str = "pods"
+    #: Where the project lives on the Airflow worker (local operator; default: here, absolute).
+    worker_project_path: str | None = None
+    strict: bool = False
+
+
+def compile_dag_file(request: CompileDagRequest) -> Path:
+    """Compile the project's pipeline into a DAG file; returns the file written."""
+    from kvx_runtime.compiler import CompileRequest, compile_dag
+    from kvx_runtime.compiler.airflow_render import write_dag
+    from kvx_runtime.versions import parse_load_versions
+
+    if request.worker_project_path and request.operator != "local":
+        raise UsageError("--worker-project-path is for --operator local (pods run the project from their image)")
+    target, options = request.at.target, request.options
+    compiled = compile_dag(CompileRequest(
+        project_path=request.at.project_path, env=request.at.env, pipeline=options.pipeline, image=options.image,
+        params=options.params, storage_root=request.storage_root,
+        load_versions=parse_load_versions(options.load_versions), values=run_values(request.values),
+        code_upload=options.code_upload, shared_mounts=target.shared_mounts,
+        gpu_resource_name=target.gpu_resource_name,
+    ), operator="local" if request.operator == "local" else "pods", project_dir=request.worker_project_path)
+    if request.strict and compiled.warnings:
+        count = len(compiled.warnings)
+        raise UsageError(f"--strict: {count} warning{'s' if count != 1 else ''} (above): "
+                         f"{'; '.join(compiled.warnings[:5])}; no DAG written",
+                         hint="fix what each warning says, or compile without --strict")
+    path = write_dag(compiled.dag, request.output or f"{compiled.dag.dag_id}.py")
+    tasks = len(compiled.dag.upstream)
+    click.echo(f"Airflow DAG {compiled.dag.dag_id} with {tasks} task{'s' if tasks != 1 else ''} "
+               f"({len(compiled.steps)} node step{'s' if len(compiled.steps) != 1 else ''}) written to {path}")
+    return path
+
+
+@click.command("compile", cls=KvxCommand)
+@project_path_option
+@env_option
+@pipeline_options
+@click.option("--storage-root", default=None, help="Default storage root of the runs (default: run_config.root).")
+@click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
+              help="Default of a Kedro parameter in the DAG's params (a run's conf overrides it). Repeatable.")
+@click.option("-o", "--output", default=None, help="Where to write the DAG file (default: <dag_id>.py).")
+@click.option("--operator", type=click.Choice(["pods", "local"]), default="pods", show_default=True,
+              help="pods: each task a KubernetesPodOperator running the image; local: each task a subprocess "
+              "of the Airflow worker (BashOperator) in the project's directory.")
+@click.option("--worker-project-path", default=None, metavar="DIR",
+              help="With --operator local: the project's directory on the worker (default: this project's "
+              "absolute path).")
+@click.option("--strict", is_flag=True,
+              help="Exit 2 on any warning (a trap that would fail in the cluster), writing no DAG: for CI.")
+@click.pass_context
+def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
+                    image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
+                    code_upload: bool | None, storage_root: str | None, values: tuple[str, ...],
+                    output: str | None, operator: str, worker_project_path: str | None, strict: bool) -> None:
+    """Compile a Kedro pipeline into an Airflow 3 DAG file whose tasks run kvx-runtime exec-node."""
+    compile_dag_file(CompileDagRequest(
+        at=invocation(ctx, project_path, env),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        storage_root=storage_root, values=values, output=output, operator=operator,
+        worker_project_path=worker_project_path, strict=strict,
+    ))

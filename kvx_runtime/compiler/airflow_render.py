@@ -1,0 +1,566 @@
+"""Rendering a :class:`~.plan.PipelinePlan` as an Airflow 3 DAG file (``airflow.sdk``).
+
+One task per step of the plan, with the plan's dependencies: a ``KubernetesPodOperator``
+(apache-airflow-providers-cncf-kubernetes 10) running the step's ``kvx-runtime`` command in the
+plan's image (``pods``), or a ``BashOperator`` running it as a subprocess of the worker in the
+project's directory (``local``: Airflow on one machine, tests). The file is self-contained
+Python that a reader can follow: no import of kvx-runtime, no secret value (secrets are
+Kubernetes secrets named by the config, or Airflow Variables read when a task runs).
+
+The plan's markers become Airflow's own templates: the run id ``{{ run_id }}``, the job name
+the DAG's id (made unique per run by the steps' Airflow strategy, ``KVX_ORCHESTRATOR=airflow``),
+the save version from when the run became due (``dag_run.run_after``, set for every Airflow 3
+run and distinct per run, unlike a manual run's optional logical date), the storage root,
+save version and pipeline parameters DAG params (a run's ``conf`` overrides them), the MLflow
+run id an XCom of the start task, and the body's outcome (what the exit steps read) a macro
+asking Airflow for the states of the body's tasks. The exit steps run whatever the body's
+outcome (trigger rule ``all_done``); a last task fails the DAG run when the body failed, since
+Airflow takes a run's state from its leaves, which the exit steps would otherwise be.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import re
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeGuard
+
+from kvx_runtime.compiler.plan import (
+    MLFLOW_START_STEP,
+    ParameterRef,
+    PipelinePlan,
+    PlannedStep,
+    Reference,
+    Symbol,
+    references,
+)
+from kvx_runtime.config.airflow import AirflowRunConfig
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.step.invocation import PROGRAM
+from kvx_runtime.step.orchestrator import Airflow
+from kvx_runtime.versions import SAVE_VERSION_PARAMETER
+
+__all__ = ["OPERATORS", "OUTCOME_TASK", "AirflowDag", "DagSource", "Operator", "render_airflow", "write_dag"]
+
+Operator = Literal["pods", "local"]
+OPERATORS: tuple[Operator, ...] = ("pods", "local")
+#: The DAG param holding the run's storage root (the KFP spec's pipeline parameter of that name).
+STORAGE_ROOT_PARAM = "kvx_storage_root"
+#: The task that fails the DAG run when the body failed (only with exit steps).
+OUTCOME_TASK = "pipeline-outcome"
+#: Where a pod's XCom is read from by the provider's sidecar (as JSON).
+POD_XCOM_FILE = "/airflow/xcom/return.json"
+#: The Kubernetes resource GPUs are asked by on GKE (Composer) and most clusters.
+GPU_RESOURCE = "nvidia.com/gpu"
+_WIDTH = 110
+_JINJA_OPEN = re.compile(r"\{[{%#]")
+
+
+@dataclass(frozen=True)
+class DagSource:
+    """Where the DAG came from, for its header (no time: the same input gives the same file)."""
+
+    package: str
+    pipeline: str
+    env: str
+    kvx_version: str
+    kedro_version: str
+
+
+@dataclass(frozen=True)
+class AirflowDag:
+    dag_id: str
+    #: The DAG file's text.
+    text: str
+    #: Task id -> the task ids it waits for (what the DAG's ``>>`` lines say).
+    upstream: dict[str, tuple[str, ...]]
+
+
+def render_airflow(plan: PipelinePlan, run: AirflowRunConfig, source: DagSource, *,
+                   operator: Operator = "pods", project_dir: str | None = None) -> AirflowDag:
+    """The DAG file of ``plan`` with the DAG and pod settings of ``run``. ``project_dir``: where
+    the project lives on the worker (``local`` only)."""
+    if plan.code_upload is not None:
+        raise ValueError("the plan's code archive is not uploaded yet: run compiler.upload.upload_code first")
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}")
+    if operator == "local" and not project_dir:
+        raise ValueError("the local operator needs the project's directory on the worker")
+    if run.schedule and run.schedule != "@once" and run.start_date is None:
+        raise ConfigError(f"run_config.schedule {run.schedule!r} needs run_config.start_date",
+                          hint="the first logical date of the schedule, e.g. start_date: 2026-01-01")
+    dag_id = run.dag_id or plan.name
+    writer = _DagWriter(plan, run, source, dag_id, operator, project_dir or "")
+    return AirflowDag(dag_id=dag_id, text=writer.text(), upstream=writer.upstream())
+
+
+@dataclass(frozen=True)
+class Code:
+    """Python source written as it is (a name, an expression)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call with keyword arguments (a key ``**NAME`` unpacks NAME)."""
+
+    name: str
+    kwargs: Mapping[str, Any]
+
+
+def _py(value: Any, indent: int = 0, used: int | None = None) -> str:
+    """``value`` as Python source: on one line when it fits after the ``used`` columns, else one
+    item per line at ``indent`` + 4 (as black and ruff format it, trailing commas included)."""
+    flat = _flat(value)
+    used = indent if used is None else used
+    if used + len(flat) + 1 <= _WIDTH or not isinstance(value, (dict, list, tuple, Call)) or not _items(value):
+        return flat
+    inner = indent + 4
+    pad = " " * inner
+    if isinstance(value, Call):
+        lines = [f"{pad}{key}," if key.startswith("**") else
+                 f"{pad}{key}={_py(item, inner, inner + len(key) + 1)}," for key, item in value.kwargs.items()]
+        opening, closing = f"{value.name}(", ")"
+    elif isinstance(value, dict):
+        lines = [f"{pad}{_flat(key)}: {_py(item, inner, inner + len(_flat(key)) + 2)}," for key, item in value.items()]
+        opening, closing = "{", "}"
+    else:
+        lines = [f"{pad}{_py(item, inner)}," for item in value]
+        opening, closing = "[", "]"
+    return opening + "\n" + "\n".join(lines) + "\n" + " " * indent + closing
+
+
+def _items(value: Any) -> int:
+    return len(value.kwargs) if isinstance(value, Call) else len(value)
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, Code):
+        return value.text
+    if isinstance(value, Call):
+        return f"{value.name}(" + ", ".join(key if key.startswith("**") else f"{key}={_flat(item)}"
+                                           for key, item in value.kwargs.items()) + ")"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_flat(k)}: {_flat(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flat(item) for item in value) + "]"
+    raise TypeError(f"no Python literal for {type(value).__name__}")
+
+
+def _jinja_literal(text: str) -> str:
+    """Literal ``text`` in a templated field: kept as it is unless Jinja would read it."""
+    return "{{ " + json.dumps(text) + " }}" if _JINJA_OPEN.search(text) else text
+
+
+def _identifier(task_id: str, taken: set[str]) -> str:
+    """A Python variable for ``task_id``, unique among ``taken``."""
+    base = re.sub(r"\W", "_", task_id).strip("_") or "task"
+    if base[0].isdigit() or keyword.iskeyword(base):
+        base = f"task_{base}"
+    name, counter = base, 2
+    while name in taken:
+        name, counter = f"{base}_{counter}", counter + 1
+    taken.add(name)
+    return name
+
+
+class _DagWriter:
+    def __init__(self, plan: PipelinePlan, run: AirflowRunConfig, source: DagSource, dag_id: str,
+                 operator: Operator, project_dir: str) -> None:
+        self.plan, self.run, self.source, self.dag_id = plan, run, source, dag_id
+        self.operator, self.project_dir = operator, project_dir
+        self.kinds = {parameter.name: parameter.type for parameter in plan.parameters}
+        # Module-level names the tasks' variables must not shadow.
+        taken = {"dag", "task", "POD", "TASK_ENV", "BODY_TASKS", "DAG", "Param", "Secret", "k8s", "json",
+                 "datetime", "timedelta", "timezone", "kvx_final_status", "AirflowFailException", "shlex",
+                 "KubernetesPodOperator", "BashOperator", "TriggerRule"}
+        taken.add("body")
+        self.variables = {step.name: _identifier(step.name, taken) for step in (*plan.steps, *plan.exit_steps)}
+        self.outcome_variable = _identifier(OUTCOME_TASK.replace("-", "_"), taken) if plan.exit_steps else ""
+
+    # --- what the DAG says -----------------------------------------------------------------
+
+    def upstream(self) -> dict[str, tuple[str, ...]]:
+        body = tuple(step.name for step in self.plan.steps)
+        graph = {step.name: tuple(step.after) for step in self.plan.steps}
+        graph.update({step.name: body for step in self.plan.exit_steps})
+        if self.plan.exit_steps:
+            graph[OUTCOME_TASK] = body
+        return graph
+
+    def text(self) -> str:
+        body = [self._constants()]
+        if self.plan.exit_steps:
+            body.append(self._final_status_macro())
+        body.append(self._dag())
+        code = "\n\n\n".join(part.rstrip("\n") for part in body)
+        return "\n\n".join(part.rstrip("\n") for part in (self._header(), self._imports(code), code)) + "\n"
+
+    def _header(self) -> str:
+        source = self.source
+        how = ("a Kubernetes pod (KubernetesPodOperator)" if self.operator == "pods"
+               else f"a subprocess of the worker in {self.project_dir} (BashOperator)")
+        pipeline = "" if source.pipeline == "__default__" else f" --pipeline {source.pipeline}"
+        return (
+            f'"""Airflow DAG {self.dag_id}: the Kedro pipeline {source.pipeline} of {source.package} '
+            f"(config env {source.env}),\none task per step, each running `kvx-runtime exec-node` in {how}.\n\n"
+            f"Generated by `kvx-runtime airflow compile --env {source.env}{pipeline} --operator {self.operator}` "
+            f"(kvx-runtime {source.kvx_version},\nKedro {source.kedro_version}) for Airflow 3 (airflow.sdk)"
+            + (" and apache-airflow-providers-cncf-kubernetes 10" if self.operator == "pods" else "")
+            + ".\nDo not edit: compile again after a change (docs/airflow.md).\n"
+            '"""\n'
+        )
+
+    def _imports(self, code: str) -> str:
+        """What ``code`` uses, sorted as isort does."""
+        lines = ["from __future__ import annotations", ""]
+        if self.plan.exit_steps:
+            lines.append("import json")
+        if self.operator == "local":
+            lines.append("import shlex")
+        dates = [name for name in ("datetime", "timedelta", "timezone") if re.search(rf"\b{name}[(.]", code)]
+        if dates:
+            lines.append(f"from datetime import {', '.join(dates)}")
+        lines.append("")
+        if self.operator == "pods":
+            lines.append("from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator")
+            if self._secrets():
+                lines.append("from airflow.providers.cncf.kubernetes.secret import Secret")
+        else:
+            lines.append("from airflow.providers.standard.operators.bash import BashOperator")
+        # isort's order, as ruff applies it: constants, classes, functions.
+        names = ["DAG", "Param", "TriggerRule", "task"] if self.plan.exit_steps else ["DAG", "Param"]
+        lines.append(f"from airflow.sdk import {', '.join(names)}")
+        if self.plan.exit_steps:
+            lines.append("from airflow.sdk.exceptions import AirflowFailException")
+        if self.operator == "pods" and "k8s." in code:
+            lines.append("from kubernetes.client import models as k8s")
+        return "\n".join(lines) + "\n"
+
+    def _constants(self) -> str:
+        blocks = [f"#: Every task's environment (KVX_ORCHESTRATOR: how the steps name a run's job directory).\n"
+                  f"TASK_ENV = {_py(self._task_env())}\n"]
+        if self.operator == "pods":
+            blocks.append(f"#: What every step's pod shares.\nPOD = {_py(self._pod_settings(), 0, 6)}\n")
+        if self.plan.exit_steps:
+            body = [step.name for step in self.plan.steps]
+            blocks.append(f"#: The tasks of the pipeline's body: their states are the run's outcome.\n"
+                          f"BODY_TASKS = {_py(body)}\n")
+        return "\n\n".join(block.rstrip("\n") for block in blocks)
+
+    def _final_status_macro(self) -> str:
+        return '''def kvx_final_status(ti) -> str:
+    """The body's outcome as the exit steps read it (--final-status): failed tasks named."""
+    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=BODY_TASKS).get(ti.run_id, {})
+    failed = sorted(task for task, state in states.items() if state == "failed")
+    if failed or any(state == "upstream_failed" for state in states.values()):
+        message = "failed tasks: " + (", ".join(failed) or "none (upstream failures)")
+        return json.dumps({"state": "FAILED", "error": {"message": message}})
+    return json.dumps({"state": "SUCCEEDED"})
+'''
+
+    def _dag(self) -> str:
+        run = self.run
+        params = {STORAGE_ROOT_PARAM: Call("Param", {"default": self.plan.storage_root, "type": "string",
+                                                      "description": "Storage root of the intermediates"}),
+                  SAVE_VERSION_PARAMETER: Call("Param", {
+                      "default": "", "type": "string",
+                      "description": "Save version of versioned datasets (empty: when the run became due)"})}
+        for parameter in self.plan.parameters:
+            params[parameter.name] = Call("Param", {
+                "default": parameter.default, "type": _PARAM_TYPES[parameter.type],
+                "description": f"Kedro parameter {parameter.kedro_name}"})
+        kwargs: dict[str, Any] = {"dag_id": self.dag_id}
+        if self.plan.description:
+            kwargs["description"] = self.plan.description
+        kwargs["schedule"] = run.schedule
+        if run.start_date:
+            kwargs["start_date"] = Code(_datetime(run.start_date))
+        kwargs["catchup"] = run.catchup
+        if run.max_active_runs is not None:
+            kwargs["max_active_runs"] = run.max_active_runs
+        kwargs["tags"] = ["kedro", "kvx-runtime", *run.tags]
+        kwargs["params"] = params
+        if self.plan.exit_steps:
+            kwargs["user_defined_macros"] = {"kvx_final_status": Code("kvx_final_status")}
+        if self.operator == "local":
+            kwargs["user_defined_filters"] = {"shell_quote": Code("shlex.quote")}
+        lines = [f"with {_py(Call('DAG', kwargs), 0, 5)} as dag:"]
+        for step in self.plan.steps:
+            lines.append(f"    {self.variables[step.name]} = {self._task(step, after_body=False)}")
+        for step in self.plan.exit_steps:
+            lines.append(f"    {self.variables[step.name]} = {self._task(step, after_body=True)}")
+        if self.plan.exit_steps:
+            lines.append("")
+            lines.append(f"    @task(task_id={_flat(OUTCOME_TASK)}, trigger_rule=TriggerRule.ALL_DONE, retries=0)")
+            lines.append(f"    def {self.outcome_variable}(ti=None) -> None:")
+            lines.append('        """Fails the DAG run when the body failed: a run\'s state is its leaves\', and the '
+                         'exit\n        tasks succeed whatever happened before them."""')
+            lines.append("        status = json.loads(kvx_final_status(ti))")
+            lines.append('        if status["state"] != "SUCCEEDED":')
+            lines.append('            raise AirflowFailException(status["error"]["message"])')
+            lines.append("")
+            lines.append(f"    {self.outcome_variable}_task = {self.outcome_variable}()")
+        lines.append("")
+        lines += self._dependencies()
+        return "\n".join(lines) + "\n"
+
+    def _dependencies(self) -> list[str]:
+        lines: list[str] = []
+        for step in self.plan.steps:
+            if step.after:
+                lines.append(_dependency([self.variables[name] for name in step.after], [self.variables[step.name]]))
+        if self.plan.exit_steps:
+            # Airflow has no list >> list: the body's tasks are named once, each exit task waits for them all.
+            body = [Code(self.variables[step.name]) for step in self.plan.steps]
+            lines.append(f"    body = {_py(body, 4, 11)}")
+            for step in self.plan.exit_steps:
+                lines.append(f"    body >> {self.variables[step.name]}")
+            lines.append(f"    body >> {self.outcome_variable}_task")
+        return lines
+
+    # --- one task ----------------------------------------------------------------------------
+
+    def _task(self, step: PlannedStep, *, after_body: bool) -> str:
+        kwargs: dict[str, Any] = {"task_id": step.name}
+        if self.operator == "pods":
+            kwargs["name"] = step.name
+            kwargs["arguments"] = [step.command, *(self._templated(arg) for arg in step.args())]
+            if step.env != self.plan_env():
+                kwargs["env_vars"] = {**self._task_env(), **self._step_env(step)}
+            resources = step.resources
+            if resources is not None:
+                amounts = resources.requests(GPU_RESOURCE)
+                if amounts:
+                    kwargs["container_resources"] = Call("k8s.V1ResourceRequirements",
+                                                         {"requests": amounts, "limits": amounts})
+                selector = resources.pod_node_selector(GPU_RESOURCE)
+                if selector:
+                    kwargs["node_selector"] = selector
+            if any(ref is Symbol.MLFLOW_RUN_ID_OUTPUT for ref in step.references()):
+                kwargs["do_xcom_push"] = True
+        else:
+            kwargs["bash_command"] = self._bash_command(step)
+            kwargs["cwd"] = self.project_dir
+            kwargs["env"] = Code("TASK_ENV") if step.env == self.plan_env() else \
+                {**self._task_env(), **self._step_env(step)}
+            kwargs["append_env"] = True
+        kwargs.update(self._retry(step))
+        if after_body:
+            kwargs["trigger_rule"] = Code("TriggerRule.ALL_DONE")
+        if self.operator == "pods":
+            kwargs["**POD"] = None
+        name = "KubernetesPodOperator" if self.operator == "pods" else "BashOperator"
+        return _py(Call(name, kwargs), 4, 4 + len(self.variables[step.name]) + 3)
+
+    def plan_env(self) -> Mapping[str, str]:
+        """The environment most steps share (the plan gives every step the same one today)."""
+        envs = [step.env for step in (*self.plan.steps, *self.plan.exit_steps)]
+        return max(envs, key=envs.count) if envs else {}
+
+    def _step_env(self, step: PlannedStep) -> dict[str, str]:
+        return {name: _jinja_literal(value) for name, value in step.env.items()}
+
+    def _task_env(self) -> dict[str, Any]:
+        env: dict[str, Any] = {name: _jinja_literal(value) for name, value in self.plan_env().items()}
+        env["KVX_ORCHESTRATOR"] = Airflow.name
+        return env
+
+    def _retry(self, step: PlannedStep) -> dict[str, Any]:
+        retry = step.retry
+        if retry is None or not retry.max_retry_count:
+            return {"retries": 0}
+        delay = float(retry.backoff_duration[:-1])
+        settings: dict[str, Any] = {"retries": retry.max_retry_count,
+                                    "retry_delay": Code(f"timedelta(seconds={delay:g})")}
+        if delay and retry.backoff_factor > 1:
+            settings["retry_exponential_backoff"] = retry.backoff_factor
+            settings["max_retry_delay"] = Code(f"timedelta(seconds={float(retry.backoff_max_duration[:-1]):g})")
+        return settings
+
+    def _pod_settings(self) -> dict[str, Any]:
+        run = self.run
+        settings: dict[str, Any] = {
+            "image": _jinja_literal(self.plan.image),
+            "image_pull_policy": run.image_pull_policy,
+            "cmds": [PROGRAM],
+            "env_vars": Code("TASK_ENV"),
+        }
+        if run.namespace:
+            settings["namespace"] = run.namespace
+        if run.service_account:
+            settings["service_account_name"] = run.service_account
+        if run.labels:
+            settings["labels"] = {key: _jinja_literal(value) for key, value in run.labels.items()}
+        if run.annotations:
+            settings["annotations"] = {key: _jinja_literal(value) for key, value in run.annotations.items()}
+        if run.tolerations:
+            settings["tolerations"] = [Call("k8s.V1Toleration", _toleration(t)) for t in run.tolerations]
+        secrets = self._secrets()
+        if secrets:
+            settings["secrets"] = [Call("Secret", secret) for secret in secrets]
+        settings.update({
+            "kubernetes_conn_id": run.kubernetes_conn_id,
+            "startup_timeout_seconds": run.startup_timeout,
+            "get_logs": True,
+            "on_finish_action": run.on_finish_action,
+        })
+        return settings
+
+    def _secrets(self) -> list[dict[str, Any]]:
+        """``run_config.secrets`` and ``run_config.kubernetes.secrets_as_env`` as the provider's
+        ``Secret(deploy_type, deploy_target, secret, key)``: names only, never a value."""
+        secrets: list[dict[str, Any]] = []
+        for secret in self.run.secrets:
+            item: dict[str, Any] = {"deploy_type": secret.deploy_type, "deploy_target": secret.deploy_target,
+                                    "secret": secret.secret_name}
+            if secret.key:
+                item["key"] = secret.key
+            secrets.append(item)
+        for as_env in self.run.kubernetes.secrets_as_env:
+            for key, variable in as_env.keys.items():
+                secrets.append({"deploy_type": "env", "deploy_target": variable, "secret": as_env.secret_name,
+                                "key": key})
+        return secrets
+
+    # --- command lines -----------------------------------------------------------------------
+
+    def _value_of(self, reference: Reference) -> str:
+        """The Jinja expression of a plan's marker."""
+        if isinstance(reference, ParameterRef):
+            kind = self.kinds.get(reference.name)
+            if kind is None:
+                raise ValueError(f"a step reads pipeline parameter '{reference.name}', which the plan does not declare")
+            return f"params.{reference.name}" + (" | tojson" if kind in {"bool", "list", "dict"} else "")
+        expression = _EXPRESSIONS.get(reference)
+        if expression is not None:
+            return expression
+        raise ValueError(f"the Airflow renderer has no value for {reference!r}")
+
+    def _literal_of(self, reference: Reference) -> str | None:
+        """The text of a marker whose value the DAG knows when it is written."""
+        if reference is Symbol.JOB_NAME:
+            return self.dag_id
+        if reference is Symbol.MLFLOW_RUN_ID_OUTPUT:
+            # Pods: the provider's sidecar reads this file as the task's XCom. A worker's
+            # subprocess: the id reaches XCom as the task's last line of output, which
+            # mlflow-start prints; the file is not needed.
+            return POD_XCOM_FILE if self.operator == "pods" else "/dev/null"
+        return None
+
+    def _resolved(self, arg: str) -> list[str | Reference]:
+        """``arg`` as literal pieces (the known markers' values merged in) and markers."""
+        pieces: list[str | Reference] = []
+
+        def literal(text: str) -> None:
+            if pieces and not _is_marker(pieces[-1]):
+                pieces[-1] = str(pieces[-1]) + text
+            else:
+                pieces.append(text)
+
+        def marker(reference: Reference) -> None:
+            known = self._literal_of(reference)
+            if known is None:
+                pieces.append(reference)
+            else:
+                literal(known)
+
+        _split(arg, literal, marker)
+        return pieces
+
+    def _templated(self, arg: str) -> str:
+        """A pod argument: literal text kept, markers as Jinja expressions."""
+        return "".join("{{ " + self._value_of(piece) + " }}" if _is_marker(piece) else _jinja_literal(str(piece))
+                       for piece in self._resolved(arg))
+
+    def _bash_command(self, step: PlannedStep) -> str:
+        """The step's command line for bash: literal words quoted now, templated words quoted
+        when Airflow renders them (``shlex.quote`` as a filter), so no value reaches the shell
+        unquoted."""
+        words = []
+        for arg in step.argv():
+            pieces = self._resolved(arg)
+            if not any(map(_is_marker, pieces)):
+                words.append(_jinja_literal(shlex.quote("".join(map(str, pieces)))))
+                continue
+            parts = [self._value_of(piece) if _is_marker(piece) else json.dumps(str(piece)) for piece in pieces]
+            expression = parts[0] if len(parts) == 1 else " ~ ".join(f"({part})" for part in parts)
+            words.append("{{ (" + expression + ") | shell_quote }}")
+        command = " ".join(words)
+        # BashOperator reads a command ending in .sh or .bash as a script file's name.
+        return command + " " if command.endswith((".sh", ".bash")) else command
+
+
+def _dependency(upstream: Sequence[str], downstream: Sequence[str]) -> str:
+    """``upstream >> downstream`` in the DAG's body, lists one name a line when too long."""
+    def side(names: Sequence[str], used: int) -> str:
+        return names[0] if len(names) == 1 else _py([Code(name) for name in names], 4, used)
+
+    flat = f"    {side(upstream, 0)} >> {side(downstream, 0)}"
+    if len(flat) <= _WIDTH:
+        return flat
+    left = side(upstream, _WIDTH)  # one name a line
+    return f"    {left} >> {side(downstream, len(left.splitlines()[-1]) + 4)}"
+
+
+def _is_marker(piece: str | Reference) -> TypeGuard[Reference]:
+    # Symbol is a str Enum: a marker is told from literal text by its type, not by str.
+    return isinstance(piece, (Symbol, ParameterRef))
+
+
+def _split(text: str, literal: Callable[[str], None], marker: Callable[[Reference], None]) -> None:
+    """Walk ``text``: its literal pieces and its markers, in order."""
+    position = 0
+    for match in re.finditer(r"<kvx:(param:)?[A-Za-z0-9_]+>", text):
+        if match.start() > position:
+            literal(text[position:match.start()])
+        [reference] = references(match.group(0))
+        marker(reference)
+        position = match.end()
+    if position < len(text):
+        literal(text[position:])
+
+
+#: The markers whose Jinja expression is the same for every DAG.
+_EXPRESSIONS: dict[Reference, str] = {
+    Symbol.RUN_ID: "run_id",
+    Symbol.JOB_CREATE_TIME: "dag_run.run_after.isoformat()",
+    Symbol.STORAGE_ROOT: f"params.{STORAGE_ROOT_PARAM}",
+    Symbol.SAVE_VERSION: f"params.{SAVE_VERSION_PARAMETER}",
+    Symbol.MLFLOW_RUN_ID: f"ti.xcom_pull(task_ids={MLFLOW_START_STEP!r})",
+    Symbol.FINAL_STATUS: "kvx_final_status(ti)",
+}
+#: Pipeline parameter kinds (kvx_runtime.params) as Param's JSON schema types.
+_PARAM_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+                "dict": "object"}
+
+
+def _datetime(moment: datetime) -> str:
+    value = moment.astimezone(timezone.utc)
+    fields = [value.year, value.month, value.day]
+    if (value.hour, value.minute, value.second) != (0, 0, 0):
+        fields += [value.hour, value.minute, value.second]
+    return f"datetime({', '.join(map(str, fields))}, tzinfo=timezone.utc)"
+
+
+def _toleration(toleration: Any) -> dict[str, Any]:
+    fields = {"key": toleration.key, "operator": toleration.operator, "value": toleration.value,
+              "effect": toleration.effect, "toleration_seconds": toleration.toleration_seconds}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def write_dag(dag: AirflowDag, output: str | Path) -> Path:
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dag.text, encoding="utf-8")
+    return path
