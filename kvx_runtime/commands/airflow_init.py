@@ -1,5 +1,6 @@
 """``kvx-runtime airflow init`` / ``kedro airflow-k8s init``: the Airflow target's config file
-(the registry names this command as the target's ``init``)."""
+(the registry names this command as the target's ``init``), and with ``--cloud-env`` a Kedro env
+putting the catalog's local datasets under the storage root."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import click
 
 from kvx_runtime.commands.command import KvxCommand
-from kvx_runtime.commands.options import project_path_option
-from kvx_runtime.commands.project import write_config_file
+from kvx_runtime.commands.options import cloud_env_options, project_path_option
+from kvx_runtime.commands.project import CloudEnvOptions, InitRequest, init_arguments_given, write_init
 from kvx_runtime.errors import UsageError
 from kvx_runtime.targets.registry import get_target
 
@@ -23,17 +24,27 @@ _URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
 
 @dataclass(frozen=True)
 class AirflowInitRequest:
-    host: str
+    host: str | None
     project_path: str | None = None
     force: bool = False
     with_dockerfile: bool = False
+    #: ``--cloud-env NAME``: also (or, without HOST, only) the env overlay.
+    cloud_env: str | None = None
+    per_run: bool = False
+    group: str = "kvx-runtime airflow"
 
 
-def init_airflow(request: AirflowInitRequest) -> Path:
-    """conf/base/airflow-k8s.yml (the plugin family's file name) for the Airflow at ``host``;
-    returns it. A ``vertexai*`` or ``kubeflow*`` file in conf/base would win over it: refused."""
+def init_airflow(request: AirflowInitRequest) -> list[Path]:
+    """conf/base/airflow-k8s.yml (the plugin family's file name) for the Airflow at ``host``,
+    and the cloud env when asked; returns the files written. A ``vertexai*`` or ``kubeflow*``
+    file in conf/base would win over it: refused."""
     root = Path(request.project_path or os.getcwd()).resolve()
-    host = request.host.strip().rstrip("/")
+    cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
+    target = get_target("airflow")
+    if not init_arguments_given({"HOST": request.host}, request.cloud_env, request.per_run):
+        return write_init(InitRequest(root, target, None, request.force, request.with_dockerfile, cloud_env,
+                                      request.group))
+    host = str(request.host).strip().rstrip("/")
     if not _URL.match(host):
         raise UsageError(f"HOST {request.host!r} is not an http(s) URL",
                          hint="the Airflow web server's URL, e.g. https://airflow.example.com")
@@ -44,15 +55,21 @@ def init_airflow(request: AirflowInitRequest) -> Path:
         raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
                          "environment, so nothing was written",
                          hint=f"add host: {host} (and the Airflow keys, docs/airflow.md) to it instead")
-    return write_config_file(root, get_target("airflow"), {"host": host}, request.force, request.with_dockerfile)
+    return write_init(InitRequest(root, target, {"host": host}, request.force, request.with_dockerfile, cloud_env,
+                                  request.group))
 
 
 @click.command("init", cls=KvxCommand)
-@click.argument("host")
+@click.argument("host", required=False)
 @project_path_option
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 @click.option("--with-dockerfile", is_flag=True,
               help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
-def init_command(host: str, project_path: str | None, force: bool, with_dockerfile: bool) -> None:
-    """Write a commented conf/base/airflow-k8s.yml for the Airflow (or Cloud Composer) at HOST."""
-    init_airflow(AirflowInitRequest(host, project_path, force, with_dockerfile))
+@cloud_env_options
+@click.pass_context
+def init_command(ctx: click.Context, host: str | None, project_path: str | None, force: bool, with_dockerfile: bool,
+                 cloud_env: str | None, per_run: bool) -> None:
+    """Write a commented conf/base/airflow-k8s.yml for the Airflow (or Cloud Composer) at HOST
+    (with --cloud-env NAME also conf/NAME/catalog.yml; HOST may then be left out)."""
+    group = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime airflow"
+    init_airflow(AirflowInitRequest(host, project_path, force, with_dockerfile, cloud_env, per_run, group))
