@@ -16,8 +16,10 @@ AIRFLOW_REQUIREMENTS ?= "apache-airflow>=3.3,<4" "apache-airflow-providers-cncf-
 # pytest-xdist workers: one per core.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS)
+# The fault suite waits more than it computes (retry back-off, slowed requests): two workers per core.
+FAULT_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
 
-.PHONY: demo test test-fast test-faults test-kedro-oldest test-image test-airflow airflow-venv image lint bench bench-quick clean
+.PHONY: demo test test-fast test-faults test-kedro-oldest test-image test-airflow airflow-venv image lint bench bench-quick bench-image clean
 
 # $(1): the virtualenv, $(2): extra requirements (a Kedro pin).
 define make_venv
@@ -53,7 +55,7 @@ test-fast: $(STAMP)
 # The fault-injection suite (integration/test_faults.py): steps through seeded 429s, 503s,
 # resets and lost answers, and stop signals mid-write. Most of its time is retry back-off.
 test-faults: $(STAMP)
-	$(PY) -m pytest $(PYTEST_PARALLEL) -m faults integration/test_faults.py
+	$(PY) -m pytest -n $(FAULT_WORKERS) -m faults integration/test_faults.py
 
 # The tests marked `kedro` on the oldest supported Kedro: each path whose behaviour depends on
 # Kedro's version once (sessions and the runner, pipeline loading, catalog and config loader,
@@ -92,6 +94,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
+
+# Image sizes and project image rebuilds after a code change, against code upload (real buildah
+# builds: needs root, buildah, debootstrap and a package index; about fifteen minutes).
+bench-image: $(STAMP)
+	$(PY) bench/run.py --only image,code
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache integration/example_project/.kvx

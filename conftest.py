@@ -169,16 +169,17 @@ def s3_server() -> Iterator[S3Server]:
         stop(process)
 
 
+def copy_example_project(target: Path) -> Path:
+    """A copy of the example project at ``target``, without what runs of it leave behind."""
+    shutil.copytree(EXAMPLE_PROJECT, target, ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting",
+                                                                          "mlruns"))
+    return target
+
+
 @pytest.fixture
 def example_project(tmp_path: Path) -> Path:
     """A private copy of the example project (outputs and conf edits stay in the test)."""
-    target = tmp_path / "example_project"
-    shutil.copytree(
-        EXAMPLE_PROJECT,
-        target,
-        ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting", "mlruns"),
-    )
-    return target
+    return copy_example_project(tmp_path / "example_project")
 
 
 _STANDARD_RECORD_KEYS = set(vars(__import__("logging").makeLogRecord({}))) | {"message", "asctime"}

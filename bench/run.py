@@ -1,12 +1,14 @@
 """kvx-runtime benchmarks: the numbers we promise, measured side by side with the reference.
 
     python bench/run.py [--quick] [--large] [--runs N]
-                        [--only intermediates,step,compiler,local,code,reliability,logging,doctor]
+                        [--only intermediates,step,compiler,local,image,code,reliability,logging,doctor]
 
 Writes ``bench/results/latest.json`` (every figure: name, unit, median, min, max, runs) and
 regenerates ``docs/benchmarks.md``. Each figure is the median of at least 3 runs in this
 invocation; comparisons are ratios of figures measured here, side by side. ``--quick``
-shrinks the objects, pipelines and fault trials (about five minutes in all).
+shrinks the objects, pipelines and fault trials (about five minutes in all). The image section
+(real buildah builds: root, buildah, debootstrap and a package index; about fifteen minutes)
+runs only when named: ``--only image,code`` (``make bench-image``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from integration.images import Buildah
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "integration" / "example_project"
@@ -457,12 +462,74 @@ def bench_code_upload(bench: Bench, tmp: Path) -> None:
 
 def _image_rebuild_seconds(tmp: Path, runs: int) -> list[float]:
     """Rebuilds of the example project image after a code change (buildah, warm layer cache),
-    as the last `make test-image` measured them (bench/results/image-rebuild.json); [] when it
-    has not run here (the figure is then left out)."""
-    measured = REPO / "bench" / "results" / "image-rebuild.json"
-    if not measured.exists():
+    as the last image section measured them (IMAGE_REBUILD); [] when it has not run here (the
+    figure is then left out)."""
+    if not IMAGE_REBUILD.exists():
         return []
-    return [float(v) for v in json.loads(measured.read_text()).get("seconds", [])]
+    return [float(v) for v in json.loads(IMAGE_REBUILD.read_text()).get("seconds", [])]
+
+
+# --- 6. images -----------------------------------------------------------------------------
+
+IMAGE_SIZES = REPO / "bench" / "results" / "image-sizes.json"
+IMAGE_REBUILD = REPO / "bench" / "results" / "image-rebuild.json"
+
+
+def bench_image(bench: Bench, tmp: Path) -> None:
+    """The base and example project images' sizes, and what a code change costs without code
+    upload: rebuilds of the project image (buildah, warm layer cache). Needs root, buildah and
+    debootstrap (skipped, saying why, elsewhere). Writes IMAGE_SIZES and IMAGE_REBUILD, which
+    the code upload section and docs/benchmarks.md read."""
+    sys.path.insert(0, str(REPO))
+    from integration.images import Buildah, build_project_image, build_python_base, build_runtime_image
+
+    buildah = Buildah(tmp / "buildah")
+    reason = buildah.why_not()
+    if reason:
+        print(f"images: skipped: {reason}", flush=True)
+        return
+    try:
+        print("images: base, runtime and example project images (buildah, vfs)", flush=True)
+        base = build_python_base(buildah, tmp)
+        runtime = build_runtime_image(buildah, base, REPO, tmp)
+        project = build_project_image(buildah, runtime, EXAMPLE, REPO, tmp)
+        sizes = buildah.sizes(base, runtime, project)
+        if set(sizes) != {base, runtime, project}:
+            raise RuntimeError(f"buildah lists {sorted(sizes)}, not the three images built")
+        IMAGE_SIZES.parent.mkdir(parents=True, exist_ok=True)
+        IMAGE_SIZES.write_text(json.dumps({"base (Debian bookworm + python3)": sizes[base],
+                                           "kvx-runtime base image (mlflow extra)": sizes[runtime],
+                                           "example project image": sizes[project]}, indent=2) + "\n")
+        print(f"  sizes: {sizes}", flush=True)
+        seconds = _time_rebuilds(buildah, runtime, tmp, bench.runs)
+        print(f"  rebuilds after a code change: {seconds} s", flush=True)
+        IMAGE_REBUILD.write_text(json.dumps({"seconds": seconds, "what": "buildah bud --layers after a one-line "
+                                             "code change"}, indent=2) + "\n")
+    finally:
+        buildah.remove_everything()
+
+
+def _time_rebuilds(buildah: Buildah, runtime: str, tmp: Path, runs: int) -> list[float]:
+    """Seconds of ``runs`` rebuilds of the example project image, each after a one-line code
+    change, with a warm layer cache; checked to deliver the change to the package a step imports."""
+    from integration.images import project_build_args, project_context
+
+    context = project_context(EXAMPLE, REPO, tmp / "rebuild" / "project")
+    tag = "localhost/kvx-rebuild:kvx-test"
+    command = ["bud", "--layers", *project_build_args(runtime, tag, context)]
+    buildah(*command)  # warms the layer cache
+    nodes = context / "src" / "spaceflights_kvx" / "pipelines" / "data_processing" / "nodes.py"
+    seconds = []
+    for change in range(runs):
+        nodes.write_text(nodes.read_text() + f"\n# a code change ({change})\n")
+        started = time.perf_counter()
+        buildah(*command)
+        seconds.append(round(time.perf_counter() - started, 2))
+    installed = buildah.run_in(tag, "python3", "-c", "import inspect, spaceflights_kvx.pipelines.data_processing.nodes "
+                               "as n; print(inspect.getsource(n))")
+    if installed.returncode != 0 or f"# a code change ({runs - 1})" not in installed.stdout:
+        raise RuntimeError(f"the rebuilt image does not hold the last code change:\n{installed.stderr[-2000:]}")
+    return seconds
 
 
 RELIABILITY_DOC = REPO / "docs" / "reliability.md"
@@ -614,10 +681,9 @@ def render(bench: Bench, info: dict[str, Any], seconds: float) -> str:
             lines.append(f"| {figure.name} | {figure.median:.4g} {figure.unit} | {min(figure.runs):.4g} | "
                          f"{max(figure.runs):.4g} | {figure.goal or ''} | {met} |")
         lines.append("")
-    sizes_file = REPO / "bench" / "results" / "image-sizes.json"
-    if sizes_file.exists():
-        sizes = json.loads(sizes_file.read_text())
-        lines += ["## Image size", "", "From the last `make test-image` (buildah, vfs); see docs/images.md.", "",
+    if IMAGE_SIZES.exists():
+        sizes = json.loads(IMAGE_SIZES.read_text())
+        lines += ["## Image size", "", "From the last `make bench-image` (buildah, vfs); see docs/images.md.", "",
                   "| image | size |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in sizes.items()] + [""]
     notes = NOTES.strip()
@@ -685,6 +751,7 @@ def main() -> int:
             ("step", lambda: bench_step(bench, tmp)),
             ("compiler", lambda: bench_compiler(bench, tmp, [10, 1000] if args.quick else [10, 100, 1000, 5000])),
             ("local", lambda: None if args.quick else bench_local(bench, tmp)),
+            ("image", lambda: bench_image(bench, tmp)),  # before code: its ratio reads the rebuilds
             ("code", lambda: bench_code_upload(bench, tmp)),
             ("reliability", lambda: bench_reliability(bench, tmp, args.quick)),
             ("logging", lambda: bench_logging(bench)),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import EXAMPLE_PROJECT
+from conftest import EXAMPLE_PROJECT, LOOPBACK_ONLY, copy_example_project
 
 KVX = [sys.executable, "-m", "kvx_runtime"]
 
@@ -106,6 +106,25 @@ def kedro_in_process(project: Path, *args: str, env: dict[str, str] | None = Non
 @pytest.fixture(scope="session")
 def node_order() -> list[str]:
     return json.loads(kedro_in_process(EXAMPLE_PROJECT, "order").strip().splitlines()[-1])
+
+
+#: The example pipeline's report files (data/08_reporting/<run id>/), what runs are compared by.
+REPORT_FILES = ["importance.csv", "metrics.json", "report_dirty.md", "shuttle_summary.csv"]
+
+
+def reports(project: Path, run_id: str) -> dict[str, str]:
+    folder = project / "data" / "08_reporting" / run_id
+    return {name: (folder / name).read_text() for name in REPORT_FILES}
+
+
+@pytest.fixture(scope="session")
+def kedro_run_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The report files of a plain in-process `kedro run` of the example project (base env),
+    the reference for runs through kvx-runtime: one run per test session (they do not depend on
+    the run id)."""
+    project = copy_example_project(tmp_path_factory.mktemp("kedro-run") / "example_project")
+    kedro_in_process(project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline", **LOOPBACK_ONLY))
+    return reports(project, "baseline")
 
 
 def signal_after_node_started(process: subprocess.Popen, signum: int, timeout: float = 60,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from integration.conftest import KVX, kedro_in_process, make_project, step_env
+from integration.conftest import KVX, make_project, reports, step_env
 
 pytestmark = pytest.mark.slow
 
@@ -243,8 +243,8 @@ def test_a_1000_node_pipeline_compiles(tmp_path: Path) -> None:
     assert spec["root"]["dag"]["tasks"]["agg-50"]["dependentTasks"][0] == "node-50"
 
 
-def test_run_local_of_the_compiled_spec_matches_kedro_run(example_project: Path, tmp_path: Path) -> None:
-    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline"))
+def test_run_local_of_the_compiled_spec_matches_kedro_run(example_project: Path, kedro_run_reports,
+                                                          tmp_path: Path) -> None:
     spec = tmp_path / "p.json"
     compile_spec(example_project, spec, "--env", "base", "--params", "reporting.top_n:int")
     result = kvx(example_project, "run-local", str(spec), "--max-parallel", "2", "--job-name", "rl",
@@ -252,10 +252,7 @@ def test_run_local_of_the_compiled_spec_matches_kedro_run(example_project: Path,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     status = json.loads((example_project / ".kvx" / "runs" / "rl" / "status.json").read_text())
     assert set(status["states"].values()) == {"done"}
-    produced = example_project / "data" / "08_reporting" / status["run_id"]
-    baseline = example_project / "data" / "08_reporting" / "baseline"
-    for name in ["importance.csv", "metrics.json", "report_dirty.md", "shuttle_summary.csv"]:
-        assert (produced / name).read_text() == (baseline / name).read_text(), name
+    assert reports(example_project, status["run_id"]) == kedro_run_reports
     assert (example_project / ".kvx" / "storage" / "kedro-vertexai-temp" / "rl" / "regressor.bin").exists()
 
 
@@ -350,8 +347,8 @@ def test_kedro_vertexai_plugin_commands(example_project: Path, tmp_path: Path) -
     assert {"name": "KEDRO_CONFIG_COMMIT_ID", "value": "abc123"} in executor["env"]
 
 
-def test_run_local_with_code_upload_runs_the_archive(example_project: Path, tmp_path: Path) -> None:
-    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline"))
+def test_run_local_with_code_upload_runs_the_archive(example_project: Path, kedro_run_reports,
+                                                     tmp_path: Path) -> None:
     spec = compile_spec(example_project, tmp_path / "code.json", "--env", "base", "--code-upload",
                         "--storage-root", str(tmp_path / "storage"))
     args = executor_args(spec, "data-processing-preprocess-companies-node")
@@ -364,10 +361,7 @@ def test_run_local_with_code_upload_runs_the_archive(example_project: Path, tmp_
                  "--storage-root", str(tmp_path / "storage"), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     status = json.loads((example_project / ".kvx" / "runs" / "code-job" / "status.json").read_text())
-    produced = example_project / "data" / "08_reporting" / status["run_id"]
-    baseline = example_project / "data" / "08_reporting" / "baseline"
-    for name in ["importance.csv", "metrics.json", "report_dirty.md", "shuttle_summary.csv"]:
-        assert (produced / name).read_text() == (baseline / name).read_text(), name
+    assert reports(example_project, status["run_id"]) == kedro_run_reports
 
     # An image built from other requirements refuses the archive: exit 2, nothing run.
     (example_project / ".kvx-requirements.sha256").write_text("0" * 64 + "\n")

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from integration.conftest import kedro_in_process, run_step, step_env
+from integration.conftest import reports, run_step, step_env
 
 pytestmark = pytest.mark.slow
 
-REPORT_FILES = ["importance.csv", "metrics.json", "report_dirty.md", "shuttle_summary.csv"]
 # Datasets the catalog does not keep that cross a step boundary: exactly these become blobs.
 EXPECTED_BLOBS = {
     "data_processing.preprocessed_companies",
@@ -31,11 +30,6 @@ EXPECTED_BLOBS = {
 }
 
 
-def reports(project: Path, run_id: str) -> dict[str, str]:
-    folder = project / "data" / "08_reporting" / run_id
-    return {name: (folder / name).read_text() for name in REPORT_FILES}
-
-
 def run_pipeline_stepwise(project: Path, order: list[str], root: str, run_id: str, env=None) -> list:
     runs = []
     for node in order:
@@ -46,12 +40,12 @@ def run_pipeline_stepwise(project: Path, order: list[str], root: str, run_id: st
     return runs
 
 
-def test_stepwise_on_local_root_matches_kedro_run(example_project: Path, node_order, tmp_path) -> None:
-    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline"))
+def test_stepwise_on_local_root_matches_kedro_run(example_project: Path, node_order, kedro_run_reports,
+                                                  tmp_path) -> None:
     root = tmp_path / "storage"
     runs = run_pipeline_stepwise(example_project, node_order, str(root), "stepwise")
 
-    assert reports(example_project, "stepwise") == reports(example_project, "baseline")
+    assert reports(example_project, "stepwise") == kedro_run_reports
     listed = {p.name for p in (root / "kedro-vertexai-temp" / "stepwise").iterdir()}
     assert {name.removesuffix(".bin") for name in listed - {"owner.json"}} == EXPECTED_BLOBS
     assert "owner.json" in listed  # the run that owns the job directory
@@ -70,15 +64,15 @@ def test_stepwise_on_local_root_matches_kedro_run(example_project: Path, node_or
     assert len(warnings) == 1 and warnings[0]["datasets"] == ["reporting.importance"]
 
 
-def test_stepwise_on_gcs_emulator_matches_kedro_run(example_project: Path, node_order, gcs_emulator) -> None:
-    kedro_in_process(example_project, "run", "base", env=step_env(KEDRO_CONFIG_RUN_ID="baseline"))
+def test_stepwise_on_gcs_emulator_matches_kedro_run(example_project: Path, node_order, kedro_run_reports,
+                                                    gcs_emulator) -> None:
     root = f"gs://{gcs_emulator.bucket}/e2e"
     env = step_env(**gcs_emulator.env)
     # The job name comes from the environment here, as in the seeds' containers.
     env["KEDRO_CONFIG_JOB_NAME"] = "gcs-job"
     run_pipeline_stepwise(example_project, node_order, root, "gcs-run", env=env)
 
-    assert reports(example_project, "gcs-run") == reports(example_project, "baseline")
+    assert reports(example_project, "gcs-run") == kedro_run_reports
     fs = gcs_emulator.filesystem()
     listed = fs.ls(f"{gcs_emulator.bucket}/e2e/kedro-vertexai-temp/gcs-job")
     names = {Path(p).name for p in listed}

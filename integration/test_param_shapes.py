@@ -5,12 +5,11 @@ never the node's TypeError (exit 1) later."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_PROJECT
+from conftest import copy_example_project
 from integration.conftest import run_step
 
 pytestmark = pytest.mark.slow
@@ -21,10 +20,7 @@ FIRST = "data_processing.preprocess_companies_node"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One copy of the example project for the module (the failing steps write nothing)."""
-    target = tmp_path_factory.mktemp("param-shapes") / "example_project"
-    shutil.copytree(EXAMPLE_PROJECT, target,
-                    ignore=shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting", "mlruns"))
-    return target
+    return copy_example_project(tmp_path_factory.mktemp("param-shapes") / "example_project")
 
 
 @pytest.mark.parametrize(("param", "message"), [

@@ -1,0 +1,161 @@
+"""Image builds with buildah, shared by the image tests (integration/test_image.py: what the
+images do) and the image benchmarks (bench/run.py --only image: their sizes and rebuild times).
+
+No registry is reachable here, so the Python base image is made locally: a Debian bookworm
+root filesystem (debootstrap, with Debian's python3) imported into buildah. Every build uses
+a storage of its own (vfs, under ``storage``), removed by :meth:`Buildah.remove_everything`:
+vfs copies every layer whole, and the layer cache that repeated runs leave would fill the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+BASE = "localhost/kvx-test-python:bookworm"
+RUNTIME = "localhost/kvx-runtime:kvx-test"
+PROJECT = "localhost/spaceflights-kvx:kvx-test"
+MIRROR = os.environ.get("KVX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+#: What a project image's build context leaves out (as a checkout's .dockerignore would).
+NOT_IN_CONTEXT = shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting")
+
+
+class Buildah:
+    """buildah with a private vfs storage under ``storage``."""
+
+    def __init__(self, storage: Path) -> None:
+        self.storage = storage
+        self.command = ["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"),
+                        "--runroot", str(storage / "run")]
+
+    def __call__(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """Run ``buildah args``; a failure raises with the end of its output."""
+        result = subprocess.run([*self.command, *args], capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"buildah {' '.join(args[:3])} failed:\n{result.stdout[-3000:]}\n"
+                               f"{result.stderr[-3000:]}")
+        return result
+
+    def quietly(self, *args: str) -> None:
+        """Clean-up: whatever it answers."""
+        subprocess.run([*self.command, *args], capture_output=True)
+
+    def why_not(self) -> str | None:
+        """Why images cannot be built here, or None. Leaves no storage behind."""
+        if shutil.which("buildah") is None:
+            return "buildah is not installed (apt-get install buildah)"
+        if shutil.which("debootstrap") is None:
+            return "debootstrap is not installed (apt-get install debootstrap)"
+        if os.geteuid() != 0:
+            return "building with --isolation chroot --storage-driver vfs needs root here"
+        probe = subprocess.run([*self.command, "images"], capture_output=True, text=True)
+        shutil.rmtree(self.storage, ignore_errors=True)
+        if probe.returncode != 0:
+            return f"buildah cannot run: {probe.stderr.strip()[:200]}"
+        return None
+
+    def remove_everything(self) -> None:
+        self.quietly("rm", "--all")
+        self.quietly("rmi", "--all", "--force")
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def container(self, image: str) -> Iterator[str]:
+        """A working container of ``image`` (vfs copies the whole image: one per use, not per command)."""
+        name = self("from", "-q", image).stdout.strip()
+        try:
+            yield name
+        finally:
+            self.quietly("rm", name)
+
+    def run(self, container: str, *command: str, volumes: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """``command`` in ``container`` (with ``volumes`` mounted, ``env`` set); the result whatever
+        its exit code."""
+        options = [arg for volume in volumes for arg in ("--volume", volume)]
+        options += [arg for name, value in (env or {}).items() for arg in ("--env", f"{name}={value}")]
+        return subprocess.run([*self.command, "run", "--isolation", "chroot", *options, container, "--", *command],
+                              capture_output=True, text=True, timeout=600)
+
+    def run_in(self, image: str, *command: str) -> subprocess.CompletedProcess:
+        """``command`` in a fresh container of ``image``."""
+        with self.container(image) as container:
+            return self.run(container, *command)
+
+    def image_config(self, image: str) -> dict:
+        return json.loads(self("inspect", "--type", "image", image).stdout)
+
+    def sizes(self, *images: str) -> dict[str, str]:
+        """Each image's size as buildah prints it (e.g. "1.2 GB")."""
+        sizes = {}
+        for entry in json.loads(self("images", "--json").stdout):
+            for name in entry.get("names") or []:
+                if name in images:
+                    sizes[name] = str(entry["size"])
+        return sizes
+
+
+def build_python_base(buildah: Buildah, workdir: Path, tag: str = BASE) -> str:
+    """Debian bookworm + python3 as a local base image (what python:3.11-slim provides)."""
+    root = workdir / "rootfs"
+    result = subprocess.run(
+        ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+         "bookworm", str(root), MIRROR], capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"debootstrap failed:\n{result.stderr[-3000:]}")
+    archive = workdir / "rootfs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname=".")
+    shutil.rmtree(root, ignore_errors=True)
+    with buildah.container("scratch") as container:
+        buildah("add", container, str(archive), "/")
+        buildah("config", "--cmd", "/bin/sh", container)
+        buildah("commit", "-q", container, tag)
+    archive.unlink()
+    return tag
+
+
+def build_runtime_image(buildah: Buildah, base: str, repo: Path, workdir: Path, tag: str = RUNTIME) -> str:
+    """The kvx-runtime base image (docker/Dockerfile) with a wheel of the checkout at ``repo``."""
+    context = workdir / "runtime-context"
+    shutil.copytree(repo / "docker", context / "docker")
+    shutil.copytree(repo / "entrypoint", context / "entrypoint")
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                            str(context / "docker" / "wheels"), str(repo)], capture_output=True, text=True)
+    if wheel.returncode != 0:
+        raise RuntimeError(f"pip wheel failed:\n{wheel.stderr[-3000:]}")
+    # This machine reaches PyPI through a TLS-inspecting proxy: trust what the host trusts.
+    host_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    if host_bundle.exists():
+        shutil.copy(host_bundle, context / "docker" / "certs" / "host.crt")
+    buildah("bud", "--isolation", "chroot", "-q", "-f", "docker/Dockerfile", "--build-arg",
+            f"BASE_IMAGE={base}", "-t", tag, str(context))
+    return tag
+
+
+def project_context(project: Path, repo: Path, target: Path) -> Path:
+    """A project's build context: the project, docker/project.Dockerfile and its .dockerignore."""
+    shutil.copytree(project, target, ignore=NOT_IN_CONTEXT)
+    shutil.copy(repo / "docker" / "project.Dockerfile", target / "Dockerfile")
+    shutil.copy(repo / "docker" / "project.dockerignore", target / ".dockerignore")
+    return target
+
+
+def project_build_args(runtime: str, tag: str, context: Path) -> list[str]:
+    """``buildah bud`` arguments of a project image FROM ``runtime`` (add "--layers" to cache)."""
+    return ["--isolation", "chroot", "-q", "-f", "Dockerfile", "--build-arg", f"KVX_BASE_IMAGE={runtime}",
+            "-t", tag, str(context)]
+
+
+def build_project_image(buildah: Buildah, runtime: str, project: Path, repo: Path, workdir: Path,
+                        tag: str = PROJECT) -> str:
+    context = project_context(project, repo, workdir / "project-context" / "project")
+    buildah("bud", *project_build_args(runtime, tag, context))
+    return tag
