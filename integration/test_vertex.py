@@ -127,6 +127,7 @@ def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Pa
     assert ("PATCH", schedule["name"]) in [(m, p.removeprefix("/v1/")) for m, p in vertex.requests]
     paused = kvx(example_project, vertex, adc, "schedule", "--pause")
     assert paused.returncode == 0 and "PAUSED" in paused.stdout and schedule["state"] == "PAUSED"
+    assert "pipeline compiled" not in paused.stderr  # found by name: nothing compiled
     resumed = kvx(example_project, vertex, adc, "schedule", "--resume")
     assert resumed.returncode == 0 and schedule["state"] == "ACTIVE"
     deleted = kvx(example_project, vertex, adc, "schedule", "--delete")

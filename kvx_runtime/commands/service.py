@@ -187,11 +187,10 @@ def list_runs(request: ListRunsRequest) -> None:
     """The newest runs of the pipeline (of every pipeline with ``all_pipelines``), a line each."""
     from itertools import islice
 
-    from kvx_runtime.compiler.names import pipeline_name
+    from kvx_runtime.compiler.names import project_pipeline_name
 
     target, project = open_target(request.at)
-    name = pipeline_name(project.package_name if request.pipeline == "__default__"
-                         else f"{project.package_name}-{request.pipeline}")
+    name = project_pipeline_name(project.package_name, request.pipeline)
     runs = list(islice(target.list_runs(None if request.all_pipelines else name), request.limit))
     click.echo(f"{'JOB':<60} {'STATE':<10} {'STARTED (UTC)':<19} DURATION")
     for info in runs:
@@ -298,18 +297,22 @@ def schedule_pipeline(request: SchedulePipelineRequest) -> None:
     run_config = project.plugin_config.run_config
     key = request.options.pipeline if request.options.pipeline in run_config.schedules else "default_schedule"
     configured = run_config.schedules.get(key) or ScheduleConfig()
-    compiled = _compile(request.at, project, request.options, request.storage_root, request.values)
-    run = run_request(compiled.spec, run_config, values=compiled.values,
-                      template_uri=target.template_uri(compiled.spec, request.template),
-                      platform_spec=compiled.platform_spec)
-    display_name = run_config.scheduled_run_name or run.display_name
-    if request.action is not None:
+    if request.action is not None:  # the schedule is found by name: nothing to compile
+        from kvx_runtime.compiler.names import project_pipeline_name
+
+        display_name = run_config.scheduled_run_name or project_pipeline_name(project.package_name,
+                                                                              request.options.pipeline)
         existing = target.find_schedule(display_name)
         if existing is None:
             raise UsageError(f"no schedule named {display_name!r}", hint="create it with `schedule --cron ...`")
         after = target.set_schedule_state(existing.name, request.action)
         click.echo(f"Schedule {display_name}: {'deleted' if after is None else after.state}")
         return
+    compiled = _compile(request.at, project, request.options, request.storage_root, request.values)
+    run = run_request(compiled.spec, run_config, values=compiled.values,
+                      template_uri=target.template_uri(compiled.spec, request.template),
+                      platform_spec=compiled.platform_spec)
+    display_name = run_config.scheduled_run_name or run.display_name
     expression = request.cron or configured.cron_expression
     if not expression:
         raise ConfigError("no cron expression",

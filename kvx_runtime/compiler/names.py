@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from kvx_runtime.compiler.plan import MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP
 from kvx_runtime.compiler.spec import EXIT_HANDLER
 from kvx_runtime.errors import ConfigError
+from kvx_runtime.step.invocation import DEFAULT_PIPELINE
 
 #: Task and pipeline names: lowercase letters, digits and dashes, starting with a letter.
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -59,6 +60,12 @@ def pipeline_name(name: str) -> str:
     if not _NAME.match(sanitized):  # pragma: no cover - sanitize() guarantees the pattern
         raise ConfigError(f"pipeline name {name!r} cannot be made valid for Vertex AI")
     return sanitized
+
+
+def project_pipeline_name(package_name: str, pipeline: str) -> str:
+    """The name of a project's pipeline on every target (``<package>`` for the default
+    pipeline, else ``<package>-<pipeline>``): what runs, schedules and uploads are found by."""
+    return pipeline_name(package_name if pipeline == DEFAULT_PIPELINE else f"{package_name}-{pipeline}")
 
 
 def parameter_name(kedro_name: str) -> str:

@@ -15,7 +15,7 @@ from kvx_runtime.compiler.checks import (
     warn_uncopyable_crossings,
     warn_unknown_selectors,
 )
-from kvx_runtime.compiler.names import parameter_name, pipeline_name, unique_task_names
+from kvx_runtime.compiler.names import parameter_name, project_pipeline_name, unique_task_names
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
     MLFLOW_START_STEP,
@@ -136,8 +136,7 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
     exec_node = _exec_node_invocation(request, facts, parameters)
     run = facts.run
     return PipelinePlan(
-        name=pipeline_name(facts.package_name if request.pipeline == DEFAULT_PIPELINE
-                           else f"{facts.package_name}-{request.pipeline}"),
+        name=project_pipeline_name(facts.package_name, request.pipeline),
         description=run.description, image=facts.image, storage_root=facts.storage_root,
         failure_policy=run.failure_policy,
         steps=_body_steps(graph, exec_node, facts, env), exit_steps=_exit_steps(exec_node, facts, env),
