@@ -12,7 +12,6 @@ OLDEST_VENV ?= .venv-kedro-oldest
 # Airflow 3 and the Kubernetes provider, in a virtualenv of their own (the tests marked
 # `airflow` parse and run the compiled DAGs with its python; integration/airflow_env.py).
 AIRFLOW_VENV ?= .venv-airflow
-AIRFLOW_REQUIREMENTS ?= "apache-airflow>=3.3,<4" "apache-airflow-providers-cncf-kubernetes>=10,<11"
 # pytest-xdist workers: one per core.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS)
@@ -66,8 +65,7 @@ test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
 
 # Airflow's own virtualenv (about 10 s with uv's cache warm); the airflow tests build it on demand too.
 airflow-venv: $(STAMP)
-	$(VENV)/bin/uv venv -q --python $(PYTHON) $(AIRFLOW_VENV)
-	$(VENV)/bin/uv pip install -q --python $(AIRFLOW_VENV)/bin/python $(AIRFLOW_REQUIREMENTS)
+	KVX_TEST_AIRFLOW_VENV=$(AIRFLOW_VENV) $(PY) -m integration.airflow_env
 
 # The compiled DAGs parsed and their pods built by real Airflow 3 (make test runs them too).
 test-airflow: airflow-venv
@@ -101,4 +99,4 @@ bench-image: $(STAMP)
 	$(PY) bench/run.py --only image,code
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache integration/example_project/.kvx
+	rm -rf $(VENV) $(OLDEST_VENV) $(AIRFLOW_VENV) .pytest_cache integration/example_project/.kvx

@@ -64,7 +64,17 @@ def _airflow_ready(python: Path) -> bool:
 
 
 def find_or_build(home: Path) -> AirflowEnv | str:
-    """The Airflow venv (built with uv if missing), or why it cannot be had."""
+    """The Airflow venv (built with uv if missing), or why it cannot be had. One builder at a
+    time (pytest-xdist's workers each ask): the others wait for it and find it built."""
+    import fcntl
+
+    AIRFLOW_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(AIRFLOW_VENV.parent / f"{AIRFLOW_VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _find_or_build(home)
+
+
+def _find_or_build(home: Path) -> AirflowEnv | str:
     python = AIRFLOW_VENV / "bin" / "python"
     started = time.monotonic()
     built = 0.0
@@ -86,3 +96,12 @@ def find_or_build(home: Path) -> AirflowEnv | str:
     home.mkdir(parents=True, exist_ok=True)
     (home / "kubeconfig").write_text(DUMMY_KUBECONFIG)
     return AirflowEnv(python=python, home=home, build_seconds=built)
+
+
+if __name__ == "__main__":  # make airflow-venv
+    import tempfile
+
+    found = find_or_build(Path(tempfile.mkdtemp(prefix="kvx-airflow-home-")))
+    if isinstance(found, str):
+        sys.exit(found)
+    print(f"Airflow in {AIRFLOW_VENV} ({found.build_seconds:.0f} s to build)")
