@@ -48,9 +48,9 @@ def init_airflow(request: AirflowInitRequest) -> list[Path]:
     if not _URL.match(host):
         raise UsageError(f"HOST {request.host!r} is not an http(s) URL",
                          hint="the Airflow web server's URL, e.g. https://airflow.example.com")
-    base = root / "conf" / "base"
-    hiding = sorted(path.name for pattern in ("vertexai*", "kubeflow*") for path in base.glob(pattern)
-                    if path.suffix in {".yml", ".yaml", ".json"} or path.is_dir())
+    from kvx_runtime.config.files import files_read_instead
+
+    hiding = files_read_instead(root / "conf" / "base", "airflow")
     if hiding:
         raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
                          "environment, so nothing was written",

@@ -35,6 +35,7 @@ def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
     """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``, with
     KFP's MinIO as the storage root, and the cloud env when asked; returns the files written."""
     from kvx_runtime.config import is_kubernetes_namespace
+    from kvx_runtime.config.files import files_read_instead
     from kvx_runtime.errors import UsageError
     from kvx_runtime.targets.kubeflow import KubeflowTarget
 
@@ -45,9 +46,7 @@ def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
         return write_init(InitRequest(root, target, None, request.force, request.with_dockerfile, cloud_env,
                                       request.group))
     host = KubeflowTarget(str(request.host)).host  # refused here (exit 2) rather than at the first command
-    base = root / "conf" / "base"
-    hiding = sorted(p.name for p in base.glob("vertexai*")
-                    if p.suffix in {".yml", ".yaml", ".json"} or (p.is_dir() and p.name == "vertexai"))
+    hiding = files_read_instead(root / "conf" / "base", "kubeflow")
     if hiding:
         raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
                          "environment, so nothing was written",

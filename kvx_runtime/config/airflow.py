@@ -19,8 +19,8 @@ from kvx_runtime.config.schema import (
     PluginConfig,
     RunConfig,
     _Section,
+    checked_namespace,
     is_kubernetes_name,
-    is_kubernetes_namespace,
 )
 
 __all__ = ["AirflowPluginConfig", "AirflowRunConfig", "PodSecret", "Toleration", "check_schedule", "is_dag_id"]
@@ -193,9 +193,7 @@ class AirflowRunConfig(RunConfig):
     @field_validator("namespace")
     @classmethod
     def _pod_namespace(cls, value: str | None) -> str | None:
-        if value is not None and not is_kubernetes_namespace(value):
-            raise ValueError(f"{value!r} is not a Kubernetes namespace name (lowercase letters, digits, '-')")
-        return value
+        return checked_namespace(value)
 
     @field_validator("service_account")
     @classmethod

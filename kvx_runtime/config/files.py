@@ -17,8 +17,8 @@ from kvx_runtime.config.validation import ALL_KEYS, MAX_DEPTH, Unresolved, nesti
 from kvx_runtime.errors import ConfigError, KvxError
 from kvx_runtime.log import get_logger
 
-__all__ = ["AIRFLOW_CONFIG_PATTERNS", "CONFIG_PATTERNS", "KUBEFLOW_CONFIG_PATTERNS", "load_plugin_config",
-           "read_raw_plugin_config", "schema_of"]
+__all__ = ["AIRFLOW_CONFIG_PATTERNS", "CONFIG_PATTERNS", "KUBEFLOW_CONFIG_PATTERNS", "files_read_instead",
+           "load_plugin_config", "read_raw_plugin_config", "schema_of"]
 
 # The package's logger: its lines keep the name they had before config.py became a package.
 log = get_logger(__package__)
@@ -163,6 +163,17 @@ def read_raw_plugin_config(
         for key in layers[1]:
             merged[key] = layers[1]._get_node(key)
     return _resolve_leaves(merged), files
+
+
+def files_read_instead(env_dir: str | Path, family: str) -> list[str]:
+    """The config files in ``env_dir`` of a family read before ``family`` (``vertexai``,
+    ``kubeflow``, ``airflow``): while one exists, a file of ``family`` there is ignored."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(env_dir))
+    names = [name for name, _ in _FAMILIES]
+    earlier = _FAMILIES[:names.index(family)]
+    return sorted(PurePosixPath(path).name for _, patterns in earlier for path in _config_files(fs, root, patterns))
 
 
 def _config_files(fs: Any, env_dir: str, patterns: Iterable[str]) -> set[str]:

@@ -197,6 +197,13 @@ def is_kubernetes_namespace(value: str) -> bool:
     return bool(_DNS_LABEL.fullmatch(value))
 
 
+def checked_namespace(value: str | None) -> str | None:
+    """A config's namespace key, refused (ValueError, for a validator) unless a namespace name."""
+    if value is not None and not is_kubernetes_namespace(value):
+        raise ValueError(f"{value!r} is not a Kubernetes namespace name (lowercase letters, digits, '-')")
+    return value
+
+
 class SecretAsEnv(_Section):
     """A Kubernetes secret of the run's namespace whose keys become environment variables of
     every step (``keys``: secret key -> variable), e.g. MinIO's access keys."""
@@ -288,9 +295,7 @@ class RunConfig(_Section):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str | None) -> str | None:
-        if value is not None and not is_kubernetes_namespace(value):
-            raise ValueError(f"{value!r} is not a Kubernetes namespace name (lowercase letters, digits, '-')")
-        return value
+        return checked_namespace(value)
 
 
 class PluginConfig(_Section):
