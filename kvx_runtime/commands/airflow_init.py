@@ -4,7 +4,6 @@ putting the catalog's local datasets under the storage root."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import click
 
 from kvx_runtime.commands.command import KvxCommand
-from kvx_runtime.commands.options import cloud_env_options, project_path_option
-from kvx_runtime.commands.project import CloudEnvOptions, InitRequest, init_arguments_given, write_init
+from kvx_runtime.commands.options import init_options
+from kvx_runtime.commands.project import init_target
 from kvx_runtime.errors import UsageError
 from kvx_runtime.targets.registry import get_target
 
@@ -38,34 +37,27 @@ def init_airflow(request: AirflowInitRequest) -> list[Path]:
     """conf/base/airflow-k8s.yml (the plugin family's file name) for the Airflow at ``host``,
     and the cloud env when asked; returns the files written. A ``vertexai*`` or ``kubeflow*``
     file in conf/base would win over it: refused."""
-    root = Path(request.project_path or os.getcwd()).resolve()
-    cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
-    target = get_target("airflow")
-    if not init_arguments_given({"HOST": request.host}, request.cloud_env, request.per_run):
-        return write_init(InitRequest(root, target, None, request.force, request.with_dockerfile, cloud_env,
-                                      request.group))
-    host = str(request.host).strip().rstrip("/")
-    if not _URL.match(host):
-        raise UsageError(f"HOST {request.host!r} is not an http(s) URL",
-                         hint="the Airflow web server's URL, e.g. https://airflow.example.com")
-    from kvx_runtime.config.files import files_read_instead
 
-    hiding = files_read_instead(root / "conf" / "base", "airflow")
-    if hiding:
-        raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
-                         "environment, so nothing was written",
-                         hint=f"add host: {host} (and the Airflow keys, docs/airflow.md) to it instead")
-    return write_init(InitRequest(root, target, {"host": host}, request.force, request.with_dockerfile, cloud_env,
-                                  request.group))
+    def config_values(root: Path) -> dict[str, str]:
+        from kvx_runtime.config.files import files_read_instead
+
+        host = str(request.host).strip().rstrip("/")
+        if not _URL.match(host):
+            raise UsageError(f"HOST {request.host!r} is not an http(s) URL",
+                             hint="the Airflow web server's URL, e.g. https://airflow.example.com")
+        hiding = files_read_instead(root / "conf" / "base", "airflow")
+        if hiding:
+            raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
+                             "environment, so nothing was written",
+                             hint=f"add host: {host} (and the Airflow keys, docs/airflow.md) to it instead")
+        return {"host": host}
+
+    return init_target(get_target("airflow"), request, {"HOST": request.host}, config_values)
 
 
 @click.command("init", cls=KvxCommand)
 @click.argument("host", required=False)
-@project_path_option
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
-@click.option("--with-dockerfile", is_flag=True,
-              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
-@cloud_env_options
+@init_options
 @click.pass_context
 def init_command(ctx: click.Context, host: str | None, project_path: str | None, force: bool, with_dockerfile: bool,
                  cloud_env: str | None, per_run: bool) -> None:

@@ -4,15 +4,14 @@ putting the catalog's local datasets under the storage root."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from kvx_runtime.commands.command import KvxCommand
-from kvx_runtime.commands.options import cloud_env_options, project_path_option
-from kvx_runtime.commands.project import CloudEnvOptions, InitRequest, init_arguments_given, write_init
+from kvx_runtime.commands.options import init_options
+from kvx_runtime.commands.project import init_target
 from kvx_runtime.targets.registry import get_target
 
 __all__ = ["KubeflowInitRequest", "init_command", "init_kubeflow"]
@@ -34,42 +33,35 @@ class KubeflowInitRequest:
 def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
     """conf/base/kubeflow.yml (the plugin family's file name) for the KFP at ``host``, with
     KFP's MinIO as the storage root, and the cloud env when asked; returns the files written."""
-    from kvx_runtime.config import is_kubernetes_namespace
-    from kvx_runtime.config.files import files_read_instead
-    from kvx_runtime.errors import UsageError
-    from kvx_runtime.targets.kubeflow import KubeflowTarget
 
-    root = Path(request.project_path or os.getcwd()).resolve()
-    cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
-    target = get_target("kubeflow")
-    if not init_arguments_given({"HOST": request.host}, request.cloud_env, request.per_run):
-        return write_init(InitRequest(root, target, None, request.force, request.with_dockerfile, cloud_env,
-                                      request.group))
-    host = KubeflowTarget(str(request.host)).host  # refused here (exit 2) rather than at the first command
-    hiding = files_read_instead(root / "conf" / "base", "kubeflow")
-    if hiding:
-        raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
-                         "environment, so nothing was written",
-                         hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
-    namespace = request.namespace
-    if namespace is not None and not is_kubernetes_namespace(namespace):
-        raise UsageError(f"--namespace {namespace!r} is not a Kubernetes namespace name",
-                         hint="lowercase letters, digits and '-', at most 63 characters")
-    namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: '{namespace}'\n"
-                      if namespace else
-                      "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
-    return write_init(InitRequest(root, target, {"host": host, "namespace_line": namespace_line}, request.force,
-                                  request.with_dockerfile, cloud_env, request.group))
+    def config_values(root: Path) -> dict[str, str]:
+        from kvx_runtime.config import is_kubernetes_namespace
+        from kvx_runtime.config.files import files_read_instead
+        from kvx_runtime.errors import UsageError
+        from kvx_runtime.targets.kubeflow import KubeflowTarget
+
+        host = KubeflowTarget(str(request.host)).host  # refused here (exit 2) rather than at the first command
+        hiding = files_read_instead(root / "conf" / "base", "kubeflow")
+        if hiding:
+            raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
+                             "environment, so nothing was written",
+                             hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
+        namespace = request.namespace
+        if namespace is not None and not is_kubernetes_namespace(namespace):
+            raise UsageError(f"--namespace {namespace!r} is not a Kubernetes namespace name",
+                             hint="lowercase letters, digits and '-', at most 63 characters")
+        namespace_line = (f"  # The user namespace (profile) of a multi-user Kubeflow.\n  namespace: '{namespace}'\n"
+                          if namespace else
+                          "  # The user namespace (profile) of a multi-user Kubeflow.\n  # namespace: team-a\n")
+        return {"host": host, "namespace_line": namespace_line}
+
+    return init_target(get_target("kubeflow"), request, {"HOST": request.host}, config_values)
 
 
 @click.command("init", cls=KvxCommand)
 @click.argument("host", required=False)
 @click.option("--namespace", default=None, help="The user namespace (profile) of a multi-user Kubeflow.")
-@project_path_option
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
-@click.option("--with-dockerfile", is_flag=True,
-              help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore.")
-@cloud_env_options
+@init_options
 @click.pass_context
 def init_command(ctx: click.Context, host: str | None, namespace: str | None, project_path: str | None, force: bool,
                  with_dockerfile: bool, cloud_env: str | None, per_run: bool) -> None:

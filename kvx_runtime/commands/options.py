@@ -63,6 +63,18 @@ def submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
     ], function)
 
 
+def init_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """What every target's ``init`` takes beside its own arguments: the project, --force,
+    --with-dockerfile and the cloud env."""
+    return _apply([
+        project_path_option,
+        click.option("--force", is_flag=True, help="Overwrite existing files."),
+        click.option("--with-dockerfile", is_flag=True,
+                     help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore."),
+        cloud_env_options,
+    ], function)
+
+
 def cloud_env_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Every target's ``init``: a Kedro env putting the catalog's local datasets under the storage root."""
     return _apply([

@@ -4,10 +4,10 @@ target's ``init`` shares (writing its config file from a template, refusing a ha
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import click
 
@@ -19,10 +19,25 @@ if TYPE_CHECKING:
     from kvx_runtime.cloud_env import CloudEnv
     from kvx_runtime.compiler import CompiledPipeline
 
-__all__ = ["CloudEnvOptions", "CompileSpecRequest", "InitRequest", "PipelineOptions", "RunLocalRequest",
-           "compile_command", "compile_for", "compile_spec", "init_arguments_given",
-           "run_local_command", "run_local_spec", "run_values", "write_config_file", "write_init",
-           "write_init_files"]
+__all__ = [
+    "CloudEnvOptions",
+    "CompileSpecRequest",
+    "InitOptions",
+    "InitRequest",
+    "PipelineOptions",
+    "RunLocalRequest",
+    "compile_command",
+    "compile_for",
+    "compile_spec",
+    "init_arguments_given",
+    "init_target",
+    "run_local_command",
+    "run_local_spec",
+    "run_values",
+    "write_config_file",
+    "write_init",
+    "write_init_files",
+]
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -273,6 +288,36 @@ class InitRequest:
     cloud_env: CloudEnvOptions | None = None
     #: How the user reaches the target's commands (what the closing lines suggest).
     group: str = "kvx-runtime"
+
+
+class InitOptions(Protocol):
+    """What every target's init request carries beside the target's own arguments."""
+
+    @property
+    def project_path(self) -> str | None: ...
+    @property
+    def force(self) -> bool: ...
+    @property
+    def with_dockerfile(self) -> bool: ...
+    @property
+    def cloud_env(self) -> str | None: ...
+    @property
+    def per_run(self) -> bool: ...
+    @property
+    def group(self) -> str: ...
+
+
+def init_target(target: TargetInfo, request: InitOptions, arguments: Mapping[str, str | None],
+                config_values: Callable[[Path], Mapping[str, str]]) -> list[Path]:
+    """A target's ``init``: its config file from ``arguments`` (by name, as the user typed them:
+    all or none, see :func:`init_arguments_given`) through ``config_values(project root)``, which
+    checks them (exit 2 before anything is written), and the cloud env when asked. Returns the
+    files written."""
+    root = Path(request.project_path or os.getcwd()).resolve()
+    given = init_arguments_given(arguments, request.cloud_env, request.per_run)
+    cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
+    return write_init(InitRequest(root, target, config_values(root) if given else None, request.force,
+                                  request.with_dockerfile, cloud_env, request.group))
 
 
 def init_arguments_given(names: Mapping[str, str | None], cloud_env: str | None, per_run: bool) -> bool:
