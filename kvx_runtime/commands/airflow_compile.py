@@ -10,7 +10,7 @@ import click
 
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
 from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option
-from kvx_runtime.commands.project import PipelineOptions, run_values
+from kvx_runtime.commands.project import PipelineOptions, compile_request, refuse_warnings
 from kvx_runtime.errors import UsageError
 
 __all__ = ["CompileDagRequest", "compile_command", "compile_dag_file"]
@@ -31,25 +31,16 @@ class CompileDagRequest:
 
 def compile_dag_file(request: CompileDagRequest) -> Path:
     """Compile the project's pipeline into a DAG file; returns the file written."""
-    from kvx_runtime.compiler import CompileRequest, compile_dag
+    from kvx_runtime.compiler import compile_dag
     from kvx_runtime.compiler.airflow_render import write_dag
-    from kvx_runtime.versions import parse_load_versions
 
     if request.worker_project_path and request.operator != "local":
         raise UsageError("--worker-project-path is for --operator local (pods run the project from their image)")
-    target, options = request.at.target, request.options
-    compiled = compile_dag(CompileRequest(
-        project_path=request.at.project_path, env=request.at.env, pipeline=options.pipeline, image=options.image,
-        params=options.params, storage_root=request.storage_root,
-        load_versions=parse_load_versions(options.load_versions), values=run_values(request.values),
-        code_upload=options.code_upload, shared_mounts=target.shared_mounts,
-        gpu_resource_name=target.gpu_resource_name,
-    ), operator="local" if request.operator == "local" else "pods", project_dir=request.worker_project_path)
-    if request.strict and compiled.warnings:
-        count = len(compiled.warnings)
-        raise UsageError(f"--strict: {count} warning{'s' if count != 1 else ''} (above): "
-                         f"{'; '.join(compiled.warnings[:5])}; no DAG written",
-                         hint="fix what each warning says, or compile without --strict")
+    compiled = compile_dag(compile_request(request.at, request.options, request.storage_root, request.values),
+                           operator="local" if request.operator == "local" else "pods",
+                           project_dir=request.worker_project_path)
+    if request.strict:
+        refuse_warnings(compiled.warnings, "DAG")
     path = write_dag(compiled.dag, request.output or f"{compiled.dag.dag_id}.py")
     tasks = len(compiled.dag.upstream)
     click.echo(f"Airflow DAG {compiled.dag.dag_id} with {tasks} task{'s' if tasks != 1 else ''} "

@@ -17,7 +17,7 @@ from kvx_runtime.targets.registry import TargetInfo, default_target
 
 if TYPE_CHECKING:
     from kvx_runtime.cloud_env import CloudEnv
-    from kvx_runtime.compiler import CompiledPipeline
+    from kvx_runtime.compiler import CompiledPipeline, CompileRequest
 
 __all__ = [
     "CloudEnvOptions",
@@ -28,9 +28,11 @@ __all__ = [
     "RunLocalRequest",
     "compile_command",
     "compile_for",
+    "compile_request",
     "compile_spec",
     "init_arguments_given",
     "init_target",
+    "refuse_warnings",
     "run_local_command",
     "run_local_spec",
     "run_values",
@@ -66,20 +68,43 @@ def run_values(values: tuple[str, ...]) -> dict[str, str]:
     return parsed
 
 
+def compile_request(at: Invocation, options: PipelineOptions, storage_root: str | None,
+                    values: tuple[str, ...] = ()) -> CompileRequest:
+    """What the command's target compiles of the project (``values``: this run's
+    ``--param KEY=VALUE``), whatever the target renders it into."""
+    from kvx_runtime.compiler import CompileRequest
+    from kvx_runtime.versions import parse_load_versions
+
+    return CompileRequest(
+        project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
+        params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
+        values=run_values(values), code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
+        gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
+    )
+
+
 def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | None,
                 values: tuple[str, ...] = ()) -> CompiledPipeline:
     """The project's pipeline compiled for the command's target (``values``: this run's
     ``--param KEY=VALUE``)."""
-    from kvx_runtime.compiler import CompileRequest, compile_pipeline
-    from kvx_runtime.versions import parse_load_versions
+    from kvx_runtime.compiler import compile_pipeline
 
-    parsed_values = run_values(values)
-    return compile_pipeline(CompileRequest(
-        project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
-        params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
-        values=parsed_values, code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
-        gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
-    ))
+    return compile_pipeline(compile_request(at, options, storage_root, values))
+
+
+def refuse_warnings(warnings: list[str], written: str) -> None:
+    """``--strict``: every compile warning (a trap that would fail in the cloud) is exit 2,
+    nothing ``written`` (what the compile would have written: "spec", "DAG")."""
+    if not warnings:
+        return
+    from kvx_runtime.errors import UsageError
+
+    count = len(warnings)
+    raise UsageError(
+        f"--strict: {count} warning{'s' if count != 1 else ''} (above): {'; '.join(warnings[:5])}"
+        + (f" and {count - 5} more" if count > 5 else "") + f"; no {written} written",
+        hint="fix what each warning says, or compile without --strict",
+    )
 
 
 # --- compile -------------------------------------------------------------------------------
@@ -102,15 +127,8 @@ def compile_spec(request: CompileSpecRequest) -> Path:
 
     target = request.at.target
     compiled = compile_for(request.at, request.options, request.storage_root)
-    if request.strict and compiled.warnings:
-        from kvx_runtime.errors import UsageError
-
-        count = len(compiled.warnings)
-        raise UsageError(
-            f"--strict: {count} warning{'s' if count != 1 else ''} (above): {'; '.join(compiled.warnings[:5])}"
-            + (f" and {count - 5} more" if count > 5 else "") + "; no spec written",
-            hint="fix what each warning says, or compile without --strict",
-        )
+    if request.strict:
+        refuse_warnings(compiled.warnings, "spec")
     platform = compiled.platform_spec if target.applies_platform_spec else None
     if platform and Path(request.output).suffix not in {".yaml", ".yml"}:
         from kvx_runtime.log import get_logger
