@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ REAL_WORLD_PROJECT = REPO / "integration" / "real_world_project"
 #: Forwarded into every step (compiler.FORWARDED_ENV): fixed, so specs do not depend on the caller.
 PINNED_ENV = {"KEDRO_CONFIG_COMMIT_ID": "0123abc", "KEDRO_CONFIG_BRANCH_NAME": "golden"}
 PINNED_VERSION = "0.0.0-golden"
+#: What a DAG file's header says of Kedro's version.
+PINNED_KEDRO = "x.y.z"
 
 #: A run_config using every part of it that reaches a spec (an env of its own: the base's
 #: vertexai.yml is replaced whole, Kedro's destructive merge).
@@ -76,6 +78,44 @@ run_config:
         optional: true
 """
 
+#: Everything of airflow-k8s.yml that reaches a pod (integration/test_airflow_dags.py checks the
+#: pods real Airflow builds from it).
+AIRFLOW_RICH_CONFIG = """\
+host: https://airflow.example.com
+run_config:
+  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:${commit_id|latest}
+  image_pull_policy: Always
+  root: gs://kvx-example-bucket/airflow
+  dag_id: spaceflights-airflow
+  tags: [golden]
+  schedule: "30 2 * * mon-fri"
+  start_date: 2026-01-05
+  max_active_runs: 2
+  namespace: kedro-steps
+  service_account: kedro-runner
+  startup_timeout: 900
+  on_finish_action: delete_succeeded_pod
+  labels: {team: golden}
+  annotations: {cluster-autoscaler.kubernetes.io/safe-to-evict: "false"}
+  tolerations: [{key: dedicated, operator: Equal, value: kedro, effect: NoSchedule}]
+  secrets:
+    - {secret_name: mlflow-auth, deploy_type: env, deploy_target: MLFLOW_TRACKING_TOKEN, key: token}
+    - {secret_name: gcp-key, deploy_type: volume, deploy_target: /var/secrets/google}
+  env: {EXTRA: "1"}
+  resources:
+    __default__: {cpu: 500m, memory: 1Gi}
+    data_science.train_model_node: {cpu: "2", memory: 8Gi, gpu: 1}
+  node_selectors:
+    __default__: {cloud.google.com/gke-nodepool: kedro-pool}
+    data_science.train_model_node: {cloud.google.com/gke-accelerator: NVIDIA_L4}
+  retries:
+    __default__: {max_retry_count: 2, backoff_duration: 10s}
+  volume: {size: 10Gi}
+"""
+#: Where the local DAG says the project lives on the worker (what --worker-project-path gives).
+WORKER_PROJECT_PATH = "/opt/airflow/projects/spaceflights"
+
+EXAMPLE_LOCAL_MLFLOW = (EXAMPLE_PROJECT / "conf" / "local" / "mlflow.yml").read_text()
 MLFLOW_CONFIG = "server:\n  mlflow_tracking_uri: http://127.0.0.1:9\n"
 
 
@@ -92,6 +132,11 @@ class Case:
     load_versions: dict[str, str] = field(default_factory=dict)
     code_upload: bool | None = None
     kubeflow: bool = False  # `kvx-runtime kfp compile`: no shared mounts, the platform spec in YAML
+    #: `kvx-runtime airflow compile --operator OPERATOR`: a DAG file (output ".py").
+    airflow: str | None = None
+    #: A config env of this case alone (file name -> text), there while it compiles: the other
+    #: cases' warnings and code archives stay as they were.
+    own_env: dict[str, str] = field(default_factory=dict)
 
 
 def _add_env(project: Path, env: str, files: dict[str, str]) -> None:
@@ -139,6 +184,14 @@ CASES: tuple[Case, ...] = (
          params=("alpha:float", "features:list"), values={"alpha": "0.75"}),
     # test_failures_say_whose_fault_it_is: a named pipeline; for Kubeflow as YAML.
     Case("real-world-faulty-kfp", "real_world", ".yaml", pipeline="faulty", kubeflow=True),
+    # Airflow: pods with every airflow-k8s.yml section that reaches a pod, MLflow (start task's XCom,
+    # final status of the exit task) and a declared parameter.
+    Case("example-airflow-pods", "example", ".py", env="airflow", airflow="pods",
+         params=("reporting.top_n:int",), own_env={"airflow-k8s.yml": AIRFLOW_RICH_CONFIG,
+                                                   "mlflow.yml": EXAMPLE_LOCAL_MLFLOW}),
+    # test_airflow_run.py's DAG: the local operator, MLflow of the local env, a declared parameter.
+    Case("example-airflow-local", "example", ".py", env="local", airflow="local",
+         storage_root="/var/lib/kvx/storage", params=("data_science.model_options.test_size:float",)),
 )
 
 
@@ -171,6 +224,18 @@ def _pin_environment() -> None:
 
 def compile_case(case: Case, project: Path, out: Path) -> list[Path]:
     """Compile ``case`` in ``project`` as the commands do; write its files to ``out``."""
+    if case.own_env:
+        _add_env(project, str(case.env), case.own_env)
+    try:
+        if case.airflow:
+            return _compile_dag_case(case, project, out)
+        return _compile_spec_case(case, project, out)
+    finally:
+        if case.own_env:
+            shutil.rmtree(project / "conf" / str(case.env))
+
+
+def _compile_spec_case(case: Case, project: Path, out: Path) -> list[Path]:
     from kvx_runtime.compiler import CompileRequest, compile_pipeline, write_spec
     from kvx_runtime.targets.registry import TARGETS, default_target
 
@@ -187,6 +252,32 @@ def compile_case(case: Case, project: Path, out: Path) -> list[Path]:
     rest.write_text(json.dumps({"steps": compiled.steps, "warnings": compiled.warnings,
                                 "values": compiled.values}, indent=2) + "\n", encoding="utf-8")
     return [spec_path, rest]
+
+
+def _compile_dag_case(case: Case, project: Path, out: Path) -> list[Path]:
+    """A DAG file as ``kvx-runtime airflow compile`` writes it, Kedro's version in its header
+    normalized (the header names the versions it was made with)."""
+    import kedro
+
+    from kvx_runtime.compiler import CompileRequest, compile_dag
+    from kvx_runtime.compiler.airflow_render import write_dag
+    from kvx_runtime.targets.registry import TARGETS
+
+    target = TARGETS["airflow"]
+    compiled = compile_dag(CompileRequest(
+        project_path=project, env=case.env, pipeline=case.pipeline, params=case.params,
+        storage_root=case.storage_root, load_versions=dict(case.load_versions), values=dict(case.values),
+        code_upload=case.code_upload, shared_mounts=target.shared_mounts,
+        gpu_resource_name=target.gpu_resource_name,
+    ), operator="local" if case.airflow == "local" else "pods",
+        project_dir=WORKER_PROJECT_PATH if case.airflow == "local" else None)
+    header = compiled.dag.text.replace(f"Kedro {kedro.__version__})", f"Kedro {PINNED_KEDRO})", 1)
+    dag = replace(compiled.dag, text=header)
+    dag_path = write_dag(dag, out / f"{case.name}{case.output}")
+    rest = out / f"{case.name}.compiled.json"
+    rest.write_text(json.dumps({"steps": compiled.steps, "warnings": compiled.warnings,
+                                "upstream": compiled.dag.upstream}, indent=2) + "\n", encoding="utf-8")
+    return [dag_path, rest]
 
 
 def generate(out: Path) -> list[Path]:

@@ -17,43 +17,13 @@ import pytest
 from conftest import REPO
 from integration.airflow_env import AirflowEnv, find_or_build
 from integration.conftest import KVX, step_env
+from integration.golden_specs import AIRFLOW_RICH_CONFIG as RICH_CONFIG
+from integration.golden_specs import CASES, GOLDEN
 from kvx_runtime.compiler.kfp_reader import build_graph
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
-#: Everything of airflow-k8s.yml that reaches a pod.
-RICH_CONFIG = """\
-host: https://airflow.example.com
-run_config:
-  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:${commit_id|latest}
-  image_pull_policy: Always
-  root: gs://kvx-example-bucket/airflow
-  dag_id: spaceflights-airflow
-  tags: [golden]
-  schedule: "30 2 * * mon-fri"
-  start_date: 2026-01-05
-  max_active_runs: 2
-  namespace: kedro-steps
-  service_account: kedro-runner
-  startup_timeout: 900
-  on_finish_action: delete_succeeded_pod
-  labels: {team: golden}
-  annotations: {cluster-autoscaler.kubernetes.io/safe-to-evict: "false"}
-  tolerations: [{key: dedicated, operator: Equal, value: kedro, effect: NoSchedule}]
-  secrets:
-    - {secret_name: mlflow-auth, deploy_type: env, deploy_target: MLFLOW_TRACKING_TOKEN, key: token}
-    - {secret_name: gcp-key, deploy_type: volume, deploy_target: /var/secrets/google}
-  env: {EXTRA: "1"}
-  resources:
-    __default__: {cpu: 500m, memory: 1Gi}
-    data_science.train_model_node: {cpu: "2", memory: 8Gi, gpu: 1}
-  node_selectors:
-    __default__: {cloud.google.com/gke-nodepool: kedro-pool}
-    data_science.train_model_node: {cloud.google.com/gke-accelerator: NVIDIA_L4}
-  retries:
-    __default__: {max_retry_count: 2, backoff_duration: 10s}
-  volume: {size: 10Gi}
-"""
+GOLDEN_DAGS = [case.name for case in CASES if case.airflow]
 
 PARSE = r"""
 import json, sys
@@ -125,6 +95,9 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, airflow: AirflowEnv) -> d
         made = _kvx(project, "kfp", "compile", "--env", env, "-o", str(spec))
         assert made.returncode == 0, made.stderr[-3000:]
         files[name] = {"dag": dag, "spec": json.loads(spec.read_text()), "stdout": made.stdout}
+    # The golden DAG files (integration/golden) are parsed in the same Airflow process.
+    for golden in GOLDEN_DAGS:
+        files[golden] = {"dag": GOLDEN / f"{golden}.py"}
     parsed = airflow.run_json(PARSE, *(str(case["dag"]) for case in files.values()))
     for case in files.values():
         case["parsed"] = parsed[str(case["dag"])]
@@ -185,6 +158,17 @@ def test_each_pod_has_the_image_argv_resources_selectors_tolerations_secrets_and
     other = dag["tasks"]["data-processing-preprocess-companies-node"]["pod"]["spec"]
     assert other["containers"][0]["resources"]["requests"] == {"cpu": "500m", "memory": "1Gi"}
     assert other["nodeSelector"] == {"cloud.google.com/gke-nodepool": "kedro-pool"}
+
+
+@pytest.mark.parametrize("golden", GOLDEN_DAGS)
+def test_the_golden_dag_files_import_with_the_graph_they_were_written_with(compiled: dict[str, Any],
+                                                                           golden: str) -> None:
+    parsed = compiled[golden]["parsed"]
+    assert parsed["errors"] == {}
+    [dag] = parsed["dags"].values()
+    upstream = json.loads((GOLDEN / f"{golden}.compiled.json").read_text())["upstream"]
+    assert {task: sorted(item["upstream"]) for task, item in dag["tasks"].items()} == \
+        {task: sorted(after) for task, after in upstream.items()}
 
 
 def test_no_secret_value_is_in_a_dag_file(compiled: dict[str, Any]) -> None:

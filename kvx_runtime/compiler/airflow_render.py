@@ -249,13 +249,13 @@ class _DagWriter:
 
     def _constants(self) -> str:
         blocks = [f"#: Every task's environment (KVX_ORCHESTRATOR: how the steps name a run's job directory).\n"
-                  f"TASK_ENV = {_py(self._task_env())}\n"]
+                  f"TASK_ENV = {_py(self._task_env(), 0, len('TASK_ENV = '))}\n"]
         if self.operator == "pods":
             blocks.append(f"#: What every step's pod shares.\nPOD = {_py(self._pod_settings(), 0, 6)}\n")
         if self.plan.exit_steps:
             body = [step.name for step in self.plan.steps]
             blocks.append(f"#: The tasks of the pipeline's body: their states are the run's outcome.\n"
-                          f"BODY_TASKS = {_py(body)}\n")
+                          f"BODY_TASKS = {_py(body, 0, len('BODY_TASKS = '))}\n")
         return "\n\n".join(block.rstrip("\n") for block in blocks)
 
     def _final_status_macro(self) -> str:
