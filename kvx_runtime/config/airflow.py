@@ -20,6 +20,7 @@ from kvx_runtime.config.schema import (
     RunConfig,
     _Section,
     checked_namespace,
+    checked_secret_name,
     is_kubernetes_name,
 )
 
@@ -111,9 +112,7 @@ class PodSecret(_Section):
     @field_validator("secret_name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not is_kubernetes_name(value):
-            raise ValueError(f"{value!r} is not a Kubernetes secret name")
-        return value
+        return checked_secret_name(value)
 
     @model_validator(mode="after")
     def _target(self) -> PodSecret:

@@ -197,6 +197,13 @@ def is_kubernetes_namespace(value: str) -> bool:
     return bool(_DNS_LABEL.fullmatch(value))
 
 
+def checked_secret_name(value: str) -> str:
+    """A config's Kubernetes secret name, refused (ValueError, for a validator) unless valid."""
+    if not is_kubernetes_name(value):
+        raise ValueError(f"{value!r} is not a Kubernetes secret name")
+    return value
+
+
 def checked_namespace(value: str | None) -> str | None:
     """A config's namespace key, refused (ValueError, for a validator) unless a namespace name."""
     if value is not None and not is_kubernetes_namespace(value):
@@ -216,9 +223,7 @@ class SecretAsEnv(_Section):
     @field_validator("secret_name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not is_kubernetes_name(value):
-            raise ValueError(f"{value!r} is not a Kubernetes secret name")
-        return value
+        return checked_secret_name(value)
 
     @field_validator("keys")
     @classmethod
