@@ -6,7 +6,7 @@ or render the plan as an Airflow DAG file (:mod:`.airflow_render`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,10 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     import kvx_runtime
     from kvx_runtime.config import AirflowRunConfig
 
+    if operator == "local":  # every task runs on the one worker, in one project directory
+        from kvx_runtime.targets.registry import ONE_MACHINE
+
+        request = replace(request, shared_mounts=ONE_MACHINE)
     facts = load_project_facts(request)
     plan = upload_code(plan_pipeline(request, facts))
     # A project configured by vertexai.yml or kubeflow.yml alone gets the DAG's defaults.

@@ -25,10 +25,14 @@ if TYPE_CHECKING:
     from kvx_runtime.config import PluginConfig
     from kvx_runtime.targets.base import PipelineTarget
 
-__all__ = ["TARGETS", "VERTEX_SHARED_MOUNTS", "TargetInfo", "default_target", "get_target", "load_object"]
+__all__ = ["ONE_MACHINE", "TARGETS", "VERTEX_SHARED_MOUNTS", "TargetInfo", "default_target", "get_target",
+           "load_object"]
 
 #: Vertex AI's Cloud Storage FUSE mount, which every step of a Vertex AI pipeline sees.
 VERTEX_SHARED_MOUNTS: tuple[str, ...] = ("/gcs/",)
+#: Steps that all run on one machine in one project directory (Airflow's ``--operator local``):
+#: every path is shared (every path starts with "").
+ONE_MACHINE: tuple[str, ...] = ("",)
 
 
 @dataclass(frozen=True)
