@@ -177,7 +177,7 @@ def parse_plugin_config(
         raise ConfigError(f"{source}: " + "; ".join(problems.warnings))
     if problems.warnings:
         log.warning(
-            "vertexai.yml values not needed by this command are invalid and were ignored",
+            f"{source}: values not needed by this command are invalid and were ignored",
             problems=list(dict.fromkeys(problems.warnings)),
             source=source,
         )
@@ -187,7 +187,7 @@ def parse_plugin_config(
     for path, why in unused.items():
         log.warning(f"{path} is ignored: {why}", source=source)
     if unknown:
-        log.warning("unknown keys in vertexai.yml are ignored", keys=unknown, source=source)
+        log.warning(f"unknown keys in {source} are ignored", keys=unknown, source=source)
     return config
 
 
