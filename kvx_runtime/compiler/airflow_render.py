@@ -560,7 +560,6 @@ def _toleration(toleration: Any) -> dict[str, Any]:
 
 
 def write_dag(dag: AirflowDag, output: str | Path) -> Path:
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dag.text, encoding="utf-8")
-    return path
+    from kvx_runtime.compiler.output import write_output
+
+    return write_output(output, dag.text)

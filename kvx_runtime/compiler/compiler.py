@@ -84,9 +84,9 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:
     """Write JSON, or YAML when the file name ends in .yaml/.yml (with ``platform``, a Kubernetes
     platform spec, as its second document, as KFP reads an uploaded pipeline)."""
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in {".yaml", ".yml"}:
+    from kvx_runtime.compiler.output import write_output
+
+    if Path(output).suffix in {".yaml", ".yml"}:
         import yaml
 
         text = yaml.safe_dump(spec, sort_keys=False, default_flow_style=False)
@@ -96,8 +96,7 @@ def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any
         raise ValueError("a platform spec is written only as YAML")
     else:
         text = json.dumps(spec, indent=2) + "\n"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_output(output, text)
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
