@@ -191,16 +191,10 @@ def exported_storage_root(root: str | None) -> Iterator[None]:
     if root is None:
         yield
         return
-    name = env_var_name(STORAGE_ROOT_PLACEHOLDER)
-    previous = os.environ.get(name)
-    os.environ[name] = root
-    try:
+    from kvx_runtime.settings import environment_variable
+
+    with environment_variable(env_var_name(STORAGE_ROOT_PLACEHOLDER), root):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 _UNREAD = object()

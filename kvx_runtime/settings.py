@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["SETTINGS", "Setting"]
+__all__ = ["SETTINGS", "Setting", "environment_variable"]
 
 T = TypeVar("T", int, float, str)
 
@@ -131,3 +132,17 @@ DOCTOR_TIMEOUT = Setting("KVX_DOCTOR_TIMEOUT", float, 3.0,
 SETTINGS: dict[str, Setting[Any]] = {
     value.name: value for value in list(globals().values()) if isinstance(value, Setting)
 }
+
+
+@contextmanager
+def environment_variable(name: str, value: str) -> Iterator[None]:
+    """``name`` set to ``value`` inside the block; its earlier value (or absence) restored after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

@@ -237,16 +237,10 @@ def find_run(connection: MlflowConnection, job_name: str) -> str | None:
 def _no_http_retries() -> Iterator[None]:
     """MLflow retries every method, POST included; a create whose answer was lost would then
     create a second run. Around a create we retry ourselves, looking before creating again."""
-    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    previous = os.environ.get(key)
-    os.environ[key] = "0"
-    try:
+    from kvx_runtime.settings import environment_variable
+
+    with environment_variable("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
 
 
 def _retryable(exc: BaseException) -> bool:
