@@ -11,7 +11,8 @@ where a command's storage root comes from.
 
 from __future__ import annotations
 
-from kvx_runtime.config.airflow import AirflowPluginConfig, AirflowRunConfig, PodSecret, Toleration
+from typing import Any
+
 from kvx_runtime.config.files import (
     AIRFLOW_CONFIG_PATTERNS,
     CONFIG_PATTERNS,
@@ -95,3 +96,15 @@ __all__ = [
     "schema_of",
     "under_storage_root",
 ]
+
+#: Airflow's schema, imported on first use: every step imports this package, and building its
+#: models costs a step start-up ~50 ms for a target the step may not run on.
+_AIRFLOW_NAMES = frozenset({"AirflowPluginConfig", "AirflowRunConfig", "PodSecret", "Toleration"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _AIRFLOW_NAMES:
+        from kvx_runtime.config import airflow
+
+        return getattr(airflow, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
