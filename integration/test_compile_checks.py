@@ -83,3 +83,53 @@ def test_an_uncopyable_memory_dataset_crossing_steps_is_warned(tmp_path: Path, c
     [warning] = warnings_of(result)
     assert "'frame' is a MemoryDataset with copy_mode: assign" in warning and "node 'use' reads" in warning
     assert "run its producer and consumers in one step" in result.stderr
+
+
+FOUND_PIPELINES = """
+from kedro.framework.project import find_pipelines
+
+def register_pipelines():
+    pipelines = find_pipelines()
+    pipelines["__default__"] = sum(pipelines.values())
+    return pipelines
+"""
+
+
+def find_pipelines_project(root: Path, broken: bool) -> Path:
+    """Two pipeline packages found by Kedro's ``find_pipelines()``; ``broken``: one imports a
+    library that is not installed (Kedro only warns and leaves its nodes out)."""
+    project = make_project(root, "found", NODES, FOUND_PIPELINES)
+    for name, body in (("making", 'node(make, None, "frame", name="make")'),
+                       ("using", 'node(use, "frame", "n", name="use")')):
+        package = project / "src" / "found" / "pipelines" / name
+        package.mkdir(parents=True)
+        imports = "import kvx_library_not_installed\n" if broken and name == "using" else ""
+        (package / "__init__.py").write_text(
+            f"{imports}from kedro.pipeline import Pipeline, node\nfrom found.nodes import make, use\n\n"
+            f"def create_pipeline(**kwargs):\n    return Pipeline([{body}])\n")
+    (project / "src" / "found" / "pipelines" / "__init__.py").write_text("")
+    return project
+
+
+def test_a_pipeline_module_that_fails_to_import_fails_compile_and_doctor(tmp_path: Path) -> None:
+    """``find_pipelines()`` turns the import error into a warning and the node ``use`` would be
+    missing from every run; compile and doctor name the module and the error instead."""
+    healthy = find_pipelines_project(tmp_path / "ok", broken=False)
+    assert compile_spec(healthy, "--strict", "-o", str(tmp_path / "ok.json")).returncode == 0
+    assert len(json.loads((tmp_path / "ok.json").read_text())["root"]["dag"]["tasks"]) >= 2
+
+    project = find_pipelines_project(tmp_path / "broken", broken=True)
+    result = compile_spec(project, "-o", str(tmp_path / "p.json"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("the pipeline module 'found.pipelines.using' cannot be imported: ModuleNotFoundError: "
+            "No module named 'kvx_library_not_installed'") in last_message(result)
+    assert not (tmp_path / "p.json").exists() and "Traceback" not in result.stderr
+
+    doctor = subprocess.run([*KVX, "doctor", "--storage-root", str(tmp_path / "store")], cwd=project,
+                            env=step_env(), capture_output=True, text=True, timeout=300)
+    [line] = [line for line in doctor.stdout.splitlines() if line.split()[1] == "project"]
+    assert line.startswith("FAIL") and "'found.pipelines.using' cannot be imported" in line, doctor.stdout
+    assert doctor.returncode == 2
+    healthy_doctor = subprocess.run([*KVX, "doctor", "--storage-root", str(tmp_path / "store")], cwd=healthy,
+                                    env=step_env(), capture_output=True, text=True, timeout=300)
+    assert "ok   project  found (env base), 2 nodes in __default__" in healthy_doctor.stdout, healthy_doctor.stdout

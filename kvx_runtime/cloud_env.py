@@ -272,7 +272,7 @@ def _pipeline_datasets() -> tuple[set[str], set[str]]:
     from kedro.framework.project import pipelines
 
     from kvx_runtime.graph import dataset_identity
-    from kvx_runtime.project import registered_pipeline_names
+    from kvx_runtime.project_pipelines import registered_pipeline_names
 
     try:
         nodes = [node for name in registered_pipeline_names() for node in pipelines[name].nodes]

@@ -8,21 +8,27 @@ image's requirements fingerprint matches the project's. Also the smoke test of t
 
 The checks that talk to the network (storage, MLflow, auth) run in parallel, together bounded by
 ``KVX_DOCTOR_TIMEOUT`` seconds (default 3): without a network (libraries retry for minutes) the
-doctor answers within seconds. Libraries' own log lines and warnings are swallowed while it
-runs, and stay swallowed while a check it gave up on is still running, so the table is the
-last thing printed.
+doctor answers within seconds. The project's pipelines (the user's libraries: seconds of imports,
+CPU-bound) are counted in a child process started first, so they load on another core meanwhile.
+Libraries' own log lines and warnings are swallowed while it runs, and stay swallowed while a
+check it gave up on is still running, so the table is the last thing printed.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -100,29 +106,81 @@ def _quiet_libraries(pending: list[_Pending]) -> Iterator[None]:
 
 
 def _runtime() -> str:
-    import sys
-
     from kvx_runtime import __version__
 
     modules = ["kedro", "cloudpickle", "zstandard", "fsspec", "structlog", "tenacity", "pydantic"]
     for module in modules:
         importlib.import_module(module)
-    extras = []
-    for optional in ("gcsfs", "kedro_mlflow"):
-        try:
-            importlib.import_module(optional)
-            extras.append(optional)
-        except ImportError:
-            pass
+    # Installed, not imported: kedro_mlflow imports MLflow (a second); the mlflow check imports
+    # it when the project tracks.
+    extras = [optional for optional in ("gcsfs", "kedro_mlflow") if importlib.util.find_spec(optional)]
     return (f"kvx-runtime {__version__}, Python {sys.version.split()[0]}, "
             f"optional: {', '.join(extras) or 'none'}")
 
 
+def _count_nodes() -> str:
+    from kvx_runtime.project_pipelines import load_pipeline, pipeline_import_errors_raised
+
+    with pipeline_import_errors_raised():
+        count = len(load_pipeline("__default__").nodes)
+    return f"{count} nodes in __default__"
+
+
+class _NodeCount:
+    """:func:`_count_nodes` in a child process (``python -m kvx_runtime.doctor PATH``), which
+    prints its :class:`Check` as one JSON line last."""
+
+    def __init__(self, project_path: str | None, env: str | None) -> None:
+        path = str(Path(project_path or os.getcwd()).expanduser().resolve())
+        child_env = {**os.environ, **({"KEDRO_ENV": env} if env else {})}
+        self._process = subprocess.Popen([sys.executable, "-m", "kvx_runtime.doctor", path], env=child_env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def result(self) -> Check:
+        output, _ = self._process.communicate()
+        for line in reversed(output.splitlines()):
+            try:
+                return Check(**json.loads(line))
+            except (ValueError, TypeError):
+                continue
+        return Check("project", False, f"counting the pipelines' nodes ended with exit code {self._process.returncode}"
+                     " and no answer", int(ExitCode.INFRASTRUCTURE))
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
+def _count_nodes_in_child(project_path: str) -> None:
+    """The child's side of :class:`_NodeCount`."""
+    def count() -> str:
+        # Kedro's own bootstrap, not open_project's (its config schema is not needed here);
+        # the parent has already reported a project that does not open.
+        from kedro.framework.startup import bootstrap_project
+
+        bootstrap_project(Path(project_path))
+        return _count_nodes()
+
+    check = _outcome("project", count)
+    print(json.dumps(asdict(check)), flush=True)
+
+
 def run_doctor(project_path: str | None, env: str | None, storage_root: str | None,
                runtime_only: bool, echo: Callable[[str], Any] = click.echo) -> int:
+    node_count = None if runtime_only else _NodeCount(project_path, env)
+    try:
+        return _run_checks(project_path, env, storage_root, runtime_only, echo, node_count)
+    finally:
+        if node_count is not None:
+            node_count.stop()
+
+
+def _run_checks(project_path: str | None, env: str | None, storage_root: str | None, runtime_only: bool,
+                echo: Callable[[str], Any], node_count: _NodeCount | None) -> int:
     checks: list[Check] = [_outcome("runtime", _runtime)]
     echo_check(checks[-1], echo)
-    if runtime_only:
+    if node_count is None:
         return _exit_code(checks)
 
     state: dict[str, KedroProject] = {}  # "project", once its check opened it
@@ -133,12 +191,6 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
 
         state["project"] = open_project(project_path, env, needed=STEP_KEYS)
         return f"{state['project'].package_name} (env {state['project'].env})"
-
-    def nodes() -> str:
-        from kedro.framework.project import pipelines
-
-        count = sum(len(p.nodes) for name, p in pipelines.items() if name == "__default__")
-        return f"{count} nodes in __default__"
 
     def config() -> str:
         from kvx_runtime.config import load_plugin_config
@@ -217,11 +269,11 @@ def run_doctor(project_path: str | None, env: str | None, storage_root: str | No
                 checks.append(check)
                 echo_check(check, echo)
             return _exit_code(checks)
-        # The checks that may wait on the network run together, while the project's pipelines
-        # are imported (the user's libraries: seconds): the doctor waits for the slowest.
+        # The checks that may wait on the network run together, while the child counts the
+        # pipelines' nodes: the doctor waits for the slowest.
         deadline = time.monotonic() + timeout
         pending.extend(_Pending(name, function) for name, function in networked.items())
-        counted = _outcome("project", nodes)
+        counted = node_count.result()
         checks.append(Check("project", counted.ok, f"{opened.detail}, {counted.detail}", counted.code))
         echo_check(checks[-1], echo)
         checks.append(_outcome("config", config))
@@ -244,3 +296,7 @@ def echo_check(check: Check, echo: Callable[[str], Any]) -> None:
 def _exit_code(checks: list[Check]) -> int:
     failed = [c.code or int(ExitCode.NODE_FAILED) for c in checks if not c.ok]
     return max(failed) if failed else 0
+
+
+if __name__ == "__main__":
+    _count_nodes_in_child(sys.argv[1])

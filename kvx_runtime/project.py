@@ -290,31 +290,6 @@ def has_config(project: KedroProject, pattern: str) -> bool:
     )
 
 
-def load_pipeline(name: str) -> Any:
-    """The registered pipeline ``name``, loaded the way a step's ``session.run`` loads it.
-
-    Kedro >= 1.x loads only the requested pipelines (``pipelines.set_requested``; with
-    ``find_pipelines`` only their modules are imported), so a pipeline can exist when the
-    whole registry is loaded and not when a step asks for it alone. Raises ``KeyError``.
-    """
-    from kedro.framework.project import pipelines
-
-    set_requested = getattr(pipelines, "set_requested", None)
-    if set_requested is not None:
-        set_requested([name])
-    return pipelines[name]
-
-
-def registered_pipeline_names() -> list[str]:
-    """Every registered pipeline (the whole registry loaded)."""
-    from kedro.framework.project import pipelines
-
-    set_requested = getattr(pipelines, "set_requested", None)
-    if set_requested is not None:
-        set_requested(None)
-    return sorted(pipelines.keys())
-
-
 def make_config_loader(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> Any:
     """The project's config loader, as its sessions build it (no session, no hooks)."""
     from kedro.framework.project import settings

@@ -124,10 +124,13 @@ def load_pipeline_as_steps_do(name: str, role: str) -> Any:
     when the whole registry is loaded would fail every step in the cloud)."""
     from kedro.framework.project import pipelines
 
-    from kvx_runtime.project import load_pipeline, registered_pipeline_names
+    from kvx_runtime.project_pipelines import load_pipeline, pipeline_import_errors_raised, registered_pipeline_names
 
     try:
-        known = registered_pipeline_names()
+        with pipeline_import_errors_raised():
+            known = registered_pipeline_names()
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"the project's pipelines cannot be loaded: {type(exc).__name__}: {exc}") from exc
     if name not in known:

@@ -239,7 +239,7 @@ def _load_versions(project: KedroProject, request: StepRequest, plan: StepPlan,
 
 def _exit_pipeline_inputs(project: KedroProject, pipeline_name: str) -> set[str]:
     """What the exit handler's pipeline reads, for the steps of the main pipeline to store."""
-    from kvx_runtime.project import load_pipeline
+    from kvx_runtime.project_pipelines import load_pipeline
 
     exit_pipeline = project.plugin_config.run_config.on_exit_pipeline
     if not exit_pipeline or exit_pipeline == pipeline_name:
@@ -252,7 +252,7 @@ def _exit_pipeline_inputs(project: KedroProject, pipeline_name: str) -> set[str]
 
 def _load_step_pipeline(name: str) -> Any:
     """The step's pipeline, loaded exactly as the session will load it to run the node(s)."""
-    from kvx_runtime.project import load_pipeline, registered_pipeline_names
+    from kvx_runtime.project_pipelines import load_pipeline, registered_pipeline_names
 
     try:
         return load_pipeline(name)
