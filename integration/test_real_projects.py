@@ -292,7 +292,7 @@ def _why_no_spark() -> str | None:
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        return "pyspark is not installed (it is in kvx-runtime's test extra)"
+        return "pyspark is not installed (kvx-runtime's spark extra, in its dev extra)"
     return None
 
 
