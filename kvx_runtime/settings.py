@@ -125,6 +125,8 @@ LOGGING_ENDPOINT = Setting("KVX_LOGGING_ENDPOINT", str, "https://logging.googlea
 KFP_TOKEN = Setting("KVX_KFP_TOKEN", str, "", "a Kubeflow Pipelines bearer token (as KF_PIPELINES_TOKEN)")
 WATCH_INTERVAL = Setting("KVX_WATCH_INTERVAL", float, 5.0, "seconds between status polls of --wait",
                          minimum=0.01)
+AIRFLOW_PARSE_TIMEOUT = Setting("KVX_AIRFLOW_PARSE_TIMEOUT", float, 600.0,
+                                "seconds to wait for Airflow to parse an uploaded DAG file", minimum=1)
 DOCTOR_TIMEOUT = Setting("KVX_DOCTOR_TIMEOUT", float, 3.0,
                          "seconds doctor waits for its network checks (run in parallel)", minimum=1)
 

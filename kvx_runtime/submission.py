@@ -221,6 +221,9 @@ def diagnose(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | Non
         if fetch_logs:
             for entry in target.task_errors(run, task):
                 lines.append(f"  log:     {entry}")
-        if spec:
+        replay = target.replay_command(run, task)
+        if replay:
+            lines.append(f"  replay:  {replay}")
+        elif spec:
             lines += _replay(spec, run, task, values or {}, target)
     return lines

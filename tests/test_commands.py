@@ -50,8 +50,9 @@ def test_every_target_is_complete_and_one_is_the_default() -> None:
 
 
 def test_a_target_without_a_client_says_so_in_one_line() -> None:
+    offline = dataclasses.replace(TARGETS["airflow"], client=None)
     with pytest.raises(UsageError, match="the airflow target has no API client in this version") as refused:
-        TARGETS["airflow"].client_class()
+        offline.client_class()
     assert refused.value.exit_code == 2
 
 
@@ -62,6 +63,14 @@ def test_a_targets_own_command_replaces_the_shared_one_of_its_name() -> None:
     assert airflow["compile"] is airflow_compile and "--operator" in {o for p in airflow_compile.params
                                                                        for o in p.opts}
     assert airflow["run-local"] is next(c for c in commands_for(TARGETS["vertex"]) if c.name == "run-local")
+    from kvx_runtime.commands import airflow_service
+
+    # A DAG's schedule and params live in its file: Airflow publishes before it runs or schedules.
+    assert airflow["run-once"] is airflow_service.run_once_command
+    assert airflow["schedule"] is airflow_service.schedule_command
+    assert airflow["upload-pipeline"] is airflow_service.upload_pipeline_command
+    vertex = {command.name: command for command in commands_for(TARGETS["vertex"])}
+    assert airflow["status"] is vertex["status"] and airflow["cancel"] is vertex["cancel"]
 
 
 def test_a_target_whose_client_cannot_be_imported_exits_2_with_the_install_hint() -> None:

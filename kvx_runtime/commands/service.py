@@ -44,6 +44,7 @@ __all__ = [
     "show_console",
     "show_status",
     "upload_pipeline",
+    "watch_to_end",
 ]
 
 
@@ -91,7 +92,7 @@ class RunOnceRequest:
 
 def run_once(request: RunOnceRequest) -> None:
     """Compile, submit; with ``wait``, watch the run to its end (NodeError unless it succeeded)."""
-    from kvx_runtime.submission import job_id, run_request, watch
+    from kvx_runtime.submission import job_id, run_request
 
     target, project = open_target(request.at)
     compiled = _compile(request.at, project, request.options, request.storage_root, request.values)
@@ -107,15 +108,23 @@ def run_once(request: RunOnceRequest) -> None:
     click.echo(f"  {target.console_url(run)}")
     if not (run_config.wait_for_completion if request.wait is None else request.wait):
         return
+    watch_to_end(request.at, target, run, request.timeout, compiled.spec, compiled.values)
+
+
+def watch_to_end(at: Invocation, target: PipelineTarget, run: RunInfo, timeout: float | None,
+                 spec: Mapping[str, Any] | None, values: Mapping[str, Any]) -> None:
+    """Watch a submitted run until it ends (or ``timeout``), then :func:`_finish` it."""
+    from kvx_runtime.submission import watch
+
     interval = settings.WATCH_INTERVAL.get()
     try:
-        run = watch(target, run, click.echo, timeout=request.timeout, first_poll=interval,
-                    status_command=request.at.sibling("status"),
+        run = watch(target, run, click.echo, timeout=timeout, first_poll=interval,
+                    status_command=at.sibling("status"),
                     max_poll=max(interval, 60.0 if interval >= 5 else interval))
     except Interrupted:  # Ctrl-C (SIGINT, turned into Interrupted by the process contract)
-        click.echo(f"Stopped watching; the run goes on. Cancel it with: {request.at.sibling('cancel')} {run.run_id}")
+        click.echo(f"Stopped watching; the run goes on. Cancel it with: {at.sibling('cancel')} {run.run_id}")
         raise
-    _finish(target, run, compiled.spec, compiled.values)
+    _finish(target, run, spec, values)
 
 
 @click.command("run-once", cls=KvxCommand)

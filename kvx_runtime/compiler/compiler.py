@@ -6,6 +6,7 @@ or render the plan as an Airflow DAG file (:mod:`.airflow_render`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,22 @@ class CompiledDag:
     dag: AirflowDag
     steps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> node names
     warnings: list[str] = field(default_factory=list)
+    #: DAG param values for one run (from ``CompileRequest.values``), typed: a run's ``conf``.
+    values: dict[str, Any] = field(default_factory=dict)
 
 
-def compile_dag(request: CompileRequest, operator: Operator = "pods", project_dir: str | None = None) -> CompiledDag:
+#: What run-once adds to the id of a scheduled DAG: its one-off copy, without the schedule.
+RUN_ONCE_SUFFIX = "-run-once"
+
+
+def compile_dag(request: CompileRequest, operator: Operator = "pods", project_dir: str | None = None,
+                run_once: bool = False, overrides: Mapping[str, Any] | None = None) -> CompiledDag:
     """Plan ``request``, upload its code when asked and render it as an Airflow DAG file
     (``project_dir``: where the project lives on the worker, for the local operator; default:
-    the project's absolute path here)."""
+    the project's absolute path here). ``run_once``: the DAG of a one-off run, without a
+    schedule (a scheduled DAG's one-off copy gets the id ``<dag_id>-run-once``, so publishing it
+    never replaces or starts the schedule). ``overrides``: run_config keys set for this DAG
+    (``schedule --cron``), validated as the config is."""
     import kedro
 
     import kvx_runtime
@@ -73,12 +84,16 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     # A project configured by vertexai.yml or kubeflow.yml alone gets the DAG's defaults.
     run = facts.run if isinstance(facts.run, AirflowRunConfig) else AirflowRunConfig.model_validate(
         facts.run.model_dump())
+    if overrides:
+        run = AirflowRunConfig.model_validate({**run.model_dump(), **overrides})
+    if run_once and run.schedule:
+        run = run.model_copy(update={"schedule": None, "dag_id": (run.dag_id or plan.name) + RUN_ONCE_SUFFIX})
     source = DagSource(package=facts.package_name, pipeline=request.pipeline, env=facts.env,
                        kvx_version=kvx_runtime.__version__, kedro_version=kedro.__version__)
     worker_dir = (project_dir or str(facts.project_path)) if operator == "local" else None
     dag = render_airflow(plan, run, source, operator=operator, project_dir=worker_dir)
     log.info("DAG compiled", dag_id=dag.dag_id, steps=len(plan.node_steps), mlflow=plan.mlflow, operator=operator)
-    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings))
+    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings), values=dict(plan.values))
 
 
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:

@@ -154,6 +154,9 @@ class AirflowRunConfig(RunConfig):
     on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_pod"
     #: Airflow's Kubernetes connection (the cluster the pods run in); Composer's default works in-cluster.
     kubernetes_conn_id: str = "kubernetes_default"
+    #: Where upload-pipeline, run-once and schedule write the DAG file: a path Airflow's DAG
+    #: processor reads, or ``gs://<Composer environment bucket>/dags``.
+    dags_folder: str | None = None
 
     @field_validator("dag_id")
     @classmethod

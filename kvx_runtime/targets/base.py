@@ -213,3 +213,8 @@ class PipelineTarget(ABC):
     def task_errors(self, run: RunInfo, task: TaskInfo, limit: int = 5) -> list[str]:
         """The last error lines a task logged, if the target can read them."""
         return []
+
+    def replay_command(self, run: RunInfo, task: TaskInfo) -> str | None:
+        """The task's exec-node command as the target ran it, when the target can say (Airflow:
+        the task's rendered command); None: it is rebuilt from the compiled spec."""
+        return None

@@ -14,10 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvx_runtime import settings
-from kvx_runtime.errors import InfrastructureError, KvxError
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 from kvx_runtime.failures import TRANSIENT_HTTP
 
-__all__ = ["ApiError", "parse_time", "request_json"]
+__all__ = ["ApiError", "checked_api_url", "parse_time", "request_json"]
 
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
 
@@ -30,6 +30,29 @@ def parse_time(text: str | None) -> datetime | None:
     base, fraction, zone = match.groups()
     fraction = f".{(fraction + '000000')[:6]}" if fraction else ""
     return datetime.fromisoformat(base + fraction + ("+00:00" if zone in (None, "Z") else zone))
+
+
+def checked_api_url(host: str, *, service: str, example: str, config_hint: str, credentials_hint: str) -> str:
+    """``host`` (a service's API base URL from the config) as an http(s) URL with a host name and
+    a valid port, without a trailing slash; else a ConfigError that never echoes credentials."""
+    if not host:
+        raise ConfigError(f"{service} needs host: the API's URL ({example})", hint=config_hint)
+    try:
+        parts = urlsplit(host.strip())
+        parts.port  # noqa: B018  (raises on a port that is not a number in range)
+        valid = parts.scheme in {"http", "https"} and bool(parts.hostname) and " " not in host.strip()
+    except ValueError:
+        valid = False
+        parts = None
+    if parts is not None and (parts.username or parts.password):
+        # Never echo it: the part before "@" may be a password.
+        raise ConfigError("host must not hold credentials (user:password@)", hint=credentials_hint)
+    if not valid or parts is None:
+        raise ConfigError(f"host {host[:100]!r} is not an http(s) URL", hint=f"e.g. {example}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"host {host[:100]!r} has a query or fragment: give the API's base URL",
+                          hint=f"e.g. {example}")
+    return host.strip().rstrip("/")
 
 
 class ApiError(KvxError):

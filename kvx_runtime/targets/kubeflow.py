@@ -36,7 +36,7 @@ from kvx_runtime.targets.base import (
     TaskInfo,
     UploadRequest,
 )
-from kvx_runtime.targets.http import ApiError, parse_time, request_json
+from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, request_json
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 if TYPE_CHECKING:
@@ -54,33 +54,6 @@ _STATES = {"CANCELED": "CANCELLED", "CANCELING": "CANCELLING", "RUNTIME_STATE_UN
 def _state(value: Any) -> str:
     text = str(value or "RUNTIME_STATE_UNSPECIFIED")
     return _STATES.get(text, text)
-
-
-def _checked_host(host: str) -> str:
-    """``host`` as an http(s) URL with a host name (and a valid port), or a ConfigError."""
-    from urllib.parse import urlsplit
-
-    example = "https://kubeflow.example.com/pipeline"
-    if not host:
-        raise ConfigError(f"Kubeflow Pipelines needs host: the API's URL ({example})",
-                          hint="set host in conf/base/vertexai.yml (or kubeflow.yml)")
-    try:
-        parts = urlsplit(host.strip())
-        parts.port  # noqa: B018  (raises on a port that is not a number in range)
-        valid = parts.scheme in {"http", "https"} and bool(parts.hostname) and " " not in host.strip()
-    except ValueError:
-        valid = False
-        parts = None
-    if parts is not None and (parts.username or parts.password):
-        # Never echo it: the part before "@" may be a password.
-        raise ConfigError("host must not hold credentials (user:password@)",
-                          hint="use DEX_USERNAME/DEX_PASSWORD, KF_PIPELINES_TOKEN or IAP_CLIENT_ID")
-    if not valid or parts is None:
-        raise ConfigError(f"host {host[:100]!r} is not an http(s) URL", hint=f"e.g. {example}")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"host {host[:100]!r} has a query or fragment: give the API's base URL",
-                          hint=f"e.g. {example}")
-    return host.strip().rstrip("/")
 
 
 def _no_templates() -> UsageError:
@@ -156,7 +129,10 @@ class KubeflowTarget(PipelineTarget):
     def __init__(self, host: str, *, namespace: str | None = None, experiment_name: str | None = None,
                  run_name: str | None = None, auth: Any = None, session: Any = None,
                  attempts: int | None = None) -> None:
-        self.host = _checked_host(host)
+        self.host = checked_api_url(host, service="Kubeflow Pipelines", example="https://kubeflow.example.com/pipeline",
+                                    config_hint="set host in conf/base/vertexai.yml (or kubeflow.yml)",
+                                    credentials_hint="use DEX_USERNAME/DEX_PASSWORD, KF_PIPELINES_TOKEN or "
+                                    "IAP_CLIENT_ID")
         self.namespace = namespace or None
         self.experiment_name = experiment_name or "Default"
         self.run_name = run_name or None

@@ -124,23 +124,25 @@ TARGETS: Mapping[str, TargetInfo] = {
     ),
     "airflow": TargetInfo(
         name="airflow",
-        # The REST client (run-once, schedule, status...) is not written yet: docs/airflow.md.
-        client=None,
-        install_hint='pip install "apache-airflow-providers-cncf-kubernetes>=10,<11" where Airflow runs '
-        "(Cloud Composer 3 has it); the steps' image needs kvx-runtime",
+        client="kvx_runtime.targets.airflow:AirflowTarget",
+        install_hint='pip install "kvx-runtime" (Airflow needs requests; gs:// DAG folders gcsfs); where Airflow '
+        'runs, "apache-airflow-providers-cncf-kubernetes>=10,<11" (Cloud Composer 3 has it)',
         kedro_group="airflow-k8s",
-        kedro_group_help="Compile Kedro pipelines into Airflow 3 / Cloud Composer DAGs (kvx-runtime).",
+        kedro_group_help="Compile Kedro pipelines into Airflow 3 / Cloud Composer DAGs, publish, run and watch "
+        "them (kvx-runtime).",
         init_command="kvx_runtime.commands.airflow_init:init_command",
         config_files=("airflow-k8s.yml", "airflow.yml"),
         command_group="airflow",
-        command_group_help="Compile the project's pipeline into an Airflow 3 DAG whose tasks run exec-node, "
-        "as Kubernetes pods or worker subprocesses (airflow-k8s.yml; docs/airflow.md).",
+        command_group_help="The project's pipeline as an Airflow 3 DAG whose tasks run exec-node, as Kubernetes "
+        "pods or worker subprocesses: compile, publish, run, schedule, watch (airflow-k8s.yml; docs/airflow.md).",
         spec_format="airflow-dag",
         # Airflow has no template repository, and a DAG's schedule lives in the DAG file.
         unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
-        unsupported_commands=frozenset({"run-once", "schedule", "list-pipelines", "status", "cancel", "ui",
-                                        "upload-pipeline", "gc"}),
-        own_commands=("kvx_runtime.commands.airflow_compile:compile_command",),
+        unsupported_commands=frozenset({"gc"}),
+        own_commands=("kvx_runtime.commands.airflow_compile:compile_command",
+                      "kvx_runtime.commands.airflow_service:run_once_command",
+                      "kvx_runtime.commands.airflow_service:schedule_command",
+                      "kvx_runtime.commands.airflow_service:upload_pipeline_command"),
         gpu_resource_name="nvidia.com/gpu",
     ),
 }

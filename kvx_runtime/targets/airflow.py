@@ -1,0 +1,448 @@
+"""Airflow 3 (and Cloud Composer 3) through its REST API (``/api/v2``) and its DAGs folder.
+
+A compiled pipeline is a DAG file (:mod:`kvx_runtime.compiler.airflow_render`); publishing it is
+writing ``<dag_id>.py`` into the DAGs folder (``run_config.dags_folder``: a local path, or
+``gs://<Composer environment bucket>/dags`` through fsspec). Airflow's DAG processor then parses
+it; a run can start only once Airflow has parsed *this* version (the DAG's source, as the API
+returns it, equals the file written) and the DAG is unpaused (Airflow creates DAGs paused).
+
+What differs from Vertex AI: a DAG's schedule lives in the DAG file (``schedule`` uploads it with
+its cron and unpauses it; ``--pause``/``--resume`` flip ``is_paused``; ``--delete`` removes the
+file and the DAG); ``run-once`` of a project that has a schedule publishes the DAG without it
+under ``<dag_id>-run-once``, so the scheduled DAG is never replaced or started by it. A run is
+named ``<dag_id>/<run_id>``; the steps' run id is Airflow's run id. Credentials:
+:mod:`kvx_runtime.auth.airflow`. Airflow 2's API (``/api/v1``) is recognised and refused with a
+one-line error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from kvx_runtime import settings
+from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
+from kvx_runtime.log import get_logger
+from kvx_runtime.targets.base import (
+    PipelineTarget,
+    RunInfo,
+    RunRequest,
+    ScheduleInfo,
+    ScheduleRequest,
+    TaskInfo,
+    UploadRequest,
+)
+from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, request_json
+
+if TYPE_CHECKING:
+    from kvx_runtime.config import PluginConfig
+
+__all__ = ["DAG_FILE_KEY", "DAG_ID_KEY", "AirflowTarget", "dag_spec"]
+
+log = get_logger(__name__)
+
+API = "api/v2"
+#: What a :class:`RunRequest`'s or :class:`UploadRequest`'s ``spec`` holds for this target.
+DAG_ID_KEY = "dag_id"
+DAG_FILE_KEY = "dag_file"
+#: Airflow's run and task states, as :data:`~kvx_runtime.targets.base.FINAL_STATES` and the rest name them.
+_RUN_STATES = {"queued": "PENDING", "running": "RUNNING", "success": "SUCCEEDED", "failed": "FAILED"}
+_TASK_STATES = {
+    "success": "SUCCEEDED", "failed": "FAILED", "upstream_failed": "SKIPPED", "skipped": "SKIPPED",
+    "removed": "SKIPPED", "running": "RUNNING", "restarting": "RUNNING", "deferred": "RUNNING",
+    "up_for_retry": "RUNNING", "up_for_reschedule": "RUNNING", "awaiting_input": "RUNNING",
+    "queued": "PENDING", "scheduled": "PENDING",
+}
+
+
+def dag_spec(dag_id: str, text: str) -> dict[str, str]:
+    """The ``spec`` of a run or upload request for this target: the DAG file to publish."""
+    return {DAG_ID_KEY: dag_id, DAG_FILE_KEY: text}
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class AirflowTarget(PipelineTarget):
+    title = "Airflow"
+
+    def __init__(self, host: str, *, dags_folder: str | None = None, dag_id: str | None = None,
+                 auth: Any = None, attempts: int | None = None) -> None:
+        self.host = checked_api_url(host, service="Airflow", example="https://airflow.example.com",
+                                    config_hint="set host in conf/base/airflow-k8s.yml",
+                                    credentials_hint="use KVX_AIRFLOW_TOKEN or KVX_AIRFLOW_USERNAME/PASSWORD")
+        self.dags_folder = dags_folder.rstrip("/") if dags_folder else None
+        self.dag_id = dag_id
+        self._auth = auth
+        self._session: Any = None
+        self._attempts = attempts or settings.API_ATTEMPTS.get()
+        self._checked_version = False
+
+    @classmethod
+    def from_config(cls, config: PluginConfig) -> AirflowTarget:
+        run_config = config.run_config
+        return cls(str(config.host or ""), dags_folder=getattr(run_config, "dags_folder", None),
+                   dag_id=getattr(run_config, "dag_id", None))
+
+    # --- transport --------------------------------------------------------------------------
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            import requests
+
+            from kvx_runtime.auth.airflow import airflow_auth_from_environment
+
+            self._session = requests.Session()
+            if self._auth is None:
+                self._auth = airflow_auth_from_environment(self.host)
+            self._session.auth = self._auth
+        return self._session
+
+    def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                 body: Any = None) -> Any:
+        if not self._checked_version:
+            self._check_version()
+        return self._call(method, f"{API}/{path}", params=params, body=body)
+
+    def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
+        return request_json(self.session, method, f"{self.host}/{path}", service=self.title,
+                            what=f"{method} /{path.split('?')[0]}", params=params, body=body,
+                            attempts=self._attempts, on_unauthorized=getattr(self._auth, "invalidate", None))
+
+    def _check_version(self) -> None:
+        """Airflow 3's API, or a one-line error saying what answered instead."""
+        try:
+            self._call("GET", f"{API}/version")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            try:
+                self._call("GET", "api/v1/version")
+            except ApiError:
+                raise ConfigError(f"{self.host} has no Airflow REST API (/{API} nor /api/v1)",
+                                  hint="set host to the Airflow web server / API server URL") from None
+            raise ConfigError(f"{self.host} is Airflow 2 (REST API v1): this release talks to Airflow 3's API v2",
+                              hint="upgrade to Airflow 3 (Cloud Composer 3), or copy the compiled DAG file "
+                              "into the DAGs folder yourself") from None
+        self._checked_version = True
+
+    # --- DAG files ----------------------------------------------------------------------------
+
+    def _dag_file(self, dag_id: str) -> str:
+        if not self.dags_folder:
+            raise ConfigError("no DAGs folder to upload the DAG to",
+                              hint="set run_config.dags_folder in airflow-k8s.yml (a path, or "
+                              "gs://<Composer environment bucket>/dags)")
+        return f"{self.dags_folder}/{dag_id}.py"
+
+    def publish(self, dag_id: str, text: str) -> str:
+        """Write the DAG file into the DAGs folder; returns where it went."""
+        import fsspec
+
+        location = self._dag_file(dag_id)
+        try:
+            filesystem, path = fsspec.core.url_to_fs(location)
+            filesystem.makedirs(filesystem._parent(path), exist_ok=True)
+            with filesystem.open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except ImportError as exc:
+            raise ConfigError(f"cannot write {location}: {exc}", hint="install gcsfs for gs:// DAG folders") from None
+        except OSError as exc:
+            raise InfrastructureError(f"cannot write the DAG file {location}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        log.info("DAG file written", dag_id=dag_id, location=location)
+        return location
+
+    def remove_dag_file(self, dag_id: str) -> bool:
+        """Delete the DAG file from the DAGs folder; False if it was not there."""
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(self._dag_file(dag_id))
+        if not filesystem.exists(path):
+            return False
+        filesystem.rm(path)
+        return True
+
+    def dag(self, dag_id: str) -> dict[str, Any] | None:
+        """The DAG's details, or None while Airflow does not know it."""
+        try:
+            found: dict[str, Any] = self._request("GET", f"dags/{quote(dag_id, safe='')}/details")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def import_error(self, dag_id: str, since: datetime | None = None) -> str | None:
+        """The last line of Airflow's import error for the DAG's file (recorded at ``since`` or
+        later), if it has one."""
+        errors = self._request("GET", "importErrors", params={"filename_pattern": f"{dag_id}.py", "limit": 50})
+        for error in errors.get("import_errors") or []:
+            if str(error.get("filename", "")).rsplit("/", 1)[-1] != f"{dag_id}.py":
+                continue
+            recorded = parse_time(error.get("timestamp"))
+            if since is not None and recorded is not None and recorded < since:
+                continue  # an older version's error, not yet replaced by a parse of this one
+            lines = [line.strip() for line in str(error.get("stack_trace", "")).splitlines() if line.strip()]
+            return lines[-1] if lines else "an import error without a message"
+        return None
+
+    def wait_parsed(self, dag_id: str, text: str, written: datetime, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until Airflow has parsed this version of the DAG file (its source as the API
+        returns it equals ``text``; ``written``: when the file was written); returns the DAG's
+        details. An import error of the file is a ConfigError naming it; no parse within
+        ``timeout`` (default KVX_AIRFLOW_PARSE_TIMEOUT) an InfrastructureError."""
+        limit = settings.AIRFLOW_PARSE_TIMEOUT.get() if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        interval = min(2.0, settings.WATCH_INTERVAL.get())
+        asked_reparse = False
+        while True:
+            details = self.dag(dag_id)
+            if details is not None and self._source(dag_id) == text:
+                return details
+            error = self.import_error(dag_id, since=written)
+            if error is not None:
+                raise ConfigError(f"Airflow cannot import the DAG file {dag_id}.py: {error}",
+                                  hint="parse it where Airflow and the provider of the same versions are installed "
+                                  "(docs/airflow.md) to see the whole error")
+            if details is not None and details.get("file_token") and not asked_reparse:
+                # Airflow re-reads a known file on its own only every min_file_process_interval.
+                self._request("PUT", f"parseDagFile/{quote(str(details['file_token']), safe='')}")
+                asked_reparse = True
+            if time.monotonic() >= deadline:
+                state = "an older version of the DAG" if details is not None else "no DAG of that id"
+                raise InfrastructureError(
+                    f"Airflow has not parsed the new DAG file {dag_id}.py within {limit:g} s (it shows {state})",
+                    hint="the DAG processor looks for new files every [dag_processor] refresh_interval seconds "
+                    "(300 by default); KVX_AIRFLOW_PARSE_TIMEOUT sets this wait")
+            time.sleep(interval)
+
+    def _source(self, dag_id: str) -> str | None:
+        try:
+            source = self._request("GET", f"dagSources/{quote(dag_id, safe='')}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        content = source.get("content")
+        return str(content) if content is not None else None
+
+    def set_paused(self, dag_id: str, paused: bool) -> dict[str, Any]:
+        answer: dict[str, Any] = self._request("PATCH", f"dags/{quote(dag_id, safe='')}",
+                                               body={"is_paused": paused})
+        return answer
+
+    def _publish_parsed(self, spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool]:
+        """Publish the DAG of ``spec`` and wait for Airflow to parse it; returns its id, its
+        details and whether Airflow knew no DAG of that id before."""
+        dag_id, text = str(spec[DAG_ID_KEY]), str(spec[DAG_FILE_KEY])
+        existed = self.dag(dag_id) is not None
+        written = datetime.now(timezone.utc)
+        location = self.publish(dag_id, text)
+        details = self.wait_parsed(dag_id, text, written)
+        log.info("DAG parsed by Airflow", dag_id=dag_id, location=location, paused=details.get("is_paused"))
+        return dag_id, details, not existed
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def submit(self, run: RunRequest) -> RunInfo:
+        """Publish the DAG of ``run.spec``, wait until Airflow parsed it, unpause it, and
+        trigger a run with ``run.parameters`` as its ``conf``."""
+        dag_id, details, _ = self._publish_parsed(run.spec)
+        if details.get("is_paused"):
+            self.set_paused(dag_id, False)
+        body = {"dag_run_id": run.run_id, "logical_date": _iso(datetime.now(timezone.utc)),
+                "conf": dict(run.parameters)}
+        if run.display_name and run.display_name != run.run_id:
+            body["note"] = run.display_name[:1000]
+        try:
+            created = self._request("POST", f"dags/{quote(dag_id, safe='')}/dagRuns", body=body)
+        except ApiError as exc:
+            if exc.status == 409:
+                raise UsageError(f"Airflow already has a run {run.run_id} of DAG {dag_id}",
+                                 hint="run again: each run-once gets a new run id") from None
+            raise
+        return self._run_info(created, tasks=())
+
+    def _split(self, name: str) -> tuple[str, str]:
+        """``dag_id/run_id`` (or a run id of this project's DAG) -> (dag_id, run_id)."""
+        if "/" in name:
+            dag_id, _, run_id = name.partition("/")
+            return dag_id, run_id
+        if self.dag_id:
+            return self.dag_id, name
+        found = self._request("GET", "dags/~/dagRuns", params={"run_id_pattern": name, "limit": 2})
+        runs = [run for run in found.get("dag_runs") or [] if run.get("dag_run_id") == name]
+        if len(runs) != 1:
+            raise UsageError(f"{'no' if not runs else 'more than one'} Airflow run with id {name!r}",
+                             hint="name it as <dag_id>/<run_id>, as run-once and list-pipelines print it")
+        return str(runs[0]["dag_id"]), name
+
+    def get(self, name: str) -> RunInfo:
+        dag_id, run_id = self._split(name)
+        path = f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}"
+        try:
+            run = self._request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise UsageError(f"Airflow has no run {run_id} of DAG {dag_id}") from None
+            raise
+        instances = self._request("GET", f"{path}/taskInstances", params={"limit": 1000})
+        tasks = tuple(self._task_info(item) for item in instances.get("task_instances") or [])
+        return self._run_info(run, tasks=tasks)
+
+    def _task_info(self, item: Mapping[str, Any]) -> TaskInfo:
+        raw = str(item.get("state") or "")
+        state = _TASK_STATES.get(raw, "PENDING")
+        error = None
+        if raw == "upstream_failed":
+            error = "not run: an upstream task failed"
+        elif raw == "failed":
+            error = f"failed (try {item.get('try_number') or 1} of {int(item.get('max_tries') or 0) + 1})"
+        return TaskInfo(name=str(item.get("task_id")), state=state, error=error,
+                        start=parse_time(item.get("start_date")), end=parse_time(item.get("end_date")),
+                        executor=f"try {item.get('try_number')}" if item.get("try_number") else None)
+
+    def _run_info(self, run: Mapping[str, Any], tasks: tuple[TaskInfo, ...]) -> RunInfo:
+        dag_id, run_id = str(run.get("dag_id")), str(run.get("dag_run_id"))
+        return RunInfo(
+            name=f"{dag_id}/{run_id}", run_id=run_id, display_name=dag_id,
+            state=_RUN_STATES.get(str(run.get("state") or "queued"), "PENDING"),
+            create_time=parse_time(run.get("queued_at") or run.get("run_after")),
+            start_time=parse_time(run.get("start_date")), end_time=parse_time(run.get("end_date")),
+            tasks=tasks, labels={"dag_id": dag_id}, parameters=dict(run.get("conf") or {}),
+        )
+
+    def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
+        dag = "~" if pipeline is None else quote(self.dag_id or pipeline, safe="")
+        offset = 0
+        while True:
+            page = self._request("GET", f"dags/{dag}/dagRuns",
+                                 params={"order_by": "-run_after", "limit": 100, "offset": offset})
+            runs = page.get("dag_runs") or []
+            for run in runs:
+                yield self._run_info(run, tasks=())
+            offset += len(runs)
+            if not runs or offset >= int(page.get("total_entries") or 0):
+                return
+
+    def cancel(self, name: str) -> None:
+        """Mark the run failed: Airflow stops its running tasks and starts no more."""
+        dag_id, run_id = self._split(name)
+        self._request("PATCH", f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
+                      body={"state": "failed"})
+
+    # --- schedules ----------------------------------------------------------------------------
+
+    def _schedule_info(self, details: Mapping[str, Any]) -> ScheduleInfo:
+        return ScheduleInfo(name=str(details.get("dag_id")), display_name=str(details.get("dag_id")),
+                            state="PAUSED" if details.get("is_paused") else "ACTIVE",
+                            cron=str(details.get("timetable_summary") or ""),
+                            next_run_time=parse_time(details.get("next_dagrun_run_after")))
+
+    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        details = self.dag(display_name)
+        if details is None or str(details.get("timetable_summary") or "None") in ("None", "null", ""):
+            return None
+        return self._schedule_info(details)
+
+    def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
+        """Publish the DAG (its schedule is in the file), wait for Airflow to parse it, unpause it."""
+        dag_id, details, created = self._publish_parsed(request.run.spec)
+        if details.get("is_paused"):
+            details = {**details, **self.set_paused(dag_id, False)}
+        return self._schedule_info(details), created
+
+    def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
+        if action in ("pause", "resume"):
+            details = self.set_paused(name, action == "pause")
+            return self._schedule_info(details)
+        if action != "delete":
+            raise UsageError(f"unknown schedule action {action!r}")
+        # The file first: while it is in the DAGs folder, Airflow would parse the DAG back.
+        self.remove_dag_file(name)
+        try:
+            self._request("DELETE", f"dags/{quote(name, safe='')}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        return None
+
+    # --- uploads ------------------------------------------------------------------------------
+
+    def check_upload(self) -> None:
+        self._dag_file("check")
+
+    def upload(self, request: UploadRequest) -> str:
+        dag_id, details, created = self._publish_parsed(request.spec)
+        paused = " (paused: `schedule --resume` starts its schedule)" if details.get("is_paused") else ""
+        return (f"DAG {dag_id} {'created' if created else 'updated'} from {self._dag_file(dag_id)}, parsed by "
+                f"Airflow{paused}")
+
+    # --- where to look ------------------------------------------------------------------------
+
+    def console_url(self, run: RunInfo | None = None) -> str:
+        if run is None:
+            return f"{self.host}/dags" + (f"/{quote(self.dag_id, safe='')}" if self.dag_id else "")
+        dag_id = run.labels.get("dag_id") or run.display_name
+        return f"{self.host}/dags/{quote(dag_id, safe='')}/runs/{quote(run.run_id, safe='')}"
+
+    def job_name(self, run: RunInfo) -> str:
+        return run.labels.get("dag_id") or run.display_name
+
+    def step_run_id(self, run: RunInfo) -> str | None:
+        return run.run_id
+
+    def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
+        return f"{self.console_url(run)}/tasks/{quote(task.name, safe='')}"
+
+    def _try_number(self, task: TaskInfo) -> int:
+        text = (task.executor or "").removeprefix("try ")
+        return int(text) if text.isdigit() else 1
+
+    def task_errors(self, run: RunInfo, task: TaskInfo, limit: int = 5) -> list[str]:
+        """The last lines of the task's log (its last try)."""
+        dag_id = run.labels.get("dag_id") or run.display_name
+        path = (f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run.run_id, safe='')}/taskInstances/"
+                f"{quote(task.name, safe='')}/logs/{self._try_number(task)}")
+        try:
+            answer = self._request("GET", path, params={"full_content": "true"})
+        except ApiError as exc:
+            log.info("the task's log cannot be read", task=task.name, error=str(exc)[:300])
+            return []
+        lines: list[str] = []
+        for entry in answer.get("content") or []:
+            text = entry.get("event") if isinstance(entry, dict) else entry
+            if text:
+                lines.extend(part for part in str(text).splitlines() if part.strip())
+        return [line[:500] for line in lines[-limit:]]
+
+    def replay_command(self, run: RunInfo, task: TaskInfo) -> str | None:
+        """The task's exec-node command as Airflow rendered it (its rendered fields)."""
+        import shlex
+
+        from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
+
+        dag_id = run.labels.get("dag_id") or run.display_name
+        path = (f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run.run_id, safe='')}/taskInstances/"
+                f"{quote(task.name, safe='')}")
+        try:
+            fields = self._request("GET", path).get("rendered_fields") or {}
+        except ApiError:
+            return None
+        if isinstance(fields.get("bash_command"), str):
+            try:
+                argv = shlex.split(fields["bash_command"])
+            except ValueError:
+                return None
+        else:
+            argv = [str(part) for part in [*(fields.get("cmds") or []), *(fields.get("arguments") or [])]]
+        try:
+            return ExecNodeInvocation.parse(argv).command_line()
+        except InvocationError:
+            return None
