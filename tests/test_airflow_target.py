@@ -1,0 +1,113 @@
+"""The Airflow target's parts that need no Airflow: how credentials are chosen from the
+environment, the host check, task states, run names and the DAGs folder (a real Airflow
+drives the journey in integration/test_airflow_journey.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvx_runtime.auth.airflow import AirflowPasswordAuth, GoogleAccessTokenAuth, airflow_auth_from_environment
+from kvx_runtime.auth.kfp import BearerTokenAuth, NoAuth
+from kvx_runtime.config import load_plugin_config
+from kvx_runtime.errors import ConfigError
+from kvx_runtime.targets.airflow import AirflowTarget, dag_spec
+from kvx_runtime.targets.registry import TARGETS
+
+HOST = "https://airflow.example.com"
+AUTH_VARIABLES = ("KVX_AIRFLOW_TOKEN", "KVX_AIRFLOW_USERNAME", "KVX_AIRFLOW_PASSWORD", "KVX_AIRFLOW_AUTH")
+
+
+@pytest.fixture(autouse=True)
+def no_airflow_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in AUTH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(("variables", "host", "expected"), [
+    ({}, HOST, NoAuth),
+    ({"KVX_AIRFLOW_TOKEN": "t0k"}, HOST, BearerTokenAuth),
+    ({"KVX_AIRFLOW_USERNAME": "admin", "KVX_AIRFLOW_PASSWORD": "pw"}, HOST, AirflowPasswordAuth),
+    ({}, "https://abc123-dot-europe-west1.composer.googleusercontent.com", GoogleAccessTokenAuth),
+    ({"KVX_AIRFLOW_AUTH": "google"}, HOST, GoogleAccessTokenAuth),
+    # A token wins over a login, a forced mode over both.
+    ({"KVX_AIRFLOW_TOKEN": "t0k", "KVX_AIRFLOW_USERNAME": "a", "KVX_AIRFLOW_PASSWORD": "b"}, HOST, BearerTokenAuth),
+    ({"KVX_AIRFLOW_TOKEN": "t0k", "KVX_AIRFLOW_USERNAME": "a", "KVX_AIRFLOW_PASSWORD": "b",
+      "KVX_AIRFLOW_AUTH": "password"}, HOST, AirflowPasswordAuth),
+    ({"KVX_AIRFLOW_TOKEN": "t0k", "KVX_AIRFLOW_AUTH": "none"},
+     "https://x.composer.googleusercontent.com", NoAuth),
+])
+def test_credentials_are_chosen_from_the_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str],
+                                                     host: str, expected: type) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert type(airflow_auth_from_environment(host)) is expected
+
+
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"KVX_AIRFLOW_USERNAME": "admin"}, "needs both KVX_AIRFLOW_USERNAME and KVX_AIRFLOW_PASSWORD"),
+    ({"KVX_AIRFLOW_TOKEN": "two words"}, "holds whitespace"),
+    ({"KVX_AIRFLOW_AUTH": "kerberos"}, "'kerberos' is not one of token, password, google, none"),
+    ({"KVX_AIRFLOW_AUTH": "token"}, "KVX_AIRFLOW_AUTH=token but KVX_AIRFLOW_TOKEN is not set"),
+])
+def test_incomplete_credentials_are_one_config_error_without_the_secret(monkeypatch: pytest.MonkeyPatch,
+                                                                         variables: dict[str, str],
+                                                                         message: str) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message) as refused:
+        airflow_auth_from_environment(HOST)
+    assert "two words" not in str(refused.value) and refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("host", "message"), [
+    ("", "Airflow needs host"),
+    ("airflow.example.com", r"is not an http\(s\) URL"),
+    ("https://admin:secret@airflow.example.com", "must not hold credentials"),
+    ("https://airflow.example.com/?x=1", "has a query or fragment"),
+])
+def test_a_host_that_is_not_an_api_url_is_a_config_error(host: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        AirflowTarget(host)
+    assert "secret" not in str(refused.value)
+
+
+def test_the_client_is_built_from_airflow_k8s_yml(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    (conf / "base").mkdir(parents=True)
+    (conf / "base" / "airflow-k8s.yml").write_text(
+        f"host: {HOST}/\nrun_config:\n  image: img:1\n  dag_id: nightly\n  dags_folder: gs://bucket/dags/\n")
+    target = TARGETS["airflow"].build(load_plugin_config(str(conf), "base"))
+    assert isinstance(target, AirflowTarget)
+    assert (target.host, target.dags_folder, target.dag_id) == (HOST, "gs://bucket/dags", "nightly")
+    assert target.console_url() == f"{HOST}/dags/nightly"
+
+
+def test_publishing_needs_a_dags_folder_and_writes_dag_id_py(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no DAGs folder") as refused:
+        AirflowTarget(HOST).check_upload()
+    assert "run_config.dags_folder" in str(refused.value)
+    target = AirflowTarget(HOST, dags_folder=str(tmp_path / "dags"))
+    spec = dag_spec("my-dag", "# a DAG\n")
+    assert target.publish(spec["dag_id"], spec["dag_file"]) == str(tmp_path / "dags" / "my-dag.py")
+    assert (tmp_path / "dags" / "my-dag.py").read_text() == "# a DAG\n"
+    assert target.remove_dag_file("my-dag") and not target.remove_dag_file("my-dag")
+
+
+def test_airflow_states_map_to_the_targets_states() -> None:
+    target = AirflowTarget(HOST)
+    run = target._run_info({"dag_id": "d", "dag_run_id": "r1", "state": "running", "conf": {"x": 1},
+                            "start_date": "2026-12-01T10:00:00.123456Z"}, tasks=())
+    assert (run.name, run.run_id, run.state, run.parameters) == ("d/r1", "r1", "RUNNING", {"x": 1})
+    assert run.start_time is not None and run.start_time.microsecond == 123456
+    assert target.job_name(run) == "d" and target.step_run_id(run) == "r1"
+    assert target.console_url(run) == f"{HOST}/dags/d/runs/r1"
+    states = {raw: target._task_info({"task_id": "t", "state": raw, "try_number": 2, "max_tries": 1}).state
+              for raw in ("success", "failed", "upstream_failed", "running", "up_for_retry", "queued", None)}
+    assert states == {"success": "SUCCEEDED", "failed": "FAILED", "upstream_failed": "SKIPPED", "running": "RUNNING",
+                      "up_for_retry": "RUNNING", "queued": "PENDING", None: "PENDING"}
+    failed = target._task_info({"task_id": "t", "state": "failed", "try_number": 2, "max_tries": 1})
+    assert failed.error == "failed (try 2 of 2)" and target._try_number(failed) == 2
+    assert target._split("other/r9") == ("other", "r9")
+    assert AirflowTarget(HOST, dag_id="mine")._split("r9") == ("mine", "r9")
