@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 AIRFLOW_VENV = Path(os.environ.get("KVX_TEST_AIRFLOW_VENV", REPO / ".venv-airflow"))
-REQUIREMENTS = ("apache-airflow>=3.3,<4", "apache-airflow-providers-cncf-kubernetes>=10,<11")
+#: google-auth: the GoogleOAuth2 authentication's macro mints ID tokens on the worker (Composer has it).
+REQUIREMENTS = ("apache-airflow>=3.3,<4", "apache-airflow-providers-cncf-kubernetes>=10,<11", "google-auth>=2")
 #: A kube config pointing at nothing: the provider builds pods without a cluster, but not without a config.
 DUMMY_KUBECONFIG = """\
 apiVersion: v1
@@ -55,10 +57,68 @@ class AirflowEnv:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@dataclass(frozen=True)
+class DagRun:
+    run_id: str
+    state: str
+    #: Task id -> its state in this run.
+    tasks: dict[str, str]
+    output: str
+
+
+@dataclass(frozen=True)
+class LocalAirflow:
+    project: Path
+    airflow: Path
+    dag_file: Path
+    env: dict[str, str]
+    database: Path
+    dag_id: str
+
+    def test_run(self, conf: dict[str, object] | None = None) -> DagRun:
+        """One ``airflow dags test`` run of the DAG, and what Airflow's database says of it."""
+        with sqlite3.connect(self.database) as db:
+            before = {row[0] for row in db.execute("SELECT run_id FROM dag_run WHERE dag_id = ?", (self.dag_id,))}
+        args = [str(self.airflow), "dags", "test", self.dag_id, "-f", str(self.dag_file)]
+        if conf:
+            args += ["-c", json.dumps(conf)]
+        done = subprocess.run(args, env=self.env, cwd=self.project, capture_output=True, text=True, timeout=600)
+        output = done.stdout + done.stderr
+        with sqlite3.connect(self.database) as db:
+            runs = [row for row in db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ?", (self.dag_id,))
+                    if row[0] not in before]
+            assert len(runs) == 1, output[-4000:]
+            [(run_id, state)] = runs
+            tasks = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                                    (self.dag_id, run_id)).fetchall())
+        return DagRun(run_id=run_id, state=state, tasks=tasks, output=output)
+
+
+def local_airflow_for(found: AirflowEnv, project: Path, dag_file: Path, dag_id: str, **extra_env: str) -> LocalAirflow:
+    """``airflow dags test`` of ``dag_file`` (an ``--operator local`` DAG of ``project``) in
+    ``found``'s AIRFLOW_HOME (sqlite, migrated now), its tasks running `kvx-runtime` from the
+    Kedro venv with this checkout's code; ``extra_env``: more of the worker's environment."""
+    env = found.env()
+    env.update(
+        AIRFLOW__CORE__DAGS_FOLDER=str(dag_file.parent),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{found.home / 'airflow.db'}",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        KVX_LOG_FORMAT="json",
+        **extra_env,
+    )
+    airflow = found.python.parent / "airflow"
+    migrated = subprocess.run([str(airflow), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    if migrated.returncode != 0:
+        raise AssertionError(f"airflow db migrate failed: {migrated.stderr[-3000:]}")
+    return LocalAirflow(project=project, airflow=airflow, dag_file=dag_file, env=env,
+                        database=found.home / "airflow.db", dag_id=dag_id)
+
+
 def _airflow_ready(python: Path) -> bool:
     if not python.exists():
         return False
-    check = subprocess.run([str(python), "-c", "import airflow.sdk, airflow.providers.cncf.kubernetes"],
+    check = subprocess.run([str(python), "-c", "import airflow.sdk, airflow.providers.cncf.kubernetes, google.auth"],
                            capture_output=True, timeout=120)
     return check.returncode == 0
 
@@ -83,8 +143,9 @@ def _find_or_build(home: Path) -> AirflowEnv | str:
         if not Path(uv).exists():
             return "uv is not installed: it builds .venv-airflow (make airflow-venv)"
         try:
-            subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(AIRFLOW_VENV)], check=True,
-                           capture_output=True, timeout=120)
+            if not python.exists():  # else a venv missing a requirement: installed into
+                subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(AIRFLOW_VENV)], check=True,
+                               capture_output=True, timeout=120)
             subprocess.run([uv, "pip", "install", "-q", "--python", str(python), *REQUIREMENTS], check=True,
                            capture_output=True, timeout=900)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

@@ -10,60 +10,19 @@ test size out of range), which must fail the DAG run and end the MLflow run FAIL
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sqlite3
 import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from integration.airflow_env import find_or_build
+from integration.airflow_env import LocalAirflow, find_or_build, local_airflow_for
 from integration.conftest import KVX, MlflowServer, kedro_in_process, step_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
 DAG_ID = "spaceflights-kvx"
 REPORTS = ["importance.csv", "shuttle_summary.csv"]
-
-
-@dataclass(frozen=True)
-class DagRun:
-    run_id: str
-    state: str
-    #: Task id -> its state in this run.
-    tasks: dict[str, str]
-    output: str
-
-
-@dataclass(frozen=True)
-class LocalAirflow:
-    project: Path
-    airflow: Path
-    dag_file: Path
-    env: dict[str, str]
-    database: Path
-
-    def test_run(self, conf: dict[str, object] | None = None) -> DagRun:
-        """One ``airflow dags test`` run of the DAG, and what Airflow's database says of it."""
-        with sqlite3.connect(self.database) as db:
-            before = {row[0] for row in db.execute("SELECT run_id FROM dag_run WHERE dag_id = ?", (DAG_ID,))}
-        args = [str(self.airflow), "dags", "test", DAG_ID, "-f", str(self.dag_file)]
-        if conf:
-            args += ["-c", json.dumps(conf)]
-        done = subprocess.run(args, env=self.env, cwd=self.project, capture_output=True, text=True, timeout=600)
-        output = done.stdout + done.stderr
-        with sqlite3.connect(self.database) as db:
-            runs = [row for row in db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ?", (DAG_ID,))
-                    if row[0] not in before]
-            assert len(runs) == 1, output[-4000:]
-            [(run_id, state)] = runs
-            tasks = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
-                                    (DAG_ID, run_id)).fetchall())
-        return DagRun(run_id=run_id, state=state, tasks=tasks, output=output)
 
 
 @pytest.fixture(scope="module")
@@ -83,21 +42,7 @@ def local_airflow(tmp_path_factory: pytest.TempPathFactory, mlflow_server: Mlflo
                            "--params", "data_science.model_options.test_size:float", "-o", str(dag_file)],
                           cwd=project, env=step_env(), capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
-    env = found.env()
-    env.update(
-        AIRFLOW__CORE__DAGS_FOLDER=str(dag_file.parent),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{found.home / 'airflow.db'}",
-        # The tasks run `kvx-runtime` from the worker's PATH: the Kedro venv's, with this checkout's code.
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url,
-        KVX_LOG_FORMAT="json",
-    )
-    airflow = found.python.parent / "airflow"
-    migrated = subprocess.run([str(airflow), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
-    assert migrated.returncode == 0, migrated.stderr[-3000:]
-    return LocalAirflow(project=project, airflow=airflow, dag_file=dag_file, env=env,
-                        database=found.home / "airflow.db")
+    return local_airflow_for(found, project, dag_file, DAG_ID, KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
 
 
 def _mlflow_runs(mlflow_server: MlflowServer, airflow_run_id: str) -> list:

@@ -202,6 +202,8 @@ class _DagWriter:
         body = [self._constants()]
         if self.plan.exit_steps:
             body.append(self._final_status_macro())
+        if self._google_auth():
+            body.append(_GOOGLE_ID_TOKEN_MACRO)
         body.append(self._dag())
         code = "\n\n\n".join(part.rstrip("\n") for part in body)
         return "\n\n".join(part.rstrip("\n") for part in (self._header(), self._imports(code), code)) + "\n"
@@ -291,8 +293,8 @@ class _DagWriter:
             kwargs["max_active_runs"] = run.max_active_runs
         kwargs["tags"] = ["kedro", "kvx-runtime", *run.tags]
         kwargs["params"] = params
-        if self.plan.exit_steps:
-            kwargs["user_defined_macros"] = {"kvx_final_status": Code("kvx_final_status")}
+        if self._macros():
+            kwargs["user_defined_macros"] = self._macros()
         if self.operator == "local":
             kwargs["user_defined_filters"] = {"shell_quote": Code("shlex.quote")}
         lines = [f"with {_py(Call('DAG', kwargs), 0, 5)} as dag:"]
@@ -371,9 +373,26 @@ class _DagWriter:
     def _step_env(self, step: PlannedStep) -> dict[str, str]:
         return {name: _jinja_literal(value) for name, value in step.env.items()}
 
+    def _google_auth(self) -> bool:
+        return self.run.authentication is not None and self.run.authentication.type == "GoogleOAuth2"
+
+    def _macros(self) -> dict[str, Any]:
+        macros: dict[str, Any] = {}
+        if self.plan.exit_steps:
+            macros["kvx_final_status"] = Code("kvx_final_status")
+        if self._google_auth():
+            macros["kvx_google_id_token"] = Code("kvx_google_id_token")
+        return macros
+
     def _task_env(self) -> dict[str, Any]:
         env: dict[str, Any] = {name: _jinja_literal(value) for name, value in self.plan_env().items()}
         env["KVX_ORCHESTRATOR"] = Airflow.name
+        authentication = self.run.authentication
+        if authentication is not None and authentication.type == "Vars":
+            # Rendered by Airflow for each task (a secrets backend serves them); never a value here.
+            env.update({name: f"{{{{ var.value.{name} }}}}" for name in authentication.params})
+        elif authentication is not None:
+            env["MLFLOW_TRACKING_TOKEN"] = "{{ kvx_google_id_token() }}"
         return env
 
     def _retry(self, step: PlannedStep) -> dict[str, Any]:
@@ -563,3 +582,27 @@ def write_dag(dag: AirflowDag, output: str | Path) -> Path:
     from kvx_runtime.compiler.output import write_output
 
     return write_output(output, dag.text)
+
+
+#: run_config.authentication GoogleOAuth2: an ID token for the worker's GOOGLE_AUDIENCE, minted
+#: when each task's environment is rendered (google-auth is on Cloud Composer's workers).
+_GOOGLE_ID_TOKEN_MACRO = '''def kvx_google_id_token() -> str:
+    """An ID token for GOOGLE_AUDIENCE from the worker's Google credentials (MLflow behind Google auth)."""
+    import os
+
+    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.log import mask_secret
+
+    audience = os.environ.get("GOOGLE_AUDIENCE")
+    if not audience:
+        raise AirflowFailException(
+            "run_config.authentication GoogleOAuth2: set GOOGLE_AUDIENCE in the Airflow workers' environment"
+        )
+    try:
+        import google.auth.transport.requests
+        import google.oauth2.id_token
+    except ImportError as exc:
+        raise AirflowFailException(f"run_config.authentication GoogleOAuth2 needs google-auth on the worker: {exc}")
+    token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+    mask_secret(token)
+    return token'''

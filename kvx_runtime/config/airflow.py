@@ -24,7 +24,8 @@ from kvx_runtime.config.schema import (
     is_kubernetes_name,
 )
 
-__all__ = ["AirflowPluginConfig", "AirflowRunConfig", "PodSecret", "Toleration", "check_schedule", "is_dag_id"]
+__all__ = ["AirflowPluginConfig", "AirflowRunConfig", "MlflowAuthentication", "PodSecret", "Toleration",
+           "check_schedule", "is_dag_id"]
 
 #: Airflow's own names for schedules (``schedule="@daily"``).
 SCHEDULE_PRESETS = frozenset({"@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly",
@@ -126,6 +127,34 @@ class PodSecret(_Section):
         return self
 
 
+class MlflowAuthentication(_Section):
+    """``run_config.authentication`` (kedro-airflow-k8s's section): how the DAG's tasks
+    authenticate to MLflow, from what the Airflow worker holds.
+
+    ``GoogleOAuth2``: an ID token for the worker's ``GOOGLE_AUDIENCE`` from its Google
+    credentials, minted for each task and given to it as ``MLFLOW_TRACKING_TOKEN``. ``Vars``:
+    the Airflow Variables named in ``params`` (``MLFLOW_TRACKING_USERNAME``...; a secrets
+    backend such as Vault serves them) given to each task under the same names. The DAG file
+    holds the templates, never a value.
+    """
+
+    type: Literal["GoogleOAuth2", "Vars"]
+    params: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _params(self) -> MlflowAuthentication:
+        if self.type == "Vars":
+            if not self.params:
+                raise ValueError("type Vars needs params: the Airflow Variables to pass, e.g. "
+                                 "[MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD]")
+            for name in self.params:
+                if not _ENV_VAR.fullmatch(name):
+                    raise ValueError(f"{name!r} is not an environment variable name")
+        elif self.params:
+            raise ValueError("type GoogleOAuth2 takes no params (the audience is the worker's GOOGLE_AUDIENCE)")
+        return self
+
+
 class AirflowRunConfig(RunConfig):
     """``run_config`` of ``airflow-k8s.yml``: the shared keys plus the DAG's and its pods'."""
 
@@ -154,6 +183,8 @@ class AirflowRunConfig(RunConfig):
     on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = "delete_pod"
     #: Airflow's Kubernetes connection (the cluster the pods run in); Composer's default works in-cluster.
     kubernetes_conn_id: str = "kubernetes_default"
+    #: How the tasks authenticate to MLflow from the Airflow worker (GoogleOAuth2 or Vars).
+    authentication: MlflowAuthentication | None = None
     #: Where upload-pipeline, run-once and schedule write the DAG file: a path Airflow's DAG
     #: processor reads, or ``gs://<Composer environment bucket>/dags``.
     dags_folder: str | None = None
