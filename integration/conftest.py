@@ -472,3 +472,24 @@ def bearer_proxy(mlflow_server, fake_google) -> Iterator[Any]:
     proxy = BearerProxy(mlflow_server.port, AUDIENCE).start()
     yield proxy
     proxy.stop()
+
+
+from integration.airflow_server import AirflowServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def airflow_server(tmp_path_factory, mlflow_server: MlflowServer) -> Iterator[AirflowServer]:
+    """A real Airflow 3 deployment on 127.0.0.1 (``integration.airflow_server``): API server,
+    scheduler (LocalExecutor, SQLite) and DAG processor, started once per session (per xdist
+    worker). Its tasks run ``kvx-runtime`` from this venv and log to the session's MLflow
+    server; DAG files dropped into ``dags_folder`` are parsed within seconds."""
+    from integration.airflow_env import find_or_build
+    from integration.airflow_server import start_airflow_server
+
+    root = tmp_path_factory.mktemp("airflow-server")
+    found = find_or_build(root / "home")
+    if isinstance(found, str):
+        pytest.skip(found)
+    server = start_airflow_server(root, {"KEDRO_CONFIG_MLFLOW_TRACKING_URI": mlflow_server.url}, found=found)
+    yield server
+    server.stop()

@@ -17,6 +17,7 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
+from kvx_runtime import settings
 from kvx_runtime.auth.kfp import BearerTokenAuth, KfpAuth, NoAuth
 from kvx_runtime.auth.tokens import TokenCache
 from kvx_runtime.errors import ConfigError, InfrastructureError
@@ -56,22 +57,21 @@ class AirflowPasswordAuth(KfpAuth):
     def _login(self) -> str:
         import requests
 
-        where = urlsplit(self.host).netloc
+        from kvx_runtime.targets.http import ApiError, request_json
+
         try:
-            answer = requests.post(f"{self.host}/auth/token", json={"username": self.username,
-                                                                   "password": self._password},
-                                   headers={"Accept": "application/json"}, timeout=30, allow_redirects=False)
-        except requests.RequestException as exc:
-            raise InfrastructureError(f"Airflow login at {where} failed: {type(exc).__name__}") from None
-        if answer.status_code in (400, 401, 403):
-            raise ConfigError(f"Airflow refused the login of {self.username!r} (HTTP {answer.status_code})",
-                              hint=f"check {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}")
-        try:
-            token = answer.json()["access_token"] if answer.status_code in (200, 201) else None
-        except (ValueError, KeyError, TypeError):
-            token = None
+            answer = request_json(requests.Session(), "POST", f"{self.host}/auth/token", service="Airflow",
+                                  what="POST /auth/token (login)",
+                                  body={"username": self.username, "password": self._password},
+                                  attempts=settings.API_ATTEMPTS.get())
+        except ApiError as exc:
+            if exc.status in (400, 401, 403, 422):
+                raise ConfigError(f"Airflow refused the login of {self.username!r} (HTTP {exc.status})",
+                                  hint=f"check {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}") from None
+            raise
+        token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
-            raise InfrastructureError(f"Airflow login at {where}: HTTP {answer.status_code} without an access "
+            raise InfrastructureError(f"Airflow login at {urlsplit(self.host).netloc} answered without an access "
                                       "token (is host the Airflow 3 API server's URL?)")
         return token
 

@@ -71,7 +71,8 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
     run_config = project.plugin_config.run_config
     if not (run_config.wait_for_completion if request.wait is None else request.wait):
         return
-    watch_to_end(request.at, target, run, request.timeout, None, compiled.values)
+    # A task's log is one API call away on Airflow: a failure prints its tail.
+    watch_to_end(request.at, target, run, request.timeout, None, compiled.values, fetch_logs=True)
 
 
 @click.command("run-once", cls=KvxCommand)

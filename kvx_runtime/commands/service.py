@@ -112,8 +112,9 @@ def run_once(request: RunOnceRequest) -> None:
 
 
 def watch_to_end(at: Invocation, target: PipelineTarget, run: RunInfo, timeout: float | None,
-                 spec: Mapping[str, Any] | None, values: Mapping[str, Any]) -> None:
-    """Watch a submitted run until it ends (or ``timeout``), then :func:`_finish` it."""
+                 spec: Mapping[str, Any] | None, values: Mapping[str, Any], fetch_logs: bool = False) -> None:
+    """Watch a submitted run until it ends (or ``timeout``), then :func:`_finish` it (with the
+    failed tasks' last log lines when ``fetch_logs``)."""
     from kvx_runtime.submission import watch
 
     interval = settings.WATCH_INTERVAL.get()
@@ -124,7 +125,7 @@ def watch_to_end(at: Invocation, target: PipelineTarget, run: RunInfo, timeout: 
     except Interrupted:  # Ctrl-C (SIGINT, turned into Interrupted by the process contract)
         click.echo(f"Stopped watching; the run goes on. Cancel it with: {at.sibling('cancel')} {run.run_id}")
         raise
-    _finish(target, run, spec, values)
+    _finish(target, run, spec, values, fetch_logs=fetch_logs)
 
 
 @click.command("run-once", cls=KvxCommand)

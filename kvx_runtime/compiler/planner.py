@@ -29,6 +29,7 @@ from kvx_runtime.compiler.plan import (
     Symbol,
 )
 from kvx_runtime.compiler.resources import group_resources, node_resources, node_retry, node_selectors
+from kvx_runtime.config.validation import unknown_keys
 from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import NodeGrouper, StepGroup, group_dependencies, order_groups
@@ -263,6 +264,8 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
     warnings += [f"input {name} missing" for name in warn_missing_inputs(facts.missing_inputs, facts.storage_root)]
     warnings += [f"env {env} not in image" for env in facts.envs_not_in_image]
     warnings += [f"MLflow configured in {path}, not read by the steps" for path in facts.unread_mlflow_files]
+    # Logged when the config is read; here so that --strict refuses a typo that silently does nothing.
+    warnings += [f"unknown key {key}" for key in unknown_keys(facts.run, "run_config.")]
     warnings += warn_uncopyable_crossings(facts.memory_datasets_assigned, producers, consumers, step_of)
     return warnings
 

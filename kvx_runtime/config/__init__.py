@@ -54,6 +54,7 @@ from kvx_runtime.config.validation import (
     STEP_KEYS,
     nesting_depth,
     parse_plugin_config,
+    unknown_keys,
 )
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "resolve_storage_root",
     "schema_of",
     "under_storage_root",
+    "unknown_keys",
 ]
 
 #: Airflow's schema, imported on first use: every step imports this package, and building its

@@ -25,7 +25,7 @@ from kvx_runtime.config.schema import PluginConfig
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.log import get_logger
 
-__all__ = ["ALL_KEYS", "MAX_DEPTH", "STEP_KEYS", "Unresolved", "nesting_depth", "parse_plugin_config"]
+__all__ = ["ALL_KEYS", "MAX_DEPTH", "STEP_KEYS", "Unresolved", "nesting_depth", "parse_plugin_config", "unknown_keys"]
 
 # The package's logger: its lines keep the name they had before config.py became a package.
 log = get_logger(__package__)
@@ -64,6 +64,15 @@ def _is_needed(path: str, needed: Iterable[str]) -> bool:
         key == "" or path == key or path.startswith(key + ".") or key.startswith(path + ".")
         for key in needed
     )
+
+
+def unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+    """The keys of ``model`` (a config section, read with its unknown keys kept) that no schema
+    knows, each with a close match when there is one (``run_config.dag_idd (did you mean
+    run_config.dag_id?)``); the plugin family's accepted keys are not among them."""
+    found: list[str] = []
+    _collect_unknown(model, prefix, found, {})
+    return found
 
 
 def _collect_unknown(model: BaseModel, prefix: str, found: list[str], unused: dict[str, str]) -> None:

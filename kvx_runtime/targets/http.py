@@ -141,10 +141,11 @@ def request_json(
         status = response.status_code
         if 300 <= status < 400:  # a login proxy sending us to its login page
             status = 401
+        parsed = True
         try:
             payload = response.json() if response.content else {}
         except ValueError:
-            payload = None
+            payload, parsed = None, False
         if status == 401 and on_unauthorized is not None and not refreshed:
             refreshed = True  # a token that expired early, a revoked token, an ended session: one fresh try
             on_unauthorized()
@@ -159,11 +160,11 @@ def request_json(
                 raise ApiError(f"{service} refused {what}: {message}", status=status,
                                hint="check the credentials (and that they may use this API)")
             raise ApiError(f"{service} refused {what}: {message}", status=status)
-        if payload is None:
+        if not parsed:
             kind = response.headers.get("Content-Type", "no content type").split(";")[0]
             raise ApiError(f"{service}: {where} answered {what} with {kind}, not the API's JSON", status=status,
                            hint="check that the host is the API's URL")
-        return payload
+        return {} if payload is None else payload  # JSON null: an answer without a body (Airflow's 201s)
 
     pause = settings.API_RETRY_WAIT.get() if wait is None else wait
     # The one try after a credential refresh comes on top of the attempts, never instead of them.

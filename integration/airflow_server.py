@@ -1,0 +1,297 @@
+"""A real Airflow 3 deployment on 127.0.0.1 for the tests of kvx-runtime's Airflow REST client.
+
+``start_airflow_server`` runs, from ``.venv-airflow`` (``airflow_env.find_or_build``), the
+processes of a small deployment, each in a process group of its own and logging to a file
+under ``root``:
+
+* ``airflow api-server`` on a free port of 127.0.0.1 (the REST API, ``/api/v2``, and the
+  execution API the tasks report to, ``/execution/``);
+* ``airflow scheduler`` with the LocalExecutor, which Airflow 3.3 accepts on SQLite (as
+  ``airflow standalone`` runs it), and its log server on a free port: the API server reads a
+  running task's log from it (and from the file, the same machine's) under the hostname
+  ``loopback_hostname`` gives every task, 127.0.0.1;
+* ``airflow dag-processor``, which parses the DAG folder (Airflow 3 runs it apart from the
+  scheduler), set to look for new files every few seconds.
+
+No triggerer: nothing the tests run defers. Authentication is the SimpleAuthManager's, with one
+admin user whose password is written to its passwords file before anything starts.
+
+The processes run with the environment a ``--operator local`` DAG's tasks need to run
+``kvx-runtime exec-node``: the Kedro venv's ``bin`` first on PATH, this checkout on PYTHONPATH,
+plus the caller's ``extra_env`` (MLflow's URI, say).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from integration.airflow_env import REPO, AirflowEnv
+
+#: Where the deployment's processes cache their bytecode (gitignored, as .venv-*/).
+PYCACHE = Path(os.environ.get("KVX_TEST_AIRFLOW_PYCACHE", REPO / ".venv-airflow-pycache"))
+USERNAME = "admin"
+PASSWORD = "kvx-airflow-Passw0rd!"
+#: How long the deployment may take to answer with a healthy scheduler (2 slow cores).
+STARTUP_TIMEOUT = 120.0
+#: The intervals that make a new DAG file run within seconds (Airflow's defaults in comments).
+FAST_INTERVALS = {
+    # Listing the DAG folder for new files (300 s) and re-parsing a known file (30 s).
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "2",
+    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "2",
+    "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",  # 5 s
+    "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",  # 2: one core is the tests'
+    "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",  # 30 s
+    # A DAG file deleted is a DAG deactivated after this long past the folder's next parse (50 s).
+    "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",  # 5 s
+    "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",  # 5 s: how soon a running task sees a kill
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",  # 1 s
+    "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "5",  # 60 s
+}
+
+
+@dataclass
+class AirflowServer:
+    """A running deployment: ``url`` is the API server's base URL (``/api/v2/...``, ``/auth/token``)."""
+
+    url: str
+    port: int
+    dags_folder: Path
+    username: str
+    password: str
+    home: Path
+    #: The environment every Airflow process runs with (the tasks inherit it).
+    env: dict[str, str]
+    #: The ``airflow`` CLI of ``.venv-airflow``: run it with ``env`` to share the deployment's database.
+    airflow: Path
+    #: Where each process logs (``<name>.log`` under the root given to ``start_airflow_server``).
+    logs: dict[str, Path]
+    #: Seconds from the first command (``db migrate``) to a healthy scheduler.
+    startup_seconds: float = 0.0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
+    _token: str | None = field(default=None, repr=False)
+
+    def token(self) -> str:
+        """A fresh access token (a JWT) of the admin user, for ``Authorization: Bearer``."""
+        status, body = request(self.url, "POST", "/auth/token",
+                               {"username": self.username, "password": self.password})
+        if status != 201 or not isinstance(body, dict) or "access_token" not in body:
+            raise RuntimeError(f"POST /auth/token answered {status}: {body}")
+        return str(body["access_token"])
+
+    def api(self, method: str, path: str, body: Any = None, token: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """One request to the API with the admin's token (or ``token``): (status, JSON body or text).
+        The admin's token is asked for once: it lasts a day (``[api_auth] jwt_expiration_time``)."""
+        if token is None:
+            self._token = self._token or self.token()
+            token = self._token
+        return request(self.url, method, path, body, token, headers)
+
+    def log_tails(self, chars: int = 2500) -> str:
+        return "\n".join(f"--- {name} ({path}) ---\n{_tail(path, chars)}" for name, path in self.logs.items())
+
+    def stop(self) -> None:
+        """SIGTERM to each process group, SIGKILL to what is left a few seconds later."""
+        _stop_all(self.processes)
+
+
+def request(url: str, method: str, path: str, body: Any = None, token: str | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
+    """(status, JSON body, or text when the answer is not JSON); error statuses are returned too."""
+    data = None if body is None else json.dumps(body).encode()
+    sent = {"Accept": "application/json", **(headers or {})}
+    if data is not None:
+        sent["Content-Type"] = "application/json"
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=data, method=method, headers=sent)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            status, raw = answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    text = raw.decode(errors="replace")
+    try:
+        return status, json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return status, text
+
+
+def loopback_hostname() -> str:
+    """``[core] hostname_callable`` of the deployment: the host the API server fetches logs from."""
+    return "127.0.0.1"
+
+
+def _tail(path: Path, chars: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as error:
+        return f"({error})"
+
+
+def _stop_all(processes: dict[str, subprocess.Popen], grace: float = 8.0) -> None:
+    running = [process for process in processes.values() if process.poll() is None]
+    for process in running:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in running:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    # The group may hold children (task runners, parsing processes) after its leader exited.
+    for process in processes.values():
+        _signal_group(process, signal.SIGKILL)
+        if process.poll() is None:
+            process.wait(timeout=10)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)  # start_new_session: the group's id is the leader's pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def airflow_env(found: AirflowEnv, root: Path, port: int, extra_env: dict[str, str]) -> dict[str, str]:
+    """The environment of every process of the deployment (and so of its tasks)."""
+    from conftest import LOOPBACK_ONLY, free_port
+
+    url = f"http://127.0.0.1:{port}"
+    env = found.env()
+    env.update(LOOPBACK_ONLY)
+    env.update(FAST_INTERVALS)
+    env.update(
+        # A deployment, not Airflow's unit-test set-up (which unpauses new DAGs and loads examples).
+        AIRFLOW__CORE__UNIT_TEST_MODE="false",
+        AIRFLOW__CORE__LOAD_EXAMPLES="false",
+        AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(root / "plugins"),
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        # The LocalExecutor starts this many worker processes up front (32 by default).
+        AIRFLOW__CORE__PARALLELISM="4",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{found.home / 'airflow.db'}",
+        AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(root / "task-logs"),
+        # The log servers of the scheduler and triggerer default to fixed ports (8793, 8794), and
+        # the API server asks a running task's host for its log: 127.0.0.1, not the machine's name.
+        AIRFLOW__CORE__HOSTNAME_CALLABLE="integration.airflow_server.loopback_hostname",
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH=str(root / "bundles"),
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=url,
+        AIRFLOW__API__WORKERS="1",
+        # Where the tasks (started by the scheduler) report their state: this API server.
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
+        # Shared by all processes: the API server signs the tasks' tokens the scheduler asks for.
+        # (64 bytes or more: PyJWT warns of shorter HS512 keys.)
+        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(64),
+        AIRFLOW__API__SECRET_KEY=secrets.token_urlsafe(64),
+        AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{USERNAME}:admin",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="false",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(root / "passwords.json"),
+        # The tasks run `kvx-runtime` from PATH: the Kedro venv's, with this checkout's code.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        KVX_LOG_FORMAT="json",
+        # Bytecode cached outside the venvs and the checkout: without it each process (and each
+        # task) compiles Airflow's thousands of modules again, tens of seconds on 2 cores.
+        PYTHONPYCACHEPREFIX=str(PYCACHE),
+    )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(extra_env)
+    return env
+
+
+def start_airflow_server(root: Path, extra_env: dict[str, str], found: AirflowEnv | None = None,
+                         timeout: float = STARTUP_TIMEOUT) -> AirflowServer:
+    """Migrate a fresh SQLite database in ``root/home`` and start the deployment; return when the
+    API answers and the scheduler is healthy (RuntimeError with each process's log tail if not
+    within ``timeout`` seconds; everything started is stopped then)."""
+    from conftest import free_port
+    from integration.airflow_env import find_or_build
+
+    root.mkdir(parents=True, exist_ok=True)
+    if found is None:
+        built = find_or_build(root / "home")
+        if isinstance(built, str):
+            raise RuntimeError(built)
+        found = built
+    started = time.monotonic()
+    port = free_port()
+    env = airflow_env(found, root, port, extra_env)
+    for folder in ("dags", "plugins", "task-logs", "bundles"):
+        (root / folder).mkdir(exist_ok=True)
+    (root / "passwords.json").write_text(json.dumps({USERNAME: PASSWORD}) + "\n")
+    airflow = found.python.parent / "airflow"
+    server = AirflowServer(
+        url=f"http://127.0.0.1:{port}", port=port, dags_folder=root / "dags", username=USERNAME,
+        password=PASSWORD, home=found.home, env=env, airflow=airflow,
+        logs={name: root / f"{name}.log" for name in ("db-migrate", "api-server", "scheduler", "dag-processor")},
+    )
+    with server.logs["db-migrate"].open("wb") as log:
+        migrated = subprocess.run([str(airflow), "db", "migrate"], env=env, cwd=root, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=300)
+    if migrated.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed ({migrated.returncode}):\n{server.log_tails()}")
+    commands = {
+        "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        "scheduler": ["scheduler"],
+        "dag-processor": ["dag-processor"],
+    }
+    atexit.register(server.stop)  # should the session end without the fixture's finalizer
+    try:
+        for name, args in commands.items():
+            with server.logs[name].open("wb") as log:
+                server.processes[name] = subprocess.Popen(
+                    [str(airflow), *args], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+        _wait_until_healthy(server, started + timeout)
+    except BaseException:
+        server.stop()
+        raise
+    server.startup_seconds = time.monotonic() - started
+    return server
+
+
+def _wait_until_healthy(server: AirflowServer, deadline: float) -> None:
+    last: object = "no answer yet"
+    while time.monotonic() < deadline:
+        exited = {name: process.returncode for name, process in server.processes.items() if process.poll() is not None}
+        if exited:
+            raise RuntimeError(f"Airflow processes exited early {exited}:\n{server.log_tails()}")
+        try:
+            status, version = request(server.url, "GET", "/api/v2/version", timeout=5)
+            if status == 200:
+                status, health = request(server.url, "GET", "/api/v2/monitor/health", timeout=5)
+                last = health
+                if (status == 200 and isinstance(health, dict)
+                        and health.get("scheduler", {}).get("status") == "healthy"
+                        and (health.get("dag_processor") or {}).get("status") == "healthy"):
+                    # The execution API (what tasks report to) is built on its first request,
+                    # seconds on 2 cores: here rather than in the first task's start.
+                    status, ping = request(server.url, "GET", "/execution/health/ping", timeout=60)
+                    if status == 200:
+                        return
+                    last = ("execution API", status, ping)
+            else:
+                last = (status, version)
+        except OSError as error:  # not listening yet
+            last = error
+        time.sleep(0.5)
+    raise RuntimeError(f"Airflow did not come up healthy in time (last: {last}):\n{server.log_tails()}")
