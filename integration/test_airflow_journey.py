@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,6 +118,11 @@ def test_run_once_waits_for_a_run_that_makes_what_kedro_run_makes(
     assert listed.returncode == 0 and run_id in listed.stdout and "SUCCEEDED" in listed.stdout
     ui = journey.kvx("ui", "--env", "local")
     assert ui.stdout.strip() == f"{journey.server.url}/dags/{DAG_ID}"
+    # The plugin family's front-end: the same command through Kedro's CLI.
+    kedro = subprocess.run([str(Path(sys.executable).parent / "kedro"), "airflow-k8s", "-e", "local", "status",
+                            f"{DAG_ID}/{run_id}"], cwd=journey.project, env=journey.env(), capture_output=True,
+                           text=True, timeout=300)
+    assert kedro.returncode == 0 and f"\n{run_id}: SUCCEEDED  " in kedro.stdout, kedro.stderr[-2000:]
 
 
 def test_a_failing_node_fails_run_once_with_the_task_its_log_tail_and_the_replay_command(

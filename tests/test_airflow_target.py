@@ -111,3 +111,15 @@ def test_airflow_states_map_to_the_targets_states() -> None:
     assert failed.error == "failed (try 2 of 2)" and target._try_number(failed) == 2
     assert target._split("other/r9") == ("other", "r9")
     assert AirflowTarget(HOST, dag_id="mine")._split("r9") == ("mine", "r9")
+
+
+def test_a_dag_file_carries_the_version_of_what_runs() -> None:
+    from kvx_runtime.compiler.airflow_render import dag_version
+
+    golden = Path(__file__).resolve().parents[1] / "integration" / "golden" / "example-airflow-local.py"
+    text = golden.read_text()
+    version = dag_version(text)
+    assert version is not None and len(version) == 16
+    # As Airflow returns the parsed DAG's doc_md.
+    assert dag_version(f"Kedro pipeline ...\n\nkvx-runtime DAG version {version}") == version
+    assert dag_version("no version here") is None and dag_version(None) is None

@@ -54,6 +54,7 @@ with DAG(
     schedule=None,
     catchup=False,
     tags=["kedro", "kvx-runtime"],
+    doc_md="Kedro pipeline `__default__` of `spaceflights_kvx` (env `local`), compiled by kvx-runtime 0.0.0-golden.\n\nkvx-runtime DAG version 481308473e086096",
     params={
         "kvx_storage_root": Param(
             default="/var/lib/kvx/storage",

@@ -79,6 +79,7 @@ with DAG(
     catchup=False,
     max_active_runs=2,
     tags=["kedro", "kvx-runtime", "golden"],
+    doc_md="Kedro pipeline `__default__` of `spaceflights_kvx` (env `airflow`), compiled by kvx-runtime 0.0.0-golden.\n\nkvx-runtime DAG version 35f93344db8fb7ab",
     params={
         "kvx_storage_root": Param(
             default="gs://kvx-example-bucket/airflow",

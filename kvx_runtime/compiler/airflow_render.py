@@ -20,6 +20,7 @@ Airflow takes a run's state from its leaves, which the exit steps would otherwis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import keyword
 import re
@@ -45,7 +46,8 @@ from kvx_runtime.step.invocation import PROGRAM
 from kvx_runtime.step.orchestrator import Airflow
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
-__all__ = ["OPERATORS", "OUTCOME_TASK", "AirflowDag", "DagSource", "Operator", "render_airflow", "write_dag"]
+__all__ = ["OPERATORS", "OUTCOME_TASK", "AirflowDag", "DagSource", "Operator", "dag_version", "render_airflow",
+           "write_dag"]
 
 Operator = Literal["pods", "local"]
 OPERATORS: tuple[Operator, ...] = ("pods", "local")
@@ -96,7 +98,26 @@ def render_airflow(plan: PipelinePlan, run: AirflowRunConfig, source: DagSource,
                           hint="the first logical date of the schedule, e.g. start_date: 2026-01-01")
     dag_id = run.dag_id or plan.name
     writer = _DagWriter(plan, run, source, dag_id, operator, project_dir or "")
-    return AirflowDag(dag_id=dag_id, text=writer.text(), upstream=writer.upstream())
+    text = writer.text()
+    # Of what runs, not of the header (which names the Kedro version the DAG was compiled with).
+    body = text[text.index('"""\n', 3) + 4:]
+    version = hashlib.sha256(body.encode()).hexdigest()[:_VERSION_DIGITS]
+    return AirflowDag(dag_id=dag_id, text=text.replace(_VERSION_PLACEHOLDER, version), upstream=writer.upstream())
+
+
+#: The DAG's doc_md ends with its version: a digest of the file's text (with this placeholder where
+#: the digest goes). Airflow stores a DAG's tasks and doc_md together, so a DAG whose doc_md shows
+#: the version of the file written runs that file's tasks (its source is updated sooner).
+_VERSION_MARK = "kvx-runtime DAG version "
+_VERSION_DIGITS = 16
+_VERSION_PLACEHOLDER = "0" * _VERSION_DIGITS
+_VERSION = re.compile(re.escape(_VERSION_MARK) + r"([0-9a-f]{%d})" % _VERSION_DIGITS)
+
+
+def dag_version(text: str | None) -> str | None:
+    """The version a DAG file (or a parsed DAG's doc_md) carries, if any."""
+    match = _VERSION.search(text or "")
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -292,6 +313,9 @@ class _DagWriter:
         if run.max_active_runs is not None:
             kwargs["max_active_runs"] = run.max_active_runs
         kwargs["tags"] = ["kedro", "kvx-runtime", *run.tags]
+        kwargs["doc_md"] = (f"Kedro pipeline `{self.source.pipeline}` of `{self.source.package}` (env "
+                            f"`{self.source.env}`), compiled by kvx-runtime {self.source.kvx_version}.\n\n"
+                            f"{_VERSION_MARK}{_VERSION_PLACEHOLDER}")
         kwargs["params"] = params
         if self._macros():
             kwargs["user_defined_macros"] = self._macros()

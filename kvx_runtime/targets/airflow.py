@@ -193,28 +193,36 @@ class AirflowTarget(PipelineTarget):
         return None
 
     def wait_parsed(self, dag_id: str, text: str, written: datetime, timeout: float | None = None) -> dict[str, Any]:
-        """Wait until Airflow has parsed this version of the DAG file (its source as the API
-        returns it equals ``text``; ``written``: when the file was written); returns the DAG's
-        details. An import error of the file is a ConfigError naming it; no parse within
-        ``timeout`` (default KVX_AIRFLOW_PARSE_TIMEOUT) an InfrastructureError."""
+        """Wait until Airflow has parsed this version of the DAG file and will run it (the DAG's
+        source, as the API returns it, is ``text``, and the version in its doc_md is the file's:
+        Airflow stores a DAG's tasks with its doc_md, at most every
+        ``[core] min_serialized_dag_update_interval``, its source at every parse); ``written``:
+        when the file was written. Returns the DAG's details. An import error of the file is a
+        ConfigError naming it; no parse within ``timeout`` (default KVX_AIRFLOW_PARSE_TIMEOUT)
+        an InfrastructureError."""
+        from kvx_runtime.compiler.airflow_render import dag_version
+
         limit = settings.AIRFLOW_PARSE_TIMEOUT.get() if timeout is None else timeout
         deadline = time.monotonic() + limit
         interval = min(2.0, settings.WATCH_INTERVAL.get())
-        asked_reparse = False
+        version = dag_version(text)
+        asked_at: float | None = None
         while True:
             details = self.dag(dag_id)
-            if details is not None and self._source(dag_id) == text:
+            if (details is not None and (version is None or dag_version(details.get("doc_md")) == version)
+                    and self._source(dag_id) == text):
                 return details
             error = self.import_error(dag_id, since=written)
             if error is not None:
                 raise ConfigError(f"Airflow cannot import the DAG file {dag_id}.py: {error}",
                                   hint="parse it where Airflow and the provider of the same versions are installed "
                                   "(docs/airflow.md) to see the whole error")
-            if details is not None and details.get("file_token") and not asked_reparse:
+            now = time.monotonic()
+            if details is not None and details.get("file_token") and (asked_at is None or now - asked_at >= 10):
                 # Airflow re-reads a known file on its own only every min_file_process_interval.
                 self._request("PUT", f"parseDagFile/{quote(str(details['file_token']), safe='')}")
-                asked_reparse = True
-            if time.monotonic() >= deadline:
+                asked_at = now
+            if now >= deadline:
                 state = "an older version of the DAG" if details is not None else "no DAG of that id"
                 raise InfrastructureError(
                     f"Airflow has not parsed the new DAG file {dag_id}.py within {limit:g} s (it shows {state})",
