@@ -12,9 +12,9 @@ OLDEST_VENV ?= .venv-kedro-oldest
 # Airflow 3 and the Kubernetes provider, in a virtualenv of their own (the tests marked
 # `airflow` parse and run the compiled DAGs with its python; integration/airflow_env.py).
 AIRFLOW_VENV ?= .venv-airflow
-# pytest-xdist workers: one per core.
+# pytest-xdist workers: one per core; tests sharing one heavy server (xdist_group) run on one worker.
 TEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(TEST_WORKERS)
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 # The fault suite waits more than it computes (retry back-off, slowed requests): two workers per core.
 FAULT_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
 

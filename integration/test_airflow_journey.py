@@ -25,7 +25,8 @@ import pytest
 from conftest import REPO, free_port
 from integration.conftest import KVX, REPORT_FILES, MlflowServer, step_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.airflow]
+# One Airflow deployment per session: every test using it runs on one xdist worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow-server")]
 
 DAG_ID = "journey-kvx"
 
