@@ -35,7 +35,7 @@ from kvx_runtime.targets.base import (
     TaskInfo,
     UploadRequest,
 )
-from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, request_json
+from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, request_json, session_with
 
 if TYPE_CHECKING:
     from kvx_runtime.config import PluginConfig
@@ -93,14 +93,10 @@ class AirflowTarget(PipelineTarget):
     @property
     def session(self) -> Any:
         if self._session is None:
-            import requests
-
             from kvx_runtime.auth.airflow import airflow_auth_from_environment
 
-            self._session = requests.Session()
-            if self._auth is None:
-                self._auth = airflow_auth_from_environment(self.host)
-            self._session.auth = self._auth
+            self._auth = self._auth or airflow_auth_from_environment(self.host)
+            self._session = session_with(self._auth)
         return self._session
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,

@@ -17,7 +17,7 @@ from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 from kvx_runtime.failures import TRANSIENT_HTTP
 
-__all__ = ["ApiError", "checked_api_url", "parse_time", "request_json"]
+__all__ = ["ApiError", "checked_api_url", "parse_time", "request_json", "session_with"]
 
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
 
@@ -53,6 +53,15 @@ def checked_api_url(host: str, *, service: str, example: str, config_hint: str, 
         raise ConfigError(f"host {host[:100]!r} has a query or fragment: give the API's base URL",
                           hint=f"e.g. {example}")
     return host.strip().rstrip("/")
+
+
+def session_with(auth: Any) -> Any:
+    """A ``requests`` session that sends ``auth`` (a ``requests`` auth) with every request."""
+    import requests
+
+    session = requests.Session()
+    session.auth = auth
+    return session
 
 
 class ApiError(KvxError):
