@@ -55,8 +55,13 @@ FAST_INTERVALS = {
     "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",  # 30 s
     # A DAG file deleted is a DAG deactivated after this long past the folder's next parse (50 s).
     "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
+    # A parsed file's DAG (its tasks, params, doc_md: what runs) is rewritten at most this often
+    # (30 s), whereas its source (dagSources), description and tags are updated on every parse.
+    "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "2",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",  # 5 s
-    "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",  # 5 s: how soon a running task sees a kill
+    # How often a running task asks whether it should still run (5 s): a cancelled run's tasks
+    # are killed this long after.
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",  # 1 s
     "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "5",  # 60 s
 }
@@ -104,7 +109,8 @@ class AirflowServer:
         return "\n".join(f"--- {name} ({path}) ---\n{_tail(path, chars)}" for name, path in self.logs.items())
 
     def stop(self) -> None:
-        """SIGTERM to each process group, SIGKILL to what is left a few seconds later."""
+        """SIGTERM to each process group, SIGKILL to what is left 5 s later (the scheduler exits
+        in about 4 s; the API server's parent process takes over 10 s after its app stopped)."""
         _stop_all(self.processes)
 
 
@@ -142,7 +148,7 @@ def _tail(path: Path, chars: int) -> str:
         return f"({error})"
 
 
-def _stop_all(processes: dict[str, subprocess.Popen], grace: float = 8.0) -> None:
+def _stop_all(processes: dict[str, subprocess.Popen], grace: float = 5.0) -> None:
     running = [process for process in processes.values() if process.poll() is None]
     for process in running:
         _signal_group(process, signal.SIGTERM)
@@ -222,7 +228,10 @@ def start_airflow_server(root: Path, extra_env: dict[str, str], found: AirflowEn
                          timeout: float = STARTUP_TIMEOUT) -> AirflowServer:
     """Migrate a fresh SQLite database in ``root/home`` and start the deployment; return when the
     API answers and the scheduler is healthy (RuntimeError with each process's log tail if not
-    within ``timeout`` seconds; everything started is stopped then)."""
+    within ``timeout`` seconds; everything started is stopped then).
+
+    ``extra_env`` is applied last: it may also override the deployment's settings, say
+    ``AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL=30`` for Airflow's default throttle."""
     from conftest import free_port
     from integration.airflow_env import find_or_build
 
