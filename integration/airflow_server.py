@@ -55,9 +55,11 @@ FAST_INTERVALS = {
     "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",  # 30 s
     # A DAG file deleted is a DAG deactivated after this long past the folder's next parse (50 s).
     "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
-    # A parsed file's DAG (its tasks, params, doc_md: what runs) is rewritten at most this often
-    # (30 s), whereas its source (dagSources), description and tags are updated on every parse.
-    "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "2",
+    # A parsed file's DAG (its tasks, params, doc_md: what runs) is rewritten at most this often,
+    # whereas its source (dagSources), description and tags are updated on every parse. Kept at
+    # Airflow's default (30 s), as on Composer: the journey's second run-once of a changed DAG
+    # proves that kvx-runtime waits for the new tasks, not for the new source.
+    "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "30",
     "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",  # 5 s
     # How often a running task asks whether it should still run (5 s): a cancelled run's tasks
     # are killed this long after.
@@ -230,8 +232,7 @@ def start_airflow_server(root: Path, extra_env: dict[str, str], found: AirflowEn
     API answers and the scheduler is healthy (RuntimeError with each process's log tail if not
     within ``timeout`` seconds; everything started is stopped then).
 
-    ``extra_env`` is applied last: it may also override the deployment's settings, say
-    ``AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL=30`` for Airflow's default throttle."""
+    ``extra_env`` is applied last: it may also override the deployment's settings."""
     from conftest import free_port
     from integration.airflow_env import find_or_build
 

@@ -12,7 +12,7 @@ import pytest
 
 from integration.airflow_server import AirflowServer, request
 
-pytestmark = [pytest.mark.slow, pytest.mark.airflow]
+pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow-server")]
 
 HELLO_DAG = '''\
 from airflow.providers.standard.operators.bash import BashOperator

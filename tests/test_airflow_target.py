@@ -123,3 +123,14 @@ def test_a_dag_file_carries_the_version_of_what_runs() -> None:
     # As Airflow returns the parsed DAG's doc_md.
     assert dag_version(f"Kedro pipeline ...\n\nkvx-runtime DAG version {version}") == version
     assert dag_version("no version here") is None and dag_version(None) is None
+
+
+def test_airflow_error_bodies_become_one_line() -> None:
+    from kvx_runtime.targets.http import status_message
+
+    assert status_message({"detail": "The Dag with ID: `nope` was not found"}, "HTTP 404") == \
+        "The Dag with ID: `nope` was not found"
+    conflict = {"detail": {"reason": "Unique constraint violation", "statement": "hidden", "orig_error": "hidden"}}
+    assert status_message(conflict, "HTTP 409") == "Unique constraint violation"
+    invalid = {"detail": [{"type": "missing", "loc": ["body", "logical_date"], "msg": "Field required"}]}
+    assert status_message(invalid, "HTTP 422") == "body.logical_date: Field required"

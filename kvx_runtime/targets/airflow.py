@@ -108,7 +108,9 @@ class AirflowTarget(PipelineTarget):
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         return request_json(self.session, method, f"{self.host}/{path}", service=self.title,
                             what=f"{method} /{path.split('?')[0]}", params=params, body=body,
-                            attempts=self._attempts, on_unauthorized=getattr(self._auth, "invalidate", None))
+                            attempts=self._attempts, on_unauthorized=getattr(self._auth, "invalidate", None),
+                            # Airflow answers a JWT it cannot verify (expired, another key) with 403.
+                            unauthorized=(401, 403))
 
     def _check_version(self) -> None:
         """Airflow 3's API, or a one-line error saying what answered instead."""
@@ -296,9 +298,19 @@ class AirflowTarget(PipelineTarget):
             if exc.status == 404:
                 raise UsageError(f"Airflow has no run {run_id} of DAG {dag_id}") from None
             raise
-        instances = self._request("GET", f"{path}/taskInstances", params={"limit": 1000})
-        tasks = tuple(self._task_info(item) for item in instances.get("task_instances") or [])
+        tasks = tuple(self._task_info(item) for item in self._pages(f"{path}/taskInstances", "task_instances", {}))
         return self._run_info(run, tasks=tasks)
+
+    def _pages(self, path: str, key: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every item of a list endpoint (Airflow caps ``limit`` at 100 without saying so)."""
+        offset = 0
+        while True:
+            page = self._request("GET", path, params={**params, "limit": 100, "offset": offset})
+            items = page.get(key) or []
+            yield from items
+            offset += len(items)
+            if not items or offset >= int(page.get("total_entries") or 0):
+                return
 
     def _task_info(self, item: Mapping[str, Any]) -> TaskInfo:
         raw = str(item.get("state") or "")
@@ -324,16 +336,8 @@ class AirflowTarget(PipelineTarget):
 
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
         dag = "~" if pipeline is None else quote(self.dag_id or pipeline, safe="")
-        offset = 0
-        while True:
-            page = self._request("GET", f"dags/{dag}/dagRuns",
-                                 params={"order_by": "-run_after", "limit": 100, "offset": offset})
-            runs = page.get("dag_runs") or []
-            for run in runs:
-                yield self._run_info(run, tasks=())
-            offset += len(runs)
-            if not runs or offset >= int(page.get("total_entries") or 0):
-                return
+        for run in self._pages(f"dags/{dag}/dagRuns", "dag_runs", {"order_by": "-run_after"}):
+            yield self._run_info(run, tasks=())
 
     def cancel(self, name: str) -> None:
         """Mark the run failed: Airflow stops its running tasks and starts no more."""

@@ -89,6 +89,14 @@ def status_message(payload: Any, fallback: str) -> str:
             return error[:300]
         if payload.get("message"):
             return f"{payload.get('code', '')}: {payload['message']}".strip(": ")[:300]
+        detail = payload.get("detail")  # FastAPI's (Airflow 3): a string, or an object with a reason
+        if isinstance(detail, str) and detail:
+            return detail[:300]
+        if isinstance(detail, dict):
+            return str(detail.get("reason") or detail.get("message") or detail)[:300]
+        if isinstance(detail, list):  # pydantic's validation errors
+            return "; ".join(f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg', '')}"
+                             for item in detail if isinstance(item, dict))[:300] or fallback
     return fallback
 
 
@@ -106,12 +114,14 @@ def request_json(
     attempts: int = 6,
     wait: float | None = None,
     on_unauthorized: Callable[[], None] | None = None,
+    unauthorized: tuple[int, ...] = (401,),
 ) -> Any:
     """``method url`` through ``session`` (a requests-like session); returns the JSON answer.
 
     Redirects are not followed: an API answers, a login proxy redirects (a session that ended),
-    which counts as a 401. A success that is not JSON (an HTML page: the host is not the API)
-    is an error, never an empty answer.
+    which counts as a 401. A status in ``unauthorized`` (401; Airflow also answers an expired or
+    foreign JWT with 403) gets one more try after ``on_unauthorized``. A success that is not JSON
+    (an HTML page: the host is not the API) is an error, never an empty answer.
     """
     from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
@@ -155,7 +165,7 @@ def request_json(
             payload = response.json() if response.content else {}
         except ValueError:
             payload, parsed = None, False
-        if status == 401 and on_unauthorized is not None and not refreshed:
+        if status in unauthorized and on_unauthorized is not None and not refreshed:
             refreshed = True  # a token that expired early, a revoked token, an ended session: one fresh try
             on_unauthorized()
             raise _Transient(401, "unauthorized")
