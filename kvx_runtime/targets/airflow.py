@@ -372,6 +372,17 @@ class AirflowTarget(PipelineTarget):
             return self._schedule_info(details)
         if action != "delete":
             raise UsageError(f"unknown schedule action {action!r}")
+        # Airflow refuses to delete a DAG with running tasks; asked first, so nothing is removed then.
+        try:
+            active = [run for state in ("running", "queued")
+                      for run in self._pages(f"dags/{quote(name, safe='')}/dagRuns", "dag_runs", {"state": state})]
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            active = []  # Airflow has no such DAG: only its file (if any) is left to remove
+        if active:
+            raise UsageError(f"DAG {name} has {len(active)} run(s) not finished ({active[0].get('dag_run_id')}...)",
+                             hint="cancel them first (cancel RUN), or wait for them to end")
         # The file first: while it is in the DAGs folder, Airflow would parse the DAG back.
         self.remove_dag_file(name)
         try:
