@@ -19,7 +19,7 @@ from kvx_runtime.config import ALL_KEYS, PluginConfig, load_plugin_config
 from kvx_runtime.config_loader import DISABLE_ENV_VAR, DISABLED_WARNING, with_env_templating
 from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.log import configure_logging, get_logger
-from kvx_runtime.settings import KFP_TOKEN
+from kvx_runtime.settings import AIRFLOW_PASSWORD, AIRFLOW_TOKEN, KFP_TOKEN
 
 __all__ = ["KedroProject", "open_project"]
 
@@ -34,7 +34,7 @@ TELEMETRY_OFF = {
 _TELEMETRY_PLUGINS = ("kedro-telemetry", "kedro_telemetry")
 #: Environment variables whose values are secrets wherever they would appear.
 ENVIRONMENT_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DEX_PASSWORD", "KF_PIPELINES_TOKEN",
-                       KFP_TOKEN.name)
+                       KFP_TOKEN.name, AIRFLOW_TOKEN.name, AIRFLOW_PASSWORD.name)
 
 
 @dataclass

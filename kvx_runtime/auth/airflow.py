@@ -13,7 +13,6 @@ Each is a ``requests`` auth; no token or password is ever logged or put in an er
 
 from __future__ import annotations
 
-import os
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,11 +24,10 @@ from kvx_runtime.log import register_secrets
 
 __all__ = ["AirflowPasswordAuth", "GoogleAccessTokenAuth", "airflow_auth_from_environment"]
 
-TOKEN_VARIABLE = "KVX_AIRFLOW_TOKEN"
-USERNAME_VARIABLE = "KVX_AIRFLOW_USERNAME"
-PASSWORD_VARIABLE = "KVX_AIRFLOW_PASSWORD"
-MODE_VARIABLE = "KVX_AIRFLOW_AUTH"
-MODES = ("token", "password", "google", "none")
+TOKEN_VARIABLE = settings.AIRFLOW_TOKEN.name
+USERNAME_VARIABLE = settings.AIRFLOW_USERNAME.name
+PASSWORD_VARIABLE = settings.AIRFLOW_PASSWORD.name
+MODE_VARIABLE = settings.AIRFLOW_AUTH.name
 #: Cloud Composer's Airflow web servers live under this domain.
 COMPOSER_DOMAIN = ".composer.googleusercontent.com"
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
@@ -111,11 +109,9 @@ class GoogleAccessTokenAuth(KfpAuth):
 
 def airflow_auth_from_environment(host: str) -> KfpAuth:
     """The auth mode the environment configures (see the module docstring for the order)."""
-    forced = os.environ.get(MODE_VARIABLE, "").strip().lower()
-    if forced and forced not in MODES:
-        raise ConfigError(f"{MODE_VARIABLE}={forced!r} is not one of {', '.join(MODES)}")
-    token = os.environ.get(TOKEN_VARIABLE, "").strip()
-    username, password = os.environ.get(USERNAME_VARIABLE), os.environ.get(PASSWORD_VARIABLE)
+    forced = settings.AIRFLOW_AUTH.get()
+    token = settings.AIRFLOW_TOKEN.get()
+    username, password = settings.AIRFLOW_USERNAME.get(), settings.AIRFLOW_PASSWORD.get()
     if forced == "none":
         return NoAuth()
     if token and forced in ("", "token"):
