@@ -134,3 +134,36 @@ def test_airflow_error_bodies_become_one_line() -> None:
     assert status_message(conflict, "HTTP 409") == "Unique constraint violation"
     invalid = {"detail": [{"type": "missing", "loc": ["body", "logical_date"], "msg": "Field required"}]}
     assert status_message(invalid, "HTTP 422") == "body.logical_date: Field required"
+
+
+def test_an_airflow_2_server_is_refused_in_one_line() -> None:
+    """Airflow 2 answers /api/v1 only: recognised (its version endpoint) and refused, exit 2."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Airflow2(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/api/v1/version"
+            body = json.dumps({"version": "2.10.5"} if found else {"detail": "Not Found"}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Airflow2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = AirflowTarget(f"http://127.0.0.1:{server.server_port}", dag_id="d")
+        refusal = r"is Airflow 2 \(REST API v1\): this release talks to Airflow 3"
+        with pytest.raises(ConfigError, match=refusal) as refused:
+            target.get("d/r1")
+        assert refused.value.exit_code == 2
+    finally:
+        server.shutdown()
+        server.server_close()
