@@ -193,11 +193,14 @@ def _run_checks(project_path: str | None, env: str | None, storage_root: str | N
         return f"{state['project'].package_name} (env {state['project'].env})"
 
     def config() -> str:
-        from kvx_runtime.config import load_plugin_config
+        from kvx_runtime.config import load_plugin_config, read_raw_plugin_config
 
         loaded = state["project"]
         load_plugin_config(loaded.conf_source, loaded.env, base_env=loaded.base_env)
-        return "vertexai.yml is valid"
+        _, files = read_raw_plugin_config(loaded.conf_source, loaded.env, base_env=loaded.base_env)
+        root = Path(loaded.conf_source)
+        names = [str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path for path in files]
+        return f"{', '.join(names)} valid" if names else "no plugin config file (defaults)"
 
     def storage() -> str:
         from kvx_runtime.config import resolve_storage_root
