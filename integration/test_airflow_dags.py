@@ -137,7 +137,8 @@ def test_each_pod_has_the_image_argv_resources_selectors_tolerations_secrets_and
     assert args[:5] == ["exec-node", "--node", "data_science.train_model_node", "--env", "airflow"]
     assert args[args.index("--run-id") + 1] == "{{ run_id }}"
     assert args[args.index("--job-name") + 1] == "spaceflights-airflow"
-    assert args[args.index("--job-create-time") + 1] == "{{ dag_run.run_after.isoformat() }}"
+    assert args[args.index("--job-create-time") + 1] == \
+        "{{ (dag_run.run_after | default(dag_run.logical_date)).isoformat() }}"
     assert container["resources"] == {"limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
                                       "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}}
     assert spec["nodeSelector"] == {"cloud.google.com/gke-nodepool": "kedro-pool",
