@@ -10,8 +10,10 @@ STAMP := $(VENV)/.kvx-installed
 KEDRO_OLDEST ?= kedro~=1.0.0
 OLDEST_VENV ?= .venv-kedro-oldest
 # Airflow 3 and the Kubernetes provider, in a virtualenv of their own (the tests marked
-# `airflow` parse and run the compiled DAGs with its python; integration/airflow_env.py).
+# `airflow` parse and run the compiled DAGs with its python; integration/airflow_env.py), and
+# Airflow 2.10 (Cloud Composer 2) in another, which parses the same DAG files.
 AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW2_VENV ?= .venv-airflow2
 # pytest-xdist workers: one per core; tests sharing one heavy server (xdist_group) run on one worker.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
@@ -63,11 +65,12 @@ test-faults: $(STAMP)
 test-kedro-oldest: $(OLDEST_VENV)/.kvx-installed
 	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m kedro
 
-# Airflow's own virtualenv (about 10 s with uv's cache warm); the airflow tests build it on demand too.
+# Airflow's own virtualenvs, Airflow 3's and 2.10's (about 10 s each with uv's cache warm; 2.10's
+# 10 to 40 s cold, mostly downloads); the airflow tests build them on demand too.
 airflow-venv: $(STAMP)
-	KVX_TEST_AIRFLOW_VENV=$(AIRFLOW_VENV) $(PY) -m integration.airflow_env
+	KVX_TEST_AIRFLOW_VENV=$(AIRFLOW_VENV) KVX_TEST_AIRFLOW2_VENV=$(AIRFLOW2_VENV) $(PY) -m integration.airflow_env
 
-# The compiled DAGs parsed and their pods built by real Airflow 3 (make test runs them too).
+# The compiled DAGs parsed and their pods built by real Airflow 3 and 2.10 (make test runs them too).
 test-airflow: airflow-venv
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m airflow
 
@@ -99,4 +102,4 @@ bench-image: $(STAMP)
 	$(PY) bench/run.py --only image,code
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(AIRFLOW_VENV) .pytest_cache integration/example_project/.kvx
+	rm -rf $(VENV) $(OLDEST_VENV) $(AIRFLOW_VENV) $(AIRFLOW2_VENV) .pytest_cache integration/example_project/.kvx

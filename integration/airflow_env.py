@@ -1,5 +1,9 @@
-"""Real Airflow 3 for the tests: a virtualenv of its own (``.venv-airflow``, what ``make
-airflow-venv`` builds), found or built once per session with uv, and a script run by its python.
+"""Real Airflow for the tests: virtualenvs of their own, found or built once per session with uv
+(what ``make airflow-venv`` builds), and a script run by their python.
+
+* ``.venv-airflow`` (``AIRFLOW``): Airflow 3, what kvx-runtime's DAG files and REST client target;
+* ``.venv-airflow2`` (``AIRFLOW2``): Airflow 2.10, the last 2.x line (Cloud Composer 2), which the
+  same DAG files are parsed with too.
 
 Airflow lives apart from Kedro's venv: today both resolve together, but Airflow pins much of
 its stack (SQLAlchemy, pydantic, protobuf, kubernetes) release by release, and a Composer
@@ -21,9 +25,35 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-AIRFLOW_VENV = Path(os.environ.get("KVX_TEST_AIRFLOW_VENV", REPO / ".venv-airflow"))
+
+
+@dataclass(frozen=True)
+class AirflowVenv:
+    """One Airflow virtualenv: where it lives, what uv installs into it, with which Python."""
+
+    #: What the messages call it.
+    name: str
+    path: Path
+    requirements: tuple[str, ...]
+    #: The modules a usable venv imports.
+    imports: tuple[str, ...]
+    #: uv's ``--python``: an interpreter or a version.
+    python: str
+
+
 #: google-auth: the GoogleOAuth2 authentication's macro mints ID tokens on the worker (Composer has it).
-REQUIREMENTS = ("apache-airflow>=3.3,<4", "apache-airflow-providers-cncf-kubernetes>=10,<11", "google-auth>=2")
+AIRFLOW = AirflowVenv(
+    name="Airflow 3", path=Path(os.environ.get("KVX_TEST_AIRFLOW_VENV", REPO / ".venv-airflow")),
+    requirements=("apache-airflow>=3.3,<4", "apache-airflow-providers-cncf-kubernetes>=10,<11", "google-auth>=2"),
+    imports=("airflow.sdk", "airflow.providers.cncf.kubernetes", "google.auth"), python=sys.executable)
+#: The provider's 10.11 and later need Airflow 2.11: 10.10 is the newest 10.x for 2.10 (named, or uv
+#: may trade it for a newer cryptography). Airflow 2.10 runs on Python 3.8 to 3.12; 3.11 as on
+#: Cloud Composer 2, whatever Python Kedro's venv runs.
+AIRFLOW2 = AirflowVenv(
+    name="Airflow 2.10", path=Path(os.environ.get("KVX_TEST_AIRFLOW2_VENV", REPO / ".venv-airflow2")),
+    requirements=("apache-airflow>=2.10,<2.11", "apache-airflow-providers-cncf-kubernetes>=10.10,<10.11",
+                  "google-auth>=2"),
+    imports=("airflow.models.dagbag", "airflow.providers.cncf.kubernetes", "google.auth"), python="3.11")
 #: A kube config pointing at nothing: the provider builds pods without a cluster, but not without a config.
 DUMMY_KUBECONFIG = """\
 apiVersion: v1
@@ -115,54 +145,56 @@ def local_airflow_for(found: AirflowEnv, project: Path, dag_file: Path, dag_id: 
                         database=found.home / "airflow.db", dag_id=dag_id)
 
 
-def _airflow_ready(python: Path) -> bool:
+def _airflow_ready(venv: AirflowVenv) -> bool:
+    python = venv.path / "bin" / "python"
     if not python.exists():
         return False
-    check = subprocess.run([str(python), "-c", "import airflow.sdk, airflow.providers.cncf.kubernetes, google.auth"],
-                           capture_output=True, timeout=120)
+    check = subprocess.run([str(python), "-c", f"import {', '.join(venv.imports)}"], capture_output=True,
+                           timeout=120)
     return check.returncode == 0
 
 
-def find_or_build(home: Path) -> AirflowEnv | str:
-    """The Airflow venv (built with uv if missing), or why it cannot be had. One builder at a
-    time (pytest-xdist's workers each ask): the others wait for it and find it built."""
+def find_or_build(home: Path, venv: AirflowVenv = AIRFLOW) -> AirflowEnv | str:
+    """``venv`` (built with uv if missing), or why it cannot be had. One builder at a time
+    (pytest-xdist's workers each ask): the others wait for it and find it built."""
     import fcntl
 
-    AIRFLOW_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(AIRFLOW_VENV.parent / f"{AIRFLOW_VENV.name}.lock", "w") as lock:
+    venv.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.path.parent / f"{venv.path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _find_or_build(home)
+        return _find_or_build(home, venv)
 
 
-def _find_or_build(home: Path) -> AirflowEnv | str:
-    python = AIRFLOW_VENV / "bin" / "python"
+def _find_or_build(home: Path, venv: AirflowVenv) -> AirflowEnv | str:
+    python = venv.path / "bin" / "python"
     started = time.monotonic()
     built = 0.0
-    if not _airflow_ready(python):
+    if not _airflow_ready(venv):
         uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
         if not Path(uv).exists():
-            return "uv is not installed: it builds .venv-airflow (make airflow-venv)"
+            return f"uv is not installed: it builds {venv.path.name} (make airflow-venv)"
         try:
             if not python.exists():  # else a venv missing a requirement: installed into
-                subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(AIRFLOW_VENV)], check=True,
-                               capture_output=True, timeout=120)
-            subprocess.run([uv, "pip", "install", "-q", "--python", str(python), *REQUIREMENTS], check=True,
+                subprocess.run([uv, "venv", "-q", "--python", venv.python, str(venv.path)], check=True,
+                               capture_output=True, timeout=300)
+            subprocess.run([uv, "pip", "install", "-q", "--python", str(python), *venv.requirements], check=True,
                            capture_output=True, timeout=900)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             output = getattr(exc, "stderr", b"") or b""
-            return f"cannot build {AIRFLOW_VENV} with uv: {output.decode(errors='replace')[-300:]}"
+            return f"cannot build {venv.path} ({venv.name}) with uv: {output.decode(errors='replace')[-300:]}"
         built = time.monotonic() - started
-        if not _airflow_ready(python):
-            return f"{AIRFLOW_VENV} was built but does not import airflow.sdk and the Kubernetes provider"
+        if not _airflow_ready(venv):
+            return f"{venv.path} was built but does not import {', '.join(venv.imports)}"
     home.mkdir(parents=True, exist_ok=True)
     (home / "kubeconfig").write_text(DUMMY_KUBECONFIG)
     return AirflowEnv(python=python, home=home, build_seconds=built)
 
 
-if __name__ == "__main__":  # make airflow-venv
+if __name__ == "__main__":  # make airflow-venv: both
     import tempfile
 
-    found = find_or_build(Path(tempfile.mkdtemp(prefix="kvx-airflow-home-")))
-    if isinstance(found, str):
-        sys.exit(found)
-    print(f"Airflow in {AIRFLOW_VENV} ({found.build_seconds:.0f} s to build)")
+    for venv in (AIRFLOW, AIRFLOW2):
+        found = find_or_build(Path(tempfile.mkdtemp(prefix="kvx-airflow-home-")), venv)
+        if isinstance(found, str):
+            sys.exit(found)
+        print(f"{venv.name} in {venv.path} ({found.build_seconds:.0f} s to build)")

@@ -295,6 +295,25 @@ def generate(out: Path) -> list[Path]:
     return written
 
 
+def find_ruff() -> str | None:
+    """ruff's executable (on PATH or beside this Python), if installed."""
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    return ruff if Path(ruff).exists() else None
+
+
+def ruff_findings(ruff: str, dag_files: list[str]) -> str | None:
+    """What ruff says of DAG files meant to be read (None: nothing): not as its formatter writes
+    them, or imports unsorted, unused or undefined (the renderer's line width, no project config)."""
+    import subprocess
+
+    for check in (["format", "--check"], ["check", "--select", "I,F,W"]):
+        done = subprocess.run([ruff, *check, "--isolated", "--line-length", "110", *dag_files],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            return done.stdout + done.stderr
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)

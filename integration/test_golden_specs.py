@@ -5,7 +5,6 @@ them after an intended change)."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from integration.conftest import step_env
-from integration.golden_specs import CASES, GOLDEN
+from integration.golden_specs import CASES, GOLDEN, find_ruff, ruff_findings
 
 
 def test_specs_equal_the_golden_ones_byte_for_byte(tmp_path: Path) -> None:
@@ -38,14 +37,9 @@ def test_specs_equal_the_golden_ones_byte_for_byte(tmp_path: Path) -> None:
 def test_golden_dag_files_are_formatted_and_their_imports_sorted_and_used() -> None:
     """The DAG files are meant to be read: ruff's formatter and its import and pyflakes rules
     (isort order, nothing unused or undefined) leave them as they are."""
-    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    if not Path(ruff).exists():
+    ruff = find_ruff()
+    if ruff is None:
         pytest.skip("ruff is not installed")
     dags = sorted(str(path) for path in GOLDEN.glob("*.py"))
     assert len(dags) == sum(1 for case in CASES if case.airflow) > 0
-    formatted = subprocess.run([ruff, "format", "--isolated", "--line-length", "110", "--check", *dags],
-                               capture_output=True, text=True, timeout=60)
-    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
-    checked = subprocess.run([ruff, "check", "--isolated", "--line-length", "110", "--select", "I,F,W", *dags],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert ruff_findings(ruff, dags) is None
