@@ -5,7 +5,7 @@ options and compile step every Airflow command that makes a DAG shares."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +108,3 @@ def compile_command(ctx: click.Context, project_path: str | None, env: str | Non
         storage_root=storage_root, values=values, output=output,
         dag=DagOptions(operator, worker_project_path), strict=strict,
     ))
-
-
-def in_env(at: Invocation, env: str) -> Invocation:
-    """``at`` in the environment the project was opened in (the DAG's steps are told to use it)."""
-    return replace(at, env=env)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from kvx_runtime.commands.airflow_compile import DagOptions, compile_dag_for, dag_options, in_env
+from kvx_runtime.commands.airflow_compile import DagOptions, compile_dag_for, dag_options
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
 from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option
 from kvx_runtime.commands.project import PipelineOptions
@@ -60,7 +60,7 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
 
     target, project = open_target(request.at)
     target.check_upload()
-    compiled = compile_dag_for(in_env(request.at, project.env), request.options, request.dag, request.storage_root,
+    compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
                                request.values, strict=request.strict, run_once=True)
     dag_id = compiled.dag.dag_id
     click.echo(f"Publishing DAG {dag_id} and waiting for Airflow to parse it")
@@ -146,7 +146,7 @@ def schedule_dag(request: DagScheduleRequest) -> None:
     if request.start_date:
         overrides["start_date"] = request.start_date
     target.check_upload()
-    compiled = compile_dag_for(in_env(request.at, project.env), request.options, request.dag, request.storage_root,
+    compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
                                strict=request.strict, overrides=overrides)
     dag_id = compiled.dag.dag_id
     spec = dag_spec(dag_id, compiled.dag.text)
@@ -207,7 +207,7 @@ def upload_dag(request: DagUploadRequest) -> None:
 
     target, project = open_target(request.at)
     target.check_upload()
-    compiled = compile_dag_for(in_env(request.at, project.env), request.options, request.dag, request.storage_root,
+    compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
                                strict=request.strict)
     click.echo(target.upload(UploadRequest(
         spec=dag_spec(compiled.dag.dag_id, compiled.dag.text), project_version=project_version(project.path),

@@ -10,7 +10,7 @@ the group's other commands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import click
@@ -63,6 +63,11 @@ class Invocation:
     def sibling(self, name: str) -> str:
         """How the user types another command of the same group (``kvx-runtime kfp status``)."""
         return f"{self.group} {name}"
+
+    def in_env(self, env: str) -> Invocation:
+        """This invocation in the environment the project was opened in (the compiled steps are
+        told to use it: the resolved one, not None)."""
+        return replace(self, env=env)
 
 
 def invocation(ctx: click.Context, project_path: str | None, env: str | None) -> Invocation:

@@ -58,8 +58,7 @@ def open_target(at: Invocation) -> tuple[PipelineTarget, KedroProject]:
 
 def _compile(at: Invocation, project: KedroProject, options: PipelineOptions, storage_root: str | None,
              values: tuple[str, ...] = ()) -> CompiledPipeline:
-    # In the environment the project was opened in (the spec's steps are told to use it).
-    return compile_for(replace(at, env=project.env), options, storage_root, values)
+    return compile_for(at.in_env(project.env), options, storage_root, values)
 
 
 def _finish(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None, values: Mapping[str, Any],

@@ -131,12 +131,15 @@ class AirflowTarget(PipelineTarget):
 
     # --- DAG files ----------------------------------------------------------------------------
 
-    def _dag_file(self, dag_id: str) -> str:
+    def _folder(self) -> str:
         if not self.dags_folder:
             raise ConfigError("no DAGs folder to upload the DAG to",
                               hint="set run_config.dags_folder in airflow-k8s.yml (a path, or "
                               "gs://<Composer environment bucket>/dags)")
-        return f"{self.dags_folder}/{dag_id}.py"
+        return self.dags_folder
+
+    def _dag_file(self, dag_id: str) -> str:
+        return f"{self._folder()}/{dag_id}.py"
 
     def publish(self, dag_id: str, text: str) -> str:
         """Write the DAG file into the DAGs folder; returns where it went."""
@@ -264,8 +267,6 @@ class AirflowTarget(PipelineTarget):
             self.set_paused(dag_id, False)
         body = {"dag_run_id": run.run_id, "logical_date": _iso(datetime.now(timezone.utc)),
                 "conf": dict(run.parameters)}
-        if run.display_name and run.display_name != run.run_id:
-            body["note"] = run.display_name[:1000]
         try:
             created = self._request("POST", f"dags/{quote(dag_id, safe='')}/dagRuns", body=body)
         except ApiError as exc:
@@ -395,7 +396,7 @@ class AirflowTarget(PipelineTarget):
     # --- uploads ------------------------------------------------------------------------------
 
     def check_upload(self) -> None:
-        self._dag_file("check")
+        self._folder()
 
     def upload(self, request: UploadRequest) -> str:
         dag_id, details, created = self._publish_parsed(request.spec)
