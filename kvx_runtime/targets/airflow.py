@@ -163,10 +163,15 @@ class AirflowTarget(PipelineTarget):
         """Delete the DAG file from the DAGs folder; False if it was not there."""
         import fsspec
 
-        filesystem, path = fsspec.core.url_to_fs(self._dag_file(dag_id))
-        if not filesystem.exists(path):
-            return False
-        filesystem.rm(path)
+        location = self._dag_file(dag_id)
+        try:
+            filesystem, path = fsspec.core.url_to_fs(location)
+            if not filesystem.exists(path):
+                return False
+            filesystem.rm(path)
+        except OSError as exc:
+            raise InfrastructureError(f"cannot remove the DAG file {location}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
         return True
 
     def dag(self, dag_id: str) -> dict[str, Any] | None:
