@@ -15,20 +15,8 @@ from kvx_runtime.errors import Interrupted
 
 
 def _report(stop: Interrupted) -> None:
-    """One line for a stop that came outside a command (during start-up, say). The stop may
-    have cut an import short and left a library half-imported: then the line is written
-    without the logging machinery."""
-    message = f"kvx-runtime {stop}: nothing was started or left behind"
-    try:
-        from kvx_runtime.log import configure_logging, get_logger, log_verdict
-
-        configure_logging()
-        log_verdict(get_logger("kvx_runtime.cli"), message, exit_code=int(stop.exit_code))
-    except Exception:
-        import json
-
-        sys.stderr.write(json.dumps({"severity": "ERROR", "message": message, "logger": "kvx_runtime.cli",
-                                     "exit_code": int(stop.exit_code)}) + "\n")
+    """One line for a stop that came outside a command (during start-up, say)."""
+    lifecycle.report_stop(f"kvx-runtime {stop}: nothing was started or left behind", int(stop.exit_code))
 
 
 def _exit_status(code: object) -> int:

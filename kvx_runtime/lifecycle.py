@@ -14,7 +14,8 @@ SIGTERM (a preempted machine, a cancelled run) and SIGINT end every command with
   partial behind and exits 130/143;
 - **the end**: once the command's outcome is known, :func:`finish` runs the interpreter's exit
   work (thread shutdown, atexit callbacks such as MLflow's and logging's) with a signal only
-  recorded, then ends the process itself, with 128 + the signal if one came. Python's own
+  recorded, then ends the process itself, with 128 + the signal if one came (its last line then
+  says so, and what the command had come to). Python's own
   finalization would reset the handlers to the default action part-way (the process then dies
   "by signal 15") or drop a signal raised inside an atexit callback (exit 0).
 
@@ -34,12 +35,13 @@ from typing import Any, NoReturn
 
 from kvx_runtime.errors import Interrupted
 
-__all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "stop_code"]
+__all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "report_stop", "settle", "stop_code"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _received: int | None = None
 _finishing = False
+_received_while_finishing = False
 
 
 def stop_code(signum: int) -> int:
@@ -55,15 +57,32 @@ def _flush() -> None:
             pass
 
 
+def report_stop(message: str, exit_code: int) -> None:
+    """The verdict line of a stop that no command reported. The stop may have cut an import
+    short and left a library half-imported, or come after logging shut down: then the line is
+    written without the logging machinery."""
+    try:
+        from kvx_runtime.log import configure_logging, get_logger, log_verdict
+
+        configure_logging()
+        log_verdict(get_logger("kvx_runtime.cli"), message, exit_code=exit_code)
+    except Exception:
+        import json
+
+        sys.stderr.write(json.dumps({"severity": "ERROR", "message": message, "logger": "kvx_runtime.cli",
+                                     "exit_code": exit_code}) + "\n")
+
+
 def _on_stop_signal(signum: int, _frame: Any) -> None:
-    global _received
+    global _received, _received_while_finishing
     if _received is not None:  # the second one: now
         _flush()
         os._exit(stop_code(_received))
     _received = signum
     if not _finishing:
         raise Interrupted(signum)
-    # Finishing: the outcome is known; the exit code will say that a stop signal came.
+    # Finishing: the outcome is known; the exit code and the last line will say a signal came.
+    _received_while_finishing = True
 
 
 def _on_unraisable(unraisable: Any) -> None:
@@ -92,6 +111,8 @@ def install(*, own_process: bool = True) -> None:
     """Turn SIGTERM/SIGINT into :class:`Interrupted`; deliver any a launcher held back. Only the
     program itself (``own_process``) also takes over ``sys.unraisablehook``: a host process
     running a command in-process (a test runner) keeps its own."""
+    global _finishing, _received_while_finishing
+    _finishing = _received_while_finishing = False  # a command starts: its outcome is not known
     if own_process:
         sys.unraisablehook = _on_unraisable
     for signum in STOP_SIGNALS:
@@ -124,14 +145,34 @@ def _interpreter_exit_work() -> None:
     atexit._run_exitfuncs()
 
 
-def finish(code: int) -> NoReturn:
-    """End the process with ``code``, or with 128 + the stop signal that came before the end."""
+def settle() -> None:
+    """The command's outcome is known (its verdict logged): a stop signal from now on is only
+    recorded, so that it cannot turn a finished command into "nothing was started", and
+    :func:`finish` reports it."""
     global _finishing
     _finishing = True
+
+
+def finish(code: int) -> NoReturn:
+    """End the process with ``code``, or with 128 + the stop signal that came before the end."""
+    settle()
     try:
         _interpreter_exit_work()
     except BaseException:  # the end must come, whatever the exit work raises
         pass
     finally:
+        if _received_while_finishing and _received is not None:
+            _report_late_stop(_received, code)
         _flush()
         os._exit(stop_code(_received) if _received is not None else code)
+
+
+def _report_late_stop(signum: int, code: int) -> None:
+    """A signal that came once the command had ended: its outcome stands (a finished step's
+    outputs are complete), but the process ends with 128 + the signal, and says why."""
+    stop = Interrupted(signum)
+    outcome = "had succeeded" if code == 0 else f"had ended with exit {code}"
+    try:
+        report_stop(f"kvx-runtime {stop} as it was ending: the command {outcome}", int(stop.exit_code))
+    except BaseException:  # the end must come
+        pass

@@ -36,6 +36,9 @@ def run_unless_ok(what: str, action: Callable[[], Any]) -> None:
 
 
 def _exit(code: int) -> NoReturn:
+    from kvx_runtime.lifecycle import settle
+
+    settle()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -70,3 +70,32 @@ def test_a_stop_raised_inside_a_finalizer_still_stops_the_command() -> None:
     assert result.stdout.strip() == "stopped by SIGTERM", result.stdout + result.stderr
     assert result.returncode == 143
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+_STOPPED_WHILE_ENDING = """
+import atexit, logging, signal, sys
+from kvx_runtime import lifecycle
+from kvx_runtime.log import configure_logging, get_logger
+
+lifecycle.install()
+configure_logging()
+get_logger("kvx_runtime.step.executor").info("step finished")
+atexit.register(logging.shutdown)  # logging's own end comes before the signal
+atexit.register(signal.raise_signal, signal.SIGTERM)  # the exit work runs callbacks last-in first
+lifecycle.finish(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(("code", "outcome"), [(0, "had succeeded"), (3, "had ended with exit 3")])
+def test_a_stop_signal_after_the_outcome_is_known_ends_with_143_and_says_so(code: int, outcome: str) -> None:
+    """A step's outputs were complete when SIGTERM came (the machine is going away as the step
+    ends): the exit code reports the signal, and the last line says what the command had come to
+    rather than leaving "step finished" as the last word of a process that exits 143."""
+    result = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_ENDING, str(code)], capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin", "KVX_LOG_FORMAT": "json"})
+    assert result.returncode == 143, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert json.loads(lines[0])["message"] == "step finished"
+    last = json.loads(lines[-1])
+    assert last["severity"] == "ERROR" and last["exit_code"] == 143
+    assert last["message"] == f"kvx-runtime stopped by SIGTERM as it was ending: the command {outcome}"
