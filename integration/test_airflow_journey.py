@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,15 @@ def test_schedule_publishes_the_dag_with_its_cron_then_pause_resume_delete(journ
     paused = journey.kvx("schedule", "--env", "sched", "--pause")
     assert paused.returncode == 0 and f"Schedule {scheduled}: PAUSED" in paused.stdout
     assert api_get(journey, f"/api/v2/dags/{scheduled}")["is_paused"] is True
+    # A run not finished (queued: the DAG is paused) keeps --delete from removing anything.
+    status, queued = journey.server.api("POST", f"/api/v2/dags/{scheduled}/dagRuns",
+                                        {"logical_date": datetime.now(timezone.utc).isoformat(), "conf": {}})
+    assert status == 200 and queued["state"] == "queued", queued
+    busy = journey.kvx("schedule", "--env", "sched", "--delete")
+    assert busy.returncode == 2, busy.stderr[-2000:]
+    assert f"DAG {scheduled} has 1 run(s) not finished ({queued['dag_run_id']}...)" in last_line(busy)
+    assert (journey.server.dags_folder / f"{scheduled}.py").exists()
+    assert journey.kvx("cancel", "--env", "sched", f"{scheduled}/{queued['dag_run_id']}").returncode == 0
     resumed = journey.kvx("schedule", "--env", "sched", "--resume")
     assert resumed.returncode == 0 and f"Schedule {scheduled}: ACTIVE" in resumed.stdout
 
@@ -224,6 +234,17 @@ def test_upload_pipeline_to_a_gs_dags_folder(journey: Journey, gcs_emulator: Any
     written = fs.cat_file(f"{composer_bucket_sync.removeprefix('gs://')}/journey-uploaded.py")
     assert written.startswith(b'"""Airflow DAG')
     assert api_get(journey, "/api/v2/dags/journey-uploaded")["is_paused"] is True
+
+
+def test_code_upload_stores_the_archive_under_the_storage_root_and_only_the_dag_file_in_the_dags_folder(
+        journey: Journey) -> None:
+    journey.configure("code", "journey-code", str(journey.server.dags_folder))
+    uploaded = journey.kvx("upload-pipeline", "--env", "code", "--operator", "local", "--code-upload")
+    assert uploaded.returncode == 0, uploaded.stderr[-3000:]
+    [archive] = (journey.storage / "kvx-code").glob("*.tar.gz")
+    text = (journey.server.dags_folder / "journey-code.py").read_text()
+    assert f"--code '{archive}#sha256={archive.name.removesuffix('.tar.gz')}'" in text
+    assert not [path for path in journey.server.dags_folder.iterdir() if not path.name.endswith(".py")]
 
 
 def test_bad_inputs_are_one_line_with_the_documented_exit_code(journey: Journey) -> None:

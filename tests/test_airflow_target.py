@@ -96,7 +96,9 @@ def test_publishing_needs_a_dags_folder_and_writes_dag_id_py(tmp_path: Path) -> 
 
 
 def test_airflow_states_map_to_the_targets_states() -> None:
-    target = AirflowTarget(HOST)
+    from kvx_runtime.targets.airflow import ApiV2
+
+    target = AirflowTarget(HOST, api=ApiV2())
     run = target._run_info({"dag_id": "d", "dag_run_id": "r1", "state": "running", "conf": {"x": 1},
                             "start_date": "2026-12-01T10:00:00.123456Z"}, tasks=())
     assert (run.name, run.run_id, run.state, run.parameters) == ("d/r1", "r1", "RUNNING", {"x": 1})
@@ -136,34 +138,81 @@ def test_airflow_error_bodies_become_one_line() -> None:
     assert status_message(invalid, "HTTP 422") == "body.logical_date: Field required"
 
 
-def test_an_airflow_2_server_is_refused_in_one_line() -> None:
-    """Airflow 2 answers /api/v1 only: recognised (its version endpoint) and refused, exit 2."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+class _Airflow2Version:
+    """A server that answers only Airflow 2's version endpoint, with ``version``."""
 
-    class Airflow2(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            found = self.path == "/api/v1/version"
-            body = json.dumps({"version": "2.10.5"} if found else {"detail": "Not Found"}).encode()
-            self.send_response(200 if found else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def __init__(self, version: str) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
 
-        def log_message(self, *args: object) -> None:
-            pass
+        class Airflow2(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = self.path == "/api/v1/version"
+                body = json.dumps({"version": version} if found else {"detail": "Not Found"}).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-    server = HTTPServer(("127.0.0.1", 0), Airflow2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        target = AirflowTarget(f"http://127.0.0.1:{server.server_port}", dag_id="d")
-        refusal = r"is Airflow 2 \(REST API v1\): this release talks to Airflow 3"
-        with pytest.raises(ConfigError, match=refusal) as refused:
+            def do_POST(self) -> None:  # Airflow 2's web server has no /auth/token
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Airflow2)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_airflow_2_older_than_2_10_is_refused_in_one_line() -> None:
+    """Airflow 2 answers /api/v1 only: recognised by its version endpoint; before 2.10, refused, exit 2."""
+    with _Airflow2Version("2.9.3") as url:
+        target = AirflowTarget(url, dag_id="d")
+        with pytest.raises(ConfigError, match=r"is Airflow 2\.9\.3: this release talks to Airflow 2\.10 and newer") \
+                as refused:
             target.get("d/r1")
         assert refused.value.exit_code == 2
-    finally:
-        server.shutdown()
-        server.server_close()
+
+
+def test_airflow_2_10_is_spoken_to_by_api_v1_with_basic_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Airflow 2.10 gets API v1, and a user and password go as HTTP Basic (it has no /auth/token)."""
+    import base64
+
+    from kvx_runtime.targets.airflow import ApiV1
+
+    monkeypatch.setenv("KVX_AIRFLOW_USERNAME", "admin")
+    monkeypatch.setenv("KVX_AIRFLOW_PASSWORD", "s3cret")
+    with _Airflow2Version("2.10.5") as url:
+        target = AirflowTarget(url, dag_id="d")
+        assert isinstance(target.api, ApiV1) and target.api.prefix == "api/v1"
+        expected = "Basic " + base64.b64encode(b"admin:s3cret").decode()
+        assert target.session.auth.headers() == {"Authorization": expected}
+
+
+def test_airflow_2_answers_are_read_as_api_v1_writes_them() -> None:
+    """The fields API v1 names differently: the schedule object, the log as str() of (host, text) pairs."""
+    from kvx_runtime.targets.airflow import ApiV1, ApiV2
+
+    v1, v2 = ApiV1(), ApiV2()
+    assert v1.schedule({"schedule_interval": {"__type": "CronExpression", "value": "0 3 * * *"}}) == "0 3 * * *"
+    assert v1.schedule({"schedule_interval": None, "timetable_description": "Never, external triggers only"}) == ""
+    assert v2.schedule({"timetable_summary": "None"}) == "" and v2.schedule({"timetable_summary": "@daily"}) == "@daily"
+    log = {"content": str([("127.0.0.1", "*** Found local files:\n[2026] INFO - step finished\nexit 1\n")])}
+    assert v1.log_lines(log) == ["*** Found local files:", "[2026] INFO - step finished", "exit 1"]
+    assert v1.log_lines({"content": "plain text\nsecond"}) == ["plain text", "second"]
+    assert v2.log_lines({"content": [{"event": "one"}, "two\nthree", {"event": ""}]}) == ["one", "two", "three"]
+    assert v1.source_path("d", {"file_token": "a/b"}) == "dagSources/a%2Fb"
+    assert v2.source_path("my dag", {}) == "dagSources/my%20dag"

@@ -1,9 +1,10 @@
-"""Credentials for Airflow's REST API (``/api/v2``), chosen from the environment, first match wins:
+"""Credentials for Airflow's REST API, chosen from the environment, first match wins:
 
 1. ``KVX_AIRFLOW_TOKEN``: a bearer token as is (a JWT Airflow issued, or a proxy's token);
 2. ``KVX_AIRFLOW_USERNAME`` and ``KVX_AIRFLOW_PASSWORD``: Airflow 3's own login: a JWT from
    ``POST <host>/auth/token`` (the simple auth manager and FAB issue one), fetched again when it
-   is about to expire or is refused;
+   is about to expire or is refused; on Airflow 2 (API v1), HTTP Basic authentication (its
+   ``basic_auth`` API backend);
 3. Cloud Composer (a host under ``composer.googleusercontent.com``, or ``KVX_AIRFLOW_AUTH=google``):
    a Google access token (scope cloud-platform) from Application Default Credentials;
 4. none (``KVX_AIRFLOW_AUTH=none`` forces it: an Airflow behind a proxy that authenticates).
@@ -33,9 +34,14 @@ COMPOSER_DOMAIN = ".composer.googleusercontent.com"
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
 
+class _NoTokenEndpoint(Exception):
+    """The host has no ``/auth/token``: an Airflow 2 web server."""
+
+
 class AirflowPasswordAuth(KfpAuth):
     """Airflow 3's JWT for a user and password (``POST /auth/token``), cached until shortly
-    before its ``exp`` and dropped on a 401."""
+    before its ``exp`` and dropped on a 401; on Airflow 2, the user and password themselves
+    (HTTP Basic) once :meth:`for_airflow_2` was called."""
 
     mode = "Airflow login"
 
@@ -45,9 +51,26 @@ class AirflowPasswordAuth(KfpAuth):
         self.username = username
         self._password = password
         self._cache = TokenCache()
+        self._basic: str | None = None
+
+    def for_airflow_2(self) -> str:
+        """The server is Airflow 2: its API has no token endpoint and takes HTTP Basic. Returns
+        the header's value."""
+        import base64
+
+        if self._basic is None:
+            encoded = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
+            register_secrets([encoded])
+            self._basic = f"Basic {encoded}"
+        return self._basic
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._cache.get(self.username, self._login)}"}
+        if self._basic is not None:
+            return {"Authorization": self._basic}
+        try:
+            return {"Authorization": f"Bearer {self._cache.get(self.username, self._login)}"}
+        except _NoTokenEndpoint:  # Airflow 2 (asked even for its version, before the API is known)
+            return {"Authorization": self.for_airflow_2()}
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -63,6 +86,8 @@ class AirflowPasswordAuth(KfpAuth):
                                   body={"username": self.username, "password": self._password},
                                   attempts=settings.API_ATTEMPTS.get())
         except ApiError as exc:
+            if exc.status in (404, 405):
+                raise _NoTokenEndpoint from None
             if exc.status in (400, 401, 403, 422):
                 raise ConfigError(f"Airflow refused the login of {self.username!r} (HTTP {exc.status})",
                                   hint=f"check {USERNAME_VARIABLE} and {PASSWORD_VARIABLE}") from None

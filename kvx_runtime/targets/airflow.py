@@ -1,4 +1,5 @@
-"""Airflow 3 (and Cloud Composer 3) through its REST API (``/api/v2``) and its DAGs folder.
+"""Airflow through its REST API and its DAGs folder: Airflow 3 (Cloud Composer 3) by its API v2,
+Airflow 2.10 (Cloud Composer 2) by its API v1, chosen by asking the server.
 
 A compiled pipeline is a DAG file (:mod:`kvx_runtime.compiler.airflow_render`); publishing it is
 writing ``<dag_id>.py`` into the DAGs folder (``run_config.dags_folder``: a local path, or
@@ -11,12 +12,14 @@ its cron and unpauses it; ``--pause``/``--resume`` flip ``is_paused``; ``--delet
 file and the DAG); ``run-once`` of a project that has a schedule publishes the DAG without it
 under ``<dag_id>-run-once``, so the scheduled DAG is never replaced or started by it. A run is
 named ``<dag_id>/<run_id>``; the steps' run id is Airflow's run id. Credentials:
-:mod:`kvx_runtime.auth.airflow`. Airflow 2's API (``/api/v1``) is recognised and refused with a
-one-line error.
+:mod:`kvx_runtime.auth.airflow`. What differs between the two APIs (paths, field names, what a
+list can filter on) lives in :class:`ApiV2` and :class:`ApiV1`; Airflow 2 older than 2.10 is
+refused in one line.
 """
 
 from __future__ import annotations
 
+import ast
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -40,11 +43,13 @@ from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, requ
 if TYPE_CHECKING:
     from kvx_runtime.config import PluginConfig
 
-__all__ = ["DAG_FILE_KEY", "DAG_ID_KEY", "AirflowTarget", "dag_spec"]
+__all__ = ["DAG_FILE_KEY", "DAG_ID_KEY", "AirflowTarget", "ApiV1", "ApiV2", "dag_spec"]
 
 log = get_logger(__name__)
 
-API = "api/v2"
+#: The oldest Airflow 2 this client talks to (Cloud Composer 2's newest line; the DAG files are
+#: checked to parse on it).
+OLDEST_AIRFLOW_2 = (2, 10)
 #: What a :class:`RunRequest`'s or :class:`UploadRequest`'s ``spec`` holds for this target.
 DAG_ID_KEY = "dag_id"
 DAG_FILE_KEY = "dag_file"
@@ -67,11 +72,90 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+class ApiV2:
+    """Airflow 3's REST API: what differs from API v1, in one place."""
+
+    prefix = "api/v2"
+    #: Newest run first.
+    runs_order = "-run_after"
+
+    def source_path(self, dag_id: str, details: Mapping[str, Any]) -> str:
+        return f"dagSources/{quote(dag_id, safe='')}"
+
+    def import_error_filter(self, dag_id: str) -> dict[str, Any]:
+        return {"filename_pattern": f"{dag_id}.py"}
+
+    def run_id_filter(self, run_id: str) -> dict[str, Any]:
+        return {"run_id_pattern": run_id}
+
+    def schedule(self, details: Mapping[str, Any]) -> str:
+        """The DAG's schedule as Airflow summarises it ("" when it has none)."""
+        summary = str(details.get("timetable_summary") or "")
+        return "" if summary in ("None", "null") else summary
+
+    def next_run_after(self, details: Mapping[str, Any]) -> Any:
+        return details.get("next_dagrun_run_after")
+
+    def created(self, run: Mapping[str, Any]) -> Any:
+        return run.get("queued_at") or run.get("run_after")
+
+    def log_lines(self, answer: Any) -> list[str]:
+        """A task log's lines: API v2 answers structured events (``{"event": ...}``) or strings."""
+        lines: list[str] = []
+        for entry in (answer.get("content") if isinstance(answer, dict) else None) or []:
+            text = entry.get("event") if isinstance(entry, dict) else entry
+            if text:
+                lines.extend(part for part in str(text).splitlines() if part.strip())
+        return lines
+
+
+class ApiV1(ApiV2):
+    """Airflow 2's REST API (2.10): sources by file token, no server-side filter of import errors
+    or run ids, the schedule as an object, a log as the text of a list of (host, text) pairs."""
+
+    prefix = "api/v1"
+    runs_order = "-execution_date"
+
+    def source_path(self, dag_id: str, details: Mapping[str, Any]) -> str:
+        return f"dagSources/{quote(str(details.get('file_token') or ''), safe='')}"
+
+    def import_error_filter(self, dag_id: str) -> dict[str, Any]:
+        return {"order_by": "-import_error_id"}
+
+    def run_id_filter(self, run_id: str) -> dict[str, Any]:
+        return {"order_by": self.runs_order}
+
+    def schedule(self, details: Mapping[str, Any]) -> str:
+        interval = details.get("schedule_interval")
+        if isinstance(interval, dict):
+            return str(interval.get("value") or "")
+        return str(details.get("timetable_description") or "") if interval else ""
+
+    def next_run_after(self, details: Mapping[str, Any]) -> Any:
+        return details.get("next_dagrun_create_after")
+
+    def created(self, run: Mapping[str, Any]) -> Any:
+        return run.get("queued_at") or run.get("logical_date") or run.get("execution_date")
+
+    def log_lines(self, answer: Any) -> list[str]:
+        content = answer.get("content") if isinstance(answer, dict) else None
+        if not isinstance(content, str):
+            return []
+        try:  # str() of [(host, text), ...]: what Airflow 2's log endpoint puts in its JSON
+            chunks = ast.literal_eval(content)
+        except (ValueError, SyntaxError):
+            chunks = [("", content)]
+        texts = [chunk[1] if isinstance(chunk, (tuple, list)) and len(chunk) == 2 else chunk
+                 for chunk in chunks if chunk] if isinstance(chunks, list) else [content]
+        return [line for text in texts for line in str(text).splitlines() if line.strip()]
+
+
 class AirflowTarget(PipelineTarget):
     title = "Airflow"
 
     def __init__(self, host: str, *, dags_folder: str | None = None, dag_id: str | None = None,
-                 auth: Any = None, attempts: int | None = None) -> None:
+                 auth: Any = None, attempts: int | None = None, api: ApiV2 | None = None) -> None:
+        """``api``: the server's REST API when known (else asked on the first request)."""
         self.host = checked_api_url(host, service="Airflow", example="https://airflow.example.com",
                                     config_hint="set host in conf/base/airflow-k8s.yml",
                                     credentials_hint="use KVX_AIRFLOW_TOKEN or KVX_AIRFLOW_USERNAME/PASSWORD")
@@ -80,7 +164,7 @@ class AirflowTarget(PipelineTarget):
         self._auth = auth
         self._session: Any = None
         self._attempts = attempts or settings.API_ATTEMPTS.get()
-        self._checked_version = False
+        self._api = api
 
     @classmethod
     def from_config(cls, config: PluginConfig) -> AirflowTarget:
@@ -99,11 +183,16 @@ class AirflowTarget(PipelineTarget):
             self._session = session_with(self._auth)
         return self._session
 
+    @property
+    def api(self) -> ApiV2:
+        """The server's REST API (asked once)."""
+        if self._api is None:
+            self._api = self._ask_api()
+        return self._api
+
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  body: Any = None) -> Any:
-        if not self._checked_version:
-            self._check_version()
-        return self._call(method, f"{API}/{path}", params=params, body=body)
+        return self._call(method, f"{self.api.prefix}/{path}", params=params, body=body)
 
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         return request_json(self.session, method, f"{self.host}/{path}", service=self.title,
@@ -112,22 +201,32 @@ class AirflowTarget(PipelineTarget):
                             # Airflow answers a JWT it cannot verify (expired, another key) with 403.
                             unauthorized=(401, 403))
 
-    def _check_version(self) -> None:
-        """Airflow 3's API, or a one-line error saying what answered instead."""
+    def _ask_api(self) -> ApiV2:
+        """Airflow 3's API v2, else Airflow 2's v1 (2.10 or newer), else a one-line error saying
+        what answered instead."""
         try:
-            self._call("GET", f"{API}/version")
+            self._call("GET", f"{ApiV2.prefix}/version")
+            return ApiV2()
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            try:
-                self._call("GET", "api/v1/version")
-            except ApiError:
-                raise ConfigError(f"{self.host} has no Airflow REST API (/{API} nor /api/v1)",
-                                  hint="set host to the Airflow web server / API server URL") from None
-            raise ConfigError(f"{self.host} is Airflow 2 (REST API v1): this release talks to Airflow 3's API v2",
-                              hint="upgrade to Airflow 3 (Cloud Composer 3), or copy the compiled DAG file "
-                              "into the DAGs folder yourself") from None
-        self._checked_version = True
+        try:
+            answer = self._call("GET", f"{ApiV1.prefix}/version")
+        except ApiError:
+            raise ConfigError(f"{self.host} has no Airflow REST API (/{ApiV2.prefix} nor /{ApiV1.prefix})",
+                              hint="set host to the Airflow web server / API server URL") from None
+        version = str(answer.get("version") or "") if isinstance(answer, dict) else ""
+        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        if len(numbers) == 2 and numbers < OLDEST_AIRFLOW_2:
+            oldest = ".".join(map(str, OLDEST_AIRFLOW_2))
+            raise ConfigError(f"{self.host} is Airflow {version}: this release talks to Airflow {oldest} and newer",
+                              hint=f"upgrade to Airflow {oldest} (Cloud Composer 2) or 3, or copy the compiled DAG "
+                              "file into the DAGs folder yourself")
+        for_airflow_2 = getattr(self._auth, "for_airflow_2", None)
+        if for_airflow_2 is not None:
+            for_airflow_2()
+        log.debug("Airflow 2 REST API (v1)", version=version)
+        return ApiV1()
 
     # --- DAG files ----------------------------------------------------------------------------
 
@@ -187,8 +286,7 @@ class AirflowTarget(PipelineTarget):
     def import_error(self, dag_id: str, since: datetime | None = None) -> str | None:
         """The last line of Airflow's import error for the DAG's file (recorded at ``since`` or
         later), if it has one."""
-        errors = self._request("GET", "importErrors", params={"filename_pattern": f"{dag_id}.py", "limit": 50})
-        for error in errors.get("import_errors") or []:
+        for error in self._pages("importErrors", "import_errors", self.api.import_error_filter(dag_id)):
             if str(error.get("filename", "")).rsplit("/", 1)[-1] != f"{dag_id}.py":
                 continue
             recorded = parse_time(error.get("timestamp"))
@@ -216,7 +314,7 @@ class AirflowTarget(PipelineTarget):
         while True:
             details = self.dag(dag_id)
             if (details is not None and (version is None or dag_version(details.get("doc_md")) == version)
-                    and self._source(dag_id) == text):
+                    and self._source(dag_id, details) == text):
                 return details
             error = self.import_error(dag_id, since=written)
             if error is not None:
@@ -236,9 +334,9 @@ class AirflowTarget(PipelineTarget):
                     "(300 by default); KVX_AIRFLOW_PARSE_TIMEOUT sets this wait")
             time.sleep(interval)
 
-    def _source(self, dag_id: str) -> str | None:
+    def _source(self, dag_id: str, details: Mapping[str, Any]) -> str | None:
         try:
-            source = self._request("GET", f"dagSources/{quote(dag_id, safe='')}")
+            source = self._request("GET", self.api.source_path(dag_id, details))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -288,8 +386,8 @@ class AirflowTarget(PipelineTarget):
             return dag_id, run_id
         if self.dag_id:
             return self.dag_id, name
-        found = self._request("GET", "dags/~/dagRuns", params={"run_id_pattern": name, "limit": 2})
-        runs = [run for run in found.get("dag_runs") or [] if run.get("dag_run_id") == name]
+        runs = [run for run in self._pages("dags/~/dagRuns", "dag_runs", self.api.run_id_filter(name))
+                if run.get("dag_run_id") == name]
         if len(runs) != 1:
             raise UsageError(f"{'no' if not runs else 'more than one'} Airflow run with id {name!r}",
                              hint="name it as <dag_id>/<run_id>, as run-once and list-pipelines print it")
@@ -335,14 +433,14 @@ class AirflowTarget(PipelineTarget):
         return RunInfo(
             name=f"{dag_id}/{run_id}", run_id=run_id, display_name=dag_id,
             state=_RUN_STATES.get(str(run.get("state") or "queued"), "PENDING"),
-            create_time=parse_time(run.get("queued_at") or run.get("run_after")),
+            create_time=parse_time(self.api.created(run)),
             start_time=parse_time(run.get("start_date")), end_time=parse_time(run.get("end_date")),
             tasks=tasks, labels={"dag_id": dag_id}, parameters=dict(run.get("conf") or {}),
         )
 
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
         dag = "~" if pipeline is None else quote(self.dag_id or pipeline, safe="")
-        for run in self._pages(f"dags/{dag}/dagRuns", "dag_runs", {"order_by": "-run_after"}):
+        for run in self._pages(f"dags/{dag}/dagRuns", "dag_runs", {"order_by": self.api.runs_order}):
             yield self._run_info(run, tasks=())
 
     def cancel(self, name: str) -> None:
@@ -356,12 +454,12 @@ class AirflowTarget(PipelineTarget):
     def _schedule_info(self, details: Mapping[str, Any]) -> ScheduleInfo:
         return ScheduleInfo(name=str(details.get("dag_id")), display_name=str(details.get("dag_id")),
                             state="PAUSED" if details.get("is_paused") else "ACTIVE",
-                            cron=str(details.get("timetable_summary") or ""),
-                            next_run_time=parse_time(details.get("next_dagrun_run_after")))
+                            cron=self.api.schedule(details),
+                            next_run_time=parse_time(self.api.next_run_after(details)))
 
     def find_schedule(self, display_name: str) -> ScheduleInfo | None:
         details = self.dag(display_name)
-        if details is None or str(details.get("timetable_summary") or "None") in ("None", "null", ""):
+        if details is None or not self.api.schedule(details):
             return None
         return self._schedule_info(details)
 
@@ -440,12 +538,7 @@ class AirflowTarget(PipelineTarget):
         except ApiError as exc:
             log.info("the task's log cannot be read", task=task.name, error=str(exc)[:300])
             return []
-        lines: list[str] = []
-        for entry in answer.get("content") or []:
-            text = entry.get("event") if isinstance(entry, dict) else entry
-            if text:
-                lines.extend(part for part in str(text).splitlines() if part.strip())
-        return [line[:500] for line in lines[-limit:]]
+        return [line[:500] for line in self.api.log_lines(answer)[-limit:]]
 
     def replay_command(self, run: RunInfo, task: TaskInfo) -> str | None:
         """The task's exec-node command as Airflow rendered it (its rendered fields)."""
