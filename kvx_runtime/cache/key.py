@@ -1,0 +1,571 @@
+"""The cache key of a step: a digest over everything that can change what its nodes write, and
+nothing else, kept as named parts so that a miss can say what changed.
+
+Parts (each a digest; ``StepKey.parts``):
+
+- ``nodes``: the step's nodes, each with its inputs and outputs;
+- ``code:<node>``: the source of the node's function and of every module of the project it can
+  reach (its module and the project modules imported from there, transitively, read from the
+  files); a module that imports by name at run time (``importlib``, ``__import__``) makes the
+  whole package count. A function from a library counts by its name: the library's version is
+  in ``environment``;
+- ``environment``: Python's version and every installed distribution with its version (Kedro,
+  kvx-runtime and the libraries the nodes call), plus the code archive's or image's digest when
+  the caller knows one;
+- ``param:<input>``: the resolved value of each parameter input (``params:x``, ``parameters``),
+  run-time ``--param`` values included (they are merged into the parameters before);
+- ``input:<dataset>``: a dataset made by another step of the pipeline counts as that step's key
+  (input addressing: a hit upstream hands down exactly what this step's cached run read; a miss
+  upstream changes this key); a dataset no node makes is fingerprinted by its store: a local
+  file's (or folder's) bytes, a remote object's checksum or generation (GCS ``crc32c`` /
+  ``generation``, S3 ``ETag``/``VersionId``), the newest version of a versioned dataset;
+- ``output:<dataset>``: the dataset's type and save arguments (a catalog entry; ``memory`` for
+  an intermediate);
+- ``env``: the Kedro environment; ``salt``: ``run_config.cache.salt``.
+
+What cannot be fingerprinted (a raw input without a file, a store that gives no checksum, a
+function defined outside any file, a node tagged ``no-cache``, an input from a step that is
+itself uncacheable) makes the step uncacheable, and :attr:`StepKey.uncacheable` says why.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KeyContext",
+    "StepKey",
+    "catalog_entries",
+    "code_digest",
+    "environment_digest",
+    "fingerprint_path",
+    "project_dirs_of",
+    "step_keys",
+]
+
+#: Nodes with this tag never hit (``run_config.cache.no_cache_tag`` names another).
+NO_CACHE_TAG = "no-cache"
+#: Remote object fields that change whenever its bytes do, strongest first, per store.
+_CHECKSUM_FIELDS = ("crc32c", "md5Hash", "generation", "ETag", "VersionId", "etag", "checksum")
+_RUNTIME_IMPORTS = ("import_module", "__import__")
+
+
+def _digest(*chunks: bytes | str) -> str:
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        data = chunk.encode() if isinstance(chunk, str) else chunk
+        hasher.update(len(data).to_bytes(8, "little"))
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    """A stable text for a parameter value (dict order and float formatting do not matter;
+    something JSON cannot say is written by ``repr``, which may make a spurious miss, never a
+    stale hit, as long as it shows the value)."""
+    return json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """A step's cache key, by parts."""
+
+    step: str
+    parts: Mapping[str, str]
+    #: Why the step can never hit (empty: it can).
+    uncacheable: tuple[str, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return _digest(*(f"{name}={value}" for name, value in sorted(self.parts.items())))
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.uncacheable
+
+    def changes(self, before: StepKey) -> list[str]:
+        """The parts that differ from ``before`` (added, removed or changed), sorted."""
+        names = set(self.parts) | set(before.parts)
+        return sorted(name for name in names if self.parts.get(name) != before.parts.get(name))
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    """What the keys of a pipeline's steps are computed from."""
+
+    #: A Kedro pipeline (``nodes`` in topological order, each with ``name``, ``func``, ``inputs``,
+    #: ``outputs``, ``tags``).
+    pipeline: Any
+    #: Step name -> the names of its nodes.
+    steps: Mapping[str, Sequence[str]]
+    #: The resolved parameters (``context.params``, run-time values merged).
+    params: Mapping[str, Any]
+    #: Dataset name -> its resolved catalog entry (None: not in the catalog, a memory dataset).
+    catalog_entry: Callable[[str], Mapping[str, Any] | None]
+    env: str
+    #: The directories of the project's own code (its package's source).
+    project_dirs: Sequence[Path]
+    salt: str = ""
+    no_cache_tag: str = NO_CACHE_TAG
+    #: The code archive's or image's digest, when the caller knows one.
+    code_identity: str = ""
+    #: Dataset name -> a load version pinned for the run (``--load-versions``).
+    load_versions: Mapping[str, str] = field(default_factory=dict)
+
+
+def step_keys(context: KeyContext) -> dict[str, StepKey]:
+    """The key of every step, upstream steps first."""
+    nodes = {node.name: node for node in context.pipeline.nodes}
+    step_of = {name: step for step, names in context.steps.items() for name in names}
+    unknown = sorted(set(step_of) - set(nodes))
+    if unknown:
+        raise ValueError(f"steps name nodes the pipeline does not have: {', '.join(unknown)}")
+    producer = {output: step_of[node.name] for node in context.pipeline.nodes if node.name in step_of
+                for output in node.outputs}
+    environment = environment_digest(context.code_identity)
+    keys: dict[str, StepKey] = {}
+    for step in _step_order(context, nodes, step_of, producer):
+        keys[step] = _step_key(step, [nodes[name] for name in context.steps[step]], context, producer, keys,
+                               environment)
+    return keys
+
+
+def _step_order(context: KeyContext, nodes: Mapping[str, Any], step_of: Mapping[str, str],
+                producer: Mapping[str, str]) -> list[str]:
+    """Steps in an order where each comes after the steps it reads from (Kedro's node order
+    is topological; a step's place is its last node's)."""
+    order: list[str] = []
+    for node in context.pipeline.nodes:
+        step = step_of.get(node.name)
+        if step is not None and step not in order and all(
+                producer.get(name, step) == step or producer[name] in order
+                for member in context.steps[step] for name in nodes[member].inputs):
+            order.append(step)
+    missing = [step for step in context.steps if step not in order]
+    if missing:
+        raise ValueError(f"steps depend on each other in a cycle: {', '.join(missing)}")
+    return order
+
+
+def _step_key(step: str, members: list[Any], context: KeyContext, producer: Mapping[str, str],
+              keys: Mapping[str, StepKey], environment: str) -> StepKey:
+    parts: dict[str, str] = {
+        "nodes": _digest(*(_canonical([node.name, list(node.inputs), list(node.outputs)])
+                           for node in sorted(members, key=lambda node: node.name))),
+        "environment": environment,
+        "env": _digest(context.env),
+        "salt": _digest(context.salt),
+    }
+    reasons: list[str] = []
+    made_here = {output for node in members for output in node.outputs}
+    for node in members:
+        if context.no_cache_tag in node.tags:
+            reasons.append(f"node {node.name} is tagged {context.no_cache_tag}")
+        digest, why = code_digest(node.func, context.project_dirs)
+        parts[f"code:{node.name}"] = digest
+        if why:
+            reasons.append(f"node {node.name}: {why}")
+        for name in node.inputs:
+            if name in made_here:
+                continue
+            if name == "parameters" or name.startswith("params:"):
+                parts[f"param:{name}"] = _digest(_canonical(_parameter(context.params, name)))
+            elif name in producer:
+                upstream = keys[producer[name]]
+                if not upstream.cacheable:
+                    reasons.append(f"input {name} comes from step {producer[name]}, which is not cacheable")
+                parts[f"input:{name}"] = _digest("step", upstream.digest, name)
+            else:
+                digest, why = _raw_input(name, context)
+                parts[f"input:{name}"] = digest
+                if why:
+                    reasons.append(f"input {name}: {why}")
+        for name in node.outputs:
+            entry = context.catalog_entry(name)
+            parts[f"output:{name}"] = _digest(_canonical(
+                "memory" if entry is None else [entry.get("type"), entry.get("save_args"), entry.get("versioned")]))
+    return StepKey(step=step, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
+
+
+def _parameter(params: Mapping[str, Any], name: str) -> Any:
+    """``parameters`` -> all of them; ``params:a.b`` -> ``params["a"]["b"]`` (or the key
+    ``a.b`` itself, as Kedro resolves it)."""
+    if name == "parameters":
+        return params
+    path = name.removeprefix("params:")
+    if path in params:
+        return params[path]
+    value: Any = params
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return "<missing>"  # Kedro itself refuses such a run: any stable text will do
+        value = value[part]
+    return value
+
+
+def _raw_input(name: str, context: KeyContext) -> tuple[str, str | None]:
+    """A digest of what a dataset no node makes holds now, or why it cannot be told."""
+    entry = context.catalog_entry(name)
+    if entry is None:
+        return _digest("absent"), "not in the catalog (a memory dataset nothing writes)"
+    path = entry.get("filepath") or entry.get("path")
+    if not isinstance(path, str):
+        return _digest("no-file"), f"a {entry.get('type')} dataset has no file to fingerprint"
+    if entry.get("versioned"):
+        version = context.load_versions.get(name) or _newest_version(path)
+        if version is None:
+            return _digest("no-version"), f"no version of {path} yet"
+        path = f"{path.rstrip('/')}/{version}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+    described = [entry.get("type"), entry.get("load_args")]
+    digest, why = fingerprint_path(path)
+    return _digest(_canonical(described), digest), why
+
+
+def _newest_version(path: str) -> str | None:
+    """The version Kedro loads by default: the newest (version names sort by time)."""
+    import fsspec
+
+    filesystem, stripped = fsspec.core.url_to_fs(path)
+    try:
+        versions = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in filesystem.ls(stripped, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return max(versions) if versions else None
+
+
+def fingerprint_path(path: str) -> tuple[str, str | None]:
+    """A digest of the file or folder at ``path`` as it is now, and why it could not be told
+    (None when it could). Local files are read whole (a change that keeps the size and the
+    modification time is still seen); remote objects count by the checksum their store keeps."""
+    import fsspec
+
+    filesystem, stripped = fsspec.core.url_to_fs(path)
+    local = "file" in (filesystem.protocol if isinstance(filesystem.protocol, tuple) else (filesystem.protocol,))
+    try:
+        if filesystem.isdir(stripped):
+            found = filesystem.find(stripped, detail=True)
+            files = sorted(found.items())
+        else:
+            files = [(stripped, filesystem.info(stripped))]
+    except FileNotFoundError:
+        return _digest("missing", path), f"{path} does not exist"
+    chunks: list[str] = []
+    for file_path, info in files:
+        relative = file_path[len(stripped):]
+        if local:
+            chunks.append(_digest(relative, _file_sha256(file_path)))
+            continue
+        checksums = {name: info[name] for name in _CHECKSUM_FIELDS if info.get(name)}
+        if not checksums:
+            return _digest("no-checksum", path), f"the store of {path} gives no checksum of {file_path}"
+        chunks.append(_digest(relative, _canonical(checksums), str(info.get("size"))))
+    return _digest(*chunks), None
+
+
+def _file_sha256(path: str) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(functools.partial(handle.read, 1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> str:
+    from importlib.metadata import distributions
+
+    return "\n".join(sorted({f"{dist.metadata['Name']}=={dist.version}".lower() for dist in distributions()
+                             if dist.metadata["Name"]}))
+
+
+def environment_digest(code_identity: str = "") -> str:
+    """Python's version, every installed distribution's version, and the code's identity."""
+    return _digest(sys.version, _distributions(), code_identity)
+
+
+def _unwrap(func: Any) -> Any:
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif hasattr(func, "__wrapped__"):
+            func = func.__wrapped__
+        else:
+            return func
+
+
+def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | None]:
+    """A digest of the code ``func`` can reach in the project, and why it cannot be told."""
+    func = _unwrap(func)
+    module = inspect.getmodule(func)
+    name = f"{getattr(module, '__name__', '?')}:{getattr(func, '__qualname__', type(func).__qualname__)}"
+    file = getattr(module, "__file__", None)
+    dirs = [Path(directory).resolve() for directory in project_dirs]
+    if module is None or file is None:
+        if module is not None and module.__name__ in sys.builtin_module_names:
+            return _digest("builtin", name), None
+        return _digest("unknown", name), f"{name} is not defined in a file"
+    path = Path(file).resolve()
+    if not any(path.is_relative_to(directory) for directory in dirs):
+        return _digest("library", name), None  # its version is in the environment part
+    root = str(getattr(func, "__qualname__", "")).split(".")[0]
+    sliced = _module_slice(path.read_bytes(), root, module.__name__, path.name == "__init__.py")
+    if sliced is None:  # a lambda, a name made at run time: the whole module and what it imports
+        texts: list[str] = []
+        followed = [(module.__name__, path)]
+    else:
+        texts, imported = sliced
+        followed = [(imported_name, found) for imported_name in imported
+                    if (found := _project_file(imported_name, dirs)) is not None]
+    files = _reachable_files(followed, dirs)
+    return _digest(name, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in files)), None
+
+
+def _module_slice(source: bytes, root: str, module_name: str, is_package: bool) -> tuple[list[str], list[str]] | None:
+    """The part of a module that the top-level definition ``root`` can reach: every top-level
+    statement that is not a definition or an import (module-level code runs whatever the node),
+    the definitions reachable by name from those and from ``root``, and the modules bound to
+    names they use. As text without comments or formatting (``ast.unparse``), so that editing
+    another function of the module, or a comment, changes nothing. None when ``root`` is not a
+    top-level definition (or the code imports by name at run time): then the whole module counts."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    package = module_name if is_package else module_name.rpartition(".")[0]
+    definitions: dict[str, ast.stmt] = {}
+    bindings: dict[str, list[str]] = {}
+    always: list[ast.stmt] = []
+    for statement in tree.body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            definitions[statement.name] = statement
+        elif isinstance(statement, (ast.Import, ast.ImportFrom)):
+            for bound, modules in _bindings(statement, package).items():
+                bindings.setdefault(bound, []).extend(modules)
+        else:
+            always.append(statement)
+    if root not in definitions:
+        return None
+    texts = [ast.unparse(statement) for statement in always]
+    if any(call in text for text in texts for call in _RUNTIME_IMPORTS):
+        return None
+    pending = [root, *(name for statement in always for name in _names(statement))]
+    reached: set[str] = set()
+    imported: list[str] = list(bindings.get("*", ()))  # a star import may supply any name
+    while pending:
+        name = pending.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        imported.extend(bindings.get(name, ()))
+        definition = definitions.get(name)
+        if definition is not None:
+            text = ast.unparse(definition)
+            if any(call in text for call in _RUNTIME_IMPORTS):
+                return None
+            texts.append(text)
+            pending.extend(_names(definition))
+            for inner in ast.walk(definition):  # imports inside a function body
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    imported.extend(module for modules in _bindings(inner, package).values() for module in modules)
+    return texts, list(dict.fromkeys(imported))
+
+
+def _names(statement: ast.AST) -> list[str]:
+    """The global names ``statement`` may read (``a`` of ``a.b.c`` too): names read, less a
+    function's parameters and the names it assigns (unless declared ``global``). Comprehension
+    scopes are not told apart: a name too many makes a spurious miss, never a stale hit."""
+    return sorted(_free_names(statement))
+
+
+def _free_names(node: ast.AST) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        arguments = node.args
+        parameters = {arg.arg for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                          *filter(None, [arguments.vararg, arguments.kwarg])]}
+        # Defaults, annotations and decorators are evaluated where the function is defined.
+        outer: set[str] = set()
+        for part in [*arguments.defaults, *filter(None, arguments.kw_defaults),
+                     *getattr(node, "decorator_list", []), *filter(None, [getattr(node, "returns", None)])]:
+            outer |= _free_names(part)
+        body = node.body if isinstance(node.body, list) else [node.body]
+        inner: set[str] = set()
+        for statement in body:
+            inner |= _free_names(statement)
+        return outer | (inner - parameters - (_assigned(body) - _declared_global(body)))
+    if isinstance(node, ast.Name):
+        return {node.id} if isinstance(node.ctx, ast.Load) else set()
+    found: set[str] = set()
+    for child in ast.iter_child_nodes(node):
+        found |= _free_names(child)
+    return found
+
+
+def _scope_nodes(body: Sequence[ast.AST]) -> Iterable[ast.AST]:
+    """Every node of a function's own scope (not inside a nested function or class)."""
+    pending = list(body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def _assigned(body: Sequence[ast.AST]) -> set[str]:
+    names: set[str] = set()
+    for node in _scope_nodes(body):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _declared_global(body: Sequence[ast.AST]) -> set[str]:
+    return {name for node in _scope_nodes(body) if isinstance(node, (ast.Global, ast.Nonlocal)) for name in node.names}
+
+
+def _bindings(statement: ast.Import | ast.ImportFrom, package: str) -> dict[str, list[str]]:
+    """Name bound by an import -> the modules it may stand for (``from a import b``: ``a.b``,
+    a module, or ``a``, whose attribute b is; ``import a.b``: binds ``a``, runs both)."""
+    bound: dict[str, list[str]] = {}
+    if isinstance(statement, ast.Import):
+        for alias in statement.names:
+            parents = [alias.name.rsplit(".", depth)[0] for depth in range(alias.name.count(".") + 1)]
+            bound.setdefault(alias.asname or alias.name.split(".")[0], []).extend(parents)
+        return bound
+    base = statement.module or ""
+    if statement.level:
+        try:
+            base = importlib.util.resolve_name("." * statement.level + base, package)
+        except (ImportError, ValueError):
+            return bound
+    parents = [base.rsplit(".", depth)[0] for depth in range(base.count(".") + 1)] if base else []
+    for alias in statement.names:
+        if alias.name == "*":
+            bound.setdefault("*", []).extend(parents)
+            continue
+        bound.setdefault(alias.asname or alias.name, []).extend([f"{base}.{alias.name}", *parents])
+    return bound
+
+
+def _relative(path: Path, dirs: Sequence[Path]) -> Path:
+    for directory in dirs:
+        if path.is_relative_to(directory):
+            return path.relative_to(directory)
+    return path
+
+
+def _reachable_files(start: Sequence[tuple[str, Path]], dirs: Sequence[Path]) -> list[Path]:
+    """The project's source files of the modules ``start`` and of those they import,
+    transitively (sorted); every file of the project when one imports by name at run time."""
+    seen: dict[Path, None] = {}
+    pending = list(start)
+    while pending:
+        name, file = pending.pop()
+        if file in seen:
+            continue
+        seen[file] = None
+        source = file.read_bytes()
+        if any(call.encode() in source for call in _RUNTIME_IMPORTS):
+            return sorted(_all_sources(dirs))
+        for imported in _imports(source, name, file.name == "__init__.py"):
+            found = _project_file(imported, dirs)
+            if found is not None:
+                pending.append((imported, found))
+    return sorted(seen)
+
+
+def _imports(source: bytes, module_name: str, is_package: bool) -> Iterable[str]:
+    """Module names ``source`` imports (``from a import b`` gives ``a`` and ``a.b``: b may be a module)."""
+    package = module_name if is_package else module_name.rpartition(".")[0]
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names: list[str] = []
+    for statement in ast.walk(tree):
+        if isinstance(statement, ast.Import):
+            names.extend(alias.name for alias in statement.names)
+        elif isinstance(statement, ast.ImportFrom):
+            base = statement.module or ""
+            if statement.level:
+                try:
+                    base = importlib.util.resolve_name("." * statement.level + base, package)
+                except (ImportError, ValueError):
+                    continue
+            names.append(base)
+            names.extend(f"{base}.{alias.name}" for alias in statement.names if alias.name != "*")
+    # A module's parents run first: importing a.b.c runs a/__init__.py and a/b/__init__.py.
+    parents = [name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)]
+    return [name for name in dict.fromkeys([*names, *parents]) if name]
+
+
+def _project_file(module_name: str, dirs: Sequence[Path]) -> Path | None:
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if file is None:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            return None
+        file = spec.origin if spec is not None and spec.has_location else None
+    if not file or not file.endswith(".py"):
+        return None
+    path = Path(file).resolve()
+    return path if any(path.is_relative_to(directory) for directory in dirs) else None
+
+
+def _all_sources(dirs: Sequence[Path]) -> list[Path]:
+    return [path.resolve() for directory in dirs for path in directory.rglob("*.py")
+            if "__pycache__" not in path.parts and not any(part.startswith(".") for part in
+                                                          path.relative_to(directory).parts)]
+
+
+def project_dirs_of(package_name: str) -> list[Path]:
+    """The source directory of the project's package (what counts as the project's code)."""
+    spec = importlib.util.find_spec(package_name)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(location).resolve() for location in spec.submodule_search_locations]
+
+
+def catalog_entries(catalog_config: Mapping[str, Any],
+                    resolver: Any = None) -> Callable[[str], Mapping[str, Any] | None]:
+    """A dataset's resolved catalog entry (dataset factories included), credentials left out."""
+
+    def entry(name: str) -> Mapping[str, Any] | None:
+        config = catalog_config.get(name)
+        if config is None and resolver is not None and resolver.match_dataset_pattern(name):
+            config = resolver.resolve_pattern(name)
+        if not isinstance(config, Mapping):
+            return None
+        return {key: value for key, value in config.items() if key != "credentials"}
+
+    return entry
+
+
+def key_context_of(kedro_context: Any, pipeline: Any, steps: Mapping[str, Sequence[str]], *, package_name: str,
+                   salt: str = "", code_identity: str = "",
+                   load_versions: Mapping[str, str] | None = None) -> KeyContext:
+    """The key context of a loaded Kedro context (``session.load_context()``: its env, resolved
+    parameters with run-time values merged, and catalog config)."""
+    catalog_config = kedro_context.config_loader["catalog"]
+    resolver = getattr(kedro_context.catalog, "config_resolver", None)
+    return KeyContext(pipeline=pipeline, steps=steps, params=kedro_context.params,
+                      catalog_entry=catalog_entries(catalog_config, resolver), env=kedro_context.env,
+                      project_dirs=project_dirs_of(package_name), salt=salt, code_identity=code_identity,
+                      load_versions=dict(load_versions or {}))
