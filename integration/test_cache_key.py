@@ -60,8 +60,8 @@ table:
   filepath: data/table.csv
   save_args: {index: false}
 """
-#: Computes the keys of one step per node, in a fresh process as a step would (argv: project, env,
-#: run-time params as JSON, salt).
+#: Computes the keys of the steps (one per node unless argv[5] groups them, as JSON), in a fresh
+#: process as a step would (argv: project, env, run-time params as JSON, salt).
 KEYS = """
 import json, sys
 from pathlib import Path
@@ -79,7 +79,7 @@ with entry_points_of_disabled_plugins_not_loaded(settings):
 with session:
     context = session.load_context()
     pipeline = pipelines["__default__"]
-    steps = {node.name: [node.name] for node in pipeline.nodes}
+    steps = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {node.name: [node.name] for node in pipeline.nodes}
     keys = step_keys(key_context_of(context, pipeline, steps, package_name=metadata.package_name, salt=salt))
 print(json.dumps({step: {"digest": key.digest, "parts": dict(key.parts), "uncacheable": list(key.uncacheable)}
                   for step, key in keys.items()}))
@@ -87,10 +87,12 @@ print(json.dumps({step: {"digest": key.digest, "parts": dict(key.parts), "uncach
 STEPS = ("clean", "total", "tabulate")
 
 
-def keys(project: Path, env: str = "base", runtime: dict[str, Any] | None = None, salt: str = "") -> dict[str, Any]:
+def keys(project: Path, env: str = "base", runtime: dict[str, Any] | None = None, salt: str = "",
+         steps: dict[str, list[str]] | None = None) -> dict[str, Any]:
     environ = {key: value for key, value in os.environ.items() if not key.startswith("KEDRO")}
     environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(project / "src")])
-    made = subprocess.run([sys.executable, "-c", KEYS, str(project), env, json.dumps(runtime or {}), salt],
+    grouping = [json.dumps(steps)] if steps else []
+    made = subprocess.run([sys.executable, "-c", KEYS, str(project), env, json.dumps(runtime or {}), salt, *grouping],
                           cwd=project, env=environ, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr[-3000:]
     return json.loads(made.stdout.strip().splitlines()[-1])
@@ -197,5 +199,17 @@ def test_what_cannot_be_fingerprinted_makes_the_step_uncacheable_and_says_why(pr
     # Relative to the project (the step's working directory), as Kedro reads it.
     assert found["clean"]["uncacheable"] == ["input raw_numbers: data/raw.json does not exist"]
     assert found["total"]["uncacheable"] == ["node total is tagged no-cache",
-                                             "input cleaned comes from step clean, which is not cacheable"]
-    assert found["tabulate"]["uncacheable"] == ["input total comes from step total, which is not cacheable"]
+                                             "input cleaned comes from node clean, which is not cacheable"]
+    assert found["tabulate"]["uncacheable"] == ["input total comes from node total, which is not cacheable"]
+
+
+def test_a_steps_key_is_its_nodes_keys_whatever_the_grouping_of_the_others(project: Path) -> None:
+    """A dataset made upstream counts as its node's key, so grouping nodes into steps changes no
+    other step's key; inside a group, what one member hands another is not an input."""
+    alone = keys(project)
+    grouped = keys(project, steps={"prep": ["clean", "total"], "tabulate": ["tabulate"]})
+    assert grouped["tabulate"]["digest"] == alone["tabulate"]["digest"]
+    prep = grouped["prep"]["parts"]
+    assert {"code:clean", "code:total", "input:raw_numbers", "output:cleaned", "output:total"} <= set(prep)
+    assert "input:cleaned" not in prep
+    assert prep["input:raw_numbers"] == alone["clean"]["parts"]["input:raw_numbers"]

@@ -123,52 +123,47 @@ class KeyContext:
     load_versions: Mapping[str, str] = field(default_factory=dict)
 
 
-def step_keys(context: KeyContext) -> dict[str, StepKey]:
-    """The key of every step, upstream steps first."""
-    nodes = {node.name: node for node in context.pipeline.nodes}
-    step_of = {name: step for step, names in context.steps.items() for name in names}
-    unknown = sorted(set(step_of) - set(nodes))
-    if unknown:
-        raise ValueError(f"steps name nodes the pipeline does not have: {', '.join(unknown)}")
-    producer = {output: step_of[node.name] for node in context.pipeline.nodes if node.name in step_of
-                for output in node.outputs}
-    environment = environment_digest(context.code_identity)
-    keys: dict[str, StepKey] = {}
-    for step in _step_order(context, nodes, step_of, producer):
-        keys[step] = _step_key(step, [nodes[name] for name in context.steps[step]], context, producer, keys,
-                               environment)
-    return keys
+class _NodeKeys:
+    """Each node's key, computed once and only for the nodes asked and their ancestors: a
+    dataset made by a node counts, downstream, as that node's key (whatever the grouping of
+    nodes into steps, so a step can compute its key without knowing the others' grouping)."""
 
+    def __init__(self, context: KeyContext) -> None:
+        self.context = context
+        self.nodes = {node.name: node for node in context.pipeline.nodes}
+        self.producer = {output: node.name for node in context.pipeline.nodes for output in node.outputs}
+        self.environment = environment_digest(context.code_identity)
+        self.keys: dict[str, StepKey] = {}
 
-def _step_order(context: KeyContext, nodes: Mapping[str, Any], step_of: Mapping[str, str],
-                producer: Mapping[str, str]) -> list[str]:
-    """Steps in an order where each comes after the steps it reads from (Kedro's node order
-    is topological; a step's place is its last node's)."""
-    order: list[str] = []
-    for node in context.pipeline.nodes:
-        step = step_of.get(node.name)
-        if step is not None and step not in order and all(
-                producer.get(name, step) == step or producer[name] in order
-                for member in context.steps[step] for name in nodes[member].inputs):
-            order.append(step)
-    missing = [step for step in context.steps if step not in order]
-    if missing:
-        raise ValueError(f"steps depend on each other in a cycle: {', '.join(missing)}")
-    return order
+    def key(self, name: str) -> StepKey:
+        if name not in self.keys:
+            needed = self._uncomputed_ancestors(name)
+            # Kedro's node order is topological: upstream keys exist when a node's is computed.
+            for node in self.context.pipeline.nodes:
+                if node.name in needed:
+                    self.keys[node.name] = self._compute(node)
+            self.keys[name] = self._compute(self.nodes[name])
+        return self.keys[name]
 
+    def _uncomputed_ancestors(self, name: str) -> set[str]:
+        found: set[str] = set()
+        pending = [name]
+        while pending:
+            for dataset in self.nodes[pending.pop()].inputs:
+                producer = self.producer.get(dataset)
+                if producer is not None and producer not in found and producer not in self.keys:
+                    found.add(producer)
+                    pending.append(producer)
+        return found
 
-def _step_key(step: str, members: list[Any], context: KeyContext, producer: Mapping[str, str],
-              keys: Mapping[str, StepKey], environment: str) -> StepKey:
-    parts: dict[str, str] = {
-        "nodes": _digest(*(_canonical([node.name, list(node.inputs), list(node.outputs)])
-                           for node in sorted(members, key=lambda node: node.name))),
-        "environment": environment,
-        "env": _digest(context.env),
-        "salt": _digest(context.salt),
-    }
-    reasons: list[str] = []
-    made_here = {output for node in members for output in node.outputs}
-    for node in members:
+    def _compute(self, node: Any) -> StepKey:
+        context = self.context
+        parts: dict[str, str] = {
+            "environment": self.environment,
+            "env": _digest(context.env),
+            "salt": _digest(context.salt),
+        }
+        reasons: list[str] = []
         if context.no_cache_tag in node.tags:
             reasons.append(f"node {node.name} is tagged {context.no_cache_tag}")
         digest, why = code_digest(node.func, context.project_dirs)
@@ -176,15 +171,13 @@ def _step_key(step: str, members: list[Any], context: KeyContext, producer: Mapp
         if why:
             reasons.append(f"node {node.name}: {why}")
         for name in node.inputs:
-            if name in made_here:
-                continue
             if name == "parameters" or name.startswith("params:"):
                 parts[f"param:{name}"] = _digest(_canonical(_parameter(context.params, name)))
-            elif name in producer:
-                upstream = keys[producer[name]]
+            elif name in self.producer:
+                upstream = self.key(self.producer[name])
                 if not upstream.cacheable:
-                    reasons.append(f"input {name} comes from step {producer[name]}, which is not cacheable")
-                parts[f"input:{name}"] = _digest("step", upstream.digest, name)
+                    reasons.append(f"input {name} comes from node {self.producer[name]}, which is not cacheable")
+                parts[f"input:{name}"] = _digest("node", upstream.digest, name)
             else:
                 digest, why = _raw_input(name, context)
                 parts[f"input:{name}"] = digest
@@ -194,7 +187,35 @@ def _step_key(step: str, members: list[Any], context: KeyContext, producer: Mapp
             entry = context.catalog_entry(name)
             parts[f"output:{name}"] = _digest(_canonical(
                 "memory" if entry is None else [entry.get("type"), entry.get("save_args"), entry.get("versioned")]))
-    return StepKey(step=step, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
+        parts["nodes"] = _digest(_canonical([node.name, list(node.inputs), list(node.outputs)]))
+        return StepKey(step=node.name, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
+
+
+def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[str, StepKey]:
+    """The key of every step of ``context.steps`` (or of the steps named in ``only``): its
+    nodes' parts, less the datasets one member hands another, with the "nodes" part over all
+    members. Nodes outside the steps asked for are keyed only as far as these depend on them."""
+    node_keys = _NodeKeys(context)
+    unknown = sorted({name for names in context.steps.values() for name in names} - set(node_keys.nodes))
+    if unknown:
+        raise ValueError(f"steps name nodes the pipeline does not have: {', '.join(unknown)}")
+    wanted = list(context.steps) if only is None else list(only)
+    keys: dict[str, StepKey] = {}
+    for step in wanted:
+        members = [node_keys.nodes[name] for name in context.steps[step]]
+        made_here = {output for node in members for output in node.outputs}
+        parts: dict[str, str] = {}
+        reasons: list[str] = []
+        for node in members:
+            key = node_keys.key(node.name)
+            parts.update({part: value for part, value in key.parts.items()
+                          if part != "nodes" and part.removeprefix("input:") not in made_here})
+            reasons.extend(reason for reason in key.uncacheable
+                           if not any(reason.startswith(f"input {name} ") for name in made_here))
+        parts["nodes"] = _digest(*(node_keys.key(node.name).parts["nodes"]
+                                   for node in sorted(members, key=lambda node: node.name)))
+        keys[step] = StepKey(step=step, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
+    return keys
 
 
 def _parameter(params: Mapping[str, Any], name: str) -> Any:
