@@ -75,6 +75,9 @@ for _target in TARGETS.values():
 @load_version_option
 @click.option("--code", default=None, metavar="URI#sha256=DIGEST",
               help="Run the code and configuration of this archive (code upload; default: KVX_CODE).")
+@click.option("--cache", type=click.Choice(["on", "off"]), default=None,
+              help="Use the step cache (docs/cache.md): on a hit the outputs of an earlier run with the same key "
+              "are this run's and the nodes do not run (default: run_config.cache.enabled, off).")
 def exec_node(
     nodes: tuple[str, ...],
     project_path: str | None,
@@ -89,6 +92,7 @@ def exec_node(
     job_create_time: str | None,
     load_versions: tuple[str, ...],
     code: str | None,
+    cache: str | None,
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
     from kvx_runtime.params import parse_params
@@ -112,6 +116,7 @@ def exec_node(
             job_create_time=job_create_time or None,
             load_versions=parse_load_versions(load_versions),
             code=code or settings.CODE.get() or None,
+            cache=cache or settings.CACHE.get() or None,
         )
     )
 

@@ -102,6 +102,8 @@ LOG_LEVEL = Setting("KVX_LOG_LEVEL", str, "INFO", "log level", choices=("debug",
 # The step (exec-node)
 SAVE_VERSION = Setting("KVX_SAVE_VERSION", str, "", "the run's save version when --save-version is absent")
 CODE = Setting("KVX_CODE", str, "", "the code archive to run when --code is absent")
+CACHE = Setting("KVX_CACHE", str, "", "on or off: the step cache when --cache is absent (default: "
+                "run_config.cache.enabled)", choices=("on", "off"))
 CODE_CACHE = Setting("KVX_CODE_CACHE", str, "", "where code archives are unpacked (default: <tmp>/kvx-code)")
 CODE_MAX_BYTES = Setting("KVX_CODE_MAX_BYTES", int, 200 * 1024 * 1024,
                          "largest code archive accepted, in bytes", minimum=1)

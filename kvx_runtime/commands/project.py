@@ -181,6 +181,8 @@ class RunLocalRequest:
     fail_fast: bool = False
     #: Each step in a fresh copy of what the project's image holds (as on separate machines).
     fresh_copies: bool = False
+    #: ``on``/``off``: the step cache for every step; None: run_config.cache.enabled.
+    cache: str | None = None
 
 
 def run_local_spec(request: RunLocalRequest) -> None:
@@ -209,6 +211,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         job_name=request.job_name,
         fail_fast=request.fail_fast,
         fresh_copies=request.fresh_copies,
+        extra_env={"KVX_CACHE": request.cache} if request.cache else None,
     )
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
@@ -235,19 +238,22 @@ def run_local_spec(request: RunLocalRequest) -> None:
               help="Run each step in a fresh copy of what the project's image holds (its .dockerignore applied, "
               "else the project template's), as on separate machines: nothing a step leaves on its disk is there "
               "for the next.")
+@click.option("--cache", type=click.Choice(["on", "off"]), default=None,
+              help="The step cache for every step (docs/cache.md): a step whose key an earlier run recorded takes "
+              "that run's outputs instead of running (default: run_config.cache.enabled, off).")
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                       code_upload: bool | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
-                      job_name: str | None, fail_fast: bool, fresh_copies: bool) -> None:
+                      job_name: str | None, fail_fast: bool, fresh_copies: bool, cache: str | None) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
     project's pipeline first, to .kvx/pipeline.json)."""
     run_local_spec(RunLocalRequest(
         at=invocation(ctx, project_path, env), spec=spec,
         options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
         overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=job_name,
-        fail_fast=fail_fast, fresh_copies=fresh_copies,
+        fail_fast=fail_fast, fresh_copies=fresh_copies, cache=cache,
     ))
 
 

@@ -132,6 +132,17 @@ class GroupingConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class CacheConfig(_Section):
+    """``run_config.cache``: the step cache (docs/cache.md). Off unless enabled here or asked
+    for per run (``--cache on``)."""
+
+    enabled: bool = False
+    #: Any text: changing it makes every step miss once (a manual bust).
+    salt: str = ""
+    #: Nodes with this tag never hit.
+    no_cache_tag: str = "no-cache"
+
+
 class HostAlias(_Section):
     """An ``/etc/hosts`` entry that the container entrypoint adds."""
 
@@ -273,6 +284,7 @@ class RunConfig(_Section):
     retries: dict[str, RetrySpec] = Field(default_factory=dict)
     dynamic_config_providers: list[DynamicConfigProviderSpec] = Field(default_factory=list)
     grouping: GroupingConfig = Field(default_factory=GroupingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     service_account: str | None = None

@@ -37,6 +37,7 @@ STEP_KEYS: tuple[str, ...] = (
     "run_config.dynamic_config_providers",
     "run_config.mlflow",
     "run_config.s3",
+    "run_config.cache",
 )
 #: Everything (compile, doctor).
 ALL_KEYS: tuple[str, ...] = ("",)

@@ -361,6 +361,7 @@ def run_local(
     stream: TextIO | None = None,
     fail_fast: bool = False,
     fresh_copies: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> LocalRunResult:
     """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``; the failure
     policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``;
@@ -379,7 +380,8 @@ def run_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
-                           {"KVX_LOG_FORMAT": "json"}, fail_fast=policy == "fail_fast", fresh_copies=fresh_copies)
+                           {"KVX_LOG_FORMAT": "json", **(extra_env or {})}, fail_fast=policy == "fail_fast",
+                           fresh_copies=fresh_copies)
     copies = f", each step in a fresh copy of the project's image files ({run_dir / 'copies'})" if fresh_copies else ""
     print(f"Running {describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
           f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",

@@ -35,6 +35,7 @@ from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import StepPlan, plan_step
 from kvx_runtime.log import bind_step_context, get_logger
 from kvx_runtime.settings import MLFLOW_RUN_ID
+from kvx_runtime.step.caching import cache_wanted, prepare_caching
 from kvx_runtime.step.failures import classify, first_line
 from kvx_runtime.step.hooks import StepHooks
 from kvx_runtime.step.identity import JobDirectory, RunIdentity, resolve_identity
@@ -75,7 +76,7 @@ def execute_step(request: StepRequest) -> StepResult:
         save_version=run.save_version,
     )
     try:
-        _run_session(project, request, plan, hooks, run.save_version, load_versions)
+        served = _run_session(project, request, plan, hooks, run, identity, load_versions)
     except KvxError:
         raise
     except Exception as exc:
@@ -87,7 +88,8 @@ def execute_step(request: StepRequest) -> StepResult:
             tracking.detach()
 
     seconds = time.perf_counter() - started
-    log.info("step finished", seconds=round(seconds, 3), stored=hooks.stored, loaded=hooks.loaded)
+    log.info("step finished", seconds=round(seconds, 3), stored=hooks.stored, loaded=hooks.loaded,
+             **({"from_cache": True} if served else {}))
     return StepResult(
         run_id=identity.run_id,
         job_name=identity.job_name,
@@ -351,9 +353,12 @@ def _run_session(
     request: StepRequest,
     plan: StepPlan,
     hooks: StepHooks,
-    save_version: str | None,
+    run: _RunStorage,
+    identity: RunIdentity,
     load_versions: dict[str, str],
-) -> None:
+) -> bool:
+    """Phase 7 (with the step cache between the plan and the nodes when it is on): True when
+    the step was served from the cache and its nodes did not run."""
     from kedro.framework.project import settings
     from kedro.framework.session import KedroSession
     from kedro.runner import SequentialRunner
@@ -365,9 +370,16 @@ def _run_session(
             project.path, env=project.env, runtime_params=request.params or None,
             conf_source=project.conf_source,
         )
-    if save_version:
-        _pin_save_version(session, save_version)
+    if run.save_version:
+        _pin_save_version(session, run.save_version)
     with session:
+        caching = None
+        if cache_wanted(project, request):
+            # Before the step's hooks: its blob datasets are not this context's catalog's.
+            caching = prepare_caching(project, request, plan, session.load_context(), run.job_directory)
+            if caching is not None and caching.serve():
+                hooks.stored.extend(name for name in plan.crossing_outputs if name in caching.outputs)
+                return True
         session._hook_manager.register(hooks, name="kvx-runtime-step")
         session.run(
             **_pipeline_argument(session, request.pipeline),
@@ -375,6 +387,9 @@ def _run_session(
             runner=SequentialRunner(),
             load_versions=load_versions or None,
         )
+        if caching is not None:
+            caching.record(identity)
+    return False
 
 
 def _pipeline_argument(session: Any, pipeline: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ _FLAGS: tuple[tuple[str, str, bool], ...] = (
     ("--code", "code", False),
     ("--mlflow-run-id", "mlflow_run_id", False),
     ("--param", "params", True),
+    ("--cache", "cache", False),
 )
 _FIELD_OF = {flag: (name, repeated) for flag, name, repeated in _FLAGS}
 DEFAULT_PIPELINE = "__default__"
@@ -69,6 +70,8 @@ class ExecNodeInvocation:
     mlflow_run_id: str | None = None
     #: ``KEY[:KIND]=VALUE`` items, as given.
     params: tuple[str, ...] = field(default=())
+    #: ``on``/``off``: the step cache; None: the project's run_config.cache.enabled.
+    cache: str | None = None
 
     @staticmethod
     def load_version_items(versions: Mapping[str, str]) -> tuple[str, ...]:

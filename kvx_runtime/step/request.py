@@ -34,6 +34,8 @@ class StepRequest:
     load_versions: dict[str, str] = field(default_factory=dict)
     #: A code archive to run instead of the image's code: ``<uri>#sha256=<digest>``.
     code: str | None = None
+    #: ``on``/``off``: the step cache for this run; None: ``run_config.cache.enabled``.
+    cache: str | None = None
 
     def replay(self, *, run_id: str, job_name: str, env: str, storage_root: str | None,
                save_version: str | None) -> ExecNodeInvocation:
@@ -43,7 +45,7 @@ class StepRequest:
             nodes=tuple(self.nodes), pipeline=self.pipeline, env=env, run_id=run_id, job_name=job_name,
             storage_root=storage_root, save_version=save_version,
             load_versions=ExecNodeInvocation.load_version_items(self.load_versions),
-            code=self.code, params=tuple(self.raw_params),
+            code=self.code, params=tuple(self.raw_params), cache=self.cache,
         )
 
 

@@ -1,0 +1,230 @@
+"""The step cache's index under the storage root: ``<root>/kvx-cache/entries/<key>.json``.
+
+An entry is written when a step succeeds with the cache on: the step's key (with its parts),
+which run wrote it, and for each output its location and a fingerprint of what is there
+(:func:`~kvx_runtime.cache.key.fingerprint_path`: a local file's bytes, a remote object's
+checksum). Outputs are referenced where the run wrote them, never copied into the cache: a hit
+copies them to this run's locations (server-side on GCS and S3), and does nothing for an
+output whose location is the same (a catalog path without the run id).
+
+Never a stale hit: before serving, every output's fingerprint is checked against the entry;
+an output changed or gone since (overwritten by another run, removed by ``gc``) makes a miss.
+Entries are written whole (a temporary file renamed, or a single upload), so two runs filling
+the same key leave one complete entry (the last one), each pointing at outputs that exist.
+``<root>/kvx-cache/steps/<step>.json`` keeps the last key recorded for a step name, for
+``plan`` to say what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from kvx_runtime.cache.key import StepKey, fingerprint_path
+from kvx_runtime.log import get_logger
+from kvx_runtime.storage.store import _filesystem, _is_local, object_name
+
+__all__ = ["CACHE_DIR", "CacheEntry", "StepCache"]
+
+log = get_logger(__name__)
+
+CACHE_DIR = "kvx-cache"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    key: str
+    step: str
+    nodes: tuple[str, ...]
+    run_id: str
+    job_name: str
+    created: str
+    parts: Mapping[str, str]
+    #: Output dataset -> {"location": where it is, "fingerprint": what was there}.
+    outputs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> CacheEntry:
+        data = json.loads(raw)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"cache entry format {data.get('format')!r}")
+        return cls(key=data["key"], step=data["step"], nodes=tuple(data["nodes"]), run_id=data["run_id"],
+                   job_name=data["job_name"], created=data["created"], parts=dict(data["parts"]),
+                   outputs={name: dict(output) for name, output in data["outputs"].items()})
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True, indent=1).encode()
+
+
+class StepCache:
+    """The cache index of one storage root."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self._fs, base = _filesystem(root)
+        self._base = f"{base}/{CACHE_DIR}"
+
+    def _entry_path(self, digest: str) -> str:
+        return f"{self._base}/entries/{digest}.json"
+
+    def _step_path(self, step: str) -> str:
+        return f"{self._base}/steps/{object_name(step)}.json"
+
+    def url(self, digest: str) -> str:
+        return f"{self.root}/{CACHE_DIR}/entries/{digest}.json"
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _read(self, path: str) -> CacheEntry | None:
+        try:
+            raw = self._fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return CacheEntry.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable cache entry ignored", entry=path, error=str(exc)[:200])
+            return None
+
+    def lookup(self, key: StepKey) -> tuple[CacheEntry | None, str]:
+        """The entry of ``key`` if every output it names is still what it was; else None and
+        why (for the log and ``plan``)."""
+        if not key.cacheable:
+            return None, "not cacheable: " + "; ".join(key.uncacheable)
+        entry = self._read(self._entry_path(key.digest))
+        if entry is None:
+            return None, "no entry for this key"
+        for name, output in entry.outputs.items():
+            digest, why = fingerprint_path(output["location"])
+            if why is not None or digest != output["fingerprint"]:
+                return None, f"output {name} of run {entry.run_id} changed or is gone ({output['location']})"
+        return entry, f"entry of run {entry.run_id}"
+
+    def last_key(self, step: str) -> CacheEntry | None:
+        """The last entry recorded for the step ``step`` (whatever its key)."""
+        return self._read(self._step_path(step))
+
+    # --- writing --------------------------------------------------------------------------
+
+    def record(self, key: StepKey, *, nodes: tuple[str, ...], run_id: str, job_name: str,
+               outputs: Mapping[str, str]) -> CacheEntry | None:
+        """Write the entry of a step that succeeded (outputs: dataset -> location); None, with
+        a warning, when an output cannot be fingerprinted (the step then never hits)."""
+        fingerprints: dict[str, dict[str, str]] = {}
+        for name, location in outputs.items():
+            digest, why = fingerprint_path(location)
+            if why is not None:
+                log.warning("step not cached: an output cannot be fingerprinted", dataset=name, reason=why)
+                return None
+            fingerprints[name] = {"location": location, "fingerprint": digest}
+        entry = CacheEntry(key=key.digest, step=key.step, nodes=nodes, run_id=run_id, job_name=job_name,
+                           created=datetime.now(timezone.utc).isoformat(), parts=dict(key.parts),
+                           outputs=fingerprints)
+        data = entry.to_json()
+        self._write_whole(self._entry_path(key.digest), data)
+        self._write_whole(self._step_path(key.step), data)
+        return entry
+
+    def _write_whole(self, path: str, data: bytes) -> None:
+        """``data`` at ``path`` whole or not at all: a renamed temporary file on a local disk,
+        one upload (a single object creation) on GCS and S3."""
+        directory = path.rsplit("/", 1)[0]
+        if _is_local(self._fs):
+            os.makedirs(directory, exist_ok=True)
+            temporary = f"{directory}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            return
+        self._fs.pipe_file(path, data)
+
+    # --- serving --------------------------------------------------------------------------
+
+    def serve(self, entry: CacheEntry, destinations: Mapping[str, str]) -> list[str]:
+        """Make each output of ``entry`` available at this run's location (``destinations``:
+        dataset -> location); returns the datasets copied (an output already where this run
+        wants it is left as is)."""
+        copied = []
+        for name, destination in destinations.items():
+            source = entry.outputs[name]["location"]
+            if source == destination:
+                continue
+            _copy(source, destination)
+            copied.append(name)
+        return copied
+
+
+def _copy(source: str, destination: str) -> None:
+    """Copy a file or folder, whole or not at all under the destination name: server-side on
+    the same object store; through a temporary name renamed on a local disk."""
+    import fsspec
+
+    source_fs, source_path = fsspec.core.url_to_fs(source)
+    target_fs, target_path = fsspec.core.url_to_fs(destination)
+    if type(source_fs) is not type(target_fs):
+        raise ValueError(f"cannot copy {source} to {destination}: another file system")
+    recursive = source_fs.isdir(source_path)
+    if not _is_local(target_fs):
+        source_fs.copy(source_path, target_path, recursive=recursive)
+        return
+    parent = os.path.dirname(target_path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = os.path.join(parent, f".{os.path.basename(target_path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        source_fs.copy(source_path, temporary, recursive=recursive)
+        if recursive and os.path.isdir(target_path):
+            import shutil
+
+            shutil.rmtree(target_path)
+        os.replace(temporary, target_path)
+    finally:
+        if os.path.exists(temporary):
+            import shutil
+
+            shutil.rmtree(temporary) if os.path.isdir(temporary) else os.unlink(temporary)
+
+
+def dataset_location(dataset: Any) -> str | None:
+    """Where a Kedro dataset object saves (its versioned path for this run's save version), as
+    fsspec opens it; None when it has no single file or folder kvx-runtime can tell."""
+    from kedro.io.core import get_filepath_str
+
+    filepath = getattr(dataset, "_filepath", None)
+    protocol = getattr(dataset, "_protocol", None)
+    if filepath is None:
+        return None
+    version = getattr(dataset, "_version", None)
+    if version is not None:
+        save = getattr(version, "save", None)
+        if not save or not hasattr(dataset, "_get_versioned_path"):
+            return None
+        filepath = dataset._get_versioned_path(save)
+    path = get_filepath_str(filepath, protocol) if protocol else str(filepath)
+    if protocol in (None, "file", "local"):
+        return str(path)
+    return f"{protocol}://{path}"
+
+
+def destinations(context_catalog: Any, blob_urls: Mapping[str, str], outputs: Any) -> dict[str, str | None]:
+    """Each output's location for this run: a blob's URL, a catalog dataset's save location."""
+    found: dict[str, str | None] = {}
+    for name in outputs:
+        if name in blob_urls:
+            found[name] = blob_urls[name]
+            continue
+        try:
+            dataset = context_catalog.get(name)
+        except Exception:  # a catalog that cannot build the dataset: not cacheable
+            dataset = None
+        found[name] = dataset_location(dataset) if dataset is not None else None
+    return found

@@ -1,0 +1,121 @@
+"""The step cache inside ``exec-node`` (docs/cache.md): between the plan and the session, the
+step's key is computed from the session's own context (parameters with the run's values, the
+catalog as the run resolves it); on a hit the step's outputs are made this run's and the nodes
+do not run (nor do the project's node hooks); after a miss that succeeded, the outputs are
+recorded under the key. A step whose key or outputs cannot be told runs as without a cache and
+says why; recording that fails is a warning, never the step's failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvx_runtime.errors import KvxError
+from kvx_runtime.graph import StepPlan, dataset_identity
+from kvx_runtime.log import get_logger
+
+if TYPE_CHECKING:
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+    from kvx_runtime.project import KedroProject
+    from kvx_runtime.step.identity import JobDirectory, RunIdentity
+    from kvx_runtime.step.request import StepRequest
+
+__all__ = ["StepCaching", "cache_wanted", "prepare_caching"]
+
+log = get_logger(__name__)
+
+
+def cache_wanted(project: KedroProject, request: StepRequest) -> bool:
+    """``--cache on|off`` for this run, else ``run_config.cache.enabled``."""
+    if request.cache in ("on", "off"):
+        return request.cache == "on"
+    return bool(project.plugin_config.run_config.cache.enabled)
+
+
+@dataclass
+class StepCaching:
+    cache: StepCache
+    key: StepKey
+    #: Every output the step leaves behind -> its location in this run.
+    outputs: dict[str, str]
+    nodes: tuple[str, ...]
+
+    def serve(self) -> bool:
+        """Make a hit's outputs this run's; False on a miss (said, with why)."""
+        entry, why = self.cache.lookup(self.key)
+        if entry is None:
+            log.info("step cache miss", key=self.key.digest[:16], reason=why,
+                     changed=self._changed())
+            return False
+        if set(entry.outputs) != set(self.outputs):
+            log.info("step cache miss", key=self.key.digest[:16], reason="the entry has other outputs")
+            return False
+        copied = self.cache.serve(entry, self.outputs)
+        log.info("step served from the cache: its nodes do not run", key=self.key.digest[:16],
+                 from_run=entry.run_id, outputs=sorted(self.outputs), copied=copied)
+        return True
+
+    def _changed(self) -> list[str] | None:
+        try:
+            last = self.cache.last_key(self.key.step)
+        except OSError:
+            return None
+        if last is None or last.key == self.key.digest:
+            return None
+        names = set(last.parts) | set(self.key.parts)
+        return sorted(name for name in names if last.parts.get(name) != self.key.parts.get(name))
+
+    def record(self, identity: RunIdentity) -> None:
+        try:
+            entry = self.cache.record(self.key, nodes=self.nodes, run_id=identity.run_id,
+                                      job_name=identity.job_name, outputs=self.outputs)
+        except (OSError, KvxError) as exc:
+            log.warning("the step's cache entry could not be written: the step succeeded, it will not hit",
+                        error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return
+        if entry is not None:
+            log.info("step cached", key=self.key.digest[:16], entry=self.cache.url(self.key.digest))
+
+
+def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan, context: Any,
+                    job_directory: JobDirectory) -> StepCaching | None:
+    """The step's key and output locations, from the session's loaded ``context`` (before the
+    step's hooks are registered); None, said once, when the step cannot use the cache."""
+    from kvx_runtime.cache.key import key_context_of, step_keys
+    from kvx_runtime.cache.store import StepCache, dataset_location
+    from kvx_runtime.project_pipelines import load_pipeline
+    from kvx_runtime.step.hooks import is_declared
+
+    if not job_directory.root:
+        log.warning("the step cache needs a storage root: caching off for this step")
+        return None
+    settings = project.plugin_config.run_config.cache
+    pipeline = load_pipeline(request.pipeline)
+    step = "+".join(plan.nodes)
+    code_identity = request.code.rpartition("#sha256=")[2] if request.code and "#sha256=" in request.code else ""
+    key_context = key_context_of(context, pipeline, {step: list(plan.nodes)}, package_name=project.package_name,
+                                 salt=settings.salt, code_identity=code_identity,
+                                 load_versions=request.load_versions)
+    key = step_keys(key_context)[step]
+    if not key.cacheable:
+        log.info("step not cacheable: it runs", reasons=list(key.uncacheable))
+        return None
+    catalog = context.catalog
+    members = [node for node in pipeline.nodes if node.name in plan.nodes]
+    outputs: dict[str, str] = {}
+    store = None
+    for node in members:
+        for name in node.outputs:
+            if is_declared(catalog, name):
+                location = dataset_location(catalog.get(name))
+                if location is None:
+                    log.info("step not cacheable: it runs",
+                             reasons=[f"output {name} ({catalog.get_type(name)}) is not a file kvx-runtime can copy"])
+                    return None
+                outputs[name] = location
+            elif name in plan.crossing_outputs:
+                store = store or job_directory.store("the step cache keeps intermediates")
+                outputs[name] = store.url(dataset_identity(name))
+    return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes))
