@@ -226,6 +226,67 @@ def make_project(root: Path, package: str, nodes_py: str, pipeline_py: str, cata
     return project
 
 
+# --- a three-node project for the step cache --------------------------------------------------
+
+_CACHE_NODES = """
+from .helpers import scale
+from . import formatting
+
+
+def clean(raw, factor):
+    return [scale(value, factor) for value in raw]
+
+
+def total(cleaned):
+    return sum(cleaned)
+
+
+def tabulate(total, label):
+    import pandas as pd
+
+    return pd.DataFrame({"label": [formatting.title(label)], "total": [total]})
+"""
+_CACHE_HELPERS = "def scale(value, factor):\n    return value * factor\n"
+_CACHE_FORMATTING = "def title(text):\n    return text.title()\n"
+_CACHE_PIPELINE = """
+from kedro.pipeline import Pipeline, node
+
+from .nodes import clean, tabulate, total
+
+
+def register_pipelines():
+    return {"__default__": Pipeline([
+        node(clean, ["raw_numbers", "params:factor"], "cleaned", name="clean"),
+        node(total, "cleaned", "total", name="total"),
+        node(tabulate, ["total", "params:label"], "table", name="tabulate"),
+    ])}
+"""
+_CACHE_CATALOG = """
+raw_numbers:
+  type: json.JSONDataset
+  filepath: data/raw.json
+table:
+  type: pandas.CSVDataset
+  filepath: data/table.csv
+  save_args: {index: false}
+"""
+
+
+def make_cache_project(root: Path, package: str = "cachekey") -> Path:
+    """clean(raw_numbers, params:factor) -> cleaned -> total -> tabulate(total, params:label) ->
+    table (a CSV with save args); the nodes import a helper module each way (from-import, module
+    import); a second env ``other``."""
+    made = make_project(root, package, _CACHE_NODES, _CACHE_PIPELINE, _CACHE_CATALOG)
+    src = made / "src" / package
+    (src / "helpers.py").write_text(_CACHE_HELPERS)
+    (src / "formatting.py").write_text(_CACHE_FORMATTING)
+    (made / "conf" / "base" / "parameters.yml").write_text("factor: 2\nlabel: total\n")
+    (made / "conf" / "other").mkdir()
+    (made / "data").mkdir()
+    (made / "data" / "raw.json").write_text("[1, 2, 3]")
+    return made
+
+
 # --- a spaceflights-like project with a local-path catalog (as the Kedro starter's) ---------
 
 _SPACEFLIGHTS_NODES = """

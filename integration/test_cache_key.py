@@ -14,52 +14,10 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from integration.conftest import make_project
+from integration.conftest import make_cache_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.kedro]
 
-NODES = """
-from .helpers import scale
-from . import formatting
-
-
-def clean(raw, factor):
-    return [scale(value, factor) for value in raw]
-
-
-def total(cleaned):
-    return sum(cleaned)
-
-
-def tabulate(total, label):
-    import pandas as pd
-
-    return pd.DataFrame({"label": [formatting.title(label)], "total": [total]})
-"""
-HELPERS = "def scale(value, factor):\n    return value * factor\n"
-FORMATTING = "def title(text):\n    return text.title()\n"
-PIPELINE = """
-from kedro.pipeline import Pipeline, node
-
-from .nodes import clean, tabulate, total
-
-
-def register_pipelines():
-    return {"__default__": Pipeline([
-        node(clean, ["raw_numbers", "params:factor"], "cleaned", name="clean"),
-        node(total, "cleaned", "total", name="total"),
-        node(tabulate, ["total", "params:label"], "table", name="tabulate"),
-    ])}
-"""
-CATALOG = """
-raw_numbers:
-  type: json.JSONDataset
-  filepath: data/raw.json
-table:
-  type: pandas.CSVDataset
-  filepath: data/table.csv
-  save_args: {index: false}
-"""
 #: Computes the keys of the steps (one per node unless argv[5] groups them, as JSON), in a fresh
 #: process as a step would (argv: project, env, run-time params as JSON, salt).
 KEYS = """
@@ -113,15 +71,7 @@ def changed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[str
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    made = make_project(tmp_path, "cachekey", NODES, PIPELINE, CATALOG)
-    src = made / "src" / "cachekey"
-    (src / "helpers.py").write_text(HELPERS)
-    (src / "formatting.py").write_text(FORMATTING)
-    (made / "conf" / "base" / "parameters.yml").write_text("factor: 2\nlabel: total\n")
-    (made / "conf" / "other").mkdir()
-    (made / "data").mkdir()
-    (made / "data" / "raw.json").write_text("[1, 2, 3]")
-    return made
+    return make_cache_project(tmp_path)
 
 
 def edit(path: Path, old: str, new: str) -> None:

@@ -41,6 +41,9 @@ class StepCaching:
     #: Every output the step leaves behind -> its location in this run.
     outputs: dict[str, str]
     nodes: tuple[str, ...]
+    #: The outputs that are intermediate blobs, and the job directory's store they are in.
+    blobs: dict[str, str]
+    store: Any = None
 
     def serve(self) -> bool:
         """Make a hit's outputs this run's; False on a miss (said, with why)."""
@@ -53,6 +56,9 @@ class StepCaching:
             log.info("step cache miss", key=self.key.digest[:16], reason="the entry has other outputs")
             return False
         copied = self.cache.serve(entry, self.outputs)
+        for name in copied:
+            if name in self.blobs:
+                self.store.note_served(self.blobs[name], entry.job_name)
         log.info("step served from the cache: its nodes do not run", key=self.key.digest[:16],
                  from_run=entry.run_id, outputs=sorted(self.outputs), copied=copied)
         return True
@@ -105,6 +111,7 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
     catalog = context.catalog
     members = [node for node in pipeline.nodes if node.name in plan.nodes]
     outputs: dict[str, str] = {}
+    blobs: dict[str, str] = {}
     store = None
     for node in members:
         for name in node.outputs:
@@ -117,5 +124,7 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
                 outputs[name] = location
             elif name in plan.crossing_outputs:
                 store = store or job_directory.store("the step cache keeps intermediates")
-                outputs[name] = store.url(dataset_identity(name))
-    return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes))
+                blobs[name] = dataset_identity(name)
+                outputs[name] = store.url(blobs[name])
+    return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes),
+                       blobs=blobs, store=store)

@@ -91,6 +91,9 @@ class BlobIncompatible(InputDataError):
 class BlobMismatch(InputDataError):
     """A valid blob, but of another dataset or job (copied or renamed by hand, a bug)."""
 
+    #: The job the blob records (None: not the job that differs).
+    found_job: str | None = None
+
 
 class BlobUnpicklable(KvxError):
     """The node's output cannot be pickled, so it cannot cross to another step."""
@@ -548,10 +551,13 @@ def _check_identity(header: BlobHeader, dataset: str | None, job: str | None, de
     if job is not None and header.job is not None and header.job != job:
         wrong.append(f"job '{header.job}'")
     if wrong:
-        raise BlobMismatch(
+        mismatch = BlobMismatch(
             f"{describe}: holds {' of '.join(wrong)}, not what this step reads (copied or renamed by "
             "hand, or another run's job directory?)"
         )
+        if job is not None and header.job != job:
+            mismatch.found_job = header.job
+        raise mismatch
 
 
 def _check_format(version: Any, describe: str) -> None:

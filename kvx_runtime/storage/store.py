@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kvx_runtime import failures, settings
 from kvx_runtime.errors import ConfigError, InputDataError, KvxError, StorageAccessError, StorageError
 from kvx_runtime.log import get_logger
-from kvx_runtime.storage.blob import BlobInfo, read_blob, write_blob
+from kvx_runtime.storage.blob import BlobInfo, BlobMismatch, read_blob, write_blob
 
 __all__ = [
     "S3_ENDPOINT_ENV",
@@ -559,7 +559,47 @@ class BlobStore:
             ) from None
         with handle:
             size = handle.size if hasattr(handle, "size") else self._fs.size(path)
-            return read_blob(handle, int(size), describe=describe, dataset=dataset, job=self.job_name)
+            try:
+                return read_blob(handle, int(size), describe=describe, dataset=dataset, job=self.job_name)
+            except BlobMismatch as mismatch:
+                # A copy the step cache served from another job's run is that job's blob, by record.
+                if mismatch.found_job is None or self.served_from(dataset) != mismatch.found_job:
+                    raise
+                handle.seek(0)
+                return read_blob(handle, int(size), describe=describe, dataset=dataset, job=mismatch.found_job)
+
+    def _served_record(self, dataset: str) -> str:
+        return f"served-{object_name(dataset)}.json"
+
+    def note_served(self, dataset: str, source_job: str) -> None:
+        """``dataset``'s blob is a copy of job ``source_job``'s (the step cache served it): its
+        readers accept that job's header. Overwritten by a later serve of the same step."""
+        import json
+
+        path = f"{self._base}/{self._served_record(dataset)}"
+        content = json.dumps({"job": source_job}).encode()
+
+        def attempt() -> None:
+            if _is_local(self._fs):
+                self._makedirs_local(self._base)
+                temporary = f"{self._base}/{temp_name(self._served_record(dataset))}"
+                with open(temporary, "wb") as handle:
+                    handle.write(content)
+                os.replace(temporary, path)
+            else:
+                self._fs.pipe_file(path, content)
+
+        self._retrying(f"record {self.job_url}/{self._served_record(dataset)}", attempt)
+
+    def served_from(self, dataset: str) -> str | None:
+        """The job whose blob the step cache copied as ``dataset``'s, if it did."""
+        import json
+
+        raw = self.read_record(self._served_record(dataset))
+        try:
+            return str(json.loads(raw)["job"]) if raw else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
         from tenacity import RetryError, Retrying, retry_if_exception, wait_random_exponential
