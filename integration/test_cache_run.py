@@ -40,6 +40,18 @@ def run_local(project: Path, job: str, *extra: str) -> dict[str, str]:
     return outcome
 
 
+def plan(project: Path, *extra: str) -> dict[str, str]:
+    """``kvx-runtime plan``: step -> its verdict (HIT, or MISS and why)."""
+    made = subprocess.run([*KVX, "plan", *extra], cwd=project, env=step_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    verdicts = {}
+    for line in made.stdout.splitlines()[1:]:
+        verdict, step, rest = line.split(None, 2)
+        verdicts[step] = verdict if verdict == "HIT" else f"{verdict} {rest}"
+    return verdicts
+
+
 def table(project: Path) -> str:
     return (project / "data" / "table.csv").read_text()
 
@@ -55,12 +67,20 @@ def test_an_unchanged_project_runs_no_node_the_second_time_and_a_change_reruns_w
     first = table(project)
     assert first == "label,total\nTotal,12\n"
 
+    assert plan(project) == {"clean": "HIT", "total": "HIT", "tabulate": "HIT"}
     assert run_local(project, "second", "--cache", "on") == dict.fromkeys(STEPS, "served")
     assert table(project) == first
 
-    # A parameter only tabulate reads: tabulate reruns, the others are served.
+    # A parameter only tabulate reads: tabulate reruns, the others are served; plan says so first.
     params = project / "conf" / "base" / "parameters.yml"
     params.write_text(params.read_text().replace("label: total", "label: sum"))
+    assert plan(project) == {"clean": "HIT", "total": "HIT",
+                             "tabulate": "MISS no entry for this key; changed: param:params:label"}
+    # A run-time value of a parameter that clean reads: clean and everything after it.
+    assert plan(project, "--param", "factor=3") == {
+        "clean": "MISS no entry for this key; changed: param:params:factor",
+        "total": "MISS no entry for this key; changed: input:cleaned",
+        "tabulate": "MISS no entry for this key; changed: input:total, param:params:label"}
     assert run_local(project, "third", "--cache", "on") == {"clean": "served", "total": "served",
                                                             "tabulate": "ran"}
     assert table(project) == "label,total\nSum,12\n"

@@ -50,6 +50,7 @@ __all__ = [
     "environment_digest",
     "fingerprint_path",
     "project_dirs_of",
+    "step_identity",
     "step_keys",
 ]
 
@@ -191,6 +192,12 @@ class _NodeKeys:
         return StepKey(step=node.name, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
 
 
+def step_identity(nodes: Iterable[str]) -> str:
+    """What the cache calls a step (its last entry is kept under it): its nodes, whatever the
+    target names the step."""
+    return "+".join(sorted(nodes))
+
+
 def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[str, StepKey]:
     """The key of every step of ``context.steps`` (or of the steps named in ``only``): its
     nodes' parts, less the datasets one member hands another, with the "nodes" part over all
@@ -214,7 +221,8 @@ def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[st
                            if not any(reason.startswith(f"input {name} ") for name in made_here))
         parts["nodes"] = _digest(*(node_keys.key(node.name).parts["nodes"]
                                    for node in sorted(members, key=lambda node: node.name)))
-        keys[step] = StepKey(step=step, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
+        keys[step] = StepKey(step=step_identity(context.steps[step]), parts=parts,
+                             uncacheable=tuple(dict.fromkeys(reasons)))
     return keys
 
 

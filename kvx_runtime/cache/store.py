@@ -26,8 +26,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kvx_runtime.cache.key import StepKey, fingerprint_path
+from kvx_runtime.errors import StorageError
 from kvx_runtime.log import get_logger
-from kvx_runtime.storage.store import _filesystem, _is_local, object_name
+from kvx_runtime.storage.store import _filesystem, _is_local, _short, object_name
 
 __all__ = ["CACHE_DIR", "CacheEntry", "StepCache"]
 
@@ -86,6 +87,8 @@ class StepCache:
             raw = self._fs.cat_file(path)
         except FileNotFoundError:
             return None
+        except Exception as exc:  # the store's own errors (gcsfs, s3fs, aiohttp) as one line
+            raise StorageError(f"cannot read the step cache at {self.root}/{CACHE_DIR}: {_short(exc)}") from None
         try:
             return CacheEntry.from_json(raw)
         except (ValueError, KeyError, TypeError) as exc:

@@ -12,6 +12,7 @@ import click
 
 from kvx_runtime.commands.command import group_context
 from kvx_runtime.commands.maintenance import doctor_command, gc_command
+from kvx_runtime.commands.plan import plan_command
 from kvx_runtime.commands.project import compile_command, run_local_command
 from kvx_runtime.commands.service import (
     cancel_command,
@@ -39,6 +40,7 @@ SHARED_COMMANDS: tuple[click.Command, ...] = (
     upload_pipeline_command,
     doctor_command,
     gc_command,
+    plan_command,
 )
 
 

@@ -47,6 +47,14 @@ class StepCaching:
 
     def serve(self) -> bool:
         """Make a hit's outputs this run's; False on a miss (said, with why)."""
+        try:
+            return self._serve()
+        except (KvxError, OSError, ValueError) as exc:
+            log.warning("the step cache could not serve this step: it runs",
+                        error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return False
+
+    def _serve(self) -> bool:
         entry, why = self.cache.lookup(self.key)
         if entry is None:
             log.info("step cache miss", key=self.key.digest[:16], reason=why,

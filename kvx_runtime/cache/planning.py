@@ -1,0 +1,75 @@
+"""Which steps of a run would hit the step cache, decided before the run starts: the keys of
+every step computed from the project as its steps would load it (a session of the run's env with
+the run's parameters; ``${storage_root}`` the run's root), each looked up in the index.
+
+Every step can be decided beforehand: a dataset made upstream counts as its node's key (input
+addressing, :mod:`kvx_runtime.cache.key`), so a step downstream of hits is decided too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvx_runtime.cache.key import StepKey, key_context_of, step_keys
+from kvx_runtime.cache.store import CacheEntry, StepCache
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
+
+__all__ = ["StepVerdict", "project_step_keys", "verdicts"]
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    step: str
+    key: StepKey
+    #: The entry a hit serves (None: a miss, or the step is not cacheable).
+    entry: CacheEntry | None
+    reason: str
+    #: A miss: the parts of the key that differ from the last key recorded for the step.
+    changed: tuple[str, ...] = field(default=())
+
+    @property
+    def hit(self) -> bool:
+        return self.entry is not None
+
+
+def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
+                      runtime_params: Mapping[str, Any], storage_root: str,
+                      code_identity: str = "") -> dict[str, StepKey]:
+    """The keys the steps of a run would compute: a session of the project's env with the run's
+    (typed) parameters, MLflow's hooks kept out."""
+    from kedro.framework.project import settings
+    from kedro.framework.session import KedroSession
+
+    from kvx_runtime.config_loader import exported_storage_root
+    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+    from kvx_runtime.project_pipelines import load_pipeline
+
+    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+    kedro_pipeline = load_pipeline(pipeline)
+    with entry_points_of_disabled_plugins_not_loaded(settings):
+        session = KedroSession.create(project.path, env=project.env, runtime_params=dict(runtime_params) or None,
+                                      conf_source=project.conf_source)
+    with session, exported_storage_root(storage_root):
+        context = session.load_context()
+        key_context = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name,
+                                     salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity)
+        return step_keys(key_context)
+
+
+def verdicts(keys: Mapping[str, StepKey], cache: StepCache) -> list[StepVerdict]:
+    """Each step's hit or miss (with the parts that changed since its last entry)."""
+    found = []
+    for step, key in keys.items():
+        entry, reason = cache.lookup(key)
+        changed: tuple[str, ...] = ()
+        if entry is None and key.cacheable:
+            last = cache.last_key(key.step)
+            if last is not None and last.key != key.digest:
+                names = set(last.parts) | set(key.parts)
+                changed = tuple(sorted(name for name in names if last.parts.get(name) != key.parts.get(name)))
+        found.append(StepVerdict(step=step, key=key, entry=entry, reason=reason, changed=changed))
+    return found
