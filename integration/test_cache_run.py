@@ -24,16 +24,19 @@ def run_local(project: Path, job: str, *extra: str) -> dict[str, str]:
     made = subprocess.run([*KVX, "run-local", "--job-name", job, *extra], cwd=project, env=step_env(),
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
-    outcome = {}
+    # Served before the run: never started (no log).
+    outcome = {line.split()[3]: "served" for line in made.stdout.splitlines()
+               if "(served from the step cache: run " in line}
     for log in (project / ".kvx" / "runs" / job / "logs").glob("*.log"):
         messages = [json.loads(line)["message"] for line in log.read_text().splitlines() if line.startswith("{")]
         if "step finished" not in messages:
             continue  # not a node step
         node = next(json.loads(line)["node"] for line in log.read_text().splitlines()
                     if line.startswith("{") and '"node"' in line)
-        if "step served from the cache: its nodes do not run" in messages:
+        assert node not in outcome
+        if "step served from the cache: its nodes do not run" in messages:  # by its own exec-node
             assert "node started" not in messages
-            outcome[node] = "served"
+            outcome[node] = "served by exec-node"
         else:
             assert "node started" in messages
             outcome[node] = "ran" if "step cached" in messages else "no cache"
@@ -84,6 +87,10 @@ def test_an_unchanged_project_runs_no_node_the_second_time_and_a_change_reruns_w
     assert run_local(project, "third", "--cache", "on") == {"clean": "served", "total": "served",
                                                             "tabulate": "ran"}
     assert table(project) == "label,total\nSum,12\n"
+
+    # Run-time overrides leave the decision to each step's exec-node, which serves the hits itself.
+    assert run_local(project, "overridden", "--cache", "on", "--param", "unused=1") == {
+        "clean": "served by exec-node", "total": "served by exec-node", "tabulate": "served by exec-node"}
 
     # Without the cache every node runs, and records nothing.
     assert run_local(project, "uncached", "--cache", "off") == dict.fromkeys(STEPS, "no cache")

@@ -4,10 +4,11 @@ target's ``init`` shares (writing its config file from a template, refusing a ha
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 
@@ -191,6 +192,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
     from kvx_runtime.errors import NodeError
     from kvx_runtime.local_runner import parse_overrides, run_local
+    from kvx_runtime.local_runner.runner import default_job_name
 
     project = request.at.project_path or os.getcwd()
     root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
@@ -202,16 +204,23 @@ def run_local_spec(request: RunLocalRequest) -> None:
             options=replace(request.options, image=request.options.image or "local"),
             storage_root=root, output=os.path.join(project, LOCAL_STATE_DIR, "pipeline.json"),
         )))
+    spec_data = read_spec(spec)
+    job_name = request.job_name or default_job_name(spec_data)
+    run_id = str(uuid.uuid4())
+    assert root is not None  # required
+    served = _serve_cached_steps(request, spec_data, root, run_id, job_name)
     result = run_local(
-        read_spec(spec),
+        spec_data,
         project,
         params=parse_overrides(request.overrides),
         storage_root=root,
         max_parallel=request.max_parallel,
-        job_name=request.job_name,
+        job_name=job_name,
         fail_fast=request.fail_fast,
         fresh_copies=request.fresh_copies,
         extra_env={"KVX_CACHE": request.cache} if request.cache else None,
+        run_id=run_id,
+        served=served,
     )
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
@@ -220,6 +229,41 @@ def run_local_spec(request: RunLocalRequest) -> None:
         error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
         raise error
     click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
+
+
+def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root: str, run_id: str,
+                        job_name: str) -> dict[str, str]:
+    """With the step cache on, the steps it has, served before the run starts (their processes
+    never start): step -> the run they come from. Left to each step's exec-node (which serves a
+    hit as well, after its start-up) when the run overrides parameters or runs uploaded code."""
+    from kvx_runtime.compiler.kfp_reader import build_graph
+    from kvx_runtime.project import open_project
+    from kvx_runtime.step.caching import serve_before_run
+    from kvx_runtime.step.identity import RunIdentity
+    from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
+
+    if request.cache == "off" or request.overrides:
+        return {}
+    steps: dict[str, tuple[str, ...]] = {}
+    invocations = []
+    for task in build_graph(spec, {}).tasks.values():
+        container = task.container
+        try:
+            invocation = ExecNodeInvocation.parse([*container.get("command", []), *container.get("args", [])])
+        except InvocationError:
+            continue  # the MLflow steps, the exit handler's
+        steps[task.name] = invocation.nodes
+        invocations.append(invocation)
+    if not invocations or any(item.params or item.code for item in invocations):
+        return {}
+    pipelines = {item.pipeline for item in invocations}
+    envs = {item.env for item in invocations}
+    if len(pipelines) != 1 or len(envs) != 1:
+        return {}
+    project = open_project(request.at.project_path, next(iter(envs)))
+    if request.cache is None and not project.plugin_config.run_config.cache.enabled:
+        return {}
+    return serve_before_run(project, next(iter(pipelines)), steps, root, RunIdentity(run_id, job_name))
 
 
 @click.command("run-local", cls=KvxCommand)

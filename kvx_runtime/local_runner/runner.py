@@ -117,6 +117,8 @@ class _Scheduler:
         extra_env: Mapping[str, str],
         fail_fast: bool = False,
         fresh_copies: bool = False,
+        run_id: str | None = None,
+        served: Mapping[str, str] | None = None,
     ) -> None:
         self.graph = graph
         self.fail_fast = fail_fast
@@ -124,7 +126,7 @@ class _Scheduler:
         self.project = project
         self.run_dir = run_dir
         self.job_name = job_name
-        self.job_uuid = str(uuid.uuid4())
+        self.job_uuid = run_id or str(uuid.uuid4())
         # RFC 3339 with microseconds, the form Vertex AI fills {{$.pipeline_job_create_time_utc}} with.
         self.created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.max_parallel = max(1, max_parallel)
@@ -142,6 +144,11 @@ class _Scheduler:
         self.cancelled = False
         order = list(graph.tasks)
         self.progress = make_progress(order, stream)
+        #: Steps the step cache served before the run: done, never started.
+        self.served = dict(served or {})
+        for task in self.served:
+            self.states[task] = "done"
+            self.outputs[task] = {}
 
     # --- readiness ----------------------------------------------------------------------
 
@@ -297,6 +304,8 @@ class _Scheduler:
 
     def run(self) -> None:
         with self.progress:
+            for served, source in self.served.items():
+                self.progress.finished_task(served, "done", 0.0, f"(served from the step cache: run {source})")
             while True:
                 for attempt in list(self.running.values()):
                     if attempt.process.poll() is not None:
@@ -362,10 +371,14 @@ def run_local(
     fail_fast: bool = False,
     fresh_copies: bool = False,
     extra_env: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    served: Mapping[str, str] | None = None,
 ) -> LocalRunResult:
     """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``; the failure
     policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``;
-    with ``fresh_copies`` every step starts in a fresh copy of what the project's image holds."""
+    with ``fresh_copies`` every step starts in a fresh copy of what the project's image holds.
+    ``run_id``: the run's id (default: a new uuid); ``served``: steps the step cache served before
+    the run (step -> the run they come from), done without starting."""
     project_path = Path(project).resolve()
     overrides = dict(params or {})
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
@@ -381,7 +394,7 @@ def run_local(
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
                            {"KVX_LOG_FORMAT": "json", **(extra_env or {})}, fail_fast=policy == "fail_fast",
-                           fresh_copies=fresh_copies)
+                           fresh_copies=fresh_copies, run_id=run_id, served=served)
     copies = f", each step in a fresh copy of the project's image files ({run_dir / 'copies'})" if fresh_copies else ""
     print(f"Running {describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
           f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",

@@ -8,6 +8,7 @@ says why; recording that fails is a warning, never the step's failure.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from kvx_runtime.step.identity import JobDirectory, RunIdentity
     from kvx_runtime.step.request import StepRequest
 
-__all__ = ["StepCaching", "cache_wanted", "prepare_caching"]
+__all__ = ["StepCaching", "cache_wanted", "prepare_caching", "serve_before_run"]
 
 log = get_logger(__name__)
 
@@ -98,9 +99,8 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
     """The step's key and output locations, from the session's loaded ``context`` (before the
     step's hooks are registered); None, said once, when the step cannot use the cache."""
     from kvx_runtime.cache.key import key_context_of, step_keys
-    from kvx_runtime.cache.store import StepCache, dataset_location
+    from kvx_runtime.cache.store import StepCache
     from kvx_runtime.project_pipelines import load_pipeline
-    from kvx_runtime.step.hooks import is_declared
 
     if not job_directory.root:
         log.warning("the step cache needs a storage root: caching off for this step")
@@ -116,23 +116,87 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
     if not key.cacheable:
         log.info("step not cacheable: it runs", reasons=list(key.uncacheable))
         return None
-    catalog = context.catalog
-    members = [node for node in pipeline.nodes if node.name in plan.nodes]
+    found = _output_locations(pipeline, plan, context.catalog, job_directory)
+    if isinstance(found, str):
+        log.info("step not cacheable: it runs", reasons=[found])
+        return None
+    outputs, blobs, store = found
+    return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes),
+                       blobs=blobs, store=store)
+
+
+def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
+                      job_directory: JobDirectory) -> tuple[dict[str, str], dict[str, str], Any] | str:
+    """Where this run keeps each output the step leaves behind (declared datasets: where the
+    catalog saves them; crossing intermediates: their blobs), the blobs among them and the job
+    directory's store; or why an output cannot be told."""
+    from kvx_runtime.cache.store import dataset_location
+    from kvx_runtime.step.hooks import is_declared
+
     outputs: dict[str, str] = {}
     blobs: dict[str, str] = {}
     store = None
-    for node in members:
+    for node in pipeline.nodes:
+        if node.name not in plan.nodes:
+            continue
         for name in node.outputs:
             if is_declared(catalog, name):
                 location = dataset_location(catalog.get(name))
                 if location is None:
-                    log.info("step not cacheable: it runs",
-                             reasons=[f"output {name} ({catalog.get_type(name)}) is not a file kvx-runtime can copy"])
-                    return None
+                    return f"output {name} ({catalog.get_type(name)}) is not a file kvx-runtime can copy"
                 outputs[name] = location
             elif name in plan.crossing_outputs:
                 store = store or job_directory.store("the step cache keeps intermediates")
                 blobs[name] = dataset_identity(name)
                 outputs[name] = store.url(blobs[name])
-    return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes),
-                       blobs=blobs, store=store)
+    return outputs, blobs, store
+
+
+def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[str, Sequence[str]],
+                     storage_root: str, identity: RunIdentity) -> dict[str, str]:
+    """Serve, before a run starts, every step the cache has (so that its process or machine is
+    never started): keys and this run's output locations from a session of the run's env, with
+    the run's identity and storage root exported as its steps will have them. Returns the steps
+    served (step -> the run they come from). Steps with versioned outputs are left to their
+    own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
+    serving fails (said; the step then runs and decides again)."""
+    from kedro.framework.project import settings
+    from kedro.framework.session import KedroSession
+
+    from kvx_runtime.cache.key import key_context_of, step_keys
+    from kvx_runtime.cache.store import StepCache
+    from kvx_runtime.config_loader import exported_storage_root
+    from kvx_runtime.graph import plan_step
+    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+    from kvx_runtime.project_pipelines import load_pipeline
+    from kvx_runtime.step.identity import JobDirectory
+
+    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+    pipeline = load_pipeline(pipeline_name)
+    identity.export()
+    with entry_points_of_disabled_plugins_not_loaded(settings):
+        session = KedroSession.create(project.path, env=project.env, conf_source=project.conf_source)
+    served: dict[str, str] = {}
+    with session, exported_storage_root(storage_root):
+        context = session.load_context()
+        key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
+                                     salt=project.plugin_config.run_config.cache.salt)
+        cache = StepCache(storage_root)
+        job_directory = JobDirectory(storage_root, identity)
+        for step, key in step_keys(key_context).items():
+            entry, _ = cache.lookup(key)
+            if entry is None:
+                continue
+            plan = plan_step(pipeline, pipeline_name, list(steps[step]))
+            if any((key_context.catalog_entry(name) or {}).get("versioned")
+                   for node in pipeline.nodes if node.name in plan.nodes for name in node.outputs):
+                continue
+            found = _output_locations(pipeline, plan, context.catalog, job_directory)
+            if isinstance(found, str) or set(found[0]) != set(entry.outputs):
+                continue
+            outputs, blobs, store = found
+            caching = StepCaching(cache=cache, key=key, outputs=outputs, nodes=tuple(plan.nodes), blobs=blobs,
+                                  store=store)
+            if caching.serve():
+                served[step] = entry.run_id
+    return served
