@@ -44,6 +44,24 @@ def _loopback_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
             monkeypatch.setenv(key, value)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep ``--dist loadgroup`` grouping on pytest 9.2, whose nodes take their id from a
+    structured ``_id``: pytest-xdist 3.8 still marks a test's group by rewriting ``_nodeid`` (to
+    ``<id>@<group>``), which pytest 9.2 no longer reads, so every ``xdist_group`` was ignored and
+    each worker started its own Airflow deployment (pytest-xdist issue 1386)."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers only
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest before 9.2: xdist's rewrite works as it is
+        return
+    for item in items:
+        marked = item.__dict__.get("_nodeid")
+        if isinstance(marked, str) and marked != item.nodeid:
+            item._id = NodeId.parse(marked)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,10 +1,12 @@
-"""The example project's ``--operator local`` DAG run end to end by real Airflow 3 (``airflow
-dags test``: one DAG run in one process, no scheduler, sqlite in a temporary AIRFLOW_HOME), its
-tasks running ``kvx-runtime exec-node`` from the Kedro venv, against a real MLflow server.
+"""The example project's ``--operator local`` DAG run end to end by real Airflow, its tasks
+running ``kvx-runtime exec-node`` from the Kedro venv, against a real MLflow server: by Airflow 3
+(``airflow dags test``: one DAG run in one process, no scheduler, sqlite in a temporary
+AIRFLOW_HOME) and by Airflow 2.10 (the ``airflow2_server`` deployment: the file dropped into its
+DAG folder, triggered through REST API v1 and run by its scheduler), the same file for both.
 
-One DAG run per outcome (each is a minute or two on 2 cores): a successful one compared with a
-plain ``kedro run``, and one whose ``split_data`` node raises (a DAG run ``conf`` sets the
-test size out of range), which must fail the DAG run and end the MLflow run FAILED.
+One DAG run per outcome and Airflow (each is a minute or two on 2 cores): a successful one
+compared with a plain ``kedro run``, and one whose ``split_data`` node raises (a DAG run ``conf``
+sets the test size out of range), which must fail the DAG run and end the MLflow run FAILED.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from integration.airflow_env import LocalAirflow, find_or_build, local_airflow_for
+from integration.airflow_env import DagRun, LocalAirflow, find_or_build, local_airflow_for
+from integration.airflow_server import AirflowServer
 from integration.conftest import KVX, MlflowServer, kedro_in_process, step_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
@@ -25,12 +30,16 @@ DAG_ID = "spaceflights-kvx"
 REPORTS = ["importance.csv", "shuttle_summary.csv"]
 
 
+@dataclass(frozen=True)
+class CompiledDag:
+    project: Path
+    dag_file: Path
+
+
 @pytest.fixture(scope="module")
-def local_airflow(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer) -> LocalAirflow:
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompiledDag:
+    """The example project's ``--operator local`` DAG file, compiled once for both Airflows."""
     root = tmp_path_factory.mktemp("airflow-run")
-    found = find_or_build(root / "home")
-    if isinstance(found, str):
-        pytest.skip(found)
     project = root / "example"
     shutil.copytree(REPO / "integration" / "example_project", project,
                     ignore=shutil.ignore_patterns(".kvx", "__pycache__", "mlruns", "08_reporting"))
@@ -42,7 +51,27 @@ def local_airflow(tmp_path_factory: pytest.TempPathFactory, mlflow_server: Mlflo
                            "--params", "data_science.model_options.test_size:float", "-o", str(dag_file)],
                           cwd=project, env=step_env(), capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
-    return local_airflow_for(found, project, dag_file, DAG_ID, KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    return CompiledDag(project=project, dag_file=dag_file)
+
+
+@pytest.fixture(scope="module")
+def local_airflow(tmp_path_factory: pytest.TempPathFactory, compiled: CompiledDag,
+                  mlflow_server: MlflowServer) -> LocalAirflow:
+    found = find_or_build(tmp_path_factory.mktemp("airflow-run-home"))
+    if isinstance(found, str):
+        pytest.skip(found)
+    return local_airflow_for(found, compiled.project, compiled.dag_file, DAG_ID,
+                             KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+
+
+@pytest.fixture(scope="module")
+def airflow2(compiled: CompiledDag, airflow2_server: AirflowServer) -> AirflowServer:
+    """The Airflow 2.10 deployment with the DAG file in its folder, parsed (its tasks log to the
+    session's MLflow server, as ``local_airflow``'s)."""
+    shutil.copy(compiled.dag_file, airflow2_server.dags_folder / compiled.dag_file.name)
+    dag = airflow2_server.wait_for_dag(DAG_ID)
+    assert dag["has_import_errors"] is False
+    return airflow2_server
 
 
 def _mlflow_runs(mlflow_server: MlflowServer, airflow_run_id: str) -> list:
@@ -51,10 +80,8 @@ def _mlflow_runs(mlflow_server: MlflowServer, airflow_run_id: str) -> list:
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.airflow_run_id = '{airflow_run_id}'")
 
 
-def test_a_dag_run_makes_what_kedro_run_makes_in_one_finished_mlflow_run(
-        local_airflow: LocalAirflow, mlflow_server: MlflowServer) -> None:
-    project = local_airflow.project
-    run = local_airflow.test_run()
+def _assert_it_made_what_kedro_run_makes_in_one_finished_mlflow_run(
+        project: Path, run: DagRun, mlflow_server: MlflowServer) -> None:
     assert run.state == "success", run.output[-4000:]
     assert set(run.tasks.values()) == {"success"} and len(run.tasks) == 13
 
@@ -82,9 +109,11 @@ def test_a_dag_run_makes_what_kedro_run_makes_in_one_finished_mlflow_run(
     assert mlflow_run.data.metrics["metrics.r2_score"] == pytest.approx(baseline_metrics["r2_score"]["value"])
 
 
-def test_a_failing_node_fails_the_dag_run_and_its_mlflow_run(
-        local_airflow: LocalAirflow, mlflow_server: MlflowServer) -> None:
-    run = local_airflow.test_run({"data_science__model_options__test_size": 7.5})
+#: A DAG run's conf that makes the split_data node raise (a test size out of range).
+FAILING_CONF = {"data_science__model_options__test_size": 7.5}
+
+
+def _assert_it_failed_at_split_data_as_did_its_mlflow_run(run: DagRun, mlflow_server: MlflowServer) -> None:
     assert run.state == "failed", run.output[-4000:]
     assert run.tasks["data-science-split-data-node"] == "failed"
     assert run.tasks["data-science-train-model-node"] == "upstream_failed"
@@ -98,3 +127,28 @@ def test_a_failing_node_fails_the_dag_run_and_its_mlflow_run(
     assert mlflow_run.data.tags["kvx.final_state"] == "FAILED"
     assert mlflow_run.data.tags["kvx.error"] == "failed tasks: data-science-split-data-node"
     assert mlflow_run.data.params["data_science.model_options.test_size"] == "7.5"
+
+
+def test_a_dag_run_makes_what_kedro_run_makes_in_one_finished_mlflow_run(
+        local_airflow: LocalAirflow, mlflow_server: MlflowServer) -> None:
+    _assert_it_made_what_kedro_run_makes_in_one_finished_mlflow_run(
+        local_airflow.project, local_airflow.test_run(), mlflow_server)
+
+
+def test_a_failing_node_fails_the_dag_run_and_its_mlflow_run(
+        local_airflow: LocalAirflow, mlflow_server: MlflowServer) -> None:
+    _assert_it_failed_at_split_data_as_did_its_mlflow_run(local_airflow.test_run(FAILING_CONF), mlflow_server)
+
+
+@pytest.mark.xdist_group("airflow2-server")
+def test_airflow_2_10_runs_the_dag_to_what_kedro_run_makes_in_one_finished_mlflow_run(
+        compiled: CompiledDag, airflow2: AirflowServer, mlflow_server: MlflowServer) -> None:
+    _assert_it_made_what_kedro_run_makes_in_one_finished_mlflow_run(
+        compiled.project, airflow2.run_dag(DAG_ID), mlflow_server)
+
+
+@pytest.mark.xdist_group("airflow2-server")
+def test_airflow_2_10_fails_the_dag_run_and_its_mlflow_run_when_a_node_fails(
+        airflow2: AirflowServer, mlflow_server: MlflowServer) -> None:
+    """The outcome task's Airflow 2.10 branch: the body's states read from Airflow's database."""
+    _assert_it_failed_at_split_data_as_did_its_mlflow_run(airflow2.run_dag(DAG_ID, FAILING_CONF), mlflow_server)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any
 
 import pytest
 
-from integration.airflow_server import AirflowServer, request
+from integration.airflow_server import AirflowServer, poll, request
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow-server")]
 
@@ -21,18 +20,6 @@ from airflow.sdk import DAG
 with DAG(dag_id="{dag_id}", schedule=None, catchup=False, tags=["kvx-test"]):
     BashOperator(task_id="say_hi", bash_command="echo hi")
 '''
-
-
-def poll(what: str, check: Any, timeout: float = 60, every: float = 0.25) -> tuple[Any, float]:
-    """Call ``check`` until it returns something truthy: (that, seconds it took)."""
-    started = time.monotonic()
-    last = None
-    while time.monotonic() - started < timeout:
-        last = check()
-        if last:
-            return last, time.monotonic() - started
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def test_the_api_takes_the_admins_token_and_refuses_requests_without_one(airflow_server: AirflowServer) -> None:
