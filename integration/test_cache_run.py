@@ -6,8 +6,11 @@ recorded is a miss, never a stale hit."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,91 @@ def test_an_output_changed_or_gone_since_it_was_recorded_is_a_miss_never_a_stale
     assert table(project) == "label,total\nTotal,12\n"
     # Recorded again: the third run is served.
     assert run_local(project, "third", "--cache", "on") == dict.fromkeys(STEPS, "served")
+
+
+# --- gc knows the cache --------------------------------------------------------------------
+
+DAY = 86400
+WEEK = str(7 * DAY)
+
+
+def storage(project: Path) -> Path:
+    return project / ".kvx" / "storage"
+
+
+def gc(project: Path, *extra: str) -> list[str]:
+    done = subprocess.run([*KVX, "gc", "--storage-root", str(storage(project)), "--older-than", WEEK, *extra],
+                          cwd=project, env=step_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def age_blobs(project: Path, job: str, days: float) -> None:
+    then = time.time() - days * DAY
+    for path in (storage(project) / "kedro-vertexai-temp" / job).rglob("*"):
+        os.utime(path, (then, then))
+
+
+def age_entries(project: Path, days: float) -> None:
+    """Every entry (and step record) as if recorded ``days`` ago."""
+    created = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat()
+    for path in (storage(project) / "kvx-cache").rglob("*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "created": created}))
+
+
+def index(project: Path, kind: str) -> set[str]:
+    return {path.stem for path in (storage(project) / "kvx-cache" / kind).glob("*.json")}
+
+
+def test_gc_keeps_a_job_an_unexpired_entry_uses_and_deletes_it_with_its_entries_once_they_expire(
+        project: Path) -> None:
+    assert run_local(project, "first", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    entries = index(project, "entries")
+    assert len(entries) == 3 and index(project, "steps") == STEPS
+    # The job wrote nothing for a month, but its entries were recorded a day ago: the cache
+    # still reaches its blobs, so it stays.
+    age_blobs(project, "first", 30)
+    age_entries(project, 1)
+    listed = gc(project)
+    assert listed[:-1] == ["kept job first: newest blob 30.0 days old, but 2 unexpired cache entries use it"]
+    assert "0 expired job(s), 0 cache entries" in listed[-1]
+    assert gc(project, "--yes")[:-1] == listed[:-1]
+    assert (storage(project) / "kedro-vertexai-temp" / "first").is_dir() and index(project, "entries") == entries
+    assert run_local(project, "second", "--cache", "on") == dict.fromkeys(STEPS, "served")
+
+    # A week and a day after they were recorded, the entries expire; the job goes with them.
+    age_entries(project, 8)
+    age_blobs(project, "second", 30)
+    listed = gc(project)
+    assert sorted(line.split(" (step ")[1] for line in listed if " cache entry " in line) == [
+        f"{step}): expired: recorded 8.0 days ago" for step in sorted(STEPS)]
+    assert sorted(line for line in listed if " step record " in line) == [
+        f"would delete step record {step}.json: no entry left for it" for step in sorted(STEPS)]
+    assert {line.split(":")[0] for line in listed if line.startswith("would delete job")} == {
+        "would delete job first", "would delete job second"}
+    assert "2 expired job(s), 3 cache entries" in listed[-1] and listed[-1].endswith("(dry run: pass --yes to delete)")
+    assert index(project, "entries") == entries  # a dry run deletes nothing
+
+    deleted = gc(project, "--yes")
+    assert deleted[:-1] == [line.replace("would delete", "deleted", 1) for line in listed[:-1]]
+    assert not index(project, "entries") and not index(project, "steps")
+    assert not (storage(project) / "kedro-vertexai-temp" / "first").exists()
+    assert gc(project)[:-1] == []  # nothing left to do
+    # Nothing recorded any more: every step runs, and is recorded again.
+    assert run_local(project, "third", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    assert table(project) == "label,total\nTotal,12\n" and len(index(project, "entries")) == 3
+
+
+def test_gc_deletes_entries_whose_blobs_are_gone_and_the_next_run_reruns_only_those_steps(project: Path) -> None:
+    assert run_local(project, "first", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    shutil.rmtree(storage(project) / "kedro-vertexai-temp" / "first")  # a bucket lifecycle rule
+    listed = gc(project)
+    assert sorted(line.split(" (step ")[1] for line in listed if " cache entry " in line) == [
+        "clean): dangling: the blob cleaned of job first is gone",
+        "total): dangling: the blob total of job first is gone"]
+    assert "0 expired job(s), 2 cache entries" in listed[-1]
+    gc(project, "--yes")
+    # tabulate's entry references only the catalog's table, still what it wrote: it stays.
+    assert index(project, "steps") == {"tabulate"} and len(index(project, "entries")) == 1
+    assert run_local(project, "second", "--cache", "on") == {"clean": "ran", "total": "ran", "tabulate": "served"}
+    assert table(project) == "label,total\nTotal,12\n"

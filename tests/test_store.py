@@ -307,6 +307,83 @@ def test_gc_lists_then_deletes_expired_jobs_and_dead_writers_files(tmp_path: Pat
     assert recent.load("a") == 1
 
 
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_gc_deletes_cache_entries_that_can_never_hit_again_and_keeps_the_others(
+        where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An entry past the ttl (by its ``created``) and one whose blob is gone go, with their
+    steps' records; a recent one, its job, and an entry of a format this version cannot read
+    (recent) stay. On GCS as on a local disk."""
+    import json
+    from datetime import datetime, timedelta, timezone
+
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+    from kvx_runtime.storage.gc import collect_garbage, describe
+
+    if where == "gcs":
+        root = f"gs://{request.getfixturevalue('gcs_emulator').bucket}/gc-{tmp_path.name}"
+    else:
+        root = str(tmp_path)
+    cache = StepCache(root)
+    keys = {}
+    for step in ("live", "old", "lost"):
+        store = BlobStore(root, f"job-{step}", retry=FAST_RETRY)
+        store.save("out", step)
+        keys[step] = StepKey(step, {"nodes": step})
+        assert cache.record(keys[step], nodes=(step,), run_id=step, job_name=store.job_name,
+                            outputs={"out": store.url("out")}) is not None
+    fs = cache._fs
+    old_entry = f"{cache._base}/entries/{keys['old'].digest}.json"
+    month_ago = (datetime.now(timezone.utc) - timedelta(days=30)).isoformat()
+    fs.pipe_file(old_entry, json.dumps({**json.loads(fs.cat_file(old_entry)), "created": month_ago}).encode())
+    fs.rm(BlobStore(root, "job-lost").path("out"))
+    future = f"{cache._base}/entries/{'f' * 64}.json"
+    fs.pipe_file(future, b'{"format": 99}')
+
+    dry = collect_garbage(root, max_age=7 * 86400)
+    assert sorted((step, key, why) for key, step, _, why in dry.cache_entries) == [
+        ("lost", keys["lost"].digest, "dangling: the blob out of job job-lost is gone"),
+        ("old", keys["old"].digest, "expired: recorded 30.0 days ago")]
+    assert sorted(name for name, _ in dry.step_records) == ["lost.json", "old.json"]
+    assert not dry.expired_jobs and not dry.kept_jobs  # the jobs' blobs are recent
+    assert dry.bytes == sum(size for _, _, size, _ in dry.cache_entries) + sum(size for _, size in dry.step_records) > 0
+    assert "0 expired job(s), 2 cache entries" in describe(dry)[-1]
+    assert cache.lookup(keys["old"])[0] is not None  # a dry run deletes nothing
+
+    done = collect_garbage(root, max_age=7 * 86400, delete=True)
+    assert done.deleted and [key for key, *_ in done.cache_entries] == [key for key, *_ in dry.cache_entries]
+    fs.invalidate_cache()
+    assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(f"{cache._base}/entries", detail=False)) == sorted(
+        [f"{keys['live'].digest}.json", f"{'f' * 64}.json"])
+    assert cache.lookup(keys["live"])[0] is not None and cache.last_key("live") is not None
+    assert cache.last_key("old") is None and cache.last_key("lost") is None
+    assert cache.lookup(keys["old"]) == (None, "no entry for this key")
+    assert BlobStore(root, "job-old").load("out") == "old"  # its job is recent: it stays
+    assert collect_garbage(root, max_age=7 * 86400, delete=True).cache_entries == []
+
+
+def test_gc_leaves_an_entry_recorded_again_since_it_was_read(tmp_path: Path) -> None:
+    """A run that records the key again between gc's read and its delete wrote a fresh entry:
+    gc removes a file only if it is still what it read."""
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    store = BlobStore(str(tmp_path), "job")
+    store.save("out", 1)
+    cache = StepCache(str(tmp_path))
+    key = StepKey("s", {"nodes": "s"})
+    cache.record(key, nodes=("s",), run_id="r1", job_name="job", outputs={"out": store.url("out")})
+    [read] = cache.index("entries")
+    assert read.entry is not None and read.entry.run_id == "r1"
+    cache.record(key, nodes=("s",), run_id="r2", job_name="job", outputs={"out": store.url("out")})
+    assert not cache.remove(read)
+    assert cache.lookup(key)[0].run_id == "r2"  # type: ignore[union-attr]
+    [again] = cache.index("entries")
+    assert cache.remove(again) and cache.lookup(key) == (None, "no entry for this key")
+    assert not cache.remove(again)  # already gone
+
+
 # --- s3:// (moto's S3 server on 127.0.0.1) ---------------------------------------------------
 
 

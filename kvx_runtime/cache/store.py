@@ -12,7 +12,8 @@ an output changed or gone since (overwritten by another run, removed by ``gc``) 
 Entries are written whole (a temporary file renamed, or a single upload), so two runs filling
 the same key leave one complete entry (the last one), each pointing at outputs that exist.
 ``<root>/kvx-cache/steps/<step>.json`` keeps the last key recorded for a step name, for
-``plan`` to say what changed.
+``plan`` to say what changed. ``gc`` lists the index (:meth:`StepCache.index`) and removes what
+can never hit again (:meth:`StepCache.remove`, only a file unchanged since it was read).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kvx_runtime.errors import StorageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.storage.store import _filesystem, _is_local, _short, object_name
 
-__all__ = ["CACHE_DIR", "CacheEntry", "StepCache"]
+__all__ = ["CACHE_DIR", "CacheEntry", "IndexFile", "StepCache"]
 
 log = get_logger(__name__)
 
@@ -62,6 +63,38 @@ class CacheEntry:
     def to_json(self) -> bytes:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True, indent=1).encode()
 
+    @property
+    def created_at(self) -> float | None:
+        """When the entry was recorded (epoch seconds); None when ``created`` cannot be read."""
+        try:
+            created = datetime.fromisoformat(self.created)
+        except (TypeError, ValueError):
+            return None
+        return (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
+
+
+#: The index's two folders: entries by key, and each step's last entry.
+INDEX_KINDS = ("entries", "steps")
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """One file of the cache's index as ``gc`` read it: an entry, or a step's last entry."""
+
+    kind: str
+    #: The file's path, as the store's file system names it.
+    path: str
+    size: int
+    #: The store's listing of the file (its modification time, for an unreadable file's age).
+    info: Mapping[str, Any]
+    raw: bytes
+    #: None: unreadable (damaged, or another format).
+    entry: CacheEntry | None
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
 
 class StepCache:
     """The cache index of one storage root."""
@@ -89,11 +122,7 @@ class StepCache:
             return None
         except Exception as exc:  # the store's own errors (gcsfs, s3fs, aiohttp) as one line
             raise StorageError(f"cannot read the step cache at {self.root}/{CACHE_DIR}: {_short(exc)}") from None
-        try:
-            return CacheEntry.from_json(raw)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("unreadable cache entry ignored", entry=path, error=str(exc)[:200])
-            return None
+        return _parse(raw, path)
 
     def lookup(self, key: StepKey) -> tuple[CacheEntry | None, str]:
         """The entry of ``key`` if every output it names is still what it was; else None and
@@ -112,6 +141,47 @@ class StepCache:
     def last_key(self, step: str) -> CacheEntry | None:
         """The last entry recorded for the step ``step`` (whatever its key)."""
         return self._read(self._step_path(step))
+
+    # --- the index, for gc -----------------------------------------------------------------
+
+    def index_directories(self) -> list[str]:
+        """The index's folders, as the store's file system names them (whether they exist or not)."""
+        return [f"{self._base}/{kind}" for kind in INDEX_KINDS]
+
+    def index(self, kind: str) -> list[IndexFile]:
+        """Every file of ``entries`` or ``steps``, read; a write's temporary file is not one
+        (entries are written whole: an unfinished write is never listed under its name)."""
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"no cache index {kind!r}")
+        directory = f"{self._base}/{kind}"
+        try:
+            listed = self._fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return []
+        found = []
+        for info in listed:
+            path = info["name"].rstrip("/")
+            name = path.rsplit("/", 1)[-1]
+            if info.get("type") != "file" or name.startswith(".") or not name.endswith(".json"):
+                continue
+            try:
+                raw = self._fs.cat_file(path)
+            except FileNotFoundError:  # removed since listed
+                continue
+            found.append(IndexFile(kind=kind, path=path, size=len(raw), info=info, raw=raw,
+                                   entry=_parse(raw, path)))
+        return found
+
+    def remove(self, file: IndexFile) -> bool:
+        """Delete ``file`` if it is still what was read; False when it is gone or was rewritten
+        since (a run recorded the key again: that entry is fresh and stays)."""
+        try:
+            if self._fs.cat_file(file.path) != file.raw:
+                return False
+            self._fs.rm_file(file.path)
+        except FileNotFoundError:
+            return False
+        return True
 
     # --- writing --------------------------------------------------------------------------
 
@@ -165,6 +235,14 @@ class StepCache:
             _copy(source, destination)
             copied.append(name)
         return copied
+
+
+def _parse(raw: bytes, path: str) -> CacheEntry | None:
+    try:
+        return CacheEntry.from_json(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("unreadable cache entry ignored", entry=path, error=str(exc)[:200])
+        return None
 
 
 def _copy(source: str, destination: str) -> None:

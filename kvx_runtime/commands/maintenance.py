@@ -59,7 +59,7 @@ class GcRequest:
 
 
 def collect_storage_garbage(request: GcRequest) -> None:
-    """Expire old jobs' intermediates and dead writers' files (with ``delete``; else only say
+    """Expire old jobs' intermediates and cache entries, and dead writers' files (with ``delete``; else only say
     what would go). The project is read only for what the request leaves out."""
     from kvx_runtime.config import STEP_KEYS, resolve_storage_root
     from kvx_runtime.errors import ConfigError
@@ -96,10 +96,12 @@ def collect_storage_garbage(request: GcRequest) -> None:
 @env_option
 @click.option("--storage-root", default=None, help="Storage root to clean (default: run_config.root).")
 @click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Expire jobs whose newest blob is older than this (default: run_config.ttl).")
+              help="Expire jobs whose newest blob is older than this, and cache entries recorded longer ago "
+                   "(default: run_config.ttl).")
 @click.option("--yes", is_flag=True, help="Delete (default: only say what would be deleted).")
 @click.pass_context
 def gc_command(ctx: click.Context, project_path: str | None, env: str | None, storage_root: str | None,
                older_than: float | None, yes: bool) -> None:
-    """Delete what a storage root no longer needs: expired jobs' intermediates, dead writers' files."""
+    """Delete what a storage root no longer needs: expired jobs' intermediates, cache entries that
+    can never hit again, dead writers' files."""
     collect_storage_garbage(GcRequest(invocation(ctx, project_path, env), storage_root, older_than, yes))

@@ -2,21 +2,29 @@
 
 - temporary files of writers that died (SIGKILL, a lost machine) in local roots (remote
   writes leave none: an unfinished GCS upload session expires by itself);
+- the step cache's entries that can never hit again (docs/cache.md): an entry expires
+  ``run_config.ttl`` seconds after it was recorded, and dangles once a blob it references is
+  gone; a step's last-entry record goes with its entry;
 - the intermediates of jobs whose newest blob is older than ``run_config.ttl`` (seconds):
-  a job that wrote nothing for that long has finished, and its blobs only serve a replay.
+  a job that wrote nothing for that long has finished, and its blobs only serve a replay,
+  unless an unexpired cache entry references them (deleting them would turn a hit into a miss).
 
 Dry run by default: it says what it would delete and how much; ``--yes`` deletes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.errors import KvxError, StorageError
 from kvx_runtime.storage.store import TEMP_DIR, _filesystem, _is_local, _short, sweep_temp_files
+
+if TYPE_CHECKING:
+    from kvx_runtime.cache.store import IndexFile
 
 __all__ = ["GarbageReport", "collect_garbage", "describe"]
 
@@ -26,11 +34,18 @@ class GarbageReport:
     root: str
     temp_files: list[str] = field(default_factory=list)
     expired_jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (job dir, bytes, age s)
+    #: Jobs past the ttl that an unexpired cache entry uses: (job dir, age s, entries).
+    kept_jobs: list[tuple[str, float, int]] = field(default_factory=list)
+    #: Cache entries that can never hit again: (key, step, bytes, why).
+    cache_entries: list[tuple[str, str, int, str]] = field(default_factory=list)
+    #: Steps' last-entry records whose entry is gone: (file name, bytes).
+    step_records: list[tuple[str, int]] = field(default_factory=list)
     deleted: bool = False
 
     @property
     def bytes(self) -> int:
-        return sum(size for _, size, _ in self.expired_jobs)
+        return (sum(size for _, size, _ in self.expired_jobs) + sum(size for _, _, size, _ in self.cache_entries)
+                + sum(size for _, size in self.step_records))
 
 
 def _modified(info: dict[str, Any]) -> float:
@@ -61,38 +76,140 @@ def collect_garbage(root: str, max_age: float, *, delete: bool = False) -> Garba
 
 
 def _collect(root: str, max_age: float, delete: bool) -> GarbageReport:
+    from kvx_runtime.cache.store import StepCache
+
     fs, base = _filesystem(root)
+    fs.invalidate_cache()  # a listing cached by this process (gcsfs) could hide what others wrote
     temp_root = f"{base}/{TEMP_DIR}"
     report = GarbageReport(root=root)
-    if not fs.exists(temp_root):
-        return report
     now = time.time()
+    cache = StepCache(root)
+    # Read in the reverse of the order a run writes (blobs, its entry, its step's record): what
+    # is listed later is at least as new, so an entry written during this gc never looks
+    # dangling and a step's record never looks orphaned.
+    steps = cache.index("steps")
+    entries = cache.index("entries")
+    if _is_local(fs):  # a local entry write killed half-way leaves its temporary file
+        for directory in cache.index_directories():
+            if os.path.isdir(directory):
+                folder = directory[len(base) + 1:]
+                report.temp_files += [f"{folder}/{name}" for name in sweep_temp_files(directory, dry_run=not delete)]
+    jobs = _jobs(fs, temp_root, report, delete)
+    files = {path for _, listed, _ in jobs for path in listed}
+
+    keeping: dict[str, int] = {}  # job dir -> unexpired entries that use its blobs
+    going: list[tuple[IndexFile, str]] = []
+    for file in entries:
+        why, used = _entry_fate(file, fs, temp_root, files, now, max_age)
+        if why is None:
+            for job in used:
+                keeping[job] = keeping.get(job, 0) + 1
+        else:
+            going.append((file, why))
+    gone = set()
+    for file, why in going:
+        if delete and not cache.remove(file):
+            continue  # recorded again since it was read: fresh, it stays
+        gone.add(file.name)
+        report.cache_entries.append((file.name.removesuffix(".json"), _step_of(file), file.size, why))
+    present = {file.name for file in entries} - gone
+    for file in steps:
+        if file.entry is not None and f"{file.entry.key}.json" in present:
+            continue
+        if file.entry is None and now - _modified(dict(file.info)) <= max_age:
+            continue  # unreadable (another format): only its age tells
+        if delete and not cache.remove(file):
+            continue
+        report.step_records.append((file.name, file.size))
+
+    # Entries go before the blobs they reference: a lookup from now on misses.
+    for job_name, listed, job in jobs:
+        newest = max(_modified(info) for info in listed.values())
+        if now - newest <= max_age:
+            continue
+        if job_name in keeping:
+            report.kept_jobs.append((job_name, now - newest, keeping[job_name]))
+            continue
+        report.expired_jobs.append((job_name, sum(int(info.get("size") or 0) for info in listed.values()),
+                                    now - newest))
+        if delete:
+            fs.rm(job, recursive=True)
+    report.deleted = delete
+    return report
+
+
+def _jobs(fs: Any, temp_root: str, report: GarbageReport,
+          delete: bool) -> list[tuple[str, dict[str, dict[str, Any]], str]]:
+    """Each job directory with files: (name, its files' listings by path, its path); dead
+    writers' temporary files swept (with ``delete``) and reported on the way."""
+    if not fs.exists(temp_root):
+        return []
+    found = []
     for job in sorted(fs.ls(temp_root, detail=False)):
         if not fs.isdir(job):
             continue
         job_name = job.rstrip("/").rsplit("/", 1)[-1]
         if _is_local(fs):
             report.temp_files += [f"{job_name}/{name}" for name in sweep_temp_files(job, dry_run=not delete)]
-        files = fs.find(job, detail=True)
-        if not files:
-            continue
-        newest = max(_modified(info) for info in files.values())
-        if now - newest > max_age:
-            size = sum(int(info.get("size") or 0) for info in files.values())
-            report.expired_jobs.append((job_name, size, now - newest))
-            if delete:
-                fs.rm(job, recursive=True)
-    report.deleted = delete
-    return report
+        listed = fs.find(job, detail=True)
+        if listed:
+            found.append((job_name, listed, job))
+    return found
+
+
+def _entry_fate(file: IndexFile, fs: Any, temp_root: str, files: set[str], now: float,
+                max_age: float) -> tuple[str | None, set[str]]:
+    """Why a cache entry can never hit again (None: it can), and the job directories whose
+    blobs it uses. It expires ``max_age`` after it was recorded; it dangles when a blob it
+    references is gone."""
+    entry = file.entry
+    created = entry.created_at if entry is not None else None
+    age = now - (created if created is not None else _modified(dict(file.info)))
+    if age > max_age:
+        return f"expired: recorded {age / 86400:.1f} days ago", set()
+    if entry is None:
+        return None, set()  # unreadable but recent (another version's format): its age decides
+    used = set()
+    for name, output in entry.outputs.items():
+        path = _under(output.get("location", ""), fs, temp_root)
+        if path is None:
+            continue  # a catalog file: not the gc's to judge (a hit checks its fingerprint)
+        job = path[len(temp_root) + 1:].split("/", 1)[0]
+        if path not in files:
+            return f"dangling: the blob {name} of job {job} is gone", set()
+        used.add(job)
+    return None, used
+
+
+def _under(location: str, fs: Any, temp_root: str) -> str | None:
+    """``location`` as ``fs`` names it, when it is in a job directory of this root; else None."""
+    from fsspec.utils import get_protocol
+
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if not location or get_protocol(location) not in protocols:
+        return None
+    path = fs._strip_protocol(location).rstrip("/")
+    return path if path.startswith(f"{temp_root}/") else None
+
+
+def _step_of(file: IndexFile) -> str:
+    return file.entry.step if file.entry is not None else "?"
 
 
 def describe(report: GarbageReport) -> list[str]:
     verb = "deleted" if report.deleted else "would delete"
     lines = [f"{verb} temporary file of a dead writer: {name}" for name in report.temp_files]
+    lines += [f"{verb} cache entry {key[:16]} (step {step}): {why}" for key, step, _, why in report.cache_entries]
+    lines += [f"{verb} step record {name}: no entry left for it" for name, _ in report.step_records]
     lines += [f"{verb} job {name}: {size / 1e6:.1f} MB, newest blob {age / 86400:.1f} days old"
               for name, size, age in report.expired_jobs]
-    summary = (f"{report.root}: {len(report.expired_jobs)} expired job(s), {report.bytes / 1e6:.1f} MB; "
-               f"{len(report.temp_files)} temporary file(s)")
-    if not report.deleted and (report.expired_jobs or report.temp_files):
+    lines += [f"kept job {name}: newest blob {age / 86400:.1f} days old, but {count} unexpired cache "
+              f"entr{'y uses' if count == 1 else 'ies use'} it" for name, age, count in report.kept_jobs]
+    cache_bytes = sum(size for _, _, size, _ in report.cache_entries) + sum(size for _, size in report.step_records)
+    summary = (f"{report.root}: {len(report.expired_jobs)} expired job(s), {len(report.cache_entries)} cache "
+               f"entr{'y' if len(report.cache_entries) == 1 else 'ies'} ({cache_bytes / 1e3:.1f} kB), "
+               f"{report.bytes / 1e6:.1f} MB in all; {len(report.temp_files)} temporary file(s)")
+    if not report.deleted and (report.expired_jobs or report.temp_files or report.cache_entries
+                               or report.step_records):
         summary += " (dry run: pass --yes to delete)"
     return [*lines, summary]
