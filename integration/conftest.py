@@ -244,6 +244,8 @@ def total(cleaned):
 def tabulate(total, label):
     import pandas as pd
 
+    if label == "FAIL":
+        raise ValueError("the label says FAIL")
     return pd.DataFrame({"label": [formatting.title(label)], "total": [total]})
 """
 _CACHE_HELPERS = "def scale(value, factor):\n    return value * factor\n"
@@ -275,7 +277,7 @@ table:
 def make_cache_project(root: Path, package: str = "cachekey") -> Path:
     """clean(raw_numbers, params:factor) -> cleaned -> total -> tabulate(total, params:label) ->
     table (a CSV with save args); the nodes import a helper module each way (from-import, module
-    import); a second env ``other``."""
+    import); a second env ``other``. tabulate raises when the label is ``FAIL``."""
     made = make_project(root, package, _CACHE_NODES, _CACHE_PIPELINE, _CACHE_CATALOG)
     src = made / "src" / package
     (src / "helpers.py").write_text(_CACHE_HELPERS)

@@ -198,3 +198,33 @@ def test_gc_deletes_entries_whose_blobs_are_gone_and_the_next_run_reruns_only_th
     assert index(project, "steps") == {"tabulate"} and len(index(project, "entries")) == 1
     assert run_local(project, "second", "--cache", "on") == {"clean": "ran", "total": "ran", "tabulate": "served"}
     assert table(project) == "label,total\nTotal,12\n"
+
+
+def test_resume_runs_a_failed_job_again_as_the_same_run_keeping_the_steps_it_finished(project: Path) -> None:
+    params = project / "conf" / "base" / "parameters.yml"
+    params.write_text(params.read_text().replace("label: total", "label: FAIL"))
+    failed = subprocess.run([*KVX, "run-local", "--job-name", "broken"], cwd=project, env=step_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+    runs = project / ".kvx" / "runs" / "broken"
+    first = json.loads((runs / "status.json").read_text())
+    assert first["states"] == {"clean": "done", "total": "done", "tabulate": "failed"}
+    clean_log = (runs / "logs" / "clean.log").read_text()
+
+    params.write_text(params.read_text().replace("label: FAIL", "label: total"))
+    resumed = subprocess.run([*KVX, "run-local", "--resume", "broken"], cwd=project, env=step_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "Resuming (2 steps done) 3 node steps" in resumed.stdout
+    assert f"run id {first['run_id']}" in resumed.stdout
+    assert (runs / "logs" / "clean.log").read_text() == clean_log  # not run again
+    assert table(project) == "label,total\nTotal,12\n"  # tabulate read the first run's intermediates
+    status = json.loads((runs / "status.json").read_text())
+    assert status["states"] == dict.fromkeys(STEPS, "done") and status["run_id"] == first["run_id"]
+
+    again = subprocess.run([*KVX, "run-local", "--resume", "broken"], cwd=project, env=step_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "job broken succeeded: nothing to resume" in again.stderr.splitlines()[-1]
+    unknown = subprocess.run([*KVX, "run-local", "--resume", "nope"], cwd=project, env=step_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "no local run of job nope to resume" in unknown.stderr.splitlines()[-1]

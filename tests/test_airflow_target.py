@@ -216,3 +216,15 @@ def test_airflow_2_answers_are_read_as_api_v1_writes_them() -> None:
     assert v2.log_lines({"content": [{"event": "one"}, "two\nthree", {"event": ""}]}) == ["one", "two", "three"]
     assert v1.source_path("d", {"file_token": "a/b"}) == "dagSources/a%2Fb"
     assert v2.source_path("my dag", {}) == "dagSources/my%20dag"
+
+
+def test_a_failed_tasks_log_is_told_by_the_steps_own_error_lines() -> None:
+    """Airflow's epilogue follows the step's verdict in a task's log: the step's ERROR lines
+    (JSON, prefixed by Airflow) are what a failure shows; a log without any, its last lines."""
+    from kvx_runtime.targets.airflow import _step_error
+
+    verdict = ('[2026-12-02T11:38:42.6] {subprocess.py:93} INFO - {"severity": "ERROR", "message": '
+               '"kvx-runtime exec-node failed: input raw_numbers missing", "exit_code": 2}')
+    assert _step_error(verdict) == "kvx-runtime exec-node failed: input raw_numbers missing"
+    assert _step_error("[...] INFO - Task exited with return code 1") is None
+    assert _step_error('x "severity": "ERROR" {not json') == 'x "severity": "ERROR" {not json'

@@ -184,6 +184,8 @@ class RunLocalRequest:
     fresh_copies: bool = False
     #: ``on``/``off``: the step cache for every step; None: run_config.cache.enabled.
     cache: str | None = None
+    #: Run job ``job_name`` again as the same run, keeping the steps it finished.
+    resume: bool = False
 
 
 def run_local_spec(request: RunLocalRequest) -> None:
@@ -208,7 +210,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     job_name = request.job_name or default_job_name(spec_data)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
-    served = _serve_cached_steps(request, spec_data, root, run_id, job_name)
+    served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name)
     result = run_local(
         spec_data,
         project,
@@ -221,6 +223,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         extra_env={"KVX_CACHE": request.cache} if request.cache else None,
         run_id=run_id,
         served=served,
+        resume=request.resume,
     )
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
@@ -285,19 +288,27 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
 @click.option("--cache", type=click.Choice(["on", "off"]), default=None,
               help="The step cache for every step (docs/cache.md): a step whose key an earlier run recorded takes "
               "that run's outputs instead of running (default: run_config.cache.enabled, off).")
+@click.option("--resume", "resume", default=None, metavar="JOB",
+              help="Run the failed or interrupted job JOB again as the same run (its run id, save version and "
+              "intermediates): the steps it finished are kept, the others run with the project as it is now.")
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
                       code_upload: bool | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
-                      job_name: str | None, fail_fast: bool, fresh_copies: bool, cache: str | None) -> None:
+                      job_name: str | None, fail_fast: bool, fresh_copies: bool, cache: str | None,
+                      resume: str | None) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
     project's pipeline first, to .kvx/pipeline.json)."""
+    if resume is not None and job_name is not None and job_name != resume:
+        from kvx_runtime.errors import UsageError
+
+        raise UsageError("--resume names the job: --job-name cannot name another")
     run_local_spec(RunLocalRequest(
         at=invocation(ctx, project_path, env), spec=spec,
         options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
-        overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=job_name,
-        fail_fast=fail_fast, fresh_copies=fresh_copies, cache=cache,
+        overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=resume or job_name,
+        fail_fast=fail_fast, fresh_copies=fresh_copies, cache=cache, resume=resume is not None,
     ))
 
 

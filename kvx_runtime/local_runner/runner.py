@@ -119,6 +119,7 @@ class _Scheduler:
         fresh_copies: bool = False,
         run_id: str | None = None,
         served: Mapping[str, str] | None = None,
+        resumed: Mapping[str, Any] | None = None,
     ) -> None:
         self.graph = graph
         self.fail_fast = fail_fast
@@ -149,6 +150,16 @@ class _Scheduler:
         for task in self.served:
             self.states[task] = "done"
             self.outputs[task] = {}
+        #: Steps an earlier run of this job finished (resume): done, with their outputs.
+        self.kept: list[str] = []
+        if resumed is not None:
+            self.job_uuid = str(resumed["run_id"])
+            self.created = str(resumed["created"])
+            for task, state in resumed["states"].items():
+                if state == "done" and task in self.states and not graph.tasks[task].run_after_failure:
+                    self.states[task] = "done"
+                    self.outputs[task] = dict(resumed.get("outputs", {}).get(task, {}))
+                    self.kept.append(task)
 
     # --- readiness ----------------------------------------------------------------------
 
@@ -306,6 +317,8 @@ class _Scheduler:
         with self.progress:
             for served, source in self.served.items():
                 self.progress.finished_task(served, "done", 0.0, f"(served from the step cache: run {source})")
+            for kept in self.kept:
+                self.progress.finished_task(kept, "done", 0.0, "(done in the run resumed)")
             while True:
                 for attempt in list(self.running.values()):
                     if attempt.process.poll() is not None:
@@ -373,12 +386,16 @@ def run_local(
     extra_env: Mapping[str, str] | None = None,
     run_id: str | None = None,
     served: Mapping[str, str] | None = None,
+    resume: bool = False,
 ) -> LocalRunResult:
     """Run ``spec`` here. ``storage_root`` defaults to ``<project>/.kvx/storage``; the failure
     policy is the spec's ``kvx_failure_policy`` (fail_slow by default) unless ``fail_fast``;
     with ``fresh_copies`` every step starts in a fresh copy of what the project's image holds.
     ``run_id``: the run's id (default: a new uuid); ``served``: steps the step cache served before
-    the run (step -> the run they come from), done without starting."""
+    the run (step -> the run they come from), done without starting. ``resume``: run job
+    ``job_name`` again as the same run (its id, creation time and job directory, so the same save
+    version and intermediates), its steps that succeeded kept (with their outputs: the MLflow
+    run's id) and the others run; UsageError when the job has no status to resume from."""
     project_path = Path(project).resolve()
     overrides = dict(params or {})
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
@@ -390,13 +407,15 @@ def run_local(
         raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
     job = job_name or default_job_name(spec)
     run_dir = project_path / LOCAL_STATE_DIR / "runs" / job
+    earlier = _resumable(run_dir, job, set(graph.tasks)) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
                            {"KVX_LOG_FORMAT": "json", **(extra_env or {})}, fail_fast=policy == "fail_fast",
-                           fresh_copies=fresh_copies, run_id=run_id, served=served)
+                           fresh_copies=fresh_copies, run_id=run_id, served=served, resumed=earlier)
     copies = f", each step in a fresh copy of the project's image files ({run_dir / 'copies'})" if fresh_copies else ""
-    print(f"Running {describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
+    verb = f"Resuming ({len(scheduler.kept)} steps done) " if earlier is not None else "Running "
+    print(f"{verb}{describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
           f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:
@@ -448,6 +467,24 @@ def _report_failures(scheduler: _Scheduler, run_dir: Path, output: TextIO) -> No
             f"    replay: {scheduler.replays.get(task)}",
         ]
     print("\n".join(lines), file=output, flush=True)
+
+
+def _resumable(run_dir: Path, job: str, tasks: set[str]) -> dict[str, Any]:
+    """The status an earlier run of ``job`` left (``status.json``), if it can be resumed."""
+    path = run_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+        states, run_id, created = status["states"], status["run_id"], status["created"]
+    except FileNotFoundError:
+        raise UsageError(f"no local run of job {job} to resume ({path} does not exist)",
+                         hint="resume the job name a failed run-local printed (its .kvx/runs/<job>/)") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed") from None
+    if not isinstance(states, dict) or not run_id or not created:
+        raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed")
+    if all(states.get(task) == "done" for task in tasks):
+        raise UsageError(f"job {job} succeeded: nothing to resume", hint="run-local starts a new run")
+    return dict(status)
 
 
 def _write_status(run_dir: Path, job: str, scheduler: _Scheduler) -> None:

@@ -150,6 +150,19 @@ class ApiV1(ApiV2):
         return [line for text in texts for line in str(text).splitlines() if line.strip()]
 
 
+def _step_error(line: str) -> str | None:
+    """The message of a kvx-runtime ERROR log line (JSON, after whatever Airflow prefixed)."""
+    import json
+
+    if '"severity": "ERROR"' not in line:
+        return None
+    try:
+        record = json.loads(line[line.index('{"'):])
+    except ValueError:
+        return line
+    return str(record.get("message") or line) if isinstance(record, dict) else line
+
+
 class AirflowTarget(PipelineTarget):
     title = "Airflow"
 
@@ -529,7 +542,9 @@ class AirflowTarget(PipelineTarget):
         return int(text) if text.isdigit() else 1
 
     def task_errors(self, run: RunInfo, task: TaskInfo, limit: int = 5) -> list[str]:
-        """The last lines of the task's log (its last try)."""
+        """What the task's log (its last try) says went wrong: the step's own error lines when
+        it logged some (kvx-runtime's verdict is the last; Airflow's own epilogue follows it),
+        else the log's last lines."""
         dag_id = run.labels.get("dag_id") or run.display_name
         path = (f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run.run_id, safe='')}/taskInstances/"
                 f"{quote(task.name, safe='')}/logs/{self._try_number(task)}")
@@ -538,7 +553,9 @@ class AirflowTarget(PipelineTarget):
         except ApiError as exc:
             log.info("the task's log cannot be read", task=task.name, error=str(exc)[:300])
             return []
-        return [line[:500] for line in self.api.log_lines(answer)[-limit:]]
+        lines = self.api.log_lines(answer)
+        errors = [message for line in lines if (message := _step_error(line)) is not None]
+        return [line[:500] for line in (errors or lines)[-limit:]]
 
     def replay_command(self, run: RunInfo, task: TaskInfo) -> str | None:
         """The task's exec-node command as Airflow rendered it (its rendered fields)."""
