@@ -167,6 +167,8 @@ class _NodeKeys:
         reasons: list[str] = []
         if context.no_cache_tag in node.tags:
             reasons.append(f"node {node.name} is tagged {context.no_cache_tag}")
+        if not node.outputs:
+            reasons.append(f"node {node.name} has no outputs (it runs for what it does, not what it returns)")
         digest, why = code_digest(node.func, context.project_dirs)
         parts[f"code:{node.name}"] = digest
         if why:
@@ -344,7 +346,7 @@ def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | Non
             return _digest("builtin", name), None
         return _digest("unknown", name), f"{name} is not defined in a file"
     path = Path(file).resolve()
-    if not any(path.is_relative_to(directory) for directory in dirs):
+    if _is_installed(path):
         return _digest("library", name), None  # its version is in the environment part
     root = str(getattr(func, "__qualname__", "")).split(".")[0]
     sliced = _module_slice(path.read_bytes(), root, module.__name__, path.name == "__init__.py")
@@ -555,7 +557,24 @@ def _project_file(module_name: str, dirs: Sequence[Path]) -> Path | None:
     if not file or not file.endswith(".py"):
         return None
     path = Path(file).resolve()
-    return path if any(path.is_relative_to(directory) for directory in dirs) else None
+    return None if _is_installed(path) else path
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_roots() -> tuple[Path, ...]:
+    """Where installed distributions and the standard library live: their code counts by the
+    distributions' versions. Code anywhere else (the project's package, a sibling source folder,
+    an editable install) counts by its source."""
+    import sysconfig
+
+    roots = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib")}
+    roots |= {Path(path).resolve() for path in sys.path
+              if path.rstrip("/").endswith(("site-packages", "dist-packages"))}
+    return tuple(sorted(roots))
+
+
+def _is_installed(path: Path) -> bool:
+    return any(path.is_relative_to(root) for root in _installed_roots())
 
 
 def _all_sources(dirs: Sequence[Path]) -> list[Path]:
