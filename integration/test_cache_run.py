@@ -92,7 +92,7 @@ def test_an_unchanged_project_runs_no_node_the_second_time_and_a_change_reruns_w
     assert table(project) == "label,total\nSum,12\n"
 
     # Run-time overrides leave the decision to each step's exec-node, which serves the hits itself.
-    assert run_local(project, "overridden", "--cache", "on", "--param", "unused=1") == {
+    assert run_local(project, "overridden", "--cache", "on", "--param", "kvx_failure_policy=fail_fast") == {
         "clean": "served by exec-node", "total": "served by exec-node", "tabulate": "served by exec-node"}
 
     # Without the cache every node runs, and records nothing.

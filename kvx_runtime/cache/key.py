@@ -131,8 +131,10 @@ class _NodeKeys:
 
     def __init__(self, context: KeyContext) -> None:
         self.context = context
-        self.nodes = {node.name: node for node in context.pipeline.nodes}
-        self.producer = {output: node.name for node in context.pipeline.nodes for output in node.outputs}
+        #: Kedro's topological order (its ``nodes`` sorts again at every call).
+        self.order = list(context.pipeline.nodes)
+        self.nodes = {node.name: node for node in self.order}
+        self.producer = {output: node.name for node in self.order for output in node.outputs}
         self.environment = environment_digest(context.code_identity)
         self.keys: dict[str, StepKey] = {}
 
@@ -140,7 +142,7 @@ class _NodeKeys:
         if name not in self.keys:
             needed = self._uncomputed_ancestors(name)
             # Kedro's node order is topological: upstream keys exist when a node's is computed.
-            for node in self.context.pipeline.nodes:
+            for node in self.order if needed else ():
                 if node.name in needed:
                     self.keys[node.name] = self._compute(node)
             self.keys[name] = self._compute(self.nodes[name])
@@ -351,7 +353,7 @@ def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | Non
     root = str(getattr(func, "__qualname__", "")).split(".")[0]
     sliced = _module_slice(path.read_bytes(), root, module.__name__, path.name == "__init__.py")
     if sliced is None:  # a lambda, a name made at run time: the whole module and what it imports
-        texts: list[str] = []
+        texts: tuple[str, ...] = ()
         followed = [(module.__name__, path)]
     else:
         texts, imported = sliced
@@ -361,7 +363,9 @@ def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | Non
     return _digest(name, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in files)), None
 
 
-def _module_slice(source: bytes, root: str, module_name: str, is_package: bool) -> tuple[list[str], list[str]] | None:
+@functools.lru_cache(maxsize=4096)
+def _module_slice(source: bytes, root: str, module_name: str,
+                  is_package: bool) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The part of a module that the top-level definition ``root`` can reach: every top-level
     statement that is not a definition or an import (module-level code runs whatever the node),
     the definitions reachable by name from those and from ``root``, and the modules bound to
@@ -369,7 +373,7 @@ def _module_slice(source: bytes, root: str, module_name: str, is_package: bool) 
     another function of the module, or a comment, changes nothing. None when ``root`` is not a
     top-level definition (or the code imports by name at run time): then the whole module counts."""
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
         return None
     package = module_name if is_package else module_name.rpartition(".")[0]
@@ -408,7 +412,7 @@ def _module_slice(source: bytes, root: str, module_name: str, is_package: bool) 
             for inner in ast.walk(definition):  # imports inside a function body
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     imported.extend(module for modules in _bindings(inner, package).values() for module in modules)
-    return texts, list(dict.fromkeys(imported))
+    return tuple(texts), tuple(dict.fromkeys(imported))
 
 
 def _names(statement: ast.AST) -> list[str]:
@@ -520,13 +524,21 @@ def _reachable_files(start: Sequence[tuple[str, Path]], dirs: Sequence[Path]) ->
     return sorted(seen)
 
 
-def _imports(source: bytes, module_name: str, is_package: bool) -> Iterable[str]:
+@functools.lru_cache(maxsize=4096)
+def _parse(source: bytes) -> ast.Module:
+    """A module's syntax tree, parsed once per content (a project's nodes share a few modules).
+    Callers only read it."""
+    return ast.parse(source)
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports(source: bytes, module_name: str, is_package: bool) -> tuple[str, ...]:
     """Module names ``source`` imports (``from a import b`` gives ``a`` and ``a.b``: b may be a module)."""
     package = module_name if is_package else module_name.rpartition(".")[0]
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
-        return []
+        return ()
     names: list[str] = []
     for statement in ast.walk(tree):
         if isinstance(statement, ast.Import):
@@ -542,7 +554,7 @@ def _imports(source: bytes, module_name: str, is_package: bool) -> Iterable[str]
             names.extend(f"{base}.{alias.name}" for alias in statement.names if alias.name != "*")
     # A module's parents run first: importing a.b.c runs a/__init__.py and a/b/__init__.py.
     parents = [name.rsplit(".", depth)[0] for name in names for depth in range(1, name.count(".") + 1)]
-    return [name for name in dict.fromkeys([*names, *parents]) if name]
+    return tuple(name for name in dict.fromkeys([*names, *parents]) if name)
 
 
 def _project_file(module_name: str, dirs: Sequence[Path]) -> Path | None:

@@ -232,7 +232,7 @@ class StepCache:
             source = entry.outputs[name]["location"]
             if source == destination:
                 continue
-            _copy(source, destination)
+            _copy(source, destination, entry.outputs[name]["fingerprint"])
             copied.append(name)
         return copied
 
@@ -245,9 +245,11 @@ def _parse(raw: bytes, path: str) -> CacheEntry | None:
         return None
 
 
-def _copy(source: str, destination: str) -> None:
+def _copy(source: str, destination: str, fingerprint: str) -> None:
     """Copy a file or folder, whole or not at all under the destination name: server-side on
-    the same object store; through a temporary name renamed on a local disk."""
+    the same object store; through a temporary name renamed on a local disk, once the copy is
+    checked to be what the entry recorded (another run may have rewritten the source since the
+    lookup: a ValueError then, which the step takes as a miss)."""
     import fsspec
 
     source_fs, source_path = fsspec.core.url_to_fs(source)
@@ -263,6 +265,8 @@ def _copy(source: str, destination: str) -> None:
     temporary = os.path.join(parent, f".{os.path.basename(target_path)}.{uuid.uuid4().hex}.tmp")
     try:
         source_fs.copy(source_path, temporary, recursive=recursive)
+        if fingerprint_path(temporary)[0] != fingerprint:
+            raise ValueError(f"{source} changed while it was served: not this key's output any more")
         if recursive and os.path.isdir(target_path):
             import shutil
 
