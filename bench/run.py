@@ -1,7 +1,7 @@
 """kvx-runtime benchmarks: the numbers we promise, measured side by side with the reference.
 
     python bench/run.py [--quick] [--large] [--runs N]
-                        [--only intermediates,step,compiler,local,image,code,reliability,logging,doctor]
+                        [--only intermediates,step,compiler,local,cache,image,code,reliability,logging,doctor]
 
 Writes ``bench/results/latest.json`` (every figure: name, unit, median, min, max, runs) and
 regenerates ``docs/benchmarks.md``. Each figure is the median of at least 3 runs in this
@@ -341,7 +341,147 @@ def bench_local(bench: Bench, tmp: Path) -> None:
                 note="every step is a separate process that starts Kedro, as on Vertex AI")
 
 
-# --- 5. logging ---------------------------------------------------------------------------
+# --- 5. step cache -------------------------------------------------------------------------
+
+PLAN_TIMER = """
+import json, sys, time
+from pathlib import Path
+from kedro.framework.project import pipelines, settings
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from kvx_runtime.cache.key import key_context_of, step_keys
+from kvx_runtime.cache.planning import verdicts
+from kvx_runtime.cache.store import StepCache
+from kvx_runtime.config_loader import exported_storage_root
+from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+
+project, root = Path(sys.argv[1]), sys.argv[2]
+started = time.perf_counter()
+metadata = bootstrap_project(project)
+disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))  # as plan and run-local's serving do
+with entry_points_of_disabled_plugins_not_loaded(settings):
+    session = KedroSession.create(project, env="base")
+with session, exported_storage_root(root):
+    context = session.load_context()
+    pipeline = pipelines["__default__"]
+    loaded = time.perf_counter()
+    key_context = key_context_of(context, pipeline, {node.name: [node.name] for node in pipeline.nodes},
+                                 package_name=metadata.package_name)
+    keys = step_keys(key_context)
+    keyed = time.perf_counter()
+    found = verdicts(keys, StepCache(root))
+    looked_up = time.perf_counter()
+print(json.dumps({"session": loaded - started, "keys": keyed - loaded, "lookups": looked_up - keyed,
+                  "steps": len(keys), "cacheable": sum(key.cacheable for key in keys.values()),
+                  "hits": sum(verdict.hit for verdict in found)}))
+"""
+
+SERVED = "step served from the cache: its nodes do not run"
+
+
+def _plan_timer(project: Path, root: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Session, keys (one step per node) and index lookups, timed in a fresh process."""
+    result = subprocess.run([PY, "-c", PLAN_TIMER, str(project), str(root)], cwd=project,
+                            env={**env(), **(extra_env or {})}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _logged_run(command: list[str], cwd: Path) -> tuple[float, float, list[tuple[float, str]]]:
+    """Wall seconds, wall-clock start (epoch) and the (epoch, message) of each JSON log line."""
+    from datetime import datetime
+
+    started_at = time.time()
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    events = []
+    for line in result.stderr.splitlines():
+        try:
+            record = json.loads(line)
+            events.append((datetime.fromisoformat(record["time"]).timestamp(), str(record["message"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a log line
+    return seconds, started_at, events
+
+
+def bench_cache(bench: Bench, tmp: Path, quick: bool) -> None:
+    """Issue 23's goals: a second unchanged ``run-local --cache on`` of the example project takes at
+    most 10% of the first, and where its time goes; planning 1,000 steps takes under 2 s."""
+    print("step cache: run-local --cache on, first and unchanged second runs", flush=True)
+    group = "step cache"
+    project = step_project(tmp, "cache-project")
+    steps = 10
+    # Each first run on an empty storage root; quick: one first run, then every second run after it.
+    firsts = 1 if quick else bench.runs
+    after_each = bench.runs if quick else 1
+    first, second, ratio = [], [], []
+    phases: dict[str, list[float]] = {"start-up and compile": [], "session, keys, lookups and serving": [],
+                                      "serving alone (first to last step served)": [], "after serving": []}
+    for index in range(firsts):
+        root = tmp / f"cache-storage-{index}"
+        command = [PY, "-m", "kvx_runtime", "run-local", "--cache", "on", "--storage-root", str(root),
+                   "--max-parallel", "2"]
+        seconds, _, events = _logged_run([*command, "--job-name", f"cache-first-{index}"], project)
+        if any(message == SERVED for _, message in events):
+            raise RuntimeError("the first run on an empty storage root served a step")
+        first.append(seconds)
+        for repeat in range(after_each):
+            again, started_at, events = _logged_run([*command, "--job-name", f"cache-second-{index}-{repeat}"],
+                                                    project)
+            served = [at for at, message in events if message == SERVED]
+            compiled = [at for at, message in events if message == "pipeline compiled"]
+            if len(served) != steps or not compiled:
+                raise RuntimeError(f"the unchanged second run served {len(served)} of {steps} steps")
+            second.append(again)
+            ratio.append(100 * again / seconds)
+            phases["start-up and compile"].append(compiled[0] - started_at)
+            phases["session, keys, lookups and serving"].append(served[-1] - compiled[0])
+            phases["serving alone (first to last step served)"].append(served[-1] - served[0])
+            phases["after serving"].append(started_at + again - served[-1])
+    compile_alone, plan = [], []
+    for _ in range(bench.runs):
+        seconds, _ = timed([PY, "-m", "kvx_runtime", "compile", "--env", "base", "--image", "local",
+                            "--storage-root", str(tmp / "cache-storage-0"), "-o", str(tmp / "cache-spec.json")],
+                           project)
+        compile_alone.append(seconds)
+        plan.append(_plan_timer(project, tmp / "cache-storage-0"))
+    if any(found["hits"] != steps for found in plan):
+        raise RuntimeError(f"planning the example project found {[found['hits'] for found in plan]} hits, "
+                           f"not {steps}")
+    bench.add(f"cache: run-local --cache on, first run (example project, {steps} steps, empty storage root)", "s",
+              first, group)
+    bench.add("cache: run-local --cache on, unchanged second run (every step served)", "s", second, group)
+    bench.add("cache: second run / first run", "%", ratio, group, goal="<= 10%",
+              met=statistics.median(ratio) <= 10)
+    for phase, values in phases.items():
+        bench.add(f"cache: second run, {phase}", "s", values, group)
+    bench.add("cache: kvx-runtime compile alone (whole process, for comparison)", "s", compile_alone, group)
+    for part, label in (("session", "session (bootstrap, session, load_context)"),
+                        ("keys", f"keys of the {steps} steps"), ("lookups", f"{steps} index lookups (hits)")):
+        bench.add(f"cache: example project in process, {label}", "s", [found[part] for found in plan], group)
+
+    nodes = 1000
+    print(f"step cache: planning {nodes} nodes (+{nodes // 10} fan-in), one step per node", flush=True)
+    generated = tmp / "generated" if (tmp / "generated").exists() else generated_project(tmp)
+    empty = tmp / "cache-empty-root"
+    timings = [_plan_timer(generated, empty, {"KVX_BENCH_NODES": str(nodes)}) for _ in range(bench.runs)]
+    count = timings[0]["steps"]
+    if any(found["hits"] or found["cacheable"] != count for found in timings):
+        raise RuntimeError("planning the generated pipeline against an empty cache found hits or uncacheable steps")
+    keys = [found["keys"] for found in timings]
+    both = [found["keys"] + found["lookups"] for found in timings]
+    bench.add(f"cache: plan {count} steps, session of the generated project", "s",
+              [found["session"] for found in timings], group)
+    bench.add(f"cache: plan {count} steps, keys", "s", keys, group)
+    bench.add(f"cache: plan {count} steps, keys + index lookups (empty local cache)", "s", both, group,
+              goal="< 2", met=statistics.median(both) < 2)
+
+
+# --- 6. logging ---------------------------------------------------------------------------
 
 REDACTION_TIMER = r"""
 import json, logging, os, sys, time
@@ -469,7 +609,7 @@ def _image_rebuild_seconds(tmp: Path, runs: int) -> list[float]:
     return [float(v) for v in json.loads(IMAGE_REBUILD.read_text()).get("seconds", [])]
 
 
-# --- 6. images -----------------------------------------------------------------------------
+# --- 7. images -----------------------------------------------------------------------------
 
 IMAGE_SIZES = REPO / "bench" / "results" / "image-sizes.json"
 IMAGE_REBUILD = REPO / "bench" / "results" / "image-rebuild.json"
@@ -706,7 +846,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, about five minutes")
     parser.add_argument("--large", action="store_true", help="also the ~1 GB DataFrame")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default="intermediates,step,compiler,local,code,reliability,logging,doctor")
+    parser.add_argument("--only", default="intermediates,step,compiler,local,cache,code,reliability,logging,doctor")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--render-only", action="store_true",
                         help="regenerate docs/benchmarks.md from bench/results/latest.json")
@@ -751,6 +891,7 @@ def main() -> int:
             ("step", lambda: bench_step(bench, tmp)),
             ("compiler", lambda: bench_compiler(bench, tmp, [10, 1000] if args.quick else [10, 100, 1000, 5000])),
             ("local", lambda: None if args.quick else bench_local(bench, tmp)),
+            ("cache", lambda: bench_cache(bench, tmp, args.quick)),
             ("image", lambda: bench_image(bench, tmp)),  # before code: its ratio reads the rebuilds
             ("code", lambda: bench_code_upload(bench, tmp)),
             ("reliability", lambda: bench_reliability(bench, tmp, args.quick)),
