@@ -8,7 +8,8 @@ addressing, :mod:`kvx_runtime.cache.key`), so a step downstream of hits is decid
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from kvx_runtime.cache.store import CacheEntry, StepCache
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["StepVerdict", "project_step_keys", "verdicts"]
+__all__ = ["StepVerdict", "project_step_keys", "run_context", "verdicts"]
 
 
 @dataclass(frozen=True)
@@ -36,25 +37,32 @@ class StepVerdict:
         return self.entry is not None
 
 
-def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
-                      runtime_params: Mapping[str, Any], storage_root: str,
-                      code_identity: str = "") -> dict[str, StepKey]:
-    """The keys the steps of a run would compute: a session of the project's env with the run's
-    (typed) parameters, MLflow's hooks kept out."""
+@contextmanager
+def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storage_root: str) -> Iterator[Any]:
+    """The Kedro context a run's steps load (the project's env, the run's typed parameters,
+    ``${storage_root}`` the run's root; the run's identity as exported), MLflow's hooks kept out."""
     from kedro.framework.project import settings
     from kedro.framework.session import KedroSession
 
     from kvx_runtime.config_loader import exported_storage_root
     from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
-    from kvx_runtime.project_pipelines import load_pipeline
 
     disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
-    kedro_pipeline = load_pipeline(pipeline)
     with entry_points_of_disabled_plugins_not_loaded(settings):
         session = KedroSession.create(project.path, env=project.env, runtime_params=dict(runtime_params) or None,
                                       conf_source=project.conf_source)
     with session, exported_storage_root(storage_root):
-        context = session.load_context()
+        yield session.load_context()
+
+
+def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
+                      runtime_params: Mapping[str, Any], storage_root: str,
+                      code_identity: str = "") -> dict[str, StepKey]:
+    """The keys the steps of a run would compute (:func:`run_context`)."""
+    from kvx_runtime.project_pipelines import load_pipeline
+
+    kedro_pipeline = load_pipeline(pipeline)
+    with run_context(project, runtime_params, storage_root) as context:
         key_context = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name,
                                      salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity)
         return step_keys(key_context)

@@ -160,25 +160,17 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
     served (step -> the run they come from). Steps with versioned outputs are left to their
     own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
     serving fails (said; the step then runs and decides again)."""
-    from kedro.framework.project import settings
-    from kedro.framework.session import KedroSession
-
     from kvx_runtime.cache.key import key_context_of, step_keys
+    from kvx_runtime.cache.planning import run_context
     from kvx_runtime.cache.store import StepCache
-    from kvx_runtime.config_loader import exported_storage_root
     from kvx_runtime.graph import plan_step
-    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
     from kvx_runtime.project_pipelines import load_pipeline
     from kvx_runtime.step.identity import JobDirectory
 
-    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
     pipeline = load_pipeline(pipeline_name)
     identity.export()
-    with entry_points_of_disabled_plugins_not_loaded(settings):
-        session = KedroSession.create(project.path, env=project.env, conf_source=project.conf_source)
     served: dict[str, str] = {}
-    with session, exported_storage_root(storage_root):
-        context = session.load_context()
+    with run_context(project, {}, storage_root) as context:
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
                                      salt=project.plugin_config.run_config.cache.salt)
         cache = StepCache(storage_root)
