@@ -540,12 +540,14 @@ def bearer_proxy(mlflow_server, fake_google) -> Iterator[Any]:
 from integration.airflow_server import AirflowServer  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow_server(tmp_path_factory, mlflow_server: MlflowServer) -> Iterator[AirflowServer]:
     """A real Airflow 3 deployment on 127.0.0.1 (``integration.airflow_server``): API server,
-    scheduler (LocalExecutor, SQLite) and DAG processor, started once per session (per xdist
-    worker). Its tasks run ``kvx-runtime`` from this venv and log to the session's MLflow
-    server; DAG files dropped into ``dags_folder`` are parsed within seconds."""
+    scheduler (LocalExecutor, SQLite) and DAG processor, started for each module that uses it
+    (a minute at most): an idle deployment keeps parsing its folder and polling, a third of a
+    core that the rest of the session would pay for. Its tasks run ``kvx-runtime`` from this venv
+    and log to the session's MLflow server; DAG files dropped into ``dags_folder`` are parsed
+    within seconds."""
     from integration.airflow_env import find_or_build
     from integration.airflow_server import start_airflow_server
 
@@ -558,15 +560,16 @@ def airflow_server(tmp_path_factory, mlflow_server: MlflowServer) -> Iterator[Ai
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def airflow2_server(tmp_path_factory, mlflow_server: MlflowServer) -> Iterator[AirflowServer]:
     """A real Airflow 2.10 deployment on 127.0.0.1 (``integration.airflow_server.AIRFLOW_2``, as
     Cloud Composer 2 runs): webserver with REST API v1 and HTTP Basic auth, and a scheduler that
     parses the DAG folder and runs one task at a time (SequentialExecutor, SQLite). Its tasks run
-    ``kvx-runtime`` from this venv and log to the session's MLflow server. Its tests have an
-    xdist_group of their own ("airflow2-server"): the deployment may run beside the Airflow 3
-    one, on the other worker (at their peaks 0.75 GB and 0.5 GB of proportional set size, 1.3
-    and 1.0 GB RSS, tasks included)."""
+    ``kvx-runtime`` from this venv and log to the session's MLflow server. Started for each module
+    that uses it, as ``airflow_server``; each such module's tests have an xdist_group of their
+    own, so that they share it on one worker while other modules' deployments may run on the
+    other (at their peaks 0.75 GB and 0.5 GB of proportional set size, 1.3 and 1.0 GB RSS, tasks
+    included)."""
     from integration.airflow_env import AIRFLOW2, find_or_build
     from integration.airflow_server import AIRFLOW_2, start_airflow_server
 

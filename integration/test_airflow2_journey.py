@@ -16,7 +16,7 @@ import pytest
 
 from integration.conftest import KVX, make_cache_project, step_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow2-server")]
+pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow2-journey")]
 
 
 def configure(project: Path, server: Any, env: str, dag_id: str, extra: str = "") -> None:

@@ -26,8 +26,8 @@ import pytest
 from conftest import REPO, free_port
 from integration.conftest import KVX, REPORT_FILES, MlflowServer, step_env
 
-# One Airflow deployment per session: every test using it runs on one xdist worker (--dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow-server")]
+# One Airflow deployment per module, its tests on one xdist worker (their own group, --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.xdist_group("airflow-journey")]
 
 DAG_ID = "journey-kvx"
 

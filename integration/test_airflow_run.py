@@ -140,14 +140,14 @@ def test_a_failing_node_fails_the_dag_run_and_its_mlflow_run(
     _assert_it_failed_at_split_data_as_did_its_mlflow_run(local_airflow.test_run(FAILING_CONF), mlflow_server)
 
 
-@pytest.mark.xdist_group("airflow2-server")
+@pytest.mark.xdist_group("airflow2-run")
 def test_airflow_2_10_runs_the_dag_to_what_kedro_run_makes_in_one_finished_mlflow_run(
         compiled: CompiledDag, airflow2: AirflowServer, mlflow_server: MlflowServer) -> None:
     _assert_it_made_what_kedro_run_makes_in_one_finished_mlflow_run(
         compiled.project, airflow2.run_dag(DAG_ID), mlflow_server)
 
 
-@pytest.mark.xdist_group("airflow2-server")
+@pytest.mark.xdist_group("airflow2-run")
 def test_airflow_2_10_fails_the_dag_run_and_its_mlflow_run_when_a_node_fails(
         airflow2: AirflowServer, mlflow_server: MlflowServer) -> None:
     """The outcome task's Airflow 2.10 branch: the body's states read from Airflow's database."""
