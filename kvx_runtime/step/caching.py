@@ -108,7 +108,11 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
     settings = project.plugin_config.run_config.cache
     pipeline = load_pipeline(request.pipeline)
     step = "+".join(plan.nodes)
-    code_identity = request.code.rpartition("#sha256=")[2] if request.code and "#sha256=" in request.code else ""
+    code_identity = ""
+    if request.code:  # the archive the step runs (fetched and checked already): its digest
+        from kvx_runtime.code_upload import parse_code_reference
+
+        code_identity = parse_code_reference(request.code)[1]
     key_context = key_context_of(context, pipeline, {step: list(plan.nodes)}, package_name=project.package_name,
                                  salt=settings.salt, code_identity=code_identity,
                                  load_versions=request.load_versions)
