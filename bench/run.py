@@ -629,7 +629,7 @@ def bench_image(bench: Bench, tmp: Path) -> None:
         print(f"images: skipped: {reason}", flush=True)
         return
     try:
-        print("images: base, runtime and example project images (buildah, vfs)", flush=True)
+        print(f"images: base, runtime and example project images (buildah, {buildah.driver} storage)", flush=True)
         base = build_python_base(buildah, tmp)
         runtime = build_runtime_image(buildah, base, REPO, tmp)
         project = build_project_image(buildah, runtime, EXAMPLE, REPO, tmp)
@@ -823,7 +823,7 @@ def render(bench: Bench, info: dict[str, Any], seconds: float) -> str:
         lines.append("")
     if IMAGE_SIZES.exists():
         sizes = json.loads(IMAGE_SIZES.read_text())
-        lines += ["## Image size", "", "From the last `make bench-image` (buildah, vfs); see docs/images.md.", "",
+        lines += ["## Image size", "", "From the last `make bench-image` (buildah); see docs/images.md.", "",
                   "| image | size |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in sizes.items()] + [""]
     notes = NOTES.strip()
