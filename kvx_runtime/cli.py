@@ -78,6 +78,10 @@ for _target in TARGETS.values():
 @click.option("--cache", type=click.Choice(["on", "off"]), default=None,
               help="Use the step cache (docs/cache.md): on a hit the outputs of an earlier run with the same key "
               "are this run's and the nodes do not run (default: run_config.cache.enabled, off).")
+@click.option("--serve-step", "serve_steps", multiple=True, metavar="JSON",
+              help="A step the planner found in the step cache (its nodes, a JSON list): served here, or run "
+              "here if it can no longer be served; repeat per step, together covering the --node list "
+              "(written by run-once --cache; docs/cache.md).")
 def exec_node(
     nodes: tuple[str, ...],
     project_path: str | None,
@@ -93,11 +97,13 @@ def exec_node(
     load_versions: tuple[str, ...],
     code: str | None,
     cache: str | None,
+    serve_steps: tuple[str, ...],
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
     from kvx_runtime.params import parse_params
     from kvx_runtime.step.executor import execute_step
     from kvx_runtime.step.request import StepRequest
+    from kvx_runtime.step.serving import parse_serve_step
     from kvx_runtime.versions import parse_load_versions
 
     execute_step(
@@ -117,6 +123,7 @@ def exec_node(
             load_versions=parse_load_versions(load_versions),
             code=code or settings.CODE.get() or None,
             cache=cache or settings.CACHE.get() or None,
+            serve_steps=tuple(parse_serve_step(step) for step in serve_steps),
         )
     )
 

@@ -10,8 +10,9 @@ Parts (each a digest; ``StepKey.parts``):
   whole package count. A function from a library counts by its name: the library's version is
   in ``environment``;
 - ``environment``: Python's version and every installed distribution with its version (Kedro,
-  kvx-runtime and the libraries the nodes call), plus the code archive's or image's digest when
-  the caller knows one;
+  kvx-runtime and the libraries the nodes call): where the steps run. A planner elsewhere (a
+  laptop planning a cloud run) passes the environment an earlier entry recorded instead;
+- ``code_archive``: the code archive's digest (``--code-upload``), when the step runs one;
 - ``param:<input>``: the resolved value of each parameter input (``params:x``, ``parameters``),
   run-time ``--param`` values included (they are merged into the parameters before);
 - ``input:<dataset>``: a dataset made by another step of the pipeline counts as that step's key
@@ -118,8 +119,10 @@ class KeyContext:
     project_dirs: Sequence[Path]
     salt: str = ""
     no_cache_tag: str = NO_CACHE_TAG
-    #: The code archive's or image's digest, when the caller knows one.
+    #: The code archive's digest, when the steps run one.
     code_identity: str = ""
+    #: The ``environment`` part of where the steps run, when that is not here (None: here's).
+    environment: str | None = None
     #: Dataset name -> a load version pinned for the run (``--load-versions``).
     load_versions: Mapping[str, str] = field(default_factory=dict)
 
@@ -135,7 +138,7 @@ class _NodeKeys:
         self.order = list(context.pipeline.nodes)
         self.nodes = {node.name: node for node in self.order}
         self.producer = {output: node.name for node in self.order for output in node.outputs}
-        self.environment = environment_digest(context.code_identity)
+        self.environment = context.environment or environment_digest()
         self.keys: dict[str, StepKey] = {}
 
     def key(self, name: str) -> StepKey:
@@ -166,6 +169,8 @@ class _NodeKeys:
             "env": _digest(context.env),
             "salt": _digest(context.salt),
         }
+        if context.code_identity:
+            parts["code_archive"] = _digest(context.code_identity)
         reasons: list[str] = []
         if context.no_cache_tag in node.tags:
             reasons.append(f"node {node.name} is tagged {context.no_cache_tag}")
@@ -321,9 +326,9 @@ def _distributions() -> str:
                              if dist.metadata["Name"]}))
 
 
-def environment_digest(code_identity: str = "") -> str:
-    """Python's version, every installed distribution's version, and the code's identity."""
-    return _digest(sys.version, _distributions(), code_identity)
+def environment_digest() -> str:
+    """Python's version and every installed distribution's version."""
+    return _digest(sys.version, _distributions())
 
 
 def _unwrap(func: Any) -> Any:
@@ -619,7 +624,7 @@ def catalog_entries(catalog_config: Mapping[str, Any],
 
 
 def key_context_of(kedro_context: Any, pipeline: Any, steps: Mapping[str, Sequence[str]], *, package_name: str,
-                   salt: str = "", code_identity: str = "",
+                   salt: str = "", code_identity: str = "", environment: str | None = None,
                    load_versions: Mapping[str, str] | None = None) -> KeyContext:
     """The key context of a loaded Kedro context (``session.load_context()``: its env, resolved
     parameters with run-time values merged, and catalog config)."""
@@ -628,4 +633,4 @@ def key_context_of(kedro_context: Any, pipeline: Any, steps: Mapping[str, Sequen
     return KeyContext(pipeline=pipeline, steps=steps, params=kedro_context.params,
                       catalog_entry=catalog_entries(catalog_config, resolver), env=kedro_context.env,
                       project_dirs=project_dirs_of(package_name), salt=salt, code_identity=code_identity,
-                      load_versions=dict(load_versions or {}))
+                      environment=environment, load_versions=dict(load_versions or {}))

@@ -4,6 +4,11 @@ the run's parameters; ``${storage_root}`` the run's root), each looked up in the
 
 Every step can be decided beforehand: a dataset made upstream counts as its node's key (input
 addressing, :mod:`kvx_runtime.cache.key`), so a step downstream of hits is decided too.
+
+Where the steps run elsewhere (an image), the planner cannot compute the ``environment`` part
+there: :func:`run_verdicts` also tries the environments the steps' last entries recorded (the
+image they ran in), and keeps the one that explains the most hits. That is a prediction; the
+steps check again where they run (``exec-node --cache on``, ``--serve-step``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,19 @@ from kvx_runtime.cache.store import CacheEntry, StepCache
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["StepVerdict", "project_step_keys", "run_context", "verdicts"]
+__all__ = ["RunVerdicts", "StepVerdict", "cache_wanted", "project_step_keys", "run_context", "run_verdicts",
+           "verdicts"]
+
+#: How many environments recorded by earlier entries :func:`run_verdicts` tries (newest first).
+RECORDED_ENVIRONMENTS_TRIED = 3
+
+
+def cache_wanted(project: KedroProject, asked: str | None) -> bool:
+    """The step cache for a run: ``--cache on|off`` (or ``KVX_CACHE``) as ``asked``, else the
+    project's ``run_config.cache.enabled``."""
+    if asked in ("on", "off"):
+        return asked == "on"
+    return bool(project.plugin_config.run_config.cache.enabled)
 
 
 @dataclass(frozen=True)
@@ -58,14 +75,59 @@ def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storag
 def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
                       runtime_params: Mapping[str, Any], storage_root: str,
                       code_identity: str = "") -> dict[str, StepKey]:
-    """The keys the steps of a run would compute (:func:`run_context`)."""
+    """The keys the steps of a run would compute here (:func:`run_context`)."""
+    return _keys_by_environment(project, pipeline, steps, runtime_params, storage_root, code_identity, [None])[None]
+
+
+def _keys_by_environment(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
+                         runtime_params: Mapping[str, Any], storage_root: str, code_identity: str,
+                         environments: Sequence[str | None]) -> dict[str | None, dict[str, StepKey]]:
+    """The steps' keys for each of ``environments`` (None: here's), from one session."""
     from kvx_runtime.project_pipelines import load_pipeline
 
     kedro_pipeline = load_pipeline(pipeline)
+    salt = project.plugin_config.run_config.cache.salt
     with run_context(project, runtime_params, storage_root) as context:
-        key_context = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name,
-                                     salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity)
-        return step_keys(key_context)
+        return {environment: step_keys(key_context_of(
+                    context, kedro_pipeline, steps, package_name=project.package_name, salt=salt,
+                    code_identity=code_identity, environment=environment))
+                for environment in environments}
+
+
+@dataclass(frozen=True)
+class RunVerdicts:
+    verdicts: list[StepVerdict]
+    #: The environment assumed: None, this machine's; else the run the entry that recorded it comes from.
+    recorded_by: str | None = None
+
+    @property
+    def hits(self) -> list[StepVerdict]:
+        return [verdict for verdict in self.verdicts if verdict.hit]
+
+
+def run_verdicts(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
+                 runtime_params: Mapping[str, Any], storage_root: str, code_identity: str = "") -> RunVerdicts:
+    """Each step's verdict, assuming the steps run here or in an environment the steps' last
+    entries recorded (the newest :data:`RECORDED_ENVIRONMENTS_TRIED`): whichever gives the
+    most hits (here's on a tie)."""
+    from kvx_runtime.cache.key import step_identity
+
+    cache = StepCache(storage_root)
+    recorded: dict[str, CacheEntry] = {}
+    lasts = [cache.last_key(step_identity(nodes)) for nodes in steps.values()]
+    for last in sorted((entry for entry in lasts if entry is not None), key=lambda entry: entry.created,
+                       reverse=True):
+        environment = last.parts.get("environment")
+        if environment and environment not in recorded and len(recorded) < RECORDED_ENVIRONMENTS_TRIED:
+            recorded[environment] = last
+    keys = _keys_by_environment(project, pipeline, steps, runtime_params, storage_root, code_identity,
+                                [None, *recorded])
+    best = RunVerdicts(verdicts(keys[None], cache))
+    for environment, entry in recorded.items():
+        found = RunVerdicts(verdicts(keys[environment], cache), recorded_by=entry.run_id)
+        if len(found.hits) > len(best.hits):
+            best = found
+    return best
 
 
 def verdicts(keys: Mapping[str, StepKey], cache: StepCache) -> list[StepVerdict]:

@@ -18,6 +18,7 @@ from kvx_runtime.errors import UsageError
 
 if TYPE_CHECKING:
     from kvx_runtime.compiler.compiler import CompiledDag
+    from kvx_runtime.project import KedroProject
 
 __all__ = ["CompileDagRequest", "DagOptions", "compile_command", "compile_dag_file", "compile_dag_for",
            "dag_options"]
@@ -46,14 +47,15 @@ def dag_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def compile_dag_for(at: Invocation, options: PipelineOptions, dag: DagOptions, storage_root: str | None,
                     values: tuple[str, ...] = (), *, strict: bool = False, run_once: bool = False,
-                    overrides: Mapping[str, Any] | None = None) -> CompiledDag:
+                    overrides: Mapping[str, Any] | None = None, serving: KedroProject | None = None) -> CompiledDag:
     """The project's pipeline compiled into a DAG (``--strict``: no warning allowed;
-    ``run_once``, ``overrides``: see :func:`kvx_runtime.compiler.compile_dag`)."""
+    ``run_once``, ``overrides``: see :func:`kvx_runtime.compiler.compile_dag`; ``serving``: see
+    :func:`~.project.compile_for`)."""
     from kvx_runtime.compiler import compile_dag
 
     if dag.worker_project_path and dag.operator != "local":
         raise UsageError("--worker-project-path is for --operator local (pods run the project from their image)")
-    compiled = compile_dag(compile_request(at, options, storage_root, values),
+    compiled = compile_dag(compile_request(at, options, storage_root, values, serving=serving),
                            operator="local" if dag.operator == "local" else "pods",
                            project_dir=dag.worker_project_path, run_once=run_once, overrides=overrides)
     if strict:
@@ -99,12 +101,12 @@ def compile_dag_file(request: CompileDagRequest) -> Path:
 @click.pass_context
 def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                    code_upload: bool | None, storage_root: str | None, values: tuple[str, ...],
+                    code_upload: bool | None, cache: str | None, storage_root: str | None, values: tuple[str, ...],
                     output: str | None, operator: str, worker_project_path: str | None, strict: bool) -> None:
     """Compile a Kedro pipeline into an Airflow 3 DAG file whose tasks run kvx-runtime exec-node."""
     compile_dag_file(CompileDagRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         storage_root=storage_root, values=values, output=output,
         dag=DagOptions(operator, worker_project_path), strict=strict,
     ))

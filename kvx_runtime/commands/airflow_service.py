@@ -61,7 +61,7 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
     target, project = open_target(request.at)
     target.check_upload()
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
-                               request.values, strict=request.strict, run_once=True)
+                               request.values, strict=request.strict, run_once=True, serving=project)
     dag_id = compiled.dag.dag_id
     click.echo(f"Publishing DAG {dag_id} and waiting for Airflow to parse it")
     run = target.submit(RunRequest(spec=dag_spec(dag_id, compiled.dag.text), run_id=job_id(dag_id),
@@ -92,14 +92,14 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     code_upload: bool | None, operator: str, worker_project_path: str | None,
+                     code_upload: bool | None, cache: str | None, operator: str, worker_project_path: str | None,
                      values: tuple[str, ...], storage_root: str | None, wait: bool | None, timeout: float | None,
                      strict: bool) -> None:
     """Publish the pipeline's DAG (a scheduled DAG's copy without its schedule: <dag_id>-run-once)
     and trigger one run; with --wait, watch it to the end."""
     run_dag_once(DagRunOnceRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         dag=DagOptions(operator, worker_project_path), values=values, storage_root=storage_root, wait=wait,
         timeout=timeout, strict=strict,
     ))
@@ -174,13 +174,13 @@ def schedule_dag(request: DagScheduleRequest) -> None:
 @click.pass_context
 def schedule_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     code_upload: bool | None, operator: str, worker_project_path: str | None,
+                     code_upload: bool | None, cache: str | None, operator: str, worker_project_path: str | None,
                      storage_root: str | None, cron: str | None, start_date: str | None, action_name: str | None,
                      strict: bool) -> None:
     """Publish the pipeline's DAG with its schedule and unpause it; or --pause, --resume, --delete it."""
     schedule_dag(DagScheduleRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         dag=DagOptions(operator, worker_project_path), storage_root=storage_root, cron=cron, start_date=start_date,
         action=action_name, strict=strict,
     ))
@@ -226,11 +226,11 @@ def upload_dag(request: DagUploadRequest) -> None:
 @click.pass_context
 def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                             image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                            code_upload: bool | None, operator: str, worker_project_path: str | None,
+                            code_upload: bool | None, cache: str | None, operator: str, worker_project_path: str | None,
                             storage_root: str | None, strict: bool) -> None:
     """Compile the pipeline's DAG and put it in run_config.dags_folder; waits until Airflow has parsed it."""
     upload_dag(DagUploadRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         dag=DagOptions(operator, worker_project_path), storage_root=storage_root, strict=strict,
     ))

@@ -48,6 +48,10 @@ def pipeline_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--code-upload/--no-code-upload", default=None,
                      help="Package the workspace's code and configuration for the steps to run, so that a "
                      "code change needs no image rebuild (default: run_config.code_upload)."),
+        click.option("--cache", type=click.Choice(["on", "off"]), default=None,
+                     help="The step cache in every step (docs/cache.md): a step whose key an earlier run recorded "
+                     "takes that run's outputs instead of running; run-local and run-once leave such steps out "
+                     "before starting (default: run_config.cache.enabled, off)."),
     ], function)
 
 

@@ -19,6 +19,7 @@ from kvx_runtime.targets.registry import TargetInfo, default_target
 if TYPE_CHECKING:
     from kvx_runtime.cloud_env import CloudEnv
     from kvx_runtime.compiler import CompiledPipeline, CompileRequest
+    from kvx_runtime.project import KedroProject
 
 __all__ = [
     "CloudEnvOptions",
@@ -54,6 +55,8 @@ class PipelineOptions:
     params: tuple[str, ...] = ()  # NAME:TYPE[,NAME:TYPE]: Kedro parameters exposed as pipeline parameters
     load_versions: tuple[str, ...] = ()  # DATASET=VERSION
     code_upload: bool | None = None
+    #: ``on``/``off``: the step cache in every step (docs/cache.md); None: run_config.cache.enabled.
+    cache: str | None = None
 
 
 def run_values(values: tuple[str, ...]) -> dict[str, str]:
@@ -70,27 +73,34 @@ def run_values(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def compile_request(at: Invocation, options: PipelineOptions, storage_root: str | None,
-                    values: tuple[str, ...] = ()) -> CompileRequest:
+                    values: tuple[str, ...] = (), *, serving: KedroProject | None = None) -> CompileRequest:
     """What the command's target compiles of the project (``values``: this run's
-    ``--param KEY=VALUE``), whatever the target renders it into."""
+    ``--param KEY=VALUE``), whatever the target renders it into; ``serving``: see :func:`compile_for`."""
     from kvx_runtime.compiler import CompileRequest
     from kvx_runtime.versions import parse_load_versions
 
-    return CompileRequest(
+    request = CompileRequest(
         project_path=at.project_path, env=at.env, pipeline=options.pipeline, image=options.image,
         params=options.params, storage_root=storage_root, load_versions=parse_load_versions(options.load_versions),
-        values=run_values(values), code_upload=options.code_upload, shared_mounts=at.target.shared_mounts,
+        values=run_values(values), code_upload=options.code_upload, cache=options.cache,
+        shared_mounts=at.target.shared_mounts,
         gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
     )
+    if serving is None:
+        return request
+    from kvx_runtime.commands.cache_hits import with_cached_steps_served
+
+    return with_cached_steps_served(serving, request)
 
 
 def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | None,
-                values: tuple[str, ...] = ()) -> CompiledPipeline:
+                values: tuple[str, ...] = (), *, serving: KedroProject | None = None) -> CompiledPipeline:
     """The project's pipeline compiled for the command's target (``values``: this run's
-    ``--param KEY=VALUE``)."""
+    ``--param KEY=VALUE``); ``serving``: the project of a run about to be submitted, whose steps
+    the step cache has are left out when the cache is on (:mod:`.cache_hits`)."""
     from kvx_runtime.compiler import compile_pipeline
 
-    return compile_pipeline(compile_request(at, options, storage_root, values))
+    return compile_pipeline(compile_request(at, options, storage_root, values, serving=serving))
 
 
 def refuse_warnings(warnings: list[str], written: str) -> None:
@@ -157,11 +167,12 @@ def compile_spec(request: CompileSpecRequest) -> Path:
 @click.pass_context
 def compile_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                     image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                    code_upload: bool | None, storage_root: str | None, output: str, strict: bool) -> None:
+                    code_upload: bool | None, cache: str | None, storage_root: str | None, output: str,
+                    strict: bool) -> None:
     """Compile a Kedro pipeline into a Vertex AI / Kubeflow pipeline spec."""
     compile_spec(CompileSpecRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         storage_root=storage_root, output=output, strict=strict,
     ))
 
@@ -182,8 +193,6 @@ class RunLocalRequest:
     fail_fast: bool = False
     #: Each step in a fresh copy of what the project's image holds (as on separate machines).
     fresh_copies: bool = False
-    #: ``on``/``off``: the step cache for every step; None: run_config.cache.enabled.
-    cache: str | None = None
     #: Run job ``job_name`` again as the same run, keeping the steps it finished.
     resume: bool = False
 
@@ -220,7 +229,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         job_name=job_name,
         fail_fast=request.fail_fast,
         fresh_copies=request.fresh_copies,
-        extra_env={"KVX_CACHE": request.cache} if request.cache else None,
+        extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
         run_id=run_id,
         served=served,
         resume=request.resume,
@@ -239,13 +248,14 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
     """With the step cache on, the steps it has, served before the run starts (their processes
     never start): step -> the run they come from. Left to each step's exec-node (which serves a
     hit as well, after its start-up) when the run overrides parameters or runs uploaded code."""
+    from kvx_runtime.cache.planning import cache_wanted
     from kvx_runtime.compiler.kfp_reader import build_graph
     from kvx_runtime.project import open_project
     from kvx_runtime.step.caching import serve_before_run
     from kvx_runtime.step.identity import RunIdentity
     from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 
-    if request.cache == "off" or request.overrides:
+    if request.options.cache == "off" or request.overrides:
         return {}
     steps: dict[str, tuple[str, ...]] = {}
     invocations = []
@@ -264,7 +274,7 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
     if len(pipelines) != 1 or len(envs) != 1:
         return {}
     project = open_project(request.at.project_path, next(iter(envs)))
-    if request.cache is None and not project.plugin_config.run_config.cache.enabled:
+    if not cache_wanted(project, request.options.cache):
         return {}
     return serve_before_run(project, next(iter(pipelines)), steps, root, RunIdentity(run_id, job_name))
 
@@ -285,19 +295,15 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
               help="Run each step in a fresh copy of what the project's image holds (its .dockerignore applied, "
               "else the project template's), as on separate machines: nothing a step leaves on its disk is there "
               "for the next.")
-@click.option("--cache", type=click.Choice(["on", "off"]), default=None,
-              help="The step cache for every step (docs/cache.md): a step whose key an earlier run recorded takes "
-              "that run's outputs instead of running (default: run_config.cache.enabled, off).")
 @click.option("--resume", "resume", default=None, metavar="JOB",
               help="Run the failed or interrupted job JOB again as the same run (its run id, save version and "
               "intermediates): the steps it finished are kept, the others run with the project as it is now.")
 @click.pass_context
 def run_local_command(ctx: click.Context, spec: str | None, project_path: str | None, env: str | None,
                       pipeline: str, image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                      code_upload: bool | None,
+                      code_upload: bool | None, cache: str | None,
                       overrides: tuple[str, ...], storage_root: str | None, max_parallel: int,
-                      job_name: str | None, fail_fast: bool, fresh_copies: bool, cache: str | None,
-                      resume: str | None) -> None:
+                      job_name: str | None, fail_fast: bool, fresh_copies: bool, resume: str | None) -> None:
     """Run a compiled pipeline spec here, each step a separate process (without SPEC: compile the
     project's pipeline first, to .kvx/pipeline.json)."""
     if resume is not None and job_name is not None and job_name != resume:
@@ -306,9 +312,9 @@ def run_local_command(ctx: click.Context, spec: str | None, project_path: str | 
         raise UsageError("--resume names the job: --job-name cannot name another")
     run_local_spec(RunLocalRequest(
         at=invocation(ctx, project_path, env), spec=spec,
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         overrides=overrides, storage_root=storage_root, max_parallel=max_parallel, job_name=resume or job_name,
-        fail_fast=fail_fast, fresh_copies=fresh_copies, cache=cache, resume=resume is not None,
+        fail_fast=fail_fast, fresh_copies=fresh_copies, resume=resume is not None,
     ))
 
 

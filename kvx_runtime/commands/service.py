@@ -57,8 +57,10 @@ def open_target(at: Invocation) -> tuple[PipelineTarget, KedroProject]:
 
 
 def _compile(at: Invocation, project: KedroProject, options: PipelineOptions, storage_root: str | None,
-             values: tuple[str, ...] = ()) -> CompiledPipeline:
-    return compile_for(at.in_env(project.env), options, storage_root, values)
+             values: tuple[str, ...] = (), *, serve_cached: bool = False) -> CompiledPipeline:
+    """``serve_cached``: a run about to be submitted, whose steps the step cache has are left out."""
+    return compile_for(at.in_env(project.env), options, storage_root, values,
+                       serving=project if serve_cached else None)
 
 
 def _finish(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None, values: Mapping[str, Any],
@@ -94,7 +96,8 @@ def run_once(request: RunOnceRequest) -> None:
     from kvx_runtime.submission import job_id, run_request
 
     target, project = open_target(request.at)
-    compiled = _compile(request.at, project, request.options, request.storage_root, request.values)
+    compiled = _compile(request.at, project, request.options, request.storage_root, request.values,
+                        serve_cached=request.template is None)
     run_config = project.plugin_config.run_config
     submitted = run_request(compiled.spec, run_config, values=compiled.values,
                             template_uri=target.template_uri(compiled.spec, request.template),
@@ -140,14 +143,14 @@ def watch_to_end(at: Invocation, target: PipelineTarget, run: RunInfo, timeout: 
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     code_upload: bool | None,
+                     code_upload: bool | None, cache: str | None,
                      values: tuple[str, ...], storage_root: str | None, template: str | None, wait: bool | None,
                      timeout: float | None) -> None:
     """Compile the pipeline and run it once (on Vertex AI; under `kfp`, Kubeflow Pipelines); with
     --wait, watch it to the end."""
     run_once(RunOnceRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         values=values, storage_root=storage_root, template=template, wait=wait, timeout=timeout,
     ))
 
@@ -355,7 +358,7 @@ def schedule_pipeline(request: SchedulePipelineRequest) -> None:
 @click.pass_context
 def schedule_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                     code_upload: bool | None,
+                     code_upload: bool | None, cache: str | None,
                      values: tuple[str, ...], storage_root: str | None, template: str | None,
                      cron: str | None, timezone: str | None,
                      start_time: str | None, end_time: str | None, max_run_count: int | None,
@@ -364,7 +367,7 @@ def schedule_command(ctx: click.Context, project_path: str | None, env: str | No
     --pause, --resume, --delete it."""
     schedule_pipeline(SchedulePipelineRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         values=values, storage_root=storage_root, template=template, cron=cron, timezone=timezone,
         start_time=start_time, end_time=end_time, max_run_count=max_run_count,
         max_concurrent_runs=max_concurrent_runs, allow_queueing=allow_queueing, action=action_name,
@@ -418,11 +421,12 @@ def upload_pipeline(request: UploadPipelineRequest) -> None:
 @click.pass_context
 def upload_pipeline_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                             image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
-                            code_upload: bool | None, storage_root: str | None, tags: tuple[str, ...]) -> None:
+                            code_upload: bool | None, cache: str | None, storage_root: str | None,
+                            tags: tuple[str, ...]) -> None:
     """Compile the pipeline and upload it: to run_config.template_repository on Vertex AI (run-once
     and schedule run it with --template TAG), as a pipeline or a new version on Kubeflow Pipelines."""
     upload_pipeline(UploadPipelineRequest(
         at=invocation(ctx, project_path, env),
-        options=PipelineOptions(pipeline, image, params, load_versions, code_upload),
+        options=PipelineOptions(pipeline, image, params, load_versions, code_upload, cache),
         storage_root=storage_root, tags=tags,
     ))

@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from kvx_runtime.compiler.plan import MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP
+from kvx_runtime.compiler.plan import CACHE_SERVE_STEP, MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP
 from kvx_runtime.compiler.spec import EXIT_HANDLER
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE
@@ -16,7 +16,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PARAMETER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX = 63
 #: Names the compiler uses for its own tasks.
-RESERVED = (MLFLOW_START_STEP, MLFLOW_END_STEP, ON_EXIT_STEP, EXIT_HANDLER)
+RESERVED = (MLFLOW_START_STEP, MLFLOW_END_STEP, ON_EXIT_STEP, EXIT_HANDLER, CACHE_SERVE_STEP)
 
 
 def sanitize(name: str, *, fallback_prefix: str = "n") -> str:

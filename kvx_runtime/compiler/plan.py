@@ -114,6 +114,8 @@ class PipelineParameter:
 MLFLOW_START_STEP = "mlflow-start-run"
 MLFLOW_END_STEP = "mlflow-end-run"
 ON_EXIT_STEP = "on-exit"
+#: The step that serves the steps a planner found in the step cache (``exec-node --serve-step``).
+CACHE_SERVE_STEP = "cache-serve"
 
 
 class StepKind(str, Enum):

@@ -17,6 +17,7 @@ from kvx_runtime.compiler.checks import (
 )
 from kvx_runtime.compiler.names import parameter_name, project_pipeline_name, unique_task_names
 from kvx_runtime.compiler.plan import (
+    CACHE_SERVE_STEP,
     MLFLOW_END_STEP,
     MLFLOW_START_STEP,
     ON_EXIT_STEP,
@@ -66,6 +67,12 @@ class CompileRequest:
     gpu_resource_name: str | None = None
     #: How the user reaches the target's ``init`` (warnings suggest its ``--cloud-env``).
     init_command: str = "kvx-runtime init"
+    #: ``on``/``off``: the step cache in every step (``exec-node --cache``); None: each step's
+    #: run_config.cache.enabled.
+    cache: str | None = None
+    #: Steps (:func:`kvx_runtime.cache.key.step_identity`) a planner found in the step cache: left
+    #: out, and served by one ``cache-serve`` step instead (each with every step upstream of it).
+    served_steps: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,8 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         name=project_pipeline_name(facts.package_name, request.pipeline),
         description=run.description, image=facts.image, storage_root=facts.storage_root,
         failure_policy=run.failure_policy,
-        steps=_body_steps(graph, exec_node, facts, env), exit_steps=_exit_steps(exec_node, facts, env),
+        steps=_body_steps(graph, exec_node, facts, env, request.served_steps),
+        exit_steps=_exit_steps(exec_node, facts, env),
         parameters=tuple(parameters), values=values, warnings=tuple(warnings), kubernetes=run.kubernetes,
         code_upload=_code_upload(request, facts),
     )
@@ -168,14 +176,20 @@ def _exec_node_invocation(request: CompileRequest, facts: ProjectFacts,
         job_create_time=Symbol.JOB_CREATE_TIME.marker,
         load_versions=ExecNodeInvocation.load_version_items(request.load_versions),
         params=tuple(f"{p.kedro_name}:{p.type}={ParameterRef(p.name).marker}" for p in parameters),
+        cache=request.cache,
     )
 
 
 def _body_steps(graph: StepGraph, exec_node: ExecNodeInvocation, facts: ProjectFacts,
-                env: Mapping[str, str]) -> tuple[PlannedStep, ...]:
-    """The MLflow start step (with MLflow), then one step per group of nodes, in dependency order."""
+                env: Mapping[str, str], served_steps: frozenset[str] = frozenset()) -> tuple[PlannedStep, ...]:
+    """The MLflow start step (with MLflow), then one step per group of nodes, in dependency
+    order; the groups in ``served_steps`` replaced by one step that serves them."""
     tags_of = {node.name: node.tags for node in facts.pipeline.nodes}
-    steps = [_node_step(graph, group, exec_node, tags_of, facts, env) for group in graph.order]
+    served = _served_groups(graph, served_steps)
+    steps = [_node_step(graph, group, exec_node, tags_of, facts, env, served) for group in graph.order
+             if group not in served]
+    if served:
+        steps.insert(0, _cache_serve_step(graph, served, exec_node, facts, env))
     if facts.mlflow:
         steps.insert(0, PlannedStep(
             name=MLFLOW_START_STEP, kind=StepKind.MLFLOW_START, command="mlflow-start",
@@ -184,14 +198,46 @@ def _body_steps(graph: StepGraph, exec_node: ExecNodeInvocation, facts: ProjectF
     return tuple(steps)
 
 
+def _served_groups(graph: StepGraph, served_steps: frozenset[str]) -> list[str]:
+    """The groups in ``served_steps`` whose every upstream group is too (a served step never
+    waits for one that runs: if it cannot be served after all, it runs in the serving step),
+    in dependency order."""
+    if not served_steps:
+        return []
+    from kvx_runtime.cache.key import step_identity
+
+    served: list[str] = []
+    for name in graph.order:
+        if step_identity(graph.groups[name].nodes) in served_steps and graph.needs[name] <= set(served):
+            served.append(name)
+    return served
+
+
+def _cache_serve_step(graph: StepGraph, served: Sequence[str], exec_node: ExecNodeInvocation,
+                      facts: ProjectFacts, env: Mapping[str, str]) -> PlannedStep:
+    from kvx_runtime.step.serving import serve_step_arg
+
+    return PlannedStep(
+        name=CACHE_SERVE_STEP, kind=StepKind.NODES, command=EXEC_NODE,
+        invocation=exec_node.with_values(
+            nodes=tuple(node for name in served for node in graph.groups[name].nodes), cache="on",
+            serve_steps=tuple(serve_step_arg(graph.groups[name].nodes) for name in served),
+            mlflow_run_id=Symbol.MLFLOW_RUN_ID.marker if facts.mlflow else None),
+        after=(MLFLOW_START_STEP,) if facts.mlflow else (),
+        env=env,
+    )
+
+
 def _node_step(graph: StepGraph, group_name: str, exec_node: ExecNodeInvocation,
-               tags_of: Mapping[str, Any], facts: ProjectFacts, env: Mapping[str, str]) -> PlannedStep:
+               tags_of: Mapping[str, Any], facts: ProjectFacts, env: Mapping[str, str],
+               served: Sequence[str] = ()) -> PlannedStep:
     group = graph.groups[group_name]
     run = facts.run
     per_node = [node_resources(run.resources, n, tags_of[n]) for n in group.nodes]
     selectors = [node_selectors(run.node_selectors, n, tags_of[n]) for n in group.nodes]
     retries = [r for r in (node_retry(run.retries, n, tags_of[n]) for n in group.nodes) if r]
-    after = [graph.task_of[g] for g in sorted(graph.needs[group_name])]
+    after = list(dict.fromkeys(CACHE_SERVE_STEP if g in served else graph.task_of[g]
+                               for g in sorted(graph.needs[group_name])))
     if facts.mlflow:
         after.append(MLFLOW_START_STEP)  # the node steps log to the MLflow run it opens
     return PlannedStep(

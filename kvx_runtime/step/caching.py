@@ -29,10 +29,10 @@ log = get_logger(__name__)
 
 
 def cache_wanted(project: KedroProject, request: StepRequest) -> bool:
-    """``--cache on|off`` for this run, else ``run_config.cache.enabled``."""
-    if request.cache in ("on", "off"):
-        return request.cache == "on"
-    return bool(project.plugin_config.run_config.cache.enabled)
+    """The step cache for this step (:func:`kvx_runtime.cache.planning.cache_wanted`)."""
+    from kvx_runtime.cache.planning import cache_wanted as wanted
+
+    return wanted(project, request.cache)
 
 
 @dataclass
@@ -157,10 +157,12 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
 
 
 def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[str, Sequence[str]],
-                     storage_root: str, identity: RunIdentity) -> dict[str, str]:
+                     storage_root: str, identity: RunIdentity, runtime_params: Mapping[str, Any] | None = None,
+                     code_identity: str = "") -> dict[str, str]:
     """Serve, before a run starts, every step the cache has (so that its process or machine is
-    never started): keys and this run's output locations from a session of the run's env, with
-    the run's identity and storage root exported as its steps will have them. Returns the steps
+    never started): keys and this run's output locations from a session of the run's env (and
+    typed ``runtime_params``), with the run's identity and storage root exported as its steps
+    will have them; ``code_identity``: the code archive's digest when the steps run one. Returns the steps
     served (step -> the run they come from). Steps with versioned outputs are left to their
     own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
     serving fails (said; the step then runs and decides again)."""
@@ -174,9 +176,9 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
     pipeline = load_pipeline(pipeline_name)
     identity.export()
     served: dict[str, str] = {}
-    with run_context(project, {}, storage_root) as context:
+    with run_context(project, runtime_params or {}, storage_root) as context:
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
-                                     salt=project.plugin_config.run_config.cache.salt)
+                                     salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity)
         cache = StepCache(storage_root)
         job_directory = JobDirectory(storage_root, identity)
         for step, key in step_keys(key_context).items():

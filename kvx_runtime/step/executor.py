@@ -55,12 +55,18 @@ def execute_step(request: StepRequest) -> StepResult:
     started = time.perf_counter()
     if not request.nodes:
         raise UsageError("no node given", hint="pass --node NAME (repeat it for a group)")
+    if request.serve_steps:
+        from kvx_runtime.step.serving import check_serve_steps
+
+        check_serve_steps(request)
     identity = _identify(request)
     project = _open_project(request)
     # Before anything is written or contacted: a --param that does not fit is the caller's error.
     request = replace(request, params=_typed_params(project, request))
     _materialize_dynamic_config(project)
     run = _run_storage(project, request, identity)
+    if request.serve_steps:
+        return _serve_planned(project, request, identity, run, started)
     plan = _plan(project, request)
     tracking = _attach_tracking(project, request, identity)
     if run.no_version:
@@ -98,6 +104,20 @@ def execute_step(request: StepRequest) -> StepResult:
         loaded=tuple(hooks.loaded),
         seconds=seconds,
     )
+
+
+def _serve_planned(project: KedroProject, request: StepRequest, identity: RunIdentity, run: _RunStorage,
+                   started: float) -> StepResult:
+    """``--serve-step``: the steps a planner found in the step cache, served (or run) here."""
+    from kvx_runtime.step.serving import serve_planned_steps
+
+    log.info("serving steps from the step cache", steps=["+".join(nodes) for nodes in request.serve_steps],
+             pipeline=request.pipeline, env=project.env)
+    served, ran = serve_planned_steps(project, request, identity, run.job_directory, run.save_version)
+    seconds = time.perf_counter() - started
+    log.info("step finished", seconds=round(seconds, 3), served=served, ran=ran, from_cache=True)
+    return StepResult(run_id=identity.run_id, job_name=identity.job_name, nodes=tuple(request.nodes), stored=(),
+                      loaded=(), seconds=seconds)
 
 
 def _identify(request: StepRequest) -> RunIdentity:

@@ -35,6 +35,7 @@ _FLAGS: tuple[tuple[str, str, bool], ...] = (
     ("--mlflow-run-id", "mlflow_run_id", False),
     ("--param", "params", True),
     ("--cache", "cache", False),
+    ("--serve-step", "serve_steps", True),
 )
 _FIELD_OF = {flag: (name, repeated) for flag, name, repeated in _FLAGS}
 DEFAULT_PIPELINE = "__default__"
@@ -72,6 +73,9 @@ class ExecNodeInvocation:
     params: tuple[str, ...] = field(default=())
     #: ``on``/``off``: the step cache; None: the project's run_config.cache.enabled.
     cache: str | None = None
+    #: Steps the planner found in the step cache, each as ``NODE,NODE``: this invocation serves
+    #: them (and runs any that can no longer be served) instead of running ``nodes`` as one step.
+    serve_steps: tuple[str, ...] = ()
 
     @staticmethod
     def load_version_items(versions: Mapping[str, str]) -> tuple[str, ...]:

@@ -36,6 +36,8 @@ class StepRequest:
     code: str | None = None
     #: ``on``/``off``: the step cache for this run; None: ``run_config.cache.enabled``.
     cache: str | None = None
+    #: Steps to serve from the step cache, each its nodes (``--serve-step``; docs/cache.md).
+    serve_steps: tuple[tuple[str, ...], ...] = ()
 
     def replay(self, *, run_id: str, job_name: str, env: str, storage_root: str | None,
                save_version: str | None) -> ExecNodeInvocation:
