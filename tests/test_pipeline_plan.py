@@ -79,6 +79,20 @@ def test_the_plan_holds_steps_and_markers_and_nothing_of_kfp() -> None:
                                     "--output", "<kvx:mlflow_run_id_output>"]
 
 
+def test_served_steps_are_one_cache_serve_step_that_the_steps_downstream_wait_for() -> None:
+    plan = plan_pipeline(CompileRequest(cache="on", served_steps=frozenset({"make", "summarize"})), facts())
+    assert [step.name for step in plan.steps] == ["mlflow-start-run", "cache-serve", "train"]
+    serve, train = plan.steps[1], plan.steps[2]
+    assert serve.invocation is not None and serve.invocation.nodes == ("make", "summarize")
+    assert serve.invocation.serve_steps == ('["make"]', '["summarize"]') and serve.invocation.cache == "on"
+    assert serve.after == ("mlflow-start-run",)
+    assert set(train.after) == {"cache-serve", "mlflow-start-run"}
+    assert train.invocation is not None and train.invocation.cache == "on"
+    # A hit whose upstream step runs is not served: it would wait for that step.
+    plan = plan_pipeline(CompileRequest(served_steps=frozenset({"train", "summarize"})), facts())
+    assert [step.name for step in plan.steps] == ["mlflow-start-run", "make", "summarize", "train"]
+
+
 def test_kfp_renders_each_marker_as_the_input_or_output_it_names() -> None:
     plan = plan_pipeline(CompileRequest(params=["model.alpha:float"]), facts())
     spec = render_kfp(plan).spec

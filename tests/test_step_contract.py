@@ -21,6 +21,7 @@ from kvx_runtime.step.identity import (
 )
 from kvx_runtime.step.invocation import _FLAGS
 from kvx_runtime.step.orchestrator import KubeflowPipelines, current
+from kvx_runtime.step.serving import check_serve_steps, parse_serve_step, serve_step_arg
 from kvx_runtime.storage.store import BlobStore
 
 #: exec-node options that are not part of a step's invocation: where the project is, which
@@ -57,6 +58,25 @@ def test_what_is_written_reads_back_the_same() -> None:
                                     load_versions=("d=v", "e=w"))
     assert ExecNodeInvocation.parse(invocation.argv()) == invocation
     assert ExecNodeInvocation.parse(invocation.args()) == invocation
+    serving = invocation.with_values(nodes=("a", "b,c"), cache="on",
+                                     serve_steps=(serve_step_arg(["a"]), serve_step_arg(["b,c"])))
+    assert serving.args()[-6:] == ["--cache", "on", "--serve-step", '["a"]', "--serve-step", '["b,c"]']
+    assert ExecNodeInvocation.parse(serving.argv()) == serving
+    assert [parse_serve_step(text) for text in serving.serve_steps] == [("a",), ("b,c",)]
+
+
+@pytest.mark.parametrize("text", ["a,b", "[]", '["a", 1]', '{"a": 1}'])
+def test_a_serve_step_that_is_not_a_list_of_node_names_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="is not a JSON list of node names") as raised:
+        parse_serve_step(text)
+    assert raised.value.exit_code == 2
+
+
+@pytest.mark.parametrize("steps", [[("a",)], [("a",), ("a", "b")], [("a",), ("b",), ("c",)]])
+def test_serve_steps_must_cover_the_nodes_exactly_once(steps: list[tuple[str, ...]]) -> None:
+    with pytest.raises(UsageError, match="must name every --node exactly once"):
+        check_serve_steps(StepRequest(nodes=["a", "b"], serve_steps=tuple(steps)))
+    check_serve_steps(StepRequest(nodes=["a", "b"], serve_steps=(("b",), ("a",))))
 
 
 @pytest.mark.parametrize(("argv", "problem"), [

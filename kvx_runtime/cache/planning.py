@@ -110,15 +110,17 @@ def run_verdicts(project: KedroProject, pipeline: str, steps: Mapping[str, Seque
     """Each step's verdict, assuming the steps run here or in an environment the steps' last
     entries recorded (the newest :data:`RECORDED_ENVIRONMENTS_TRIED`): whichever gives the
     most hits (here's on a tie)."""
-    from kvx_runtime.cache.key import step_identity
+    from kvx_runtime.cache.key import environment_digest, step_identity
 
     cache = StepCache(storage_root)
+    here = environment_digest()
     recorded: dict[str, CacheEntry] = {}
     lasts = [cache.last_key(step_identity(nodes)) for nodes in steps.values()]
     for last in sorted((entry for entry in lasts if entry is not None), key=lambda entry: entry.created,
                        reverse=True):
         environment = last.parts.get("environment")
-        if environment and environment not in recorded and len(recorded) < RECORDED_ENVIRONMENTS_TRIED:
+        if environment and environment != here and environment not in recorded \
+                and len(recorded) < RECORDED_ENVIRONMENTS_TRIED:
             recorded[environment] = last
     keys = _keys_by_environment(project, pipeline, steps, runtime_params, storage_root, code_identity,
                                 [None, *recorded])

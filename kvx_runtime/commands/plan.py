@@ -25,8 +25,7 @@ class PlanRequest:
 def show_plan(request: PlanRequest) -> None:
     """Print a line per step: HIT (the run it comes from), MISS (why; the parts that changed)
     or RUNS (not cacheable, and why)."""
-    from kvx_runtime.cache.planning import project_step_keys, verdicts
-    from kvx_runtime.cache.store import StepCache
+    from kvx_runtime.cache.planning import run_verdicts
     from kvx_runtime.commands.project import PipelineOptions, compile_request
     from kvx_runtime.compiler.loading import load_project_facts
     from kvx_runtime.compiler.planner import plan_pipeline
@@ -42,11 +41,12 @@ def show_plan(request: PlanRequest) -> None:
     facts = load_project_facts(compile_at)
     steps = plan_pipeline(compile_at, facts).nodes_of_step
     params = typed_params(request.values, facts.kedro_params)
-    keys = project_step_keys(project, request.pipeline, steps, params, root)
-    found = verdicts(keys, StepCache(root))
-    hits = sum(verdict.hit for verdict in found)
-    click.echo(f"Step cache under {root} for pipeline {request.pipeline} (env {project.env}): "
-               f"{hits} of {len(found)} steps would be served")
+    predicted = run_verdicts(project, request.pipeline, steps, params, root)
+    found = predicted.verdicts
+    where = "" if predicted.recorded_by is None else \
+        f", in the environment of run {predicted.recorded_by} (where the steps ran, not here)"
+    click.echo(f"Step cache under {root} for pipeline {request.pipeline} (env {project.env}{where}): "
+               f"{len(predicted.hits)} of {len(found)} steps would be served")
     width = max(len(verdict.step) for verdict in found)
     for verdict in found:
         if verdict.hit:

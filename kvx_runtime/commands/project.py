@@ -265,6 +265,8 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
             invocation = ExecNodeInvocation.parse([*container.get("command", []), *container.get("args", [])])
         except InvocationError:
             continue  # the MLflow steps, the exit handler's
+        if invocation.serve_steps:
+            continue  # a cache-serve step serves its steps itself
         steps[task.name] = invocation.nodes
         invocations.append(invocation)
     if not invocations or any(item.params or item.code for item in invocations):

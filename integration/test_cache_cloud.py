@@ -1,0 +1,203 @@
+"""``run-once --cache on`` on a cloud target (the fake Vertex AI API): the steps the step cache
+has are left out of the submitted run, and its one ``cache-serve`` step serves them where the run
+executes (here: the submitted spec run by ``run-local``, each step a real ``exec-node``),
+running any it can no longer serve; outputs stay those of a plain run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from integration.conftest import KVX, make_cache_project, step_env
+from integration.fake_vertex import FakeVertex
+from integration.test_cache_run import run_local, table
+
+pytestmark = [pytest.mark.slow, pytest.mark.kedro]
+
+VERTEXAI = """\
+project_id: kvx-cache-project
+region: europe-west1
+run_config:
+  image: europe-docker.pkg.dev/kvx-cache-project/images/cachekey:1
+"""
+
+
+@pytest.fixture
+def vertex(fake_google):
+    fake = FakeVertex(fake_google, project="kvx-cache-project", region="europe-west1").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def project(tmp_path: Path, fake_google) -> Path:
+    from integration.test_mlflow import _service_account_key
+
+    made = make_cache_project(tmp_path)
+    (made / "conf" / "base" / "vertexai.yml").write_text(VERTEXAI)
+    _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token", "deployer@kvx-test.iam.gserviceaccount.com")
+    return made
+
+
+def run_once(project: Path, vertex: FakeVertex, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``run-once`` (on the project's local storage root); the pipeline spec the fake received."""
+    before = set(vertex.jobs)
+    env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GOOGLE_APPLICATION_CREDENTIALS=str(project.parent / "adc.json"))
+    made = subprocess.run([*KVX, "run-once", "--storage-root", str(project / ".kvx" / "storage"), *args],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    (name,) = set(vertex.jobs) - before
+    return made, vertex.jobs[name]["pipelineSpec"]
+
+
+def argv_of(spec: dict) -> dict[str, list[str]]:
+    """Task -> its container's command line."""
+    found = {}
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        executor = spec["deploymentSpec"]["executors"][label]
+        found[name] = [*executor["container"]["command"], *executor["container"]["args"]]
+    return found
+
+
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[index + 1] for index, arg in enumerate(argv) if arg == flag]
+
+
+def tasks_of(spec: dict) -> dict[str, list[str]]:
+    """Task -> the ``--node`` values of its exec-node command."""
+    return {name: flag_values(argv, "--node") for name, argv in argv_of(spec).items()}
+
+
+def run_spec(project: Path, spec: dict, job: str) -> list[dict]:
+    """The submitted spec run step by step here; the cache-serve step's log records."""
+    path = project / f"{job}.json"
+    path.write_text(json.dumps(spec))
+    made = subprocess.run([*KVX, "run-local", str(path), "--job-name", job], cwd=project, env=step_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    log = project / ".kvx" / "runs" / job / "logs" / "cache-serve.log"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")] if log.exists() else []
+
+
+def entry_of(project: Path, step: str) -> Path:
+    index = project / ".kvx" / "storage" / "kvx-cache"
+    key = json.loads((index / "steps" / f"{step}.json").read_text())["key"]
+    return index / "entries" / f"{key}.json"
+
+
+def test_run_once_leaves_out_what_the_cache_has_and_the_cache_serve_step_serves_it(
+        project: Path, vertex: FakeVertex) -> None:
+    assert set(run_local(project, "first", "--cache", "on").values()) == {"ran"}
+    first = table(project)
+
+    made, spec = run_once(project, vertex, "--cache", "on")
+    assert "Step cache: 3 of 3 steps found" in made.stdout
+    assert tasks_of(spec) == {"cache-serve": ["clean", "total", "tabulate"]}
+    assert flag_values(argv_of(spec)["cache-serve"], "--serve-step") == ['["clean"]', '["total"]', '["tabulate"]']
+    records = run_spec(project, spec, "second")
+    messages = [record["message"] for record in records]
+    assert messages.count("step served from the cache: its nodes do not run") == 3
+    assert "node started" not in messages
+    assert table(project) == first
+
+    # Gone between the plan and the run: the cache-serve step runs that step itself.
+    made, spec = run_once(project, vertex, "--cache", "on")
+    assert tasks_of(spec) == {"cache-serve": ["clean", "total", "tabulate"]}
+    entry_of(project, "total").unlink()
+    records = run_spec(project, spec, "third")
+    warned = [record for record in records
+              if record["message"] == "a step planned as served from the step cache cannot be served here: it runs"]
+    assert [record["step"] for record in warned] == ["total"]
+    assert [record["node"] for record in records if record["message"] == "node started"] == ["total"]
+    assert table(project) == first
+    assert entry_of(project, "total").exists()  # recorded again by the step that ran
+
+
+def test_a_step_upstream_of_which_one_misses_is_left_in_the_run_and_checks_the_cache_itself(
+        project: Path, vertex: FakeVertex) -> None:
+    run_local(project, "first", "--cache", "on")
+    first = table(project)
+    entry_of(project, "total").unlink()
+
+    made, spec = run_once(project, vertex, "--cache", "on")
+    assert "Step cache: 2 of 3 steps found" in made.stdout
+    # tabulate hits, but waits for total, which runs: it stays a step of its own.
+    assert tasks_of(spec) == {"cache-serve": ["clean"], "total": ["total"], "tabulate": ["tabulate"]}
+    assert all(flag_values(argv, "--cache") == ["on"] for argv in argv_of(spec).values())
+    run_spec(project, spec, "second")
+    outcome = run_local(project, "third", "--cache", "on")
+    assert set(outcome.values()) == {"served"}
+    assert table(project) == first
+
+
+def test_without_the_cache_every_step_is_submitted(project: Path, vertex: FakeVertex) -> None:
+    run_local(project, "first", "--cache", "on")
+    made, spec = run_once(project, vertex)
+    assert "Step cache" not in made.stdout
+    assert tasks_of(spec) == {"clean": ["clean"], "total": ["total"], "tabulate": ["tabulate"]}
+
+
+#: Moves the entries a run recorded here to the keys the same steps compute in another
+#: environment (``image-env``), as if they had run in an image: argv project, storage root.
+RECORD_ELSEWHERE = """
+import json, sys
+from pathlib import Path
+from kedro.framework.project import pipelines, settings
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from kvx_runtime.cache.key import key_context_of, step_keys
+from kvx_runtime.cache.store import StepCache
+from kvx_runtime.config_loader import exported_storage_root
+from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+
+project, root = Path(sys.argv[1]), sys.argv[2]
+metadata = bootstrap_project(project)
+disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+with entry_points_of_disabled_plugins_not_loaded(settings):
+    session = KedroSession.create(project, env="base")
+cache = StepCache(root)
+with session, exported_storage_root(root):
+    pipeline = pipelines["__default__"]
+    steps = {node.name: [node.name] for node in pipeline.nodes}
+    keys = step_keys(key_context_of(session.load_context(), pipeline, steps, package_name=metadata.package_name,
+                                    environment="image-env"))
+    for step, key in keys.items():
+        here = cache.last_key(step)
+        Path(cache.url(here.key).removeprefix("file://")).unlink()
+        cache.record(key, nodes=here.nodes, run_id="image-run", job_name="image-job",
+                     outputs={name: output["location"] for name, output in here.outputs.items()})
+"""
+
+
+def test_entries_recorded_in_another_environment_are_predicted_and_checked_where_the_run_executes(
+        project: Path, vertex: FakeVertex) -> None:
+    run_local(project, "first", "--cache", "on")
+    first = table(project)
+    root = project / ".kvx" / "storage"
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("KEDRO")}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(project / "src")])
+    moved = subprocess.run([sys.executable, "-c", RECORD_ELSEWHERE, str(project), str(root)], cwd=project,
+                           env=environ, capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+
+    planned = subprocess.run([*KVX, "plan", "--storage-root", str(root)], cwd=project, env=step_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert "in the environment of run image-run (where the steps ran, not here)" in planned.stdout
+    assert "3 of 3 steps would be served" in planned.stdout
+
+    made, spec = run_once(project, vertex, "--cache", "on")
+    assert "3 of 3 steps found" in made.stdout and "in the environment run image-run recorded" in made.stdout
+    assert tasks_of(spec) == {"cache-serve": ["clean", "total", "tabulate"]}
+    # Here is not that environment: the cache-serve step finds no entry and runs every step.
+    records = run_spec(project, spec, "second")
+    assert [record["node"] for record in records if record["message"] == "node started"] == \
+        ["clean", "total", "tabulate"]
+    assert table(project) == first
