@@ -1,7 +1,11 @@
-"""``run-once --cache on`` on a cloud target (the fake Vertex AI API): the steps the step cache
-has are left out of the submitted run, and its one ``cache-serve`` step serves them where the run
-executes (here: the submitted spec run by ``run-local``, each step a real ``exec-node``),
-running any it can no longer serve; outputs stay those of a plain run."""
+"""What a cloud target (the fake Vertex AI API) is sent so that no step runs twice, and what
+those runs then do where they execute (here: the submitted spec run by ``run-local``, each step a
+real ``exec-node``); outputs stay those of a plain run:
+
+- ``run-once --cache on``: the steps the step cache has are left out, and one ``cache-serve``
+  step serves them, running any it can no longer serve;
+- ``resume JOB``: a new run, as the same pipeline run, of the steps a failed run did not finish.
+"""
 
 from __future__ import annotations
 
@@ -201,3 +205,60 @@ def test_entries_recorded_in_another_environment_are_predicted_and_checked_where
     assert [record["node"] for record in records if record["message"] == "node started"] == \
         ["clean", "total", "tabulate"]
     assert table(project) == first
+
+
+def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run(
+        project: Path, vertex: FakeVertex) -> None:
+    run_local(project, "plain")
+    expected = table(project)
+    (project / "data" / "table.csv").unlink()
+    nodes = project / "src" / "cachekey" / "nodes.py"
+    working = nodes.read_text()
+    nodes.write_text(working.replace('    if label == "FAIL":', '    if True:'))
+
+    _, spec = run_once(project, vertex)
+    [job] = [name for name, created in vertex.jobs.items() if created["pipelineSpec"] is spec]
+    job_id = job.rsplit("/", 1)[-1]
+    path = project / "failed.json"
+    path.write_text(json.dumps(spec))
+    failed = subprocess.run([*KVX, "run-local", str(path), "--job-name", job_id], cwd=project, env=step_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
+    vertex.fail_tasks = {"tabulate"}
+    env = step_env(KVX_VERTEX_ENDPOINT=vertex.url, GOOGLE_APPLICATION_CREDENTIALS=str(project.parent / "adc.json"))
+
+    def kvx(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*KVX, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+    running = kvx("resume", job_id)
+    assert running.returncode == 2 and "only a run that ended can be resumed" in running.stderr
+    for _ in range(3):  # the fake moves a job on at each read
+        vertex._advance(vertex.jobs[job])
+    assert vertex.jobs[job]["state"] == "PIPELINE_STATE_FAILED"
+    vertex.fail_tasks = set()
+
+    nodes.write_text(working)  # the fix
+    before = set(vertex.jobs)
+    resumed = kvx("resume", job_id)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"Resuming {job_id} as " in resumed.stdout and "2 finished steps kept, 1 to run" in resumed.stdout
+    (new,) = set(vertex.jobs) - before
+    spec = vertex.jobs[new]["pipelineSpec"]
+    assert tasks_of(spec) == {"tabulate": ["tabulate"]}
+    argv = argv_of(spec)["tabulate"]
+    assert flag_values(argv, "--job-name") == [job_id] and "{{$" not in flag_values(argv, "--run-id")[0]
+    path.write_text(json.dumps(spec))
+    finished = subprocess.run([*KVX, "run-local", str(path), "--job-name", "resumed"], cwd=project, env=step_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    log = project / ".kvx" / "runs" / "resumed" / "logs" / "tabulate.log"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert {record.get("run_id") for record in records if "run_id" in record} == \
+        {flag_values(argv, "--run-id")[0]}  # the failed run's own id: it read that run's intermediates
+    assert table(project) == expected
+
+    for _ in range(3):
+        vertex._advance(vertex.jobs[new])
+    assert vertex.jobs[new]["state"] == "PIPELINE_STATE_SUCCEEDED"
+    again = kvx("resume", new.rsplit("/", 1)[-1])
+    assert again.returncode == 2 and "succeeded: nothing to resume" in again.stderr

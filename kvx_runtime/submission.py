@@ -23,7 +23,8 @@ from kvx_runtime.log import get_logger
 from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
 
-__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "run_request", "summary", "watch"]
+__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "recorded_run_id", "run_request", "summary",
+           "task_invocation", "watch"]
 
 log = get_logger(__name__)
 
@@ -125,10 +126,10 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
             target: PipelineTarget) -> list[str]:
     """The ``exec-node`` command of ``task`` as the step ran it (the one it printed), with a
     note when the run id it ran with is not known: lines for :func:`diagnose`."""
-    invocation = _task_invocation(spec, run, task, values, target.job_name(run))
+    invocation = task_invocation(spec, run, task, values, target.job_name(run))
     if invocation is None:
         return []
-    run_id = target.step_run_id(run) or _recorded_run_id(invocation)
+    run_id = target.step_run_id(run) or recorded_run_id(invocation)
     if run_id is None:
         return [f"  replay:  {invocation.command_line()}",
                 "           (the run id is the job's: no step recorded the one it ran with, so ${run_id} "
@@ -136,7 +137,7 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
     return [f"  replay:  {invocation.with_values(run_id=run_id).command_line()}"]
 
 
-def _task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
+def task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mapping[str, Any],
                      job_name: str) -> ExecNodeInvocation | None:
     """``task``'s exec-node invocation with the run's values filled in (None for a task that
     runs no exec-node). The run id is the job's until the caller knows better; an MLflow run
@@ -184,7 +185,7 @@ def _task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, valu
 _SINGLE_VALUED = ("env", "run_id", "job_name", "storage_root", "save_version", "job_create_time", "code")
 
 
-def _recorded_run_id(invocation: ExecNodeInvocation) -> str | None:
+def recorded_run_id(invocation: ExecNodeInvocation) -> str | None:
     """The run id recorded in the job directory by the run's first step (see
     :mod:`kvx_runtime.step.identity`); None if there is none or it cannot be read quickly."""
     if not invocation.storage_root or not invocation.job_name:

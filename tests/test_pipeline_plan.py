@@ -13,7 +13,7 @@ from kedro.pipeline import Node, Pipeline
 
 from kvx_runtime.compiler.kfp_render import render_kfp
 from kvx_runtime.compiler.plan import ParameterRef, StepKind, Symbol, fill, references
-from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts, plan_pipeline
+from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts, ResumedRun, plan_pipeline
 from kvx_runtime.compiler.upload import upload_code
 from kvx_runtime.config import parse_plugin_config
 from kvx_runtime.grouping import IdentityNodeGrouper
@@ -91,6 +91,23 @@ def test_served_steps_are_one_cache_serve_step_that_the_steps_downstream_wait_fo
     # A hit whose upstream step runs is not served: it would wait for that step.
     plan = plan_pipeline(CompileRequest(served_steps=frozenset({"train", "summarize"})), facts())
     assert [step.name for step in plan.steps] == ["mlflow-start-run", "make", "summarize", "train"]
+
+
+def test_a_resumed_run_is_the_same_run_and_leaves_out_what_it_finished() -> None:
+    resume = ResumedRun(run_id="uuid-1", job_name="job-1", storage_root="gs://b/p", save_version="",
+                        job_create_time="2026-12-01T00:00:00.000000Z", done_steps=frozenset({"make"}))
+    plan = plan_pipeline(CompileRequest(resume=resume), facts())
+    assert [step.name for step in plan.steps] == ["mlflow-start-run", "summarize", "train"]
+    assert plan.finished_nodes == ("make",)
+    assert plan.steps[0].args()[:6] == ["--env", "base", "--run-id", "uuid-1", "--job-name", "job-1"]
+    train = plan.steps[2]
+    assert train.after == ("mlflow-start-run",)  # make finished: nothing to wait for
+    assert train.invocation is not None
+    assert (train.invocation.run_id, train.invocation.job_name, train.invocation.storage_root,
+            train.invocation.save_version, train.invocation.job_create_time) == \
+        ("uuid-1", "job-1", "gs://b/p", "", "2026-12-01T00:00:00.000000Z")
+    assert plan.exit_steps[0].args()[:6] == ["--env", "base", "--run-id", "uuid-1", "--job-name", "job-1"]
+    render_kfp(plan, None)  # literal values render as they are
 
 
 def test_kfp_renders_each_marker_as_the_input_or_output_it_names() -> None:

@@ -14,6 +14,7 @@ from kvx_runtime.commands.command import group_context
 from kvx_runtime.commands.maintenance import doctor_command, gc_command
 from kvx_runtime.commands.plan import plan_command
 from kvx_runtime.commands.project import compile_command, run_local_command
+from kvx_runtime.commands.resume import resume_command
 from kvx_runtime.commands.service import (
     cancel_command,
     list_pipelines_command,
@@ -41,6 +42,7 @@ SHARED_COMMANDS: tuple[click.Command, ...] = (
     doctor_command,
     gc_command,
     plan_command,
+    resume_command,
 )
 
 

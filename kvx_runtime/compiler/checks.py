@@ -9,7 +9,7 @@ uses it too, so a hand-edited spec fails with a clear message instead of a KeyEr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +127,11 @@ def is_local_path(filepath: str, shared_mounts: Sequence[str] = VERTEX_SHARED_MO
     return "://" not in filepath and not filepath.startswith(tuple(shared_mounts))
 
 
-def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], spec: Mapping[str, Any]) -> None:
+def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], spec: Mapping[str, Any],
+                            finished: Collection[str] = ()) -> None:
     """Every edge of Kedro's ``node_dependencies`` must be a (transitive) dependency between
-    the steps of ``spec`` (``steps``: task -> its nodes), as an orchestrator reads the spec.
+    the steps of ``spec`` (``steps``: task -> its nodes), as an orchestrator reads the spec;
+    edges from ``finished`` nodes (a resumed run's: their outputs are there) excepted.
 
     A violation means a step could start before the data it reads is written (and read an
     earlier run's file): a :class:`ConfigError`, never a spec.
@@ -137,7 +139,8 @@ def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], s
     graph = build_graph(spec, {})
     step_of = {node: task for task, nodes in steps.items() for node in nodes}
     needs = {task: graph.tasks[task].depends_on if task in graph.tasks else set() for task in steps}
-    missing = missing_step_dependencies(pipeline, step_of, needs)
+    missing = [(child, parent) for child, parent in missing_step_dependencies(pipeline, step_of, needs)
+               if parent not in finished]
     if missing:
         shown = "; ".join(
             f"'{child}' (step {step_of.get(child)}) reads what '{parent}' (step {step_of.get(parent)}) writes"

@@ -42,7 +42,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     facts = load_project_facts(request)
     plan = upload_code(plan_pipeline(request, facts))
     kfp = render_kfp(plan, request.gpu_resource_name)
-    check_node_dependencies(facts.pipeline, plan.nodes_of_step, kfp.spec)
+    check_node_dependencies(facts.pipeline, plan.nodes_of_step, kfp.spec, finished=plan.finished_nodes)
     log.info("pipeline compiled", pipeline=plan.name, steps=len(plan.node_steps), mlflow=plan.mlflow,
              parameters=[p.kedro_name for p in plan.parameters])
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),

@@ -188,6 +188,8 @@ class PipelinePlan:
     kubernetes: Any
     #: What to package and upload before rendering; None once uploaded (or when not asked).
     code_upload: CodeUpload | None = None
+    #: Nodes a resumed run finished: no step runs them, their outputs are there.
+    finished_nodes: tuple[str, ...] = ()
 
     @property
     def node_steps(self) -> tuple[PlannedStep, ...]:

@@ -39,10 +39,26 @@ from kvx_runtime.step.invocation import DEFAULT_PIPELINE, EXEC_NODE, ExecNodeInv
 from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
 from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
 
-__all__ = ["CompileRequest", "ProjectFacts", "StepGraph", "plan_pipeline", "plan_steps"]
+__all__ = ["CompileRequest", "ProjectFacts", "ResumedRun", "StepGraph", "plan_pipeline", "plan_steps"]
 
 #: The exit pipeline's nodes may take ``params:kvx_final_status``: the body's outcome.
 FINAL_STATUS_PARAMETER = "kvx_final_status"
+
+
+@dataclass(frozen=True)
+class ResumedRun:
+    """The run a resumed run continues (``resume JOB``): its steps write where it wrote, as the
+    same run (its identity, save version and storage root, literally), and leave out the steps
+    it finished."""
+
+    run_id: str
+    job_name: str
+    storage_root: str
+    #: The run's save version as its steps were given it (empty: the job's creation time decides).
+    save_version: str
+    job_create_time: str
+    #: The steps it finished (:func:`kvx_runtime.cache.key.step_identity`): left out.
+    done_steps: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -73,6 +89,8 @@ class CompileRequest:
     #: Steps (:func:`kvx_runtime.cache.key.step_identity`) a planner found in the step cache: left
     #: out, and served by one ``cache-serve`` step instead (each with every step upstream of it).
     served_steps: frozenset[str] = frozenset()
+    #: The failed run this one resumes (None: a new run).
+    resume: ResumedRun | None = None
 
 
 @dataclass(frozen=True)
@@ -147,33 +165,39 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         name=project_pipeline_name(facts.package_name, request.pipeline),
         description=run.description, image=facts.image, storage_root=facts.storage_root,
         failure_policy=run.failure_policy,
-        steps=_body_steps(graph, exec_node, facts, env, request.served_steps),
-        exit_steps=_exit_steps(exec_node, facts, env),
+        steps=_body_steps(graph, exec_node, facts, env, request.served_steps, request.resume),
+        exit_steps=_exit_steps(exec_node, facts, env, request.resume),
         parameters=tuple(parameters), values=values, warnings=tuple(warnings), kubernetes=run.kubernetes,
         code_upload=_code_upload(request, facts),
+        finished_nodes=tuple(node for name in sorted(_done_groups(graph, request.resume))
+                             for node in graph.groups[name].nodes),
     )
 
 
 # --- steps -------------------------------------------------------------------------------
 
 
-def _identity(env: str) -> list[str]:
+def _identity(env: str, resume: ResumedRun | None) -> list[str]:
+    if resume is not None:
+        return identity_args(env, resume.run_id, resume.job_name)
     return identity_args(env, Symbol.RUN_ID.marker, Symbol.JOB_NAME.marker)
 
 
 def _exec_node_invocation(request: CompileRequest, facts: ProjectFacts,
                           parameters: Sequence[PipelineParameter]) -> ExecNodeInvocation:
-    """What every node step is asked, less its nodes and the MLflow run."""
+    """What every node step is asked, less its nodes and the MLflow run (a resumed run's
+    identity, root and version literally: its steps are the run it resumes)."""
+    resume = request.resume
     return ExecNodeInvocation(
         nodes=(),
         pipeline=request.pipeline,
         env=facts.env,
-        run_id=Symbol.RUN_ID.marker,
-        job_name=Symbol.JOB_NAME.marker,
-        storage_root=Symbol.STORAGE_ROOT.marker,
+        run_id=resume.run_id if resume else Symbol.RUN_ID.marker,
+        job_name=resume.job_name if resume else Symbol.JOB_NAME.marker,
+        storage_root=resume.storage_root if resume else Symbol.STORAGE_ROOT.marker,
         # Every step of a run saves (and reads back) versioned datasets at one version: the run's.
-        save_version=Symbol.SAVE_VERSION.marker,
-        job_create_time=Symbol.JOB_CREATE_TIME.marker,
+        save_version=resume.save_version if resume else Symbol.SAVE_VERSION.marker,
+        job_create_time=resume.job_create_time if resume else Symbol.JOB_CREATE_TIME.marker,
         load_versions=ExecNodeInvocation.load_version_items(request.load_versions),
         params=tuple(f"{p.kedro_name}:{p.type}={ParameterRef(p.name).marker}" for p in parameters),
         cache=request.cache,
@@ -181,19 +205,22 @@ def _exec_node_invocation(request: CompileRequest, facts: ProjectFacts,
 
 
 def _body_steps(graph: StepGraph, exec_node: ExecNodeInvocation, facts: ProjectFacts,
-                env: Mapping[str, str], served_steps: frozenset[str] = frozenset()) -> tuple[PlannedStep, ...]:
+                env: Mapping[str, str], served_steps: frozenset[str] = frozenset(),
+                resume: ResumedRun | None = None) -> tuple[PlannedStep, ...]:
     """The MLflow start step (with MLflow), then one step per group of nodes, in dependency
-    order; the groups in ``served_steps`` replaced by one step that serves them."""
+    order; the groups in ``served_steps`` replaced by one step that serves them, those a
+    resumed run finished left out."""
     tags_of = {node.name: node.tags for node in facts.pipeline.nodes}
     served = _served_groups(graph, served_steps)
-    steps = [_node_step(graph, group, exec_node, tags_of, facts, env, served) for group in graph.order
-             if group not in served]
+    done = _done_groups(graph, resume)
+    steps = [_node_step(graph, group, exec_node, tags_of, facts, env, served, done) for group in graph.order
+             if group not in served and group not in done]
     if served:
         steps.insert(0, _cache_serve_step(graph, served, exec_node, facts, env))
     if facts.mlflow:
         steps.insert(0, PlannedStep(
             name=MLFLOW_START_STEP, kind=StepKind.MLFLOW_START, command="mlflow-start",
-            flags=(*_identity(facts.env), "--output", Symbol.MLFLOW_RUN_ID_OUTPUT.marker), env=env,
+            flags=(*_identity(facts.env, resume), "--output", Symbol.MLFLOW_RUN_ID_OUTPUT.marker), env=env,
         ))
     return tuple(steps)
 
@@ -213,6 +240,15 @@ def _served_groups(graph: StepGraph, served_steps: frozenset[str]) -> list[str]:
     return served
 
 
+def _done_groups(graph: StepGraph, resume: ResumedRun | None) -> set[str]:
+    """The groups the resumed run finished."""
+    if resume is None or not resume.done_steps:
+        return set()
+    from kvx_runtime.cache.key import step_identity
+
+    return {name for name in graph.order if step_identity(graph.groups[name].nodes) in resume.done_steps}
+
+
 def _cache_serve_step(graph: StepGraph, served: Sequence[str], exec_node: ExecNodeInvocation,
                       facts: ProjectFacts, env: Mapping[str, str]) -> PlannedStep:
     from kvx_runtime.step.serving import serve_step_arg
@@ -230,14 +266,14 @@ def _cache_serve_step(graph: StepGraph, served: Sequence[str], exec_node: ExecNo
 
 def _node_step(graph: StepGraph, group_name: str, exec_node: ExecNodeInvocation,
                tags_of: Mapping[str, Any], facts: ProjectFacts, env: Mapping[str, str],
-               served: Sequence[str] = ()) -> PlannedStep:
+               served: Sequence[str] = (), done: set[str] | frozenset[str] = frozenset()) -> PlannedStep:
     group = graph.groups[group_name]
     run = facts.run
     per_node = [node_resources(run.resources, n, tags_of[n]) for n in group.nodes]
     selectors = [node_selectors(run.node_selectors, n, tags_of[n]) for n in group.nodes]
     retries = [r for r in (node_retry(run.retries, n, tags_of[n]) for n in group.nodes) if r]
     after = list(dict.fromkeys(CACHE_SERVE_STEP if g in served else graph.task_of[g]
-                               for g in sorted(graph.needs[group_name])))
+                               for g in sorted(graph.needs[group_name]) if g not in done))
     if facts.mlflow:
         after.append(MLFLOW_START_STEP)  # the node steps log to the MLflow run it opens
     return PlannedStep(
@@ -252,13 +288,13 @@ def _node_step(graph: StepGraph, group_name: str, exec_node: ExecNodeInvocation,
 
 
 def _exit_steps(exec_node: ExecNodeInvocation, facts: ProjectFacts,
-                env: Mapping[str, str]) -> tuple[PlannedStep, ...]:
+                env: Mapping[str, str], resume: ResumedRun | None = None) -> tuple[PlannedStep, ...]:
     """The MLflow end step (with MLflow) and the exit pipeline's step (when configured)."""
     steps: list[PlannedStep] = []
     if facts.mlflow:
         steps.append(PlannedStep(
             name=MLFLOW_END_STEP, kind=StepKind.MLFLOW_END, command="mlflow-end",
-            flags=(*_identity(facts.env), "--final-status", Symbol.FINAL_STATUS.marker), env=env,
+            flags=(*_identity(facts.env, resume), "--final-status", Symbol.FINAL_STATUS.marker), env=env,
         ))
     if facts.exit_nodes:
         steps.append(PlannedStep(

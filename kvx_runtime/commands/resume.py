@@ -1,0 +1,125 @@
+"""``resume JOB`` (Vertex AI, Kubeflow Pipelines): a failed or cancelled run continued by a new
+run on the same service, as the same pipeline run (docs/cache.md, "Resume").
+
+The new run's steps are given the old run's identity, storage root and save version literally,
+so they read what the old run's finished steps wrote (its job directory, its ``${run_id}``
+paths, its MLflow run) and write where it would have; the steps it finished are left out. The
+steps that run are compiled from the project as it is now, with the old run's parameter values.
+What the old run finished is read from its tasks: a step counts as finished when the task that
+ran its nodes succeeded (a step whose nodes the old run grouped otherwise runs again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timezone
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
+from kvx_runtime.commands.options import env_option, project_path_option
+from kvx_runtime.commands.project import PipelineOptions, compile_request
+from kvx_runtime.errors import UsageError
+
+if TYPE_CHECKING:
+    from kvx_runtime.compiler.planner import ResumedRun
+    from kvx_runtime.targets.base import PipelineTarget, RunInfo
+
+__all__ = ["ResumeRequest", "resume_command", "resume_run", "resumed_run"]
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    at: Invocation
+    job: str
+    wait: bool | None = None
+    timeout: float | None = None
+
+
+def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str]:
+    """What the new run continues of ``run`` (a failed or cancelled run of a compiled pipeline),
+    and the pipeline its steps ran. UsageError when there is nothing to resume."""
+    from kvx_runtime.cache.key import step_identity
+    from kvx_runtime.compiler.planner import ResumedRun
+    from kvx_runtime.step.serving import parse_serve_step
+    from kvx_runtime.submission import recorded_run_id, task_invocation
+
+    if not run.finished:
+        raise UsageError(f"run {run.run_id} is {run.state}: only a run that ended can be resumed",
+                         hint="wait for it to end, or cancel it first")
+    if run.state == "SUCCEEDED":
+        raise UsageError(f"run {run.run_id} succeeded: nothing to resume", hint="run-once starts a new run")
+    if not run.spec:
+        raise UsageError(f"the {target.title} API does not return run {run.run_id}'s pipeline spec: "
+                         "what its steps ran cannot be told", hint="run-once starts the pipeline again")
+    job_name = target.job_name(run)
+    invocations = {task.name: task_invocation(run.spec, run, task, run.parameters, job_name) for task in run.tasks}
+    ran = [item for item in invocations.values() if item is not None]
+    if not ran:
+        raise UsageError(f"run {run.run_id} has no step that ran a Kedro node: nothing to keep",
+                         hint="run-once starts the pipeline again")
+    first = ran[0]
+    run_id = target.step_run_id(run) or recorded_run_id(first)
+    if run_id is None or not first.storage_root or not first.job_name:
+        raise UsageError(f"no step of run {run.run_id} recorded the run id it ran with (in its job directory "
+                         f"under {first.storage_root}): nothing it wrote can be found",
+                         hint="run-once starts the pipeline again")
+    done: set[str] = set()
+    for task in run.tasks:
+        item = invocations.get(task.name)
+        if task.state != "SUCCEEDED" or item is None:
+            continue
+        # A cache-serve step made each of the steps it served this run's.
+        groups = [parse_serve_step(text) for text in item.serve_steps] or [item.nodes]
+        done.update(step_identity(nodes) for nodes in groups)
+    created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
+    return ResumedRun(run_id=run_id, job_name=first.job_name, storage_root=first.storage_root,
+                      save_version=first.save_version or "", job_create_time=first.job_create_time or created,
+                      done_steps=frozenset(done)), first.pipeline
+
+
+def resume_run(request: ResumeRequest) -> None:
+    """Submit the run that continues ``request.job``; with ``wait``, watch it to its end."""
+    from kvx_runtime.commands.service import open_target, watch_to_end
+    from kvx_runtime.compiler import compile_pipeline
+    from kvx_runtime.submission import run_request
+
+    target, project = open_target(request.at)
+    old = target.get(request.job)
+    resumed, pipeline = resumed_run(target, old)
+    at = request.at.in_env(project.env)
+    compile_at = replace(compile_request(at, PipelineOptions(pipeline), resumed.storage_root), resume=resumed)
+    compiled = compile_pipeline(compile_at)
+    kept = len(resumed.done_steps)
+    if not compiled.steps:
+        raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
+    inputs = compiled.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    values: dict[str, Any] = {name: value for name, value in old.parameters.items() if name in inputs}
+    submitted = run_request(compiled.spec, project.plugin_config.run_config, values=values,
+                            platform_spec=compiled.platform_spec)
+    run = target.submit(submitted)
+    click.echo(f"Resuming {old.run_id} as {run.name}: {kept} finished step{'s' if kept != 1 else ''} kept, "
+               f"{len(compiled.steps)} to run (as run {resumed.run_id} of job {resumed.job_name})")
+    click.echo(f"  {target.console_url(run)}")
+    run_config = project.plugin_config.run_config
+    if not (run_config.wait_for_completion if request.wait is None else request.wait):
+        return
+    watch_to_end(request.at, target, run, request.timeout, compiled.spec, values)
+
+
+@click.command("resume", cls=KvxCommand)
+@click.argument("job")
+@project_path_option
+@env_option
+@click.option("--wait/--no-wait", default=None,
+              help="Watch the new run until it ends: exit 0 if it succeeded, 1 if not (default: "
+              "run_config.wait_for_completion, false).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="With --wait: stop waiting after this long (the run goes on).")
+@click.pass_context
+def resume_command(ctx: click.Context, job: str, project_path: str | None, env: str | None, wait: bool | None,
+                   timeout: float | None) -> None:
+    """Continue the failed or cancelled run JOB in a new run: the steps it finished are kept (not
+    run again), the others run with the project as it is now, as the same pipeline run."""
+    resume_run(ResumeRequest(invocation(ctx, project_path, env), job, wait, timeout))
