@@ -63,8 +63,8 @@ def test_run_once_waits_for_a_run_on_airflow_2_10_and_status_and_listing_read_it
     assert listed.returncode == 0 and run_id in listed.stdout, listed.stderr[-2000:]
 
 
-def test_a_failing_step_fails_run_once_with_its_log_tail_and_replay_command(project: Path,
-                                                                             airflow2_server: Any) -> None:
+def test_a_failing_step_fails_run_once_with_its_log_tail_and_replay_command_and_resume_finishes_it(
+        project: Path, airflow2_server: Any) -> None:
     configure(project, airflow2_server, "broken", "journey2-broken")
     (project / "conf" / "broken" / "catalog.yml").write_text(
         "raw_numbers:\n  type: json.JSONDataset\n  filepath: data/missing.json\n")
@@ -75,6 +75,16 @@ def test_a_failing_step_fails_run_once_with_its_log_tail_and_replay_command(proj
     # The task's log tail, read through API v1 (the text of a list of (host, log) pairs).
     assert "missing.json" in out, out[-3000:]
     assert "kvx-runtime exec-node --node clean --env broken --run-id " in out, out[-3000:]
+
+    # The data fixed, resume runs the failed tasks again within the same DAG run (API v1's clear).
+    [submitted] = [line for line in out.splitlines() if line.startswith("Submitted ")]
+    (project / "data" / "missing.json").write_text("[1, 2, 3]")
+    (project / "data" / "table.csv").unlink(missing_ok=True)  # made again by the resumed run
+    resumed = kvx(project, airflow2_server, "resume", "--env", "broken", submitted.removeprefix("Submitted "),
+                  "--wait")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "in place: " in resumed.stdout and "SUCCEEDED" in resumed.stdout
+    assert (project / "data" / "table.csv").read_text() == "label,total\nTotal,12\n"
 
 
 def test_schedule_pause_and_delete_on_airflow_2_10(project: Path, airflow2_server: Any) -> None:

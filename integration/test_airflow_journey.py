@@ -153,6 +153,36 @@ def test_a_failing_node_fails_run_once_with_the_task_its_log_tail_and_the_replay
     assert mlflow_run.data.tags["kvx.failed_node"] == "data_science.split_data_node"
 
 
+def test_resume_reruns_the_failed_tasks_within_the_same_run_once_the_node_is_fixed(
+        journey: Journey, mlflow_server: MlflowServer, kedro_run_reports: dict[str, str]) -> None:
+    nodes = next((journey.project / "src").glob("*/pipelines/data_science/nodes.py"))
+    working = nodes.read_text()
+    first_line = '    features = data[options["features"]].astype(float)\n'
+    assert first_line in working
+    nodes.write_text(working.replace(first_line, '    raise RuntimeError("broken until fixed")\n' + first_line))
+    try:
+        failed = journey.kvx("run-once", "--env", "local", "--operator", "local", "--wait")
+    finally:
+        nodes.write_text(working)  # the fix
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    _, run_id = submitted(failed)
+
+    resumed = journey.kvx("resume", "--env", "local", f"{DAG_ID}/{run_id}", "--wait")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming {DAG_ID}/{run_id} in place: " in resumed.stdout and "SUCCEEDED" in resumed.stdout
+    tries = {item["task_id"]: item["try_number"] for item in
+             api_get(journey, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]}
+    assert tries["data-processing-preprocess-companies-node"] == 1  # finished: not run again
+    assert tries["data-science-split-data-node"] == 2
+    produced = journey.project / "data" / "08_reporting" / run_id
+    assert (produced / "importance.csv").read_text() == kedro_run_reports["importance.csv"]
+    [mlflow_run] = mlflow_runs(mlflow_server, run_id)  # the same MLflow run, ended again
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["kvx.final_state"] == "SUCCEEDED"
+
+    again = journey.kvx("resume", "--env", "local", f"{DAG_ID}/{run_id}")
+    assert again.returncode == 2 and "succeeded: nothing to resume" in last_line(again)
+
+
 def test_schedule_publishes_the_dag_with_its_cron_then_pause_resume_delete(journey: Journey) -> None:
     scheduled = "journey-scheduled"
     journey.configure("sched", scheduled, str(journey.server.dags_folder),

@@ -1,5 +1,6 @@
-"""``resume JOB`` (Vertex AI, Kubeflow Pipelines): a failed or cancelled run continued by a new
-run on the same service, as the same pipeline run (docs/cache.md, "Resume").
+"""``resume JOB``: a failed or cancelled run continued as the same pipeline run (docs/cache.md,
+"Resume"). Where the target can run a run's unfinished tasks again within the run itself
+(Airflow: clearing them), it does; elsewhere (Vertex AI, Kubeflow Pipelines) a new run continues it.
 
 The new run's steps are given the old run's identity, storage root and save version literally,
 so they read what the old run's finished steps wrote (its job directory, its ``${run_id}``
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from kvx_runtime.compiler.planner import ResumedRun
     from kvx_runtime.targets.base import PipelineTarget, RunInfo
 
-__all__ = ["ResumeRequest", "resume_command", "resume_run", "resumed_run"]
+__all__ = ["ResumeRequest", "check_resumable", "resume_command", "resume_run", "resumed_run"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class ResumeRequest:
     timeout: float | None = None
 
 
+def check_resumable(run: RunInfo) -> None:
+    """UsageError unless ``run`` ended without succeeding."""
+    if not run.finished:
+        raise UsageError(f"run {run.run_id} is {run.state}: only a run that ended can be resumed",
+                         hint="wait for it to end, or cancel it first")
+    if run.state == "SUCCEEDED":
+        raise UsageError(f"run {run.run_id} succeeded: nothing to resume", hint="run-once starts a new run")
+
+
 def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str]:
     """What the new run continues of ``run`` (a failed or cancelled run of a compiled pipeline),
     and the pipeline its steps ran. UsageError when there is nothing to resume."""
@@ -45,11 +55,7 @@ def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str]:
     from kvx_runtime.step.serving import parse_serve_step
     from kvx_runtime.submission import recorded_run_id, task_invocation
 
-    if not run.finished:
-        raise UsageError(f"run {run.run_id} is {run.state}: only a run that ended can be resumed",
-                         hint="wait for it to end, or cancel it first")
-    if run.state == "SUCCEEDED":
-        raise UsageError(f"run {run.run_id} succeeded: nothing to resume", hint="run-once starts a new run")
+    check_resumable(run)
     if not run.spec:
         raise UsageError(f"the {target.title} API does not return run {run.run_id}'s pipeline spec: "
                          "what its steps ran cannot be told", hint="run-once starts the pipeline again")
@@ -87,6 +93,18 @@ def resume_run(request: ResumeRequest) -> None:
 
     target, project = open_target(request.at)
     old = target.get(request.job)
+    check_resumable(old)
+    run_config = project.plugin_config.run_config
+    wait = run_config.wait_for_completion if request.wait is None else request.wait
+    unfinished = [task.name for task in old.tasks if task.state != "SUCCEEDED"]
+    again = target.rerun_unfinished(old)
+    if again is not None:
+        click.echo(f"Resuming {old.name} in place: {len(unfinished)} unfinished task"
+                   f"{'s' if len(unfinished) != 1 else ''} cleared to run again")
+        click.echo(f"  {target.console_url(again)}")
+        if wait:
+            watch_to_end(request.at, target, again, request.timeout, None, old.parameters, fetch_logs=True)
+        return
     resumed, pipeline = resumed_run(target, old)
     at = request.at.in_env(project.env)
     compile_at = replace(compile_request(at, PipelineOptions(pipeline), resumed.storage_root), resume=resumed)
@@ -102,10 +120,8 @@ def resume_run(request: ResumeRequest) -> None:
     click.echo(f"Resuming {old.run_id} as {run.name}: {kept} finished step{'s' if kept != 1 else ''} kept, "
                f"{len(compiled.steps)} to run (as run {resumed.run_id} of job {resumed.job_name})")
     click.echo(f"  {target.console_url(run)}")
-    run_config = project.plugin_config.run_config
-    if not (run_config.wait_for_completion if request.wait is None else request.wait):
-        return
-    watch_to_end(request.at, target, run, request.timeout, compiled.spec, values)
+    if wait:
+        watch_to_end(request.at, target, run, request.timeout, compiled.spec, values)
 
 
 @click.command("resume", cls=KvxCommand)

@@ -99,6 +99,13 @@ class ApiV2:
     def created(self, run: Mapping[str, Any]) -> Any:
         return run.get("queued_at") or run.get("run_after")
 
+    def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
+        """The body that clears the run's ``task_ids`` and everything downstream of them, finished
+        or not (the MLflow end task must run again), with the DAG as published now (Airflow 3
+        would otherwise rerun the run's own DAG version)."""
+        return {"dry_run": False, "dag_run_id": run_id, "task_ids": task_ids, "only_failed": False,
+                "include_downstream": True, "reset_dag_runs": True, "run_on_latest_version": True}
+
     def log_lines(self, answer: Any) -> list[str]:
         """A task log's lines: API v2 answers structured events (``{"event": ...}``) or strings."""
         lines: list[str] = []
@@ -136,6 +143,11 @@ class ApiV1(ApiV2):
 
     def created(self, run: Mapping[str, Any]) -> Any:
         return run.get("queued_at") or run.get("logical_date") or run.get("execution_date")
+
+    def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
+        body = super().clear_unfinished(run_id, task_ids)
+        del body["run_on_latest_version"]  # Airflow 2 reruns the DAG as it is parsed now
+        return body
 
     def log_lines(self, answer: Any) -> list[str]:
         content = answer.get("content") if isinstance(answer, dict) else None
@@ -461,6 +473,16 @@ class AirflowTarget(PipelineTarget):
         dag_id, run_id = self._split(name)
         self._request("PATCH", f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
                       body={"state": "failed"})
+
+    def rerun_unfinished(self, run: RunInfo) -> RunInfo | None:
+        """Clear the run's tasks that did not succeed and everything downstream of them (the
+        MLflow end and outcome tasks included): Airflow runs them again in the same DAG run (its
+        run id, conf and MLflow run), with the DAG file as it is published now."""
+        dag_id, run_id = self._split(run.name)
+        unfinished = [task.name for task in run.tasks if task.state != "SUCCEEDED"]
+        self._request("POST", f"dags/{quote(dag_id, safe='')}/clearTaskInstances",
+                      body=self.api.clear_unfinished(run_id, unfinished))
+        return self.get(run.name)
 
     # --- schedules ----------------------------------------------------------------------------
 

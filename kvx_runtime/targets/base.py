@@ -180,6 +180,12 @@ class PipelineTarget(ABC):
     def upload(self, request: UploadRequest) -> str:
         """Publish a compiled pipeline; returns one line for the user saying what went where."""
 
+    def rerun_unfinished(self, run: RunInfo) -> RunInfo | None:
+        """Run again, within ``run`` itself, its tasks that failed or did not run, where the
+        target can (Airflow: clearing them); None where it cannot (``resume`` then submits a
+        new run that continues this one)."""
+        return None
+
     def template_uri(self, spec: Mapping[str, Any], tag: str | None) -> str | None:
         """Where the spec uploaded with ``tag`` is, for a run to start from it instead of
         ``spec`` (run-once and schedule ``--template``); None without a tag."""

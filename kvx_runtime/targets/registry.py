@@ -138,7 +138,7 @@ TARGETS: Mapping[str, TargetInfo] = {
         spec_format="airflow-dag",
         # Airflow has no template repository, and a DAG's schedule lives in the DAG file.
         unsupported_options=frozenset({"template", "timezone", "max_run_count", "allow_queueing"}),
-        unsupported_commands=frozenset({"gc", "resume"}),
+        unsupported_commands=frozenset({"gc"}),
         own_commands=("kvx_runtime.commands.airflow_compile:compile_command",
                       "kvx_runtime.commands.airflow_service:run_once_command",
                       "kvx_runtime.commands.airflow_service:schedule_command",
