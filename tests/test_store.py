@@ -566,3 +566,24 @@ def test_an_s3_store_that_ignores_conditional_writes_is_refused(s3_server, tmp_p
     assert refused.value.exit_code == ExitCode.USAGE
     fs = s3_server.filesystem()
     assert fs.find(f"{s3_server.bucket}/ignores-{tmp_path.name}") == []  # neither record nor probe
+
+
+def test_a_remote_output_rewritten_while_it_is_served_is_never_this_runs(gcs_emulator) -> None:
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    root = f"gs://{gcs_emulator.bucket}/served"
+    fs = gcs_emulator.filesystem()
+    source, copy, late = f"{root}/run-a/out.txt", f"{root}/run-b/out.txt", f"{root}/run-c/out.txt"
+    fs.pipe(source.removeprefix("gs://"), b"first")
+    cache = StepCache(root)
+    entry = cache.record(StepKey("s", {"nodes": "s"}), nodes=("s",), run_id="a", job_name="a",
+                         outputs={"out": source})
+    assert entry is not None
+    assert cache.serve(entry, {"out": copy}) == ["out"]
+    assert fs.cat(copy.removeprefix("gs://")) == b"first"
+    # Rewritten between the lookup and the copy: the copy is removed and the step runs.
+    fs.pipe(source.removeprefix("gs://"), b"second")
+    with pytest.raises(ValueError, match="changed while it was served"):
+        cache.serve(entry, {"out": late})
+    assert not fs.exists(late.removeprefix("gs://"))

@@ -247,9 +247,11 @@ def _parse(raw: bytes, path: str) -> CacheEntry | None:
 
 def _copy(source: str, destination: str, fingerprint: str) -> None:
     """Copy a file or folder, whole or not at all under the destination name: server-side on
-    the same object store; through a temporary name renamed on a local disk, once the copy is
-    checked to be what the entry recorded (another run may have rewritten the source since the
-    lookup: a ValueError then, which the step takes as a miss)."""
+    the same object store, then the source checked to be still what the entry recorded (its
+    generation and checksums unchanged since the lookup, so the copy is of that content); through
+    a temporary name renamed on a local disk, once the copy is checked to be what the entry
+    recorded. Another run may have rewritten the source since the lookup: a ValueError then (a
+    remote copy removed first), which the step takes as a miss."""
     import fsspec
 
     source_fs, source_path = fsspec.core.url_to_fs(source)
@@ -259,6 +261,9 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
     recursive = source_fs.isdir(source_path)
     if not _is_local(target_fs):
         source_fs.copy(source_path, target_path, recursive=recursive)
+        if fingerprint_path(source)[0] != fingerprint:
+            target_fs.rm(target_path, recursive=recursive)
+            raise ValueError(f"{source} changed while it was served: not this key's output any more")
         return
     parent = os.path.dirname(target_path)
     os.makedirs(parent, exist_ok=True)
