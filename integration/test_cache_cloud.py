@@ -241,7 +241,7 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     before = set(vertex.jobs)
     resumed = kvx("resume", job_id)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"Resuming {job_id} as " in resumed.stdout and "2 finished steps kept, 1 to run" in resumed.stdout
+    assert f"Resuming {job_id} as " in resumed.stdout and "2 finished nodes kept, 1 step to run" in resumed.stdout
     (new,) = set(vertex.jobs) - before
     spec = vertex.jobs[new]["pipelineSpec"]
     assert tasks_of(spec) == {"tabulate": ["tabulate"]}
@@ -262,3 +262,41 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     assert vertex.jobs[new]["state"] == "PIPELINE_STATE_SUCCEEDED"
     again = kvx("resume", new.rsplit("/", 1)[-1])
     assert again.returncode == 2 and "succeeded: nothing to resume" in again.stderr
+
+
+def test_resume_on_kubeflow_submits_the_unfinished_steps_as_the_same_run(project: Path) -> None:
+    from integration.fake_kfp import BEARER_TOKEN, FakeKfp, split_pipeline_spec
+
+    kfp = FakeKfp(auth="bearer").start()
+    try:
+        config = project / "conf" / "base" / "vertexai.yml"
+        config.write_text(config.read_text().replace("run_config:\n", "run_config:\n  namespace: team-a\n")
+                          + f"host: {kfp.url}\n")
+        env = step_env(KF_PIPELINES_TOKEN=BEARER_TOKEN, KVX_WATCH_INTERVAL="0.05", KVX_API_RETRY_WAIT="0.05")
+
+        def kvx(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*KVX, "kfp", *args], cwd=project, env=env, capture_output=True, text=True,
+                                  timeout=300)
+
+        kfp.fail_tasks = {"total"}
+        failed = kvx("run-once", "--wait", "--storage-root", str(project / ".kvx" / "storage"),
+                     "--param", "factor=3")
+        assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
+        [old] = kfp.runs.values()
+        kfp.fail_tasks = set()
+        resumed = kvx("resume", old["run_id"])
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        # The fake reports tabulate succeeded after total failed: it runs again all the same (it
+        # would read what total writes now).
+        assert "1 finished node kept, 2 steps to run" in resumed.stdout, resumed.stdout
+        [new] = [run for run in kfp.runs.values() if run["run_id"] != old["run_id"]]
+        spec = split_pipeline_spec(new["pipeline_spec"])[0]
+        assert tasks_of(spec) == {"total": ["total"], "tabulate": ["tabulate"]}
+        argv = argv_of(spec)["total"]
+        # The failed run's identity, literally: KFP's run id, the job directory KFP's steps used.
+        assert flag_values(argv, "--run-id") == [old["run_id"]]
+        assert flag_values(argv, "--job-name") == [f"{old['display_name']}-{old['run_id']}"]
+        assert new["runtime_config"]["parameters"]["factor"] == old["runtime_config"]["parameters"]["factor"] == 3
+        assert kfp.problems == []
+    finally:
+        kfp.stop()

@@ -52,6 +52,7 @@ __all__ = [
     "says_secret",
     "secret_params",
     "secret_params_given",
+    "split_param",
     "type_param",
     "typed_params",
 ]
@@ -327,7 +328,7 @@ def parse_param_value(text: str, key: str | None = None) -> Any:
     return text
 
 
-def _split(item: str) -> tuple[str, str | None, str]:
+def split_param(item: str) -> tuple[str, str | None, str]:
     """``key[:kind]=value`` -> (key, kind or None, value text), the key checked."""
     key, sep, raw = item.partition("=")
     key, _, kind = key.strip().partition(":")
@@ -348,7 +349,7 @@ def typed_params(items: Iterable[str], kedro_params: Mapping[str, Any]) -> dict[
     for a value that does not fit, or a dotted key through a Kedro value that is no mapping."""
     result: dict[str, Any] = {}
     for item in items:
-        key, declared, raw = _split(item)
+        key, declared, raw = split_param(item)
         kedro, blocked = lookup(kedro_params, key)
         if blocked is not None:
             current, _ = lookup(kedro_params, blocked)
@@ -400,7 +401,7 @@ def secret_params_given(params: Mapping[str, Any], items: Iterable[str]) -> dict
     given (``10``, where typing made it ``10.0``): every form in which the value may be shown."""
     found = secret_params(params)
     for item in items:
-        key, _, text = _split(item)
+        key, _, text = split_param(item)
         if says_secret(key):
             found.setdefault(key, []).append(text)
     return found

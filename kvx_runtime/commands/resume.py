@@ -47,9 +47,10 @@ def check_resumable(run: RunInfo) -> None:
         raise UsageError(f"run {run.run_id} succeeded: nothing to resume", hint="run-once starts a new run")
 
 
-def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str]:
+def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str, dict[str, str]]:
     """What the new run continues of ``run`` (a failed or cancelled run of a compiled pipeline),
-    and the pipeline its steps ran. UsageError when there is nothing to resume."""
+    the pipeline its steps ran and the Kedro parameter values they were given (``--param``,
+    by Kedro name, as text). UsageError when there is nothing to resume."""
     from kvx_runtime.cache.key import step_identity
     from kvx_runtime.compiler.planner import ResumedRun
     from kvx_runtime.step.serving import parse_serve_step
@@ -82,7 +83,14 @@ def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str]:
     created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
     return ResumedRun(run_id=run_id, job_name=first.job_name, storage_root=first.storage_root,
                       save_version=first.save_version or "", job_create_time=first.job_create_time or created,
-                      done_steps=frozenset(done)), first.pipeline
+                      done_steps=frozenset(done)), first.pipeline, _param_values(first.params)
+
+
+def _param_values(items: tuple[str, ...]) -> dict[str, str]:
+    """``--param KEY[:KIND]=VALUE`` items (resolved) -> ``{KEY: VALUE}``."""
+    from kvx_runtime.params import split_param
+
+    return {key: value for key, _, value in map(split_param, items)}
 
 
 def resume_run(request: ResumeRequest) -> None:
@@ -105,11 +113,12 @@ def resume_run(request: ResumeRequest) -> None:
         if wait:
             watch_to_end(request.at, target, again, request.timeout, None, old.parameters, fetch_logs=True)
         return
-    resumed, pipeline = resumed_run(target, old)
+    resumed, pipeline, params = resumed_run(target, old)
     at = request.at.in_env(project.env)
-    compile_at = replace(compile_request(at, PipelineOptions(pipeline), resumed.storage_root), resume=resumed)
+    compile_at = replace(compile_request(at, PipelineOptions(pipeline), resumed.storage_root), resume=resumed,
+                         values=params)
     compiled = compile_pipeline(compile_at)
-    kept = len(resumed.done_steps)
+    kept = len(compiled.finished_nodes)
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
     inputs = compiled.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
@@ -117,8 +126,9 @@ def resume_run(request: ResumeRequest) -> None:
     submitted = run_request(compiled.spec, project.plugin_config.run_config, values=values,
                             platform_spec=compiled.platform_spec)
     run = target.submit(submitted)
-    click.echo(f"Resuming {old.run_id} as {run.name}: {kept} finished step{'s' if kept != 1 else ''} kept, "
-               f"{len(compiled.steps)} to run (as run {resumed.run_id} of job {resumed.job_name})")
+    steps = len(compiled.steps)
+    click.echo(f"Resuming {old.run_id} as {run.name}: {kept} finished node{'s' if kept != 1 else ''} kept, "
+               f"{steps} step{'s' if steps != 1 else ''} to run (as run {resumed.run_id} of job {resumed.job_name})")
     click.echo(f"  {target.console_url(run)}")
     if wait:
         watch_to_end(request.at, target, run, request.timeout, compiled.spec, values)

@@ -35,6 +35,8 @@ class CompiledPipeline:
     values: dict[str, Any] = field(default_factory=dict)
     #: ``run_config.kubernetes`` as a Kubernetes platform spec (KFP applies it), None if unset.
     platform_spec: dict[str, Any] | None = None
+    #: Nodes a resumed run finished, left out (see ``CompileRequest.resume``).
+    finished_nodes: tuple[str, ...] = ()
 
 
 def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
@@ -46,7 +48,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     log.info("pipeline compiled", pipeline=plan.name, steps=len(plan.node_steps), mlflow=plan.mlflow,
              parameters=[p.kedro_name for p in plan.parameters])
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),
-                            values=dict(plan.values), platform_spec=kfp.platform_spec)
+                            values=dict(plan.values), platform_spec=kfp.platform_spec,
+                            finished_nodes=plan.finished_nodes)
 
 
 @dataclass

@@ -241,12 +241,17 @@ def _served_groups(graph: StepGraph, served_steps: frozenset[str]) -> list[str]:
 
 
 def _done_groups(graph: StepGraph, resume: ResumedRun | None) -> set[str]:
-    """The groups the resumed run finished."""
+    """The groups the resumed run finished whose every upstream group it finished too (what is
+    downstream of a step that runs again runs again: it would read the new outputs)."""
     if resume is None or not resume.done_steps:
         return set()
     from kvx_runtime.cache.key import step_identity
 
-    return {name for name in graph.order if step_identity(graph.groups[name].nodes) in resume.done_steps}
+    done: set[str] = set()
+    for name in graph.order:
+        if step_identity(graph.groups[name].nodes) in resume.done_steps and graph.needs[name] <= done:
+            done.add(name)
+    return done
 
 
 def _cache_serve_step(graph: StepGraph, served: Sequence[str], exec_node: ExecNodeInvocation,
