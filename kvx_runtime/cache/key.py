@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -320,10 +321,18 @@ def _file_sha256(path: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _distributions() -> str:
-    from importlib.metadata import distributions
-
-    return "\n".join(sorted({f"{dist.metadata['Name']}=={dist.version}".lower() for dist in distributions()
-                             if dist.metadata["Name"]}))
+    """Every installed distribution with its version, from the names of the metadata folders on
+    ``sys.path`` (``<name>-<version>.dist-info``, ``.egg-info``): what importlib.metadata finds,
+    without parsing each METADATA file (hundreds of them: a third of a second)."""
+    found = set()
+    for entry in sys.path:
+        try:
+            with os.scandir(entry or ".") as listing:
+                names = [item.name for item in listing if item.name.endswith((".dist-info", ".egg-info"))]
+        except OSError:  # a zip, a missing folder
+            continue
+        found.update(name.rsplit(".", 1)[0].lower().replace("_", "-") for name in names)
+    return "\n".join(sorted(found))
 
 
 def environment_digest() -> str:
