@@ -324,7 +324,7 @@ def _distributions() -> str:
     """Every installed distribution with its version, from the names of the metadata folders on
     ``sys.path`` (``<name>-<version>.dist-info``, ``.egg-info``): what importlib.metadata finds,
     without parsing each METADATA file (hundreds of them: a third of a second)."""
-    found = set()
+    found: set[str] = set()
     for entry in sys.path:
         try:
             with os.scandir(entry or ".") as listing:

@@ -13,7 +13,7 @@ import click
 
 from kvx_runtime.commands.airflow_compile import DagOptions, compile_dag_for, dag_options
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
-from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option
+from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option, wait_options
 from kvx_runtime.commands.project import PipelineOptions
 from kvx_runtime.commands.service import open_target, project_version, watch_to_end
 
@@ -83,11 +83,7 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
 @click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
               help="Any Kedro parameter exposed with --params, for this run (its conf). Repeatable.")
 @_storage_root_option
-@click.option("--wait/--no-wait", default=None,
-              help="Watch the run until it ends: exit 0 if it succeeded, 1 if not (default: "
-              "run_config.wait_for_completion, false).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="With --wait: stop waiting after this long (the run goes on).")
+@wait_options
 @_strict_option
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 __all__ = ["cloud_env_options", "env_option", "fail_fast_option", "load_version_option", "pipeline_options",
-           "project_path_option", "submit_options"]
+           "project_path_option", "submit_options", "wait_options"]
 
 project_path_option = click.option(
     "--project-path", type=click.Path(file_okay=False, exists=True), default=None,
@@ -64,6 +64,17 @@ def submit_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--template", default=None, metavar="TAG",
                      help="Run the spec uploaded with this tag to run_config.template_repository "
                      "(upload-pipeline) instead of sending the spec itself."),
+    ], function)
+
+
+def wait_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--wait/--no-wait`` and ``--timeout``: watching a submitted run to its end."""
+    return _apply([
+        click.option("--wait/--no-wait", default=None,
+                     help="Watch the run until it ends: exit 0 if it succeeded, 1 if not (default: "
+                     "run_config.wait_for_completion, false)."),
+        click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                     help="With --wait: stop waiting after this long (the run goes on)."),
     ], function)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
-from kvx_runtime.commands.options import env_option, project_path_option
+from kvx_runtime.commands.options import env_option, project_path_option, wait_options
 from kvx_runtime.commands.project import PipelineOptions, compile_request
 from kvx_runtime.errors import UsageError
 
@@ -138,11 +138,7 @@ def resume_run(request: ResumeRequest) -> None:
 @click.argument("job")
 @project_path_option
 @env_option
-@click.option("--wait/--no-wait", default=None,
-              help="Watch the new run until it ends: exit 0 if it succeeded, 1 if not (default: "
-              "run_config.wait_for_completion, false).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="With --wait: stop waiting after this long (the run goes on).")
+@wait_options
 @click.pass_context
 def resume_command(ctx: click.Context, job: str, project_path: str | None, env: str | None, wait: bool | None,
                    timeout: float | None) -> None:

@@ -18,7 +18,13 @@ import click
 
 from kvx_runtime import settings
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
-from kvx_runtime.commands.options import env_option, pipeline_options, project_path_option, submit_options
+from kvx_runtime.commands.options import (
+    env_option,
+    pipeline_options,
+    project_path_option,
+    submit_options,
+    wait_options,
+)
 from kvx_runtime.commands.project import PipelineOptions, compile_for
 from kvx_runtime.errors import Interrupted
 
@@ -135,11 +141,7 @@ def watch_to_end(at: Invocation, target: PipelineTarget, run: RunInfo, timeout: 
 @env_option
 @pipeline_options
 @submit_options
-@click.option("--wait/--no-wait", default=None,
-              help="Watch the run until it ends: exit 0 if it succeeded, 1 if not (default: "
-              "run_config.wait_for_completion, false).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="With --wait: stop waiting after this long (the run goes on).")
+@wait_options
 @click.pass_context
 def run_once_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
                      image: str | None, params: tuple[str, ...], load_versions: tuple[str, ...],
