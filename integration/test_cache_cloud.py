@@ -238,6 +238,8 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     vertex.fail_tasks = set()
 
     nodes.write_text(working)  # the fix
+    other_env = kvx("resume", "--env", "other", job_id)
+    assert other_env.returncode == 2 and f"run {job_id} ran with env base, not other" in other_env.stderr
     before = set(vertex.jobs)
     resumed = kvx("resume", job_id)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

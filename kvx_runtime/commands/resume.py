@@ -25,6 +25,7 @@ from kvx_runtime.errors import UsageError
 
 if TYPE_CHECKING:
     from kvx_runtime.compiler.planner import ResumedRun
+    from kvx_runtime.step.invocation import ExecNodeInvocation
     from kvx_runtime.targets.base import PipelineTarget, RunInfo
 
 __all__ = ["ResumeRequest", "check_resumable", "resume_command", "resume_run", "resumed_run"]
@@ -47,10 +48,10 @@ def check_resumable(run: RunInfo) -> None:
         raise UsageError(f"run {run.run_id} succeeded: nothing to resume", hint="run-once starts a new run")
 
 
-def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str, dict[str, str]]:
+def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, ExecNodeInvocation]:
     """What the new run continues of ``run`` (a failed or cancelled run of a compiled pipeline),
-    the pipeline its steps ran and the Kedro parameter values they were given (``--param``,
-    by Kedro name, as text). UsageError when there is nothing to resume."""
+    and one of its node steps as it ran (its pipeline, env, parameters and load versions are the
+    run's). UsageError when there is nothing to resume."""
     from kvx_runtime.cache.key import step_identity
     from kvx_runtime.compiler.planner import ResumedRun
     from kvx_runtime.step.serving import parse_serve_step
@@ -83,7 +84,7 @@ def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, str, 
     created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
     return ResumedRun(run_id=run_id, job_name=first.job_name, storage_root=first.storage_root,
                       save_version=first.save_version or "", job_create_time=first.job_create_time or created,
-                      done_steps=frozenset(done)), first.pipeline, _param_values(first.params)
+                      done_steps=frozenset(done)), first
 
 
 def _param_values(items: tuple[str, ...]) -> dict[str, str]:
@@ -113,10 +114,14 @@ def resume_run(request: ResumeRequest) -> None:
         if wait:
             watch_to_end(request.at, target, again, request.timeout, None, old.parameters, fetch_logs=True)
         return
-    resumed, pipeline, params = resumed_run(target, old)
-    at = request.at.in_env(project.env)
-    compile_at = replace(compile_request(at, PipelineOptions(pipeline), resumed.storage_root), resume=resumed,
-                         values=params)
+    resumed, ran = resumed_run(target, old)
+    env = ran.env or project.env
+    if request.at.env not in (None, env):
+        raise UsageError(f"run {old.run_id} ran with env {env}, not {request.at.env}",
+                         hint="resume it without --env, or with its own")
+    options = PipelineOptions(ran.pipeline, load_versions=ran.load_versions)
+    compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
+                         values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
     kept = len(compiled.finished_nodes)
     if not compiled.steps:
