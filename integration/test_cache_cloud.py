@@ -302,3 +302,22 @@ def test_resume_on_kubeflow_submits_the_unfinished_steps_as_the_same_run(project
         assert kfp.problems == []
     finally:
         kfp.stop()
+
+
+def test_with_uploaded_code_the_keys_count_the_archive_the_steps_will_run(project: Path, vertex: FakeVertex) -> None:
+    assert set(run_local(project, "first", "--cache", "on", "--code-upload").values()) == {"ran"}
+    first = table(project)
+
+    made, spec = run_once(project, vertex, "--cache", "on", "--code-upload")
+    assert "Step cache: 3 of 3 steps found" in made.stdout
+    argv = argv_of(spec)["cache-serve"]
+    assert len(flag_values(argv, "--code")) == 1 and "#sha256=" in flag_values(argv, "--code")[0]
+    records = run_spec(project, spec, "second")
+    assert [record["message"] for record in records].count("step served from the cache: its nodes do not run") == 3
+    assert table(project) == first
+
+    # Another archive (a code change no key part sees: a comment): no entry has its digest.
+    helpers = project / "src" / "cachekey" / "helpers.py"
+    helpers.write_text(helpers.read_text() + "# a comment\n")
+    made, spec = run_once(project, vertex, "--cache", "on", "--code-upload")
+    assert "none of the 3 steps found" in made.stdout

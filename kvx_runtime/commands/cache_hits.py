@@ -4,8 +4,8 @@ cache already has (docs/cache.md), so that no machine starts for them.
 The verdicts are predicted here (:func:`kvx_runtime.cache.planning.run_verdicts`: the steps'
 keys as they will compute them, in the environment their last entries recorded); the compiled
 run serves those steps in one ``cache-serve`` step, which checks again where it runs and runs
-any step that can no longer be served. Uploaded code is left to each step: its archive is made
-after planning.
+any step that can no longer be served. With uploaded code the keys count the archive the steps
+will run (built here first: it is deterministic, so the compile builds the same one).
 """
 
 from __future__ import annotations
@@ -34,19 +34,22 @@ def with_cached_steps_served(project: KedroProject, request: CompileRequest) -> 
     if not cache_wanted(project, request.cache):
         return request
     request = replace(request, cache="on")
-    code_upload = project.plugin_config.run_config.code_upload if request.code_upload is None else request.code_upload
-    if code_upload:
-        click.echo("Step cache: with uploaded code each step checks the cache where it runs")
-        return request
     from kvx_runtime.cache.planning import run_verdicts
     from kvx_runtime.compiler.loading import load_project_facts
     from kvx_runtime.compiler.planner import plan_pipeline
     from kvx_runtime.params import typed_params
 
     facts = load_project_facts(request)
-    steps = plan_pipeline(request, facts).nodes_of_step
+    plan = plan_pipeline(request, facts)
+    steps = plan.nodes_of_step
+    code_identity = ""
+    if plan.code_upload is not None:  # the archive the steps will run: deterministic, so its digest is known now
+        from kvx_runtime.code_upload import build_archive
+
+        source = plan.code_upload
+        code_identity = build_archive(source.project_path, source.package_name, source.conf_root).digest
     params = typed_params([f"{key}={value}" for key, value in request.values.items()], facts.kedro_params)
-    found = run_verdicts(project, request.pipeline, steps, params, facts.storage_root)
+    found = run_verdicts(project, request.pipeline, steps, params, facts.storage_root, code_identity)
     hits = found.hits
     if not hits:
         click.echo(f"Step cache: none of the {len(steps)} steps found under {facts.storage_root}: every step runs")
