@@ -80,12 +80,16 @@ def test_the_plan_holds_steps_and_markers_and_nothing_of_kfp() -> None:
 
 
 def test_served_steps_are_one_cache_serve_step_that_the_steps_downstream_wait_for() -> None:
-    plan = plan_pipeline(CompileRequest(cache="on", served_steps=frozenset({"make", "summarize"})), facts())
+    plan = plan_pipeline(CompileRequest(cache="on", served_steps=frozenset({"make", "summarize"})),
+                         facts(resources={"__default__": {"cpu": "1", "memory": "1Gi"},
+                                          "summarize": {"memory": "8Gi"}, "train": {"cpu": "8"}}))
     assert [step.name for step in plan.steps] == ["mlflow-start-run", "cache-serve", "train"]
     serve, train = plan.steps[1], plan.steps[2]
     assert serve.invocation is not None and serve.invocation.nodes == ("make", "summarize")
     assert serve.invocation.serve_steps == ('["make"]', '["summarize"]') and serve.invocation.cache == "on"
     assert serve.after == ("mlflow-start-run",)
+    # It runs any step it can no longer serve: the largest resources of the steps it serves.
+    assert serve.resources is not None and (serve.resources.cpu, serve.resources.memory) == ("1", "8Gi")
     assert set(train.after) == {"cache-serve", "mlflow-start-run"}
     assert train.invocation is not None and train.invocation.cache == "on"
     # A hit whose upstream step runs is not served: it would wait for that step.

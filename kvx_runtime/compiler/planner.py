@@ -256,15 +256,22 @@ def _done_groups(graph: StepGraph, resume: ResumedRun | None) -> set[str]:
 
 def _cache_serve_step(graph: StepGraph, served: Sequence[str], exec_node: ExecNodeInvocation,
                       facts: ProjectFacts, env: Mapping[str, str]) -> PlannedStep:
+    """The step that serves ``served``; it has the largest resources of their nodes, since it
+    runs any of them it can no longer serve."""
     from kvx_runtime.step.serving import serve_step_arg
 
+    nodes = [node for name in served for node in graph.groups[name].nodes]
+    tags_of = {node.name: node.tags for node in facts.pipeline.nodes}
+    run = facts.run
     return PlannedStep(
         name=CACHE_SERVE_STEP, kind=StepKind.NODES, command=EXEC_NODE,
         invocation=exec_node.with_values(
-            nodes=tuple(node for name in served for node in graph.groups[name].nodes), cache="on",
+            nodes=tuple(nodes), cache="on",
             serve_steps=tuple(serve_step_arg(graph.groups[name].nodes) for name in served),
             mlflow_run_id=Symbol.MLFLOW_RUN_ID.marker if facts.mlflow else None),
         after=(MLFLOW_START_STEP,) if facts.mlflow else (),
+        resources=group_resources([node_resources(run.resources, n, tags_of[n]) for n in nodes],
+                                  [node_selectors(run.node_selectors, n, tags_of[n]) for n in nodes]),
         env=env,
     )
 
