@@ -228,3 +228,40 @@ def test_a_failed_tasks_log_is_told_by_the_steps_own_error_lines() -> None:
     assert _step_error(verdict) == "kvx-runtime exec-node failed: input raw_numbers missing"
     assert _step_error("[...] INFO - Task exited with return code 1") is None
     assert _step_error('x "severity": "ERROR" {not json') == 'x "severity": "ERROR" {not json'
+
+
+def test_a_dag_deleted_while_airflow_2_10_still_holds_it_parsed_is_unknown_not_an_error() -> None:
+    """Airflow 2.10 answers 500 for the details of a DAG deleted from its database while its
+    webserver still holds the parsed DAG; the DAG's own record (404) says it is gone."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvx_runtime.targets.airflow import ApiV1
+
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            status = 500 if self.path.endswith("/details") else 404
+            body = b'{"detail": "x"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = AirflowTarget(f"http://127.0.0.1:{server.server_address[1]}", auth=NoAuth(), attempts=1,
+                               api=ApiV1())
+        assert target.find_schedule("gone") is None
+        assert asked == ["/api/v1/dags/gone/details", "/api/v1/dags/gone"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -300,13 +300,27 @@ class AirflowTarget(PipelineTarget):
 
     def dag(self, dag_id: str) -> dict[str, Any] | None:
         """The DAG's details, or None while Airflow does not know it."""
+        path = f"dags/{quote(dag_id, safe='')}"
         try:
-            found: dict[str, Any] = self._request("GET", f"dags/{quote(dag_id, safe='')}/details")
+            found: dict[str, Any] = self._request("GET", f"{path}/details")
         except ApiError as exc:
             if exc.status == 404:
                 return None
+            # Airflow 2.10 answers 500 for the details of a DAG deleted from its database while
+            # its webserver still holds the parsed DAG: the DAG's own record says it is gone.
+            if exc.status >= 500 and self._missing(path):
+                return None
             raise
         return found
+
+    def _missing(self, path: str) -> bool:
+        try:
+            self._request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
 
     def import_error(self, dag_id: str, since: datetime | None = None) -> str | None:
         """The last line of Airflow's import error for the DAG's file (recorded at ``since`` or
