@@ -9,7 +9,7 @@ command and could prompt for telemetry consent).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.log import configure_logging, get_logger
 from kvx_runtime.settings import AIRFLOW_PASSWORD, AIRFLOW_TOKEN, KFP_TOKEN
 
-__all__ = ["KedroProject", "open_project"]
+__all__ = ["MLFLOW_PLUGINS", "KedroProject", "open_project", "untracked_context"]
 
 log = get_logger(__name__)
 
@@ -32,6 +32,8 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 _TELEMETRY_PLUGINS = ("kedro-telemetry", "kedro_telemetry")
+#: kedro-mlflow's names: a session that must not track is created without its hooks.
+MLFLOW_PLUGINS = ("kedro-mlflow", "kedro_mlflow")
 #: Environment variables whose values are secrets wherever they would appear.
 ENVIRONMENT_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DEX_PASSWORD", "KF_PIPELINES_TOKEN",
                        KFP_TOKEN.name, AIRFLOW_TOKEN.name, AIRFLOW_PASSWORD.name)
@@ -242,6 +244,26 @@ def register_credentials(project: KedroProject) -> None:
 
 def _normalize(name: str) -> str:
     return name.replace("_", "-").lower()
+
+
+@contextmanager
+def untracked_context(project: KedroProject, storage_root: str,
+                      runtime_params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """The Kedro context of ``project``'s env as its steps load it (``runtime_params`` merged,
+    ``${storage_root}`` the run's root, the run's identity as exported), created without
+    kedro-mlflow's hooks: compile, ``plan`` and the step cache's planning must not start MLflow
+    runs or contact a tracking server."""
+    from kedro.framework.project import settings
+    from kedro.framework.session import KedroSession
+
+    from kvx_runtime.config_loader import exported_storage_root
+
+    disable_plugin_hooks(settings, MLFLOW_PLUGINS)
+    with entry_points_of_disabled_plugins_not_loaded(settings):
+        session = KedroSession.create(project.path, env=project.env, runtime_params=dict(runtime_params or {}) or None,
+                                      conf_source=project.conf_source)
+    with session, exported_storage_root(storage_root):
+        yield session.load_context()
 
 
 @contextmanager

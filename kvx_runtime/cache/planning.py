@@ -56,20 +56,11 @@ class StepVerdict:
 
 @contextmanager
 def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storage_root: str) -> Iterator[Any]:
-    """The Kedro context a run's steps load (the project's env, the run's typed parameters,
-    ``${storage_root}`` the run's root; the run's identity as exported), MLflow's hooks kept out."""
-    from kedro.framework.project import settings
-    from kedro.framework.session import KedroSession
+    """The Kedro context a run's steps load (:func:`kvx_runtime.project.untracked_context`)."""
+    from kvx_runtime.project import untracked_context
 
-    from kvx_runtime.config_loader import exported_storage_root
-    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
-
-    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
-    with entry_points_of_disabled_plugins_not_loaded(settings):
-        session = KedroSession.create(project.path, env=project.env, runtime_params=dict(runtime_params) or None,
-                                      conf_source=project.conf_source)
-    with session, exported_storage_root(storage_root):
-        yield session.load_context()
+    with untracked_context(project, storage_root, runtime_params) as context:
+        yield context
 
 
 def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],

@@ -179,19 +179,14 @@ def _load_kedro(project: Any, pipeline: str, storage_root: str) -> tuple[Any, di
     """The pipeline, the resolved parameters, the catalog and the catalog config (with
     ``${storage_root}`` the run's storage root, as in its steps)."""
     from kedro.framework.project import settings
-    from kedro.framework.session import KedroSession
 
-    from kvx_runtime.config_loader import exported_storage_root
-    from kvx_runtime.project import disable_plugin_hooks, entry_points_of_disabled_plugins_not_loaded
+    from kvx_runtime.project import MLFLOW_PLUGINS, disable_plugin_hooks, untracked_context
 
-    # Compiling must not start MLflow runs or contact a tracking server.
-    disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+    # Compiling must not start MLflow runs or contact a tracking server (before the pipelines load).
+    disable_plugin_hooks(settings, MLFLOW_PLUGINS)
     kedro_pipeline = load_pipeline_as_steps_do(pipeline, "the pipeline")
     try:
-        with entry_points_of_disabled_plugins_not_loaded(settings):
-            session = KedroSession.create(project.path, env=project.env)
-        with session, exported_storage_root(storage_root):
-            context = session.load_context()
+        with untracked_context(project, storage_root) as context:
             catalog_config = context.config_loader["catalog"]
             return kedro_pipeline, context.params, context.catalog, catalog_config
     except KvxError:

@@ -203,7 +203,7 @@ def _attach_tracking(project: KedroProject, request: StepRequest, identity: RunI
     from kedro.framework.project import settings
 
     from kvx_runtime.mlflow import mlflow_enabled
-    from kvx_runtime.project import disable_plugin_hooks
+    from kvx_runtime.project import MLFLOW_PLUGINS, disable_plugin_hooks
 
     tracking = None
     if mlflow_enabled(project):
@@ -213,7 +213,7 @@ def _attach_tracking(project: KedroProject, request: StepRequest, identity: RunI
     if tracking is None:
         # Without an mlflow.yml (or with MLflow unreachable and not required) kedro-mlflow
         # would start a run of its own, or fail.
-        disable_plugin_hooks(settings, ("kedro-mlflow", "kedro_mlflow"))
+        disable_plugin_hooks(settings, MLFLOW_PLUGINS)
     return tracking
 
 
