@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from typing import Any
 from kvx_runtime.cache.key import StepKey, fingerprint_path
 from kvx_runtime.errors import StorageError
 from kvx_runtime.log import get_logger
-from kvx_runtime.storage.store import _filesystem, _is_local, _short, object_name
+from kvx_runtime.storage.store import _filesystem, _is_local, _short, object_name, temp_name, write_file_whole
 
 __all__ = ["CACHE_DIR", "CacheEntry", "IndexFile", "StepCache"]
 
@@ -207,19 +206,9 @@ class StepCache:
     def _write_whole(self, path: str, data: bytes) -> None:
         """``data`` at ``path`` whole or not at all: a renamed temporary file on a local disk,
         one upload (a single object creation) on GCS and S3."""
-        directory = path.rsplit("/", 1)[0]
         if _is_local(self._fs):
-            os.makedirs(directory, exist_ok=True)
-            temporary = f"{directory}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(temporary, "wb") as handle:
-                    handle.write(data)
-                os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
-            return
-        self._fs.pipe_file(path, data)
+            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_file_whole(self._fs, path, data)
 
     # --- serving --------------------------------------------------------------------------
 
@@ -267,7 +256,7 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
         return
     parent = os.path.dirname(target_path)
     os.makedirs(parent, exist_ok=True)
-    temporary = os.path.join(parent, f".{os.path.basename(target_path)}.{uuid.uuid4().hex}.tmp")
+    temporary = os.path.join(parent, temp_name(os.path.basename(target_path)))
     try:
         source_fs.copy(source_path, temporary, recursive=recursive)
         if fingerprint_path(temporary)[0] != fingerprint:

@@ -214,6 +214,24 @@ def temp_name(blob: str) -> str:
     return f".{blob}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
 
 
+def write_file_whole(fs: Any, path: str, data: bytes) -> None:
+    """A small file at ``path`` whole or not at all: on a local disk a temporary file (named by
+    :func:`temp_name`, so that a dead writer's is swept) renamed into place, its directory made
+    by the caller; one upload (a single object creation) on GCS and S3."""
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, temp_name(name))
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def _writer_alive(host: str | None, pid: str | None) -> bool | None:
     """True/False for a writer on this host; None when it cannot be told (another host)."""
     if host is None or pid is None or host != _host():
@@ -582,12 +600,7 @@ class BlobStore:
         def attempt() -> None:
             if _is_local(self._fs):
                 self._makedirs_local(self._base)
-                temporary = f"{self._base}/{temp_name(self._served_record(dataset))}"
-                with open(temporary, "wb") as handle:
-                    handle.write(content)
-                os.replace(temporary, path)
-            else:
-                self._fs.pipe_file(path, content)
+            write_file_whole(self._fs, path, content)
 
         self._retrying(f"record {self.job_url}/{self._served_record(dataset)}", attempt)
 
