@@ -24,19 +24,10 @@ from kvx_runtime.cache.store import CacheEntry, StepCache
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["RunVerdicts", "StepVerdict", "cache_wanted", "project_step_keys", "run_context", "run_verdicts",
-           "verdicts"]
+__all__ = ["RunVerdicts", "StepVerdict", "project_step_keys", "run_context", "run_verdicts", "verdicts"]
 
 #: How many environments recorded by earlier entries :func:`run_verdicts` tries (newest first).
 RECORDED_ENVIRONMENTS_TRIED = 3
-
-
-def cache_wanted(project: KedroProject, asked: str | None) -> bool:
-    """The step cache for a run: ``--cache on|off`` (or ``KVX_CACHE``) as ``asked``, else the
-    project's ``run_config.cache.enabled``."""
-    if asked in ("on", "off"):
-        return asked == "on"
-    return bool(project.plugin_config.run_config.cache.enabled)
 
 
 @dataclass(frozen=True)

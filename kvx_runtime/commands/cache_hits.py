@@ -29,7 +29,7 @@ log = get_logger(__name__)
 def with_cached_steps_served(project: KedroProject, request: CompileRequest) -> CompileRequest:
     """``request`` with the steps the step cache has marked as served (and every step's cache
     on), when the cache is wanted; what it found said in a line."""
-    from kvx_runtime.cache.planning import cache_wanted
+    from kvx_runtime.step.caching import cache_wanted
 
     if not cache_wanted(project, request.cache):
         return request

@@ -248,10 +248,9 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
     """With the step cache on, the steps it has, served before the run starts (their processes
     never start): step -> the run they come from. Left to each step's exec-node (which serves a
     hit as well, after its start-up) when the run overrides parameters or runs uploaded code."""
-    from kvx_runtime.cache.planning import cache_wanted
     from kvx_runtime.compiler.kfp_reader import build_graph
     from kvx_runtime.project import open_project
-    from kvx_runtime.step.caching import serve_before_run
+    from kvx_runtime.step.caching import cache_wanted, serve_before_run
     from kvx_runtime.step.identity import RunIdentity
     from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 

@@ -28,11 +28,13 @@ __all__ = ["StepCaching", "cache_wanted", "prepare_caching", "serve_before_run"]
 log = get_logger(__name__)
 
 
-def cache_wanted(project: KedroProject, request: StepRequest) -> bool:
-    """The step cache for this step (:func:`kvx_runtime.cache.planning.cache_wanted`)."""
-    from kvx_runtime.cache.planning import cache_wanted as wanted
-
-    return wanted(project, request.cache)
+def cache_wanted(project: KedroProject, asked: str | None) -> bool:
+    """The step cache for a run or a step: ``--cache on|off`` (or ``KVX_CACHE``) as ``asked``,
+    else the project's ``run_config.cache.enabled``. Here, in a module every step imports
+    anyway, so that a step with the cache off pays no import of the cache's code."""
+    if asked in ("on", "off"):
+        return asked == "on"
+    return bool(project.plugin_config.run_config.cache.enabled)
 
 
 @dataclass

@@ -394,7 +394,7 @@ def _run_session(
         _pin_save_version(session, run.save_version)
     with session:
         caching = None
-        if cache_wanted(project, request):
+        if cache_wanted(project, request.cache):
             # Before the step's hooks: its blob datasets are not this context's catalog's.
             caching = prepare_caching(project, request, plan, session.load_context(), run.job_directory)
             if caching is not None and caching.serve():
