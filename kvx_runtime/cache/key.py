@@ -634,11 +634,13 @@ def catalog_entries(catalog_config: Mapping[str, Any],
 
 def key_context_of(kedro_context: Any, pipeline: Any, steps: Mapping[str, Sequence[str]], *, package_name: str,
                    salt: str = "", code_identity: str = "", environment: str | None = None,
-                   load_versions: Mapping[str, str] | None = None) -> KeyContext:
+                   load_versions: Mapping[str, str] | None = None, catalog: Any = None) -> KeyContext:
     """The key context of a loaded Kedro context (``session.load_context()``: its env, resolved
-    parameters with run-time values merged, and catalog config)."""
+    parameters with run-time values merged, and catalog config). ``catalog``: the context's
+    catalog when the caller has it already (each ``context.catalog`` builds a new one, firing
+    the project's ``after_catalog_created`` hooks again)."""
     catalog_config = kedro_context.config_loader["catalog"]
-    resolver = getattr(kedro_context.catalog, "config_resolver", None)
+    resolver = getattr(kedro_context.catalog if catalog is None else catalog, "config_resolver", None)
     return KeyContext(pipeline=pipeline, steps=steps, params=kedro_context.params,
                       catalog_entry=catalog_entries(catalog_config, resolver), env=kedro_context.env,
                       project_dirs=project_dirs_of(package_name), salt=salt, code_identity=code_identity,

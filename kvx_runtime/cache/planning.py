@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.cache.key import StepKey, key_context_of, step_keys
@@ -70,10 +70,9 @@ def _keys_by_environment(project: KedroProject, pipeline: str, steps: Mapping[st
     kedro_pipeline = load_pipeline(pipeline)
     salt = project.plugin_config.run_config.cache.salt
     with run_context(project, runtime_params, storage_root) as context:
-        return {environment: step_keys(key_context_of(
-                    context, kedro_pipeline, steps, package_name=project.package_name, salt=salt,
-                    code_identity=code_identity, environment=environment))
-                for environment in environments}
+        here = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name, salt=salt,
+                              code_identity=code_identity)
+        return {environment: step_keys(replace(here, environment=environment)) for environment in environments}
 
 
 @dataclass(frozen=True)

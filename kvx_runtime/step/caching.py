@@ -115,14 +115,15 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
         from kvx_runtime.code_upload import parse_code_reference
 
         code_identity = parse_code_reference(request.code)[1]
+    catalog = context.catalog  # once: each access builds a catalog
     key_context = key_context_of(context, pipeline, {step: list(plan.nodes)}, package_name=project.package_name,
                                  salt=settings.salt, code_identity=code_identity,
-                                 load_versions=request.load_versions)
+                                 load_versions=request.load_versions, catalog=catalog)
     key = step_keys(key_context)[step]
     if not key.cacheable:
         log.info("step not cacheable: it runs", reasons=list(key.uncacheable))
         return None
-    found = _output_locations(pipeline, plan, context.catalog, job_directory)
+    found = _output_locations(pipeline, plan, catalog, job_directory)
     if isinstance(found, str):
         log.info("step not cacheable: it runs", reasons=[found])
         return None
@@ -179,8 +180,10 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
     identity.export()
     served: dict[str, str] = {}
     with run_context(project, runtime_params or {}, storage_root) as context:
+        catalog = context.catalog  # once: each access builds a catalog
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
-                                     salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity)
+                                     salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity,
+                                     catalog=catalog)
         cache = StepCache(storage_root)
         job_directory = JobDirectory(storage_root, identity)
         for step, key in step_keys(key_context).items():
@@ -191,7 +194,7 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
             if any((key_context.catalog_entry(name) or {}).get("versioned")
                    for node in pipeline.nodes if node.name in plan.nodes for name in node.outputs):
                 continue
-            found = _output_locations(pipeline, plan, context.catalog, job_directory)
+            found = _output_locations(pipeline, plan, catalog, job_directory)
             if isinstance(found, str) or set(found[0]) != set(entry.outputs):
                 continue
             outputs, blobs, store = found
