@@ -370,3 +370,38 @@ def test_run_local_with_code_upload_runs_the_archive(example_project: Path, kedr
                             cwd=example_project, env=step_env(), capture_output=True, text=True, timeout=300)
     assert replay.returncode == 2
     assert "requirements changed since the image was built" in replay.stderr
+
+
+@pytest.mark.kedro
+def test_fused_steps_give_kedro_runs_outputs(example_project: Path, kedro_run_reports, tmp_path: Path) -> None:
+    """chain, then auto on the durations that run logged: fewer steps (a retried node never
+    fused with others, a fused step asking for its nodes' largest resources), the same outputs."""
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    original = config.read_text()
+    retried = "  retries:\n    data_science.evaluate_model_node: {max_retry_count: 2}\n"
+    config.write_text(original + retried + "  grouping: {cls: chain}\n")
+    spec = compile_spec(example_project, tmp_path / "chain.json", "--env", "base")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert len(tasks) == 7  # 10 nodes: 30% fewer steps
+    fused = "data-processing-create-model-input-table-node-and-3-more"
+    args = executor_args(spec, fused)
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--node"] == [
+        "data_processing.create_model_input_table_node", "data_science.split_data_node",
+        "data_science.fit_scaler_node", "data_science.train_model_node"]
+    resources = spec["deploymentSpec"]["executors"][f"exec-{fused}"]["container"]["resources"]
+    assert resources["resourceMemoryLimit"] == "4Gi" and resources["resourceCpuLimit"] == "2"  # train's
+    result = kvx(example_project, "run-local", "--max-parallel", "2", "--job-name", "chain", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "10 nodes grouped into 7 steps by chain: modelled cloud wall time 420 s -> 240 s" in result.stderr
+    status = json.loads((example_project / ".kvx" / "runs" / "chain" / "status.json").read_text())
+    assert len(status["states"]) == 7 and set(status["states"].values()) == {"done"}
+    assert reports(example_project, status["run_id"]) == kedro_run_reports
+
+    config.write_text(original + retried + "  grouping: {cls: auto}\n")
+    result = kvx(example_project, "run-local", "--max-parallel", "2", "--job-name", "auto", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "node durations of earlier runs" in result.stderr
+    status = json.loads((example_project / ".kvx" / "runs" / "auto" / "status.json").read_text())
+    assert len(status["states"]) <= 3 and set(status["states"].values()) == {"done"}
+    assert "data-science-evaluate-model-node" in status["states"]  # its retry policy is its own
+    assert reports(example_project, status["run_id"]) == kedro_run_reports

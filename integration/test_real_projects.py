@@ -155,6 +155,32 @@ def test_laptop_compile_runs_from_the_image_copy_as_kedro_run(tmp_path: Path) ->
     assert_each_warning_once(replay)
 
 
+@pytest.mark.kedro
+def test_chain_fused_steps_run_from_the_image_copy_as_kedro_run(tmp_path: Path) -> None:
+    """7 nodes in 4 steps (versioned datasets, transcoding, the exit pipeline unchanged), the
+    same outputs as `kedro run`."""
+    baseline = laptop_copy(tmp_path, "baseline")
+    kedro_run(baseline, "--env", "base")
+    laptop = laptop_copy(tmp_path)
+    config = laptop / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text() + "  grouping: {cls: chain}\n")
+    compiled = kvx(laptop, "compile", "-o", str(tmp_path / "fleet.json"))
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert any(message.startswith("7 nodes grouped into 4 steps by chain: modelled cloud wall time 360 s -> 180 s")
+               for message in (record["message"] for record in compiled.records))
+    image = image_copy(laptop, tmp_path / "image")
+    ran = kvx(image, "run-local", str(tmp_path / "fleet.json"), "--job-name", "fused", "--max-parallel", "2")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    status = json.loads((image / ".kvx" / "runs" / "fused" / "status.json").read_text())
+    assert set(status["states"].values()) == {"done"}
+    assert len([task for task in status["states"] if not task.startswith("kvx-")]) <= 5  # 4 + the exit step
+    for output in ["data/02_intermediate/company_table.csv", "data/08_reporting/candidate_metrics.json",
+                   "data/08_reporting/report.md"]:
+        assert (image / output).read_text() == (baseline / output).read_text(), output
+    metrics = json.loads((image / "data/08_reporting/candidate_metrics.json").read_text())
+    assert (image / "data/08_reporting/notice.txt").read_text() == f"pipeline SUCCEEDED: mae {metrics['mae']}\n"
+
+
 def test_an_env_the_image_lacks_is_caught_on_the_laptop_and_in_the_step(tmp_path: Path) -> None:
     laptop = laptop_copy(tmp_path)
     compiled = kvx(laptop, "compile", "--env", "local", "-o", str(tmp_path / "local.json"))

@@ -30,10 +30,13 @@ import structlog
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["bind_step_context", "configure_logging", "get_logger", "log_verdict", "print_only_own_lines", "redact",
-           "register_secrets"]
+__all__ = ["NODE_FINISHED", "bind_step_context", "configure_logging", "get_logger", "log_verdict",
+           "print_only_own_lines", "redact", "register_secrets"]
 
 REDACTED = "[redacted]"
+#: What a step logs as each of its nodes ends (with ``node`` and ``seconds``): what the fusing
+#: groupers read back as the node's duration (:mod:`kvx_runtime.grouping.timings`).
+NODE_FINISHED = "node finished"
 #: Values shorter than this are not secrets worth redacting (and would mangle every line).
 _MIN_SECRET = 4
 _SECRETS: set[str] = set()

@@ -107,11 +107,21 @@ def main(project: Path, seed: int, count: int) -> dict[str, Any]:
     from kvx_runtime.errors import ConfigError
 
     rng = random.Random(seed)
-    result: dict[str, Any] = {"examples": 0, "cycles_refused": 0, "violations": [], "transcoded_edges": 0}
+    result: dict[str, Any] = {"examples": 0, "cycles_refused": 0, "violations": [], "transcoded_edges": 0,
+                              "fused": 0}
     for example in range(count):
         nodes, grouped = random_graph(rng)
         (project / "graph.json").write_text(json.dumps(nodes))
         grouping = "  grouping: {cls: kvx_runtime.grouping.TagNodeGrouper}\n" if grouped else ""
+        fused = not grouped and rng.random() < 0.6  # chain or auto: never a cycle
+        if fused and rng.random() < 0.5:
+            grouping = "  grouping: {cls: chain}\n"
+        elif fused:
+            names = [f"{node['namespace']}.{node['name']}" if node["namespace"] else node["name"] for node in nodes]
+            params = {"step_start_seconds": rng.choice([5, 60, 300]),
+                      "durations": {name: rng.choice([0.1, 5, 60, 600]) for name in names}}
+            grouping = f"  grouping: {{cls: auto, params: {json.dumps(params)}}}\n"
+        result["fused"] += int(fused)
         (project / "conf" / "base" / "vertexai.yml").write_text(
             f"run_config:\n  image: img\n  root: bucket/x\n{grouping}")
         try:

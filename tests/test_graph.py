@@ -185,6 +185,7 @@ def test_every_kedro_dependency_is_a_step_dependency_in_random_pipelines(tmp_pat
     assert summary["violations"] == []
     assert summary["examples"] >= 200  # most examples compile (the rest are refused cycles)
     assert summary["transcoded_edges"] > 50  # the property was exercised on transcoded names
+    assert summary["fused"] > 50  # and on the chain and auto groupers (which never refuse a cycle)
 
 
 def test_paths_under_the_runs_storage_root_are_shared_and_the_warning_suggests_a_cloud_env(caplog) -> None:

@@ -85,6 +85,7 @@ def compile_request(at: Invocation, options: PipelineOptions, storage_root: str 
         values=run_values(values), code_upload=options.code_upload, cache=options.cache,
         shared_mounts=at.target.shared_mounts,
         gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
+        step_start_seconds=at.target.step_start_seconds,
     )
     if serving is None:
         return request

@@ -63,7 +63,14 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
         missing_inputs=_missing_inputs(_dataset_paths(catalog, catalog_config, inputs), storage_root),
+        node_durations=_node_durations(project.path) if grouper.uses_durations else {},
     )
+
+
+def _node_durations(project_path: Any) -> dict[str, float]:
+    from kvx_runtime.grouping.timings import earlier_node_durations
+
+    return earlier_node_durations(project_path)
 
 
 def _check_env_uploaded(env: str, code_upload: bool) -> None:

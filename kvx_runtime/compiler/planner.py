@@ -33,13 +33,23 @@ from kvx_runtime.compiler.resources import group_resources, node_resources, node
 from kvx_runtime.config.validation import unknown_keys
 from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.graph import dataset_identity
-from kvx_runtime.grouping import NodeGrouper, StepGroup, group_dependencies, order_groups
+from kvx_runtime.grouping import (
+    GroupingContext,
+    NodeGrouper,
+    StepGroup,
+    group_dependencies,
+    modelled_wall_seconds,
+    order_groups,
+)
+from kvx_runtime.log import get_logger
 from kvx_runtime.params import KINDS, fits, is_missing, kind_of, lookup, type_param
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE, EXEC_NODE, ExecNodeInvocation, identity_args
 from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
 from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
 
 __all__ = ["CompileRequest", "ProjectFacts", "ResumedRun", "StepGraph", "plan_pipeline", "plan_steps"]
+
+log = get_logger(__name__)
 
 #: The exit pipeline's nodes may take ``params:kvx_final_status``: the body's outcome.
 FINAL_STATUS_PARAMETER = "kvx_final_status"
@@ -91,6 +101,8 @@ class CompileRequest:
     served_steps: frozenset[str] = frozenset()
     #: The failed run this one resumes (None: a new run).
     resume: ResumedRun | None = None
+    #: What a step of the target spends before its node starts (the fusing groupers weigh it).
+    step_start_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class ProjectFacts:
     #: Pipeline inputs the catalog reads from under a storage root on this machine, not there:
     #: catalog name -> path.
     missing_inputs: dict[str, str] = field(default_factory=dict)
+    #: node -> seconds it took in an earlier run, for a grouper that weighs durations.
+    node_durations: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,9 +153,9 @@ class StepGraph:
         return {self.task_of[name]: self.groups[name].nodes for name in self.order}
 
 
-def plan_steps(pipeline: Any, grouper: NodeGrouper) -> StepGraph:
+def plan_steps(pipeline: Any, grouper: NodeGrouper, context: GroupingContext | None = None) -> StepGraph:
     """Group ``pipeline``'s nodes into steps ordered by Kedro's node dependencies."""
-    groups = grouper.group(pipeline)
+    groups = grouper.groups(pipeline, context or GroupingContext())
     needs = group_dependencies(pipeline, groups)
     return StepGraph(
         groups={group.name: group for group in groups},
@@ -154,7 +168,9 @@ def plan_steps(pipeline: Any, grouper: NodeGrouper) -> StepGraph:
 
 def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
     """The plan of ``request`` for the project described by ``facts``."""
-    graph = plan_steps(facts.pipeline, facts.grouper)
+    context = grouping_context(request, facts)
+    graph = plan_steps(facts.pipeline, facts.grouper, context)
+    _report_fusion(facts, graph, context)
     warnings = _warnings(request, facts, graph)
     parameters, values = _run_values(request.values, _pipeline_parameters(request.params, facts.kedro_params),
                                      facts.kedro_params)
@@ -172,6 +188,42 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         finished_nodes=tuple(node for name in sorted(_done_groups(graph, request.resume))
                              for node in graph.groups[name].nodes),
     )
+
+
+# --- grouping ----------------------------------------------------------------------------
+
+
+def grouping_context(request: CompileRequest, facts: ProjectFacts) -> GroupingContext:
+    """What the grouper may weigh: which nodes may share a step (a fused step asks for the
+    largest cpu and memory of its nodes, but one retry policy, one set of node selectors and
+    accelerator, GPU or not, cacheable or not), the target's step start-up, earlier durations."""
+    run = facts.run
+    traits = {}
+    for node in facts.pipeline.nodes:
+        retry = node_retry(run.retries, node.name, node.tags)
+        traits[node.name] = (
+            tuple(sorted(node_selectors(run.node_selectors, node.name, node.tags).items())),
+            bool(node_resources(run.resources, node.name, node.tags).get("gpu")),
+            retry.model_dump_json() if retry is not None else None,
+            run.cache.no_cache_tag in node.tags,
+        )
+    return GroupingContext(traits=traits, step_start_seconds=request.step_start_seconds,
+                           durations=facts.node_durations)
+
+
+def _report_fusion(facts: ProjectFacts, graph: StepGraph, context: GroupingContext) -> None:
+    """Said when the grouping fused nodes: steps and modelled cloud wall time, before and after."""
+    nodes = len(facts.pipeline.nodes)
+    if len(graph.groups) == nodes:
+        return
+    singles = [StepGroup(node.name, (node.name,)) for node in facts.pipeline.nodes]
+    start, durations = context.step_start_seconds, context.durations
+    before = modelled_wall_seconds(singles, group_dependencies(facts.pipeline, singles), durations, start)
+    after = modelled_wall_seconds(list(graph.groups.values()), graph.needs, durations, start)
+    log.info(f"{nodes} nodes grouped into {len(graph.groups)} steps by {facts.run.grouping.cls}: modelled cloud "
+             f"wall time {before:.0f} s -> {after:.0f} s ({start:.0f} s per step start-up"
+             + (", node durations of earlier runs)" if durations else ", node durations unknown)"),
+             nodes=nodes, steps=len(graph.groups))
 
 
 # --- steps -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvx_runtime.errors import find_kvx_error
 from kvx_runtime.graph import StepPlan, dataset_identity
-from kvx_runtime.log import bind_step_context, get_logger
+from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
 __all__ = ["StepHooks", "is_declared"]
@@ -160,7 +160,7 @@ class StepHooks:
 
     def after_node_run(self, node: Any) -> None:
         seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
-        log.info("node finished", seconds=round(seconds, 3))
+        log.info(NODE_FINISHED, seconds=round(seconds, 3))
         if self.tracking is not None:
             from kvx_runtime.mlflow import TAG_LAST_NODE
 

@@ -78,6 +78,9 @@ class TargetInfo:
     #: (``cloud.google.com/gke-accelerator`` in ``run_config.node_selectors``) becoming a node
     #: selector of the platform spec; None: the accelerator type itself is asked for (Vertex AI).
     gpu_resource_name: str | None = None
+    #: Seconds a step spends before its node starts (a machine or pod, the image, Python): what
+    #: fusing nodes saves (``run_config.grouping.cls: auto`` weighs it; its params can override).
+    step_start_seconds: float = 20.0
 
     def client_class(self) -> type[PipelineTarget]:
         """The client class, imported now; a missing dependency is a ConfigError with the install hint."""
@@ -105,6 +108,7 @@ TARGETS: Mapping[str, TargetInfo] = {
         init_command="kvx_runtime.commands.vertex_init:init_command",
         config_files=("vertexai.yml",),
         shared_mounts=VERTEX_SHARED_MOUNTS,
+        step_start_seconds=60.0,  # a CustomJob's machine: about a minute before the node starts
     ),
     "kubeflow": TargetInfo(
         name="kubeflow",

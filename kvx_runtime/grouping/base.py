@@ -1,41 +1,41 @@
-"""How Kedro nodes become pipeline steps: one step per node, or per group of nodes.
-
-Configured in ``vertexai.yml``::
-
-    run_config:
-      grouping:
-        cls: kvx_runtime.grouping.TagNodeGrouper
-        params: {tag_prefix: "group."}
-
-A grouper returns :class:`StepGroup` s; the compiler derives the dependencies between groups
-from Kedro's own node dependencies and refuses groupings that create a cycle.
-"""
+"""The grouper interface: :class:`NodeGrouper` turns a pipeline into :class:`StepGroup` s,
+told what it may weigh by a :class:`GroupingContext`; and the rules every grouping obeys
+(dependencies from Kedro's own, no cycle between steps)."""
 
 from __future__ import annotations
 
 import graphlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from kvx_runtime.errors import ConfigError
 
 __all__ = [
-    "IdentityNodeGrouper",
+    "GroupingContext",
     "NodeGrouper",
     "StepGroup",
-    "TagNodeGrouper",
     "build_grouper",
     "group_dependencies",
     "order_groups",
+    "tags_and_names",
 ]
 
-#: Class paths of the kedro-vertexai family, mapped to ours.
+Step = TypeVar("Step", bound=Hashable)
+
+#: Short names, and class paths of the kedro-vertexai family, mapped to ours.
 _ALIASES = {
+    "identity": "kvx_runtime.grouping.IdentityNodeGrouper",
+    "tag": "kvx_runtime.grouping.TagNodeGrouper",
+    "chain": "kvx_runtime.grouping.ChainNodeGrouper",
+    "auto": "kvx_runtime.grouping.AutoNodeGrouper",
     "kedro_vertexai.grouping.IdentityNodeGrouper": "kvx_runtime.grouping.IdentityNodeGrouper",
     "kedro_vertexai.grouping.TagNodeGrouper": "kvx_runtime.grouping.TagNodeGrouper",
 }
+
+#: What a step costs before its node starts when the target does not say (Vertex AI's machine).
+DEFAULT_STEP_START_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,31 @@ class StepGroup:
     tags: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class GroupingContext:
+    """What the compiler tells a grouper about the project and the target (the fusing groupers
+    weigh it; the others need none of it)."""
+
+    #: node -> what must be equal for two nodes to share a step (their retry policy, node
+    #: selectors and accelerator, whether they need a GPU, whether the step cache may serve
+    #: them); a node missing here is compatible with every other.
+    traits: Mapping[str, Hashable] = field(default_factory=dict)
+    #: Seconds a step of the target spends before its node starts (machine, image, start-up).
+    step_start_seconds: float = DEFAULT_STEP_START_SECONDS
+    #: node -> seconds it took in an earlier run (:mod:`.timings`); nodes missing: unknown.
+    durations: Mapping[str, float] = field(default_factory=dict)
+
+    def compatible(self, first: str, second: str) -> bool:
+        return self.traits.get(first) == self.traits.get(second)
+
+
 class NodeGrouper(ABC):
-    """Turns a Kedro pipeline into step groups. Subclass it to group differently."""
+    """Turns a Kedro pipeline into step groups. Subclass it to group differently: implement
+    :meth:`group`; a grouper that weighs the project (resources, durations) overrides
+    :meth:`groups`, which the compiler calls."""
+
+    #: It weighs node durations of earlier runs: the compiler reads them for it.
+    uses_durations = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -58,47 +81,9 @@ class NodeGrouper(ABC):
     def group(self, pipeline: Any) -> list[StepGroup]:
         """Every node of ``pipeline`` in exactly one group."""
 
-
-class IdentityNodeGrouper(NodeGrouper):
-    """One step per node (the default)."""
-
-    def group(self, pipeline: Any) -> list[StepGroup]:
-        return [StepGroup(node.name, (node.name,), frozenset(node.tags)) for node in pipeline.nodes]
-
-
-class TagNodeGrouper(NodeGrouper):
-    """Nodes tagged ``<tag_prefix><name>`` (default ``group.``) share one step named ``<name>``;
-    other nodes get a step each. A node with two group tags is a configuration error."""
-
-    def __init__(self, tag_prefix: str = "group.", **params: Any) -> None:
-        super().__init__(tag_prefix=tag_prefix, **params)
-        self.tag_prefix = tag_prefix
-
-    def group(self, pipeline: Any) -> list[StepGroup]:
-        members: dict[str, list[Any]] = {}
-        order: list[str] = []
-        for node in pipeline.nodes:
-            group_tags = sorted(t for t in node.tags if t.startswith(self.tag_prefix))
-            if len(group_tags) > 1:
-                raise ConfigError(
-                    f"node '{node.name}' has several group tags ({', '.join(group_tags)}); "
-                    "a node can be in one group only"
-                )
-            key = group_tags[0][len(self.tag_prefix) :] if group_tags else node.name
-            if group_tags and not key:
-                raise ConfigError(f"node '{node.name}': tag '{group_tags[0]}' names no group")
-            if key not in members:
-                members[key] = []
-                order.append(key)
-            members[key].append(node)
-        return [
-            StepGroup(
-                key,
-                tuple(n.name for n in members[key]),
-                frozenset(t for n in members[key] for t in n.tags),
-            )
-            for key in order
-        ]
+    def groups(self, pipeline: Any, context: GroupingContext) -> list[StepGroup]:
+        """The compiler's call: :meth:`group`, the ``context`` unused unless overridden."""
+        return self.group(pipeline)
 
 
 def build_grouper(cls_path: str, params: dict[str, Any]) -> NodeGrouper:
@@ -123,7 +108,7 @@ def group_dependencies(pipeline: Any, groups: Sequence[StepGroup]) -> dict[str, 
     return step_dependencies(pipeline, {node: group.name for group in groups for node in group.nodes})
 
 
-def order_groups(needs: dict[str, set[str]]) -> list[str]:
+def order_groups(needs: Mapping[Step, set[Step]]) -> list[Step]:
     """Topological order of groups; a cycle (possible after grouping) is a ConfigError."""
     sorter = graphlib.TopologicalSorter(needs)
     try:
