@@ -94,3 +94,31 @@ def test_outputs_the_exit_pipeline_reads_cross_the_boundary() -> None:
     assert plan.crossing_outputs == ("report",)
     assert plan.final_outputs == ()
     assert plan_step(PIPELINE, "__default__", ["report_node"]).final_outputs == ("report",)
+
+
+def test_declared_types_are_read_without_importing_the_datasets() -> None:
+    """kedro_datasets.pandas imports every pandas dataset (SQLAlchemy...): naming a type from
+    the catalog's configuration must not pay for that. A fresh process: this one imported it."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from kedro.io import DataCatalog, MemoryDataset\n"
+        "from kvx_runtime.step.hooks import declared_type, is_declared, type_name\n"
+        "catalog = DataCatalog.from_config({'csv': {'type': 'pandas.CSVDataset', 'filepath': 'x.csv'},\n"
+        "    'metric': {'type': 'kedro_mlflow.io.metrics.MlflowMetricDataset'},\n"
+        "    '{name}_table': {'type': 'pandas.ParquetDataset', 'filepath': '{name}.pq'}})\n"
+        "catalog['params:x'] = MemoryDataset(1)\n"
+        "found = {'csv': declared_type(catalog, 'csv'), 'pattern': type_name(catalog, 'scores_table'),\n"
+        "    'metric': type_name(catalog, 'metric'), 'params': type_name(catalog, 'params:x'),\n"
+        "    'missing': declared_type(catalog, 'nothing'), 'declared': is_declared(catalog, 'scores_table'),\n"
+        "    'imported': [m for m in ('kedro_datasets.pandas', 'kedro_mlflow', 'sqlalchemy') if m in sys.modules]}\n"
+        "print(json.dumps(found))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "csv": "pandas.CSVDataset", "pattern": "ParquetDataset", "metric": "MlflowMetricDataset",
+        "params": "MemoryDataset", "missing": None, "declared": True, "imported": []}

@@ -138,7 +138,7 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
     catalog saves them; crossing intermediates: their blobs), the blobs among them and the job
     directory's store; or why an output cannot be told."""
     from kvx_runtime.cache.store import dataset_location
-    from kvx_runtime.step.hooks import is_declared
+    from kvx_runtime.step.hooks import declared_type, is_declared
 
     outputs: dict[str, str] = {}
     blobs: dict[str, str] = {}
@@ -150,7 +150,7 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
             if is_declared(catalog, name):
                 location = dataset_location(catalog.get(name))
                 if location is None:
-                    return f"output {name} ({catalog.get_type(name)}) is not a file kvx-runtime can copy"
+                    return f"output {name} ({declared_type(catalog, name)}) is not a file kvx-runtime can copy"
                 outputs[name] = location
             elif name in plan.crossing_outputs:
                 store = store or job_directory.store("the step cache keeps intermediates")

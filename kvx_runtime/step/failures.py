@@ -14,7 +14,7 @@ from kvx_runtime.errors import (
     exception_chain,
     find_kvx_error,
 )
-from kvx_runtime.step.hooks import StepHooks
+from kvx_runtime.step.hooks import StepHooks, type_name
 
 __all__ = ["catalog_error", "classify", "first_line"]
 
@@ -61,7 +61,7 @@ def _mlflow_failure(exc: Exception, hooks: StepHooks, replay: str) -> KvxError |
     chain = exception_chain(exc)
     operation = hooks.dataset_operation
     mlflow_dataset = (operation is not None and hooks.catalog is not None
-                      and str(hooks.catalog.get_type(operation[1]) or "").rsplit(".", 1)[-1].startswith("Mlflow"))
+                      and type_name(hooks.catalog, operation[1]).startswith("Mlflow"))
     if not mlflow_dataset and not any(type(item).__module__.startswith("mlflow") for item in chain):
         return None
     text = " ".join(str(item) for item in chain)

@@ -12,7 +12,7 @@ from kvx_runtime.graph import StepPlan, dataset_identity
 from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
-__all__ = ["StepHooks", "is_declared"]
+__all__ = ["StepHooks", "declared_type", "is_declared", "type_name"]
 
 log = get_logger(__name__)
 
@@ -29,16 +29,42 @@ _HOOKS = (
 )
 
 
+def declared_type(catalog: Any, name: str) -> str | None:
+    """The type the catalog gives ``name`` (``pandas.CSVDataset``, ``kedro_datasets.pandas.CSVDataset``,
+    ``MemoryDataset``...), or None when no entry or pattern gives it one. Only the last dotted
+    part is comparable.
+
+    Read from the dataset's configuration while the catalog has not built it: Kedro's
+    ``get_type`` imports the dataset's package to name the class, and ``kedro_datasets.pandas``
+    imports every pandas dataset (SQLAlchemy, Excel and BigQuery support included), which a
+    step reading only parameters or blobs would never pay for otherwise.
+    """
+    lazy = getattr(catalog, "_lazy_datasets", None)
+    config: Any = None
+    if isinstance(lazy, dict) and name in lazy:
+        config = getattr(lazy[name], "config", None)
+    elif name not in getattr(catalog, "_datasets", {}) and name in catalog:
+        resolver = getattr(catalog, "config_resolver", None)
+        config = resolver.resolve_pattern(name) if resolver is not None else None
+    configured = config.get("type") if isinstance(config, dict) else None
+    if isinstance(configured, str):
+        return configured
+    return catalog.get_type(name)
+
+
+def type_name(catalog: Any, name: str) -> str:
+    """The class name of ``name``'s dataset type ("" when the catalog gives it none)."""
+    return str(declared_type(catalog, name) or "").rsplit(".", 1)[-1]
+
+
 def is_declared(catalog: Any, name: str) -> bool:
     """Does the catalog keep ``name`` somewhere that survives the step?
 
     Explicit entries and dataset factory patterns count; a (Shared)MemoryDataset does not,
     since memory does not cross containers; Kedro's default runtime pattern does not either.
     """
-    dataset_type = catalog.get_type(name)
-    if dataset_type is None:
-        return False
-    return not dataset_type.rsplit(".", 1)[-1].endswith("MemoryDataset")
+    found = type_name(catalog, name)
+    return bool(found) and not found.endswith("MemoryDataset")
 
 
 class StepHooks:
@@ -106,7 +132,7 @@ class StepHooks:
         if importlib.util.find_spec("kedro_mlflow") is None:
             return
         names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
-                 if str(catalog.get_type(name) or "").rsplit(".", 1)[-1].startswith("Mlflow")]
+                 if type_name(catalog, name).startswith("Mlflow")]
         if not names:
             return
         from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging
