@@ -144,6 +144,9 @@ def main() -> None:
 
     import kvx_runtime.storage.store  # noqa: F401
 
+    if root.startswith("gs://"):
+        import gcsfs  # noqa: F401 - a library, like numpy: in the baseline, not in the operation
+
     baseline = rss_bytes()
     if action == "save":
         obj = make_object(kind, float(size_mb))
