@@ -166,7 +166,8 @@ def test_one_run_holds_every_step_of_the_example_pipeline(example_project, mlflo
     assert run.data.tags["kvx.final_state"] == "SUCCEEDED"
     assert run.data.params["data_science.model_options.test_size"] == "0.2"
     assert run.data.params["reporting.top_n"] == "3"
-    assert set(run.data.metrics) == {"metrics.r2_score", "metrics.mae", "metrics.max_error", "metrics.test_rows"}
+    assert set(run.data.metrics) == {"metrics.r2_score", "metrics.mae", "metrics.max_error", "metrics.test_rows",
+                                     *(f"kvx.node_seconds.{node}" for node in EXAMPLE_NODES)}
     assert [a.path for a in client.list_artifacts(run_id)] == ["report_dirty.md"]
 
 
@@ -474,3 +475,41 @@ def test_parallel_steps_writing_the_same_new_tag_all_succeed(store, mlflow_serve
     with pytest.raises(Exception) as missing:
         client.set_tag("0" * 32, "step.tag", "x")
     assert not is_unique_key_race(missing.value)
+
+
+def test_node_seconds_recorded_in_mlflow_guide_the_auto_grouper(tmp_path, mlflow_server) -> None:
+    """Each step writes its nodes' seconds into the pipeline's run; a later compile with the
+    `auto` grouper reads them (run-local's own logs removed: only MLflow knows them), and an
+    MLflow that does not answer leaves the compile going, without durations."""
+    import shutil
+
+    from conftest import free_port
+
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    assert kvx(project, "compile", "-o", str(tmp_path / "p.json"), env=env).returncode == 0
+    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "timed-job", env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("mlproj")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'timed-job'")
+    seconds = {key: value for key, value in run.data.metrics.items() if key.startswith("kvx.node_seconds.")}
+    assert sorted(seconds) == [f"kvx.node_seconds.{node}" for node in ("make", "report", "train", "wait_then_score")]
+    assert all(value >= 0 for value in seconds.values())
+
+    shutil.rmtree(project / ".kvx" / "runs")
+    vertexai = project / "conf" / "base" / "vertexai.yml"
+    config = yaml.safe_load(vertexai.read_text())
+    config["run_config"]["grouping"] = {"cls": "auto"}
+    vertexai.write_text(yaml.safe_dump(config))
+    fused = kvx(project, "compile", "-o", str(tmp_path / "auto.json"), env=env)
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    assert "4 nodes grouped into 1 steps by auto" in fused.stderr
+    assert "node durations of earlier runs" in fused.stderr
+
+    offline = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    chained = kvx(project, "compile", "-o", str(tmp_path / "offline.json"), env=offline, timeout=120)
+    assert chained.returncode == 0, chained.stderr[-3000:]
+    assert "node durations of earlier runs were not read from MLflow" in chained.stderr
+    assert "4 nodes grouped into 3 steps by auto" in chained.stderr  # the chain rule: make and train
+    assert "node durations unknown" in chained.stderr

@@ -63,14 +63,21 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
         missing_inputs=_missing_inputs(_dataset_paths(catalog, catalog_config, inputs), storage_root),
-        node_durations=_node_durations(project.path) if grouper.uses_durations else {},
+        node_durations=_node_durations(project) if grouper.uses_durations else {},
     )
 
 
-def _node_durations(project_path: Any) -> dict[str, float]:
+def _node_durations(project: Any) -> dict[str, float]:
+    """Earlier runs' node seconds: the MLflow runs' (where the steps ran: the cloud too) over
+    this machine's run-local logs."""
     from kvx_runtime.grouping.timings import earlier_node_durations
 
-    return earlier_node_durations(project_path)
+    durations = earlier_node_durations(project.path)
+    if mlflow_configured(project):
+        from kvx_runtime.mlflow import earlier_node_seconds
+
+        durations.update(earlier_node_seconds(project))
+    return durations
 
 
 def _check_env_uploaded(env: str, code_upload: bool) -> None:

@@ -2,8 +2,9 @@
 
 Each step logs ``node finished`` with the node's seconds as every node ends; the project's
 run-local runs keep those logs (``.kvx/runs/<job>/logs/<step>.log``). The newest runs count
-first. They are this machine's timings: a cloud machine of another size takes other times,
-which ``run_config.grouping.params.durations`` can state instead.
+first. They are this machine's timings: the compiler puts the MLflow runs' over them where
+MLflow is configured (:func:`kvx_runtime.mlflow.earlier_node_seconds`: the steps' own, cloud
+ones included), and ``run_config.grouping.params.durations`` over both.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from kvx_runtime.mlflow.pipeline_run import (
     FINAL_STATES,
+    NODE_SECONDS_PREFIX,
     TAG_FAILED_NODE,
     TAG_FINAL_STATE,
     TAG_JOB_NAME,
@@ -11,6 +12,7 @@ from kvx_runtime.mlflow.pipeline_run import (
     MlflowConnection,
     attach_step,
     connect,
+    earlier_node_seconds,
     end_pipeline_run,
     find_run,
     mlflow_available,
@@ -22,6 +24,7 @@ from kvx_runtime.mlflow.pipeline_run import (
 
 __all__ = [
     "FINAL_STATES",
+    "NODE_SECONDS_PREFIX",
     "TAG_FAILED_NODE",
     "TAG_FINAL_STATE",
     "TAG_JOB_NAME",
@@ -31,6 +34,7 @@ __all__ = [
     "MlflowConnection",
     "attach_step",
     "connect",
+    "earlier_node_seconds",
     "end_pipeline_run",
     "find_run",
     "mlflow_available",

@@ -22,9 +22,10 @@ import importlib.util
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AttachedRun",
     "attach_step",
+    "earlier_node_seconds",
     "end_pipeline_run",
     "mlflow_available",
     "mlflow_enabled",
@@ -55,6 +57,11 @@ TAG_FINAL_STATE = "kvx.final_state"
 TAG_ERROR = "kvx.error"
 #: A token of the process that creates the run: a retried create finds the run by it.
 TAG_CREATE_TOKEN = "kvx.create_token"
+#: Each node's seconds, a metric ``kvx.node_seconds.<node>`` of the pipeline's run: what the
+#: ``auto`` grouper weighs when it compiles the pipeline again.
+NODE_SECONDS_PREFIX = "kvx.node_seconds."
+#: The names MLflow accepts as metric keys (a node named otherwise is not recorded).
+_METRIC_KEY = re.compile(r"^[\w\-./ :]+$")
 
 #: Vertex AI / KFP final states -> MLflow run statuses.
 FINAL_STATES = {
@@ -233,6 +240,37 @@ def find_run(connection: MlflowConnection, job_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+#: How many of the experiment's newest runs :func:`earlier_node_seconds` reads.
+DURATION_RUNS_READ = 5
+#: A compile waits at most this long (per request, no retries) for the durations.
+_DURATION_TIMEOUT_SECONDS = "5"
+
+
+def earlier_node_seconds(project: KedroProject, runs: int = DURATION_RUNS_READ) -> dict[str, float]:
+    """node -> seconds in the newest of the experiment's runs that recorded it (each step
+    writes ``kvx.node_seconds.<node>`` as it detaches): cloud timings for a compile. Empty,
+    with a warning, when MLflow does not answer at once: the compile goes on without them."""
+    from kvx_runtime.settings import environment_variable
+
+    try:
+        with environment_variable("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), \
+                environment_variable("MLFLOW_HTTP_REQUEST_TIMEOUT", _DURATION_TIMEOUT_SECONDS):
+            connection = connect(project)
+            found = connection.client.search_runs(
+                experiment_ids=[connection.experiment_id], order_by=["attributes.start_time DESC"],
+                max_results=runs)
+    except Exception as exc:
+        log.warning("node durations of earlier runs were not read from MLflow",
+                    error=_redact(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return {}
+    durations: dict[str, float] = {}
+    for run in found:
+        for key, value in run.data.metrics.items():
+            if key.startswith(NODE_SECONDS_PREFIX) and value >= 0:
+                durations.setdefault(key[len(NODE_SECONDS_PREFIX):], float(value))
+    return durations
+
+
 @contextmanager
 def _no_http_retries() -> Iterator[None]:
     """MLflow retries every method, POST included; a create whose answer was lost would then
@@ -348,6 +386,27 @@ class AttachedRun:
 
     connection: MlflowConnection
     run_id: str
+    #: Seconds of the nodes this step ran, written as the step detaches (one request).
+    node_seconds: dict[str, float] = field(default_factory=dict)
+
+    def node_finished(self, node: str, seconds: float) -> None:
+        """Record a node's seconds and make it the run's ``kvx.last_node``."""
+        self.node_seconds[node] = seconds
+        self.tag(TAG_LAST_NODE, node)
+
+    def _write_node_seconds(self) -> None:
+        """Best effort, like a tag: the durations help a later compile, they are not the step's."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(NODE_SECONDS_PREFIX + node, round(seconds, 3), now, 0)
+                   for node, seconds in self.node_seconds.items() if _METRIC_KEY.match(NODE_SECONDS_PREFIX + node)]
+        if not metrics:
+            return
+        try:
+            self.connection.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as exc:
+            log.warning("could not record node durations in the MLflow run", error=_redact(str(exc))[:200])
 
     def tag(self, key: str, value: str) -> None:
         """Best effort: a tag that cannot be written is a warning, not a failed node."""
@@ -361,6 +420,7 @@ class AttachedRun:
         ending it (MLflow would otherwise end it as FINISHED when the process exits)."""
         from mlflow.tracking import fluent
 
+        self._write_node_seconds()
         stack_holder = getattr(fluent, "_active_run_stack", None)
         try:
             stack = stack_holder.get() if stack_holder is not None else None

@@ -188,9 +188,7 @@ class StepHooks:
         seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
         log.info(NODE_FINISHED, seconds=round(seconds, 3))
         if self.tracking is not None:
-            from kvx_runtime.mlflow import TAG_LAST_NODE
-
-            self.tracking.tag(TAG_LAST_NODE, node.name)
+            self.tracking.node_finished(node.name, seconds)
 
     def on_node_error(self, error: BaseException, node: Any) -> None:
         self.failed_node = node.name
