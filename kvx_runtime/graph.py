@@ -154,7 +154,13 @@ def _ancestors(needs: Mapping[str, Collection[str]]) -> dict[str, set[str]]:
             if current in found:
                 continue
             found.add(current)
-            stack.extend(closure.get(current, needs.get(current, ())))
+            known = closure.get(current)
+            if known is not None:
+                # Closed already: all of its ancestors at once, none of them walked again
+                # (walking them made a chain of n steps cost n^3).
+                found |= known
+            else:
+                stack.extend(needs.get(current, ()))
         closure[step] = found
 
     for step in needs:
