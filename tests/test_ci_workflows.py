@@ -269,3 +269,17 @@ def test_the_pull_request_job_fails_on_a_warning_and_passes_on_a_clean_project(t
     clean = run_pull_request_steps(root, tmp_path, KEDRO_ENV="cloud")
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "Pipeline spec with" in clean.stdout and "no tests/ directory" in clean.stdout
+
+
+@pytest.mark.parametrize(("group", "arguments"), [("vertexai", ["my-gcp", "europe-west4"]),
+                                                  ("kubeflow", ["https://kubeflow.example.com/pipeline"]),
+                                                  ("airflow-k8s", ["https://airflow.example.com"])])
+def test_the_kedro_plugin_groups_write_the_same_workflows(tmp_path: Path, group: str, arguments: list[str]) -> None:
+    from kvx_runtime.kedro_plugin import commands
+
+    root = project(tmp_path)
+    result = CliRunner().invoke(commands, [group, "init", *arguments, "--project-path", str(root),
+                                           "--with-github-actions"])
+    assert result.exit_code == 0, result.output
+    written = (root / ".github" / "workflows" / "kvx-pipeline.yml").read_text()
+    assert f"{group} init --with-github-actions" in written.splitlines()[0]
