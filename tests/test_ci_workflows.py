@@ -283,3 +283,10 @@ def test_the_kedro_plugin_groups_write_the_same_workflows(tmp_path: Path, group:
     assert result.exit_code == 0, result.output
     written = (root / ".github" / "workflows" / "kvx-pipeline.yml").read_text()
     assert f"{group} init --with-github-actions" in written.splitlines()[0]
+
+
+def test_every_target_has_its_workflow_entry() -> None:
+    from kvx_runtime.commands.ci_workflows import _TARGET_WORKFLOWS
+    from kvx_runtime.targets.registry import TARGETS
+
+    assert set(_TARGET_WORKFLOWS) == set(TARGETS) == set(INIT_ARGUMENTS)
