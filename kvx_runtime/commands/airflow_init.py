@@ -31,6 +31,10 @@ class AirflowInitRequest:
     cloud_env: str | None = None
     per_run: bool = False
     group: str = "kvx-runtime airflow"
+    #: ``--with-github-actions``: also .github/workflows/ (:mod:`.ci_workflows`), authenticating
+    #: to Google Cloud as ``github_auth`` says.
+    with_github_actions: bool = False
+    github_auth: str = "workload-identity"
 
 
 def init_airflow(request: AirflowInitRequest) -> list[Path]:
@@ -60,8 +64,10 @@ def init_airflow(request: AirflowInitRequest) -> list[Path]:
 @init_options
 @click.pass_context
 def init_command(ctx: click.Context, host: str | None, project_path: str | None, force: bool, with_dockerfile: bool,
-                 cloud_env: str | None, per_run: bool) -> None:
+                 cloud_env: str | None, per_run: bool,
+                 with_github_actions: bool, github_auth: str) -> None:
     """Write a commented conf/base/airflow-k8s.yml for the Airflow (or Cloud Composer) at HOST
     (with --cloud-env NAME also conf/NAME/catalog.yml; HOST may then be left out)."""
     group = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime airflow"
-    init_airflow(AirflowInitRequest(host, project_path, force, with_dockerfile, cloud_env, per_run, group))
+    init_airflow(AirflowInitRequest(host, project_path, force, with_dockerfile, cloud_env, per_run, group,
+                                    with_github_actions, github_auth))

@@ -28,6 +28,10 @@ class KubeflowInitRequest:
     cloud_env: str | None = None
     per_run: bool = False
     group: str = "kvx-runtime kfp"
+    #: ``--with-github-actions``: also .github/workflows/ (:mod:`.ci_workflows`), authenticating
+    #: to Google Cloud as ``github_auth`` says.
+    with_github_actions: bool = False
+    github_auth: str = "workload-identity"
 
 
 def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
@@ -64,10 +68,11 @@ def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
 @init_options
 @click.pass_context
 def init_command(ctx: click.Context, host: str | None, namespace: str | None, project_path: str | None, force: bool,
-                 with_dockerfile: bool, cloud_env: str | None, per_run: bool) -> None:
+                 with_dockerfile: bool, cloud_env: str | None, per_run: bool,
+                 with_github_actions: bool, github_auth: str) -> None:
     """Write a commented conf/base/kubeflow.yml for the Kubeflow Pipelines API at HOST (its
     /pipeline URL), with KFP's MinIO as the storage root (with --cloud-env NAME also
     conf/NAME/catalog.yml; HOST may then be left out)."""
     group = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime kfp"
     init_kubeflow(KubeflowInitRequest(host, namespace, project_path, force, with_dockerfile, cloud_env, per_run,
-                                      group))
+                                      group, with_github_actions, github_auth))

@@ -80,12 +80,20 @@ def wait_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def init_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """What every target's ``init`` takes beside its own arguments: the project, --force,
-    --with-dockerfile and the cloud env."""
+    --with-dockerfile, --with-github-actions and the cloud env."""
     return _apply([
         project_path_option,
         click.option("--force", is_flag=True, help="Overwrite existing files."),
         click.option("--with-dockerfile", is_flag=True,
                      help="Also write a Dockerfile (FROM the kvx-runtime image) and .dockerignore."),
+        click.option("--with-github-actions", is_flag=True,
+                     help="Also write .github/workflows/: every push builds the image and runs the pipeline once, "
+                     "the main branch uploads and schedules it, pull requests compile --strict (docs/ci-cd.md). "
+                     "With an existing config file, the arguments may be left out."),
+        click.option("--github-auth", type=click.Choice(["workload-identity", "key"]), default="workload-identity",
+                     show_default=True,
+                     help="How the workflows authenticate to Google Cloud: Workload Identity Federation, or a "
+                     "service-account key in the GCP_SA_KEY secret (weaker: a long-lived credential)."),
         cloud_env_options,
     ], function)
 

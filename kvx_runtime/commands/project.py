@@ -375,6 +375,9 @@ class InitRequest:
     cloud_env: CloudEnvOptions | None = None
     #: How the user reaches the target's commands (what the closing lines suggest).
     group: str = "kvx-runtime"
+    #: ``--with-github-actions``: also .github/workflows/, authenticating to Google Cloud this
+    #: way (``--github-auth``, :mod:`.ci_workflows`); None: not asked for.
+    github_auth: str | None = None
 
 
 class InitOptions(Protocol):
@@ -392,6 +395,10 @@ class InitOptions(Protocol):
     def per_run(self) -> bool: ...
     @property
     def group(self) -> str: ...
+    @property
+    def with_github_actions(self) -> bool: ...
+    @property
+    def github_auth(self) -> str: ...
 
 
 def init_target(target: TargetInfo, request: InitOptions, arguments: Mapping[str, str | None],
@@ -401,23 +408,29 @@ def init_target(target: TargetInfo, request: InitOptions, arguments: Mapping[str
     checks them (exit 2 before anything is written), and the cloud env when asked. Returns the
     files written."""
     root = Path(request.project_path or os.getcwd()).resolve()
-    given = init_arguments_given(arguments, request.cloud_env, request.per_run)
+    given = init_arguments_given(arguments, request.cloud_env, request.per_run,
+                                 with_github_actions=request.with_github_actions)
     cloud_env = CloudEnvOptions(request.cloud_env, request.per_run) if request.cloud_env is not None else None
+    github_auth = request.github_auth if request.with_github_actions else None
     return write_init(InitRequest(root, target, config_values(root) if given else None, request.force,
-                                  request.with_dockerfile, cloud_env, request.group))
+                                  request.with_dockerfile, cloud_env, request.group, github_auth))
 
 
-def init_arguments_given(names: Mapping[str, str | None], cloud_env: str | None, per_run: bool) -> bool:
+def init_arguments_given(names: Mapping[str, str | None], cloud_env: str | None, per_run: bool, *,
+                         with_github_actions: bool = False) -> bool:
     """Were a target's ``init`` arguments (``names``: argument -> value) given? All or none;
-    none only with ``--cloud-env``, which also writes the overlay alone."""
+    none only with ``--cloud-env`` or ``--with-github-actions``, which also write their files
+    alone (from the existing config file)."""
     from kvx_runtime.errors import UsageError
 
     missing = [name for name, value in names.items() if not value]
     if per_run and cloud_env is None:
         raise UsageError("--per-run is an option of --cloud-env", hint="add --cloud-env NAME")
-    if missing and (len(missing) < len(names) or cloud_env is None):
+    alone = cloud_env is not None or with_github_actions
+    if missing and (len(missing) < len(names) or not alone):
         raise UsageError(f"missing argument{'s' if len(missing) > 1 else ''} {' '.join(missing)}",
-                         hint="--cloud-env NAME alone writes only the cloud env" if cloud_env is None else None)
+                         hint=None if alone else "--cloud-env NAME or --with-github-actions alone writes only "
+                         "the cloud env or the workflows")
     return not missing
 
 
@@ -438,11 +451,20 @@ def write_init(request: InitRequest) -> list[Path]:
     env = _plan_cloud_env(root, request.cloud_env) if request.cloud_env is not None else None
     if env is not None:
         files[env.path] = env.text
+    workflows = None
+    if request.github_auth is not None:
+        from kvx_runtime.commands.ci_workflows import plan_workflows
+
+        # The config this init writes, else the project's own: the workflows take its values.
+        workflows = plan_workflows(root, request.target, request.group, files.get(config), request.github_auth)
+        files.update(workflows.files)
     write_init_files(root, files, request.force, request.with_dockerfile)
     if kept:
         click.echo(f"{config.relative_to(root)} exists: kept as it is (--force rewrites it)")
     if env is not None:
         _explain_cloud_env(env, request.group)
+    if workflows is not None:
+        click.echo(workflows.setup)
     return list(files)
 
 

@@ -28,6 +28,10 @@ class VertexInitRequest:
     cloud_env: str | None = None
     per_run: bool = False
     group: str = "kvx-runtime"
+    #: ``--with-github-actions``: also .github/workflows/ (:mod:`.ci_workflows`), authenticating
+    #: to Google Cloud as ``github_auth`` says.
+    with_github_actions: bool = False
+    github_auth: str = "workload-identity"
 
 
 def init_vertex(request: VertexInitRequest) -> list[Path]:
@@ -43,8 +47,10 @@ def init_vertex(request: VertexInitRequest) -> list[Path]:
 @init_options
 @click.pass_context
 def init_command(ctx: click.Context, project_id: str | None, region: str | None, project_path: str | None,
-                 force: bool, with_dockerfile: bool, cloud_env: str | None, per_run: bool) -> None:
+                 force: bool, with_dockerfile: bool, cloud_env: str | None, per_run: bool,
+                 with_github_actions: bool, github_auth: str) -> None:
     """Write a commented conf/base/vertexai.yml for PROJECT_ID and REGION (with --cloud-env NAME
     also conf/NAME/catalog.yml; PROJECT_ID and REGION may then be left out)."""
     group = ctx.parent.command_path if ctx.parent is not None else "kvx-runtime"
-    init_vertex(VertexInitRequest(project_id, region, project_path, force, with_dockerfile, cloud_env, per_run, group))
+    init_vertex(VertexInitRequest(project_id, region, project_path, force, with_dockerfile, cloud_env, per_run, group,
+                                  with_github_actions, github_auth))
