@@ -12,6 +12,7 @@ import os
 import subprocess
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -203,15 +204,23 @@ def test_failing_pipeline_run_local_ends_failed_with_failed_node(tmp_path, mlflo
     assert run.data.tags["kvx.final_state"] == "FAILED"
 
 
-def test_successful_run_local_with_mlflow_is_one_finished_run(tmp_path, mlflow_server) -> None:
+def run_local_ml_project(tmp_path: Path, mlflow_server, job: str) -> tuple[Path, dict[str, str], Any]:
+    """The ML project compiled and run by run-local against ``mlflow_server``: the project, its
+    step environment and the pipeline's MLflow run."""
     project = ml_project(tmp_path)
     env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
     assert kvx(project, "compile", "-o", str(tmp_path / "p.json"), env=env).returncode == 0
-    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "ok-job", env=env, timeout=600)
+    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", job, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     client = mlflow_server.client()
     experiment = client.get_experiment_by_name("mlproj")
-    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'ok-job'")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.vertexai_job_name = '{job}'")
+    return project, env, run
+
+
+def test_successful_run_local_with_mlflow_is_one_finished_run(tmp_path, mlflow_server) -> None:
+    _, _, run = run_local_ml_project(tmp_path, mlflow_server, "ok-job")
+    client = mlflow_server.client()
     assert run.info.status == "FINISHED"
     assert run.data.metrics["score"] == 3.0 and run.data.metrics["late_metrics.late_score"] == 4.0
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["report.txt"]
@@ -485,14 +494,7 @@ def test_node_seconds_recorded_in_mlflow_guide_the_auto_grouper(tmp_path, mlflow
 
     from conftest import free_port
 
-    project = ml_project(tmp_path)
-    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
-    assert kvx(project, "compile", "-o", str(tmp_path / "p.json"), env=env).returncode == 0
-    result = kvx(project, "run-local", str(tmp_path / "p.json"), "--job-name", "timed-job", env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
-    client = mlflow_server.client()
-    experiment = client.get_experiment_by_name("mlproj")
-    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.vertexai_job_name = 'timed-job'")
+    project, env, run = run_local_ml_project(tmp_path, mlflow_server, "timed-job")
     seconds = {key: value for key, value in run.data.metrics.items() if key.startswith("kvx.node_seconds.")}
     assert sorted(seconds) == [f"kvx.node_seconds.{node}" for node in ("make", "report", "train", "wait_then_score")]
     assert all(value >= 0 for value in seconds.values())
