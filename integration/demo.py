@@ -59,6 +59,8 @@ def mlflow_summary(job_name: str) -> str:
         from mlflow.tracking import MlflowClient
     except ImportError:
         return "MLflow is not installed"
+    from kvx_runtime.mlflow import NODE_SECONDS_PREFIX
+
     client = MlflowClient(tracking_uri=f"sqlite:///{PROJECT / '.kvx' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("spaceflights-kvx")
     if experiment is None:
@@ -67,7 +69,10 @@ def mlflow_summary(job_name: str) -> str:
     if len(runs) != 1:
         return f"{len(runs)} runs for this job (expected exactly one)"
     run = runs[0]
-    metrics = ", ".join(f"{k}={v:g}" for k, v in sorted(run.data.metrics.items()))
+    timed = sum(1 for key in run.data.metrics if key.startswith(NODE_SECONDS_PREFIX))
+    metrics = ", ".join(f"{k}={v:g}" for k, v in sorted(run.data.metrics.items())
+                        if not k.startswith(NODE_SECONDS_PREFIX))
+    metrics += f" (and {timed} nodes' seconds, {NODE_SECONDS_PREFIX}*)" if timed else ""
     artifacts = ", ".join(a.path for a in client.list_artifacts(run.info.run_id))
     return f"{run.info.run_name} {run.info.status}; metrics: {metrics}; artifacts: {artifacts}"
 
