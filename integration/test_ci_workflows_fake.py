@@ -1,16 +1,12 @@
 """The push and main-branch jobs of the workflows `init --with-github-actions` writes, their
-shell steps run here as GitHub's runner would (bash -eo pipefail, $GITHUB_ENV carried from step
-to step, $GITHUB_STEP_SUMMARY collected) against the fake Vertex AI API. What only GitHub can
-run (checkout, the auth action, setup-gcloud, the docker build and push) is left out: the fake
-Google token endpoint stands in for the auth action's credentials."""
+shell steps run as GitHub's runner would (integration/github_runner.py) against the fake
+Vertex AI API. The fake Google token endpoint stands in for the auth action's credentials."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -18,14 +14,13 @@ from click.testing import CliRunner
 
 from integration.conftest import step_env
 from integration.fake_vertex import FakeVertex
+from integration.github_runner import run_job
 from kvx_runtime.cli import cli
 
 pytestmark = pytest.mark.slow
 
 PROJECT_ID, REGION = "kvx-example-project", "europe-west1"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-#: Steps that need GitHub's runner or a Docker daemon and registry.
-NOT_HERE = {"Install the project"}
 
 
 @pytest.fixture
@@ -33,25 +28,6 @@ def vertex(fake_google):
     fake = FakeVertex(fake_google, project=PROJECT_ID, region=REGION).start()
     yield fake
     fake.stop()
-
-
-def run_job(root: Path, job: dict[str, Any], env: dict[str, str], tmp_path: Path) -> str:
-    """Run ``job``'s run: steps in order; returns its step summary."""
-    runner = tmp_path / "runner"
-    runner.mkdir(parents=True, exist_ok=True)
-    summary, github_env = runner / "summary.md", runner / "env"
-    summary.write_text("")
-    github_env.write_text("")
-    for step in job["steps"]:
-        if "run" not in step or step.get("name") in NOT_HERE:
-            continue
-        carried = dict(line.split("=", 1) for line in github_env.read_text().splitlines() if "=" in line)
-        step_environment = {**env, **carried, "GITHUB_ENV": str(github_env), "GITHUB_STEP_SUMMARY": str(summary),
-                            "RUNNER_TEMP": str(runner)}
-        result = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=root,
-                                env=step_environment, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"{step.get('name')}: {result.stdout[-1000:]}{result.stderr[-2000:]}"
-    return summary.read_text()
 
 
 def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example_project: Path, vertex: FakeVertex,
@@ -93,3 +69,4 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
     assert schedule["cron"].endswith("0 3 * * *")
     assert f"### {SHA[:7]} deployed to Vertex AI" in deploy_summary and "Uploaded as" in deploy_summary
     assert "Console: <https://console.cloud.google.com/vertex-ai/pipelines/runs?project=" in deploy_summary
+
