@@ -1,6 +1,7 @@
 """The push and main-branch jobs of the workflows `init --with-github-actions` writes, their
 shell steps run as GitHub's runner would (integration/github_runner.py) against the fake
-Vertex AI API. The fake Google token endpoint stands in for the auth action's credentials."""
+Vertex AI API and the fake Kubeflow Pipelines API. The fake Google token endpoint stands in for
+the auth action's credentials."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from integration.conftest import step_env
+from integration.fake_kfp import FakeKfp
 from integration.fake_vertex import FakeVertex
 from integration.github_runner import run_job
 from kvx_runtime.cli import cli
@@ -70,3 +72,64 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
     assert f"### {SHA[:7]} deployed to Vertex AI" in deploy_summary and "Uploaded as" in deploy_summary
     assert "Console: <https://console.cloud.google.com/vertex-ai/pipelines/runs?project=" in deploy_summary
 
+
+IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
+#: The repository variable KVX_IMAGE_REPOSITORY: kfp init's image names no registry.
+KFP_IMAGE_REPOSITORY = "registry.example.com/team-a/spaceflights-kvx"
+DEPLOYER = "kvx-deployer@kvx-test.iam.gserviceaccount.com"
+
+
+@pytest.fixture
+def kfp_iap():
+    fake = FakeKfp(auth="iap", audience=IAP_CLIENT).start()
+    yield fake
+    fake.stop()
+
+
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(example_project: Path, kfp_iap: FakeKfp,
+                                                                             fake_google, tmp_path: Path) -> None:
+    """KFP behind IAP with Workload Identity Federation (init's defaults): the auth action's ID
+    token for the IAP client id reaches the client through $GITHUB_ENV as KF_PIPELINES_TOKEN."""
+    root, kfp = example_project, kfp_iap
+    (root / "conf" / "base" / "vertexai.yml").unlink()  # kubeflow.yml instead
+    for arguments in ([kfp.url, "--namespace", "team-a", "--with-github-actions"], ["--cloud-env", "cloud"]):
+        result = CliRunner().invoke(cli, ["kfp", "init", "--project-path", str(root), *arguments])
+        assert result.exit_code == 0, result.output
+    config = root / "conf" / "base" / "kubeflow.yml"
+    config.write_text(config.read_text().replace("run_config:\n", (
+        "run_config:\n  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n"), 1))
+    (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
+    workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+
+    # The workflow's env block as GitHub would evaluate it for a push of SHA to main, the
+    # variable KVX_IMAGE_REPOSITORY set.
+    evaluated = {"IMAGE_REPOSITORY": KFP_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+    assert set(evaluated) == set(workflow["env"])
+    # The jobs' env (secrets: IAP only) and what the IAP ID-token step hands the next one.
+    known = {"secrets.IAP_CLIENT_ID": IAP_CLIENT, "secrets.DEX_USERNAME": "", "secrets.DEX_PASSWORD": "",
+             "steps.iap.outputs.id_token != ''": "true",
+             "steps.iap.outputs.id_token": fake_google.id_token(IAP_CLIENT, DEPLOYER)}
+    # No Google credentials besides that token: the client must send it, not mint its own.
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", GOOGLE_APPLICATION_CREDENTIALS="",
+                   NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", KVX_API_RETRY_WAIT="0.05",
+                   KVX_WATCH_INTERVAL="0.05")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    ui = f"{kfp.url.removesuffix('/pipeline')}/_/pipeline/#/runs"
+
+    run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once", known)
+    [run] = kfp.runs.values()
+    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(run)
+    assert f"### Run of {SHA[:7]} on Kubeflow Pipelines" in run_summary
+    assert f"Console: <{ui}/details/{run['run_id']}>" in run_summary
+
+    deploy_summary = run_job(root, workflow["jobs"]["deploy"], env, tmp_path / "deploy", known)
+    [pipeline_id] = kfp.pipelines
+    [version] = kfp.versions[pipeline_id]
+    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(version)
+    [recurring] = kfp.recurring.values()
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(recurring)
+    assert f"### {SHA[:7]} deployed to Kubeflow Pipelines" in deploy_summary
+    assert f"Console: <{ui}>" in deploy_summary
+    assert kfp.problems == []
