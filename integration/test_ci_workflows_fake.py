@@ -6,8 +6,10 @@ the auth action's credentials."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -74,8 +76,8 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
 
 
 IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
-#: The repository variable KVX_IMAGE_REPOSITORY: kfp init's image names no registry.
-KFP_IMAGE_REPOSITORY = "registry.example.com/team-a/spaceflights-kvx"
+#: The repository variable KVX_IMAGE_REPOSITORY: the image kfp init and airflow init write names no registry.
+VARIABLE_IMAGE_REPOSITORY = "registry.example.com/team-a/spaceflights-kvx"
 DEPLOYER = "kvx-deployer@kvx-test.iam.gserviceaccount.com"
 
 
@@ -103,7 +105,7 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
 
     # The workflow's env block as GitHub would evaluate it for a push of SHA to main, the
     # variable KVX_IMAGE_REPOSITORY set.
-    evaluated = {"IMAGE_REPOSITORY": KFP_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
+    evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
                  "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
     assert set(evaluated) == set(workflow["env"])
     # The jobs' env (secrets: IAP only) and what the IAP ID-token step hands the next one.
@@ -119,17 +121,64 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
 
     run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once", known)
     [run] = kfp.runs.values()
-    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(run)
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(run)
     assert f"### Run of {SHA[:7]} on Kubeflow Pipelines" in run_summary
     assert f"Console: <{ui}/details/{run['run_id']}>" in run_summary
 
     deploy_summary = run_job(root, workflow["jobs"]["deploy"], env, tmp_path / "deploy", known)
     [pipeline_id] = kfp.pipelines
     [version] = kfp.versions[pipeline_id]
-    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(version)
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(version)
     [recurring] = kfp.recurring.values()
     assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
-    assert f"{KFP_IMAGE_REPOSITORY}:{SHA}" in str(recurring)
-    assert f"### {SHA[:7]} deployed to Kubeflow Pipelines" in deploy_summary
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(recurring)
+    assert f"### {SHA[:7]} deployed to Kubeflow Pipelines" in deploy_summary and "as a new pipeline" in deploy_summary
     assert f"Console: <{ui}>" in deploy_summary
     assert kfp.problems == []
+
+
+@pytest.mark.airflow
+@pytest.mark.xdist_group("ci-workflows-airflow")  # its own Airflow deployment (module-scoped fixture)
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(example_project: Path, airflow_server: Any,
+                                                                            tmp_path: Path) -> None:
+    """Airflow's own login: the user and password secrets reach the client as the job's env."""
+    root, dag_id = example_project, "ci-kvx"
+    (root / "conf" / "base" / "vertexai.yml").unlink()  # airflow-k8s.yml instead
+    for arguments in ([airflow_server.url, "--with-github-actions"], ["--cloud-env", "cloud"]):
+        result = CliRunner().invoke(cli, ["airflow", "init", "--project-path", str(root), *arguments])
+        assert result.exit_code == 0, result.output
+    config = root / "conf" / "base" / "airflow-k8s.yml"
+    config.write_text(config.read_text().replace("run_config:\n", (
+        f"run_config:\n  dags_folder: {airflow_server.dags_folder}\n  schedule: '0 3 * * *'\n"
+        "  start_date: 2030-01-01\n"), 1))
+    config.write_text(re.sub(r"(?m)^  dag_id: .*$", f"  dag_id: {dag_id}", config.read_text(), count=1))
+    (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
+    workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+
+    evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+    assert set(evaluated) == set(workflow["env"])
+    known = {"secrets.KVX_AIRFLOW_TOKEN": "", "secrets.KVX_AIRFLOW_USERNAME": airflow_server.username,
+             "secrets.KVX_AIRFLOW_PASSWORD": airflow_server.password}
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    image = f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}"
+
+    run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once", known)
+    run_dag = f"{dag_id}-run-once"  # run-once of a scheduled project: its copy without the schedule
+    assert image in (airflow_server.dags_folder / f"{run_dag}.py").read_text()
+    status, runs = airflow_server.api("GET", f"/api/v2/dags/{run_dag}/dagRuns")
+    assert status == 200 and runs["total_entries"] == 1, (status, runs)
+    run_id = runs["dag_runs"][0]["dag_run_id"]
+    assert f"### Run of {SHA[:7]} on Airflow" in run_summary
+    assert f"Console: <{airflow_server.url}/dags/{run_dag}/runs/{run_id}>" in run_summary
+
+    deploy_summary = run_job(root, workflow["jobs"]["deploy"], env, tmp_path / "deploy", known)
+    dag_file = (airflow_server.dags_folder / f"{dag_id}.py").read_text()
+    assert image in dag_file and 'schedule="0 3 * * *"' in dag_file
+    status, details = airflow_server.api("GET", f"/api/v2/dags/{dag_id}")
+    assert status == 200 and details["is_paused"] is False, (status, details)
+    assert f"### {SHA[:7]} deployed to Airflow" in deploy_summary
+    assert f"DAG {dag_id} created from" in deploy_summary and f"Schedule {dag_id} " in deploy_summary
+    assert f"Console: <{airflow_server.url}/dags/{dag_id}>" in deploy_summary
+    assert airflow_server.password not in run_summary + deploy_summary
