@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from integration.conftest import step_env
-from integration.fake_kfp import FakeKfp
+from integration.fake_kfp import DEX_PASSWORD, DEX_USER, FakeKfp
 from integration.fake_vertex import FakeVertex
 from integration.github_runner import run_job
 from kvx_runtime.cli import cli
@@ -82,19 +82,24 @@ DEPLOYER = "kvx-deployer@kvx-test.iam.gserviceaccount.com"
 
 
 @pytest.fixture
-def kfp_iap():
-    fake = FakeKfp(auth="iap", audience=IAP_CLIENT).start()
+def kfp(request):
+    fake = FakeKfp(auth=request.param, audience=IAP_CLIENT).start()
     yield fake
     fake.stop()
 
 
-def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(example_project: Path, kfp_iap: FakeKfp,
-                                                                             fake_google, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kfp", "github_auth"), [("iap", "workload-identity"), ("dex", "key")],
+                         indirect=["kfp"])
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(example_project: Path, kfp: FakeKfp,
+                                                                             github_auth: str, fake_google,
+                                                                             tmp_path: Path) -> None:
     """KFP behind IAP with Workload Identity Federation (init's defaults): the auth action's ID
-    token for the IAP client id reaches the client through $GITHUB_ENV as KF_PIPELINES_TOKEN."""
-    root, kfp = example_project, kfp_iap
+    token for the IAP client id reaches the client through $GITHUB_ENV as KF_PIPELINES_TOKEN.
+    KFP behind Dex with a service-account key: the Dex secrets reach it as the job's env."""
+    root = example_project
     (root / "conf" / "base" / "vertexai.yml").unlink()  # kubeflow.yml instead
-    for arguments in ([kfp.url, "--namespace", "team-a", "--with-github-actions"], ["--cloud-env", "cloud"]):
+    for arguments in ([kfp.url, "--namespace", "team-a", "--with-github-actions", "--github-auth", github_auth],
+                      ["--cloud-env", "cloud"]):
         result = CliRunner().invoke(cli, ["kfp", "init", "--project-path", str(root), *arguments])
         assert result.exit_code == 0, result.output
     config = root / "conf" / "base" / "kubeflow.yml"
@@ -108,11 +113,15 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
                  "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
     assert set(evaluated) == set(workflow["env"])
-    # The jobs' env (secrets: IAP only) and what the IAP ID-token step hands the next one.
-    known = {"secrets.IAP_CLIENT_ID": IAP_CLIENT, "secrets.DEX_USERNAME": "", "secrets.DEX_PASSWORD": "",
-             "steps.iap.outputs.id_token != ''": "true",
-             "steps.iap.outputs.id_token": fake_google.id_token(IAP_CLIENT, DEPLOYER)}
-    # No Google credentials besides that token: the client must send it, not mint its own.
+    # The jobs' env (the secrets of one auth mode set) and, with IAP, what the ID-token step
+    # (the auth action) hands the next one.
+    if kfp.auth == "iap":
+        known = {"secrets.IAP_CLIENT_ID": IAP_CLIENT, "secrets.DEX_USERNAME": "", "secrets.DEX_PASSWORD": "",
+                 "steps.iap.outputs.id_token != ''": "true",
+                 "steps.iap.outputs.id_token": fake_google.id_token(IAP_CLIENT, DEPLOYER)}
+    else:
+        known = {"secrets.IAP_CLIENT_ID": "", "secrets.DEX_USERNAME": DEX_USER, "secrets.DEX_PASSWORD": DEX_PASSWORD}
+    # No Google credentials (IAP: only the step's ID token, which the client must send, not mint its own).
     env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", GOOGLE_APPLICATION_CREDENTIALS="",
                    NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", KVX_API_RETRY_WAIT="0.05",
                    KVX_WATCH_INTERVAL="0.05")
@@ -134,7 +143,7 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(recurring)
     assert f"### {SHA[:7]} deployed to Kubeflow Pipelines" in deploy_summary and "as a new pipeline" in deploy_summary
     assert f"Console: <{ui}>" in deploy_summary
-    assert kfp.problems == []
+    assert kfp.problems == [] and (kfp.logins > 0) == (kfp.auth == "dex")
 
 
 @pytest.mark.airflow
