@@ -1,13 +1,12 @@
 """The push and main-branch jobs of the workflows `init --with-github-actions` writes, their
-shell steps run here as GitHub's runner would (bash -eo pipefail, $GITHUB_ENV carried from step
-to step, $GITHUB_STEP_SUMMARY collected) against the fake Vertex AI API. What only GitHub can
-run (checkout, the auth action, setup-gcloud, the docker build and push) is left out: the fake
-Google token endpoint stands in for the auth action's credentials."""
+shell steps run as GitHub's runner would (integration/github_runner.py) against the fake
+Vertex AI API and the fake Kubeflow Pipelines API. The fake Google token endpoint stands in for
+the auth action's credentials."""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,15 @@ import yaml
 from click.testing import CliRunner
 
 from integration.conftest import step_env
+from integration.fake_kfp import DEX_PASSWORD, DEX_USER, FakeKfp
 from integration.fake_vertex import FakeVertex
+from integration.github_runner import run_job
 from kvx_runtime.cli import cli
 
 pytestmark = pytest.mark.slow
 
 PROJECT_ID, REGION = "kvx-example-project", "europe-west1"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-#: Steps that need GitHub's runner or a Docker daemon and registry.
-NOT_HERE = {"Install the project"}
 
 
 @pytest.fixture
@@ -33,25 +32,6 @@ def vertex(fake_google):
     fake = FakeVertex(fake_google, project=PROJECT_ID, region=REGION).start()
     yield fake
     fake.stop()
-
-
-def run_job(root: Path, job: dict[str, Any], env: dict[str, str], tmp_path: Path) -> str:
-    """Run ``job``'s run: steps in order; returns its step summary."""
-    runner = tmp_path / "runner"
-    runner.mkdir(parents=True, exist_ok=True)
-    summary, github_env = runner / "summary.md", runner / "env"
-    summary.write_text("")
-    github_env.write_text("")
-    for step in job["steps"]:
-        if "run" not in step or step.get("name") in NOT_HERE:
-            continue
-        carried = dict(line.split("=", 1) for line in github_env.read_text().splitlines() if "=" in line)
-        step_environment = {**env, **carried, "GITHUB_ENV": str(github_env), "GITHUB_STEP_SUMMARY": str(summary),
-                            "RUNNER_TEMP": str(runner)}
-        result = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=root,
-                                env=step_environment, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"{step.get('name')}: {result.stdout[-1000:]}{result.stderr[-2000:]}"
-    return summary.read_text()
 
 
 def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example_project: Path, vertex: FakeVertex,
@@ -93,3 +73,121 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
     assert schedule["cron"].endswith("0 3 * * *")
     assert f"### {SHA[:7]} deployed to Vertex AI" in deploy_summary and "Uploaded as" in deploy_summary
     assert "Console: <https://console.cloud.google.com/vertex-ai/pipelines/runs?project=" in deploy_summary
+
+
+IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
+#: The repository variable KVX_IMAGE_REPOSITORY: the image kfp init and airflow init write names no registry.
+VARIABLE_IMAGE_REPOSITORY = "registry.example.com/team-a/spaceflights-kvx"
+DEPLOYER = "kvx-deployer@kvx-test.iam.gserviceaccount.com"
+
+
+@pytest.fixture
+def kfp(request):
+    fake = FakeKfp(auth=request.param, audience=IAP_CLIENT).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.mark.parametrize(("kfp", "github_auth"), [("iap", "workload-identity"), ("dex", "key")],
+                         indirect=["kfp"])
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(example_project: Path, kfp: FakeKfp,
+                                                                             github_auth: str, fake_google,
+                                                                             tmp_path: Path) -> None:
+    """KFP behind IAP with Workload Identity Federation (init's defaults): the auth action's ID
+    token for the IAP client id reaches the client through $GITHUB_ENV as KF_PIPELINES_TOKEN.
+    KFP behind Dex with a service-account key: the Dex secrets reach it as the job's env."""
+    root = example_project
+    (root / "conf" / "base" / "vertexai.yml").unlink()  # kubeflow.yml instead
+    for arguments in ([kfp.url, "--namespace", "team-a", "--with-github-actions", "--github-auth", github_auth],
+                      ["--cloud-env", "cloud"]):
+        result = CliRunner().invoke(cli, ["kfp", "init", "--project-path", str(root), *arguments])
+        assert result.exit_code == 0, result.output
+    config = root / "conf" / "base" / "kubeflow.yml"
+    config.write_text(config.read_text().replace("run_config:\n", (
+        "run_config:\n  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n"), 1))
+    (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
+    workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+
+    # The workflow's env block as GitHub would evaluate it for a push of SHA to main, the
+    # variable KVX_IMAGE_REPOSITORY set.
+    evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+    assert set(evaluated) == set(workflow["env"])
+    # The jobs' env (the secrets of one auth mode set) and, with IAP, what the ID-token step
+    # (the auth action) hands the next one.
+    if kfp.auth == "iap":
+        known = {"secrets.IAP_CLIENT_ID": IAP_CLIENT, "secrets.DEX_USERNAME": "", "secrets.DEX_PASSWORD": "",
+                 "steps.iap.outputs.id_token != ''": "true",
+                 "steps.iap.outputs.id_token": fake_google.id_token(IAP_CLIENT, DEPLOYER)}
+    else:
+        known = {"secrets.IAP_CLIENT_ID": "", "secrets.DEX_USERNAME": DEX_USER, "secrets.DEX_PASSWORD": DEX_PASSWORD}
+    # No Google credentials (IAP: only the step's ID token, which the client must send, not mint its own).
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", GOOGLE_APPLICATION_CREDENTIALS="",
+                   NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", KVX_API_RETRY_WAIT="0.05",
+                   KVX_WATCH_INTERVAL="0.05")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    ui = f"{kfp.url.removesuffix('/pipeline')}/_/pipeline/#/runs"
+
+    run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once", known)
+    [run] = kfp.runs.values()
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(run)
+    assert f"### Run of {SHA[:7]} on Kubeflow Pipelines" in run_summary
+    assert f"Console: <{ui}/details/{run['run_id']}>" in run_summary
+
+    deploy_summary = run_job(root, workflow["jobs"]["deploy"], env, tmp_path / "deploy", known)
+    [pipeline_id] = kfp.pipelines
+    [version] = kfp.versions[pipeline_id]
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(version)
+    [recurring] = kfp.recurring.values()
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}" in str(recurring)
+    assert f"### {SHA[:7]} deployed to Kubeflow Pipelines" in deploy_summary and "as a new pipeline" in deploy_summary
+    assert f"Console: <{ui}>" in deploy_summary
+    assert kfp.problems == [] and (kfp.logins > 0) == (kfp.auth == "dex")
+
+
+@pytest.mark.airflow
+@pytest.mark.xdist_group("ci-workflows-airflow")  # its own Airflow deployment (module-scoped fixture)
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(example_project: Path, airflow_server: Any,
+                                                                            tmp_path: Path) -> None:
+    """Airflow's own login: the user and password secrets reach the client as the job's env."""
+    root, dag_id = example_project, "ci-kvx"
+    (root / "conf" / "base" / "vertexai.yml").unlink()  # airflow-k8s.yml instead
+    for arguments in ([airflow_server.url, "--with-github-actions"], ["--cloud-env", "cloud"]):
+        result = CliRunner().invoke(cli, ["airflow", "init", "--project-path", str(root), *arguments])
+        assert result.exit_code == 0, result.output
+    config = root / "conf" / "base" / "airflow-k8s.yml"
+    config.write_text(config.read_text().replace("run_config:\n", (
+        f"run_config:\n  dags_folder: {airflow_server.dags_folder}\n  schedule: '0 3 * * *'\n"
+        "  start_date: 2030-01-01\n"), 1))
+    config.write_text(re.sub(r"(?m)^  dag_id: .*$", f"  dag_id: {dag_id}", config.read_text(), count=1))
+    (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
+    workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+
+    evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+    assert set(evaluated) == set(workflow["env"])
+    known = {"secrets.KVX_AIRFLOW_TOKEN": "", "secrets.KVX_AIRFLOW_USERNAME": airflow_server.username,
+             "secrets.KVX_AIRFLOW_PASSWORD": airflow_server.password}
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    image = f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}"
+
+    run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once", known)
+    run_dag = f"{dag_id}-run-once"  # run-once of a scheduled project: its copy without the schedule
+    assert image in (airflow_server.dags_folder / f"{run_dag}.py").read_text()
+    status, runs = airflow_server.api("GET", f"/api/v2/dags/{run_dag}/dagRuns")
+    assert status == 200 and runs["total_entries"] == 1, (status, runs)
+    run_id = runs["dag_runs"][0]["dag_run_id"]
+    assert f"### Run of {SHA[:7]} on Airflow" in run_summary
+    assert f"Console: <{airflow_server.url}/dags/{run_dag}/runs/{run_id}>" in run_summary
+
+    deploy_summary = run_job(root, workflow["jobs"]["deploy"], env, tmp_path / "deploy", known)
+    dag_file = (airflow_server.dags_folder / f"{dag_id}.py").read_text()
+    assert image in dag_file and 'schedule="0 3 * * *"' in dag_file
+    status, details = airflow_server.api("GET", f"/api/v2/dags/{dag_id}")
+    assert status == 200 and details["is_paused"] is False, (status, details)
+    assert f"### {SHA[:7]} deployed to Airflow" in deploy_summary
+    assert f"DAG {dag_id} created from" in deploy_summary and f"Schedule {dag_id} " in deploy_summary
+    assert f"Console: <{airflow_server.url}/dags/{dag_id}>" in deploy_summary
+    assert airflow_server.password not in run_summary + deploy_summary
