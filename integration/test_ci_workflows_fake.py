@@ -34,32 +34,45 @@ def vertex(fake_google):
     fake.stop()
 
 
-def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example_project: Path, vertex: FakeVertex,
-                                                                           fake_google, tmp_path: Path) -> None:
-    from integration.test_mlflow import _service_account_key
-
-    root = example_project
+def vertex_workflow(root: Path, vertex: FakeVertex, extra_config: str = "") -> dict[str, Any]:
+    """The example project initialised for Vertex AI with the workflows (and a cloud env); the
+    pipeline workflow as parsed YAML."""
     config = root / "conf" / "base" / "vertexai.yml"
     config.write_text(config.read_text().replace("run_config:\n", (
         "run_config:\n"
         f"  template_repository: {vertex.url}/kfp/{PROJECT_ID}/pipelines\n"
-        "  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n"), 1))
+        "  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n" + extra_config), 1))
     for arguments in (["--with-github-actions"], ["--cloud-env", "cloud"]):
         result = CliRunner().invoke(cli, ["init", "--project-path", str(root), *arguments])
         assert result.exit_code == 0, result.output
     (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
-    workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+    return yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
+
+
+def vertex_job_env(evaluated: dict[str, str], vertex: FakeVertex, fake_google, tmp_path: Path,
+                   **extra: str) -> dict[str, str]:
+    """A job's environment: the workflow's env block as GitHub evaluated it, Google credentials of
+    the fake token endpoint (what the auth action leaves), the fake Vertex AI API."""
+    from integration.test_mlflow import _service_account_key
 
     adc = _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token",
                                "deployer@kvx-test.iam.gserviceaccount.com")
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_VERTEX_ENDPOINT=vertex.url,
+                   GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_VERTEX_RETRY_WAIT="0.05", **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example_project: Path, vertex: FakeVertex,
+                                                                           fake_google, tmp_path: Path) -> None:
+    root = example_project
+    workflow = vertex_workflow(root, vertex)
     # The workflow's env block as GitHub would evaluate it for a push of SHA to main, no variables set.
     evaluated = {"IMAGE_REPOSITORY": "europe-docker.pkg.dev/kvx-example-project/images/spaceflights-kvx",
                  "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false", "ON_MAIN_BRANCH": "true",
                  "PYTHON_VERSION": "3.11"}
     assert set(evaluated) == set(workflow["env"])
-    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_VERTEX_ENDPOINT=vertex.url,
-                   GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_VERTEX_RETRY_WAIT="0.05")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = vertex_job_env(evaluated, vertex, fake_google, tmp_path)
 
     run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once")
     [job] = vertex.jobs.values()
@@ -73,6 +86,36 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
     assert schedule["cron"].endswith("0 3 * * *")
     assert f"### {SHA[:7]} deployed to Vertex AI" in deploy_summary and "Uploaded as" in deploy_summary
     assert "Console: <https://console.cloud.google.com/vertex-ai/pipelines/runs?project=" in deploy_summary
+
+
+def test_a_code_upload_push_runs_the_pushed_code_on_the_latest_image(example_project: Path, vertex: FakeVertex,
+                                                                      fake_google, gcs_emulator,
+                                                                      tmp_path: Path) -> None:
+    """A push off the main branch with the KVX_CODE_UPLOAD variable: no image is built; run-once
+    uploads the code archive to the storage root (the GCS emulator) and the steps run the main
+    branch's latest image with it."""
+    root = example_project
+    workflow = vertex_workflow(root, vertex)
+    config = root / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text().replace("root: kvx-example-bucket/pipelines",
+                                                 f"root: {gcs_emulator.bucket}/pipelines"))
+    evaluated = {"IMAGE_REPOSITORY": "europe-docker.pkg.dev/kvx-example-project/images/spaceflights-kvx",
+                 "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "true", "ON_MAIN_BRANCH": "false",
+                 "PYTHON_VERSION": "3.11"}
+    env = vertex_job_env(evaluated, vertex, fake_google, tmp_path, **gcs_emulator.env)
+    # The image job's steps are all skipped (`if: env.CODE_UPLOAD != 'true'`): nothing is built.
+    assert all(step.get("if") == "env.CODE_UPLOAD != 'true'" for step in workflow["jobs"]["image"]["steps"])
+    assert "deploy" not in [name for name, job in workflow["jobs"].items() if "if" not in job]
+
+    summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once")
+    [job] = vertex.jobs.values()
+    spec = str(job["pipelineSpec"])
+    assert f"{evaluated['IMAGE_REPOSITORY']}:latest" in spec and f"{evaluated['IMAGE_REPOSITORY']}:{SHA}" not in spec
+    archives = [path for path in gcs_emulator.filesystem().find(f"{gcs_emulator.bucket}/pipelines")
+                if "code" in path and path.endswith((".tar.gz", ".tgz"))]
+    assert archives, "no code archive under the storage root"
+    assert "--code" in spec and archives[0].rsplit("/", 1)[-1] in spec
+    assert "with the uploaded code" in summary and "Console: <https://console.cloud.google.com/vertex-ai/" in summary
 
 
 IAP_CLIENT = "kvx-kfp-iap-client.apps.googleusercontent.com"
