@@ -24,8 +24,17 @@ from pathlib import Path
 
 BASE = "localhost/kvx-test-python:bookworm"
 RUNTIME = "localhost/kvx-runtime:kvx-test"
+#: The base image with full mlflow (KVX_MLFLOW=full), tagged as releases are: <version>-mlflow-full.
+RUNTIME_FULL = "localhost/kvx-runtime:kvx-test-mlflow-full"
 PROJECT = "localhost/spaceflights-kvx:kvx-test"
 MIRROR = os.environ.get("KVX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+#: Size bounds (MB, as buildah reports them), above what was measured: they catch full mlflow
+#: coming back (+600 MB) and large regressions. Issue 24's goals, 450 and 550 MB, are not met:
+#: the slim base image is 467 MB, as kedro-mlflow on mlflow-skinny needs numpy and pandas
+#: (~100 MB without their test suites); the example project's requirements (scikit-learn, with
+#: scipy) add 205 MB to it (672 MB).
+BASE_IMAGE_MAX_MB = 500
+PROJECT_IMAGE_MAX_MB = 800
 #: What a project image's build context leaves out (as a checkout's .dockerignore would).
 NOT_IN_CONTEXT = shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting")
 
@@ -127,6 +136,11 @@ class Buildah:
     def image_config(self, image: str) -> dict:
         return json.loads(self("inspect", "--type", "image", image).stdout)
 
+    def megabytes(self, image: str) -> float:
+        """``image``'s size in MB (10**6 bytes, buildah's unit), from what :meth:`sizes` prints."""
+        number, unit = self.sizes(image)[image].split()
+        return float(number) * {"B": 1e-6, "kB": 1e-3, "MB": 1, "GB": 1e3}[unit]
+
     def sizes(self, *images: str) -> dict[str, str]:
         """Each image's size as buildah prints it (e.g. "1.2 GB")."""
         sizes = {}
@@ -224,7 +238,8 @@ def build_runtime_image(buildah: Buildah, base: str, repo: Path, workdir: Path, 
     if host_bundle.exists():
         shutil.copy(host_bundle, context / "docker" / "certs" / "host.crt")
     buildah("bud", "--isolation", "chroot", "-q", "-f", "docker/Dockerfile", "--build-arg",
-            f"BASE_IMAGE={base}", "-t", tag, str(context))
+            f"BASE_IMAGE={base}", "--build-arg", f"KVX_MLFLOW={mlflow}", "-t", tag, str(context))
+    shutil.rmtree(context, ignore_errors=True)
     return tag
 
 
