@@ -79,10 +79,14 @@ test-image: $(STAMP)
 	$(PY) -m pytest -m buildah integration/test_image.py
 
 # The base image from this checkout (needs buildah or docker and a registry-reachable base).
+# KVX_MLFLOW=skinny (default), full or none; tags: kvx-runtime:0.1.0, 0.1.0-mlflow-full, 0.1.0-no-mlflow.
+KVX_MLFLOW ?= skinny
+IMAGE_TAG := kvx-runtime:0.1.0$(if $(filter full,$(KVX_MLFLOW)),-mlflow-full)$(if $(filter none,$(KVX_MLFLOW)),-no-mlflow)
 image: $(STAMP)
 	rm -f docker/wheels/*.whl
 	$(PY) -m pip wheel -q --no-deps -w docker/wheels .
-	buildah bud -f docker/Dockerfile -t kvx-runtime:0.1.0 . || docker build -f docker/Dockerfile -t kvx-runtime:0.1.0 .
+	buildah bud -f docker/Dockerfile --build-arg KVX_MLFLOW=$(KVX_MLFLOW) -t $(IMAGE_TAG) . \
+		|| docker build -f docker/Dockerfile --build-arg KVX_MLFLOW=$(KVX_MLFLOW) -t $(IMAGE_TAG) .
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvx_runtime tests integration bench
@@ -96,8 +100,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
 
-# Image sizes and project image rebuilds after a code change, against code upload (real buildah
-# builds: needs root, buildah, debootstrap and a package index; about fifteen minutes).
+# Image sizes (the base image's slim and full-mlflow flavours: only here, not in test-image) and
+# project image rebuilds after a code change, against code upload (real buildah builds: needs
+# root, buildah, debootstrap and a package index; about fifteen minutes).
 bench-image: $(STAMP)
 	$(PY) bench/run.py --only image,code
 

@@ -772,12 +772,19 @@ IMAGE_REBUILD = REPO / "bench" / "results" / "image-rebuild.json"
 
 
 def bench_image(bench: Bench, tmp: Path) -> None:
-    """The base and example project images' sizes, and what a code change costs without code
+    """The images' sizes (the Python base, the base image's slim and full-mlflow flavours, the
+    example project's image on the slim one), and what a code change costs without code
     upload: rebuilds of the project image (buildah, warm layer cache). Needs root, buildah and
     debootstrap (skipped, saying why, elsewhere). Writes IMAGE_SIZES and IMAGE_REBUILD, which
     the code upload section and docs/benchmarks.md read."""
     sys.path.insert(0, str(REPO))
-    from integration.images import Buildah, build_project_image, build_python_base, build_runtime_image
+    from integration.images import (
+        RUNTIME_FULL,
+        Buildah,
+        build_project_image,
+        build_python_base,
+        build_runtime_image,
+    )
 
     buildah = Buildah(tmp / "buildah")
     reason = buildah.why_not()
@@ -785,18 +792,29 @@ def bench_image(bench: Bench, tmp: Path) -> None:
         print(f"images: skipped: {reason}", flush=True)
         return
     try:
-        print(f"images: base, runtime and example project images (buildah, {buildah.driver} storage)", flush=True)
+        print(f"images: base, runtime (slim, full) and example project images (buildah, {buildah.driver} storage)",
+              flush=True)
         base = build_python_base(buildah, tmp)
         runtime = build_runtime_image(buildah, base, REPO, tmp)
         project = build_project_image(buildah, runtime, EXAMPLE, REPO, tmp)
-        sizes = buildah.sizes(base, runtime, project)
-        if set(sizes) != {base, runtime, project}:
-            raise RuntimeError(f"buildah lists {sorted(sizes)}, not the three images built")
+        started = time.perf_counter()
+        full = build_runtime_image(buildah, base, REPO, tmp, tag=RUNTIME_FULL, mlflow="full")
+        print(f"  full-mlflow base image built in {time.perf_counter() - started:.0f} s", flush=True)
+        doctor = buildah.run_in(full, "/usr/local/bin/kvx-entrypoint", "doctor", "--runtime-only")
+        if doctor.returncode != 0 or "kedro_mlflow (mlflow 3." not in doctor.stdout:
+            raise RuntimeError(f"the full-mlflow base image's doctor:\n{doctor.stdout}{doctor.stderr[-2000:]}")
+        sizes = buildah.sizes(base, runtime, full, project)
+        if set(sizes) != {base, runtime, full, project}:
+            raise RuntimeError(f"buildah lists {sorted(sizes)}, not the four images built")
         IMAGE_SIZES.parent.mkdir(parents=True, exist_ok=True)
-        IMAGE_SIZES.write_text(json.dumps({"base (Debian bookworm + python3)": sizes[base],
-                                           "kvx-runtime base image (mlflow extra)": sizes[runtime],
-                                           "example project image": sizes[project]}, indent=2) + "\n")
+        IMAGE_SIZES.write_text(json.dumps({
+            "Python base (Debian bookworm + python3, slimmed as python:3.11-slim)": sizes[base],
+            "kvx-runtime base image (default: mlflow-skinny)": sizes[runtime],
+            "kvx-runtime base image, KVX_MLFLOW=full (tag suffix -mlflow-full)": sizes[full],
+            "example project image (on the default base image)": sizes[project],
+        }, indent=2) + "\n")
         print(f"  sizes: {sizes}", flush=True)
+        buildah.quietly("rmi", "-f", full)
         seconds = _time_rebuilds(buildah, runtime, tmp, bench.runs)
         print(f"  rebuilds after a code change: {seconds} s", flush=True)
         IMAGE_REBUILD.write_text(json.dumps({"seconds": seconds, "what": "buildah bud --layers after a one-line "

@@ -24,8 +24,17 @@ from pathlib import Path
 
 BASE = "localhost/kvx-test-python:bookworm"
 RUNTIME = "localhost/kvx-runtime:kvx-test"
+#: The base image with full mlflow (KVX_MLFLOW=full), tagged as releases are: <version>-mlflow-full.
+RUNTIME_FULL = "localhost/kvx-runtime:kvx-test-mlflow-full"
 PROJECT = "localhost/spaceflights-kvx:kvx-test"
 MIRROR = os.environ.get("KVX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+#: Size bounds (MB, as buildah reports them), above what was measured: they catch full mlflow
+#: coming back (+600 MB) and large regressions. Issue 24's goals, 450 and 550 MB, are not met:
+#: the slim base image is 467 MB, as kedro-mlflow on mlflow-skinny needs numpy and pandas
+#: (~100 MB without their test suites); the example project's requirements (scikit-learn, with
+#: scipy) add 205 MB to it (672 MB).
+BASE_IMAGE_MAX_MB = 500
+PROJECT_IMAGE_MAX_MB = 800
 #: What a project image's build context leaves out (as a checkout's .dockerignore would).
 NOT_IN_CONTEXT = shutil.ignore_patterns(".kvx", "__pycache__", "08_reporting")
 
@@ -127,6 +136,11 @@ class Buildah:
     def image_config(self, image: str) -> dict:
         return json.loads(self("inspect", "--type", "image", image).stdout)
 
+    def megabytes(self, image: str) -> float:
+        """``image``'s size in MB (10**6 bytes, buildah's unit), from what :meth:`sizes` prints."""
+        number, unit = self.sizes(image)[image].split()
+        return float(number) * {"B": 1e-6, "kB": 1e-3, "MB": 1, "GB": 1e3}[unit]
+
     def sizes(self, *images: str) -> dict[str, str]:
         """Each image's size as buildah prints it (e.g. "1.2 GB")."""
         sizes = {}
@@ -137,14 +151,35 @@ class Buildah:
         return sizes
 
 
+#: What Debian's slim images leave out (debian:bookworm-slim, under python:3.11-slim), as
+#: dpkg path filters: documentation but the copyright notices, manuals, info pages and
+#: translations. Also written to the image's /etc/dpkg/dpkg.cfg.d/, so that packages installed
+#: later (apt-get in a derived image) leave them out too.
+DPKG_SLIM = """\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+"""
+#: Caches and indexes an image does not need (apt-get update fetches the lists again).
+NOT_IN_BASE = ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*",
+               "var/cache/debconf/*-old", "var/lib/dpkg/*-old", "var/log/*.log", "var/log/apt/*")
+
+
 def build_python_base(buildah: Buildah, workdir: Path, tag: str = BASE) -> str:
-    """Debian bookworm + python3 as a local base image (what python:3.11-slim provides)."""
+    """Debian bookworm + python3 as a local base image, as slim as python:3.11-slim: a
+    debootstrap minbase root filesystem without what :data:`DPKG_SLIM` filters, the downloaded
+    packages and apt's lists."""
     root = workdir / "rootfs"
     result = subprocess.run(
         ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
          "bookworm", str(root), MIRROR], capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"debootstrap failed:\n{result.stderr[-3000:]}")
+    slim(root)
     archive = workdir / "rootfs.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(root, arcname=".")
@@ -157,9 +192,41 @@ def build_python_base(buildah: Buildah, workdir: Path, tag: str = BASE) -> str:
     return tag
 
 
-def build_runtime_image(buildah: Buildah, base: str, repo: Path, workdir: Path, tag: str = RUNTIME) -> str:
-    """The kvx-runtime base image (docker/Dockerfile) with a wheel of the checkout at ``repo``."""
-    context = workdir / "runtime-context"
+def slim(root: Path) -> None:
+    """Removes from the root filesystem at ``root`` what :data:`DPKG_SLIM` excludes (as if dpkg
+    had filtered it when installing) and :data:`NOT_IN_BASE`; records the filters for dpkg."""
+    (root / "etc" / "dpkg" / "dpkg.cfg.d" / "kvx-slim").write_text(
+        "# As Debian's slim images: no documentation but copyright notices, manuals or translations.\n" + DPKG_SLIM)
+    rules = [line.split() for line in DPKG_SLIM.splitlines()]
+    included = [pattern.lstrip("/") for kind, pattern in rules if kind == "path-include"]
+
+    def keep(path: Path) -> bool:
+        return any(path.relative_to(root).match(pattern) for pattern in included)
+
+    for pattern in [pattern.lstrip("/") for kind, pattern in rules if kind == "path-exclude"]:
+        for path in list(root.glob(pattern)):
+            _remove(path, keep)
+    for pattern in NOT_IN_BASE:
+        for path in list(root.glob(pattern)):
+            _remove(path, lambda _: False)
+
+
+def _remove(path: Path, keep) -> None:
+    """``path``, a directory with its content, but what ``keep`` (and the directories holding it)."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove(child, keep)
+        if not any(path.iterdir()):
+            path.rmdir()
+    elif not keep(path):
+        path.unlink()
+
+
+def build_runtime_image(buildah: Buildah, base: str, repo: Path, workdir: Path, tag: str = RUNTIME,
+                        mlflow: str = "skinny") -> str:
+    """The kvx-runtime base image (docker/Dockerfile) with a wheel of the checkout at ``repo``;
+    ``mlflow``: its KVX_MLFLOW (skinny, full or none)."""
+    context = workdir / f"runtime-context-{mlflow}"
     shutil.copytree(repo / "docker", context / "docker")
     shutil.copytree(repo / "entrypoint", context / "entrypoint")
     wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
@@ -171,7 +238,8 @@ def build_runtime_image(buildah: Buildah, base: str, repo: Path, workdir: Path, 
     if host_bundle.exists():
         shutil.copy(host_bundle, context / "docker" / "certs" / "host.crt")
     buildah("bud", "--isolation", "chroot", "-q", "-f", "docker/Dockerfile", "--build-arg",
-            f"BASE_IMAGE={base}", "-t", tag, str(context))
+            f"BASE_IMAGE={base}", "--build-arg", f"KVX_MLFLOW={mlflow}", "-t", tag, str(context))
+    shutil.rmtree(context, ignore_errors=True)
     return tag
 
 

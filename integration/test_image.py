@@ -1,5 +1,8 @@
-"""A real build of the base image and the example project's image with buildah, then steps
-run inside the built images' root filesystems (integration/images.py builds them).
+"""A real build of the base image (its default, slim flavour: mlflow-skinny) and the example
+project's image with buildah, then steps run inside the built images' root filesystems, one
+attached to a real MLflow server (integration/images.py builds them). The full-mlflow flavour
+is built by ``bench/run.py --only image`` (make bench-image), which records every size: it
+would add two to three minutes here (its build took 110 to 190 s, the slim one's 80 s).
 
 Selected with ``-m buildah`` (``make test-image``); skipped, with the reason, where buildah
 cannot run. The images' sizes and rebuild times are benchmarks: ``bench/run.py --only image``.
@@ -7,6 +10,7 @@ cannot run. The images' sizes and rebuild times are benchmarks: ``bench/run.py -
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +23,9 @@ import pytest
 
 from conftest import EXAMPLE_PROJECT, REPO
 from integration.images import (
+    BASE_IMAGE_MAX_MB,
     NOT_IN_CONTEXT,
+    PROJECT_IMAGE_MAX_MB,
     Buildah,
     build_project_image,
     build_python_base,
@@ -70,12 +76,33 @@ def test_base_image_smoke_test_and_configuration(runtime_image: str) -> None:
         # No build tools or pip caches in the final image.
         leftovers = BUILDAH.run(container, "sh", "-c", "ls /root/.cache/pip /tmp/wheels /tmp/certs 2>/dev/null | wc -l")
     assert result.returncode == 0, result.stderr
-    assert "ok   runtime  kvx-runtime 0.1.0" in result.stdout and "kedro_mlflow" in result.stdout
+    assert "ok   runtime  kvx-runtime 0.1.0" in result.stdout and "kedro_mlflow (mlflow-skinny 3." in result.stdout
     config = BUILDAH.image_config(runtime_image)["OCIv1"]["config"]
     assert config["Entrypoint"] == ["/usr/local/bin/kvx-entrypoint"]
     assert config["User"] == "1000:1000"
     assert usage.returncode == 2 and "usage: kvx-entrypoint" in usage.stderr
     assert leftovers.stdout.strip() == "0"
+
+
+def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str) -> None:
+    """kedro-mlflow and MLflow's client import; the server (Flask) and full mlflow are not there,
+    and the environment is consistent for pip (kedro-mlflow's installed metadata names skinny)."""
+    imports = ("import kedro_mlflow, mlflow, mlflow.tracking, kvx_runtime.mlflow.pipeline_run; "
+               "from kedro_mlflow.framework.hooks import MlflowHook; print('imported', mlflow.__version__)")
+    with BUILDAH.container(runtime_image) as container:
+        imported = BUILDAH.run(container, "python3", "-c", imports)
+        server = BUILDAH.run(container, "python3", "-c", "import mlflow.server")
+        shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny", "kedro-mlflow")
+        checked = BUILDAH.run(container, "python3", "-m", "pip", "check")
+    assert imported.returncode == 0 and "imported 3." in imported.stdout, imported.stderr[-3000:]
+    assert server.returncode == 1 and "No module named 'flask'" in server.stderr, server.stderr[-2000:]
+    names = [line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("Name: ")]
+    assert names == ["mlflow-skinny", "kedro_mlflow"] or names == ["mlflow-skinny", "kedro-mlflow"], shown.stdout
+    assert "Package(s) not found: mlflow" in shown.stderr
+    assert "Requires: kedro, mlflow-skinny, pydantic" in shown.stdout
+    assert checked.returncode == 0 and "No broken requirements found." in checked.stdout, checked.stdout
+    size = BUILDAH.megabytes(runtime_image)
+    assert size <= BASE_IMAGE_MAX_MB, f"the slim base image is {size:.0f} MB"
 
 
 def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
@@ -96,6 +123,52 @@ def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
     assert "1000" in lines and "consent: false" in lines
     assert '"message": "step finished"' in result.stderr
     assert "local" not in listing.stdout.split()[:3]
+
+
+def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_image: str) -> None:
+    """The example project's requirements.txt names kedro-mlflow: installing it FROM the slim
+    base image left kedro-mlflow as it was, without full mlflow."""
+    requirements = (EXAMPLE_PROJECT / "requirements.txt").read_text()
+    assert "kedro-mlflow" in requirements  # what this test is about
+    with BUILDAH.container(project_image) as container:
+        shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny")
+        flask = BUILDAH.run(container, "python3", "-c", "import flask")
+    assert "Package(s) not found: mlflow" in shown.stderr and "Name: mlflow-skinny" in shown.stdout, shown.stderr
+    assert flask.returncode == 1
+    size = BUILDAH.megabytes(project_image)
+    assert size <= PROJECT_IMAGE_MAX_MB, f"the example project image is {size:.0f} MB"
+
+
+def test_a_step_attached_to_mlflow_inside_the_project_image(project_image: str, mlflow_server,
+                                                          tmp_path: Path) -> None:
+    """mlflow-start, a step and mlflow-end inside the image (mlflow-skinny), against a real MLflow
+    server on 127.0.0.1 (buildah's chroot isolation shares the host's network). The example
+    project's MLflow configuration is in conf/local, which the image leaves out: it is mounted."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(EXAMPLE_PROJECT / "conf" / "local" / "mlflow.yml", conf / "mlflow.yml")
+    job, node = "image-job", "data_processing.preprocess_companies_node"
+    status = {"state": "SUCCEEDED", "pipelineJobResourceName": f"projects/p/locations/l/pipelineJobs/{job}",
+              "pipelineTaskName": "exit-handler-1"}
+    script = (
+        "set -e; mkdir -p conf/local && cp /mnt/conf/mlflow.yml conf/local/; "
+        f"kvx-entrypoint mlflow-start --run-id {job}-uuid --job-name {job} --output /tmp/mlflow-run; "
+        f"kvx-entrypoint exec-node --node {node} --run-id {job}-uuid --job-name {job} --storage-root /tmp/store "
+        '--mlflow-run-id "$(cat /tmp/mlflow-run)"; '
+        f"kvx-entrypoint mlflow-end --job-name {job} --final-status '{json.dumps(status)}'"
+    )
+    with BUILDAH.container(project_image) as container:
+        result = BUILDAH.run(container, "sh", "-c", script, volumes=(f"{conf}:/mnt/conf:ro",),
+                             env={"KEDRO_ENV": "local", "KEDRO_CONFIG_MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("spaceflights-kvx")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.vertexai_job_name = '{job}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.run_name == job and run.info.status == "FINISHED"
+    assert run.data.tags["kvx.last_node"] == node and run.data.tags["kvx.final_state"] == "SUCCEEDED"
+    assert run.data.tags["vertexai_run_id"] == f"{job}-uuid"
 
 
 @pytest.fixture

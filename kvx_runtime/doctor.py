@@ -114,8 +114,23 @@ def _runtime() -> str:
     # Installed, not imported: kedro_mlflow imports MLflow (a second); the mlflow check imports
     # it when the project tracks.
     extras = [optional for optional in ("gcsfs", "kedro_mlflow") if importlib.util.find_spec(optional)]
+    if "kedro_mlflow" in extras:
+        extras[-1] += f" ({_mlflow_distribution()})"
     return (f"kvx-runtime {__version__}, Python {sys.version.split()[0]}, "
             f"optional: {', '.join(extras) or 'none'}")
+
+
+def _mlflow_distribution() -> str:
+    """Which MLflow is installed, from its metadata: full mlflow (server, UI, model flavours'
+    dependencies) or mlflow-skinny (the tracking client, what the slim base image holds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("mlflow", "mlflow-skinny"):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return "no mlflow"
 
 
 def _count_nodes() -> str:

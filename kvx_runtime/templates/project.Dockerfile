@@ -8,6 +8,9 @@ ARG KVX_BASE_IMAGE=kvx-runtime:0.1.0
 FROM ${KVX_BASE_IMAGE}
 
 # Dependencies first (cached while only the code changes), into the runtime's environment.
+# On the default base image, kedro-mlflow is installed and requires mlflow-skinny: a
+# requirements.txt naming kedro-mlflow 2.x keeps it, without pulling full mlflow back in
+# (a pin to another release replaces it, with full mlflow: docs/images.md).
 USER 0
 WORKDIR /home/kvx/project
 COPY requirements.txt /tmp/requirements.txt
