@@ -20,12 +20,18 @@ from kvx_runtime.targets.registry import TargetInfo
 
 __all__ = [
     "GITHUB_AUTH_MODES",
+    "REPOSITORY_VARIABLES",
     "WORKFLOW_FILES",
     "WorkflowPlan",
     "image_repository",
     "plan_workflows",
     "render_template",
 ]
+
+#: GitHub repository variables the generated workflows read (``vars.*``): set in the
+#: repository, never read by kvx-runtime from its own environment.
+IMAGE_REPOSITORY_VARIABLE, CODE_UPLOAD_VARIABLE = "KVX_IMAGE_REPOSITORY", "KVX_CODE_UPLOAD"
+REPOSITORY_VARIABLES = (IMAGE_REPOSITORY_VARIABLE, CODE_UPLOAD_VARIABLE)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -249,11 +255,11 @@ def _setup_lines(workflow: _TargetWorkflow, auth: str, project_id: str | None, r
                      "Identity Federation: --github-auth workload-identity)")
     if workflow.service_secrets:
         lines.append(f"  secrets {workflow.service_secrets}")
-    lines.append("  variable KVX_IMAGE_REPOSITORY: " + (f"optional, default {repository} (run_config.image)"
+    lines.append(f"  variable {IMAGE_REPOSITORY_VARIABLE}: " + (f"optional, default {repository} (run_config.image)"
                                                        if repository else
                                                        "<region>-docker.pkg.dev/<project>/<repository>/<image> "
                                                        "(run_config.image names no registry)"))
-    lines.append("  variable KVX_CODE_UPLOAD: optional, 'true': pushes outside the main branch run with "
+    lines.append(f"  variable {CODE_UPLOAD_VARIABLE}: optional, 'true': pushes outside the main branch run with "
                  "--code-upload and build no image")
     if not (root / "Dockerfile").exists():
         lines.append("The workflows build ./Dockerfile: init --with-dockerfile writes one.")
