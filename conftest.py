@@ -108,7 +108,7 @@ class GcsEmulator:
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator() -> Iterator[GcsEmulator]:
+def gcs_emulator_process() -> Iterator[GcsEmulator]:
     port = free_port()
     bucket = "kvx-test"
     executable = Path(sys.executable).with_name("gcp-storage-emulator")
@@ -120,16 +120,18 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
     )
     try:
         wait_for_port(port, process)
-        previous = {key: os.environ.get(key) for key in ("STORAGE_EMULATOR_HOST",)}
-        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
         yield GcsEmulator(port, bucket)
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     finally:
         stop(process)
+
+
+@pytest.fixture
+def gcs_emulator(gcs_emulator_process: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> GcsEmulator:
+    """The emulator, named in this test's environment (set per test, never left behind: a
+    variable set once for the session is lost to the first test that monkeypatches it)."""
+    for key, value in gcs_emulator_process.env.items():
+        monkeypatch.setenv(key, value)
+    return gcs_emulator_process
 
 
 class S3Server:
@@ -166,25 +168,27 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kvx-test-access-key", "AWS_SECRET_ACCESS
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def s3_server_process() -> Iterator[S3Server]:
     port = free_port()
     executable = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    previous = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", *S3_CREDENTIALS)}
     try:
         wait_for_port(port, process)
         server = S3Server(port, "kvx-test")
         server.client().create_bucket(Bucket=server.bucket)
-        os.environ.update(server.env)
         yield server
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         stop(process)
+
+
+@pytest.fixture
+def s3_server(s3_server_process: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The server, named in this test's environment by the standard AWS variables (per test, as
+    the GCS emulator)."""
+    for key, value in s3_server_process.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server_process
 
 
 def copy_example_project(target: Path) -> Path:
