@@ -37,7 +37,8 @@ from kvx_runtime.errors import ConfigError, KvxError, UsageError
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["CATALOG_FILE", "CloudEnv", "LeftOut", "Redirected", "check_env_name", "plan_cloud_env"]
+__all__ = ["CATALOG_FILE", "CloudEnv", "LeftOut", "Redirected", "check_env_name", "plan_cloud_env",
+           "written_cloud_envs"]
 
 #: The overlay's file in ``conf/<env>/``.
 CATALOG_FILE = "catalog.yml"
@@ -380,12 +381,30 @@ def _input_paths(inputs: Iterable[str], governing: _Governing, redirected: set[s
 
 # --- writing -------------------------------------------------------------------------------
 
+#: How the overlay's second line starts (:func:`_render`): how an env written here is told.
+_WRITTEN_BY = "# Written by `init --cloud-env "
+
+
+def written_cloud_envs(conf: Path) -> list[str]:
+    """The envs under ``conf`` whose catalog this module wrote (by its header), sorted."""
+    found = []
+    for catalog in sorted(conf.glob(f"*/{CATALOG_FILE}")):
+        try:
+            with catalog.open(encoding="utf-8") as file:
+                head = [file.readline() for _ in range(2)]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if head[1].startswith(_WRITTEN_BY):
+            found.append(catalog.parent.name)
+    return found
+
+
 
 def _render(name: str, base_env: str, entries: Mapping[str, Any], left_out: list[LeftOut], inputs: list[str],
             root: str | None, per_run: bool) -> str:
     header = [
         f"# Kedro environment '{name}': the datasets of conf/{base_env} on local paths, under the run's storage root.",
-        f"# Written by `init --cloud-env {name}`{' --per-run' if per_run else ''} (kvx-runtime); yours to review "
+        f"{_WRITTEN_BY}{name}`{' --per-run' if per_run else ''} (kvx-runtime); yours to review "
         "and edit: nothing rewrites it at run time.",
         "#",
         "# Why: every pipeline step runs on a machine of its own, so a file one step writes to data/... is not on",

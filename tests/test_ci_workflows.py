@@ -239,10 +239,12 @@ def test_image_repository(image: str | None, repository: str | None) -> None:
     assert image_repository(image) == repository
 
 
-def run_pull_request_steps(root: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """The checks job's run: steps as GitHub's runner would run them (bash -eo pipefail), but
-    for the install, which this environment has done."""
-    [job] = workflows(root)["kvx-checks.yml"]["jobs"].values()
+def run_pull_request_steps(root: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The checks job's run: steps as GitHub's runner would run them (bash -eo pipefail, the
+    workflow's env: section set), but for the install, which this environment has done."""
+    workflow = workflows(root)["kvx-checks.yml"]
+    [job] = workflow["jobs"].values()
+    env = {key: str(value) for key, value in workflow["env"].items()}
     scripts = [step["run"] for step in job["steps"] if "run" in step and step.get("name") != "Install the project"]
     runner_temp = tmp_path / "runner-temp"
     runner_temp.mkdir(exist_ok=True)
@@ -263,12 +265,48 @@ def test_the_pull_request_job_fails_on_a_warning_and_passes_on_a_clean_project(t
     assert warned.returncode == 2, warned.stderr[-2000:]
     assert "--strict:" in warned.stderr and "local path" in warned.stderr
 
-    # The cloud env puts them under the storage root, and MLflow's config where the steps read it.
-    assert CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "cloud"]).exit_code == 0
+    # The cloud env puts them under the storage root, and MLflow's config where the steps read it;
+    # the workflows written with it run in it.
+    shutil.rmtree(root / "conf" / "cloud")  # the example's own, not written by init
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "cloud",
+                                      "--with-github-actions", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "run in the Kedro env 'cloud'" in result.output
     (root / "conf" / "local" / "mlflow.yml").unlink()
-    clean = run_pull_request_steps(root, tmp_path, KEDRO_ENV="cloud")
+    clean = run_pull_request_steps(root, tmp_path)
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "Pipeline spec with" in clean.stdout and "no tests/ directory" in clean.stdout
+
+
+def test_the_workflows_run_in_the_cloud_env_init_wrote_before(tmp_path: Path) -> None:
+    root = copy_example_project(tmp_path / "example_project")
+    shutil.rmtree(root / "conf" / "cloud")
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions"])
+    assert result.exit_code == 0, result.output
+    assert {name: w["env"]["KEDRO_ENV"] for name, w in workflows(root).items()} == {
+        "kvx-checks.yml": "", "kvx-pipeline.yml": ""}
+    assert "no cloud env yet: `" in result.output and " init --cloud-env cloud` writes one" in result.output
+
+    assert CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "prod"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions", "--force"])
+    assert result.exit_code == 0, result.output
+    assert {name: w["env"]["KEDRO_ENV"] for name, w in workflows(root).items()} == {
+        "kvx-checks.yml": "prod", "kvx-pipeline.yml": "prod"}
+
+    # Two written envs: which one the cloud runs use is the user's call, and the output says so.
+    assert CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "staging"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions", "--force"])
+    assert result.exit_code == 0, result.output
+    assert workflows(root)["kvx-pipeline.yml"]["env"]["KEDRO_ENV"] == ""
+    assert "several cloud envs, prod, staging: set the one cloud runs use as KEDRO_ENV" in result.output
+
+
+def test_an_env_init_did_not_write_is_named_but_not_chosen(tmp_path: Path) -> None:
+    root = copy_example_project(tmp_path / "example_project")  # conf/cloud: the example's own globals
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions"])
+    assert result.exit_code == 0, result.output
+    assert workflows(root)["kvx-checks.yml"]["env"]["KEDRO_ENV"] == ""
+    assert "if cloud is the env of cloud runs, set it as KEDRO_ENV" in result.output
 
 
 @pytest.mark.parametrize(("group", "arguments"), [("vertexai", ["my-gcp", "europe-west4"]),

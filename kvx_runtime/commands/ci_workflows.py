@@ -167,10 +167,16 @@ def image_repository(image: str | None) -> str | None:
     return repository if _IMAGE_REPOSITORY.match(repository) else None
 
 
-def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str | None, auth: str) -> WorkflowPlan:
+def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str | None, auth: str,
+                   kedro_env: str | None = None) -> WorkflowPlan:
     """The workflows for ``target``'s project at ``root``, its values from ``config_text`` (the
     config file this init writes) or else the config file in conf/base. No config file: a
-    ConfigError (exit 2), since the workflows run the project's configured pipeline."""
+    ConfigError (exit 2), since the workflows run the project's configured pipeline.
+
+    The workflows run in ``kedro_env`` (the cloud env this init writes), else in the one cloud
+    env ``init --cloud-env`` wrote before: without one, datasets that cross steps stay on the
+    steps' local disks and ``compile --strict`` rightly fails."""
+    from kvx_runtime.cloud_env import written_cloud_envs
     from kvx_runtime.errors import ConfigError, UsageError
 
     if auth not in GITHUB_AUTH_MODES:
@@ -186,12 +192,16 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
     repository = image_repository(image if isinstance(image, str) else None)
     workload_identity = auth == "workload-identity"
     command = "kvx-runtime" + (f" {target.command_group}" if target.command_group else "")
+    written = written_cloud_envs(root / "conf")
+    if kedro_env is None and len(written) == 1:
+        kedro_env = written[0]
     values: dict[str, str | tuple[str, ...]] = {
         "INIT_COMMAND": f"{group} init",
         "TARGET_TITLE": workflow.title,
         "COMMAND": command,
         "SPEC_FILE": workflow.spec_file,
         "IMAGE_REPOSITORY": repository or "",
+        "KEDRO_ENV": kedro_env or "",
         "ID_TOKEN_PERMISSION": (("  id-token: write  # Workload Identity Federation: GitHub's OIDC token",)
                                 if workload_identity else ()),
         "GOOGLE_AUTH_WITH": _WORKLOAD_IDENTITY_WITH if workload_identity else _KEY_WITH,
@@ -203,6 +213,7 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
              for name, template in WORKFLOW_FILES.items()}
     project_id = config.get("project_id") if isinstance(config.get("project_id"), str) else None
     setup = _setup_lines(workflow, auth, project_id, repository, _github_repository(root), root)
+    setup += "\n" + _env_line(kedro_env, written, root / "conf", group)
     return WorkflowPlan(files, setup)
 
 
@@ -223,6 +234,22 @@ def _project_config(root: Path, target: TargetInfo, config_text: str | None) -> 
 
         raise ConfigError(f"conf/base/{target.config_files[0]} is not YAML: {exc}") from None
     return loaded if isinstance(loaded, dict) else {}
+
+
+def _env_line(kedro_env: str | None, written: list[str], conf: Path, group: str) -> str:
+    """Which Kedro env the workflows run in, and how to change it."""
+    if kedro_env:
+        return f"The workflows run in the Kedro env '{kedro_env}' (KEDRO_ENV in their env: section)."
+    others = sorted(path.name for path in conf.glob("*/") if path.name not in ("base", "local")
+                    and not path.name.startswith("."))
+    if written:
+        why = f"several cloud envs, {', '.join(written)}: set the one cloud runs use"
+    elif others:
+        why = f"if {' or '.join(others)} is the env of cloud runs, set it"
+    else:
+        why = f"no cloud env yet: `{group} init --cloud-env cloud` writes one; set it"
+    return (f"The workflows run in the project's default Kedro env ({why} as KEDRO_ENV in both workflows' env: "
+            "section; until then compile --strict fails on any dataset that crosses steps on a local path).")
 
 
 def _github_repository(root: Path) -> str | None:

@@ -456,7 +456,8 @@ def write_init(request: InitRequest) -> list[Path]:
         from kvx_runtime.commands.ci_workflows import plan_workflows
 
         # The config this init writes, else the project's own: the workflows take its values.
-        workflows = plan_workflows(root, request.target, request.group, files.get(config), request.github_auth)
+        workflows = plan_workflows(root, request.target, request.group, files.get(config), request.github_auth,
+                                   request.cloud_env.name if request.cloud_env is not None else None)
         files.update(workflows.files)
     write_init_files(root, files, request.force, request.with_dockerfile)
     if kept:
