@@ -44,6 +44,16 @@ def _loopback_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
             monkeypatch.setenv(key, value)
 
 
+@pytest.fixture(autouse=True)
+def _fsspec_s3_defaults_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsspec's process-wide s3 defaults as each test found them: opening a project in-process
+    applies its run_config.s3 there (kubeflow.yml's MinIO endpoint, say), which outranks the
+    AWS variables of every later test's s3 filesystem in this worker."""
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(fsspec.config.conf.get("s3", {})))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Keep ``--dist loadgroup`` grouping on pytest 9.2, whose nodes take their id from a

@@ -53,11 +53,6 @@ def test_example_pipeline_on_s3_in_kfp_pods_equals_kedro_run_with_one_tagged_mlf
     ours["report_dirty.md"] = ours["report_dirty.md"].replace("- metrics.", "- ")
     assert ours == clean
     # Blobs live under the display name made unique by the run's uuid, and read back intact.
-    # Read in this process: fsspec's instance cache may hold an s3 filesystem an earlier test of
-    # this worker made under other AWS variables (it keys on arguments, not the environment).
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     store = BlobStore(root, f"spaceflights-kvx-{run_uuid}")
     for blob in EXPECTED_BLOBS:
         store.load(blob)
