@@ -94,6 +94,7 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
         server = BUILDAH.run(container, "python3", "-c", "import mlflow.server")
         shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny", "kedro-mlflow")
         checked = BUILDAH.run(container, "python3", "-m", "pip", "check")
+        slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "numpy", "pandas")
     assert imported.returncode == 0 and "imported 3." in imported.stdout, imported.stderr[-3000:]
     assert server.returncode == 1 and "No module named 'flask'" in server.stderr, server.stderr[-2000:]
     names = [line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("Name: ")]
@@ -101,8 +102,23 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
     assert "Package(s) not found: mlflow" in shown.stderr
     assert "Requires: kedro, mlflow-skinny, pydantic" in shown.stdout
     assert checked.returncode == 0 and "No broken requirements found." in checked.stdout, checked.stdout
+    assert slimmed.stdout.split() == ["numpy:no-tests", "pandas:no-tests", "debug-info:none"], slimmed.stderr[-2000:]
     size = BUILDAH.megabytes(runtime_image)
     assert size <= BASE_IMAGE_MAX_MB, f"the slim base image is {size:.0f} MB"
+
+
+#: Run in an image with package names: whether each ships its test suite still, then whether
+#: any extension module of the runtime's environment still carries debug info.
+SLIMMED_CHECK = """
+import importlib, pathlib, sys, sysconfig
+from kvx_runtime.image_slim import has_debug_info
+for name in sys.argv[1:]:
+    root = pathlib.Path(importlib.import_module(name).__file__).parent
+    print(f"{name}:{'tests' if any(root.rglob('tests')) else 'no-tests'}")
+site = pathlib.Path(sysconfig.get_paths()["platlib"])
+left = [str(p) for p in site.rglob("*.so") if ".libs" not in str(p) and has_debug_info(p)]
+print("debug-info:" + (",".join(left) or "none"))
+"""
 
 
 def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
@@ -133,8 +149,11 @@ def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_ima
     with BUILDAH.container(project_image) as container:
         shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny")
         flask = BUILDAH.run(container, "python3", "-c", "import flask")
+        slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "sklearn", "scipy")
     assert "Package(s) not found: mlflow" in shown.stderr and "Name: mlflow-skinny" in shown.stdout, shown.stderr
     assert flask.returncode == 1
+    # The project's own requirements were slimmed too (their test suites; this image has no strip).
+    assert slimmed.stdout.split()[:2] == ["sklearn:no-tests", "scipy:no-tests"], slimmed.stderr[-2000:]
     size = BUILDAH.megabytes(project_image)
     assert size <= PROJECT_IMAGE_MAX_MB, f"the example project image is {size:.0f} MB"
 

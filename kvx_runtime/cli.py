@@ -204,6 +204,20 @@ def fingerprint_command(project_path: str | None) -> None:
     click.echo(requirements_fingerprint(Path(project_path or os.getcwd())))
 
 
+@cli.command("slim-packages", cls=StepCommand)
+@click.argument("site_packages", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-strip", is_flag=True, help="Keep extension modules' debug info (only remove test suites).")
+def slim_packages_command(site_packages: tuple[Path, ...], no_strip: bool) -> None:
+    """Remove what no step loads from an image's Python environment: numerical packages' test
+    suites and extension modules' debug info (docs/images.md). Default: this interpreter's
+    site-packages."""
+    from kvx_runtime.image_slim import default_site_packages, slim_site_packages
+
+    report = slim_site_packages(site_packages or default_site_packages(), strip=not no_strip)
+    for line in report.lines():
+        click.echo(line)
+
+
 def main() -> None:
     """The program: :func:`kvx_runtime.entry.main` (stop signals handled from its first line)."""
     from kvx_runtime.entry import main as program

@@ -10,11 +10,13 @@ FROM ${KVX_BASE_IMAGE}
 # Dependencies first (cached while only the code changes), into the runtime's environment.
 # On the default base image, kedro-mlflow is installed and requires mlflow-skinny: a
 # requirements.txt naming kedro-mlflow 2.x keeps it, without pulling full mlflow back in
-# (a pin to another release replaces it, with full mlflow: docs/images.md).
+# (a pin to another release replaces it, with full mlflow: docs/images.md). slim-packages then
+# removes what no step loads (numerical packages' test suites, extension modules' debug info).
 USER 0
 WORKDIR /home/kvx/project
 COPY requirements.txt /tmp/requirements.txt
 RUN python3 -m pip install --no-cache-dir -r /tmp/requirements.txt \
+ && kvx-runtime slim-packages \
  && rm /tmp/requirements.txt
 
 # The project: its package, configuration and the raw data the pipeline starts from.

@@ -1,0 +1,193 @@
+"""Make an image's Python environment smaller without changing what it runs (``kvx-runtime
+slim-packages``, run by the base image's build and by project images' after ``pip install``).
+
+Two things that no step ever loads go:
+
+- the test suites that numerical packages ship inside themselves (numpy, pandas, scipy,
+  scikit-learn...: ~100 MB with the example project's requirements); only their own test
+  runners import them, and only directories named as their suites are removed;
+- the debugging information (DWARF ``.debug_*`` sections) that some wheels leave in their
+  extension modules (zstandard's two backends alone carry 23 MB of it). ``strip --strip-debug``
+  keeps every symbol the loader needs; a module that no longer loads afterwards (checked in a
+  fresh interpreter, as the loader of a step would) gets its original back. Vendored libraries
+  (``<package>.libs``, patched by auditwheel) are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TEST_SUITES", "SlimReport", "default_site_packages", "has_debug_info", "slim_site_packages"]
+
+#: Package -> the directory names of the test suite it ships (anywhere below the package).
+#: Only packages whose suites are never imported outside their own test runners.
+TEST_SUITES: dict[str, tuple[str, ...]] = {
+    "numpy": ("tests",),
+    "pandas": ("tests",),
+    "scipy": ("tests",),
+    "sklearn": ("tests",),
+    "pyarrow": ("tests",),
+    "matplotlib": ("tests",),
+    "joblib": ("test",),
+}
+
+
+@dataclass
+class SlimReport:
+    """What was removed or stripped, and the bytes it saved."""
+
+    test_suites: list[Path] = field(default_factory=list)
+    test_bytes: int = 0
+    stripped: list[Path] = field(default_factory=list)
+    strip_bytes: int = 0
+    restored: list[Path] = field(default_factory=list)  # stripped, then no longer loadable
+    strip_missing: bool = False  # debug info found, but no `strip` to remove it
+
+    def lines(self) -> list[str]:
+        mb = 1024 * 1024
+        out = [f"test suites removed: {len(self.test_suites)} ({self.test_bytes / mb:.1f} MB)",
+               f"extension modules stripped of debug info: {len(self.stripped)} ({self.strip_bytes / mb:.1f} MB)"]
+        if self.restored:
+            out.append("kept as they were (no longer loadable once stripped): "
+                       + ", ".join(path.name for path in self.restored))
+        if self.strip_missing:
+            out.append("debug info kept: `strip` (binutils) is not installed")
+        return out
+
+
+def default_site_packages() -> list[Path]:
+    """The running interpreter's site-packages (pure and platform, once each)."""
+    paths = sysconfig.get_paths()
+    return sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file() and not entry.is_symlink())
+
+
+def _test_suites(site_packages: Path) -> Iterator[Path]:
+    for package, names in TEST_SUITES.items():
+        root = site_packages / package
+        if not root.is_dir():
+            continue
+        for directory, subdirectories, _ in os.walk(root):
+            for name in list(subdirectories):
+                if name in names:
+                    subdirectories.remove(name)  # removed whole: nothing below needs a look
+                    yield Path(directory) / name
+
+
+#: ELF identification: magic, class (2: 64-bit), data (1: little, 2: big endian).
+_ELF_MAGIC = b"\x7fELF"
+
+
+def has_debug_info(path: Path) -> bool:
+    """Whether the 64-bit ELF file at ``path`` has ``.debug_*`` sections (False for anything else)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(64)
+            if len(header) < 64 or header[:4] != _ELF_MAGIC or header[4] != 2 or header[5] not in (1, 2):
+                return False
+            order = "<" if header[5] == 1 else ">"
+            section_offset, = struct.unpack_from(order + "Q", header, 0x28)
+            entry_size, count, names_index = struct.unpack_from(order + "HHH", header, 0x3A)
+            if not section_offset or entry_size < 64 or names_index >= count:
+                return False
+            file.seek(section_offset)
+            table = file.read(entry_size * count)
+            if len(table) < entry_size * count:
+                return False
+            sections = [struct.unpack_from(order + "IIQQQQ", table, i * entry_size) for i in range(count)]
+            _, _, _, _, names_offset, names_size = sections[names_index]
+            file.seek(names_offset)
+            names = file.read(names_size)
+    except OSError:
+        return False
+    return any(names[name:name + 7] == b".debug_" for name, *_ in sections)
+
+
+def _extension_modules(site_packages: Path) -> Iterator[Path]:
+    for directory, subdirectories, files in os.walk(site_packages):
+        # auditwheel's vendored libraries: patched by patchelf, which strip can corrupt.
+        subdirectories[:] = [name for name in subdirectories if not name.endswith(".libs")]
+        for name in files:
+            if name.endswith(".so") or ".so." in name:
+                path = Path(directory) / name
+                if not path.is_symlink():
+                    yield path
+
+
+_LOAD_CHECK = """
+import ctypes, sys
+failed = []
+for path in sys.argv[1:]:
+    try:
+        ctypes.CDLL(path)
+    except OSError:
+        failed.append(path)
+print("\\n".join(failed))
+"""
+
+
+def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
+    """Those of ``paths`` the dynamic loader refuses, asked in a fresh interpreter (a loader crash
+    there counts them all)."""
+    paths = list(paths)
+    if not paths:
+        return set()
+    checked = subprocess.run([python, "-c", _LOAD_CHECK, *map(str, paths)], capture_output=True, text=True)
+    if checked.returncode != 0:
+        return set(paths)
+    return {Path(line) for line in checked.stdout.splitlines() if line}
+
+
+def _strip_debug_info(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
+    loadable = [path for path in modules if path not in _unloadable(modules, python)]
+    with tempfile.TemporaryDirectory(prefix="kvx-slim-") as backups:
+        originals: dict[Path, tuple[Path, int]] = {}
+        for index, path in enumerate(loadable):
+            backup = Path(backups) / str(index)
+            shutil.copy2(path, backup)
+            size = path.stat().st_size
+            if subprocess.run([strip, "--strip-debug", "--preserve-dates", str(path)],
+                              capture_output=True).returncode != 0:
+                shutil.copy2(backup, path)  # strip may leave a partial file behind
+                report.restored.append(path)
+                continue
+            originals[path] = (backup, size)
+        for path in _unloadable(originals, python):
+            shutil.copy2(originals.pop(path)[0], path)
+            report.restored.append(path)
+        for path, (_, size) in originals.items():
+            report.stripped.append(path)
+            report.strip_bytes += size - path.stat().st_size
+
+
+def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, python: str | None = None) -> SlimReport:
+    """Remove known test suites and strip debug info from extension modules below each of
+    ``site_packages``; ``python`` checks that stripped modules still load (default: this one)."""
+    report = SlimReport()
+    modules: list[Path] = []
+    for root in site_packages:
+        for suite in list(_test_suites(root)):
+            report.test_bytes += _tree_bytes(suite)
+            shutil.rmtree(suite)
+            report.test_suites.append(suite)
+        if strip:
+            modules.extend(path for path in _extension_modules(root) if has_debug_info(path))
+    if modules:
+        strip_program = shutil.which("strip")
+        if strip_program is None:
+            report.strip_missing = True
+        else:
+            _strip_debug_info(modules, strip_program, python or sys.executable, report)
+    return report

@@ -1,0 +1,116 @@
+"""`kvx-runtime slim-packages`: test suites and debug info go, nothing a step loads does.
+
+Real extension modules with debug info (PyYAML's, as its wheel ships it) and binutils' strip;
+a stand-in ``strip`` only where a broken one is the point.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import yaml._yaml
+from click.testing import CliRunner
+
+from kvx_runtime.cli import cli
+from kvx_runtime.image_slim import has_debug_info, slim_site_packages
+
+#: An extension module as PyPI's wheel ships it: with DWARF sections.
+WITH_DEBUG_INFO = Path(yaml._yaml.__file__)
+needs_strip = pytest.mark.skipif(shutil.which("strip") is None, reason="binutils' strip is not installed")
+
+
+def fake_site_packages(root: Path) -> Path:
+    site = root / "site-packages"
+    for suite in ("numpy/tests", "numpy/_core/tests/data", "pandas/tests/io", "joblib/test", "sklearn/svm/tests"):
+        (site / suite).mkdir(parents=True)
+        (site / suite / "test_something.py").write_text("x = 1\n" * 1000)
+    for kept in ("numpy/testing", "numpy/_core", "mypackage/tests", "sklearn/utils/_test_common"):
+        (site / kept).mkdir(parents=True, exist_ok=True)
+        (site / kept / "__init__.py").write_text("")
+    (site / "mypackage").mkdir(exist_ok=True)
+    shutil.copy2(WITH_DEBUG_INFO, site / "mypackage" / WITH_DEBUG_INFO.name)
+    (site / "vendored.libs").mkdir()
+    shutil.copy2(WITH_DEBUG_INFO, site / "vendored.libs" / "libvendored.so.1")
+    return site
+
+
+def test_debug_info_is_told_from_the_section_names(tmp_path: Path) -> None:
+    assert has_debug_info(WITH_DEBUG_INFO)
+    (tmp_path / "text.so").write_text("not an ELF file")
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(WITH_DEBUG_INFO.read_bytes()[:200])
+    assert not has_debug_info(tmp_path / "text.so")
+    assert not has_debug_info(truncated)
+    assert not has_debug_info(tmp_path / "missing.so")
+
+
+@needs_strip
+def test_suites_go_debug_info_goes_everything_else_stays(tmp_path: Path) -> None:
+    site = fake_site_packages(tmp_path)
+    module = site / "mypackage" / WITH_DEBUG_INFO.name
+    before = module.stat().st_size
+
+    report = slim_site_packages([site])
+
+    assert sorted(str(p.relative_to(site)) for p in report.test_suites) == [
+        "joblib/test", "numpy/_core/tests", "numpy/tests", "pandas/tests", "sklearn/svm/tests"]
+    assert not any((site / suite).exists() for suite in ("numpy/tests", "pandas/tests", "joblib/test"))
+    assert all((site / kept / "__init__.py").exists()
+               for kept in ("numpy/testing", "numpy/_core", "mypackage/tests", "sklearn/utils/_test_common"))
+    assert report.test_bytes == 5 * 6000
+    # Stripped, smaller, and still a library the loader takes.
+    assert report.stripped == [module] and not report.restored
+    assert not has_debug_info(module) and module.stat().st_size == before - report.strip_bytes
+    assert report.strip_bytes > before // 2
+    ctypes.CDLL(str(module))
+    # Vendored libraries are never touched.
+    assert (site / "vendored.libs" / "libvendored.so.1").read_bytes() == WITH_DEBUG_INFO.read_bytes()
+    # Run again: nothing left to do.
+    again = slim_site_packages([site])
+    assert not again.test_suites and not again.stripped
+
+
+def test_a_module_that_no_longer_loads_once_stripped_gets_its_original_back(tmp_path: Path, monkeypatch) -> None:
+    site = fake_site_packages(tmp_path)
+    module = site / "mypackage" / WITH_DEBUG_INFO.name
+    original = module.read_bytes()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "strip"  # "strips" into a file no loader takes
+    broken.write_text('#!/bin/sh\nfor f; do :; done\nprintf "garbage" > "$f"\n')
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    report = slim_site_packages([site])
+
+    assert report.restored == [module] and not report.stripped and report.strip_bytes == 0
+    assert module.read_bytes() == original
+    assert any("no longer loadable" in line and module.name in line for line in report.lines())
+
+
+def test_without_strip_suites_still_go_and_the_report_says_debug_info_stayed(tmp_path: Path, monkeypatch) -> None:
+    site = fake_site_packages(tmp_path)
+    module = site / "mypackage" / WITH_DEBUG_INFO.name
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+
+    report = slim_site_packages([site])
+
+    assert report.strip_missing and not report.stripped
+    assert module.read_bytes() == WITH_DEBUG_INFO.read_bytes()
+    assert len(report.test_suites) == 5
+    assert "debug info kept: `strip` (binutils) is not installed" in report.lines()
+
+
+def test_the_command_reports_what_it_saved_and_refuses_a_missing_directory(tmp_path: Path) -> None:
+    site = fake_site_packages(tmp_path)
+    result = CliRunner().invoke(cli, ["slim-packages", "--no-strip", str(site)])
+    assert result.exit_code == 0, result.output
+    assert "test suites removed: 5 (0.0 MB)" in result.output
+    assert (site / "mypackage" / WITH_DEBUG_INFO.name).read_bytes() == WITH_DEBUG_INFO.read_bytes()
+
+    missing = CliRunner().invoke(cli, ["slim-packages", str(tmp_path / "absent")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
