@@ -42,9 +42,9 @@ def vertex_workflow(root: Path, vertex: FakeVertex, extra_config: str = "") -> d
         "run_config:\n"
         f"  template_repository: {vertex.url}/kfp/{PROJECT_ID}/pipelines\n"
         "  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n" + extra_config), 1))
-    for arguments in (["--with-github-actions"], ["--cloud-env", "cloud"]):
-        result = CliRunner().invoke(cli, ["init", "--project-path", str(root), *arguments])
-        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions", "--cloud-env",
+                                      "cloud"])
+    assert result.exit_code == 0, result.output
     (root / "conf" / "local" / "mlflow.yml").unlink()  # compile --strict: MLflow config the steps would not read
     return yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
 
@@ -57,7 +57,7 @@ def vertex_job_env(evaluated: dict[str, str], vertex: FakeVertex, fake_google, t
 
     adc = _service_account_key(tmp_path / "adc.json", f"{fake_google.url}/token",
                                "deployer@kvx-test.iam.gserviceaccount.com")
-    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_VERTEX_ENDPOINT=vertex.url,
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KVX_VERTEX_ENDPOINT=vertex.url,
                    GOOGLE_APPLICATION_CREDENTIALS=str(adc), KVX_VERTEX_RETRY_WAIT="0.05", **extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
@@ -70,8 +70,9 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
     # The workflow's env block as GitHub would evaluate it for a push of SHA to main, no variables set.
     evaluated = {"IMAGE_REPOSITORY": "europe-docker.pkg.dev/kvx-example-project/images/spaceflights-kvx",
                  "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false", "ON_MAIN_BRANCH": "true",
-                 "PYTHON_VERSION": "3.11"}
+                 "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
     assert set(evaluated) == set(workflow["env"])
+    assert workflow["env"]["KEDRO_ENV"] == "cloud"  # the cloud env init wrote with the workflows
     env = vertex_job_env(evaluated, vertex, fake_google, tmp_path)
 
     run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once")
@@ -101,7 +102,7 @@ def test_a_code_upload_push_runs_the_pushed_code_on_the_latest_image(example_pro
                                                  f"root: {gcs_emulator.bucket}/pipelines"))
     evaluated = {"IMAGE_REPOSITORY": "europe-docker.pkg.dev/kvx-example-project/images/spaceflights-kvx",
                  "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "true", "ON_MAIN_BRANCH": "false",
-                 "PYTHON_VERSION": "3.11"}
+                 "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
     env = vertex_job_env(evaluated, vertex, fake_google, tmp_path, **gcs_emulator.env)
     # The image job's steps are all skipped (`if: env.CODE_UPLOAD != 'true'`): nothing is built.
     assert all(step.get("if") == "env.CODE_UPLOAD != 'true'" for step in workflow["jobs"]["image"]["steps"])
@@ -141,10 +142,9 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     KFP behind Dex with a service-account key: the Dex secrets reach it as the job's env."""
     root = example_project
     (root / "conf" / "base" / "vertexai.yml").unlink()  # kubeflow.yml instead
-    for arguments in ([kfp.url, "--namespace", "team-a", "--with-github-actions", "--github-auth", github_auth],
-                      ["--cloud-env", "cloud"]):
-        result = CliRunner().invoke(cli, ["kfp", "init", "--project-path", str(root), *arguments])
-        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["kfp", "init", "--project-path", str(root), kfp.url, "--namespace", "team-a",
+                                      "--with-github-actions", "--github-auth", github_auth, "--cloud-env", "cloud"])
+    assert result.exit_code == 0, result.output
     config = root / "conf" / "base" / "kubeflow.yml"
     config.write_text(config.read_text().replace("run_config:\n", (
         "run_config:\n  schedules:\n    default_schedule:\n      cron_expression: '0 3 * * *'\n"), 1))
@@ -154,8 +154,9 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     # The workflow's env block as GitHub would evaluate it for a push of SHA to main, the
     # variable KVX_IMAGE_REPOSITORY set.
     evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
-                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
     assert set(evaluated) == set(workflow["env"])
+    assert workflow["env"]["KEDRO_ENV"] == "cloud"  # the cloud env init wrote with the workflows
     # The jobs' env (the secrets of one auth mode set) and, with IAP, what the ID-token step
     # (the auth action) hands the next one.
     if kfp.auth == "iap":
@@ -165,7 +166,7 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     else:
         known = {"secrets.IAP_CLIENT_ID": "", "secrets.DEX_USERNAME": DEX_USER, "secrets.DEX_PASSWORD": DEX_PASSWORD}
     # No Google credentials (IAP: only the step's ID token, which the client must send, not mint its own).
-    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", GOOGLE_APPLICATION_CREDENTIALS="",
+    env = step_env(**evaluated, GITHUB_SHA=SHA, GOOGLE_APPLICATION_CREDENTIALS="",
                    NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", KVX_API_RETRY_WAIT="0.05",
                    KVX_WATCH_INTERVAL="0.05")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -196,9 +197,9 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(exampl
     """Airflow's own login: the user and password secrets reach the client as the job's env."""
     root, dag_id = example_project, "ci-kvx"
     (root / "conf" / "base" / "vertexai.yml").unlink()  # airflow-k8s.yml instead
-    for arguments in ([airflow_server.url, "--with-github-actions"], ["--cloud-env", "cloud"]):
-        result = CliRunner().invoke(cli, ["airflow", "init", "--project-path", str(root), *arguments])
-        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["airflow", "init", "--project-path", str(root), airflow_server.url,
+                                      "--with-github-actions", "--cloud-env", "cloud"])
+    assert result.exit_code == 0, result.output
     config = root / "conf" / "base" / "airflow-k8s.yml"
     config.write_text(config.read_text().replace("run_config:\n", (
         f"run_config:\n  dags_folder: {airflow_server.dags_folder}\n  schedule: '0 3 * * *'\n"
@@ -208,11 +209,12 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(exampl
     workflow = yaml.safe_load((root / ".github" / "workflows" / "kvx-pipeline.yml").read_text())
 
     evaluated = {"IMAGE_REPOSITORY": VARIABLE_IMAGE_REPOSITORY, "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "false",
-                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11"}
+                 "ON_MAIN_BRANCH": "true", "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
     assert set(evaluated) == set(workflow["env"])
+    assert workflow["env"]["KEDRO_ENV"] == "cloud"  # the cloud env init wrote with the workflows
     known = {"secrets.KVX_AIRFLOW_TOKEN": "", "secrets.KVX_AIRFLOW_USERNAME": airflow_server.username,
              "secrets.KVX_AIRFLOW_PASSWORD": airflow_server.password}
-    env = step_env(**evaluated, GITHUB_SHA=SHA, KEDRO_ENV="cloud", KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1")
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     image = f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}"
 
