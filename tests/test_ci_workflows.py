@@ -277,6 +277,15 @@ def test_the_pull_request_job_fails_on_a_warning_and_passes_on_a_clean_project(t
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "Pipeline spec with" in clean.stdout and "no tests/ directory" in clean.stdout
 
+    # An object that cannot be pickled crossing steps (what a Spark DataFrame is to the catalog).
+    catalog = root / "conf" / "base" / "catalog.yml"
+    entry = "model_input_table:\n  type: MemoryDataset\n"
+    assert entry in catalog.read_text()
+    catalog.write_text(catalog.read_text().replace(entry, entry + "  copy_mode: assign\n"))
+    unpicklable = run_pull_request_steps(root, tmp_path)
+    assert unpicklable.returncode == 2, unpicklable.stderr[-2000:]
+    assert "--strict: 1 warning" in unpicklable.stderr and "copy_mode: assign" in unpicklable.stderr
+
 
 def test_the_workflows_run_in_the_cloud_env_init_wrote_before(tmp_path: Path) -> None:
     root = copy_example_project(tmp_path / "example_project")
