@@ -45,8 +45,9 @@ $(OLDEST_VENV)/.kvx-installed: pyproject.toml integration/example_project/requir
 demo: $(STAMP)
 	$(PY) integration/demo.py
 
+# The slowest tests are listed at the end: CI's time budget is planned from them.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_PARALLEL)
+	$(PY) -m pytest $(PYTEST_PARALLEL) --durations=20
 
 # The fast tests: tests/ without the slow ones (the 2,000-case config fuzz, the random-pipeline
 # property test), which make test and CI run.
