@@ -16,6 +16,7 @@ import click
 
 from kvx_runtime import __version__, settings
 from kvx_runtime.commands import (
+    KvxCommand,
     StepCommand,
     commands_for,
     env_option,
@@ -204,7 +205,7 @@ def fingerprint_command(project_path: str | None) -> None:
     click.echo(requirements_fingerprint(Path(project_path or os.getcwd())))
 
 
-@cli.command("slim-packages", cls=StepCommand)
+@cli.command("slim-packages", cls=KvxCommand)
 @click.argument("site_packages", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-strip", is_flag=True, help="Keep extension modules' debug info (only remove test suites).")
 def slim_packages_command(site_packages: tuple[Path, ...], no_strip: bool) -> None:
