@@ -265,3 +265,62 @@ def test_a_dag_deleted_while_airflow_2_10_still_holds_it_parsed_is_unknown_not_a
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_deleted_dag_that_a_late_parse_stores_again_is_deleted_again(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parse of the DAG file that began before `schedule --delete` removed it stores the DAG
+    after the first DELETE: the DAG is deleted again until checks in a row find it gone."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvx_runtime.targets.airflow import ApiV1
+
+    monkeypatch.setenv("KVX_WATCH_INTERVAL", "0.01")
+    asked: list[str] = []
+    stored = {"dag": True, "parses_left": 1}  # one late parse brings it back once
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            asked.append(f"GET {self.path}")
+            if "/dagRuns" in self.path:
+                self._answer(200, {"dag_runs": [], "total_entries": 0})
+            elif stored["dag"]:
+                self._answer(200, {"dag_id": "sched", "is_paused": False})
+            else:
+                self._answer(404, {"detail": "not found"})
+
+        def do_DELETE(self) -> None:
+            asked.append(f"DELETE {self.path}")
+            stored["dag"] = stored["parses_left"] > 0
+            stored["parses_left"] -= 1
+            self._answer(204, {})
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    (tmp_path / "sched.py").write_text("# the DAG file\n")
+    try:
+        target = AirflowTarget(f"http://127.0.0.1:{server.server_address[1]}", auth=NoAuth(), attempts=1,
+                               api=ApiV1(), dags_folder=str(tmp_path))
+        assert target.set_schedule_state("sched", "delete") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "sched.py").exists()
+    deletes = [line for line in asked if line.startswith("DELETE")]
+    assert deletes == ["DELETE /api/v1/dags/sched"] * 2
+    # After the second delete, three checks in a row found it gone.
+    assert asked[-3:] == ["GET /api/v1/dags/sched/details"] * 3

@@ -538,12 +538,38 @@ class AirflowTarget(PipelineTarget):
                              hint="cancel them first (cancel RUN), or wait for them to end")
         # The file first: while it is in the DAGs folder, Airflow would parse the DAG back.
         self.remove_dag_file(name)
-        try:
-            self._request("DELETE", f"dags/{quote(name, safe='')}")
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
+        self._delete_dag(name)
         return None
+
+    #: Consecutive checks that must find a deleted DAG gone before ``schedule --delete`` says so.
+    _GONE_CHECKS = 3
+
+    def _delete_dag(self, name: str) -> None:
+        """Delete the DAG's record, and again if it comes back: a parse of its file that began
+        before the file was removed stores the DAG after the delete (seen on Airflow 3). Done when
+        a few checks in a row find it gone, within KVX_AIRFLOW_PARSE_TIMEOUT."""
+        deadline = time.monotonic() + settings.AIRFLOW_PARSE_TIMEOUT.get()
+        interval = min(1.0, settings.WATCH_INTERVAL.get())
+        gone = 0
+        while True:
+            if gone == 0:
+                try:
+                    self._request("DELETE", f"dags/{quote(name, safe='')}")
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+            time.sleep(interval)
+            if self.dag(name) is None:
+                gone += 1
+                if gone >= self._GONE_CHECKS:
+                    return
+                continue
+            gone = 0
+            if time.monotonic() >= deadline:
+                raise InfrastructureError(
+                    f"Airflow still shows DAG {name} after its file was removed and the DAG deleted",
+                    hint="its DAG processor may read another copy of the file (another DAGs folder or bundle); "
+                    "delete it there, then run schedule --delete again")
 
     # --- uploads ------------------------------------------------------------------------------
 
