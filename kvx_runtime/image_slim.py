@@ -100,7 +100,9 @@ def has_debug_info(path: Path) -> bool:
             order = "<" if header[5] == 1 else ">"
             section_offset, = struct.unpack_from(order + "Q", header, 0x28)
             entry_size, count, names_index = struct.unpack_from(order + "HHH", header, 0x3A)
-            if not section_offset or entry_size < 64 or names_index >= count:
+            size = path.stat().st_size
+            if (not section_offset or entry_size < 64 or names_index >= count
+                    or section_offset + entry_size * count > size):
                 return False
             file.seek(section_offset)
             table = file.read(entry_size * count)
@@ -108,9 +110,11 @@ def has_debug_info(path: Path) -> bool:
                 return False
             sections = [struct.unpack_from(order + "IIQQQQ", table, i * entry_size) for i in range(count)]
             _, _, _, _, names_offset, names_size = sections[names_index]
+            if names_offset + names_size > size:
+                return False
             file.seek(names_offset)
             names = file.read(names_size)
-    except OSError:
+    except (OSError, OverflowError, ValueError, MemoryError, struct.error):
         return False
     return any(names[name:name + 7] == b".debug_" for name, *_ in sections)
 
@@ -147,11 +151,14 @@ def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
     checked = subprocess.run([python, "-c", _LOAD_CHECK, *map(str, paths)], capture_output=True, text=True)
     if checked.returncode != 0:
         return set(paths)
-    return {Path(line) for line in checked.stdout.splitlines() if line}
+    # Only the paths asked about: a library's initialiser may print lines of its own.
+    named = {str(path): path for path in paths}
+    return {named[line] for line in checked.stdout.splitlines() if line in named}
 
 
 def _strip_debug_info(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
-    loadable = [path for path in modules if path not in _unloadable(modules, python)]
+    unloadable = _unloadable(modules, python)
+    loadable = [path for path in modules if path not in unloadable]
     with tempfile.TemporaryDirectory(prefix="kvx-slim-") as backups:
         originals: dict[Path, tuple[Path, int]] = {}
         for index, path in enumerate(loadable):
@@ -177,7 +184,8 @@ def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, pyt
     ``site_packages``; ``python`` checks that stripped modules still load (default: this one)."""
     report = SlimReport()
     modules: list[Path] = []
-    for root in site_packages:
+    # One pass per directory: purelib and platlib may be two names of one (a venv's lib64 -> lib).
+    for root in dict.fromkeys(Path(path).resolve() for path in site_packages):
         for suite in list(_test_suites(root)):
             report.test_bytes += _tree_bytes(suite)
             shutil.rmtree(suite)

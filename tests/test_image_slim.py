@@ -46,6 +46,11 @@ def test_debug_info_is_told_from_the_section_names(tmp_path: Path) -> None:
     assert not has_debug_info(tmp_path / "text.so")
     assert not has_debug_info(truncated)
     assert not has_debug_info(tmp_path / "missing.so")
+    # A section table claimed far past the file's end (a corrupt or hostile header) is no crash.
+    bogus = bytearray(WITH_DEBUG_INFO.read_bytes()[:4096])
+    bogus[0x28:0x30] = (2**63).to_bytes(8, "little")
+    (tmp_path / "bogus.so").write_bytes(bytes(bogus))
+    assert not has_debug_info(tmp_path / "bogus.so")
 
 
 @needs_strip
@@ -69,8 +74,9 @@ def test_suites_go_debug_info_goes_everything_else_stays(tmp_path: Path) -> None
     ctypes.CDLL(str(module))
     # Vendored libraries are never touched.
     assert (site / "vendored.libs" / "libvendored.so.1").read_bytes() == WITH_DEBUG_INFO.read_bytes()
-    # Run again: nothing left to do.
-    again = slim_site_packages([site])
+    # Run again, the directory named twice (a venv's lib64 -> lib): nothing left to do, once.
+    (tmp_path / "lib64").symlink_to(site)
+    again = slim_site_packages([site, tmp_path / "lib64"])
     assert not again.test_suites and not again.stripped
 
 
@@ -90,6 +96,14 @@ def test_a_module_that_no_longer_loads_once_stripped_gets_its_original_back(tmp_
     assert report.restored == [module] and not report.stripped and report.strip_bytes == 0
     assert module.read_bytes() == original
     assert any("no longer loadable" in line and module.name in line for line in report.lines())
+
+
+@needs_strip
+def test_one_directory_under_two_names_is_stripped_once(tmp_path: Path) -> None:
+    site = fake_site_packages(tmp_path)
+    (tmp_path / "lib64").symlink_to(site)
+    report = slim_site_packages([site, tmp_path / "lib64"])
+    assert len(report.stripped) == 1 and len(report.test_suites) == 5
 
 
 def test_without_strip_suites_still_go_and_the_report_says_debug_info_stayed(tmp_path: Path, monkeypatch) -> None:

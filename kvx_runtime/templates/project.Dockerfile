@@ -11,7 +11,8 @@ FROM ${KVX_BASE_IMAGE}
 # On the default base image, kedro-mlflow is installed and requires mlflow-skinny: a
 # requirements.txt naming kedro-mlflow 2.x keeps it, without pulling full mlflow back in
 # (a pin to another release replaces it, with full mlflow: docs/images.md). slim-packages then
-# removes what no step loads (numerical packages' test suites, extension modules' debug info).
+# removes what no step loads: numerical packages' test suites (this stage has no strip, so
+# extension modules keep any debug info: docs/images.md).
 USER 0
 WORKDIR /home/kvx/project
 COPY requirements.txt /tmp/requirements.txt
