@@ -49,9 +49,11 @@ def _fsspec_s3_defaults_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
     """fsspec's process-wide s3 defaults as each test found them: opening a project in-process
     applies its run_config.s3 there (kubeflow.yml's MinIO endpoint, say), which outranks the
     AWS variables of every later test's s3 filesystem in this worker."""
+    import copy
+
     import fsspec.config
 
-    monkeypatch.setitem(fsspec.config.conf, "s3", dict(fsspec.config.conf.get("s3", {})))
+    monkeypatch.setitem(fsspec.config.conf, "s3", copy.deepcopy(fsspec.config.conf.get("s3", {})))
 
 
 @pytest.hookimpl(trylast=True)

@@ -240,18 +240,37 @@ def test_image_repository(image: str | None, repository: str | None) -> None:
 
 
 def run_pull_request_steps(root: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """The checks job's run: steps as GitHub's runner would run them (bash -eo pipefail, the
-    workflow's env: section set), but for the install, which this environment has done."""
+    """The checks job's run: steps as GitHub's runner would run them (each in bash -eo pipefail,
+    with the workflow's and the step's env: set), but for the install, which this environment
+    has done. Stops at the first step that fails, as the runner does."""
     workflow = workflows(root)["kvx-checks.yml"]
     [job] = workflow["jobs"].values()
-    env = {key: str(value) for key, value in workflow["env"].items()}
-    scripts = [step["run"] for step in job["steps"] if "run" in step and step.get("name") != "Install the project"]
     runner_temp = tmp_path / "runner-temp"
     runner_temp.mkdir(exist_ok=True)
-    environment = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-                   "RUNNER_TEMP": str(runner_temp), "KVX_LOG_FORMAT": "json", **env}
-    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", "\n".join(scripts)],
-                          cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    base = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RUNNER_TEMP": str(runner_temp),
+            "KVX_LOG_FORMAT": "json", **{key: str(value) for key, value in workflow["env"].items()}}
+    stdout, stderr, code = "", "", 0
+    for step in job["steps"]:
+        if "run" not in step or step.get("name") == "Install the project":
+            continue
+        environment = {**base, **{key: str(value) for key, value in (step.get("env") or {}).items()}}
+        ran = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=root,
+                             env=environment, capture_output=True, text=True, timeout=300)
+        stdout, stderr, code = stdout + ran.stdout, stderr + ran.stderr, ran.returncode
+        if code != 0:
+            break
+    return subprocess.CompletedProcess(["kvx-checks"], code, stdout, stderr)
+
+
+def kedro_envs(root: Path) -> dict[str, str]:
+    """The KEDRO_ENV each workflow runs its kvx-runtime commands in: the pipeline's for the whole
+    workflow, the checks' on the compile step only (the project's tests choose their own)."""
+    found = workflows(root)
+    checks = {step.get("name"): step for step in next(iter(found["kvx-checks.yml"]["jobs"].values()))["steps"]}
+    assert "KEDRO_ENV" not in found["kvx-checks.yml"]["env"]
+    assert "KEDRO_ENV" not in (checks["The project's tests"].get("env") or {})
+    return {"kvx-pipeline.yml": found["kvx-pipeline.yml"]["env"]["KEDRO_ENV"],
+            "kvx-checks.yml": checks["Compile, warnings are errors"]["env"]["KEDRO_ENV"]}
 
 
 def test_the_pull_request_job_fails_on_a_warning_and_passes_on_a_clean_project(tmp_path: Path) -> None:
@@ -292,21 +311,19 @@ def test_the_workflows_run_in_the_cloud_env_init_wrote_before(tmp_path: Path) ->
     shutil.rmtree(root / "conf" / "cloud")
     result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions"])
     assert result.exit_code == 0, result.output
-    assert {name: w["env"]["KEDRO_ENV"] for name, w in workflows(root).items()} == {
-        "kvx-checks.yml": "", "kvx-pipeline.yml": ""}
+    assert kedro_envs(root) == {"kvx-checks.yml": "", "kvx-pipeline.yml": ""}
     assert "no cloud env yet: `" in result.output and " init --cloud-env cloud` writes one" in result.output
 
     assert CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "prod"]).exit_code == 0
     result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions", "--force"])
     assert result.exit_code == 0, result.output
-    assert {name: w["env"]["KEDRO_ENV"] for name, w in workflows(root).items()} == {
-        "kvx-checks.yml": "prod", "kvx-pipeline.yml": "prod"}
+    assert kedro_envs(root) == {"kvx-checks.yml": "prod", "kvx-pipeline.yml": "prod"}
 
     # Two written envs: which one the cloud runs use is the user's call, and the output says so.
     assert CliRunner().invoke(cli, ["init", "--project-path", str(root), "--cloud-env", "staging"]).exit_code == 0
     result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions", "--force"])
     assert result.exit_code == 0, result.output
-    assert workflows(root)["kvx-pipeline.yml"]["env"]["KEDRO_ENV"] == ""
+    assert kedro_envs(root) == {"kvx-checks.yml": "", "kvx-pipeline.yml": ""}
     assert "several cloud envs, prod, staging: set the one cloud runs use as KEDRO_ENV" in result.output
 
 
@@ -314,7 +331,7 @@ def test_an_env_init_did_not_write_is_named_but_not_chosen(tmp_path: Path) -> No
     root = copy_example_project(tmp_path / "example_project")  # conf/cloud: the example's own globals
     result = CliRunner().invoke(cli, ["init", "--project-path", str(root), "--with-github-actions"])
     assert result.exit_code == 0, result.output
-    assert workflows(root)["kvx-checks.yml"]["env"]["KEDRO_ENV"] == ""
+    assert kedro_envs(root)["kvx-checks.yml"] == ""
     assert "if cloud is the env of cloud runs, set it as KEDRO_ENV" in result.output
 
 

@@ -239,8 +239,9 @@ def _project_config(root: Path, target: TargetInfo, config_text: str | None) -> 
 def _env_line(kedro_env: str | None, written: list[str], conf: Path, group: str) -> str:
     """Which Kedro env the workflows run in, and how to change it."""
     if kedro_env:
-        return f"The workflows run in the Kedro env '{kedro_env}' (KEDRO_ENV in their env: section)."
-    others = sorted(path.name for path in conf.glob("*/") if path.name not in ("base", "local")
+        return (f"The workflows run in the Kedro env '{kedro_env}' (KEDRO_ENV: the pipeline's env: section, the "
+                "checks' compile step; the project's tests keep their own env).")
+    others = sorted(path.name for path in conf.glob("*") if path.is_dir() and path.name not in ("base", "local")
                     and not path.name.startswith("."))
     if written:
         why = f"several cloud envs, {', '.join(written)}: set the one cloud runs use"
@@ -248,8 +249,9 @@ def _env_line(kedro_env: str | None, written: list[str], conf: Path, group: str)
         why = f"if {' or '.join(others)} is the env of cloud runs, set it"
     else:
         why = f"no cloud env yet: `{group} init --cloud-env cloud` writes one; set it"
-    return (f"The workflows run in the project's default Kedro env ({why} as KEDRO_ENV in both workflows' env: "
-            "section; until then compile --strict fails on any dataset that crosses steps on a local path).")
+    return (f"The workflows run in the project's default Kedro env ({why} as KEDRO_ENV in the workflows (the "
+            "pipeline's env: section, the checks' compile step); until then compile --strict fails on any dataset "
+            "that crosses steps on a local path).")
 
 
 def _github_repository(root: Path) -> str | None:
