@@ -37,7 +37,7 @@ from kvx_runtime.errors import ConfigError, KvxError, UsageError
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["CATALOG_FILE", "CloudEnv", "LeftOut", "Redirected", "check_env_name", "plan_cloud_env",
+__all__ = ["CATALOG_FILE", "CloudEnv", "LeftOut", "Redirected", "check_env_name", "overlay_envs", "plan_cloud_env",
            "written_cloud_envs"]
 
 #: The overlay's file in ``conf/<env>/``.
@@ -383,6 +383,13 @@ def _input_paths(inputs: Iterable[str], governing: _Governing, redirected: set[s
 
 #: How the overlay's second line starts (:func:`_render`): how an env written here is told.
 _WRITTEN_BY = "# Written by `init --cloud-env "
+
+
+def overlay_envs(conf: Path, base_env: str = "base") -> list[str]:
+    """The env folders under ``conf`` that may be a cloud env: neither the base env nor the
+    laptop's (the names :func:`check_env_name` refuses), nor hidden; sorted."""
+    return sorted(path.name for path in conf.glob("*") if path.is_dir() and not path.name.startswith(".")
+                  and path.name not in (base_env, _LAPTOP_ENV))
 
 
 def written_cloud_envs(conf: Path) -> list[str]:

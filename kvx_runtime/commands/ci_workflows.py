@@ -241,8 +241,9 @@ def _env_line(kedro_env: str | None, written: list[str], conf: Path, group: str)
     if kedro_env:
         return (f"The workflows run in the Kedro env '{kedro_env}' (KEDRO_ENV: the pipeline's env: section, the "
                 "checks' compile step; the project's tests keep their own env).")
-    others = sorted(path.name for path in conf.glob("*") if path.is_dir() and path.name not in ("base", "local")
-                    and not path.name.startswith("."))
+    from kvx_runtime.cloud_env import overlay_envs
+
+    others = overlay_envs(conf)
     if written:
         why = f"several cloud envs, {', '.join(written)}: set the one cloud runs use"
     elif others:
