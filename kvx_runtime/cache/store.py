@@ -273,11 +273,21 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
             shutil.rmtree(temporary) if os.path.isdir(temporary) else os.unlink(temporary)
 
 
+#: kedro-datasets types whose ``filepath`` is one file or folder kept exactly as Kedro's file
+#: datasets keep it (``get_protocol_and_path``, then a ``PurePosixPath``): their location can be
+#: told from the configuration without building the dataset, which would import the type's
+#: package (``kedro_datasets.pandas`` imports every pandas dataset, SQLAlchemy included: 0.2 s).
+#: tests/test_cache_store.py checks each against the dataset built.
+PLAIN_FILE_TYPES = frozenset({
+    "pandas.CSVDataset", "pandas.ExcelDataset", "pandas.FeatherDataset", "pandas.GenericDataset",
+    "pandas.HDFDataset", "pandas.JSONDataset", "pandas.ParquetDataset", "pandas.XMLDataset",
+    "json.JSONDataset", "pickle.PickleDataset", "text.TextDataset", "yaml.YAMLDataset",
+})
+
+
 def dataset_location(dataset: Any) -> str | None:
     """Where a Kedro dataset object saves (its versioned path for this run's save version), as
     fsspec opens it; None when it has no single file or folder kvx-runtime can tell."""
-    from kedro.io.core import get_filepath_str
-
     filepath = getattr(dataset, "_filepath", None)
     protocol = getattr(dataset, "_protocol", None)
     if filepath is None:
@@ -288,22 +298,31 @@ def dataset_location(dataset: Any) -> str | None:
         if not save or not hasattr(dataset, "_get_versioned_path"):
             return None
         filepath = dataset._get_versioned_path(save)
+    return _location(protocol, filepath)
+
+
+def configured_location(config: Mapping[str, Any] | None) -> str | None:
+    """:func:`dataset_location` of the dataset ``config`` (a catalog's resolved entry) describes,
+    told without building it; None when the configuration alone cannot tell (a type outside
+    :data:`PLAIN_FILE_TYPES`, a versioned dataset): build the dataset and ask it."""
+    if not isinstance(config, Mapping) or config.get("versioned"):
+        return None
+    kind, filepath = config.get("type"), config.get("filepath")
+    if not isinstance(kind, str) or not isinstance(filepath, str) \
+            or kind.removeprefix("kedro_datasets.") not in PLAIN_FILE_TYPES:
+        return None
+    from pathlib import PurePosixPath
+
+    from kedro.io.core import get_protocol_and_path
+
+    protocol, path = get_protocol_and_path(filepath)
+    return _location(protocol, PurePosixPath(path))
+
+
+def _location(protocol: str | None, filepath: Any) -> str:
+    from kedro.io.core import get_filepath_str
+
     path = get_filepath_str(filepath, protocol) if protocol else str(filepath)
     if protocol in (None, "file", "local"):
         return str(path)
     return f"{protocol}://{path}"
-
-
-def destinations(context_catalog: Any, blob_urls: Mapping[str, str], outputs: Any) -> dict[str, str | None]:
-    """Each output's location for this run: a blob's URL, a catalog dataset's save location."""
-    found: dict[str, str | None] = {}
-    for name in outputs:
-        if name in blob_urls:
-            found[name] = blob_urls[name]
-            continue
-        try:
-            dataset = context_catalog.get(name)
-        except Exception:  # a catalog that cannot build the dataset: not cacheable
-            dataset = None
-        found[name] = dataset_location(dataset) if dataset is not None else None
-    return found

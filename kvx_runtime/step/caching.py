@@ -137,8 +137,8 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
     """Where this run keeps each output the step leaves behind (declared datasets: where the
     catalog saves them; crossing intermediates: their blobs), the blobs among them and the job
     directory's store; or why an output cannot be told."""
-    from kvx_runtime.cache.store import dataset_location
-    from kvx_runtime.step.hooks import declared_type, is_declared
+    from kvx_runtime.cache.store import configured_location, dataset_location
+    from kvx_runtime.step.hooks import dataset_config, declared_type, is_declared
 
     outputs: dict[str, str] = {}
     blobs: dict[str, str] = {}
@@ -148,7 +148,7 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
             continue
         for name in node.outputs:
             if is_declared(catalog, name):
-                location = dataset_location(catalog.get(name))
+                location = configured_location(dataset_config(catalog, name)) or dataset_location(catalog.get(name))
                 if location is None:
                     return f"output {name} ({declared_type(catalog, name)}) is not a file kvx-runtime can copy"
                 outputs[name] = location

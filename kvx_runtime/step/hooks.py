@@ -12,7 +12,7 @@ from kvx_runtime.graph import StepPlan, dataset_identity
 from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
-__all__ = ["StepHooks", "declared_type", "is_declared", "type_name"]
+__all__ = ["StepHooks", "dataset_config", "declared_type", "is_declared", "type_name"]
 
 log = get_logger(__name__)
 
@@ -39,6 +39,17 @@ def declared_type(catalog: Any, name: str) -> str | None:
     imports every pandas dataset (SQLAlchemy, Excel and BigQuery support included), which a
     step reading only parameters or blobs would never pay for otherwise.
     """
+    config = dataset_config(catalog, name)
+    configured = config.get("type") if config is not None else None
+    if isinstance(configured, str):
+        return configured
+    return catalog.get_type(name)
+
+
+def dataset_config(catalog: Any, name: str) -> dict[str, Any] | None:
+    """The configuration the catalog would build ``name`` from (its entry, or the pattern it
+    matches, resolved as the catalog resolves it: credentials and absolute paths included);
+    None once the catalog has built it, or when nothing configures it."""
     lazy = getattr(catalog, "_lazy_datasets", None)
     config: Any = None
     if isinstance(lazy, dict) and name in lazy:
@@ -46,10 +57,7 @@ def declared_type(catalog: Any, name: str) -> str | None:
     elif name not in getattr(catalog, "_datasets", {}) and name in catalog:
         resolver = getattr(catalog, "config_resolver", None)
         config = resolver.resolve_pattern(name) if resolver is not None else None
-    configured = config.get("type") if isinstance(config, dict) else None
-    if isinstance(configured, str):
-        return configured
-    return catalog.get_type(name)
+    return config if isinstance(config, dict) else None
 
 
 def type_name(catalog: Any, name: str) -> str:

@@ -1,0 +1,79 @@
+"""Where the step cache serves a catalog output to: told from the catalog's configuration for the
+plain file types (no import of the type's package), the same place as the dataset built says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvx_runtime.cache.store import PLAIN_FILE_TYPES, configured_location, dataset_location
+from kvx_runtime.step.hooks import dataset_config
+
+pytestmark = pytest.mark.kedro
+
+FILEPATHS = ("data/08_reporting/out.bin", "/abs/out.bin", "file:///abs/out.bin", "gs://bucket/prefix/out.bin",
+             "s3://bucket/out.bin", "data/a folder/with spaces.bin")
+#: What a type needs beside its filepath to be built.
+REQUIRED = {"pandas.GenericDataset": {"file_format": "csv"}, "pandas.HDFDataset": {"key": "data"}}
+#: Anonymous file systems: building the dataset must not look for cloud credentials.
+ANONYMOUS = {"gs": {"token": "anon"}, "s3": {"anon": True}}
+
+
+def _entry(kind: str, filepath: str) -> dict[str, Any]:
+    entry = {"type": kind, "filepath": filepath, **REQUIRED.get(kind.removeprefix("kedro_datasets."), {})}
+    protocol = filepath.partition("://")[0]
+    if protocol in ANONYMOUS:
+        entry["credentials"] = ANONYMOUS[protocol]
+    return entry
+
+
+def _catalog(config: dict[str, Any]) -> Any:
+    from kedro.io import DataCatalog
+
+    return DataCatalog.from_config(config)
+
+
+@pytest.mark.parametrize("kind", sorted(PLAIN_FILE_TYPES))
+def test_a_plain_file_type_is_where_the_dataset_built_would_save(kind: str) -> None:
+    pytest.importorskip(f"kedro_datasets.{kind.rsplit('.', 1)[0]}")
+    config = {f"out{index}": _entry(kind, path) for index, path in enumerate(FILEPATHS)}
+    config["full_name"] = _entry(f"kedro_datasets.{kind}", "gs://bucket/full.bin")
+    config["{name}_pattern"] = _entry(kind, "s3://bucket/{name}.bin")
+    catalog = _catalog(config)
+    for name in [*config.keys() - {"{name}_pattern"}, "made_pattern"]:
+        told = configured_location(dataset_config(catalog, name))
+        assert told is not None, name
+        assert told == dataset_location(catalog.get(name)), name
+
+
+def test_what_the_configuration_cannot_tell_is_left_to_the_dataset_built() -> None:
+    catalog = _catalog({
+        "versioned": {"type": "pandas.CSVDataset", "filepath": "data/v.csv", "versioned": True},
+        "partitioned": {"type": "partitions.PartitionedDataset", "path": "data/parts", "dataset": "pandas.CSVDataset"},
+        "custom": {"type": "my_package.datasets.CSVDataset", "filepath": "data/c.csv"},
+        "memory": {"type": "MemoryDataset"},
+    })
+    for name in ("versioned", "partitioned", "custom", "memory"):
+        assert configured_location(dataset_config(catalog, name)) is None, name
+    assert configured_location(None) is None
+    catalog.get("memory")
+    assert dataset_config(catalog, "memory") is None  # built: its configuration is gone
+
+
+def test_telling_a_location_imports_no_dataset_package(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from kedro.io import DataCatalog\n"
+        "from kvx_runtime.cache.store import configured_location\n"
+        "from kvx_runtime.step.hooks import dataset_config\n"
+        "catalog = DataCatalog.from_config({'t': {'type': 'pandas.CSVDataset', 'filepath': 'gs://b/t.csv'}})\n"
+        "print(configured_location(dataset_config(catalog, 't')))\n"
+        "print(sorted(name for name in sys.modules if name.startswith('kedro_datasets.pandas')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["gs://b/t.csv", "[]"]
