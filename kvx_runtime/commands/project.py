@@ -73,9 +73,11 @@ def run_values(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def compile_request(at: Invocation, options: PipelineOptions, storage_root: str | None,
-                    values: tuple[str, ...] = (), *, serving: KedroProject | None = None) -> CompileRequest:
+                    values: tuple[str, ...] = (), *, serving: KedroProject | None = None,
+                    project: KedroProject | None = None) -> CompileRequest:
     """What the command's target compiles of the project (``values``: this run's
-    ``--param KEY=VALUE``), whatever the target renders it into; ``serving``: see :func:`compile_for`."""
+    ``--param KEY=VALUE``), whatever the target renders it into; ``serving`` and ``project``:
+    see :func:`compile_for`."""
     from kvx_runtime.compiler import CompileRequest
     from kvx_runtime.versions import parse_load_versions
 
@@ -85,7 +87,7 @@ def compile_request(at: Invocation, options: PipelineOptions, storage_root: str 
         values=run_values(values), code_upload=options.code_upload, cache=options.cache,
         shared_mounts=at.target.shared_mounts,
         gpu_resource_name=at.target.gpu_resource_name, init_command=at.sibling("init"),
-        step_start_seconds=at.target.step_start_seconds,
+        step_start_seconds=at.target.step_start_seconds, project=project or serving,
     )
     if serving is None:
         return request
@@ -95,13 +97,15 @@ def compile_request(at: Invocation, options: PipelineOptions, storage_root: str 
 
 
 def compile_for(at: Invocation, options: PipelineOptions, storage_root: str | None,
-                values: tuple[str, ...] = (), *, serving: KedroProject | None = None) -> CompiledPipeline:
+                values: tuple[str, ...] = (), *, serving: KedroProject | None = None,
+                project: KedroProject | None = None) -> CompiledPipeline:
     """The project's pipeline compiled for the command's target (``values``: this run's
     ``--param KEY=VALUE``); ``serving``: the project of a run about to be submitted, whose steps
-    the step cache has are left out when the cache is on (:mod:`.cache_hits`)."""
+    the step cache has are left out when the cache is on (:mod:`.cache_hits`); ``project`` (or
+    ``serving``): the project as the command opened it in ``at``'s env, not opened again."""
     from kvx_runtime.compiler import compile_pipeline
 
-    return compile_pipeline(compile_request(at, options, storage_root, values, serving=serving))
+    return compile_pipeline(compile_request(at, options, storage_root, values, serving=serving, project=project))
 
 
 def refuse_warnings(warnings: list[str], written: str) -> None:
@@ -130,6 +134,8 @@ class CompileSpecRequest:
     output: str = "pipeline.json"
     #: Every warning (a trap that would fail in the cloud) is an error: for CI.
     strict: bool = False
+    #: The project as the command opened it (see :func:`compile_for`).
+    project: KedroProject | None = None
 
 
 def compile_spec(request: CompileSpecRequest) -> Path:
@@ -138,7 +144,7 @@ def compile_spec(request: CompileSpecRequest) -> Path:
     from kvx_runtime.compiler import write_spec
 
     target = request.at.target
-    compiled = compile_for(request.at, request.options, request.storage_root)
+    compiled = compile_for(request.at, request.options, request.storage_root, project=request.project)
     if request.strict:
         refuse_warnings(compiled.warnings, "spec")
     platform = compiled.platform_spec if target.applies_platform_spec else None
@@ -209,18 +215,25 @@ def run_local_spec(request: RunLocalRequest) -> None:
     project = request.at.project_path or os.getcwd()
     root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
     spec = request.spec
+    compiled_from = None
     if spec is None:
+        from kvx_runtime.project import open_project
+
+        # Opened once: the compile and the step cache's serving share it.
+        compiled_from = open_project(request.at.project_path, request.at.env)
         # Steps run here, whatever the group: compiled as for the default target, any image.
         spec = str(compile_spec(CompileSpecRequest(
             at=replace(request.at, target=default_target()),
             options=replace(request.options, image=request.options.image or "local"),
             storage_root=root, output=os.path.join(project, LOCAL_STATE_DIR, "pipeline.json"),
+            project=compiled_from,
         )))
     spec_data = read_spec(spec)
     job_name = request.job_name or default_job_name(spec_data)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
-    served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name)
+    served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
+                                                           compiled_from)
     result = run_local(
         spec_data,
         project,
@@ -245,10 +258,11 @@ def run_local_spec(request: RunLocalRequest) -> None:
 
 
 def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root: str, run_id: str,
-                        job_name: str) -> dict[str, str]:
+                        job_name: str, opened: KedroProject | None = None) -> dict[str, str]:
     """With the step cache on, the steps it has, served before the run starts (their processes
     never start): step -> the run they come from. Left to each step's exec-node (which serves a
-    hit as well, after its start-up) when the run overrides parameters or runs uploaded code."""
+    hit as well, after its start-up) when the run overrides parameters or runs uploaded code.
+    ``opened``: the project as the compile of ``spec`` opened it (used when in the steps' env)."""
     from kvx_runtime.compiler.kfp_reader import build_graph
     from kvx_runtime.project import open_project
     from kvx_runtime.step.caching import cache_wanted, serve_before_run
@@ -275,7 +289,8 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
     envs = {item.env for item in invocations}
     if len(pipelines) != 1 or len(envs) != 1:
         return {}
-    project = open_project(request.at.project_path, next(iter(envs)))
+    env = next(iter(envs))
+    project = opened if opened is not None and opened.env == env else open_project(request.at.project_path, env)
     if not cache_wanted(project, request.options.cache):
         return {}
     return serve_before_run(project, next(iter(pipelines)), steps, root, RunIdentity(run_id, job_name))

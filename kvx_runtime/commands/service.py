@@ -66,7 +66,7 @@ def _compile(at: Invocation, project: KedroProject, options: PipelineOptions, st
              values: tuple[str, ...] = (), *, serve_cached: bool = False) -> CompiledPipeline:
     """``serve_cached``: a run about to be submitted, whose steps the step cache has are left out."""
     return compile_for(at.in_env(project.env), options, storage_root, values,
-                       serving=project if serve_cached else None)
+                       serving=project if serve_cached else None, project=project)
 
 
 def _finish(target: PipelineTarget, run: RunInfo, spec: Mapping[str, Any] | None, values: Mapping[str, Any],

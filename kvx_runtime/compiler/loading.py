@@ -30,7 +30,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     """Open the project of ``request`` and load what its plan is made of."""
     from kvx_runtime.project import open_project
 
-    project = open_project(request.project_path, request.env)
+    project = request.project if request.project is not None else open_project(request.project_path, request.env)
     run = project.plugin_config.run_config
     _check_env_uploaded(project.env, request.code_upload if request.code_upload is not None else run.code_upload)
     image = request.image or run.image

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.compiler.checks import (
     warn_local_datasets,
@@ -46,6 +46,9 @@ from kvx_runtime.params import KINDS, fits, is_missing, kind_of, lookup, type_pa
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE, EXEC_NODE, ExecNodeInvocation, identity_args
 from kvx_runtime.storage.store import S3_ENDPOINT_ENV, S3_REGION_ENV
 from kvx_runtime.targets.registry import VERTEX_SHARED_MOUNTS
+
+if TYPE_CHECKING:
+    from kvx_runtime.project import KedroProject
 
 __all__ = ["CompileRequest", "ProjectFacts", "ResumedRun", "StepGraph", "plan_pipeline", "plan_steps"]
 
@@ -103,6 +106,9 @@ class CompileRequest:
     resume: ResumedRun | None = None
     #: What a step of the target spends before its node starts (the fusing groupers weigh it).
     step_start_seconds: float = 60.0
+    #: The project as the command opened it already (``project_path`` in ``env``): compiled as
+    #: it is, not opened again. None: opened from ``project_path`` and ``env``.
+    project: KedroProject | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
