@@ -25,10 +25,27 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import structlog
 
-from kvx_runtime import settings
-from kvx_runtime.errors import ConfigError
+def _import_structlog() -> None:
+    """Import structlog without its use of rich: ``structlog.dev`` and ``structlog.tracebacks``
+    import rich's console, traceback and pretty-printer (60 ms of every step's start-up, which
+    Kedro does not import) only to draw exceptions in colour on a terminal. Our lines render
+    exceptions as plain text; rich stays importable for Kedro and the user afterwards."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # import rich -> ImportError, structlog's fallback
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
+_import_structlog()
+
+import structlog  # noqa: E402
+
+from kvx_runtime import settings  # noqa: E402
+from kvx_runtime.errors import ConfigError  # noqa: E402
 
 __all__ = ["NODE_FINISHED", "bind_step_context", "configure_logging", "get_logger", "log_verdict",
            "print_only_own_lines", "redact", "register_secrets"]

@@ -347,3 +347,22 @@ def test_the_next_command_logs_again(json_logs) -> None:
     configure_logging(json_output=True)  # what every command does first
     logging.getLogger("kedro.io.data_catalog").info("Loading data from x")
     assert [(r["severity"], r["message"]) for r in lines(json_logs)] == [("INFO", "Loading data from x")]
+
+
+def test_logging_imports_no_rich_console_and_leaves_rich_importable() -> None:
+    script = (
+        "import sys\n"
+        "from kvx_runtime.log import configure_logging, get_logger\n"
+        "configure_logging(json_output=False)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    get_logger('t').exception('failed')\n"
+        "print(sorted(name for name in sys.modules if name.startswith('rich.')))\n"
+        "import rich.console\n"
+        "print(rich.console.Console.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["[]", "Console"]
+    assert "ZeroDivisionError: division by zero" in result.stderr  # the exception, as plain text
