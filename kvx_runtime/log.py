@@ -25,27 +25,16 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kvx_runtime.lazy_imports import optional_modules_hidden
 
-def _import_structlog() -> None:
-    """Import structlog without its use of rich: ``structlog.dev`` and ``structlog.tracebacks``
-    import rich's console, traceback and pretty-printer (60 ms of every step's start-up, which
-    Kedro does not import) only to draw exceptions in colour on a terminal. Our lines render
-    exceptions as plain text; rich stays importable for Kedro and the user afterwards."""
-    if "structlog" in sys.modules or "rich" in sys.modules:
-        return
-    sys.modules["rich"] = None  # type: ignore[assignment]  # import rich -> ImportError, structlog's fallback
-    try:
-        import structlog  # noqa: F401
-    finally:
-        del sys.modules["rich"]
+# structlog.dev and structlog.tracebacks import rich's console, traceback and pretty-printer (60 ms
+# of every process's start-up; Kedro imports none of them) only to draw exceptions in colour on a
+# terminal: our lines render exceptions as plain text.
+with optional_modules_hidden("rich"):
+    import structlog
 
-
-_import_structlog()
-
-import structlog  # noqa: E402
-
-from kvx_runtime import settings  # noqa: E402
-from kvx_runtime.errors import ConfigError  # noqa: E402
+from kvx_runtime import settings
+from kvx_runtime.errors import ConfigError
 
 __all__ = ["NODE_FINISHED", "bind_step_context", "configure_logging", "get_logger", "log_verdict",
            "print_only_own_lines", "redact", "register_secrets"]
