@@ -9,9 +9,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvx_runtime.compiler.airflow_render import AirflowDag, DagSource, Operator, render_airflow
 from kvx_runtime.compiler.checks import check_node_dependencies, check_references
 from kvx_runtime.compiler.kfp_render import render_kfp
 from kvx_runtime.compiler.loading import load_project_facts
@@ -19,6 +18,9 @@ from kvx_runtime.compiler.planner import CompileRequest, plan_pipeline
 from kvx_runtime.compiler.upload import upload_code
 from kvx_runtime.errors import UsageError
 from kvx_runtime.log import get_logger
+
+if TYPE_CHECKING:  # imported by compile_dag: the Airflow renderer and its config are no cost of a KFP compile
+    from kvx_runtime.compiler.airflow_render import AirflowDag, Operator
 
 __all__ = ["CompileRequest", "CompiledDag", "CompiledPipeline", "compile_dag", "compile_pipeline", "read_spec",
            "write_spec"]
@@ -76,6 +78,7 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     import kedro
 
     import kvx_runtime
+    from kvx_runtime.compiler.airflow_render import DagSource, render_airflow
     from kvx_runtime.config import AirflowRunConfig
 
     if operator == "local":  # every task runs on the one worker, in one project directory
