@@ -226,10 +226,9 @@ def open_project(
     )
     register_credentials(project)
     s3 = plugin_config.run_config.s3
-    if s3.endpoint_url or s3.region:
-        from kvx_runtime.storage.store import configure_s3
+    from kvx_runtime.storage.store import configure_s3
 
-        configure_s3(s3.endpoint_url, s3.region)
+    configure_s3(s3.endpoint_url, s3.region, replace=True)  # none of a project opened before
     return project
 
 

@@ -463,6 +463,30 @@ def test_run_config_s3_endpoint_is_used_when_no_aws_variable_names_one(s3_server
     assert "endpoint_url" not in fsspec.config.conf["s3"]
 
 
+def test_a_project_opened_after_another_keeps_none_of_its_s3_defaults(monkeypatch) -> None:
+    import fsspec.config
+
+    from kvx_runtime.storage.store import configure_s3
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    configure_s3("http://minio-service.kubeflow:9000", "eu-west-1", replace=True)  # a kubeflow.yml project
+    configure_s3(None, None, replace=True)  # then one without run_config.s3
+    assert fsspec.config.conf["s3"] == {}
+
+    # A project's values replace an earlier project's; a default set by someone else stays.
+    fsspec.config.conf["s3"] = {"client_kwargs": {"region_name": "us-east-2", "verify": False}}
+    configure_s3("http://first:9000", "eu-west-1", replace=True)
+    configure_s3("http://second:9000", None, replace=True)
+    assert fsspec.config.conf["s3"] == {"endpoint_url": "http://second:9000",
+                                        "client_kwargs": {"region_name": "us-east-2", "verify": False}}
+
+    # Defaults the step's environment names (without replace) add to the project's, never take it back.
+    configure_s3(None, "ap-south-1")
+    assert fsspec.config.conf["s3"]["endpoint_url"] == "http://second:9000"
+
+
 def test_a_root_whose_filesystem_is_not_installed_says_which_extra_to_install(monkeypatch) -> None:
     import fsspec.core
 

@@ -153,16 +153,38 @@ S3_ENDPOINT_ENV = settings.S3_ENDPOINT_URL.name
 S3_REGION_ENV = settings.S3_REGION.name
 
 
-def configure_s3(endpoint_url: str | None, region: str | None) -> None:
+#: What :func:`configure_s3` put in fsspec's ``s3`` defaults (``endpoint_url``, ``region_name``).
+_S3_APPLIED: dict[str, str] = {}
+
+
+def configure_s3(endpoint_url: str | None, region: str | None, *, replace: bool = False) -> None:
     """Defaults for every ``s3://`` filesystem fsspec makes in this process (the blob store's and
-    the Kedro datasets'), from ``run_config.s3``; the standard AWS variables win."""
+    the Kedro datasets'), from ``run_config.s3``; the standard AWS variables win, and so do
+    defaults set by someone else. ``replace`` (a project opened): what an earlier call set is
+    taken back first, so that a process opening one project after another (a notebook, a
+    service) keeps none of an earlier project's endpoint."""
+    if not (endpoint_url or region or (replace and _S3_APPLIED)):
+        return
     import fsspec.config
 
     defaults = fsspec.config.conf.setdefault("s3", {})
-    if endpoint_url and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
-        defaults.setdefault("endpoint_url", endpoint_url)
+    client = defaults.get("client_kwargs")
+    if replace:
+        if "endpoint_url" in _S3_APPLIED and defaults.get("endpoint_url") == _S3_APPLIED["endpoint_url"]:
+            del defaults["endpoint_url"]
+        if "region_name" in _S3_APPLIED and isinstance(client, dict) \
+                and client.get("region_name") == _S3_APPLIED["region_name"]:
+            del client["region_name"]
+            if not client:
+                del defaults["client_kwargs"]
+        _S3_APPLIED.clear()
+    if endpoint_url and "endpoint_url" not in defaults \
+            and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
+        defaults["endpoint_url"] = _S3_APPLIED["endpoint_url"] = endpoint_url
     if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
-        defaults.setdefault("client_kwargs", {}).setdefault("region_name", region)
+        client = defaults.setdefault("client_kwargs", {})
+        if "region_name" not in client:
+            client["region_name"] = _S3_APPLIED["region_name"] = region
 
 
 def _filesystem(root: str) -> tuple[Any, str]:
