@@ -226,3 +226,11 @@ def logged_text(caplog) -> str:
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS}
         lines.append(" ".join([record.getMessage(), *(f"{k}={v!r}" for k, v in extras.items())]))
     return "\n".join(lines)
+
+
+def fresh_python(script: str, cwd: Path | None = None) -> tuple[list[str], str]:
+    """Run ``script`` in a new interpreter (what a process imports is only seen from its start):
+    its stdout lines and its stderr; a failure fails the test with stderr's end."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines(), result.stderr

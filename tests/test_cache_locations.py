@@ -3,13 +3,12 @@ plain file types (no import of the type's package), the same place as the datase
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import fresh_python
 from kvx_runtime.cache.store import PLAIN_FILE_TYPES, configured_location, dataset_location
 from kvx_runtime.step.hooks import dataset_config
 
@@ -74,6 +73,4 @@ def test_telling_a_location_imports_no_dataset_package(tmp_path: Path) -> None:
         "print(configured_location(dataset_config(catalog, 't')))\n"
         "print(sorted(name for name in sys.modules if name.startswith('kedro_datasets.pandas')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines() == ["gs://b/t.csv", "[]"]
+    assert fresh_python(script, cwd=tmp_path)[0] == ["gs://b/t.csv", "[]"]

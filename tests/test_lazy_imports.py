@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 
 import pytest
 
+from conftest import fresh_python
 from kvx_runtime.lazy_imports import optional_modules_hidden
 
 
@@ -37,6 +37,4 @@ def test_opening_kedro_does_not_import_dynaconfs_flask_integration() -> None:
         "import flask\n"
         "print(flask.Flask.__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines() == ["False", "Flask"]
+    assert fresh_python(script)[0] == ["False", "Flask"]

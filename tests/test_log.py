@@ -362,7 +362,8 @@ def test_logging_imports_no_rich_console_and_leaves_rich_importable() -> None:
         "import rich.console\n"
         "print(rich.console.Console.__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines() == ["[]", "Console"]
-    assert "ZeroDivisionError: division by zero" in result.stderr  # the exception, as plain text
+    from conftest import fresh_python
+
+    printed, logged = fresh_python(script)
+    assert printed == ["[]", "Console"]
+    assert "ZeroDivisionError: division by zero" in logged  # the exception, as plain text
