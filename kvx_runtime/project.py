@@ -9,6 +9,7 @@ command and could prompt for telemetry consent).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,12 +64,14 @@ def _truthy(value: str | None) -> bool:
 def _import_kedro_quietly() -> None:
     """Import Kedro's project module (it configures logging on import), then take logging back."""
     os.environ.setdefault("KEDRO_LOGGING_CONFIG", str(Path(__file__).with_name("kedro_logging.yml")))
-    from kvx_runtime.lazy_imports import optional_modules_hidden
+    if "dynaconf" not in sys.modules:
+        from kvx_runtime.lazy_imports import optional_modules_hidden
 
-    # Kedro's settings are a dynaconf object, and dynaconf imports its Flask integration when
-    # Flask is installed (MLflow's server brings it): 50 ms of every step, never used.
-    with optional_modules_hidden("flask"):
-        import kedro.framework.project  # noqa: F401
+        # Kedro's settings are a dynaconf object, and dynaconf imports its Flask integration when
+        # Flask is installed (MLflow's server brings it): 50 ms of every step, never used.
+        with optional_modules_hidden("flask"):
+            import dynaconf  # noqa: F401
+    import kedro.framework.project  # noqa: F401
 
     configure_logging()
 

@@ -157,3 +157,11 @@ def test_the_code_upload_is_a_phase_between_plan_and_render(monkeypatch: pytest.
                      "mlflow-end-run": None, "on-exit": "gs://b/p/kvx-code/a.tar.gz#sha256=d"}
     assert upload_code(plan_pipeline(CompileRequest(), facts())).code_upload is None  # nothing asked: unchanged
     render_kfp(uploaded)
+
+
+def test_a_request_for_one_env_with_a_project_opened_in_another_is_refused() -> None:
+    from kvx_runtime.compiler.loading import load_project_facts
+
+    opened = SimpleNamespace(env="local")  # what open_project gave for another env
+    with pytest.raises(ValueError, match="env 'cloud' with a project opened in 'local'"):
+        load_project_facts(CompileRequest(env="cloud", project=opened))  # type: ignore[arg-type]

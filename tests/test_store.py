@@ -466,10 +466,12 @@ def test_run_config_s3_endpoint_is_used_when_no_aws_variable_names_one(s3_server
 def test_a_project_opened_after_another_keeps_none_of_its_s3_defaults(monkeypatch) -> None:
     import fsspec.config
 
+    from kvx_runtime.storage import store
     from kvx_runtime.storage.store import configure_s3
 
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(store, "_S3_APPLIED", {})
     monkeypatch.setitem(fsspec.config.conf, "s3", {})
     configure_s3("http://minio-service.kubeflow:9000", "eu-west-1", replace=True)  # a kubeflow.yml project
     configure_s3(None, None, replace=True)  # then one without run_config.s3
@@ -485,6 +487,13 @@ def test_a_project_opened_after_another_keeps_none_of_its_s3_defaults(monkeypatc
     # Defaults the step's environment names (without replace) add to the project's, never take it back.
     configure_s3(None, "ap-south-1")
     assert fsspec.config.conf["s3"]["endpoint_url"] == "http://second:9000"
+
+    # ... and a project opened after them (its run_config.s3 empty there) keeps them.
+    fsspec.config.conf["s3"] = {}
+    configure_s3("http://from-the-step-env:9000", "eu-central-1")
+    configure_s3(None, None, replace=True)
+    assert fsspec.config.conf["s3"] == {"endpoint_url": "http://from-the-step-env:9000",
+                                        "client_kwargs": {"region_name": "eu-central-1"}}
 
 
 def test_a_root_whose_filesystem_is_not_installed_says_which_extra_to_install(monkeypatch) -> None:

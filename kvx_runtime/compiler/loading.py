@@ -31,6 +31,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     from kvx_runtime.project import open_project
 
     project = request.project if request.project is not None else open_project(request.project_path, request.env)
+    if request.env is not None and project.env != request.env:  # a caller's mistake, never the user's
+        raise ValueError(f"CompileRequest: env {request.env!r} with a project opened in {project.env!r}")
     run = project.plugin_config.run_config
     _check_env_uploaded(project.env, request.code_upload if request.code_upload is not None else run.code_upload)
     image = request.image or run.image

@@ -148,6 +148,8 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
             continue
         for name in node.outputs:
             if is_declared(catalog, name):
+                # From the configuration where it tells (the dataset is not built, so a broken
+                # entry shows in the step that reads the output, as it would without the cache).
                 location = configured_location(dataset_config(catalog, name)) or dataset_location(catalog.get(name))
                 if location is None:
                     return f"output {name} ({declared_type(catalog, name)}) is not a file kvx-runtime can copy"

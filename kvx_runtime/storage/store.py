@@ -153,7 +153,8 @@ S3_ENDPOINT_ENV = settings.S3_ENDPOINT_URL.name
 S3_REGION_ENV = settings.S3_REGION.name
 
 
-#: What :func:`configure_s3` put in fsspec's ``s3`` defaults (``endpoint_url``, ``region_name``).
+#: What :func:`configure_s3` put in fsspec's ``s3`` defaults for the project opened last
+#: (``endpoint_url``, ``region_name``); what the step's environment set is not in it.
 _S3_APPLIED: dict[str, str] = {}
 
 
@@ -178,13 +179,16 @@ def configure_s3(endpoint_url: str | None, region: str | None, *, replace: bool 
             if not client:
                 del defaults["client_kwargs"]
         _S3_APPLIED.clear()
+    # Only a project's values are taken back later: the step's environment (KVX_S3_*, set by
+    # the compiler from the laptop's resolved config) stays for the process's life.
+    applied = _S3_APPLIED if replace else {}
     if endpoint_url and "endpoint_url" not in defaults \
             and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
-        defaults["endpoint_url"] = _S3_APPLIED["endpoint_url"] = endpoint_url
+        defaults["endpoint_url"] = applied["endpoint_url"] = endpoint_url
     if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
         client = defaults.setdefault("client_kwargs", {})
         if "region_name" not in client:
-            client["region_name"] = _S3_APPLIED["region_name"] = region
+            client["region_name"] = applied["region_name"] = region
 
 
 def _filesystem(root: str) -> tuple[Any, str]:
