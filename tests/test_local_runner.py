@@ -79,6 +79,22 @@ def _overlap(log, x: str, y: str) -> bool:
     return times[(x, "start")] < times[(y, "end")] and times[(y, "start")] < times[(x, "end")]
 
 
+def test_runs_started_in_the_same_second_without_a_job_name_get_a_name_each(tmp_path: Path, monkeypatch) -> None:
+    import concurrent.futures
+
+    from kvx_runtime.local_runner import runner
+
+    monkeypatch.setattr(runner, "default_job_name", lambda spec: "test-pipe-20261203120000")  # one second for all
+    spec = build([step("a")])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        names = list(pool.map(lambda _: runner.claim_default_job_name(spec, tmp_path), range(4)))
+    base = "test-pipe-20261203120000"
+    assert sorted(names) == sorted([base, f"{base}-2", f"{base}-3", f"{base}-4"])
+    assert all((tmp_path / ".kvx" / "runs" / name).is_dir() for name in names)
+    result, _ = run(spec, tmp_path)  # a run without a name takes the next one
+    assert result.job_name == f"{base}-5" and result.exit_code == 0
+
+
 def test_independent_steps_run_in_parallel_up_to_the_limit(tmp_path: Path) -> None:
     spec = build([step("a", sleep=1.0), step("b", sleep=1.0), step("c", sleep=1.0)])
     (tmp_path / "two").mkdir()

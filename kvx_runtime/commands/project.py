@@ -210,7 +210,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
     from kvx_runtime.errors import NodeError
     from kvx_runtime.local_runner import parse_overrides, run_local
-    from kvx_runtime.local_runner.runner import default_job_name
+    from kvx_runtime.local_runner.runner import claim_default_job_name
 
     project = request.at.project_path or os.getcwd()
     root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
@@ -229,7 +229,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
             project=compiled_from,
         )))
     spec_data = read_spec(spec)
-    job_name = request.job_name or default_job_name(spec_data)
+    job_name = request.job_name or claim_default_job_name(spec_data, project)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
     served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,

@@ -372,6 +372,25 @@ def default_job_name(spec: Mapping[str, Any]) -> str:
     return f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
 
 
+def claim_default_job_name(spec: Mapping[str, Any], project: str | Path) -> str:
+    """A job name of its own for a run started without one: the pipeline's name and the second,
+    as on Vertex AI, with ``-2``, ``-3``... when a run in the same project started in the same
+    second (two run-locals started together would otherwise share a run directory, and the
+    second would fail on the job directory the first owns). Its run directory is created here,
+    atomically, so that two processes never claim the same name."""
+    runs = Path(project).resolve() / LOCAL_STATE_DIR / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    base = name = default_job_name(spec)
+    attempt = 1
+    while True:
+        try:
+            (runs / name).mkdir()
+            return name
+        except FileExistsError:
+            attempt += 1
+            name = f"{base}-{attempt}"
+
+
 def run_local(
     spec: Mapping[str, Any],
     project: str | Path,
@@ -405,7 +424,7 @@ def run_local(
     policy = "fail_fast" if fail_fast else str(graph.parameters.get(FAILURE_POLICY_PARAMETER, ("", "fail_slow"))[1])
     if policy not in FAILURE_POLICIES:
         raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
-    job = job_name or default_job_name(spec)
+    job = job_name or claim_default_job_name(spec, project_path)
     run_dir = project_path / LOCAL_STATE_DIR / "runs" / job
     earlier = _resumable(run_dir, job, set(graph.tasks)) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
