@@ -7,13 +7,14 @@ before unpacking anything, and runs with the archive's package (shadowing the on
 in the image) and the archive's ``conf/``, in the image's project directory (so relative data
 paths resolve as without code upload).
 
-What goes in: the source package, ``conf/`` without ``conf/local`` and without any
-``credentials*`` file, ``pyproject.toml``; files that .gitignore or .dockerignore leave out
-stay out. Deterministic: sorted members, fixed times, owners and modes, so the digest depends
-on content only. The archive records the fingerprint of the project's declared requirements;
-a step whose image was built from other requirements stops (code upload never installs
-packages). Trust: whoever can write ``<root>/kvx-code/`` can run code in the steps, the same
-trust as whoever can push to the image registry (docs/code-upload.md).
+What goes in: the source package, ``conf/`` (the project's ``CONF_SOURCE``, at the same place)
+without ``conf/local`` and without any ``credentials*`` file, ``pyproject.toml``; files that
+.gitignore or .dockerignore leave out stay out. Deterministic: sorted members, fixed times,
+owners and modes, so the digest depends on content only. The archive records the fingerprint of
+the project's declared requirements; a step whose image was built from other requirements stops
+(code upload never installs packages). Trust: whoever can write ``<root>/kvx-code/`` can run
+code in the steps, the same trust as whoever can push to the image registry (docs/code-
+upload.md).
 """
 
 from __future__ import annotations
@@ -121,17 +122,32 @@ def _ignore_rules(project: Path) -> Any:
 NOT_UPLOADED_ENVS = ("local",)
 
 
+def _conf_arcroot(project: Path, conf_dir: Path) -> str:
+    """The configuration's folder in the archive: where it is in the project (``CONF_SOURCE``,
+    relative, as the step resolves it against the unpacked archive)."""
+    try:
+        return conf_dir.resolve().relative_to(project.resolve()).as_posix()
+    except ValueError:
+        raise ConfigError(f"code upload carries the project's configuration, and {conf_dir} (CONF_SOURCE) is "
+                          f"outside the project {project}",
+                          hint="keep the configuration in a folder of the project, or run without code upload",
+                          ) from None
+
+
 def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str, Path]]:
     """(name in the archive, file) for everything the archive holds, sorted."""
     ignored = _ignore_rules(project)
     chosen: dict[str, Path] = {}
-    for root, arcroot in ((package_dir, f"src/{package_dir.name}"), (conf_dir, "conf")):
+    # The configuration where the archive's settings.py (CONF_SOURCE) looks for it, in the step.
+    conf_arcroot = _conf_arcroot(project, conf_dir)
+    for root, arcroot in ((package_dir, f"src/{package_dir.name}"), (conf_dir, conf_arcroot)):
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root).as_posix()
             parts = relative.split("/")
             if path.is_dir() or "__pycache__" in parts or path.suffix in {".pyc", ".pyo"}:
                 continue
-            if arcroot == "conf" and (parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in parts)):
+            if arcroot == conf_arcroot \
+                    and (parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in parts)):
                 continue
             try:
                 project_relative = path.relative_to(project).as_posix()

@@ -128,8 +128,8 @@ def install_templating(settings: Any) -> bool:
     return True
 
 
-def find_package_name(project_path: Path) -> str:
-    """The project's package name from pyproject.toml ([tool.kedro]), without importing it."""
+def _kedro_table(project_path: Path) -> Mapping[str, Any]:
+    """pyproject.toml's ``[tool.kedro]``, without importing the project."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10 (Kedro depends on tomli there)
@@ -137,13 +137,58 @@ def find_package_name(project_path: Path) -> str:
 
     pyproject = project_path / "pyproject.toml"
     try:
-        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        return str(data["tool"]["kedro"]["package_name"])
-    except (OSError, KeyError, ValueError):
+        table = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["kedro"]
+        str(table["package_name"])
+    except (OSError, KeyError, TypeError, ValueError):
         raise UsageError(
             f"{project_path} is not a Kedro project (no [tool.kedro] package_name in pyproject.toml)",
             hint="run from the project directory or pass --project-path",
         ) from None
+    return dict(table)
+
+
+def find_package_name(project_path: Path) -> str:
+    """The project's package name from pyproject.toml ([tool.kedro]), without importing it."""
+    return str(_kedro_table(project_path)["package_name"])
+
+
+#: Kedro's default ``CONF_SOURCE``.
+DEFAULT_CONF_FOLDER = "conf"
+
+
+def conf_folder_of(project_path: Path) -> str:
+    """The project's configuration folder, relative to the project (POSIX): ``CONF_SOURCE`` as
+    its settings.py sets it, else Kedro's ``conf``. Read, not imported: ``init`` writes into it
+    before the project's dependencies may be installed. A value init and the project image
+    cannot use (not a plain string, or outside the project) is a ConfigError."""
+    import ast
+
+    table = _kedro_table(project_path)
+    settings = project_path / str(table.get("source_dir", "src")) / str(table["package_name"]) / "settings.py"
+    try:
+        tree = ast.parse(settings.read_text(encoding="utf-8"), str(settings))
+    except FileNotFoundError:
+        return DEFAULT_CONF_FOLDER
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ConfigError(f"{settings} cannot be read: {exc}") from None
+    folder = DEFAULT_CONF_FOLDER
+    for statement in tree.body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, ast.AnnAssign) and statement.value is not None else []
+        if not any(isinstance(target, ast.Name) and target.id == "CONF_SOURCE" for target in targets):
+            continue
+        value = getattr(statement, "value", None)
+        if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+            raise ConfigError(f"{settings}: CONF_SOURCE is not a plain string, so kvx-runtime cannot tell which "
+                              "folder holds the configuration",
+                              hint='set it to a folder of the project, e.g. CONF_SOURCE = "conf"')
+        folder = value.value
+    relative = Path(folder)
+    if "://" in folder or relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ConfigError(f"{settings}: CONF_SOURCE {folder!r} is not a folder of the project: kvx-runtime writes "
+                          "the configuration there and the project image copies it from the project",
+                          hint='set it to a folder of the project, e.g. CONF_SOURCE = "conf"')
+    return relative.as_posix()
 
 
 #: Kedro's own default run environment: the laptop's, holding credentials, left out of images.

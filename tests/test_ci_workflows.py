@@ -354,3 +354,17 @@ def test_every_target_has_its_workflow_entry() -> None:
     from kvx_runtime.targets.registry import TARGETS
 
     assert set(_TARGET_WORKFLOWS) == set(TARGETS) == set(INIT_ARGUMENTS)
+
+
+def test_the_workflows_read_the_config_in_the_projects_conf_source(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    (root / "src" / "my_proj").mkdir(parents=True)
+    (root / "src" / "my_proj" / "settings.py").write_text('CONF_SOURCE = "config"\n')
+    written = CliRunner().invoke(cli, [*INIT_ARGUMENTS["vertex"], "--project-path", str(root)])
+    assert written.exit_code == 0 and (root / "config" / "base" / "vertexai.yml").is_file(), written.output
+    result = init(root, ["init"])  # the workflows alone: the config is the project's own
+    assert result.exit_code == 0, result.output
+    assert set(workflows(root)) == {"kvx-checks.yml", "kvx-pipeline.yml"}
+    (root / "config" / "base" / "vertexai.yml").write_text("project_id: [unclosed\n")
+    broken = init(root, ["init"], "--force")
+    assert broken.exit_code == 2 and f"{root / 'config' / 'base' / 'vertexai.yml'} is not YAML" in broken.output

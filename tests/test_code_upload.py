@@ -20,7 +20,7 @@ from kvx_runtime.code_upload import (
     requirements_fingerprint,
     upload_archive,
 )
-from kvx_runtime.errors import ExitCode
+from kvx_runtime.errors import ConfigError, ExitCode
 
 
 def _project(root: Path) -> Path:
@@ -122,3 +122,16 @@ def test_the_size_limit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("KVX_CODE_MAX_BYTES", "10")
     with pytest.raises(CodeRejected, match="over the 10-byte limit"):
         fetch_code(reference, cache=tmp_path / "cache")
+
+
+def test_the_configuration_travels_where_the_projects_conf_source_puts_it(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    (project / "conf").rename(project / "config")
+    archive = build_archive(project, "demo_pkg", project / "config")
+    assert archive.files == ("config/base/parameters.yml", "config/cloud/parameters.yml", "pyproject.toml",
+                             "src/demo_pkg/__init__.py", "src/demo_pkg/nodes.py")
+    outside = tmp_path.parent / f"{tmp_path.name}-conf"
+    (project / "config").rename(outside)
+    with pytest.raises(ConfigError, match="is outside the project") as refused:
+        build_archive(project, "demo_pkg", outside)
+    assert refused.value.exit_code == ExitCode.USAGE

@@ -95,3 +95,35 @@ def test_kfp_init_quotes_the_namespace_and_refuses_a_bad_one(tmp_path: Path) -> 
     for namespace in ("on", "123"):  # YAML would read these as a bool and an int unquoted
         assert kfp_init(tmp_path, "http://localhost:8080", "--namespace", namespace, "--force").exit_code == 0
         assert load_plugin_config(tmp_path / "conf", "base").run_config.namespace == namespace
+
+
+def _conf_source(root: Path, line: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    package = project(root) / "src" / "my_proj"
+    package.mkdir(parents=True)
+    (package / "settings.py").write_text(f'"""Settings."""\n\n# CONF_SOURCE = "conf"\n{line}\n')
+    return root
+
+
+def test_init_writes_into_the_projects_conf_source_and_the_image_copies_it(tmp_path: Path) -> None:
+    root = _conf_source(tmp_path, 'CONF_SOURCE = "settings/config"')
+    result = init(root, "--with-dockerfile")
+    assert result.exit_code == 0, result.output
+    assert (root / "settings" / "config" / "base" / "vertexai.yml").is_file() and not (root / "conf").exists()
+    dockerfile, dockerignore = (root / "Dockerfile").read_text(), (root / ".dockerignore").read_text()
+    assert "COPY --chown=1000:1000 settings/config/ settings/config/\n" in dockerfile
+    assert "!settings/config/\n" in dockerignore and "settings/config/local/\n" in dockerignore
+    assert " conf/" not in dockerfile and "\nconf/" not in dockerignore and "!conf/" not in dockerignore
+
+
+def test_a_conf_source_init_cannot_follow_is_refused_with_nothing_written(tmp_path: Path) -> None:
+    for index, (line, said) in enumerate([
+        ("CONF_SOURCE = str(Path(__file__).parent / 'conf')", "CONF_SOURCE is not a plain string"),
+        ('CONF_SOURCE = "/etc/project-conf"', "CONF_SOURCE '/etc/project-conf' is not a folder of the project"),
+        ('CONF_SOURCE = "../shared-conf"', "is not a folder of the project"),
+    ]):
+        root = _conf_source(tmp_path / str(index), line)
+        result = init(root, "--with-dockerfile")
+        assert result.exit_code == 2, result.output
+        assert said in result.output and "Traceback" not in result.output
+        assert sorted(path.name for path in root.iterdir()) == ["pyproject.toml", "src"]

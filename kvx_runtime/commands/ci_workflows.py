@@ -170,7 +170,7 @@ def image_repository(image: str | None) -> str | None:
 def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str | None, auth: str,
                    kedro_env: str | None = None) -> WorkflowPlan:
     """The workflows for ``target``'s project at ``root``, its values from ``config_text`` (the
-    config file this init writes) or else the config file in conf/base. No config file: a
+    config file this init writes) or else the config file in the project's conf/base. No config file: a
     ConfigError (exit 2), since the workflows run the project's configured pipeline.
 
     The workflows run in ``kedro_env`` (the cloud env this init writes), else in the one cloud
@@ -178,12 +178,14 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
     steps' local disks and ``compile --strict`` rightly fails."""
     from kvx_runtime.cloud_env import written_cloud_envs
     from kvx_runtime.errors import ConfigError, UsageError
+    from kvx_runtime.project import conf_folder_of
 
     if auth not in GITHUB_AUTH_MODES:
         raise UsageError(f"--github-auth {auth!r} is not one of {', '.join(GITHUB_AUTH_MODES)}")
-    config = _project_config(root, target, config_text)
+    folder = conf_folder_of(root)
+    config = _project_config(root / folder, target, config_text)
     if config is None:
-        raise ConfigError(f"no conf/base/{target.config_files[0]}: the workflows run the project's configured "
+        raise ConfigError(f"no {folder}/base/{target.config_files[0]}: the workflows run the project's configured "
                           "pipeline, so nothing was written",
                           hint=f"pass the init arguments too ({group} init --help) to write it as well")
     workflow = _TARGET_WORKFLOWS[target.name]
@@ -192,7 +194,7 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
     repository = image_repository(image if isinstance(image, str) else None)
     workload_identity = auth == "workload-identity"
     command = "kvx-runtime" + (f" {target.command_group}" if target.command_group else "")
-    written = written_cloud_envs(root / "conf")
+    written = written_cloud_envs(root / folder)
     if kedro_env is None and len(written) == 1:
         kedro_env = written[0]
     values: dict[str, str | tuple[str, ...]] = {
@@ -213,26 +215,27 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
              for name, template in WORKFLOW_FILES.items()}
     project_id = config.get("project_id") if isinstance(config.get("project_id"), str) else None
     setup = _setup_lines(workflow, auth, project_id, repository, _github_repository(root), root)
-    setup += "\n" + _env_line(kedro_env, written, root / "conf", group)
+    setup += "\n" + _env_line(kedro_env, written, root / folder, group)
     return WorkflowPlan(files, setup)
 
 
-def _project_config(root: Path, target: TargetInfo, config_text: str | None) -> dict[str, Any] | None:
+def _project_config(conf: Path, target: TargetInfo, config_text: str | None) -> dict[str, Any] | None:
     """The target's config (its YAML as written, the values the workflows need are plain)."""
     import yaml
 
+    path = conf / "base" / target.config_files[0]
     if config_text is None:
-        existing = [root / "conf" / "base" / name for name in target.config_files
-                    if (root / "conf" / "base" / name).is_file()]
+        existing = [conf / "base" / name for name in target.config_files if (conf / "base" / name).is_file()]
         if not existing:
             return None
-        config_text = existing[0].read_text()
+        path = existing[0]
+        config_text = path.read_text()
     try:
         loaded = yaml.safe_load(config_text)
     except yaml.YAMLError as exc:
         from kvx_runtime.errors import ConfigError
 
-        raise ConfigError(f"conf/base/{target.config_files[0]} is not YAML: {exc}") from None
+        raise ConfigError(f"{path} is not YAML: {exc}") from None
     return loaded if isinstance(loaded, dict) else {}
 
 

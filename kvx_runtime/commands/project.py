@@ -4,6 +4,7 @@ target's ``init`` shares (writing its config file from a template, refusing a ha
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -338,6 +339,12 @@ def run_local_command(ctx: click.Context, spec: str | None, project_path: str | 
 # --- what every target's init shares -------------------------------------------------------
 
 
+def _in_conf_folder(template: str, folder: str) -> str:
+    """A project template (Dockerfile, .dockerignore: written for Kedro's ``conf/``) for a
+    project whose configuration is in ``folder`` (its ``CONF_SOURCE``)."""
+    return re.sub(r"(?<![\w/.-])conf/", lambda _: f"{folder}/", template)
+
+
 def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_dockerfile: bool) -> None:
     """Write ``files`` (and with ``with_dockerfile`` the project's Dockerfile and .dockerignore);
     an existing file without ``force`` refuses them all before anything is written."""
@@ -345,8 +352,12 @@ def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_do
 
     files = dict(files)
     if with_dockerfile:
-        files[root / "Dockerfile"] = TEMPLATES.joinpath("project.Dockerfile").read_text()
-        files[root / ".dockerignore"] = TEMPLATES.joinpath("project.dockerignore").read_text()
+        from kvx_runtime.project import conf_folder_of
+
+        folder = conf_folder_of(root)
+        files[root / "Dockerfile"] = _in_conf_folder(TEMPLATES.joinpath("project.Dockerfile").read_text(), folder)
+        files[root / ".dockerignore"] = _in_conf_folder(TEMPLATES.joinpath("project.dockerignore").read_text(),
+                                                        folder)
     # Refuse before writing anything: never a half-done init.
     existing = [path for path in files if path.exists()]
     if existing and not force:
@@ -453,12 +464,12 @@ def write_init(request: InitRequest) -> list[Path]:
     """Write what ``request`` asks for, refusing everything before anything is written (an
     existing file without ``force``: exit 2). With a cloud env an existing config file is kept,
     not refused: the overlay is what is asked for. Returns the files written."""
-    from kvx_runtime.project import find_package_name
+    from kvx_runtime.project import conf_folder_of, find_package_name
 
     root = request.root
     files: dict[Path, str] = {}
     name = request.target.config_files[0]
-    config = root / "conf" / "base" / name
+    config = root / conf_folder_of(root) / "base" / name
     kept = request.values is not None and request.cloud_env is not None and config.exists() and not request.force
     if request.values is not None and not kept:
         package = find_package_name(root).replace("_", "-")
@@ -488,9 +499,9 @@ def _plan_cloud_env(root: Path, options: CloudEnvOptions) -> CloudEnv:
     """The overlay for the project at ``root`` (opened as the env will see it)."""
     from kvx_runtime.cloud_env import plan_cloud_env
     from kvx_runtime.config_loader import EnvTemplatingMixin
-    from kvx_runtime.project import install_templating, open_project
+    from kvx_runtime.project import conf_folder_of, install_templating, open_project
 
-    env_dir = root / "conf" / options.name
+    env_dir = root / conf_folder_of(root) / options.name
     project = open_project(root, options.name if env_dir.is_dir() else None, needed=(), templating=False)
     from kedro.framework.project import settings  # after open_project: it keeps Kedro's logging quiet
 
