@@ -13,8 +13,8 @@ without ``conf/local`` and without any ``credentials*`` file, ``pyproject.toml``
 owners and modes, so the digest depends on content only. The archive records the fingerprint of
 the project's declared requirements; a step whose image was built from other requirements stops
 (code upload never installs packages). Trust: whoever can write ``<root>/kvx-code/`` can run
-code in the steps, the same trust as whoever can push to the image registry (docs/code-
-upload.md).
+code in the steps, the same trust as whoever can push to the image registry
+(docs/code-upload.md).
 """
 
 from __future__ import annotations
