@@ -56,6 +56,15 @@ def _fsspec_s3_defaults_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(fsspec.config.conf, "s3", copy.deepcopy(fsspec.config.conf.get("s3", {})))
 
 
+@pytest.fixture(autouse=True)
+def _redacted_secrets_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secrets logging redacts as each test found them: a value one test registered (a
+    provider's "proj") would otherwise be cut out of every later test's messages in this worker."""
+    from kvx_runtime import log
+
+    monkeypatch.setattr(log, "_SECRETS", set(log._SECRETS))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Keep ``--dist loadgroup`` grouping on pytest 9.2, whose nodes take their id from a
