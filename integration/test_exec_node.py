@@ -142,3 +142,24 @@ def test_dynamic_config_provider_writes_credentials_before_kedro_reads_them(exam
         "other": {"user": "me"}, "service": {"token": "tok-1", "region": "europe-west1"}}
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
     assert "tok-1" not in result.stderr
+
+
+def test_the_node_meets_the_collector_as_under_kedro_run(example_project: Path, tmp_path) -> None:
+    """Start-up runs with fewer collections (kvx_runtime.collector); the node's own code with the
+    interpreter's default thresholds, and what start-up built frozen out of its collections."""
+    import gc
+    import json
+
+    nodes = example_project / "src" / "spaceflights_kvx" / "pipelines" / "data_processing" / "nodes.py"
+    probe = ('    import gc, json, pathlib\n'
+             '    pathlib.Path("gc-state.json").write_text(json.dumps({"threshold": gc.get_threshold(), '
+             '"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}))\n')
+    head = "def preprocess_companies(companies: pd.DataFrame) -> pd.DataFrame:\n"
+    nodes.write_text(nodes.read_text().replace(head, head + probe))
+    result = run_step(example_project, "--node", "data_processing.preprocess_companies_node", "--run-id", "gc",
+                      "--storage-root", str(tmp_path / "storage"), "--env", "base")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((example_project / "gc-state.json").read_text())
+    assert tuple(state["threshold"]) == gc.get_threshold() == (700, 10, 10)  # this interpreter's defaults
+    # Kedro, pandas and the project's modules are frozen; the node's own objects are not.
+    assert state["frozen"] > 100_000 and state["tracked"] < state["frozen"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kvx_runtime import collector
 from kvx_runtime.errors import find_kvx_error
 from kvx_runtime.graph import StepPlan, dataset_identity
 from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
@@ -188,6 +189,7 @@ class StepHooks:
         self.pipeline_started = True
 
     def before_node_run(self, node: Any) -> None:
+        collector.start_up_done()  # the node's code meets the collector as under kedro run
         bind_step_context(node=node.name)
         self._started[node.name] = time.perf_counter()
         log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
