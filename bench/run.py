@@ -51,6 +51,8 @@ class Figure:
     goal: str | None = None
     met: bool | None = None
     note: str | None = None
+    #: The --only section that measured it: a partial run replaces its sections' figures.
+    section: str | None = None
 
     @property
     def median(self) -> float:
@@ -59,7 +61,26 @@ class Figure:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "unit": self.unit, "median": self.median, "min": min(self.runs),
                 "max": max(self.runs), "runs": self.runs, "group": self.group, "goal": self.goal,
-                "met": self.met, "note": self.note}
+                "met": self.met, "note": self.note, "section": self.section}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Figure:
+        return cls(data["name"], data["unit"], data["runs"], data["group"], goal=data.get("goal"),
+                   met=data.get("met"), note=data.get("note"), section=data.get("section"))
+
+
+def merge_partial(previous: list[dict[str, Any]], fresh: list[Figure], ran: set[str]) -> list[Figure]:
+    """A partial run's figures in the last run's order: each figure it measured replaces the old
+    one; a figure of a section it ran that it no longer measures goes (an old value is never shown
+    as this run's); the other sections' figures stay; new figures come last."""
+    measured = {figure.name: figure for figure in fresh}
+    merged = []
+    for data in previous:
+        if data["name"] in measured:
+            merged.append(measured.pop(data["name"]))
+        elif data.get("section") not in ran:
+            merged.append(Figure.from_json(data))
+    return merged + list(measured.values())
 
 
 @dataclass
@@ -67,9 +88,10 @@ class Bench:
     runs: int
     quick: bool
     figures: list[Figure] = field(default_factory=list)
+    section: str | None = None  # the section being measured
 
     def add(self, name: str, unit: str, runs: list[float], group: str, **extra: Any) -> Figure:
-        figure = Figure(name, unit, [round(r, 6) for r in runs], group, **extra)
+        figure = Figure(name, unit, [round(r, 6) for r in runs], group, section=self.section, **extra)
         self.figures.append(figure)
         print(f"  {name}: {figure.median:.4g} {unit} (min {min(runs):.4g}, max {max(runs):.4g})", flush=True)
         return figure
@@ -1029,9 +1051,7 @@ def main() -> int:
     if args.render_only:
         payload = json.loads(RESULTS.read_text())
         bench = Bench(runs=max(len(f["runs"]) for f in payload["figures"]), quick=payload["mode"] == "quick")
-        keys = ("goal", "met", "note")
-        bench.figures = [Figure(f["name"], f["unit"], f["runs"], f["group"], **{k: f[k] for k in keys})
-                         for f in payload["figures"]]
+        bench.figures = [Figure.from_json(f) for f in payload["figures"]]
         DOCS.write_text(render(bench, payload["machine"], payload["seconds"]))
         return 0
     bench = Bench(runs=max(3, args.runs), quick=args.quick)
@@ -1042,6 +1062,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kvx-bench-") as directory:
         tmp = Path(directory)
         if "intermediates" in only:
+            bench.section = "intermediates"
             if args.quick:
                 objects = [("DataFrame ~10 MB (mixed dtypes)", "dataframe", 10),
                            ("float32 array ~20 MB (incompressible)", "array", 20),
@@ -1083,6 +1104,7 @@ def main() -> int:
         for name, section in sections:
             if name not in only:
                 continue
+            bench.section = name
             try:
                 section()
             except Exception as exc:  # one broken section must not lose the others' figures
@@ -1092,11 +1114,7 @@ def main() -> int:
     if only != set(parser.get_default("only").split(",")) and RESULTS.exists():
         # A partial run updates its own figures and keeps the others of the last run.
         previous = json.loads(RESULTS.read_text())
-        fresh = {f.name for f in bench.figures}
-        keys = ("goal", "met", "note")
-        kept = [Figure(f["name"], f["unit"], f["runs"], f["group"], **{k: f[k] for k in keys})
-                for f in previous["figures"] if f["name"] not in fresh]
-        bench.figures = kept + bench.figures
+        bench.figures = merge_partial(previous["figures"], bench.figures, only)
         seconds = float(previous.get("seconds", 0.0))
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mode": "quick" if args.quick else "full",
                "seconds": seconds, "machine": info, "failures": failures,
