@@ -143,7 +143,7 @@ def schedule_dag(request: DagScheduleRequest) -> None:
         overrides["start_date"] = request.start_date
     target.check_upload()
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
-                               strict=request.strict, overrides=overrides)
+                               strict=request.strict, overrides=overrides, project=project)
     dag_id = compiled.dag.dag_id
     spec = dag_spec(dag_id, compiled.dag.text)
     schedule, created = target.upsert_schedule(ScheduleRequest(
@@ -204,7 +204,7 @@ def upload_dag(request: DagUploadRequest) -> None:
     target, project = open_target(request.at)
     target.check_upload()
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
-                               strict=request.strict)
+                               strict=request.strict, project=project)
     click.echo(target.upload(UploadRequest(
         spec=dag_spec(compiled.dag.dag_id, compiled.dag.text), project_version=project_version(project.path),
         commit=os.environ.get("KEDRO_CONFIG_COMMIT_ID"),

@@ -37,7 +37,7 @@ def show_plan(request: PlanRequest) -> None:
     root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=True,
                                 default=local_storage_root(project.path))
     assert root is not None
-    compile_at = compile_request(request.at, PipelineOptions(request.pipeline, image="plan"), root)
+    compile_at = compile_request(request.at, PipelineOptions(request.pipeline, image="plan"), root, project=project)
     facts = load_project_facts(compile_at)
     steps = plan_pipeline(compile_at, facts).nodes_of_step
     params = typed_params(request.values, facts.kedro_params)
