@@ -15,10 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TEMPLATE", "DockerIgnore", "image_files"]
+__all__ = ["TEMPLATE", "DockerIgnore", "image_files", "in_conf_folder"]
 
 #: The .dockerignore of kvx-runtime's project template (``init --with-dockerfile`` writes it).
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "project.dockerignore"
+
+
+def in_conf_folder(template: str, folder: str) -> str:
+    """A project template (the Dockerfile, the .dockerignore: written for Kedro's ``conf/``) for
+    a project whose configuration is in ``folder`` (its ``CONF_SOURCE``)."""
+    return re.sub(r"(?<![\w/.-])conf/", lambda _: f"{folder}/", template)
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,24 @@ def _may_match_below(components: list[str], parts: list[str]) -> bool:
     return True
 
 
+def _conf_folder(project: Path) -> str:
+    """The project's configuration folder, as ``init`` writes the template for it."""
+    from kvx_runtime.errors import KvxError
+    from kvx_runtime.project import DEFAULT_CONF_FOLDER, conf_folder_of
+
+    try:
+        return conf_folder_of(project)
+    except KvxError:  # not a Kedro project, or a CONF_SOURCE init refuses: Kedro's default
+        return DEFAULT_CONF_FOLDER
+
+
 def image_files(project: Path, skip: tuple[str, ...] = ()) -> Iterator[str]:
     """The files (POSIX paths relative to ``project``) a build of the project image would
-    hold: the project's .dockerignore applied, else the project template's. Top-level
+    hold: the project's .dockerignore applied, else the project template's (for its
+    configuration folder). Top-level
     directories in ``skip`` are never looked into."""
-    ignore = DockerIgnore.of_project(project) or DockerIgnore(TEMPLATE.read_text(encoding="utf-8"))
+    ignore = DockerIgnore.of_project(project) or DockerIgnore(in_conf_folder(TEMPLATE.read_text(encoding="utf-8"),
+                                                                              _conf_folder(project)))
     for directory, subdirectories, files in os.walk(project):
         relative_dir = Path(directory).relative_to(project).as_posix()
         prefix = "" if relative_dir == "." else relative_dir + "/"

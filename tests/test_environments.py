@@ -90,3 +90,15 @@ def test_image_files_look_into_excluded_folders_only_for_what_is_brought_back(tm
     ignore = DockerIgnore("*\n!src/\n!**/keep.txt\n")
     assert ignore.may_include_below("src") and ignore.may_include_below("anything/deep")
     assert not DockerIgnore("*\n!src/\n").may_include_below("data")
+
+
+def test_image_files_follow_the_projects_conf_source_without_a_dockerignore(tmp_path: Path) -> None:
+    from kvx_runtime.dockerignore import image_files
+
+    (tmp_path / "pyproject.toml").write_text('[tool.kedro]\npackage_name = "pkg"\n')
+    for name in ("src/pkg/settings.py", "settings/base/catalog.yml", "settings/local/credentials.yml",
+                 "conf/base/stale.yml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "src/pkg/settings.py").write_text('CONF_SOURCE = "settings"\n')
+    assert list(image_files(tmp_path)) == ["pyproject.toml", "settings/base/catalog.yml", "src/pkg/settings.py"]

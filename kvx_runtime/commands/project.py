@@ -4,7 +4,6 @@ target's ``init`` shares (writing its config file from a template, refusing a ha
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -339,12 +338,6 @@ def run_local_command(ctx: click.Context, spec: str | None, project_path: str | 
 # --- what every target's init shares -------------------------------------------------------
 
 
-def _in_conf_folder(template: str, folder: str) -> str:
-    """A project template (Dockerfile, .dockerignore: written for Kedro's ``conf/``) for a
-    project whose configuration is in ``folder`` (its ``CONF_SOURCE``)."""
-    return re.sub(r"(?<![\w/.-])conf/", lambda _: f"{folder}/", template)
-
-
 def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_dockerfile: bool) -> None:
     """Write ``files`` (and with ``with_dockerfile`` the project's Dockerfile and .dockerignore);
     an existing file without ``force`` refuses them all before anything is written."""
@@ -352,12 +345,12 @@ def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_do
 
     files = dict(files)
     if with_dockerfile:
+        from kvx_runtime.dockerignore import in_conf_folder
         from kvx_runtime.project import conf_folder_of
 
         folder = conf_folder_of(root)
-        files[root / "Dockerfile"] = _in_conf_folder(TEMPLATES.joinpath("project.Dockerfile").read_text(), folder)
-        files[root / ".dockerignore"] = _in_conf_folder(TEMPLATES.joinpath("project.dockerignore").read_text(),
-                                                        folder)
+        for name, template in (("Dockerfile", "project.Dockerfile"), (".dockerignore", "project.dockerignore")):
+            files[root / name] = in_conf_folder(TEMPLATES.joinpath(template).read_text(), folder)
     # Refuse before writing anything: never a half-done init.
     existing = [path for path in files if path.exists()]
     if existing and not force:
