@@ -386,27 +386,32 @@ class AttachedRun:
 
     connection: MlflowConnection
     run_id: str
-    #: Seconds of the nodes this step ran, written as the step detaches (one request).
+    #: Seconds of the nodes this step ran and the last of them (the run's ``kvx.last_node``),
+    #: written together as the step detaches: one request, not one per node.
     node_seconds: dict[str, float] = field(default_factory=dict)
+    last_node: str | None = None
 
     def node_finished(self, node: str, seconds: float) -> None:
-        """Record a node's seconds and make it the run's ``kvx.last_node``."""
+        """Record a node's seconds; it is the run's ``kvx.last_node`` once the step detaches."""
         self.node_seconds[node] = seconds
-        self.tag(TAG_LAST_NODE, node)
+        self.last_node = node
 
-    def _write_node_seconds(self) -> None:
-        """Best effort, like a tag: the durations help a later compile, they are not the step's."""
-        from mlflow.entities import Metric
+    def _write_finished_nodes(self) -> None:
+        """Best effort, like a tag: the durations help a later compile and the tag a reader of
+        the run, neither is the step's result. A batch: MLflow retries its tag upserts, where
+        a single tag write loses a race with a parallel step (:mod:`.concurrent_tags`)."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         metrics = [Metric(NODE_SECONDS_PREFIX + node, round(seconds, 3), now, 0)
                    for node, seconds in self.node_seconds.items() if _METRIC_KEY.match(NODE_SECONDS_PREFIX + node)]
-        if not metrics:
+        tags = [RunTag(TAG_LAST_NODE, self.last_node)] if self.last_node is not None else []
+        if not (metrics or tags):
             return
         try:
-            self.connection.client.log_batch(self.run_id, metrics=metrics)
+            self.connection.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         except Exception as exc:
-            log.warning("could not record node durations in the MLflow run", error=_redact(str(exc))[:200])
+            log.warning("could not record the finished nodes in the MLflow run", error=_redact(str(exc))[:200])
 
     def tag(self, key: str, value: str) -> None:
         """Best effort: a tag that cannot be written is a warning, not a failed node."""
@@ -420,7 +425,7 @@ class AttachedRun:
         ending it (MLflow would otherwise end it as FINISHED when the process exits)."""
         from mlflow.tracking import fluent
 
-        self._write_node_seconds()
+        self._write_finished_nodes()
         stack_holder = getattr(fluent, "_active_run_stack", None)
         try:
             stack = stack_holder.get() if stack_holder is not None else None
