@@ -133,8 +133,8 @@ def _conf_folder(project: Path) -> str:
     from kvx_runtime.project import DEFAULT_CONF_FOLDER, conf_folder_of
 
     try:
-        return conf_folder_of(project)
-    except KvxError:  # not a Kedro project, or a CONF_SOURCE init refuses: Kedro's default
+        return conf_folder_of(project, import_settings=False)  # never imports the project here
+    except KvxError:  # not a Kedro project, or a CONF_SOURCE read cannot tell: Kedro's default
         return DEFAULT_CONF_FOLDER
 
 

@@ -89,7 +89,7 @@ def _bootstrap(project_path: Path) -> Any:
         metadata = bootstrap_project(project_path)
     except RuntimeError as exc:
         raise UsageError(f"{project_path} is not a Kedro project: {exc}") from None
-    except (ImportError, SyntaxError) as exc:
+    except Exception as exc:  # its settings.py (or what it imports) raised
         raise ConfigError(
             f"the Kedro project at {project_path} cannot be imported: {type(exc).__name__}: {exc}"
         ) from exc
@@ -156,11 +156,12 @@ def find_package_name(project_path: Path) -> str:
 DEFAULT_CONF_FOLDER = "conf"
 
 
-def conf_folder_of(project_path: Path) -> str:
+def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
     """The project's configuration folder, relative to the project (POSIX): ``CONF_SOURCE`` as
-    its settings.py sets it, else Kedro's ``conf``. Read, not imported: ``init`` writes into it
-    before the project's dependencies may be installed. A value init and the project image
-    cannot use (not a plain string, or outside the project) is a ConfigError."""
+    its settings.py sets it, else Kedro's ``conf``. A plain string is read, not imported (``init``
+    writes before the project's dependencies may be installed); any other value is what
+    importing the project's settings gives (with ``import_settings``; else a ConfigError). A
+    folder outside the project, which init and the project image cannot use, is a ConfigError."""
     import ast
 
     table = _kedro_table(project_path)
@@ -178,12 +179,21 @@ def conf_folder_of(project_path: Path) -> str:
         if not any(isinstance(target, ast.Name) and target.id == "CONF_SOURCE" for target in targets):
             continue
         value = getattr(statement, "value", None)
-        if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
-            raise ConfigError(f"{settings}: CONF_SOURCE is not a plain string, so kvx-runtime cannot tell which "
-                              "folder holds the configuration",
-                              hint='set it to a folder of the project, e.g. CONF_SOURCE = "conf"')
-        folder = value.value
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            folder = value.value
+        elif import_settings:  # computed (a path built from __file__, say): as Kedro sees it
+            _bootstrap(project_path)
+            from kedro.framework.project import settings as kedro_settings
+
+            folder = str(kedro_settings.CONF_SOURCE)
+        else:
+            raise ConfigError(f"{settings}: CONF_SOURCE is not a plain string, and the project is not imported here")
     relative = Path(folder)
+    if relative.is_absolute() and "://" not in folder:
+        try:
+            relative = relative.resolve().relative_to(project_path.resolve())
+        except ValueError:
+            pass
     if "://" in folder or relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise ConfigError(f"{settings}: CONF_SOURCE {folder!r} is not a folder of the project: kvx-runtime writes "
                           "the configuration there and the project image copies it from the project",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -118,7 +119,7 @@ def test_init_writes_into_the_projects_conf_source_and_the_image_copies_it(tmp_p
 
 def test_a_conf_source_init_cannot_follow_is_refused_with_nothing_written(tmp_path: Path) -> None:
     for index, (line, said) in enumerate([
-        ("CONF_SOURCE = str(Path(__file__).parent / 'conf')", "CONF_SOURCE is not a plain string"),
+        ("CONF_SOURCE = str(Path(__file__).parent / 'conf')", "is not a Kedro project"),  # imported to tell
         ('CONF_SOURCE = "/etc/project-conf"', "CONF_SOURCE '/etc/project-conf' is not a folder of the project"),
         ('CONF_SOURCE = "../shared-conf"', "is not a folder of the project"),
     ]):
@@ -127,3 +128,17 @@ def test_a_conf_source_init_cannot_follow_is_refused_with_nothing_written(tmp_pa
         assert result.exit_code == 2, result.output
         assert said in result.output and "Traceback" not in result.output
         assert sorted(path.name for path in root.iterdir()) == ["pyproject.toml", "src"]
+
+
+def test_a_computed_conf_source_is_what_the_projects_settings_give(tmp_path: Path) -> None:
+    from conftest import copy_example_project
+    from kvx_runtime.errors import ConfigError
+    from kvx_runtime.project import conf_folder_of
+
+    root = copy_example_project(tmp_path / "project")
+    settings = root / "src" / "spaceflights_kvx" / "settings.py"
+    settings.write_text(settings.read_text() + '\nfrom pathlib import Path as _Path\n'
+                        'CONF_SOURCE = str(_Path(__file__).resolve().parents[2] / "conf")\n')
+    assert conf_folder_of(root) == "conf"  # an absolute path inside the project: its folder
+    with pytest.raises(ConfigError, match="CONF_SOURCE is not a plain string, and the project is not imported"):
+        conf_folder_of(root, import_settings=False)
