@@ -160,6 +160,6 @@ def test_the_node_meets_the_collector_as_under_kedro_run(example_project: Path, 
                       "--storage-root", str(tmp_path / "storage"), "--env", "base")
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((example_project / "gc-state.json").read_text())
-    assert tuple(state["threshold"]) == gc.get_threshold() == (700, 10, 10)  # this interpreter's defaults
+    assert tuple(state["threshold"]) == gc.get_threshold()  # this interpreter's defaults (pytest keeps them)
     # Kedro, pandas and the project's modules are frozen; the node's own objects are not.
     assert state["frozen"] > 100_000 and state["tracked"] < state["frozen"]

@@ -4,8 +4,8 @@ The laptop packs the project's code and configuration into a deterministic archi
 content-addressed under ``<storage root>/kvx-code/<sha256>.tar.gz``; every step of the run
 gets ``--code <uri>#sha256=<digest>``, downloads it once per container, checks the digest
 before unpacking anything, and runs with the archive's package (shadowing the one installed
-in the image) and the archive's ``conf/``, in the image's project directory (so relative data
-paths resolve as without code upload).
+in the image) and the archive's configuration (``conf/``, or the project's ``CONF_SOURCE``),
+in the image's project directory (so relative data paths resolve as without code upload).
 
 What goes in: the source package, ``conf/`` (the project's ``CONF_SOURCE``, at the same place)
 without ``conf/local`` and without any ``credentials*`` file, ``pyproject.toml``; files that
@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -125,13 +126,13 @@ NOT_UPLOADED_ENVS = ("local",)
 def _conf_arcroot(project: Path, conf_dir: Path) -> str:
     """The configuration's folder in the archive: where it is in the project (``CONF_SOURCE``,
     relative, as the step resolves it against the unpacked archive)."""
-    try:
-        return conf_dir.resolve().relative_to(project.resolve()).as_posix()
-    except ValueError:
+    # Lexically, as the step's settings name it: a symlinked folder travels under its link's name.
+    relative = Path(os.path.relpath(os.path.abspath(conf_dir), os.path.abspath(project)))
+    if ".." in relative.parts or not relative.parts or relative.as_posix() == ".":
         raise ConfigError(f"code upload carries the project's configuration, and {conf_dir} (CONF_SOURCE) is "
                           f"outside the project {project}",
-                          hint="keep the configuration in a folder of the project, or run without code upload",
-                          ) from None
+                          hint="keep the configuration in a folder of the project, or run without code upload")
+    return relative.as_posix()
 
 
 def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str, Path]]:
@@ -146,9 +147,13 @@ def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str
             parts = relative.split("/")
             if path.is_dir() or "__pycache__" in parts or path.suffix in {".pyc", ".pyo"}:
                 continue
-            if arcroot == conf_arcroot \
-                    and (parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in parts)):
-                continue
+            name = f"{arcroot}/{relative}"
+            if name == conf_arcroot or name.startswith(conf_arcroot + "/"):
+                # The configuration's rules wherever the walk meets it (a CONF_SOURCE inside the
+                # package is walked with the package too): the laptop's env and credentials stay.
+                conf_parts = name[len(conf_arcroot) + 1:].split("/")
+                if conf_parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in conf_parts):
+                    continue
             try:
                 project_relative = path.relative_to(project).as_posix()
             except ValueError:
@@ -157,7 +162,7 @@ def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str
                 continue
             if path.is_symlink() or not path.is_file():
                 continue  # links and special files never travel
-            chosen[f"{arcroot}/{relative}"] = path
+            chosen[name] = path
     if (project / "pyproject.toml").is_file():
         chosen["pyproject.toml"] = project / "pyproject.toml"
     return sorted(chosen.items())

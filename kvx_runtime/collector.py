@@ -6,10 +6,10 @@ example project's first node) and almost no garbage, while CPython's collector, 
 program in its steady state, scans the whole heap again each time it grew by a quarter: 0.3-0.5 s
 of a 2-4 s step, about a seventh of its CPU, spent finding nothing. So start-up runs with young
 collections every 100,000 net allocations instead of 700 (memory stays bounded: garbage cycles
-are still found, in bigger batches), and before the project's first node runs, what start-up
-built is frozen (never scanned again, which also spares the node's own collections from walking
-it) and the default thresholds come back: the node's code meets the collector as under
-``kedro run``.
+are still found, in bigger batches), and as the pipeline starts (before the first node's
+inputs are loaded), what start-up built is frozen (never scanned again, which also spares the
+node's own collections from walking it) and the default thresholds come back: inputs and node
+code meet the collector as under ``kedro run``.
 
 A command that never runs a node (``compile``, ``run-local``'s scheduler) keeps the start-up
 thresholds to its end, which are safe for any workload.
@@ -36,11 +36,13 @@ def start_up() -> None:
 
 
 def start_up_done() -> None:
-    """Leave start-up (before the first node runs): freeze what it built, restore the
+    """Leave start-up (as the pipeline starts, before the first node's inputs are loaded):
+    collect its young garbage, freeze what it built, restore the
     thresholds it found. Idempotent; nothing to do in a process that did not call
     :func:`start_up` (a ``kedro`` command running our hooks)."""
     global _before
     if _before is not None:
+        gc.collect(1)  # start-up's young garbage first: what is frozen is never reclaimed
         gc.freeze()
         gc.set_threshold(*_before)
         _before = None

@@ -173,21 +173,23 @@ def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ConfigError(f"{settings} cannot be read: {exc}") from None
     folder = DEFAULT_CONF_FOLDER
-    for statement in tree.body:
+    top_level = {id(statement) for statement in tree.body}
+    computed = False
+    for statement in ast.walk(tree):
         targets = statement.targets if isinstance(statement, ast.Assign) else \
-            [statement.target] if isinstance(statement, ast.AnnAssign) and statement.value is not None else []
+            [statement.target] if isinstance(statement, (ast.AnnAssign, ast.AugAssign)) else []
         if not any(isinstance(target, ast.Name) and target.id == "CONF_SOURCE" for target in targets):
             continue
         value = getattr(statement, "value", None)
-        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        if id(statement) in top_level and not isinstance(statement, ast.AugAssign) \
+                and isinstance(value, ast.Constant) and isinstance(value.value, str):
             folder = value.value
-        elif import_settings:  # computed (a path built from __file__, say): as Kedro sees it
-            _bootstrap(project_path)
-            from kedro.framework.project import settings as kedro_settings
-
-            folder = str(kedro_settings.CONF_SOURCE)
-        else:
+        else:  # computed, conditional or appended to: only running settings.py tells
+            computed = True
+    if computed:
+        if not import_settings:
             raise ConfigError(f"{settings}: CONF_SOURCE is not a plain string, and the project is not imported here")
+        folder = _imported_conf_source(project_path, str(table["package_name"]), settings)
     relative = Path(folder)
     if relative.is_absolute() and "://" not in folder:
         try:
@@ -199,6 +201,26 @@ def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
                           "the configuration there and the project image copies it from the project",
                           hint='set it to a folder of the project, e.g. CONF_SOURCE = "conf"')
     return relative.as_posix()
+
+
+def _imported_conf_source(project_path: Path, package_name: str, settings_file: Path) -> str:
+    """``CONF_SOURCE`` as running the project's settings.py gives it: the file run as a module of
+    its own (its ``__file__`` the file's), since Kedro's lazy settings swallow an ImportError in
+    settings.py and fall back to ``conf``, and a process that opened a project of the same
+    package name before holds that project's settings module."""
+    import importlib.util
+
+    _bootstrap(project_path)  # the project's package importable, for settings.py's own imports
+    spec = importlib.util.spec_from_file_location(f"{package_name}.settings", settings_file)
+    assert spec is not None and spec.loader is not None  # a .py file
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ConfigError(f"the project's settings.py cannot be imported to tell CONF_SOURCE: "
+                          f"{type(exc).__name__}: {exc}",
+                          hint="install the project's requirements, or set CONF_SOURCE to a plain string") from None
+    return str(getattr(module, "CONF_SOURCE", DEFAULT_CONF_FOLDER))
 
 
 #: Kedro's own default run environment: the laptop's, holding credentials, left out of images.

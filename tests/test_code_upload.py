@@ -135,3 +135,20 @@ def test_the_configuration_travels_where_the_projects_conf_source_puts_it(tmp_pa
     with pytest.raises(ConfigError, match="is outside the project") as refused:
         build_archive(project, "demo_pkg", outside)
     assert refused.value.exit_code == ExitCode.USAGE
+
+
+def test_a_conf_source_inside_the_package_keeps_credentials_and_the_laptops_env_out(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    inside = project / "src" / "demo_pkg" / "conf"
+    (project / "conf").rename(inside)
+    archive = build_archive(project, "demo_pkg", inside)
+    assert archive.files == ("pyproject.toml", "src/demo_pkg/__init__.py", "src/demo_pkg/conf/base/parameters.yml",
+                             "src/demo_pkg/conf/cloud/parameters.yml", "src/demo_pkg/nodes.py")
+
+
+def test_a_symlinked_conf_folder_travels_under_its_name_in_the_project(tmp_path: Path) -> None:
+    project = _project(tmp_path / "project")
+    (project / "conf").rename(tmp_path / "shared-conf")
+    (project / "conf").symlink_to(tmp_path / "shared-conf")
+    assert build_archive(project, "demo_pkg", project / "conf").files[:2] == (
+        "conf/base/parameters.yml", "conf/cloud/parameters.yml")

@@ -142,3 +142,16 @@ def test_a_computed_conf_source_is_what_the_projects_settings_give(tmp_path: Pat
     assert conf_folder_of(root) == "conf"  # an absolute path inside the project: its folder
     with pytest.raises(ConfigError, match="CONF_SOURCE is not a plain string, and the project is not imported"):
         conf_folder_of(root, import_settings=False)
+
+
+def test_a_computed_conf_source_whose_settings_cannot_be_imported_is_refused_not_guessed(tmp_path: Path) -> None:
+    from conftest import copy_example_project
+    from kvx_runtime.errors import ConfigError
+    from kvx_runtime.project import conf_folder_of
+
+    root = copy_example_project(tmp_path / "project")
+    settings = root / "src" / "spaceflights_kvx" / "settings.py"
+    settings.write_text(settings.read_text() + '\nimport not_an_installed_dependency  # noqa\n'
+                        'if True:\n    CONF_SOURCE = "config"\n')
+    with pytest.raises(ConfigError, match="settings.py cannot be imported to tell CONF_SOURCE: ModuleNotFoundError"):
+        conf_folder_of(root)

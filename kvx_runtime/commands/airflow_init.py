@@ -44,14 +44,16 @@ def init_airflow(request: AirflowInitRequest) -> list[Path]:
 
     def config_values(root: Path) -> dict[str, str]:
         from kvx_runtime.config.files import files_read_instead
+        from kvx_runtime.project import conf_folder_of
 
         host = str(request.host).strip().rstrip("/")
         if not _URL.match(host):
             raise UsageError(f"HOST {request.host!r} is not an http(s) URL",
                              hint="the Airflow web server's URL, e.g. https://airflow.example.com")
-        hiding = files_read_instead(root / "conf" / "base", "airflow")
+        base = f"{conf_folder_of(root)}/base"
+        hiding = files_read_instead(root / base, "airflow")
         if hiding:
-            raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
+            raise UsageError(f"{base}/{hiding[0]} exists: its settings win over an airflow-k8s.yml in the same "
                              "environment, so nothing was written",
                              hint=f"add host: {host} (and the Airflow keys, docs/airflow.md) to it instead")
         return {"host": host}

@@ -42,12 +42,14 @@ def init_kubeflow(request: KubeflowInitRequest) -> list[Path]:
         from kvx_runtime.config import is_kubernetes_namespace
         from kvx_runtime.config.files import files_read_instead
         from kvx_runtime.errors import UsageError
+        from kvx_runtime.project import conf_folder_of
         from kvx_runtime.targets.kubeflow import KubeflowTarget
 
         host = KubeflowTarget(str(request.host)).host  # refused here (exit 2) rather than at the first command
-        hiding = files_read_instead(root / "conf" / "base", "kubeflow")
+        base = f"{conf_folder_of(root)}/base"
+        hiding = files_read_instead(root / base, "kubeflow")
         if hiding:
-            raise UsageError(f"conf/base/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
+            raise UsageError(f"{base}/{hiding[0]} exists: its settings win over a kubeflow.yml in the same "
                              "environment, so nothing was written",
                              hint=f"add host: {host} (and the Kubeflow keys, docs/kubeflow.md) to it instead")
         namespace = request.namespace

@@ -187,9 +187,11 @@ class StepHooks:
 
     def before_pipeline_run(self) -> None:
         self.pipeline_started = True
+        # Before the runner loads the first node's inputs: they and the node's own objects meet
+        # the collector as under kedro run, and are never frozen.
+        collector.start_up_done()
 
     def before_node_run(self, node: Any) -> None:
-        collector.start_up_done()  # the node's code meets the collector as under kedro run
         bind_step_context(node=node.name)
         self._started[node.name] = time.perf_counter()
         log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
