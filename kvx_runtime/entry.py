@@ -1,7 +1,8 @@
 """The ``kvx-runtime`` program (console script and ``python -m kvx_runtime``).
 
 Deliberately tiny: the stop-signal handlers are installed (and the collector set for
-start-up, :mod:`kvx_runtime.collector`) before the command line, click, logging or any other
+start-up, :mod:`kvx_runtime.collector`; MLflow's GenAI and gateway packages deferred to their
+first use, :mod:`kvx_runtime.lazy_imports`) before the command line, click, logging or any other
 kvx-runtime module is imported, and the process ends through
 :func:`kvx_runtime.lifecycle.finish`, so that a SIGTERM at any moment ends it with 143.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from kvx_runtime import collector, lifecycle
+from kvx_runtime import collector, lazy_imports, lifecycle
 from kvx_runtime.errors import Interrupted
 
 
@@ -35,6 +36,7 @@ def main() -> NoReturn:
         try:
             lifecycle.install()  # delivers a signal held back by the launcher: inside the try
             collector.start_up()  # before the imports that build most of the heap
+            lazy_imports.defer_until_used("mlflow", *lazy_imports.MLFLOW_PACKAGES_RUN_WHEN_USED)
             from kvx_runtime.cli import cli
 
             cli(prog_name="kvx-runtime")  # standalone mode: ends with SystemExit

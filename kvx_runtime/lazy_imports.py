@@ -4,11 +4,21 @@ at start-up otherwise."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["optional_modules_hidden"]
+__all__ = ["MLFLOW_PACKAGES_RUN_WHEN_USED", "defer_until_used", "is_deferred", "optional_modules_hidden"]
+
+#: MLflow 3's ``import mlflow`` imports its GenAI package (judges, scorers, prompts, LiteLLM
+#: adapters) and its AI gateway (FastAPI): about 0.3 s of the 0.8 s a step attached to its MLflow
+#: run pays for the import, for code a Kedro step does not call. They are imported at their first
+#: use instead (:func:`defer_until_used`).
+MLFLOW_PACKAGES_RUN_WHEN_USED = ("mlflow.genai", "mlflow.gateway")
 
 
 @contextmanager
@@ -25,3 +35,86 @@ def optional_modules_hidden(*names: str) -> Iterator[None]:
         for name in hidden:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
+
+
+class _StandIn(types.ModuleType):
+    """What ``parent.name`` is while the parent's ``__init__`` runs, and its attribute after:
+    not a package (importing a submodule of it fails with ImportError, which the parent's
+    ``__init__`` meets only inside ``try``), and at its first use the real package is imported
+    as usual and answers."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._package(name), name)
+
+    def __dir__(self) -> list[str]:
+        return dir(self._package("__dir__"))
+
+    def _package(self, wanted: str) -> types.ModuleType:
+        if sys.modules.get(self.__name__) is self:  # the parent's __init__ still runs
+            raise AttributeError(f"module {self.__name__!r} has no attribute {wanted!r} while "
+                                 f"{self.__name__.rpartition('.')[0]!r} is imported (deferred to its first use)")
+        return importlib.import_module(self.__name__)
+
+
+class _ParentLoader(importlib.abc.Loader):
+    """The parent's own loader, its ``__init__`` run with the stand-ins in ``sys.modules``."""
+
+    def __init__(self, loader: importlib.abc.Loader, names: frozenset[str]) -> None:
+        self._loader = loader
+        self._names = names
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        sys.meta_path[:] = [finder for finder in sys.meta_path
+                            if not (isinstance(finder, _ParentFinder) and finder.parent == module.__name__)]
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        stand_ins = {name: _StandIn(name) for name in self._names if name not in sys.modules}
+        sys.modules.update(stand_ins)
+        try:
+            self._loader.exec_module(module)
+        finally:
+            # Out of sys.modules: the next import of the package (or of a submodule) is a
+            # plain one, in the package's own order. The stand-in stays the parent's attribute.
+            for name, stand_in in stand_ins.items():
+                if sys.modules.get(name) is stand_in:
+                    del sys.modules[name]
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader...: the real loader's
+        return getattr(self._loader, name)
+
+
+class _ParentFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, parent: str, names: Sequence[str]) -> None:
+        self.parent = parent
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.parent:
+            return None
+        # importlib.util.find_spec asks too, without importing: only the import that runs the
+        # parent's __init__ (see _ParentLoader) retires this finder.
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ParentLoader(spec.loader, self.names)
+        return spec
+
+
+def defer_until_used(parent: str, *names: str) -> None:
+    """When ``parent`` is imported, the packages ``names`` that its ``__init__`` imports are not:
+    they are stand-ins that import the real package at their first use (an attribute, ``dir``),
+    and a later import of the package or of a submodule of it is a plain import. Nothing
+    happens if ``parent`` is imported already."""
+    if parent in sys.modules or any(isinstance(finder, _ParentFinder) and finder.parent == parent
+                                    for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _ParentFinder(parent, names))
+
+
+def is_deferred(parent: types.ModuleType, name: str) -> bool:
+    """Whether ``parent.name`` is still a stand-in, its package not imported."""
+    return isinstance(parent.__dict__.get(name), _StandIn) and f"{parent.__name__}.{name}" not in sys.modules

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,125 @@ def test_opening_kedro_does_not_import_dynaconfs_flask_integration() -> None:
         "print(flask.Flask.__name__)\n"
     )
     assert fresh_python(script)[0] == ["False", "Flask"]
+
+
+PARENT_INIT = """\
+from kvx_demo_parent import heavy
+try:
+    from kvx_demo_parent.heavy.sub import X  # an optional integration, as MLflow's dataset sources
+except ImportError:
+    X = None
+try:
+    heavy.VALUE
+except AttributeError as exc:
+    print("during init:", exc)
+"""
+
+
+def _parent(root: Path, heavy_init: str = "print('heavy ran')\nVALUE = 42\n") -> None:
+    (root / "kvx_demo_parent" / "heavy").mkdir(parents=True)
+    (root / "kvx_demo_parent" / "__init__.py").write_text(PARENT_INIT)
+    (root / "kvx_demo_parent" / "heavy" / "__init__.py").write_text(heavy_init)
+    (root / "kvx_demo_parent" / "heavy" / "sub.py").write_text("X = 1\n")
+
+
+def _deferring(root: Path, body: str) -> list[str]:
+    script = (f"import sys\nsys.path.insert(0, {str(root)!r})\n"
+              "from kvx_runtime.lazy_imports import defer_until_used, is_deferred\n"
+              "defer_until_used('kvx_demo_parent', 'kvx_demo_parent.heavy')\n"
+              f"{body}")
+    return fresh_python(script)[0]
+
+
+def test_a_package_a_parent_imports_is_imported_at_its_first_use_and_then_as_usual(tmp_path: Path) -> None:
+    _parent(tmp_path)
+    lines = _deferring(tmp_path, (
+        "import importlib.util\n"
+        "importlib.util.find_spec('kvx_demo_parent')\n"  # asking is not importing
+        "import kvx_demo_parent as parent\n"
+        "print('imported', parent.X, is_deferred(parent, 'heavy'))\n"
+        "print('used', parent.heavy.VALUE, parent.heavy.VALUE, is_deferred(parent, 'heavy'))\n"
+        "import kvx_demo_parent.heavy.sub\n"
+        "print(parent.heavy is sys.modules['kvx_demo_parent.heavy'], type(parent.heavy).__name__,\n"
+        "      parent.heavy.sub.X)\n"))
+    assert lines == ["during init: module 'kvx_demo_parent.heavy' has no attribute 'VALUE' while 'kvx_demo_parent' "
+                     "is imported (deferred to its first use)",
+                     "imported None True", "heavy ran", "used 42 42 False", "True module 1"]
+
+
+def test_dir_of_a_deferred_package_imports_it(tmp_path: Path) -> None:
+    _parent(tmp_path)
+    assert _deferring(tmp_path, "import kvx_demo_parent as p\nprint('VALUE' in dir(p.heavy))\n")[-1] == "True"
+
+
+def test_a_deferred_package_that_fails_to_import_fails_each_use_as_its_import_would(tmp_path: Path) -> None:
+    _parent(tmp_path, heavy_init="raise RuntimeError('no backend')\n")
+    lines = _deferring(tmp_path, (
+        "import kvx_demo_parent as parent\n"
+        "for _ in range(2):\n"
+        "    try:\n        parent.heavy.VALUE\n    except RuntimeError as exc:\n        print('raised', exc)\n"))
+    assert lines[-2:] == ["raised no backend", "raised no backend"]
+
+
+def test_threads_first_using_a_deferred_package_at_once_import_it_once(tmp_path: Path) -> None:
+    _parent(tmp_path, heavy_init="import time\nprint('heavy ran')\ntime.sleep(0.3)\nVALUE = 42\n")
+    lines = _deferring(tmp_path, (
+        "import threading, kvx_demo_parent as parent\n"
+        "seen = []\n"
+        "threads = [threading.Thread(target=lambda: seen.append(parent.heavy.VALUE)) for _ in range(4)]\n"
+        "[t.start() for t in threads]\n[t.join() for t in threads]\n"
+        "print(seen)\n"))
+    assert lines[-2:] == ["heavy ran", "[42, 42, 42, 42]"]
+
+
+def test_nothing_is_deferred_for_a_parent_imported_already() -> None:
+    lines = fresh_python("import sys, json\n"
+                         "from kvx_runtime.lazy_imports import defer_until_used\n"
+                         "before = list(sys.meta_path)\n"
+                         "defer_until_used('json', 'json.decoder')\n"
+                         "print(sys.meta_path == before)\n")[0]
+    assert lines == ["True"]
+
+
+MLFLOW = pytest.mark.skipif(importlib.util.find_spec("kedro_mlflow") is None,
+                            reason="the MLflow extra is not installed")
+
+
+@MLFLOW
+def test_a_kvx_runtime_process_imports_mlflow_and_kedro_mlflow_without_mlflows_genai(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "requirements.txt").write_text("kedro\n")
+    script = ("import sys\n"
+              "import kvx_runtime.cli\n"
+              "def probe():\n"
+              "    import mlflow, kedro_mlflow.framework.hooks\n"
+              "    from kvx_runtime.lazy_imports import is_deferred\n"
+              "    print('deferred', is_deferred(mlflow, 'genai'), is_deferred(mlflow, 'gateway'),\n"
+              "          sorted(name for name in sys.modules if name.startswith(('mlflow.genai', 'fastapi'))))\n"
+              "    print('used', mlflow.genai.evaluate.__name__, is_deferred(mlflow, 'genai'))\n"
+              "    from mlflow.genai.scorers import scorer\n"
+              "    print('scorer', scorer.__name__, mlflow.gateway.__name__)\n"
+              "kvx_runtime.cli.configure_logging = probe\n"
+              f"sys.argv = ['kvx-runtime', 'fingerprint', '--project-path', {str(tmp_path)!r}]\n"
+              "from kvx_runtime.entry import main\n"
+              "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deferred True True []" in result.stdout
+    assert "used evaluate False" in result.stdout and "scorer scorer mlflow.gateway" in result.stdout
+
+
+@MLFLOW
+def test_mlflows_sql_store_works_with_genai_deferred(tmp_path: Path) -> None:
+    # The SQL store imports GenAI submodules: a plain import then, in the package's own order.
+    lines = fresh_python(
+        "import sys\n"
+        "from kvx_runtime.lazy_imports import MLFLOW_PACKAGES_RUN_WHEN_USED, defer_until_used, is_deferred\n"
+        "defer_until_used('mlflow', *MLFLOW_PACKAGES_RUN_WHEN_USED)\n"
+        "import mlflow\n"
+        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_metric('m', 2.0)\n"
+        "print(mlflow.get_run(run.info.run_id).data.metrics, is_deferred(mlflow, 'genai'))\n")[0]
+    assert lines[-1] == "{'m': 2.0} False"
