@@ -161,3 +161,15 @@ def test_mlflows_sql_store_works_with_genai_deferred(tmp_path: Path) -> None:
         "    mlflow.log_metric('m', 2.0)\n"
         "print(mlflow.get_run(run.info.run_id).data.metrics, is_deferred(mlflow, 'genai'))\n")[0]
     assert lines[-1] == "{'m': 2.0} False"
+
+
+@MLFLOW
+def test_mlflow_registers_the_same_dataset_sources_with_genai_deferred() -> None:
+    # MLflow's registry imports GenAI's Databricks sources inside try/except ImportError: today
+    # that import fails on a circular import either way; a MLflow where it succeeds fails here.
+    probe = ("import mlflow.data.dataset_source_registry as registry\n"
+             "print(sorted(source.__name__ for source in registry._dataset_source_registry.sources))\n")
+    plain = fresh_python(probe)[0]
+    deferred = fresh_python("from kvx_runtime.lazy_imports import MLFLOW_PACKAGES_RUN_WHEN_USED, defer_until_used\n"
+                            "defer_until_used('mlflow', *MLFLOW_PACKAGES_RUN_WHEN_USED)\n" + probe)[0]
+    assert deferred == plain and "HTTPDatasetSource" in plain[0]
