@@ -7,6 +7,8 @@ is built here from the exceptions gcsfs and Kedro really raise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from gcsfs.retry import HttpError
 from kedro.io.core import DatasetError
@@ -77,3 +79,29 @@ def test_the_pending_dataset_operation_decides_between_node_and_data() -> None:
     hooks.on_node_error(ValueError("bad value"), Node(len, "a", "b", name="n"))
     error = classify(ValueError("bad value"), hooks, "replay")
     assert isinstance(error, NodeError) and error.message == "node 'n' raised ValueError: bad value"
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_an_attached_step_keeps_kedro_mlflow_from_reopening_the_run_per_node(attached: bool) -> None:
+    """kedro-mlflow's after_context_created (registered before the step's hooks, as plugins
+    are) makes ``context.mlflow``; the step's hook runs after it whatever the order."""
+    pytest.importorskip("kedro_mlflow")
+    from types import SimpleNamespace
+
+    from kedro.framework.hooks import _create_hook_manager, hook_impl
+    from kedro.pipeline import Node, Pipeline
+    from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+
+    class KedroMlflowLike:
+        @hook_impl
+        def after_context_created(self, context: Any) -> None:
+            context.mlflow = KedroMlflowConfig()
+
+    manager = _create_hook_manager()
+    manager.register(KedroMlflowLike())
+    hooks = StepHooks(plan_step(Pipeline([Node(len, "a", "b", name="n")]), "__default__", ["n"]),
+                      JobDirectory(None, RunIdentity("run", "job")), tracking=object() if attached else None)
+    manager.register(hooks)
+    context = SimpleNamespace()
+    manager.hook.after_context_created(context=context)
+    assert context.mlflow.tracking.run.nested is (not attached)  # kedro-mlflow's default: nested

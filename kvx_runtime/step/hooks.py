@@ -104,6 +104,17 @@ class StepHooks:
         # pluggy discovers hook implementations through this marker.
         for name in _HOOKS:
             hook_impl(getattr(self, name).__func__)
+        hook_impl(trylast=True)(StepHooks.after_context_created)  # after kedro-mlflow's
+
+    def after_context_created(self, context: Any) -> None:
+        """The step's thread has the pipeline's MLflow run active (attached) before any hook
+        runs: kedro-mlflow's per-node reopening of it (for threaded runners, whose threads do
+        not have it), nested by default, costs three requests per node; not nested, it finds
+        the run active and does nothing."""
+        mlflow_config = getattr(context, "mlflow", None) if self.tracking is not None else None
+        run_config = getattr(getattr(mlflow_config, "tracking", None), "run", None)
+        if run_config is not None and getattr(run_config, "nested", False):
+            run_config.nested = False
 
     def before_dataset_loaded(self, dataset_name: str) -> None:
         self.dataset_operation = ("load", dataset_name)
