@@ -515,3 +515,43 @@ def test_node_seconds_recorded_in_mlflow_guide_the_auto_grouper(tmp_path, mlflow
     assert "node durations of earlier runs were not read from MLflow" in chained.stderr
     assert "4 nodes grouped into 3 steps by auto" in chained.stderr  # the chain rule: make and train
     assert "node durations unknown" in chained.stderr
+
+
+NESTED_NODES = """
+import mlflow
+
+def sweep(n):
+    with mlflow.start_run(nested=True, run_name="trial") as trial:
+        mlflow.log_param("trial_n", n)
+    return trial.info.run_id
+"""
+NESTED_PIPELINE = """
+from kedro.pipeline import Node, Pipeline
+from nestproj.nodes import sweep
+
+def register_pipelines():
+    return {"__default__": Pipeline([Node(sweep, "params:n", "trial_id", name="sweep")])}
+"""
+
+
+@pytest.mark.kedro
+def test_a_run_a_node_starts_is_a_child_of_the_pipelines_run_in_its_experiment(tmp_path, mlflow_server) -> None:
+    # A step attaching to the run it is given does not look its experiment up by name: the run
+    # names it, and runs its nodes start go there, as kedro-mlflow's set_experiment would have them.
+    project = make_project(tmp_path, "nestproj", NESTED_NODES, NESTED_PIPELINE,
+                           catalog="trial_id:\n  type: json.JSONDataset\n  filepath: data/trial.json\n",
+                           vertexai=yaml.safe_dump({"run_config": {"image": "img", "root": str(tmp_path / "s")}}))
+    (project / "conf" / "base" / "parameters.yml").write_text("n: 7\n")
+    (project / "conf" / "base" / "mlflow.yml").write_text(
+        "server:\n  mlflow_tracking_uri: ${mlflow_tracking_uri}\ntracking:\n  experiment:\n    name: nestproj\n")
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "nested-job", tmp_path)
+    result = run_all(project, env, "nested-job", run_id, ["sweep"])[0]
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_server.client()
+    parent = client.get_run(run_id)
+    trial = client.get_run(json.loads((project / "data" / "trial.json").read_text()))
+    assert trial.info.experiment_id == parent.info.experiment_id \
+        == client.get_experiment_by_name("nestproj").experiment_id
+    assert trial.data.tags["mlflow.parentRunId"] == run_id and trial.data.params["trial_n"] == "7"
+    assert parent.info.status == "RUNNING"

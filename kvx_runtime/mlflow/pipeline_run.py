@@ -18,6 +18,7 @@ in ``vertexai.yml`` (see :mod:`kvx_runtime.auth`). Failures after MLflow's HTTP 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -155,8 +156,14 @@ def _project_context(project: KedroProject, runtime_params: dict[str, Any] | Non
     )
 
 
-def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> MlflowConnection:
-    """Set up MLflow for this process as kedro-mlflow would, plus our auth headers."""
+def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None, *,
+            run_known: bool = False) -> MlflowConnection:
+    """Set up MLflow for this process as kedro-mlflow would, plus our auth headers.
+
+    ``run_known``: the caller resumes a run it names, whose experiment is the run's, so
+    kedro-mlflow's look-up of the configured experiment (three requests, creating it when
+    missing) is skipped; the connection's ``experiment_id`` is empty until
+    :func:`_adopt_experiment_of`."""
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -185,7 +192,7 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None)
         raise ConfigError(f"mlflow.yml cannot be read: {type(exc).__name__}: "
                           f"{text[0] if text else ''}") from None
     try:
-        config = KedroMlflowConfig.model_validate({**raw})
+        config = (_config_class_without_experiment_lookup() if run_known else KedroMlflowConfig).model_validate({**raw})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"mlflow.yml: {problems}") from None
@@ -200,14 +207,34 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None)
         raise
     except Exception as exc:
         raise _infrastructure_error("connect", uri, exc) from exc
-    experiment = config.tracking.experiment._experiment
+    experiment = None if run_known else config.tracking.experiment._experiment
     return MlflowConnection(
         client=config.server._mlflow_client,
         tracking_uri=str(config.server.mlflow_tracking_uri),
-        experiment_id=str(experiment.experiment_id),
+        experiment_id=str(experiment.experiment_id) if experiment is not None else "",
         experiment_name=str(config.tracking.experiment.name),
         config=config,
     )
+
+
+@functools.cache
+def _config_class_without_experiment_lookup() -> Any:
+    from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+
+    class ConfigForAKnownRun(KedroMlflowConfig):
+        def _set_experiment(self) -> None:
+            """The run's experiment is set as the run resumes (:func:`_adopt_experiment_of`)."""
+
+    return ConfigForAKnownRun
+
+
+def _adopt_experiment_of(run: Any, connection: MlflowConnection) -> None:
+    """Make the resumed run's experiment the process's, as ``mlflow.set_experiment`` would
+    without its request: MLflow puts the runs a node starts (``start_run(nested=True)``) in
+    the active experiment, which the environment variable names (inherited by subprocesses,
+    as ``set_experiment`` also arranges)."""
+    connection.experiment_id = str(run.info.experiment_id)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = connection.experiment_id
 
 
 def _ensure_sqlite_directory(uri: str | None) -> None:
@@ -474,15 +501,17 @@ def attach_step(
 
     required = project.plugin_config.run_config.mlflow.required
     try:
-        connection = connect(project, runtime_params)
+        connection = connect(project, runtime_params, run_known=mlflow_run_id is not None)
         resolved = mlflow_run_id or find_run(connection, job_name)
         if resolved is None:
             log.info("no MLflow run for this job yet: creating it (no mlflow-start step ran)")
             resolved = _create_run(connection, run_id, job_name)
         try:
-            mlflow.start_run(run_id=resolved)
+            resumed = mlflow.start_run(run_id=resolved)
         except Exception as exc:
             raise _infrastructure_error(f"resume MLflow run {resolved}", connection.tracking_uri, exc) from exc
+        if not connection.experiment_id:
+            _adopt_experiment_of(resumed, connection)
     except InfrastructureError as exc:
         if required:
             raise
@@ -492,6 +521,5 @@ def attach_step(
 
         uninstall_request_header_provider()
         return None
-    log.info("attached to the pipeline's MLflow run", mlflow_run_id=resolved,
-             experiment=connection.experiment_name)
+    log.info("attached to the pipeline's MLflow run", mlflow_run_id=resolved, experiment_id=connection.experiment_id)
     return AttachedRun(connection=connection, run_id=resolved)
