@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvx_runtime.targets.registry import TargetInfo
+from kvx_runtime.templates import template_text
 
 __all__ = [
     "GITHUB_AUTH_MODES",
@@ -33,7 +34,6 @@ __all__ = [
 IMAGE_REPOSITORY_VARIABLE, CODE_UPLOAD_VARIABLE = "KVX_IMAGE_REPOSITORY", "KVX_CODE_UPLOAD"
 REPOSITORY_VARIABLES = (IMAGE_REPOSITORY_VARIABLE, CODE_UPLOAD_VARIABLE)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 #: Workflow file in .github/workflows/ -> its template.
 WORKFLOW_FILES: Mapping[str, str] = {
@@ -211,7 +211,7 @@ def plan_workflows(root: Path, target: TargetInfo, group: str, config_text: str 
         "SERVICE_AUTH_STEPS": _KUBEFLOW_IAP_STEPS if workload_identity and target.name == "kubeflow" else (),
     }
     directory = root / ".github" / "workflows"
-    files = {directory / name: render_template(TEMPLATES.joinpath(template).read_text(), values)
+    files = {directory / name: render_template(template_text(template), values)
              for name, template in WORKFLOW_FILES.items()}
     project_id = config.get("project_id") if isinstance(config.get("project_id"), str) else None
     setup = _setup_lines(workflow, auth, project_id, repository, _github_repository(root), root)

@@ -15,6 +15,7 @@ import click
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
 from kvx_runtime.commands.options import env_option, fail_fast_option, pipeline_options, project_path_option
 from kvx_runtime.targets.registry import TargetInfo, default_target
+from kvx_runtime.templates import template_text
 
 if TYPE_CHECKING:
     from kvx_runtime.cloud_env import CloudEnv
@@ -43,7 +44,6 @@ __all__ = [
     "write_init_files",
 ]
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,7 @@ def write_init_files(root: Path, files: Mapping[Path, str], force: bool, with_do
 
         folder = conf_folder_of(root)
         for name, template in (("Dockerfile", "project.Dockerfile"), (".dockerignore", "project.dockerignore")):
-            files[root / name] = in_conf_folder(TEMPLATES.joinpath(template).read_text(), folder)
+            files[root / name] = in_conf_folder(template_text(template), folder)
     # Refuse before writing anything: never a half-done init.
     existing = [path for path in files if path.exists()]
     if existing and not force:
@@ -466,7 +466,7 @@ def write_init(request: InitRequest) -> list[Path]:
     kept = request.values is not None and request.cloud_env is not None and config.exists() and not request.force
     if request.values is not None and not kept:
         package = find_package_name(root).replace("_", "-")
-        files[config] = TEMPLATES.joinpath(name).read_text().format(package=package, **request.values)
+        files[config] = template_text(name).format(package=package, **request.values)
     env = _plan_cloud_env(root, request.cloud_env) if request.cloud_env is not None else None
     if env is not None:
         files[env.path] = env.text
