@@ -127,6 +127,10 @@ def _conf_arcroot(project: Path, conf_dir: Path) -> str:
     """The configuration's folder in the archive: where it is in the project (``CONF_SOURCE``,
     relative, as the step resolves it against the unpacked archive)."""
     # Lexically, as the step's settings name it: a symlinked folder travels under its link's name.
+    if not conf_dir.is_dir():
+        raise ConfigError(f"code upload carries the project's configuration folder, and {conf_dir} (CONF_SOURCE) "
+                          "is not a folder",
+                          hint="keep the configuration as a folder of the project, or run without code upload")
     relative = Path(os.path.relpath(os.path.abspath(conf_dir), os.path.abspath(project)))
     if ".." in relative.parts or not relative.parts or relative.as_posix() == ".":
         raise ConfigError(f"code upload carries the project's configuration, and {conf_dir} (CONF_SOURCE) is "

@@ -137,6 +137,15 @@ def test_the_configuration_travels_where_the_projects_conf_source_puts_it(tmp_pa
     assert refused.value.exit_code == ExitCode.USAGE
 
 
+def test_a_configuration_that_is_not_a_folder_is_refused_not_left_out(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    (project / "conf.tar.gz").write_bytes(b"packed")
+    for conf in (project / "conf.tar.gz", project / "missing"):
+        with pytest.raises(ConfigError, match="is not a folder") as refused:
+            build_archive(project, "demo_pkg", conf)
+        assert refused.value.exit_code == ExitCode.USAGE
+
+
 def test_a_conf_source_inside_the_package_keeps_credentials_and_the_laptops_env_out(tmp_path: Path) -> None:
     project = _project(tmp_path)
     inside = project / "src" / "demo_pkg" / "conf"

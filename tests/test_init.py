@@ -122,6 +122,7 @@ def test_a_conf_source_init_cannot_follow_is_refused_with_nothing_written(tmp_pa
         ("CONF_SOURCE = str(Path(__file__).parent / 'conf')", "is not a Kedro project"),  # imported to tell
         ('CONF_SOURCE = "/etc/project-conf"', "CONF_SOURCE '/etc/project-conf' is not a folder of the project"),
         ('CONF_SOURCE = "../shared-conf"', "is not a folder of the project"),
+        ('CONF_SOURCE = "dist/conf-my_proj.tar.gz"', "CONF_SOURCE 'dist/conf-my_proj.tar.gz' is an archive"),
     ]):
         root = _conf_source(tmp_path / str(index), line)
         result = init(root, "--with-dockerfile")
