@@ -237,6 +237,22 @@ def logged_text(caplog) -> str:
     return "\n".join(lines)
 
 
+def inside_kvx_runtime(probe_body: str, tmp_path: Path) -> list[str]:
+    """Run ``probe_body`` (the body of a function, indented by four spaces) inside a real
+    ``kvx-runtime`` process (its entry point, as the console script starts it) as the command
+    line starts, before any command: what the process set up at its start is seen there. Its
+    stdout lines (the command's own output and library logs among them)."""
+    (tmp_path / "requirements.txt").write_text("kedro\n")
+    script = ("import sys\n"
+              "import kvx_runtime.cli\n"
+              f"def probe():\n{probe_body}"
+              "kvx_runtime.cli.configure_logging = probe\n"
+              f"sys.argv = ['kvx-runtime', 'fingerprint', '--project-path', {str(tmp_path)!r}]\n"
+              "from kvx_runtime.entry import main\n"
+              "main()\n")
+    return fresh_python(script)[0]
+
+
 def fresh_python(script: str, cwd: Path | None = None) -> tuple[list[str], str]:
     """Run ``script`` in a new interpreter (what a process imports is only seen from its start):
     its stdout lines and its stderr; a failure fails the test with stderr's end."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conftest import inside_kvx_runtime
 from kvx_runtime import collector
 
 
@@ -35,16 +36,5 @@ def test_start_up_then_done_restores_the_thresholds_and_freezes_what_start_up_bu
 
 
 def test_a_kvx_runtime_process_starts_with_the_start_up_thresholds(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    (tmp_path / "requirements.txt").write_text("kedro\n")
-    script = ("import gc, sys\n"
-              "import kvx_runtime.cli\n"
-              "kvx_runtime.cli.configure_logging = lambda: print('thresholds', gc.get_threshold())\n"
-              f"sys.argv = ['kvx-runtime', 'fingerprint', '--project-path', {str(tmp_path)!r}]\n"
-              "from kvx_runtime.entry import main\n"
-              "main()\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"thresholds {collector.START_UP_THRESHOLDS}" in result.stdout
+    stdout = inside_kvx_runtime("    import gc\n    print('thresholds', gc.get_threshold())\n", tmp_path)
+    assert f"thresholds {collector.START_UP_THRESHOLDS}" in stdout

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fresh_python
+from conftest import fresh_python, inside_kvx_runtime
 from kvx_runtime.lazy_imports import optional_modules_hidden
 
 
@@ -125,27 +125,16 @@ MLFLOW = pytest.mark.skipif(importlib.util.find_spec("kedro_mlflow") is None,
 
 @MLFLOW
 def test_a_kvx_runtime_process_imports_mlflow_and_kedro_mlflow_without_mlflows_genai(tmp_path: Path) -> None:
-    import subprocess
-
-    (tmp_path / "requirements.txt").write_text("kedro\n")
-    script = ("import sys\n"
-              "import kvx_runtime.cli\n"
-              "def probe():\n"
-              "    import mlflow, kedro_mlflow.framework.hooks\n"
-              "    from kvx_runtime.lazy_imports import is_deferred\n"
-              "    print('deferred', is_deferred(mlflow, 'genai'), is_deferred(mlflow, 'gateway'),\n"
-              "          sorted(name for name in sys.modules if name.startswith(('mlflow.genai', 'fastapi'))))\n"
-              "    print('used', mlflow.genai.evaluate.__name__, is_deferred(mlflow, 'genai'))\n"
-              "    from mlflow.genai.scorers import scorer\n"
-              "    print('scorer', scorer.__name__, mlflow.gateway.__name__)\n"
-              "kvx_runtime.cli.configure_logging = probe\n"
-              f"sys.argv = ['kvx-runtime', 'fingerprint', '--project-path', {str(tmp_path)!r}]\n"
-              "from kvx_runtime.entry import main\n"
-              "main()\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "deferred True True []" in result.stdout
-    assert "used evaluate False" in result.stdout and "scorer scorer mlflow.gateway" in result.stdout
+    stdout = inside_kvx_runtime(
+        "    import mlflow, kedro_mlflow.framework.hooks\n"
+        "    from kvx_runtime.lazy_imports import is_deferred\n"
+        "    print('deferred', is_deferred(mlflow, 'genai'), is_deferred(mlflow, 'gateway'),\n"
+        "          sorted(name for name in sys.modules if name.startswith(('mlflow.genai', 'fastapi'))))\n"
+        "    print('used', mlflow.genai.evaluate.__name__, is_deferred(mlflow, 'genai'))\n"
+        "    from mlflow.genai.scorers import scorer\n"
+        "    print('scorer', scorer.__name__, mlflow.gateway.__name__)\n", tmp_path)
+    for line in ("deferred True True []", "used evaluate False", "scorer scorer mlflow.gateway"):
+        assert line in stdout
 
 
 @MLFLOW
