@@ -524,13 +524,25 @@ def sweep(n):
     with mlflow.start_run(nested=True, run_name="trial") as trial:
         mlflow.log_param("trial_n", n)
     return trial.info.run_id
+
+def leave_open(n):
+    mlflow.start_run(nested=True, run_name="left-open")
+    return n
+
+def after(n):
+    mlflow.log_metric("after_metric", float(n))
+    return n
 """
 NESTED_PIPELINE = """
 from kedro.pipeline import Node, Pipeline
-from nestproj.nodes import sweep
+from nestproj.nodes import after, leave_open, sweep
 
 def register_pipelines():
-    return {"__default__": Pipeline([Node(sweep, "params:n", "trial_id", name="sweep")])}
+    return {"__default__": Pipeline([
+        Node(sweep, "params:n", "trial_id", name="sweep"),
+        Node(leave_open, "params:n", "opened", name="leave_open"),
+        Node(after, "opened", "done", name="after"),
+    ])}
 """
 
 
@@ -546,7 +558,8 @@ def test_a_run_a_node_starts_is_a_child_of_the_pipelines_run_in_its_experiment(t
         "server:\n  mlflow_tracking_uri: ${mlflow_tracking_uri}\ntracking:\n  experiment:\n    name: nestproj\n")
     env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
     run_id = start(project, env, "nested-job", tmp_path)
-    result = run_all(project, env, "nested-job", run_id, ["sweep"])[0]
+    # An experiment named by the environment does not win over the pipeline's, as with set_experiment.
+    result = run_all(project, {**env, "MLFLOW_EXPERIMENT_NAME": "elsewhere"}, "nested-job", run_id, ["sweep"])[0]
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_server.client()
     parent = client.get_run(run_id)
@@ -554,4 +567,10 @@ def test_a_run_a_node_starts_is_a_child_of_the_pipelines_run_in_its_experiment(t
     assert trial.info.experiment_id == parent.info.experiment_id \
         == client.get_experiment_by_name("nestproj").experiment_id
     assert trial.data.tags["mlflow.parentRunId"] == run_id and trial.data.params["trial_n"] == "7"
-    assert parent.info.status == "RUNNING"
+    assert parent.info.status == "RUNNING" and client.get_experiment_by_name("elsewhere") is None
+    # A node that leaves a run of its own open does not take the next node's logging from the
+    # pipeline's run (kedro-mlflow reopens the pipeline's run before that node, as it would).
+    group = run_step(project, "--node", "leave_open", "--node", "after", "--run-id", "nested-job-uuid",
+                     "--job-name", "nested-job", "--mlflow-run-id", run_id, env=env)
+    assert group.returncode == 0, group.stderr[-3000:]
+    assert client.get_run(run_id).data.metrics["after_metric"] == 7.0

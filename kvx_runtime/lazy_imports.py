@@ -38,10 +38,10 @@ def optional_modules_hidden(*names: str) -> Iterator[None]:
 
 
 class _StandIn(types.ModuleType):
-    """What ``parent.name`` is while the parent's ``__init__`` runs, and its attribute after:
-    not a package (importing a submodule of it fails with ImportError, which the parent's
-    ``__init__`` meets only inside ``try``), and at its first use the real package is imported
-    as usual and answers."""
+    """What ``parent.name`` is while the parent's ``__init__`` runs: not a package (importing a
+    submodule of it fails with ImportError, which the parent's ``__init__`` meets only inside
+    ``try``). The parent keeps no reference to it after (see :func:`_import_on_first_use`); a
+    reference taken meanwhile reads the real package's attributes."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._package(name), name)
@@ -78,13 +78,38 @@ class _ParentLoader(importlib.abc.Loader):
             self._loader.exec_module(module)
         finally:
             # Out of sys.modules: the next import of the package (or of a submodule) is a
-            # plain one, in the package's own order. The stand-in stays the parent's attribute.
+            # plain one, in the package's own order.
             for name, stand_in in stand_ins.items():
                 if sys.modules.get(name) is stand_in:
                     del sys.modules[name]
+        _import_on_first_use(module, stand_ins)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader...: the real loader's
         return getattr(self._loader, name)
+
+
+def _import_on_first_use(parent: types.ModuleType, stand_ins: dict[str, _StandIn]) -> None:
+    """Take the stand-ins off the parent and give it a module ``__getattr__`` (PEP 562) that
+    imports such a package at its first use (``parent.name``, ``from parent import name``): the
+    import system then makes the real package the parent's attribute, as a plain import would
+    have (writes, ``importlib.reload``, pickling by reference all meet the real module)."""
+    names = {name.rpartition(".")[2] for name, stand_in in stand_ins.items()
+             if parent.__dict__.get(name.rpartition(".")[2]) is stand_in}
+    if not names:
+        return
+    for name in names:
+        del parent.__dict__[name]
+    previous = parent.__dict__.get("__getattr__")
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return importlib.import_module(f"{parent.__name__}.{name}")
+        if previous is not None:
+            return previous(name)
+        raise AttributeError(f"module {parent.__name__!r} has no attribute {name!r}")
+
+    __getattr__.deferred_names = frozenset(names)  # type: ignore[attr-defined]
+    parent.__getattr__ = __getattr__  # type: ignore[method-assign]
 
 
 class _ParentFinder(importlib.abc.MetaPathFinder):
@@ -106,9 +131,9 @@ class _ParentFinder(importlib.abc.MetaPathFinder):
 
 def defer_until_used(parent: str, *names: str) -> None:
     """When ``parent`` is imported, the packages ``names`` that its ``__init__`` imports are not:
-    they are stand-ins that import the real package at their first use (an attribute, ``dir``),
-    and a later import of the package or of a submodule of it is a plain import. Nothing
-    happens if ``parent`` is imported already."""
+    each is imported at its first use (``parent.name``, ``from parent import name``, an import
+    of it or of a submodule of it), as a plain import. Nothing happens if ``parent`` is
+    imported already."""
     if parent in sys.modules or any(isinstance(finder, _ParentFinder) and finder.parent == parent
                                     for finder in sys.meta_path):
         return
@@ -116,5 +141,6 @@ def defer_until_used(parent: str, *names: str) -> None:
 
 
 def is_deferred(parent: types.ModuleType, name: str) -> bool:
-    """Whether ``parent.name`` is still a stand-in, its package not imported."""
-    return isinstance(parent.__dict__.get(name), _StandIn) and f"{parent.__name__}.{name}" not in sys.modules
+    """Whether ``parent.name`` is deferred to its first use and not imported yet."""
+    deferred: frozenset[str] = getattr(parent.__dict__.get("__getattr__"), "deferred_names", frozenset())
+    return name in deferred and name not in parent.__dict__ and f"{parent.__name__}.{name}" not in sys.modules

@@ -85,6 +85,19 @@ def test_a_package_a_parent_imports_is_imported_at_its_first_use_and_then_as_usu
                      "imported None True", "heavy ran", "used 42 42 False", "True module 1"]
 
 
+def test_from_parent_import_name_gives_the_real_package(tmp_path: Path) -> None:
+    _parent(tmp_path)
+    lines = _deferring(tmp_path, (
+        "import importlib, kvx_demo_parent as parent\n"
+        "from kvx_demo_parent import heavy\n"
+        "print(heavy is sys.modules['kvx_demo_parent.heavy'] is parent.heavy, type(heavy).__name__)\n"
+        "heavy.WRITTEN = 1\n"
+        "print(parent.heavy.WRITTEN, importlib.reload(heavy) is heavy)\n"
+        "try:\n    parent.missing\nexcept AttributeError as exc:\n    print(exc)\n"))
+    assert lines[1:] == ["heavy ran", "True module", "heavy ran", "1 True",  # lines[0]: during init
+                         "module 'kvx_demo_parent' has no attribute 'missing'"]
+
+
 def test_dir_of_a_deferred_package_imports_it(tmp_path: Path) -> None:
     _parent(tmp_path)
     assert _deferring(tmp_path, "import kvx_demo_parent as p\nprint('VALUE' in dir(p.heavy))\n")[-1] == "True"
@@ -132,8 +145,12 @@ def test_a_kvx_runtime_process_imports_mlflow_and_kedro_mlflow_without_mlflows_g
         "          sorted(name for name in sys.modules if name.startswith(('mlflow.genai', 'fastapi'))))\n"
         "    print('used', mlflow.genai.evaluate.__name__, is_deferred(mlflow, 'genai'))\n"
         "    from mlflow.genai.scorers import scorer\n"
-        "    print('scorer', scorer.__name__, mlflow.gateway.__name__)\n", tmp_path)
-    for line in ("deferred True True []", "used evaluate False", "scorer scorer mlflow.gateway"):
+        "    print('scorer', scorer.__name__, mlflow.gateway.__name__)\n"
+        "    from mlflow import genai\n"
+        "    import cloudpickle\n"
+        "    cloudpickle.loads(cloudpickle.dumps(lambda: genai.evaluate))\n"
+        "    print('real', genai is sys.modules['mlflow.genai'] is mlflow.genai)\n", tmp_path)
+    for line in ("deferred True True []", "used evaluate False", "scorer scorer mlflow.gateway", "real True"):
         assert line in stdout
 
 

@@ -229,12 +229,20 @@ def _config_class_without_experiment_lookup() -> Any:
 
 
 def _adopt_experiment_of(run: Any, connection: MlflowConnection) -> None:
-    """Make the resumed run's experiment the process's, as ``mlflow.set_experiment`` would
-    without its request: MLflow puts the runs a node starts (``start_run(nested=True)``) in
-    the active experiment, which the environment variable names (inherited by subprocesses,
-    as ``set_experiment`` also arranges)."""
+    """Make the resumed run's experiment the process's, as ``mlflow.set_experiment`` leaves it
+    (the active experiment, and ``MLFLOW_EXPERIMENT_ID`` for subprocesses) without its
+    request: MLflow puts the runs a node starts (``start_run(nested=True)``) in the active
+    experiment, before any ``MLFLOW_EXPERIMENT_NAME`` of the environment."""
+    from mlflow.tracking import fluent
+
     connection.experiment_id = str(run.info.experiment_id)
-    os.environ["MLFLOW_EXPERIMENT_ID"] = connection.experiment_id
+    if hasattr(fluent, "_active_experiment_id"):
+        setattr(fluent, "_active_experiment_id", connection.experiment_id)  # noqa: B010 (typed None there)
+        os.environ["MLFLOW_EXPERIMENT_ID"] = connection.experiment_id
+    else:  # pragma: no cover - MLflow internals changed: the public way, one request
+        import mlflow
+
+        mlflow.set_experiment(experiment_id=connection.experiment_id)
 
 
 def _ensure_sqlite_directory(uri: str | None) -> None:
@@ -417,6 +425,14 @@ class AttachedRun:
     #: written together as the step detaches: one request, not one per node.
     node_seconds: dict[str, float] = field(default_factory=dict)
     last_node: str | None = None
+
+    def is_on_top(self) -> bool:
+        """Whether the run is the process's active run (MLflow logs there), and not a run an
+        earlier node of the step started and left open."""
+        import mlflow
+
+        active = mlflow.active_run()
+        return active is not None and active.info.run_id == self.run_id
 
     def node_finished(self, node: str, seconds: float) -> None:
         """Record a node's seconds; it is the run's ``kvx.last_node`` once the step detaches."""

@@ -20,7 +20,6 @@ log = get_logger(__name__)
 _HOOKS = (
     "after_catalog_created",
     "before_pipeline_run",
-    "before_node_run",
     "after_node_run",
     "on_node_error",
     "before_dataset_loaded",
@@ -99,22 +98,26 @@ class StepHooks:
         self.dataset_operation: tuple[str, str] | None = None
         self.catalog: Any = None
         self._started: dict[str, float] = {}
+        self._kedro_mlflow_run_config: Any = None
         from kedro.framework.hooks import hook_impl
 
         # pluggy discovers hook implementations through this marker.
         for name in _HOOKS:
             hook_impl(getattr(self, name).__func__)
         hook_impl(trylast=True)(StepHooks.after_context_created)  # after kedro-mlflow's
+        hook_impl(tryfirst=True)(StepHooks.before_node_run)  # before kedro-mlflow's
 
     def after_context_created(self, context: Any) -> None:
         """The step's thread has the pipeline's MLflow run active (attached) before any hook
         runs: kedro-mlflow's per-node reopening of it (for threaded runners, whose threads do
         not have it), nested by default, costs three requests per node; not nested, it finds
-        the run active and does nothing."""
+        the run active and does nothing. :meth:`before_node_run` nests it again for a node
+        that follows one that left a run of its own open, as kedro-mlflow would."""
         mlflow_config = getattr(context, "mlflow", None) if self.tracking is not None else None
         run_config = getattr(getattr(mlflow_config, "tracking", None), "run", None)
         if run_config is not None and getattr(run_config, "nested", False):
             run_config.nested = False
+            self._kedro_mlflow_run_config = run_config
 
     def before_dataset_loaded(self, dataset_name: str) -> None:
         self.dataset_operation = ("load", dataset_name)
@@ -203,6 +206,9 @@ class StepHooks:
         collector.start_up_done()
 
     def before_node_run(self, node: Any) -> None:
+        if self._kedro_mlflow_run_config is not None and self.tracking is not None:
+            # Reopened (nested) only where an earlier node left its own run on top.
+            self._kedro_mlflow_run_config.nested = not self.tracking.is_on_top()
         bind_step_context(node=node.name)
         self._started[node.name] = time.perf_counter()
         log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
