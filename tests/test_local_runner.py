@@ -270,3 +270,28 @@ def test_fresh_copies_give_each_step_an_empty_disk_with_the_images_files(tmp_pat
     # What the image would not hold stays out of the copies (the template keeps only code, conf, raw data).
     again, _ = run(spec, tmp_path, job_name="again", fresh_copies=True)
     assert again.exit_code == 0 and (tmp_path / "leftover-first").exists()
+
+
+def test_a_run_local_that_fails_before_it_starts_leaves_no_run_directory(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvx_runtime.cli import cli
+
+    spec = tmp_path / "pipeline.json"
+    spec.write_text(json.dumps(build([step("a")], parameters=[PipelineParameter("n", "n", "int", 1)])))
+    result = CliRunner().invoke(cli, ["run-local", str(spec), "--project-path", str(tmp_path),
+                                      "--storage-root", str(tmp_path / "root"), "--param", "m=1"])
+    assert result.exit_code == 2 and "unknown pipeline parameter" in result.output
+    assert list((tmp_path / ".kvx" / "runs").iterdir()) == []  # the claimed name was given back
+
+
+def test_a_claimed_name_is_given_back_only_while_its_run_directory_is_empty(tmp_path: Path) -> None:
+    from kvx_runtime.local_runner import runner
+
+    spec = build([step("a")])
+    name = runner.claim_default_job_name(spec, tmp_path)
+    runner.release_job_name(tmp_path, name)
+    assert runner.claim_default_job_name(spec, tmp_path) == name  # the same name again
+    (runner.run_directory(tmp_path, name) / "logs").mkdir()
+    runner.release_job_name(tmp_path, name)
+    assert runner.run_directory(tmp_path, name).is_dir()

@@ -210,7 +210,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
     from kvx_runtime.errors import NodeError
     from kvx_runtime.local_runner import parse_overrides, run_local
-    from kvx_runtime.local_runner.runner import claim_default_job_name
+    from kvx_runtime.local_runner.runner import claim_default_job_name, release_job_name
 
     project = request.at.project_path or os.getcwd()
     root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
@@ -229,25 +229,31 @@ def run_local_spec(request: RunLocalRequest) -> None:
             project=compiled_from,
         )))
     spec_data = read_spec(spec)
+    params = parse_overrides(request.overrides)
     job_name = request.job_name or claim_default_job_name(spec_data, project)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
-    served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
-                                                           compiled_from)
-    result = run_local(
-        spec_data,
-        project,
-        params=parse_overrides(request.overrides),
-        storage_root=root,
-        max_parallel=request.max_parallel,
-        job_name=job_name,
-        fail_fast=request.fail_fast,
-        fresh_copies=request.fresh_copies,
-        extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
-        run_id=run_id,
-        served=served,
-        resume=request.resume,
-    )
+    try:
+        served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
+                                                               compiled_from)
+        result = run_local(
+            spec_data,
+            project,
+            params=params,
+            storage_root=root,
+            max_parallel=request.max_parallel,
+            job_name=job_name,
+            fail_fast=request.fail_fast,
+            fresh_copies=request.fresh_copies,
+            extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
+            run_id=run_id,
+            served=served,
+            resume=request.resume,
+        )
+    except BaseException:
+        if request.job_name is None:  # the name claimed here
+            release_job_name(project, job_name)
+        raise
     if result.exit_code:
         failed = result.failed_tasks or ([result.failed_task] if result.failed_task else ["(unknown)"])
         steps = f"step '{failed[0]}'" if len(failed) == 1 else f"steps {', '.join(map(repr, failed))}"

@@ -372,19 +372,30 @@ def default_job_name(spec: Mapping[str, Any]) -> str:
     return f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
 
 
+def run_directory(project: str | Path, job: str) -> Path:
+    """Where run-local keeps a job's logs and step outputs."""
+    return Path(project).resolve() / LOCAL_STATE_DIR / "runs" / job
+
+
+def release_job_name(project: str | Path, job: str) -> None:
+    """Give back a name :func:`claim_default_job_name` claimed, if its run left nothing in it
+    (a run that failed before it started: the next run takes the name, no empty directory stays)."""
+    with contextlib.suppress(OSError):
+        run_directory(project, job).rmdir()  # only an empty directory goes
+
+
 def claim_default_job_name(spec: Mapping[str, Any], project: str | Path) -> str:
     """A job name of its own for a run started without one: the pipeline's name and the second,
     as on Vertex AI, with ``-2``, ``-3``... when a run in the same project started in the same
     second (two run-locals started together would otherwise share a run directory, and the
     second would fail on the job directory the first owns). Its run directory is created here,
     atomically, so that two processes never claim the same name."""
-    runs = Path(project).resolve() / LOCAL_STATE_DIR / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
     base = name = default_job_name(spec)
+    run_directory(project, name).parent.mkdir(parents=True, exist_ok=True)
     attempt = 1
     while True:
         try:
-            (runs / name).mkdir()
+            run_directory(project, name).mkdir()
             return name
         except FileExistsError:
             attempt += 1
@@ -425,7 +436,7 @@ def run_local(
     if policy not in FAILURE_POLICIES:
         raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
     job = job_name or claim_default_job_name(spec, project_path)
-    run_dir = project_path / LOCAL_STATE_DIR / "runs" / job
+    run_dir = run_directory(project_path, job)
     earlier = _resumable(run_dir, job, set(graph.tasks)) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     output = stream or sys.stdout
