@@ -103,7 +103,13 @@ def _import_on_first_use(parent: types.ModuleType, stand_ins: dict[str, _StandIn
 
     def __getattr__(name: str) -> Any:
         if name in names:
-            return importlib.import_module(f"{parent.__name__}.{name}")
+            try:
+                return importlib.import_module(f"{parent.__name__}.{name}")
+            except ImportError as exc:
+                # What a parent importing it inside try/except ImportError (MLflow's gateway)
+                # would have shown: no such attribute (hasattr() is False), the reason chained.
+                raise AttributeError(f"module {parent.__name__!r} has no attribute {name!r}: "
+                                     f"it cannot be imported ({exc})") from exc
         if previous is not None:
             return previous(name)
         raise AttributeError(f"module {parent.__name__!r} has no attribute {name!r}")

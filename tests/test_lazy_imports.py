@@ -112,6 +112,17 @@ def test_a_deferred_package_that_fails_to_import_fails_each_use_as_its_import_wo
     assert lines[-2:] == ["raised no backend", "raised no backend"]
 
 
+def test_a_deferred_package_whose_dependency_is_missing_is_no_attribute(tmp_path: Path) -> None:
+    # As for a parent that imports it inside try/except ImportError: hasattr() is False.
+    _parent(tmp_path, heavy_init="import kvx_not_installed_anywhere\n")
+    lines = _deferring(tmp_path, (
+        "import kvx_demo_parent as parent\n"
+        "print(hasattr(parent, 'heavy'))\n"
+        "try:\n    parent.heavy\nexcept AttributeError as exc:\n    print(exc)\n"))
+    assert lines[-2:] == ["False", "module 'kvx_demo_parent' has no attribute 'heavy': it cannot be imported "
+                                   "(No module named 'kvx_not_installed_anywhere')"]
+
+
 def test_threads_first_using_a_deferred_package_at_once_import_it_once(tmp_path: Path) -> None:
     _parent(tmp_path, heavy_init="import time\nprint('heavy ran')\ntime.sleep(0.3)\nVALUE = 42\n")
     lines = _deferring(tmp_path, (
