@@ -157,6 +157,10 @@ def materialize_dynamic_config(
 ) -> list[Path]:
     """Run every configured provider in order; return the files written."""
     written: list[Path] = []
+    if config.run_config.dynamic_config_providers and not conf_root.is_dir():
+        raise ConfigError(f"dynamic config providers write into the configuration folder, and {conf_root} "
+                          "(CONF_SOURCE) is not a folder",
+                          hint="keep the configuration as a folder of the project in the image")
     for index, spec in enumerate(config.run_config.dynamic_config_providers):
         # Parameters may carry secrets, and an exception's text may quote them.
         register_secrets([spec.params])

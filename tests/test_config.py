@@ -340,3 +340,33 @@ def test_airflow_pod_settings_are_checked() -> None:
                       ({"start_date": "next tuesday"}, "is not a date")]:
         with pytest.raises(ConfigError, match=says):
             parse_plugin_config({"run_config": bad}, schema=AirflowPluginConfig)
+
+
+@pytest.mark.parametrize("archive_name", ["conf-proj.tar.gz", "conf-proj.zip"])
+def test_the_config_is_read_from_a_configuration_archive_as_kedro_reads_it(tmp_path: Path, archive_name: str) -> None:
+    # As kedro package makes it (tar --directory=<parent> conf): the environments in its one
+    # top-level folder.
+    import tarfile
+    import zipfile
+
+    folder = tmp_path / "conf"
+    write_conf(folder, "base", "run_config:\n  image: img\n  root: gs://bucket/base\n")
+    write_conf(folder, "prod", "run_config:\n  image: img\n  root: gs://bucket/prod\n")
+    archive = str(tmp_path / archive_name)
+    if archive_name.endswith(".tar.gz"):
+        with tarfile.open(archive, "w:gz") as packed:
+            packed.add(folder, arcname="conf")
+    else:
+        with zipfile.ZipFile(archive, "w") as packed:
+            for path in sorted(folder.rglob("*.yml")):
+                packed.write(path, path.relative_to(tmp_path).as_posix())
+    assert load_plugin_config(archive, "prod").run_config.root == "gs://bucket/prod"
+    assert load_plugin_config(archive, "base").run_config.root == "gs://bucket/base"
+
+
+def test_an_unreadable_configuration_archive_is_a_config_error(tmp_path: Path) -> None:
+    archive = tmp_path / "conf-proj.tar.gz"
+    archive.write_bytes(b"not an archive")
+    with pytest.raises(ConfigError, match="archive .* cannot be read") as refused:
+        load_plugin_config(archive, "base")
+    assert refused.value.exit_code == ExitCode.USAGE

@@ -12,7 +12,7 @@ import yaml
 from conftest import logged_text
 from kvx_runtime.config import parse_plugin_config
 from kvx_runtime.dynamic_config import DynamicConfigProvider, deep_merge, materialize_dynamic_config
-from kvx_runtime.errors import ConfigError
+from kvx_runtime.errors import ConfigError, ExitCode
 
 
 class TokenProvider(DynamicConfigProvider):
@@ -150,3 +150,12 @@ def test_existing_file_that_is_not_a_mapping_is_reported(tmp_path: Path) -> None
     (tmp_path / "local" / "credentials.yml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         materialize_dynamic_config(config_with((f"{__name__}.TokenProvider", {"token": "x"})), tmp_path, "local")
+
+
+def test_a_configuration_archive_is_refused_before_any_provider_runs(tmp_path: Path) -> None:
+    archive = tmp_path / "conf-proj.tar.gz"
+    archive.write_bytes(b"packed")
+    config = config_with((f"{__name__}.FailingProvider", {"token": "t"}))  # never runs
+    with pytest.raises(ConfigError, match="is not a folder") as refused:
+        materialize_dynamic_config(config, archive, "local")
+    assert refused.value.exit_code == ExitCode.USAGE and archive.read_bytes() == b"packed"

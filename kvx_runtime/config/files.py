@@ -122,10 +122,9 @@ def read_raw_plugin_config(
     the files read. ``merge_strategy`` is Kedro's: ``destructive`` (the env file replaces
     top-level keys, Kedro's default) or ``soft`` (deep merge).
     """
-    import fsspec
     from omegaconf import OmegaConf
 
-    fs, root = fsspec.core.url_to_fs(str(conf_source))
+    fs, root = conf_filesystem(str(conf_source))
     layers: list[Any] = []
     files: list[str] = []
     envs = [base_env] if env == base_env else [base_env, env]
@@ -163,6 +162,34 @@ def read_raw_plugin_config(
         for key in layers[1]:
             merged[key] = layers[1]._get_node(key)
     return _resolve_leaves(merged), files
+
+
+#: The archive types Kedro's config loader reads a ``CONF_SOURCE`` from (by MIME type).
+_ARCHIVE_PROTOCOLS = {"application/x-tar": "tar", "application/zip": "zip",
+                      "application/x-zip-compressed": "zip", "application/zip-compressed": "zip"}
+
+
+def conf_filesystem(conf_source: str) -> tuple[Any, str]:
+    """The filesystem and the folder holding the environments, as Kedro's config loader reads
+    ``conf_source``: a folder (local or remote), or a tar/zip archive (``kedro package``'s
+    conf archive), whose environments are in its last top-level entry."""
+    import mimetypes
+
+    import fsspec
+
+    protocol = _ARCHIVE_PROTOCOLS.get(mimetypes.guess_type(conf_source)[0] or "")
+    if protocol is None:
+        fs, root = fsspec.core.url_to_fs(conf_source)
+        return fs, str(root)
+    try:
+        fs = fsspec.filesystem(protocol, fo=conf_source)
+        entries = fs.ls("", detail=False)
+    except Exception as exc:
+        raise ConfigError(f"the configuration archive {conf_source} cannot be read: {type(exc).__name__}: "
+                          f"{_first_line(exc)}") from None
+    if not entries:
+        raise ConfigError(f"the configuration archive {conf_source} is empty")
+    return fs, str(PurePosixPath(entries[-1]))
 
 
 def files_read_instead(env_dir: str | Path, family: str) -> list[str]:
