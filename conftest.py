@@ -237,6 +237,28 @@ def logged_text(caplog) -> str:
     return "\n".join(lines)
 
 
+def conf_archive(tmp_path: Path, files: dict[str, str], name: str = "conf-proj.tar.gz") -> str:
+    """A configuration archive as ``kedro package`` makes it (``tar --directory=<parent> conf``:
+    the environments in one top-level ``conf/`` folder), or a zip of the same: ``files`` maps
+    paths under ``conf/`` (``base/vertexai.yml``) to their text. Its path."""
+    import tarfile
+    import zipfile
+
+    folder = tmp_path / "packed" / "conf"
+    for relative, text in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(text)
+    archive = str(tmp_path / name)
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w") as packed:
+            for path in sorted(folder.rglob("*")):
+                packed.write(path, path.relative_to(folder.parent).as_posix())
+    else:
+        with tarfile.open(archive, "w:gz") as packed:
+            packed.add(folder, arcname="conf")
+    return archive
+
+
 def inside_kvx_runtime(probe_body: str, tmp_path: Path) -> list[str]:
     """Run ``probe_body`` (the body of a function, indented by four spaces) inside a real
     ``kvx-runtime`` process (its entry point, as the console script starts it) as the command

@@ -105,17 +105,23 @@ def _import_on_first_use(parent: types.ModuleType, stand_ins: dict[str, _StandIn
         if name in names:
             try:
                 return importlib.import_module(f"{parent.__name__}.{name}")
-            except ImportError as exc:
-                # What a parent importing it inside try/except ImportError (MLflow's gateway)
-                # would have shown: no such attribute (hasattr() is False), the reason chained.
+            except Exception as exc:
+                # What a parent importing it under contextlib.suppress(Exception) (MLflow's
+                # gateway) would have shown: no such attribute (hasattr() is False), the reason
+                # chained.
                 raise AttributeError(f"module {parent.__name__!r} has no attribute {name!r}: "
                                      f"it cannot be imported ({exc})") from exc
         if previous is not None:
             return previous(name)
         raise AttributeError(f"module {parent.__name__!r} has no attribute {name!r}")
 
+    def __dir__() -> list[str]:
+        return sorted({*parent.__dict__, *names})
+
     __getattr__.deferred_names = frozenset(names)  # type: ignore[attr-defined]
     parent.__getattr__ = __getattr__  # type: ignore[method-assign]
+    if "__dir__" not in parent.__dict__:
+        parent.__dir__ = __dir__  # type: ignore[method-assign]
 
 
 class _ParentFinder(importlib.abc.MetaPathFinder):

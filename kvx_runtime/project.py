@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kvx_runtime.config import ALL_KEYS, PluginConfig, load_plugin_config
@@ -252,8 +252,19 @@ def default_env(loader_args: dict[str, Any]) -> str:
 
 def check_env_exists(conf_source: str, env: str, base_env: str) -> None:
     """A missing environment directory is a configuration error naming the fix."""
+    from kvx_runtime.config.files import conf_filesystem, is_conf_archive
+
+    if is_conf_archive(conf_source):
+        fs, root = conf_filesystem(conf_source)
+        missing = [name for name in dict.fromkeys([base_env, env]) if not fs.isdir(f"{root}/{name}")]
+        if missing:
+            held = sorted(PurePosixPath(path).name for path in fs.ls(root, detail=False) if fs.isdir(path))
+            raise ConfigError(f"config environment '{missing[0]}' is not in the configuration archive "
+                              f"{conf_source} (it holds: {', '.join(held) or 'no environment'})",
+                              hint="pass --env with an environment the archive holds")
+        return
     if "://" in conf_source or not Path(conf_source).is_dir():
-        return  # remote or packaged configuration: Kedro reports what is missing
+        return  # remote configuration: Kedro reports what is missing
     for name in dict.fromkeys([base_env, env]):
         directory = Path(conf_source) / name
         if not directory.is_dir():
@@ -398,11 +409,12 @@ def entry_points_of_disabled_plugins_not_loaded(settings: Any) -> Iterator[None]
 
 
 def has_config(project: KedroProject, pattern: str) -> bool:
-    """Does ``conf/<base or env>/`` hold a file matching ``pattern`` (e.g. ``mlflow*``)?"""
-    root = project.conf_root
-    return any(
-        any((root / env_name).glob(pattern)) for env_name in {project.base_env, project.env}
-    )
+    """Does ``conf/<base or env>/`` hold a file matching ``pattern`` (e.g. ``mlflow*``)? The
+    configuration read as Kedro reads it: a folder, local or remote, or an archive."""
+    from kvx_runtime.config.files import conf_files
+
+    return any(conf_files(project.conf_source, f"{env_name}/{pattern}")
+               for env_name in {project.base_env, project.env})
 
 
 def make_config_loader(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> Any:

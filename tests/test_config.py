@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import logged_text
+from conftest import conf_archive, logged_text
 from kvx_runtime.config import (
     STEP_KEYS,
     PluginConfig,
@@ -344,22 +344,9 @@ def test_airflow_pod_settings_are_checked() -> None:
 
 @pytest.mark.parametrize("archive_name", ["conf-proj.tar.gz", "conf-proj.zip"])
 def test_the_config_is_read_from_a_configuration_archive_as_kedro_reads_it(tmp_path: Path, archive_name: str) -> None:
-    # As kedro package makes it (tar --directory=<parent> conf): the environments in its one
-    # top-level folder.
-    import tarfile
-    import zipfile
-
-    folder = tmp_path / "conf"
-    write_conf(folder, "base", "run_config:\n  image: img\n  root: gs://bucket/base\n")
-    write_conf(folder, "prod", "run_config:\n  image: img\n  root: gs://bucket/prod\n")
-    archive = str(tmp_path / archive_name)
-    if archive_name.endswith(".tar.gz"):
-        with tarfile.open(archive, "w:gz") as packed:
-            packed.add(folder, arcname="conf")
-    else:
-        with zipfile.ZipFile(archive, "w") as packed:
-            for path in sorted(folder.rglob("*.yml")):
-                packed.write(path, path.relative_to(tmp_path).as_posix())
+    archive = conf_archive(tmp_path, {"base/vertexai.yml": "run_config:\n  image: img\n  root: gs://bucket/base\n",
+                                      "prod/vertexai.yml": "run_config:\n  image: img\n  root: gs://bucket/prod\n"},
+                           archive_name)
     assert load_plugin_config(archive, "prod").run_config.root == "gs://bucket/prod"
     assert load_plugin_config(archive, "base").run_config.root == "gs://bucket/base"
 

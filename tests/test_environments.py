@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import conf_archive
 from kvx_runtime.compiler.checks import warn_envs_not_in_image
 from kvx_runtime.dockerignore import DockerIgnore
-from kvx_runtime.errors import ConfigError
+from kvx_runtime.errors import ConfigError, ExitCode
 from kvx_runtime.project import check_env_exists, default_env
 
 TEMPLATE = (Path(__file__).resolve().parents[1] / "kvx_runtime" / "templates" / "project.dockerignore").read_text()
@@ -102,3 +103,29 @@ def test_image_files_follow_the_projects_conf_source_without_a_dockerignore(tmp_
         (tmp_path / name).write_text("x")
     (tmp_path / "src/pkg/settings.py").write_text('CONF_SOURCE = "settings"\n')
     assert list(image_files(tmp_path)) == ["pyproject.toml", "settings/base/catalog.yml", "src/pkg/settings.py"]
+
+
+def test_an_environment_missing_from_a_configuration_archive_is_named_with_what_it_holds(tmp_path: Path) -> None:
+    archive = conf_archive(tmp_path, {"base/parameters.yml": "a: 1\n", "cloud/parameters.yml": "a: 2\n"})
+    check_env_exists(archive, "cloud", "base")
+    with pytest.raises(ConfigError, match=r"environment 'prod' is not in the configuration archive .* "
+                                          r"\(it holds: base, cloud\)") as caught:
+        check_env_exists(archive, "prod", "base")
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("name", ["conf-proj.tar.gz", "conf-proj.zip"])
+def test_mlflow_config_in_a_configuration_archive_is_seen(tmp_path: Path, name: str) -> None:
+    # Compile and the steps decide whether MLflow is on from these: an archive holding
+    # mlflow.yml was read as holding none (tracking silently off).
+    from types import SimpleNamespace
+
+    from kvx_runtime.mlflow.pipeline_run import unread_mlflow_files
+    from kvx_runtime.project import has_config
+
+    archive = conf_archive(tmp_path, {"base/parameters.yml": "a: 1\n", "cloud/mlflow.yml": "server: {}\n",
+                                      "local/mlflow.yml": "server: {}\n"}, name)
+    cloud = SimpleNamespace(conf_source=archive, base_env="base", env="cloud")
+    assert has_config(cloud, "mlflow*")  # type: ignore[arg-type]
+    assert [path.as_posix() for path in unread_mlflow_files(cloud)] == ["conf/local/mlflow.yml"]  # type: ignore[arg-type]
+    assert not has_config(SimpleNamespace(conf_source=archive, base_env="base", env="base"), "mlflow*")  # type: ignore[arg-type]

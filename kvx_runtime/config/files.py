@@ -169,15 +169,31 @@ _ARCHIVE_PROTOCOLS = {"application/x-tar": "tar", "application/zip": "zip",
                       "application/x-zip-compressed": "zip", "application/zip-compressed": "zip"}
 
 
+def _archive_protocol(conf_source: str) -> str | None:
+    import mimetypes
+
+    return _ARCHIVE_PROTOCOLS.get(mimetypes.guess_type(conf_source)[0] or "")
+
+
+def is_conf_archive(conf_source: str) -> bool:
+    """Whether Kedro reads ``conf_source`` as a configuration archive (tar or zip)."""
+    return _archive_protocol(conf_source) is not None
+
+
+def conf_files(conf_source: str, pattern: str) -> list[str]:
+    """The files matching ``pattern`` (relative to the folder holding the environments, e.g.
+    ``base/mlflow*``) in the configuration, wherever it is (:func:`conf_filesystem`)."""
+    fs, root = conf_filesystem(conf_source)
+    return sorted(fs.glob(f"{root}/{pattern}"))
+
+
 def conf_filesystem(conf_source: str) -> tuple[Any, str]:
     """The filesystem and the folder holding the environments, as Kedro's config loader reads
     ``conf_source``: a folder (local or remote), or a tar/zip archive (``kedro package``'s
     conf archive), whose environments are in its last top-level entry."""
-    import mimetypes
-
     import fsspec
 
-    protocol = _ARCHIVE_PROTOCOLS.get(mimetypes.guess_type(conf_source)[0] or "")
+    protocol = _archive_protocol(conf_source)
     if protocol is None:
         fs, root = fsspec.core.url_to_fs(conf_source)
         return fs, str(root)

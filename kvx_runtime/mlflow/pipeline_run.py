@@ -102,8 +102,10 @@ def unread_mlflow_files(project: KedroProject) -> list[Path]:
     """kedro-mlflow config files in environments the steps do not read (``kedro mlflow init``
     writes ``conf/local/mlflow.yml``, while steps read ``base`` and their own env): with
     only those, tracking is silently off."""
+    from kvx_runtime.config.files import conf_files
+
     read = {project.base_env, project.env}
-    return sorted(path for path in project.conf_root.glob("*/mlflow*") if path.parent.name not in read)
+    return [Path(path) for path in conf_files(project.conf_source, "*/mlflow*") if Path(path).parent.name not in read]
 
 
 def _redact(text: str) -> str:
