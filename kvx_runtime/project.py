@@ -214,12 +214,16 @@ def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
 
 def _imported_conf_source(project_path: Path, package_name: str, settings_file: Path) -> str:
     """``CONF_SOURCE`` as running the project's settings.py gives it: the file run as a module of
-    its own (its ``__file__`` the file's), since Kedro's lazy settings swallow an ImportError in
-    settings.py and fall back to ``conf``, and a process that opened a project of the same
-    package name before holds that project's settings module."""
+    its own (its ``__file__`` the file's), with the project's source folder importable for its
+    own imports. Not through Kedro: its lazy settings swallow an ImportError in settings.py and
+    fall back to ``conf``, and bootstrapping would configure this process's Kedro settings and
+    keep ``<package>.settings`` imported for a project this process may never open."""
     import importlib.util
 
-    _bootstrap(project_path)  # the project's package importable, for settings.py's own imports
+    source_dir = str(settings_file.parent.parent)
+    added = source_dir not in sys.path
+    if added:
+        sys.path.insert(0, source_dir)
     spec = importlib.util.spec_from_file_location(f"{package_name}.settings", settings_file)
     assert spec is not None and spec.loader is not None  # a .py file
     module = importlib.util.module_from_spec(spec)
@@ -229,6 +233,9 @@ def _imported_conf_source(project_path: Path, package_name: str, settings_file: 
         raise ConfigError(f"the project's settings.py cannot be imported to tell CONF_SOURCE: "
                           f"{type(exc).__name__}: {exc}",
                           hint="install the project's requirements, or set CONF_SOURCE to a plain string") from None
+    finally:
+        if added and source_dir in sys.path:
+            sys.path.remove(source_dir)
     return str(getattr(module, "CONF_SOURCE", DEFAULT_CONF_FOLDER))
 
 

@@ -119,7 +119,8 @@ def test_init_writes_into_the_projects_conf_source_and_the_image_copies_it(tmp_p
 
 def test_a_conf_source_init_cannot_follow_is_refused_with_nothing_written(tmp_path: Path) -> None:
     for index, (line, said) in enumerate([
-        ("CONF_SOURCE = str(Path(__file__).parent / 'conf')", "is not a Kedro project"),  # imported to tell
+        ("CONF_SOURCE = str(Path(__file__).parent / 'conf')",  # run to tell, and it raises
+         "settings.py cannot be imported to tell CONF_SOURCE: NameError: name 'Path' is not defined"),
         ('CONF_SOURCE = "/etc/project-conf"', "CONF_SOURCE '/etc/project-conf' is not a folder of the project"),
         ('CONF_SOURCE = "../shared-conf"', "is not a folder of the project"),
         ('CONF_SOURCE = "dist/conf-my_proj.tar.gz"', "CONF_SOURCE 'dist/conf-my_proj.tar.gz' is an archive"),
