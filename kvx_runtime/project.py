@@ -155,9 +155,6 @@ def find_package_name(project_path: Path) -> str:
 #: Kedro's default ``CONF_SOURCE``.
 DEFAULT_CONF_FOLDER = "conf"
 
-#: What Kedro reads as a packaged configuration (``kedro package``'s conf archive).
-CONF_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-
 
 def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
     """The project's configuration folder, relative to the project (POSIX): ``CONF_SOURCE`` as
@@ -203,12 +200,13 @@ def conf_folder_of(project_path: Path, *, import_settings: bool = True) -> str:
         raise ConfigError(f"{settings}: CONF_SOURCE {folder!r} is not a folder of the project: kvx-runtime writes "
                           "the configuration there and the project image copies it from the project",
                           hint='set it to a folder of the project, e.g. CONF_SOURCE = "conf"')
-    if relative.name.endswith(CONF_ARCHIVE_SUFFIXES) or (project_path / relative).is_file():
-        raise ConfigError(f"{settings}: CONF_SOURCE {folder!r} is an archive: kvx-runtime writes the "
-                          "configuration into a folder, packs it into code uploads and reads its own config "
-                          "files from there",
-                          hint="keep the configuration as a folder of the project (the project image and "
-                               "code upload carry it to the steps)")
+    from kvx_runtime.config.files import is_conf_archive
+
+    if is_conf_archive(relative.name) or (project_path / relative).is_file():
+        raise ConfigError(f"{settings}: CONF_SOURCE {folder!r} is an archive: init writes the configuration "
+                          "into a folder, and the project image and code upload carry a folder",
+                          hint="keep the configuration as a folder of the project (compile, run-local and "
+                               "the steps read an archive too)")
     return relative.as_posix()
 
 
