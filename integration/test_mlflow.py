@@ -186,6 +186,20 @@ def test_exec_node_finds_the_run_by_job_name(tmp_path, mlflow_server) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+@pytest.mark.kedro
+def test_an_attached_step_builds_only_its_own_datasets_and_kedro_mlflows(tmp_path, mlflow_server) -> None:
+    # kedro-mlflow's catalog pass built every entry of the catalog in every step; this one
+    # cannot be built (no filepath), which only a step that builds it would notice.
+    project = ml_project(tmp_path)
+    with (project / "conf" / "base" / "catalog.yml").open("a") as catalog:
+        catalog.write("other_pipelines_table:\n  type: pandas.CSVDataset\n")
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "own-datasets-job", tmp_path)
+    results = run_all(project, env, "own-datasets-job", run_id, ["make", "train"])
+    assert all(r.returncode == 0 for r in results), results[-1].stderr[-2000:]
+    assert mlflow_server.client().get_run(run_id).data.metrics["score"] == 3.0  # named by kedro-mlflow
+
+
 def test_failing_pipeline_run_local_ends_failed_with_failed_node(tmp_path, mlflow_server) -> None:
     project = ml_project(tmp_path, limit=2)
     env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)

@@ -13,7 +13,9 @@ from kvx_runtime.graph import StepPlan, dataset_identity
 from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
-__all__ = ["StepHooks", "dataset_config", "declared_type", "is_declared", "type_name"]
+__all__ = [
+    "StepHooks", "dataset_config", "declared_type", "is_declared", "narrow_kedro_mlflows_catalog_pass", "type_name",
+]
 
 log = get_logger(__name__)
 
@@ -63,6 +65,98 @@ def dataset_config(catalog: Any, name: str) -> dict[str, Any] | None:
 def type_name(catalog: Any, name: str) -> str:
     """The class name of ``name``'s dataset type ("" when the catalog gives it none)."""
     return str(declared_type(catalog, name) or "").rsplit(".", 1)[-1]
+
+
+def _is_kedros_own(dataset_type: str) -> bool:
+    """Does ``dataset_type`` name a class of Kedro's or kedro-datasets' (which are never
+    kedro-mlflow's datasets or subclasses of them), as Kedro resolves a type (its packages
+    first, ``kedro.io.core._DEFAULT_PACKAGES``)? Told without importing the class."""
+    import importlib.util
+
+    if dataset_type.startswith(("kedro.io.", "kedro_datasets.", "kedro_datasets_experimental.")):
+        return True
+    module, _, _ = dataset_type.rpartition(".")
+    if not module:
+        import kedro.io
+
+        return hasattr(kedro.io, dataset_type)
+    try:
+        return importlib.util.find_spec(f"kedro_datasets.{module}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _KedroMlflowsShareOfCatalog:
+    """The step's catalog as kedro-mlflow's ``after_catalog_created`` walks it: the datasets
+    already built and those not built yet that may be kedro-mlflow's (any type but Kedro's and
+    kedro-datasets' own); writes and everything else go to the catalog itself."""
+
+    def __init__(self, catalog: Any) -> None:
+        self._catalog = catalog
+        lazy = getattr(catalog, "_lazy_datasets", {})
+        self._names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
+                       if name not in lazy or not _is_kedros_own(str(declared_type(catalog, name) or ""))]
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, self._catalog[name]) for name in self._names]
+
+    def values(self) -> list[Any]:
+        return [self._catalog[name] for name in self._names]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._catalog
+
+    def __getitem__(self, name: str) -> Any:
+        return self._catalog[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._catalog[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._catalog, name)
+
+
+def narrow_kedro_mlflows_catalog_pass(hook_manager: Any) -> None:
+    """kedro-mlflow's ``after_catalog_created`` names its metric datasets after their catalog
+    entries by walking ``catalog.items()``, which builds every dataset of the project's
+    catalog: in a step that runs one node of a large catalog, each dataset's package imported
+    and each dataset constructed for nothing. In a step it walks only the datasets it may
+    change (:class:`_KedroMlflowsShareOfCatalog`). Purely an optimisation, like
+    :func:`kvx_runtime.project.entry_points_of_disabled_plugins_not_loaded`: an implementation
+    that does not look like kedro-mlflow 2's is left as it is."""
+    caller = getattr(getattr(hook_manager, "hook", None), "after_catalog_created", None)
+    if caller is None:
+        return
+    for implementation in caller.get_hookimpls():
+        plugin_module = type(implementation.plugin).__module__
+        argnames = tuple(getattr(implementation, "argnames", ()))
+        if not plugin_module.startswith("kedro_mlflow.") or "catalog" not in argnames:
+            continue
+        narrowed = _walking_mlflows_share(implementation.function, argnames.index("catalog"))
+        # HookImpl.function is what pluggy calls (annotated Final for its own code).
+        setattr(implementation, "function", narrowed)  # noqa: B010
+
+
+def _walking_mlflows_share(function: Any, position: int) -> Any:
+    """``function`` (a hook implementation pluggy calls with its arguments in order) given
+    kedro-mlflow's share of the catalog at ``position``."""
+
+    def walk_mlflows_share(*args: Any, **kwargs: Any) -> Any:
+        narrowed = list(args)
+        if position < len(narrowed):
+            narrowed[position] = _KedroMlflowsShareOfCatalog(narrowed[position])
+        return function(*narrowed, **kwargs)
+
+    return walk_mlflows_share
 
 
 def is_declared(catalog: Any, name: str) -> bool:

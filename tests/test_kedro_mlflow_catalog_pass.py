@@ -1,0 +1,115 @@
+"""kedro-mlflow's after_catalog_created in a step: its metric datasets are named after their
+entries as under ``kedro run``, without building every other dataset of the catalog.
+
+Real pieces: Kedro's hook manager and DataCatalog, kedro-mlflow's own hook and datasets."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+
+pytest.importorskip("kedro_mlflow")
+
+from kedro.framework.hooks import _create_hook_manager
+from kedro.io import DataCatalog
+from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+from kedro_mlflow.io.metrics import MlflowMetricDataset
+
+from kvx_runtime.step.hooks import narrow_kedro_mlflows_catalog_pass
+
+pytestmark = pytest.mark.kedro
+
+PROBE_MODULE = "kvx_probe_datasets"
+
+
+class HouseMetric(MlflowMetricDataset):
+    """A project's own subclass of kedro-mlflow's metric dataset, named without "Mlflow"."""
+
+
+@pytest.fixture
+def probe_module():
+    """A project module holding the subclass, as a catalog names it (``module.Class``)."""
+    module = types.ModuleType(PROBE_MODULE)
+    module.HouseMetric = HouseMetric  # type: ignore[attr-defined]
+    sys.modules[PROBE_MODULE] = module
+    yield module
+    del sys.modules[PROBE_MODULE]
+
+
+def catalog_of(tmp_path) -> DataCatalog:
+    return DataCatalog.from_config({
+        "companies": {"type": "pandas.CSVDataset", "filepath": str(tmp_path / "companies.csv")},
+        "shuttles": {"type": "kedro_datasets.pandas.CSVDataset", "filepath": str(tmp_path / "s.csv")},
+        "notes": {"type": "text.TextDataset", "filepath": str(tmp_path / "notes.txt")},
+        "kept": {"type": "MemoryDataset"},
+        "score": {"type": "kedro_mlflow.io.metrics.MlflowMetricDataset"},
+        "history": {"type": "kedro_mlflow.io.metrics.MlflowMetricHistoryDataset"},
+        "house": {"type": f"{PROBE_MODULE}.HouseMetric"},
+        "named": {"type": "kedro_mlflow.io.metrics.MlflowMetricDataset", "key": "chosen"},
+    })
+
+
+def call_hook(catalog: DataCatalog, *, narrowed: bool) -> None:
+    manager = _create_hook_manager()
+    manager.register(MlflowHook(), name="mlflow_hook")
+    if narrowed:
+        narrow_kedro_mlflows_catalog_pass(manager)
+    manager.hook.after_catalog_created(catalog=catalog, conf_catalog={}, conf_creds={}, parameters={},
+                                       save_version=None, load_versions={})
+
+
+def built(catalog: DataCatalog) -> set[str]:
+    return {name for name in catalog.keys() if name not in catalog._lazy_datasets}  # noqa: SIM118
+
+
+@pytest.mark.usefixtures("probe_module")
+def test_metric_datasets_are_named_after_their_entries_as_kedro_run_names_them(tmp_path) -> None:
+    expected = {}
+    for narrowed in (False, True):
+        catalog = catalog_of(tmp_path)
+        call_hook(catalog, narrowed=narrowed)
+        keys = {name: catalog[name].key for name in ("score", "history", "house", "named")}
+        expected.setdefault("keys", keys)
+        assert keys == expected["keys"] == {"score": "score", "history": "history", "house": "house",
+                                            "named": "chosen"}
+
+
+@pytest.mark.usefixtures("probe_module")
+def test_datasets_of_kedro_and_kedro_datasets_are_left_unbuilt(tmp_path) -> None:
+    catalog = catalog_of(tmp_path)
+    call_hook(catalog, narrowed=False)
+    assert {"companies", "shuttles", "notes", "kept"} <= built(catalog)  # what kedro-mlflow alone does
+
+    catalog = catalog_of(tmp_path)
+    call_hook(catalog, narrowed=True)
+    assert built(catalog) == {"score", "history", "house", "named"}
+    assert set(catalog.keys()) == set(catalog_of(tmp_path).keys())  # nothing lost, only not built yet
+    assert catalog["companies"]._filepath.name == "companies.csv"
+
+
+def test_a_dataset_whose_type_cannot_be_told_is_handed_to_kedro_mlflow(tmp_path) -> None:
+    catalog = DataCatalog.from_config({"elsewhere": {"type": "kvx_no_such_package.Dataset"}})
+    with pytest.raises(Exception, match="kvx_no_such_package"):  # as kedro-mlflow alone would
+        call_hook(catalog, narrowed=True)
+
+
+def test_other_plugins_hooks_are_left_as_they_are(tmp_path) -> None:
+    seen: list[Any] = []
+
+    class ProjectHooks:
+        from kedro.framework.hooks import hook_impl
+
+        @hook_impl
+        def after_catalog_created(self, catalog: Any) -> None:
+            seen.append(catalog)
+
+    manager = _create_hook_manager()
+    manager.register(ProjectHooks(), name="project")
+    narrow_kedro_mlflows_catalog_pass(manager)
+    catalog = catalog_of(tmp_path)
+    manager.hook.after_catalog_created(catalog=catalog, conf_catalog={}, conf_creds={}, parameters={},
+                                       save_version=None, load_versions={})
+    assert seen == [catalog]
