@@ -300,3 +300,20 @@ def test_bad_inputs_are_one_line_with_the_documented_exit_code(journey: Journey)
     assert unknown.returncode == 2, unknown.stderr[-2000:]
     assert "unknown key run_config.dag_idd (did you mean run_config.dag_id?)" in last_line(unknown)
     assert not (journey.server.dags_folder / "journey-unknown.py").exists()
+
+
+def test_run_once_refuses_a_run_whose_inputs_are_not_in_the_storage_root(journey: Journey, gcs_emulator: Any) -> None:
+    # The cloud layout: a raw input read from the (Cloud Storage) root, where compiling does not look.
+    folder = str(journey.server.dags_folder)
+    journey.configure("rawcloud", "journey-rawcloud", folder)
+    (journey.project / "conf" / "rawcloud" / "catalog.yml").write_text(
+        "companies:\n  type: pandas.CSVDataset\n  filepath: ${storage_root}/data/01_raw/companies.csv\n")
+    root = f"gs://{gcs_emulator.bucket}/journey-rawcloud"
+    refused = journey.kvx("run-once", "--env", "rawcloud", "--operator", "local", "--no-wait",
+                          "--storage-root", root, **gcs_emulator.env)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert last_line(refused).startswith(
+        f"kvx-runtime airflow run-once failed: pipeline input not in the storage root: 'companies' at "
+        f"{root}/data/01_raw/companies.csv; the step reading it would fail, so nothing was submitted")
+    assert not (journey.server.dags_folder / "journey-rawcloud-run-once.py").exists()
+    assert not list(journey.server.dags_folder.glob("journey-rawcloud*"))

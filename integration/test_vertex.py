@@ -113,6 +113,31 @@ def test_run_once_wait_diagnoses_a_failed_task(example_project: Path, vertex: Fa
     assert "no step recorded" not in status.stdout
 
 
+def test_run_once_refuses_a_run_whose_inputs_are_not_in_the_storage_root(example_project: Path, vertex: FakeVertex,
+                                                                        adc: Path, gcs_emulator) -> None:
+    # The cloud layout: raw inputs read from the storage root, where compiling does not look.
+    catalog = example_project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text().replace("filepath: data/01_raw/companies.csv",
+                                                   "filepath: ${storage_root}/data/01_raw/companies.csv"))
+    storage = gcs_emulator.filesystem()
+    if not storage.exists("kvx-example-bucket"):
+        storage.mkdir("kvx-example-bucket")
+    refused = kvx(example_project, vertex, adc, "run-once", "--no-wait", **gcs_emulator.env)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert final_record(refused.stderr)["message"] == (
+        "kvx-runtime run-once failed: pipeline input not in the storage root: 'companies' at "
+        "gs://kvx-example-bucket/pipelines/data/01_raw/companies.csv; the step reading it would fail, so nothing "
+        "was submitted (copy the project's files there first (`kvx-runtime init --cloud-env` lists what to copy "
+        "where))")
+    assert vertex.jobs == {}
+
+    storage.pipe_file("kvx-example-bucket/pipelines/data/01_raw/companies.csv",
+                      (example_project / "data" / "01_raw" / "companies.csv").read_bytes())
+    submitted = kvx(example_project, vertex, adc, "run-once", "--no-wait", **gcs_emulator.env)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert len(vertex.jobs) == 1
+
+
 def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Path, vertex: FakeVertex,
                                                              adc: Path) -> None:
     first = kvx(example_project, vertex, adc, "schedule", "--cron", "0 6 * * *", "--timezone", "Europe/Warsaw")

@@ -134,6 +134,9 @@ AIRFLOW_AUTH = Setting("KVX_AIRFLOW_AUTH", str, "", "force how kvx-runtime authe
                        choices=("token", "password", "google", "none"))
 AIRFLOW_PARSE_TIMEOUT = Setting("KVX_AIRFLOW_PARSE_TIMEOUT", float, 600.0,
                                 "seconds to wait for Airflow to parse an uploaded DAG file", minimum=1)
+INPUT_CHECK_TIMEOUT = Setting("KVX_INPUT_CHECK_TIMEOUT", float, 20.0,
+                              "seconds run-once waits to learn whether the pipeline's inputs under a cloud "
+                              "storage root are there (unanswered: submitted anyway, with a warning)", minimum=1)
 DOCTOR_TIMEOUT = Setting("KVX_DOCTOR_TIMEOUT", float, 3.0,
                          "seconds doctor waits for its network checks (run in parallel)", minimum=1)
 

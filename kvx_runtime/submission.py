@@ -1,5 +1,7 @@
 """From a compiled spec to a run on a target, and from a failed run to its cause.
 
+- :func:`refuse_missing_inputs`: a run whose pipeline inputs are not under the cloud storage
+  root is not submitted (its first step would fail after its machine started);
 - :func:`run_request`: the run of a compiled pipeline as the project configures it (job id
   ``<pipeline>-<UTC yyyymmddhhmmss>``, labels, service account, network, CMEK, failure policy,
   output directory, parameter values);
@@ -23,8 +25,8 @@ from kvx_runtime.log import get_logger
 from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
 
-__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "recorded_run_id", "run_request", "summary",
-           "task_invocation", "watch"]
+__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "recorded_run_id", "refuse_missing_inputs",
+           "run_request", "summary", "task_invocation", "watch"]
 
 log = get_logger(__name__)
 
@@ -35,6 +37,57 @@ class WaitTimeout(KvxError):
     """``--timeout`` passed while the run was still going (it keeps going)."""
 
     exit_code = ExitCode.INFRASTRUCTURE
+
+
+def refuse_missing_inputs(inputs: Mapping[str, str]) -> None:
+    """Before a run is submitted: ``inputs`` (catalog name -> path under the cloud storage
+    root, which compiling does not look for) that are definitely not there stop it
+    (exit 2, one line naming them and where they come from). One that cannot be told within
+    ``KVX_INPUT_CHECK_TIMEOUT`` seconds (all looked for at once), or whose look-up fails, is a
+    warning: an unanswered question never stops a run."""
+    if not inputs:
+        return
+    import threading
+
+    from kvx_runtime import settings
+
+    answers: dict[str, bool | BaseException] = {}
+
+    def look(name: str, path: str) -> None:
+        try:
+            import fsspec
+
+            filesystem, stripped = fsspec.core.url_to_fs(path)
+            answers[name] = bool(filesystem.exists(stripped))
+        except Exception as exc:  # told as "could not check", never as missing
+            answers[name] = exc
+
+    # Daemon threads: a look-up given up on must not keep the process from ending.
+    threads = [threading.Thread(target=look, args=item, daemon=True, name=f"kvx-input-{item[0]}")
+               for item in sorted(inputs.items())]
+    for thread in threads:
+        thread.start()
+    timeout = settings.INPUT_CHECK_TIMEOUT.get()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    answered = dict(answers)
+    unknown = {name: answered.get(name) for name in sorted(inputs) if not isinstance(answered.get(name), bool)}
+    for name, error in unknown.items():
+        reason = f"no answer within {timeout:g} s" if error is None else f"{type(error).__name__}: {error}"
+        log.warning(f"could not tell whether pipeline input '{name}' is at {inputs[name]} ({reason}): submitting "
+                    "anyway", dataset=name, hint="KVX_INPUT_CHECK_TIMEOUT sets the wait")
+    missing = sorted(name for name, there in answered.items() if there is False)
+    if not missing:
+        return
+    from kvx_runtime.errors import UsageError
+
+    listed = ", ".join(f"'{name}' at {inputs[name]}" for name in missing)
+    raise UsageError(
+        f"pipeline input{'s' if len(missing) > 1 else ''} not in the storage root: {listed}; the step reading "
+        f"{'them' if len(missing) > 1 else 'it'} would fail, so nothing was submitted",
+        hint="copy the project's files there first (`kvx-runtime init --cloud-env` lists what to copy where)",
+    )
 
 
 def job_id(pipeline_name: str, now: datetime | None = None) -> str:

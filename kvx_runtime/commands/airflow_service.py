@@ -54,7 +54,7 @@ class DagRunOnceRequest:
 def run_dag_once(request: DagRunOnceRequest) -> None:
     """Compile the DAG (without a schedule), publish it, wait for Airflow to parse it, trigger
     one run with this run's parameters as its conf; with ``wait``, watch it to its end."""
-    from kvx_runtime.submission import job_id
+    from kvx_runtime.submission import job_id, refuse_missing_inputs
     from kvx_runtime.targets.airflow import dag_spec
     from kvx_runtime.targets.base import RunRequest
 
@@ -62,6 +62,7 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
     target.check_upload()
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
                                request.values, strict=request.strict, run_once=True, serving=project)
+    refuse_missing_inputs(compiled.remote_inputs)
     dag_id = compiled.dag.dag_id
     click.echo(f"Publishing DAG {dag_id} and waiting for Airflow to parse it")
     run = target.submit(RunRequest(spec=dag_spec(dag_id, compiled.dag.text), run_id=job_id(dag_id),

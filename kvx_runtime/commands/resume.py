@@ -98,7 +98,7 @@ def resume_run(request: ResumeRequest) -> None:
     """Submit the run that continues ``request.job``; with ``wait``, watch it to its end."""
     from kvx_runtime.commands.service import open_target, watch_to_end
     from kvx_runtime.compiler import compile_pipeline
-    from kvx_runtime.submission import run_request
+    from kvx_runtime.submission import refuse_missing_inputs, run_request
 
     target, project = open_target(request.at)
     old = target.get(request.job)
@@ -126,6 +126,7 @@ def resume_run(request: ResumeRequest) -> None:
     kept = len(compiled.finished_nodes)
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
+    refuse_missing_inputs(compiled.remote_inputs)  # those the steps left to run read
     inputs = compiled.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     values: dict[str, Any] = {name: value for name, value in old.parameters.items() if name in inputs}
     submitted = run_request(compiled.spec, project.plugin_config.run_config, values=values,

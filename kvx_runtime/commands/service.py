@@ -99,11 +99,12 @@ class RunOnceRequest:
 
 def run_once(request: RunOnceRequest) -> None:
     """Compile, submit; with ``wait``, watch the run to its end (NodeError unless it succeeded)."""
-    from kvx_runtime.submission import job_id, run_request
+    from kvx_runtime.submission import job_id, refuse_missing_inputs, run_request
 
     target, project = open_target(request.at)
     compiled = _compile(request.at, project, request.options, request.storage_root, request.values,
                         serve_cached=request.template is None)
+    refuse_missing_inputs(compiled.remote_inputs)
     run_config = project.plugin_config.run_config
     submitted = run_request(compiled.spec, run_config, values=compiled.values,
                             template_uri=target.template_uri(compiled.spec, request.template),

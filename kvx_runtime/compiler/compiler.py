@@ -39,6 +39,8 @@ class CompiledPipeline:
     platform_spec: dict[str, Any] | None = None
     #: Nodes a resumed run finished, left out (see ``CompileRequest.resume``).
     finished_nodes: tuple[str, ...] = ()
+    #: Pipeline inputs under a cloud storage root (``PipelinePlan.remote_inputs``).
+    remote_inputs: dict[str, str] = field(default_factory=dict)
 
 
 def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
@@ -51,7 +53,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
              parameters=[p.kedro_name for p in plan.parameters])
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),
                             values=dict(plan.values), platform_spec=kfp.platform_spec,
-                            finished_nodes=plan.finished_nodes)
+                            finished_nodes=plan.finished_nodes, remote_inputs=dict(plan.remote_inputs))
 
 
 @dataclass
@@ -61,6 +63,8 @@ class CompiledDag:
     warnings: list[str] = field(default_factory=list)
     #: DAG param values for one run (from ``CompileRequest.values``), typed: a run's ``conf``.
     values: dict[str, Any] = field(default_factory=dict)
+    #: Pipeline inputs under a cloud storage root (``PipelinePlan.remote_inputs``).
+    remote_inputs: dict[str, str] = field(default_factory=dict)
 
 
 #: What run-once adds to the id of a scheduled DAG: its one-off copy, without the schedule.
@@ -99,7 +103,8 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     worker_dir = (project_dir or str(facts.project_path)) if operator == "local" else None
     dag = render_airflow(plan, run, source, operator=operator, project_dir=worker_dir)
     log.info("DAG compiled", dag_id=dag.dag_id, steps=len(plan.node_steps), mlflow=plan.mlflow, operator=operator)
-    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings), values=dict(plan.values))
+    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings), values=dict(plan.values),
+                       remote_inputs=dict(plan.remote_inputs))
 
 
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:

@@ -51,6 +51,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
     inputs = {name for name in catalog_names
               if dataset_identity(name) not in written and not name.startswith("params:") and name != "parameters"}
+    input_paths = _dataset_paths(catalog, catalog_config, inputs)
     return ProjectFacts(
         project_path=project.path, package_name=project.package_name, conf_root=project.conf_root,
         env=project.env, run=run, image=image, storage_root=storage_root,
@@ -64,7 +65,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                                        [project.base_env, project.env])),
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
-        missing_inputs=_missing_inputs(_dataset_paths(catalog, catalog_config, inputs), storage_root),
+        missing_inputs=_missing_inputs(input_paths, storage_root),
+        remote_inputs=_remote_inputs(input_paths, storage_root),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
     )
 
@@ -122,6 +124,15 @@ def _missing_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
         return {}
     return {name: path for name, path in paths.items()
             if under_storage_root(path, storage_root) and not os.path.exists(path.removeprefix("file://"))}
+
+
+def _remote_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
+    """The pipeline's inputs the catalog reads from under a cloud storage root: compiling talks
+    to no storage, so whether they are there is told before a run is submitted
+    (:func:`kvx_runtime.submission.refuse_missing_inputs`)."""
+    if "://" not in storage_root.removeprefix("file://"):
+        return {}
+    return {name: path for name, path in paths.items() if under_storage_root(path, storage_root)}
 
 
 def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:

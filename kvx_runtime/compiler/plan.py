@@ -190,6 +190,9 @@ class PipelinePlan:
     code_upload: CodeUpload | None = None
     #: Nodes a resumed run finished: no step runs them, their outputs are there.
     finished_nodes: tuple[str, ...] = ()
+    #: Pipeline inputs read from under a cloud storage root, by catalog name: their paths,
+    #: which compiling does not look for (a run about to be submitted does).
+    remote_inputs: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def node_steps(self) -> tuple[PlannedStep, ...]:

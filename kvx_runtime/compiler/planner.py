@@ -141,6 +141,8 @@ class ProjectFacts:
     #: Pipeline inputs the catalog reads from under a storage root on this machine, not there:
     #: catalog name -> path.
     missing_inputs: dict[str, str] = field(default_factory=dict)
+    #: Pipeline inputs the catalog reads from under a cloud storage root (not looked for).
+    remote_inputs: dict[str, str] = field(default_factory=dict)
     #: node -> seconds it took in an earlier run, for a grouper that weighs durations.
     node_durations: dict[str, float] = field(default_factory=dict)
 
@@ -183,6 +185,8 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
     env = _step_env(facts.forwarded_env, facts.run)
     exec_node = _exec_node_invocation(request, facts, parameters)
     run = facts.run
+    finished_nodes = tuple(node for name in sorted(_done_groups(graph, request.resume))
+                           for node in graph.groups[name].nodes)
     return PipelinePlan(
         name=project_pipeline_name(facts.package_name, request.pipeline),
         description=run.description, image=facts.image, storage_root=facts.storage_root,
@@ -191,9 +195,16 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         exit_steps=_exit_steps(exec_node, facts, env, request.resume),
         parameters=tuple(parameters), values=values, warnings=tuple(warnings), kubernetes=run.kubernetes,
         code_upload=_code_upload(request, facts),
-        finished_nodes=tuple(node for name in sorted(_done_groups(graph, request.resume))
-                             for node in graph.groups[name].nodes),
+        finished_nodes=finished_nodes,
+        remote_inputs=_inputs_still_read(facts, finished_nodes),
     )
+
+
+def _inputs_still_read(facts: ProjectFacts, finished_nodes: tuple[str, ...]) -> dict[str, str]:
+    """``facts.remote_inputs`` that a node of this run reads (not only nodes a resumed run finished)."""
+    finished = set(finished_nodes)
+    read = {name for node in facts.pipeline.nodes if node.name not in finished for name in node.inputs}
+    return {name: path for name, path in facts.remote_inputs.items() if name in read}
 
 
 # --- grouping ----------------------------------------------------------------------------

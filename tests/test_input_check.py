@@ -1,0 +1,86 @@
+"""Before a run is submitted, its pipeline inputs under a cloud storage root are looked for:
+one that is definitely not there stops the submission (exit 2); one that cannot be told is a
+warning. Against the GCS emulator, through gcsfs as the steps read it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kvx_runtime.errors import ExitCode, UsageError
+from kvx_runtime.submission import refuse_missing_inputs
+
+
+def test_inputs_that_are_there_let_the_run_go(gcs_emulator) -> None:
+    fs = gcs_emulator.filesystem()
+    fs.pipe(f"{gcs_emulator.bucket}/root/data/01_raw/companies.csv", b"id\n1\n")
+    fs.pipe(f"{gcs_emulator.bucket}/root/data/01_raw/reviews/part-0.parquet", b"x")  # a folder dataset
+    refuse_missing_inputs({
+        "companies": f"gs://{gcs_emulator.bucket}/root/data/01_raw/companies.csv",
+        "reviews": f"gs://{gcs_emulator.bucket}/root/data/01_raw/reviews",
+    })
+
+
+def test_a_missing_input_stops_the_submission_naming_each_missing_one(gcs_emulator) -> None:
+    fs = gcs_emulator.filesystem()
+    fs.pipe(f"{gcs_emulator.bucket}/there/companies.csv", b"id\n1\n")
+    with pytest.raises(UsageError) as raised:
+        refuse_missing_inputs({
+            "companies": f"gs://{gcs_emulator.bucket}/there/companies.csv",
+            "shuttles": f"gs://{gcs_emulator.bucket}/there/shuttles.xlsx",
+            "reviews": f"gs://{gcs_emulator.bucket}/there/reviews.csv",
+        })
+    message = str(raised.value)
+    assert raised.value.exit_code == ExitCode.USAGE
+    assert message.startswith("pipeline inputs not in the storage root: 'reviews' at gs://")
+    assert f"'shuttles' at gs://{gcs_emulator.bucket}/there/shuttles.xlsx" in message
+    assert "companies" not in message and "nothing was submitted" in message
+    assert "\n" not in message
+
+
+def test_an_input_whose_look_up_fails_is_a_warning_not_a_refusal(caplog) -> None:
+    refuse_missing_inputs({"table": "kvx-no-such-protocol://bucket/table.csv"})
+    [record] = [r for r in caplog.records if "could not tell" in r.getMessage()]
+    assert "pipeline input 'table' is at kvx-no-such-protocol://bucket/table.csv" in record.getMessage()
+    assert "submitting anyway" in record.getMessage()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A server on 127.0.0.1 that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def accept() -> None:
+        while not stopping.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stopping.set()
+    listener.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_an_unanswered_look_up_is_given_up_after_the_timeout(silent_server, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", silent_server)
+    monkeypatch.setenv("KVX_INPUT_CHECK_TIMEOUT", "1")
+    refuse_missing_inputs({"companies": "gs://kvx-silent/root/companies.csv"})
+    [record] = [r for r in caplog.records if "could not tell" in r.getMessage()]
+    assert "(no answer within 1 s)" in record.getMessage()
+
+
+def test_no_inputs_under_a_cloud_root_is_nothing_to_look_for() -> None:
+    refuse_missing_inputs({})
