@@ -130,6 +130,11 @@ def test_run_once_refuses_a_run_whose_inputs_are_not_in_the_storage_root(example
         "was submitted (copy the project's files there first (`kvx-runtime init --cloud-env` lists what to copy "
         "where))")
     assert vertex.jobs == {}
+    # A schedule is set all the same (the file may be copied before its first run), with a warning.
+    scheduled = kvx(example_project, vertex, adc, "schedule", "--cron", "0 6 * * *", **gcs_emulator.env)
+    assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+    assert ("pipeline input 'companies' is not at gs://kvx-example-bucket/pipelines/data/01_raw/companies.csv: "
+            "scheduled runs fail until it is copied there") in scheduled.stderr
 
     storage.pipe_file("kvx-example-bucket/pipelines/data/01_raw/companies.csv",
                       (example_project / "data" / "01_raw" / "companies.csv").read_bytes())

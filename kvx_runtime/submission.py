@@ -1,7 +1,8 @@
 """From a compiled spec to a run on a target, and from a failed run to its cause.
 
 - :func:`refuse_missing_inputs`: a run whose pipeline inputs are not under the cloud storage
-  root is not submitted (its first step would fail after its machine started);
+  root is not submitted (its first step would fail after its machine started); a schedule's
+  are warned about (:func:`warn_missing_inputs`);
 - :func:`run_request`: the run of a compiled pipeline as the project configures it (job id
   ``<pipeline>-<UTC yyyymmddhhmmss>``, labels, service account, network, CMEK, failure policy,
   output directory, parameter values);
@@ -25,8 +26,8 @@ from kvx_runtime.log import get_logger
 from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
 from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
 
-__all__ = ["WaitTimeout", "diagnose", "job_id", "kvx_labels", "recorded_run_id", "refuse_missing_inputs",
-           "run_request", "summary", "task_invocation", "watch"]
+__all__ = ["WaitTimeout", "absent_inputs", "diagnose", "job_id", "kvx_labels", "recorded_run_id",
+           "refuse_missing_inputs", "run_request", "summary", "task_invocation", "warn_missing_inputs", "watch"]
 
 log = get_logger(__name__)
 
@@ -39,14 +40,13 @@ class WaitTimeout(KvxError):
     exit_code = ExitCode.INFRASTRUCTURE
 
 
-def refuse_missing_inputs(inputs: Mapping[str, str]) -> None:
-    """Before a run is submitted: ``inputs`` (catalog name -> path under the cloud storage
-    root, which compiling does not look for) that are definitely not there stop it
-    (exit 2, one line naming them and where they come from). One that cannot be told within
-    ``KVX_INPUT_CHECK_TIMEOUT`` seconds (all looked for at once), or whose look-up fails, is a
-    warning: an unanswered question never stops a run."""
+def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
+    """Which of ``inputs`` (catalog name -> path under the cloud storage root, which compiling
+    does not look for) are definitely not there, looked for all at once. One that cannot be
+    told within ``KVX_INPUT_CHECK_TIMEOUT`` seconds, or whose look-up fails, is logged as a
+    warning and not counted: an unanswered question never stops a run."""
     if not inputs:
-        return
+        return []
     import threading
 
     from kvx_runtime import settings
@@ -72,12 +72,20 @@ def refuse_missing_inputs(inputs: Mapping[str, str]) -> None:
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     answered = dict(answers)
-    unknown = {name: answered.get(name) for name in sorted(inputs) if not isinstance(answered.get(name), bool)}
-    for name, error in unknown.items():
+    for name in sorted(inputs):
+        error = answered.get(name)
+        if isinstance(error, bool):
+            continue
         reason = f"no answer within {timeout:g} s" if error is None else f"{type(error).__name__}: {error}"
-        log.warning(f"could not tell whether pipeline input '{name}' is at {inputs[name]} ({reason}): submitting "
-                    "anyway", dataset=name, hint="KVX_INPUT_CHECK_TIMEOUT sets the wait")
-    missing = sorted(name for name, there in answered.items() if there is False)
+        log.warning(f"could not tell whether pipeline input '{name}' is at {inputs[name]} ({reason}): going on",
+                    dataset=name, hint="KVX_INPUT_CHECK_TIMEOUT sets the wait")
+    return sorted(name for name, there in answered.items() if there is False)
+
+
+def refuse_missing_inputs(inputs: Mapping[str, str]) -> None:
+    """Before a run is submitted: :func:`absent_inputs` stop it (exit 2, one line naming each
+    and its path): the step reading one would fail after its machine started."""
+    missing = absent_inputs(inputs)
     if not missing:
         return
     from kvx_runtime.errors import UsageError
@@ -88,6 +96,16 @@ def refuse_missing_inputs(inputs: Mapping[str, str]) -> None:
         f"{'them' if len(missing) > 1 else 'it'} would fail, so nothing was submitted",
         hint="copy the project's files there first (`kvx-runtime init --cloud-env` lists what to copy where)",
     )
+
+
+def warn_missing_inputs(inputs: Mapping[str, str]) -> list[str]:
+    """Before a schedule is set: :func:`absent_inputs` are warned about (they may be copied
+    before its first run); returns their names."""
+    missing = absent_inputs(inputs)
+    for name in missing:
+        log.warning(f"pipeline input '{name}' is not at {inputs[name]}: scheduled runs fail until it is copied there",
+                    dataset=name)
+    return missing
 
 
 def job_id(pipeline_name: str, now: datetime | None = None) -> str:

@@ -121,6 +121,7 @@ class DagScheduleRequest:
 
 def schedule_dag(request: DagScheduleRequest) -> None:
     from kvx_runtime.errors import ConfigError, UsageError
+    from kvx_runtime.submission import warn_missing_inputs
     from kvx_runtime.targets.airflow import dag_spec
     from kvx_runtime.targets.base import RunRequest, ScheduleRequest
 
@@ -145,6 +146,7 @@ def schedule_dag(request: DagScheduleRequest) -> None:
     target.check_upload()
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
                                strict=request.strict, overrides=overrides, project=project)
+    warn_missing_inputs(compiled.remote_inputs)
     dag_id = compiled.dag.dag_id
     spec = dag_spec(dag_id, compiled.dag.text)
     schedule, created = target.upsert_schedule(ScheduleRequest(

@@ -305,7 +305,7 @@ def schedule_pipeline(request: SchedulePipelineRequest) -> None:
     resume or delete it."""
     from kvx_runtime.config import ScheduleConfig
     from kvx_runtime.errors import ConfigError, UsageError
-    from kvx_runtime.submission import run_request
+    from kvx_runtime.submission import run_request, warn_missing_inputs
     from kvx_runtime.targets.base import ScheduleRequest
 
     target, project = open_target(request.at)
@@ -324,6 +324,7 @@ def schedule_pipeline(request: SchedulePipelineRequest) -> None:
         click.echo(f"Schedule {display_name}: {'deleted' if after is None else after.state}")
         return
     compiled = _compile(request.at, project, request.options, request.storage_root, request.values)
+    warn_missing_inputs(compiled.remote_inputs)
     run = run_request(compiled.spec, run_config, values=compiled.values,
                       template_uri=target.template_uri(compiled.spec, request.template),
                       platform_spec=compiled.platform_spec)
