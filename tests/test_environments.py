@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,38 @@ def test_mlflow_config_in_a_configuration_archive_is_seen(tmp_path: Path, name: 
     assert has_config(cloud, "mlflow*")  # type: ignore[arg-type]
     assert [path.as_posix() for path in unread_mlflow_files(cloud)] == ["conf/local/mlflow.yml"]  # type: ignore[arg-type]
     assert not has_config(SimpleNamespace(conf_source=archive, base_env="base", env="base"), "mlflow*")  # type: ignore[arg-type]
+
+
+def _glob_reference(pattern: str, path: str) -> bool:
+    """Docker's single-star rules by dynamic programming: ``*`` any run of characters but "/",
+    ``?`` one character but "/" (what the regexes must agree with)."""
+    @functools.cache
+    def match(p: int, s: int) -> bool:
+        if p == len(pattern):
+            return s == len(path)
+        if pattern[p] == "*":
+            return match(p + 1, s) or (s < len(path) and path[s] != "/" and match(p, s + 1))
+        if s == len(path):
+            return False
+        if pattern[p] == "?":
+            return path[s] != "/" and match(p + 1, s + 1)
+        return pattern[p] == path[s] and match(p + 1, s + 1)
+
+    return match(0, 0)
+
+
+def test_star_patterns_match_as_docker_reads_them() -> None:
+    from kvx_runtime.dockerignore import _translate
+
+    chooser = random.Random(20261204)
+    for _ in range(3000):
+        pattern = re.sub(r"\*+", "*", "".join(chooser.choice("ab*?/") for _ in range(chooser.randint(1, 7))))
+        path = "".join(chooser.choice("aab/") for _ in range(chooser.randint(0, 9)))
+        assert bool(re.match(_translate(pattern), path)) is _glob_reference(pattern, path), (pattern, path)
+
+
+def test_many_stars_against_a_long_name_do_not_backtrack_without_end() -> None:
+    # Matched by backtracking, this took time to the power of the stars (minutes at 255 characters).
+    ignore = DockerIgnore("*a*a*a*a*a*a*a*b\n")
+    assert not ignore.excludes("a" * 255)
+    assert ignore.excludes("a" * 254 + "b")
