@@ -73,29 +73,42 @@ def _tokens(pattern: str) -> list[str]:
     return out
 
 
+_STARS = ("*", ".*", "(?:.*/)?")
+
+
 def _translate(pattern: str) -> str:
-    """The regex of a .dockerignore pattern, in time linear in the path for any number of
-    stars: what lies between two stars (fixed-length pieces) is matched at its first place and
-    never tried elsewhere (as fnmatch does), which is always right for such pieces, instead of
-    backtracking over every split of the path (polynomial in its length, to the number of stars)."""
+    """The regex of a .dockerignore pattern, matched in time linear in the path however many
+    stars it has: what lies between two stars is matched at its first place and never tried
+    elsewhere (fnmatch's way), instead of backtracking over every split of the path
+    (polynomial in its length, to the number of stars). The first place is always right when
+    the piece has a fixed length, the next star reaches at least as far as this one, and,
+    for a star within a path component, the piece cannot match "/" (a "[!x]" can); anywhere
+    else the star is left to backtrack."""
     tokens = _tokens(pattern)
     out: list[str] = []
     groups = 0
     i = 0
     while i < len(tokens):
-        if tokens[i] != "*":
-            out.append(tokens[i])
+        star = tokens[i]
+        if star not in ("*", ".*"):
+            out.append(star if star != "*" else "[^/]*")
             i += 1
             continue
         end = i + 1
-        while end < len(tokens) and tokens[end] not in ("*", ".*", "(?:.*/)?"):
+        while end < len(tokens) and tokens[end] not in _STARS:
             end += 1
-        between = "".join(tokens[i + 1 : end])
-        if end < len(tokens) and tokens[end] == "*" and between:
-            groups += 1  # a look-ahead group matches once: its first place is kept
-            out.append(f"(?=(?P<g{groups}>[^/]*?{between}))(?P=g{groups})")
+        pieces = tokens[i + 1 : end]
+        following = tokens[end] if end < len(tokens) else None
+        within = star == "*"
+        first_place_is_right = bool(pieces) and (
+            following in ("*", ".*") and not any(re.fullmatch(piece, "/") for piece in pieces)
+            if within else following == ".*")
+        run = "[^/]*" if within else ".*"
+        if first_place_is_right:
+            groups += 1  # a look-ahead matches once: the piece's first place is kept
+            out.append(f"(?=(?P<g{groups}>{run}?{''.join(pieces)}))(?P=g{groups})")
         else:
-            out.append("[^/]*" + between)
+            out.append(run + "".join(pieces))
         i = end
     return "^" + "".join(out) + "$"
 
