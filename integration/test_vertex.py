@@ -117,8 +117,12 @@ def test_run_once_refuses_a_run_whose_inputs_are_not_in_the_storage_root(example
                                                                         adc: Path, gcs_emulator) -> None:
     # The cloud layout: raw inputs read from the storage root, where compiling does not look.
     catalog = example_project / "conf" / "base" / "catalog.yml"
-    catalog.write_text(catalog.read_text().replace("filepath: data/01_raw/companies.csv",
-                                                   "filepath: ${storage_root}/data/01_raw/companies.csv"))
+    catalog.write_text(catalog.read_text()
+                       .replace("filepath: data/01_raw/companies.csv",
+                                "filepath: ${storage_root}/data/01_raw/companies.csv")
+                       # Another file in each run, which a step before it may write: not looked for.
+                       .replace("filepath: data/01_raw/reviews.csv",
+                                "filepath: ${storage_root}/runs/${run_id}/reviews.csv"))
     storage = gcs_emulator.filesystem()
     if not storage.exists("kvx-example-bucket"):
         storage.mkdir("kvx-example-bucket")

@@ -53,6 +53,7 @@ __all__ = [
     "env_var_name",
     "exported_storage_root",
     "render_templates",
+    "run_identity_values",
 ]
 
 ENV_PREFIX = "KEDRO_CONFIG_"
@@ -132,6 +133,13 @@ class _TemplateRegistry:
 
 
 _REGISTRY = _TemplateRegistry()
+
+
+def run_identity_values() -> tuple[str, ...]:
+    """What ``${run_id}`` and ``${job_name}`` stand for in this process's config: a config
+    value holding one of them names this run, and is another value in each run."""
+    values = {os.environ.get(env_var_name(name)) for name in ALWAYS_DEFINED}
+    return tuple(sorted(value for value in values | {_REGISTRY.local_id()} if value))
 
 
 def _ensure_resolver() -> None:

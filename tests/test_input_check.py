@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,45 @@ def test_a_schedule_is_warned_of_its_missing_inputs_not_refused(gcs_emulator, ca
         "copied there"
     gcs_emulator.filesystem().pipe(path.removeprefix("gs://"), b"id\n")
     assert warn_missing_inputs({"companies": path}) == []
+
+
+def _project(tmp_path, catalog: str = "") -> Any:
+    (tmp_path / "conf" / "base").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "base" / "catalog.yml").write_text(catalog)
+    return SimpleNamespace(conf_source=str(tmp_path / "conf"), base_env="base", env="base")
+
+
+ROOT = "gs://bucket/root"
+
+
+def test_only_inputs_whose_path_a_run_reads_as_compiled_are_looked_for(tmp_path) -> None:
+    from kvx_runtime.compiler.loading import _remote_inputs
+    from kvx_runtime.config_loader import run_identity_values
+
+    run_id = run_identity_values()[0]  # what ${run_id} resolved to while compiling
+    configs = {
+        "companies": {"type": "pandas.CSVDataset", "filepath": f"{ROOT}/data/01_raw/companies.csv"},
+        "partitions": {"type": "partitions.PartitionedDataset", "path": f"{ROOT}/data/01_raw/parts"},
+        "elsewhere": {"type": "pandas.CSVDataset", "filepath": "gs://other-bucket/companies.csv"},
+        "per_run": {"type": "pandas.CSVDataset", "filepath": f"{ROOT}/runs/{run_id}/shuttles.csv"},
+        "globbed": {"type": "spark.SparkDataset", "filepath": f"{ROOT}/data/01_raw/events/*.parquet"},
+        "incoming": {"type": "partitions.IncrementalDataset", "path": f"{ROOT}/data/01_raw/incoming"},
+        "alias": {"type": "pickle.PickleDataset", "filepath": f"{ROOT}/data/06_models/model.pkl"},
+        "no_file": {"type": "MemoryDataset"},
+    }
+    found = _remote_inputs(_project(tmp_path), configs, ROOT,
+                           written_paths={"model": f"{ROOT}/data/06_models/model.pkl"})
+    assert found == {"companies": f"{ROOT}/data/01_raw/companies.csv", "partitions": f"{ROOT}/data/01_raw/parts"}
+
+
+def test_no_input_is_looked_for_under_a_local_root_or_when_the_catalog_reads_runtime_params(tmp_path) -> None:
+    from kvx_runtime.compiler.loading import _remote_inputs
+
+    configs = {"companies": {"type": "pandas.CSVDataset", "filepath": f"{ROOT}/data/companies.csv"}}
+    assert _remote_inputs(_project(tmp_path / "plain"), configs, ROOT, written_paths={}) == {
+        "companies": f"{ROOT}/data/companies.csv"}
+    assert _remote_inputs(_project(tmp_path / "local"), {"c": {"filepath": "/srv/root/c.csv"}}, "/srv/root",
+                          written_paths={}) == {}
+    reading = _project(tmp_path / "params", "day:\n  type: text.TextDataset\n"
+                                            "  filepath: ${storage_root}/raw/${runtime_params:day,today}.txt\n")
+    assert _remote_inputs(reading, configs, ROOT, written_paths={}) == {}

@@ -51,13 +51,13 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
     inputs = {name for name in catalog_names
               if dataset_identity(name) not in written and not name.startswith("params:") and name != "parameters"}
+    written_names = {name for name in catalog_names if dataset_identity(name) in written}
     input_paths = _dataset_paths(catalog, catalog_config, inputs)
     return ProjectFacts(
         project_path=project.path, package_name=project.package_name, conf_root=project.conf_root,
         env=project.env, run=run, image=image, storage_root=storage_root,
         pipeline=kedro_pipeline, kedro_params=kedro_params, grouper=grouper,
-        dataset_paths=_dataset_paths(catalog, catalog_config,
-                                     {name for name in catalog_names if dataset_identity(name) in written}),
+        dataset_paths=_dataset_paths(catalog, catalog_config, written_names),
         exit_nodes=_exit_nodes(run.on_exit_pipeline),
         mlflow=mlflow_configured(project),
         forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
@@ -66,7 +66,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
         missing_inputs=_missing_inputs(input_paths, storage_root),
-        remote_inputs=_remote_inputs(input_paths, storage_root),
+        remote_inputs=_remote_inputs(project, _dataset_configs(catalog, catalog_config, inputs), storage_root,
+                                     written_paths=_dataset_paths(catalog, catalog_config, written_names)),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
     )
 
@@ -126,13 +127,58 @@ def _missing_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
             if under_storage_root(path, storage_root) and not os.path.exists(path.removeprefix("file://"))}
 
 
-def _remote_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
-    """The pipeline's inputs the catalog reads from under a cloud storage root: compiling talks
-    to no storage, so whether they are there is told before a run is submitted
-    (:func:`kvx_runtime.submission.refuse_missing_inputs`)."""
-    if "://" not in storage_root.removeprefix("file://"):
+#: Dataset types whose load takes a missing folder for "nothing new yet" (no error).
+_EMPTY_IS_DATA = ("IncrementalDataset",)
+#: What makes a path a pattern the dataset expands (Spark, Dask, Polars), not a file's name.
+_GLOB_CHARACTERS = frozenset("*?[{")
+
+
+def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_root: str, *,
+                   written_paths: dict[str, str]) -> dict[str, str]:
+    """The pipeline's inputs the catalog reads from under a cloud storage root, whose path is
+    the one their step will read: compiling talks to no storage, so whether they are there is
+    told before a run is submitted (:func:`kvx_runtime.submission.refuse_missing_inputs`).
+
+    Left out, since a missing one there may be no fault: a path naming the run (``${run_id}``,
+    ``${job_name}``: another value in each run) or a glob; any path, when the catalog reads
+    run-time parameters (``${runtime_params:...}``, which compiling does not resolve as a run
+    does); a dataset that takes a missing folder for no data (``IncrementalDataset``); a path
+    that a node writes under another catalog name."""
+    if "://" not in storage_root.removeprefix("file://") or _catalog_reads_runtime_params(project):
         return {}
-    return {name: path for name, path in paths.items() if under_storage_root(path, storage_root)}
+    from kvx_runtime.config_loader import run_identity_values
+
+    identity = run_identity_values()
+    written = [path.rstrip("/") for path in written_paths.values()]
+    found: dict[str, str] = {}
+    for name, config in configs.items():
+        path = config.get("filepath") or config.get("path")
+        if not isinstance(path, str) or not under_storage_root(path, storage_root):
+            continue
+        if _GLOB_CHARACTERS & set(path) or any(value in path for value in identity):
+            continue
+        if str(config.get("type", "")).rsplit(".", 1)[-1] in _EMPTY_IS_DATA:
+            continue
+        stripped = path.rstrip("/")
+        if any(stripped == other or other.startswith(stripped + "/") or stripped.startswith(other + "/")
+               for other in written):
+            continue
+        found[name] = path
+    return found
+
+
+def _catalog_reads_runtime_params(project: Any) -> bool:
+    """Does a catalog file of the project's environments use ``${runtime_params:...}``?"""
+    from kvx_runtime.config.files import conf_filesystem
+
+    try:
+        fs, root = conf_filesystem(project.conf_source)
+        files = {path for env in {project.base_env, project.env} for pattern in ("catalog*", "catalog*/**",
+                                                                              "**/catalog*")
+                 for path in fs.glob(f"{root}/{env}/{pattern}") if fs.isfile(path)}
+        return any("runtime_params:" in fs.cat_file(path).decode("utf-8", "replace") for path in files)
+    except Exception:  # unreadable here: the catalog already loaded; assume the worst
+        return True
 
 
 def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:
@@ -226,16 +272,25 @@ def _load_kedro(project: Any, pipeline: str, storage_root: str) -> tuple[Any, di
         ) from exc
 
 
-def _dataset_paths(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, str]:
-    """Local or remote file path of every catalog dataset in ``names`` (None if none)."""
-    paths: dict[str, str] = {}
+def _dataset_configs(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
+    """The resolved catalog configuration of every dataset in ``names`` that has one (its entry,
+    or the factory pattern it matches)."""
+    configs: dict[str, dict[str, Any]] = {}
     resolver = getattr(catalog, "config_resolver", None)
     for name in sorted(names):
         config = catalog_config.get(name)
         if config is None and resolver is not None and resolver.match_dataset_pattern(name):
             config = resolver.resolve_pattern(name)
         if isinstance(config, dict):
-            path = config.get("filepath") or config.get("path")
-            if isinstance(path, str):
-                paths[name] = path
+            configs[name] = config
+    return configs
+
+
+def _dataset_paths(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, str]:
+    """Local or remote file path of every catalog dataset in ``names`` (None if none)."""
+    paths: dict[str, str] = {}
+    for name, config in _dataset_configs(catalog, catalog_config, names).items():
+        path = config.get("filepath") or config.get("path")
+        if isinstance(path, str):
+            paths[name] = path
     return paths
