@@ -40,6 +40,10 @@ class WaitTimeout(KvxError):
     exit_code = ExitCode.INFRASTRUCTURE
 
 
+#: Inputs looked for at the same time (each a request to the store).
+_LOOK_UPS_AT_ONCE = 8
+
+
 def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
     """Which of ``inputs`` (catalog name -> path under the cloud storage root, which compiling
     does not look for) are definitely not there, looked for all at once. One that cannot be
@@ -47,24 +51,33 @@ def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
     warning and not counted: an unanswered question never stops a run."""
     if not inputs:
         return []
+    import queue
     import threading
 
     from kvx_runtime import settings
 
     answers: dict[str, bool | BaseException] = {}
+    waiting: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+    for item in sorted(inputs.items()):
+        waiting.put(item)
 
-    def look(name: str, path: str) -> None:
-        try:
-            import fsspec
+    def look() -> None:
+        from kvx_runtime.storage.store import _filesystem
 
-            filesystem, stripped = fsspec.core.url_to_fs(path)
-            answers[name] = bool(filesystem.exists(stripped))
-        except Exception as exc:  # told as "could not check", never as missing
-            answers[name] = exc
+        while True:
+            try:
+                name, path = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:  # the storage root's own file system set-up (credentials checked, retries)
+                filesystem, stripped = _filesystem(path)
+                answers[name] = bool(filesystem.exists(stripped))
+            except BaseException as exc:  # told as "could not tell", never as missing
+                answers[name] = exc
 
-    # Daemon threads: a look-up given up on must not keep the process from ending.
-    threads = [threading.Thread(target=look, args=item, daemon=True, name=f"kvx-input-{item[0]}")
-               for item in sorted(inputs.items())]
+    # A few daemon threads: a look-up given up on must not keep the process from ending.
+    threads = [threading.Thread(target=look, daemon=True, name=f"kvx-inputs-{index}")
+               for index in range(min(_LOOK_UPS_AT_ONCE, len(inputs)))]
     for thread in threads:
         thread.start()
     timeout = settings.INPUT_CHECK_TIMEOUT.get()

@@ -140,3 +140,14 @@ def test_no_input_is_looked_for_under_a_local_root_or_when_the_catalog_reads_run
     reading = _project(tmp_path / "params", "day:\n  type: text.TextDataset\n"
                                             "  filepath: ${storage_root}/raw/${runtime_params:day,today}.txt\n")
     assert _remote_inputs(reading, configs, ROOT, written_paths={}) == {}
+
+
+def test_many_inputs_are_looked_for_a_few_at_a_time_each_answered(gcs_emulator) -> None:
+    from kvx_runtime.submission import absent_inputs
+
+    fs = gcs_emulator.filesystem()
+    inputs = {f"table_{index:02d}": f"gs://{gcs_emulator.bucket}/many/table_{index:02d}.csv" for index in range(30)}
+    for index in range(30):
+        if index % 7:
+            fs.pipe(inputs[f"table_{index:02d}"].removeprefix("gs://"), b"x\n")
+    assert absent_inputs(inputs) == ["table_00", "table_07", "table_14", "table_21", "table_28"]
