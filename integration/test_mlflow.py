@@ -186,6 +186,35 @@ def test_exec_node_finds_the_run_by_job_name(tmp_path, mlflow_server) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+def test_a_step_leaves_the_runs_status_as_it_finds_it(tmp_path, mlflow_server) -> None:
+    # A run ended outside the pipeline (here killed by hand, with no kvx.final_state): a step
+    # attaching to it logs into it and leaves it KILLED, where resuming it as RUNNING left it so.
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "killed-job", tmp_path)
+    client = mlflow_server.client()
+    client.set_terminated(run_id, "KILLED")
+    results = run_all(project, env, "killed-job", run_id, ["make", "train"])
+    assert all(r.returncode == 0 for r in results), results[-1].stderr[-2000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["score"] == 3.0 and run.data.tags["kvx.last_node"] == "train"
+
+
+def test_with_system_metrics_a_step_resumes_the_run_and_puts_back_its_final_status(tmp_path, mlflow_server) -> None:
+    # MLflow's own start_run (it starts the system metrics monitor), which sets the run RUNNING:
+    # the step puts back the status mlflow-end recorded.
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="true")
+    run_id = start(project, env, "metrics-job", tmp_path)
+    ended = end(project, env, "metrics-job", "SUCCEEDED")
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    [result] = run_all(project, env, "metrics-job", run_id, ["make"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "its final status is kept" in result.stderr
+    assert mlflow_server.client().get_run(run_id).info.status == "FINISHED"
+
+
 @pytest.mark.kedro
 def test_an_attached_step_builds_only_its_own_datasets_and_kedro_mlflows(tmp_path, mlflow_server) -> None:
     # kedro-mlflow's catalog pass built every entry of the catalog in every step; this one

@@ -427,6 +427,9 @@ class AttachedRun:
     #: written together as the step detaches: one request, not one per node.
     node_seconds: dict[str, float] = field(default_factory=dict)
     last_node: str | None = None
+    #: Attaching set the run RUNNING (MLflow's own ``start_run``, where the run could not be
+    #: made active as it is): detaching puts back a final status ``mlflow-end`` recorded.
+    resumed_as_running: bool = False
 
     def is_on_top(self) -> bool:
         """Whether the run is the process's active run (MLflow logs there), and not a run an
@@ -482,7 +485,8 @@ class AttachedRun:
             import mlflow
 
             mlflow.end_run(status="RUNNING")
-        self._keep_final_status()
+        if self.resumed_as_running:
+            self._keep_final_status()
 
     def _keep_final_status(self) -> None:
         """Attaching resumes the run (RUNNING). If ``mlflow-end`` already ended it (the exit
@@ -515,8 +519,6 @@ def attach_step(
     Returns None when MLflow cannot be reached and ``run_config.mlflow.required`` is false
     (the step then runs untracked).
     """
-    import mlflow
-
     required = project.plugin_config.run_config.mlflow.required
     try:
         connection = connect(project, runtime_params, run_known=mlflow_run_id is not None)
@@ -525,7 +527,7 @@ def attach_step(
             log.info("no MLflow run for this job yet: creating it (no mlflow-start step ran)")
             resolved = _create_run(connection, run_id, job_name)
         try:
-            resumed = mlflow.start_run(run_id=resolved)
+            resumed, resumed_as_running = _make_active(connection, resolved)
         except Exception as exc:
             raise _infrastructure_error(f"resume MLflow run {resolved}", connection.tracking_uri, exc) from exc
         if not connection.experiment_id:
@@ -540,4 +542,27 @@ def attach_step(
         uninstall_request_header_provider()
         return None
     log.info("attached to the pipeline's MLflow run", mlflow_run_id=resolved, experiment_id=connection.experiment_id)
-    return AttachedRun(connection=connection, run_id=resolved)
+    return AttachedRun(connection=connection, run_id=resolved, resumed_as_running=resumed_as_running)
+
+
+def _make_active(connection: MlflowConnection, run_id: str) -> tuple[Any, bool]:
+    """Make ``run_id`` the process's active run as it is: one request (reading it), where
+    MLflow's ``start_run(run_id=...)`` takes three (it reads the run, sets it RUNNING, reads it
+    again), 50-150 ms each on a remote server, and changes a status that is ``mlflow-end``'s.
+    Returns (the active run, whether it was set RUNNING): MLflow's own way where its internals
+    are not as expected, or where it would start system metrics monitoring for the run."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    stack_holder = getattr(fluent, "_active_run_stack", None)
+    active_run = getattr(fluent, "ActiveRun", None)
+    metrics_variable = getattr(getattr(mlflow, "environment_variables", None),
+                               "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", None)
+    if stack_holder is None or active_run is None or metrics_variable is None or metrics_variable.get():
+        return mlflow.start_run(run_id=run_id), True
+    run = connection.client.get_run(run_id)
+    if run.info.lifecycle_stage == "deleted":
+        raise mlflow.exceptions.MlflowException(f"run {run_id} is in the deleted state")
+    stack = stack_holder.get()
+    stack.append(active_run(run))
+    return stack[-1], False
