@@ -27,6 +27,18 @@ PROJECT_ID, REGION = "kvx-example-project", "europe-west1"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
+def copy_raw_inputs(project: Path, config: Path, filesystem: Any) -> None:
+    """What `init --cloud-env` says to do before the first run (run-once refuses a run whose
+    inputs are missing): the raw inputs copied under the storage root."""
+    root = str(yaml.safe_load(config.read_text())["run_config"]["root"])
+    under = root.split("://", 1)[-1].rstrip("/")
+    bucket = under.split("/", 1)[0]
+    if not filesystem.exists(bucket):
+        filesystem.mkdir(bucket)
+    for path in sorted((project / "data" / "01_raw").iterdir()):
+        filesystem.pipe_file(f"{under}/data/01_raw/{path.name}", path.read_bytes())
+
+
 @pytest.fixture
 def vertex(fake_google):
     fake = FakeVertex(fake_google, project=PROJECT_ID, region=REGION).start()
@@ -64,7 +76,8 @@ def vertex_job_env(evaluated: dict[str, str], vertex: FakeVertex, fake_google, t
 
 
 def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example_project: Path, vertex: FakeVertex,
-                                                                           fake_google, tmp_path: Path) -> None:
+                                                                           fake_google, gcs_emulator,
+                                                                           tmp_path: Path) -> None:
     root = example_project
     workflow = vertex_workflow(root, vertex)
     # The workflow's env block as GitHub would evaluate it for a push of SHA to main, no variables set.
@@ -73,7 +86,8 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_vertex(example
                  "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
     assert set(evaluated) == set(workflow["env"])
     assert workflow["env"]["KEDRO_ENV"] == "cloud"  # the cloud env init wrote with the workflows
-    env = vertex_job_env(evaluated, vertex, fake_google, tmp_path)
+    copy_raw_inputs(root, root / "conf" / "base" / "vertexai.yml", gcs_emulator.filesystem())
+    env = vertex_job_env(evaluated, vertex, fake_google, tmp_path, **gcs_emulator.env)
 
     run_summary = run_job(root, workflow["jobs"]["run-once"], env, tmp_path / "run-once")
     [job] = vertex.jobs.values()
@@ -103,6 +117,7 @@ def test_a_code_upload_push_runs_the_pushed_code_on_the_latest_image(example_pro
     evaluated = {"IMAGE_REPOSITORY": "europe-docker.pkg.dev/kvx-example-project/images/spaceflights-kvx",
                  "KEDRO_CONFIG_COMMIT_ID": SHA, "CODE_UPLOAD": "true", "ON_MAIN_BRANCH": "false",
                  "PYTHON_VERSION": "3.11", "KEDRO_ENV": "cloud"}
+    copy_raw_inputs(root, config, gcs_emulator.filesystem())
     env = vertex_job_env(evaluated, vertex, fake_google, tmp_path, **gcs_emulator.env)
     # The image job's steps are all skipped (`if: env.CODE_UPLOAD != 'true'`): nothing is built.
     assert all(step.get("if") == "env.CODE_UPLOAD != 'true'" for step in workflow["jobs"]["image"]["steps"])
@@ -135,7 +150,7 @@ def kfp(request):
 @pytest.mark.parametrize(("kfp", "github_auth"), [("iap", "workload-identity"), ("dex", "key")],
                          indirect=["kfp"])
 def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(example_project: Path, kfp: FakeKfp,
-                                                                             github_auth: str, fake_google,
+                                                                             github_auth: str, fake_google, s3_server,
                                                                              tmp_path: Path) -> None:
     """KFP behind IAP with Workload Identity Federation (init's defaults): the auth action's ID
     token for the IAP client id reaches the client through $GITHUB_ENV as KF_PIPELINES_TOKEN.
@@ -166,9 +181,10 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
     else:
         known = {"secrets.IAP_CLIENT_ID": "", "secrets.DEX_USERNAME": DEX_USER, "secrets.DEX_PASSWORD": DEX_PASSWORD}
     # No Google credentials (IAP: only the step's ID token, which the client must send, not mint its own).
+    copy_raw_inputs(root, config, s3_server.filesystem())
     env = step_env(**evaluated, GITHUB_SHA=SHA, GOOGLE_APPLICATION_CREDENTIALS="",
                    NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", KVX_API_RETRY_WAIT="0.05",
-                   KVX_WATCH_INTERVAL="0.05")
+                   KVX_WATCH_INTERVAL="0.05", **s3_server.env)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     ui = f"{kfp.url.removesuffix('/pipeline')}/_/pipeline/#/runs"
 
@@ -193,7 +209,7 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_kubeflow(examp
 @pytest.mark.airflow
 @pytest.mark.xdist_group("ci-workflows-airflow")  # its own Airflow deployment (module-scoped fixture)
 def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(example_project: Path, airflow_server: Any,
-                                                                            tmp_path: Path) -> None:
+                                                                            gcs_emulator, tmp_path: Path) -> None:
     """Airflow's own login: the user and password secrets reach the client as the job's env."""
     root, dag_id = example_project, "ci-kvx"
     (root / "conf" / "base" / "vertexai.yml").unlink()  # airflow-k8s.yml instead
@@ -214,7 +230,8 @@ def test_the_push_and_main_branch_jobs_run_upload_and_schedule_on_airflow(exampl
     assert workflow["env"]["KEDRO_ENV"] == "cloud"  # the cloud env init wrote with the workflows
     known = {"secrets.KVX_AIRFLOW_TOKEN": "", "secrets.KVX_AIRFLOW_USERNAME": airflow_server.username,
              "secrets.KVX_AIRFLOW_PASSWORD": airflow_server.password}
-    env = step_env(**evaluated, GITHUB_SHA=SHA, KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1")
+    copy_raw_inputs(root, config, gcs_emulator.filesystem())
+    env = step_env(**evaluated, GITHUB_SHA=SHA, KVX_API_RETRY_WAIT="0.2", KVX_WATCH_INTERVAL="1", **gcs_emulator.env)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     image = f"{VARIABLE_IMAGE_REPOSITORY}:{SHA}"
 
