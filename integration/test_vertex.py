@@ -123,25 +123,26 @@ def test_run_once_refuses_a_run_whose_inputs_are_not_in_the_storage_root(example
                        # Another file in each run, which a step before it may write: not looked for.
                        .replace("filepath: data/01_raw/reviews.csv",
                                 "filepath: ${storage_root}/runs/${run_id}/reviews.csv"))
-    storage = gcs_emulator.filesystem()
-    if not storage.exists("kvx-example-bucket"):
-        storage.mkdir("kvx-example-bucket")
+    # A root of its own: the emulator lives as long as the test session.
+    root = f"{gcs_emulator.bucket}/{example_project.parent.name}"
+    config = example_project / "conf" / "base" / "vertexai.yml"
+    config.write_text(config.read_text().replace("root: kvx-example-bucket/pipelines", f"root: {root}"))
     refused = kvx(example_project, vertex, adc, "run-once", "--no-wait", **gcs_emulator.env)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert final_record(refused.stderr)["message"] == (
-        "kvx-runtime run-once failed: pipeline input not in the storage root: 'companies' at "
-        "gs://kvx-example-bucket/pipelines/data/01_raw/companies.csv; the step reading it would fail, so nothing "
+        f"kvx-runtime run-once failed: pipeline input not in the storage root: 'companies' at "
+        f"gs://{root}/data/01_raw/companies.csv; the step reading it would fail, so nothing "
         "was submitted (copy the project's files there first (`kvx-runtime init --cloud-env` lists what to copy "
         "where))")
     assert vertex.jobs == {}
     # A schedule is set all the same (the file may be copied before its first run), with a warning.
     scheduled = kvx(example_project, vertex, adc, "schedule", "--cron", "0 6 * * *", **gcs_emulator.env)
     assert scheduled.returncode == 0, scheduled.stderr[-3000:]
-    assert ("pipeline input 'companies' is not at gs://kvx-example-bucket/pipelines/data/01_raw/companies.csv: "
+    assert (f"pipeline input 'companies' is not at gs://{root}/data/01_raw/companies.csv: "
             "scheduled runs fail until it is copied there") in scheduled.stderr
 
-    storage.pipe_file("kvx-example-bucket/pipelines/data/01_raw/companies.csv",
-                      (example_project / "data" / "01_raw" / "companies.csv").read_bytes())
+    gcs_emulator.filesystem().pipe_file(f"{root}/data/01_raw/companies.csv",
+                                        (example_project / "data" / "01_raw" / "companies.csv").read_bytes())
     submitted = kvx(example_project, vertex, adc, "run-once", "--no-wait", **gcs_emulator.env)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert len(vertex.jobs) == 1
