@@ -142,7 +142,9 @@ def plan_cloud_env(project: KedroProject, name: str, *, per_run: bool = False,
     overlay = conf / name / CATALOG_FILE
     env_exists = (conf / name).is_dir()
     resolving_env = name if env_exists else project.base_env
-    patterns = _catalog_patterns(project)
+    from kvx_runtime.project import catalog_patterns
+
+    patterns = catalog_patterns(project)
     base_raw = _raw_entries(_catalog_files(conf / project.base_env, patterns, hidden=None))
     env_raw = _raw_entries(_catalog_files(conf / name, patterns, hidden=overlay)) if env_exists else {}
     resolved = _resolved_catalog(project, resolving_env, hidden=overlay)
@@ -195,12 +197,6 @@ def plan_cloud_env(project: KedroProject, name: str, *, per_run: bool = False,
 
 
 # --- reading the catalog ---------------------------------------------------------------------
-
-
-def _catalog_patterns(project: KedroProject) -> list[str]:
-    from kvx_runtime.project import make_config_loader
-
-    return list(make_config_loader(project).config_patterns["catalog"])
 
 
 def _catalog_files(directory: Path, patterns: Iterable[str], hidden: Path | None) -> list[Path]:

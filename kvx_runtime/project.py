@@ -434,6 +434,12 @@ def make_config_loader(project: KedroProject, runtime_params: dict[str, Any] | N
     )
 
 
+def catalog_patterns(project: KedroProject) -> list[str]:
+    """Where the project's config loader finds catalog files in an environment (Kedro's
+    ``catalog*`` patterns, or the project's own ``CONFIG_LOADER_ARGS``)."""
+    return list(make_config_loader(project).config_patterns["catalog"])
+
+
 def catalog_config(project: KedroProject, runtime_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The merged catalog configuration (``{}`` when the project has none)."""
     from kedro.config import MissingConfigException

@@ -169,13 +169,13 @@ def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_roo
 
 def _catalog_reads_runtime_params(project: Any) -> bool:
     """Does a catalog file of the project's environments use ``${runtime_params:...}``?"""
-    from kvx_runtime.config.files import conf_filesystem
+    from kvx_runtime.config.files import conf_files, conf_filesystem
+    from kvx_runtime.project import catalog_patterns
 
     try:
-        fs, root = conf_filesystem(project.conf_source)
-        files = {path for env in {project.base_env, project.env} for pattern in ("catalog*", "catalog*/**",
-                                                                              "**/catalog*")
-                 for path in fs.glob(f"{root}/{env}/{pattern}") if fs.isfile(path)}
+        fs, _ = conf_filesystem(project.conf_source)
+        files = {path for env in {project.base_env, project.env} for pattern in catalog_patterns(project)
+                 for path in conf_files(project.conf_source, f"{env}/{pattern}") if fs.isfile(path)}
         return any("runtime_params:" in fs.cat_file(path).decode("utf-8", "replace") for path in files)
     except Exception:  # unreadable here: the catalog already loaded; assume the worst
         return True
