@@ -56,6 +56,7 @@ def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
 
     from kvx_runtime import settings
 
+    timeout = settings.INPUT_CHECK_TIMEOUT.get()  # a bad value stops it before any look-up
     answers: dict[str, bool | BaseException] = {}
     waiting: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
     for item in sorted(inputs.items()):
@@ -80,7 +81,6 @@ def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
                for index in range(min(_LOOK_UPS_AT_ONCE, len(inputs)))]
     for thread in threads:
         thread.start()
-    timeout = settings.INPUT_CHECK_TIMEOUT.get()
     deadline = time.monotonic() + timeout
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -151,3 +151,14 @@ def test_many_inputs_are_looked_for_a_few_at_a_time_each_answered(gcs_emulator) 
         if index % 7:
             fs.pipe(inputs[f"table_{index:02d}"].removeprefix("gs://"), b"x\n")
     assert absent_inputs(inputs) == ["table_00", "table_07", "table_14", "table_21", "table_28"]
+
+
+@pytest.mark.parametrize("value", ["soon", "0"])
+def test_a_bad_wait_is_a_one_line_config_error_before_any_look_up(value, monkeypatch) -> None:
+    from kvx_runtime.errors import ConfigError
+
+    monkeypatch.setenv("KVX_INPUT_CHECK_TIMEOUT", value)
+    with pytest.raises(ConfigError) as raised:
+        refuse_missing_inputs({"companies": "kvx-no-such-protocol://bucket/companies.csv"})
+    assert raised.value.exit_code == ExitCode.USAGE
+    assert str(raised.value).startswith(f"KVX_INPUT_CHECK_TIMEOUT={value!r} is ") and "\n" not in str(raised.value)
