@@ -12,7 +12,7 @@ from typing import Any
 from kvx_runtime.compiler.checks import warn_envs_not_in_image
 from kvx_runtime.compiler.names import check_label
 from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts
-from kvx_runtime.config import resolve_storage_root, under_storage_root
+from kvx_runtime.config import is_on_this_machine, resolve_storage_root, under_storage_root
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import build_grouper
@@ -51,13 +51,14 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
     inputs = {name for name in catalog_names
               if dataset_identity(name) not in written and not name.startswith("params:") and name != "parameters"}
-    written_names = {name for name in catalog_names if dataset_identity(name) in written}
-    input_paths = _dataset_paths(catalog, catalog_config, inputs)
+    input_configs = _dataset_configs(catalog, catalog_config, inputs)
+    written_paths = _dataset_paths(catalog, catalog_config,
+                                   {name for name in catalog_names if dataset_identity(name) in written})
     return ProjectFacts(
         project_path=project.path, package_name=project.package_name, conf_root=project.conf_root,
         env=project.env, run=run, image=image, storage_root=storage_root,
         pipeline=kedro_pipeline, kedro_params=kedro_params, grouper=grouper,
-        dataset_paths=_dataset_paths(catalog, catalog_config, written_names),
+        dataset_paths=written_paths,
         exit_nodes=_exit_nodes(run.on_exit_pipeline),
         mlflow=mlflow_configured(project),
         forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
@@ -65,9 +66,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                                        [project.base_env, project.env])),
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
-        missing_inputs=_missing_inputs(input_paths, storage_root),
-        remote_inputs=_remote_inputs(project, _dataset_configs(catalog, catalog_config, inputs), storage_root,
-                                     written_paths=_dataset_paths(catalog, catalog_config, written_names)),
+        missing_inputs=_missing_inputs(_paths_of(input_configs), storage_root),
+        remote_inputs=_remote_inputs(project, input_configs, storage_root, written_paths=written_paths),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
     )
 
@@ -120,8 +120,7 @@ def _missing_inputs(paths: dict[str, str], storage_root: str) -> dict[str, str]:
     """The pipeline's inputs (datasets no node writes) that the catalog reads from under a
     storage root on this machine, and that are not there (on a cloud root they are not looked
     for: compiling talks to no storage)."""
-    local_root = storage_root.removeprefix("file://")
-    if "://" in local_root:
+    if not is_on_this_machine(storage_root):
         return {}
     return {name: path for name, path in paths.items()
             if under_storage_root(path, storage_root) and not os.path.exists(path.removeprefix("file://"))}
@@ -144,16 +143,16 @@ def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_roo
     run-time parameters (``${runtime_params:...}``, which compiling does not resolve as a run
     does); a dataset that takes a missing folder for no data (``IncrementalDataset``); a path
     that a node writes under another catalog name."""
-    if "://" not in storage_root.removeprefix("file://") or _catalog_reads_runtime_params(project):
+    if is_on_this_machine(storage_root) or _catalog_reads_runtime_params(project):
         return {}
     from kvx_runtime.config_loader import run_identity_values
 
     identity = run_identity_values()
     written = [path.rstrip("/") for path in written_paths.values()]
     found: dict[str, str] = {}
-    for name, config in configs.items():
-        path = config.get("filepath") or config.get("path")
-        if not isinstance(path, str) or not under_storage_root(path, storage_root):
+    for name, path in _paths_of(configs).items():
+        config = configs[name]
+        if not under_storage_root(path, storage_root):
             continue
         if _GLOB_CHARACTERS & set(path) or any(value in path for value in identity):
             continue
@@ -287,9 +286,14 @@ def _dataset_configs(catalog: Any, catalog_config: dict[str, Any], names: set[st
 
 
 def _dataset_paths(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, str]:
-    """Local or remote file path of every catalog dataset in ``names`` (None if none)."""
+    """Local or remote file path of every catalog dataset in ``names`` that has one."""
+    return _paths_of(_dataset_configs(catalog, catalog_config, names))
+
+
+def _paths_of(configs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The file path (``filepath``, or ``path``) of each dataset configuration that has one."""
     paths: dict[str, str] = {}
-    for name, config in _dataset_configs(catalog, catalog_config, names).items():
+    for name, config in configs.items():
         path = config.get("filepath") or config.get("path")
         if isinstance(path, str):
             paths[name] = path

@@ -21,6 +21,7 @@ __all__ = [
     "LOCAL_STATE_DIR",
     "STORAGE_ROOT_FORMS",
     "configured_storage_root",
+    "is_on_this_machine",
     "local_storage_root",
     "normalize_storage_root",
     "resolve_storage_root",
@@ -80,6 +81,11 @@ def configured_storage_root(conf_source: str | os.PathLike[str], env: str, base_
     run_config = raw.get("run_config")
     root = run_config.get("root") if isinstance(run_config, dict) else None
     return normalize_storage_root(root) if isinstance(root, str) and root.strip() else None
+
+
+def is_on_this_machine(root: str) -> bool:
+    """Is the (resolved) storage root ``root`` a local path (``file://`` or none), not a bucket?"""
+    return "://" not in root.removeprefix("file://")
 
 
 def under_storage_root(path: str, root: str) -> bool:
