@@ -5,6 +5,7 @@ Real pieces: Kedro's hook manager and DataCatalog, kedro-mlflow's own hook and d
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from typing import Any
@@ -88,6 +89,37 @@ def test_datasets_of_kedro_and_kedro_datasets_are_left_unbuilt(tmp_path) -> None
     assert built(catalog) == {"score", "history", "house", "named"}
     assert set(catalog.keys()) == set(catalog_of(tmp_path).keys())  # nothing lost, only not built yet
     assert catalog["companies"]._filepath.name == "companies.csv"
+
+
+@pytest.fixture
+def project_package_named_like_kedro_datasets():
+    """A project package ``api`` (kedro-datasets has a subpackage ``api`` too) holding the
+    subclass: Kedro tries ``kedro_datasets.api.HouseMetric`` first, then the project's."""
+    assert "api" not in sys.modules
+    module = types.ModuleType("api")
+    module.HouseMetric = HouseMetric  # type: ignore[attr-defined]
+    sys.modules["api"] = module
+    yield
+    del sys.modules["api"]
+
+
+@pytest.mark.usefixtures("project_package_named_like_kedro_datasets")
+def test_a_project_package_named_like_a_kedro_datasets_one_is_told_apart(tmp_path) -> None:
+    catalog = DataCatalog.from_config({
+        "house": {"type": "api.HouseMetric"},
+        "remote": {"type": "api.APIDataset", "url": "http://127.0.0.1:9/none"},
+        "companies": {"type": "pandas.csv_dataset.CSVDataset", "filepath": str(tmp_path / "c.csv")},
+    })
+    call_hook(catalog, narrowed=True)
+    assert built(catalog) == {"house"}
+    assert catalog["house"].key == "house"  # as kedro run names it
+    # Told from kedro-datasets' sources: the libraries of its datasets were not imported for it.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from kvx_runtime.step.hooks import _is_kedros_own as own; "
+         "print(own('api.APIDataset'), own('api.HouseMetric'), own('pandas.csv_dataset.CSVDataset'), "
+         "own('pandas.Nope'), 'requests' in sys.modules, 'sqlalchemy' in sys.modules)"],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["True", "False", "True", "False", "False", "False"]
 
 
 def test_a_dataset_whose_type_cannot_be_told_is_handed_to_kedro_mlflow(tmp_path) -> None:

@@ -4,7 +4,9 @@ as blobs, node logging and MLflow tags, and what was under way when something fa
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
 from typing import Any
 
 from kvx_runtime import collector
@@ -70,20 +72,60 @@ def type_name(catalog: Any, name: str) -> str:
 def _is_kedros_own(dataset_type: str) -> bool:
     """Does ``dataset_type`` name a class of Kedro's or kedro-datasets' (which are never
     kedro-mlflow's datasets or subclasses of them), as Kedro resolves a type (its packages
-    first, ``kedro.io.core._DEFAULT_PACKAGES``)? Told without importing the class."""
+    first, ``kedro.io.core._DEFAULT_PACKAGES``, then the name as written)? Told without
+    importing the class. An answer of no is always safe: kedro-mlflow then sees the dataset as
+    it would without :func:`narrow_kedro_mlflows_catalog_pass`."""
+    import importlib.machinery
     import importlib.util
 
     if dataset_type.startswith(("kedro.io.", "kedro_datasets.", "kedro_datasets_experimental.")):
         return True
-    module, _, _ = dataset_type.rpartition(".")
+    module, _, name = dataset_type.rpartition(".")
     if not module:
         import kedro.io
 
-        return hasattr(kedro.io, dataset_type)
+        return hasattr(kedro.io, name)
+    package, *submodules = module.split(".")
     try:
-        return importlib.util.find_spec(f"kedro_datasets.{module}") is not None
+        spec = importlib.util.find_spec(f"kedro_datasets.{package}")
+        for submodule in submodules:  # pandas.csv_dataset.X: found without importing kedro_datasets.pandas
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(f"{spec.name}.{submodule}",
+                                                            list(spec.submodule_search_locations))
     except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    if submodules or spec.submodule_search_locations is None:  # a module of kedro-datasets named in full
+        return True
+    # A subpackage of kedro-datasets (pandas, api...): Kedro takes it only where it holds the
+    # class, else it falls back to a project's own package of that name (``api.HouseMetric``).
+    return name in _classes_of_kedro_datasets_package(spec.origin or "")
+
+
+@functools.cache
+def _classes_of_kedro_datasets_package(init_file: str) -> frozenset[str]:
+    """The names a kedro-datasets subpackage's ``__init__`` gives (``from .csv_dataset import
+    CSVDataset``, ``lazy.attach(submod_attrs=...)``), read from its source: importing it would
+    import the datasets' libraries (requests, SQLAlchemy...), which is what the narrowing spares."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return frozenset()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.keyword) and node.arg == "submod_attrs" and isinstance(node.value, ast.Dict):
+            names.update(element.value for value in node.value.values if isinstance(value, ast.List | ast.Tuple)
+                         for element in value.elts
+                         if isinstance(element, ast.Constant) and isinstance(element.value, str))
+    return frozenset(names)
 
 
 class _KedroMlflowsShareOfCatalog:
