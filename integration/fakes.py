@@ -187,7 +187,20 @@ class BearerProxy(_Server):
         self.revoked: set[str] = set()
 
 
-class _ProxyHandler(_Handler):
+class _ForwardingHandler(_Handler):
+    def _pass_on(self, upstream_port: int, body: bytes) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "authorization", "connection"}}
+        connection.request(self.command, self.path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        passthrough = {k: v for k, v in response.getheaders()
+                       if k.lower() not in {"content-length", "transfer-encoding", "connection", "content-type"}}
+        self._send(response.status, data, response.getheader("Content-Type", "application/json"), passthrough)
+        connection.close()
+
+
+class _ProxyHandler(_ForwardingHandler):
     def _forward(self) -> None:
         proxy: BearerProxy = self.server.owner  # type: ignore[attr-defined]
         body = self._body()
@@ -210,14 +223,25 @@ class _ProxyHandler(_Handler):
             self._send(401, json.dumps({"error_code": "UNAUTHENTICATED", "message": reason}))
             return
         proxy.accepted += 1
-        connection = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "authorization", "connection"}}
-        connection.request(self.command, self.path, body=body or None, headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-        passthrough = {k: v for k, v in response.getheaders()
-                       if k.lower() not in {"content-length", "transfer-encoding", "connection", "content-type"}}
-        self._send(response.status, data, response.getheader("Content-Type", "application/json"), passthrough)
-        connection.close()
+        self._pass_on(proxy.upstream_port, body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
+class RecordingProxy(_Server):
+    """Forwards every request to ``upstream_port`` and records it: (method, path, body)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(_RecordingHandler)
+        self.upstream_port = upstream_port
+        self.requests: list[tuple[str, str, str]] = []
+
+
+class _RecordingHandler(_ForwardingHandler):
+    def _forward(self) -> None:
+        proxy: RecordingProxy = self.server.owner  # type: ignore[attr-defined]
+        body = self._body()
+        proxy.requests.append((self.command, self.path.split("?")[0], body.decode("utf-8", "replace")))
+        self._pass_on(proxy.upstream_port, body)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward

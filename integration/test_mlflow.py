@@ -165,6 +165,7 @@ def test_one_run_holds_every_step_of_the_example_pipeline(example_project, mlflo
     assert run.info.status == "FINISHED" and run.info.run_name == job
     assert run.data.tags["vertexai_run_id"] == f"{job}-uuid"
     assert run.data.tags["kvx.final_state"] == "SUCCEEDED"
+    assert run.data.tags["kedro_command"] == "kedro run --pipeline=__default__"  # the pipeline's, not a step's
     assert run.data.params["data_science.model_options.test_size"] == "0.2"
     assert run.data.params["reporting.top_n"] == "3"
     assert set(run.data.metrics) == {"metrics.r2_score", "metrics.mae", "metrics.max_error", "metrics.test_rows",
@@ -213,6 +214,38 @@ def test_with_system_metrics_a_step_resumes_the_run_and_puts_back_its_final_stat
     assert result.returncode == 0, result.stderr[-2000:]
     assert "its final status is kept" in result.stderr
     assert mlflow_server.client().get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.kedro
+def test_steps_tag_the_run_as_the_pipelines_and_only_once(tmp_path, mlflow_server) -> None:
+    # kedro-mlflow tags the active run with its session's run parameters in every step: the
+    # pipeline's run said what its last step ran (kedro run --node=<one node>, that step's Kedro
+    # session and runner), in two requests a step.
+    from integration.fakes import RecordingProxy
+
+    proxy = RecordingProxy(mlflow_server.port).start()
+    try:
+        project = ml_project(tmp_path)
+        env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=proxy.url)
+        run_id = start(project, env, "tags-job", tmp_path)
+        steps = []
+        for node in ["make", "train"]:
+            before = len(proxy.requests)
+            [result] = run_all(project, env, "tags-job", run_id, [node])
+            assert result.returncode == 0, result.stderr[-2000:]
+            steps.append(proxy.requests[before:])
+    finally:
+        proxy.stop()
+    tags = mlflow_server.client().get_run(run_id).data.tags
+    assert tags["kedro_command"] == "kedro run --pipeline=__default__"
+    # The pipeline's run id, not a step's Kedro session (run_id; session_id on Kedro 1.0).
+    assert tags.get("run_id", tags.get("session_id")) == "tags-job-uuid"
+    assert tags["env"] == "base"
+    assert tags.get("pipeline_names", tags.get("pipeline_name")) in ("['__default__']", "__default__")
+    assert not {"node_names", "runner"} & set(tags)
+    tag_writes = [[body for method, path, body in step if "kedro_command" in body] for step in steps]
+    assert [len(writes) for writes in tag_writes] == [1, 0]  # one request by the first step, none after
+    assert not any(path.endswith("/runs/set-tag") for step in steps for _, path, _ in step)
 
 
 @pytest.mark.kedro

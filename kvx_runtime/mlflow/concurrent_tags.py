@@ -2,7 +2,7 @@
 
 MLflow writes one tag (``MlflowClient.set_tag``, the ``SetTag`` endpoint) as a look-up followed
 by an insert, without the retry its batch tag write has. When two parallel steps set the same
-tag that does not exist yet (kedro-mlflow sets ``kedro_command`` in every step; we set
+tag that does not exist yet (the first parallel steps set the pipeline's ``kedro_command``; we set
 ``kvx.failed_node``), one insert loses and the database's unique-key violation comes back as a
 400 ``BAD_REQUEST`` (or, on an embedded ``sqlite:///`` store, as the same error raised
 in-process), failing a step that did nothing wrong. A tag write is idempotent (last writer

@@ -430,6 +430,8 @@ class AttachedRun:
     #: Attaching set the run RUNNING (MLflow's own ``start_run``, where the run could not be
     #: made active as it is): detaching puts back a final status ``mlflow-end`` recorded.
     resumed_as_running: bool = False
+    #: The run's tags as the step found them (and as it added to them).
+    tags: dict[str, str] = field(default_factory=dict)
 
     def is_on_top(self) -> bool:
         """Whether the run is the process's active run (MLflow logs there), and not a run an
@@ -460,6 +462,21 @@ class AttachedRun:
             self.connection.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         except Exception as exc:
             log.warning("could not record the finished nodes in the MLflow run", error=_redact(str(exc))[:200])
+
+    def add_missing_tags(self, tags: Mapping[str, str]) -> None:
+        """Write those of ``tags`` the run does not carry with these values yet, in one request
+        (none when it carries them all). Best effort, like :meth:`tag`."""
+        missing = {key: value for key, value in tags.items() if self.tags.get(key) != value}
+        if not missing:
+            return
+        from mlflow.entities import RunTag
+
+        try:
+            self.connection.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in missing.items()])
+        except Exception as exc:
+            log.warning("could not tag the MLflow run", tags=sorted(missing), error=_redact(str(exc))[:200])
+            return
+        self.tags.update(missing)
 
     def tag(self, key: str, value: str) -> None:
         """Best effort: a tag that cannot be written is a warning, not a failed node."""
@@ -542,7 +559,8 @@ def attach_step(
         uninstall_request_header_provider()
         return None
     log.info("attached to the pipeline's MLflow run", mlflow_run_id=resolved, experiment_id=connection.experiment_id)
-    return AttachedRun(connection=connection, run_id=resolved, resumed_as_running=resumed_as_running)
+    return AttachedRun(connection=connection, run_id=resolved, resumed_as_running=resumed_as_running,
+                       tags=dict(resumed.data.tags))
 
 
 def _make_active(connection: MlflowConnection, run_id: str) -> tuple[Any, bool]:

@@ -37,8 +37,9 @@ from kvx_runtime.log import bind_step_context, get_logger
 from kvx_runtime.settings import MLFLOW_RUN_ID
 from kvx_runtime.step.caching import cache_wanted, prepare_caching
 from kvx_runtime.step.failures import classify, first_line
-from kvx_runtime.step.hooks import StepHooks, narrow_kedro_mlflows_catalog_pass
+from kvx_runtime.step.hooks import StepHooks
 from kvx_runtime.step.identity import JobDirectory, RunIdentity, resolve_identity
+from kvx_runtime.step.kedro_mlflow import adapt_kedro_mlflow_hooks
 from kvx_runtime.step.request import StepRequest, StepResult
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER, resolve_save_version
 
@@ -390,7 +391,7 @@ def _run_session(
             project.path, env=project.env, runtime_params=request.params or None,
             conf_source=project.conf_source,
         )
-    narrow_kedro_mlflows_catalog_pass(session._hook_manager)
+    adapt_kedro_mlflow_hooks(session._hook_manager, hooks.tracking, run_id=identity.run_id)
     if run.save_version:
         _pin_save_version(session, run.save_version)
     with session:

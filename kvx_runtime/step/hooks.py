@@ -4,9 +4,7 @@ as blobs, node logging and MLflow tags, and what was under way when something fa
 
 from __future__ import annotations
 
-import functools
 import time
-from pathlib import Path
 from typing import Any
 
 from kvx_runtime import collector
@@ -16,7 +14,7 @@ from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
 __all__ = [
-    "StepHooks", "dataset_config", "declared_type", "is_declared", "narrow_kedro_mlflows_catalog_pass", "type_name",
+    "StepHooks", "dataset_config", "declared_type", "is_declared", "type_name",
 ]
 
 log = get_logger(__name__)
@@ -67,138 +65,6 @@ def dataset_config(catalog: Any, name: str) -> dict[str, Any] | None:
 def type_name(catalog: Any, name: str) -> str:
     """The class name of ``name``'s dataset type ("" when the catalog gives it none)."""
     return str(declared_type(catalog, name) or "").rsplit(".", 1)[-1]
-
-
-def _is_kedros_own(dataset_type: str) -> bool:
-    """Does ``dataset_type`` name a class of Kedro's or kedro-datasets' (which are never
-    kedro-mlflow's datasets or subclasses of them), as Kedro resolves a type (its packages
-    first, ``kedro.io.core._DEFAULT_PACKAGES``, then the name as written)? Told without
-    importing the class. An answer of no is always safe: kedro-mlflow then sees the dataset as
-    it would without :func:`narrow_kedro_mlflows_catalog_pass`."""
-    import importlib.machinery
-    import importlib.util
-
-    if dataset_type.startswith(("kedro.io.", "kedro_datasets.", "kedro_datasets_experimental.")):
-        return True
-    module, _, name = dataset_type.rpartition(".")
-    if not module:
-        import kedro.io
-
-        return hasattr(kedro.io, name)
-    package, *submodules = module.split(".")
-    try:
-        spec = importlib.util.find_spec(f"kedro_datasets.{package}")
-        for submodule in submodules:  # pandas.csv_dataset.X: found without importing kedro_datasets.pandas
-            if spec is None or spec.submodule_search_locations is None:
-                return False
-            spec = importlib.machinery.PathFinder.find_spec(f"{spec.name}.{submodule}",
-                                                            list(spec.submodule_search_locations))
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    if submodules or spec.submodule_search_locations is None:  # a module of kedro-datasets named in full
-        return True
-    # A subpackage of kedro-datasets (pandas, api...): Kedro takes it only where it holds the
-    # class, else it falls back to a project's own package of that name (``api.HouseMetric``).
-    return name in _classes_of_kedro_datasets_package(spec.origin or "")
-
-
-@functools.cache
-def _classes_of_kedro_datasets_package(init_file: str) -> frozenset[str]:
-    """The names a kedro-datasets subpackage's ``__init__`` gives (``from .csv_dataset import
-    CSVDataset``, ``lazy.attach(submod_attrs=...)``), read from its source: importing it would
-    import the datasets' libraries (requests, SQLAlchemy...), which is what the narrowing spares."""
-    import ast
-
-    try:
-        tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-        return frozenset()
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            names.update(alias.asname or alias.name for alias in node.names)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-        elif isinstance(node, ast.keyword) and node.arg == "submod_attrs" and isinstance(node.value, ast.Dict):
-            names.update(element.value for value in node.value.values if isinstance(value, ast.List | ast.Tuple)
-                         for element in value.elts
-                         if isinstance(element, ast.Constant) and isinstance(element.value, str))
-    return frozenset(names)
-
-
-class _KedroMlflowsShareOfCatalog:
-    """The step's catalog as kedro-mlflow's ``after_catalog_created`` walks it: the datasets
-    already built and those not built yet that may be kedro-mlflow's (any type but Kedro's and
-    kedro-datasets' own); writes and everything else go to the catalog itself."""
-
-    def __init__(self, catalog: Any) -> None:
-        self._catalog = catalog
-        lazy = getattr(catalog, "_lazy_datasets", {})
-        self._names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
-                       if name not in lazy or not _is_kedros_own(str(declared_type(catalog, name) or ""))]
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def __iter__(self) -> Any:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(name, self._catalog[name]) for name in self._names]
-
-    def values(self) -> list[Any]:
-        return [self._catalog[name] for name in self._names]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._catalog
-
-    def __getitem__(self, name: str) -> Any:
-        return self._catalog[name]
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self._catalog[name] = value
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._catalog, name)
-
-
-def narrow_kedro_mlflows_catalog_pass(hook_manager: Any) -> None:
-    """kedro-mlflow's ``after_catalog_created`` names its metric datasets after their catalog
-    entries by walking ``catalog.items()``, which builds every dataset of the project's
-    catalog: in a step that runs one node of a large catalog, each dataset's package imported
-    and each dataset constructed for nothing. In a step it walks only the datasets it may
-    change (:class:`_KedroMlflowsShareOfCatalog`). Purely an optimisation, like
-    :func:`kvx_runtime.project.entry_points_of_disabled_plugins_not_loaded`: an implementation
-    that does not look like kedro-mlflow 2's is left as it is."""
-    caller = getattr(getattr(hook_manager, "hook", None), "after_catalog_created", None)
-    if caller is None:
-        return
-    for implementation in caller.get_hookimpls():
-        plugin_module = type(implementation.plugin).__module__
-        argnames = tuple(getattr(implementation, "argnames", ()))
-        if not plugin_module.startswith("kedro_mlflow.") or "catalog" not in argnames:
-            continue
-        narrowed = _walking_mlflows_share(implementation.function, argnames.index("catalog"))
-        # HookImpl.function is what pluggy calls (annotated Final for its own code).
-        setattr(implementation, "function", narrowed)  # noqa: B010
-
-
-def _walking_mlflows_share(function: Any, position: int) -> Any:
-    """``function`` (a hook implementation pluggy calls with its arguments in order) given
-    kedro-mlflow's share of the catalog at ``position``."""
-
-    def walk_mlflows_share(*args: Any, **kwargs: Any) -> Any:
-        narrowed = list(args)
-        if position < len(narrowed):
-            narrowed[position] = _KedroMlflowsShareOfCatalog(narrowed[position])
-        return function(*narrowed, **kwargs)
-
-    return walk_mlflows_share
 
 
 def is_declared(catalog: Any, name: str) -> bool:

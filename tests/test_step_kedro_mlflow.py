@@ -1,5 +1,6 @@
-"""kedro-mlflow's after_catalog_created in a step: its metric datasets are named after their
-entries as under ``kedro run``, without building every other dataset of the catalog.
+"""kedro-mlflow's hooks in a step: its after_catalog_created names its metric datasets after
+their entries as under ``kedro run`` without building every other dataset of the catalog; the
+tags its before_pipeline_run gives the run are the pipeline's (the requests: integration/test_mlflow.py).
 
 Real pieces: Kedro's hook manager and DataCatalog, kedro-mlflow's own hook and datasets."""
 
@@ -19,7 +20,7 @@ from kedro.io import DataCatalog
 from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
 from kedro_mlflow.io.metrics import MlflowMetricDataset
 
-from kvx_runtime.step.hooks import narrow_kedro_mlflows_catalog_pass
+from kvx_runtime.step.kedro_mlflow import narrow_kedro_mlflows_catalog_pass, pipeline_run_tags
 
 pytestmark = pytest.mark.kedro
 
@@ -115,7 +116,7 @@ def test_a_project_package_named_like_a_kedro_datasets_one_is_told_apart(tmp_pat
     assert catalog["house"].key == "house"  # as kedro run names it
     # Told from kedro-datasets' sources: the libraries of its datasets were not imported for it.
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from kvx_runtime.step.hooks import _is_kedros_own as own; "
+        [sys.executable, "-c", "import sys; from kvx_runtime.step.kedro_mlflow import _is_kedros_own as own; "
          "print(own('api.APIDataset'), own('api.HouseMetric'), own('pandas.csv_dataset.CSVDataset'), "
          "own('pandas.Nope'), 'requests' in sys.modules, 'sqlalchemy' in sys.modules)"],
         capture_output=True, text=True, check=True)
@@ -145,3 +146,20 @@ def test_other_plugins_hooks_are_left_as_they_are(tmp_path) -> None:
     manager.hook.after_catalog_created(catalog=catalog, conf_catalog={}, conf_creds={}, parameters={},
                                        save_version=None, load_versions={})
     assert seen == [catalog]
+
+
+def test_the_runs_tags_are_the_pipelines_not_a_steps() -> None:
+    step_tags = {"run_id": "2026-12-04T09.37.35.561Z", "project_path": "/home/kvx/project", "env": "cloud",
+                 "kedro_version": "1.7.0", "node_names": "['train']", "pipeline_names": "['training']",
+                 "runner": "<kedro.runner.sequential_runner.SequentialRunner object at 0x7f>",
+                 "load_versions": "{'model': 'v1'}", "kedro_command": "kedro run --node=train --pipeline=training",
+                 "future_key": "kept"}
+    run_params = {"pipeline_names": ["training"], "node_names": ["train"], "load_versions": {"model": "v1"}}
+    assert pipeline_run_tags(step_tags, run_params, "pipeline-run-7") == {
+        "run_id": "pipeline-run-7", "project_path": "/home/kvx/project", "env": "cloud", "kedro_version": "1.7.0",
+        "pipeline_names": "['training']", "load_versions": "{'model': 'v1'}", "future_key": "kept",
+        "kedro_command": "kedro run --pipeline=training --load-version=model:v1",
+    }
+    # Kedro 1.0's names: session_id, pipeline_name (a string).
+    old = pipeline_run_tags({"session_id": "s", "kedro_command": "kedro run --node=a"}, {"pipeline_name": "etl"}, "r")
+    assert old == {"session_id": "r", "kedro_command": "kedro run --pipeline=etl"}
