@@ -146,8 +146,9 @@ def test_what_cannot_be_fingerprinted_makes_the_step_uncacheable_and_says_why(pr
          'name="total", tags=["no-cache"])')
     (project / "data" / "raw.json").unlink()
     found = keys(project)
-    # Relative to the project (the step's working directory), as Kedro reads it.
-    assert found["clean"]["uncacheable"] == ["input raw_numbers: data/raw.json does not exist"]
+    # Where the catalog reads it (the project's data folder, made absolute as Kedro makes it).
+    assert found["clean"]["uncacheable"] == [f"input raw_numbers: {(project / 'data' / 'raw.json').as_posix()} "
+                                             "does not exist"]
     assert found["total"]["uncacheable"] == ["node total is tagged no-cache",
                                              "input cleaned comes from node clean, which is not cacheable"]
     assert found["tabulate"]["uncacheable"] == ["input total comes from node total, which is not cacheable"]

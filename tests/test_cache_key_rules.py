@@ -56,3 +56,160 @@ def test_code_outside_installed_distributions_counts_by_its_source_even_outside_
     assert after != before
     library, why = code_digest(pytest.approx, project_dirs=[])
     assert why is None and library == code_digest(pytest.approx, project_dirs=[])[0]
+
+
+# --- What a node's code is: each case changes what the node returns without touching the body
+# of the function the node names (a stale hit if the key missed it).
+
+def _package(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
+    """A package ``name`` under ``tmp_path`` (on sys.path), its modules imported fresh."""
+    root = tmp_path / name
+    root.mkdir()
+    for relative, source in files.items():
+        (root / relative).write_text(source)
+    sys.path.insert(0, str(tmp_path))
+    return root
+
+
+@pytest.fixture
+def fresh_modules() -> Iterator[None]:
+    before = set(sys.modules)
+    path = list(sys.path)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+    sys.path[:] = path
+
+
+@pytest.mark.usefixtures("fresh_modules")
+@pytest.mark.parametrize(("node", "edited", "old", "new"), [
+    ("pipeline.scaled", "pipeline.py", "FACTOR = 2", "FACTOR = 3"),  # a partial's argument, set where it is made
+    ("pipeline.closed", "pipeline.py", "FACTOR = 2", "FACTOR = 3"),  # a closure's cell, likewise
+    ("nodes.decorated", "nodes.py", "x + 1", "x + 100"),  # a decorator without functools.wraps
+    ("nodes.fast", "impl.py", "x * 2", "x * 5"),  # imported under a top-level try
+    ("nodes.plain", "accessors.py", "'rev'", "'REV'"),  # imported only for what importing it does
+])
+def test_code_a_node_reaches_other_than_by_name_counts(tmp_path: Path, node: str, edited: str,
+                                                       old: str, new: str) -> None:
+    import importlib
+
+    root = _package(tmp_path, "kvx_rules_pkg", {
+        "__init__.py": "",
+        "impl.py": "def compute(x):\n    return x * 2\n",
+        "accessors.py": "REGISTERED = ['rev']\n",
+        "nodes.py": (
+            "import kvx_rules_pkg.accessors\n"
+            "try:\n    from kvx_rules_pkg.impl import compute\nexcept ImportError:\n    compute = None\n\n"
+            "def multiply(x, factor):\n    return x * factor\n\n"
+            "def make_closed(factor):\n    def closed(x):\n        return x * factor\n    return closed\n\n"
+            "def logged(function):\n    def wrapper(*args):\n        return function(*args)\n    return wrapper\n\n"
+            "@logged\ndef decorated(x):\n    return x + 1\n\n"
+            "def fast(x):\n    return compute(x)\n\n"
+            "def plain(x):\n    return x\n"
+        ),
+        "pipeline.py": (
+            "import functools\n"
+            "from kvx_rules_pkg.nodes import make_closed, multiply\n\n"
+            "FACTOR = 2\n"
+            "scaled = functools.partial(multiply, factor=FACTOR)\n"
+            "closed = make_closed(FACTOR)\n"
+        ),
+    })
+    module, _, name = node.partition(".")
+    func = getattr(importlib.import_module(f"kvx_rules_pkg.{module}"), name)
+    before, why = code_digest(func, [root])
+    assert why is None, why
+    (root / edited).write_text((root / edited).read_text().replace(old, new))
+    assert code_digest(func, [root])[0] != before
+
+
+@pytest.mark.usefixtures("fresh_modules")
+def test_a_value_bound_without_a_stable_text_makes_the_node_uncacheable(tmp_path: Path) -> None:
+    import functools
+
+    class Opaque:
+        __slots__ = ()
+
+    _, why = code_digest(functools.partial(sorted, key=Opaque()), [tmp_path])
+    assert why is not None and "no stable text" in why
+
+
+def _catalog_context(pipeline: Any, entries: dict[str, dict[str, Any]], **extra: Any) -> KeyContext:
+    return KeyContext(pipeline=pipeline, steps={node.name: [node.name] for node in pipeline.nodes}, params={},
+                      catalog_entry=entries.get, env="base", project_dirs=[], **extra)
+
+
+def test_a_transcoded_input_counts_as_the_step_that_makes_it(nodes_module: Any) -> None:
+    # x@pandas written by one node and read as x@csv by another is one dataset: the reader's key
+    # follows the writer's (a changed parameter upstream is a miss downstream, before it runs).
+    from kedro.pipeline import Pipeline, node
+
+    pipeline = Pipeline([node(nodes_module.push, "params:p", "mid@pandas", name="make"),
+                         node(nodes_module.push, "mid@csv", "out", name="total")])
+    entries = {"mid@pandas": {"type": "pandas.CSVDataset", "filepath": "data/mid.csv"},
+               "mid@csv": {"type": "text.TextDataset", "filepath": "data/mid.csv"}}
+    one = step_keys(_with_params(pipeline, entries, 1))
+    ten = step_keys(_with_params(pipeline, entries, 10))
+    assert one["total"].cacheable, one["total"].uncacheable  # not fingerprinted as a raw file
+    assert one["total"].digest != ten["total"].digest
+    assert ten["total"].changes(one["total"]) == ["input:mid@csv"]
+
+
+def _with_params(pipeline: Any, entries: dict[str, dict[str, Any]], p: int) -> KeyContext:
+    from dataclasses import replace
+
+    return replace(_catalog_context(pipeline, entries), params={"p": p})
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("key", "t2"),  # HDF: another table of the same file
+    ("fs_args", {"open_args_load": {"encoding": "utf-16"}}),
+    ("dataset", {"type": "pandas.CSVDataset", "load_args": {"sep": ","}}),  # a wrapped dataset's
+    ("file_format", "json"),
+])
+def test_every_setting_of_a_dataset_but_its_place_counts(nodes_module: Any, tmp_path: Path, setting: str,
+                                                         value: Any) -> None:
+    from kedro.pipeline import Pipeline, node
+
+    (tmp_path / "raw.csv").write_text("a\n1\n")
+    pipeline = Pipeline([node(nodes_module.push, "raw", "out", name="read")])
+    base = {"type": "pandas.GenericDataset", "filepath": str(tmp_path / "raw.csv"), "key": "t1",
+            "dataset": {"type": "pandas.CSVDataset", "load_args": {"sep": ";"}}}
+    keys = [step_keys(_catalog_context(pipeline, {"raw": entry, "out": entry}))["read"]
+            for entry in (base, {**base, setting: value})]
+    assert keys[1].changes(keys[0]) == ["input:raw", "output:out"]
+    moved = {**base, "filepath": str(tmp_path / "raw.csv"), "credentials": {"token": "x"}}
+    assert step_keys(_catalog_context(pipeline, {"raw": base, "out": moved}))["read"].parts["output:out"] \
+        == keys[0].parts["output:out"]  # where an output goes and how it is reached are not what it holds
+
+
+def test_a_store_that_cannot_be_asked_makes_the_step_uncacheable_not_a_crash(nodes_module: Any) -> None:
+    from kedro.pipeline import Pipeline, node
+
+    pipeline = Pipeline([node(nodes_module.push, "raw", "out", name="read")])
+    entries = {"raw": {"type": "pandas.CSVDataset", "filepath": "kvxnosuchprotocol://bucket/raw.csv"}}
+    key = step_keys(_catalog_context(pipeline, entries))["read"]
+    assert len(key.uncacheable) == 1 and "cannot be fingerprinted" in key.uncacheable[0]
+
+
+@pytest.mark.usefixtures("fresh_modules")
+def test_the_code_of_a_projects_own_dataset_class_and_hooks_counts(tmp_path: Path, nodes_module: Any) -> None:
+    from dataclasses import replace
+
+    from kedro.pipeline import Pipeline, node
+
+    root = _package(tmp_path, "kvx_rules_io", {
+        "__init__.py": "",
+        "io.py": "class Doubled:\n    factor = 2\n",
+        "hooks.py": "class Hooks:\n    shift = 0\n",
+    })
+    pipeline = Pipeline([node(nodes_module.push, "value", "out", name="save")])
+    entries = {"out": {"type": "kvx_rules_io.io.Doubled", "filepath": "data/out.bin"}}
+    context = replace(_catalog_context(pipeline, entries), project_dirs=[root], hook_modules=("kvx_rules_io.hooks",))
+    before = step_keys(context)["save"]
+    for file, old, new in (("io.py", "factor = 2", "factor = 3"), ("hooks.py", "shift = 0", "shift = 1")):
+        (root / file).write_text((root / file).read_text().replace(old, new))
+    after = step_keys(context)["save"]
+    assert after.changes(before) == ["code:dataset:out", "code:hooks"]
+    library = replace(context, catalog_entry={"out": {"type": "pandas.CSVDataset", "filepath": "o.csv"}}.get)
+    assert "code:dataset:out" not in step_keys(library)["save"].parts  # a library's class counts by its version

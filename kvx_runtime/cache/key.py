@@ -7,8 +7,10 @@ Parts (each a digest; ``StepKey.parts``):
 - ``code:<node>``: the source of the node's function and of every module of the project it can
   reach (its module and the project modules imported from there, transitively, read from the
   files); a module that imports by name at run time (``importlib``, ``__import__``) makes the
-  whole package count. A function from a library counts by its name: the library's version is
-  in ``environment``;
+  whole package count, as does a callable made at run time (a partial, a closure, a bound
+  method, a callable object: with the values bound to it). A function from a library counts by
+  its name: the library's version is in ``environment``;
+- ``code:hooks``, ``code:dataset:<dataset>``: the project's hooks and its own dataset classes;
 - ``environment``: Python's version and every installed distribution with its version (Kedro,
   kvx-runtime and the libraries the nodes call): where the steps run. A planner elsewhere (a
   laptop planning a cloud run) passes the environment an earlier entry recorded instead;
@@ -20,8 +22,8 @@ Parts (each a digest; ``StepKey.parts``):
   upstream changes this key); a dataset no node makes is fingerprinted by its store: a local
   file's (or folder's) bytes, a remote object's checksum or generation (GCS ``crc32c`` /
   ``generation``, S3 ``ETag``/``VersionId``), the newest version of a versioned dataset;
-- ``output:<dataset>``: the dataset's type and save arguments (a catalog entry; ``memory`` for
-  an intermediate);
+- ``output:<dataset>``: the dataset's catalog entry but where it is (``memory`` for an
+  intermediate); a raw input's entry counts the same way beside its fingerprint;
 - ``env``: the Kedro environment; ``salt``: ``run_config.cache.salt``.
 
 What cannot be fingerprinted (a raw input without a file, a store that gives no checksum, a
@@ -73,10 +75,10 @@ def _digest(*chunks: bytes | str) -> str:
 
 
 def _canonical(value: Any) -> str:
-    """A stable text for a parameter value (dict order and float formatting do not matter;
-    something JSON cannot say is written by ``repr``, which may make a spurious miss, never a
-    stale hit, as long as it shows the value)."""
-    return json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+    """A stable text for a value (float formatting does not matter; dict order does, since a node
+    may iterate a dict; something JSON cannot say is written by ``repr``, which may make a
+    spurious miss, never a stale hit, as long as it shows the value)."""
+    return json.dumps(value, default=repr, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,9 @@ class KeyContext:
     environment: str | None = None
     #: Dataset name -> a load version pinned for the run (``--load-versions``).
     load_versions: Mapping[str, str] = field(default_factory=dict)
+    #: The modules of the project's hooks (``settings.HOOKS``): they may change what a node
+    #: reads or writes, so their code counts for every node.
+    hook_modules: Sequence[str] = ()
 
 
 class _NodeKeys:
@@ -138,8 +143,10 @@ class _NodeKeys:
         #: Kedro's topological order (its ``nodes`` sorts again at every call).
         self.order = list(context.pipeline.nodes)
         self.nodes = {node.name: node for node in self.order}
-        self.producer = {output: node.name for node in self.order for output in node.outputs}
+        #: Dataset (transcoding resolved: ``x@pandas`` and ``x@spark`` are one) -> the node making it.
+        self.producer = {_dataset(output): node.name for node in self.order for output in node.outputs}
         self.environment = context.environment or environment_digest()
+        self.hooks_code = _modules_digest(context.hook_modules, context.project_dirs)
         self.keys: dict[str, StepKey] = {}
 
     def key(self, name: str) -> StepKey:
@@ -157,7 +164,7 @@ class _NodeKeys:
         pending = [name]
         while pending:
             for dataset in self.nodes[pending.pop()].inputs:
-                producer = self.producer.get(dataset)
+                producer = self.producer.get(_dataset(dataset))
                 if producer is not None and producer not in found and producer not in self.keys:
                     found.add(producer)
                     pending.append(producer)
@@ -181,14 +188,18 @@ class _NodeKeys:
         parts[f"code:{node.name}"] = digest
         if why:
             reasons.append(f"node {node.name}: {why}")
+        if self.hooks_code:
+            parts["code:hooks"] = self.hooks_code
         for name in node.inputs:
             if name == "parameters" or name.startswith("params:"):
                 parts[f"param:{name}"] = _digest(_canonical(_parameter(context.params, name)))
-            elif name in self.producer:
-                upstream = self.key(self.producer[name])
+            elif _dataset(name) in self.producer:
+                producer = self.producer[_dataset(name)]
+                upstream = self.key(producer)
                 if not upstream.cacheable:
-                    reasons.append(f"input {name} comes from node {self.producer[name]}, which is not cacheable")
-                parts[f"input:{name}"] = _digest("node", upstream.digest, name)
+                    reasons.append(f"input {name} comes from node {producer}, which is not cacheable")
+                parts[f"input:{name}"] = _digest("node", upstream.digest, name,
+                                                 _canonical(_settings(context.catalog_entry(name))))
             else:
                 digest, why = _raw_input(name, context)
                 parts[f"input:{name}"] = digest
@@ -196,8 +207,11 @@ class _NodeKeys:
                     reasons.append(f"input {name}: {why}")
         for name in node.outputs:
             entry = context.catalog_entry(name)
-            parts[f"output:{name}"] = _digest(_canonical(
-                "memory" if entry is None else [entry.get("type"), entry.get("save_args"), entry.get("versioned")]))
+            parts[f"output:{name}"] = _digest(_canonical("memory" if entry is None else _settings(entry)))
+        for name in [*node.inputs, *node.outputs]:
+            dataset_code = _dataset_type_code(context.catalog_entry(name), context.project_dirs)
+            if dataset_code:
+                parts[f"code:dataset:{name}"] = dataset_code
         parts["nodes"] = _digest(_canonical([node.name, list(node.inputs), list(node.outputs)]))
         return StepKey(step=node.name, parts=parts, uncacheable=tuple(dict.fromkeys(reasons)))
 
@@ -220,15 +234,16 @@ def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[st
     keys: dict[str, StepKey] = {}
     for step in wanted:
         members = [node_keys.nodes[name] for name in context.steps[step]]
-        made_here = {output for node in members for output in node.outputs}
+        made_here = {_dataset(output) for node in members for output in node.outputs}
+        inputs_made_here = {name for node in members for name in node.inputs if _dataset(name) in made_here}
         parts: dict[str, str] = {}
         reasons: list[str] = []
         for node in members:
             key = node_keys.key(node.name)
             parts.update({part: value for part, value in key.parts.items()
-                          if part != "nodes" and part.removeprefix("input:") not in made_here})
+                          if part != "nodes" and part.removeprefix("input:") not in inputs_made_here})
             reasons.extend(reason for reason in key.uncacheable
-                           if not any(reason.startswith(f"input {name} ") for name in made_here))
+                           if not any(reason.startswith(f"input {name} ") for name in inputs_made_here))
         parts["nodes"] = _digest(*(node_keys.key(node.name).parts["nodes"]
                                    for node in sorted(members, key=lambda node: node.name)))
         keys[step] = StepKey(step=step_identity(context.steps[step]), parts=parts,
@@ -260,21 +275,68 @@ def _raw_input(name: str, context: KeyContext) -> tuple[str, str | None]:
     path = entry.get("filepath") or entry.get("path")
     if not isinstance(path, str):
         return _digest("no-file"), f"a {entry.get('type')} dataset has no file to fingerprint"
+    options = _storage_options(entry)
     if entry.get("versioned"):
-        version = context.load_versions.get(name) or _newest_version(path)
+        try:
+            version = context.load_versions.get(name) or _newest_version(path, options)
+        except Exception as exc:  # the store cannot be asked: never a crash, never a guess
+            return _digest("unreadable", path), f"the versions of {path} cannot be listed ({_failure(exc)})"
         if version is None:
             return _digest("no-version"), f"no version of {path} yet"
         path = f"{path.rstrip('/')}/{version}/{path.rstrip('/').rsplit('/', 1)[-1]}"
-    described = [entry.get("type"), entry.get("load_args")]
-    digest, why = fingerprint_path(path)
-    return _digest(_canonical(described), digest), why
+    digest, why = fingerprint_path(path, options)
+    return _digest(_canonical(_settings(entry)), digest), why
 
 
-def _newest_version(path: str) -> str | None:
-    """The version Kedro loads by default: the newest (version names sort by time)."""
+def _dataset(name: str) -> str:
+    """The dataset a node's input or output names (Kedro's transcoding: ``x@pandas`` is ``x``)."""
+    return name.split("@", 1)[0]
+
+
+#: Configuration keys that say where a dataset is (fingerprinted by its content instead, or,
+#: for an output, this run's place for it) or how to reach it, not what it holds.
+_LOCATION_KEYS = frozenset({"filepath", "path", "credentials"})
+
+
+def _settings(entry: Mapping[str, Any] | None) -> Any:
+    """A dataset's configuration less where it is (at any depth: a wrapped dataset's own
+    ``filepath`` too): its type, load and save arguments, file format, ``fs_args``, key in the
+    file, wrapped dataset... everything that changes what is read or written."""
+    if isinstance(entry, Mapping):
+        return {str(key): _settings(value) for key, value in entry.items() if key not in _LOCATION_KEYS}
+    if isinstance(entry, list | tuple):
+        return [_settings(value) for value in entry]
+    return entry
+
+
+def _storage_options(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The file system options a dataset reaches its file with, as Kedro's file datasets build
+    them: its credentials and ``fs_args`` (less the arguments of ``open``)."""
+    credentials = entry.get("credentials")
+    fs_args = entry.get("fs_args")
+    options = dict(credentials) if isinstance(credentials, Mapping) else {}
+    if isinstance(fs_args, Mapping):
+        options.update({key: value for key, value in fs_args.items()
+                        if key not in ("open_args_load", "open_args_save")})
+    return options
+
+
+def _failure(exc: BaseException) -> str:
+    from kvx_runtime.log import redact
+
+    return redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")[:200]
+
+
+def _filesystem(path: str, options: Mapping[str, Any]) -> tuple[Any, str]:
     import fsspec
 
-    filesystem, stripped = fsspec.core.url_to_fs(path)
+    protocol = fsspec.core.split_protocol(path)[0] or "file"
+    return fsspec.core.url_to_fs(path, **({} if protocol == "file" else dict(options)))
+
+
+def _newest_version(path: str, options: Mapping[str, Any]) -> str | None:
+    """The version Kedro loads by default: the newest (version names sort by time)."""
+    filesystem, stripped = _filesystem(path, options)
     try:
         versions = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in filesystem.ls(stripped, detail=False)]
     except (FileNotFoundError, NotADirectoryError):
@@ -282,13 +344,20 @@ def _newest_version(path: str) -> str | None:
     return max(versions) if versions else None
 
 
-def fingerprint_path(path: str) -> tuple[str, str | None]:
+def fingerprint_path(path: str, options: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
     """A digest of the file or folder at ``path`` as it is now, and why it could not be told
     (None when it could). Local files are read whole (a change that keeps the size and the
-    modification time is still seen); remote objects count by the checksum their store keeps."""
-    import fsspec
+    modification time is still seen); remote objects count by the checksum their store keeps,
+    reached with the dataset's own ``options`` (credentials, ``fs_args``). A store that cannot
+    be asked (no credentials, no network) is a reason, never an exception."""
+    try:
+        return _fingerprint(path, options or {})
+    except Exception as exc:
+        return _digest("unreadable", path), f"{path} cannot be fingerprinted ({_failure(exc)})"
 
-    filesystem, stripped = fsspec.core.url_to_fs(path)
+
+def _fingerprint(path: str, options: Mapping[str, Any]) -> tuple[str, str | None]:
+    filesystem, stripped = _filesystem(path, options)
     local = "file" in (filesystem.protocol if isinstance(filesystem.protocol, tuple) else (filesystem.protocol,))
     try:
         if filesystem.isdir(stripped):
@@ -340,23 +409,83 @@ def environment_digest() -> str:
     return _digest(sys.version, _distributions())
 
 
-def _unwrap(func: Any) -> Any:
+def _unwrap(func: Any) -> tuple[Any, list[Any], bool]:
+    """The function a node's callable runs, the values bound to it on the way (a partial's
+    arguments, a bound method's object, a callable object's state, a closure's cells), and
+    whether it was made at run time (then the code that made it, wherever in the project, is
+    what chose those values)."""
+    bound: list[Any] = []
+    made = False
     while True:
         if isinstance(func, functools.partial):
-            func = func.func
+            bound.extend([func.args, func.keywords])
+            func, made = func.func, True
+        elif inspect.ismethod(func):
+            bound.append(func.__self__)
+            func, made = func.__func__, True
         elif hasattr(func, "__wrapped__"):
             func = func.__wrapped__
+        elif callable(func) and not (inspect.isroutine(func) or inspect.isclass(func)):
+            bound.append(func)  # a callable object: its class's code, its state
+            func, made = type(func).__call__, True
         else:
-            return func
+            break
+    for cell in getattr(func, "__closure__", None) or ():
+        made = True
+        try:
+            bound.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return func, bound, made
 
 
-def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | None]:
+def _bound_text(value: Any, dirs: Sequence[Path], depth: int = 0) -> tuple[str, str | None]:
+    """A stable text for a value bound to a node's function (a function: its code digest; an
+    object: its type and attributes), and why it cannot be told (a text with an address in it
+    is another text in every process)."""
+    if inspect.isroutine(value) or isinstance(value, functools.partial):
+        if depth > 3:
+            return "deep", "its callables nest too deep to be fingerprinted"
+        return code_digest(value, dirs, depth + 1)
+    if inspect.isclass(value) or inspect.ismodule(value):
+        return f"{value.__module__ if inspect.isclass(value) else ''}:{value.__name__}", None
+
+    def plain(item: Any) -> Any:
+        attributes = getattr(item, "__dict__", None)
+        if isinstance(attributes, dict) and not inspect.isroutine(item):
+            return {"type": f"{type(item).__module__}.{type(item).__qualname__}", "state": attributes}
+        return repr(item)
+
+    try:
+        text = json.dumps(value, default=plain, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError) as exc:  # a cycle, keys JSON cannot say
+        return type(value).__qualname__, f"a value bound to it ({type(value).__qualname__}) cannot be told: {exc}"
+    if " at 0x" in text:
+        return text, f"a value bound to it ({text[:80]}) has no stable text"
+    return text, None
+
+
+def code_digest(func: Any, project_dirs: Sequence[Path], depth: int = 0) -> tuple[str, str | None]:
     """A digest of the code ``func`` can reach in the project, and why it cannot be told."""
-    func = _unwrap(func)
+    func, bound, made = _unwrap(func)
+    dirs = [Path(directory).resolve() for directory in project_dirs]
+    texts: list[str] = []
+    for value in bound:
+        text, why = _bound_text(value, dirs, depth)
+        if why:
+            return _digest("unbound", text), why
+        texts.append(text)
+    digest, why = _function_digest(func, dirs)
+    if made:  # a closure, partial or object: made by code the function does not reach
+        digest = _digest(digest, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes())
+                                           for file in sorted(_all_sources(dirs))))
+    return digest, why
+
+
+def _function_digest(func: Any, dirs: Sequence[Path]) -> tuple[str, str | None]:
     module = inspect.getmodule(func)
     name = f"{getattr(module, '__name__', '?')}:{getattr(func, '__qualname__', type(func).__qualname__)}"
     file = getattr(module, "__file__", None)
-    dirs = [Path(directory).resolve() for directory in project_dirs]
     if module is None or file is None:
         if module is not None and module.__name__ in sys.builtin_module_names:
             return _digest("builtin", name), None
@@ -375,6 +504,33 @@ def code_digest(func: Any, project_dirs: Sequence[Path]) -> tuple[str, str | Non
                     if (found := _project_file(imported_name, dirs)) is not None]
     files = _reachable_files(followed, dirs)
     return _digest(name, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in files)), None
+
+
+def _modules_digest(modules: Iterable[str], project_dirs: Sequence[Path]) -> str:
+    """A digest of the project's code that ``modules`` (those of them in the project) reach;
+    "" when none is the project's."""
+    dirs = [Path(directory).resolve() for directory in project_dirs]
+    start = [(module, found) for module in dict.fromkeys(modules)
+             if (found := _project_file(module, dirs)) is not None]
+    if not start:
+        return ""
+    return _digest(*(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in _reachable_files(start, dirs)))
+
+
+def _dataset_type_code(entry: Mapping[str, Any] | None, project_dirs: Sequence[Path]) -> str:
+    """The code of a dataset class the project defines itself (``type: my_project.io.MyDataset``,
+    also as a wrapped dataset's type): what it reads or writes is its code's doing. "" for
+    Kedro's, kedro-datasets' and every installed library's (their versions count)."""
+    modules: list[str] = []
+    pending: list[Any] = [entry]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            kind = item.get("type")
+            if isinstance(kind, str) and "." in kind:
+                modules.append(kind.rpartition(".")[0])
+            pending.extend(item.values())
+    return _modules_digest(modules, project_dirs) if modules else ""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -402,6 +558,11 @@ def _module_slice(source: bytes, root: str, module_name: str,
                 bindings.setdefault(bound, []).extend(modules)
         else:
             always.append(statement)
+            # Imports under a top-level try/if/with bind names too (``try: import fast as impl``).
+            for inner in _top_level_nodes(statement):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    for bound, modules in _bindings(inner, package).items():
+                        bindings.setdefault(bound, []).extend(modules)
     if root not in definitions:
         return None
     texts = [ast.unparse(statement) for statement in always]
@@ -409,7 +570,11 @@ def _module_slice(source: bytes, root: str, module_name: str,
         return None
     pending = [root, *(name for statement in always for name in _names(statement))]
     reached: set[str] = set()
-    imported: list[str] = list(bindings.get("*", ()))  # a star import may supply any name
+    # An import whose name nothing in the module reads is there for what importing it does (a
+    # pandas accessor, a registry): whatever the node, it is followed; so is a star import.
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    imported: list[str] = [module for bound, modules in bindings.items() if bound == "*" or bound not in read
+                           for module in modules]
     while pending:
         name = pending.pop()
         if name in reached:
@@ -427,6 +592,17 @@ def _module_slice(source: bytes, root: str, module_name: str,
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     imported.extend(module for modules in _bindings(inner, package).values() for module in modules)
     return tuple(texts), tuple(dict.fromkeys(imported))
+
+
+def _top_level_nodes(statement: ast.stmt) -> Iterable[ast.AST]:
+    """The nodes of a top-level statement that run with the module (not a function's or a
+    class's body inside it)."""
+    pending: list[ast.AST] = [statement]
+    while pending:
+        node = pending.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
 
 
 def _names(statement: ast.AST) -> list[str]:
@@ -619,15 +795,17 @@ def project_dirs_of(package_name: str) -> list[Path]:
 
 def catalog_entries(catalog_config: Mapping[str, Any],
                     resolver: Any = None) -> Callable[[str], Mapping[str, Any] | None]:
-    """A dataset's resolved catalog entry (dataset factories included), credentials left out."""
+    """A dataset's resolved catalog entry (dataset factories included), with its credentials as
+    the catalog resolves them (the key reaches the dataset's store with them; they are never
+    part of a digest: :func:`_settings`)."""
+    resolved = getattr(resolver, "config", None)
+    configs = resolved if isinstance(resolved, Mapping) else catalog_config
 
     def entry(name: str) -> Mapping[str, Any] | None:
-        config = catalog_config.get(name)
+        config = configs.get(name)
         if config is None and resolver is not None and resolver.match_dataset_pattern(name):
             config = resolver.resolve_pattern(name)
-        if not isinstance(config, Mapping):
-            return None
-        return {key: value for key, value in config.items() if key != "credentials"}
+        return dict(config) if isinstance(config, Mapping) else None
 
     return entry
 
@@ -644,4 +822,12 @@ def key_context_of(kedro_context: Any, pipeline: Any, steps: Mapping[str, Sequen
     return KeyContext(pipeline=pipeline, steps=steps, params=kedro_context.params,
                       catalog_entry=catalog_entries(catalog_config, resolver), env=kedro_context.env,
                       project_dirs=project_dirs_of(package_name), salt=salt, code_identity=code_identity,
-                      environment=environment, load_versions=dict(load_versions or {}))
+                      environment=environment, load_versions=dict(load_versions or {}),
+                      hook_modules=project_hook_modules())
+
+
+def project_hook_modules() -> tuple[str, ...]:
+    """The modules of the hooks the project registers (``settings.HOOKS``)."""
+    from kedro.framework.project import settings
+
+    return tuple(dict.fromkeys(type(hook).__module__ for hook in getattr(settings, "HOOKS", ()) or ()))
