@@ -228,3 +228,40 @@ def test_resume_runs_a_failed_job_again_as_the_same_run_keeping_the_steps_it_fin
     unknown = subprocess.run([*KVX, "run-local", "--resume", "nope"], cwd=project, env=step_env(),
                              capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "no local run of job nope to resume" in unknown.stderr.splitlines()[-1]
+
+
+def test_a_pinned_load_version_is_in_the_key_of_the_steps_served_before_the_run(project: Path) -> None:
+    # A run pinning an older version of its input: each step's key names that version, so
+    # nothing the newest version made is served.
+    catalog = project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text().replace("  filepath: data/raw.json\n",
+                                                   "  filepath: data/raw.json\n  versioned: true\n"))
+    (project / "data" / "raw.json").unlink()
+    for version, numbers in (("2026-01-01T00.00.00.000Z", "[1, 2, 3]"), ("2026-02-01T00.00.00.000Z", "[10, 20]")):
+        folder = project / "data" / "raw.json" / version
+        folder.mkdir(parents=True)
+        (folder / "raw.json").write_text(numbers)
+    assert run_local(project, "newest", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    assert table(project) == "label,total\nTotal,60\n"
+    pinned = ("--load-version", "raw_numbers=2026-01-01T00.00.00.000Z")
+    assert run_local(project, "pinned", "--cache", "on", *pinned) == dict.fromkeys(STEPS, "ran")
+    assert table(project) == "label,total\nTotal,12\n"
+    assert run_local(project, "pinned-again", "--cache", "on", *pinned) == dict.fromkeys(STEPS, "served")
+    assert table(project) == "label,total\nTotal,12\n"
+
+
+def test_an_entry_records_what_the_step_wrote_not_what_its_place_holds_when_the_step_ends(project: Path) -> None:
+    # Another run writing the same catalog path while this step still runs (here: a project hook
+    # as the step's pipeline ends, after the output was saved): the entry must not take that data
+    # as this step's.
+    src = project / "src" / "cachekey"
+    (src / "rewrite_hooks.py").write_text(
+        "from pathlib import Path\n\nfrom kedro.framework.hooks import hook_impl\n\n\n"
+        "class Rewrite:\n    @hook_impl\n    def after_pipeline_run(self, pipeline):\n"
+        "        if 'tabulate' in {node.name for node in pipeline.nodes}:\n"
+        "            Path('data/table.csv').write_text('label,total\\nsomeone else,0\\n')\n")
+    (src / "settings.py").write_text("from .rewrite_hooks import Rewrite\n\nHOOKS = (Rewrite(),)\n")
+    assert run_local(project, "first", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    # The place holds other data than the step wrote: a miss for tabulate, never that data served.
+    again = run_local(project, "second", "--cache", "on")
+    assert again["tabulate"] == "ran" and again["clean"] == again["total"] == "served"

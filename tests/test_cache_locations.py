@@ -74,3 +74,23 @@ def test_telling_a_location_imports_no_dataset_package(tmp_path: Path) -> None:
         "print(sorted(name for name in sys.modules if name.startswith('kedro_datasets.pandas')))\n"
     )
     assert fresh_python(script, cwd=tmp_path)[0] == ["gs://b/t.csv", "[]"]
+
+
+def test_a_folder_served_onto_an_existing_one_replaces_it_on_an_object_store() -> None:
+    # fsspec copies a folder onto an existing one as cp -r does: into it, beside the old files,
+    # which readers of the destination would read. The destination is this run's, whole.
+    import fsspec
+
+    from kvx_runtime.cache.key import fingerprint_path
+    from kvx_runtime.cache.store import _copy
+
+    memory = fsspec.filesystem("memory")
+    for path, data in {"/kvx-serve/src/d/p=1/a.parquet": b"NEW", "/kvx-serve/dst/d/p=1/a.parquet": b"OLD",
+                       "/kvx-serve/dst/d/p=2/b.parquet": b"STALE"}.items():
+        memory.pipe_file(path, data)
+    try:
+        _copy("memory://kvx-serve/src/d", "memory://kvx-serve/dst/d", fingerprint_path("memory://kvx-serve/src/d")[0])
+        assert {path: memory.cat_file(path) for path in memory.find("/kvx-serve/dst")} == {
+            "/kvx-serve/dst/d/p=1/a.parquet": b"NEW"}
+    finally:
+        memory.rm("/kvx-serve", recursive=True)

@@ -63,7 +63,8 @@ def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, 
 
 def _keys_by_environment(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
                          runtime_params: Mapping[str, Any], storage_root: str, code_identity: str,
-                         environments: Sequence[str | None]) -> dict[str | None, dict[str, StepKey]]:
+                         environments: Sequence[str | None],
+                         load_versions: Mapping[str, str] | None = None) -> dict[str | None, dict[str, StepKey]]:
     """The steps' keys for each of ``environments`` (None: here's), from one session."""
     from kvx_runtime.project_pipelines import load_pipeline
 
@@ -71,7 +72,7 @@ def _keys_by_environment(project: KedroProject, pipeline: str, steps: Mapping[st
     salt = project.plugin_config.run_config.cache.salt
     with run_context(project, runtime_params, storage_root) as context:
         here = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name, salt=salt,
-                              code_identity=code_identity)
+                              code_identity=code_identity, load_versions=load_versions)
         return {environment: step_keys(replace(here, environment=environment)) for environment in environments}
 
 
@@ -87,7 +88,8 @@ class RunVerdicts:
 
 
 def run_verdicts(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
-                 runtime_params: Mapping[str, Any], storage_root: str, code_identity: str = "") -> RunVerdicts:
+                 runtime_params: Mapping[str, Any], storage_root: str, code_identity: str = "",
+                 load_versions: Mapping[str, str] | None = None) -> RunVerdicts:
     """Each step's verdict, assuming the steps run here or in an environment the steps' last
     entries recorded (the newest :data:`RECORDED_ENVIRONMENTS_TRIED`): whichever gives the
     most hits (here's on a tie)."""
@@ -104,7 +106,7 @@ def run_verdicts(project: KedroProject, pipeline: str, steps: Mapping[str, Seque
                 and len(recorded) < RECORDED_ENVIRONMENTS_TRIED:
             recorded[environment] = last
     keys = _keys_by_environment(project, pipeline, steps, runtime_params, storage_root, code_identity,
-                                [None, *recorded])
+                                [None, *recorded], load_versions)
     best = RunVerdicts(verdicts(keys[None], cache))
     for environment, entry in recorded.items():
         found = RunVerdicts(verdicts(keys[environment], cache), recorded_by=entry.run_id)

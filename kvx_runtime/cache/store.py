@@ -185,12 +185,17 @@ class StepCache:
     # --- writing --------------------------------------------------------------------------
 
     def record(self, key: StepKey, *, nodes: tuple[str, ...], run_id: str, job_name: str,
-               outputs: Mapping[str, str]) -> CacheEntry | None:
+               outputs: Mapping[str, str],
+               as_saved: Mapping[str, tuple[str, str | None]] | None = None) -> CacheEntry | None:
         """Write the entry of a step that succeeded (outputs: dataset -> location); None, with
-        a warning, when an output cannot be fingerprinted (the step then never hits)."""
+        a warning, when an output cannot be fingerprinted (the step then never hits).
+        ``as_saved``: outputs fingerprinted as the step saved them (dataset -> what
+        :func:`fingerprint_path` said then): the entry records what this step wrote, so that
+        another run writing the same place since is a miss at lookup, never its data served
+        under this key."""
         fingerprints: dict[str, dict[str, str]] = {}
         for name, location in outputs.items():
-            digest, why = fingerprint_path(location)
+            digest, why = (as_saved or {}).get(name) or fingerprint_path(location)
             if why is not None:
                 log.warning("step not cached: an output cannot be fingerprinted", dataset=name, reason=why)
                 return None
@@ -249,6 +254,9 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
         raise ValueError(f"cannot copy {source} to {destination}: another file system")
     recursive = source_fs.isdir(source_path)
     if not _is_local(target_fs):
+        if recursive and target_fs.exists(target_path):
+            # A folder copied onto an existing one lands inside it (cp -r), beside the old files.
+            target_fs.rm(target_path, recursive=True)
         source_fs.copy(source_path, target_path, recursive=recursive)
         if fingerprint_path(source)[0] != fingerprint:
             target_fs.rm(target_path, recursive=recursive)

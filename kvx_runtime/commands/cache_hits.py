@@ -49,7 +49,8 @@ def with_cached_steps_served(project: KedroProject, request: CompileRequest) -> 
         source = plan.code_upload
         code_identity = build_archive(source.project_path, source.package_name, source.conf_root).digest
     params = typed_params([f"{key}={value}" for key, value in request.values.items()], facts.kedro_params)
-    found = run_verdicts(project, request.pipeline, steps, params, facts.storage_root, code_identity)
+    found = run_verdicts(project, request.pipeline, steps, params, facts.storage_root, code_identity,
+                         load_versions=request.load_versions)
     hits = found.hits
     if not hits:
         click.echo(f"Step cache: none of the {len(steps)} steps found under {facts.storage_root}: every step runs")

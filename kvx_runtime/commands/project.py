@@ -293,13 +293,17 @@ def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root:
         return {}
     pipelines = {item.pipeline for item in invocations}
     envs = {item.env for item in invocations}
-    if len(pipelines) != 1 or len(envs) != 1:
+    load_versions = {item.load_versions for item in invocations}
+    if len(pipelines) != 1 or len(envs) != 1 or len(load_versions) != 1:
         return {}
     env = next(iter(envs))
     project = opened if opened is not None and opened.env == env else open_project(request.at.project_path, env)
     if not cache_wanted(project, request.options.cache):
         return {}
-    return serve_before_run(project, next(iter(pipelines)), steps, root, RunIdentity(run_id, job_name))
+    from kvx_runtime.versions import parse_load_versions
+
+    return serve_before_run(project, next(iter(pipelines)), steps, root, RunIdentity(run_id, job_name),
+                            load_versions=parse_load_versions(next(iter(load_versions))))
 
 
 @click.command("run-local", cls=KvxCommand)

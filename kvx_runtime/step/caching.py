@@ -9,7 +9,7 @@ says why; recording that fails is a warning, never the step's failure.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.errors import KvxError
@@ -47,6 +47,12 @@ class StepCaching:
     #: The outputs that are intermediate blobs, and the job directory's store they are in.
     blobs: dict[str, str]
     store: Any = None
+    #: Catalog outputs fingerprinted as the step saved them (:meth:`hooks`).
+    as_saved: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+    def hooks(self) -> Any:
+        """Kedro hooks that fingerprint each catalog output right after the node saved it."""
+        return _OutputsAsSaved(self)
 
     def serve(self) -> bool:
         """Make a hit's outputs this run's; False on a miss (said, with why)."""
@@ -87,13 +93,32 @@ class StepCaching:
     def record(self, identity: RunIdentity) -> None:
         try:
             entry = self.cache.record(self.key, nodes=self.nodes, run_id=identity.run_id,
-                                      job_name=identity.job_name, outputs=self.outputs)
+                                      job_name=identity.job_name, outputs=self.outputs, as_saved=self.as_saved)
         except (OSError, KvxError) as exc:
             log.warning("the step's cache entry could not be written: the step succeeded, it will not hit",
                         error=f"{type(exc).__name__}: {str(exc)[:300]}")
             return
         if entry is not None:
             log.info("step cached", key=self.key.digest[:16], entry=self.cache.url(self.key.digest))
+
+
+class _OutputsAsSaved:
+    """A step's catalog outputs fingerprinted right after each is saved: the entry then records
+    what this step wrote, not what the place holds when the step ends (another run may write a
+    fixed catalog path meanwhile; its data must never be served under this step's key)."""
+
+    def __init__(self, caching: StepCaching) -> None:
+        from kedro.framework.hooks import hook_impl
+
+        hook_impl(_OutputsAsSaved.after_dataset_saved)  # marked here: Kedro is not imported with this module
+        self._caching = caching
+
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        from kvx_runtime.cache.key import fingerprint_path
+
+        location = self._caching.outputs.get(dataset_name)
+        if location is not None and dataset_name not in self._caching.blobs:
+            self._caching.as_saved[dataset_name] = fingerprint_path(location)
 
 
 def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan, context: Any,
@@ -163,11 +188,12 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
 
 def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[str, Sequence[str]],
                      storage_root: str, identity: RunIdentity, runtime_params: Mapping[str, Any] | None = None,
-                     code_identity: str = "") -> dict[str, str]:
+                     code_identity: str = "", load_versions: Mapping[str, str] | None = None) -> dict[str, str]:
     """Serve, before a run starts, every step the cache has (so that its process or machine is
     never started): keys and this run's output locations from a session of the run's env (and
     typed ``runtime_params``), with the run's identity and storage root exported as its steps
-    will have them; ``code_identity``: the code archive's digest when the steps run one. Returns the steps
+    will have them; ``code_identity``: the code archive's digest when the steps run one;
+    ``load_versions``: the versions the run pins (``--load-version``). Returns the steps
     served (step -> the run they come from). Steps with versioned outputs are left to their
     own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
     serving fails (said; the step then runs and decides again)."""
@@ -185,7 +211,7 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
         catalog = context.catalog  # once: each access builds a catalog
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
                                      salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity,
-                                     catalog=catalog)
+                                     load_versions=load_versions, catalog=catalog)
         cache = StepCache(storage_root)
         job_directory = JobDirectory(storage_root, identity)
         for step, key in step_keys(key_context).items():

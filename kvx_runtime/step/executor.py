@@ -403,6 +403,8 @@ def _run_session(
                 hooks.stored.extend(name for name in plan.crossing_outputs if name in caching.outputs)
                 return True
         session._hook_manager.register(hooks, name="kvx-runtime-step")
+        if caching is not None:
+            session._hook_manager.register(caching.hooks(), name="kvx-runtime-step-cache")
         session.run(
             **_pipeline_argument(session, request.pipeline),
             node_names=list(plan.nodes),
