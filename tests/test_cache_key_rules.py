@@ -213,3 +213,33 @@ def test_the_code_of_a_projects_own_dataset_class_and_hooks_counts(tmp_path: Pat
     assert after.changes(before) == ["code:dataset:out", "code:hooks"]
     library = replace(context, catalog_entry={"out": {"type": "pandas.CSVDataset", "filepath": "o.csv"}}.get)
     assert "code:dataset:out" not in step_keys(library)["save"].parts  # a library's class counts by its version
+
+
+def test_a_raw_input_on_s3_is_fingerprinted_with_the_catalogs_own_credentials(
+        s3_server_process: Any, nodes_module: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # No ambient AWS credentials: only the catalog entry's reach the store (as the dataset reads).
+    import uuid
+
+    from kedro.pipeline import Pipeline, node
+
+    from conftest import S3_CREDENTIALS
+
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    key = f"{uuid.uuid4().hex}/raw.csv"
+    client = s3_server_process.client()
+    client.put_object(Bucket=s3_server_process.bucket, Key=key, Body=b"a\n1\n")
+    entry = {"type": "pandas.CSVDataset", "filepath": f"s3://{s3_server_process.bucket}/{key}",
+             "credentials": {"key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                             "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                             "client_kwargs": {"endpoint_url": s3_server_process.url}}}
+    pipeline = Pipeline([node(nodes_module.push, "raw", "out", name="read")])
+    before = step_keys(_catalog_context(pipeline, {"raw": entry}))["read"]
+    assert before.cacheable, before.uncacheable
+    client.put_object(Bucket=s3_server_process.bucket, Key=key, Body=b"a\n2\n")
+    after = step_keys(_catalog_context(pipeline, {"raw": entry}))["read"]
+    assert after.changes(before) == ["input:raw"]
