@@ -41,6 +41,31 @@ run_config:
     __default__: {max_retry_count: 3, backoff_duration: 30s, backoff_factor: 3}
 """
 
+#: What the other cases do not write: a start date with its offset, croniter's own day syntax (the
+#: last Friday), an optional secret, a continuous schedule.
+EDGES_CONFIG = """\
+host: https://airflow.example.com
+run_config:
+  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1
+  root: gs://kvx-example-bucket/airflow
+  dag_id: spaceflights-edges
+  schedule: "0 3 * * L5"
+  start_date: "2026-01-05T00:00:00+01:00"
+  kubernetes:
+    secrets_as_env:
+      - {secret_name: minio-keys, keys: {accesskey: AWS_ACCESS_KEY_ID}, optional: true}
+      - {secret_name: mlflow-auth, keys: {token: MLFLOW_TRACKING_TOKEN}}
+"""
+CONTINUOUS_CONFIG = """\
+host: https://airflow.example.com
+run_config:
+  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1
+  root: gs://kvx-example-bucket/airflow
+  dag_id: spaceflights-continuous
+  schedule: "@continuous"
+  start_date: 2026-01-05
+"""
+
 #: Airflow 3's and 2.10's homes of DagBag and of the serializer the DAG processor stores DAGs with.
 PARSE = r"""
 import json, sys
@@ -75,7 +100,8 @@ for path in sys.argv[1:]:
             tasks[task.task_id] = item
         schedule = dag.schedule if hasattr(dag, "schedule") else dag.schedule_interval  # Airflow 2.10
         dags[dag_id] = {"tasks": tasks, "params": {k: dag.params[k] for k in dag.params},
-                        "schedule": str(schedule), "tags": sorted(dag.tags)}
+                        "schedule": str(schedule), "tags": sorted(dag.tags), "timezone": str(dag.timezone),
+                        "max_active_runs": dag.max_active_runs}
     out[path] = {"errors": errors, "dags": dags}
 print(json.dumps(out, default=str))
 """
@@ -107,14 +133,17 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, airflow: AirflowEnv) -> d
     example = _copy(REPO / "integration" / "example_project", root / "example")
     (example / "conf" / "airflow").mkdir()
     (example / "conf" / "airflow" / "airflow-k8s.yml").write_text(RICH_CONFIG)
-    (example / "conf" / "google").mkdir()
-    (example / "conf" / "google" / "airflow-k8s.yml").write_text(GOOGLE_CONFIG)
+    for env, config in (("google", GOOGLE_CONFIG), ("edges", EDGES_CONFIG), ("continuous", CONTINUOUS_CONFIG)):
+        (example / "conf" / env).mkdir()
+        (example / "conf" / env / "airflow-k8s.yml").write_text(config)
     real_world = _copy(REPO / "integration" / "real_world_project", root / "real_world")
     cases = {
         "example-rich": (example, ["--env", "airflow"]),
         "example-local": (example, ["--env", "base", "--operator", "local"]),
         "real-world": (real_world, ["--env", "base"]),
         "example-google": (example, ["--env", "google"]),
+        "example-edges": (example, ["--env", "edges"]),
+        "example-continuous": (example, ["--env", "continuous"]),
     }
     files: dict[str, Any] = {}
     for name, (project, args) in cases.items():
@@ -221,6 +250,66 @@ def test_the_local_dag_runs_exec_node_from_the_project_directory_with_every_valu
     assert task["bash_command"].startswith(
         "kvx-runtime exec-node --node data_processing.preprocess_companies_node --env base "
         "--run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx ")
+
+
+def test_what_airflow_takes_from_a_config_is_what_the_dag_says(compiled: dict[str, Any]) -> None:
+    edges = compiled["example-edges"]["parsed"]
+    assert edges["errors"] == {}
+    dag = edges["dags"]["spaceflights-edges"]
+    # The schedule runs at 03:00 where the start date was given (+01:00), not at 03:00 UTC.
+    assert dag["schedule"] == "0 3 * * L5" and "+01:00" in dag["timezone"]
+    [container] = dag["tasks"]["data-processing-preprocess-companies-node"]["pod"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    # An optional secret leaves the variable unset when the secret is missing, as on Kubeflow; the
+    # pod does not wait for it until its start-up timeout.
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "minio-keys", "key": "accesskey", "optional": True}}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow-auth", "key": "token"}}
+    assert env["KVX_ORCHESTRATOR"]["value"] == "airflow"
+    continuous = compiled["example-continuous"]["parsed"]
+    assert continuous["errors"] == {}  # Airflow refuses @continuous with more than one active run
+    assert continuous["dags"]["spaceflights-continuous"]["max_active_runs"] == 1
+
+
+def test_a_task_named_like_a_builtin_does_not_shadow_what_the_exit_tasks_call(tmp_path: Path) -> None:
+    from integration.conftest import make_project
+
+    project = make_project(tmp_path, "builtinproj", "def make():\n    return 1\n",
+                           "from kedro.pipeline import Pipeline, node\nfrom builtinproj.nodes import make\n\n"
+                           "def register_pipelines():\n    return {'__default__': Pipeline([node(make, None, 'x', "
+                           "name='sorted')]), 'cleanup': Pipeline([node(make, None, 'y', name='any')])}\n")
+    (project / "conf" / "base" / "airflow-k8s.yml").write_text(
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  on_exit_pipeline: cleanup\n")
+    made = _kvx(project, "airflow", "compile", "-o", str(tmp_path / "dag.py"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    text = (tmp_path / "dag.py").read_text()
+    assert "kvx_final_status" in text and not re.search(r"^(sorted|any)\b", text, re.MULTILINE)
+
+
+def test_each_pipeline_has_a_dag_of_its_own_under_a_configured_dag_id(tmp_path: Path) -> None:
+    # run_config.dag_id names the default pipeline's DAG: another pipeline's would replace it.
+    project = _copy(REPO / "integration" / "example_project", tmp_path / "example")
+    (project / "conf" / "airflow").mkdir()
+    (project / "conf" / "airflow" / "airflow-k8s.yml").write_text(RICH_CONFIG)
+    ids = {}
+    for pipeline in ("__default__", "data_science"):
+        made = _kvx(project, "airflow", "compile", "--env", "airflow", "--pipeline", pipeline,
+                    "-o", str(tmp_path / f"{pipeline}.py"))
+        assert made.returncode == 0, made.stderr[-2000:]
+        ids[pipeline] = re.search(r"Airflow DAG (\S+)", made.stdout).group(1)  # type: ignore[union-attr]
+    assert ids == {"__default__": "spaceflights-airflow", "data_science": "spaceflights-airflow-data_science"}
+
+
+def test_a_bad_schedule_override_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    project = _copy(REPO / "integration" / "example_project", tmp_path / "example")
+    (project / "conf" / "sched").mkdir()
+    (project / "conf" / "sched" / "airflow-k8s.yml").write_text(
+        f"host: https://airflow.example.com\nrun_config:\n  image: img\n  root: gs://kvx-bucket/p\n"
+        f"  dags_folder: {tmp_path / 'dags'}\n")
+    made = _kvx(project, "airflow", "schedule", "--env", "sched", "--cron", "0 3 * *", "--start-date", "2026-01-01")
+    assert made.returncode == 2 and "Traceback" not in made.stderr
+    assert "run_config.schedule: '0 3 * *' is not a cron expression" in made.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "dags").exists()
 
 
 @pytest.mark.parametrize(("config", "says"), [

@@ -227,6 +227,27 @@ def test_schedule_publishes_the_dag_with_its_cron_then_pause_resume_delete(journ
     assert gone.returncode == 2 and f"Airflow has no scheduled DAG {scheduled}" in last_line(gone)
 
 
+def test_run_once_never_replaces_a_dag_scheduled_from_the_command_line(journey: Journey) -> None:
+    # The schedule lives in the published DAG only (schedule --cron; none in the config): run-once
+    # publishes its copy apart all the same, and a bare run id finds that copy's run.
+    scheduled = "journey-cron"
+    journey.configure("cron", scheduled, str(journey.server.dags_folder))
+    created = journey.kvx("schedule", "--env", "cron", "--operator", "local", "--cron", "0 4 * * *",
+                          "--start-date", "2030-01-01")
+    assert created.returncode == 0, created.stderr[-3000:]
+    once = journey.kvx("run-once", "--env", "cron", "--operator", "local", "--no-wait")
+    assert once.returncode == 0, once.stderr[-3000:]
+    dag_id, run_id = submitted(once)
+    assert dag_id == f"{scheduled}-run-once"
+    assert "0 4 * * *" in str(api_get(journey, f"/api/v2/dags/{scheduled}")["timetable_summary"])
+    assert 'schedule="0 4 * * *"' in (journey.server.dags_folder / f"{scheduled}.py").read_text()
+    status = journey.kvx("status", "--env", "cron", run_id)  # bare: the run-once copy's run, found by its id
+    assert status.returncode == 0 and dag_id in status.stdout, status.stderr[-2000:]
+    assert journey.kvx("cancel", "--env", "cron", f"{dag_id}/{run_id}").returncode == 0
+    deleted = journey.kvx("schedule", "--env", "cron", "--delete")
+    assert deleted.returncode == 0, deleted.stderr[-2000:]
+
+
 @pytest.fixture
 def composer_bucket_sync(journey: Journey, gcs_emulator: Any) -> Iterator[str]:
     """``gs://<bucket>/composer-dags``, copied into Airflow's DAGs folder every half second, as

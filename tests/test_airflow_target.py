@@ -5,6 +5,7 @@ drives the journey in integration/test_airflow_journey.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from kvx_runtime.auth.airflow import AirflowPasswordAuth, GoogleAccessTokenAuth,
 from kvx_runtime.auth.kfp import BearerTokenAuth, NoAuth
 from kvx_runtime.config import load_plugin_config
 from kvx_runtime.errors import ConfigError
-from kvx_runtime.targets.airflow import AirflowTarget, dag_spec
+from kvx_runtime.targets.airflow import AirflowTarget, ApiV2, dag_spec
 from kvx_runtime.targets.registry import TARGETS
 
 HOST = "https://airflow.example.com"
@@ -96,8 +97,6 @@ def test_publishing_needs_a_dags_folder_and_writes_dag_id_py(tmp_path: Path) -> 
 
 
 def test_airflow_states_map_to_the_targets_states() -> None:
-    from kvx_runtime.targets.airflow import ApiV2
-
     target = AirflowTarget(HOST, api=ApiV2())
     run = target._run_info({"dag_id": "d", "dag_run_id": "r1", "state": "running", "conf": {"x": 1},
                             "start_date": "2026-12-01T10:00:00.123456Z"}, tasks=())
@@ -112,7 +111,15 @@ def test_airflow_states_map_to_the_targets_states() -> None:
     failed = target._task_info({"task_id": "t", "state": "failed", "try_number": 2, "max_tries": 1})
     assert failed.error == "failed (try 2 of 2)" and target._try_number(failed) == 2
     assert target._split("other/r9") == ("other", "r9")
-    assert AirflowTarget(HOST, dag_id="mine")._split("r9") == ("mine", "r9")
+    # A bare run id is looked up whatever dag_id is configured: it may be the run-once copy's
+    # run, or another pipeline's.
+    configured = AirflowTarget(HOST, dag_id="mine", api=ApiV2())
+    configured._pages = lambda path, key, params: iter(  # type: ignore[method-assign]
+        [{"dag_id": "mine-run-once", "dag_run_id": "r9"}] if path == "dags/~/dagRuns" else [])
+    assert configured._split("r9") == ("mine-run-once", "r9")
+    assert configured.pipeline_name("pkg", "__default__") == "mine"
+    assert configured.pipeline_name("pkg", "data_science") == "mine-data_science"
+    assert AirflowTarget(HOST, api=ApiV2()).pipeline_name("pkg", "data_science") == "pkg-data-science"
 
 
 def test_a_dag_file_carries_the_version_of_what_runs() -> None:
@@ -324,3 +331,36 @@ def test_a_deleted_dag_that_a_late_parse_stores_again_is_deleted_again(tmp_path:
     assert deletes == ["DELETE /api/v1/dags/sched"] * 2
     # After the second delete, three checks in a row found it gone.
     assert asked[-3:] == ["GET /api/v1/dags/sched/details"] * 3
+
+
+def test_a_dags_folder_that_fails_is_one_line_with_its_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    # google-auth's errors (no OSError) from a gs:// DAGs folder: refused credentials are the
+    # user's to fix (exit 2), a transport failure may pass (exit 3); never a traceback.
+    import fsspec
+
+    from kvx_runtime.errors import InfrastructureError
+
+    def failing(kind: str, message: str) -> Any:
+        error = type(kind, (Exception,), {"__module__": "google.auth.exceptions"})(message)
+
+        def url_to_fs(*args: Any, **kwargs: Any) -> Any:
+            raise error
+        return url_to_fs
+
+    target = AirflowTarget(HOST, dags_folder="gs://composer-bucket/dags", api=ApiV2())
+    monkeypatch.setattr(fsspec.core, "url_to_fs", failing("TransportError", "connection reset"))
+    with pytest.raises(InfrastructureError, match="cannot write the DAG file gs://composer-bucket/dags/d.py: "
+                                                  "TransportError: connection reset"):
+        target.publish("d", "text")
+    monkeypatch.setattr(fsspec.core, "url_to_fs", failing("RefreshError", "invalid_grant: Token has been revoked"))
+    with pytest.raises(ConfigError, match="the credentials were refused"):
+        target.remove_dag_file("d")
+
+
+def test_a_value_json_cannot_hold_is_refused_when_the_dag_is_written() -> None:
+    from kvx_runtime.compiler.airflow_render import _flat
+
+    for value in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ConfigError, match="no inf or nan"):
+            _flat({"default": value})
+    assert _flat({"default": 0.5}) == '{"default": 0.5}'

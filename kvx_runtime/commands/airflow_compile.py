@@ -48,7 +48,7 @@ def dag_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def compile_dag_for(at: Invocation, options: PipelineOptions, dag: DagOptions, storage_root: str | None,
                     values: tuple[str, ...] = (), *, strict: bool = False, run_once: bool = False,
                     overrides: Mapping[str, Any] | None = None, serving: KedroProject | None = None,
-                    project: KedroProject | None = None) -> CompiledDag:
+                    project: KedroProject | None = None, published_schedule: bool = False) -> CompiledDag:
     """The project's pipeline compiled into a DAG (``--strict``: no warning allowed;
     ``run_once``, ``overrides``: see :func:`kvx_runtime.compiler.compile_dag`; ``serving`` and
     ``project``: see :func:`~.project.compile_for`)."""
@@ -58,7 +58,8 @@ def compile_dag_for(at: Invocation, options: PipelineOptions, dag: DagOptions, s
         raise UsageError("--worker-project-path is for --operator local (pods run the project from their image)")
     compiled = compile_dag(compile_request(at, options, storage_root, values, serving=serving, project=project),
                            operator="local" if dag.operator == "local" else "pods",
-                           project_dir=dag.worker_project_path, run_once=run_once, overrides=overrides)
+                           project_dir=dag.worker_project_path, run_once=run_once, overrides=overrides,
+                           published_schedule=published_schedule)
     if strict:
         refuse_warnings(compiled.warnings, "DAG")
     return compiled

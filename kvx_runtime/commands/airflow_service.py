@@ -60,8 +60,12 @@ def run_dag_once(request: DagRunOnceRequest) -> None:
 
     target, project = open_target(request.at)
     target.check_upload()
+    # A DAG scheduled by `schedule --cron` has a schedule the configuration does not: its run-once
+    # copy is published apart too, never over it.
+    scheduled = target.find_schedule(target.pipeline_name(project.package_name, request.options.pipeline)) is not None
     compiled = compile_dag_for(request.at.in_env(project.env), request.options, request.dag, request.storage_root,
-                               request.values, strict=request.strict, run_once=True, serving=project)
+                               request.values, strict=request.strict, run_once=True, serving=project,
+                               published_schedule=scheduled)
     refuse_missing_inputs(compiled.remote_inputs)
     dag_id = compiled.dag.dag_id
     click.echo(f"Publishing DAG {dag_id} and waiting for Airflow to parse it")
@@ -128,10 +132,7 @@ def schedule_dag(request: DagScheduleRequest) -> None:
     target, project = open_target(request.at)
     run_config = project.plugin_config.run_config
     if request.action is not None:  # the DAG is found by its id: nothing to compile
-        from kvx_runtime.compiler.names import project_pipeline_name
-
-        dag_id = getattr(run_config, "dag_id", None) or project_pipeline_name(project.package_name,
-                                                                              request.options.pipeline)
+        dag_id = target.pipeline_name(project.package_name, request.options.pipeline)
         if request.action != "delete" and target.find_schedule(dag_id) is None:
             raise UsageError(f"Airflow has no scheduled DAG {dag_id}", hint="create it with `schedule --cron ...`")
         after = target.set_schedule_state(dag_id, request.action)

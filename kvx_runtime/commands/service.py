@@ -202,10 +202,8 @@ def list_runs(request: ListRunsRequest) -> None:
     """The newest runs of the pipeline (of every pipeline with ``all_pipelines``), a line each."""
     from itertools import islice
 
-    from kvx_runtime.compiler.names import project_pipeline_name
-
     target, project = open_target(request.at)
-    name = project_pipeline_name(project.package_name, request.pipeline)
+    name = target.pipeline_name(project.package_name, request.pipeline)
     runs = list(islice(target.list_runs(None if request.all_pipelines else name), request.limit))
     click.echo(f"{'JOB':<60} {'STATE':<10} {'STARTED (UTC)':<19} DURATION")
     for info in runs:

@@ -27,14 +27,16 @@ run's task instances from Airflow's database for the task SDK's ``get_task_state
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import keyword
+import math
 import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
@@ -176,6 +178,9 @@ def _flat(value: Any) -> str:
                                            for key, item in value.kwargs.items()) + ")"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{value!r} cannot be a DAG's value: Airflow keeps params and settings as JSON, which has "
+                          "no inf or nan", hint="give the parameter a finite default (or leave it out of --params)")
     if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
@@ -209,10 +214,11 @@ class _DagWriter:
         self.operator, self.project_dir = operator, project_dir
         self.kinds = {parameter.name: parameter.type for parameter in plan.parameters}
         # Module-level names the tasks' variables must not shadow.
-        taken = {"dag", "task", "POD", "TASK_ENV", "BODY_TASKS", "DAG", "Param", "Secret", "k8s", "json",
+        taken = {"dag", "task", "POD", "TASK_ENV", "SECRET_ENV", "BODY_TASKS", "DAG", "Param", "Secret", "k8s", "json",
                  "datetime", "timedelta", "timezone", "kvx_final_status", "AirflowFailException", "shlex",
                  "KubernetesPodOperator", "BashOperator", "TriggerRule", "mask_secret", "AIRFLOW_3"}
         taken.add("body")
+        taken |= set(dir(builtins))  # kvx_final_status calls sorted(), any(), hasattr()
         self.variables = {step.name: _identifier(step.name, taken) for step in (*plan.steps, *plan.exit_steps)}
         self.outcome_variable = _identifier(OUTCOME_TASK.replace("-", "_"), taken) if plan.exit_steps else ""
 
@@ -293,6 +299,9 @@ class _DagWriter:
     def _constants(self) -> str:
         blocks = [f"#: Every task's environment (KVX_ORCHESTRATOR: how the steps name a run's job directory).\n"
                   f"TASK_ENV = {_py(self._task_env(), 0, len('TASK_ENV = '))}\n"]
+        if self.operator == "pods" and self._secret_env():
+            blocks.append("#: Environment variables from secret keys that may be missing (secrets_as_env, optional).\n"
+                          f"SECRET_ENV = {_py(self._secret_env(), 0, len('SECRET_ENV = '))}\n")
         if self.operator == "pods":
             blocks.append(f"#: What every step's pod shares.\nPOD = {_py(self._pod_settings(), 0, 6)}\n")
         if self.plan.exit_steps:
@@ -388,7 +397,7 @@ class _DagWriter:
             kwargs["name"] = step.name
             kwargs["arguments"] = [step.command, *(self._templated(arg) for arg in step.args())]
             if step.env != self.plan_env():
-                kwargs["env_vars"] = {**self._task_env(), **self._step_env(step)}
+                kwargs["env_vars"] = self._env_vars({**self._task_env(), **self._step_env(step)})
             resources = step.resources
             if resources is not None:
                 amounts = resources.requests(GPU_RESOURCE)
@@ -464,7 +473,7 @@ class _DagWriter:
             "image": _jinja_literal(self.plan.image),
             "image_pull_policy": run.image_pull_policy,
             "cmds": [PROGRAM],
-            "env_vars": Code("TASK_ENV"),
+            "env_vars": self._env_vars(Code("TASK_ENV")),
         }
         if run.namespace:
             settings["namespace"] = run.namespace
@@ -498,10 +507,31 @@ class _DagWriter:
                 item["key"] = secret.key
             secrets.append(item)
         for as_env in self.run.kubernetes.secrets_as_env:
+            if as_env.optional:
+                continue  # the provider's Secret cannot say optional: an env var of its own (_secret_env)
             for key, variable in as_env.keys.items():
                 secrets.append({"deploy_type": "env", "deploy_target": variable, "secret": as_env.secret_name,
                                 "key": key})
         return secrets
+
+    def _secret_env(self) -> list[Call]:
+        """``secrets_as_env`` marked ``optional`` as the pod's env vars from a secret key that may
+        be missing (the pod starts without them, as on Kubeflow), where a missing ``Secret`` keeps
+        the pod from starting until its start-up timeout."""
+        return [Call("k8s.V1EnvVar", {"name": variable, "value_from": Call("k8s.V1EnvVarSource", {
+                    "secret_key_ref": Call("k8s.V1SecretKeySelector",
+                                           {"name": as_env.secret_name, "key": key, "optional": True})})})
+                for as_env in self.run.kubernetes.secrets_as_env if as_env.optional
+                for key, variable in as_env.keys.items()]
+
+    def _env_vars(self, values: Any) -> Any:
+        """A pod's ``env_vars``: ``values`` (a dict, or code naming one), with the optional
+        secrets' variables when there are any (then as the provider's list of V1EnvVar, whose
+        values Airflow still templates)."""
+        if not self._secret_env():
+            return values
+        text = values.text if isinstance(values, Code) else _flat(values)
+        return Code(f"[*(k8s.V1EnvVar(name=name, value=value) for name, value in {text}.items()), *SECRET_ENV]")
 
     # --- command lines -----------------------------------------------------------------------
 
@@ -644,11 +674,14 @@ _PARAM_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "b
 
 
 def _datetime(moment: datetime) -> str:
-    value = moment.astimezone(timezone.utc)
-    fields = [value.year, value.month, value.day]
-    if (value.hour, value.minute, value.second) != (0, 0, 0):
-        fields += [value.hour, value.minute, value.second]
-    return f"datetime({', '.join(map(str, fields))}, tzinfo=timezone.utc)"
+    """A ``datetime`` literal with the offset ``moment`` was given with: Airflow takes a DAG's
+    timezone from its start date, so ``0 3 * * *`` from a start at +01:00 runs at 03:00 there."""
+    offset = moment.utcoffset()
+    zone = "timezone.utc" if not offset else f"timezone(timedelta(seconds={int(offset.total_seconds())}))"
+    fields = [moment.year, moment.month, moment.day]
+    if (moment.hour, moment.minute, moment.second) != (0, 0, 0):
+        fields += [moment.hour, moment.minute, moment.second]
+    return f"datetime({', '.join(map(str, fields))}, tzinfo={zone})"
 
 
 def _toleration(toleration: Any) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from kvx_runtime.compiler.checks import check_node_dependencies, check_references
 from kvx_runtime.compiler.kfp_render import render_kfp
 from kvx_runtime.compiler.loading import load_project_facts
+from kvx_runtime.compiler.names import pipeline_dag_id
 from kvx_runtime.compiler.planner import CompileRequest, plan_pipeline
 from kvx_runtime.compiler.upload import upload_code
-from kvx_runtime.errors import UsageError
+from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.log import get_logger
 
 if TYPE_CHECKING:  # imported by compile_dag: the Airflow renderer and its config are no cost of a KFP compile
@@ -72,18 +73,21 @@ RUN_ONCE_SUFFIX = "-run-once"
 
 
 def compile_dag(request: CompileRequest, operator: Operator = "pods", project_dir: str | None = None,
-                run_once: bool = False, overrides: Mapping[str, Any] | None = None) -> CompiledDag:
+                run_once: bool = False, overrides: Mapping[str, Any] | None = None,
+                published_schedule: bool = False) -> CompiledDag:
     """Plan ``request``, upload its code when asked and render it as an Airflow DAG file
     (``project_dir``: where the project lives on the worker, for the local operator; default:
     the project's absolute path here). ``run_once``: the DAG of a one-off run, without a
     schedule (a scheduled DAG's one-off copy gets the id ``<dag_id>-run-once``, so publishing it
-    never replaces or starts the schedule). ``overrides``: run_config keys set for this DAG
-    (``schedule --cron``), validated as the config is."""
+    never replaces or starts the schedule; ``published_schedule``: the DAG Airflow has is
+    scheduled, by ``schedule --cron``, where the configuration says none). ``overrides``:
+    run_config keys set for this DAG (``schedule --cron``), validated as the config is."""
     import kedro
 
     import kvx_runtime
     from kvx_runtime.compiler.airflow_render import DagSource, render_airflow
     from kvx_runtime.config import AirflowRunConfig
+    from kvx_runtime.config.airflow import is_dag_id
 
     if operator == "local":  # every task runs on the one worker, in one project directory
         from kvx_runtime.targets.registry import ONE_MACHINE
@@ -95,9 +99,22 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     run = facts.run if isinstance(facts.run, AirflowRunConfig) else AirflowRunConfig.model_validate(
         facts.run.model_dump())
     if overrides:
-        run = AirflowRunConfig.model_validate({**run.model_dump(), **overrides})
-    if run_once and run.schedule:
-        run = run.model_copy(update={"schedule": None, "dag_id": (run.dag_id or plan.name) + RUN_ONCE_SUFFIX})
+        from pydantic import ValidationError
+
+        try:
+            run = AirflowRunConfig.model_validate({**run.model_dump(), **overrides})
+        except ValidationError as exc:
+            from kvx_runtime.config.validation import describe_validation_error
+
+            raise ConfigError(f"the schedule given: {describe_validation_error(exc, 'run_config.')}",
+                              hint="--cron takes a cron expression or an Airflow preset, --start-date a date "
+                              "(2026-01-01) or a time with its offset") from None
+    run = run.model_copy(update={"dag_id": pipeline_dag_id(run.dag_id, facts.package_name, request.pipeline)})
+    if run_once and (run.schedule or published_schedule):
+        run = run.model_copy(update={"schedule": None, "dag_id": f"{run.dag_id}{RUN_ONCE_SUFFIX}"})
+    if run.dag_id and not is_dag_id(run.dag_id):
+        raise ConfigError(f"DAG id {run.dag_id!r} is not one Airflow accepts (letters, digits, _ . -, at most 250 "
+                          "characters)", hint="shorten run_config.dag_id (or the pipeline's name)")
     source = DagSource(package=facts.package_name, pipeline=request.pipeline, env=facts.env,
                        kvx_version=kvx_runtime.__version__, kedro_version=kedro.__version__)
     worker_dir = (project_dir or str(facts.project_path)) if operator == "local" else None

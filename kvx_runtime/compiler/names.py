@@ -68,6 +68,21 @@ def project_pipeline_name(package_name: str, pipeline: str) -> str:
     return pipeline_name(package_name if pipeline == DEFAULT_PIPELINE else f"{package_name}-{pipeline}")
 
 
+#: What Airflow's ids cannot hold (``airflow.utils.helpers.KEY_REGEX``).
+_NOT_IN_DAG_ID = re.compile(r"[^\w.-]+")
+
+
+def pipeline_dag_id(configured: str | None, package_name: str, pipeline: str) -> str:
+    """The Airflow DAG of a project's pipeline: ``run_config.dag_id`` names the default
+    pipeline's DAG and prefixes the others' (``<dag_id>-<pipeline>``: each pipeline has a DAG of
+    its own); without it, the pipeline's name on every target (:func:`project_pipeline_name`)."""
+    if not configured:
+        return project_pipeline_name(package_name, pipeline)
+    if pipeline == DEFAULT_PIPELINE:
+        return configured
+    return f"{configured}-{_NOT_IN_DAG_ID.sub('-', pipeline)}"
+
+
 def parameter_name(kedro_name: str) -> str:
     """Kedro parameter ``data_science.model_options.test_size`` -> pipeline parameter
     ``data_science__model_options__test_size`` (pipeline parameters are identifiers)."""

@@ -38,6 +38,15 @@ _CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
     ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
 )
+#: Airflow's longest tag (``DagTag.name``).
+_TAG_LENGTH = 100
+#: What croniter (Airflow's cron parser) also takes in the day fields: ``?`` (no value), ``L``
+#: (the month's last day; ``L5``, its last Friday), ``15W`` (the weekday nearest the 15th),
+#: ``5#3`` (its third Friday).
+_CRON_DAY_SPECIALS = {
+    "day of month": re.compile(r"^(\?|L|(?:[1-9]|[12][0-9]|3[01])W)$", re.IGNORECASE),
+    "day of week": re.compile(r"^(\?|L[0-7]|(?:[0-7]|sun|mon|tue|wed|thu|fri|sat)#[1-5])$", re.IGNORECASE),
+}
 _CRON_ITEM = re.compile(r"^(\*|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/([0-9]+))?$")
 #: Airflow's rule for DAG and task ids (``airflow.utils.helpers.KEY_REGEX``), 250 characters at most.
 _DAG_ID = re.compile(r"^[\w.-]+$")
@@ -63,6 +72,9 @@ def check_schedule(value: str) -> str:
                          "(minute hour day-of-month month day-of-week)")
     for part, (name, low, high, names) in zip(parts, _CRON_FIELDS, strict=True):
         for item in part.split(","):
+            special = _CRON_DAY_SPECIALS.get(name)
+            if special is not None and special.match(item):
+                continue
             match = _CRON_ITEM.match(item)
             if not match:
                 raise ValueError(f"{value!r}: the {name} field {part!r} is not a cron field")
@@ -200,6 +212,25 @@ class AirflowRunConfig(RunConfig):
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         return None if value is None else check_schedule(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not 0 < len(tag) <= _TAG_LENGTH:
+                raise ValueError(f"tag {tag[:40]!r}... has {len(tag)} characters: Airflow takes 1 to {_TAG_LENGTH}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continuous_runs_one_at_a_time(cls, data: Any) -> Any:
+        # Airflow refuses to import a @continuous DAG that may run more than one run at a time.
+        if isinstance(data, dict) and " ".join(str(data.get("schedule") or "").split()) == "@continuous":
+            if data.get("max_active_runs") is None:
+                return {**data, "max_active_runs": 1}
+            if data["max_active_runs"] != 1:
+                raise ValueError("schedule @continuous runs one run at a time: max_active_runs must be 1 (or unset)")
+        return data
 
     @field_validator("start_date", mode="before")
     @classmethod

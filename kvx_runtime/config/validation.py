@@ -25,7 +25,8 @@ from kvx_runtime.config.schema import PluginConfig
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.log import get_logger
 
-__all__ = ["ALL_KEYS", "MAX_DEPTH", "STEP_KEYS", "Unresolved", "nesting_depth", "parse_plugin_config", "unknown_keys"]
+__all__ = ["ALL_KEYS", "MAX_DEPTH", "STEP_KEYS", "Unresolved", "describe_validation_error", "nesting_depth",
+           "parse_plugin_config", "unknown_keys"]
 
 # The package's logger: its lines keep the name they had before config.py became a package.
 log = get_logger(__package__)
@@ -199,6 +200,12 @@ def parse_plugin_config(
     if unknown:
         log.warning(f"unknown keys in {source} are ignored", keys=unknown, source=source)
     return config
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Each problem of ``exc`` as ``<prefix><key>: <what is wrong>``, in one line."""
+    return "; ".join(dict.fromkeys(f"{prefix}{_path(error['loc'])}: {_describe(error)}"
+                                   for error in exc.errors(include_url=False)))
 
 
 def _describe(error: Mapping[str, Any]) -> str:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from kvx_runtime import settings
-from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
     PipelineTarget,
@@ -162,6 +162,19 @@ class ApiV1(ApiV2):
         return [line for text in texts for line in str(text).splitlines() if line.strip()]
 
 
+def _dags_folder_error(action: str, location: str, exc: BaseException) -> KvxError:
+    """The DAGs folder's failure as one line: refused credentials are the caller's to fix (exit 2),
+    anything else may pass (exit 3)."""
+    from kvx_runtime.failures import is_refused
+    from kvx_runtime.log import redact
+
+    text = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    if is_refused(exc):
+        return ConfigError(f"cannot {action} {location}: the credentials were refused ({text})",
+                           hint="gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS")
+    return InfrastructureError(f"cannot {action} {location}: {text}")
+
+
 def _step_error(line: str) -> str | None:
     """The message of a kvx-runtime ERROR log line (JSON, after whatever Airflow prefixed)."""
     import json
@@ -277,9 +290,8 @@ class AirflowTarget(PipelineTarget):
                 handle.write(text)
         except ImportError as exc:
             raise ConfigError(f"cannot write {location}: {exc}", hint="install gcsfs for gs:// DAG folders") from None
-        except OSError as exc:
-            raise InfrastructureError(f"cannot write the DAG file {location}: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        except Exception as exc:  # OSError, and the store's own (google-auth's TransportError, RefreshError...)
+            raise _dags_folder_error("write the DAG file", location, exc) from None
         log.info("DAG file written", dag_id=dag_id, location=location)
         return location
 
@@ -293,10 +305,16 @@ class AirflowTarget(PipelineTarget):
             if not filesystem.exists(path):
                 return False
             filesystem.rm(path)
-        except OSError as exc:
-            raise InfrastructureError(f"cannot remove the DAG file {location}: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        except ImportError as exc:
+            raise ConfigError(f"cannot remove {location}: {exc}", hint="install gcsfs for gs:// DAG folders") from None
+        except Exception as exc:
+            raise _dags_folder_error("remove the DAG file", location, exc) from None
         return True
+
+    def pipeline_name(self, package_name: str, pipeline: str) -> str:
+        from kvx_runtime.compiler.names import pipeline_dag_id
+
+        return pipeline_dag_id(self.dag_id, package_name, pipeline)
 
     def dag(self, dag_id: str) -> dict[str, Any] | None:
         """The DAG's details, or None while Airflow does not know it."""
@@ -423,8 +441,8 @@ class AirflowTarget(PipelineTarget):
         if "/" in name:
             dag_id, _, run_id = name.partition("/")
             return dag_id, run_id
-        if self.dag_id:
-            return self.dag_id, name
+        # Looked up whatever the configured dag_id: the run may be of the DAG's run-once copy or
+        # of another pipeline's DAG.
         runs = [run for run in self._pages("dags/~/dagRuns", "dag_runs", self.api.run_id_filter(name))
                 if run.get("dag_run_id") == name]
         if len(runs) != 1:
@@ -478,7 +496,7 @@ class AirflowTarget(PipelineTarget):
         )
 
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
-        dag = "~" if pipeline is None else quote(self.dag_id or pipeline, safe="")
+        dag = "~" if pipeline is None else quote(pipeline, safe="")
         for run in self._pages(f"dags/{dag}/dagRuns", "dag_runs", {"order_by": self.api.runs_order}):
             yield self._run_info(run, tasks=())
 

@@ -153,7 +153,13 @@ class PipelineTarget(ABC):
 
     @abstractmethod
     def list_runs(self, pipeline: str | None = None) -> Iterator[RunInfo]:
-        """Runs, newest first; of one pipeline (its name in the spec) unless None."""
+        """Runs, newest first; of one pipeline (its name here: :meth:`pipeline_name`) unless None."""
+
+    def pipeline_name(self, package_name: str, pipeline: str) -> str:
+        """What this target calls a project's pipeline (the name its runs are found by)."""
+        from kvx_runtime.compiler.names import project_pipeline_name
+
+        return project_pipeline_name(package_name, pipeline)
 
     @abstractmethod
     def cancel(self, name: str) -> None:
