@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -89,6 +90,40 @@ def submitted(result: subprocess.CompletedProcess[str]) -> tuple[str, str]:
     [line] = [line for line in result.stdout.splitlines() if line.startswith("Submitted ")]
     dag_id, _, run_id = line.removeprefix("Submitted ").partition("/")
     return dag_id, run_id
+
+
+def ended(journey: Journey, dag_id: str, run_id: str, timeout: float = 180) -> dict[str, Any]:
+    """The run once it has ended (a cancelled run ends after its exit tasks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = api_get(journey, f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        if run["state"] in ("success", "failed") or time.monotonic() > deadline:
+            return run
+        time.sleep(1)
+
+
+def test_cancel_stops_the_body_and_the_exit_tasks_end_the_mlflow_run(journey: Journey,
+                                                                     mlflow_server: MlflowServer) -> None:
+    # Marking the run failed would skip its exit tasks: the MLflow run left RUNNING for good.
+    once = journey.kvx("run-once", "--env", "local", "--operator", "local", "--no-wait")
+    assert once.returncode == 0, once.stderr[-3000:]
+    dag_id, run_id = submitted(once)
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the MLflow run made, the body under way
+        states = {task["task_id"]: task["state"] for task in api_get(journey, path)["task_instances"]}
+        if states.get("mlflow-start-run") == "success":
+            break
+        time.sleep(0.5)
+    cancelled = journey.kvx("cancel", "--env", "local", f"{dag_id}/{run_id}")
+    assert cancelled.returncode == 0, cancelled.stderr[-2000:]
+    run = ended(journey, dag_id, run_id)
+    assert run["state"] == "failed", run
+    states = {task["task_id"]: task["state"] for task in api_get(journey, path)["task_instances"]}
+    assert states["mlflow-end-run"] == "success" and "reporting-build-report-node" not in \
+        [task for task, state in states.items() if state == "success"], states
+    [mlflow_run] = mlflow_runs(mlflow_server, run_id)
+    assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["kvx.final_state"] == "FAILED"
 
 
 def test_run_once_waits_for_a_run_that_makes_what_kedro_run_makes(
@@ -218,7 +253,7 @@ def test_schedule_publishes_the_dag_with_its_cron_then_pause_resume_delete(journ
     assert "schedule=\"0 3 * * *\"" in (journey.server.dags_folder / f"{scheduled}.py").read_text()
     cancelled = journey.kvx("cancel", "--env", "sched", f"{dag_id}/{run_id}")
     assert cancelled.returncode == 0, cancelled.stderr[-2000:]
-    assert api_get(journey, f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"] == "failed"
+    assert ended(journey, dag_id, run_id)["state"] == "failed"
 
     deleted = journey.kvx("schedule", "--env", "sched", "--delete")
     assert deleted.returncode == 0 and f"Schedule {scheduled}: deleted" in deleted.stdout

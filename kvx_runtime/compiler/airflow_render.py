@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 from kvx_runtime.compiler.plan import (
+    MLFLOW_END_STEP,
     MLFLOW_START_STEP,
+    ON_EXIT_STEP,
     ParameterRef,
     PipelinePlan,
     PlannedStep,
@@ -64,6 +66,8 @@ OPERATORS: tuple[Operator, ...] = ("pods", "local")
 STORAGE_ROOT_PARAM = "kvx_storage_root"
 #: The task that fails the DAG run when the body failed (only with exit steps).
 OUTCOME_TASK = "pipeline-outcome"
+#: The tasks that run once the body is done, whatever its outcome (``all_done``).
+EXIT_TASKS = frozenset({MLFLOW_END_STEP, ON_EXIT_STEP, OUTCOME_TASK})
 #: Where a pod's XCom is read from by the provider's sidecar (as JSON).
 POD_XCOM_FILE = "/airflow/xcom/return.json"
 #: The Kubernetes resource GPUs are asked by on GKE (Composer) and most clusters.

@@ -62,6 +62,9 @@ _TASK_STATES = {
     "queued": "PENDING", "scheduled": "PENDING",
 }
 
+#: Task states a cancel has nothing to stop in.
+_FINISHED_TASK_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
+
 
 def dag_spec(dag_id: str, text: str) -> dict[str, str]:
     """The ``spec`` of a run or upload request for this target: the DAG file to publish."""
@@ -98,6 +101,10 @@ class ApiV2:
 
     def created(self, run: Mapping[str, Any]) -> Any:
         return run.get("queued_at") or run.get("run_after")
+
+    def mark_failed(self) -> dict[str, Any]:
+        """The body that marks one task instance failed (PATCH .../taskInstances/<task>)."""
+        return {"new_state": "failed"}
 
     def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
         """The body that clears the run's ``task_ids`` and everything downstream of them, finished
@@ -143,6 +150,9 @@ class ApiV1(ApiV2):
 
     def created(self, run: Mapping[str, Any]) -> Any:
         return run.get("queued_at") or run.get("logical_date") or run.get("execution_date")
+
+    def mark_failed(self) -> dict[str, Any]:
+        return {"new_state": "failed", "dry_run": False}  # API v1 only reports what it would do by default
 
     def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
         body = super().clear_unfinished(run_id, task_ids)
@@ -501,10 +511,30 @@ class AirflowTarget(PipelineTarget):
             yield self._run_info(run, tasks=())
 
     def cancel(self, name: str) -> None:
-        """Mark the run failed: Airflow stops its running tasks and starts no more."""
+        """Stop the run. A running run's unfinished body tasks are marked failed (Airflow kills
+        those running and starts no more of them) and its exit tasks run, as Vertex AI runs its
+        exit handler on a cancel: the MLflow run ends FAILED, the on-exit pipeline runs. Marking
+        the run itself failed would skip them (the MLflow run left RUNNING for good). A run not
+        started yet (nothing of it ran), or without exit tasks, is marked failed."""
+        from kvx_runtime.compiler.airflow_render import EXIT_TASKS
+
         dag_id, run_id = self._split(name)
-        self._request("PATCH", f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
-                      body={"state": "failed"})
+        path = f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}"
+        run = self._request("GET", path)
+        tasks = list(self._pages(f"{path}/taskInstances", "task_instances", {})) \
+            if run.get("state") == "running" else []
+        if not any(task.get("task_id") in EXIT_TASKS for task in tasks):
+            self._request("PATCH", path, body={"state": "failed"})
+            return
+        for task in tasks:
+            if task.get("task_id") in EXIT_TASKS or task.get("state") in _FINISHED_TASK_STATES:
+                continue
+            try:
+                self._request("PATCH", f"{path}/taskInstances/{quote(str(task['task_id']), safe='')}",
+                              body=self.api.mark_failed())
+            except ApiError as exc:
+                if exc.status not in (400, 404, 409):  # finished or gone meanwhile: nothing to stop
+                    raise
 
     def rerun_unfinished(self, run: RunInfo) -> RunInfo | None:
         """Clear the run's tasks that did not succeed and everything downstream of them (the
