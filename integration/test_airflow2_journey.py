@@ -53,6 +53,15 @@ def test_run_once_waits_for_a_run_on_airflow_2_10_and_status_and_listing_read_it
     [submitted] = [line for line in result.stdout.splitlines() if line.startswith("Submitted ")]
     dag_id, _, run_id = submitted.removeprefix("Submitted ").partition("/")
     assert dag_id == "journey2-kvx"
+    # The run's page as printed: a view of the DAG's grid, which Airflow 2.10's UI has (a login
+    # redirect for this anonymous request, never a 404).
+    from urllib.parse import quote
+
+    import requests
+
+    url = result.stdout.splitlines()[result.stdout.splitlines().index(submitted) + 1].strip()
+    assert url == f"{airflow2_server.url}/dags/{dag_id}/grid?dag_run_id={quote(run_id, safe='')}"
+    assert requests.get(url, allow_redirects=False, timeout=30).status_code in (200, 302)
     assert (project / "data" / "table.csv").read_text() == "label,total\nTotal,12\n"
     assert airflow2_server.password not in result.stdout + result.stderr
 

@@ -28,43 +28,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 GOLDEN_DAGS = [case.name for case in CASES if case.airflow]
 #: The compiled cases whose graph is checked against the KFP spec of the same plan.
 GRAPH_CASES = ["example-rich", "example-local", "real-world"]
+
+
+def _example_config(dag_id: str, run_config: str) -> str:
+    """An airflow-k8s.yml of the example project: its DAG ``dag_id`` with ``run_config`` keys."""
+    return ("host: https://airflow.example.com\nrun_config:\n"
+            "  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1\n"
+            f"  root: gs://kvx-example-bucket/airflow\n  dag_id: {dag_id}\n{run_config}")
+
+
 #: What the golden DAGs do not write: the GoogleOAuth2 macro and a backoff factor Airflow 2.10
 #: cannot say (3: the file tells the two Airflows apart).
-GOOGLE_CONFIG = """\
-host: https://airflow.example.com
-run_config:
-  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1
-  root: gs://kvx-example-bucket/airflow
-  dag_id: spaceflights-google
+GOOGLE_CONFIG = _example_config("spaceflights-google", """\
   authentication: {type: GoogleOAuth2}
   retries:
     __default__: {max_retry_count: 3, backoff_duration: 30s, backoff_factor: 3}
-"""
-
+""")
 #: What the other cases do not write: a start date with its offset, croniter's own day syntax (the
 #: last Friday), an optional secret, a continuous schedule.
-EDGES_CONFIG = """\
-host: https://airflow.example.com
-run_config:
-  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1
-  root: gs://kvx-example-bucket/airflow
-  dag_id: spaceflights-edges
+EDGES_CONFIG = _example_config("spaceflights-edges", """\
   schedule: "0 3 * * L5"
   start_date: "2026-01-05T00:00:00+01:00"
   kubernetes:
     secrets_as_env:
       - {secret_name: minio-keys, keys: {accesskey: AWS_ACCESS_KEY_ID}, optional: true}
       - {secret_name: mlflow-auth, keys: {token: MLFLOW_TRACKING_TOKEN}}
-"""
-CONTINUOUS_CONFIG = """\
-host: https://airflow.example.com
-run_config:
-  image: europe-docker.pkg.dev/kvx-example/images/spaceflights:1
-  root: gs://kvx-example-bucket/airflow
-  dag_id: spaceflights-continuous
+""")
+CONTINUOUS_CONFIG = _example_config("spaceflights-continuous", """\
   schedule: "@continuous"
   start_date: 2026-01-05
-"""
+""")
 
 #: Airflow 3's and 2.10's homes of DagBag and of the serializer the DAG processor stores DAGs with.
 PARSE = r"""

@@ -93,6 +93,12 @@ def test_publishing_needs_a_dags_folder_and_writes_dag_id_py(tmp_path: Path) -> 
     spec = dag_spec("my-dag", "# a DAG\n")
     assert target.publish(spec["dag_id"], spec["dag_file"]) == str(tmp_path / "dags" / "my-dag.py")
     assert (tmp_path / "dags" / "my-dag.py").read_text() == "# a DAG\n"
+    # A new version replaces the file whole (renamed into place: a DAG processor never parses a
+    # half-written file), with nothing else left in the folder.
+    before = (tmp_path / "dags" / "my-dag.py").stat().st_ino
+    target.publish("my-dag", "# a DAG, version 2\n")
+    assert (tmp_path / "dags" / "my-dag.py").stat().st_ino != before
+    assert [path.name for path in (tmp_path / "dags").iterdir()] == ["my-dag.py"]
     assert target.remove_dag_file("my-dag") and not target.remove_dag_file("my-dag")
 
 
@@ -104,6 +110,16 @@ def test_airflow_states_map_to_the_targets_states() -> None:
     assert run.start_time is not None and run.start_time.microsecond == 123456
     assert target.job_name(run) == "d" and target.step_run_id(run) == "r1"
     assert target.console_url(run) == f"{HOST}/dags/d/runs/r1"
+    # Airflow 2.10's UI has no page per run or task: views of the DAG's grid.
+    from kvx_runtime.targets.airflow import ApiV1
+    from kvx_runtime.targets.base import TaskInfo
+
+    task = TaskInfo(name="t 1", state="FAILED", error=None, start=None, end=None, executor=None)
+    assert target.logs_url(run, task) == f"{HOST}/dags/d/runs/r1/tasks/t%201"
+    old = AirflowTarget(HOST, api=ApiV1())
+    assert old.console_url(run) == f"{HOST}/dags/d/grid?dag_run_id=r1"
+    assert old.logs_url(run, task) == f"{HOST}/dags/d/grid?dag_run_id=r1&task_id=t%201&tab=logs"
+    assert old.console_url() == f"{HOST}/home" and target.console_url() == f"{HOST}/dags"
     states = {raw: target._task_info({"task_id": "t", "state": raw, "try_number": 2, "max_tries": 1}).state
               for raw in ("success", "failed", "upstream_failed", "running", "up_for_retry", "queued", None)}
     assert states == {"success": "SUCCEEDED", "failed": "FAILED", "upstream_failed": "SKIPPED", "running": "RUNNING",

@@ -106,6 +106,16 @@ class ApiV2:
         """The body that marks one task instance failed (PATCH .../taskInstances/<task>)."""
         return {"new_state": "failed"}
 
+    # The web UI's pages (Airflow 3's React UI).
+    def dags_page(self, host: str) -> str:
+        return f"{host}/dags"
+
+    def run_page(self, host: str, dag_id: str, run_id: str) -> str:
+        return f"{host}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
+    def task_page(self, host: str, dag_id: str, run_id: str, task_id: str) -> str:
+        return f"{self.run_page(host, dag_id, run_id)}/tasks/{quote(task_id, safe='')}"
+
     def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
         """The body that clears the run's ``task_ids`` and everything downstream of them, finished
         or not (the MLflow end task must run again), with the DAG as published now (Airflow 3
@@ -153,6 +163,16 @@ class ApiV1(ApiV2):
 
     def mark_failed(self) -> dict[str, Any]:
         return {"new_state": "failed", "dry_run": False}  # API v1 only reports what it would do by default
+
+    # Airflow 2's Flask UI: a run and a task's log are views of the DAG's grid.
+    def dags_page(self, host: str) -> str:
+        return f"{host}/home"
+
+    def run_page(self, host: str, dag_id: str, run_id: str) -> str:
+        return f"{host}/dags/{quote(dag_id, safe='')}/grid?dag_run_id={quote(run_id, safe='')}"
+
+    def task_page(self, host: str, dag_id: str, run_id: str, task_id: str) -> str:
+        return f"{self.run_page(host, dag_id, run_id)}&task_id={quote(task_id, safe='')}&tab=logs"
 
     def clear_unfinished(self, run_id: str, task_ids: list[str]) -> dict[str, Any]:
         body = super().clear_unfinished(run_id, task_ids)
@@ -289,15 +309,18 @@ class AirflowTarget(PipelineTarget):
         return f"{self._folder()}/{dag_id}.py"
 
     def publish(self, dag_id: str, text: str) -> str:
-        """Write the DAG file into the DAGs folder; returns where it went."""
+        """Write the DAG file into the DAGs folder, whole or not at all (a DAG processor parsing a
+        half-written file would record an import error, which the wait for the parse takes as
+        the file's); returns where it went."""
         import fsspec
+
+        from kvx_runtime.storage.store import write_file_whole
 
         location = self._dag_file(dag_id)
         try:
             filesystem, path = fsspec.core.url_to_fs(location)
             filesystem.makedirs(filesystem._parent(path), exist_ok=True)
-            with filesystem.open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            write_file_whole(filesystem, path, text.encode("utf-8"))
         except ImportError as exc:
             raise ConfigError(f"cannot write {location}: {exc}", hint="install gcsfs for gs:// DAG folders") from None
         except Exception as exc:  # OSError, and the store's own (google-auth's TransportError, RefreshError...)
@@ -633,10 +656,9 @@ class AirflowTarget(PipelineTarget):
     # --- where to look ------------------------------------------------------------------------
 
     def console_url(self, run: RunInfo | None = None) -> str:
-        if run is None:
-            return f"{self.host}/dags" + (f"/{quote(self.dag_id, safe='')}" if self.dag_id else "")
-        dag_id = run.labels.get("dag_id") or run.display_name
-        return f"{self.host}/dags/{quote(dag_id, safe='')}/runs/{quote(run.run_id, safe='')}"
+        if run is None:  # a DAG's page has one address in both UIs
+            return f"{self.host}/dags/{quote(self.dag_id, safe='')}" if self.dag_id else self.api.dags_page(self.host)
+        return self.api.run_page(self.host, run.labels.get("dag_id") or run.display_name, run.run_id)
 
     def job_name(self, run: RunInfo) -> str:
         return run.labels.get("dag_id") or run.display_name
@@ -645,7 +667,7 @@ class AirflowTarget(PipelineTarget):
         return run.run_id
 
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
-        return f"{self.console_url(run)}/tasks/{quote(task.name, safe='')}"
+        return self.api.task_page(self.host, run.labels.get("dag_id") or run.display_name, run.run_id, task.name)
 
     def _try_number(self, task: TaskInfo) -> int:
         text = (task.executor or "").removeprefix("try ")
