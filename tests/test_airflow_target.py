@@ -12,7 +12,7 @@ import pytest
 from kvx_runtime.auth.airflow import AirflowPasswordAuth, GoogleAccessTokenAuth, airflow_auth_from_environment
 from kvx_runtime.auth.kfp import BearerTokenAuth, NoAuth
 from kvx_runtime.config import load_plugin_config
-from kvx_runtime.errors import ConfigError
+from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.targets.airflow import AirflowTarget, ApiV2, dag_spec
 from kvx_runtime.targets.registry import TARGETS
 
@@ -380,3 +380,28 @@ def test_a_value_json_cannot_hold_is_refused_when_the_dag_is_written() -> None:
         with pytest.raises(ConfigError, match="no inf or nan"):
             _flat({"default": value})
     assert _flat({"default": 0.5}) == '{"default": 0.5}'
+
+
+def test_a_trigger_whose_answer_was_lost_is_its_own_run_not_a_conflict() -> None:
+    # The POST is retried after a lost answer: Airflow made the run the first time and answers
+    # the retry 409. A run with this run's conf is this run; another conf is a real conflict.
+    from kvx_runtime.targets.base import RunRequest
+    from kvx_runtime.targets.http import ApiError
+
+    existing = {"dag_id": "d", "dag_run_id": "d-20261204101500", "state": "queued", "conf": {"x": 1}}
+    calls: list[tuple[str, str]] = []
+
+    def request(method: str, path: str, **kwargs: Any) -> Any:
+        calls.append((method, path))
+        if method == "POST":
+            raise ApiError("Airflow: conflict", status=409)
+        return existing
+
+    target = AirflowTarget(HOST, api=ApiV2())
+    target._publish_parsed = lambda spec: ("d", {"is_paused": False}, False)  # type: ignore[method-assign]
+    target._request = request  # type: ignore[method-assign]
+    run = target.submit(RunRequest(spec={}, run_id="d-20261204101500", display_name="d", parameters={"x": 1}))
+    assert (run.name, run.state) == ("d/d-20261204101500", "PENDING")
+    assert calls[-1] == ("GET", "dags/d/dagRuns/d-20261204101500")
+    with pytest.raises(UsageError, match="already has a run d-20261204101500 of DAG d"):
+        target.submit(RunRequest(spec={}, run_id="d-20261204101500", display_name="d", parameters={"x": 2}))

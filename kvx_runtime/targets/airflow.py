@@ -463,11 +463,29 @@ class AirflowTarget(PipelineTarget):
         try:
             created = self._request("POST", f"dags/{quote(dag_id, safe='')}/dagRuns", body=body)
         except ApiError as exc:
-            if exc.status == 409:
+            if exc.status != 409:
+                raise
+            created = self._created_by_a_lost_answer(dag_id, run.run_id, run.parameters)
+            if created is None:
                 raise UsageError(f"Airflow already has a run {run.run_id} of DAG {dag_id}",
                                  hint="run again: each run-once gets a new run id") from None
-            raise
         return self._run_info(created, tasks=())
+
+    def _created_by_a_lost_answer(self, dag_id: str, run_id: str, conf: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The run ``run_id`` where it is this submission's own: a retried trigger whose first
+        answer was lost (the run made, the answer not received) meets its own run as a conflict.
+        Taken as ours when it has this run's conf (the id names the DAG and the second it was
+        made); None otherwise."""
+        try:
+            found: dict[str, Any] = self._request(
+                "GET", f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}")
+        except ApiError:
+            return None
+        if dict(found.get("conf") or {}) != dict(conf):
+            return None
+        log.info("the run was created by an earlier attempt whose answer was lost: it is this run", dag_id=dag_id,
+                 run_id=run_id)
+        return found
 
     def _split(self, name: str) -> tuple[str, str]:
         """``dag_id/run_id`` (or a run id of this project's DAG) -> (dag_id, run_id)."""
