@@ -163,3 +163,19 @@ def test_the_runs_tags_are_the_pipelines_not_a_steps() -> None:
     # Kedro 1.0's names: session_id, pipeline_name (a string).
     old = pipeline_run_tags({"session_id": "s", "kedro_command": "kedro run --node=a"}, {"pipeline_name": "etl"}, "r")
     assert old == {"session_id": "r", "kedro_command": "kedro run --pipeline=etl"}
+
+
+def test_a_step_adds_the_tags_the_run_lacks_and_overwrites_none() -> None:
+    # The on-exit step runs another pipeline: its kedro_command is not the run's.
+    from types import SimpleNamespace
+
+    from kvx_runtime.mlflow.pipeline_run import AttachedRun
+
+    written: list[dict[str, str]] = []
+    client = SimpleNamespace(log_batch=lambda run_id, tags: written.append({t.key: t.value for t in tags}))
+    attached = AttachedRun(connection=SimpleNamespace(client=client), run_id="r",  # type: ignore[arg-type]
+                           tags={"kedro_command": "kedro run --pipeline=__default__"})
+    attached.add_missing_tags({"kedro_command": "kedro run --pipeline=cleanup", "env": "base"})
+    attached.add_missing_tags({"kedro_command": "kedro run --pipeline=cleanup", "env": "base"})
+    assert written == [{"env": "base"}]
+    assert attached.tags["kedro_command"] == "kedro run --pipeline=__default__"

@@ -464,9 +464,10 @@ class AttachedRun:
             log.warning("could not record the finished nodes in the MLflow run", error=_redact(str(exc))[:200])
 
     def add_missing_tags(self, tags: Mapping[str, str]) -> None:
-        """Write those of ``tags`` the run does not carry with these values yet, in one request
-        (none when it carries them all). Best effort, like :meth:`tag`."""
-        missing = {key: value for key, value in tags.items() if self.tags.get(key) != value}
+        """Write those of ``tags`` the run does not carry yet, in one request (none when it
+        carries them all): the first steps tag the run, none overwrites (the on-exit step runs
+        another pipeline, whose ``kedro_command`` is not the run's). Best effort, like :meth:`tag`."""
+        missing = {key: value for key, value in tags.items() if key not in self.tags}
         if not missing:
             return
         from mlflow.entities import RunTag

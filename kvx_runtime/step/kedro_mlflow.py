@@ -88,7 +88,8 @@ def tag_the_pipelines_run(hook_manager: Any, attached: AttachedRun, *, run_id: s
     what its last step ran (``kedro run --node=<one node>``, that step's Kedro session and
     runner), two requests a step. Here its tag writes are taken while it runs, and the
     pipeline's tags (:func:`pipeline_run_tags`) that the run does not carry yet are written in
-    one request: by the first steps, none by the others."""
+    one request: by the first steps, none by the others (nor by the on-exit step, whose
+    pipeline is another)."""
     for implementation, position in _kedro_mlflows_implementations(hook_manager, "before_pipeline_run",
                                                                      "run_params"):
         setattr(implementation, "function",  # noqa: B010 (HookImpl.function is Final for pluggy)
