@@ -333,7 +333,8 @@ def test_code_upload_stores_the_archive_under_the_storage_root_and_only_the_dag_
     assert not [path for path in journey.server.dags_folder.iterdir() if not path.name.endswith(".py")]
 
 
-def test_bad_inputs_are_one_line_with_the_documented_exit_code(journey: Journey) -> None:
+def test_bad_inputs_are_one_line_with_the_documented_exit_code(journey: Journey,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     folder = str(journey.server.dags_folder)
     # A wrong password: Airflow refuses the login (exit 2), the password is never printed.
     refused = journey.kvx("list-pipelines", "--env", "local", KVX_AIRFLOW_PASSWORD="not-the-Passw0rd")
@@ -344,11 +345,28 @@ def test_bad_inputs_are_one_line_with_the_documented_exit_code(journey: Journey)
     unreachable = journey.kvx("list-pipelines", "--env", "nowhere", KVX_API_ATTEMPTS="2")
     assert unreachable.returncode == 3, unreachable.stderr[-2000:]
     assert "Airflow did not answer" in last_line(unreachable) and "Traceback" not in unreachable.stderr
-    # A DAG Airflow refuses to import (a tag longer than Airflow's 100 characters): exit 2 naming it.
+    # A tag longer than Airflow's 100 characters (Airflow would refuse to import the DAG): exit 2
+    # at compile, naming it, nothing published.
     journey.configure("refused", "journey-refused", folder, f"  tags: [{'t' * 120}]\n")
     bad_dag = journey.kvx("upload-pipeline", "--env", "refused", "--operator", "local")
     assert bad_dag.returncode == 2, bad_dag.stderr[-2000:]
-    assert "Airflow cannot import the DAG file journey-refused.py: " in last_line(bad_dag)
+    assert "run_config.tags: tag 'tttt" in last_line(bad_dag) and "Airflow takes 1 to 100" in last_line(bad_dag)
+    assert not (journey.server.dags_folder / "journey-refused.py").exists()
+    # A DAG file Airflow cannot import: the wait for its parse ends with Airflow's error, exit 2.
+    from kvx_runtime.auth.airflow import AirflowPasswordAuth
+    from kvx_runtime.errors import ConfigError
+    from kvx_runtime.targets.airflow import AirflowTarget, dag_spec
+    from kvx_runtime.targets.base import UploadRequest
+
+    monkeypatch.setenv("KVX_AIRFLOW_PARSE_TIMEOUT", "120")
+    target = AirflowTarget(journey.server.url, dags_folder=folder,
+                           auth=AirflowPasswordAuth(journey.server.url, journey.server.username,
+                                                    journey.server.password))
+    with pytest.raises(ConfigError, match="Airflow cannot import the DAG file journey-unimportable.py: .*on purpose"):
+        # (Airflow's safe mode parses only files that mention both "airflow" and "dag".)
+        target.upload(UploadRequest(spec=dag_spec("journey-unimportable",
+                                                  "# an airflow DAG file\nraise ValueError('refused on purpose')\n")))
+    (journey.server.dags_folder / "journey-unimportable.py").unlink()
     # An unknown config key (a typo): a warning naming it and the key meant; with --strict, exit 2
     # before anything is published.
     journey.configure("unknown", "journey-unknown", folder, "  dag_idd: typo\n")
