@@ -426,7 +426,10 @@ def _unwrap(func: Any) -> tuple[Any, list[Any], bool]:
         elif hasattr(func, "__wrapped__"):
             func = func.__wrapped__
         elif callable(func) and not (inspect.isroutine(func) or inspect.isclass(func)):
-            bound.append(func)  # a callable object: its class's code, its state
+            file = getattr(sys.modules.get(type(func).__module__), "__file__", None)
+            if file is None or _is_installed(Path(file).resolve()):
+                break  # a library's callable object (a numpy ufunc): by its name and the library's version
+            bound.append(func)  # a callable object of the project's: its class's code, its state
             func, made = type(func).__call__, True
         else:
             break
@@ -440,29 +443,28 @@ def _unwrap(func: Any) -> tuple[Any, list[Any], bool]:
 
 
 def _bound_text(value: Any, dirs: Sequence[Path], depth: int = 0) -> tuple[str, str | None]:
-    """A stable text for a value bound to a node's function (a function: its code digest; an
-    object: its type and attributes), and why it cannot be told (a text with an address in it
-    is another text in every process)."""
+    """A stable text for a value bound to a node's function, by its whole content (a function:
+    its code digest; plain data: its JSON; anything else: a digest of its pickle, never its
+    ``repr``, which shortens arrays and frames), and why it cannot be told (it cannot be
+    pickled: a lock, a connection)."""
     if inspect.isroutine(value) or isinstance(value, functools.partial):
         if depth > 3:
             return "deep", "its callables nest too deep to be fingerprinted"
         return code_digest(value, dirs, depth + 1)
     if inspect.isclass(value) or inspect.ismodule(value):
         return f"{value.__module__ if inspect.isclass(value) else ''}:{value.__name__}", None
-
-    def plain(item: Any) -> Any:
-        attributes = getattr(item, "__dict__", None)
-        if isinstance(attributes, dict) and not inspect.isroutine(item):
-            return {"type": f"{type(item).__module__}.{type(item).__qualname__}", "state": attributes}
-        return repr(item)
+    try:
+        return json.dumps(value, separators=(",", ":")), None
+    except (ValueError, TypeError, RecursionError):
+        pass
+    import cloudpickle
 
     try:
-        text = json.dumps(value, default=plain, separators=(",", ":"))
-    except (ValueError, TypeError, RecursionError) as exc:  # a cycle, keys JSON cannot say
-        return type(value).__qualname__, f"a value bound to it ({type(value).__qualname__}) cannot be told: {exc}"
-    if " at 0x" in text:
-        return text, f"a value bound to it ({text[:80]}) has no stable text"
-    return text, None
+        data = cloudpickle.dumps(value)
+    except Exception as exc:
+        name = type(value).__qualname__
+        return name, f"a value bound to it ({name}) cannot be fingerprinted: {_failure(exc)}"
+    return "pickle:" + hashlib.sha256(data).hexdigest(), None
 
 
 def code_digest(func: Any, project_dirs: Sequence[Path], depth: int = 0) -> tuple[str, str | None]:
