@@ -244,8 +244,10 @@ def test_a_pinned_load_version_is_in_the_key_of_the_steps_served_before_the_run(
     assert run_local(project, "newest", "--cache", "on") == dict.fromkeys(STEPS, "ran")
     assert table(project) == "label,total\nTotal,60\n"
     pinned = ("--load-version", "raw_numbers=2026-01-01T00.00.00.000Z")
+    assert all(verdict.startswith("MISS") for verdict in plan(project, *pinned).values())  # plan says so first
     assert run_local(project, "pinned", "--cache", "on", *pinned) == dict.fromkeys(STEPS, "ran")
     assert table(project) == "label,total\nTotal,12\n"
+    assert plan(project, *pinned) == dict.fromkeys(STEPS, "HIT")
     assert run_local(project, "pinned-again", "--cache", "on", *pinned) == dict.fromkeys(STEPS, "served")
     assert table(project) == "label,total\nTotal,12\n"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import click
 
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
-from kvx_runtime.commands.options import env_option, project_path_option
+from kvx_runtime.commands.options import env_option, load_version_option, project_path_option
 
 __all__ = ["PlanRequest", "plan_command", "show_plan"]
 
@@ -20,6 +20,8 @@ class PlanRequest:
     storage_root: str | None = None
     #: ``KEY=VALUE``: the run's Kedro parameters (typed as exec-node types them).
     values: tuple[str, ...] = ()
+    #: ``DATASET=VERSION``: the versions the run pins (``--load-version``).
+    load_versions: tuple[str, ...] = ()
 
 
 def show_plan(request: PlanRequest) -> None:
@@ -32,6 +34,7 @@ def show_plan(request: PlanRequest) -> None:
     from kvx_runtime.config import local_storage_root, resolve_storage_root
     from kvx_runtime.params import typed_params
     from kvx_runtime.project import open_project
+    from kvx_runtime.versions import parse_load_versions
 
     project = open_project(request.at.project_path, request.at.env)
     root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=True,
@@ -41,7 +44,8 @@ def show_plan(request: PlanRequest) -> None:
     facts = load_project_facts(compile_at)
     steps = plan_pipeline(compile_at, facts).nodes_of_step
     params = typed_params(request.values, facts.kedro_params)
-    predicted = run_verdicts(project, request.pipeline, steps, params, root)
+    predicted = run_verdicts(project, request.pipeline, steps, params, root,
+                             load_versions=parse_load_versions(request.load_versions))
     found = predicted.verdicts
     where = "" if predicted.recorded_by is None else \
         f", in the environment of run {predicted.recorded_by} (where the steps ran, not here)"
@@ -69,8 +73,9 @@ def show_plan(request: PlanRequest) -> None:
               "run-local's).")
 @click.option("--param", "values", multiple=True, metavar="KEY=VALUE",
               help="A Kedro parameter of the run (typed as exec-node types it). Repeatable.")
+@load_version_option
 @click.pass_context
 def plan_command(ctx: click.Context, project_path: str | None, env: str | None, pipeline: str,
-                 storage_root: str | None, values: tuple[str, ...]) -> None:
+                 storage_root: str | None, values: tuple[str, ...], load_versions: tuple[str, ...]) -> None:
     """Say which steps of a run the step cache would serve, and why each other step runs."""
-    show_plan(PlanRequest(invocation(ctx, project_path, env), pipeline, storage_root, values))
+    show_plan(PlanRequest(invocation(ctx, project_path, env), pipeline, storage_root, values, load_versions))
