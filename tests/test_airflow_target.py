@@ -129,10 +129,26 @@ def test_airflow_states_map_to_the_targets_states() -> None:
     assert target._split("other/r9") == ("other", "r9")
     # A bare run id is looked up whatever dag_id is configured: it may be the run-once copy's
     # run, or another pipeline's.
+    from kvx_runtime.targets.http import ApiError
+
+    runs = {"mine-run-once": {"r9"}, "other-pipeline": {"r7"}}
+    asked: list[str] = []
+
+    def request(method: str, path: str, **kwargs: Any) -> Any:
+        asked.append(path)
+        _, dag_id, _, run_id = path.split("/")
+        if run_id not in runs.get(dag_id, set()):
+            raise ApiError("not found", status=404)
+        return {}
+
     configured = AirflowTarget(HOST, dag_id="mine", api=ApiV2())
+    configured._request = request  # type: ignore[method-assign]
     configured._pages = lambda path, key, params: iter(  # type: ignore[method-assign]
-        [{"dag_id": "mine-run-once", "dag_run_id": "r9"}] if path == "dags/~/dagRuns" else [])
-    assert configured._split("r9") == ("mine-run-once", "r9")
+        [{"dag_id": dag, "dag_run_id": run} for dag, ids in runs.items() for run in ids] if path == "dags/~/dagRuns"
+        else [])
+    assert configured._split("r9") == ("mine-run-once", "r9")  # the configured DAG's copy: asked directly
+    assert asked == ["dags/mine/dagRuns/r9", "dags/mine-run-once/dagRuns/r9"]
+    assert configured._split("r7") == ("other-pipeline", "r7")  # else among every DAG's runs
     assert configured.pipeline_name("pkg", "__default__") == "mine"
     assert configured.pipeline_name("pkg", "data_science") == "mine-data_science"
     assert AirflowTarget(HOST, api=ApiV2()).pipeline_name("pkg", "data_science") == "pkg-data-science"

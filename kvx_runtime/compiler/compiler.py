@@ -68,8 +68,6 @@ class CompiledDag:
     remote_inputs: dict[str, str] = field(default_factory=dict)
 
 
-#: What run-once adds to the id of a scheduled DAG: its one-off copy, without the schedule.
-RUN_ONCE_SUFFIX = "-run-once"
 
 
 def compile_dag(request: CompileRequest, operator: Operator = "pods", project_dir: str | None = None,
@@ -87,7 +85,7 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     import kvx_runtime
     from kvx_runtime.compiler.airflow_render import DagSource, render_airflow
     from kvx_runtime.config import AirflowRunConfig
-    from kvx_runtime.config.airflow import is_dag_id
+    from kvx_runtime.config.airflow import RUN_ONCE_SUFFIX, is_dag_id
 
     if operator == "local":  # every task runs on the one worker, in one project directory
         from kvx_runtime.targets.registry import ONE_MACHINE

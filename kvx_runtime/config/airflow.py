@@ -24,9 +24,11 @@ from kvx_runtime.config.schema import (
     is_kubernetes_name,
 )
 
-__all__ = ["AirflowPluginConfig", "AirflowRunConfig", "MlflowAuthentication", "PodSecret", "Toleration",
-           "check_schedule", "is_dag_id"]
+__all__ = ["RUN_ONCE_SUFFIX", "AirflowPluginConfig", "AirflowRunConfig", "MlflowAuthentication", "PodSecret",
+           "Toleration", "check_schedule", "is_dag_id"]
 
+#: What run-once adds to the id of a scheduled DAG: its one-off copy, without the schedule.
+RUN_ONCE_SUFFIX = "-run-once"
 #: Airflow's own names for schedules (``schedule="@daily"``).
 SCHEDULE_PRESETS = frozenset({"@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly",
                               "@yearly", "@annually"})

@@ -492,8 +492,19 @@ class AirflowTarget(PipelineTarget):
         if "/" in name:
             dag_id, _, run_id = name.partition("/")
             return dag_id, run_id
-        # Looked up whatever the configured dag_id: the run may be of the DAG's run-once copy or
-        # of another pipeline's DAG.
+        # The configured DAG and its run-once copy first (one request each: Airflow 2's API cannot
+        # filter runs by id, so the listing below pages through every run); then every DAG, as
+        # the run may be another pipeline's.
+        from kvx_runtime.config.airflow import RUN_ONCE_SUFFIX
+
+        for dag_id in (self.dag_id, f"{self.dag_id}{RUN_ONCE_SUFFIX}") if self.dag_id else ():
+            try:
+                self._request("GET", f"dags/{quote(dag_id, safe='')}/dagRuns/{quote(name, safe='')}")
+            except ApiError as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            return dag_id, name
         runs = [run for run in self._pages("dags/~/dagRuns", "dag_runs", self.api.run_id_filter(name))
                 if run.get("dag_run_id") == name]
         if len(runs) != 1:
