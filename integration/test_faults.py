@@ -302,6 +302,13 @@ def test_sigterm_at_any_moment_from_start_to_the_end_of_a_save_exits_143(tmp_pat
             continue
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
+        if process.returncode == 0 and '"step finished"' in stderr and "SIGTERM" not in stderr:
+            # It ended between the poll and the signal (a signal to a process already exiting
+            # changes nothing; one the process received would end it 143, even at its very end):
+            # not a trial either, and the window ends before this run's end.
+            assert trial < 2 * SIGTERM_TRIALS, stderr[-2000:]
+            saved_at = min(saved_at, delay)
+            continue
         outcomes.append((round(delay, 3), process.returncode))
         assert process.returncode == 143, (delay, stderr[-2000:])
         assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-2000:]
