@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from kvx_runtime.compiler.plan import CACHE_SERVE_STEP, MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP
 from kvx_runtime.compiler.spec import EXIT_HANDLER
+from kvx_runtime.config.airflow import dag_id_part
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE
 
@@ -68,10 +69,6 @@ def project_pipeline_name(package_name: str, pipeline: str) -> str:
     return pipeline_name(package_name if pipeline == DEFAULT_PIPELINE else f"{package_name}-{pipeline}")
 
 
-#: What Airflow's ids cannot hold (``airflow.utils.helpers.KEY_REGEX``).
-_NOT_IN_DAG_ID = re.compile(r"[^\w.-]+")
-
-
 def pipeline_dag_id(configured: str | None, package_name: str, pipeline: str) -> str:
     """The Airflow DAG of a project's pipeline: ``run_config.dag_id`` names the default
     pipeline's DAG and prefixes the others' (``<dag_id>-<pipeline>``: each pipeline has a DAG of
@@ -80,7 +77,7 @@ def pipeline_dag_id(configured: str | None, package_name: str, pipeline: str) ->
         return project_pipeline_name(package_name, pipeline)
     if pipeline == DEFAULT_PIPELINE:
         return configured
-    return f"{configured}-{_NOT_IN_DAG_ID.sub('-', pipeline)}"
+    return f"{configured}-{dag_id_part(pipeline)}"
 
 
 def parameter_name(kedro_name: str) -> str:

@@ -25,7 +25,7 @@ from kvx_runtime.config.schema import (
 )
 
 __all__ = ["RUN_ONCE_SUFFIX", "AirflowPluginConfig", "AirflowRunConfig", "MlflowAuthentication", "PodSecret",
-           "Toleration", "check_schedule", "is_dag_id"]
+           "Toleration", "check_schedule", "dag_id_part", "is_dag_id"]
 
 #: What run-once adds to the id of a scheduled DAG: its one-off copy, without the schedule.
 RUN_ONCE_SUFFIX = "-run-once"
@@ -51,13 +51,20 @@ _CRON_DAY_SPECIALS = {
 }
 _CRON_ITEM = re.compile(r"^(\*|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/([0-9]+))?$")
 #: Airflow's rule for DAG and task ids (``airflow.utils.helpers.KEY_REGEX``), 250 characters at most.
-_DAG_ID = re.compile(r"^[\w.-]+$")
+_DAG_ID_CHARACTERS = r"\w.-"
+_DAG_ID = re.compile(rf"[{_DAG_ID_CHARACTERS}]+")
+_NOT_IN_DAG_ID = re.compile(rf"[^{_DAG_ID_CHARACTERS}]+")
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def is_dag_id(value: str) -> bool:
     """A DAG id Airflow accepts: letters, digits, ``_``, ``.``, ``-``; at most 250 characters."""
     return 0 < len(value) <= 250 and bool(_DAG_ID.fullmatch(value))
+
+
+def dag_id_part(text: str) -> str:
+    """``text`` as part of a DAG id: each run of characters an id cannot hold becomes ``-``."""
+    return _NOT_IN_DAG_ID.sub("-", text)
 
 
 def check_schedule(value: str) -> str:

@@ -30,6 +30,7 @@ from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
+    FINAL_STATES,
     PipelineTarget,
     RunInfo,
     RunRequest,
@@ -63,7 +64,7 @@ _TASK_STATES = {
 }
 
 #: Task states a cancel has nothing to stop in.
-_FINISHED_TASK_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
+_FINISHED_TASK_STATES = frozenset(raw for raw, state in _TASK_STATES.items() if state in FINAL_STATES)
 
 
 def dag_spec(dag_id: str, text: str) -> dict[str, str]:
