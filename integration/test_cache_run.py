@@ -12,6 +12,7 @@ import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.kedro]
 STEPS = {"clean", "total", "tabulate"}
 
 
-def run_local(project: Path, job: str, *extra: str) -> dict[str, str]:
+def run_local(project: Path, job: str, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """Run the pipeline; step name -> "served" (from the cache), "ran" or "no cache"."""
-    made = subprocess.run([*KVX, "run-local", "--job-name", job, *extra], cwd=project, env=step_env(),
+    made = subprocess.run([*KVX, "run-local", "--job-name", job, *extra], cwd=project, env=env or step_env(),
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
     # Served before the run: never started (no log).
@@ -267,3 +268,35 @@ def test_an_entry_records_what_the_step_wrote_not_what_its_place_holds_when_the_
     # The place holds other data than the step wrote: a miss for tabulate, never that data served.
     again = run_local(project, "second", "--cache", "on")
     assert again["tabulate"] == "ran" and again["clean"] == again["total"] == "served"
+
+
+def test_a_catalog_output_on_s3_reached_with_the_catalogs_own_credentials_is_cached_and_served(
+        project: Path, s3_server_process: Any) -> None:
+    # No ambient AWS credentials: only the catalog entry's reach the bucket, as the dataset saves.
+    import uuid
+
+    from conftest import S3_CREDENTIALS
+
+    env = {key: value for key, value in step_env().items() if not key.startswith("AWS_")}
+    env.update({"AWS_SHARED_CREDENTIALS_FILE": str(project / "none"), "AWS_CONFIG_FILE": str(project / "none"),
+                "AWS_EC2_METADATA_DISABLED": "true"})
+    key = f"{uuid.uuid4().hex}/table.csv"
+    catalog = project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text().replace(
+        "  filepath: data/table.csv\n",
+        f"  filepath: s3://{s3_server_process.bucket}/{key}\n  credentials: table_bucket\n"))
+    (project / "conf" / "base" / "credentials.yml").write_text(json.dumps({"table_bucket": {
+        "key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "client_kwargs": {"endpoint_url": s3_server_process.url}}}))
+    assert run_local(project, "first", "--cache", "on", env=env) == dict.fromkeys(STEPS, "ran")
+    written = s3_server_process.client().get_object(Bucket=s3_server_process.bucket, Key=key)["Body"].read()
+    assert run_local(project, "second", "--cache", "on", env=env) == dict.fromkeys(STEPS, "served")
+    # Changed in the bucket since it was recorded: a miss for its step, never the entry served.
+    s3_server_process.client().put_object(Bucket=s3_server_process.bucket, Key=key, Body=b"label,total\nx,0\n")
+    again = run_local(project, "third", "--cache", "on", env=env)
+    assert again == {"clean": "served", "total": "served", "tabulate": "ran"}
+    assert s3_server_process.client().get_object(Bucket=s3_server_process.bucket, Key=key)["Body"].read() == written
+    # The credentials are in no file the cache wrote.
+    secret = S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    assert not [path for path in (project / ".kvx").rglob("*")
+                if path.is_file() and secret.encode() in path.read_bytes()]

@@ -4,6 +4,7 @@ uncacheable, and which code counts by its source."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kvx_runtime.cache.key import KeyContext, code_digest, step_keys
+from kvx_runtime.cache.key import KeyContext, StepKey, code_digest, step_keys
 
 
 def _module(tmp_path: Path, name: str, source: str) -> Any:
@@ -251,6 +252,25 @@ def test_a_raw_input_on_s3_is_fingerprinted_with_the_catalogs_own_credentials(
     client.put_object(Bucket=s3_server_process.bucket, Key=key, Body=b"a\n2\n")
     after = step_keys(_catalog_context(pipeline, {"raw": entry}))["read"]
     assert after.changes(before) == ["input:raw"]
+
+
+def test_an_outputs_credentials_reach_it_but_are_never_in_the_key(nodes_module: Any) -> None:
+    # How a catalog output is reached (credentials, fs_args) goes with the key to fingerprint and
+    # serve it as the dataset saves it; it is no part of the digest and never shown.
+    from kedro.pipeline import Pipeline, node
+
+    pipeline = Pipeline([node(nodes_module.push, "params:p", "out", name="save")])
+
+    def key_with(secret: str) -> StepKey:
+        entry = {"type": "pandas.CSVDataset", "filepath": "s3://bucket/out.csv",
+                 "credentials": {"key": "id", "secret": secret}, "fs_args": {"open_args_save": {"mode": "wb"},
+                                                                            "requester_pays": True}}
+        return step_keys(_with_params(pipeline, {"out": entry}, 1))["save"]
+
+    key = key_with("s3cr3t-value")
+    assert key.reach == {"out": {"key": "id", "secret": "s3cr3t-value", "requester_pays": True}}
+    assert "s3cr3t-value" not in repr(key) and "s3cr3t-value" not in json.dumps(dict(key.parts))
+    assert key_with("rotated").digest == key.digest
 
 
 def test_a_librarys_callable_object_counts_by_its_name(tmp_path: Path) -> None:

@@ -89,6 +89,10 @@ class StepKey:
     parts: Mapping[str, str]
     #: Why the step can never hit (empty: it can).
     uncacheable: tuple[str, ...] = ()
+    #: Output dataset -> the file system options its place is reached with (the catalog entry's
+    #: credentials and ``fs_args``): to fingerprint, look up and serve it as the dataset saves
+    #: it. Never part of the digest, never written, never shown.
+    reach: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def digest(self) -> str:
@@ -246,8 +250,10 @@ def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[st
                            if not any(reason.startswith(f"input {name} ") for name in inputs_made_here))
         parts["nodes"] = _digest(*(node_keys.key(node.name).parts["nodes"]
                                    for node in sorted(members, key=lambda node: node.name)))
+        reach = {name: options for node in members for name in node.outputs
+                 if (options := _storage_options(context.catalog_entry(name) or {}))}
         keys[step] = StepKey(step=step_identity(context.steps[step]), parts=parts,
-                             uncacheable=tuple(dict.fromkeys(reasons)))
+                             uncacheable=tuple(dict.fromkeys(reasons)), reach=reach)
     return keys
 
 

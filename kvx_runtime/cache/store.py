@@ -132,7 +132,7 @@ class StepCache:
         if entry is None:
             return None, "no entry for this key"
         for name, output in entry.outputs.items():
-            digest, why = fingerprint_path(output["location"])
+            digest, why = fingerprint_path(output["location"], key.reach.get(name))
             if why is not None or digest != output["fingerprint"]:
                 return None, f"output {name} of run {entry.run_id} changed or is gone ({output['location']})"
         return entry, f"entry of run {entry.run_id}"
@@ -195,7 +195,7 @@ class StepCache:
         under this key."""
         fingerprints: dict[str, dict[str, str]] = {}
         for name, location in outputs.items():
-            digest, why = (as_saved or {}).get(name) or fingerprint_path(location)
+            digest, why = (as_saved or {}).get(name) or fingerprint_path(location, key.reach.get(name))
             if why is not None:
                 log.warning("step not cached: an output cannot be fingerprinted", dataset=name, reason=why)
                 return None
@@ -217,16 +217,18 @@ class StepCache:
 
     # --- serving --------------------------------------------------------------------------
 
-    def serve(self, entry: CacheEntry, destinations: Mapping[str, str]) -> list[str]:
+    def serve(self, entry: CacheEntry, destinations: Mapping[str, str],
+              reach: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
         """Make each output of ``entry`` available at this run's location (``destinations``:
-        dataset -> location); returns the datasets copied (an output already where this run
-        wants it is left as is)."""
+        dataset -> location; ``reach``: dataset -> the file system options its places are
+        reached with, :attr:`StepKey.reach`); returns the datasets copied (an output already
+        where this run wants it is left as is)."""
         copied = []
         for name, destination in destinations.items():
             source = entry.outputs[name]["location"]
             if source == destination:
                 continue
-            _copy(source, destination, entry.outputs[name]["fingerprint"])
+            _copy(source, destination, entry.outputs[name]["fingerprint"], (reach or {}).get(name))
             copied.append(name)
         return copied
 
@@ -239,7 +241,7 @@ def _parse(raw: bytes, path: str) -> CacheEntry | None:
         return None
 
 
-def _copy(source: str, destination: str, fingerprint: str) -> None:
+def _copy(source: str, destination: str, fingerprint: str, options: Mapping[str, Any] | None = None) -> None:
     """Copy a file or folder, whole or not at all under the destination name: server-side on
     the same object store, then the source checked to be still what the entry recorded (its
     generation and checksums unchanged since the lookup, so the copy is of that content); through
@@ -248,8 +250,9 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
     remote copy removed first), which the step takes as a miss."""
     import fsspec
 
-    source_fs, source_path = fsspec.core.url_to_fs(source)
-    target_fs, target_path = fsspec.core.url_to_fs(destination)
+    options = options or {}
+    source_fs, source_path = fsspec.core.url_to_fs(source, **options)
+    target_fs, target_path = fsspec.core.url_to_fs(destination, **options)
     if type(source_fs) is not type(target_fs):
         raise ValueError(f"cannot copy {source} to {destination}: another file system")
     recursive = source_fs.isdir(source_path)
@@ -258,7 +261,7 @@ def _copy(source: str, destination: str, fingerprint: str) -> None:
             # A folder copied onto an existing one lands inside it (cp -r), beside the old files.
             target_fs.rm(target_path, recursive=True)
         source_fs.copy(source_path, target_path, recursive=recursive)
-        if fingerprint_path(source)[0] != fingerprint:
+        if fingerprint_path(source, options)[0] != fingerprint:
             target_fs.rm(target_path, recursive=recursive)
             raise ValueError(f"{source} changed while it was served: not this key's output any more")
         return

@@ -72,7 +72,7 @@ class StepCaching:
         if set(entry.outputs) != set(self.outputs):
             log.info("step cache miss", key=self.key.digest[:16], reason="the entry has other outputs")
             return False
-        copied = self.cache.serve(entry, self.outputs)
+        copied = self.cache.serve(entry, self.outputs, self.key.reach)
         for name in copied:
             if name in self.blobs:
                 self.store.note_served(self.blobs[name], entry.job_name)
@@ -118,7 +118,7 @@ class _OutputsAsSaved:
 
         location = self._caching.outputs.get(dataset_name)
         if location is not None and dataset_name not in self._caching.blobs:
-            self._caching.as_saved[dataset_name] = fingerprint_path(location)
+            self._caching.as_saved[dataset_name] = fingerprint_path(location, self._caching.key.reach.get(dataset_name))
 
 
 def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan, context: Any,
