@@ -137,9 +137,35 @@ def test_no_input_is_looked_for_under_a_local_root_or_when_the_catalog_reads_run
         "companies": f"{ROOT}/data/companies.csv"}
     assert _remote_inputs(_project(tmp_path / "local"), {"c": {"filepath": "/srv/root/c.csv"}}, "/srv/root",
                           written_paths={}) == {}
-    reading = _project(tmp_path / "params", "day:\n  type: text.TextDataset\n"
-                                            "  filepath: ${storage_root}/raw/${runtime_params:day,today}.txt\n")
-    assert _remote_inputs(reading, configs, ROOT, written_paths={}) == {}
+
+
+def test_only_the_entries_that_read_runtime_params_are_left_out_when_that_can_be_told(tmp_path) -> None:
+    # ${runtime_params:...} resolves to another path in a run than at compile time: such an entry
+    # is not looked for; the others still are, unless the entries it feeds cannot be named.
+    from kvx_runtime.compiler.loading import _remote_inputs
+
+    configs = {"companies": {"type": "pandas.CSVDataset", "filepath": f"{ROOT}/data/companies.csv"},
+               "day": {"type": "text.TextDataset", "filepath": f"{ROOT}/raw/today.txt"}}
+    day = ("day:\n  type: text.TextDataset\n"
+           "  filepath: ${storage_root}/raw/${runtime_params:day,today}.txt  # ${run_id} is a template\n")
+    companies = "companies:\n  type: pandas.CSVDataset\n  filepath: ${storage_root}/data/companies.csv\n"
+    only_companies = {"companies": f"{ROOT}/data/companies.csv"}
+    assert _remote_inputs(_project(tmp_path / "entry", day + companies), configs, ROOT,
+                          written_paths={}) == only_companies
+    anchored = ("_day: &day\n  type: text.TextDataset\n  filepath: ${runtime_params:day}.txt\n"
+                "day:\n  <<: *day\n" + companies)
+    assert _remote_inputs(_project(tmp_path / "anchor", anchored), configs, ROOT, written_paths={}) == {}
+    for name, catalog in {
+        "variable": "_root: ${runtime_params:root,gs://bucket/root}\n"
+                    "companies:\n  type: pandas.CSVDataset\n  filepath: ${_root}/data/companies.csv\n",
+        "factory": '"{name}_day":\n  type: text.TextDataset\n  filepath: ${runtime_params:day}/{name}.txt\n'
+                   + companies,
+        "interpolation": day + "companies:\n  type: pandas.CSVDataset\n  filepath: ${_base}/companies.csv\n",
+    }.items():
+        assert _remote_inputs(_project(tmp_path / name, catalog), configs, ROOT, written_paths={}) == {}, name
+    commented = "# filepath: ${runtime_params:day}\n" + companies
+    assert _remote_inputs(_project(tmp_path / "comment", commented), configs, ROOT,
+                          written_paths={}) == {**only_companies, "day": f"{ROOT}/raw/today.txt"}
 
 
 def test_many_inputs_are_looked_for_a_few_at_a_time_each_answered(gcs_emulator) -> None:

@@ -6,8 +6,12 @@ planned or uploaded."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 from typing import Any
+
+import yaml
 
 from kvx_runtime.compiler.checks import warn_envs_not_in_image
 from kvx_runtime.compiler.names import check_label
@@ -139,11 +143,15 @@ def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_roo
     told before a run is submitted (:func:`kvx_runtime.submission.refuse_missing_inputs`).
 
     Left out, since a missing one there may be no fault: a path naming the run (``${run_id}``,
-    ``${job_name}``: another value in each run) or a glob; any path, when the catalog reads
-    run-time parameters (``${runtime_params:...}``, which compiling does not resolve as a run
-    does); a dataset that takes a missing folder for no data (``IncrementalDataset``); a path
-    that a node writes under another catalog name."""
-    if is_on_this_machine(storage_root) or _catalog_reads_runtime_params(project):
+    ``${job_name}``: another value in each run) or a glob; an entry that reads run-time
+    parameters (``${runtime_params:...}``, which compiling does not resolve as a run does), or
+    any, when that cannot be told per entry (:func:`_entries_reading_runtime_params`); a dataset
+    that takes a missing folder for no data (``IncrementalDataset``); a path that a node writes
+    under another catalog name."""
+    if is_on_this_machine(storage_root):
+        return {}
+    reading = _entries_reading_runtime_params(project)
+    if reading is None:
         return {}
     from kvx_runtime.config_loader import run_identity_values
 
@@ -152,7 +160,7 @@ def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_roo
     found: dict[str, str] = {}
     for name, path in _paths_of(configs).items():
         config = configs[name]
-        if not under_storage_root(path, storage_root):
+        if not under_storage_root(path, storage_root) or name in reading:
             continue
         if _GLOB_CHARACTERS & set(path) or any(value in path for value in identity):
             continue
@@ -166,8 +174,18 @@ def _remote_inputs(project: Any, configs: dict[str, dict[str, Any]], storage_roo
     return found
 
 
-def _catalog_reads_runtime_params(project: Any) -> bool:
-    """Does a catalog file of the project's environments use ``${runtime_params:...}``?"""
+#: ``${...}`` taking another catalog key's value (``${_root}``, ``${_base.path}``,
+#: ``${..x}``), not a resolver's (``${name:...}``) nor a run's template (``${run_id}``,
+#: ``${storage_root|...}``: :mod:`kvx_runtime.config_loader`).
+_KEY_INTERPOLATION = re.compile(r"\$\{\s*(?:[._]|[A-Za-z0-9_]+\.)[^}:|]*\}")
+
+
+def _entries_reading_runtime_params(project: Any) -> frozenset[str] | None:
+    """The catalog entries of the project's environments whose settings read run-time
+    parameters (``${runtime_params:...}``, anchors merged); None when that cannot be told per
+    entry, and then every entry may: a dataset factory or a ``_`` variable reading them (the
+    entries it feeds are not named), an entry taking another key's value (``${_root}``) in a
+    catalog that reads them, a file that cannot be read here."""
     from kvx_runtime.config.files import conf_files, conf_filesystem
     from kvx_runtime.project import catalog_patterns
 
@@ -175,9 +193,26 @@ def _catalog_reads_runtime_params(project: Any) -> bool:
         fs, _ = conf_filesystem(project.conf_source)
         files = {path for env in {project.base_env, project.env} for pattern in catalog_patterns(project)
                  for path in conf_files(project.conf_source, f"{env}/{pattern}") if fs.isfile(path)}
-        return any("runtime_params:" in fs.cat_file(path).decode("utf-8", "replace") for path in files)
+        texts = [fs.cat_file(path).decode("utf-8", "replace") for path in sorted(files)]
+        if not any("runtime_params:" in text for text in texts):
+            return frozenset()
+        entries: list[tuple[str, str]] = []  # every env's definition of each entry
+        for text in texts:
+            loaded = yaml.safe_load(text) or {}
+            if not isinstance(loaded, dict):
+                return None
+            entries.extend((str(name), json.dumps(entry, default=str)) for name, entry in loaded.items())
     except Exception:  # unreadable here: the catalog already loaded; assume the worst
-        return True
+        return None
+    reading = set()
+    for name, text in entries:
+        if _KEY_INTERPOLATION.search(text):
+            return None  # another key's value: that key may read them
+        if "runtime_params:" in text:
+            if name.startswith("_") or "{" in name:
+                return None
+            reading.add(name)
+    return frozenset(reading)
 
 
 def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:
