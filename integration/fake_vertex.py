@@ -33,6 +33,10 @@ def discovery(api: str = "aiplatform.v1") -> dict[str, Any]:
     return _DOCS[api]
 
 
+class FailedPrecondition(Exception):
+    """A request the resource's state refuses (400 FAILED_PRECONDITION)."""
+
+
 class Invalid(Exception):
     pass
 
@@ -110,6 +114,9 @@ class FakeVertex:
         self.faults = 0
         #: Create the next job but drop the connection instead of answering (a lost answer).
         self.lose_next_job_answer = False
+        #: Create the next schedule but drop the connection instead of answering.
+        self.lose_next_schedule_answer = False
+        self._schedule_ids = 0
         self.lock = threading.Lock()
         fake = self
 
@@ -168,15 +175,20 @@ class FakeVertex:
                 status, payload = self._log_entries(body)
             else:
                 status, payload = self._route(handler.command, url.path.removeprefix("/v1/"), query, body)
-                if status == 200 and handler.command == "POST" and url.path.endswith("/pipelineJobs"):
+                if status == 200 and handler.command == "POST" and url.path.endswith(("/pipelineJobs", "/schedules")):
                     with self.lock:
-                        lose, self.lose_next_job_answer = self.lose_next_job_answer, False
+                        if url.path.endswith("/pipelineJobs"):
+                            lose, self.lose_next_job_answer = self.lose_next_job_answer, False
+                        else:
+                            lose, self.lose_next_schedule_answer = self.lose_next_schedule_answer, False
                     if lose:  # the job exists; its creator never hears
                         handler.close_connection = True
                         handler.connection.shutdown(2)
                         return
         except Invalid as exc:
             status, payload = 400, {"error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}}
+        except FailedPrecondition as exc:
+            status, payload = 400, {"error": {"code": 400, "message": str(exc), "status": "FAILED_PRECONDITION"}}
         except json.JSONDecodeError:
             status, payload = 400, {"error": {"code": 400, "message": "Invalid JSON payload",
                                               "status": "INVALID_ARGUMENT"}}
@@ -225,8 +237,12 @@ class FakeVertex:
                 return (200, self._advance(job)) if job else self._not_found(path)
             if path == schedules and method == "POST":
                 self._validate("schedules", "create", body)
-                name = f"{schedules}/{len(self.schedules) + 1}"
-                self.schedules[name] = {**body, "name": name, "state": "ACTIVE", "createTime": _now()}
+                self._schedule_ids += 1
+                name = f"{schedules}/{self._schedule_ids}"
+                created = _now()
+                # startTime: "Default to Schedule create time if not specified".
+                self.schedules[name] = {"startTime": created, **body, "name": name, "state": "ACTIVE",
+                                        "createTime": created}
                 return 200, self.schedules[name]
             if path == schedules and method == "GET":
                 found = list(self.schedules.values())
@@ -358,6 +374,13 @@ class FakeVertex:
             mask = [field for field in query.get("updateMask", "").split(",") if field]
             if not mask:
                 raise Invalid("updateMask is required")
+            if schedule["state"] not in ("ACTIVE", "PAUSED"):  # "Updates an active or paused Schedule"
+                raise FailedPrecondition(f"Schedule {name} is {schedule['state']}: only an active or paused "
+                                         "Schedule can be updated")
+            # UpdateScheduleRequest: "The non-empty fields cannot be unset".
+            unset = [field for field in mask if field not in body and schedule.get(field) not in (None, "")]
+            if unset:
+                raise Invalid(f"The non-empty fields cannot be unset: {', '.join(unset)}")
             for field in mask:
                 if field in body:
                     schedule[field] = body[field]
@@ -367,6 +390,9 @@ class FakeVertex:
             return 200, schedule
         if method == "POST" and action in {"pause", "resume"}:
             self._validate("schedules", action, body)
+            if schedule["state"] != ("ACTIVE" if action == "pause" else "PAUSED"):
+                raise FailedPrecondition(f"Only {'an active' if action == 'pause' else 'a paused'} Schedule "
+                                         f"can be {action}d; {name} is {schedule['state']}")
             schedule["state"] = "PAUSED" if action == "pause" else "ACTIVE"
             return 200, {}
         return self._not_found(path)

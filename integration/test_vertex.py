@@ -169,6 +169,36 @@ def test_schedule_twice_is_one_schedule_with_the_second_cron(example_project: Pa
     assert deleted.returncode == 0 and vertex.schedules == {}
 
 
+def test_schedule_updates_never_unset_what_vertex_keeps_and_a_lost_create_is_one_schedule(
+        example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    # Vertex AI defaults a schedule's startTime and refuses to unset a non-empty field: an
+    # update's mask names only what it sets. Creation takes no request id: a create whose answer
+    # was lost is found, not made again.
+    vertex.lose_next_schedule_answer = True
+    first = kvx(example_project, vertex, adc, "schedule", "--cron", "0 6 * * *", KVX_API_RETRY_WAIT="0.05")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(vertex.schedules) == 1 and "creation was lost" in first.stderr
+    [schedule] = vertex.schedules.values()
+    ended = kvx(example_project, vertex, adc, "schedule", "--cron", "0 7 * * *", "--end-time", "2030-01-01T00:00:00Z",
+                "--max-run-count", "5")
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    assert schedule["endTime"] == "2030-01-01T00:00:00Z" and schedule["startTime"] == schedule["createTime"]
+    plain = kvx(example_project, vertex, adc, "schedule", "--cron", "0 8 * * *")
+    assert plain.returncode == 2 and schedule["cron"] == "0 7 * * *"
+    assert "cannot unset" in plain.stderr and "schedule --delete" in plain.stderr and "Traceback" not in plain.stderr
+    # Pausing or resuming what already is: done, as a retried request whose answer was lost finds it.
+    for action, state in (("--pause", "PAUSED"), ("--pause", "PAUSED"), ("--resume", "ACTIVE"), ("--resume", "ACTIVE")):
+        acted = kvx(example_project, vertex, adc, "schedule", action)
+        assert acted.returncode == 0 and schedule["state"] == state, acted.stderr[-2000:]
+    # A completed schedule (past its end or run count) starts nothing and cannot be updated: a new one.
+    schedule["state"] = "COMPLETED"
+    again = kvx(example_project, vertex, adc, "schedule", "--cron", "0 9 * * *")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(s["state"] for s in vertex.schedules.values()) == ["ACTIVE", "COMPLETED"]
+    assert kvx(example_project, vertex, adc, "schedule", "--delete").returncode == 0
+    assert [s["state"] for s in vertex.schedules.values()] == ["COMPLETED"]
+
+
 def test_list_across_pages_cancel_and_ui(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
     for _ in range(3):
         assert kvx(example_project, vertex, adc, "run-once").returncode == 0

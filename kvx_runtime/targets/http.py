@@ -16,8 +16,11 @@ from urllib.parse import urlsplit
 from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 from kvx_runtime.failures import TRANSIENT_HTTP
+from kvx_runtime.log import get_logger
 
-__all__ = ["ApiError", "checked_api_url", "parse_time", "request_json", "session_with"]
+__all__ = ["ApiError", "checked_api_url", "create_once", "parse_time", "request_json", "session_with"]
+
+log = get_logger(__name__)
 
 _TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
 
@@ -71,6 +74,31 @@ class ApiError(KvxError):
         super().__init__(message, hint=hint)
         #: The HTTP status behind the error (0: none, e.g. a connection or URL problem).
         self.status = status
+
+
+def create_once(what: str, post: Callable[[], Any], find: Callable[[], Any | None], *, attempts: int) -> Any:
+    """Create ``what`` with ``post`` (one try each), never twice, for an API that takes no
+    request id: after a lost answer (or a 409, the echo of an earlier try that did create it)
+    ``find`` looks for what an earlier try made before ``post`` is sent again."""
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return post()
+        except ApiError as exc:
+            lost = exc.exit_code == InfrastructureError.exit_code
+            if not lost and exc.status != 409:
+                raise
+            if lost:  # a server still at work (a gateway's 504, our timeout) shows the result later
+                time.sleep(min(30.0, settings.API_RETRY_WAIT.get() * 2 ** (attempt - 1)))
+            found = find()
+            if found is not None:
+                log.warning(f"the answer to the {what}'s creation was lost; the {what} exists" if lost
+                            else f"the {what} exists already (made by an earlier try); using it")
+                return found
+            if not lost or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _Transient(Exception):

@@ -25,7 +25,7 @@ from urllib.parse import quote
 from kvx_runtime import settings
 from kvx_runtime.compiler.platform import with_platform_spec
 from kvx_runtime.config import is_kubernetes_name
-from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
+from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.log import get_logger
 from kvx_runtime.targets.base import (
     PipelineTarget,
@@ -36,7 +36,14 @@ from kvx_runtime.targets.base import (
     TaskInfo,
     UploadRequest,
 )
-from kvx_runtime.targets.http import ApiError, checked_api_url, parse_time, request_json, session_with
+from kvx_runtime.targets.http import (
+    ApiError,
+    checked_api_url,
+    create_once,
+    parse_time,
+    request_json,
+    session_with,
+)
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER
 
 if TYPE_CHECKING:
@@ -191,28 +198,10 @@ class KubeflowTarget(PipelineTarget):
     def _create(self, what: str, path: str, body: Mapping[str, Any] | None,
                 find: Callable[[], Mapping[str, Any] | None], *, params: Mapping[str, Any] | None = None,
                 files: Any = None) -> Mapping[str, Any]:
-        """POST ``body`` (or ``files``) to create ``what``, never twice: KFP takes no request id,
-        so after a lost answer (or a 409, the echo of an earlier try that did create it) ``find``
-        looks for what an earlier try made before the create is sent again."""
-        import time
-
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return dict(self._request("POST", path, params=params, body=body, files=files, attempts=1))
-            except ApiError as exc:
-                lost = exc.exit_code == InfrastructureError.exit_code
-                if not lost and exc.status != 409:
-                    raise
-                if lost:  # a server still at work (a gateway's 504, our timeout) shows the result later
-                    time.sleep(min(30.0, settings.API_RETRY_WAIT.get() * 2 ** (attempt - 1)))
-                found = find()
-                if found is not None:
-                    log.warning(f"the answer to the {what}'s creation was lost; the {what} exists" if lost
-                                else f"the {what} exists already (made by an earlier try); using it")
-                    return found
-                if not lost or attempt == self._attempts:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        """POST ``body`` (or ``files``) to create ``what``, never twice (:func:`create_once`)."""
+        return dict(create_once(what, lambda: self._request("POST", path, params=params, body=body, files=files,
+                                                            attempts=1),
+                                find, attempts=self._attempts))
 
     # --- experiments ------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from kvx_runtime.targets.base import (
     TaskInfo,
     UploadRequest,
 )
-from kvx_runtime.targets.http import ApiError, parse_time, request_json
+from kvx_runtime.targets.http import ApiError, create_once, parse_time, request_json
 
 if TYPE_CHECKING:
     from kvx_runtime.config import PluginConfig
@@ -95,10 +95,10 @@ class VertexTarget(PipelineTarget):
 
     def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                  body: Any = None, base: str | None = None, data: Any = None, files: Any = None,
-                 service: str = "Vertex AI") -> Any:
+                 service: str = "Vertex AI", attempts: int | None = None) -> Any:
         url = f"{base or self.endpoint + '/v1'}/{path}".rstrip("/")
         return request_json(self.session, method, url, service=service, what=f"{method} {path.split('?')[0]}",
-                            params=params, body=body, data=data, files=files, attempts=self._attempts,
+                            params=params, body=body, data=data, files=files, attempts=attempts or self._attempts,
                             wait=settings.VERTEX_RETRY_WAIT.get())
 
     def _pages(self, path: str, key: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -217,12 +217,23 @@ class VertexTarget(PipelineTarget):
                             state=str(payload.get("state", "")), cron=str(payload.get("cron", "")),
                             next_run_time=parse_time(payload.get("nextRunTime")))
 
-    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+    def _schedules_named(self, display_name: str) -> list[dict[str, Any]]:
         params = {"filter": f'display_name="{display_name}"', "pageSize": 100}
-        for schedule in self._pages(f"{self.parent}/schedules", "schedules", params):
-            if schedule.get("displayName") == display_name:  # the filter is a hint, this is the rule
-                return self._schedule(schedule)
+        return [schedule for schedule in self._pages(f"{self.parent}/schedules", "schedules", params)
+                if schedule.get("displayName") == display_name]  # the filter is a hint, this is the rule
+
+    def _live_schedule(self, display_name: str) -> dict[str, Any] | None:
+        """The schedule of that name that is not COMPLETED (past its end time or run count: it
+        starts no run and cannot be updated), else the newest completed one, else None."""
+        found = self._schedules_named(display_name)
+        live = [schedule for schedule in found if schedule.get("state") != "COMPLETED"]
+        if live or found:
+            return (live or sorted(found, key=lambda schedule: str(schedule.get("createTime", ""))))[-1]
         return None
+
+    def find_schedule(self, display_name: str) -> ScheduleInfo | None:
+        found = self._live_schedule(display_name)
+        return None if found is None else self._schedule(found)
 
     def schedule_body(self, request: ScheduleRequest) -> dict[str, Any]:
         cron = f"TZ={request.timezone} {request.cron}" if request.timezone else request.cron
@@ -243,23 +254,56 @@ class VertexTarget(PipelineTarget):
 
     def upsert_schedule(self, request: ScheduleRequest) -> tuple[ScheduleInfo, bool]:
         body = self.schedule_body(request)
-        existing = self.find_schedule(request.display_name)
-        if existing is None:
-            return self._schedule(self._request("POST", f"{self.parent}/schedules", body=body)), True
+        existing = self._live_schedule(request.display_name)
+        if existing is None or existing.get("state") == "COMPLETED":
+            return self._schedule(self._create_schedule(body)), True
+        # Vertex AI cannot unset a field a schedule has ("the non-empty fields cannot be unset"):
+        # an end or a run count the config no longer sets is refused here, saying what to do.
+        dropped = [field for field, option in (("endTime", "end_time"), ("maxRunCount", "max_run_count"))
+                   if existing.get(field) and field not in body]
+        if dropped:
+            raise UsageError(
+                f"schedule {request.display_name!r} has {' and '.join(dropped)} "
+                f"({', '.join(str(existing[field]) for field in dropped)}), which this configuration leaves "
+                "out: Vertex AI cannot unset them on an existing schedule",
+                hint="set them again, or remove the schedule (schedule --delete) and schedule again")
         fields = [name for name in _SCHEDULE_FIELDS if name in body]
-        # Fields this request leaves unset are cleared (an end time removed from the config).
-        fields += [name for name in ("startTime", "endTime", "maxRunCount") if name not in body]
-        updated = self._request("PATCH", existing.name, params={"updateMask": ",".join(sorted(set(fields)))},
+        updated = self._request("PATCH", str(existing["name"]), params={"updateMask": ",".join(sorted(fields))},
                                 body=body)
         return self._schedule(updated), False
 
+    def _create_schedule(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create the schedule, never two: Vertex AI takes no request id for a schedule, so
+        after a lost answer a schedule of this name made since is looked for first."""
+        before = {str(schedule.get("name")) for schedule in self._schedules_named(str(body["displayName"]))}
+
+        def made_by_an_earlier_try() -> dict[str, Any] | None:
+            made = [schedule for schedule in self._schedules_named(str(body["displayName"]))
+                    if str(schedule.get("name")) not in before]
+            return made[-1] if made else None
+
+        return dict(create_once("schedule", lambda: self._request("POST", f"{self.parent}/schedules", body=body,
+                                                                  attempts=1),
+                                made_by_an_earlier_try, attempts=self._attempts))
+
     def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
+        """Pause, resume or delete; an action an earlier try (whose answer was lost) took
+        already is done, not an error."""
         if action == "delete":
-            self._request("DELETE", name)
+            try:
+                self._request("DELETE", name)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
             return None
         if action not in {"pause", "resume"}:
             raise UsageError(f"unknown schedule action {action!r}")
-        self._request("POST", f"{name}:{action}", body={})
+        try:
+            self._request("POST", f"{name}:{action}", body={})
+        except ApiError as exc:
+            wanted = "PAUSED" if action == "pause" else "ACTIVE"
+            if exc.status != 400 or self._schedule(self._request("GET", name)).state != wanted:
+                raise
         return self._schedule(self._request("GET", name))
 
     # --- where to look ----------------------------------------------------------------------
