@@ -155,6 +155,9 @@ class FakeKfp:
         self.problems: list[str] = []
         self.requests: list[tuple[str, str]] = []
         self.fail_tasks: set[str] = set()
+        #: As KFP before 2.4 (kubeflow/pipelines#11405): a run whose exit handler succeeded is
+        #: SUCCEEDED, though a task inside it failed.
+        self.exit_handler_masks_failures = False
         self.sessions: set[str] = set()
         self.logins = 0
         #: Credentials seen so far that are refused from now on (a revoked token, an ended session).
@@ -224,7 +227,8 @@ class FakeKfp:
                             error={"code": 2, "message": "exit status 1: node raised ValueError"})
             else:
                 task.update(state="SUCCEEDED", end_time=_now())
-        run.update(state="FAILED" if failed else "SUCCEEDED", finished_at=_now())
+        masked = failed and self.exit_handler_masks_failures
+        run.update(state="FAILED" if failed and not masked else "SUCCEEDED", finished_at=_now())
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -399,7 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "recurringruns" and method == "POST":
             body = self._json("V2beta1RecurringRun")
             if body is not None and self._platform_checked(body):
-                recurring = {**body, "recurring_run_id": uuid.uuid4().hex, "status": "ENABLED", "created_at": _now()}
+                recurring = {**body, "recurring_run_id": uuid.uuid4().hex, "created_at": _now(),
+                             "status": "DISABLED" if body.get("mode") == "DISABLE" else "ENABLED"}
                 fake.recurring[recurring["recurring_run_id"]] = recurring
                 self._created("recurringruns", recurring)
         elif route == "recurringruns" and method == "GET":

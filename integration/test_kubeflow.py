@@ -93,6 +93,11 @@ def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project:
     assert "kvx_save_version" not in recurring["runtime_config"]["parameters"]
     paused = kfp_cli(example_project, "schedule", "--pause", **token)
     assert paused.returncode == 0 and "DISABLED" in paused.stdout
+    # Scheduling again (a CI deploy) replaces the recurring run and keeps it paused.
+    again = kfp_cli(example_project, "schedule", "--cron", "0 7 * * *", **token)
+    assert again.returncode == 0, again.stderr[-2000:]
+    [replaced] = kfp.recurring.values()
+    assert replaced["status"] == "DISABLED" and replaced is not recurring
 
     kfp.fail_tasks = set()
     started = kfp_cli(example_project, "run-once", **token)
@@ -107,9 +112,12 @@ def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project:
     assert BEARER_TOKEN not in everything
 
 
-def test_a_failing_run_exits_1_and_says_which_task_failed(example_project: Path, kfp: FakeKfp) -> None:
+@pytest.mark.parametrize("masked", [False, True], ids=["kfp", "kfp-before-2.4"])
+def test_a_failing_run_exits_1_and_says_which_task_failed(example_project: Path, kfp: FakeKfp, masked: bool) -> None:
+    # KFP before 2.4 says SUCCEEDED for a run whose exit handler succeeded after a task failed.
     configure(example_project, kfp)
     kfp.fail_tasks = {"data-science-train-model-node"}
+    kfp.exit_handler_masks_failures = masked
     ran = kfp_cli(example_project, "run-once", "--wait", KF_PIPELINES_TOKEN=BEARER_TOKEN)
     assert ran.returncode == 1
     assert "task data-science-train-model-node FAILED: exit status 1: node raised ValueError" in ran.stdout

@@ -130,6 +130,10 @@ def save_version_now(now: datetime | None = None) -> str:
     return kedro_version((now or datetime.now(timezone.utc)).isoformat())
 
 
+def _is_disabled(recurring_run: Mapping[str, Any]) -> bool:
+    return str(recurring_run.get("status") or recurring_run.get("mode") or "").upper() in ("DISABLED", "DISABLE")
+
+
 class KubeflowTarget(PipelineTarget):
     title = "Kubeflow Pipelines"
 
@@ -305,11 +309,19 @@ class KubeflowTarget(PipelineTarget):
             ))
         error = run.get("error") or {}
         run_id = str(run.get("run_id", ""))
+        state = _state(run.get("state"))
+        failed = [task.name for task in tasks if task.state == "FAILED"]
+        if state == "SUCCEEDED" and failed:
+            # KFP before 2.4 (kubeflow/pipelines#11405) reports a run whose exit handler succeeded
+            # as succeeded, though a task inside it failed: the run failed.
+            state = "FAILED"
+            error = error or {"message": f"task {', '.join(sorted(failed))} failed (the run's own state says "
+                                         "SUCCEEDED: its exit task succeeded)"}
         return RunInfo(
             name=run_id,
             run_id=run_id,
             display_name=str(run.get("display_name", "")),
-            state=_state(run.get("state")),
+            state=state,
             create_time=_time(run.get("created_at")),
             start_time=_time(run.get("scheduled_at")) or _time(run.get("created_at")),
             end_time=_time(run.get("finished_at")),
@@ -384,17 +396,27 @@ class KubeflowTarget(PipelineTarget):
             return next((schedule for schedule in self._schedules_named(request.display_name)
                          if str(schedule.get("recurring_run_id")) not in known), None)
 
+        if before and all(_is_disabled(old) for old in before):
+            body = {**body, "mode": "DISABLE"}  # paused (schedule --pause) stays paused
         created = self._schedule(self._create("recurring run", "recurringruns", body, made_by_an_earlier_try))
         # KFP cannot update a recurring run: the new one replaces the old ones (created first, so
         # that a refused body never leaves the pipeline unscheduled).
         for old in before:
-            self._request("DELETE", f"recurringruns/{quote(str(old['recurring_run_id']), safe='')}")
+            self._delete(f"recurringruns/{quote(str(old['recurring_run_id']), safe='')}")
         return created, not before
+
+    def _delete(self, path: str) -> None:
+        """DELETE; what is gone already (an earlier try whose answer was lost) is deleted."""
+        try:
+            self._request("DELETE", path)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     def set_schedule_state(self, name: str, action: str) -> ScheduleInfo | None:
         path = f"recurringruns/{quote(name, safe='')}"
         if action == "delete":
-            self._request("DELETE", path)
+            self._delete(path)
             return None
         verbs = {"pause": "disable", "resume": "enable"}
         if action not in verbs:
