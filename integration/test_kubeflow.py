@@ -116,13 +116,19 @@ def test_upload_run_schedule_list_terminate_with_a_bearer_token(example_project:
 def test_a_failing_run_exits_1_and_says_which_task_failed(example_project: Path, kfp: FakeKfp, masked: bool) -> None:
     # KFP before 2.4 says SUCCEEDED for a run whose exit handler succeeded after a task failed.
     configure(example_project, kfp)
+    parameters = example_project / "conf" / "base" / "parameters.yml"
+    parameters.write_text(parameters.read_text() + "\napi_key: none\ndb: {host: h, password: none}\n")
     kfp.fail_tasks = {"data-science-train-model-node"}
     kfp.exit_handler_masks_failures = masked
-    ran = kfp_cli(example_project, "run-once", "--wait", KF_PIPELINES_TOKEN=BEARER_TOKEN)
+    ran = kfp_cli(example_project, "run-once", "--wait", "--param", "api_key=sk-live-kvx-7Q2", "--param",
+                  'db={"host": "h", "password": "pw-kvx-9Z"}', KF_PIPELINES_TOKEN=BEARER_TOKEN)
     assert ran.returncode == 1
     assert "task data-science-train-model-node FAILED: exit status 1: node raised ValueError" in ran.stdout
     assert "ran as:  data-science-train-model-node-pod" in ran.stdout
     assert "replay:  kvx-runtime exec-node --node data_science.train_model_node" in ran.stdout
+    # The replay is printed, not logged: secret-named parameters are masked in it all the same.
+    assert "--param 'api_key:str=[redacted]'" in ran.stdout and '"password": "[redacted]"' in ran.stdout
+    assert "sk-live-kvx-7Q2" not in ran.stdout + ran.stderr and "pw-kvx-9Z" not in ran.stdout + ran.stderr
     # The replay names the job directory the step used: the display name made unique by the uuid.
     [run] = kfp.runs.values()
     assert f"--job-name {run['display_name']}-{run['run_id']} " in ran.stdout

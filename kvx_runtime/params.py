@@ -407,6 +407,32 @@ def secret_params_given(params: Mapping[str, Any], items: Iterable[str]) -> dict
     return found
 
 
+def items_shown(items: Iterable[str], mask: str) -> tuple[str, ...]:
+    """``key[:kind]=value`` items as they may be shown (a replay line): the value of a parameter
+    whose name says secret, and every secret-named value inside a mapping value, as ``mask``.
+    An item that cannot be read whole is shown as ``key=mask``."""
+    shown = []
+    for item in items:
+        try:
+            key, kind, raw = split_param(item)
+        except UsageError:
+            shown.append(f"{item.partition('=')[0]}={mask}")
+            continue
+        head = f"{key}:{kind}" if kind else key
+        if says_secret(key):
+            shown.append(f"{head}={mask}")
+            continue
+        try:
+            value = parse_param_value(raw, key)
+        except UsageError:
+            value = None
+        for texts in secret_params(value).values() if isinstance(value, Mapping) else ():
+            for text in sorted(filter(None, texts), key=len, reverse=True):
+                raw = raw.replace(text, mask)
+        shown.append(f"{head}={raw}")
+    return tuple(shown)
+
+
 def _leaves(value: Any) -> list[str]:
     if isinstance(value, Mapping):
         return [text for item in value.values() for text in _leaves(item)]

@@ -295,3 +295,15 @@ def test_a_claimed_name_is_given_back_only_while_its_run_directory_is_empty(tmp_
     (runner.run_directory(tmp_path, name) / "logs").mkdir()
     runner.release_job_name(tmp_path, name)
     assert runner.run_directory(tmp_path, name).is_dir()
+
+
+def test_the_command_shown_masks_secret_named_parameters_the_one_run_keeps_them() -> None:
+    # The shown command goes into the step's log header and the replay line: files and output
+    # that are not the secret's target.
+    from kvx_runtime.local_runner.runner import _command
+
+    container = {"command": ["kvx-runtime"], "args": ["exec-node", "--param", "api_key={{$.inputs.parameters['k']}}",
+                                                      "--param", "n=1"]}
+    argv, shown = _command(container, {"inputs.parameters['k']": "s3cr3t-kvx"})
+    assert argv[-3:] == ["api_key=s3cr3t-kvx", "--param", "n=1"]
+    assert shown == ["kvx-runtime", "exec-node", "--param", "api_key=[redacted]", "--param", "n=1"]
