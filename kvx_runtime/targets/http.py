@@ -18,7 +18,7 @@ from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 from kvx_runtime.failures import TRANSIENT_HTTP
 from kvx_runtime.log import get_logger
 
-__all__ = ["ApiError", "checked_api_url", "create_once", "parse_time", "request_json", "session_with"]
+__all__ = ["ApiError", "answered", "checked_api_url", "create_once", "parse_time", "request_json", "session_with"]
 
 log = get_logger(__name__)
 
@@ -99,6 +99,15 @@ def create_once(what: str, post: Callable[[], Any], find: Callable[[], Any | Non
             if not lost or attempt == attempts:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def answered(payload: Mapping[str, Any], name: str, service: str, what: str) -> str:
+    """The field ``name`` of an API's answer to ``what``; an answer without it is an ApiError
+    (a host that is not the API, or another version of it), never a KeyError."""
+    value = payload.get(name)
+    if value in (None, ""):
+        raise ApiError(f"{service}: the answer to {what} has no {name}", hint="check that the host is the API's URL")
+    return str(value)
 
 
 class _Transient(Exception):
@@ -182,8 +191,16 @@ def request_json(
             raise
         except Exception as exc:  # google-auth refreshing a token, for example
             if type(exc).__module__.startswith("google.auth"):
-                raise InfrastructureError(f"{service}: could not get credentials: {type(exc).__name__}: "
-                                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                from kvx_runtime.failures import is_refused
+
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                if is_refused(exc):  # a revoked grant, a deleted key: no retry makes them good
+                    raise ApiError(f"{service}: the credentials were refused: {reason}", status=401,
+                                   hint="renew them (gcloud auth application-default login, or a new key)"
+                                   ) from None
+                if type(exc).__name__ == "TransportError":  # the metadata server or the token endpoint, briefly
+                    raise _Transient(0, f"could not get credentials: {reason}") from None
+                raise InfrastructureError(f"{service}: could not get credentials: {reason}") from None
             raise
         status = response.status_code
         if 300 <= status < 400:  # a login proxy sending us to its login page
@@ -211,6 +228,9 @@ def request_json(
             kind = response.headers.get("Content-Type", "no content type").split(";")[0]
             raise ApiError(f"{service}: {where} answered {what} with {kind}, not the API's JSON", status=status,
                            hint="check that the host is the API's URL")
+        if payload is not None and not isinstance(payload, dict):  # every answer of these APIs is an object
+            raise ApiError(f"{service}: {where} answered {what} with a JSON {type(payload).__name__}, not the "
+                           "API's object", status=status, hint="check that the host is the API's URL")
         return {} if payload is None else payload  # JSON null: an answer without a body (Airflow's 201s)
 
     pause = settings.API_RETRY_WAIT.get() if wait is None else wait

@@ -38,6 +38,7 @@ from kvx_runtime.targets.base import (
 )
 from kvx_runtime.targets.http import (
     ApiError,
+    answered,
     checked_api_url,
     create_once,
     parse_time,
@@ -219,8 +220,8 @@ class KubeflowTarget(PipelineTarget):
                 body = {"display_name": self.experiment_name, **({"namespace": self.namespace} if self.namespace
                                                                    else {})}
                 found = self._create("experiment", "experiments", body, self._find_experiment)
-                log.info("experiment created", experiment=self.experiment_name, id=found["experiment_id"])
-            self._experiment_id = str(found["experiment_id"])
+                log.info("experiment created", experiment=self.experiment_name, id=found.get("experiment_id"))
+            self._experiment_id = answered(found, "experiment_id", self.title, "the experiment's look-up")
         return self._experiment_id
 
     def _find_experiment(self) -> Mapping[str, Any] | None:
@@ -470,10 +471,10 @@ class KubeflowTarget(PipelineTarget):
 
             created = self._create("pipeline", "pipelines/upload", None, uploaded_by_an_earlier_try, files=files,
                                    params=self._scoped(name=name, display_name=name, description=description))
-            pipeline_id = str(created["pipeline_id"])
+            pipeline_id = answered(created, "pipeline_id", self.title, "the pipeline's upload")
             versions = self._versions(pipeline_id, newest_only=True)
             return pipeline_id, str(versions[0]["pipeline_version_id"]) if versions else "", True
-        pipeline_id = str(pipeline["pipeline_id"])
+        pipeline_id = answered(pipeline, "pipeline_id", self.title, "the pipeline's look-up")
 
         def version_by_an_earlier_try() -> Mapping[str, Any] | None:
             return next((found for found in self._versions(pipeline_id)
@@ -482,7 +483,7 @@ class KubeflowTarget(PipelineTarget):
         uploaded = self._create("pipeline version", "pipelines/upload_version", None, version_by_an_earlier_try,
                                 files=files, params={"name": version, "display_name": version,
                                                      "pipelineid": pipeline_id, "description": description})
-        return pipeline_id, str(uploaded["pipeline_version_id"]), False
+        return pipeline_id, answered(uploaded, "pipeline_version_id", self.title, "the version's upload"), False
 
     def _find_pipeline(self, name: str) -> Mapping[str, Any] | None:
         try:
