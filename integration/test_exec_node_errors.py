@@ -12,6 +12,7 @@ import pytest
 from conftest import free_port
 from integration.conftest import (
     KVX,
+    make_project,
     make_slow_pickling_project,
     make_slow_project,
     run_step,
@@ -328,3 +329,45 @@ def test_sigkill_mid_write_leaves_a_temp_file_that_the_next_step_removes(tmp_pat
     reader = run_step(project, "--node", "count", "--run-id", "k", "--storage-root", str(root))
     assert reader.returncode == 2 and "payload" in reader.last_message  # the blob was never written
     assert [p.name for p in job_dir.iterdir()] == ["owner.json"]  # the run's record, no blob
+
+
+_EXITING_NODES = """
+import sys
+
+
+def make():
+    return 1
+
+
+def leave(value, code):
+    sys.exit(code)
+"""
+_EXITING_PIPELINE = """
+from kedro.pipeline import Pipeline, node
+
+from .nodes import leave, make
+
+
+def register_pipelines():
+    return {"__default__": Pipeline([node(make, None, "value", name="make"),
+                                     node(leave, ["value", "params:code"], "out", name="leave")])}
+"""
+
+
+@pytest.mark.kedro
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_node_that_calls_sys_exit_fails_the_step_with_exit_1_whatever_the_code(tmp_path: Path, code: int) -> None:
+    # sys.exit(0) in a node must never tell the orchestrator the step succeeded (its outputs
+    # never saved), nor sys.exit(3) that it is worth a retry.
+    project = make_project(tmp_path, "exitproj", _EXITING_NODES, _EXITING_PIPELINE)
+    (project / "conf" / "base" / "parameters.yml").write_text(f"code: {code}\n")
+    root = str(tmp_path / "storage")
+    assert run_step(project, "--node", "make", "--run-id", "e", "--storage-root", root).returncode == 0
+    result = run_step(project, "--node", "leave", "--run-id", "e", "--storage-root", root,
+                      "--param", "api_key=ab'cd-kvx-secret")
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.records[-1]
+    assert f"node 'leave' called sys.exit({code})" in last["message"]
+    assert "replay: kvx-runtime exec-node --node leave" in last["message"]
+    # The replay's secret is masked before it is quoted (a quote in it split it around the mask).
+    assert "cd-kvx-secret" not in result.stderr and "'api_key=[redacted]'" in last["message"]

@@ -650,3 +650,20 @@ def test_a_run_a_node_starts_is_a_child_of_the_pipelines_run_in_its_experiment(t
                      "--job-name", "nested-job", "--mlflow-run-id", run_id, env=env)
     assert group.returncode == 0, group.stderr[-3000:]
     assert client.get_run(run_id).data.metrics["after_metric"] == 7.0
+
+
+def test_a_step_refused_after_attaching_leaves_the_pipelines_run_running(tmp_path, mlflow_server) -> None:
+    # Refused after the run became this process's active run (a catalog that cannot be read for
+    # the run's load versions): MLflow's exit handler must not end the shared run FINISHED.
+    project = ml_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "refused-job", tmp_path)
+    assert run_all(project, env, "refused-job", run_id, ["make"])[0].returncode == 0
+    catalog = project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text() + "\nbroken:\n  type: pickle.PickleDataset\n"
+                                             "  filepath: ${not_defined_anywhere}/x.pkl\n")
+    refused = run_step(project, "--node", "train", "--run-id", "refused-job-uuid", "--job-name", "refused-job",
+                       "--mlflow-run-id", run_id, "--save-version", "2026-11-24T10.15.00.000Z", env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    run = mlflow_server.client().get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.end_time is None

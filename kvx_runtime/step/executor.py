@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.config import STEP_KEYS, resolve_storage_root
 from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER, env_var_name
-from kvx_runtime.errors import ConfigError, KvxError, UsageError
+from kvx_runtime.errors import ConfigError, KvxError, NodeError, UsageError
 from kvx_runtime.graph import StepPlan, plan_step
-from kvx_runtime.log import bind_step_context, get_logger
+from kvx_runtime.log import REDACTED, bind_step_context, get_logger
+from kvx_runtime.params import items_shown
 from kvx_runtime.settings import MLFLOW_RUN_ID
 from kvx_runtime.step.caching import cache_wanted, prepare_caching
 from kvx_runtime.step.failures import classify, first_line
@@ -70,26 +71,32 @@ def execute_step(request: StepRequest) -> StepResult:
         return _serve_planned(project, request, identity, run, started)
     plan = _plan(project, request)
     tracking = _attach_tracking(project, request, identity)
-    if run.no_version:
-        _check_runs_without_save_version(project, request, plan, run.no_version)
-    load_versions = _load_versions(project, request, plan, run.save_version)
-    hooks = StepHooks(plan, run.job_directory, tracking, run.save_version)
-    log.info(
-        "step starting",
-        nodes=list(plan.nodes),
-        pipeline=request.pipeline,
-        env=project.env,
-        project=str(project.path),
-        save_version=run.save_version,
-    )
+    # From here the pipeline's MLflow run is this process's active run: whatever ends the step
+    # detaches it first (else MLflow's exit handler would end the shared run FINISHED).
     try:
-        served = _run_session(project, request, plan, hooks, run, identity, load_versions)
-    except KvxError:
-        raise
-    except Exception as exc:
-        replay = request.replay(run_id=identity.run_id, job_name=identity.job_name, env=project.env,
-                                storage_root=run.job_directory.root, save_version=run.save_version)
-        raise classify(exc, hooks, replay.command_line()) from exc
+        if run.no_version:
+            _check_runs_without_save_version(project, request, plan, run.no_version)
+        load_versions = _load_versions(project, request, plan, run.save_version)
+        hooks = StepHooks(plan, run.job_directory, tracking, run.save_version)
+        log.info(
+            "step starting",
+            nodes=list(plan.nodes),
+            pipeline=request.pipeline,
+            env=project.env,
+            project=str(project.path),
+            save_version=run.save_version,
+        )
+        try:
+            served = _run_session(project, request, plan, hooks, run, identity, load_versions)
+        except KvxError:
+            raise
+        except (Exception, SystemExit) as exc:
+            replay = request.replay(run_id=identity.run_id, job_name=identity.job_name, env=project.env,
+                                    storage_root=run.job_directory.root, save_version=run.save_version)
+            shown = replay.with_values(params=items_shown(replay.params, REDACTED)).command_line()
+            if isinstance(exc, SystemExit):
+                raise _exited(exc, hooks, shown) from None
+            raise classify(exc, hooks, shown) from exc
     finally:
         if tracking is not None:
             tracking.detach()
@@ -105,6 +112,15 @@ def execute_step(request: StepRequest) -> StepResult:
         loaded=tuple(hooks.loaded),
         seconds=seconds,
     )
+
+
+def _exited(exc: SystemExit, hooks: StepHooks, replay: str) -> NodeError:
+    """``sys.exit()`` inside the session (a node, or a library it calls): the step failed,
+    whatever the code (an exit 0 would tell the orchestrator the step succeeded, its outputs
+    never saved; an exit 3 that it is worth a retry)."""
+    where = f"node '{hooks.running_node}'" if hooks.running_node else "the step"
+    return NodeError(f"{where} called sys.exit({exc.code!r}): a node returns its outputs or raises",
+                     hint=f"replay: {replay}")
 
 
 def _serve_planned(project: KedroProject, request: StepRequest, identity: RunIdentity, run: _RunStorage,

@@ -96,6 +96,8 @@ class StepHooks:
         self.pipeline_started = False
         self.failed_node: str | None = None
         self.node_error: BaseException | None = None
+        #: The node between its before_node_run and after_node_run, if any.
+        self.running_node: str | None = None
         #: The catalog operation under way: ("load" | "save", dataset name), else None.
         self.dataset_operation: tuple[str, str] | None = None
         self.catalog: Any = None
@@ -212,10 +214,12 @@ class StepHooks:
             # Reopened (nested) only where an earlier node left its own run on top.
             self._kedro_mlflow_run_config.nested = not self.tracking.is_on_top()
         bind_step_context(node=node.name)
+        self.running_node = node.name
         self._started[node.name] = time.perf_counter()
         log.info("node started", func=getattr(node, "func_name", None) or node._func_name)
 
     def after_node_run(self, node: Any) -> None:
+        self.running_node = None
         seconds = time.perf_counter() - self._started.get(node.name, time.perf_counter())
         log.info(NODE_FINISHED, seconds=round(seconds, 3))
         if self.tracking is not None:
