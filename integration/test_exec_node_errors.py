@@ -371,3 +371,38 @@ def test_a_node_that_calls_sys_exit_fails_the_step_with_exit_1_whatever_the_code
     assert "replay: kvx-runtime exec-node --node leave" in last["message"]
     # The replay's secret is masked before it is quoted (a quote in it split it around the mask).
     assert "cd-kvx-secret" not in result.stderr and "'api_key=[redacted]'" in last["message"]
+
+
+def test_storage_that_accepts_and_never_answers_exits_3_within_the_budget(example_project: Path) -> None:
+    # A half-open connection (a network black hole): gcsfs waits for an answer without any limit
+    # of its own; the step must give up within its budget, not at the orchestrator's timeout.
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])  # accepted, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        env = step_env(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                       KVX_STORAGE_RETRY_BUDGET="4", KVX_STORAGE_STALL_TIMEOUT="1")
+        started = time.monotonic()
+        result = run_step(example_project, "--node", FIRST, "--storage-root", "gs://bucket/root", env=env,
+                          timeout=120)
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert time.monotonic() - started < 60 and held
+        assert "Traceback" not in result.stderr
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()

@@ -86,6 +86,9 @@ STORAGE_RETRY_WAIT = Setting("KVX_STORAGE_RETRY_WAIT", float, 1.0,
 STORAGE_RETRY_BUDGET = Setting("KVX_STORAGE_RETRY_BUDGET", float, 90.0,
                                "give-up budget in seconds of one blob read or write, request retries included",
                                minimum=0)
+STORAGE_STALL_TIMEOUT = Setting("KVX_STORAGE_STALL_TIMEOUT", float, 120.0,
+                                "seconds a GCS request may wait to connect, or for its next bytes, before "
+                                "it counts as stalled (then retried within the budget)", minimum=1)
 STORAGE_BLOCK_SIZE = Setting("KVX_STORAGE_BLOCK_SIZE", int, 16 * 1024 * 1024,
                              "chunk size in bytes of remote uploads and reads (at least 5 MiB on S3)",
                              minimum=256 * 1024)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.failures import http_status, is_refused, refused_refresh
 
@@ -97,6 +98,21 @@ def _within_budget() -> bool:
             failures = _failures.get(task, 0) + 1
             _failures[task] = failures
     return time.monotonic() + _next_sleep_bound(failures) < deadline
+
+
+def bound_stalled_requests() -> None:
+    """Give every GCS request of this process (the blob store's, the Kedro datasets') a limit on
+    connecting and on waiting for its next bytes (``KVX_STORAGE_STALL_TIMEOUT``): gcsfs sets
+    none, so a half-open connection held a step until the orchestrator's own timeout. A slow
+    transfer that keeps moving is never cut; a stalled one fails, and is retried within the
+    budget. A project's own ``requests_timeout`` (fsspec's config) wins."""
+    import aiohttp
+    import fsspec.config
+
+    limit = settings.STORAGE_STALL_TIMEOUT.get()
+    defaults = fsspec.config.conf.setdefault("gcs", {})
+    if "requests_timeout" not in defaults and "requests_timeout" not in fsspec.config.conf.get("gs", {}):
+        defaults["requests_timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
 
 
 def install_request_retry_policy() -> None:

@@ -199,10 +199,11 @@ def _filesystem(root: str) -> tuple[Any, str]:
         # Without this, gcsfs probes for hierarchical-namespace buckets on every call; against
         # the emulator (and in a sandbox) that probe hangs for a minute.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        from kvx_runtime.storage.gcs import check_credentials_file, install_request_retry_policy
+        from kvx_runtime.storage.gcs import bound_stalled_requests, check_credentials_file, install_request_retry_policy
 
         check_credentials_file()  # gcsfs would fall back to anonymous access without a word
         install_request_retry_policy()
+        bound_stalled_requests()
     if root.startswith("file://"):
         root = root[len("file://") :]
     if root.startswith(("s3://", "s3a://")):
