@@ -382,3 +382,26 @@ def test_a_few_rows_of_a_big_arrow_column_store_only_those_rows() -> None:
         loaded, data = roundtrip(rows)
         pd.testing.assert_series_equal(loaded, rows)
         assert len(data) < 20_000  # not the column's ~3 MB of buffers
+
+
+class _RefusesRebuilding:
+    """Pickles fine; its own code refuses to rebuild it (as a library of another version may)."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+
+    def __setstate__(self, state: dict) -> None:
+        raise state["error"]("state written by another version")
+
+
+@pytest.mark.parametrize("error", [TypeError, ValueError, KeyError, ImportError])
+def test_intact_bytes_the_objects_code_refuses_are_incompatible_not_damaged_nor_a_storage_error(
+        error: type[Exception]) -> None:
+    # Exit 2 (every retry reads the same bytes), never "pickle stream is damaged" for bytes that
+    # passed every check, nor a storage failure worth a retry (exit 3).
+    buffer = io.BytesIO()
+    write_blob({"model": _RefusesRebuilding(error)}, buffer, dataset="model")
+    data = buffer.getvalue()
+    with pytest.raises(BlobIncompatible, match="stored bytes are intact") as raised:
+        read_blob(io.BytesIO(data), len(data), describe="dataset 'model' at gs://b/model.bin")
+    assert raised.value.exit_code == ExitCode.USAGE and error.__name__ in str(raised.value)

@@ -618,18 +618,19 @@ def read_blob(
         )
     source.seek(header_length)
 
+    failure: Exception | None = None
     with _FrameReader(source, describe) as feed:
         try:
             obj = pickle.load(feed)  # cloudpickle output is plain pickle
         except InputDataError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise BlobCorrupt(f"{describe}: pickle stream is damaged ({exc})") from None
         except (ModuleNotFoundError, AttributeError) as exc:
             raise BlobIncompatible(
                 f"{describe}: the object needs code this image does not have ({exc}); "
                 "every step must run the same image"
             ) from None
+        except Exception as exc:  # damaged bytes, or intact ones the object's own code refuses here
+            failure = exc
         # Read to the end-of-frames marker: every frame is checked, and nothing may follow.
         while feed.read(_COPY_CHUNK):
             pass
@@ -638,4 +639,11 @@ def read_blob(
             f"{describe}: decompressed {feed.count} of {recorded_pickled} pickled bytes from "
             f"{feed.stored} of {body_length} stored bytes"
         )
+    if failure is not None:
+        # Every frame checked: the bytes are what the writing step stored.
+        raise BlobIncompatible(
+            f"{describe}: the stored bytes are intact, but the object cannot be rebuilt here "
+            f"({type(failure).__name__}: {str(failure)[:200]}): its code or a library's version differs "
+            "from the writing step's; every step must run the same image"
+        ) from None
     return obj, BlobInfo(header=header, stored_bytes=size, pickled_bytes=feed.count)
