@@ -139,6 +139,7 @@ def call(api_key, options):
 def everything(parameters):
     return sorted(parameters)
 """
+FILE_SECRET = "from-the-params-file-9Q"
 PARAM_PIPELINE = """
 from kedro.pipeline import Node, Pipeline
 from secparam.nodes import call, everything
@@ -160,7 +161,10 @@ def test_a_secret_parameter_is_nowhere_in_the_mlflow_run(tmp_path: Path, mlflow_
         tmp_path, "secparam", PARAM_NODES, PARAM_PIPELINE,
         vertexai=yaml.safe_dump({"run_config": {"image": "img", "root": str(tmp_path / "storage"),
                                                 "mlflow": {"required": True}}}))
-    (project / "conf" / "base" / "parameters.yml").write_text("api_key: set-at-run-time\noptions:\n  n: 2\n")
+    # A secret-named value inside a parameter from parameters.yml: logged whole as one param
+    # (kedro-mlflow's flatten: false), masked inside it.
+    (project / "conf" / "base" / "parameters.yml").write_text(
+        f"api_key: set-at-run-time\noptions:\n  n: 2\n  db_password: {FILE_SECRET}\n")
     (project / "conf" / "base" / "mlflow.yml").write_text(textwrap.dedent("""
         server:
           mlflow_tracking_uri: ${mlflow_tracking_uri}
@@ -183,7 +187,7 @@ def test_a_secret_parameter_is_nowhere_in_the_mlflow_run(tmp_path: Path, mlflow_
     client = mlflow_server.client()
     run = client.get_run(run_id)
     assert "api_key" not in run.data.params
-    assert run.data.params["options"] == "{'n': 2}"  # what is not secret is still logged
+    assert run.data.params["options"] == "{'n': 2, 'db_password': '[redacted]'}"  # the rest is still logged
     assert "parameters" in run.data.params and "[redacted]" in run.data.params["parameters"]
     written = [*run.data.params.items(), *run.data.tags.items(), *map(str, run.data.metrics.items())]
     artifacts = tmp_path / "artifacts"
@@ -191,5 +195,5 @@ def test_a_secret_parameter_is_nowhere_in_the_mlflow_run(tmp_path: Path, mlflow_
     for path in artifacts.rglob("*") if artifacts.exists() else []:
         if path.is_file():
             written.append(path.read_text(errors="replace"))
-    assert written and not [item for item in written if PARAM_SECRET in str(item)]
+    assert written and not [item for item in written if PARAM_SECRET in str(item) or FILE_SECRET in str(item)]
     assert not [text for text in outputs if PARAM_SECRET in text]  # nor in any log line

@@ -16,9 +16,10 @@ MLflow, this guard filters the three ways a param or tag is written (``MlflowCli
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
-from kvx_runtime.log import get_logger, redact
+from kvx_runtime.log import REDACTED, get_logger, redact
 from kvx_runtime.params import SECRET_HINT, says_secret
 
 __all__ = ["install_secret_guard"]
@@ -43,6 +44,16 @@ def _safe(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
 
 
+def _scrubbed(value: Any) -> Any:
+    """``value`` with what secret-named keys hold inside it masked (a whole ``parameters`` dict
+    or ``params:db`` logged as one param, kedro-mlflow's ``flatten: false``)."""
+    if isinstance(value, Mapping):
+        return {key: REDACTED if says_secret(str(key)) else _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item) for item in value]
+    return value
+
+
 def install_secret_guard() -> None:
     """Wrap MlflowClient's param and tag writes (once per process)."""
     from mlflow.entities import Param, RunTag
@@ -56,11 +67,15 @@ def install_secret_guard() -> None:
     def guarded_log_param(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
         if not _keep_param(key):
             return value  # what MLflow returns: the value "logged"
-        return log_param(self, run_id, key, _safe(str(value)), *args, **kwargs)
+        return log_param(self, run_id, key, _safe(str(_scrubbed(value))), *args, **kwargs)
 
     @functools.wraps(set_tag)
     def guarded_set_tag(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-        return set_tag(self, run_id, key, _safe(str(value)), *args, **kwargs)
+        # kedro-mlflow writes a param too long for MLflow as a tag (long_params_strategy: tag);
+        # MLflow's and kvx-runtime's own tags (kvx.create_token) are not parameters.
+        if not key.startswith(("kvx.", "mlflow.")) and not _keep_param(key):
+            return None
+        return set_tag(self, run_id, key, _safe(str(_scrubbed(value))), *args, **kwargs)
 
     @functools.wraps(log_batch)
     def guarded_log_batch(self: Any, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (),
