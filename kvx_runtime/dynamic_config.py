@@ -180,8 +180,18 @@ def materialize_dynamic_config(
         target = conf_root / provider.target_env / provider.target_config_file
         if conf_root.resolve() not in target.resolve().parents:
             raise ConfigError(f"dynamic config provider {spec.cls}: {target} is outside {conf_root}")
-        merged = provider.merge_with_existing(_read_existing(target), dict(generated))
-        _write_private_yaml(target, merged)
+        try:
+            _write_private_yaml(target, provider.merge_with_existing(_read_existing(target), dict(generated)))
+        except yaml.YAMLError as exc:  # the message may quote a value: only the kind of value is said
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"dynamic config provider {spec.cls}: what it returned cannot be written as "
+                              f"YAML to {target} ({problem})",
+                              hint="return plain values: strings, numbers, booleans, lists and mappings") from None
+        except OSError as exc:
+            raise ConfigError(f"dynamic config provider {spec.cls}: cannot write {target}: "
+                              f"{exc.strerror or type(exc).__name__}",
+                              hint="the configuration folder must be writable in the step's image "
+                                   "(not a read-only mount)") from None
         log.info(
             "dynamic config written",
             provider=name,

@@ -159,3 +159,22 @@ def test_a_configuration_archive_is_refused_before_any_provider_runs(tmp_path: P
     with pytest.raises(ConfigError, match="is not a folder") as refused:
         materialize_dynamic_config(config, archive, "local")
     assert refused.value.exit_code == ExitCode.USAGE and archive.read_bytes() == b"packed"
+
+
+class PathProvider(TokenProvider):
+    def generate_config(self) -> dict[str, Any]:
+        return {"key_file": Path("/secrets/sa-kvx-7.json"), "token": self.params["token"]}
+
+
+def test_a_value_yaml_cannot_write_or_a_target_that_cannot_be_written_is_exit_2_quoting_no_value(
+        tmp_path: Path) -> None:
+    config = config_with((f"{__name__}.PathProvider", {"token": "t0k3n-kvx"}))
+    with pytest.raises(ConfigError, match="cannot be written as YAML") as raised:
+        materialize_dynamic_config(config, tmp_path, "local")
+    assert raised.value.exit_code == ExitCode.USAGE and "sa-kvx-7" not in str(raised.value)
+    assert list((tmp_path / "local").iterdir()) == []  # no temporary file left
+    (tmp_path / "base" / "credentials.yml").mkdir(parents=True)  # a folder where the file goes
+    with pytest.raises(ConfigError, match="cannot write") as raised:
+        materialize_dynamic_config(config_with((f"{__name__}.BaseEnvProvider", {"token": "t0k3n-kvx"})),
+                                   tmp_path, "local")
+    assert raised.value.exit_code == ExitCode.USAGE and "t0k3n-kvx" not in str(raised.value)
