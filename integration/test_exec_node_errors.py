@@ -406,3 +406,16 @@ def test_storage_that_accepts_and_never_answers_exits_3_within_the_budget(exampl
         listener.close()
         for connection in held:
             connection.close()
+
+
+@pytest.mark.kedro
+def test_a_string_parameter_that_only_looks_like_json_is_text_and_a_list_still_refuses_it(
+        example_project: Path, tmp_path: Path) -> None:
+    root = str(tmp_path / "storage")
+    for value in ("{date}_report", "[A-Z]+ shuttles"):
+        ran = run_step(example_project, "--node", FIRST, "--run-id", "j", "--storage-root", root,
+                       "--param", f"reporting.title={value}")
+        assert ran.returncode == 0, ran.stderr[-2000:]
+    refused = run_step(example_project, "--node", FIRST, "--run-id", "j", "--storage-root", root,
+                       "--param", "data_science.model_options.features=[engines")
+    _exits_2_at_once(refused, "data_science.model_options.features")

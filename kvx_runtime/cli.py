@@ -101,7 +101,7 @@ def exec_node(
     serve_steps: tuple[str, ...],
 ) -> None:
     """Run one pipeline step: the named Kedro node(s), intermediates restored and saved."""
-    from kvx_runtime.params import parse_params
+    from kvx_runtime.params import parse_params_before_typing
     from kvx_runtime.step.executor import execute_step
     from kvx_runtime.step.request import StepRequest
     from kvx_runtime.step.serving import parse_serve_step
@@ -116,7 +116,7 @@ def exec_node(
             run_id=run_id,
             job_name=job_name,
             storage_root=storage_root,
-            params=parse_params(params),
+            params=parse_params_before_typing(params),
             raw_params=params,
             mlflow_run_id=mlflow_run_id,
             save_version=save_version or settings.SAVE_VERSION.get() or None,

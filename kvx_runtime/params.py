@@ -368,6 +368,24 @@ def parse_params(items: Iterable[str]) -> dict[str, Any]:
     return typed_params(items, {})
 
 
+def parse_params_before_typing(items: Iterable[str]) -> dict[str, Any]:
+    """:func:`parse_params` for values the project's Kedro parameters type later: a value that
+    only looks like JSON (``{date}_report.csv``, ``[A-Z]+``) stays text here, for a Kedro string
+    takes it as it is (and a Kedro mapping or list refuses it then, naming the key)."""
+    items = list(items)
+    parsed: dict[str, Any] = {}
+    for item in items:
+        try:
+            value = typed_params([item], {})
+        except UsageError:
+            key, declared, raw = split_param(item)  # a bad key is the caller's error here too
+            if declared is not None:
+                raise
+            value = typed_params([f"{key}:str={raw}"], {})
+        parsed = deep_merge(parsed, value)
+    return parsed
+
+
 # --- parameters whose names say secret ---------------------------------------------------------
 
 #: The last part of a parameter name that says its value is a secret (``api_key``, ``db.password``,
