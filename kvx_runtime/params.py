@@ -37,6 +37,7 @@ from kvx_runtime.errors import UsageError
 __all__ = [
     "KINDS",
     "SECRET_HINT",
+    "SECRET_KEY_NAMES",
     "SECRET_NAME_SUFFIXES",
     "SPEC_TYPES",
     "check_shapes",
@@ -388,9 +389,14 @@ def parse_params_before_typing(items: Iterable[str]) -> dict[str, Any]:
 
 # --- parameters whose names say secret ---------------------------------------------------------
 
-#: The last part of a parameter name that says its value is a secret (``api_key``, ``db.password``,
-#: ``github_token``, ``client_secret``). Literal suffixes: linear on any input.
-SECRET_NAME_SUFFIXES = ("key", "token", "password", "secret")
+#: The last part of a parameter name that says its value is a secret (``github_token``,
+#: ``db.password``, ``client_secret``). Literal suffixes: linear on any input.
+SECRET_NAME_SUFFIXES = ("token", "password", "passwd", "secret")
+#: A ``key`` that is a secret says which (``api_key``, ``accessKey``, ``private-key``, a bare
+#: ``key``); a key of data (``sort_key``, ``label_key``, ``primary_key``) is not one.
+SECRET_KEY_NAMES = tuple(f"{kind}key" for kind in (
+    "api", "access", "secret", "private", "client", "account", "auth", "signing", "encryption", "master",
+    "ssh", "license", "licence", "subscription", "app", "consumer", "session", "service", "storage", "sas"))
 #: Where such values belong instead (said wherever one is kept out of MLflow).
 SECRET_HINT = ("secrets belong in credentials.yml (conf/local, or written at run time by "
                "run_config.dynamic_config_providers), not in parameters")
@@ -398,7 +404,11 @@ SECRET_HINT = ("secrets belong in credentials.yml (conf/local, or written at run
 
 def says_secret(name: str) -> bool:
     """Does the (dotted) parameter name say its value is a secret?"""
-    return name.rsplit(".", 1)[-1].lower().endswith(SECRET_NAME_SUFFIXES)
+    last = name.rsplit(".", 1)[-1].lower()
+    if last.endswith(SECRET_NAME_SUFFIXES):
+        return True
+    compact = last.replace("_", "").replace("-", "")
+    return compact == "key" or compact.endswith(SECRET_KEY_NAMES)
 
 
 def secret_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, list[str]]:

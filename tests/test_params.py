@@ -288,7 +288,10 @@ def test_the_compiler_looks_kedro_parameters_up_in_the_same_table() -> None:
 @pytest.mark.parametrize(("name", "secret"), [
     ("api_key", True), ("AccountKey", True), ("services.github_token", True), ("db.password", True),
     ("client_secret", True), ("key", True), ("keys", False), ("token_ttl", False), ("model.lr", False),
-    ("api_key.enabled", False), ("secrets.region", False),
+    ("api_key.enabled", False), ("secrets.region", False), ("apiKey", True), ("private-key", True),
+    ("aws.secret_access_key", True), ("storage_account_key", True), ("passwd", True),
+    # Keys of data, not secrets: their values (time, label) must not be masked in every log line.
+    ("sort_key", False), ("label_key", False), ("primary_key", False), ("newkey", False), ("monkey", False),
 ])
 def test_names_that_say_secret(name: str, secret: bool) -> None:
     from kvx_runtime.params import says_secret
