@@ -300,3 +300,26 @@ def test_a_catalog_output_on_s3_reached_with_the_catalogs_own_credentials_is_cac
     secret = S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
     assert not [path for path in (project / ".kvx").rglob("*")
                 if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+def test_a_step_whose_inputs_were_made_under_another_key_records_no_entry(project: Path) -> None:
+    # Within one job, the raw input changes between the step that reads it and the next step
+    # (data landing while a pipeline runs; or a resume after a code fix). The next step's key
+    # counts its producer's key as computed now, not the one its input was made under: an entry
+    # recorded then would serve the old total to any later run with the new raw input.
+    from integration.conftest import run_step
+
+    root = str(storage(project))
+    steps = ("--run-id", "j1", "--job-name", "j1", "--cache", "on", "--storage-root", root)
+    assert run_step(project, "--node", "clean", *steps).returncode == 0
+    (project / "data" / "raw.json").write_text("[10, 20, 30]")
+    made = run_step(project, "--node", "total", *steps)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert any("made under other keys" in message for message in made.messages())
+    # A later run with the new input: nothing stale is served; the table is the new data's.
+    again = run_local(project, "after", "--cache", "on")
+    assert again == dict.fromkeys(STEPS, "ran")
+    assert table(project) == "label,total\nTotal,120\n"
+    # Its own entries are sound: the run after it is served whole, with the same table.
+    assert run_local(project, "after-again", "--cache", "on") == dict.fromkeys(STEPS, "served")
+    assert table(project) == "label,total\nTotal,120\n"

@@ -93,6 +93,12 @@ class StepKey:
     #: credentials and ``fs_args``): to fingerprint, look up and serve it as the dataset saves
     #: it. Never part of the digest, never written, never shown.
     reach: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    #: Dataset this step makes (transcoding resolved) -> the key of the node making it, as
+    #: downstream keys count it: what the job directory records the data was made under.
+    made: Mapping[str, str] = field(default_factory=dict, compare=False)
+    #: Dataset made upstream that this step reads -> the producing node's key this key counts:
+    #: the data in this run must have been made under it for an entry to be recorded.
+    upstream: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def digest(self) -> str:
@@ -252,8 +258,12 @@ def step_keys(context: KeyContext, only: Iterable[str] | None = None) -> dict[st
                                    for node in sorted(members, key=lambda node: node.name)))
         reach = {name: options for node in members for name in node.outputs
                  if (options := _storage_options(context.catalog_entry(name) or {}))}
+        made = {_dataset(output): node_keys.key(node.name).digest for node in members for output in node.outputs}
+        upstream = {_dataset(name): node_keys.key(node_keys.producer[_dataset(name)]).digest
+                    for node in members for name in node.inputs
+                    if _dataset(name) in node_keys.producer and _dataset(name) not in made_here}
         keys[step] = StepKey(step=step_identity(context.steps[step]), parts=parts,
-                             uncacheable=tuple(dict.fromkeys(reasons)), reach=reach)
+                             uncacheable=tuple(dict.fromkeys(reasons)), reach=reach, made=made, upstream=upstream)
     return keys
 
 

@@ -47,8 +47,27 @@ class StepCaching:
     #: The outputs that are intermediate blobs, and the job directory's store they are in.
     blobs: dict[str, str]
     store: Any = None
+    #: The run's job directory: it notes the key each output of the step was made under.
+    job_directory: Any = None
     #: Catalog outputs fingerprinted as the step saved them (:meth:`hooks`).
     as_saved: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+    def _job_store(self) -> Any:
+        return self.store or self.job_directory.store("the step cache notes what made each output")
+
+    def _note_made(self) -> None:
+        """This job's outputs of the step are what its key stands for (made or served now)."""
+        store = self._job_store()
+        for dataset, key in self.key.made.items():
+            store.note_made(dataset, key)
+
+    def _made_otherwise(self) -> list[str]:
+        """The inputs made upstream in this job under another key than the one this step's
+        key counts (a resumed or replayed job after a code change, a raw input changed
+        between the steps): an entry recorded now would say this key gives these outputs,
+        which it does not."""
+        store = self._job_store()
+        return sorted(dataset for dataset, key in self.key.upstream.items() if store.made_under(dataset) != key)
 
     def hooks(self) -> Any:
         """Kedro hooks that fingerprint each catalog output right after the node saved it."""
@@ -76,6 +95,7 @@ class StepCaching:
         for name in copied:
             if name in self.blobs:
                 self.store.note_served(self.blobs[name], entry.job_name)
+        self._note_made()
         log.info("step served from the cache: its nodes do not run", key=self.key.digest[:16],
                  from_run=entry.run_id, outputs=sorted(self.outputs), copied=copied)
         return True
@@ -92,8 +112,15 @@ class StepCaching:
 
     def record(self, identity: RunIdentity) -> None:
         try:
+            otherwise = self._made_otherwise()
+            if otherwise:
+                log.warning("step not cached: inputs of this job were made under other keys than this step's "
+                            "(their code, parameters or inputs changed since they were made)", datasets=otherwise)
+                return
             entry = self.cache.record(self.key, nodes=self.nodes, run_id=identity.run_id,
                                       job_name=identity.job_name, outputs=self.outputs, as_saved=self.as_saved)
+            if entry is not None:
+                self._note_made()
         except (OSError, KvxError) as exc:
             log.warning("the step's cache entry could not be written: the step succeeded, it will not hit",
                         error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -154,7 +181,7 @@ def prepare_caching(project: KedroProject, request: StepRequest, plan: StepPlan,
         return None
     outputs, blobs, store = found
     return StepCaching(cache=StepCache(job_directory.root), key=key, outputs=outputs, nodes=tuple(plan.nodes),
-                       blobs=blobs, store=store)
+                       blobs=blobs, store=store, job_directory=job_directory)
 
 
 def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
@@ -227,7 +254,7 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
                 continue
             outputs, blobs, store = found
             caching = StepCaching(cache=cache, key=key, outputs=outputs, nodes=tuple(plan.nodes), blobs=blobs,
-                                  store=store)
+                                  store=store, job_directory=job_directory)
             if caching.serve():
                 served[step] = entry.run_id
     return served

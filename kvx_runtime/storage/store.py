@@ -25,7 +25,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -619,25 +619,40 @@ class BlobStore:
     def note_served(self, dataset: str, source_job: str) -> None:
         """``dataset``'s blob is a copy of job ``source_job``'s (the step cache served it): its
         readers accept that job's header. Overwritten by a later serve of the same step."""
+        self._note(self._served_record(dataset), {"job": source_job})
+
+    def served_from(self, dataset: str) -> str | None:
+        """The job whose blob the step cache copied as ``dataset``'s, if it did."""
+        return self._noted(self._served_record(dataset), "job")
+
+    def note_made(self, dataset: str, key: str) -> None:
+        """``dataset`` (intermediate or catalog output) is, in this job, what the step cache key
+        ``key`` of its producing node stands for (made or served under it)."""
+        self._note(f"made-{object_name(dataset)}.json", {"key": key})
+
+    def made_under(self, dataset: str) -> str | None:
+        """The key ``dataset`` was last made or served under in this job, if one was noted."""
+        return self._noted(f"made-{object_name(dataset)}.json", "key")
+
+    def _note(self, record: str, content: Mapping[str, str]) -> None:
         import json
 
-        path = f"{self._base}/{self._served_record(dataset)}"
-        content = json.dumps({"job": source_job}).encode()
+        path = f"{self._base}/{record}"
+        data = json.dumps(dict(content)).encode()
 
         def attempt() -> None:
             if _is_local(self._fs):
                 self._makedirs_local(self._base)
-            write_file_whole(self._fs, path, content)
+            write_file_whole(self._fs, path, data)
 
-        self._retrying(f"record {self.job_url}/{self._served_record(dataset)}", attempt)
+        self._retrying(f"record {self.job_url}/{record}", attempt)
 
-    def served_from(self, dataset: str) -> str | None:
-        """The job whose blob the step cache copied as ``dataset``'s, if it did."""
+    def _noted(self, record: str, field: str) -> str | None:
         import json
 
-        raw = self.read_record(self._served_record(dataset))
+        raw = self.read_record(record)
         try:
-            return str(json.loads(raw)["job"]) if raw else None
+            return str(json.loads(raw)[field]) if raw else None
         except (ValueError, KeyError, TypeError):
             return None
 
