@@ -384,6 +384,25 @@ def test_gc_leaves_an_entry_recorded_again_since_it_was_read(tmp_path: Path) -> 
     assert not cache.remove(again)  # already gone
 
 
+@pytest.mark.parametrize("damage", ["null", "[1, 2]", '"text"', '{"format": 1, "outputs": []}',
+                                    '{"format": 1, "key": "k", "step": "s", "nodes": "s", "run_id": "r", '
+                                    '"job_name": "j", "created": "c", "parts": {}, "outputs": {"out": {}}}'])
+def test_an_index_file_of_valid_json_but_another_shape_is_unreadable_never_a_crash(tmp_path, damage) -> None:
+    # A hand edit or another tool's file: a miss for the step, skipped by gc's reading; never
+    # an AttributeError/KeyError that fails the step or plan on every run.
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import CACHE_DIR, StepCache
+
+    cache = StepCache(str(tmp_path))
+    key = StepKey("s", {"nodes": "s"})
+    entry = tmp_path / CACHE_DIR / "entries" / f"{key.digest}.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_text(damage)
+    assert cache.lookup(key) == (None, "no entry for this key")
+    [read] = cache.index("entries")
+    assert read.entry is None
+
+
 # --- s3:// (moto's S3 server on 127.0.0.1) ---------------------------------------------------
 
 

@@ -53,11 +53,20 @@ class CacheEntry:
     @classmethod
     def from_json(cls, raw: bytes) -> CacheEntry:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"a cache entry is a JSON object, not {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ValueError(f"cache entry format {data.get('format')!r}")
-        return cls(key=data["key"], step=data["step"], nodes=tuple(data["nodes"]), run_id=data["run_id"],
-                   job_name=data["job_name"], created=data["created"], parts=dict(data["parts"]),
-                   outputs={name: dict(output) for name, output in data["outputs"].items()})
+        outputs = data["outputs"]
+        if not isinstance(outputs, dict) or not all(
+                isinstance(output, dict) and isinstance(output.get("location"), str)
+                and isinstance(output.get("fingerprint"), str) for output in outputs.values()):
+            raise ValueError("a cache entry's outputs map each dataset to its location and fingerprint")
+        if not isinstance(data["parts"], dict) or not isinstance(data["nodes"], list):
+            raise ValueError("a cache entry's parts are a JSON object and its nodes a list")
+        return cls(key=str(data["key"]), step=str(data["step"]), nodes=tuple(map(str, data["nodes"])),
+                   run_id=str(data["run_id"]), job_name=str(data["job_name"]), created=str(data["created"]),
+                   parts=dict(data["parts"]), outputs={str(name): dict(output) for name, output in outputs.items()})
 
     def to_json(self) -> bytes:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True, indent=1).encode()
