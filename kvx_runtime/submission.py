@@ -274,11 +274,13 @@ def task_invocation(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, value
 _SINGLE_VALUED = ("env", "run_id", "job_name", "storage_root", "save_version", "job_create_time", "code")
 
 
-def recorded_run_id(invocation: ExecNodeInvocation) -> str | None:
+def recorded_run_id(invocation: ExecNodeInvocation, *, strict: bool = False) -> str | None:
     """The run id recorded in the job directory by the run's first step (see
-    :mod:`kvx_runtime.step.identity`); None if there is none or it cannot be read quickly."""
+    :mod:`kvx_runtime.step.identity`); None if there is none, or (unless ``strict``: ``resume``
+    must not take a record it could not read for no record) if it cannot be read quickly."""
     if not invocation.storage_root or not invocation.job_name:
         return None
+    from kvx_runtime.errors import StorageError
     from kvx_runtime.step.identity import read_owner
     from kvx_runtime.storage.store import BlobStore, RetryPolicy
 
@@ -286,6 +288,11 @@ def recorded_run_id(invocation: ExecNodeInvocation) -> str | None:
         return read_owner(BlobStore(invocation.storage_root, invocation.job_name,
                                     retry=RetryPolicy(attempts=2, budget=_RECORD_BUDGET)))
     except Exception as exc:  # a diagnosis goes on without it
+        if strict:
+            if isinstance(exc, KvxError):
+                raise
+            raise StorageError(f"the job directory's owner record under {invocation.storage_root} cannot be read: "
+                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
         log.info("the job directory's owner record cannot be read", error=f"{type(exc).__name__}: {exc}"[:300])
         return None
 

@@ -85,3 +85,4 @@ def test_a_kfp_answer_without_the_field_asked_for_is_an_api_error(monkeypatch: p
     with pytest.raises(ApiError, match="has no experiment_id") as raised:
         target.experiment_id()
     assert raised.value.hint and "host" in raised.value.hint
+

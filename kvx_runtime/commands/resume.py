@@ -68,7 +68,7 @@ def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, ExecN
         raise UsageError(f"run {run.run_id} has no step that ran a Kedro node: nothing to keep",
                          hint="run-once starts the pipeline again")
     first = ran[0]
-    run_id = target.step_run_id(run) or recorded_run_id(first)
+    run_id = target.step_run_id(run) or recorded_run_id(first, strict=True)
     if run_id is None or not first.storage_root or not first.job_name:
         raise UsageError(f"no step of run {run.run_id} recorded the run id it ran with (in its job directory "
                          f"under {first.storage_root}): nothing it wrote can be found",
