@@ -259,10 +259,23 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
         {flag_values(argv, "--run-id")[0]}  # the failed run's own id: it read that run's intermediates
     assert table(project) == expected
 
+    # The resumed run fails too: resuming it keeps what the first run finished (the steps it
+    # left out are not tasks of it), not only what it finished itself.
+    vertex.fail_tasks = {"tabulate"}
     for _ in range(3):
         vertex._advance(vertex.jobs[new])
-    assert vertex.jobs[new]["state"] == "PIPELINE_STATE_SUCCEEDED"
-    again = kvx("resume", new.rsplit("/", 1)[-1])
+    assert vertex.jobs[new]["state"] == "PIPELINE_STATE_FAILED"
+    vertex.fail_tasks = set()
+    before = set(vertex.jobs)
+    third = kvx("resume", new.rsplit("/", 1)[-1])
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    assert "2 finished nodes kept, 1 step to run" in third.stdout
+    (last,) = set(vertex.jobs) - before
+    assert tasks_of(vertex.jobs[last]["pipelineSpec"]) == {"tabulate": ["tabulate"]}
+    for _ in range(3):
+        vertex._advance(vertex.jobs[last])
+    assert vertex.jobs[last]["state"] == "PIPELINE_STATE_SUCCEEDED"
+    again = kvx("resume", last.rsplit("/", 1)[-1])
     assert again.returncode == 2 and "succeeded: nothing to resume" in again.stderr
 
 

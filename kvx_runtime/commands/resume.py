@@ -12,6 +12,8 @@ ran its nodes succeeded (a step whose nodes the old run grouped otherwise runs a
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timezone
 from typing import TYPE_CHECKING, Any
@@ -81,10 +83,32 @@ def resumed_run(target: PipelineTarget, run: RunInfo) -> tuple[ResumedRun, ExecN
         # A cache-serve step made each of the steps it served this run's.
         groups = [parse_serve_step(text) for text in item.serve_steps] or [item.nodes]
         done.update(step_identity(nodes) for nodes in groups)
+    done.update(_finished_before(run.spec))  # a resumed run's spec names what it left out
     created = run.create_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if run.create_time else ""
     return ResumedRun(run_id=run_id, job_name=first.job_name, storage_root=first.storage_root,
                       save_version=first.save_version or "", job_create_time=first.job_create_time or created,
                       done_steps=frozenset(done)), first
+
+
+#: The pipeline input of a resumed run's spec naming the steps earlier runs of the job finished
+#: (left out of it): resuming that run keeps them too.
+FINISHED_STEPS_PARAMETER = "kvx_finished_steps"
+
+
+def _finished_before(spec: Mapping[str, Any]) -> set[str]:
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).get(FINISHED_STEPS_PARAMETER)
+    try:
+        steps = json.loads(declared["defaultValue"]) if isinstance(declared, dict) else []
+    except (KeyError, TypeError, ValueError):
+        return set()
+    return {str(step) for step in steps} if isinstance(steps, list) else set()
+
+
+def _note_finished(spec: dict[str, Any], steps: Iterable[str]) -> None:
+    """Declare the finished steps in the resumed run's spec (an input no task reads)."""
+    parameters = spec.setdefault("root", {}).setdefault("inputDefinitions", {}).setdefault("parameters", {})
+    parameters[FINISHED_STEPS_PARAMETER] = {"parameterType": "STRING", "isOptional": True,
+                                            "defaultValue": json.dumps(sorted(steps))}
 
 
 def _param_values(items: tuple[str, ...]) -> dict[str, str]:
@@ -127,6 +151,7 @@ def resume_run(request: ResumeRequest) -> None:
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
     refuse_missing_inputs(compiled.remote_inputs)  # those the steps left to run read
+    _note_finished(compiled.spec, resumed.done_steps)
     inputs = compiled.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     values: dict[str, Any] = {name: value for name, value in old.parameters.items() if name in inputs}
     submitted = run_request(compiled.spec, project.plugin_config.run_config, values=values,
