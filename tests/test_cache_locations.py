@@ -94,3 +94,24 @@ def test_a_folder_served_onto_an_existing_one_replaces_it_on_an_object_store() -
             "/kvx-serve/dst/d/p=1/a.parquet": b"NEW"}
     finally:
         memory.rm("/kvx-serve", recursive=True)
+
+
+def test_an_output_served_onto_itself_spelled_another_way_is_left_as_is() -> None:
+    # The same object as gcs:// in the entry and gs:// in this run's catalog (or s3a:// and
+    # s3://): a copy onto itself, then the source found changed, would remove the only copy.
+    import fsspec
+
+    from kvx_runtime.cache.key import fingerprint_path
+    from kvx_runtime.cache.store import CacheEntry, StepCache
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/kvx-same/out.csv", b"a\n1\n")
+    entry = CacheEntry(key="k", step="s", nodes=("s",), run_id="r", job_name="j", created="c", parts={},
+                       outputs={"out": {"location": "memory://kvx-same/out.csv",
+                                        "fingerprint": fingerprint_path("memory://kvx-same/out.csv")[0]}})
+    try:
+        cache = StepCache("memory://kvx-same-root")
+        assert cache.serve(entry, {"out": "memory:///kvx-same/out.csv"}) == []
+        assert memory.cat_file("/kvx-same/out.csv") == b"a\n1\n"
+    finally:
+        memory.rm("/kvx-same", recursive=True)

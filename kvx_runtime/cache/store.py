@@ -235,7 +235,7 @@ class StepCache:
         copied = []
         for name, destination in destinations.items():
             source = entry.outputs[name]["location"]
-            if source == destination:
+            if _same_place(source, destination, (reach or {}).get(name)):
                 continue
             _copy(source, destination, entry.outputs[name]["fingerprint"], (reach or {}).get(name))
             copied.append(name)
@@ -248,6 +248,21 @@ def _parse(raw: bytes, path: str) -> CacheEntry | None:
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("unreadable cache entry ignored", entry=path, error=str(exc)[:200])
         return None
+
+
+def _same_place(one: str, other: str, options: Mapping[str, Any] | None) -> bool:
+    """The same file or object, however spelled (``gs://`` and ``gcs://``, ``s3a://`` and
+    ``s3://``, ``file://``): a copy onto itself would replace (and, once checked, remove) it."""
+    if one == other:
+        return True
+    import fsspec
+
+    try:
+        one_fs, one_path = fsspec.core.url_to_fs(one, **(options or {}))
+        other_fs, other_path = fsspec.core.url_to_fs(other, **(options or {}))
+    except Exception:  # not comparable here: the copy says what is wrong
+        return False
+    return type(one_fs) is type(other_fs) and one_path.rstrip("/") == other_path.rstrip("/")
 
 
 def _copy(source: str, destination: str, fingerprint: str, options: Mapping[str, Any] | None = None) -> None:
