@@ -216,7 +216,7 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     working = nodes.read_text()
     nodes.write_text(working.replace('    if label == "FAIL":', '    if True:'))
 
-    _, spec = run_once(project, vertex)
+    _, spec = run_once(project, vertex, "--cache", "on")
     [job] = [name for name, created in vertex.jobs.items() if created["pipelineSpec"] is spec]
     job_id = job.rsplit("/", 1)[-1]
     path = project / "failed.json"
@@ -249,6 +249,7 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     assert tasks_of(spec) == {"tabulate": ["tabulate"]}
     argv = argv_of(spec)["tabulate"]
     assert flag_values(argv, "--job-name") == [job_id] and "{{$" not in flag_values(argv, "--run-id")[0]
+    assert flag_values(argv, "--cache") == ["on"]  # as the run it resumes ran
     path.write_text(json.dumps(spec))
     finished = subprocess.run([*KVX, "run-local", str(path), "--job-name", "resumed"], cwd=project, env=step_env(),
                               capture_output=True, text=True, timeout=300)

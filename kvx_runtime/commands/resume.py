@@ -143,7 +143,9 @@ def resume_run(request: ResumeRequest) -> None:
     if request.at.env not in (None, env):
         raise UsageError(f"run {old.run_id} ran with env {env}, not {request.at.env}",
                          hint="resume it without --env, or with its own")
-    options = PipelineOptions(ran.pipeline, load_versions=ran.load_versions)
+    # As the run ran: with uploaded code (the workspace's now: the fix) and its step cache setting.
+    options = PipelineOptions(ran.pipeline, load_versions=ran.load_versions, code_upload=True if ran.code else None,
+                              cache=ran.cache)
     compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
                          values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
