@@ -639,3 +639,15 @@ def test_a_remote_output_rewritten_while_it_is_served_is_never_this_runs(gcs_emu
     with pytest.raises(ValueError, match="changed while it was served"):
         cache.serve(entry, {"out": late})
     assert not fs.exists(late.removeprefix("gs://"))
+
+
+def test_an_output_that_cannot_be_checked_is_a_miss_saying_why_not_that_it_changed(tmp_path) -> None:
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    cache = StepCache(str(tmp_path))
+    key = StepKey("s", {"nodes": "s"})
+    cache.record(key, nodes=("s",), run_id="r1", job_name="job", outputs={"out": "kvx-no-such-store://b/out.csv"},
+                 as_saved={"out": ("digest", None)})
+    entry, reason = cache.lookup(key)
+    assert entry is None and "cannot be checked" in reason and "changed or is gone" not in reason

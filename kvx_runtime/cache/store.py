@@ -142,7 +142,9 @@ class StepCache:
             return None, "no entry for this key"
         for name, output in entry.outputs.items():
             digest, why = fingerprint_path(output["location"], key.reach.get(name))
-            if why is not None or digest != output["fingerprint"]:
+            if why is not None and not why.endswith("does not exist"):  # a store that could not be asked
+                return None, f"output {name} of run {entry.run_id} cannot be checked ({output['location']}: {why})"
+            if digest != output["fingerprint"]:
                 return None, f"output {name} of run {entry.run_id} changed or is gone ({output['location']})"
         return entry, f"entry of run {entry.run_id}"
 
