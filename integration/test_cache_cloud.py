@@ -238,6 +238,11 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     vertex.fail_tasks = set()
 
     nodes.write_text(working)  # the fix
+    info = vertex.jobs[job]["pipelineSpec"]["pipelineInfo"]
+    info["name"], name = "another-project", info["name"]  # another project's job of the same id
+    foreign = kvx("resume", job_id)
+    assert foreign.returncode == 2 and f"ran pipeline another-project, not this project's {name}" in foreign.stderr
+    info["name"] = name
     other_env = kvx("resume", "--env", "other", job_id)
     assert other_env.returncode == 2 and f"run {job_id} ran with env base, not other" in other_env.stderr
     before = set(vertex.jobs)

@@ -149,6 +149,12 @@ def resume_run(request: ResumeRequest) -> None:
     compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
                          values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
+    ran_name = (old.spec or {}).get("pipelineInfo", {}).get("name")
+    this_name = compiled.spec.get("pipelineInfo", {}).get("name")
+    if ran_name and this_name and ran_name != this_name:
+        # Another project's (or pipeline's) job: its steps would write into that job's directory.
+        raise UsageError(f"run {old.run_id} ran pipeline {ran_name}, not this project's {this_name}",
+                         hint="resume it from its own project (and pipeline)")
     kept = len(compiled.finished_nodes)
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
