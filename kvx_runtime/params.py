@@ -435,10 +435,13 @@ def secret_params_given(params: Mapping[str, Any], items: Iterable[str]) -> dict
     return found
 
 
-def items_shown(items: Iterable[str], mask: str) -> tuple[str, ...]:
-    """``key[:kind]=value`` items as they may be shown (a replay line): the value of a parameter
-    whose name says secret, and every secret-named value inside a mapping value, as ``mask``.
-    An item that cannot be read whole is shown as ``key=mask``."""
+def items_shown(items: Iterable[str]) -> tuple[str, ...]:
+    """``key[:kind]=value`` items as they may be shown (a replay line, a step log's header): the
+    value of a parameter whose name says secret, and every secret-named value inside a mapping
+    value, masked as the log masks secrets. An item that cannot be read whole is shown as
+    ``key=`` the mask."""
+    from kvx_runtime.log import REDACTED as mask
+
     shown = []
     for item in items:
         try:

@@ -210,14 +210,10 @@ def _replay(spec: Mapping[str, Any], run: RunInfo, task: TaskInfo, values: Mappi
             target: PipelineTarget) -> list[str]:
     """The ``exec-node`` command of ``task`` as the step ran it (the one it printed), with a
     note when the run id it ran with is not known: lines for :func:`diagnose`."""
-    from kvx_runtime.log import REDACTED
-    from kvx_runtime.params import items_shown
-
     invocation = task_invocation(spec, run, task, values, target.job_name(run))
     if invocation is None:
         return []
-    # Printed, not logged (log redaction does not see it): secret-named parameters masked.
-    invocation = invocation.with_values(params=items_shown(invocation.params, REDACTED))
+    invocation = invocation.shown()  # printed, not logged: the log's redaction does not see it
     run_id = target.step_run_id(run) or recorded_run_id(invocation)
     if run_id is None:
         return [f"  replay:  {invocation.command_line()}",

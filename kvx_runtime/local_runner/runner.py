@@ -96,7 +96,6 @@ def _retry_wait(policy: Mapping[str, Any], attempt: int) -> float:
 def _command(container: Mapping[str, Any], values: Mapping[str, str]) -> tuple[list[str], list[str]]:
     """(argv to execute here, argv as the container would run it, to be shown: the values of
     secret-named parameters masked, as the step's log masks them)."""
-    from kvx_runtime.log import REDACTED
     from kvx_runtime.params import items_shown
 
     command = [substitute(str(part), values) for part in [*container.get("command", []), *container.get("args", [])]]
@@ -106,7 +105,7 @@ def _command(container: Mapping[str, Any], values: Mapping[str, str]) -> tuple[l
     if argv[0] == "kvx-runtime":
         # The same program, from this interpreter (works without the venv on PATH).
         argv = [sys.executable, "-m", "kvx_runtime", *argv[1:]]
-    shown = [items_shown([part], REDACTED)[0] if index and command[index - 1] == "--param" else part
+    shown = [items_shown([part])[0] if index and command[index - 1] == "--param" else part
              for index, part in enumerate(command)]
     return argv, shown
 

@@ -33,8 +33,7 @@ from kvx_runtime.config import STEP_KEYS, resolve_storage_root
 from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER, env_var_name
 from kvx_runtime.errors import ConfigError, KvxError, NodeError, UsageError
 from kvx_runtime.graph import StepPlan, plan_step
-from kvx_runtime.log import REDACTED, bind_step_context, get_logger
-from kvx_runtime.params import items_shown
+from kvx_runtime.log import bind_step_context, get_logger
 from kvx_runtime.settings import MLFLOW_RUN_ID
 from kvx_runtime.step.caching import cache_wanted, prepare_caching
 from kvx_runtime.step.failures import classify, first_line
@@ -93,7 +92,7 @@ def execute_step(request: StepRequest) -> StepResult:
         except (Exception, SystemExit) as exc:
             replay = request.replay(run_id=identity.run_id, job_name=identity.job_name, env=project.env,
                                     storage_root=run.job_directory.root, save_version=run.save_version)
-            shown = replay.with_values(params=items_shown(replay.params, REDACTED)).command_line()
+            shown = replay.shown().command_line()
             if isinstance(exc, SystemExit):
                 raise _exited(exc, hooks, shown) from None
             raise classify(exc, hooks, shown) from exc

@@ -105,6 +105,13 @@ class ExecNodeInvocation:
         """One line a shell runs as is (the replay line)."""
         return shlex.join(self.argv())
 
+    def shown(self) -> ExecNodeInvocation:
+        """This invocation as it may be printed (a replay line): secret-named parameters masked
+        (:func:`kvx_runtime.params.items_shown`), before any quoting could split a value."""
+        from kvx_runtime.params import items_shown
+
+        return replace(self, params=items_shown(self.params))
+
     def with_values(self, **changes: object) -> ExecNodeInvocation:
         return replace(self, **changes)  # type: ignore[arg-type]
 
