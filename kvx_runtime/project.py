@@ -357,11 +357,14 @@ def _normalize(name: str) -> str:
 
 @contextmanager
 def untracked_context(project: KedroProject, storage_root: str,
-                      runtime_params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+                      runtime_params: Mapping[str, Any] | None = None, *,
+                      parameters_untyped: bool = False) -> Iterator[Any]:
     """The Kedro context of ``project``'s env as its steps load it (``runtime_params`` merged,
     ``${storage_root}`` the run's root, the run's identity as exported), created without
     kedro-mlflow's hooks: compile, ``plan`` and the step cache's planning must not start MLflow
-    runs or contact a tracking server."""
+    runs or contact a tracking server. ``parameters_untyped``: no node of the project types its
+    parameters (:func:`kvx_runtime.cache.pipeline_memo.parameters_untyped`), so Kedro need not
+    import every pipeline to find out."""
     from kedro.framework.project import settings
     from kedro.framework.session import KedroSession
 
@@ -372,7 +375,10 @@ def untracked_context(project: KedroProject, storage_root: str,
         session = KedroSession.create(project.path, env=project.env, runtime_params=dict(runtime_params or {}) or None,
                                       conf_source=project.conf_source)
     with session, exported_storage_root(storage_root):
-        yield session.load_context()
+        context = session.load_context()
+        if parameters_untyped and hasattr(context, "_pipelines_to_validate"):
+            context._pipelines_to_validate = []  # types by the annotations of no pipeline: none has any
+        yield context
 
 
 @contextmanager

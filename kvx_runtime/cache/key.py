@@ -48,11 +48,13 @@ from typing import Any
 
 __all__ = [
     "KeyContext",
+    "KnownCode",
     "StepKey",
     "catalog_entries",
     "code_digest",
     "environment_digest",
     "fingerprint_path",
+    "is_installed",
     "project_dirs_of",
     "step_identity",
     "step_keys",
@@ -443,7 +445,7 @@ def _unwrap(func: Any) -> tuple[Any, list[Any], bool]:
             func = func.__wrapped__
         elif callable(func) and not (inspect.isroutine(func) or inspect.isclass(func)):
             file = getattr(sys.modules.get(type(func).__module__), "__file__", None)
-            if file is None or _is_installed(Path(file).resolve()):
+            if file is None or is_installed(Path(file).resolve()):
                 break  # a library's callable object (a numpy ufunc): by its name and the library's version
             bound.append(func)  # a callable object of the project's: its class's code, its state
             func, made = type(func).__call__, True
@@ -483,8 +485,23 @@ def _bound_text(value: Any, dirs: Sequence[Path], depth: int = 0) -> tuple[str, 
     return "pickle:" + hashlib.sha256(data).hexdigest(), None
 
 
+class KnownCode:
+    """A node function's stand-in whose code digest is known: a node rebuilt from the pipeline
+    memo (:mod:`kvx_runtime.cache.pipeline_memo`) is planned, never run."""
+
+    def __init__(self, name: str, module: str, digest: str, why: str | None) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = module
+        self.digest, self.why = digest, why
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.__module__}.{self.__name__} was rebuilt for planning: its code is not loaded")
+
+
 def code_digest(func: Any, project_dirs: Sequence[Path], depth: int = 0) -> tuple[str, str | None]:
     """A digest of the code ``func`` can reach in the project, and why it cannot be told."""
+    if isinstance(func, KnownCode):
+        return func.digest, func.why
     func, bound, made = _unwrap(func)
     dirs = [Path(directory).resolve() for directory in project_dirs]
     texts: list[str] = []
@@ -509,7 +526,7 @@ def _function_digest(func: Any, dirs: Sequence[Path]) -> tuple[str, str | None]:
             return _digest("builtin", name), None
         return _digest("unknown", name), f"{name} is not defined in a file"
     path = Path(file).resolve()
-    if _is_installed(path):
+    if is_installed(path):
         return _digest("library", name), None  # its version is in the environment part
     root = str(getattr(func, "__qualname__", "")).split(".")[0]
     sliced = _module_slice(path.read_bytes(), root, module.__name__, path.name == "__init__.py")
@@ -777,7 +794,7 @@ def _project_file(module_name: str, dirs: Sequence[Path]) -> Path | None:
     if not file or not file.endswith(".py"):
         return None
     path = Path(file).resolve()
-    return None if _is_installed(path) else path
+    return None if is_installed(path) else path
 
 
 @functools.lru_cache(maxsize=1)
@@ -793,7 +810,8 @@ def _installed_roots() -> tuple[Path, ...]:
     return tuple(sorted(roots))
 
 
-def _is_installed(path: Path) -> bool:
+def is_installed(path: Path) -> bool:
+    """Whether ``path`` belongs to an installed distribution or the standard library."""
     return any(path.is_relative_to(root) for root in _installed_roots())
 
 

@@ -24,7 +24,8 @@ from kvx_runtime.cache.store import CacheEntry, StepCache
 if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
-__all__ = ["RunVerdicts", "StepVerdict", "project_step_keys", "run_context", "run_verdicts", "verdicts"]
+__all__ = ["RunVerdicts", "StepVerdict", "planned_run", "project_step_keys", "run_context", "run_verdicts",
+           "verdicts"]
 
 #: How many environments recorded by earlier entries :func:`run_verdicts` tries (newest first).
 RECORDED_ENVIRONMENTS_TRIED = 3
@@ -46,12 +47,27 @@ class StepVerdict:
 
 
 @contextmanager
-def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storage_root: str) -> Iterator[Any]:
+def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storage_root: str, *,
+                parameters_untyped: bool = False) -> Iterator[Any]:
     """The Kedro context a run's steps load (:func:`kvx_runtime.project.untracked_context`)."""
     from kvx_runtime.project import untracked_context
 
-    with untracked_context(project, storage_root, runtime_params) as context:
+    with untracked_context(project, storage_root, runtime_params, parameters_untyped=parameters_untyped) as context:
         yield context
+
+
+@contextmanager
+def planned_run(project: KedroProject, pipeline: str, runtime_params: Mapping[str, Any],
+                storage_root: str) -> Iterator[tuple[Any, Any]]:
+    """The pipeline a run plans (rebuilt from the pipeline memo when the project did not change:
+    :mod:`.pipeline_memo`) and the Kedro context its steps load (:func:`run_context`)."""
+    from kvx_runtime.cache.pipeline_memo import parameters_untyped, remembered_pipeline
+    from kvx_runtime.project_pipelines import load_pipeline
+
+    kedro_pipeline = remembered_pipeline(project, pipeline, lambda: load_pipeline(pipeline))
+    untyped = parameters_untyped(project, pipeline)
+    with run_context(project, runtime_params, storage_root, parameters_untyped=untyped) as context:
+        yield kedro_pipeline, context
 
 
 def project_step_keys(project: KedroProject, pipeline: str, steps: Mapping[str, Sequence[str]],
@@ -66,11 +82,8 @@ def _keys_by_environment(project: KedroProject, pipeline: str, steps: Mapping[st
                          environments: Sequence[str | None],
                          load_versions: Mapping[str, str] | None = None) -> dict[str | None, dict[str, StepKey]]:
     """The steps' keys for each of ``environments`` (None: here's), from one session."""
-    from kvx_runtime.project_pipelines import load_pipeline
-
-    kedro_pipeline = load_pipeline(pipeline)
     salt = project.plugin_config.run_config.cache.salt
-    with run_context(project, runtime_params, storage_root) as context:
+    with planned_run(project, pipeline, runtime_params, storage_root) as (kedro_pipeline, context):
         here = key_context_of(context, kedro_pipeline, steps, package_name=project.package_name, salt=salt,
                               code_identity=code_identity, load_versions=load_versions)
         return {environment: step_keys(replace(here, environment=environment)) for environment in environments}

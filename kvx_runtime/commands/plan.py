@@ -40,7 +40,9 @@ def show_plan(request: PlanRequest) -> None:
     root = resolve_storage_root(request.storage_root, project.plugin_config.run_config.root, required=True,
                                 default=local_storage_root(project.path))
     assert root is not None
-    compile_at = compile_request(request.at, PipelineOptions(request.pipeline, image="plan"), root, project=project)
+    # Planned as a run with the cache on (what plan predicts), the pipeline memo included.
+    compile_at = compile_request(request.at, PipelineOptions(request.pipeline, image="plan", cache="on"), root,
+                                 project=project)
     facts = load_project_facts(compile_at)
     steps = plan_pipeline(compile_at, facts).nodes_of_step
     params = typed_params(request.values, facts.kedro_params)

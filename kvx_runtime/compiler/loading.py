@@ -47,7 +47,11 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     for key, value in run.labels.items():
         check_label(key, value)
 
-    kedro_pipeline, kedro_params, catalog, catalog_config = _load_kedro(project, request.pipeline, storage_root)
+    from kvx_runtime.step.caching import cache_wanted
+
+    remember = cache_wanted(project, request.cache)
+    kedro_pipeline, kedro_params, catalog, catalog_config = _load_kedro(project, request.pipeline, storage_root,
+                                                                        remember=remember)
     if not kedro_pipeline.nodes:
         raise ConfigError(f"pipeline '{request.pipeline}' has no nodes")
     grouper = build_grouper(run.grouping.cls, run.grouping.params)
@@ -63,7 +67,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         env=project.env, run=run, image=image, storage_root=storage_root,
         pipeline=kedro_pipeline, kedro_params=kedro_params, grouper=grouper,
         dataset_paths=written_paths,
-        exit_nodes=_exit_nodes(run.on_exit_pipeline),
+        exit_nodes=_exit_nodes(project, run.on_exit_pipeline, remember=remember),
         mlflow=mlflow_configured(project),
         forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
         envs_not_in_image=tuple(warn_envs_not_in_image(project.path, project.conf_root,
@@ -272,17 +276,34 @@ def mlflow_configured(project: Any) -> bool:
     return importlib.util.find_spec("kedro_mlflow") is not None and has_config(project, "mlflow*")
 
 
-def _exit_nodes(exit_pipeline: str | None) -> tuple[str, ...]:
+def _exit_nodes(project: Any, exit_pipeline: str | None, *, remember: bool) -> tuple[str, ...]:
     if not exit_pipeline:
         return ()
     try:
-        pipeline = load_pipeline_as_steps_do(exit_pipeline, "run_config.on_exit_pipeline")
+        pipeline = _pipeline_as_steps_load_it(project, exit_pipeline, "run_config.on_exit_pipeline", remember)
     except UsageError as exc:  # not the command line's fault: the project's configuration
         raise ConfigError(exc.message, hint=exc.hint) from None
     return tuple(node.name for node in pipeline.nodes)
 
 
-def _load_kedro(project: Any, pipeline: str, storage_root: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+def _pipeline_as_steps_load_it(project: Any, name: str, role: str, remember: bool) -> Any:
+    """:func:`load_pipeline_as_steps_do`; with the step cache on, rebuilt from the pipeline memo
+    when the project did not change since it was checked (:mod:`kvx_runtime.cache.pipeline_memo`)."""
+    if not remember:
+        return load_pipeline_as_steps_do(name, role)
+    from kvx_runtime.cache.pipeline_memo import remembered_pipeline
+
+    return remembered_pipeline(project, name, lambda: load_pipeline_as_steps_do(name, role))
+
+
+def _parameters_untyped(project: Any, pipeline: str) -> bool:
+    from kvx_runtime.cache.pipeline_memo import parameters_untyped
+
+    return parameters_untyped(project, pipeline)
+
+
+def _load_kedro(project: Any, pipeline: str, storage_root: str, *,
+                remember: bool) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
     """The pipeline, the resolved parameters, the catalog and the catalog config (with
     ``${storage_root}`` the run's storage root, as in its steps)."""
     from kedro.framework.project import settings
@@ -291,9 +312,10 @@ def _load_kedro(project: Any, pipeline: str, storage_root: str) -> tuple[Any, di
 
     # Compiling must not start MLflow runs or contact a tracking server (before the pipelines load).
     disable_plugin_hooks(settings, MLFLOW_PLUGINS)
-    kedro_pipeline = load_pipeline_as_steps_do(pipeline, "the pipeline")
+    kedro_pipeline = _pipeline_as_steps_load_it(project, pipeline, "the pipeline", remember)
     try:
-        with untracked_context(project, storage_root) as context:
+        with untracked_context(project, storage_root, parameters_untyped=remember and _parameters_untyped(
+                project, pipeline)) as context:
             catalog_config = context.config_loader["catalog"]
             return kedro_pipeline, context.params, context.catalog, catalog_config
     except KvxError:

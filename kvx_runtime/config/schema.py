@@ -141,6 +141,10 @@ class CacheConfig(_Section):
     salt: str = ""
     #: Nodes with this tag never hit.
     no_cache_tag: str = "no-cache"
+    #: Plan an unchanged project without importing its pipelines' code (the pipeline memo,
+    #: :mod:`kvx_runtime.cache.pipeline_memo`): off for a registry that builds pipelines from
+    #: anything but the project's files and environment variables.
+    remember_pipelines: bool = True
 
 
 class HostAlias(_Section):

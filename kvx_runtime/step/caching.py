@@ -225,16 +225,14 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
     own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
     serving fails (said; the step then runs and decides again)."""
     from kvx_runtime.cache.key import key_context_of, step_keys
-    from kvx_runtime.cache.planning import run_context
+    from kvx_runtime.cache.planning import planned_run
     from kvx_runtime.cache.store import StepCache
     from kvx_runtime.graph import plan_step
-    from kvx_runtime.project_pipelines import load_pipeline
     from kvx_runtime.step.identity import JobDirectory
 
-    pipeline = load_pipeline(pipeline_name)
     identity.export()
     served: dict[str, str] = {}
-    with run_context(project, runtime_params or {}, storage_root) as context:
+    with planned_run(project, pipeline_name, runtime_params or {}, storage_root) as (pipeline, context):
         catalog = context.catalog  # once: each access builds a catalog
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
                                      salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity,
