@@ -84,7 +84,7 @@ class NodeError(KvxError):
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived: stop now, clean up, exit 130/143.
+    """SIGINT, SIGTERM or SIGHUP arrived: stop now, clean up, exit 130 (SIGINT) or 143.
 
     A ``BaseException`` like ``KeyboardInterrupt``, so that a broad ``except Exception`` in
     the user's node cannot swallow the stop request of a preempted machine.

@@ -29,24 +29,28 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from kvx_runtime.errors import Interrupted
 
-__all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "report_stop", "settle", "stop_code"]
+__all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "on_abrupt_exit", "report_stop", "settle",
+           "stop_code"]
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: SIGHUP (the terminal of an interactive command closed) stops a command as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _received: int | None = None
+_abrupt_exit_work: list[Callable[[], None]] = []
 _finishing = False
 _received_while_finishing = False
 
 
 def stop_code(signum: int) -> int:
-    """The exit code of a process stopped by ``signum`` (as shells and Kubernetes report it)."""
-    return 128 + int(signum)
+    """The exit code of a command stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM (as
+    shells and Kubernetes report them) and SIGHUP."""
+    return int(Interrupted(signum).exit_code)
 
 
 def _flush() -> None:
@@ -76,6 +80,11 @@ def report_stop(message: str, exit_code: int) -> None:
 def _on_stop_signal(signum: int, _frame: Any) -> None:
     global _received, _received_while_finishing
     if _received is not None:  # the second one: now
+        for work in list(_abrupt_exit_work):
+            try:
+                work()
+            except BaseException:  # the end must come
+                pass
         _flush()
         os._exit(stop_code(_received))
     _received = signum
@@ -83,6 +92,17 @@ def _on_stop_signal(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)
     # Finishing: the outcome is known; the exit code and the last line will say a signal came.
     _received_while_finishing = True
+
+
+@contextmanager
+def on_abrupt_exit(work: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, a second stop signal (which ends the process at once) first runs
+    ``work``: what must not outlive the process (run-local's steps), ended without waiting."""
+    _abrupt_exit_work.append(work)
+    try:
+        yield
+    finally:
+        _abrupt_exit_work.remove(work)
 
 
 def _on_unraisable(unraisable: Any) -> None:

@@ -4,6 +4,7 @@ target's ``init`` shares (writing its config file from a template, refusing a ha
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -210,7 +211,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root, resolve_storage_root
     from kvx_runtime.errors import NodeError
     from kvx_runtime.local_runner import parse_overrides, run_local
-    from kvx_runtime.local_runner.runner import claim_default_job_name, release_job_name
+    from kvx_runtime.local_runner.runner import QuietWhenReaderGone, claim_job, job_held, release_job_name
 
     project = request.at.project_path or os.getcwd()
     root = resolve_storage_root(request.storage_root, None, required=True, default=local_storage_root(project))
@@ -230,28 +231,31 @@ def run_local_spec(request: RunLocalRequest) -> None:
         )))
     spec_data = read_spec(spec)
     params = parse_overrides(request.overrides)
-    job_name = request.job_name or claim_default_job_name(spec_data, project)
+    job_name = claim_job(project, request.job_name, spec_data, resume=request.resume)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
+    output = QuietWhenReaderGone(sys.stdout)
     try:
-        served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
-                                                               compiled_from)
-        result = run_local(
-            spec_data,
-            project,
-            params=params,
-            storage_root=root,
-            max_parallel=request.max_parallel,
-            job_name=job_name,
-            fail_fast=request.fail_fast,
-            fresh_copies=request.fresh_copies,
-            extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
-            run_id=run_id,
-            served=served,
-            resume=request.resume,
-        )
+        with job_held(project, job_name):
+            served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
+                                                                   compiled_from)
+            result = run_local(
+                spec_data,
+                project,
+                params=params,
+                storage_root=root,
+                max_parallel=request.max_parallel,
+                job_name=job_name,
+                stream=output,  # type: ignore[arg-type]  # a text stream
+                fail_fast=request.fail_fast,
+                fresh_copies=request.fresh_copies,
+                extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
+                run_id=run_id,
+                served=served,
+                resume=request.resume,
+            )
     except BaseException:
-        if request.job_name is None:  # the name claimed here
+        if not request.resume:  # the run directory claimed here, if nothing was left in it
             release_job_name(project, job_name)
         raise
     if result.exit_code:
@@ -260,7 +264,8 @@ def run_local_spec(request: RunLocalRequest) -> None:
         error = NodeError(f"{steps} of job {result.job_name} failed")
         error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
         raise error
-    click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}")
+    click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}",
+               file=output)  # type: ignore[arg-type]  # a text stream
 
 
 def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root: str, run_id: str,

@@ -15,6 +15,7 @@ step leaves on its disk is there for another.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -24,11 +25,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from kvx_runtime.compiler.kfp_reader import (
     SpecGraph,
@@ -43,8 +44,8 @@ from kvx_runtime.compiler.kfp_reader import (
 from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
 from kvx_runtime.config import LOCAL_STATE_DIR, local_storage_root
 from kvx_runtime.dockerignore import image_files
-from kvx_runtime.errors import ExitCode, Interrupted, UsageError
-from kvx_runtime.lifecycle import held_across_exec
+from kvx_runtime.errors import ExitCode, UsageError
+from kvx_runtime.lifecycle import held_across_exec, on_abrupt_exit
 from kvx_runtime.local_runner.progress import make_progress
 from kvx_runtime.log import get_logger
 
@@ -53,6 +54,11 @@ __all__ = ["LocalRunResult", "run_local"]
 log = get_logger(__name__)
 
 _POLL = 0.05
+#: After a stop: how long running steps get to end on SIGTERM before they are killed.
+STOP_GRACE_SECONDS = 30.0
+#: How long an exit handler run after a stop gets before it is killed.
+EXIT_HANDLER_SECONDS = 120.0
+_KILLED_REAP_SECONDS = 5.0
 
 
 @dataclass
@@ -248,19 +254,29 @@ class _Scheduler:
         # Our own program starts with the stop signals held until its handlers exist, so that a
         # cancel right after the start ends it with 143 too; anything else starts as usual.
         held = held_across_exec() if shown[0] == "kvx-runtime" else contextlib.nullcontext()
-        workdir = self._fresh_copy(task.name) if self.fresh_copies else self.project
-        with held:
-            process = subprocess.Popen(
-                argv, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
+        started = time.monotonic()
+        try:
+            workdir = self._fresh_copy(task.name) if self.fresh_copies else self.project
+            prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(container_env.items()))
+            self.replays[task.name] = (
+                f"cd {shlex.quote(str(workdir))} && {prefix + ' ' if prefix else ''}{shlex.join(shown)}"
             )
+            with held:  # a stop signal held here is delivered once the attempt is known to cancel()
+                process = subprocess.Popen(
+                    argv, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # our Ctrl-C is forwarded deliberately, once
+                )
+                self.running[task.name] = Attempt(task.name, number, process, log_path, argv, started)
+                self.states[task.name] = "running"
+        except OSError as exc:  # the step's program cannot start (as a shell says: 127 not found, else 126)
+            error = f"cannot start {shown[0]}: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                handle.write(f"{error}\n".encode())
+            handle.close()
+            self.progress.started_task(task.name, number)
+            self._failed(task.name, 127 if isinstance(exc, FileNotFoundError) else 126, error, 0.0)
+            return
         handle.close()
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(container_env.items()))
-        self.replays[task.name] = (
-            f"cd {shlex.quote(str(workdir))} && {prefix + ' ' if prefix else ''}{shlex.join(shown)}"
-        )
-        self.running[task.name] = Attempt(task.name, number, process, log_path, argv, time.monotonic())
-        self.states[task.name] = "running"
         self.progress.started_task(task.name, number)
 
     def _fresh_copy(self, task: str) -> Path:
@@ -299,24 +315,65 @@ class _Scheduler:
             self.states[task.name] = "waiting"
             self.progress.retrying_task(task.name, wait, code)
             return
-        self.exit_codes[task.name] = code
-        self.errors[task.name] = _last_error_line(attempt.log_path) or f"exit code {code}"
+        self._failed(task.name, code, _last_error_line(attempt.log_path) or f"exit code {code}", seconds)
+
+    def _failed(self, task: str, code: int, error: str, seconds: float) -> None:
+        self.exit_codes[task] = code
+        self.errors[task] = error
         state = "cancelled" if self.cancelled else "failed"
-        self.states[task.name] = state
-        self.progress.finished_task(task.name, state, seconds, f"(exit {code})")
+        self.states[task] = state
+        self.progress.finished_task(task, state, seconds, f"(exit {code})")
         if state == "failed":
-            self.failed_tasks.append(task.name)
+            self.failed_tasks.append(task)
             if self.failed_task is None:
-                self.failed_task = task.name
+                self.failed_task = task
 
     def cancel(self) -> None:
         self.cancelled = True
-        for attempt in self.running.values():
+        self._signal_running(signal.SIGTERM)
+
+    def kill_running(self) -> None:
+        """SIGKILL every running step's process group (a step that does not stop on SIGTERM)."""
+        self._signal_running(signal.SIGKILL)
+
+    def _signal_running(self, signum: int) -> None:
+        for attempt in list(self.running.values()):
             if attempt.process.poll() is None:
-                try:
-                    os.killpg(attempt.process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(attempt.process.pid, signum)
+
+    def wait_running(self, seconds: float) -> None:
+        """Reap the running steps as they end, for at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self.running and time.monotonic() < deadline:
+            for attempt in list(self.running.values()):
+                if attempt.process.poll() is not None:
+                    self._reap(attempt)
+            time.sleep(_POLL)
+
+    def stop(self, grace: float) -> None:
+        """Cancel the run: SIGTERM to the running steps, SIGKILL to those still running after
+        ``grace`` seconds, every one reaped; steps that never started are skipped."""
+        self.cancel()
+        self.wait_running(grace)
+        if self.running:
+            self.kill_running()
+            self.wait_running(_KILLED_REAP_SECONDS)
+        for task, state in self.states.items():
+            if state == "waiting" and not self.graph.tasks[task].run_after_failure:
+                self.states[task] = "skipped"
+                self.progress.skipped_task(task, "the run was interrupted")
+
+    def run_exit_handlers(self, seconds: float) -> None:
+        """The exit handlers that have not run, with a CANCELLED status as on Vertex AI, each
+        given ``seconds`` before it is killed."""
+        for task in self.graph.tasks.values():
+            if task.run_after_failure and self.states[task.name] == "waiting":
+                self._start(task)
+                self.wait_running(seconds)
+                if self.running:
+                    self.kill_running()
+                    self.wait_running(_KILLED_REAP_SECONDS)
 
     def run(self) -> None:
         with self.progress:
@@ -352,6 +409,36 @@ class _Scheduler:
                     raise UsageError(f"cannot schedule steps {', '.join(stuck)}: their dependencies never finish")
                 self.progress.tick()
                 time.sleep(_POLL)
+
+
+class QuietWhenReaderGone:
+    """A text stream that goes quiet once its reader goes away (``run-local | head``): the run
+    goes on to its end instead of failing on a progress line with its steps left running."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except (BrokenPipeError, ValueError):  # a closed pipe, a closed file
+                self.gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.gone = True
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _last_error_line(log_path: Path) -> str | None:
@@ -407,6 +494,46 @@ def claim_default_job_name(spec: Mapping[str, Any], project: str | Path) -> str:
             name = f"{base}-{attempt}"
 
 
+def claim_job(project: str | Path, job: str | None, spec: Mapping[str, Any], *, resume: bool) -> str:
+    """The run's job name with its run directory: ``job``'s (refused when a run of it exists
+    and this is not its resume: a job name is one run, whose job directory a second run could
+    not write), else one of its own (:func:`claim_default_job_name`)."""
+    if job is None:
+        return claim_default_job_name(spec, project)
+    if resume:
+        return job
+    run_dir = run_directory(project, job)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        if any(run_dir.iterdir()):
+            raise UsageError(f"job {job} has run already ({run_dir}): a job name is one run",
+                             hint=f"run-local --resume {job} runs its unfinished steps again; "
+                             "or choose another --job-name") from None
+    return job
+
+
+@contextlib.contextmanager
+def job_held(project: str | Path, job: str) -> Iterator[None]:
+    """Job ``job`` to this process while the block runs: a second run-local of the same job (a
+    resume started twice) is refused instead of sharing its logs, status and job directory."""
+    import fcntl
+
+    run_dir = run_directory(project, job)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"job {job} is running in another run-local ({run_dir})",
+                             hint="wait for it to end, or choose another --job-name") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def run_local(
     spec: Mapping[str, Any],
     project: str | Path,
@@ -437,14 +564,18 @@ def run_local(
     if STORAGE_ROOT_PARAMETER in definitions and STORAGE_ROOT_PARAMETER not in overrides:
         overrides[STORAGE_ROOT_PARAMETER] = storage_root or local_storage_root(project_path)
     graph = build_graph(spec, overrides)
+    job = job_name or claim_default_job_name(spec, project_path)
+    run_dir = run_directory(project_path, job)
+    earlier = _resumable(run_dir, job, spec, set(graph.tasks)) if resume else None
+    if earlier is not None:
+        overrides = _resumed_values(earlier, job, overrides)
+        graph = build_graph(spec, overrides)
     policy = "fail_fast" if fail_fast else str(graph.parameters.get(FAILURE_POLICY_PARAMETER, ("", "fail_slow"))[1])
     if policy not in FAILURE_POLICIES:
         raise UsageError(f"{FAILURE_POLICY_PARAMETER} {policy!r} is not one of {', '.join(FAILURE_POLICIES)}")
-    job = job_name or claim_default_job_name(spec, project_path)
-    run_dir = run_directory(project_path, job)
-    earlier = _resumable(run_dir, job, set(graph.tasks)) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    output = stream or sys.stdout
+    output = cast(TextIO, stream if isinstance(stream, QuietWhenReaderGone)
+                  else QuietWhenReaderGone(stream or sys.stdout))
     scheduler = _Scheduler(graph, project_path, run_dir, job, max_parallel, output,
                            {"KVX_LOG_FORMAT": "json", **(extra_env or {})}, fail_fast=policy == "fail_fast",
                            fresh_copies=fresh_copies, run_id=run_id, served=served, resumed=earlier)
@@ -454,25 +585,17 @@ def run_local(
           f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:
-        scheduler.run()
-    except Interrupted as exc:
-        scheduler.cancel()
-        deadline = time.monotonic() + 30
-        while scheduler.running and time.monotonic() < deadline:
-            for attempt in list(scheduler.running.values()):
-                if attempt.process.poll() is not None:
-                    scheduler._reap(attempt)
-            time.sleep(_POLL)
-        # Exit handlers still run, with a CANCELLED status, as on Vertex AI.
-        for task in graph.tasks.values():
-            if task.run_after_failure and scheduler.states[task.name] == "waiting":
-                scheduler._start(task)
-                scheduler.running[task.name].process.wait()
-                scheduler._reap(scheduler.running[task.name])
-        _write_status(run_dir, job, scheduler)
-        raise exc
+        # A second stop signal ends run-local at once: the steps go with it.
+        with on_abrupt_exit(scheduler.kill_running):
+            scheduler.run()
+    except BaseException:  # a stop signal, or anything else: no step outlives run-local
+        with on_abrupt_exit(scheduler.kill_running):
+            scheduler.stop(STOP_GRACE_SECONDS)
+            scheduler.run_exit_handlers(EXIT_HANDLER_SECONDS)
+            _write_status(run_dir, job, scheduler, spec, overrides)
+        raise
 
-    _write_status(run_dir, job, scheduler)
+    _write_status(run_dir, job, scheduler, spec, overrides)
     failed = scheduler.failed_task
     exit_code = int(ExitCode.SUCCESS)
     replay = None
@@ -504,8 +627,9 @@ def _report_failures(scheduler: _Scheduler, run_dir: Path, output: TextIO) -> No
     print("\n".join(lines), file=output, flush=True)
 
 
-def _resumable(run_dir: Path, job: str, tasks: set[str]) -> dict[str, Any]:
-    """The status an earlier run of ``job`` left (``status.json``), if it can be resumed."""
+def _resumable(run_dir: Path, job: str, spec: Mapping[str, Any], tasks: set[str]) -> dict[str, Any]:
+    """The status an earlier run of ``job`` left (``status.json``), if ``spec`` (its ``tasks``)
+    can resume it: the same pipeline, the same steps."""
     path = run_dir / "status.json"
     try:
         status = json.loads(path.read_text())
@@ -517,14 +641,73 @@ def _resumable(run_dir: Path, job: str, tasks: set[str]) -> dict[str, Any]:
         raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed") from None
     if not isinstance(states, dict) or not run_id or not created:
         raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed")
+    pipeline = _pipeline_name(spec)
+    if status.get("pipeline") not in (None, pipeline):
+        raise UsageError(f"job {job} ran pipeline {status['pipeline']}, not {pipeline}: it cannot be resumed with it",
+                         hint="resume with the spec (or --pipeline and --env) the job ran")
+    recorded = status.get("tasks")
+    if isinstance(recorded, list) and set(recorded) != tasks:
+        differing = sorted(set(recorded) ^ tasks)
+        raise UsageError(
+            f"job {job} ran other steps than this spec has ({', '.join(differing[:5])}"
+            + (f" and {len(differing) - 5} more" if len(differing) > 5 else "") + "): it cannot be resumed with it",
+            hint="resume with the spec (or --pipeline and --env) the job ran; a project changed since starts a new run",
+        )
     if all(states.get(task) == "done" for task in tasks):
         raise UsageError(f"job {job} succeeded: nothing to resume", hint="run-local starts a new run")
     return dict(status)
 
 
-def _write_status(run_dir: Path, job: str, scheduler: _Scheduler) -> None:
+def _pipeline_name(spec: Mapping[str, Any]) -> str:
+    return str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+
+
+def _kept_values(overrides: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The run's ``--param`` values as its status keeps them: a secret-named one by its digest."""
+    from kvx_runtime.params import says_secret
+
+    return {name: {"sha256": hashlib.sha256(value.encode()).hexdigest()} if says_secret(name) else {"value": value}
+            for name, value in overrides.items()}
+
+
+def _resumed_values(status: Mapping[str, Any], job: str, given: Mapping[str, str]) -> dict[str, str]:
+    """The values the resumed run had (a resumed run is the same run), with those given again
+    checked against them; a secret-named one, kept only by its digest, must be given again."""
+    kept = status.get("params")
+    if not isinstance(kept, dict):  # a status written before the values were kept
+        return dict(given)
+    values: dict[str, str] = {}
+    for name, was in kept.items():
+        again = given.get(name)
+        if name == STORAGE_ROOT_PARAMETER and again is not None and again != was.get("value"):
+            raise UsageError(f"job {job} ran under storage root {was.get('value')}, not {again}",
+                             hint=f"resume with --storage-root {was.get('value')}")
+        if "value" in was:
+            if again is not None and again != was["value"]:
+                raise UsageError(f"--param {name}: job {job} ran with another value; a resumed run keeps the "
+                                 "values it started with", hint=f"resume without --param {name}, or start a new run")
+            values[name] = str(was["value"])
+        elif again is None:
+            raise UsageError(f"--param {name} must be given again to resume job {job} (a secret's value is not kept)")
+        elif hashlib.sha256(again.encode()).hexdigest() != was.get("sha256"):
+            raise UsageError(f"--param {name}: not the value job {job} ran with; a resumed run keeps the values it "
+                             "started with", hint="give the value the run started with, or start a new run")
+        else:
+            values[name] = again
+    added = sorted(set(given) - set(kept))
+    if added:
+        raise UsageError(f"--param {', '.join(added)}: job {job} ran without it; a resumed run keeps the values it "
+                         "started with", hint="resume without it, or start a new run")
+    return values
+
+
+def _write_status(run_dir: Path, job: str, scheduler: _Scheduler, spec: Mapping[str, Any],
+                  overrides: Mapping[str, str]) -> None:
     status = {
         "job_name": job,
+        "pipeline": _pipeline_name(spec),
+        "tasks": sorted(scheduler.graph.tasks),
+        "params": _kept_values(overrides),
         "run_id": scheduler.job_uuid,
         "states": scheduler.states,
         "exit_codes": scheduler.exit_codes,
