@@ -26,7 +26,8 @@ PY = sys.executable
 STUBBORN = "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
            "open(sys.argv[1] + '.pid', 'w').write(str(os.getpid())); time.sleep(60)"
 QUICK = "import pathlib, sys; pathlib.Path(sys.argv[1] + '.done').write_text('x')"
-EXIT_HANDLER = "import json, pathlib, sys; pathlib.Path(sys.argv[1] + '.done').write_text(json.loads(sys.argv[2])['state'])"
+EXIT_HANDLER = "import json, pathlib, sys; " \
+               "pathlib.Path(sys.argv[1] + '.done').write_text(json.loads(sys.argv[2])['state'])"
 
 
 def build(steps: list[Step], exit_steps: list[Step] | None = None, name: str = "test-pipe",
@@ -172,10 +173,10 @@ def test_a_job_name_is_one_run_and_one_run_local_at_a_time(tmp_path: Path) -> No
         runner.claim_job(tmp_path, "mine", spec, resume=False)
     assert "--resume mine" in (refused.value.hint or "")
     assert runner.claim_job(tmp_path, "mine", spec, resume=True) == "mine"
-    with runner.job_held(tmp_path, "mine"):
-        with pytest.raises(UsageError, match="job mine is running in another run-local"):
-            with runner.job_held(tmp_path, "mine"):
-                pass
+    with runner.job_held(tmp_path, "mine"), \
+            pytest.raises(UsageError, match="job mine is running in another run-local"), \
+            runner.job_held(tmp_path, "mine"):
+        pass
     with runner.job_held(tmp_path, "mine"):  # held no more
         pass
 
