@@ -145,3 +145,20 @@ def test_parameters_typed_by_a_node_are_typed_as_kedro_types_them_when_the_pipel
     assert plan(project) == dict.fromkeys(STEPS, "HIT")
     assert run_local(project, "second", "--cache", "on") == dict.fromkeys(STEPS, "served")
     assert imports(project) > before
+
+
+def test_a_helper_a_node_imports_inside_its_body_is_covered(project: Path) -> None:
+    # src/shared_util.py, beside the package: imported only when the node runs.
+    (project / "src" / "shared_util.py").write_text("OFFSET = 0\n")
+    nodes = project / "src" / "cachekey" / "nodes.py"
+    nodes.write_text(nodes.read_text().replace(
+        "def clean(raw, factor):\n    return [scale(value, factor) for value in raw]",
+        "def clean(raw, factor):\n    import shared_util\n\n"
+        "    return [scale(value, factor) + shared_util.OFFSET for value in raw]"))
+    assert run_local(project, "first", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    assert plan(project) == dict.fromkeys(STEPS, "HIT")
+    (project / "src" / "shared_util.py").write_text("OFFSET = 100\n")
+    verdicts = plan(project)
+    assert verdicts["clean"].startswith("MISS") and "code:clean" in verdicts["clean"]
+    assert run_local(project, "second", "--cache", "on") == dict.fromkeys(STEPS, "ran")
+    assert (project / "data" / "table.csv").read_text() == "label,total\nTotal,312\n"

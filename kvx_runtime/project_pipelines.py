@@ -13,7 +13,7 @@ from typing import Any
 
 from kvx_runtime.errors import ConfigError
 
-__all__ = ["load_pipeline", "pipeline_import_errors_raised", "registered_pipeline_names"]
+__all__ = ["load_pipeline", "pipeline_import_errors_raised", "registered_pipeline_names", "request_pipeline"]
 
 
 def load_pipeline(name: str) -> Any:
@@ -25,10 +25,18 @@ def load_pipeline(name: str) -> Any:
     """
     from kedro.framework.project import pipelines
 
+    request_pipeline(name)
+    return pipelines[name]
+
+
+def request_pipeline(name: str) -> None:
+    """Kedro's registry as :func:`load_pipeline` leaves it (only ``name`` requested: what Kedro
+    types parameters by), without loading anything."""
+    from kedro.framework.project import pipelines
+
     set_requested = getattr(pipelines, "set_requested", None)
     if set_requested is not None:
         set_requested([name])
-    return pipelines[name]
 
 
 def registered_pipeline_names() -> list[str]:

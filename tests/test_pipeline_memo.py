@@ -72,9 +72,9 @@ def _unloadable() -> Pipeline:
 def test_a_remembered_pipeline_rebuilds_node_for_node_with_its_code_digests(tmp_path: Path) -> None:
     project = _project(tmp_path)
     original = _made()
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
 
-    rebuilt = remembered_pipeline(project, "__default__", _unloadable)
+    rebuilt = remembered_pipeline(project, "__default__", _unloadable, checked=True)
     assert _shape(rebuilt) == _shape(original)
     for before, after in zip(original.nodes, rebuilt.nodes, strict=True):
         assert isinstance(after.func, KnownCode)
@@ -84,15 +84,16 @@ def test_a_remembered_pipeline_rebuilds_node_for_node_with_its_code_digests(tmp_
     # Kedro types parameters by node annotations since 1.x (importing every pipeline): none here.
     assert parameters_untyped(project, "__default__") is KEDRO_TYPES_PARAMETERS
     # Another pipeline name, another Kedro env: a memo of their own.
-    assert remembered_pipeline(project, "other", lambda: original) is original
+    assert remembered_pipeline(project, "other", lambda: original, checked=True) is original
     project.env = "cloud"
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
 
 
 @pytest.mark.parametrize("change", ["conf file", "new conf file", "top-level file", "environment variable",
                                     "loaded code outside the project"])
 def test_a_change_to_what_pipelines_are_made_of_loads_them_again(tmp_path: Path, change: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  request: pytest.FixtureRequest) -> None:
     project = _project(tmp_path / "project")
     outside = tmp_path / "shared_steps.py"
     outside.write_text("STEPS = 1\n")
@@ -100,11 +101,13 @@ def test_a_change_to_what_pipelines_are_made_of_loads_them_again(tmp_path: Path,
     monkeypatch.delitem(sys.modules, "shared_steps", raising=False)
     import shared_steps  # noqa: F401  # code a registry could be made of, neither installed nor the project's
 
+    request.addfinalizer(lambda: sys.modules.pop("shared_steps", None))  # its file goes with tmp_path
+
     monkeypatch.setattr(pipeline_memo, "_environment_variables", functools.cache(
         pipeline_memo._environment_variables.__wrapped__))
     original = _made()
-    remembered_pipeline(project, "__default__", lambda: original)
-    assert remembered_pipeline(project, "__default__", _unloadable).nodes
+    remembered_pipeline(project, "__default__", lambda: original, checked=True)
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=True).nodes
 
     if change == "conf file":
         (project.path / "conf" / "base" / "parameters.yml").write_text("offset: 2\n")
@@ -118,15 +121,15 @@ def test_a_change_to_what_pipelines_are_made_of_loads_them_again(tmp_path: Path,
     else:
         outside.write_text("STEPS = 2\n")
     smaller = Pipeline(original.nodes[:1])
-    assert remembered_pipeline(project, "__default__", lambda: smaller) is smaller
-    assert _shape(remembered_pipeline(project, "__default__", _unloadable)) == _shape(smaller)
+    assert remembered_pipeline(project, "__default__", lambda: smaller, checked=True) is smaller
+    assert _shape(remembered_pipeline(project, "__default__", _unloadable, checked=True)) == _shape(smaller)
 
 
 def test_the_memo_off_loads_the_pipelines_every_time_and_writes_nothing(tmp_path: Path) -> None:
     project = _project(tmp_path, remember=False)
     original = _made()
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
     assert not (tmp_path / ".kvx").exists()
     assert not parameters_untyped(project, "__default__")
 
@@ -135,7 +138,7 @@ def test_the_memo_off_loads_the_pipelines_every_time_and_writes_nothing(tmp_path
 def test_a_memo_that_cannot_be_used_is_a_miss_and_is_written_again(tmp_path: Path, damage: str) -> None:
     project = _project(tmp_path)
     original = _made()
-    remembered_pipeline(project, "__default__", lambda: original)
+    remembered_pipeline(project, "__default__", lambda: original, checked=True)
     [memo] = (tmp_path / ".kvx" / MEMO_DIR).iterdir()
     content = json.loads(memo.read_text())
     if damage == "not json":
@@ -147,8 +150,8 @@ def test_a_memo_that_cannot_be_used_is_a_miss_and_is_written_again(tmp_path: Pat
         memo.write_text(json.dumps(content))
     else:
         memo.write_text(json.dumps({**content, "key": "0" * 64}))
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
-    assert _shape(remembered_pipeline(project, "__default__", _unloadable)) == _shape(original)
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert _shape(remembered_pipeline(project, "__default__", _unloadable, checked=True)) == _shape(original)
 
 
 def test_a_pipeline_that_does_not_rebuild_the_same_is_not_remembered(tmp_path: Path,
@@ -156,7 +159,7 @@ def test_a_pipeline_that_does_not_rebuild_the_same_is_not_remembered(tmp_path: P
     project = _project(tmp_path)
     original = _made()
     monkeypatch.setattr(pipeline_memo, "_rebuilt", lambda records: Pipeline(original.nodes[1:]))
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
     assert not (tmp_path / ".kvx" / MEMO_DIR).exists()
 
 
@@ -164,5 +167,88 @@ def test_a_project_that_cannot_hold_the_memo_still_plans(tmp_path: Path) -> None
     project = _project(tmp_path)
     (tmp_path / ".kvx").write_text("a file where the state folder would be")
     original = _made()
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
-    assert remembered_pipeline(project, "__default__", lambda: original) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+
+
+def test_a_change_while_the_pipelines_are_imported_is_not_remembered_as_what_was_imported(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    original = _made()
+
+    def edited_meanwhile() -> Pipeline:
+        (tmp_path / "conf" / "base" / "parameters.yml").write_text("offset: 5\n")
+        return original
+
+    assert remembered_pipeline(project, "__default__", edited_meanwhile, checked=True) is original
+    assert not (tmp_path / ".kvx" / MEMO_DIR).exists()
+
+
+def test_files_under_a_linked_folder_and_code_from_a_zip_are_covered(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     request: pytest.FixtureRequest) -> None:
+    import zipfile
+
+    project = _project(tmp_path / "project")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (project.path / "conf" / "base" / "linked").symlink_to(shared, target_is_directory=True)
+    archive = tmp_path / "steps.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("zipped_steps.py", "EXTRA = False\n")
+    monkeypatch.syspath_prepend(str(archive))
+    monkeypatch.delitem(sys.modules, "zipped_steps", raising=False)
+    import zipped_steps  # noqa: F401
+
+    request.addfinalizer(lambda: sys.modules.pop("zipped_steps", None))
+    original = _made()
+    remembered_pipeline(project, "__default__", lambda: original, checked=True)
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=True).nodes
+
+    (shared / "steps.yml").write_text("extra: true\n")  # a new file in the linked folder
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=True).nodes
+    with zipfile.ZipFile(archive, "w") as zipped:  # the zip's code changes
+        zipped.writestr("zipped_steps.py", "EXTRA = True\n")
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+
+
+def test_a_memo_written_without_the_compiles_checks_never_stands_in_for_them(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    original = _made()
+    remembered_pipeline(project, "__default__", lambda: original, checked=False)
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    # A checked memo serves both.
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=True).nodes
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=False).nodes
+
+
+def test_what_kvx_exports_for_a_run_and_a_shell_changes_does_not_miss(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    project = _project(tmp_path)
+    fresh = functools.cache(pipeline_memo._environment_variables.__wrapped__)
+    monkeypatch.setattr(pipeline_memo, "_environment_variables", fresh)
+    remembered_pipeline(project, "__default__", _made, checked=True)
+    for name, value in {"KEDRO_CONFIG_RUN_ID": "run-2", "KEDRO_CONFIG_JOB_NAME": "job-2", "MLFLOW_RUN_ID": "abc",
+                        "OLDPWD": "/elsewhere", "SSH_CONNECTION": "10.0.0.1 22"}.items():
+        monkeypatch.setenv(name, value)
+    fresh.cache_clear()
+    assert remembered_pipeline(project, "__default__", _unloadable, checked=True).nodes
+
+
+def test_a_hit_leaves_kedros_registry_as_loading_would(tmp_path: Path) -> None:
+    from kedro.framework.project import pipelines
+
+    project = _project(tmp_path)
+    remembered_pipeline(project, "__default__", _made, checked=True)
+    remembered_pipeline(project, "__default__", _unloadable, checked=True)
+    if hasattr(pipelines, "set_requested"):  # Kedro >= 1.x types parameters by the requested pipelines
+        assert pipelines._requested_pipelines == ["__default__"]
+
+
+def test_a_configuration_that_is_not_a_folder_here_is_not_remembered(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    project.conf_root = tmp_path / "s3:" / "bucket" / "conf"  # as Path() keeps a remote conf_source
+    original = _made()
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert remembered_pipeline(project, "__default__", lambda: original, checked=True) is original
+    assert not (tmp_path / ".kvx").exists()

@@ -41,7 +41,9 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ __all__ = [
     "fingerprint_path",
     "is_installed",
     "project_dirs_of",
+    "sources_read",
     "step_identity",
     "step_keys",
 ]
@@ -512,7 +515,7 @@ def code_digest(func: Any, project_dirs: Sequence[Path], depth: int = 0) -> tupl
         texts.append(text)
     digest, why = _function_digest(func, dirs)
     if made:  # a closure, partial or object: made by code the function does not reach
-        digest = _digest(digest, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes())
+        digest = _digest(digest, *texts, *(_digest(str(_relative(file, dirs)), _source(file))
                                            for file in sorted(_all_sources(dirs))))
     return digest, why
 
@@ -529,7 +532,7 @@ def _function_digest(func: Any, dirs: Sequence[Path]) -> tuple[str, str | None]:
     if is_installed(path):
         return _digest("library", name), None  # its version is in the environment part
     root = str(getattr(func, "__qualname__", "")).split(".")[0]
-    sliced = _module_slice(path.read_bytes(), root, module.__name__, path.name == "__init__.py")
+    sliced = _module_slice(_source(path), root, module.__name__, path.name == "__init__.py")
     if sliced is None:  # a lambda, a name made at run time: the whole module and what it imports
         texts: tuple[str, ...] = ()
         followed = [(module.__name__, path)]
@@ -538,7 +541,7 @@ def _function_digest(func: Any, dirs: Sequence[Path]) -> tuple[str, str | None]:
         followed = [(imported_name, found) for imported_name in imported
                     if (found := _project_file(imported_name, dirs)) is not None]
     files = _reachable_files(followed, dirs)
-    return _digest(name, *texts, *(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in files)), None
+    return _digest(name, *texts, *(_digest(str(_relative(file, dirs)), _source(file)) for file in files)), None
 
 
 def _modules_digest(modules: Iterable[str], project_dirs: Sequence[Path]) -> str:
@@ -549,7 +552,7 @@ def _modules_digest(modules: Iterable[str], project_dirs: Sequence[Path]) -> str
              if (found := _project_file(module, dirs)) is not None]
     if not start:
         return ""
-    return _digest(*(_digest(str(_relative(file, dirs)), file.read_bytes()) for file in _reachable_files(start, dirs)))
+    return _digest(*(_digest(str(_relative(file, dirs)), _source(file)) for file in _reachable_files(start, dirs)))
 
 
 def _dataset_type_code(entry: Mapping[str, Any] | None, project_dirs: Sequence[Path]) -> str:
@@ -729,6 +732,29 @@ def _relative(path: Path, dirs: Sequence[Path]) -> Path:
     return path
 
 
+#: The source files code digests read while :func:`sources_read` records them.
+_sources_read: ContextVar[set[Path] | None] = ContextVar("kvx_sources_read", default=None)
+
+
+def _source(path: Path) -> bytes:
+    recording = _sources_read.get()
+    if recording is not None:
+        recording.add(path)
+    return path.read_bytes()
+
+
+@contextmanager
+def sources_read() -> Iterator[set[Path]]:
+    """The source files the code digests computed in the block read (whatever module they
+    import, when: a node that imports a helper inside its body reads that helper's file)."""
+    found: set[Path] = set()
+    token = _sources_read.set(found)
+    try:
+        yield found
+    finally:
+        _sources_read.reset(token)
+
+
 def _reachable_files(start: Sequence[tuple[str, Path]], dirs: Sequence[Path]) -> list[Path]:
     """The project's source files of the modules ``start`` and of those they import,
     transitively (sorted); every file of the project when one imports by name at run time."""
@@ -739,7 +765,7 @@ def _reachable_files(start: Sequence[tuple[str, Path]], dirs: Sequence[Path]) ->
         if file in seen:
             continue
         seen[file] = None
-        source = file.read_bytes()
+        source = _source(file)
         if any(call.encode() in source for call in _RUNTIME_IMPORTS):
             return sorted(_all_sources(dirs))
         for imported in _imports(source, name, file.name == "__init__.py"):

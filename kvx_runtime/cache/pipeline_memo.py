@@ -7,18 +7,24 @@ served. Planning reads only each node's name, inputs, outputs, tags, namespace a
 (:func:`kvx_runtime.cache.key.code_digest`), so the memo keeps those, under a key over
 everything they are made from:
 
-- every file of the project's package, of its configuration folder and at the project's top
-  level (by content: a new pipeline folder, an edited helper, a changed parameters file);
-- every module file loaded at the time that is not installed (a sibling source folder, an
-  editable install, kvx-runtime's own checkout), by content;
-- Python's version and every installed distribution's version; the Kedro env; the process's
-  environment variables (a pipeline registry may read one).
+- every file of the project's source folder (its package, helpers and packages beside it)
+  and of its configuration folder, symbolic links followed, and its top-level configuration
+  files, by content: a new pipeline folder, an edited helper, a changed parameters file;
+- every module file loaded that no distribution installed (an editable install, a folder or a
+  zip on the path, kvx-runtime's own checkout), and every file the code digests read (a helper
+  a node imports inside its body), by content;
+- Python's version and every installed distribution's version; the Kedro env; the environment
+  variables the command started with (a registry may read one) but those a shell changes
+  between commands and those kvx-runtime exports for a run.
 
 Anything else a registry builds pipelines from (a file elsewhere, a database, the clock) is out
-of its sight: ``run_config.cache.remember_pipelines: false`` turns the memo off (docs/cache.md).
-A memo that does not match, cannot be read or does not rebuild the same pipeline is a miss: the
-pipelines are imported as without it. Nodes rebuilt from a memo carry a stand-in function
-(:class:`~kvx_runtime.cache.key.KnownCode`): they are planned, never run.
+of its sight: ``run_config.cache.remember_pipelines: false`` turns the memo off (docs/cache.md);
+so is a configuration that is not a folder here. A memo that does not match, cannot be read or
+does not rebuild the same pipeline is a miss: the pipelines are imported as without it; one is
+written only when nothing it covers changed while the pipelines were imported. A memo written
+by a load without the compile's checks never stands in for a compile's load. Nodes rebuilt from
+a memo carry a stand-in function (:class:`~kvx_runtime.cache.key.KnownCode`): they are planned,
+never run.
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvx_runtime.cache.key import KnownCode, code_digest, environment_digest, is_installed, project_dirs_of
+from kvx_runtime.cache.key import (
+    KnownCode,
+    code_digest,
+    environment_digest,
+    is_installed,
+    project_dirs_of,
+    sources_read,
+)
 from kvx_runtime.config.storage_root import LOCAL_STATE_DIR
 from kvx_runtime.log import get_logger
 
@@ -47,26 +60,29 @@ log = get_logger(__name__)
 #: Under the project's local state folder.
 MEMO_DIR = "pipelines"
 _FORMAT = 1
-#: Variables a shell changes between two commands typed in it: no pipeline depends on them.
-_VOLATILE_ENV = frozenset({"_", "OLDPWD", "SHLVL", "COLUMNS", "LINES", "TERM_SESSION_ID", "WINDOWID"})
 
 
-def remembered_pipeline(project: KedroProject, name: str, load: Callable[[], Any]) -> Any:
+def remembered_pipeline(project: KedroProject, name: str, load: Callable[[], Any], *, checked: bool) -> Any:
     """The pipeline ``name`` rebuilt from the memo when nothing it is made from changed, else
-    ``load()``'s, remembered for the next command (when the memo is on for the project)."""
-    if not project.plugin_config.run_config.cache.remember_pipelines:
+    ``load()``'s, remembered for the next command (when the memo is on for the project).
+    ``checked``: ``load`` refuses a registry whose pipeline modules do not all import or whose
+    ``name`` differs loaded alone (the compile's checks): only a memo written by such a load
+    stands in for it."""
+    if not _memo_on(project):
         return load()
     path = _memo_path(project, name)
     remembered = _valid_memo(project, name, path)
-    if remembered is not None:
+    if remembered is not None and (remembered.get("checked") is True or not checked):
         pipeline = _rebuilt(remembered["nodes"])
         if pipeline is not None:
+            from kvx_runtime.project_pipelines import request_pipeline
+
+            request_pipeline(name)  # Kedro's registry as loading it leaves it (what it types parameters by)
             log.debug("pipeline rebuilt from the memo: its code is not imported", pipeline=name, memo=str(path))
             return pipeline
-    unchanged = _memo_key(project, name, ())  # the project's files as the pipelines are imported
+    before = _project_part(project, name)  # the project's files as the pipelines are imported
     pipeline = load()
-    if _memo_key(project, name, ()) == unchanged:  # else edited meanwhile: which version was imported?
-        _remember(project, name, pipeline, path)
+    _remember(project, name, pipeline, path, before, checked)
     return pipeline
 
 
@@ -74,16 +90,24 @@ def parameters_untyped(project: KedroProject, name: str) -> bool:
     """Whether the memo of ``name`` holds and says no node of the project's registered pipelines
     types its parameters (Kedro >= 1.x converts parameters by those annotations, importing every
     pipeline to find them: with none, a context's parameters are the configured ones as they are)."""
-    if not project.plugin_config.run_config.cache.remember_pipelines:
+    if not _memo_on(project):
         return False
     remembered = _valid_memo(project, name, _memo_path(project, name))
     return remembered is not None and remembered.get("typed_parameters") is False
 
 
+def _memo_on(project: KedroProject) -> bool:
+    """Asked for, and the configuration is a folder here (a remote one is not seen to change)."""
+    return bool(project.plugin_config.run_config.cache.remember_pipelines) and project.conf_root.exists()
+
+
 def _valid_memo(project: KedroProject, name: str, path: Path) -> dict[str, Any] | None:
     _environment_variables()  # as they are before any pipeline code is imported
     remembered = _read(path)
-    if remembered is None or remembered.get("key") != _memo_key(project, name, remembered["files"]):
+    if remembered is None:
+        return None
+    files = _files_part(remembered["files"])
+    if files is None or remembered.get("key") != _combined(_project_part(project, name), files):
         return None
     return remembered
 
@@ -104,12 +128,17 @@ def _read(path: Path) -> dict[str, Any] | None:
     return found
 
 
-def _remember(project: KedroProject, name: str, pipeline: Any, path: Path) -> None:
+def _remember(project: KedroProject, name: str, pipeline: Any, path: Path, before: str, checked: bool) -> None:
     """Write the memo of ``pipeline`` when it rebuilds exactly (same nodes, names, datasets,
-    tags, order); never fails the command."""
+    tags, order) and nothing it is made from changed while it was loaded and described (which
+    version would it be?); never fails the command."""
     dirs = project_dirs_of(project.package_name)
+    tracked = _tracked_roots(project)
+    loaded = _loaded_code_files(tracked)
+    loaded_part = _files_part(sorted(loaded))  # as soon as they are known, as they were imported
     try:
-        records = [_record(node, dirs) for node in pipeline.nodes]
+        with sources_read() as read:  # what the code digests read: a helper a node imports in its body too
+            records = [_record(node, dirs) for node in pipeline.nodes]
         rebuilt = _rebuilt(records)
     except Exception as exc:  # a node Kedro cannot rebuild from its public description
         log.debug("pipeline not remembered", pipeline=name, reason=f"{type(exc).__name__}: {exc}")
@@ -118,9 +147,14 @@ def _remember(project: KedroProject, name: str, pipeline: Any, path: Path) -> No
         log.debug("pipeline not remembered: it does not rebuild the same", pipeline=name)
         return
     typed = _typed_parameters()
-    files = sorted(_loaded_code_files(project))
-    memo = {"format": _FORMAT, "pipeline": name, "key": _memo_key(project, name, files), "files": files,
-            "typed_parameters": typed, "nodes": records}
+    files = sorted(loaded | {str(file) for file in read if not _under(file, tracked)})
+    files_part = _files_part(files)
+    if loaded_part is None or files_part is None or _files_part(sorted(loaded)) != loaded_part \
+            or _project_part(project, name) != before:
+        log.debug("pipeline not remembered: its code changed while it was loaded, or cannot be read", pipeline=name)
+        return
+    memo = {"format": _FORMAT, "pipeline": name, "key": _combined(before, files_part), "files": files,
+            "checked": checked, "typed_parameters": typed, "nodes": records}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,57 +232,106 @@ def _shape(pipeline: Any) -> list[tuple[Any, ...]]:
              _confirms(node)) for node in pipeline.nodes]
 
 
-def _loaded_code_files(project: KedroProject) -> set[str]:
-    """Module files loaded now that the project's folders do not hold and no distribution
-    installed: the rest of the code a pipeline can be made of."""
-    tracked = _tracked_roots(project)
+def _loaded_code_files(tracked: list[Path]) -> set[str]:
+    """The files of the modules loaded now that ``tracked`` folders do not hold and no
+    distribution installed (a sibling source folder, an editable install, a zip on the path):
+    the rest of the code a pipeline can be made of."""
     found = set()
     for module in list(sys.modules.values()):
-        file = getattr(module, "__file__", None)
-        if not isinstance(file, str) or not file.endswith(".py"):
+        file = getattr(getattr(module, "__loader__", None), "archive", None) or getattr(module, "__file__", None)
+        if not isinstance(file, str):
             continue
         path = Path(file).resolve()
-        if not is_installed(path) and not any(path.is_relative_to(root) for root in tracked):
+        if not is_installed(path) and not _under(path, tracked):
             found.add(str(path))
     return found
 
 
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
 def _tracked_roots(project: KedroProject) -> list[Path]:
-    return [*project_dirs_of(project.package_name), project.conf_root.resolve()]
+    """The package's folders (with their source folder: sibling packages, helpers beside it)
+    and the configuration's."""
+    roots = []
+    for package in project_dirs_of(project.package_name):
+        source = package.parent
+        roots.append(source if source != project.path.resolve() and source.parent == project.path.resolve()
+                     else package)
+    return [*roots, project.conf_root.resolve()]
 
 
-def _memo_key(project: KedroProject, name: str, files: Iterable[str]) -> str:
+#: Top-level files a registry may read (pyproject.toml, a .env, a steps.yml): not logs or databases.
+_TOP_LEVEL_SUFFIXES = (".toml", ".cfg", ".ini", ".yml", ".yaml", ".json", ".py", ".txt", ".env")
+
+
+def _project_part(project: KedroProject, name: str) -> str:
+    """The digest of what the key covers in the project and this process: its package's and
+    configuration's files, its top-level configuration files, the versions, env, variables."""
     hasher = hashlib.sha256()
-
-    def add(*chunks: str | bytes) -> None:
-        for chunk in chunks:
-            data = chunk.encode() if isinstance(chunk, str) else chunk
-            hasher.update(len(data).to_bytes(8, "little"))
-            hasher.update(data)
-
-    add(str(_FORMAT), name, project.env, project.package_name, str(project.path.resolve()), environment_digest())
-    add(_environment_variables())
-    top_level = sorted(entry for entry in project.path.iterdir() if entry.is_file())
-    for path in [*(file for root in _tracked_roots(project) for file in _files_under(root)), *top_level,
-                 *(Path(file) for file in files)]:
-        add(str(path))
-        try:
-            add(hashlib.sha256(path.read_bytes()).digest())
-        except OSError:
-            add("missing")
+    _add(hasher, str(_FORMAT), name, project.env, project.package_name, str(project.path.resolve()),
+         environment_digest(), _environment_variables())
+    top_level = sorted(entry for entry in project.path.iterdir()
+                       if entry.is_file() and entry.name.lower().endswith(_TOP_LEVEL_SUFFIXES))
+    for path in [*(file for root in _tracked_roots(project) for file in _files_under(root)), *top_level]:
+        _add(hasher, str(path), _content(path) or b"unreadable")
     return hasher.hexdigest()
 
 
+def _files_part(files: Iterable[str]) -> str | None:
+    """The digest of ``files`` by content; None when one cannot be read."""
+    hasher = hashlib.sha256()
+    for file in files:
+        content = _content(Path(file))
+        if content is None:
+            return None
+        _add(hasher, file, content)
+    return hasher.hexdigest()
+
+
+def _combined(project_part: str, files_part: str) -> str:
+    return hashlib.sha256(f"{project_part}:{files_part}".encode()).hexdigest()
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _add(hasher: Any, *chunks: str | bytes) -> None:
+    for chunk in chunks:
+        data = chunk.encode() if isinstance(chunk, str) else chunk
+        hasher.update(len(data).to_bytes(8, "little"))
+        hasher.update(data)
+
+
 def _files_under(root: Path) -> list[Path]:
-    """Every file under ``root`` (a folder) or ``root`` itself (a packed configuration), sorted;
-    Python's caches and hidden entries left out."""
+    """Every file under ``root`` (a folder, symbolic links followed) or ``root`` itself (a
+    packed configuration), sorted; Python's caches and hidden entries left out."""
     if root.is_file():
         return [root]
     found: list[Path] = []
-    for folder, subfolders, files in os.walk(root):
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(sub for sub in subfolders if sub != "__pycache__" and not sub.startswith("."))
         found.extend(Path(folder) / file for file in sorted(files) if not file.startswith("."))
     return found
+
+
+#: Variables no pipeline is made from: what a shell or terminal changes between two commands,
+#: and what kvx-runtime itself exports for a run (its identity, storage root, MLflow run).
+_VOLATILE_ENV = frozenset({"_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "WINDOWID", "TMUX_PANE",
+                           "KEDRO_CONFIG_RUN_ID", "KEDRO_CONFIG_JOB_NAME", "KEDRO_CONFIG_STORAGE_ROOT",
+                           "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"})
+_VOLATILE_ENV_PREFIXES = ("SSH_", "VSCODE_", "TERM_", "PYTEST_")
 
 
 @functools.cache
@@ -256,5 +339,6 @@ def _environment_variables() -> str:
     """A digest of the process's variables (their values are never written), as they were
     before the first pipeline was looked up: importing a project's code sets some (OpenMP's
     ``KMP_*``), which the next command starts without."""
-    text = "\0".join(f"{key}={value}" for key, value in sorted(os.environ.items()) if key not in _VOLATILE_ENV)
+    text = "\0".join(f"{key}={value}" for key, value in sorted(os.environ.items())
+                     if key not in _VOLATILE_ENV and not key.startswith(_VOLATILE_ENV_PREFIXES))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -64,7 +64,7 @@ def planned_run(project: KedroProject, pipeline: str, runtime_params: Mapping[st
     from kvx_runtime.cache.pipeline_memo import parameters_untyped, remembered_pipeline
     from kvx_runtime.project_pipelines import load_pipeline
 
-    kedro_pipeline = remembered_pipeline(project, pipeline, lambda: load_pipeline(pipeline))
+    kedro_pipeline = remembered_pipeline(project, pipeline, lambda: load_pipeline(pipeline), checked=False)
     untyped = parameters_untyped(project, pipeline)
     with run_context(project, runtime_params, storage_root, parameters_untyped=untyped) as context:
         yield kedro_pipeline, context

@@ -293,7 +293,7 @@ def _pipeline_as_steps_load_it(project: Any, name: str, role: str, remember: boo
         return load_pipeline_as_steps_do(name, role)
     from kvx_runtime.cache.pipeline_memo import remembered_pipeline
 
-    return remembered_pipeline(project, name, lambda: load_pipeline_as_steps_do(name, role))
+    return remembered_pipeline(project, name, lambda: load_pipeline_as_steps_do(name, role), checked=True)
 
 
 def _parameters_untyped(project: Any, pipeline: str) -> bool:
