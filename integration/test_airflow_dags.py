@@ -398,3 +398,71 @@ def test_an_airflow_venv_uv_cannot_build_is_a_reason_naming_it_and_uvs_error(
     found = find_or_build(tmp_path / "home", venv)
     assert isinstance(found, str) and found.startswith(f"cannot build {venv.path} (Airflow 99) with uv: ")
     assert "error" in found.removeprefix(f"cannot build {venv.path}")
+
+
+#: Renders one task's templated fields as a run of the DAG would (``conf`` over the params).
+RENDER = r"""
+import datetime, json, sys, types
+try:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.param import process_params
+except ImportError:  # Airflow 2.10
+    from airflow.models.dagbag import DagBag
+    from airflow.models.param import process_params
+
+path, task_id, conf = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+bag = DagBag(dag_folder=path)
+[dag] = bag.dags.values()
+task = dag.get_task(task_id)
+ti = types.SimpleNamespace(xcom_pull=lambda **kwargs: "mlflow-run", dag_id=dag.dag_id, run_id="manual__1")
+run = types.SimpleNamespace(run_after=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+                            logical_date=None, conf=conf)
+task.render_template_fields({"params": process_params(dag, task, conf, suppress_exception=False),
+                             "run_id": "manual__1", "dag_run": run, "ti": ti, "dag": dag, "task": task})
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "bash_command": task.bash_command,
+                  "cwd": task.cwd, "default": dag.params["items"]}))
+"""
+
+
+def test_values_that_look_like_code_or_templates_reach_the_step_as_written(tmp_path: Path,
+                                                                            airflow: AirflowEnv) -> None:
+    from integration.conftest import make_project
+
+    # A Kedro parameter named like a dict method; a worker path with a backslash escape, triple
+    # quotes and Jinja braces; a node whose task name would be the DAG's own outcome task.
+    project = make_project(tmp_path, "oddproj", "def make(items):\n    return items\n",
+                           "from kedro.pipeline import Pipeline, node\nfrom oddproj.nodes import make\n\n"
+                           "def register_pipelines():\n    return {'__default__': Pipeline([node(make, "
+                           "'params:items', 'x', name='outcome', namespace='pipeline')]), 'cleanup': Pipeline("
+                           "[node(make, 'params:items', 'y', name='tidy')])}\n")
+    (project / "conf" / "base" / "parameters.yml").write_text("items: 5\n")
+    (project / "conf" / "base" / "airflow-k8s.yml").write_text(
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  on_exit_pipeline: cleanup\n")
+    worker = '/srv/odd\\Nproj """ {{ 7 * 7 }}'
+    dag = tmp_path / "dag.py"
+    made = _kvx(project, "airflow", "compile", "--operator", "local", "--worker-project-path", worker,
+                "--params", "items:int", "--param", "items=7", "-o", str(dag))
+    assert made.returncode == 0, made.stderr[-2000:]
+    parsed = airflow.run_json(PARSE, str(dag))[str(dag)]
+    assert parsed["errors"] == {}
+    tasks = parsed["dags"]["oddproj"]["tasks"]
+    assert {"pipeline-outcome", "pipeline-outcome-2"} <= set(tasks)  # the node's task is not the outcome's
+    assert tasks["pipeline-outcome"]["trigger_rule"] == "all_done"
+
+    for conf, expected in (({}, "items:int=7"), ({"items": 9}, "items:int=9")):
+        rendered = airflow.run_json(RENDER, str(dag), "pipeline-outcome-2", json.dumps(conf))
+        assert rendered["errors"] == {} and rendered["default"] == 7  # the compile's --param: the DAG's default
+        assert f"--param {expected} " in rendered["bash_command"] + " "
+        assert rendered["cwd"] == worker
+
+
+def test_fail_fast_that_airflow_does_not_apply_is_said_and_refused_under_strict(tmp_path: Path) -> None:
+    project = _copy(REPO / "integration" / "example_project", tmp_path / "example")
+    (project / "conf" / "fast").mkdir()
+    (project / "conf" / "fast" / "airflow-k8s.yml").write_text(
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  failure_policy: fail_fast\n")
+    made = _kvx(project, "airflow", "compile", "--env", "fast", "-o", str(tmp_path / "dag.py"))
+    assert made.returncode == 0 and "fail_fast is not applied by the Airflow DAG" in made.stderr
+    strict = _kvx(project, "airflow", "compile", "--env", "fast", "--strict", "-o", str(tmp_path / "strict.py"))
+    assert strict.returncode == 2 and "fail_fast is not applied" in strict.stderr
+    assert not (tmp_path / "strict.py").exists()

@@ -421,3 +421,21 @@ def test_a_trigger_whose_answer_was_lost_is_its_own_run_not_a_conflict() -> None
     assert calls[-1] == ("GET", "dags/d/dagRuns/d-20261204101500")
     with pytest.raises(UsageError, match="already has a run d-20261204101500 of DAG d"):
         target.submit(RunRequest(spec={}, run_id="d-20261204101500", display_name="d", parameters={"x": 2}))
+
+
+@pytest.mark.parametrize("text", ["deploy 🚀 {{ not jinja }}", "{% raw %} ünïcode {# x #}", "plain 🚀"])
+def test_a_literal_in_a_templated_field_renders_as_written(text: str) -> None:
+    import jinja2
+
+    from kvx_runtime.compiler.airflow_render import _jinja_literal
+
+    rendered = jinja2.Environment().from_string(_jinja_literal(text)).render()
+    assert rendered == text
+    rendered.encode()  # no lone surrogates
+
+
+def test_no_node_takes_the_task_name_of_the_dags_outcome() -> None:
+    from kvx_runtime.compiler.airflow_render import OUTCOME_TASK
+    from kvx_runtime.compiler.names import unique_task_names
+
+    assert unique_task_names(["pipeline.outcome"]) == {"pipeline.outcome": f"{OUTCOME_TASK}-2"}

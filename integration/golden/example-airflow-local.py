@@ -67,7 +67,7 @@ with DAG(
     schedule=None,
     catchup=False,
     tags=["kedro", "kvx-runtime"],
-    doc_md="Kedro pipeline `__default__` of `spaceflights_kvx` (env `local`), compiled by kvx-runtime 0.0.0-golden.\n\nkvx-runtime DAG version fe3e34d93a97e4ea",
+    doc_md="Kedro pipeline `__default__` of `spaceflights_kvx` (env `local`), compiled by kvx-runtime 0.0.0-golden.\n\nkvx-runtime DAG version 920a1c7e9469defe",
     params={
         "kvx_storage_root": Param(
             default="/var/lib/kvx/storage",
@@ -98,7 +98,7 @@ with DAG(
     )
     data_processing_preprocess_companies_node = BashOperator(
         task_id="data-processing-preprocess-companies-node",
-        bash_command="kvx-runtime exec-node --node data_processing.preprocess_companies_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_processing.preprocess_companies_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -106,7 +106,7 @@ with DAG(
     )
     data_processing_preprocess_shuttles_node = BashOperator(
         task_id="data-processing-preprocess-shuttles-node",
-        bash_command="kvx-runtime exec-node --node data_processing.preprocess_shuttles_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_processing.preprocess_shuttles_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -114,7 +114,7 @@ with DAG(
     )
     data_processing_create_model_input_table_node = BashOperator(
         task_id="data-processing-create-model-input-table-node",
-        bash_command="kvx-runtime exec-node --node data_processing.create_model_input_table_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_processing.create_model_input_table_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -122,7 +122,7 @@ with DAG(
     )
     reporting_summarize_shuttles_node = BashOperator(
         task_id="reporting-summarize-shuttles-node",
-        bash_command="kvx-runtime exec-node --node reporting.summarize_shuttles_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node reporting.summarize_shuttles_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -130,7 +130,7 @@ with DAG(
     )
     data_science_split_data_node = BashOperator(
         task_id="data-science-split-data-node",
-        bash_command="kvx-runtime exec-node --node data_science.split_data_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_science.split_data_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -138,7 +138,7 @@ with DAG(
     )
     data_science_fit_scaler_node = BashOperator(
         task_id="data-science-fit-scaler-node",
-        bash_command="kvx-runtime exec-node --node data_science.fit_scaler_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_science.fit_scaler_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -146,7 +146,7 @@ with DAG(
     )
     data_science_train_model_node = BashOperator(
         task_id="data-science-train-model-node",
-        bash_command="kvx-runtime exec-node --node data_science.train_model_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_science.train_model_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -154,7 +154,7 @@ with DAG(
     )
     data_science_evaluate_model_node = BashOperator(
         task_id="data-science-evaluate-model-node",
-        bash_command="kvx-runtime exec-node --node data_science.evaluate_model_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node data_science.evaluate_model_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -162,7 +162,7 @@ with DAG(
     )
     reporting_feature_importance_node = BashOperator(
         task_id="reporting-feature-importance-node",
-        bash_command="kvx-runtime exec-node --node reporting.feature_importance_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node reporting.feature_importance_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,
@@ -170,7 +170,7 @@ with DAG(
     )
     reporting_build_report_node = BashOperator(
         task_id="reporting-build-report-node",
-        bash_command="kvx-runtime exec-node --node reporting.build_report_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params.kvx_storage_root) | shell_quote }} --save-version {{ (params.kvx_save_version) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params.data_science__model_options__test_size)) | shell_quote }}",
+        bash_command="kvx-runtime exec-node --node reporting.build_report_node --env local --run-id {{ (run_id) | shell_quote }} --job-name spaceflights-kvx --storage-root {{ (params['kvx_storage_root']) | shell_quote }} --save-version {{ (params['kvx_save_version']) | shell_quote }} --job-create-time {{ ((dag_run.run_after | default(dag_run.logical_date)).isoformat()) | shell_quote }} --mlflow-run-id {{ (ti.xcom_pull(task_ids='mlflow-start-run')) | shell_quote }} --param {{ ((\"data_science.model_options.test_size:float=\") ~ (params['data_science__model_options__test_size'])) | shell_quote }}",
         cwd="/opt/airflow/projects/spaceflights",
         env=TASK_ENV,
         append_env=True,

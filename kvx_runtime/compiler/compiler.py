@@ -118,7 +118,13 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
     worker_dir = (project_dir or str(facts.project_path)) if operator == "local" else None
     dag = render_airflow(plan, run, source, operator=operator, project_dir=worker_dir)
     log.info("DAG compiled", dag_id=dag.dag_id, steps=len(plan.node_steps), mlflow=plan.mlflow, operator=operator)
-    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=list(plan.warnings), values=dict(plan.values),
+    warnings = list(plan.warnings)
+    if plan.failure_policy == "fail_fast":  # Airflow stops nothing on a failure; its fail_fast refuses exit tasks
+        message = ("run_config.failure_policy fail_fast is not applied by the Airflow DAG: after a failed task "
+                   "the tasks that do not depend on it still run (fail_slow)")
+        log.warning(message)
+        warnings.append(message)
+    return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=warnings, values=dict(plan.values),
                        remote_inputs=dict(plan.remote_inputs))
 
 

@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from kvx_runtime.compiler.plan import CACHE_SERVE_STEP, MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP
+from kvx_runtime.compiler.plan import CACHE_SERVE_STEP, MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP, OUTCOME_TASK
 from kvx_runtime.compiler.spec import EXIT_HANDLER
 from kvx_runtime.config.airflow import dag_id_part
 from kvx_runtime.errors import ConfigError
@@ -17,7 +17,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PARAMETER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX = 63
 #: Names the compiler uses for its own tasks.
-RESERVED = (MLFLOW_START_STEP, MLFLOW_END_STEP, ON_EXIT_STEP, EXIT_HANDLER, CACHE_SERVE_STEP)
+RESERVED = (MLFLOW_START_STEP, MLFLOW_END_STEP, ON_EXIT_STEP, EXIT_HANDLER, CACHE_SERVE_STEP, OUTCOME_TASK)
 
 
 def sanitize(name: str, *, fallback_prefix: str = "n") -> str:

@@ -116,6 +116,8 @@ MLFLOW_END_STEP = "mlflow-end-run"
 ON_EXIT_STEP = "on-exit"
 #: The step that serves the steps a planner found in the step cache (``exec-node --serve-step``).
 CACHE_SERVE_STEP = "cache-serve"
+#: The Airflow DAG's task that gives the run the body's outcome once the exit tasks have run.
+OUTCOME_TASK = "pipeline-outcome"
 
 
 class StepKind(str, Enum):
