@@ -171,6 +171,7 @@ def test_fail_fast_starts_nothing_new(tmp_path: Path) -> None:
     result, output = run(spec, tmp_path, max_parallel=1, fail_fast=True)
     assert result.states == {"a": "done", "b": "failed", "side": "skipped"}
     assert "fail_fast" in output.splitlines()[0]
+    assert "skipped   side (fail_fast: step b failed)" in output  # its upstream did not fail
 
 
 def test_the_specs_failure_policy_is_applied(tmp_path: Path) -> None:

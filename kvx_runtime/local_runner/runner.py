@@ -188,6 +188,13 @@ class _Scheduler:
             return None
         return all(self.states[d] == "done" for d in deps)
 
+    def _skipped_because(self, task: SpecTask) -> str:
+        if any(self.states[d] in {"failed", "skipped", "cancelled"} for d in task.depends_on):
+            return "an upstream step failed"
+        if self.cancelled:
+            return "the run was interrupted"
+        return f"fail_fast: step {self.failed_task} failed"
+
     def _group_state(self, group: str) -> tuple[str, str | None]:
         members = self.graph.groups.get(group, {group})
         states = [self.states[m] for m in members]
@@ -392,8 +399,7 @@ class _Scheduler:
                     ready = self._ready(task)
                     if ready is None:
                         self.states[task.name] = "skipped"
-                        self.progress.skipped_task(task.name, "an upstream step failed"
-                                                   if not self.cancelled else "the run was interrupted")
+                        self.progress.skipped_task(task.name, self._skipped_because(task))
                         progressed = True
                     elif (ready and len(self.running) < self.max_parallel
                           and time.monotonic() >= self.not_before.get(task.name, 0.0)):
