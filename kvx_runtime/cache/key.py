@@ -52,6 +52,7 @@ __all__ = [
     "KeyContext",
     "KnownCode",
     "StepKey",
+    "add_chunks",
     "catalog_entries",
     "code_digest",
     "environment_digest",
@@ -70,12 +71,17 @@ _CHECKSUM_FIELDS = ("crc32c", "md5Hash", "generation", "ETag", "VersionId", "eta
 _RUNTIME_IMPORTS = ("import_module", "__import__")
 
 
-def _digest(*chunks: bytes | str) -> str:
-    hasher = hashlib.sha256()
+def add_chunks(hasher: Any, *chunks: bytes | str) -> None:
+    """Feed ``chunks`` to ``hasher``, each prefixed by its length (``ab`` + ``c`` is not ``a`` + ``bc``)."""
     for chunk in chunks:
         data = chunk.encode() if isinstance(chunk, str) else chunk
         hasher.update(len(data).to_bytes(8, "little"))
         hasher.update(data)
+
+
+def _digest(*chunks: bytes | str) -> str:
+    hasher = hashlib.sha256()
+    add_chunks(hasher, *chunks)
     return hasher.hexdigest()
 
 

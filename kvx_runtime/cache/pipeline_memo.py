@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.cache.key import (
     KnownCode,
+    add_chunks,
     code_digest,
     environment_digest,
     is_installed,
@@ -48,6 +49,7 @@ from kvx_runtime.cache.key import (
     sources_read,
 )
 from kvx_runtime.config.storage_root import LOCAL_STATE_DIR
+from kvx_runtime.config_loader import STORAGE_ROOT_PLACEHOLDER, env_var_name
 from kvx_runtime.log import get_logger
 
 if TYPE_CHECKING:
@@ -270,12 +272,12 @@ def _project_part(project: KedroProject, name: str) -> str:
     """The digest of what the key covers in the project and this process: its package's and
     configuration's files, its top-level configuration files, the versions, env, variables."""
     hasher = hashlib.sha256()
-    _add(hasher, str(_FORMAT), name, project.env, project.package_name, str(project.path.resolve()),
+    add_chunks(hasher, str(_FORMAT), name, project.env, project.package_name, str(project.path.resolve()),
          environment_digest(), _environment_variables())
     top_level = sorted(entry for entry in project.path.iterdir()
                        if entry.is_file() and entry.name.lower().endswith(_TOP_LEVEL_SUFFIXES))
     for path in [*(file for root in _tracked_roots(project) for file in _files_under(root)), *top_level]:
-        _add(hasher, str(path), _content(path) or b"unreadable")
+        add_chunks(hasher, str(path), _content(path) or b"unreadable")
     return hasher.hexdigest()
 
 
@@ -286,7 +288,7 @@ def _files_part(files: Iterable[str]) -> str | None:
         content = _content(Path(file))
         if content is None:
             return None
-        _add(hasher, file, content)
+        add_chunks(hasher, file, content)
     return hasher.hexdigest()
 
 
@@ -299,13 +301,6 @@ def _content(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _add(hasher: Any, *chunks: str | bytes) -> None:
-    for chunk in chunks:
-        data = chunk.encode() if isinstance(chunk, str) else chunk
-        hasher.update(len(data).to_bytes(8, "little"))
-        hasher.update(data)
 
 
 def _files_under(root: Path) -> list[Path]:
@@ -329,8 +324,8 @@ def _files_under(root: Path) -> list[Path]:
 #: Variables no pipeline is made from: what a shell or terminal changes between two commands,
 #: and what kvx-runtime itself exports for a run (its identity, storage root, MLflow run).
 _VOLATILE_ENV = frozenset({"_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "WINDOWID", "TMUX_PANE",
-                           "KEDRO_CONFIG_RUN_ID", "KEDRO_CONFIG_JOB_NAME", "KEDRO_CONFIG_STORAGE_ROOT",
-                           "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"})
+                           *(env_var_name(name) for name in ("run_id", "job_name", STORAGE_ROOT_PLACEHOLDER)),
+                           "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"})  # MLflow's names for the run a step attached
 _VOLATILE_ENV_PREFIXES = ("SSH_", "VSCODE_", "TERM_", "PYTEST_")
 
 

@@ -58,11 +58,17 @@ def run_context(project: KedroProject, runtime_params: Mapping[str, Any], storag
 
 @contextmanager
 def planned_run(project: KedroProject, pipeline: str, runtime_params: Mapping[str, Any],
-                storage_root: str) -> Iterator[tuple[Any, Any]]:
+                storage_root: str, *, remember: bool = True) -> Iterator[tuple[Any, Any]]:
     """The pipeline a run plans (rebuilt from the pipeline memo when the project did not change:
-    :mod:`.pipeline_memo`) and the Kedro context its steps load (:func:`run_context`)."""
-    from kvx_runtime.cache.pipeline_memo import parameters_untyped, remembered_pipeline
+    :mod:`.pipeline_memo`) and the Kedro context its steps load (:func:`run_context`).
+    ``remember``: False where no later command reads a memo (a step's fresh machine)."""
     from kvx_runtime.project_pipelines import load_pipeline
+
+    if not remember:
+        with run_context(project, runtime_params, storage_root) as context:
+            yield load_pipeline(pipeline), context
+        return
+    from kvx_runtime.cache.pipeline_memo import parameters_untyped, remembered_pipeline
 
     kedro_pipeline = remembered_pipeline(project, pipeline, lambda: load_pipeline(pipeline), checked=False)
     untyped = parameters_untyped(project, pipeline)

@@ -215,12 +215,14 @@ def _output_locations(pipeline: Any, plan: StepPlan, catalog: Any,
 
 def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[str, Sequence[str]],
                      storage_root: str, identity: RunIdentity, runtime_params: Mapping[str, Any] | None = None,
-                     code_identity: str = "", load_versions: Mapping[str, str] | None = None) -> dict[str, str]:
+                     code_identity: str = "", load_versions: Mapping[str, str] | None = None,
+                     remember: bool = True) -> dict[str, str]:
     """Serve, before a run starts, every step the cache has (so that its process or machine is
     never started): keys and this run's output locations from a session of the run's env (and
     typed ``runtime_params``), with the run's identity and storage root exported as its steps
     will have them; ``code_identity``: the code archive's digest when the steps run one;
-    ``load_versions``: the versions the run pins (``--load-version``). Returns the steps
+    ``load_versions``: the versions the run pins (``--load-version``); ``remember``: the
+    pipeline through the pipeline memo (:func:`kvx_runtime.cache.planning.planned_run`). Returns the steps
     served (step -> the run they come from). Steps with versioned outputs are left to their
     own ``exec-node`` (the run's save version is the steps' to decide), as is any step whose
     serving fails (said; the step then runs and decides again)."""
@@ -232,7 +234,8 @@ def serve_before_run(project: KedroProject, pipeline_name: str, steps: Mapping[s
 
     identity.export()
     served: dict[str, str] = {}
-    with planned_run(project, pipeline_name, runtime_params or {}, storage_root) as (pipeline, context):
+    with planned_run(project, pipeline_name, runtime_params or {}, storage_root,
+                     remember=remember) as (pipeline, context):
         catalog = context.catalog  # once: each access builds a catalog
         key_context = key_context_of(context, pipeline, steps, package_name=project.package_name,
                                      salt=project.plugin_config.run_config.cache.salt, code_identity=code_identity,

@@ -81,7 +81,8 @@ def serve_planned_steps(project: KedroProject, request: StepRequest, identity: R
         code_identity = parse_code_reference(request.code)[1]
     served = serve_before_run(project, request.pipeline, steps, job_directory.root, identity,
                               runtime_params=request.params, code_identity=code_identity,
-                              load_versions=request.load_versions)
+                              load_versions=request.load_versions,
+                              remember=False)  # a step's machine: no later command reads a memo here
     ran: list[str] = []
     for step, nodes in steps.items():
         if step in served:
