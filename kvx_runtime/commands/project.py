@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
 
 import click
 
@@ -234,7 +234,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
     job_name = claim_job(project, request.job_name, spec_data, resume=request.resume)
     run_id = str(uuid.uuid4())
     assert root is not None  # required
-    output = QuietWhenReaderGone(sys.stdout)
+    output = cast(TextIO, QuietWhenReaderGone(sys.stdout))
     try:
         with job_held(project, job_name):
             served = {} if request.resume else _serve_cached_steps(request, spec_data, root, run_id, job_name,
@@ -246,7 +246,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
                 storage_root=root,
                 max_parallel=request.max_parallel,
                 job_name=job_name,
-                stream=output,  # type: ignore[arg-type]  # a text stream
+                stream=output,
                 fail_fast=request.fail_fast,
                 fresh_copies=request.fresh_copies,
                 extra_env={"KVX_CACHE": request.options.cache} if request.options.cache else None,
@@ -265,7 +265,7 @@ def run_local_spec(request: RunLocalRequest) -> None:
         error.exit_code = result.exit_code  # type: ignore[assignment]  # the step's own code
         raise error
     click.echo(f"Job {result.job_name} succeeded (run id {result.run_id}); logs and step outputs in {result.run_dir}",
-               file=output)  # type: ignore[arg-type]  # a text stream
+               file=output)
 
 
 def _serve_cached_steps(request: RunLocalRequest, spec: Mapping[str, Any], root: str, run_id: str,
