@@ -144,7 +144,9 @@ def run_request(spec: Mapping[str, Any], run_config: Any, *, values: Mapping[str
                 platform_spec: Mapping[str, Any] | None = None) -> RunRequest:
     """The run of ``spec`` (with its Kubernetes ``platform_spec``) that ``run_config``
     (``vertexai.yml``) describes."""
-    name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+    from kvx_runtime.compiler.kfp_reader import spec_pipeline_name
+
+    name = spec_pipeline_name(spec)
     definitions = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     policy = str(values.get(FAILURE_POLICY_PARAMETER) if values and FAILURE_POLICY_PARAMETER in values
                  else definitions.get(FAILURE_POLICY_PARAMETER, {}).get("defaultValue", run_config.failure_policy))

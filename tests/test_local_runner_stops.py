@@ -5,6 +5,7 @@ steps, its values)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -220,3 +221,8 @@ def test_a_resume_must_be_the_same_run_pipeline_steps_and_values(tmp_path: Path)
                        resume=True)
     assert result.exit_code == 0 and not (tmp_path / "a.done").exists() and (tmp_path / "b.done").exists()
     assert json.loads(status_file.read_text())["params"]["title"] == {"value": "custom"}
+
+
+def test_a_secrets_digest_in_the_status_is_salted_by_the_run() -> None:
+    assert runner._secret_digest("s3cr3t-kvx", "run-1") != runner._secret_digest("s3cr3t-kvx", "run-2")
+    assert runner._secret_digest("s3cr3t-kvx", "run-1") != hashlib.sha256(b"s3cr3t-kvx").hexdigest()

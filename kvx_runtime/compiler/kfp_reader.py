@@ -70,6 +70,11 @@ def render(kind: str, value: Any) -> str:
     return json.dumps(value)
 
 
+def spec_pipeline_name(spec: Mapping[str, Any]) -> str:
+    """The pipeline's name a spec carries (``pipelineInfo.name``)."""
+    return str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+
+
 def step_names(spec: Mapping[str, Any]) -> list[str]:
     """The tasks of a compiled spec that run a container, those inside the exit handler too."""
     names: list[str] = []

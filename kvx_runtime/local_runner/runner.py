@@ -39,6 +39,7 @@ from kvx_runtime.compiler.kfp_reader import (
     input_key,
     output_key,
     render,
+    spec_pipeline_name,
     substitute,
 )
 from kvx_runtime.compiler.spec import FAILURE_POLICIES, FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PARAMETER
@@ -466,7 +467,7 @@ def _last_error_line(log_path: Path) -> str | None:
 
 
 def default_job_name(spec: Mapping[str, Any]) -> str:
-    name = spec.get("pipelineInfo", {}).get("name", "pipeline")
+    name = spec_pipeline_name(spec)
     return f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
 
 
@@ -587,7 +588,7 @@ def run_local(
                            fresh_copies=fresh_copies, run_id=run_id, served=served, resumed=earlier)
     copies = f", each step in a fresh copy of the project's image files ({run_dir / 'copies'})" if fresh_copies else ""
     verb = f"Resuming ({len(scheduler.kept)} steps done) " if earlier is not None else "Running "
-    print(f"{verb}{describe_steps(graph.tasks)} of {spec.get('pipelineInfo', {}).get('name')} "
+    print(f"{verb}{describe_steps(graph.tasks)} of {spec_pipeline_name(spec)} "
           f"as job {job}, run id {scheduler.job_uuid}, {policy}{copies} (logs: {run_dir / 'logs'})",
           file=output, flush=True)
     try:
@@ -647,7 +648,7 @@ def _resumable(run_dir: Path, job: str, spec: Mapping[str, Any], tasks: set[str]
         raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed") from None
     if not isinstance(states, dict) or not run_id or not created:
         raise UsageError(f"{path} is not a run's status: job {job} cannot be resumed")
-    pipeline = _pipeline_name(spec)
+    pipeline = spec_pipeline_name(spec)
     if status.get("pipeline") not in (None, pipeline):
         raise UsageError(f"job {job} ran pipeline {status['pipeline']}, not {pipeline}: it cannot be resumed with it",
                          hint="resume with the spec (or --pipeline and --env) the job ran")
@@ -664,16 +665,17 @@ def _resumable(run_dir: Path, job: str, spec: Mapping[str, Any], tasks: set[str]
     return dict(status)
 
 
-def _pipeline_name(spec: Mapping[str, Any]) -> str:
-    return str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
-
-
-def _kept_values(overrides: Mapping[str, str]) -> dict[str, dict[str, str]]:
+def _kept_values(overrides: Mapping[str, str], run_id: str) -> dict[str, dict[str, str]]:
     """The run's ``--param`` values as its status keeps them: a secret-named one by its digest."""
     from kvx_runtime.params import says_secret
 
-    return {name: {"sha256": hashlib.sha256(value.encode()).hexdigest()} if says_secret(name) else {"value": value}
+    return {name: {"sha256": _secret_digest(value, run_id)} if says_secret(name) else {"value": value}
             for name, value in overrides.items()}
+
+
+def _secret_digest(value: str, run_id: str) -> str:
+    """Salted with the run's id: the same secret looks different in every run's status."""
+    return hashlib.sha256(f"{run_id}\0{value}".encode()).hexdigest()
 
 
 def _resumed_values(status: Mapping[str, Any], job: str, given: Mapping[str, str]) -> dict[str, str]:
@@ -695,7 +697,7 @@ def _resumed_values(status: Mapping[str, Any], job: str, given: Mapping[str, str
             values[name] = str(was["value"])
         elif again is None:
             raise UsageError(f"--param {name} must be given again to resume job {job} (a secret's value is not kept)")
-        elif hashlib.sha256(again.encode()).hexdigest() != was.get("sha256"):
+        elif _secret_digest(again, str(status["run_id"])) != was.get("sha256"):
             raise UsageError(f"--param {name}: not the value job {job} ran with; a resumed run keeps the values it "
                              "started with", hint="give the value the run started with, or start a new run")
         else:
@@ -711,9 +713,9 @@ def _write_status(run_dir: Path, job: str, scheduler: _Scheduler, spec: Mapping[
                   overrides: Mapping[str, str]) -> None:
     status = {
         "job_name": job,
-        "pipeline": _pipeline_name(spec),
+        "pipeline": spec_pipeline_name(spec),
         "tasks": sorted(scheduler.graph.tasks),
-        "params": _kept_values(overrides),
+        "params": _kept_values(overrides, scheduler.job_uuid),
         "run_id": scheduler.job_uuid,
         "states": scheduler.states,
         "exit_codes": scheduler.exit_codes,

@@ -435,8 +435,9 @@ class KubeflowTarget(PipelineTarget):
         from pathlib import Path
 
         from kvx_runtime.compiler import write_spec
+        from kvx_runtime.compiler.kfp_reader import spec_pipeline_name
 
-        name = str(request.spec.get("pipelineInfo", {}).get("name", "pipeline"))
+        name = spec_pipeline_name(request.spec)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
         parts = [*request.tags, *([f"v{request.project_version}"] if request.project_version else []),
                  *([request.commit[:12]] if request.commit else []), stamp]

@@ -367,7 +367,9 @@ class VertexTarget(PipelineTarget):
             return None
         if not self.template_repository:
             raise ConfigError("--template needs run_config.template_repository", hint=_REPOSITORY_FORM)
-        name = str(spec.get("pipelineInfo", {}).get("name", "pipeline"))
+        from kvx_runtime.compiler.kfp_reader import spec_pipeline_name
+
+        name = spec_pipeline_name(spec)
         return f"{self.template_repository.rstrip('/')}/{name}/{tag}"
 
     def upload_template(self, repository: str, spec_file: str, tags: list[str]) -> str:
