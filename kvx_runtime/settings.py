@@ -114,6 +114,10 @@ ORCHESTRATOR = Setting("KVX_ORCHESTRATOR", str, "",
                        "the orchestrator a step runs under: vertex, kubeflow, airflow or local (default: detected)")
 HOST_ALIASES = Setting("KVX_HOST_ALIASES", str, "", "IP=name1,name2;... (run_config.network.host_aliases)")
 MLFLOW_RUN_ID = Setting("KVX_MLFLOW_RUN_ID", str, "", "the pipeline's MLflow run, set by exec-node for the step")
+MLFLOW_CLIENT = Setting("KVX_MLFLOW_CLIENT", str, "auto",
+                        "how a step attached to the pipeline's MLflow run talks to it: auto (MLflow's REST "
+                        "API where the step needs nothing more, see docs/mlflow.md) or mlflow (MLflow's client "
+                        "and kedro-mlflow's hooks, always)", choices=("auto", "mlflow"))
 MLFLOW_CREATE_ATTEMPTS = Setting("KVX_MLFLOW_CREATE_ATTEMPTS", int, 5,
                                  "attempts to create the pipeline's MLflow run", minimum=1)
 

@@ -172,7 +172,8 @@ def test_a_step_adds_the_tags_the_run_lacks_and_overwrites_none() -> None:
     from kvx_runtime.mlflow.pipeline_run import AttachedRun
 
     written: list[dict[str, str]] = []
-    client = SimpleNamespace(log_batch=lambda run_id, tags: written.append({t.key: t.value for t in tags}))
+    client = SimpleNamespace(log_batch=lambda run_id, metrics=(), tags=(): written.append({t.key: t.value
+                                                                                           for t in tags}))
     attached = AttachedRun(connection=SimpleNamespace(client=client), run_id="r",  # type: ignore[arg-type]
                            tags={"kedro_command": "kedro run --pipeline=__default__"})
     attached.add_missing_tags({"kedro_command": "kedro run --pipeline=cleanup", "env": "base"})

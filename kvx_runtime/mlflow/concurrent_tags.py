@@ -17,7 +17,7 @@ from typing import Any
 
 from kvx_runtime.log import get_logger
 
-__all__ = ["install_concurrent_tag_retry", "is_unique_key_race"]
+__all__ = ["ATTEMPTS", "install_concurrent_tag_retry", "is_unique_key_race"]
 
 log = get_logger(__name__)
 
@@ -26,7 +26,7 @@ _UNIQUE_KEY_RACE = re.compile(
     r"UNIQUE constraint failed|duplicate key value violates unique constraint|Duplicate entry|"
     r"UniqueViolation|IntegrityError"
 )
-_ATTEMPTS = 5
+ATTEMPTS = 5
 _INSTALLED = "_kvx_concurrent_tag_retry"
 
 
@@ -55,7 +55,7 @@ def install_concurrent_tag_retry() -> None:
 
         # Jittered, so the two writers do not collide again; the second try normally finds the
         # row and updates it.
-        retrying = Retrying(stop=stop_after_attempt(_ATTEMPTS), wait=wait_random(0.05, 0.5),
+        retrying = Retrying(stop=stop_after_attempt(ATTEMPTS), wait=wait_random(0.05, 0.5),
                             retry=retry_if_exception(is_unique_key_race), reraise=True,
                             before_sleep=lambda state: log.info(
                                 "a concurrent step wrote the same MLflow tag; writing it again",

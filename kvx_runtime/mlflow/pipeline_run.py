@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttachedRun",
+    "RunInStep",
     "attach_step",
+    "drop_from_active_runs",
     "earlier_node_seconds",
     "end_pipeline_run",
     "mlflow_available",
@@ -417,25 +420,42 @@ def end_pipeline_run(
     return run_id, status
 
 
-@dataclass
-class AttachedRun:
-    """The pipeline's run, active in this process while the step runs."""
+class RunInStep(ABC):
+    """The pipeline's run as a step that attached to it writes to it: through MLflow's client
+    (:class:`AttachedRun`) or its REST API (:class:`kvx_runtime.mlflow.lean.LeanRun`)."""
 
-    connection: MlflowConnection
     run_id: str
     #: Seconds of the nodes this step ran and the last of them (the run's ``kvx.last_node``),
     #: written together as the step detaches: one request, not one per node.
-    node_seconds: dict[str, float] = field(default_factory=dict)
-    last_node: str | None = None
-    #: Attaching set the run RUNNING (MLflow's own ``start_run``, where the run could not be
-    #: made active as it is): detaching puts back a final status ``mlflow-end`` recorded.
-    resumed_as_running: bool = False
+    node_seconds: dict[str, float]
+    last_node: str | None
     #: The run's tags as the step found them (and as it added to them).
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str]
+
+    @abstractmethod
+    def _log_batch(self, *, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Write metrics (now, step 0) and tags in one request."""
+
+    @abstractmethod
+    def _set_tag(self, key: str, value: str) -> None:
+        """Write one tag."""
+
+    @abstractmethod
+    def _leave(self) -> None:
+        """Stop being the process's active run, leaving the run as the pipeline has it."""
+
+    def session_hooks(self, *, run_id: str) -> Any:
+        """Kedro hooks the step's session registers for this way of writing (None: none);
+        ``run_id`` is the pipeline's."""
+        return None
 
     def is_on_top(self) -> bool:
         """Whether the run is the process's active run (MLflow logs there), and not a run an
         earlier node of the step started and left open."""
+        import sys
+
+        if "mlflow" not in sys.modules:
+            return False
         import mlflow
 
         active = mlflow.active_run()
@@ -450,16 +470,13 @@ class AttachedRun:
         """Best effort, like a tag: the durations help a later compile and the tag a reader of
         the run, neither is the step's result. A batch: MLflow retries its tag upserts, where
         a single tag write loses a race with a parallel step (:mod:`.concurrent_tags`)."""
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(NODE_SECONDS_PREFIX + node, round(seconds, 3), now, 0)
-                   for node, seconds in self.node_seconds.items() if _METRIC_KEY.match(NODE_SECONDS_PREFIX + node)]
-        tags = [RunTag(TAG_LAST_NODE, self.last_node)] if self.last_node is not None else []
+        metrics = {NODE_SECONDS_PREFIX + node: round(seconds, 3) for node, seconds in self.node_seconds.items()
+                   if _METRIC_KEY.match(NODE_SECONDS_PREFIX + node)}
+        tags = {TAG_LAST_NODE: self.last_node} if self.last_node is not None else {}
         if not (metrics or tags):
             return
         try:
-            self.connection.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+            self._log_batch(metrics=metrics, tags=tags)
         except Exception as exc:
             log.warning("could not record the finished nodes in the MLflow run", error=_redact(str(exc))[:200])
 
@@ -470,10 +487,8 @@ class AttachedRun:
         missing = {key: value for key, value in tags.items() if key not in self.tags}
         if not missing:
             return
-        from mlflow.entities import RunTag
-
         try:
-            self.connection.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in missing.items()])
+            self._log_batch(tags=missing)
         except Exception as exc:
             log.warning("could not tag the MLflow run", tags=sorted(missing), error=_redact(str(exc))[:200])
             return
@@ -482,27 +497,63 @@ class AttachedRun:
     def tag(self, key: str, value: str) -> None:
         """Best effort: a tag that cannot be written is a warning, not a failed node."""
         try:
-            self.connection.client.set_tag(self.run_id, key, value)
+            self._set_tag(key, value)
         except Exception as exc:
             log.warning("could not tag the MLflow run", tag=key, error=_redact(str(exc))[:200])
 
     def detach(self) -> None:
-        """Leave the run as the pipeline has it: drop it from MLflow's active-run stack without
-        ending it (MLflow would otherwise end it as FINISHED when the process exits)."""
-        from mlflow.tracking import fluent
-
+        """Record the finished nodes and leave the run as the pipeline has it (MLflow would
+        otherwise end it as FINISHED when the process exits)."""
         self._write_finished_nodes()
-        stack_holder = getattr(fluent, "_active_run_stack", None)
-        try:
-            stack = stack_holder.get() if stack_holder is not None else None
-        except Exception:  # pragma: no cover - MLflow internals changed
-            stack = None
-        if isinstance(stack, list):
-            stack[:] = [run for run in stack if run.info.run_id != self.run_id]
-        else:  # pragma: no cover - other MLflow versions: end it as RUNNING (status kept)
+        self._leave()
+
+
+def drop_from_active_runs(run_id: str) -> bool:
+    """Take ``run_id`` off MLflow's active-run stack of this thread without ending it; False
+    where MLflow's internals are not as expected."""
+    from mlflow.tracking import fluent
+
+    stack_holder = getattr(fluent, "_active_run_stack", None)
+    try:
+        stack = stack_holder.get() if stack_holder is not None else None
+    except Exception:  # pragma: no cover - MLflow internals changed
+        stack = None
+    if not isinstance(stack, list):
+        return False
+    stack[:] = [run for run in stack if run.info.run_id != run_id]
+    return True
+
+
+@dataclass
+class AttachedRun(RunInStep):
+    """The pipeline's run, active in this process while the step runs, written to through
+    MLflow's client."""
+
+    connection: MlflowConnection
+    run_id: str
+    node_seconds: dict[str, float] = field(default_factory=dict)
+    last_node: str | None = None
+    #: Attaching set the run RUNNING (MLflow's own ``start_run``, where the run could not be
+    #: made active as it is): detaching puts back a final status ``mlflow-end`` recorded.
+    resumed_as_running: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def _log_batch(self, *, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.connection.client.log_batch(self.run_id,
+                                         metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
+                                         tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+
+    def _set_tag(self, key: str, value: str) -> None:
+        self.connection.client.set_tag(self.run_id, key, value)
+
+    def _leave(self) -> None:
+        if not drop_from_active_runs(self.run_id):  # pragma: no cover - other MLflow versions
             import mlflow
 
-            mlflow.end_run(status="RUNNING")
+            mlflow.end_run(status="RUNNING")  # ended as RUNNING: the status is kept
         if self.resumed_as_running:
             self._keep_final_status()
 

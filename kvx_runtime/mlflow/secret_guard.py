@@ -22,7 +22,7 @@ from typing import Any
 from kvx_runtime.log import REDACTED, get_logger, redact
 from kvx_runtime.params import SECRET_HINT, says_secret
 
-__all__ = ["install_secret_guard"]
+__all__ = ["install_secret_guard", "logged_value", "param_kept", "tag_kept"]
 
 log = get_logger(__name__)
 
@@ -30,7 +30,8 @@ _INSTALLED = "_kvx_secret_guard"
 _warned: set[str] = set()
 
 
-def _keep_param(key: str) -> bool:
+def param_kept(key: str) -> bool:
+    """Whether a param named ``key`` may be logged (warned once per name when not)."""
     if not says_secret(key):
         return True
     if key not in _warned:
@@ -40,8 +41,21 @@ def _keep_param(key: str) -> bool:
     return False
 
 
+def tag_kept(key: str) -> bool:
+    """Whether a single tag write of ``key`` is kept: kedro-mlflow writes a param too long for
+    MLflow as a tag (``long_params_strategy: tag``); MLflow's and kvx-runtime's own tags
+    (``kvx.create_token``) are not parameters."""
+    return key.startswith(("kvx.", "mlflow.")) or param_kept(key)
+
+
 def _safe(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
+
+
+def logged_value(value: Any) -> str:
+    """``value`` as a param or tag carries it: secret-named keys inside it masked, registered
+    secrets and URL credentials redacted."""
+    return _safe(str(_scrubbed(value)))
 
 
 def _scrubbed(value: Any) -> Any:
@@ -65,22 +79,20 @@ def install_secret_guard() -> None:
 
     @functools.wraps(log_param)
     def guarded_log_param(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _keep_param(key):
+        if not param_kept(key):
             return value  # what MLflow returns: the value "logged"
-        return log_param(self, run_id, key, _safe(str(_scrubbed(value))), *args, **kwargs)
+        return log_param(self, run_id, key, logged_value(value), *args, **kwargs)
 
     @functools.wraps(set_tag)
     def guarded_set_tag(self: Any, run_id: str, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-        # kedro-mlflow writes a param too long for MLflow as a tag (long_params_strategy: tag);
-        # MLflow's and kvx-runtime's own tags (kvx.create_token) are not parameters.
-        if not key.startswith(("kvx.", "mlflow.")) and not _keep_param(key):
+        if not tag_kept(key):
             return None
-        return set_tag(self, run_id, key, _safe(str(_scrubbed(value))), *args, **kwargs)
+        return set_tag(self, run_id, key, logged_value(value), *args, **kwargs)
 
     @functools.wraps(log_batch)
     def guarded_log_batch(self: Any, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (),
                           *args: Any, **kwargs: Any) -> Any:
-        params = [Param(p.key, _safe(str(p.value))) for p in params or () if _keep_param(p.key)]
+        params = [Param(p.key, _safe(str(p.value))) for p in params or () if param_kept(p.key)]
         tags = [RunTag(t.key, _safe(str(t.value))) for t in tags or ()]
         return log_batch(self, run_id, metrics, params, tags, *args, **kwargs)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from kvx_runtime.step.request import StepRequest, StepResult
 from kvx_runtime.versions import SAVE_VERSION_PARAMETER, resolve_save_version
 
 if TYPE_CHECKING:
+    from kvx_runtime.mlflow import RunInStep
     from kvx_runtime.project import KedroProject
 
 __all__ = ["execute_step"]
@@ -69,7 +71,7 @@ def execute_step(request: StepRequest) -> StepResult:
     if request.serve_steps:
         return _serve_planned(project, request, identity, run, started)
     plan = _plan(project, request)
-    tracking = _attach_tracking(project, request, identity)
+    tracking = _attach_tracking(project, request, identity, plan)
     # From here the pipeline's MLflow run is this process's active run: whatever ends the step
     # detaches it first (else MLflow's exit handler would end the shared run FINISHED).
     try:
@@ -212,25 +214,44 @@ def _plan(project: KedroProject, request: StepRequest) -> StepPlan:
     return plan_step(pipeline, request.pipeline, request.nodes, exit_inputs)
 
 
-def _attach_tracking(project: KedroProject, request: StepRequest, identity: RunIdentity) -> Any:
-    """Phase 6: the pipeline's MLflow run, attached before the session (kedro-mlflow then
-    finds it active and logs into it instead of starting and ending a run of its own); None
-    when the step is not tracked, with kedro-mlflow's hooks kept out of the session."""
+def _attach_tracking(project: KedroProject, request: StepRequest, identity: RunIdentity,
+                     plan: StepPlan) -> RunInStep | None:
+    """Phase 6: the pipeline's MLflow run, attached before the session: over MLflow's REST API
+    with kedro-mlflow's work done by the step (:mod:`kvx_runtime.mlflow.lean`), or through
+    MLflow's client, kedro-mlflow then finding the run active and logging into it instead of
+    starting and ending a run of its own; None when the step is not tracked, with
+    kedro-mlflow's hooks kept out of the session."""
     from kedro.framework.project import settings
 
     from kvx_runtime.mlflow import mlflow_enabled
     from kvx_runtime.project import MLFLOW_PLUGINS, disable_plugin_hooks
 
-    tracking = None
+    tracking: RunInStep | None = None
+    lean = None
     if mlflow_enabled(project):
-        from kvx_runtime.mlflow import attach_step
+        from kvx_runtime.mlflow.lean import attach_lean, lean_settings
 
-        tracking = attach_step(project, request.params, identity.run_id, identity.job_name, request.mlflow_run_id)
-    if tracking is None:
+        pipeline = _load_step_pipeline(request.pipeline)
+        lean = lean_settings(project, request.params, mlflow_run_id=request.mlflow_run_id,
+                             step_datasets=_step_datasets(pipeline, plan.nodes), pipeline=pipeline)
+        if lean is not None and request.mlflow_run_id:
+            tracking = attach_lean(project, lean, request.params, request.mlflow_run_id)
+        else:
+            from kvx_runtime.mlflow import attach_step
+
+            tracking = attach_step(project, request.params, identity.run_id, identity.job_name,
+                                   request.mlflow_run_id)
+    if tracking is None or lean is not None:
         # Without an mlflow.yml (or with MLflow unreachable and not required) kedro-mlflow
-        # would start a run of its own, or fail.
+        # would start a run of its own, or fail; a lean step does its work itself.
         disable_plugin_hooks(settings, MLFLOW_PLUGINS)
     return tracking
+
+
+def _step_datasets(pipeline: Any, nodes: Sequence[str]) -> set[str]:
+    """Every dataset the step's nodes read or write."""
+    wanted = set(nodes)
+    return {name for node in pipeline.nodes if node.name in wanted for name in (*node.inputs, *node.outputs)}
 
 
 def _check_runs_without_save_version(project: KedroProject, request: StepRequest, plan: StepPlan, why: str) -> None:
@@ -407,6 +428,9 @@ def _run_session(
             conf_source=project.conf_source,
         )
     adapt_kedro_mlflow_hooks(session._hook_manager, hooks.tracking, run_id=identity.run_id)
+    tracking_hooks = hooks.tracking.session_hooks(run_id=identity.run_id) if hooks.tracking is not None else None
+    if tracking_hooks is not None:
+        session._hook_manager.register(tracking_hooks, name="kvx-runtime-tracking")
     if run.save_version:
         _pin_save_version(session, run.save_version)
     with session:

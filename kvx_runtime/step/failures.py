@@ -62,7 +62,9 @@ def _mlflow_failure(exc: Exception, hooks: StepHooks, replay: str) -> KvxError |
     operation = hooks.dataset_operation
     mlflow_dataset = (operation is not None and hooks.catalog is not None
                       and type_name(hooks.catalog, operation[1]).startswith("Mlflow"))
-    if not mlflow_dataset and not any(type(item).__module__.startswith("mlflow") for item in chain):
+    # MLflow's own errors, or those of kvx-runtime's REST client for it (kvx_runtime.mlflow.rest_client).
+    if not mlflow_dataset and not any(type(item).__module__.startswith(("mlflow", "kvx_runtime.mlflow"))
+                                      for item in chain):
         return None
     text = " ".join(str(item) for item in chain)
     if "Changing param values is not allowed" in text:
