@@ -10,6 +10,9 @@ from kedro.pipeline import Node, Pipeline
 from kvx_runtime.compiler.checks import check_references, is_local_path
 from kvx_runtime.compiler.names import check_label, parameter_name, sanitize, unique_task_names
 from kvx_runtime.compiler.resources import (
+    ACCELERATOR_KEY,
+    StepResources,
+    check_group_agrees,
     group_resources,
     node_resources,
     node_retry,
@@ -208,3 +211,49 @@ def test_dangling_references_are_reported(mutate, message: str) -> None:
     mutate(spec)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_references(spec)
+
+
+@pytest.mark.parametrize("name", ["status", "mlflow_run_id", "kvx_storage_root", "kvx_job_uuid", "kvx.anything"])
+def test_a_kedro_parameter_never_takes_an_input_name_of_kvx_runtimes_own(name: str) -> None:
+    with pytest.raises(ConfigError, match="is an input of kvx-runtime's own") as refused:
+        parameter_name(name)
+    assert "rename the Kedro parameter" in (refused.value.hint or "")
+    assert parameter_name("statuses") == "statuses" and parameter_name("my_kvx_root") == "my_kvx_root"
+
+
+def test_memory_takes_kubernetes_units_only() -> None:
+    def resources(memory: str) -> object:
+        return parse_plugin_config({"run_config": {"image": "i", "resources": {"__default__": {"memory": memory}}}})
+
+    config = resources("2000000k")
+    assert config.run_config.resources["__default__"].memory == "2000000k"  # type: ignore[attr-defined]
+    assert StepResources(memory="2000000k").to_spec()["memoryLimit"] == 2.0
+    with pytest.raises(ConfigError, match="Kubernetes writes kilobytes k, kibibytes Ki"):
+        resources("2000000K")
+
+
+def test_an_explicit_zero_gpu_asks_for_no_accelerator_whatever_the_selectors_name() -> None:
+    t4 = {ACCELERATOR_KEY: "NVIDIA_TESLA_T4"}
+    none = group_resources([{"gpu": 0, "cpu": "1"}], [t4])
+    assert none.gpu is None and none.accelerator is None and "accelerator" not in none.to_spec()
+    assert none.node_selector("nvidia.com/gpu") == {} and "nvidia.com/gpu" not in none.requests("nvidia.com/gpu")
+    one = group_resources([{"cpu": "1"}], [t4])  # an accelerator named, no count: one
+    assert one.to_spec()["accelerator"]["count"] == "1"
+    mixed = group_resources([{"gpu": 0}, {"gpu": 2}], [t4, t4])
+    assert mixed.gpu == 2 and mixed.accelerator == "NVIDIA_TESLA_T4"
+
+
+def test_the_nodes_of_a_step_agree_on_their_node_selectors() -> None:
+    check_group_agrees("s", ["a", "b"], [{"pool": "x"}, {}])  # one says, the other does not care
+    with pytest.raises(ConfigError, match=r"disagree on cloud.google.com/gke-accelerator \(A100: a; T4: b, c\)"):
+        check_group_agrees("s", ["a", "b", "c"], [{ACCELERATOR_KEY: "A100"}, {ACCELERATOR_KEY: "T4"},
+                                                  {ACCELERATOR_KEY: "T4"}])
+    with pytest.raises(ConfigError, match="disagree on pool"):
+        check_group_agrees("s", ["a", "b"], [{"pool": "x"}, {"pool": "y"}])
+
+
+def test_gpus_without_an_accelerator_type_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    from kvx_runtime.compiler.checks import warn_gpus_without_accelerator
+
+    assert warn_gpus_without_accelerator({"a": 1, "b": 2, "c": 0}, {"b": "NVIDIA_TESLA_T4"}) == ["a"]
+    assert warn_gpus_without_accelerator({"a": 0}, {}) == []

@@ -237,6 +237,18 @@ def warn_uncopyable_crossings(
     return flagged
 
 
+def warn_gpus_without_accelerator(gpus: Mapping[str, int], accelerators: Mapping[str, str | None]) -> list[str]:
+    """Nodes asking for GPUs with no accelerator type, on a target that asks for GPUs by type
+    (Vertex AI refuses a count without a type when the job is submitted). Returns them (warned)."""
+    flagged = sorted(node for node, count in gpus.items() if count and not accelerators.get(node))
+    if flagged:
+        log.warning(
+            f"nodes ask for GPUs without an accelerator type, which Vertex AI refuses: {', '.join(flagged)}",
+            hint="name it in run_config.node_selectors (cloud.google.com/gke-accelerator: NVIDIA_TESLA_T4, for one)",
+        )
+    return flagged
+
+
 def warn_envs_not_in_image(project_path: Path, conf_root: Path, envs: Iterable[str]) -> list[str]:
     """Config environments the steps use that the project's .dockerignore leaves out of the
     image (every file of ``conf/<env>`` excluded): steps would fail only once in the cloud."""

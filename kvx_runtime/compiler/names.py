@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 
 from kvx_runtime.compiler.plan import CACHE_SERVE_STEP, MLFLOW_END_STEP, MLFLOW_START_STEP, ON_EXIT_STEP, OUTCOME_TASK
-from kvx_runtime.compiler.spec import EXIT_HANDLER
+from kvx_runtime.compiler.spec import EXIT_HANDLER, FINAL_STATUS, MLFLOW_RUN_ID
 from kvx_runtime.config.airflow import dag_id_part
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.step.invocation import DEFAULT_PIPELINE
@@ -18,6 +18,10 @@ _PARAMETER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX = 63
 #: Names the compiler uses for its own tasks.
 RESERVED = (MLFLOW_START_STEP, MLFLOW_END_STEP, ON_EXIT_STEP, EXIT_HANDLER, CACHE_SERVE_STEP, OUTCOME_TASK)
+#: Pipeline parameter and task input names of the compiler's own (``kvx_storage_root``,
+#: ``kvx_job_uuid``...): a Kedro parameter never takes one.
+RESERVED_PARAMETER_PREFIX = "kvx_"
+RESERVED_PARAMETERS = frozenset({FINAL_STATUS, MLFLOW_RUN_ID})
 
 
 def sanitize(name: str, *, fallback_prefix: str = "n") -> str:
@@ -86,6 +90,12 @@ def parameter_name(kedro_name: str) -> str:
     name = kedro_name.replace(".", "__").replace("-", "_")
     if not _PARAMETER.match(name):
         raise ConfigError(f"parameter {kedro_name!r} cannot be a pipeline parameter name")
+    if name in RESERVED_PARAMETERS or name.startswith(RESERVED_PARAMETER_PREFIX):
+        reserved = ", ".join(sorted(RESERVED_PARAMETERS))
+        raise ConfigError(f"parameter {kedro_name!r} cannot be a pipeline parameter: {name} is an input of "
+                          "kvx-runtime's own",
+                          hint=f"rename the Kedro parameter ({reserved} and names starting "
+                               f"{RESERVED_PARAMETER_PREFIX} are reserved)")
     return name
 
 

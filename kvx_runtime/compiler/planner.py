@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.compiler.checks import (
+    warn_gpus_without_accelerator,
     warn_local_datasets,
     warn_missing_inputs,
     warn_uncopyable_crossings,
@@ -29,7 +30,14 @@ from kvx_runtime.compiler.plan import (
     StepKind,
     Symbol,
 )
-from kvx_runtime.compiler.resources import group_resources, node_resources, node_retry, node_selectors
+from kvx_runtime.compiler.resources import (
+    ACCELERATOR_KEY,
+    check_group_agrees,
+    group_resources,
+    node_resources,
+    node_retry,
+    node_selectors,
+)
 from kvx_runtime.config.validation import unknown_keys
 from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.graph import dataset_identity
@@ -352,6 +360,7 @@ def _node_step(graph: StepGraph, group_name: str, exec_node: ExecNodeInvocation,
     run = facts.run
     per_node = [node_resources(run.resources, n, tags_of[n]) for n in group.nodes]
     selectors = [node_selectors(run.node_selectors, n, tags_of[n]) for n in group.nodes]
+    check_group_agrees(graph.task_of[group_name], group.nodes, selectors)
     retries = [r for r in (node_retry(run.retries, n, tags_of[n]) for n in group.nodes) if r]
     after = list(dict.fromkeys(CACHE_SERVE_STEP if g in served else graph.task_of[g]
                                for g in sorted(graph.needs[group_name]) if g not in done))
@@ -430,6 +439,13 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
     # Logged when the config is read; here so that --strict refuses a typo that silently does nothing.
     warnings += [f"unknown key {key}" for key in unknown_keys(facts.run, "run_config.")]
     warnings += warn_uncopyable_crossings(facts.memory_datasets_assigned, producers, consumers, step_of)
+    if request.gpu_resource_name is None:  # GPUs asked for by accelerator type (Vertex AI)
+        gpus = {node.name: node_resources(run.resources, node.name, node.tags).get("gpu") or 0
+                for node in pipeline.nodes}
+        accelerators = {node.name: node_selectors(run.node_selectors, node.name, node.tags).get(ACCELERATOR_KEY)
+                        for node in pipeline.nodes}
+        warnings += [f"GPUs of {node} without an accelerator type"
+                     for node in warn_gpus_without_accelerator(gpus, accelerators)]
     return warnings
 
 

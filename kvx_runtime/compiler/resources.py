@@ -4,11 +4,12 @@ retry policies. More specific wins: a node's own entry over its tags', tags over
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvx_runtime.config import ResourceSpec, RetrySpec
+from kvx_runtime.errors import ConfigError
 
 T = TypeVar("T")
 DEFAULT = "__default__"
@@ -16,7 +17,7 @@ DEFAULT = "__default__"
 #: step's accelerator type (as Vertex AI names it, NVIDIA_TESLA_T4).
 ACCELERATOR_KEY = "cloud.google.com/gke-accelerator"
 _MEMORY_UNITS = {
-    "": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
 }
 
@@ -121,13 +122,32 @@ def gke_accelerator_label(accelerator: str) -> str:
 
 
 def group_resources(per_node: list[dict[str, Any]], selectors: list[dict[str, str]]) -> StepResources:
-    """A group step gets the largest request of its nodes, field by field."""
+    """A group step gets the largest request of its nodes, field by field. ``gpu: 0`` said
+    explicitly by every node that says anything is no GPU, whatever accelerator a selector
+    names (a ``__default__`` one, say): the step asks for no accelerator."""
     cpu = max((r["cpu"] for r in per_node if "cpu" in r), key=cpu_cores, default=None)
     memory = max((r["memory"] for r in per_node if "memory" in r), key=memory_bytes, default=None)
-    gpu = max((r["gpu"] for r in per_node if r.get("gpu")), default=None)
+    gpus = [r["gpu"] for r in per_node if r.get("gpu") is not None]
+    gpu = max(gpus) if gpus else None
     accelerators = sorted({s[ACCELERATOR_KEY] for s in selectors if ACCELERATOR_KEY in s})
     labels: dict[str, str] = {}
-    for selector in selectors:  # nodes of one group that disagree on a label: the last node's wins
+    for selector in selectors:  # one group's nodes agree on each label (check_group_agrees)
         labels.update((key, value) for key, value in selector.items() if key != ACCELERATOR_KEY)
-    return StepResources(cpu=cpu, memory=memory, gpu=gpu, accelerator=accelerators[-1] if accelerators else None,
+    accelerator = accelerators[-1] if accelerators and gpu != 0 else None
+    return StepResources(cpu=cpu, memory=memory, gpu=gpu or None, accelerator=accelerator,
                          node_labels=tuple(sorted(labels.items())))
+
+
+def check_group_agrees(step: str, nodes: Sequence[str], selectors: Sequence[Mapping[str, str]]) -> None:
+    """The nodes of one step run in one container on one machine: they cannot want different
+    accelerators or node labels (a grouping by tag that put them together is refused, where
+    the step would silently get one node's and the other nodes a machine they did not ask for)."""
+    for key in sorted({key for selector in selectors for key in selector}):
+        wanted: dict[str, list[str]] = {}
+        for node, selector in zip(nodes, selectors, strict=True):
+            if key in selector:
+                wanted.setdefault(selector[key], []).append(node)
+        if len(wanted) > 1:
+            which = "; ".join(f"{value}: {', '.join(names)}" for value, names in sorted(wanted.items()))
+            raise ConfigError(f"step {step} groups nodes whose run_config.node_selectors disagree on {key} ({which})",
+                              hint="give them the same value, or group them apart (run_config.grouping, their tags)")

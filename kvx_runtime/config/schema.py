@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 _CPU = re.compile(r"^\d+(\.\d+)?m?$")
-_MEMORY = re.compile(r"^\d+(\.\d+)?(E|P|T|G|M|K|Ei|Pi|Ti|Gi|Mi|Ki)?$")
+#: Kubernetes quantities: decimal k, M, G... (a lowercase k) and binary Ki, Mi, Gi...
+_MEMORY = re.compile(r"^\d+(\.\d+)?(E|P|T|G|M|k|Ei|Pi|Ti|Gi|Mi|Ki)?$")
 _DURATION = re.compile(r"^\d+(\.\d+)?s$")
 _DOTTED_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
@@ -74,7 +75,8 @@ class ResourceSpec(_Section):
             raise ValueError("must be a memory amount like '512Mi', '4Gi' or '2G'")
         text = str(value).strip()
         if not _MEMORY.match(text):
-            raise ValueError(f"{value!r} is not a memory amount (examples: '512Mi', '4Gi', '2G')")
+            kilo = " (Kubernetes writes kilobytes k, kibibytes Ki)" if text.endswith("K") else ""
+            raise ValueError(f"{value!r} is not a memory amount{kilo} (examples: '512Mi', '4Gi', '2G')")
         return text
 
 
