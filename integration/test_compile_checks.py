@@ -71,7 +71,9 @@ def register_pipelines():
 """
 
 
-@pytest.mark.parametrize("catalog", ["", "frame:\n  type: MemoryDataset\n  copy_mode: assign\n"])
+@pytest.mark.parametrize("catalog", ["", "frame:\n  type: MemoryDataset\n  copy_mode: assign\n",
+                                     "'{name}':\n  type: MemoryDataset\n  copy_mode: assign\n"],
+                         ids=["none", "entry", "factory"])
 def test_an_uncopyable_memory_dataset_crossing_steps_is_warned(tmp_path: Path, catalog: str) -> None:
     project = make_project(tmp_path, "assigned", NODES, PIPELINES.format(package="assigned"), catalog=catalog)
     result = compile_spec(project, "--strict", "-o", str(tmp_path / "p.json"))
@@ -80,7 +82,7 @@ def test_an_uncopyable_memory_dataset_crossing_steps_is_warned(tmp_path: Path, c
         assert (tmp_path / "p.json").is_file()
         return
     assert result.returncode == 2, result.stderr[-2000:]
-    [warning] = warnings_of(result)
+    [warning] = [w for w in warnings_of(result) if "copy_mode" in w]  # Kedro warns of a catch-all too
     assert "'frame' is a MemoryDataset with copy_mode: assign" in warning and "node 'use' reads" in warning
     assert "run its producer and consumers in one step" in result.stderr
 
@@ -133,3 +135,66 @@ def test_a_pipeline_module_that_fails_to_import_fails_compile_and_doctor(tmp_pat
     healthy_doctor = subprocess.run([*KVX, "doctor", "--storage-root", str(tmp_path / "store")], cwd=healthy,
                                     env=step_env(), capture_output=True, text=True, timeout=300)
     assert "ok   project  found (env base), 2 nodes in __default__" in healthy_doctor.stdout, healthy_doctor.stdout
+
+
+def test_inputs_no_node_writes_and_the_catalog_lacks_are_refused(example_project: Path, tmp_path: Path) -> None:
+    # The reporting pipeline reads what data_science writes, kept in memory between steps of
+    # the whole pipeline: compiled alone, every step reading it would fail.
+    alone = compile_spec(example_project, "-p", "reporting", "-o", str(tmp_path / "alone.json"))
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    message = last_message(alone)
+    assert "pipeline 'reporting' reads feature_means, preprocessed_shuttles, regressor, which none of its nodes" \
+        in message and "kedro run refuses it too" in message
+    assert not (tmp_path / "alone.json").exists() and "Traceback" not in alone.stderr
+    catalog = example_project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text() + "".join(
+        f"\n{name}:\n  type: pickle.PickleDataset\n  filepath: ${{storage_root}}/{name}.pkl\n"
+        for name in ("feature_means", "preprocessed_shuttles", "regressor")))
+    declared = compile_spec(example_project, "-p", "reporting", "-o", str(tmp_path / "declared.json"))
+    assert declared.returncode == 0, declared.stderr[-2000:]
+
+    unknown = compile_spec(example_project, "--load-version", "not_a_dataset=2026-12-01T00.00.00.000Z",
+                           "-o", str(tmp_path / "v.json"))
+    assert unknown.returncode == 2
+    assert last_message(unknown).startswith("kvx-runtime compile failed: --load-version not_a_dataset: not in the")
+
+
+def set_run_config(project: Path, **settings: object) -> None:
+    import yaml
+
+    vertexai = project / "conf" / "base" / "vertexai.yml"
+    config = yaml.safe_load(vertexai.read_text())
+    config["run_config"].update(settings)
+    vertexai.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"resources": {"__default__": {"memory": "2000000K"}}}, "Kubernetes writes kilobytes k, kibibytes Ki"),
+    ({"grouping": {"cls": "tag"}, "node_selectors": {
+        "data_science.train_model_node": {"cloud.google.com/gke-accelerator": "NVIDIA_TESLA_A100"},
+        "data_science.fit_scaler_node": {"cloud.google.com/gke-accelerator": "NVIDIA_TESLA_T4"}}},
+     "disagree on cloud.google.com/gke-accelerator (NVIDIA_TESLA_A100: data_science.train_model_node; "
+     "NVIDIA_TESLA_T4: data_science.fit_scaler_node)"),
+], ids=["memory-K", "group-accelerators"])
+def test_resources_the_cloud_would_refuse_are_refused(example_project: Path, tmp_path: Path, settings: dict,
+                                                      expected: str) -> None:
+    pipeline = example_project / "src" / "spaceflights_kvx" / "pipelines" / "data_science" / "pipeline.py"
+    pipeline.write_text(pipeline.read_text().replace('name="fit_scaler_node")', 'name="fit_scaler_node", '
+                                                     'tags=["group.train"])')
+                        .replace('name="train_model_node")', 'name="train_model_node", tags=["group.train"])'))
+    set_run_config(example_project, **settings)
+    result = compile_spec(example_project, "-o", str(tmp_path / "p.json"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in last_message(result) and "Traceback" not in result.stderr
+
+
+def test_gpus_without_an_accelerator_type_are_warned_for_vertex_and_refused_under_strict(
+        example_project: Path, tmp_path: Path) -> None:
+    set_run_config(example_project, resources={"data_science.train_model_node": {"gpu": 1}})
+    warned = compile_spec(example_project, "-o", str(tmp_path / "p.json"))
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert any("without an accelerator type, which Vertex AI refuses: data_science.train_model_node" in w
+               for w in warnings_of(warned))
+    strict = compile_spec(example_project, "--strict", "-o", str(tmp_path / "s.json"))
+    assert strict.returncode == 2 and "GPUs of data_science.train_model_node without an accelerator type" \
+        in last_message(strict)

@@ -172,6 +172,7 @@ def test_retry_policy_mapping() -> None:
 def test_local_path_detection() -> None:
     assert is_local_path("data/08_reporting/x.csv") and is_local_path("/tmp/x.csv")
     assert not is_local_path("gs://b/x.csv") and not is_local_path("/gcs/bucket/x.csv")
+    assert is_local_path("file:///tmp/shared/x.parquet") and not is_local_path("file:///gcs/bucket/x.csv")
 
 
 # --- reference checks --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvx_runtime.compiler.kfp_reader import build_graph
-from kvx_runtime.config.storage_root import under_storage_root
+from kvx_runtime.config.storage_root import is_on_this_machine, under_storage_root
 from kvx_runtime.errors import ConfigError
 from kvx_runtime.graph import dataset_identity, missing_step_dependencies
 from kvx_runtime.log import get_logger
@@ -124,7 +124,8 @@ def warn_unknown_selectors(
 def is_local_path(filepath: str, shared_mounts: Sequence[str] = VERTEX_SHARED_MOUNTS) -> bool:
     """A path on the step machine's own disk (each step has its own disk), unless under one of
     ``shared_mounts``, a mount every step of the target sees (a Kubeflow pod has none)."""
-    return "://" not in filepath and not filepath.startswith(tuple(shared_mounts))
+    path = filepath.removeprefix("file://")
+    return is_on_this_machine(path) and not path.startswith(tuple(shared_mounts))
 
 
 def check_node_dependencies(pipeline: Any, steps: Mapping[str, Sequence[str]], spec: Mapping[str, Any],

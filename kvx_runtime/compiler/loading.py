@@ -54,6 +54,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                                                         remember=remember)
     if not kedro_pipeline.nodes:
         raise ConfigError(f"pipeline '{request.pipeline}' has no nodes")
+    _check_catalog_has(catalog, kedro_pipeline, request)
     grouper = build_grouper(run.grouping.cls, run.grouping.params)
     written = {dataset_identity(out) for node in kedro_pipeline.nodes for out in node.outputs}
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
@@ -73,11 +74,32 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         envs_not_in_image=tuple(warn_envs_not_in_image(project.path, project.conf_root,
                                                        [project.base_env, project.env])),
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
-        memory_datasets_assigned=_assigned_memory_datasets(catalog_config),
+        memory_datasets_assigned=_assigned_memory_datasets(_dataset_configs(catalog, catalog_config,
+                                                                            catalog_names)),
         missing_inputs=_missing_inputs(_paths_of(input_configs), storage_root),
         remote_inputs=_remote_inputs(project, input_configs, storage_root, written_paths=written_paths),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
     )
+
+
+def _check_catalog_has(catalog: Any, pipeline: Any, request: Any) -> None:
+    """What ``kedro run`` refuses before any node runs, refused before any step does: pipeline
+    inputs no node writes that are neither catalog entries nor dataset factory matches (every
+    step reading one would fail: the steps of a ``--pipeline`` whose producer is another
+    pipeline, its data kept in memory there), and ``--load-version`` of datasets the catalog
+    does not have."""
+    unsatisfied = sorted(name for name in pipeline.inputs()
+                         if not name.startswith("params:") and name != "parameters" and name not in catalog)
+    if unsatisfied:
+        raise ConfigError(
+            f"pipeline '{request.pipeline}' reads {', '.join(unsatisfied)}, which none of its nodes writes and the "
+            "catalog does not define: every step reading them would fail (kedro run refuses it too)",
+            hint="declare them in catalog.yml where the steps can read them (under ${storage_root}), or compile the "
+                 "pipeline that writes them with this one")
+    unknown = sorted(name for name in request.load_versions if name not in catalog)
+    if unknown:
+        raise ConfigError(f"--load-version {', '.join(unknown)}: not in the catalog",
+                          hint="name datasets of the catalog (versioned ones)")
 
 
 def _node_durations(project: Any) -> dict[str, float]:
@@ -219,11 +241,12 @@ def _entries_reading_runtime_params(project: Any) -> frozenset[str] | None:
     return frozenset(reading)
 
 
-def _assigned_memory_datasets(catalog_config: dict[str, Any]) -> frozenset[str]:
-    """Catalog entries that keep an object in memory without copying it (``MemoryDataset``
-    with ``copy_mode: assign``, what Kedro's Spark starters use for DataFrames)."""
+def _assigned_memory_datasets(configs: dict[str, dict[str, Any]]) -> frozenset[str]:
+    """The pipeline's datasets that the catalog (an entry or a dataset factory) keeps in memory
+    without copying (``MemoryDataset`` with ``copy_mode: assign``, what Kedro's Spark starters
+    use for DataFrames)."""
     return frozenset(
-        name for name, config in catalog_config.items()
+        name for name, config in configs.items()
         if isinstance(config, dict) and str(config.get("type", "")).rsplit(".", 1)[-1] == "MemoryDataset"
         and config.get("copy_mode") == "assign"
     )
@@ -330,12 +353,14 @@ def _load_kedro(project: Any, pipeline: str, storage_root: str, *,
 
 def _dataset_configs(catalog: Any, catalog_config: dict[str, Any], names: set[str]) -> dict[str, dict[str, Any]]:
     """The resolved catalog configuration of every dataset in ``names`` that has one (its entry,
-    or the factory pattern it matches)."""
+    or the factory pattern it matches: the project's catch-all ``{name}`` too, not Kedro's
+    runtime default)."""
     configs: dict[str, dict[str, Any]] = {}
     resolver = getattr(catalog, "config_resolver", None)
     for name in sorted(names):
         config = catalog_config.get(name)
-        if config is None and resolver is not None and resolver.match_dataset_pattern(name):
+        if config is None and resolver is not None and (
+                resolver.match_dataset_pattern(name) or resolver.match_user_catch_all_pattern(name)):
             config = resolver.resolve_pattern(name)
         if isinstance(config, dict):
             configs[name] = config
