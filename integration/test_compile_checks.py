@@ -198,3 +198,22 @@ def test_gpus_without_an_accelerator_type_are_warned_for_vertex_and_refused_unde
     strict = compile_spec(example_project, "--strict", "-o", str(tmp_path / "s.json"))
     assert strict.returncode == 2 and "GPUs of data_science.train_model_node without an accelerator type" \
         in last_message(strict)
+
+
+def test_strict_refuses_unknown_keys_anywhere_and_not_entries_of_other_pipelines(example_project: Path,
+                                                                                 tmp_path: Path) -> None:
+    (example_project / "conf" / "local" / "mlflow.yml").unlink()  # its own warning is tested above
+    set_run_config(example_project, resources={"data_science.train_model_node": {"cpu": 2}})
+    # Another pipeline's node: used when that pipeline is compiled, not a typo.
+    one = compile_spec(example_project, "-p", "data_processing", "--strict", "-o", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    set_run_config(example_project, resources={"data_science.train_model_node": {"cpu": 2}, "no_such_node": {"cpu": 1}})
+    typo = compile_spec(example_project, "-p", "data_processing", "--strict", "-o", str(tmp_path / "typo.json"))
+    assert typo.returncode == 2 and "1 warning (above): run_config.resources.no_such_node;" in last_message(typo)
+
+    set_run_config(example_project, resources={"data_science.train_model_node": {"cpu": 2}})
+    vertexai = example_project / "conf" / "base" / "vertexai.yml"
+    vertexai.write_text(vertexai.read_text() + "template_repositry: https://europe-west1-kfp.pkg.dev/p/repo\n")
+    top = compile_spec(example_project, "-p", "data_processing", "--strict", "-o", str(tmp_path / "top.json"))
+    assert top.returncode == 2, top.stderr[-2000:]
+    assert "1 warning (above): unknown key template_repositry;" in last_message(top)

@@ -17,6 +17,7 @@ from kvx_runtime.compiler.checks import warn_envs_not_in_image
 from kvx_runtime.compiler.names import check_label
 from kvx_runtime.compiler.planner import CompileRequest, ProjectFacts
 from kvx_runtime.config import is_on_this_machine, resolve_storage_root, under_storage_root
+from kvx_runtime.config.validation import unknown_keys
 from kvx_runtime.errors import ConfigError, KvxError, UsageError
 from kvx_runtime.graph import dataset_identity
 from kvx_runtime.grouping import build_grouper
@@ -79,6 +80,9 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         missing_inputs=_missing_inputs(_paths_of(input_configs), storage_root),
         remote_inputs=_remote_inputs(project, input_configs, storage_root, written_paths=written_paths),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
+        unknown_top_level_keys=tuple(key for key in unknown_keys(project.plugin_config)
+                                     if not key.startswith("run_config.")),
+        named_elsewhere=_named_in_other_pipelines(run, kedro_pipeline, request.pipeline),
     )
 
 
@@ -100,6 +104,30 @@ def _check_catalog_has(catalog: Any, pipeline: Any, request: Any) -> None:
     if unknown:
         raise ConfigError(f"--load-version {', '.join(unknown)}: not in the catalog",
                           hint="name datasets of the catalog (versioned ones)")
+
+
+def _named_in_other_pipelines(run: Any, pipeline: Any, name: str) -> frozenset[str]:
+    """Entries of ``run_config``'s per-node tables that name no node or tag of ``pipeline`` but
+    one of another registered pipeline (the whole registry is loaded only when there are such
+    entries). A pipeline that cannot be loaded leaves its names unknown."""
+    from kvx_runtime.project_pipelines import load_pipeline, registered_pipeline_names, request_pipeline
+
+    here = {node.name for node in pipeline.nodes} | {tag for node in pipeline.nodes for tag in node.tags}
+    named = {key for table in (run.resources, run.node_selectors, run.retries) for key in table}
+    named -= here | {"__default__"}
+    if not named:
+        return frozenset()
+    found: set[str] = set()
+    try:
+        for other in registered_pipeline_names():
+            if other != name:
+                nodes = load_pipeline(other).nodes
+                found |= named & ({node.name for node in nodes} | {tag for node in nodes for tag in node.tags})
+    except Exception as exc:  # another pipeline's own problem: its names stay unknown here
+        log.debug("the other pipelines could not all be loaded", error=str(exc)[:200])
+    finally:
+        request_pipeline(name)
+    return frozenset(found)
 
 
 def _node_durations(project: Any) -> dict[str, float]:

@@ -153,6 +153,11 @@ class ProjectFacts:
     remote_inputs: dict[str, str] = field(default_factory=dict)
     #: node -> seconds it took in an earlier run, for a grouper that weighs durations.
     node_durations: dict[str, float] = field(default_factory=dict)
+    #: Unknown keys of the config file outside ``run_config`` (those inside are the planner's).
+    unknown_top_level_keys: tuple[str, ...] = ()
+    #: Node names and tags of the project's other pipelines that ``run_config``'s resources,
+    #: node_selectors or retries name (not a typo: a per-pipeline compile leaves them unused).
+    named_elsewhere: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -419,8 +424,8 @@ def _step_env(forwarded: Mapping[str, str], run: Any) -> dict[str, str]:
 def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) -> list[str]:
     """What the pipeline and its configuration look wrong in (logged as found)."""
     pipeline, run = facts.pipeline, facts.run
-    node_names = {node.name for node in pipeline.nodes}
-    tags = {tag for node in pipeline.nodes for tag in node.tags}
+    node_names = {node.name for node in pipeline.nodes} | facts.named_elsewhere
+    tags = {tag for node in pipeline.nodes for tag in node.tags} | facts.named_elsewhere
     warnings: list[str] = []
     for section, table in (("resources", run.resources), ("node_selectors", run.node_selectors),
                            ("retries", run.retries)):
@@ -437,7 +442,8 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
     warnings += [f"env {env} not in image" for env in facts.envs_not_in_image]
     warnings += [f"MLflow configured in {path}, not read by the steps" for path in facts.unread_mlflow_files]
     # Logged when the config is read; here so that --strict refuses a typo that silently does nothing.
-    warnings += [f"unknown key {key}" for key in unknown_keys(facts.run, "run_config.")]
+    warnings += [f"unknown key {key}" for key in (*facts.unknown_top_level_keys, *unknown_keys(facts.run,
+                                                                                              "run_config."))]
     warnings += warn_uncopyable_crossings(facts.memory_datasets_assigned, producers, consumers, step_of)
     if request.gpu_resource_name is None:  # GPUs asked for by accelerator type (Vertex AI)
         gpus = {node.name: node_resources(run.resources, node.name, node.tags).get("gpu") or 0
