@@ -145,11 +145,19 @@ def _add_env(project: Path, env: str, files: dict[str, str]) -> None:
         (project / "conf" / env / name).write_text(text)
 
 
+#: What the exit pipeline (reporting) reads of data_processing, kept where a compile of the
+#: data_science pipeline alone leaves it readable (else compile refuses: the exit step would fail).
+EXIT_INPUTS_CATALOG = """\
+preprocessed_shuttles:
+  type: pandas.ParquetDataset
+  filepath: ${storage_root}/preprocessed_shuttles.parquet
+"""
+
 #: How each project is copied: one copy per project (a package is imported once per process),
 #: with the config environments its cases add.
 PROJECTS: dict[str, tuple[Path, Callable[[Path], None]]] = {
     "example": (EXAMPLE_PROJECT, lambda project: (
-        _add_env(project, "golden", {"vertexai.yml": EXAMPLE_RICH_CONFIG}),
+        _add_env(project, "golden", {"vertexai.yml": EXAMPLE_RICH_CONFIG, "catalog.yml": EXIT_INPUTS_CATALOG}),
         # The local env's MLflow and catalog in an env a code archive carries (conf/local never travels).
         _add_env(project, "tracked", {name: (project / "conf" / "local" / name).read_text()
                                       for name in ("mlflow.yml", "catalog.yml")}))),
@@ -167,7 +175,7 @@ CASES: tuple[Case, ...] = (
          storage_root="gs://kvx-golden-bucket/runs", params=("data_science.model_options.test_size:float",),
          values={"data_science.model_options.test_size": "0.3", "reporting.top_n": "2",
                  "data_science.model_options.scaler": '{"method": "minmax", "clip": 1}'},
-         load_versions={"regressor": "2024-01-02T03.04.05.678Z", "companies": "2024-01-01T00.00.00.000Z"},
+         load_versions={"model_input_table": "2024-01-02T03.04.05.678Z", "companies": "2024-01-01T00.00.00.000Z"},
          code_upload=True),
     # The same pipeline for Kubeflow as YAML, without any platform spec.
     Case("example-kfp-base", "example", ".yaml", env="base", kubeflow=True),

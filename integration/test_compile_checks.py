@@ -217,3 +217,23 @@ def test_strict_refuses_unknown_keys_anywhere_and_not_entries_of_other_pipelines
     top = compile_spec(example_project, "-p", "data_processing", "--strict", "-o", str(tmp_path / "top.json"))
     assert top.returncode == 2, top.stderr[-2000:]
     assert "1 warning (above): unknown key template_repositry;" in last_message(top)
+
+
+def test_an_exit_pipeline_reading_what_nothing_keeps_is_refused(example_project: Path, tmp_path: Path) -> None:
+    # reporting reads data_processing's preprocessed_shuttles, which a run of data_science alone never writes.
+    set_run_config(example_project, on_exit_pipeline="reporting")
+    alone = compile_spec(example_project, "-p", "data_science", "-o", str(tmp_path / "ds.json"))
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    assert "run_config.on_exit_pipeline reads preprocessed_shuttles, which no node of it or of pipeline " \
+           "'data_science' writes" in last_message(alone)
+    whole = compile_spec(example_project, "-o", str(tmp_path / "all.json"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # Kept where the exit step can read it: data_science alone compiles, and the exit step
+    # reading data_science's local metrics file on another machine is said like any crossing.
+    catalog = example_project / "conf" / "base" / "catalog.yml"
+    catalog.write_text(catalog.read_text() + "\npreprocessed_shuttles:\n  type: pandas.ParquetDataset\n"
+                                             "  filepath: ${storage_root}/preprocessed_shuttles.parquet\n")
+    kept = compile_spec(example_project, "-p", "data_science", "-o", str(tmp_path / "kept.json"))
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert any("catalog dataset 'metrics' is on a local path" in w and "(on exit)' reads" in w
+               for w in warnings_of(kept))

@@ -174,7 +174,9 @@ def test_every_kedro_dependency_is_a_step_dependency_in_random_pipelines(tmp_pat
     (package / "settings.py").write_text("")
     (package / "pipeline_registry.py").write_text(GRAPH_REGISTRY)
     (project / "conf" / "base" / "parameters.yml").write_text("alpha: 1\n")
-    (project / "conf" / "base" / "catalog.yml").write_text("")
+    # The pipelines' free inputs, as kedro run (and compile) want them: in the catalog.
+    (project / "conf" / "base" / "catalog.yml").write_text("".join(
+        f"raw_{n}:\n  type: pickle.PickleDataset\n  filepath: data/raw_{n}.pkl\n" for n in range(4)))
     result = subprocess.run(
         [sys.executable, str(HERE / "graph_properties.py"), str(project), "20261124", "300"],
         cwd=project, capture_output=True, text=True, timeout=600,

@@ -165,3 +165,16 @@ def test_a_request_for_one_env_with_a_project_opened_in_another_is_refused() -> 
     opened = SimpleNamespace(env="local")  # what open_project gave for another env
     with pytest.raises(ValueError, match="env 'cloud' with a project opened in 'local'"):
         load_project_facts(CompileRequest(env="cloud", project=opened))  # type: ignore[arg-type]
+
+
+def test_the_exit_pipelines_step_gets_its_nodes_resources_selectors_and_retries() -> None:
+    exit_pipeline = Pipeline([Node(f, "summary", "sent", name="notify", tags=["slow"])])
+    planned = facts(resources={"__default__": {"cpu": "500m", "memory": "1Gi"}, "slow": {"memory": "4Gi"}},
+                    node_selectors={"notify": {"pool": "cheap"}},
+                    retries={"__default__": {"max_retry_count": 2, "backoff_duration": "10s"}})
+    planned = ProjectFacts(**{**planned.__dict__, "exit_pipeline": exit_pipeline})
+    on_exit = plan_pipeline(CompileRequest(), planned).exit_steps[1]
+    assert on_exit.kind == StepKind.ON_EXIT and on_exit.resources is not None
+    assert (on_exit.resources.cpu, on_exit.resources.memory) == ("500m", "4Gi")
+    assert on_exit.resources.node_labels == (("pool", "cheap"),)
+    assert on_exit.retry is not None and on_exit.retry.max_retry_count == 2

@@ -55,7 +55,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                                                         remember=remember)
     if not kedro_pipeline.nodes:
         raise ConfigError(f"pipeline '{request.pipeline}' has no nodes")
-    _check_catalog_has(catalog, kedro_pipeline, request)
+    exit_pipeline = _exit_pipeline(project, run.on_exit_pipeline, remember=remember)
+    _check_catalog_has(catalog, kedro_pipeline, request, exit_pipeline)
     grouper = build_grouper(run.grouping.cls, run.grouping.params)
     written = {dataset_identity(out) for node in kedro_pipeline.nodes for out in node.outputs}
     catalog_names = {name for node in kedro_pipeline.nodes for name in [*node.inputs, *node.outputs]}
@@ -69,7 +70,8 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         env=project.env, run=run, image=image, storage_root=storage_root,
         pipeline=kedro_pipeline, kedro_params=kedro_params, grouper=grouper,
         dataset_paths=written_paths,
-        exit_nodes=_exit_nodes(project, run.on_exit_pipeline, remember=remember),
+        exit_nodes=tuple(node.name for node in exit_pipeline.nodes) if exit_pipeline is not None else (),
+        exit_pipeline=exit_pipeline,
         mlflow=mlflow_configured(project),
         forwarded_env={key: os.environ[key] for key in FORWARDED_ENV if key in os.environ},
         envs_not_in_image=tuple(warn_envs_not_in_image(project.path, project.conf_root,
@@ -86,7 +88,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
     )
 
 
-def _check_catalog_has(catalog: Any, pipeline: Any, request: Any) -> None:
+def _check_catalog_has(catalog: Any, pipeline: Any, request: Any, exit_pipeline: Any = None) -> None:
     """What ``kedro run`` refuses before any node runs, refused before any step does: pipeline
     inputs no node writes that are neither catalog entries nor dataset factory matches (every
     step reading one would fail: the steps of a ``--pipeline`` whose producer is another
@@ -100,6 +102,16 @@ def _check_catalog_has(catalog: Any, pipeline: Any, request: Any) -> None:
             "catalog does not define: every step reading them would fail (kedro run refuses it too)",
             hint="declare them in catalog.yml where the steps can read them (under ${storage_root}), or compile the "
                  "pipeline that writes them with this one")
+    if exit_pipeline is not None:  # it reads the pipeline's outputs (kept for it) and the catalog
+        written = {dataset_identity(out) for node in pipeline.nodes for out in node.outputs}
+        unsatisfied = sorted(name for name in exit_pipeline.inputs()
+                             if not name.startswith("params:") and name != "parameters" and name not in catalog
+                             and dataset_identity(name) not in written)
+        if unsatisfied:
+            raise ConfigError(
+                f"run_config.on_exit_pipeline reads {', '.join(unsatisfied)}, which no node of it or of pipeline "
+                f"'{request.pipeline}' writes and the catalog does not define: the exit step would fail",
+                hint="declare them in catalog.yml, or choose an exit pipeline that reads what this one writes")
     unknown = sorted(name for name in request.load_versions if name not in catalog)
     if unknown:
         raise ConfigError(f"--load-version {', '.join(unknown)}: not in the catalog",
@@ -327,14 +339,14 @@ def mlflow_configured(project: Any) -> bool:
     return importlib.util.find_spec("kedro_mlflow") is not None and has_config(project, "mlflow*")
 
 
-def _exit_nodes(project: Any, exit_pipeline: str | None, *, remember: bool) -> tuple[str, ...]:
+def _exit_pipeline(project: Any, exit_pipeline: str | None, *, remember: bool) -> Any:
+    """``run_config.on_exit_pipeline``'s pipeline (None: none is configured)."""
     if not exit_pipeline:
-        return ()
+        return None
     try:
-        pipeline = _pipeline_as_steps_load_it(project, exit_pipeline, "run_config.on_exit_pipeline", remember)
+        return _pipeline_as_steps_load_it(project, exit_pipeline, "run_config.on_exit_pipeline", remember)
     except UsageError as exc:  # not the command line's fault: the project's configuration
         raise ConfigError(exc.message, hint=exc.hint) from None
-    return tuple(node.name for node in pipeline.nodes)
 
 
 def _pipeline_as_steps_load_it(project: Any, name: str, role: str, remember: bool) -> Any:

@@ -158,6 +158,8 @@ class ProjectFacts:
     #: Node names and tags of the project's other pipelines that ``run_config``'s resources,
     #: node_selectors or retries name (not a typo: a per-pipeline compile leaves them unused).
     named_elsewhere: frozenset[str] = frozenset()
+    #: ``run_config.on_exit_pipeline``'s pipeline (its nodes' tags and inputs), None without one.
+    exit_pipeline: Any = None
 
 
 @dataclass(frozen=True)
@@ -392,12 +394,22 @@ def _exit_steps(exec_node: ExecNodeInvocation, facts: ProjectFacts,
             flags=(*_identity(facts.env, resume), "--final-status", Symbol.FINAL_STATUS.marker), env=env,
         ))
     if facts.exit_nodes:
+        # The exit pipeline's nodes get their resources, node selectors and retries like any.
+        run = facts.run
+        tags_of = {node.name: node.tags for node in facts.exit_pipeline.nodes} if facts.exit_pipeline else {}
+        nodes = facts.exit_nodes
+        selectors = [node_selectors(run.node_selectors, n, tags_of.get(n, ())) for n in nodes]
+        check_group_agrees(ON_EXIT_STEP, nodes, selectors)
+        retries = [r for r in (node_retry(run.retries, n, tags_of.get(n, ())) for n in nodes) if r]
         steps.append(PlannedStep(
             name=ON_EXIT_STEP, kind=StepKind.ON_EXIT, command=EXEC_NODE, env=env,
             invocation=exec_node.with_values(
-                nodes=facts.exit_nodes, pipeline=facts.run.on_exit_pipeline,
+                nodes=nodes, pipeline=run.on_exit_pipeline,
                 params=(*exec_node.params, f"{FINAL_STATUS_PARAMETER}:dict={Symbol.FINAL_STATUS.marker}"),
             ),
+            resources=group_resources([node_resources(run.resources, n, tags_of.get(n, ())) for n in nodes],
+                                      selectors),
+            retry=max(retries, key=lambda r: r.max_retry_count, default=None),
         ))
     return tuple(steps)
 
@@ -436,6 +448,11 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
         for dataset in node.inputs:
             consumers.setdefault(dataset_identity(dataset), []).append(node.name)
     step_of = {node: group.name for group in graph.groups.values() for node in group.nodes}
+    for node in facts.exit_pipeline.nodes if facts.exit_pipeline is not None else ():
+        reader = f"{node.name} (on exit)"  # a node of both pipelines runs in each
+        step_of[reader] = ON_EXIT_STEP
+        for dataset in node.inputs:
+            consumers.setdefault(dataset_identity(dataset), []).append(reader)
     warnings += warn_local_datasets(facts.dataset_paths, producers, consumers, step_of, request.shared_mounts,
                                     storage_root=facts.storage_root, init_command=request.init_command)
     warnings += [f"input {name} missing" for name in warn_missing_inputs(facts.missing_inputs, facts.storage_root)]
