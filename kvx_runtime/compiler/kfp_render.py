@@ -79,8 +79,10 @@ def render_kfp(plan: PipelinePlan, gpu_resource_name: str | None = None) -> KfpP
         [_task(step, parameter_types, gpu_resource_name, after_body=True) for step in plan.exit_steps],
     )
     check_references(spec)
-    node_selectors = {executor_label(step.name): step.resources.node_selector(gpu_resource_name)
-                      for step in (*plan.steps, *plan.exit_steps) if step.resources is not None}
+    # Kubernetes pods (KFP): every configured node label and the accelerator's; Vertex AI has none.
+    node_selectors = {executor_label(step.name): step.resources.pod_node_selector(gpu_resource_name)
+                      for step in (*plan.steps, *plan.exit_steps)
+                      if step.resources is not None and gpu_resource_name}
     return KfpPipeline(spec=spec, platform_spec=kubernetes_platform_spec(spec, plan.kubernetes, node_selectors))
 
 

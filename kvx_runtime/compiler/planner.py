@@ -469,6 +469,14 @@ def _warnings(request: CompileRequest, facts: ProjectFacts, graph: StepGraph) ->
                         for node in pipeline.nodes}
         warnings += [f"GPUs of {node} without an accelerator type"
                      for node in warn_gpus_without_accelerator(gpus, accelerators)]
+        labelled = sorted(node.name for node in pipeline.nodes
+                          if set(node_selectors(run.node_selectors, node.name, node.tags)) - {ACCELERATOR_KEY})
+        if labelled:
+            log.warning("Vertex AI places steps by machine type and accelerator only: the other node_selectors "
+                        "labels of these nodes are not applied", nodes=labelled,
+                        hint="keep only cloud.google.com/gke-accelerator for Vertex AI (Kubeflow and Airflow "
+                             "pods apply every label)")
+            warnings += [f"node labels of {node} not applied on Vertex AI" for node in labelled]
     return warnings
 
 
