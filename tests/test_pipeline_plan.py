@@ -180,15 +180,15 @@ def test_the_exit_pipelines_step_gets_its_nodes_resources_selectors_and_retries(
     assert on_exit.retry is not None and on_exit.retry.max_retry_count == 2
 
 
-def test_kubeflow_pods_get_every_node_label_and_vertex_ai_is_told_it_has_none(caplog: Any) -> None:
+def test_kubeflow_pods_get_every_node_label_and_vertex_ai_is_told_it_has_none() -> None:
     planned = facts(node_selectors={"make": {"pool": "highmem"},
                                     "train": {"pool": "gpu", "cloud.google.com/gke-accelerator": "NVIDIA_TESLA_T4"}})
     kfp = render_kfp(plan_pipeline(CompileRequest(), planned), "nvidia.com/gpu")
     assert kfp.platform_spec is not None
     executors = kfp.platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert executors["exec-make"]["nodeSelector"] == {"labels": {"pool": "highmem"}}
-    assert executors["exec-train"]["nodeSelector"] == {"labels": {"pool": "gpu",
-                                                                  "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}}
+    gpu_labels = {"pool": "gpu", "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert executors["exec-train"]["nodeSelector"] == {"labels": gpu_labels}
     vertex = plan_pipeline(CompileRequest(), planned)
     assert "node labels of make not applied on Vertex AI" in vertex.warnings
     assert "node labels of train not applied on Vertex AI" in vertex.warnings
