@@ -466,3 +466,20 @@ def test_fail_fast_that_airflow_does_not_apply_is_said_and_refused_under_strict(
     strict = _kvx(project, "airflow", "compile", "--env", "fast", "--strict", "-o", str(tmp_path / "strict.py"))
     assert strict.returncode == 2 and "fail_fast is not applied" in strict.stderr
     assert not (tmp_path / "strict.py").exists()
+
+
+def test_pod_settings_the_local_operator_does_not_apply_are_said_and_refused_under_strict(tmp_path: Path) -> None:
+    project = _copy(REPO / "integration" / "example_project", tmp_path / "example")
+    (project / "conf" / "worker").mkdir()
+    (project / "conf" / "worker" / "airflow-k8s.yml").write_text(
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  resources:\n    __default__: {memory: 2Gi}\n"
+        "  tolerations: [{key: gpu, operator: Exists, effect: NoSchedule}]\n")
+    made = _kvx(project, "airflow", "compile", "--env", "worker", "--operator", "local", "-o", str(tmp_path / "d.py"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "with --operator local the tasks run on the Airflow worker, not in pods" in made.stderr
+    assert "run_config.tolerations" in made.stderr and "run_config.resources" in made.stderr
+    strict = _kvx(project, "airflow", "compile", "--env", "worker", "--operator", "local", "--strict",
+                  "-o", str(tmp_path / "s.py"))
+    assert strict.returncode == 2 and "run_config.tolerations not applied by --operator local" in strict.stderr
+    pods = _kvx(project, "airflow", "compile", "--env", "worker", "-o", str(tmp_path / "p.py"))
+    assert pods.returncode == 0 and "--operator local" not in pods.stderr, pods.stderr[-2000:]

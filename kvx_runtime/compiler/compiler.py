@@ -124,8 +124,28 @@ def compile_dag(request: CompileRequest, operator: Operator = "pods", project_di
                    "the tasks that do not depend on it still run (fail_slow)")
         log.warning(message)
         warnings.append(message)
+    if operator == "local":
+        warnings += _pod_settings_unused(run)
     return CompiledDag(dag=dag, steps=plan.nodes_of_step, warnings=warnings, values=dict(plan.values),
                        remote_inputs=dict(plan.remote_inputs))
+
+
+def _pod_settings_unused(run: Any) -> list[str]:
+    """With ``--operator local`` the tasks run on the Airflow worker, not in pods: the pod
+    settings configured (``run``: an ``AirflowRunConfig``) are not applied (said, and refused by
+    ``--strict``)."""
+    defaults = type(run).model_fields
+    unused = [f"run_config.{key}" for key in ("tolerations", "annotations", "secrets", "startup_timeout",
+                                              "on_finish_action", "kubernetes_conn_id")
+              if getattr(run, key) != defaults[key].get_default(call_default_factory=True)]
+    unused += [f"run_config.{key}" for key in ("resources", "node_selectors") if getattr(run, key)]
+    if run.kubernetes.secrets_as_env:
+        unused.append("run_config.kubernetes.secrets_as_env")
+    if not unused:
+        return []
+    log.warning("with --operator local the tasks run on the Airflow worker, not in pods: these settings are not "
+                "applied", settings=unused, hint="compile with --operator pods, or leave them out")
+    return [f"{key} not applied by --operator local" for key in unused]
 
 
 def write_spec(spec: dict[str, Any], output: str | Path, platform: dict[str, Any] | None = None) -> Path:
