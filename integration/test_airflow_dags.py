@@ -483,3 +483,53 @@ def test_pod_settings_the_local_operator_does_not_apply_are_said_and_refused_und
     assert strict.returncode == 2 and "run_config.tolerations not applied by --operator local" in strict.stderr
     pods = _kvx(project, "airflow", "compile", "--env", "worker", "-o", str(tmp_path / "p.py"))
     assert pods.returncode == 0 and "--operator local" not in pods.stderr, pods.stderr[-2000:]
+
+
+RENDER_POD = r"""
+import datetime, json, sys, types
+try:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.param import process_params
+except ImportError:  # Airflow 2.10
+    from airflow.models.dagbag import DagBag
+    from airflow.models.param import process_params
+
+path, task_id = sys.argv[1], sys.argv[2]
+bag = DagBag(dag_folder=path)
+[dag] = bag.dags.values()
+task = dag.get_task(task_id)
+ti = types.SimpleNamespace(xcom_pull=lambda **kwargs: "mlflow-run", dag_id=dag.dag_id, run_id="manual__1")
+run = types.SimpleNamespace(run_after=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+                            logical_date=None, conf={})
+task.render_template_fields({"params": process_params(dag, task, {}, suppress_exception=False),
+                             "run_id": "manual__1", "dag_run": run, "ti": ti, "dag": dag, "task": task})
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "arguments": task.arguments,
+                  "node_selector": task.node_selector, "kubernetes_conn_id": task.kubernetes_conn_id}))
+"""
+
+
+def test_dict_params_keep_their_order_and_pod_settings_stay_literal(tmp_path: Path, airflow: AirflowEnv) -> None:
+    from integration.conftest import make_project
+
+    project = make_project(tmp_path, "dictproj", "def make(items):\n    return list(items)\n",
+                           "from kedro.pipeline import Pipeline, node\nfrom dictproj.nodes import make\n\n"
+                           "def register_pipelines():\n    return {'__default__': Pipeline([node(make, "
+                           "'params:items', 'x', name='make')])}\n")
+    (project / "conf" / "base" / "parameters.yml").write_text("items: {zeta: 1, alpha: 2}\n")
+    (project / "conf" / "base" / "airflow-k8s.yml").write_text(
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  kubernetes_conn_id: 'conn_{{ 7 * 7 }}'\n"
+        "  node_selectors:\n    make: {pool: 'pool-{{ 6 * 7 }}'}\n")
+    pods = tmp_path / "pods.py"
+    made = _kvx(project, "airflow", "compile", "--params", "items:dict", "-o", str(pods))
+    assert made.returncode == 0, made.stderr[-2000:]
+    rendered = airflow.run_json(RENDER_POD, str(pods), "make")
+    assert rendered["errors"] == {}
+    assert 'items:dict={"zeta": 1, "alpha": 2}' in rendered["arguments"]  # Jinja's tojson sorted the keys
+    assert rendered["node_selector"] == {"pool": "pool-{{ 6 * 7 }}"}
+    assert rendered["kubernetes_conn_id"] == "conn_{{ 7 * 7 }}"
+
+    local = tmp_path / "local.py"
+    made = _kvx(project, "airflow", "compile", "--operator", "local", "--params", "items:dict", "-o", str(local))
+    assert made.returncode == 0, made.stderr[-2000:]
+    command = airflow.run_json(RENDER, str(local), "make", "{}")["bash_command"]
+    assert """'items:dict={"zeta": 1, "alpha": 2}'""" in command

@@ -194,6 +194,11 @@ def _flat(value: Any) -> str:
     raise TypeError(f"no Python literal for {type(value).__name__}")
 
 
+#: Pipeline parameter kinds passed to a step as JSON, and the DAG's filter writing them.
+_JSON_KINDS = frozenset({"bool", "list", "dict"})
+_JSON_FILTER = "kvx_json"
+
+
 def _jinja_literal(text: str) -> str:
     """Literal ``text`` in a templated field: kept as it is unless Jinja would read it."""
     # Not ASCII-escaped: Jinja reads a \uXXXX surrogate pair (an emoji) as two lone surrogates.
@@ -267,7 +272,7 @@ class _DagWriter:
         """What ``code`` uses, sorted as isort does; the names Airflow 3 moved, from ``airflow.sdk``
         or else from their Airflow 2.10 homes (one ``try``: a file never mixes the two)."""
         lines = ["from __future__ import annotations", ""]
-        if self.plan.exit_steps:
+        if self.plan.exit_steps or self._json_parameters():
             lines.append("import json")
         if self.operator == "local":
             lines.append("import shlex")
@@ -332,6 +337,10 @@ class _DagWriter:
     return json.dumps({"state": "SUCCEEDED"})
 '''
 
+    def _json_parameters(self) -> bool:
+        """Whether a pipeline parameter reaches a command line as JSON (bool, list, dict)."""
+        return any(parameter.type in _JSON_KINDS for parameter in self.plan.parameters)
+
     def _dag(self) -> str:
         run = self.run
         params = {STORAGE_ROOT_PARAM: Call("Param", {"default": self.plan.storage_root, "type": "string",
@@ -360,8 +369,11 @@ class _DagWriter:
         kwargs["params"] = params
         if self._macros():
             kwargs["user_defined_macros"] = self._macros()
-        if self.operator == "local":
-            kwargs["user_defined_filters"] = {"shell_quote": Code("shlex.quote")}
+        filters = {"shell_quote": Code("shlex.quote")} if self.operator == "local" else {}
+        if self._json_parameters():
+            filters[_JSON_FILTER] = Code("json.dumps")
+        if filters:
+            kwargs["user_defined_filters"] = filters
         lines = [f"with {_py(Call('DAG', kwargs), 0, 5)} as dag:"]
         for step in self.plan.steps:
             lines.append(f"    {self.variables[step.name]} = {self._task(step, after_body=False)}")
@@ -412,8 +424,8 @@ class _DagWriter:
                     kwargs["container_resources"] = Call("k8s.V1ResourceRequirements",
                                                          {"requests": amounts, "limits": amounts})
                 selector = resources.pod_node_selector(GPU_RESOURCE)
-                if selector:
-                    kwargs["node_selector"] = selector
+                if selector:  # a templated field: values kept literal
+                    kwargs["node_selector"] = {key: _jinja_literal(value) for key, value in selector.items()}
             if any(ref is Symbol.MLFLOW_RUN_ID_OUTPUT for ref in step.references()):
                 kwargs["do_xcom_push"] = True
         else:
@@ -496,7 +508,7 @@ class _DagWriter:
         if secrets:
             settings["secrets"] = [Call("Secret", secret) for secret in secrets]
         settings.update({
-            "kubernetes_conn_id": run.kubernetes_conn_id,
+            "kubernetes_conn_id": _jinja_literal(run.kubernetes_conn_id),  # a templated field
             "startup_timeout_seconds": run.startup_timeout,
             "get_logs": True,
             "on_finish_action": run.on_finish_action,
@@ -548,7 +560,9 @@ class _DagWriter:
             kind = self.kinds.get(reference.name)
             if kind is None:
                 raise ValueError(f"a step reads pipeline parameter '{reference.name}', which the plan does not declare")
-            return _param(reference.name) + (" | tojson" if kind in {"bool", "list", "dict"} else "")
+            # json.dumps, not Jinja's tojson: that sorts a dict's keys (node code iterating it would see
+            # another order than under kedro run).
+            return _param(reference.name) + (f" | {_JSON_FILTER}" if kind in _JSON_KINDS else "")
         expression = _EXPRESSIONS.get(reference)
         if expression is not None:
             return expression
