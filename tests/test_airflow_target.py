@@ -439,3 +439,9 @@ def test_no_node_takes_the_task_name_of_the_dags_outcome() -> None:
     from kvx_runtime.compiler.names import unique_task_names
 
     assert unique_task_names(["pipeline.outcome"]) == {"pipeline.outcome": f"{OUTCOME_TASK}-2"}
+
+
+def test_retry_delays_are_written_exactly() -> None:
+    from kvx_runtime.compiler.airflow_render import _seconds
+
+    assert [_seconds(v) for v in (30.0, 1.5, 1234567.0, 0.001, 3600.25)] == ["30", "1.5", "1234567", "0.001", "3600.25"]

@@ -194,6 +194,11 @@ def _flat(value: Any) -> str:
     raise TypeError(f"no Python literal for {type(value).__name__}")
 
 
+def _seconds(value: float) -> str:
+    """Seconds as Python reads them back exactly (``30``, ``1.5``, ``1234567``; ``:g`` keeps six digits)."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 #: Pipeline parameter kinds passed to a step as JSON, and the DAG's filter writing them.
 _JSON_KINDS = frozenset({"bool", "list", "dict"})
 _JSON_FILTER = "kvx_json"
@@ -478,12 +483,12 @@ class _DagWriter:
             return {"retries": 0}
         delay = float(retry.backoff_duration[:-1])
         settings: dict[str, Any] = {"retries": retry.max_retry_count,
-                                    "retry_delay": Code(f"timedelta(seconds={delay:g})")}
+                                    "retry_delay": Code(f"timedelta(seconds={_seconds(delay)})")}
         if delay and retry.backoff_factor > 1:
             # Airflow 2.10 takes a bool (True: the delay doubles), Airflow 3 the factor (True is 2.0).
             settings["retry_exponential_backoff"] = Code("True") if retry.backoff_factor == 2 else \
                 Code(f"{float(retry.backoff_factor)!r} if AIRFLOW_3 else True")
-            settings["max_retry_delay"] = Code(f"timedelta(seconds={float(retry.backoff_max_duration[:-1]):g})")
+            settings["max_retry_delay"] = Code(f"timedelta(seconds={_seconds(float(retry.backoff_max_duration[:-1]))})")
         return settings
 
     def _pod_settings(self) -> dict[str, Any]:
