@@ -2,8 +2,8 @@
 
 Docker's rules differ from .gitignore's (so gitignore libraries give wrong answers): a pattern
 is anchored at the build context's root (``*.pyc`` matches only top-level files), ``**``
-matches any number of directories, a pattern that matches a parent directory excludes
-everything below it, ``!`` re-includes, and the last matching pattern wins.
+matches any number of directories, a pattern that matches a parent directory (at any depth)
+excludes everything below it, ``!`` re-includes, and the last matching pattern wins.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def in_conf_folder(template: str, folder: str) -> str:
 @dataclass(frozen=True)
 class _Pattern:
     regex: re.Pattern[str]
-    depth: int  # path components in the pattern
     include: bool  # a "!" pattern
     text: str = ""  # the pattern, normalized
 
@@ -128,7 +127,7 @@ class DockerIgnore:
             line = posixpath.normpath(line).lstrip("/")
             if not line or line == ".":
                 continue
-            self.patterns.append(_Pattern(re.compile(_translate(line)), len(line.split("/")), include, line))
+            self.patterns.append(_Pattern(re.compile(_translate(line)), include, line))
 
     @classmethod
     def of_project(cls, project: Path) -> DockerIgnore | None:
@@ -138,16 +137,20 @@ class DockerIgnore:
         return cls(path.read_text(encoding="utf-8", errors="replace"))
 
     def excludes(self, relative_path: str) -> bool:
-        """Is ``relative_path`` (POSIX, relative to the build context) left out of the image?"""
+        """Is ``relative_path`` (POSIX, relative to the build context) left out of the image?
+
+        BuildKit's rule: a pattern matches a path when it matches the path or any of its parent
+        directories, whatever the pattern's depth (``**/secrets`` covers
+        ``secrets/deeper/key.json``), and the last matching pattern decides. The one rule for
+        code upload's archive and for what run-local copies (:func:`image_files`)."""
         path = posixpath.normpath(relative_path).lstrip("/")
         parts = path.split("/")
+        candidates = ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]  # parents, then the path
         excluded = False
         for pattern in self.patterns:
-            matched = bool(pattern.regex.match(path))
-            if not matched and len(parts) > 1 and pattern.depth < len(parts):
-                # A pattern matching a parent directory covers everything below it.
-                matched = bool(pattern.regex.match("/".join(parts[: pattern.depth])))
-            if matched:
+            if excluded != pattern.include:
+                continue  # cannot change the verdict (BuildKit skips it too)
+            if any(pattern.regex.match(candidate) for candidate in candidates):
                 excluded = not pattern.include
         return excluded
 

@@ -161,3 +161,25 @@ def test_a_symlinked_conf_folder_travels_under_its_name_in_the_project(tmp_path:
     (project / "conf").symlink_to(tmp_path / "shared-conf")
     assert build_archive(project, "demo_pkg", project / "conf").files[:2] == (
         "conf/base/parameters.yml", "conf/cloud/parameters.yml")
+
+
+def test_a_dockerignored_folder_keeps_everything_below_it_out_at_any_depth(tmp_path: Path) -> None:
+    """BuildKit's rule: a path is out when it or any parent matches, whatever the pattern's depth;
+    the archive and what run-local copies (image_files) agree."""
+    from kvx_runtime.dockerignore import DockerIgnore, image_files
+
+    project = _project(tmp_path)
+    for name in ("src/demo_pkg/secrets/deeper/key.json", "src/demo_pkg/secrets/README.md",
+                 "conf/base/creds/deeper/token.json", "src/demo_pkg/vault/a/b/c.txt"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("secret\n")
+    (project / ".dockerignore").write_text("**/secrets\n!**/secrets/README.md\nconf/base/creds\nsrc/*/vault\n")
+    files = build_archive(project, "demo_pkg").files
+    assert "src/demo_pkg/secrets/README.md" in files  # a later "!" brings it back
+    assert not any(part in name for name in files for part in ("key.json", "token.json", "c.txt")), files
+    copied = set(image_files(project))
+    assert "src/demo_pkg/secrets/README.md" in copied
+    assert not any(part in name for name in copied for part in ("key.json", "token.json", "c.txt")), copied
+    ignore = DockerIgnore("secrets\nconf/**/credentials*\n")
+    assert ignore.excludes("secrets/a/b/c") and ignore.excludes("conf/base/credentials/gcp/key.json")
+    assert not ignore.excludes("src/secrets/a")  # anchored at the root, as Docker's
