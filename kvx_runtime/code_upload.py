@@ -43,6 +43,7 @@ __all__ = [
     "CodeArchive",
     "build_archive",
     "check_drift",
+    "check_package_from_archive",
     "fetch_code",
     "parse_code_reference",
     "requirements_fingerprint",
@@ -139,13 +140,13 @@ def _conf_arcroot(project: Path, conf_dir: Path) -> str:
     return relative.as_posix()
 
 
-def _members(project: Path, package_dir: Path, conf_dir: Path) -> list[tuple[str, Path]]:
+def _members(project: Path, package_dir: Path, package_arcroot: str, conf_dir: Path) -> list[tuple[str, Path]]:
     """(name in the archive, file) for everything the archive holds, sorted."""
     ignored = _ignore_rules(project)
     chosen: dict[str, Path] = {}
     # The configuration where the archive's settings.py (CONF_SOURCE) looks for it, in the step.
     conf_arcroot = _conf_arcroot(project, conf_dir)
-    for root, arcroot in ((package_dir, f"src/{package_dir.name}"), (conf_dir, conf_arcroot)):
+    for root, arcroot in ((package_dir, package_arcroot), (conf_dir, conf_arcroot)):
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root).as_posix()
             parts = relative.split("/")
@@ -176,8 +177,8 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
     """The project's code and configuration as a deterministic tar.gz."""
     from kvx_runtime import __version__
 
-    package_dir = _package_dir(project, package_name)
-    members = _members(project, package_dir, conf_dir or project / "conf")
+    package_dir, package_arcroot = _package_dir(project, package_name)
+    members = _members(project, package_dir, package_arcroot, conf_dir or project / "conf")
     fingerprint = requirements_fingerprint(project)
     manifest = json.dumps({"format": FORMAT, "package": package_name, "requirements_sha256": fingerprint,
                            "kvx_runtime": __version__}, sort_keys=True).encode()
@@ -202,11 +203,40 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
                        files=tuple(name for name, _ in members), fingerprint=fingerprint)
 
 
-def _package_dir(project: Path, package_name: str) -> Path:
-    for candidate in (project / "src" / package_name, project / package_name):
-        if (candidate / "__init__.py").is_file():
-            return candidate
-    raise ConfigError(f"the project's package {package_name} is not under src/ in {project}")
+def _package_dir(project: Path, package_name: str) -> tuple[Path, str]:
+    """The package's folder, and its name in the archive: where the step's Python imports it
+    from, i.e. under the archive's ``[tool.kedro] source_dir`` (the archive holds the project's
+    pyproject.toml), as Kedro bootstraps the unpacked archive."""
+    from kvx_runtime.project import source_dir_of
+
+    source_dir = source_dir_of(project)
+    package_dir = project / source_dir / package_name
+    if not (package_dir / "__init__.py").is_file():
+        raise ConfigError(f"the project's package {package_name} is not in {package_dir} (pyproject.toml's "
+                          f"[tool.kedro] source_dir is {source_dir!r}), so code upload cannot carry it",
+                          hint="set [tool.kedro] source_dir to the folder that holds the package")
+    return package_dir, package_name if source_dir == "." else f"{source_dir}/{package_name}"
+
+
+def check_package_from_archive(code_dir: Path, package_name: str) -> None:
+    """After the unpacked archive is bootstrapped: the step imports the archive's package, not
+    the image's (which would run the old code and succeed, silently)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package_name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = [spec.origin] if spec is not None and spec.origin else []
+    if spec is not None and spec.submodule_search_locations:
+        locations += list(spec.submodule_search_locations)
+    root = code_dir.resolve()
+    if not any(Path(location).resolve().is_relative_to(root) for location in locations):
+        raise ConfigError(f"the step would import the package {package_name} from "
+                          f"{', '.join(map(str, locations)) or 'nowhere'}, not from the code archive {code_dir}: "
+                          "it would run the image's code",
+                          hint="pack the archive with this kvx-runtime version, whose archive follows "
+                               "[tool.kedro] source_dir")
 
 
 def upload_archive(archive: CodeArchive, storage_root: str) -> str:

@@ -152,6 +152,26 @@ def find_package_name(project_path: Path) -> str:
     return str(_kedro_table(project_path)["package_name"])
 
 
+def source_dir_of(project_path: Path) -> str:
+    """The folder Kedro imports the project's package from (``[tool.kedro] source_dir``, Kedro's
+    default ``src``), relative to the project (POSIX; ``.`` for the project itself). One
+    outside the project, or absolute (Kedro resolves it against wherever the project is
+    bootstrapped: a step's code archive is elsewhere), is a ConfigError."""
+    import posixpath
+
+    folder = str(_kedro_table(project_path).get("source_dir", "src"))
+    relative = Path(folder).expanduser()
+    if relative.is_absolute():
+        raise ConfigError(f"{project_path / 'pyproject.toml'}: [tool.kedro] source_dir {folder!r} is absolute, so "
+                          "it cannot name the package's folder anywhere but on this machine",
+                          hint='make it relative to the project, e.g. source_dir = "src"')
+    normalized = posixpath.normpath(relative.as_posix())
+    if normalized == ".." or normalized.startswith("../"):
+        raise ConfigError(f"{project_path / 'pyproject.toml'}: [tool.kedro] source_dir {folder!r} is outside "
+                          "the project", hint='keep the package in a folder of the project, e.g. source_dir = "src"')
+    return normalized
+
+
 #: Kedro's default ``CONF_SOURCE``.
 DEFAULT_CONF_FOLDER = "conf"
 
@@ -304,6 +324,10 @@ def open_project(
     path = Path(project_path or os.getcwd()).expanduser().resolve()
     code_root = code_dir.resolve() if code_dir is not None else path
     metadata = _bootstrap(code_root)
+    if code_dir is not None:
+        from kvx_runtime.code_upload import check_package_from_archive
+
+        check_package_from_archive(code_root, metadata.package_name)
 
     from kedro.framework.project import settings
 

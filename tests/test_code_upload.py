@@ -183,3 +183,70 @@ def test_a_dockerignored_folder_keeps_everything_below_it_out_at_any_depth(tmp_p
     ignore = DockerIgnore("secrets\nconf/**/credentials*\n")
     assert ignore.excludes("secrets/a/b/c") and ignore.excludes("conf/base/credentials/gcp/key.json")
     assert not ignore.excludes("src/secrets/a")  # anchored at the root, as Docker's
+
+
+def _kedro_project(root: Path, source_dir: str) -> Path:
+    """_project with its package in ``source_dir`` (pyproject.toml's [tool.kedro] source_dir)."""
+    project = _project(root)
+    target = project / source_dir / "demo_pkg"
+    if target != project / "src" / "demo_pkg":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (project / "src" / "demo_pkg").rename(target)
+        (project / "src").rmdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\n[tool.kedro]\npackage_name = "demo_pkg"\nproject_name = "demo"\n'
+        f'kedro_init_version = "1.0.0"\nsource_dir = "{source_dir}"\n')
+    return project
+
+
+@pytest.mark.parametrize(("source_dir", "package_in_archive"),
+                         [(".", "demo_pkg"), ("lib/python", "lib/python/demo_pkg")])
+def test_a_package_outside_src_travels_where_the_step_imports_it_from(
+        tmp_path: Path, source_dir: str, package_in_archive: str) -> None:
+    import subprocess
+    import sys
+
+    project = _kedro_project(tmp_path / "p", source_dir)
+    archive = build_archive(project, "demo_pkg")
+    assert f"{package_in_archive}/nodes.py" in archive.files and not any(f.startswith("src/") for f in archive.files)
+    directory, _ = fetch_code(upload_archive(archive, str(tmp_path / "root")), cache=tmp_path / "cache")
+    # The step bootstraps the unpacked archive with Kedro: its package is the one imported.
+    script = ("import sys; from kedro.framework.startup import bootstrap_project; "
+              "from kvx_runtime.code_upload import check_package_from_archive; "
+              "bootstrap_project(sys.argv[1]); check_package_from_archive(__import__('pathlib').Path(sys.argv[1]), "
+              "'demo_pkg'); import demo_pkg.nodes; print(demo_pkg.nodes.__file__)")
+    done = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+                          cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str((directory / package_in_archive / "nodes.py").resolve())
+
+
+def test_the_step_refuses_to_run_the_images_package_instead_of_the_archives(tmp_path: Path, monkeypatch) -> None:
+    from kvx_runtime.code_upload import check_package_from_archive
+
+    image = tmp_path / "image" / "src"
+    (image / "kvx_shadow_pkg").mkdir(parents=True)
+    (image / "kvx_shadow_pkg" / "__init__.py").write_text("")
+    code = tmp_path / "code"
+    (code / "kvx_shadow_pkg").mkdir(parents=True)  # packed where sys.path does not look
+    (code / "kvx_shadow_pkg" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(code / "src"))
+    monkeypatch.syspath_prepend(str(image))
+    with pytest.raises(ConfigError, match="not from the code archive") as refused:
+        check_package_from_archive(code, "kvx_shadow_pkg")
+    assert refused.value.exit_code == ExitCode.USAGE
+    monkeypatch.syspath_prepend(str(code))
+    check_package_from_archive(code, "kvx_shadow_pkg")
+
+
+def test_a_package_that_is_not_in_source_dir_is_refused_at_pack_time(tmp_path: Path) -> None:
+    project = _kedro_project(tmp_path, "src")
+    (project / "pyproject.toml").write_text(
+        (project / "pyproject.toml").read_text().replace('source_dir = "src"', 'source_dir = "lib"'))
+    with pytest.raises(ConfigError, match="is not in .*lib/demo_pkg") as refused:
+        build_archive(project, "demo_pkg")
+    assert refused.value.exit_code == ExitCode.USAGE
+    (project / "pyproject.toml").write_text(
+        (project / "pyproject.toml").read_text().replace('source_dir = "lib"', f'source_dir = "{project}/src"'))
+    with pytest.raises(ConfigError, match="is absolute"):
+        build_archive(project, "demo_pkg")
