@@ -7,9 +7,10 @@ before unpacking anything, and runs with the archive's package (shadowing the on
 in the image) and the archive's configuration (``conf/``, or the project's ``CONF_SOURCE``),
 in the image's project directory (so relative data paths resolve as without code upload).
 
-What goes in: the source package, ``conf/`` (the project's ``CONF_SOURCE``, at the same place)
-without ``conf/local`` and without any ``credentials*`` file, ``pyproject.toml``; files that
-.gitignore or .dockerignore leave out stay out. Deterministic: sorted members, fixed times,
+What goes in: the source package (under ``[tool.kedro] source_dir``, where the step imports
+it from), ``conf/`` (the project's ``CONF_SOURCE``, at the same place) without ``conf/local``
+and without any ``credentials*`` file, ``pyproject.toml``; ``.env`` files never; files that the
+project's .gitignore files (nested ones too) or its .dockerignore leave out stay out. Deterministic: sorted members, fixed times,
 owners and modes, so the digest depends on content only. The archive records the fingerprint of
 the project's declared requirements; a step whose image was built from other requirements stops
 (code upload never installs packages). Trust: whoever can write ``<root>/kvx-code/`` can run
@@ -102,26 +103,68 @@ def requirements_fingerprint(project: Path) -> str:
     return hashlib.sha256("\n".join(normalized).encode()).hexdigest()
 
 
-def _ignore_rules(project: Path) -> Any:
-    """A predicate: is this project-relative POSIX path left out by .gitignore or .dockerignore?"""
-    import pathspec
+class _GitIgnored:
+    """git's rule over every .gitignore of the project, not only the top one: each applies to
+    the paths below its folder, a deeper file's verdict wins over a higher one's, and nothing
+    below an ignored folder comes back (git does not even read the .gitignore files in it)."""
 
+    def __init__(self, project: Path) -> None:
+        self.project = project
+        self._specs: dict[str, Any] = {}  # folder (project-relative) -> its GitIgnoreSpec, or None
+
+    def _spec(self, folder: str) -> Any:
+        if folder not in self._specs:
+            import pathspec
+
+            path = self.project / folder / ".gitignore"
+            self._specs[folder] = pathspec.GitIgnoreSpec.from_lines(
+                path.read_text(encoding="utf-8", errors="replace").splitlines()) if path.is_file() else None
+        return self._specs[folder]
+
+    def __call__(self, relative: str) -> bool:
+        parts = relative.split("/")
+        for depth in range(1, len(parts) + 1):  # each parent folder, then the path itself
+            is_folder = depth < len(parts)
+            verdict = None
+            for level in range(depth):  # the .gitignore files above it, top-down: the deepest decides
+                spec = self._spec("/".join(parts[:level]))
+                if spec is None:
+                    continue
+                below = "/".join(parts[level:depth]) + ("/" if is_folder else "")  # "/": a folder, to git
+                included = spec.check_file(below).include  # None: no pattern of this file matched
+                verdict = verdict if included is None else included
+            if verdict:
+                return True
+        return False
+
+
+def _ignore_rules(project: Path) -> Any:
+    """A predicate: is this project-relative POSIX path left out by the project's .gitignore
+    files or its .dockerignore?"""
     from kvx_runtime.dockerignore import DockerIgnore
 
-    git = None
-    if (project / ".gitignore").is_file():
-        git = pathspec.GitIgnoreSpec.from_lines((project / ".gitignore").read_text(encoding="utf-8").splitlines())
+    git = _GitIgnored(project)
     docker = DockerIgnore.of_project(project)
 
     def ignored(relative: str) -> bool:
-        by_git = git is not None and git.match_file(relative)
-        return bool(by_git or (docker is not None and docker.excludes(relative)))
+        return git(relative) or (docker is not None and docker.excludes(relative))
 
     return ignored
 
 
 #: Config environments a code archive never holds: the laptop's own (credentials, experiments).
 NOT_UPLOADED_ENVS = ("local",)
+
+
+def _never_packed(parts: list[str], conf_parts: list[str] | None) -> bool:
+    """Left out whatever the ignore files say: the laptop's secrets. ``parts``: the path's
+    components in the archive; ``conf_parts``: those below the configuration folder (None when
+    the path is not in it)."""
+    if any(part == ".env" or part.startswith(".env.") for part in parts):
+        return True  # dotenv files hold the laptop's secrets (.env, .env.local, ...), in any folder
+    # The laptop's own environment, and credentials files or folders at any depth of the configuration.
+    return conf_parts is not None and (conf_parts[0] in NOT_UPLOADED_ENVS or
+                                       any(part.lower().startswith("credentials") for part in conf_parts))
 
 
 def _conf_arcroot(project: Path, conf_dir: Path) -> str:
@@ -153,12 +196,11 @@ def _members(project: Path, package_dir: Path, package_arcroot: str, conf_dir: P
             if path.is_dir() or "__pycache__" in parts or path.suffix in {".pyc", ".pyo"}:
                 continue
             name = f"{arcroot}/{relative}"
-            if name == conf_arcroot or name.startswith(conf_arcroot + "/"):
-                # The configuration's rules wherever the walk meets it (a CONF_SOURCE inside the
-                # package is walked with the package too): the laptop's env and credentials stay.
-                conf_parts = name[len(conf_arcroot) + 1:].split("/")
-                if conf_parts[0] in NOT_UPLOADED_ENVS or any(p.startswith("credentials") for p in conf_parts):
-                    continue
+            # The configuration's rules wherever the walk meets it (a CONF_SOURCE inside the
+            # package is walked with the package too).
+            in_conf = name == conf_arcroot or name.startswith(conf_arcroot + "/")
+            if _never_packed(name.split("/"), name[len(conf_arcroot) + 1:].split("/") if in_conf else None):
+                continue
             try:
                 project_relative = path.relative_to(project).as_posix()
             except ValueError:

@@ -250,3 +250,23 @@ def test_a_package_that_is_not_in_source_dir_is_refused_at_pack_time(tmp_path: P
         (project / "pyproject.toml").read_text().replace('source_dir = "lib"', f'source_dir = "{project}/src"'))
     with pytest.raises(ConfigError, match="is absolute"):
         build_archive(project, "demo_pkg")
+
+
+def test_dotenv_and_credentials_files_never_travel_and_nested_gitignores_count(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    for name in ("conf/base/.env", "conf/base/.env.production", "src/demo_pkg/.env", "conf/base/deep/credentials.yml",
+                 "conf/cloud/sub/credentials/key.json", "conf/base/deep/Credentials.yaml",
+                 "src/demo_pkg/generated/a.py", "src/demo_pkg/scratch.local.py", "src/demo_pkg/keep.local.py",
+                 "conf/base/build/out.yml", "conf/base/build/kept.yml", "src/demo_pkg/sub/notes.txt",
+                 "src/demo_pkg/sub/code.py", "conf/base/catalog.yml"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x\n")
+    (project / ".gitignore").write_text("*.tmp\nbuild/\n")
+    (project / "src" / "demo_pkg" / ".gitignore").write_text("generated/\n*.local.py\n!keep.local.py\n")
+    (project / "src" / "demo_pkg" / "sub" / ".gitignore").write_text("*.txt\n")
+    (project / "conf" / "base" / "build").mkdir(exist_ok=True)
+    (project / "conf" / "base" / "build" / ".gitignore").write_text("!kept.yml\n")  # in an ignored folder: unread
+    assert build_archive(project, "demo_pkg").files == (
+        "conf/base/catalog.yml", "conf/base/parameters.yml", "conf/cloud/parameters.yml", "pyproject.toml",
+        "src/demo_pkg/.gitignore", "src/demo_pkg/__init__.py", "src/demo_pkg/keep.local.py", "src/demo_pkg/nodes.py",
+        "src/demo_pkg/sub/.gitignore", "src/demo_pkg/sub/code.py")
