@@ -10,12 +10,13 @@ in the image's project directory (so relative data paths resolve as without code
 What goes in: the source package (under ``[tool.kedro] source_dir``, where the step imports
 it from), ``conf/`` (the project's ``CONF_SOURCE``, at the same place) without ``conf/local``
 and without any ``credentials*`` file, ``pyproject.toml``; ``.env`` files never; files that the
-project's .gitignore files (nested ones too) or its .dockerignore leave out stay out. Deterministic: sorted members, fixed times,
-owners and modes, so the digest depends on content only. The archive records the fingerprint of
-the project's declared requirements; a step whose image was built from other requirements stops
-(code upload never installs packages). Trust: whoever can write ``<root>/kvx-code/`` can run
-code in the steps, the same trust as whoever can push to the image registry
-(docs/code-upload.md).
+project's .gitignore files (nested ones too) or its .dockerignore leave out stay out.
+Deterministic: sorted members, fixed times, owners and modes, so the digest depends on content
+only. The manifest lists every file and its sha256, checked after unpacking. The archive records
+the fingerprint of the project's declared requirements; a step whose image was built from other
+requirements stops (code upload never installs packages). Trust: whoever can write
+``<root>/kvx-code/`` can run code in the steps, the same trust as whoever can push to the image
+registry (docs/code-upload.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -222,11 +224,15 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
     package_dir, package_arcroot = _package_dir(project, package_name)
     members = _members(project, package_dir, package_arcroot, conf_dir or project / "conf")
     fingerprint = requirements_fingerprint(project)
+    contents = [(name, path.read_bytes()) for name, path in members]
+    # Every file and its sha256: the step checks what it unpacked against them (a tar cut at a
+    # member's boundary reads as a complete, shorter archive).
+    listed = {name: hashlib.sha256(data).hexdigest() for name, data in contents}
     manifest = json.dumps({"format": FORMAT, "package": package_name, "requirements_sha256": fingerprint,
-                           "kvx_runtime": __version__}, sort_keys=True).encode()
+                           "kvx_runtime": __version__, "files": listed}, sort_keys=True).encode()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in [(MANIFEST, manifest), *((name, path.read_bytes()) for name, path in members)]:
+        for name, data in [(MANIFEST, manifest), *contents]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = _FIXED_MTIME
@@ -334,31 +340,92 @@ def _download(uri: str, limit: int) -> bytes:
         raise StorageError(f"could not download the code archive {uri}: {type(exc).__name__}: {exc}") from exc
 
 
+_NOT_OURS = "pack it again with code upload (compile or run-once with --code-upload), with the same kvx-runtime " \
+            "version as the image's"
+
+
 def _safe_extract(data: bytes, target: Path) -> dict[str, Any]:
-    """Unpack, refusing anything that would land outside ``target`` or is not a plain file."""
-    manifest: dict[str, Any] | None = None
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:") as tar:
-        members = tar.getmembers()
-        for member in members:
-            path = PurePosixPath(member.name)
-            if path.is_absolute() or ".." in path.parts or not member.name or member.name.startswith("/"):
-                raise CodeRejected(f"the code archive holds {member.name!r}, which would land outside its directory")
-            if not (member.isfile() or member.isdir()):
-                raise CodeRejected(f"the code archive holds {member.name!r}, which is not a plain file "
-                                   "(links and special files are refused)")
-        for member in members:
-            destination = target / member.name
-            if member.isdir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None
-            destination.write_bytes(source.read())
-            if member.name == MANIFEST:
-                manifest = json.loads(destination.read_text())
-    if manifest is None or manifest.get("format") != FORMAT:
-        raise CodeRejected("the code archive has no kvx-runtime manifest (or one of another format)")
+    """Unpack, refusing anything that would land outside ``target`` or is not a plain file, and
+    anything that is not the complete archive its manifest lists (damaged, foreign, cut short):
+    one CodeRejected line (exit 2), never a traceback."""
+    try:
+        raw = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise CodeRejected(f"the code archive is not a complete gzip file: {exc}", hint=_NOT_OURS) from None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            members = tar.getmembers()
+            _check_members(members)
+            manifest = _read_manifest(tar, members)
+            listed: dict[str, str] = manifest["files"]
+            unpacked = {member.name for member in members if member.isfile()} - {MANIFEST}
+            if unpacked != set(listed):
+                missing, extra = sorted(set(listed) - unpacked), sorted(unpacked - set(listed))
+                raise CodeRejected(f"the code archive is not the one its manifest lists ({len(missing)} file(s) "
+                                   f"missing, e.g. {missing[:3]}; {len(extra)} not listed, e.g. {extra[:3]})",
+                                   hint=_NOT_OURS)
+            for member in members:
+                destination = target / member.name
+                if member.isdir():
+                    destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                source = tar.extractfile(member)
+                assert source is not None  # a plain file
+                content = source.read()
+                if member.name != MANIFEST and hashlib.sha256(content).hexdigest() != listed[member.name]:
+                    raise CodeRejected(f"the code archive's {member.name} is not the file its manifest lists "
+                                       "(another sha256)", hint=_NOT_OURS)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(content)
+    except (tarfile.TarError, EOFError) as exc:  # not a tar, or cut inside a member
+        raise CodeRejected(f"the code archive is not a complete tar file: {exc}", hint=_NOT_OURS) from None
+    return manifest
+
+
+def _check_members(members: list[tarfile.TarInfo]) -> None:
+    """Every member a plain file (or folder) landing inside the archive's directory, once, and
+    no file where another member needs a folder: checked before anything is written."""
+    files: set[str] = set()
+    folders: set[str] = set()
+    for member in members:
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts or not member.name or member.name.startswith("/"):
+            raise CodeRejected(f"the code archive holds {member.name!r}, which would land outside its directory")
+        if not (member.isfile() or member.isdir()):
+            raise CodeRejected(f"the code archive holds {member.name!r}, which is not a plain file "
+                               "(links and special files are refused)")
+        name = path.as_posix()
+        if member.isfile():
+            if name in files:
+                raise CodeRejected(f"the code archive holds {member.name!r} twice", hint=_NOT_OURS)
+            files.add(name)
+        else:
+            folders.add(name)
+        folders.update(parent.as_posix() for parent in path.parents if parent.as_posix() != ".")
+    if files & folders:
+        raise CodeRejected(f"the code archive holds {sorted(files & folders)[0]!r} both as a file and as a folder",
+                           hint=_NOT_OURS)
+
+
+def _read_manifest(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> dict[str, Any]:
+    """The archive's manifest, checked to be kvx-runtime's, of this format, listing its files."""
+    member = next((m for m in members if m.name == MANIFEST and m.isfile()), None)
+    source = tar.extractfile(member) if member is not None else None
+    if source is None:
+        raise CodeRejected(f"the code archive has no kvx-runtime manifest ({MANIFEST})", hint=_NOT_OURS)
+    try:
+        manifest = json.loads(source.read().decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both
+        raise CodeRejected(f"the code archive's manifest ({MANIFEST}) is not JSON: {exc}", hint=_NOT_OURS) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CodeRejected(f"the code archive's manifest is of format {found!r}, and this kvx-runtime reads format "
+                           f"{FORMAT}", hint=_NOT_OURS)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(name, str) and isinstance(digest, str)
+                                              for name, digest in files.items()):
+        raise CodeRejected("the code archive's manifest lists no files (made by a kvx-runtime older than the "
+                           "image's, which cannot check that the archive is complete)", hint=_NOT_OURS)
     return manifest
 
 

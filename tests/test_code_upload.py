@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
@@ -270,3 +271,50 @@ def test_dotenv_and_credentials_files_never_travel_and_nested_gitignores_count(t
         "conf/base/catalog.yml", "conf/base/parameters.yml", "conf/cloud/parameters.yml", "pyproject.toml",
         "src/demo_pkg/.gitignore", "src/demo_pkg/__init__.py", "src/demo_pkg/keep.local.py", "src/demo_pkg/nodes.py",
         "src/demo_pkg/sub/.gitignore", "src/demo_pkg/sub/code.py")
+
+
+def _stored(data: bytes, tmp_path: Path) -> str:
+    """``data`` stored as a code archive under its own digest: what a step would fetch."""
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "kvx-code").mkdir(exist_ok=True)
+    (tmp_path / "kvx-code" / f"{digest}.tar.gz").write_bytes(data)
+    return f"{tmp_path}/kvx-code/{digest}.tar.gz#sha256={digest}"
+
+
+def _tar(entries: list[tuple[str, bytes]]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def test_a_damaged_or_foreign_archive_is_one_clear_line_with_exit_2(tmp_path: Path) -> None:
+    archive = build_archive(_project(tmp_path / "p"), "demo_pkg")
+    tar = gzip.decompress(archive.data)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as opened:
+        last = opened.getmembers()[-1]
+    manifest = json.dumps({"format": 1, "package": "demo_pkg", "requirements_sha256": "0"}).encode()
+    listed = json.dumps({"format": 1, "package": "demo_pkg", "files": {"a": hashlib.sha256(b"1").hexdigest()}})
+    cases = {
+        "not a complete gzip file": [b"<html>not an archive</html>", archive.data[: len(archive.data) // 2]],
+        "not a complete tar file": [gzip.compress(b"hello world" * 10),
+                                    gzip.compress(tar[: last.offset_data + 3])],  # cut inside a member
+        # Cut at a member's boundary: a shorter tar, complete to tarfile.
+        "not the one its manifest lists": [gzip.compress(tar[: last.offset])],
+        "is not JSON": [gzip.compress(_tar([(".kvx-code.json", b"{not json")]))],
+        "lists no files": [gzip.compress(_tar([(".kvx-code.json", manifest)]))],  # an older kvx-runtime's
+        "another sha256": [gzip.compress(_tar([(".kvx-code.json", listed.encode()), ("a", b"2")]))],
+        "both as a file and as a folder": [gzip.compress(_tar([(".kvx-code.json", manifest), ("a", b"1"),
+                                                               ("a/b", b"2")]))],
+        "twice": [gzip.compress(_tar([(".kvx-code.json", listed.encode()), ("a", b"1"), ("a", b"1")]))],
+        "no kvx-runtime manifest": [gzip.compress(_tar([("a", b"1")]))],
+    }
+    for index, (message, damaged) in enumerate((m, d) for m, ds in cases.items() for d in ds):
+        cache = tmp_path / f"cache{index}"
+        with pytest.raises(CodeRejected, match=message) as refused:
+            fetch_code(_stored(damaged, tmp_path), cache=cache)
+        assert refused.value.exit_code == ExitCode.USAGE and "\n" not in str(refused.value)
+        assert not cache.exists() or [path.name for path in cache.iterdir()] == [], message  # nothing unpacked
