@@ -30,6 +30,17 @@ def use_mlflow(n):
     mlflow.start_run(nested=True, run_name="left-open")  # left open: the next node logs to the pipeline's run
     return trial.info.run_id
 
+def thread_import(n):
+    import threading
+
+    importer = threading.Thread(target=lambda: __import__("mlflow"))  # a library's worker thread imports it
+    importer.start()
+    importer.join()
+    import mlflow
+
+    mlflow.log_metric("threaded", float(n))  # in the node's own thread
+    return n
+
 def explode(n):
     raise ValueError(f"exploded with {n}")
 
@@ -41,7 +52,7 @@ def after(trial_id, n):
 """
 PIPELINE = """
 from kedro.pipeline import Node, Pipeline
-from leanproj.nodes import after, describe, explode, use_mlflow
+from leanproj.nodes import after, describe, explode, thread_import, use_mlflow
 
 def register_pipelines():
     return {"__default__": Pipeline([
@@ -49,6 +60,7 @@ def register_pipelines():
         Node(use_mlflow, "params:n", "trial_id", name="use_mlflow"),
         Node(after, ["trial_id", "params:n"], "done", name="after"),
         Node(explode, "params:n", "never", name="explode"),
+        Node(thread_import, "params:n", "threaded", name="thread_import"),
     ])}
 """
 CATALOG = """
@@ -266,3 +278,16 @@ def test_a_failed_node_is_tagged_on_the_pipelines_run(tmp_path, mlflow_server) -
     run = mlflow_server.client().get_run(run_id)
     assert run.data.tags["kvx.failed_node"] == "explode" and run.data.params["n"] == "7"
     assert run.info.status == "RUNNING"
+
+
+def test_mlflow_imported_in_another_thread_still_logs_into_the_pipelines_run(tmp_path, mlflow_server) -> None:
+    project = lean_project(tmp_path)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=mlflow_server.url)
+    run_id = start(project, env, "thread-job", tmp_path)
+    result = step(project, env, "thread-job", run_id, "thread_import")
+    assert result.returncode == 0 and attached_over_rest(result), result.stderr[-3000:]
+    client = mlflow_server.client()
+    run = client.get_run(run_id)
+    assert run.data.metrics["threaded"] == 7.0 and run.info.status == "RUNNING"
+    others = client.search_runs([run.info.experiment_id], filter_string="metrics.threaded = 7")
+    assert [other.info.run_id for other in others] == [run_id]  # no run of its own

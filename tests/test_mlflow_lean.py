@@ -126,7 +126,7 @@ def test_a_step_is_lean_only_where_it_can_be(tmp_path: Path, monkeypatch: pytest
     assert "KVX_MLFLOW_CLIENT" in why(project)
     monkeypatch.delenv("KVX_MLFLOW_CLIENT")
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
-    assert "system metrics" in why(project)
+    assert "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in why(project)
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
 
     assert "http(s)" in why(project_with(tmp_path / "sqlite", uri="sqlite:///mlflow.db"))
@@ -156,3 +156,62 @@ def test_a_step_is_lean_only_where_it_can_be(tmp_path: Path, monkeypatch: pytest
         why(listed)
     (listed.conf_root / "base" / "mlflow.yml").write_text("server: [\n")  # not YAML: MLflow's client way says so
     assert "cannot be read" in why(listed)
+
+
+def test_mlflows_own_variables_and_credentials_file_keep_a_step_on_mlflows_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in lean._MLFLOWS_OWN:
+        monkeypatch.delenv(name, raising=False)
+    project = project_with(tmp_path / "p")
+    assert why(project) == ""
+    for name in ("MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_WORKSPACE", "MLFLOW_TRACKING_AUTH"):
+        monkeypatch.setenv(name, "true" if "SIGV4" in name else "team-a")
+        assert name in why(project)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    assert why(project) == ""
+    # Set by mlflow.yml's server.credentials entry, exported by the step: seen before it is.
+    (project.conf_root / "base" / "credentials.yml").write_text("mlflow_creds:\n  MLFLOW_WORKSPACE: team-b\n")
+    mlflow_yml = project.conf_root / "base" / "mlflow.yml"
+    mlflow_yml.write_text(mlflow_yml.read_text().replace("server:\n", "server:\n  credentials: mlflow_creds\n", 1))
+    assert "MLFLOW_WORKSPACE" in why(project)
+    (project.conf_root / "base" / "credentials.yml").write_text("mlflow_creds:\n  MLFLOW_TRACKING_TOKEN: t0k3n-kvx\n")
+    reason, found = lean._why_not_lean(project, None, "0" * 32, (), object())
+    assert reason == "" and found is not None and dict(found.exported) == {"MLFLOW_TRACKING_TOKEN": "t0k3n-kvx"}
+    assert "t0k3n-kvx" not in repr(found)
+    (tmp_path / "home" / ".mlflow").mkdir(parents=True)
+    (tmp_path / "home" / ".mlflow" / "credentials").write_text("[mlflow]\nmlflow_tracking_username = a\n")
+    assert "~/.mlflow/credentials" in why(project)
+
+
+def test_the_rest_client_reads_mlflows_variables_as_mlflow_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvx_runtime.auth import RequestHeaderProviderWithKedroContext
+    from kvx_runtime.mlflow import rest_client
+
+    for value, expected in (("1", True), ("TRUE", True), ("true", True), ("0", False), ("no", False)):
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", value)
+        assert rest_client.mlflow_flag("MLFLOW_TRACKING_INSECURE_TLS") is expected
+    monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS")
+    assert rest_client.mlflow_flag("MLFLOW_TRACKING_INSECURE_TLS") is False
+    assert rest_client.mlflow_flag("MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER", True) is True
+
+    class Provider(RequestHeaderProviderWithKedroContext):
+        def in_context(self) -> bool:
+            return True
+
+        def request_headers(self) -> dict[str, str]:
+            return {"Authorization": "Bearer from-the-provider", "X-Extra": "1"}
+
+    import kvx_runtime.auth as auth
+
+    monkeypatch.setattr(auth, "_ACTIVE", Provider({}))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    assert rest_client.MlflowRestClient._headers()["Authorization"] == "Bearer from-the-provider"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    headers = rest_client.MlflowRestClient._headers()  # MLflow's order: the credentials win
+    assert headers["Authorization"] == "Basic YWxpY2U6cHc=" and headers["X-Extra"] == "1"

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -75,7 +76,8 @@ class LeanSettings:
     tracking_uri: str
     #: ``server.mlflow_registry_uri`` (a URI with a scheme), for node code that imports MLflow.
     registry_uri: str | None = None
-    credentials: str | None = None
+    #: ``server.credentials``' entry: environment variables the step exports (never shown).
+    exported: Mapping[str, str] = field(default_factory=dict, repr=False)
     flatten: bool = False
     recursive: bool = True
     sep: str = "."
@@ -92,6 +94,12 @@ def lean_settings(project: KedroProject, runtime_params: dict[str, Any] | None, 
     return found
 
 
+#: MLflow variables asking for what only MLflow's client does (auth plugins, AWS SigV4 signing,
+#: workspaces, system metrics): a step with one of them set attaches through it.
+_MLFLOWS_OWN = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_WORKSPACE",
+                "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+
+
 def _why_not_lean(project: KedroProject, runtime_params: dict[str, Any] | None, mlflow_run_id: str | None,
                   step_datasets: Iterable[str], pipeline: Any) -> tuple[str, LeanSettings | None]:
     if settings.MLFLOW_CLIENT.get() == "mlflow":
@@ -100,12 +108,17 @@ def _why_not_lean(project: KedroProject, runtime_params: dict[str, Any] | None, 
         return "the run is found by its job name", None
     if "mlflow" in sys.modules or type(pipeline).__module__.startswith("kedro_mlflow"):
         return "MLflow is imported already (the project's code imports it)", None
-    if os.environ.get("MLFLOW_TRACKING_AUTH") or os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() \
-            in ("true", "1"):
-        return "MLflow's auth plugins or system metrics are configured", None
-    found = _read_mlflow_yml(project, runtime_params)
+    context = _project_context(project, runtime_params)
+    found = _read_mlflow_yml(context)
     if isinstance(found, str):
         return found, None
+    # The environment as the step will have it: with mlflow.yml's server.credentials exported.
+    environment = {**os.environ, **found.exported}
+    own = [name for name in _MLFLOWS_OWN if environment.get(name, "").strip().lower() not in ("", "false", "0")]
+    if own:
+        return f"MLflow's client is asked for ({', '.join(own)})", None
+    if Path("~/.mlflow/credentials").expanduser().is_file():
+        return "MLflow's credentials file is there (~/.mlflow/credentials)", None
     others = _other_header_providers()
     if others:
         return f"MLflow request header providers of other packages are installed ({', '.join(others)})", None
@@ -115,11 +128,11 @@ def _why_not_lean(project: KedroProject, runtime_params: dict[str, Any] | None, 
     return "", found
 
 
-def _read_mlflow_yml(project: KedroProject, runtime_params: dict[str, Any] | None) -> LeanSettings | str:
+def _read_mlflow_yml(context: Any) -> LeanSettings | str:
     from kedro.config import MissingConfigException
 
     try:
-        raw = _project_context(project, runtime_params).config_loader["mlflow"] or {}
+        raw = context.config_loader["mlflow"] or {}
     except MissingConfigException:
         raw = {}
     except Exception:  # what MLflow's client way reports, with kedro-mlflow's own words
@@ -129,7 +142,10 @@ def _read_mlflow_yml(project: KedroProject, runtime_params: dict[str, Any] | Non
         return "mlflow.yml is not as kedro-mlflow reads it"
     if (server.get("request_header_provider") or {}).get("type"):
         return "mlflow.yml names a request header provider"
-    uri = server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    credentials = server.get("credentials")
+    exported = _credentials_entry(context, str(credentials)) if credentials else {}
+    uri = server.get("mlflow_tracking_uri") or exported.get("MLFLOW_TRACKING_URI") \
+        or os.environ.get("MLFLOW_TRACKING_URI") or ""
     parsed = urlparse(str(uri))
     if parsed.scheme not in ("http", "https") or "@" in parsed.netloc:
         return "the tracking URI is not a plain http(s) server"
@@ -147,11 +163,16 @@ def _read_mlflow_yml(project: KedroProject, runtime_params: dict[str, Any] | Non
         raise ConfigError("mlflow.yml: tracking.params or tracking.disable_tracking is not as kedro-mlflow takes it",
                           hint="dict_params.flatten/recursive are booleans, long_params_strategy one of "
                                f"{', '.join(_LONG_PARAMS_STRATEGIES)}, disable_tracking.pipelines a list")
-    credentials = server.get("credentials")
     return LeanSettings(tracking_uri=str(uri), registry_uri=str(registry) if registry else None,
-                        credentials=str(credentials) if credentials else None,
-                        flatten=flatten, recursive=recursive, sep=str(dict_params.get("sep", ".")),
-                        long_params_strategy=str(strategy), disabled_pipelines=tuple(map(str, pipelines)))
+                        exported=exported, flatten=flatten, recursive=recursive,
+                        sep=str(dict_params.get("sep", ".")), long_params_strategy=str(strategy),
+                        disabled_pipelines=tuple(map(str, pipelines)))
+
+
+def _credentials_entry(context: Any, name: str) -> dict[str, str]:
+    """kedro-mlflow's ``server.credentials``: that entry of credentials.yml, exported by the step."""
+    entry = context._get_config_credentials().get(name, {})
+    return {str(key): str(value) for key, value in (entry or {}).items()}
 
 
 def _other_header_providers() -> list[str]:
@@ -176,15 +197,6 @@ def _kedro_mlflows_datasets(project: KedroProject, runtime_params: dict[str, Any
     return sorted(found)
 
 
-def _export_credentials(context: Any, credentials: str | None) -> None:
-    """kedro-mlflow's ``server.credentials``: that entry of credentials.yml exported."""
-    if not credentials:
-        return
-    entry = context._get_config_credentials().get(credentials, {})
-    for key, value in (entry or {}).items():
-        os.environ[str(key)] = str(value)
-
-
 def attach_lean(project: KedroProject, lean: LeanSettings, runtime_params: dict[str, Any] | None,
                 mlflow_run_id: str) -> LeanRun | None:
     """Read the pipeline's run (one request) and make it the step's; None when the server does
@@ -194,8 +206,8 @@ def attach_lean(project: KedroProject, lean: LeanSettings, runtime_params: dict[
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.update(lean.exported)
     context = _project_context(project, runtime_params)
-    _export_credentials(context, lean.credentials)
     install_request_header_provider(project.plugin_config.run_config.mlflow, context)
     client = MlflowRestClient(lean.tracking_uri)
     try:
@@ -251,6 +263,8 @@ class LeanRun(RunInStep):
     waiting_for_mlflow: AfterImport | None = None
     #: MLflow's ``ActiveRun`` of the run, once node code imported MLflow.
     _active: Any = None
+    #: MLflow's own default of a thread's active-run stack, while the run is every thread's default.
+    _stack_factory: Any = None
 
     def _log_batch(self, *, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
                    params: Mapping[str, str] | None = None) -> None:
@@ -297,9 +311,11 @@ class LeanRun(RunInStep):
     # -- MLflow imported by the step's code ----------------------------------------------------
 
     def hand_over_to_mlflow(self, module: Any) -> None:
-        """``import mlflow`` in the step: the run becomes MLflow's active run, as the other way
-        attaches it (auth, secret guard, experiment). Where that fails, ``MLFLOW_RUN_ID`` (set
-        for the step) still leads MLflow's fluent API to the run."""
+        """``import mlflow`` in the step (in any thread): the run becomes MLflow's active run, as
+        the other way attaches it (auth, secret guard, experiment), in this thread and in every
+        thread that has no run yet (the step's own, where a library imported MLflow in a thread
+        of its own). Where that fails, ``MLFLOW_RUN_ID`` leads MLflow's fluent API to the run
+        (resuming it: detaching still takes it off the active runs)."""
         try:
             from kvx_runtime.auth import active_provider
             from kvx_runtime.log import adopt_library_loggers
@@ -313,14 +329,19 @@ class LeanRun(RunInStep):
                 from kvx_runtime.auth import mlflow_provider
 
                 mlflow_provider.retry_once_after_401()
-            self._active = _active_run_of(self.run)
-            self.keep_on_top()
             from mlflow.tracking import fluent
 
+            self._active = _active_run_of(self.run)
+            stacks = fluent._active_run_stack
+            self._stack_factory = stacks.default_factory
+            stacks.default_factory = lambda: [self._active]  # threads with no stack yet start with the run
+            self.keep_on_top()
             if hasattr(fluent, "_active_experiment_id"):
                 setattr(fluent, "_active_experiment_id", str(self.run["info"]["experiment_id"]))  # noqa: B010
         except Exception as exc:  # pragma: no cover - MLflow internals changed
-            log.warning("the step's code imported MLflow; the pipeline's run is left to MLFLOW_RUN_ID",
+            os.environ["MLFLOW_RUN_ID"] = self.run_id
+            log.warning("the step's code imported MLflow, and the pipeline's run could not be made its active run: "
+                        "MLFLOW_RUN_ID names it instead (MLflow resumes it at its first use)",
                         error=_redact(str(exc))[:200])
             self._active = None
 
@@ -340,6 +361,10 @@ class LeanRun(RunInStep):
         if self.waiting_for_mlflow is not None:
             self.waiting_for_mlflow.cancel()
         if "mlflow" in sys.modules:
+            if self._stack_factory is not None:
+                from mlflow.tracking import fluent
+
+                fluent._active_run_stack.default_factory = self._stack_factory
             drop_from_active_runs(self.run_id)
 
 

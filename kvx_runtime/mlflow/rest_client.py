@@ -2,14 +2,18 @@
 
 A step attached to the pipeline's run that needs nothing of MLflow's Python API (see
 :mod:`.lean`) reads the run and writes its params, tags and metrics in a few requests; importing
-``mlflow`` for them costs more than the step's own work. The client keeps MLflow's client's
-behaviour where a step can tell: the same environment variables for credentials, TLS and HTTP
-retries (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``,
+``mlflow`` for them costs more than the step's own work. The client talks HTTP as MLflow's own
+client does (``mlflow.utils.request_utils``): through ``requests`` with urllib3's retries (all
+methods, connection errors and 429/5xx, ``Retry-After`` honoured, redirects followed with their
+body), ``requests``' handling of proxies and CA bundles (``HTTPS_PROXY``, ``NO_PROXY``,
+``REQUESTS_CA_BUNDLE``), and MLflow's variables for credentials, TLS and retries
+(``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``,
 ``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``,
-``MLFLOW_TRACKING_CLIENT_CERT_PATH``, ``MLFLOW_HTTP_REQUEST_*``), the headers of the request
-header provider kvx-runtime installed (a 401 drops its tokens and retries once), errors worded
-as MLflow's (``INVALID_PARAMETER_VALUE: ...``, ``... failed with error code 401 != 200``), and a
-tag write that lost a concurrent insert is written again (:mod:`.concurrent_tags`).
+``MLFLOW_TRACKING_CLIENT_CERT_PATH``, ``MLFLOW_HTTP_REQUEST_*``). The headers of the request
+header provider kvx-runtime installed come first and the credentials' ``Authorization`` wins,
+as in MLflow; a 401 drops the provider's tokens and retries once. Errors are worded as MLflow's
+(``INVALID_PARAMETER_VALUE: ...``, ``... failed with error code 401 != 200``), and a tag write
+that lost a concurrent insert is written again (:mod:`.concurrent_tags`).
 """
 
 from __future__ import annotations
@@ -17,25 +21,37 @@ from __future__ import annotations
 import base64
 import json
 import os
-import ssl
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvx_runtime.log import get_logger
 
-__all__ = ["MlflowRestClient", "MlflowRestError"]
+__all__ = ["MlflowRestClient", "MlflowRestError", "mlflow_flag"]
 
 log = get_logger(__name__)
 
-#: Statuses MLflow's client retries (urllib3's ``status_forcelist`` in ``mlflow.utils.rest_utils``).
-_RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Statuses MLflow's client retries (``_TRANSIENT_FAILURE_RESPONSE_CODES``).
+_RETRIED_STATUSES = (429, 500, 502, 503, 504)
 #: MLflow's own limits on one ``log-batch`` request.
 BATCH_PARAMS = 100
 BATCH_TAGS = 100
 BATCH_METRICS = 1000
+#: MLflow's defaults for its ``MLFLOW_HTTP_REQUEST_*`` variables.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2,
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 1.0, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120}
+
+
+def mlflow_flag(name: str, default: bool = False) -> bool:
+    """A boolean MLflow variable as MLflow reads it (``true`` or ``1``, any case)."""
+    value = os.environ.get(name)
+    return default if value is None or not value.strip() else value.strip().lower() in ("true", "1")
+
+
+def _number(name: str) -> float:
+    try:
+        return float(os.environ.get(name, "") or _HTTP_DEFAULTS[name])
+    except ValueError:
+        return float(_HTTP_DEFAULTS[name])
 
 
 class MlflowRestError(Exception):
@@ -47,36 +63,13 @@ class MlflowRestError(Exception):
         self.error_code = error_code
 
 
-def _float_variable(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
 class MlflowRestClient:
     """The few tracking calls a step makes, against ``tracking_uri`` (``http(s)://host[/prefix]``)."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri.rstrip("/")
         self._base = f"{self.tracking_uri}/api/2.0/mlflow/"
-        self._context = self._tls_context()
-
-    @staticmethod
-    def _tls_context() -> ssl.SSLContext | None:
-        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-            context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
-        else:
-            context = None
-        client_cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
-        if client_cert:
-            context = context or ssl.create_default_context()
-            context.load_cert_chain(client_cert)
-        return context
+        self._session: Any = None
 
     # -- the calls ---------------------------------------------------------------------------
 
@@ -114,10 +107,34 @@ class MlflowRestClient:
         Retrying(stop=stop_after_attempt(ATTEMPTS), wait=wait_random(0.05, 0.5),
                  retry=retry_if_exception(is_unique_key_race), reraise=True)(call)
 
-    def _headers(self) -> dict[str, str]:
+    def _http(self) -> Any:
+        """A ``requests`` session retrying as MLflow's does (``_get_request_session``)."""
+        if self._session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+            from urllib3.util.retry import Retry
+
+            retries = int(_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+            retry = Retry(total=retries, connect=retries, read=retries, redirect=retries, status=retries,
+                          status_forcelist=_RETRIED_STATUSES, allowed_methods=None, raise_on_status=False,
+                          backoff_factor=_number("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"),
+                          backoff_jitter=_number("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"),
+                          respect_retry_after_header=mlflow_flag("MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER", True))
+            session = requests.Session()
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, HTTPAdapter(max_retries=retry))
+            self._session = session
+        return self._session
+
+    @staticmethod
+    def _headers() -> dict[str, str]:
+        """The installed provider's headers, then the credentials' ``Authorization`` (MLflow's order)."""
         from kvx_runtime.auth import active_provider
 
         headers = {"User-Agent": "kvx-runtime", "Content-Type": "application/json"}
+        provider = active_provider()
+        if provider is not None and provider.in_context():
+            headers.update(provider.request_headers())
         username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
         token = os.environ.get("MLFLOW_TRACKING_TOKEN")
         if username and password:
@@ -125,77 +142,64 @@ class MlflowRestClient:
             headers["Authorization"] = f"Basic {pair}"
         elif token:
             headers["Authorization"] = f"Bearer {token}"
-        provider = active_provider()
-        if provider is not None and provider.in_context():
-            headers.update(provider.request_headers())
         return headers
 
     def _request(self, method: str, endpoint: str, *, query: Mapping[str, str] | None = None,
                  body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """One call, with MLflow's retries (connection errors and 429/5xx, exponential
-        backoff) and, after a 401 from a server the installed provider signs for, one more
-        try with fresh tokens."""
+        """One call (retried by the session); after a 401 from a server the installed provider
+        signs for, one more with fresh tokens."""
         from kvx_runtime.auth import active_provider
 
         try:
-            return self._with_retries(method, endpoint, query, body)
+            return self._once(method, endpoint, query, body)
         except MlflowRestError as exc:
             provider = active_provider()
             if exc.status != 401 or provider is None:
                 raise
             log.info("the MLflow server refused the token (401): fetching a new one and retrying once")
             provider.invalidate()
-            return self._with_retries(method, endpoint, query, body)
-
-    def _with_retries(self, method: str, endpoint: str, query: Mapping[str, str] | None,
-                      body: Mapping[str, Any] | None) -> dict[str, Any]:
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
-        retries = int(_float_variable("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
-        backoff = _float_variable("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2)
-        retrying = Retrying(stop=stop_after_attempt(retries + 1),
-                            wait=wait_exponential(multiplier=backoff, max=120),
-                            retry=retry_if_exception(_retried), reraise=True)
-        return retrying(lambda: self._once(method, endpoint, query, body))
+            return self._once(method, endpoint, query, body)
 
     def _once(self, method: str, endpoint: str, query: Mapping[str, str] | None,
               body: Mapping[str, Any] | None) -> dict[str, Any]:
-        url = self._base + endpoint + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(url, data=data, method=method, headers=self._headers())
-        timeout = _float_variable("MLFLOW_HTTP_REQUEST_TIMEOUT", 120)
+        import requests
+
+        insecure = mlflow_flag("MLFLOW_TRACKING_INSECURE_TLS")
         try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self._context) as response:
-                text = response.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            raise _refused(endpoint, exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise MlflowRestError(f"API request to {self._base}{endpoint} failed: Max retries exceeded "
-                                  f"({type(reason).__name__}: {reason})") from exc
+            response = self._http().request(
+                method, self._base + endpoint, params=query, data=json.dumps(body) if body is not None else None,
+                headers=self._headers(), timeout=_number("MLFLOW_HTTP_REQUEST_TIMEOUT"),
+                verify=False if insecure else (os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True),
+                cert=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None)
+        except requests.exceptions.SSLError as exc:
+            raise MlflowRestError(f"API request to {self._base}{endpoint} failed: the server's TLS certificate "
+                                  f"was not accepted ({_first_line(exc)})") from exc
+        except requests.exceptions.RequestException as exc:  # connection, timeout, too many retries
+            raise MlflowRestError(f"API request to {self._base}{endpoint} failed with exception "
+                                  f"{_first_line(exc)}") from exc
+        if response.status_code != 200:
+            raise _refused(endpoint, response.status_code, response.text)
         try:
-            answer = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError:
-            raise MlflowRestError(f"API request to endpoint {endpoint} did not answer JSON: {text[:200]!r}") from None
+            answer = response.json() if response.text.strip() else {}
+        except ValueError:
+            raise MlflowRestError(f"API request to endpoint {endpoint} did not answer JSON: "
+                                  f"{response.text[:200]!r}") from None
         return answer if isinstance(answer, dict) else {}
 
 
-def _refused(endpoint: str, exc: urllib.error.HTTPError) -> MlflowRestError:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _refused(endpoint: str, status: int, text: str) -> MlflowRestError:
     """The server's refusal worded as MLflow's client words it."""
-    try:
-        text = exc.read().decode("utf-8", "replace")
-    except OSError:
-        text = ""
     try:
         answer = json.loads(text)
     except json.JSONDecodeError:
         answer = None
     if isinstance(answer, dict) and "error_code" in answer:
-        return MlflowRestError(f"{answer['error_code']}: {answer.get('message', '')}", status=exc.code,
+        return MlflowRestError(f"{answer['error_code']}: {answer.get('message', '')}", status=status,
                                error_code=str(answer["error_code"]))
-    return MlflowRestError(f"API request to endpoint {endpoint} failed with error code {exc.code} != 200. "
-                           f"Response body: '{text[:300]}'", status=exc.code)
-
-
-def _retried(exc: BaseException) -> bool:
-    return isinstance(exc, MlflowRestError) and (exc.status is None or exc.status in _RETRIED_STATUSES)
+    return MlflowRestError(f"API request to endpoint {endpoint} failed with error code {status} != 200. "
+                           f"Response body: '{text[:300]}'", status=status)

@@ -75,9 +75,16 @@ def _mlflow_failure(exc: Exception, hooks: StepHooks, replay: str) -> KvxError |
             "parameter values",
             hint="a run with other values needs its own job (another --job-name, a new pipeline run)",
         )
+    from kvx_runtime.mlflow.rest_client import MlflowRestError
     from kvx_runtime.storage.store import is_transient
 
-    if any(is_transient(item) for item in chain) or _UNREACHABLE.search(text):
+    refused = next((item for item in chain if isinstance(item, MlflowRestError) and item.status is not None
+                    and 400 <= item.status < 500), None)
+    if refused is not None:  # the tracking server said no to a write: its configuration, not the node
+        return ConfigError(f"the MLflow tracking server refused the step's request: {first_line(refused)[:300]}",
+                           hint=f"check the tracking URI, its auth and permissions; replay: {replay}")
+    if any(isinstance(item, MlflowRestError) for item in chain) or any(is_transient(item) for item in chain) \
+            or _UNREACHABLE.search(text):
         root = chain[-1]
         return InfrastructureError(
             f"MLflow became unreachable during the step: {type(root).__name__}: {first_line(root)[:300]}",
