@@ -110,6 +110,8 @@ class FakeVertex:
         self.templates: dict[tuple[str, str], dict[str, Any]] = {}  # (package, tag or version) -> spec
         self.schedules: dict[str, dict[str, Any]] = {}
         self.fail_tasks: set[str] = set()
+        #: Running jobs become PAUSED (and stay so), as an operator's pause leaves them.
+        self.pause_jobs = False
         self.requests: list[tuple[str, str]] = []
         self.faults = 0
         #: Create the next job but drop the connection instead of answering (a lost answer).
@@ -320,6 +322,8 @@ class FakeVertex:
             job["startTime"] = _now()
             job["jobDetail"] = {"taskDetails": [{"taskId": str(i), "taskName": t, "state": "RUNNING",
                                                  "startTime": _now()} for i, t in enumerate(tasks)]}
+        elif state == "PIPELINE_STATE_RUNNING" and self.pause_jobs:
+            job["state"] = "PIPELINE_STATE_PAUSED"
         elif state == "PIPELINE_STATE_RUNNING" and job["polls"] >= 3:
             failed = False
             for detail in job["jobDetail"]["taskDetails"]:

@@ -283,6 +283,19 @@ def test_wait_timeout_stops_waiting_not_the_run(example_project: Path, vertex: F
     assert job["state"] != "PIPELINE_STATE_CANCELLED"
 
 
+def test_a_paused_run_stops_the_wait_not_the_run(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
+    vertex.pause_jobs = True
+    try:
+        result = kvx(example_project, vertex, adc, "run-once", "--wait")
+    finally:
+        vertex.pause_jobs = False
+    assert result.returncode == 3, result.stderr[-2000:]
+    final = final_record(result.stderr)
+    assert "is PAUSED: it does not go on until it is resumed, so watching stopped" in final["message"]
+    [job] = vertex.jobs.values()
+    assert job["state"] == "PIPELINE_STATE_PAUSED"
+
+
 def test_ctrl_c_stops_watching_not_the_run(example_project: Path, vertex: FakeVertex, adc: Path) -> None:
     import signal
 

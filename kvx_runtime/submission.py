@@ -24,7 +24,7 @@ from kvx_runtime.compiler.spec import FAILURE_POLICY_PARAMETER, STORAGE_ROOT_PAR
 from kvx_runtime.errors import ExitCode, KvxError
 from kvx_runtime.log import get_logger
 from kvx_runtime.step.invocation import ExecNodeInvocation, InvocationError
-from kvx_runtime.targets.base import PipelineTarget, RunInfo, RunRequest, TaskInfo
+from kvx_runtime.targets.base import PAUSED_STATES, PipelineTarget, RunInfo, RunRequest, TaskInfo
 
 __all__ = ["WaitTimeout", "absent_inputs", "diagnose", "job_id", "kvx_labels", "recorded_run_id",
            "refuse_missing_inputs", "run_request", "summary", "task_invocation", "warn_missing_inputs", "watch"]
@@ -35,7 +35,7 @@ _JOB_ID = re.compile(r"[^a-z0-9-]")
 
 
 class WaitTimeout(KvxError):
-    """``--timeout`` passed while the run was still going (it keeps going)."""
+    """Watching stopped while the run goes on: ``--timeout`` passed, or the run is paused."""
 
     exit_code = ExitCode.INFRASTRUCTURE
 
@@ -191,6 +191,9 @@ def watch(target: PipelineTarget, run: RunInfo, echo: Callable[[str], Any], *, t
             echo(f"  run {run.state}")
         if run.finished:
             return run
+        if run.state in PAUSED_STATES:  # it goes on only when resumed: waiting would never end
+            raise WaitTimeout(f"{run.run_id} is {run.state}: it does not go on until it is resumed, so watching "
+                              "stopped", hint=f"resume it, then watch it with `{status_command} {run.run_id}`")
         if timeout is not None and time.monotonic() - started > timeout:
             raise WaitTimeout(f"{run.run_id} is still {run.state} after {timeout:g} s; it keeps running",
                               hint=f"watch it with `{status_command} {run.run_id}`")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINAL_STATES",
+    "PAUSED_STATES",
     "PipelineTarget",
     "RunInfo",
     "RunRequest",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Run and task states, as the targets report them after normalization.
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "SKIPPED"})
+#: States a run stays in until somebody acts (Vertex AI's and Kubeflow's PAUSED): watching it stops.
+PAUSED_STATES = frozenset({"PAUSED"})
 
 
 @dataclass(frozen=True)
