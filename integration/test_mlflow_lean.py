@@ -41,6 +41,12 @@ def thread_import(n):
     mlflow.log_metric("threaded", float(n))  # in the node's own thread
     return n
 
+def sleepy(n):
+    import time
+
+    time.sleep(120)
+    return n
+
 def explode(n):
     raise ValueError(f"exploded with {n}")
 
@@ -52,7 +58,7 @@ def after(trial_id, n):
 """
 PIPELINE = """
 from kedro.pipeline import Node, Pipeline
-from leanproj.nodes import after, describe, explode, thread_import, use_mlflow
+from leanproj.nodes import after, describe, explode, sleepy, thread_import, use_mlflow
 
 def register_pipelines():
     return {"__default__": Pipeline([
@@ -61,6 +67,7 @@ def register_pipelines():
         Node(after, ["trial_id", "params:n"], "done", name="after"),
         Node(explode, "params:n", "never", name="explode"),
         Node(thread_import, "params:n", "threaded", name="thread_import"),
+        Node(sleepy, "described", "slept", name="sleepy"),
     ])}
 """
 CATALOG = """
@@ -291,3 +298,36 @@ def test_mlflow_imported_in_another_thread_still_logs_into_the_pipelines_run(tmp
     assert run.data.metrics["threaded"] == 7.0 and run.info.status == "RUNNING"
     others = client.search_runs([run.info.experiment_id], filter_string="metrics.threaded = 7")
     assert [other.info.run_id for other in others] == [run_id]  # no run of its own
+
+
+@pytest.mark.parametrize("way", ["auto", "mlflow"])
+def test_a_stopped_step_ends_without_waiting_on_mlflow(tmp_path, mlflow_server, way) -> None:
+    """SIGTERM (a preempted machine): the finished nodes are not written on the way out, whose
+    requests and retries could outlast the orchestrator's grace period (then SIGKILL, no verdict)."""
+    import signal
+    import subprocess
+
+    from integration.conftest import KVX
+    from integration.fakes import RecordingProxy
+
+    proxy = RecordingProxy(mlflow_server.port).start()
+    try:
+        project = lean_project(tmp_path)
+        env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=proxy.url, KVX_MLFLOW_CLIENT=way)
+        run_id = start(project, env, f"stopped-{way}", tmp_path)
+        process = subprocess.Popen(
+            [*KVX, "exec-node", "--node", "describe", "--node", "sleepy", "--run-id", f"stopped-{way}-uuid",
+             "--job-name", f"stopped-{way}", "--mlflow-run-id", run_id, "--storage-root", str(tmp_path / "s")],
+            cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"node started"' in line and "sleepy" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        proxy.stop()
+    assert process.returncode == 143, rest[-2000:]
+    assert "the step is stopping: its finished nodes are not recorded in the MLflow run" in rest
+    assert not [body for _, path, body in proxy.requests if "kvx.node_seconds" in body]
+    assert mlflow_server.client().get_run(run_id).info.status == "RUNNING"

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 from kvx_runtime.errors import Interrupted
 
 __all__ = ["STOP_SIGNALS", "finish", "held_across_exec", "install", "on_abrupt_exit", "report_stop", "settle",
-           "stop_code"]
+           "stop_code", "stopping"]
 
 #: SIGHUP (the terminal of an interactive command closed) stops a command as SIGTERM does.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -51,6 +51,12 @@ def stop_code(signum: int) -> int:
     """The exit code of a command stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM (as
     shells and Kubernetes report them) and SIGHUP."""
     return int(Interrupted(signum).exit_code)
+
+
+def stopping() -> bool:
+    """Whether a stop signal came: the process is on its way out (an orchestrator's grace
+    period is short: work that may wait on the network is better left undone)."""
+    return _received is not None
 
 
 def _flush() -> None:

@@ -503,8 +503,16 @@ class RunInStep(ABC):
 
     def detach(self) -> None:
         """Record the finished nodes and leave the run as the pipeline has it (MLflow would
-        otherwise end it as FINISHED when the process exits)."""
-        self._write_finished_nodes()
+        otherwise end it as FINISHED when the process exits). A step being stopped records
+        nothing: the requests (with their retries) could outlast the orchestrator's grace period,
+        and the step would be killed before saying it was stopped."""
+        from kvx_runtime.lifecycle import stopping
+
+        if stopping():
+            log.info("the step is stopping: its finished nodes are not recorded in the MLflow run",
+                     nodes=sorted(self.node_seconds))
+        else:
+            self._write_finished_nodes()
         self._leave()
 
 
