@@ -74,12 +74,22 @@ def _as_str(text: str) -> str:
 
 
 def _as_int(text: str) -> int:
+    """``7``, or a whole number written otherwise (``7.0``, ``1e3``), exactly: through a float,
+    ``12345678901234567.0`` would become ...568."""
     try:
         return int(text)
     except ValueError:
-        number = float(text)  # a ValueError here says "not a number"
-    if not number.is_integer():
+        pass
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        number = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError("not a number") from None
+    if not number.is_finite() or number != number.to_integral_value():
         raise ValueError("not a whole number")
+    if number.adjusted() > 4000:  # Python refuses to print ints of more digits
+        raise ValueError("too large a number")
     return int(number)
 
 

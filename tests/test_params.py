@@ -173,6 +173,11 @@ def test_the_table_refuses_text_that_is_not_of_the_kind(kind: str, text: str) ->
 
 def test_integers_keep_every_digit() -> None:
     assert convert("int", "12345678901234567891") == 12345678901234567891
+    # Written as decimals or with an exponent: exact too (a float would give ...568).
+    assert convert("int", "12345678901234567.0") == 12345678901234567 and convert("int", "1e3") == 1000
+    for text in ("nan", "1e99999", "2.5e-1"):
+        with pytest.raises(ValueError):
+            convert("int", text)
 
 
 # --- the shape check (exec-node's --param against the project's Kedro parameters) ----------
