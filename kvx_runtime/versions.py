@@ -42,31 +42,41 @@ _RFC3339 = re.compile(
 )
 
 
-def kedro_version(text: str) -> str:
+def kedro_version(text: str, *, given_as: str = "--save-version") -> str:
     """A Kedro version string (``2026-11-24T10.15.00.123Z``) from itself or an RFC 3339 time
-    (``2026-11-24T10:15:00.123456Z``, what Vertex AI and KFP put in the create-time placeholder).
+    (``2026-11-24T10:15:00.123456Z``, what Vertex AI and KFP put in the create-time placeholder);
+    ``given_as`` names where the text came from in the error.
     """
     value = text.strip()
     if _KEDRO_VERSION.match(value):
         return value
     match = _RFC3339.match(value)
-    if not match:
+    moment = _moment(match) if match else None
+    if moment is None:
         shown = value if len(value) <= 60 else value[:57] + "..."
         raise UsageError(
-            f"--save-version {shown!r} is neither a Kedro version (2026-11-24T10.15.00.123Z) "
+            f"{given_as} {shown!r} is neither a Kedro version (2026-11-24T10.15.00.123Z) "
             "nor an RFC 3339 time (2026-11-24T10:15:00Z)",
             hint="an unresolved {{$...}} placeholder means the orchestrator does not fill "
             "pipeline_job_create_time_utc: pass --save-version explicitly",
         )
-    year, month, day, hour, minute, second, fraction, _zulu, sign, off_h, off_m = match.groups()
-    micros = int((fraction or "0").ljust(6, "0")[:6])
-    moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros,
-                      tzinfo=timezone.utc)
-    if sign:
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        moment = moment - offset if sign == "+" else moment + offset
     stamp = moment.strftime("%Y-%m-%dT%H.%M.%S.%f")
     return stamp[:-3] + "Z"  # milliseconds, as Kedro's own generate_timestamp()
+
+
+def _moment(match: re.Match[str]) -> datetime | None:
+    """The UTC time an RFC 3339 match names; None for one the calendar does not have (month 13)."""
+    year, month, day, hour, minute, second, fraction, _zulu, sign, off_h, off_m = match.groups()
+    micros = int((fraction or "0").ljust(6, "0")[:6])
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros,
+                          tzinfo=timezone.utc)
+        if sign:
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            moment = moment - offset if sign == "+" else moment + offset
+    except (ValueError, OverflowError):
+        return None
+    return moment
 
 
 def unresolved(value: str | None) -> bool:
@@ -83,7 +93,7 @@ def resolve_save_version(explicit: str | None, job_create_time: str | None) -> t
     if job_create_time is None:
         return None, None  # not asked for: one version per process, as in kedro run
     if not unresolved(job_create_time):
-        return kedro_version(job_create_time), None
+        return kedro_version(job_create_time, given_as="--job-create-time"), None
     return None, f"the orchestrator did not fill the job's creation time ({job_create_time.strip() or 'empty'})"
 
 

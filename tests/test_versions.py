@@ -44,10 +44,13 @@ def test_kedros_own_versions_pass_unchanged() -> None:
     assert kedro_version(stamp) == stamp
 
 
-@pytest.mark.parametrize("bad", ["{{$.pipeline_job_create_time_utc}}", "", "yesterday", "2026-13-01"])
+@pytest.mark.parametrize("bad", ["{{$.pipeline_job_create_time_utc}}", "", "yesterday", "2026-13-01",
+                                 "2026-13-01T00:00:00Z", "2026-02-30T10:00:00Z", "0001-01-01T00:00:00+01:00"])
 def test_unresolved_or_bad_versions_are_usage_errors(bad: str) -> None:
-    with pytest.raises(UsageError, match="neither a Kedro version"):
+    with pytest.raises(UsageError, match="^--save-version .* neither a Kedro version"):
         kedro_version(bad)
+    with pytest.raises(UsageError, match="^--job-create-time .* neither a Kedro version"):
+        kedro_version(bad, given_as="--job-create-time")
 
 
 def test_load_version_flags() -> None:
