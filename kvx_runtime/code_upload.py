@@ -296,9 +296,14 @@ def upload_archive(archive: CodeArchive, storage_root: str) -> str:
     path = f"{base}/{CODE_DIR}/{archive.name}"
     uri = f"{storage_root.rstrip('/')}/{CODE_DIR}/{archive.name}"
     try:
-        if fs.exists(path) and int(fs.size(path)) == len(archive.data):
+        stored = fs.exists(path) and int(fs.size(path)) == len(archive.data)
+        # Of the right size, read back: a damaged object is replaced (every step would refuse it).
+        if stored and hashlib.sha256(bytes(fs.cat_file(path))).hexdigest() == archive.digest:
             log.info("code archive already stored", uri=uri)
         else:
+            if stored:
+                log.warning("the stored code archive is damaged (its content is not its name's digest): "
+                            "storing it again", uri=uri)
             fs.makedirs(f"{base}/{CODE_DIR}", exist_ok=True)
             fs.pipe_file(path, archive.data)
             log.info("code archive stored", uri=uri, bytes=len(archive.data), files=len(archive.files))

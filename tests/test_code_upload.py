@@ -86,6 +86,10 @@ def test_fetch_checks_the_digest_before_unpacking_and_downloads_once(tmp_path: P
         fetch_code(reference, cache=tmp_path / "other-cache")
     assert caught.value.exit_code == ExitCode.USAGE
     assert not (tmp_path / "other-cache" / archive.digest).exists()
+    # The next compile finds it damaged (same size, other content) and stores it again.
+    assert upload_archive(archive, str(tmp_path / "root")) == reference
+    assert stored.read_bytes() == archive.data
+    assert fetch_code(reference, cache=tmp_path / "third-cache")[1]["package"] == "demo_pkg"
 
 
 def _evil(members: list[tarfile.TarInfo], tmp_path: Path) -> str:
