@@ -353,10 +353,7 @@ def _safe_extract(data: bytes, target: Path) -> dict[str, Any]:
     """Unpack, refusing anything that would land outside ``target`` or is not a plain file, and
     anything that is not the complete archive its manifest lists (damaged, foreign, cut short):
     one CodeRejected line (exit 2), never a traceback."""
-    try:
-        raw = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise CodeRejected(f"the code archive is not a complete gzip file: {exc}", hint=_NOT_OURS) from None
+    raw = _gunzip(data, settings.CODE_MAX_UNPACKED_BYTES.get())
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             members = tar.getmembers()
@@ -385,6 +382,23 @@ def _safe_extract(data: bytes, target: Path) -> dict[str, Any]:
     except (tarfile.TarError, EOFError) as exc:  # not a tar, or cut inside a member
         raise CodeRejected(f"the code archive is not a complete tar file: {exc}", hint=_NOT_OURS) from None
     return manifest
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """The archive's tar, unpacked in memory up to ``limit`` bytes (a small archive may unpack to
+    gigabytes: it is refused before they are made)."""
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # the gzip format
+    try:
+        raw = decompressor.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise CodeRejected(f"the code archive is not a complete gzip file: {exc}", hint=_NOT_OURS) from None
+    if len(raw) > limit:
+        raise CodeRejected(f"the code archive unpacks to more than {limit} bytes (KVX_CODE_MAX_UNPACKED_BYTES)",
+                           hint="leave data and build outputs out of the archive (.gitignore, .dockerignore)")
+    if not decompressor.eof or decompressor.unused_data:
+        raise CodeRejected("the code archive is not a complete gzip file (cut short, or data after its end)",
+                           hint=_NOT_OURS)
+    return raw
 
 
 def _check_members(members: list[tarfile.TarInfo]) -> None:

@@ -110,6 +110,8 @@ CACHE = Setting("KVX_CACHE", str, "", "on or off: the step cache when --cache is
 CODE_CACHE = Setting("KVX_CODE_CACHE", str, "", "where code archives are unpacked (default: <tmp>/kvx-code)")
 CODE_MAX_BYTES = Setting("KVX_CODE_MAX_BYTES", int, 200 * 1024 * 1024,
                          "largest code archive accepted, in bytes", minimum=1)
+CODE_MAX_UNPACKED_BYTES = Setting("KVX_CODE_MAX_UNPACKED_BYTES", int, 2 * 1024 * 1024 * 1024,
+                                  "largest size a code archive may unpack to, in bytes", minimum=1)
 ORCHESTRATOR = Setting("KVX_ORCHESTRATOR", str, "",
                        "the orchestrator a step runs under: vertex, kubeflow, airflow or local (default: detected)")
 HOST_ALIASES = Setting("KVX_HOST_ALIASES", str, "", "IP=name1,name2;... (run_config.network.host_aliases)")

@@ -322,3 +322,22 @@ def test_a_damaged_or_foreign_archive_is_one_clear_line_with_exit_2(tmp_path: Pa
             fetch_code(_stored(damaged, tmp_path), cache=cache)
         assert refused.value.exit_code == ExitCode.USAGE and "\n" not in str(refused.value)
         assert not cache.exists() or [path.name for path in cache.iterdir()] == [], message  # nothing unpacked
+
+
+def test_an_archive_that_unpacks_to_too_much_is_refused_before_it_is_made(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    archive = build_archive(_project(tmp_path / "p"), "demo_pkg")
+    reference = upload_archive(archive, str(tmp_path / "root"))
+    monkeypatch.setenv("KVX_CODE_MAX_UNPACKED_BYTES", "1000")
+    with pytest.raises(CodeRejected, match="unpacks to more than 1000 bytes") as caught:
+        fetch_code(reference, cache=tmp_path / "cache")
+    assert caught.value.exit_code == ExitCode.USAGE
+    monkeypatch.delenv("KVX_CODE_MAX_UNPACKED_BYTES")
+    assert fetch_code(reference, cache=tmp_path / "cache")[1]["package"] == "demo_pkg"
+    # Data after the gzip stream's end is not ours either.
+    from kvx_runtime.code_upload import _gunzip
+
+    with pytest.raises(CodeRejected, match="data after its end"):
+        _gunzip(gzip.compress(b"x" * 10) + b"trailing", 10**6)
