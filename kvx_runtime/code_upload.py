@@ -90,7 +90,7 @@ def requirements_fingerprint(project: Path) -> str:
     requirements = project / "requirements.txt"
     lines: list[str] = []
     if requirements.is_file():
-        lines = requirements.read_text(encoding="utf-8").splitlines()
+        lines = _requirement_lines(requirements, set())
     else:
         try:
             import tomllib
@@ -101,8 +101,34 @@ def requirements_fingerprint(project: Path) -> str:
                          ["dependencies"])
         except (OSError, KeyError, ValueError):
             lines = []
-    normalized = sorted({re.sub(r"\s+", "", line.split("#", 1)[0]).lower() for line in lines} - {""})
+    normalized = sorted({re.sub(r"\s+", "", _PIP_COMMENT.sub("", line)).lower() for line in lines} - {""})
     return hashlib.sha256("\n".join(normalized).encode()).hexdigest()
+
+
+#: pip's comments: ``#`` at a line's start or after whitespace (``...whl#sha256=`` is not one).
+_PIP_COMMENT = re.compile(r"(^|\s)#.*$")
+_INCLUDE = re.compile(r"^(-r|--requirement|-c|--constraint)(?:\s*=\s*|\s+)(\S+)$")
+
+
+def _requirement_lines(path: Path, seen: set[Path]) -> list[str]:
+    """A requirements file's lines, with the files it includes (``-r``, ``-c``, relative to it)
+    in place: a change to an included file is a change of the project's requirements."""
+    resolved = path.resolve()
+    if resolved in seen:
+        return []
+    seen.add(resolved)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return [f"<unreadable {path.name}>"]
+    lines: list[str] = []
+    for line in text.splitlines():
+        stripped = _PIP_COMMENT.sub("", line).strip()
+        include = _INCLUDE.match(stripped)
+        lines.append(stripped)
+        if include and "://" not in include.group(2):
+            lines += _requirement_lines(path.parent / include.group(2), seen)
+    return lines
 
 
 class _GitIgnored:

@@ -67,6 +67,17 @@ def test_requirements_fingerprint_ignores_comments_and_order(tmp_path: Path) -> 
     assert requirements_fingerprint(project) == before
     (project / "requirements.txt").write_text("pandas\nkedro>=1.1\n")
     assert requirements_fingerprint(project) != before
+    # What pip reads: included files (a change there is a change), URL fragments are not comments.
+    (project / "requirements.txt").write_text("-r base.txt\npandas  # the frames\n")
+    (project / "base.txt").write_text("kedro>=1.0\n-c requirements.txt\n")  # a cycle is read once
+    included = requirements_fingerprint(project)
+    (project / "base.txt").write_text("kedro>=1.1\n")
+    assert requirements_fingerprint(project) != included
+    wheel = "pkg @ https://example.com/pkg-1.0-py3-none-any.whl#sha256="
+    (project / "requirements.txt").write_text(wheel + "a" * 64 + "\n")
+    pinned = requirements_fingerprint(project)
+    (project / "requirements.txt").write_text(wheel + "b" * 64 + "\n")
+    assert requirements_fingerprint(project) != pinned
 
 
 def test_fetch_checks_the_digest_before_unpacking_and_downloads_once(tmp_path: Path) -> None:
