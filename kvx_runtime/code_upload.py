@@ -235,8 +235,15 @@ def _members(project: Path, package_dir: Path, package_arcroot: str, conf_dir: P
                 project_relative = f"{arcroot}/{relative}"
             if ignored(project_relative):
                 continue
+            if path.is_symlink() and path.is_file():
+                if path.resolve().is_relative_to(project.resolve()):
+                    chosen[name] = path  # a link to a file of the project travels as that file
+                else:
+                    log.warning("a link to a file outside the project does not travel in the code archive",
+                                path=project_relative, target=str(path.resolve()))
+                continue
             if path.is_symlink() or not path.is_file():
-                continue  # links and special files never travel
+                continue  # special files never travel
             chosen[name] = path
     if (project / "pyproject.toml").is_file():
         chosen["pyproject.toml"] = project / "pyproject.toml"
@@ -251,6 +258,9 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
     members = _members(project, package_dir, package_arcroot, conf_dir or project / "conf")
     fingerprint = requirements_fingerprint(project)
     contents = [(name, path.read_bytes()) for name, path in members]
+    # Executable files stay executable (a node running a script of the project); only that bit
+    # of the mode travels, so the digest still depends on content alone.
+    executable = {name for name, path in members if os.access(path, os.X_OK)}
     # Every file and its sha256: the step checks what it unpacked against them (a tar cut at a
     # member's boundary reads as a complete, shorter archive).
     listed = {name: hashlib.sha256(data).hexdigest() for name, data in contents}
@@ -262,7 +272,7 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = _FIXED_MTIME
-            info.mode = 0o644
+            info.mode = 0o755 if name in executable else 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
@@ -405,6 +415,8 @@ def _safe_extract(data: bytes, target: Path) -> dict[str, Any]:
                                        "(another sha256)", hint=_NOT_OURS)
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 destination.write_bytes(content)
+                if member.mode & 0o100:
+                    destination.chmod(0o755)
     except (tarfile.TarError, EOFError) as exc:  # not a tar, or cut inside a member
         raise CodeRejected(f"the code archive is not a complete tar file: {exc}", hint=_NOT_OURS) from None
     return manifest

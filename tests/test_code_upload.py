@@ -352,3 +352,21 @@ def test_an_archive_that_unpacks_to_too_much_is_refused_before_it_is_made(tmp_pa
 
     with pytest.raises(CodeRejected, match="data after its end"):
         _gunzip(gzip.compress(b"x" * 10) + b"trailing", 10**6)
+
+
+def test_scripts_stay_executable_and_links_to_project_files_travel(tmp_path: Path) -> None:
+    project = _project(tmp_path / "p")
+    script = project / "src" / "demo_pkg" / "run.sh"
+    script.write_text("#!/bin/sh\necho ok\n")
+    script.chmod(0o755)
+    (project / "src" / "demo_pkg" / "shared.py").symlink_to(project / "src" / "demo_pkg" / "nodes.py")
+    outside = tmp_path / "outside.py"
+    outside.write_text("SECRET = 1\n")
+    (project / "src" / "demo_pkg" / "elsewhere.py").symlink_to(outside)
+    archive = build_archive(project, "demo_pkg")
+    assert "src/demo_pkg/shared.py" in archive.files and "src/demo_pkg/elsewhere.py" not in archive.files
+    directory, _ = fetch_code(upload_archive(archive, str(tmp_path / "root")), cache=tmp_path / "cache")
+    assert os.access(directory / "src" / "demo_pkg" / "run.sh", os.X_OK)
+    assert not os.access(directory / "src" / "demo_pkg" / "nodes.py", os.X_OK)
+    assert (directory / "src" / "demo_pkg" / "shared.py").read_text() == "def f():\n    return 1\n"
+    assert not (directory / "src" / "demo_pkg" / "shared.py").is_symlink()
