@@ -186,13 +186,13 @@ def _kedro_mlflows_datasets(project: KedroProject, runtime_params: dict[str, Any
                             step_datasets: Iterable[str]) -> list[str]:
     """The step's datasets (and dataset factories, which may match them) of kedro-mlflow's types."""
     from kvx_runtime.project import catalog_config
+    from kvx_runtime.step.hooks import is_kedro_mlflow_type
 
     wanted = set(step_datasets)
     found = []
     for name, entry in catalog_config(project, runtime_params).items():
         kind = str(entry.get("type", "")) if isinstance(entry, Mapping) else ""
-        kedro_mlflows = kind.startswith("kedro_mlflow.") or kind.rsplit(".", 1)[-1].startswith("Mlflow")
-        if kedro_mlflows and (name in wanted or "{" in name):
+        if is_kedro_mlflow_type(kind) and (name in wanted or "{" in name):
             found.append(name)
     return sorted(found)
 
@@ -423,10 +423,9 @@ class KedroMlflowsStepWork:
         hook_impl(KedroMlflowsStepWork.before_node_run)
 
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        from kvx_runtime.step.kedro_mlflow import pipeline_run_tags
+        from kvx_runtime.step.kedro_mlflow import pipeline_run_tags, run_pipeline_names
 
-        names = run_params.get("pipeline_name") or run_params.get("pipeline_names") or ["__default__"]
-        names = [names] if isinstance(names, str) else list(names)
+        names = run_pipeline_names(run_params)
         self.enabled = not all(name in self.attached.settings.disabled_pipelines for name in names)
         if not self.enabled:
             log.info("kedro-mlflow logging is deactivated for this pipeline in the configuration. "

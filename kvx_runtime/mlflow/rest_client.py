@@ -37,7 +37,7 @@ BATCH_PARAMS = 100
 BATCH_TAGS = 100
 BATCH_METRICS = 1000
 #: MLflow's defaults for its ``MLFLOW_HTTP_REQUEST_*`` variables.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2,
+_MLFLOWS_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 7, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 2,
                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": 1.0, "MLFLOW_HTTP_REQUEST_TIMEOUT": 120}
 
 
@@ -49,9 +49,9 @@ def mlflow_flag(name: str, default: bool = False) -> bool:
 
 def _number(name: str) -> float:
     try:
-        return float(os.environ.get(name, "") or _HTTP_DEFAULTS[name])
+        return float(os.environ.get(name, "") or _MLFLOWS_DEFAULTS[name])
     except ValueError:
-        return float(_HTTP_DEFAULTS[name])
+        return float(_MLFLOWS_DEFAULTS[name])
 
 
 class MlflowRestError(Exception):

@@ -14,7 +14,7 @@ from kvx_runtime.errors import (
     exception_chain,
     find_kvx_error,
 )
-from kvx_runtime.step.hooks import StepHooks, type_name
+from kvx_runtime.step.hooks import StepHooks, is_kedro_mlflow_type, type_name
 
 __all__ = ["catalog_error", "classify", "first_line"]
 
@@ -61,7 +61,7 @@ def _mlflow_failure(exc: Exception, hooks: StepHooks, replay: str) -> KvxError |
     chain = exception_chain(exc)
     operation = hooks.dataset_operation
     mlflow_dataset = (operation is not None and hooks.catalog is not None
-                      and type_name(hooks.catalog, operation[1]).startswith("Mlflow"))
+                      and is_kedro_mlflow_type(type_name(hooks.catalog, operation[1])))
     # MLflow's own errors, or those of kvx-runtime's REST client for it (kvx_runtime.mlflow.rest_client).
     if not mlflow_dataset and not any(type(item).__module__.startswith(("mlflow", "kvx_runtime.mlflow"))
                                       for item in chain):

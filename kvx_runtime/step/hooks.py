@@ -14,7 +14,7 @@ from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
 from kvx_runtime.step.identity import JobDirectory
 
 __all__ = [
-    "StepHooks", "dataset_config", "declared_type", "is_declared", "type_name",
+    "StepHooks", "dataset_config", "declared_type", "is_declared", "is_kedro_mlflow_type", "type_name",
 ]
 
 log = get_logger(__name__)
@@ -65,6 +65,12 @@ def dataset_config(catalog: Any, name: str) -> dict[str, Any] | None:
 def type_name(catalog: Any, name: str) -> str:
     """The class name of ``name``'s dataset type ("" when the catalog gives it none)."""
     return str(declared_type(catalog, name) or "").rsplit(".", 1)[-1]
+
+
+def is_kedro_mlflow_type(dataset_type: str) -> bool:
+    """Does a catalog ``type`` name one of kedro-mlflow's datasets (``kedro_mlflow.io...``, or
+    ``Mlflow*Dataset`` as its catalog entries are written)? Told from the name, never imported."""
+    return dataset_type.startswith("kedro_mlflow.") or dataset_type.rsplit(".", 1)[-1].startswith("Mlflow")
 
 
 def is_declared(catalog: Any, name: str) -> bool:
@@ -159,7 +165,7 @@ class StepHooks:
         if importlib.util.find_spec("kedro_mlflow") is None:
             return
         names = [name for name in catalog.keys()  # noqa: SIM118 (a catalog, not a dict)
-                 if type_name(catalog, name).startswith("Mlflow")]
+                 if is_kedro_mlflow_type(type_name(catalog, name))]
         if not names:
             return
         from kedro_mlflow.io.catalog.switch_catalog_logging import switch_catalog_logging

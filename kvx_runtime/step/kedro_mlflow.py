@@ -25,8 +25,8 @@ from kvx_runtime.step.hooks import declared_type
 if TYPE_CHECKING:
     from kvx_runtime.mlflow import AttachedRun
 
-__all__ = ["adapt_kedro_mlflow_hooks", "narrow_kedro_mlflows_catalog_pass", "pipeline_run_tags",
-           "tag_the_pipelines_run"]
+__all__ = ["adapt_kedro_mlflow_hooks", "narrow_kedro_mlflows_catalog_pass",
+           "pipeline_run_tags", "run_pipeline_names", "tag_the_pipelines_run"]
 
 log = get_logger(__name__)
 
@@ -73,10 +73,16 @@ def pipeline_run_tags(step_tags: Mapping[str, str], run_params: Mapping[str, Any
     return tags
 
 
+def run_pipeline_names(run_params: Mapping[str, Any]) -> list[str]:
+    """The pipelines a session ran: ``pipeline_names`` (Kedro >= 1.1), ``pipeline_name`` (a string,
+    Kedro 1.0), else ``__default__``."""
+    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
+    return [names] if isinstance(names, str) else list(names)
+
+
 def pipeline_kedro_command(run_params: Mapping[str, Any]) -> str:
     """``kedro run`` of the pipeline, in kedro-mlflow's ``kedro_command`` format."""
-    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
-    command = ["kedro", "run", "--pipeline=" + ",".join([names] if isinstance(names, str) else names)]
+    command = ["kedro", "run", "--pipeline=" + ",".join(run_pipeline_names(run_params))]
     if run_params.get("load_versions"):
         command.append("--load-version=" + ",".join(f"{k}:{v}" for k, v in run_params["load_versions"].items()))
     return " ".join(command)
