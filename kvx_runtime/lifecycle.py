@@ -187,6 +187,10 @@ def finish(code: int) -> NoReturn:
     except BaseException:  # the end must come, whatever the exit work raises
         pass
     finally:
+        # The end is decided here: a signal arriving after this check (during the flush) would
+        # change the exit code without the line saying why, so the stop signals are held from now.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if _received_while_finishing and _received is not None:
             _report_late_stop(_received, code)
         _flush()
