@@ -83,6 +83,8 @@ def test_google_oauth2_gives_every_task_an_id_token_for_the_audience(
     project, dag_file = airflow_project(tmp_path, {"type": "GoogleOAuth2"})
     text = dag_file.read_text()
     assert '"MLFLOW_TRACKING_TOKEN": "{{ kvx_google_id_token() }}"' in text and "def kvx_google_id_token" in text
+    # ...and its audience, so that a step outliving the token renews it (integration/test_mlflow.py)
+    assert '"KVX_MLFLOW_TOKEN_AUDIENCE": "{{ kvx_google_audience() }}"' in text
     rejected_before, seen_before = len(bearer_proxy.rejected), set(bearer_proxy.tokens_seen)
     host = fake_google.url.removeprefix("http://")
     _, run = run_dag(tmp_path, project, dag_file, KEDRO_CONFIG_MLFLOW_TRACKING_URI=bearer_proxy.url,

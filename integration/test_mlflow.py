@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,73 @@ def test_oauth_id_tokens_from_the_metadata_server_are_refreshed(tmp_path, fake_g
     # The slow step needed more than one token: it refreshed before expiry.
     assert len(bearer_proxy.tokens_seen - seen_before) >= 4
     _assert_no_token_leaked(fake_google.issued, *(s.stderr for s in steps), *(s.stdout for s in steps))
+
+
+def _handed_token(issued_ago: float, lasts: float) -> str:
+    """A Google ID token for AUDIENCE as Airflow's worker hands it to a task (GoogleOAuth2)."""
+    from integration.fakes import make_jwt
+
+    now = time.time()
+    return make_jwt({"aud": AUDIENCE, "email": "worker@kvx-test.iam.gserviceaccount.com",
+                     "iat": int(now - issued_ago), "exp": now + lasts, "iss": "https://accounts.google.com"})
+
+
+def test_a_token_handed_by_airflows_worker_is_renewed_by_a_step_that_outlives_it(
+        tmp_path, fake_google, bearer_proxy, mlflow_server) -> None:
+    """Airflow's GoogleOAuth2 hands each task an ID token (MLFLOW_TRACKING_TOKEN) and its audience
+    (KVX_MLFLOW_TOKEN_AUDIENCE): a step uses it, then mints the next from its own credentials
+    (here the metadata server) once the token nears its end, instead of being refused (401)."""
+    project = ml_project(tmp_path, wait_seconds=12)
+    host = fake_google.url.removeprefix("http://")
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=bearer_proxy.url, GCE_METADATA_HOST=host,
+                   GCE_METADATA_IP=host, NO_GCE_CHECK="False", KVX_MLFLOW_TOKEN_AUDIENCE=AUDIENCE,
+                   CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    rejected_before, seen_before = len(bearer_proxy.rejected), set(bearer_proxy.tokens_seen)
+    handed = [_handed_token(0, 3600)]
+    run_id = start(project, {**env, "MLFLOW_TRACKING_TOKEN": handed[0]}, "handed-job", tmp_path)
+    steps = []
+    for node in ["make", "train", "wait_then_score"]:  # the step's own client, then MLflow's (kedro-mlflow datasets)
+        # 20 s tokens are used for their first 10 s: the 12 s node's metrics need a new one.
+        handed.append(_handed_token(0, 20))
+        steps += run_all(project, {**env, "MLFLOW_TRACKING_TOKEN": handed[-1]}, "handed-job", run_id, [node])
+        assert steps[-1].returncode == 0, steps[-1].stderr[-3000:]
+    handed.append(_handed_token(0, 3600))
+    assert end(project, {**env, "MLFLOW_TRACKING_TOKEN": handed[-1]}, "handed-job", "SUCCEEDED").returncode == 0
+    assert len(bearer_proxy.rejected) == rejected_before  # every request carried a valid token
+    seen = bearer_proxy.tokens_seen - seen_before
+    assert set(handed) <= seen  # each step used the token it was handed...
+    assert seen - set(handed) and seen - set(handed) <= set(fake_google.issued)  # ...then its own
+    run = mlflow_server.client().get_run(run_id)
+    assert run.data.metrics["late_metrics.late_score"] == 4.0
+    _assert_no_token_leaked([*handed, *fake_google.issued], *(s.stderr for s in steps), *(s.stdout for s in steps))
+
+
+def test_a_step_that_cannot_renew_a_handed_token_says_why(tmp_path, fake_google, bearer_proxy) -> None:
+    """Without Google credentials, a step works for as long as its handed token does; then its
+    next MLflow request fails the step (exit 3) with the reason and the fix, whether the token
+    ran out during the node or before the step began, through MLflow's client or the step's own."""
+    project = ml_project(tmp_path, wait_seconds=15)
+    env = step_env(KEDRO_CONFIG_MLFLOW_TRACKING_URI=bearer_proxy.url, GCE_METADATA_HOST="127.0.0.1:9",
+                   GCE_METADATA_IP="127.0.0.1:9", NO_GCE_CHECK="True", KVX_MLFLOW_TOKEN_AUDIENCE=AUDIENCE,
+                   CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    run_id = start(project, {**env, "MLFLOW_TRACKING_TOKEN": _handed_token(0, 3600)}, "stale-job", tmp_path)
+    fresh = run_all(project, {**env, "MLFLOW_TRACKING_TOKEN": _handed_token(0, 3600)}, "stale-job", run_id,
+                    ["make", "train"])
+    assert [step.returncode for step in fresh] == [0, 0], fresh[-1].stderr[-3000:]
+    # The token's hour ends 15 s into the step, during the node (15 s): its metrics cannot be logged.
+    expiring = _handed_token(3600, 15)
+    (during,) = run_all(project, {**env, "MLFLOW_TRACKING_TOKEN": expiring}, "stale-job", run_id,
+                        ["wait_then_score"])
+    stale = _handed_token(3600, 3)  # the step started as the token's hour ran out
+    (before,) = run_all(project, {**env, "MLFLOW_TRACKING_TOKEN": stale}, "stale-job", run_id, ["make"])
+    for step, token in ((during, expiring), (before, stale)):
+        assert step.returncode == 3, step.stderr[-3000:]
+        message = last_json(step.stderr)["message"]
+        assert "handed to this step" in message and "has expired" in message and AUDIENCE in message, message
+        assert "Traceback" not in step.stderr and token not in step.stderr
+    assert "expires soon" in during.stderr  # said at the step's first request, before it failed
 
 
 def _service_account_key(path: Path, token_uri: str, email: str) -> Path:

@@ -120,6 +120,10 @@ MLFLOW_CLIENT = Setting("KVX_MLFLOW_CLIENT", str, "auto",
                         "how a step attached to the pipeline's MLflow run talks to it: auto (MLflow's REST "
                         "API where the step needs nothing more, see docs/mlflow.md) or mlflow (MLflow's client "
                         "and kedro-mlflow's hooks, always)", choices=("auto", "mlflow"))
+MLFLOW_TOKEN_AUDIENCE = Setting("KVX_MLFLOW_TOKEN_AUDIENCE", str, "",
+                                "the audience of the Google ID token in MLFLOW_TRACKING_TOKEN (Airflow's "
+                                "GoogleOAuth2 authentication sets both): the step mints a new one from its own "
+                                "Google credentials before it expires")
 MLFLOW_CREATE_ATTEMPTS = Setting("KVX_MLFLOW_CREATE_ATTEMPTS", int, 5,
                                  "attempts to create the pipeline's MLflow run", minimum=1)
 

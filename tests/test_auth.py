@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from kvx_runtime.auth import build_request_header_provider
 from kvx_runtime.auth.env import EnvCredentialsRequestHeaderProvider
-from kvx_runtime.auth.gcp import MLFlowGoogleIAMRequestHeaderProvider, MLFlowGoogleOAuthRequestHeaderProvider
+from kvx_runtime.auth.gcp import (
+    HandedGoogleIdTokenProvider,
+    MLFlowGoogleIAMRequestHeaderProvider,
+    MLFlowGoogleOAuthRequestHeaderProvider,
+)
 from kvx_runtime.auth.tokens import REFRESH_MARGIN, TokenCache, jwt_expiry
 from kvx_runtime.errors import ConfigError, UsageError
 from kvx_runtime.mlflow.pipeline_run import FINAL_STATES, _infrastructure_error, _redact, parse_final_status
@@ -168,3 +175,104 @@ def test_a_key_file_that_cannot_mint_id_tokens_is_a_config_error(tmp_path, monke
     text = str(error.value) + str(error.value.hint)
     assert str(key_file) in text and "service-account key" in text
     assert "s3cret-client" not in text and "refresh-token-value" not in text
+
+
+def google_jwt(issued: float, lifetime: float = 3600.0) -> str:
+    body = base64.urlsafe_b64encode(json.dumps({"iat": issued, "exp": issued + lifetime}).encode())
+    return f"e30.{body.rstrip(b'=').decode()}.sig"
+
+
+class HandedProvider(HandedGoogleIdTokenProvider):
+    """The provider with the test's clock; ``minted`` stands for the step's own credentials."""
+
+    def __init__(self, clock: Clock, minted: list[str] | None = None) -> None:
+        super().__init__({"audience": AUDIENCE}, clock=clock)
+        self.tokens = TokenCache(clock=clock)
+        self.minted = minted
+
+    def _mint(self) -> str:
+        if self.minted is None:
+            return super()._mint()  # the real thing: here, a key file that is missing
+        self.minted.append(google_jwt(self._clock()))
+        return self.minted[-1]
+
+
+AUDIENCE = "kvx-iap-client.apps.googleusercontent.com"
+
+
+def test_a_handed_id_token_is_used_then_renewed_from_the_steps_own_credentials(monkeypatch) -> None:
+    clock = Clock()
+    handed = google_jwt(clock.now - 600)  # the worker minted it 10 minutes ago
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
+    minted: list[str] = []
+    provider = HandedProvider(clock, minted)
+    assert provider.request_headers() == {"Authorization": f"Bearer {handed}"} and minted == []
+    clock.now += 3000 - REFRESH_MARGIN + 1  # inside the margin before the handed token's exp
+    assert provider.request_headers() == {"Authorization": f"Bearer {minted[0]}"}
+    clock.now += 3600  # the renewed token is renewed in turn
+    assert provider.request_headers() == {"Authorization": f"Bearer {minted[1]}"}
+
+
+def test_a_refused_handed_token_is_replaced_at_once(monkeypatch) -> None:
+    clock = Clock()
+    handed = google_jwt(clock.now)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
+    minted: list[str] = []
+    provider = HandedProvider(clock, minted)
+    provider.invalidate()  # MLflow answered 401 (revoked, or the clocks disagree)
+    assert provider.request_headers() == {"Authorization": f"Bearer {minted[0]}"}
+
+
+def test_a_step_without_google_credentials_uses_the_handed_token_to_its_end_then_says_why(
+        monkeypatch, tmp_path, caplog) -> None:
+    from kvx_runtime.auth.gcp import GoogleAuthError
+    from kvx_runtime.errors import ExitCode
+
+    clock = Clock()
+    handed = google_jwt(clock.now)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    provider = HandedProvider(clock)
+    clock.now += 3600 - 60  # past the margin: a new token is wanted, none can be minted
+    assert provider.request_headers() == {"Authorization": f"Bearer {handed}"}
+    assert "expires soon" in caplog.text
+    clock.now += 56  # 4 s before exp: too late to send it
+    with pytest.raises(GoogleAuthError) as error:
+        provider.request_headers()
+    assert error.value.exit_code == ExitCode.INFRASTRUCTURE
+    text = str(error.value) + str(error.value.hint)
+    assert "has expired" in text and AUDIENCE in text and "Workload Identity" in text
+    assert handed not in text
+
+
+def test_installing_the_handed_token_provider_takes_the_token_out_of_the_environment(monkeypatch) -> None:
+    from kvx_runtime.auth import active_provider, install_request_header_provider, uninstall_request_header_provider
+    from kvx_runtime.config import MLflowConfig
+
+    handed = google_jwt(1_000_000.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
+    assert build_request_header_provider(None, {}) is None  # no audience: the token is MLflow's as given
+    monkeypatch.setenv("KVX_MLFLOW_TOKEN_AUDIENCE", AUDIENCE)
+    assert install_request_header_provider(MLflowConfig())
+    try:
+        provider = active_provider()
+        assert isinstance(provider, HandedGoogleIdTokenProvider) and provider.audience == AUDIENCE
+        # MLflow would send the environment's token instead of the provider's headers.
+        assert "MLFLOW_TRACKING_TOKEN" not in os.environ
+        assert install_request_header_provider(MLflowConfig())  # again (a step's fallback path)
+        assert active_provider() is not provider and active_provider()._handed == handed
+    finally:
+        uninstall_request_header_provider()
+    assert os.environ["MLFLOW_TRACKING_TOKEN"] == handed
+
+
+def test_installing_a_provider_does_not_import_mlflow() -> None:
+    code = ("import sys\n"
+            "from kvx_runtime.auth import install_request_header_provider\n"
+            "from kvx_runtime.config import MLflowConfig\n"
+            "install_request_header_provider(MLflowConfig(request_header_provider_params={'client_id': 'x'}))\n"
+            "assert 'mlflow' not in sys.modules\n"
+            "from mlflow.utils import rest_utils\n"
+            "assert hasattr(rest_utils.http_request, '__wrapped__'), 'the 401 retry is installed on import'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

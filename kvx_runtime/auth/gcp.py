@@ -13,18 +13,29 @@ Two ways to get an ID token whose audience is the proxy's OAuth client id:
 Tokens are cached until shortly before they expire. The same two modes are available as
 dynamic config providers that write ``gcp_credentials.MLFLOW_TRACKING_TOKEN`` into
 ``credentials.yml`` (for kedro-mlflow's ``server.credentials: gcp_credentials``).
+
+A token handed to the step (Airflow's ``run_config.authentication: {type: GoogleOAuth2}``: the
+worker mints it into ``MLFLOW_TRACKING_TOKEN`` and names its audience in
+``KVX_MLFLOW_TOKEN_AUDIENCE``) is used while it is valid, then replaced by tokens the step mints
+itself (:class:`HandedGoogleIdTokenProvider`): an ID token lasts an hour, a step may not.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
+from kvx_runtime import settings
 from kvx_runtime.auth import RequestHeaderProviderWithKedroContext
+from kvx_runtime.auth.tokens import jwt_expiry, jwt_issued_at, reuse_until
 from kvx_runtime.dynamic_config import DynamicConfigProvider
 from kvx_runtime.errors import ConfigError, InfrastructureError
+from kvx_runtime.log import get_logger, register_secrets
 
 __all__ = [
+    "HandedGoogleIdTokenProvider",
     "MLFlowGoogleIAMCredentialsProvider",
     "MLFlowGoogleIAMRequestHeaderProvider",
     "MLFlowGoogleOAuthCredentialsProvider",
@@ -33,7 +44,13 @@ __all__ = [
     "fetch_oauth_id_token",
 ]
 
+log = get_logger(__name__)
+
 IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
+#: Where MLflow (and the lean client) read a bearer token; the handed token arrives there.
+TOKEN_VARIABLE = "MLFLOW_TRACKING_TOKEN"
+#: An expiring handed token is still sent this long before its ``exp`` when no new one can be minted.
+_LAST_USE_MARGIN = 5.0
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 
 
@@ -139,6 +156,86 @@ class MLFlowGoogleIAMRequestHeaderProvider(RequestHeaderProviderWithKedroContext
             f"{account}|{audience}", lambda: fetch_iam_id_token(str(account), audience, endpoint)
         )
         return {"Authorization": f"Bearer {token}"}
+
+
+class HandedGoogleIdTokenProvider(RequestHeaderProviderWithKedroContext):
+    """The Google ID token handed to the step in ``MLFLOW_TRACKING_TOKEN`` (minted for it by
+    Airflow's worker: ``run_config.authentication: {type: GoogleOAuth2}``) while it is valid,
+    then ID tokens for the same audience (``params["audience"]``, from
+    ``KVX_MLFLOW_TOKEN_AUDIENCE``) minted from the step's own Google credentials (Workload
+    Identity, the metadata server, a key file). A Google ID token lasts an hour: without this a
+    step running longer had its MLflow requests refused (401) after the hour.
+
+    The token is taken out of the environment while the provider is installed (:meth:`activate`):
+    MLflow sends the environment's token in preference to any provider's headers.
+    When the step cannot mint one, the handed token is used until a few seconds before it
+    expires, and then the error says why and how to give the step credentials.
+    """
+
+    def __init__(self, params: dict[str, Any], kedro_context: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(params, kedro_context)
+        self.audience = str(self.params["audience"])
+        self._clock = clock
+        self._handed = os.environ.get(TOKEN_VARIABLE) or None
+        self._expiry: float | None = None
+        self._handed_until = float("inf")
+        if self._handed is not None:
+            register_secrets([self._handed])
+            self._expiry = jwt_expiry(self._handed)
+            issued = jwt_issued_at(self._handed)
+            if self._expiry is not None:  # not a JWT: nothing says when it ends, used as given
+                self._handed_until = reuse_until(issued if issued is not None else clock(), self._expiry)
+        self._warned = False
+
+    def in_context(self) -> bool:
+        return True
+
+    def request_headers(self) -> dict[str, str]:
+        now = self._clock()
+        if self._handed is not None and now < self._handed_until:
+            return {"Authorization": f"Bearer {self._handed}"}
+        try:
+            token = self.tokens.get(self.audience, self._mint)
+        except (GoogleAuthError, ConfigError) as exc:
+            if self._handed is not None and self._expiry is not None and now < self._expiry - _LAST_USE_MARGIN:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("the MLflow token handed to this step expires soon and the step cannot mint "
+                                "another: MLflow requests after it will be refused",
+                                expires_in_seconds=round(self._expiry - now), cause=exc.message)
+                return {"Authorization": f"Bearer {self._handed}"}
+            raise GoogleAuthError(
+                f"the MLflow ID token handed to this step ({TOKEN_VARIABLE}, audience "
+                f"{self.audience}) {'has expired' if self._handed else 'is missing'} and the step "
+                f"cannot mint another from its own Google credentials: {exc.message}",
+                hint="a Google ID token lasts an hour: give the step's pods Google credentials (on GKE and "
+                "Cloud Composer: Workload Identity, run_config.service_account bound to a Google service "
+                "account) so that steps renew it, or keep steps that log to MLflow under an hour",
+            ) from None
+        return {"Authorization": f"Bearer {token}"}
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._handed_until = 0.0  # refused before its exp (revoked, clock skew): mint from now on
+
+    def activate(self) -> None:
+        if self._handed is not None and os.environ.get(TOKEN_VARIABLE) == self._handed:
+            del os.environ[TOKEN_VARIABLE]
+
+    def release(self) -> None:
+        if self._handed is not None:
+            os.environ.setdefault(TOKEN_VARIABLE, self._handed)
+
+    def _mint(self) -> str:
+        return fetch_oauth_id_token(self.audience)
+
+
+def handed_token_provider(kedro_context: Any = None) -> HandedGoogleIdTokenProvider | None:
+    """The provider for a token handed to the step with its audience (``KVX_MLFLOW_TOKEN_AUDIENCE``
+    set), else None."""
+    audience = settings.MLFLOW_TOKEN_AUDIENCE.get()
+    return HandedGoogleIdTokenProvider({"audience": audience}, kedro_context) if audience else None
 
 
 class _TokenCredentialsProvider(DynamicConfigProvider):

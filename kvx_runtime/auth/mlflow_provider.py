@@ -29,7 +29,7 @@ class KvxRequestHeaderProvider(RequestHeaderProvider):
         if provider is None:
             return {}
         try:
-            return provider.request_headers()
+            return provider.headers()
         except Exception as exc:
             # MLflow would swallow this into a generic warning; say what failed (never a token).
             log.error("could not obtain MLflow auth headers", provider=type(provider).__name__,

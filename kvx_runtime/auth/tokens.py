@@ -22,17 +22,34 @@ REFRESH_MARGIN = 120.0
 DEFAULT_LIFETIME = 300.0
 
 
-def jwt_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (seconds since the epoch), without verifying it."""
+def _jwt_claim(token: str, name: str) -> float | None:
     parts = token.split(".")
     if len(parts) != 3:
         return None
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
-        return float(claims["exp"])
+        return float(claims[name])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (seconds since the epoch), without verifying it."""
+    return _jwt_claim(token, "exp")
+
+
+def jwt_issued_at(token: str) -> float | None:
+    """The ``iat`` claim of a JWT (seconds since the epoch), without verifying it."""
+    return _jwt_claim(token, "iat")
+
+
+def reuse_until(fetched: float, expiry: float | None) -> float:
+    """Until when a token fetched at ``fetched`` is reused: ``REFRESH_MARGIN`` before its
+    expiry, very short-lived tokens for half their life, tokens that do not say when they
+    expire for ``DEFAULT_LIFETIME``."""
+    lifetime = (expiry - fetched) if expiry else DEFAULT_LIFETIME
+    return fetched + max(lifetime - REFRESH_MARGIN, lifetime / 2, 0.0)
 
 
 class TokenCache:
@@ -52,12 +69,7 @@ class TokenCache:
                 return cached[0]
             token = fetch()
             register_secrets([token])  # never in a log line, even inside a library's message
-            expiry = jwt_expiry(token)
-            now = self._clock()
-            lifetime = (expiry - now) if expiry else DEFAULT_LIFETIME
-            # Very short-lived tokens are still reused for half their life.
-            valid_until = now + max(lifetime - REFRESH_MARGIN, lifetime / 2, 0.0)
-            self._cache[key] = (token, valid_until)
+            self._cache[key] = (token, reuse_until(self._clock(), jwt_expiry(token)))
             return token
 
     def clear(self) -> None:

@@ -40,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
+from kvx_runtime import settings
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
     MLFLOW_START_STEP,
@@ -463,6 +464,7 @@ class _DagWriter:
         if self.plan.exit_steps:
             macros["kvx_final_status"] = Code("kvx_final_status")
         if self._google_auth():
+            macros["kvx_google_audience"] = Code("kvx_google_audience")
             macros["kvx_google_id_token"] = Code("kvx_google_id_token")
         return macros
 
@@ -475,6 +477,8 @@ class _DagWriter:
             env.update({name: f"{{{{ var.value.{name} }}}}" for name in authentication.params})
         elif authentication is not None:
             env["MLFLOW_TRACKING_TOKEN"] = "{{ kvx_google_id_token() }}"
+            # The step renews the token from its own credentials before the hour is up.
+            env[settings.MLFLOW_TOKEN_AUDIENCE.name] = "{{ kvx_google_audience() }}"
         return env
 
     def _retry(self, step: PlannedStep) -> dict[str, Any]:
@@ -729,9 +733,10 @@ def write_dag(dag: AirflowDag, output: str | Path) -> Path:
 
 
 #: run_config.authentication GoogleOAuth2: an ID token for the worker's GOOGLE_AUDIENCE, minted
-#: when each task's environment is rendered (google-auth is on Cloud Composer's workers).
-_GOOGLE_ID_TOKEN_MACRO = '''def kvx_google_id_token() -> str:
-    """An ID token for GOOGLE_AUDIENCE from the worker's Google credentials (MLflow behind Google auth)."""
+#: when each task's environment is rendered (google-auth is on Cloud Composer's workers), and the
+#: audience itself, so that a step running past the token's hour mints the next one.
+_GOOGLE_ID_TOKEN_MACRO = '''def kvx_google_audience() -> str:
+    """The worker's GOOGLE_AUDIENCE: the audience of the ID tokens for MLflow (behind Google auth)."""
     import os
 
     audience = os.environ.get("GOOGLE_AUDIENCE")
@@ -739,6 +744,12 @@ _GOOGLE_ID_TOKEN_MACRO = '''def kvx_google_id_token() -> str:
         raise AirflowFailException(
             "run_config.authentication GoogleOAuth2: set GOOGLE_AUDIENCE in the Airflow workers' environment"
         )
+    return audience
+
+
+def kvx_google_id_token() -> str:
+    """An ID token for GOOGLE_AUDIENCE from the worker's Google credentials."""
+    audience = kvx_google_audience()
     try:
         import google.auth.transport.requests
         import google.oauth2.id_token

@@ -317,7 +317,6 @@ class LeanRun(RunInStep):
         of its own). Where that fails, ``MLFLOW_RUN_ID`` leads MLflow's fluent API to the run
         (resuming it: detaching still takes it off the active runs)."""
         try:
-            from kvx_runtime.auth import active_provider
             from kvx_runtime.log import adopt_library_loggers
             from kvx_runtime.mlflow.concurrent_tags import install_concurrent_tag_retry
             from kvx_runtime.mlflow.secret_guard import install_secret_guard
@@ -325,10 +324,6 @@ class LeanRun(RunInStep):
             adopt_library_loggers()
             install_concurrent_tag_retry()
             install_secret_guard()
-            if active_provider() is not None:
-                from kvx_runtime.auth import mlflow_provider
-
-                mlflow_provider.retry_once_after_401()
             from mlflow.tracking import fluent
 
             self._active = _active_run_of(self.run)

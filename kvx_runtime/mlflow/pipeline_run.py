@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime import settings
-from kvx_runtime.errors import ConfigError, InfrastructureError, UsageError
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError, UsageError
 from kvx_runtime.log import get_logger
 
 if TYPE_CHECKING:
@@ -116,10 +116,15 @@ def _redact(text: str) -> str:
     return _USERINFO.sub("", text)
 
 
-def _infrastructure_error(action: str, uri: str | None, exc: BaseException) -> InfrastructureError:
+def _infrastructure_error(action: str, uri: str | None, exc: BaseException) -> KvxError:
+    from kvx_runtime.auth import unauthenticated_because
+
     text = _redact(" ".join(str(exc).split()))[:400]
     where = f" at {_redact(uri)}" if uri else ""
     if re.search(r"\b401\b|UNAUTHENTICATED|Unauthorized|credentials", text, re.IGNORECASE):
+        explained = unauthenticated_because(f"could not {action}: MLflow{where}")
+        if explained is not None:
+            return explained
         reason = ("the tracking server refused the request as unauthenticated (401): configure "
                   "run_config.mlflow.request_header_provider_params or MLFLOW_TRACKING_* credentials")
     elif re.search(r"\b403\b|PERMISSION_DENIED|Forbidden", text, re.IGNORECASE):

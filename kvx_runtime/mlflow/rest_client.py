@@ -134,7 +134,7 @@ class MlflowRestClient:
         headers = {"User-Agent": "kvx-runtime", "Content-Type": "application/json"}
         provider = active_provider()
         if provider is not None and provider.in_context():
-            headers.update(provider.request_headers())
+            headers.update(provider.headers())
         username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
         token = os.environ.get("MLFLOW_TRACKING_TOKEN")
         if username and password:

@@ -22,6 +22,7 @@ _UNREACHABLE = re.compile(
     r"Max retries exceeded|Connection refused|Connection aborted|Connection reset|RemoteDisconnected|"
     r"Failed to establish a new connection|Read timed out|NameResolutionError"
 )
+_UNAUTHENTICATED = re.compile(r"\b401\b|UNAUTHENTICATED|Unauthorized", re.IGNORECASE)
 # MLflow says "Param with key='lr' was already logged" (one param) or lists dicts with 'key': ... (batches).
 _PARAM_KEYS = re.compile(r"key='([^']+)'|'key': '([^']+)'")
 
@@ -75,9 +76,14 @@ def _mlflow_failure(exc: Exception, hooks: StepHooks, replay: str) -> KvxError |
             "parameter values",
             hint="a run with other values needs its own job (another --job-name, a new pipeline run)",
         )
+    from kvx_runtime.auth import unauthenticated_because
     from kvx_runtime.mlflow.rest_client import MlflowRestError
     from kvx_runtime.storage.store import is_transient
 
+    if _UNAUTHENTICATED.search(text):
+        explained = unauthenticated_because("an MLflow request of the step was refused (401)")
+        if explained is not None:
+            return explained
     refused = next((item for item in chain if isinstance(item, MlflowRestError) and item.status is not None
                     and 400 <= item.status < 500), None)
     if refused is not None:  # the tracking server said no to a write: its configuration, not the node
