@@ -272,12 +272,22 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
         vertex._advance(vertex.jobs[new])
     assert vertex.jobs[new]["state"] == "PIPELINE_STATE_FAILED"
     vertex.fail_tasks = set()
+    # What a finished step wrote is gone since (gc, a lifecycle rule): that step runs again, not
+    # a step that would fail reading it.
+    job_directory = project / ".kvx" / "storage" / "kedro-vertexai-temp" / job_id
+    (job_directory / "total.bin").unlink()
     before = set(vertex.jobs)
     third = kvx("resume", new.rsplit("/", 1)[-1])
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
-    assert "2 finished nodes kept, 1 step to run" in third.stdout
+    assert f"1 finished step run again: what it wrote is gone from {job_directory} (total)" in third.stdout
+    assert "1 finished node kept, 2 steps to run" in third.stdout
     (last,) = set(vertex.jobs) - before
-    assert tasks_of(vertex.jobs[last]["pipelineSpec"]) == {"tabulate": ["tabulate"]}
+    assert tasks_of(vertex.jobs[last]["pipelineSpec"]) == {"total": ["total"], "tabulate": ["tabulate"]}
+    path.write_text(json.dumps(vertex.jobs[last]["pipelineSpec"]))
+    finished = subprocess.run([*KVX, "run-local", str(path), "--job-name", "resumed-again"], cwd=project,
+                              env=step_env(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    assert (job_directory / "total.bin").exists() and table(project) == expected
     for _ in range(3):
         vertex._advance(vertex.jobs[last])
     assert vertex.jobs[last]["state"] == "PIPELINE_STATE_SUCCEEDED"
@@ -305,6 +315,10 @@ def test_resume_on_kubeflow_submits_the_unfinished_steps_as_the_same_run(project
         assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-3000:]
         [old] = kfp.runs.values()
         kfp.fail_tasks = set()
+        # The fake runs no container: what the finished step (clean) wrote is put where it would be.
+        job_directory = project / ".kvx" / "storage" / "kedro-vertexai-temp" / f"{old['display_name']}-{old['run_id']}"
+        job_directory.mkdir(parents=True)
+        (job_directory / "cleaned.bin").write_bytes(b"written by the finished step")
         resumed = kvx("resume", old["run_id"])
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
         # The fake reports tabulate succeeded after total failed: it runs again all the same (it

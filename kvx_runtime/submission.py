@@ -44,7 +44,7 @@ class WaitTimeout(KvxError):
 _LOOK_UPS_AT_ONCE = 8
 
 
-def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
+def absent_inputs(inputs: Mapping[str, str], what: str = "pipeline input") -> list[str]:
     """Which of ``inputs`` (catalog name -> path under the cloud storage root, which compiling
     does not look for) are definitely not there, looked for all at once. One that cannot be
     told within ``KVX_INPUT_CHECK_TIMEOUT`` seconds, or whose look-up fails, is logged as a
@@ -90,7 +90,7 @@ def absent_inputs(inputs: Mapping[str, str]) -> list[str]:
         if isinstance(error, bool):
             continue
         reason = f"no answer within {timeout:g} s" if error is None else f"{type(error).__name__}: {error}"
-        log.warning(f"could not tell whether pipeline input '{name}' is at {inputs[name]} ({reason}): going on",
+        log.warning(f"could not tell whether {what} '{name}' is at {inputs[name]} ({reason}): going on",
                     dataset=name, hint="KVX_INPUT_CHECK_TIMEOUT sets the wait")
     return sorted(name for name, there in answered.items() if there is False)
 

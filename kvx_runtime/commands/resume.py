@@ -111,6 +111,16 @@ def _note_finished(spec: dict[str, Any], steps: Iterable[str]) -> None:
                                             "defaultValue": json.dumps(sorted(steps))}
 
 
+def _gone_blobs(resumed: ResumedRun, kept_blobs: Mapping[str, str]) -> list[str]:
+    """The blobs of ``resumed`` that the steps to run read from finished steps and that are
+    definitely not in its job directory (a look-up that cannot answer is warned, not counted)."""
+    from kvx_runtime.storage.store import blob_url
+    from kvx_runtime.submission import absent_inputs
+
+    where = {name: blob_url(resumed.storage_root, resumed.job_name, name) for name in kept_blobs}
+    return absent_inputs(where, what="intermediate dataset")
+
+
 def _param_values(items: tuple[str, ...]) -> dict[str, str]:
     """``--param KEY[:KIND]=VALUE`` items (resolved) -> ``{KEY: VALUE}``."""
     from kvx_runtime.params import split_param
@@ -149,6 +159,13 @@ def resume_run(request: ResumeRequest) -> None:
     compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
                          values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
+    rerun: dict[str, list[str]] = {}
+    while gone := _gone_blobs(resumed, compiled.kept_blobs):
+        # Deleted since (gc, a bucket's lifecycle rule): the steps that wrote them run again.
+        for name in gone:
+            rerun.setdefault(compiled.kept_blobs[name], []).append(name)
+        resumed = replace(resumed, done_steps=resumed.done_steps - set(rerun))
+        compiled = compile_pipeline(replace(compile_at, resume=resumed))
     ran_name = (old.spec or {}).get("pipelineInfo", {}).get("name")
     this_name = compiled.spec.get("pipelineInfo", {}).get("name")
     if ran_name and this_name and ran_name != this_name:
@@ -156,6 +173,13 @@ def resume_run(request: ResumeRequest) -> None:
         raise UsageError(f"run {old.run_id} ran pipeline {ran_name}, not this project's {this_name}",
                          hint="resume it from its own project (and pipeline)")
     kept = len(compiled.finished_nodes)
+    if rerun:
+        from kvx_runtime.storage.store import job_directory_url
+
+        datasets = sorted(name for names in rerun.values() for name in names)
+        click.echo(f"{len(rerun)} finished step{'s' if len(rerun) != 1 else ''} run again: what "
+                   f"{'they' if len(rerun) != 1 else 'it'} wrote is gone from "
+                   f"{job_directory_url(resumed.storage_root, resumed.job_name)} ({', '.join(datasets)})")
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
     refuse_missing_inputs(compiled.remote_inputs)  # those the steps left to run read

@@ -42,6 +42,8 @@ class CompiledPipeline:
     finished_nodes: tuple[str, ...] = ()
     #: Pipeline inputs under a cloud storage root (``PipelinePlan.remote_inputs``).
     remote_inputs: dict[str, str] = field(default_factory=dict)
+    #: A resumed run's blobs its steps will read (``PipelinePlan.kept_blobs``).
+    kept_blobs: dict[str, str] = field(default_factory=dict)
 
 
 def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
@@ -54,7 +56,8 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
              parameters=[p.kedro_name for p in plan.parameters])
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),
                             values=dict(plan.values), platform_spec=kfp.platform_spec,
-                            finished_nodes=plan.finished_nodes, remote_inputs=dict(plan.remote_inputs))
+                            finished_nodes=plan.finished_nodes, remote_inputs=dict(plan.remote_inputs),
+                            kept_blobs=dict(plan.kept_blobs))
 
 
 @dataclass

@@ -79,6 +79,7 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
         unread_mlflow_files=() if mlflow_configured(project) else _unread_mlflow_files(project),
         memory_datasets_assigned=_assigned_memory_datasets(_dataset_configs(catalog, catalog_config,
                                                                             catalog_names)),
+        blob_outputs=_blob_outputs(catalog, catalog_names, written),
         missing_inputs=_missing_inputs(_paths_of(input_configs), storage_root),
         remote_inputs=_remote_inputs(project, input_configs, storage_root, written_paths=written_paths),
         node_durations=_node_durations(project) if grouper.uses_durations else {},
@@ -86,6 +87,15 @@ def load_project_facts(request: CompileRequest) -> ProjectFacts:
                                      if not key.startswith("run_config.")),
         named_elsewhere=_named_in_other_pipelines(run, kedro_pipeline, request.pipeline),
     )
+
+
+def _blob_outputs(catalog: Any, names: set[str], written: set[str]) -> frozenset[str]:
+    """What the steps exchange as blobs: written datasets the catalog keeps nowhere lasting (the
+    rule of :meth:`kvx_runtime.step.hooks.StepHooks.after_catalog_created`)."""
+    from kvx_runtime.step.hooks import is_declared
+
+    return frozenset(dataset_identity(name) for name in names
+                     if dataset_identity(name) in written and not is_declared(catalog, name))
 
 
 def _check_catalog_has(catalog: Any, pipeline: Any, request: Any, exit_pipeline: Any = None) -> None:

@@ -146,6 +146,9 @@ class ProjectFacts:
     unread_mlflow_files: tuple[str, ...] = ()
     #: Catalog entries held in memory uncopied (``copy_mode: assign``): objects that cannot cross steps.
     memory_datasets_assigned: frozenset[str] = frozenset()
+    #: Datasets nodes write that the catalog keeps nowhere lasting (not declared, or a
+    #: MemoryDataset): between steps they are blobs in the run's job directory (by identity).
+    blob_outputs: frozenset[str] = frozenset()
     #: Pipeline inputs the catalog reads from under a storage root on this machine, not there:
     #: catalog name -> path.
     missing_inputs: dict[str, str] = field(default_factory=dict)
@@ -200,8 +203,8 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
     env = _step_env(facts.forwarded_env, facts.run)
     exec_node = _exec_node_invocation(request, facts, parameters)
     run = facts.run
-    finished_nodes = tuple(node for name in sorted(_done_groups(graph, request.resume))
-                           for node in graph.groups[name].nodes)
+    done = _done_groups(graph, request.resume)
+    finished_nodes = tuple(node for name in sorted(done) for node in graph.groups[name].nodes)
     return PipelinePlan(
         name=project_pipeline_name(facts.package_name, request.pipeline),
         description=run.description, image=facts.image, storage_root=facts.storage_root,
@@ -212,7 +215,28 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         code_upload=_code_upload(request, facts),
         finished_nodes=finished_nodes,
         remote_inputs=_inputs_still_read(facts, finished_nodes),
+        kept_blobs=_kept_blobs(graph, facts, done),
     )
+
+
+def _kept_blobs(graph: StepGraph, facts: ProjectFacts, done: set[str]) -> dict[str, str]:
+    """The blobs steps of this run read that steps a resumed run finished wrote: dataset
+    identity -> the writing step (:func:`kvx_runtime.cache.key.step_identity`)."""
+    if not done:
+        return {}
+    from kvx_runtime.cache.key import step_identity
+
+    group_of = {node: name for name, group in graph.groups.items() for node in group.nodes}
+    writer = {dataset_identity(out): group_of[node.name] for node in facts.pipeline.nodes for out in node.outputs}
+    kept: dict[str, str] = {}
+    for node in facts.pipeline.nodes:
+        if group_of[node.name] in done:
+            continue
+        for name in node.inputs:
+            identity = dataset_identity(name)
+            if identity in facts.blob_outputs and writer.get(identity) in done:
+                kept[identity] = step_identity(graph.groups[writer[identity]].nodes)
+    return kept
 
 
 def _inputs_still_read(facts: ProjectFacts, finished_nodes: tuple[str, ...]) -> dict[str, str]:

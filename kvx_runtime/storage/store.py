@@ -41,7 +41,9 @@ __all__ = [
     "BlobMissing",
     "BlobStore",
     "RetryPolicy",
+    "blob_url",
     "configure_s3",
+    "job_directory_url",
     "object_name",
 ]
 
@@ -296,6 +298,16 @@ def sweep_temp_files(directory: str, *, max_age: float = _TEMP_MAX_AGE, dry_run:
     return sorted(removed)
 
 
+def job_directory_url(root: str, job_name: str) -> str:
+    """A run's job directory under ``root``, as a user would type it."""
+    return f"{root.rstrip('/')}/{TEMP_DIR}/{object_name(job_name)}"
+
+
+def blob_url(root: str, job_name: str, dataset: str) -> str:
+    """Where the run's blob of ``dataset`` is under ``root``, as a user would type it."""
+    return f"{job_directory_url(root, job_name)}/{object_name(dataset)}{SUFFIX}"
+
+
 class BlobStore:
     """Blobs of one pipeline run: ``<root>/kedro-vertexai-temp/<job name>/``."""
 
@@ -330,11 +342,11 @@ class BlobStore:
     @property
     def job_url(self) -> str:
         """The job directory, as a user would type it (``gs://...``, ``s3://...`` or a local path)."""
-        return f"{self._display_root}/{TEMP_DIR}/{object_name(self.job_name)}"
+        return job_directory_url(self._display_root, self.job_name)
 
     def url(self, dataset: str) -> str:
         """Where ``dataset``'s blob is, as a user would type it."""
-        return f"{self.job_url}/{object_name(dataset)}{SUFFIX}"
+        return blob_url(self._display_root, self.job_name, dataset)
 
     # --- operations ---------------------------------------------------------------------
 
