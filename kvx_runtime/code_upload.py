@@ -258,6 +258,7 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
     members = _members(project, package_dir, package_arcroot, conf_dir or project / "conf")
     fingerprint = requirements_fingerprint(project)
     contents = [(name, path.read_bytes()) for name, path in members]
+    _refuse_private_keys(contents)
     # Executable files stay executable (a node running a script of the project); only that bit
     # of the mode travels, so the digest still depends on content alone.
     executable = {name for name, path in members if os.access(path, os.X_OK)}
@@ -285,6 +286,38 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
                           hint="leave large files out with .gitignore/.dockerignore, or raise KVX_CODE_MAX_BYTES")
     return CodeArchive(data=data, digest=hashlib.sha256(data).hexdigest(),
                        files=tuple(name for name, _ in members), fingerprint=fingerprint)
+
+
+#: What a file holding a private key says of itself: a PEM block, a Google service-account key
+#: (JSON), Google user credentials with a refresh token (what ``gcloud auth application-default
+#: login`` writes).
+_PRIVATE_KEY_SIGNS = (
+    (re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), "a PEM private key"),
+    (re.compile(rb'"type"\s*:\s*"service_account"[\s\S]*"private_key"|"private_key"[\s\S]*"type"\s*:\s*'
+                rb'"service_account"'), "a Google service-account key"),
+    (re.compile(rb'"type"\s*:\s*"authorized_user"[\s\S]*"refresh_token"|"refresh_token"[\s\S]*"type"\s*:\s*'
+                rb'"authorized_user"'), "Google user credentials"),
+)
+
+
+_KEY_FILE_MAX_BYTES = 1 << 20
+
+
+def _refuse_private_keys(contents: list[tuple[str, bytes]]) -> None:
+    """The archive goes to the storage bucket, readable by whoever reads the bucket: a file
+    holding a private key stops the upload (exit 2), naming it, rather than travel or be
+    silently left out (a node reading it would fail in the cloud only)."""
+    found = []
+    for name, data in contents:
+        # Key files are small: a large file (data, a model) is only looked at for a PEM block.
+        signs = _PRIVATE_KEY_SIGNS if len(data) <= _KEY_FILE_MAX_BYTES else _PRIVATE_KEY_SIGNS[:1]
+        found += [f"{name} ({what})" for sign, what in signs if sign.search(data)]
+    if found:
+        raise ConfigError(
+            f"code upload would copy private keys to the storage bucket: {', '.join(found[:5])}"
+            + (f" and {len(found) - 5} more" if len(found) > 5 else ""),
+            hint="leave them out with .gitignore or .dockerignore (the image holds what .dockerignore lets in), "
+                 "and give the steps credentials at run time (Workload Identity, run_config.secrets, Secret Manager)")
 
 
 def _package_dir(project: Path, package_name: str) -> tuple[Path, str]:

@@ -370,3 +370,36 @@ def test_scripts_stay_executable_and_links_to_project_files_travel(tmp_path: Pat
     assert not os.access(directory / "src" / "demo_pkg" / "nodes.py", os.X_OK)
     assert (directory / "src" / "demo_pkg" / "shared.py").read_text() == "def f():\n    return 1\n"
     assert not (directory / "src" / "demo_pkg" / "shared.py").is_symlink()
+
+
+@pytest.mark.parametrize(("name", "content", "what"), [
+    ("src/demo_pkg/sa.json", json.dumps({"type": "service_account", "project_id": "p", "private_key_id": "1",
+                                          "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+                                          "client_email": "sa@p.iam.gserviceaccount.com"}, indent=2),
+     "a Google service-account key"),
+    ("conf/base/adc.json", json.dumps({"client_id": "c", "client_secret": "s", "refresh_token": "1//r",
+                                        "type": "authorized_user"}), "Google user credentials"),
+    ("src/demo_pkg/certs/server.key", "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n",
+     "a PEM private key"),
+])
+def test_a_private_key_in_the_code_stops_the_upload_naming_it(tmp_path: Path, name: str, content: str,
+                                                               what: str) -> None:
+    project = _project(tmp_path)
+    (project / name).parent.mkdir(parents=True, exist_ok=True)
+    (project / name).write_text(content)
+    with pytest.raises(ConfigError) as error:
+        build_archive(project, "demo_pkg")
+    assert error.value.exit_code == ExitCode.USAGE
+    assert f"{name} ({what})" in str(error.value) and ".dockerignore" in str(error.value)
+    assert "MIIE" not in str(error.value) and "1//r" not in str(error.value)
+    (project / ".gitignore").write_text(f"*.tmp\n{name}\n")  # left out: the upload goes on
+    assert name not in build_archive(project, "demo_pkg").files
+
+
+def test_public_keys_and_certificates_travel(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    (project / "src" / "demo_pkg" / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (project / "src" / "demo_pkg" / "id.pub").write_text("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n")
+    (project / "conf" / "base" / "sa_email.json").write_text('{"type": "service_account_email", "email": "x"}')
+    files = build_archive(project, "demo_pkg").files
+    assert {"src/demo_pkg/ca.pem", "src/demo_pkg/id.pub", "conf/base/sa_email.json"} <= set(files)
