@@ -20,7 +20,12 @@ from kvx_runtime.auth.gcp import (
 )
 from kvx_runtime.auth.tokens import REFRESH_MARGIN, TokenCache, jwt_expiry
 from kvx_runtime.errors import ConfigError, UsageError
-from kvx_runtime.mlflow.pipeline_run import FINAL_STATES, _infrastructure_error, _redact, parse_final_status
+from kvx_runtime.mlflow.pipeline_run import (
+    FINAL_STATES,
+    infrastructure_error,
+    parse_final_status,
+    without_url_credentials,
+)
 
 
 def jwt(exp: float) -> str:
@@ -130,10 +135,10 @@ def test_final_status_parsing_and_mapping() -> None:
 
 
 def test_credentials_in_urls_never_reach_messages() -> None:
-    assert _redact("https://user:s3cret@mlflow.example.com/api") == "https://mlflow.example.com/api"
-    error = _infrastructure_error("connect", "https://u:pw@host", ConnectionError("Max retries exceeded with url https://u:pw@host/x"))
+    assert without_url_credentials("https://user:s3cret@mlflow.example.com/api") == "https://mlflow.example.com/api"
+    error = infrastructure_error("connect", "https://u:pw@host", ConnectionError("Max retries exceeded with url https://u:pw@host/x"))
     assert "pw" not in str(error) and "unreachable" in str(error)
-    assert "unauthenticated (401)" in str(_infrastructure_error("connect", None, Exception("HTTP 401 Unauthorized")))
+    assert "unauthenticated (401)" in str(infrastructure_error("connect", None, Exception("HTTP 401 Unauthorized")))
 
 
 def test_custom_provider_subclass_gets_params_and_kedro_context() -> None:

@@ -374,7 +374,7 @@ def test_scripts_stay_executable_and_links_to_project_files_travel(tmp_path: Pat
 
 @pytest.mark.parametrize(("name", "content", "what"), [
     ("src/demo_pkg/sa.json", json.dumps({"type": "service_account", "project_id": "p", "private_key_id": "1",
-                                          "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+                                          "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----",
                                           "client_email": "sa@p.iam.gserviceaccount.com"}, indent=2),
      "a Google service-account key"),
     ("conf/base/adc.json", json.dumps({"client_id": "c", "client_secret": "s", "refresh_token": "1//r",
@@ -398,8 +398,9 @@ def test_a_private_key_in_the_code_stops_the_upload_naming_it(tmp_path: Path, na
 
 def test_public_keys_and_certificates_travel(tmp_path: Path) -> None:
     project = _project(tmp_path)
-    (project / "src" / "demo_pkg" / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-    (project / "src" / "demo_pkg" / "id.pub").write_text("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n")
+    package = project / "src" / "demo_pkg"
+    (package / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (package / "id.pub").write_text("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n")
     (project / "conf" / "base" / "sa_email.json").write_text('{"type": "service_account_email", "email": "x"}')
     files = build_archive(project, "demo_pkg").files
     assert {"src/demo_pkg/ca.pem", "src/demo_pkg/id.pub", "conf/base/sa_email.json"} <= set(files)

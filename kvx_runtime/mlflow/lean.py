@@ -1,7 +1,7 @@
 """A step attached to the pipeline's run without importing MLflow.
 
 In a step attached to the pipeline's run (the run is given), kedro-mlflow's hooks do little:
-they tag the run with the pipeline's run parameters (:func:`~kvx_runtime.step.kedro_mlflow.
+they tag the run with the pipeline's run parameters (:func:`~kvx_runtime.mlflow.kedro_mlflow_rules.
 pipeline_run_tags`: the first steps write them, the others nothing) and log each node's
 parameters (``params:...`` and ``parameters`` inputs, flattened as ``mlflow.yml`` says, names
 made valid, too long ones failed, truncated or tagged by ``long_params_strategy``). Importing
@@ -39,12 +39,12 @@ from kvx_runtime import settings
 from kvx_runtime.errors import ConfigError, InfrastructureError
 from kvx_runtime.log import get_logger, redact
 from kvx_runtime.mlflow.pipeline_run import (
-    _HTTP_DEFAULTS,
+    HTTP_DEFAULTS,
     RunInStep,
-    _infrastructure_error,
-    _project_context,
-    _redact,
     drop_from_active_runs,
+    infrastructure_error,
+    project_context,
+    without_url_credentials,
 )
 from kvx_runtime.mlflow.rest_client import MlflowRestClient, MlflowRestError
 from kvx_runtime.mlflow.secret_guard import logged_value, param_kept, tag_kept
@@ -108,7 +108,7 @@ def _why_not_lean(project: KedroProject, runtime_params: dict[str, Any] | None, 
         return "the run is found by its job name", None
     if "mlflow" in sys.modules or type(pipeline).__module__.startswith("kedro_mlflow"):
         return "MLflow is imported already (the project's code imports it)", None
-    context = _project_context(project, runtime_params)
+    context = project_context(project, runtime_params)
     found = _read_mlflow_yml(context)
     if isinstance(found, str):
         return found, None
@@ -185,8 +185,8 @@ def _other_header_providers() -> list[str]:
 def _kedro_mlflows_datasets(project: KedroProject, runtime_params: dict[str, Any] | None,
                             step_datasets: Iterable[str]) -> list[str]:
     """The step's datasets (and dataset factories, which may match them) of kedro-mlflow's types."""
+    from kvx_runtime.mlflow.kedro_mlflow_rules import is_kedro_mlflow_type
     from kvx_runtime.project import catalog_config
-    from kvx_runtime.step.hooks import is_kedro_mlflow_type
 
     wanted = set(step_datasets)
     found = []
@@ -203,11 +203,11 @@ def attach_lean(project: KedroProject, lean: LeanSettings, runtime_params: dict[
     not answer and ``run_config.mlflow.required`` is false (the step runs untracked)."""
     from kvx_runtime.auth import install_request_header_provider, uninstall_request_header_provider
 
-    for key, value in _HTTP_DEFAULTS.items():
+    for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.update(lean.exported)
-    context = _project_context(project, runtime_params)
+    context = project_context(project, runtime_params)
     install_request_header_provider(project.plugin_config.run_config.mlflow, context)
     client = MlflowRestClient(lean.tracking_uri)
     try:
@@ -241,9 +241,9 @@ def _read_run(client: MlflowRestClient, run_id: str) -> dict[str, Any]:
     try:
         run = client.get_run(run_id)
     except MlflowRestError as exc:
-        raise _infrastructure_error(f"resume MLflow run {run_id}", client.tracking_uri, exc) from exc
+        raise infrastructure_error(f"resume MLflow run {run_id}", client.tracking_uri, exc) from exc
     if (run.get("info") or {}).get("lifecycle_stage") == "deleted":
-        raise _infrastructure_error(f"resume MLflow run {run_id}", client.tracking_uri,
+        raise infrastructure_error(f"resume MLflow run {run_id}", client.tracking_uri,
                                     Exception(f"run {run_id} is in the deleted state"))
     return run
 
@@ -337,7 +337,7 @@ class LeanRun(RunInStep):
             os.environ["MLFLOW_RUN_ID"] = self.run_id
             log.warning("the step's code imported MLflow, and the pipeline's run could not be made its active run: "
                         "MLFLOW_RUN_ID names it instead (MLflow resumes it at its first use)",
-                        error=_redact(str(exc))[:200])
+                        error=without_url_credentials(str(exc))[:200])
             self._active = None
 
     def keep_on_top(self) -> None:
@@ -418,7 +418,7 @@ class KedroMlflowsStepWork:
         hook_impl(KedroMlflowsStepWork.before_node_run)
 
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        from kvx_runtime.step.kedro_mlflow import pipeline_run_tags, run_pipeline_names
+        from kvx_runtime.mlflow.kedro_mlflow_rules import pipeline_run_tags, run_pipeline_names
 
         names = run_pipeline_names(run_params)
         self.enabled = not all(name in self.attached.settings.disabled_pipelines for name in names)

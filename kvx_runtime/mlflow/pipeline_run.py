@@ -39,16 +39,20 @@ if TYPE_CHECKING:
     from kvx_runtime.project import KedroProject
 
 __all__ = [
+    "HTTP_DEFAULTS",
     "AttachedRun",
     "RunInStep",
     "attach_step",
     "drop_from_active_runs",
     "earlier_node_seconds",
     "end_pipeline_run",
+    "infrastructure_error",
     "mlflow_available",
     "mlflow_enabled",
+    "project_context",
     "start_pipeline_run",
     "unread_mlflow_files",
+    "without_url_credentials",
 ]
 
 log = get_logger(__name__)
@@ -77,7 +81,7 @@ FINAL_STATES = {
     "SKIPPED": "KILLED",
 }
 #: MLflow's HTTP retry settings for steps: about 30 s of retries, not MLflow's default minutes.
-_HTTP_DEFAULTS = {
+HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
@@ -111,16 +115,16 @@ def unread_mlflow_files(project: KedroProject) -> list[Path]:
     return [Path(path) for path in conf_files(project.conf_source, "*/mlflow*") if Path(path).parent.name not in read]
 
 
-def _redact(text: str) -> str:
+def without_url_credentials(text: str) -> str:
     """Drop credentials embedded in URLs (``https://user:pass@host``) from messages."""
     return _USERINFO.sub("", text)
 
 
-def _infrastructure_error(action: str, uri: str | None, exc: BaseException) -> KvxError:
+def infrastructure_error(action: str, uri: str | None, exc: BaseException) -> KvxError:
     from kvx_runtime.auth import unauthenticated_because
 
-    text = _redact(" ".join(str(exc).split()))[:400]
-    where = f" at {_redact(uri)}" if uri else ""
+    text = without_url_credentials(" ".join(str(exc).split()))[:400]
+    where = f" at {without_url_credentials(uri)}" if uri else ""
     if re.search(r"\b401\b|UNAUTHENTICATED|Unauthorized|credentials", text, re.IGNORECASE):
         explained = unauthenticated_because(f"could not {action}: MLflow{where}")
         if explained is not None:
@@ -147,7 +151,7 @@ class MlflowConnection:
     config: Any  # kedro-mlflow's KedroMlflowConfig
 
 
-def _project_context(project: KedroProject, runtime_params: dict[str, Any] | None) -> Any:
+def project_context(project: KedroProject, runtime_params: dict[str, Any] | None) -> Any:
     """A KedroContext (config loader, credentials) without a session: no hooks run."""
     from kedro.framework.context import KedroContext
     from kedro.framework.hooks import _create_hook_manager
@@ -174,7 +178,7 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None,
     kedro-mlflow's look-up of the configured experiment (three requests, creating it when
     missing) is skipped; the connection's ``experiment_id`` is empty until
     :func:`_adopt_experiment_of`."""
-    for key, value in _HTTP_DEFAULTS.items():
+    for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -190,7 +194,7 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None,
     adopt_library_loggers()  # importing mlflow installed its own console handler
     install_concurrent_tag_retry()
     install_secret_guard()
-    context = _project_context(project, runtime_params)
+    context = project_context(project, runtime_params)
     try:
         raw = context.config_loader["mlflow"]
     except MissingConfigException:
@@ -216,7 +220,7 @@ def connect(project: KedroProject, runtime_params: dict[str, Any] | None = None,
     except (KeyError, ConfigError):
         raise
     except Exception as exc:
-        raise _infrastructure_error("connect", uri, exc) from exc
+        raise infrastructure_error("connect", uri, exc) from exc
     experiment = None if run_known else config.tracking.experiment._experiment
     return MlflowConnection(
         client=config.server._mlflow_client,
@@ -269,7 +273,7 @@ def _call(connection: MlflowConnection, action: str, function: Any, *args: Any, 
     try:
         return function(*args, **kwargs)
     except Exception as exc:
-        raise _infrastructure_error(action, connection.tracking_uri, exc) from exc
+        raise infrastructure_error(action, connection.tracking_uri, exc) from exc
 
 
 def find_run(connection: MlflowConnection, job_name: str) -> str | None:
@@ -306,7 +310,7 @@ def earlier_node_seconds(project: KedroProject, runs: int = DURATION_RUNS_READ) 
                 max_results=runs)
     except Exception as exc:
         log.warning("node durations of earlier runs were not read from MLflow",
-                    error=_redact(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                    error=without_url_credentials(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return {}
     durations: dict[str, float] = {}
     for run in found:
@@ -360,7 +364,7 @@ def _create_run(connection: MlflowConnection, run_id: str, job_name: str,
     try:
         return retrying(attempt)
     except Exception as exc:
-        raise _infrastructure_error("create the MLflow run", connection.tracking_uri, exc) from exc
+        raise infrastructure_error("create the MLflow run", connection.tracking_uri, exc) from exc
 
 
 def start_pipeline_run(
@@ -375,7 +379,7 @@ def start_pipeline_run(
         return existing, connection
     mlflow_run_id = _create_run(connection, run_id, job_name, tags)
     log.info("MLflow run started", mlflow_run_id=mlflow_run_id, experiment=connection.experiment_name,
-             tracking_uri=_redact(connection.tracking_uri))
+             tracking_uri=without_url_credentials(connection.tracking_uri))
     return mlflow_run_id, connection
 
 
@@ -483,7 +487,8 @@ class RunInStep(ABC):
         try:
             self._log_batch(metrics=metrics, tags=tags)
         except Exception as exc:
-            log.warning("could not record the finished nodes in the MLflow run", error=_redact(str(exc))[:200])
+            log.warning("could not record the finished nodes in the MLflow run",
+                        error=without_url_credentials(str(exc))[:200])
 
     def add_missing_tags(self, tags: Mapping[str, str]) -> None:
         """Write those of ``tags`` the run does not carry yet, in one request (none when it
@@ -495,7 +500,8 @@ class RunInStep(ABC):
         try:
             self._log_batch(tags=missing)
         except Exception as exc:
-            log.warning("could not tag the MLflow run", tags=sorted(missing), error=_redact(str(exc))[:200])
+            log.warning("could not tag the MLflow run", tags=sorted(missing),
+                        error=without_url_credentials(str(exc))[:200])
             return
         self.tags.update(missing)
 
@@ -504,7 +510,7 @@ class RunInStep(ABC):
         try:
             self._set_tag(key, value)
         except Exception as exc:
-            log.warning("could not tag the MLflow run", tag=key, error=_redact(str(exc))[:200])
+            log.warning("could not tag the MLflow run", tag=key, error=without_url_credentials(str(exc))[:200])
 
     def detach(self) -> None:
         """Record the finished nodes and leave the run as the pipeline has it (MLflow would
@@ -583,7 +589,7 @@ class AttachedRun(RunInStep):
             status = FINAL_STATES.get(state, "FAILED")
             client.set_terminated(self.run_id, status)
         except Exception as exc:
-            log.warning("could not check the MLflow run's final status", error=_redact(str(exc))[:200])
+            log.warning("could not check the MLflow run's final status", error=without_url_credentials(str(exc))[:200])
             return
         log.info("the pipeline's MLflow run had already ended; its final status is kept",
                  mlflow_run_id=self.run_id, status=status)
@@ -611,7 +617,7 @@ def attach_step(
         try:
             resumed, resumed_as_running = _make_active(connection, resolved)
         except Exception as exc:
-            raise _infrastructure_error(f"resume MLflow run {resolved}", connection.tracking_uri, exc) from exc
+            raise infrastructure_error(f"resume MLflow run {resolved}", connection.tracking_uri, exc) from exc
         if not connection.experiment_id:
             _adopt_experiment_of(resumed, connection)
     except InfrastructureError as exc:

@@ -11,6 +11,7 @@ from kvx_runtime import collector
 from kvx_runtime.errors import find_kvx_error
 from kvx_runtime.graph import StepPlan, dataset_identity
 from kvx_runtime.log import NODE_FINISHED, bind_step_context, get_logger
+from kvx_runtime.mlflow.kedro_mlflow_rules import is_kedro_mlflow_type
 from kvx_runtime.step.identity import JobDirectory
 
 __all__ = [
@@ -65,12 +66,6 @@ def dataset_config(catalog: Any, name: str) -> dict[str, Any] | None:
 def type_name(catalog: Any, name: str) -> str:
     """The class name of ``name``'s dataset type ("" when the catalog gives it none)."""
     return str(declared_type(catalog, name) or "").rsplit(".", 1)[-1]
-
-
-def is_kedro_mlflow_type(dataset_type: str) -> bool:
-    """Does a catalog ``type`` name one of kedro-mlflow's datasets (``kedro_mlflow.io...``, or
-    ``Mlflow*Dataset`` as its catalog entries are written)? Told from the name, never imported."""
-    return dataset_type.startswith("kedro_mlflow.") or dataset_type.rsplit(".", 1)[-1].startswith("Mlflow")
 
 
 def is_declared(catalog: Any, name: str) -> bool:

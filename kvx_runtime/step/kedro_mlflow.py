@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvx_runtime.log import get_logger, redact
+from kvx_runtime.mlflow.kedro_mlflow_rules import pipeline_run_tags, run_pipeline_names
 from kvx_runtime.step.hooks import declared_type
 
 if TYPE_CHECKING:
@@ -29,15 +30,6 @@ __all__ = ["adapt_kedro_mlflow_hooks", "narrow_kedro_mlflows_catalog_pass",
            "pipeline_run_tags", "run_pipeline_names", "tag_the_pipelines_run"]
 
 log = get_logger(__name__)
-
-#: The run parameters (``KedroSession.run``'s ``run_params``) that kedro-mlflow tags the run
-#: with and that describe one step's share of the pipeline, not the pipeline: the nodes a step
-#: runs, its Kedro session (``run_id``, Kedro 1.0's ``session_id``: the pipeline's run id
-#: instead) and its runner (an object's repr, with its address).
-STEP_SHARE = frozenset({"node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "tags", "namespaces",
-                        "only_missing_outputs", "runner"})
-SESSION_KEYS = ("run_id", "session_id")
-
 
 def adapt_kedro_mlflow_hooks(hook_manager: Any, attached: AttachedRun | None, *, run_id: str) -> None:
     """Adapt kedro-mlflow's hooks on a step session's ``hook_manager`` (before the session runs):
@@ -58,34 +50,6 @@ def _kedro_mlflows_implementations(hook_manager: Any, hook: str, argument: str) 
         argnames = tuple(getattr(implementation, "argnames", ()))
         if plugin_module.startswith("kedro_mlflow.") and argument in argnames:
             yield implementation, argnames.index(argument)
-
-
-def pipeline_run_tags(step_tags: Mapping[str, str], run_params: Mapping[str, Any], run_id: str) -> dict[str, str]:
-    """The tags kedro-mlflow gives a run of the whole pipeline (``kedro run --pipeline=...``),
-    from those it gave a step's run: without the step's share of the pipeline, the pipeline's
-    run id for the session's, and the pipeline's ``kedro_command``."""
-    tags = {key: value for key, value in step_tags.items() if key not in STEP_SHARE}
-    for key in SESSION_KEYS:
-        if key in tags:
-            tags[key] = run_id
-    if "kedro_command" in tags:
-        tags["kedro_command"] = pipeline_kedro_command(run_params)
-    return tags
-
-
-def run_pipeline_names(run_params: Mapping[str, Any]) -> list[str]:
-    """The pipelines a session ran: ``pipeline_names`` (Kedro >= 1.1), ``pipeline_name`` (a string,
-    Kedro 1.0), else ``__default__``."""
-    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
-    return [names] if isinstance(names, str) else list(names)
-
-
-def pipeline_kedro_command(run_params: Mapping[str, Any]) -> str:
-    """``kedro run`` of the pipeline, in kedro-mlflow's ``kedro_command`` format."""
-    command = ["kedro", "run", "--pipeline=" + ",".join(run_pipeline_names(run_params))]
-    if run_params.get("load_versions"):
-        command.append("--load-version=" + ",".join(f"{k}:{v}" for k, v in run_params["load_versions"].items()))
-    return " ".join(command)
 
 
 def tag_the_pipelines_run(hook_manager: Any, attached: AttachedRun, *, run_id: str) -> None:
