@@ -270,13 +270,17 @@ def test_a_task_named_like_a_builtin_does_not_shadow_what_the_exit_tasks_call(tm
     project = make_project(tmp_path, "builtinproj", "def make():\n    return 1\n",
                            "from kedro.pipeline import Pipeline, node\nfrom builtinproj.nodes import make\n\n"
                            "def register_pipelines():\n    return {'__default__': Pipeline([node(make, None, 'x', "
-                           "name='sorted')]), 'cleanup': Pipeline([node(make, None, 'y', name='any')])}\n")
+                           "name='sorted'), node(make, None, 'z', name='kvx_google_audience')]), "
+                           "'cleanup': Pipeline([node(make, None, 'y', name='any')])}\n")
     (project / "conf" / "base" / "airflow-k8s.yml").write_text(
-        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  on_exit_pipeline: cleanup\n")
+        "run_config:\n  image: img\n  root: gs://kvx-bucket/p\n  on_exit_pipeline: cleanup\n"
+        "  authentication: {type: GoogleOAuth2}\n")
     made = _kvx(project, "airflow", "compile", "-o", str(tmp_path / "dag.py"))
     assert made.returncode == 0, made.stderr[-2000:]
     text = (tmp_path / "dag.py").read_text()
-    assert "kvx_final_status" in text and not re.search(r"^(sorted|any)\b", text, re.MULTILINE)
+    assert "kvx_final_status" in text and "def kvx_google_audience" in text
+    # No task variable (module-level names, also inside the `with DAG` block) takes their names.
+    assert not re.search(r"^\s*(sorted|any|kvx_google_audience) =", text, re.MULTILINE)
 
 
 def test_each_pipeline_has_a_dag_of_its_own_under_a_configured_dag_id(tmp_path: Path) -> None:

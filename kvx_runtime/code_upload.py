@@ -288,30 +288,40 @@ def build_archive(project: Path, package_name: str, conf_dir: Path | None = None
                        files=tuple(name for name, _ in members), fingerprint=fingerprint)
 
 
-#: What a file holding a private key says of itself: a PEM block, a Google service-account key
-#: (JSON), Google user credentials with a refresh token (what ``gcloud auth application-default
-#: login`` writes).
-_PRIVATE_KEY_SIGNS = (
-    (re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), "a PEM private key"),
-    (re.compile(rb'"type"\s*:\s*"service_account"[\s\S]*"private_key"|"private_key"[\s\S]*"type"\s*:\s*'
-                rb'"service_account"'), "a Google service-account key"),
-    (re.compile(rb'"type"\s*:\s*"authorized_user"[\s\S]*"refresh_token"|"refresh_token"[\s\S]*"type"\s*:\s*'
-                rb'"authorized_user"'), "Google user credentials"),
+#: What a file holding a private key says of itself (a mention of the words, in code or docs,
+#: is not one): a PEM or PGP block with a body, in a file or inside a JSON string (escaped line
+#: breaks); a PuTTY key file. Each pattern is linear in the file's size.
+_KEY_BLOCKS = (
+    (re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:\\n|\s)+[A-Za-z0-9+/=\s\\]{40,}?"
+                rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"), "a PEM private key"),
+    (re.compile(rb"-----BEGIN PGP PRIVATE KEY BLOCK-----[^-]{40,}?-----END PGP PRIVATE KEY BLOCK-----"),
+     "a PGP private key"),
+    (re.compile(rb"\APuTTY-User-Key-File-\d+:[^\n]*\n(?:[^\n]*\n)*?Private-Lines: \d+"), "a PuTTY private key"),
 )
-
-
+#: Google's credential files (JSON): every marker of one, in any order.
+_KEY_FILES = (
+    ((re.compile(rb'"type"\s*:\s*"service_account"'), re.compile(rb'"private_key"\s*:\s*"-----BEGIN')),
+     "a Google service-account key"),
+    ((re.compile(rb'"type"\s*:\s*"authorized_user"'), re.compile(rb'"refresh_token"\s*:\s*"[^"]')),
+     "Google user credentials"),
+)
 _KEY_FILE_MAX_BYTES = 1 << 20
+
+
+def _private_key_in(data: bytes) -> str | None:
+    """What private key ``data`` holds, the most telling name first, or None."""
+    if len(data) <= _KEY_FILE_MAX_BYTES:  # credential files are small: a large one is data
+        for markers, what in _KEY_FILES:
+            if all(marker.search(data) for marker in markers):
+                return what
+    return next((what for pattern, what in _KEY_BLOCKS if pattern.search(data)), None)
 
 
 def _refuse_private_keys(contents: list[tuple[str, bytes]]) -> None:
     """The archive goes to the storage bucket, readable by whoever reads the bucket: a file
     holding a private key stops the upload (exit 2), naming it, rather than travel or be
     silently left out (a node reading it would fail in the cloud only)."""
-    found = []
-    for name, data in contents:
-        # Key files are small: a large file (data, a model) is only looked at for a PEM block.
-        signs = _PRIVATE_KEY_SIGNS if len(data) <= _KEY_FILE_MAX_BYTES else _PRIVATE_KEY_SIGNS[:1]
-        found += [f"{name} ({what})" for sign, what in signs if sign.search(data)]
+    found = [f"{name} ({what})" for name, data in contents if (what := _private_key_in(data)) is not None]
     if found:
         raise ConfigError(
             f"code upload would copy private keys to the storage bucket: {', '.join(found[:5])}"

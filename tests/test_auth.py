@@ -218,36 +218,75 @@ def test_a_handed_id_token_is_used_then_renewed_from_the_steps_own_credentials(m
     assert provider.request_headers() == {"Authorization": f"Bearer {minted[1]}"}
 
 
-def test_a_refused_handed_token_is_replaced_at_once(monkeypatch) -> None:
+def test_a_refused_handed_token_is_replaced_at_once_and_never_sent_again(monkeypatch, tmp_path) -> None:
     clock = Clock()
     handed = google_jwt(clock.now)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
     minted: list[str] = []
     provider = HandedProvider(clock, minted)
-    provider.invalidate()  # MLflow answered 401 (revoked, or the clocks disagree)
+    assert provider.request_headers() == {"Authorization": f"Bearer {handed}"}
+    provider.invalidate()  # MLflow answered 401 to it (revoked, or the clocks disagree)
     assert provider.request_headers() == {"Authorization": f"Bearer {minted[0]}"}
+    provider.invalidate()  # the minted one refused: a new one, the handed one still not
+    assert provider.request_headers() == {"Authorization": f"Bearer {minted[1]}"}
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    cannot_mint = HandedProvider(clock)
+    cannot_mint.request_headers()
+    cannot_mint.invalidate()
+    with pytest.raises(ConfigError, match="was refused by the tracking server"):
+        cannot_mint.request_headers()  # not the refused token again, an hour before its end
+
+
+class FailingMint(HandedProvider):
+    """The step's own credentials cannot mint (no metadata server, no key): counted."""
+
+    attempts = 0
+
+    def _mint(self) -> str:
+        from kvx_runtime.auth.gcp import GoogleAuthError
+
+        self.attempts += 1
+        raise GoogleAuthError("no Google credentials for an ID token")
 
 
 def test_a_step_without_google_credentials_uses_the_handed_token_to_its_end_then_says_why(
-        monkeypatch, tmp_path, caplog) -> None:
+        monkeypatch, caplog) -> None:
     from kvx_runtime.auth.gcp import GoogleAuthError
     from kvx_runtime.errors import ExitCode
 
     clock = Clock()
     handed = google_jwt(clock.now)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", handed)
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
-    provider = HandedProvider(clock)
+    provider = FailingMint(clock)
     clock.now += 3600 - 60  # past the margin: a new token is wanted, none can be minted
-    assert provider.request_headers() == {"Authorization": f"Bearer {handed}"}
-    assert "expires soon" in caplog.text
-    clock.now += 56  # 4 s before exp: too late to send it
+    for _ in range(20):
+        assert provider.request_headers() == {"Authorization": f"Bearer {handed}"}
+    assert provider.attempts == 1  # tried again only every 30 s, not at each request
+    assert caplog.text.count("expires soon") == 1
+    clock.now += 31
+    provider.request_headers()
+    assert provider.attempts == 2
+    clock.now += 25  # 4 s before exp: too late to send it
     with pytest.raises(GoogleAuthError) as error:
+        provider.request_headers()
+    provider.invalidate()  # the request went without credentials (MLflow's client goes on): 401
+    with pytest.raises(GoogleAuthError, match="has expired"):  # not "refused": it was not sent
         provider.request_headers()
     assert error.value.exit_code == ExitCode.INFRASTRUCTURE
     text = str(error.value) + str(error.value.hint)
     assert "has expired" in text and AUDIENCE in text and "Workload Identity" in text
     assert handed not in text
+
+
+def test_a_credentials_file_that_cannot_mint_is_the_users_to_fix_exit_2(monkeypatch, tmp_path) -> None:
+    clock = Clock()
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", google_jwt(clock.now - 3600, lifetime=3601))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError) as error:
+        HandedProvider(clock).request_headers()
+    assert error.value.exit_code == 2 and "has expired" in str(error.value)
+    assert "service-account key" in str(error.value.hint)  # the key file's own fix
 
 
 def test_installing_the_handed_token_provider_takes_the_token_out_of_the_environment(monkeypatch) -> None:

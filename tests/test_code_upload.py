@@ -372,15 +372,26 @@ def test_scripts_stay_executable_and_links_to_project_files_travel(tmp_path: Pat
     assert not (directory / "src" / "demo_pkg" / "shared.py").is_symlink()
 
 
+#: The body of a PEM block (base64, 64 characters a line), as in a real key file.
+KEY_BODY = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\nVJTUt9Us8cKjMzEfYyjiWA4R4/M2bS1GB4t7NXp98C3S\n"
+
+
 @pytest.mark.parametrize(("name", "content", "what"), [
     ("src/demo_pkg/sa.json", json.dumps({"type": "service_account", "project_id": "p", "private_key_id": "1",
-                                          "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----",
+                                          "private_key": f"-----BEGIN PRIVATE KEY-----\n{KEY_BODY}"
+                                                         "-----END PRIVATE KEY-----\n",
                                           "client_email": "sa@p.iam.gserviceaccount.com"}, indent=2),
      "a Google service-account key"),
     ("conf/base/adc.json", json.dumps({"client_id": "c", "client_secret": "s", "refresh_token": "1//r",
                                         "type": "authorized_user"}), "Google user credentials"),
-    ("src/demo_pkg/certs/server.key", "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n",
+    ("src/demo_pkg/certs/server.key", f"-----BEGIN RSA PRIVATE KEY-----\n{KEY_BODY}-----END RSA PRIVATE KEY-----\n",
      "a PEM private key"),
+    ("src/demo_pkg/settings.py",
+     f'KEY = """-----BEGIN EC PRIVATE KEY-----\n{KEY_BODY}-----END EC PRIVATE KEY-----"""\n', "a PEM private key"),
+    ("conf/base/signing.asc", "-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: 1\n\n" + KEY_BODY
+     + "=abcd\n-----END PGP PRIVATE KEY BLOCK-----\n", "a PGP private key"),
+    ("src/demo_pkg/deploy.ppk", "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: k\n"
+     "Public-Lines: 2\nAAAA\nBBBB\nPrivate-Lines: 1\nCCCC\n", "a PuTTY private key"),
 ])
 def test_a_private_key_in_the_code_stops_the_upload_naming_it(tmp_path: Path, name: str, content: str,
                                                                what: str) -> None:
@@ -392,6 +403,7 @@ def test_a_private_key_in_the_code_stops_the_upload_naming_it(tmp_path: Path, na
     assert error.value.exit_code == ExitCode.USAGE
     assert f"{name} ({what})" in str(error.value) and ".dockerignore" in str(error.value)
     assert "MIIE" not in str(error.value) and "1//r" not in str(error.value)
+    assert str(error.value).count(name) == 1
     (project / ".gitignore").write_text(f"*.tmp\n{name}\n")  # left out: the upload goes on
     assert name not in build_archive(project, "demo_pkg").files
 
@@ -402,5 +414,21 @@ def test_public_keys_and_certificates_travel(tmp_path: Path) -> None:
     (package / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     (package / "id.pub").write_text("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n")
     (project / "conf" / "base" / "sa_email.json").write_text('{"type": "service_account_email", "email": "x"}')
+    # Code and docs that mention a key's header hold no key.
+    (package / "keys.py").write_text('def is_key(text):\n    return text.startswith("-----BEGIN PRIVATE KEY-----")\n'
+                                     'END = "-----END PRIVATE KEY-----"\n')
+    (package / "README.md").write_text("Never commit a file starting with -----BEGIN RSA PRIVATE KEY-----.\n")
     files = build_archive(project, "demo_pkg").files
-    assert {"src/demo_pkg/ca.pem", "src/demo_pkg/id.pub", "conf/base/sa_email.json"} <= set(files)
+    assert {"src/demo_pkg/ca.pem", "src/demo_pkg/id.pub", "conf/base/sa_email.json", "src/demo_pkg/keys.py",
+            "src/demo_pkg/README.md"} <= set(files)
+
+
+def test_looking_for_keys_takes_one_pass_over_a_file() -> None:
+    """Each marker many times over in 1 MiB: the shape that made a pattern like "A.*B" rescan
+    the rest of the file at each A (minutes; the suite's per-test timeout stops it)."""
+    from kvx_runtime.code_upload import _private_key_in
+
+    for marker in (b'"private_key",', b'"type": "service_account",', b'"refresh_token",',
+                   b"-----BEGIN PRIVATE KEY-----\n", b"-----BEGIN PGP PRIVATE KEY BLOCK-----",
+                   b"PuTTY-User-Key-File-3: x\n"):
+        assert _private_key_in(marker * ((1 << 20) // len(marker))) is None, marker

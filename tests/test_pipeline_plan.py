@@ -114,6 +114,29 @@ def test_a_resumed_run_is_the_same_run_and_leaves_out_what_it_finished() -> None
     render_kfp(plan, None)  # literal values render as they are
 
 
+def test_a_resumed_plan_names_the_blobs_it_reads_from_finished_steps_and_only_the_steps_it_leaves_out() -> None:
+    """A writes x (transcoded) and y, B reads x, C reads y and B's b, the exit step reads x."""
+    pipeline = Pipeline([Node(f, None, ["x@pandas", "y"], name="A"), Node(f, "x@spark", "b", name="B"),
+                         Node(f, ["y", "b"], "c", name="C")])
+    exit_pipeline = Pipeline([Node(f, "x@pandas", None, name="notify")])
+    planned = ProjectFacts(**{**facts().__dict__, "pipeline": pipeline, "exit_pipeline": exit_pipeline,
+                              "blob_outputs": frozenset({"x", "y", "b", "c"})})
+
+    def resumed(*done: str) -> Any:
+        return plan_pipeline(CompileRequest(resume=ResumedRun(
+            run_id="u", job_name="j", storage_root="gs://b/p", save_version="", job_create_time="",
+            done_steps=frozenset(done))), planned)
+
+    plan = resumed("A", "B")
+    # C reads y (A's) and b (B's); the on-exit step, which always runs, reads x (A's).
+    assert dict(plan.kept_blobs) == {"x": "A", "y": "A", "b": "B"}
+    assert plan.finished_steps == ("A", "B")
+    # Without A (its y is gone), B runs again too: only what is left out is finished.
+    plan = resumed("B")
+    assert [step.name for step in plan.steps if step.name != "mlflow-start-run"] == ["a", "b", "c"]
+    assert plan.finished_steps == () and dict(plan.kept_blobs) == {}
+
+
 def test_kfp_renders_each_marker_as_the_input_or_output_it_names() -> None:
     plan = plan_pipeline(CompileRequest(params=["model.alpha:float"]), facts())
     spec = render_kfp(plan).spec

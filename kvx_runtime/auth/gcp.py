@@ -31,7 +31,7 @@ from kvx_runtime import settings
 from kvx_runtime.auth import RequestHeaderProviderWithKedroContext
 from kvx_runtime.auth.tokens import jwt_expiry, jwt_issued_at, reuse_until
 from kvx_runtime.dynamic_config import DynamicConfigProvider
-from kvx_runtime.errors import ConfigError, InfrastructureError
+from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
 from kvx_runtime.log import get_logger, register_secrets
 
 __all__ = [
@@ -51,6 +51,9 @@ IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
 TOKEN_VARIABLE = "MLFLOW_TRACKING_TOKEN"
 #: An expiring handed token is still sent this long before its ``exp`` when no new one can be minted.
 _LAST_USE_MARGIN = 5.0
+#: Seconds between attempts to mint while the handed token still serves (off Google Cloud each
+#: attempt can wait on the metadata server).
+_MINT_RETRY_SECONDS = 30.0
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 
 
@@ -186,6 +189,9 @@ class HandedGoogleIdTokenProvider(RequestHeaderProviderWithKedroContext):
             issued = jwt_issued_at(self._handed)
             if self._expiry is not None:  # not a JWT: nothing says when it ends, used as given
                 self._handed_until = reuse_until(issued if issued is not None else clock(), self._expiry)
+        self._refused = False  # the tracking server answered 401 to the handed token
+        self._sent_handed = False
+        self._mint_failed_at: float | None = None
         self._warned = False
 
     def in_context(self) -> bool:
@@ -193,31 +199,52 @@ class HandedGoogleIdTokenProvider(RequestHeaderProviderWithKedroContext):
 
     def request_headers(self) -> dict[str, str]:
         now = self._clock()
-        if self._handed is not None and now < self._handed_until:
-            return {"Authorization": f"Bearer {self._handed}"}
+        self._sent_handed = False  # a 401 to a request this call gives nothing to is no verdict on it
+        usable = self._handed is not None and not self._refused
+        if usable and now < self._handed_until:
+            return self._bearer(self._handed, handed=True)
+        # Until a few seconds before its end the handed token is a fallback when minting fails.
+        fallback = usable and self._expiry is not None and now < self._expiry - _LAST_USE_MARGIN
+        if fallback and self._mint_failed_at is not None and now - self._mint_failed_at < _MINT_RETRY_SECONDS:
+            return self._bearer(self._handed, handed=True)  # not a look-up per request while it fails
         try:
             token = self.tokens.get(self.audience, self._mint)
         except (GoogleAuthError, ConfigError) as exc:
-            if self._handed is not None and self._expiry is not None and now < self._expiry - _LAST_USE_MARGIN:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("the MLflow token handed to this step expires soon and the step cannot mint "
-                                "another: MLflow requests after it will be refused",
-                                expires_in_seconds=round(self._expiry - now), cause=exc.message)
-                return {"Authorization": f"Bearer {self._handed}"}
-            raise GoogleAuthError(
-                f"the MLflow ID token handed to this step ({TOKEN_VARIABLE}, audience "
-                f"{self.audience}) {'has expired' if self._handed else 'is missing'} and the step "
-                f"cannot mint another from its own Google credentials: {exc.message}",
-                hint="a Google ID token lasts an hour: give the step's pods Google credentials (on GKE and "
-                "Cloud Composer: Workload Identity, run_config.service_account bound to a Google service "
-                "account) so that steps renew it, or keep steps that log to MLflow under an hour",
-            ) from None
+            self._mint_failed_at = now
+            if not fallback:
+                raise self._cannot_renew(exc) from None
+            if not self._warned:
+                self._warned = True
+                assert self._expiry is not None
+                log.warning("the MLflow token handed to this step expires soon and the step cannot mint "
+                            "another: MLflow requests after it will be refused",
+                            expires_in_seconds=round(self._expiry - now), cause=exc.message)
+            return self._bearer(self._handed, handed=True)
+        self._mint_failed_at = None
+        return self._bearer(token, handed=False)
+
+    def _bearer(self, token: str | None, *, handed: bool) -> dict[str, str]:
+        self._sent_handed = handed
         return {"Authorization": f"Bearer {token}"}
+
+    def _cannot_renew(self, exc: KvxError) -> KvxError:
+        state = ("was refused by the tracking server" if self._refused else "has expired" if self._handed
+                 else "is missing")
+        message = (f"the MLflow ID token handed to this step ({TOKEN_VARIABLE}, audience {self.audience}) {state} "
+                   f"and the step cannot mint another from its own Google credentials: {exc.message}")
+        if isinstance(exc, ConfigError):  # a credentials file to fix: no retry helps
+            return ConfigError(message, hint=exc.hint)
+        return GoogleAuthError(
+            message,
+            hint="a Google ID token lasts an hour: give the step's pods Google credentials (on GKE and Cloud "
+            "Composer: Workload Identity, run_config.service_account bound to a Google service account the "
+            "proxy lets in) so that steps renew it, or keep steps that log to MLflow under an hour",
+        )
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._handed_until = 0.0  # refused before its exp (revoked, clock skew): mint from now on
+        if self._sent_handed:  # refused before its exp (revoked, clock skew): never sent again
+            self._refused = True
 
     def activate(self) -> None:
         if self._handed is not None and os.environ.get(TOKEN_VARIABLE) == self._handed:

@@ -159,6 +159,7 @@ def resume_run(request: ResumeRequest) -> None:
     compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
                          values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
+    finished_at_first = len(compiled.finished_steps)
     rerun: dict[str, list[str]] = {}
     while gone := _gone_blobs(resumed, compiled.kept_blobs):
         # Deleted since (gc, a bucket's lifecycle rule): the steps that wrote them run again.
@@ -177,13 +178,16 @@ def resume_run(request: ResumeRequest) -> None:
         from kvx_runtime.storage.store import job_directory_url
 
         datasets = sorted(name for names in rerun.values() for name in names)
+        downstream = finished_at_first - len(compiled.finished_steps) - len(rerun)
         click.echo(f"{len(rerun)} finished step{'s' if len(rerun) != 1 else ''} run again: what "
                    f"{'they' if len(rerun) != 1 else 'it'} wrote is gone from "
-                   f"{job_directory_url(resumed.storage_root, resumed.job_name)} ({', '.join(datasets)})")
+                   f"{job_directory_url(resumed.storage_root, resumed.job_name)} ({', '.join(datasets)})"
+                   + (f"; {downstream} finished step{'s' if downstream != 1 else ''} downstream of "
+                      f"{'them' if len(rerun) != 1 else 'it'} too" if downstream > 0 else ""))
     if not compiled.steps:
         raise UsageError(f"every step of run {old.run_id} finished: nothing to resume")
     refuse_missing_inputs(compiled.remote_inputs)  # those the steps left to run read
-    _note_finished(compiled.spec, resumed.done_steps)
+    _note_finished(compiled.spec, compiled.finished_steps)  # only those left out: the others run again
     inputs = compiled.spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     values: dict[str, Any] = {name: value for name, value in old.parameters.items() if name in inputs}
     submitted = run_request(compiled.spec, project.plugin_config.run_config, values=values,

@@ -231,7 +231,8 @@ class _DagWriter:
         self.kinds = {parameter.name: parameter.type for parameter in plan.parameters}
         # Module-level names the tasks' variables must not shadow.
         taken = {"dag", "task", "POD", "TASK_ENV", "SECRET_ENV", "BODY_TASKS", "DAG", "Param", "Secret", "k8s", "json",
-                 "datetime", "timedelta", "timezone", "kvx_final_status", "AirflowFailException", "shlex",
+                 "datetime", "timedelta", "timezone", "kvx_final_status", "kvx_google_audience", "kvx_google_id_token",
+                 "AirflowFailException", "shlex",
                  "KubernetesPodOperator", "BashOperator", "TriggerRule", "mask_secret", "AIRFLOW_3"}
         taken.add("body")
         taken |= set(dir(builtins))  # kvx_final_status calls sorted(), any(), hasattr()

@@ -42,6 +42,8 @@ class CompiledPipeline:
     finished_nodes: tuple[str, ...] = ()
     #: Pipeline inputs under a cloud storage root (``PipelinePlan.remote_inputs``).
     remote_inputs: dict[str, str] = field(default_factory=dict)
+    #: The steps a resumed run finished that are left out (``PipelinePlan.finished_steps``).
+    finished_steps: tuple[str, ...] = ()
     #: A resumed run's blobs its steps will read (``PipelinePlan.kept_blobs``).
     kept_blobs: dict[str, str] = field(default_factory=dict)
 
@@ -57,7 +59,7 @@ def compile_pipeline(request: CompileRequest) -> CompiledPipeline:
     return CompiledPipeline(spec=kfp.spec, steps=plan.nodes_of_step, warnings=list(plan.warnings),
                             values=dict(plan.values), platform_spec=kfp.platform_spec,
                             finished_nodes=plan.finished_nodes, remote_inputs=dict(plan.remote_inputs),
-                            kept_blobs=dict(plan.kept_blobs))
+                            finished_steps=plan.finished_steps, kept_blobs=dict(plan.kept_blobs))
 
 
 @dataclass

@@ -195,6 +195,9 @@ class PipelinePlan:
     #: Pipeline inputs read from under a cloud storage root, by catalog name: their paths,
     #: which compiling does not look for (a run about to be submitted does).
     remote_inputs: Mapping[str, str] = field(default_factory=dict)
+    #: The steps (:func:`kvx_runtime.cache.key.step_identity`) a resumed run finished that are
+    #: left out: what the run's spec records as finished.
+    finished_steps: tuple[str, ...] = ()
     #: Blobs of a resumed run that its steps left to run read (written by steps it finished):
     #: dataset identity -> the finished step that wrote it.
     kept_blobs: Mapping[str, str] = field(default_factory=dict)

@@ -203,6 +203,8 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
     env = _step_env(facts.forwarded_env, facts.run)
     exec_node = _exec_node_invocation(request, facts, parameters)
     run = facts.run
+    from kvx_runtime.cache.key import step_identity
+
     done = _done_groups(graph, request.resume)
     finished_nodes = tuple(node for name in sorted(done) for node in graph.groups[name].nodes)
     return PipelinePlan(
@@ -214,6 +216,7 @@ def plan_pipeline(request: CompileRequest, facts: ProjectFacts) -> PipelinePlan:
         parameters=tuple(parameters), values=values, warnings=tuple(warnings), kubernetes=run.kubernetes,
         code_upload=_code_upload(request, facts),
         finished_nodes=finished_nodes,
+        finished_steps=tuple(sorted(step_identity(graph.groups[name].nodes) for name in done)),
         remote_inputs=_inputs_still_read(facts, finished_nodes),
         kept_blobs=_kept_blobs(graph, facts, done),
     )
@@ -228,10 +231,12 @@ def _kept_blobs(graph: StepGraph, facts: ProjectFacts, done: set[str]) -> dict[s
 
     group_of = {node: name for name, group in graph.groups.items() for node in group.nodes}
     writer = {dataset_identity(out): group_of[node.name] for node in facts.pipeline.nodes for out in node.outputs}
+    # The nodes of the steps that run, and those of the on-exit step, which always runs.
+    readers = [node for node in facts.pipeline.nodes if group_of[node.name] not in done]
+    if facts.exit_pipeline is not None:
+        readers += list(facts.exit_pipeline.nodes)
     kept: dict[str, str] = {}
-    for node in facts.pipeline.nodes:
-        if group_of[node.name] in done:
-            continue
+    for node in readers:
         for name in node.inputs:
             identity = dataset_identity(name)
             if identity in facts.blob_outputs and writer.get(identity) in done:
