@@ -29,6 +29,7 @@ from typing import Any
 
 from kvx_runtime import settings
 from kvx_runtime.auth import RequestHeaderProviderWithKedroContext
+from kvx_runtime.auth.env import TOKEN as TOKEN_VARIABLE  # MLflow's bearer token: the handed one arrives there
 from kvx_runtime.auth.tokens import jwt_expiry, jwt_issued_at, reuse_until
 from kvx_runtime.dynamic_config import DynamicConfigProvider
 from kvx_runtime.errors import ConfigError, InfrastructureError, KvxError
@@ -47,8 +48,7 @@ __all__ = [
 log = get_logger(__name__)
 
 IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
-#: Where MLflow (and the lean client) read a bearer token; the handed token arrives there.
-TOKEN_VARIABLE = "MLFLOW_TRACKING_TOKEN"
+
 #: An expiring handed token is still sent this long before its ``exp`` when no new one can be minted.
 _LAST_USE_MARGIN = 5.0
 #: Seconds between attempts to mint while the handed token still serves (off Google Cloud each
@@ -276,7 +276,7 @@ class _TokenCredentialsProvider(DynamicConfigProvider):
         raise NotImplementedError
 
     def generate_config(self) -> dict[str, Any]:
-        return {"gcp_credentials": {"MLFLOW_TRACKING_TOKEN": self._token()}}
+        return {"gcp_credentials": {TOKEN_VARIABLE: self._token()}}
 
 
 class MLFlowGoogleOAuthCredentialsProvider(_TokenCredentialsProvider):

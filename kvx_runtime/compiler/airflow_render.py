@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 from kvx_runtime import settings
+from kvx_runtime.auth.env import TOKEN as TOKEN_VARIABLE
 from kvx_runtime.compiler.plan import (
     MLFLOW_END_STEP,
     MLFLOW_START_STEP,
@@ -477,7 +478,7 @@ class _DagWriter:
             # Rendered by Airflow for each task (a secrets backend serves them); never a value here.
             env.update({name: f"{{{{ var.value.{name} }}}}" for name in authentication.params})
         elif authentication is not None:
-            env["MLFLOW_TRACKING_TOKEN"] = "{{ kvx_google_id_token() }}"
+            env[TOKEN_VARIABLE] = "{{ kvx_google_id_token() }}"
             # The step renews the token from its own credentials before the hour is up.
             env[settings.MLFLOW_TOKEN_AUDIENCE.name] = "{{ kvx_google_audience() }}"
         return env
