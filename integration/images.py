@@ -29,9 +29,9 @@ RUNTIME_FULL = "localhost/kvx-runtime:kvx-test-mlflow-full"
 PROJECT = "localhost/spaceflights-kvx:kvx-test"
 MIRROR = os.environ.get("KVX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 #: Size bounds (MB, as buildah reports them). The base image's is issue 24's goal (measured:
-#: 435 MB); the project image's catches full mlflow coming back (+600 MB) and large
+#: 416 MB); the project image's catches full mlflow coming back (+600 MB) and large
 #: regressions: the example's requirements (scikit-learn, with scipy and its own OpenBLAS) add
-#: 160 MB to the base image (597 MB), above the issue's 550 MB.
+#: 156 MB to the base image (572 MB), above the issue's 550 MB.
 BASE_IMAGE_MAX_MB = 450
 PROJECT_IMAGE_MAX_MB = 650
 #: What a project image's build context leaves out (as a checkout's .dockerignore would).

@@ -95,6 +95,7 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
         shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny", "kedro-mlflow")
         checked = BUILDAH.run(container, "python3", "-m", "pip", "check")
         slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "numpy", "pandas")
+        tools = BUILDAH.run(container, "python3", "-c", BUILD_TOOLS_CHECK)
     assert imported.returncode == 0 and "imported 3." in imported.stdout, imported.stderr[-3000:]
     assert server.returncode == 1 and "No module named 'flask'" in server.stderr, server.stderr[-2000:]
     names = [line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("Name: ")]
@@ -103,6 +104,7 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
     assert "Requires: kedro, mlflow-skinny, pydantic" in shown.stdout
     assert checked.returncode == 0 and "No broken requirements found." in checked.stdout, checked.stdout
     assert slimmed.stdout.split() == ["numpy:no-tests", "pandas:no-tests", "debug-info:none"], slimmed.stderr[-2000:]
+    assert tools.stdout.split() == ["setuptools:absent", "pip-bytecode:0", "stubs:0"], tools.stderr[-2000:]
     size = BUILDAH.megabytes(runtime_image)
     assert size <= BASE_IMAGE_MAX_MB, f"the slim base image is {size:.0f} MB"
 
@@ -118,6 +120,16 @@ for name in sys.argv[1:]:
 site = pathlib.Path(sysconfig.get_paths()["platlib"])
 left = [str(p) for p in site.rglob("*.so") if ".libs" not in str(p) and has_debug_info(p)]
 print("debug-info:" + (",".join(left) or "none"))
+"""
+
+#: Run in an image: whether setuptools is installed, how many bytecode files pip has (a build
+#: tool: none) and how many type stubs are left.
+BUILD_TOOLS_CHECK = """
+import importlib.util, pathlib, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+print("setuptools:" + ("present" if importlib.util.find_spec("setuptools") else "absent"))
+print(f"pip-bytecode:{sum(1 for _ in (site / 'pip').rglob('*.pyc'))}")
+print(f"stubs:{sum(1 for _ in site.rglob('*.pyi'))}")
 """
 
 
@@ -150,10 +162,13 @@ def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_ima
         shown = BUILDAH.run(container, "python3", "-m", "pip", "show", "mlflow", "mlflow-skinny")
         flask = BUILDAH.run(container, "python3", "-c", "import flask")
         slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "sklearn", "scipy")
+        tools = BUILDAH.run(container, "python3", "-c", BUILD_TOOLS_CHECK)
     assert "Package(s) not found: mlflow" in shown.stderr and "Name: mlflow-skinny" in shown.stdout, shown.stderr
     assert flask.returncode == 1
     # The project's own requirements were slimmed too (their test suites; this image has no strip).
     assert slimmed.stdout.split()[:2] == ["sklearn:no-tests", "scipy:no-tests"], slimmed.stderr[-2000:]
+    # pip ran without writing its own bytecode into the project's layer.
+    assert tools.stdout.split() == ["setuptools:absent", "pip-bytecode:0", "stubs:0"], tools.stderr[-2000:]
     size = BUILDAH.megabytes(project_image)
     assert size <= PROJECT_IMAGE_MAX_MB, f"the example project image is {size:.0f} MB"
 

@@ -1,11 +1,13 @@
 """Make an image's Python environment smaller without changing what it runs (``kvx-runtime
 slim-packages``, run by the base image's build and by project images' after ``pip install``).
 
-Two things that no step ever loads go:
+What no step ever loads goes:
 
 - the test suites that numerical packages ship inside themselves (numpy, pandas, scipy,
   scikit-learn...: ~100 MB with the example project's requirements); only their own test
   runners import them, and only directories named as their suites are removed;
+- files that only other tools read: type stubs (``*.pyi``, for type checkers) and Windows
+  launchers (``*.exe``, which pip and setuptools copy next to scripts on Windows only);
 - the debugging information (DWARF ``.debug_*`` sections) that some wheels leave in their
   extension modules (zstandard's two backends alone carry 23 MB of it). ``strip --strip-debug``
   keeps every symbol the loader needs; a module that no longer loads afterwards (checked in a
@@ -26,7 +28,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TEST_SUITES", "SlimReport", "default_site_packages", "has_debug_info", "slim_site_packages"]
+__all__ = ["TEST_SUITES", "UNUSED_SUFFIXES", "SlimReport", "default_site_packages", "has_debug_info",
+           "slim_site_packages"]
 
 #: Package -> the directory names of the test suite it ships (anywhere below the package).
 #: Only packages whose suites are never imported outside their own test runners.
@@ -40,6 +43,12 @@ TEST_SUITES: dict[str, tuple[str, ...]] = {
     "joblib": ("test",),
 }
 
+#: Files no step reads, by suffix, and who does read them.
+UNUSED_SUFFIXES: dict[str, str] = {
+    ".pyi": "type checkers",
+    ".exe": "pip and setuptools on Windows",
+}
+
 
 @dataclass
 class SlimReport:
@@ -47,6 +56,8 @@ class SlimReport:
 
     test_suites: list[Path] = field(default_factory=list)
     test_bytes: int = 0
+    unused_files: int = 0  # type stubs, Windows launchers (UNUSED_SUFFIXES)
+    unused_bytes: int = 0
     stripped: list[Path] = field(default_factory=list)
     strip_bytes: int = 0
     restored: list[Path] = field(default_factory=list)  # stripped, then no longer loadable
@@ -55,6 +66,7 @@ class SlimReport:
     def lines(self) -> list[str]:
         mb = 1024 * 1024
         out = [f"test suites removed: {len(self.test_suites)} ({self.test_bytes / mb:.1f} MB)",
+               f"type stubs and Windows launchers removed: {self.unused_files} ({self.unused_bytes / mb:.1f} MB)",
                f"extension modules stripped of debug info: {len(self.stripped)} ({self.strip_bytes / mb:.1f} MB)"]
         if self.restored:
             out.append("kept as they were (no longer loadable once stripped): "
@@ -84,6 +96,15 @@ def _test_suites(site_packages: Path) -> Iterator[Path]:
                 if name in names:
                     subdirectories.remove(name)  # removed whole: nothing below needs a look
                     yield Path(directory) / name
+
+
+def _unused_files(site_packages: Path) -> Iterator[Path]:
+    for directory, _, files in os.walk(site_packages):
+        for name in files:
+            if os.path.splitext(name)[1] in UNUSED_SUFFIXES:
+                path = Path(directory) / name
+                if not path.is_symlink():
+                    yield path
 
 
 #: ELF identification: magic, class (2: 64-bit), data (1: little, 2: big endian).
@@ -180,8 +201,9 @@ def _strip_debug_info(modules: list[Path], strip: str, python: str, report: Slim
 
 
 def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, python: str | None = None) -> SlimReport:
-    """Remove known test suites and strip debug info from extension modules below each of
-    ``site_packages``; ``python`` checks that stripped modules still load (default: this one)."""
+    """Remove known test suites and files no step reads (:data:`UNUSED_SUFFIXES`), and strip
+    debug info from extension modules below each of ``site_packages``; ``python`` checks that
+    stripped modules still load (default: this one)."""
     report = SlimReport()
     modules: list[Path] = []
     # One pass per directory: purelib and platlib may be two names of one (a venv's lib64 -> lib).
@@ -190,6 +212,10 @@ def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, pyt
             report.test_bytes += _tree_bytes(suite)
             shutil.rmtree(suite)
             report.test_suites.append(suite)
+        for path in list(_unused_files(root)):
+            report.unused_bytes += path.stat().st_size
+            path.unlink()
+            report.unused_files += 1
         if strip:
             modules.extend(path for path in _extension_modules(root) if has_debug_info(path))
     if modules:

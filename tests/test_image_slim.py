@@ -35,6 +35,13 @@ def fake_site_packages(root: Path) -> Path:
     shutil.copy2(WITH_DEBUG_INFO, site / "mypackage" / WITH_DEBUG_INFO.name)
     (site / "vendored.libs").mkdir()
     shutil.copy2(WITH_DEBUG_INFO, site / "vendored.libs" / "libvendored.so.1")
+    # Type stubs and a Windows launcher (as pip's vendored distlib ships them); kept: code, data,
+    # and the marker that says a package is typed.
+    (site / "mypackage" / "__init__.pyi").write_text("def f() -> int: ...\n" * 50)
+    (site / "mypackage" / "py.typed").write_text("")
+    (site / "mypackage" / "data.json").write_text("{}")
+    (site / "pip" / "_vendor" / "distlib").mkdir(parents=True)
+    (site / "pip" / "_vendor" / "distlib" / "t64.exe").write_bytes(b"MZ" + bytes(998))
     return site
 
 
@@ -67,6 +74,10 @@ def test_suites_go_debug_info_goes_everything_else_stays(tmp_path: Path) -> None
     assert all((site / kept / "__init__.py").exists()
                for kept in ("numpy/testing", "numpy/_core", "mypackage/tests", "sklearn/utils/_test_common"))
     assert report.test_bytes == 5 * 6000
+    assert report.unused_files == 2 and report.unused_bytes == 50 * 20 + 1000
+    assert not (site / "mypackage" / "__init__.pyi").exists()
+    assert not (site / "pip" / "_vendor" / "distlib" / "t64.exe").exists()
+    assert all((site / "mypackage" / name).exists() for name in ("py.typed", "data.json"))
     # Stripped, smaller, and still a library the loader takes.
     assert report.stripped == [module] and not report.restored
     assert not has_debug_info(module) and module.stat().st_size == before - report.strip_bytes
@@ -77,7 +88,7 @@ def test_suites_go_debug_info_goes_everything_else_stays(tmp_path: Path) -> None
     # Run again, the directory named twice (a venv's lib64 -> lib): nothing left to do, once.
     (tmp_path / "lib64").symlink_to(site)
     again = slim_site_packages([site, tmp_path / "lib64"])
-    assert not again.test_suites and not again.stripped
+    assert not again.test_suites and not again.stripped and not again.unused_files
 
 
 def test_a_module_that_no_longer_loads_once_stripped_gets_its_original_back(tmp_path: Path, monkeypatch) -> None:
@@ -124,6 +135,7 @@ def test_the_command_reports_what_it_saved_and_refuses_a_missing_directory(tmp_p
     result = CliRunner().invoke(cli, ["slim-packages", "--no-strip", str(site)])
     assert result.exit_code == 0, result.output
     assert "test suites removed: 5 (0.0 MB)" in result.output
+    assert "type stubs and Windows launchers removed: 2 (0.0 MB)" in result.output
     assert (site / "mypackage" / WITH_DEBUG_INFO.name).read_bytes() == WITH_DEBUG_INFO.read_bytes()
 
     missing = CliRunner().invoke(cli, ["slim-packages", str(tmp_path / "absent")])

@@ -11,12 +11,14 @@ FROM ${KVX_BASE_IMAGE}
 # On the default base image, kedro-mlflow is installed and requires mlflow-skinny: a
 # requirements.txt naming kedro-mlflow 2.x keeps it, without pulling full mlflow back in
 # (a pin to another release replaces it, with full mlflow: docs/images.md). slim-packages then
-# removes what no step loads: numerical packages' test suites (this stage has no strip, so
-# extension modules keep any debug info: docs/images.md).
+# removes what no step loads: numerical packages' test suites, type stubs (this stage has no
+# strip, so extension modules keep any debug info: docs/images.md). pip runs without writing
+# its own bytecode (the base image leaves it out: a build tool, not something steps load);
+# what it installs is compiled all the same.
 USER 0
 WORKDIR /home/kvx/project
 COPY requirements.txt /tmp/requirements.txt
-RUN python3 -m pip install --no-cache-dir -r /tmp/requirements.txt \
+RUN PYTHONDONTWRITEBYTECODE=1 python3 -m pip install --no-cache-dir -r /tmp/requirements.txt \
  && kvx-runtime slim-packages \
  && rm /tmp/requirements.txt
 
@@ -32,7 +34,7 @@ COPY --chown=1000:1000 data/01_raw/ data/01_raw/
 # The requirements fingerprint lets code upload (run-once --code-upload) refuse an archive
 # whose requirements this image does not hold.
 COPY requirements.txt ./
-RUN python3 -m pip install --no-cache-dir --no-deps . \
+RUN PYTHONDONTWRITEBYTECODE=1 python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m compileall -q src > /dev/null \
  && printf 'consent: false\n' > .telemetry \
  && kvx-runtime fingerprint --project-path . > .kvx-requirements.sha256 \
