@@ -249,6 +249,11 @@ def test_resume_runs_again_only_what_a_failed_run_did_not_finish_as_the_same_run
     resumed = kvx("resume", job_id)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"Resuming {job_id} as " in resumed.stdout and "2 finished nodes kept, 1 step to run" in resumed.stdout
+    # Recorded in the job directory before the kept blobs were looked up: gc keeps the job
+    # while its steps wait for machines (the refused resumes above wrote nothing there).
+    activity = project / ".kvx" / "storage" / "kedro-vertexai-temp" / job_id / "activity"
+    assert sorted(path.name for path in activity.iterdir()) == ["resume.json"]
+    assert json.loads((activity / "resume.json").read_text())["who"] == "resume"
     (new,) = set(vertex.jobs) - before
     spec = vertex.jobs[new]["pipelineSpec"]
     assert tasks_of(spec) == {"tabulate": ["tabulate"]}

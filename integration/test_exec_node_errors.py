@@ -283,6 +283,43 @@ def test_signal_during_a_long_node_stops_cleanly(tmp_path: Path, signum: int, co
     assert sorted(p.name for p in (root / "kedro-vertexai-temp" / "s").iterdir()) == ["owner.json", "values.bin"]
 
 
+def test_a_long_node_keeps_its_job_alive_for_gc(tmp_path: Path) -> None:
+    """While a node runs, its step records its activity in the job directory again and again:
+    gc (past the ttl of every blob there) keeps the job whose step is still running."""
+    import json
+    import os
+    import time
+
+    project = make_slow_project(tmp_path, "beatproj")
+    root = tmp_path / "storage"
+    assert run_step(project, "--node", "make", "--run-id", "b", "--storage-root", str(root)).returncode == 0
+    job = root / "kedro-vertexai-temp" / "b"
+    two_hours_ago = time.time() - 7200
+    for path in job.iterdir():
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    process = subprocess.Popen(
+        [*KVX, "exec-node", "--node", "slow", "--run-id", "b", "--storage-root", str(root)],
+        cwd=project, env=step_env(KVX_HEARTBEAT_INTERVAL="0.3"), stderr=subprocess.PIPE, text=True,
+    )
+    record = job / "activity" / "slow.json"
+    try:
+        deadline = time.monotonic() + 60
+        while not record.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert record.exists(), "no activity record while the node ran"
+        first = json.loads(record.read_text())["at"]
+        while json.loads(record.read_text())["at"] == first and time.monotonic() < deadline:
+            time.sleep(0.1)  # written again, not once
+        assert json.loads(record.read_text())["at"] > first
+        kept = subprocess.run([*KVX, "gc", "--storage-root", str(root), "--older-than", "3600", "--yes"],
+                              cwd=project, env=step_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert "0 expired job(s)" in kept.stdout and (job / "values.bin").exists()
+
+
 def test_sigterm_during_a_gs_upload_exits_143_and_leaves_no_blob(tmp_path: Path, gcs_emulator) -> None:
     """A stop signal wins, at once, over an upload session that cannot be cancelled (every
     DELETE of the session fails here, as it did when the trials measured exit 3)."""

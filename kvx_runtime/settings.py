@@ -93,6 +93,11 @@ STORAGE_BLOCK_SIZE = Setting("KVX_STORAGE_BLOCK_SIZE", int, 16 * 1024 * 1024,
                              "chunk size in bytes of remote uploads and reads (at least 5 MiB on S3)",
                              minimum=256 * 1024)
 BLOB_LEVEL = Setting("KVX_BLOB_LEVEL", int, 1, "zstd compression level of new blobs", minimum=1, maximum=19)
+#: At most half of gc's shortest deletion age (storage.gc.MIN_DELETE_AGE): a running step's job
+#: always holds a record younger than what gc may delete.
+HEARTBEAT_INTERVAL = Setting("KVX_HEARTBEAT_INTERVAL", float, 600.0,
+                             "seconds between a running step's activity records in its job directory "
+                             "(gc keeps a job with a recent one)", minimum=0.1, maximum=1800)
 S3_ENDPOINT_URL = Setting("KVX_S3_ENDPOINT_URL", str, "", "run_config.s3.endpoint_url, compiled into every step")
 S3_REGION = Setting("KVX_S3_REGION", str, "", "run_config.s3.region, compiled into every step")
 

@@ -64,7 +64,7 @@ def collect_storage_garbage(request: GcRequest) -> None:
     from kvx_runtime.config import STEP_KEYS, resolve_storage_root
     from kvx_runtime.errors import ConfigError
     from kvx_runtime.project import open_project
-    from kvx_runtime.storage.gc import collect_garbage, describe
+    from kvx_runtime.storage.gc import GarbageReport, collect_garbage, describe
 
     ttl = request.older_than
     root = resolve_storage_root(request.storage_root, None, required=False)
@@ -87,7 +87,16 @@ def collect_storage_garbage(request: GcRequest) -> None:
     if root is None or ttl is None:  # a project was read when either was missing
         raise ConfigError("gc needs a storage root and a time to live",
                           hint="pass --storage-root and --older-than, or set run_config.root and run_config.ttl")
-    for line in describe(collect_garbage(root, float(ttl), delete=request.delete)):
+    report = GarbageReport(root=root)
+    try:
+        collect_garbage(root, float(ttl), delete=request.delete, report=report)
+    except KvxError:
+        if report.deleted:  # what went before the failure: said, not lost with it
+            for line in describe(report)[:-1]:
+                click.echo(line)
+            click.echo("gc stopped half-way by the error below: only what is listed above was deleted")
+        raise
+    for line in describe(report):
         click.echo(line)
 
 

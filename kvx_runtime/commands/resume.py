@@ -121,6 +121,20 @@ def _gone_blobs(resumed: ResumedRun, kept_blobs: Mapping[str, str]) -> list[str]
     return absent_inputs(where, what="intermediate dataset")
 
 
+def _mark_resumed(resumed: ResumedRun) -> None:
+    """Before the kept blobs are looked up, the job's activity recorded: from now until its
+    steps run (minutes of machine start-up), gc takes the job for one at work, not finished."""
+    from kvx_runtime import settings
+    from kvx_runtime.log import get_logger
+    from kvx_runtime.storage.activity import record_activity
+
+    why = record_activity(resumed.storage_root, resumed.job_name, "resume",
+                          timeout=settings.INPUT_CHECK_TIMEOUT.get())
+    if why is not None:
+        get_logger(__name__).warning("could not record the resume in the job directory: a gc running before "
+                                     "its steps start could delete what they read", job=resumed.job_name, error=why)
+
+
 def _param_values(items: tuple[str, ...]) -> dict[str, str]:
     """``--param KEY[:KIND]=VALUE`` items (resolved) -> ``{KEY: VALUE}``."""
     from kvx_runtime.params import split_param
@@ -159,6 +173,13 @@ def resume_run(request: ResumeRequest) -> None:
     compile_at = replace(compile_request(request.at.in_env(env), options, resumed.storage_root), resume=resumed,
                          values=_param_values(ran.params))
     compiled = compile_pipeline(compile_at)
+    ran_name = (old.spec or {}).get("pipelineInfo", {}).get("name")
+    this_name = compiled.spec.get("pipelineInfo", {}).get("name")
+    if ran_name and this_name and ran_name != this_name:
+        # Another project's (or pipeline's) job: its steps would write into that job's directory.
+        raise UsageError(f"run {old.run_id} ran pipeline {ran_name}, not this project's {this_name}",
+                         hint="resume it from its own project (and pipeline)")
+    _mark_resumed(resumed)
     finished_at_first = len(compiled.finished_steps)
     rerun: dict[str, list[str]] = {}
     while gone := _gone_blobs(resumed, compiled.kept_blobs):
@@ -167,12 +188,6 @@ def resume_run(request: ResumeRequest) -> None:
             rerun.setdefault(compiled.kept_blobs[name], []).append(name)
         resumed = replace(resumed, done_steps=resumed.done_steps - set(rerun))
         compiled = compile_pipeline(replace(compile_at, resume=resumed))
-    ran_name = (old.spec or {}).get("pipelineInfo", {}).get("name")
-    this_name = compiled.spec.get("pipelineInfo", {}).get("name")
-    if ran_name and this_name and ran_name != this_name:
-        # Another project's (or pipeline's) job: its steps would write into that job's directory.
-        raise UsageError(f"run {old.run_id} ran pipeline {ran_name}, not this project's {this_name}",
-                         hint="resume it from its own project (and pipeline)")
     kept = len(compiled.finished_nodes)
     if rerun:
         from kvx_runtime.storage.store import job_directory_url

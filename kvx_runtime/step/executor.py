@@ -23,6 +23,7 @@ plan and the session.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import time
@@ -69,7 +70,8 @@ def execute_step(request: StepRequest) -> StepResult:
     _materialize_dynamic_config(project)
     run = _run_storage(project, request, identity)
     if request.serve_steps:
-        return _serve_planned(project, request, identity, run, started)
+        with _heartbeat(request, run):
+            return _serve_planned(project, request, identity, run, started)
     plan = _plan(project, request)
     tracking = _attach_tracking(project, request, identity, plan)
     # From here the pipeline's MLflow run is this process's active run: whatever ends the step
@@ -88,7 +90,8 @@ def execute_step(request: StepRequest) -> StepResult:
             save_version=run.save_version,
         )
         try:
-            served = _run_session(project, request, plan, hooks, run, identity, load_versions)
+            with _heartbeat(request, run):
+                served = _run_session(project, request, plan, hooks, run, identity, load_versions)
         except KvxError:
             raise
         except (Exception, SystemExit) as exc:
@@ -205,6 +208,16 @@ def _run_storage(project: KedroProject, request: StepRequest, identity: RunIdent
         store = job_directory.store("the run's save version is recorded in the job directory")
         save_version, no_version = recorded_save_version(store, identity.run_id), None
     return _RunStorage(job_directory, save_version, no_version)
+
+
+def _heartbeat(request: StepRequest, run: _RunStorage) -> contextlib.AbstractContextManager[Any]:
+    """While the step runs, its activity recorded in the job directory (kvx_runtime.storage.activity):
+    gc never takes a job with a long step running for finished. Nothing without a storage root."""
+    if not run.job_directory.root:
+        return contextlib.nullcontext()
+    from kvx_runtime.storage.activity import Heartbeat
+
+    return Heartbeat(run.job_directory.root, run.job_directory.identity.job_name, "+".join(request.nodes))
 
 
 def _plan(project: KedroProject, request: StepRequest) -> StepPlan:

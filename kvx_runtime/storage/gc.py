@@ -8,8 +8,12 @@
 - the intermediates of jobs whose newest blob is older than ``run_config.ttl`` (seconds):
   a job that wrote nothing for that long has finished, and its blobs only serve a replay,
   unless an unexpired cache entry references them (deleting them would turn a hit into a miss).
+  A running step records its activity in the job directory (storage.activity) and ``resume``
+  does before it submits, so a job at work is never taken for finished; a job is listed again
+  just before it is deleted, and only the files listed then go (anything newer keeps it).
 
-Dry run by default: it says what it would delete and how much; ``--yes`` deletes.
+Dry run by default: it says what it would delete and how much; ``--yes`` deletes, and only
+what is older than :data:`MIN_DELETE_AGE` (a job between two steps writes nothing for minutes).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from kvx_runtime.errors import KvxError, StorageError
+from kvx_runtime.errors import KvxError, StorageError, UsageError
+from kvx_runtime.settings import HEARTBEAT_INTERVAL
 from kvx_runtime.storage.store import TEMP_DIR, _filesystem, _is_local, _short, sweep_temp_files
 
 if TYPE_CHECKING:
     from kvx_runtime.cache.store import IndexFile
 
-__all__ = ["GarbageReport", "collect_garbage", "describe"]
+__all__ = ["MIN_DELETE_AGE", "GarbageReport", "collect_garbage", "describe"]
+
+#: The shortest age (seconds) gc deletes at: twice the longest heartbeat interval a running step
+#: may have, and longer than a pipeline waits between two steps for a machine.
+MIN_DELETE_AGE = 2 * (HEARTBEAT_INTERVAL.maximum or 1800.0)
 
 
 @dataclass
@@ -36,6 +45,8 @@ class GarbageReport:
     expired_jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (job dir, bytes, age s)
     #: Jobs past the ttl that an unexpired cache entry uses: (job dir, age s, entries).
     kept_jobs: list[tuple[str, float, int]] = field(default_factory=list)
+    #: Jobs past the ttl when listed, written to before they were deleted: (job dir, newest age s).
+    revived_jobs: list[tuple[str, float]] = field(default_factory=list)
     #: Cache entries that can never hit again: (key, step, bytes, why).
     cache_entries: list[tuple[str, str, int, str]] = field(default_factory=list)
     #: Steps' last-entry records whose entry is gone: (file name, bytes).
@@ -64,24 +75,33 @@ def _modified(info: dict[str, Any]) -> float:
     return time.time()  # unknown: treated as fresh, never deleted
 
 
-def collect_garbage(root: str, max_age: float, *, delete: bool = False) -> GarbageReport:
-    """List (and with ``delete``, remove) what ``root`` no longer needs. A storage failure is a
-    :class:`StorageError` (exit 3) naming the root; what was deleted before it stays deleted."""
+def collect_garbage(root: str, max_age: float, *, delete: bool = False,
+                    report: GarbageReport | None = None) -> GarbageReport:
+    """List (and with ``delete``, remove) what ``root`` no longer needs, into ``report`` (a new
+    one by default: pass one to keep what was done when it fails half-way). A storage failure
+    is a :class:`StorageError` (exit 3) naming the root; what was deleted before it stays
+    deleted (and in ``report``). Deleting below :data:`MIN_DELETE_AGE` is a :class:`UsageError`."""
+    if delete and max_age < MIN_DELETE_AGE:
+        raise UsageError(f"gc deletes only what is at least {MIN_DELETE_AGE / 3600:g} hours old, not "
+                         f"{max_age:g} seconds: a running pipeline writes nothing for minutes between two steps",
+                         hint=f"pass --older-than {MIN_DELETE_AGE:g} or more (or set run_config.ttl so); "
+                         "a dry run lists at any age")
+    report = report if report is not None else GarbageReport(root=root)
     try:
-        return _collect(root, max_age, delete)
+        return _collect(root, max_age, delete, report)
     except KvxError:
         raise
     except Exception as exc:
         raise StorageError(f"could not clean {root}: {_short(exc)}") from exc
 
 
-def _collect(root: str, max_age: float, delete: bool) -> GarbageReport:
+def _collect(root: str, max_age: float, delete: bool, report: GarbageReport) -> GarbageReport:
     from kvx_runtime.cache.store import StepCache
 
     fs, base = _filesystem(root)
     fs.invalidate_cache()  # a listing cached by this process (gcsfs) could hide what others wrote
     temp_root = f"{base}/{TEMP_DIR}"
-    report = GarbageReport(root=root)
+    report.deleted = delete
     now = time.time()
     cache = StepCache(root)
     # Read in the reverse of the order a run writes (blobs, its entry, its step's record): what
@@ -130,24 +150,51 @@ def _collect(root: str, max_age: float, delete: bool) -> GarbageReport:
         if job_name in keeping:
             report.kept_jobs.append((job_name, now - newest, keeping[job_name]))
             continue
+        if delete:
+            # Listed again: a job written to since the pass began (a resume, a step) stays, and
+            # only what this listing holds goes (a file written after it is never deleted).
+            fs.invalidate_cache(job)
+            listed = fs.find(job, detail=True)
+            if not listed:
+                continue
+            newest = max(_modified(info) for info in listed.values())
+            if time.time() - newest <= max_age:
+                report.revived_jobs.append((job_name, time.time() - newest))
+                continue
+            _delete_listed(fs, job, sorted(listed))
         report.expired_jobs.append((job_name, sum(int(info.get("size") or 0) for info in listed.values()),
                                     now - newest))
-        if delete:
-            fs.rm(job, recursive=True)
-    report.deleted = delete
     return report
+
+
+def _delete_listed(fs: Any, job: str, paths: list[str]) -> None:
+    """Deletes ``paths`` (the files of ``job`` just listed), checks that they are gone (an S3
+    bulk delete reports a key it could not delete only in its answer) and, on a local disk,
+    removes the directories left empty."""
+    fs.rm(paths)
+    fs.invalidate_cache(job)
+    left = sorted(set(fs.find(job)) & set(paths))
+    if left:
+        raise StorageError(f"could not delete {len(left)} of the {len(paths)} files of job "
+                           f"{job.rstrip('/').rsplit('/', 1)[-1]} (e.g. {left[0]})")
+    if _is_local(fs):
+        for directory, _, _ in sorted(os.walk(job), key=lambda entry: -len(entry[0])):
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty: written to since (it stays), or already gone
+                continue
 
 
 def _jobs(fs: Any, temp_root: str, report: GarbageReport,
           delete: bool) -> list[tuple[str, dict[str, dict[str, Any]], str]]:
     """Each job directory with files: (name, its files' listings by path, its path); dead
     writers' temporary files swept (with ``delete``) and reported on the way."""
-    if not fs.exists(temp_root):
+    try:  # only "not found" means no job: any other failure is no listing (never "all gone")
+        entries = fs.ls(temp_root, detail=True)
+    except FileNotFoundError:
         return []
     found = []
-    for job in sorted(fs.ls(temp_root, detail=False)):
-        if not fs.isdir(job):
-            continue
+    for job in sorted(entry["name"] for entry in entries if entry.get("type") == "directory"):
         job_name = job.rstrip("/").rsplit("/", 1)[-1]
         if _is_local(fs):
             report.temp_files += [f"{job_name}/{name}" for name in sweep_temp_files(job, dry_run=not delete)]
@@ -175,10 +222,20 @@ def _entry_fate(file: IndexFile, fs: Any, temp_root: str, files: set[str], now: 
         if path is None:
             continue  # a catalog file: not the gc's to judge (a hit checks its fingerprint)
         job = path[len(temp_root) + 1:].split("/", 1)[0]
-        if path not in files:
+        if path not in files and _gone(fs, path):
             return f"dangling: the blob {name} of job {job} is gone", set()
         used.add(job)
     return None, used
+
+
+def _gone(fs: Any, path: str) -> bool:
+    """Whether the blob at ``path``, absent from the listing, is gone: asked once more, and only
+    "not found" says so (a failure to answer raises: an entry is never deleted for it)."""
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _under(location: str, fs: Any, temp_root: str) -> str | None:
@@ -205,6 +262,8 @@ def describe(report: GarbageReport) -> list[str]:
               for name, size, age in report.expired_jobs]
     lines += [f"kept job {name}: newest blob {age / 86400:.1f} days old, but {count} unexpired cache "
               f"entr{'y uses' if count == 1 else 'ies use'} it" for name, age, count in report.kept_jobs]
+    lines += [f"kept job {name}: written to during this gc ({age / 60:.0f} minutes ago)"
+              for name, age in report.revived_jobs]
     cache_bytes = sum(size for _, _, size, _ in report.cache_entries) + sum(size for _, size in report.step_records)
     summary = (f"{report.root}: {len(report.expired_jobs)} expired job(s), {len(report.cache_entries)} cache "
                f"entr{'y' if len(report.cache_entries) == 1 else 'ies'} ({cache_bytes / 1e3:.1f} kB), "

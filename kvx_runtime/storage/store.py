@@ -35,6 +35,7 @@ from kvx_runtime.log import get_logger
 from kvx_runtime.storage.blob import BlobInfo, BlobMismatch, read_blob, write_blob
 
 __all__ = [
+    "ACTIVITY_DIR",
     "S3_ENDPOINT_ENV",
     "S3_REGION_ENV",
     "TEMP_DIR",
@@ -51,6 +52,8 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 TEMP_DIR = "kedro-vertexai-temp"
+#: Where a job's running steps record that they are alive (:meth:`BlobStore.note_activity`).
+ACTIVITY_DIR = "activity"
 SUFFIX = ".bin"
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _MAX_NAME = 180  # bytes; leaves room under the 255-byte file name limit of local disks
@@ -645,6 +648,23 @@ class BlobStore:
     def made_under(self, dataset: str) -> str | None:
         """The key ``dataset`` was last made or served under in this job, if one was noted."""
         return self._noted(f"made-{object_name(dataset)}.json", "key")
+
+    def note_activity(self, who: str) -> None:
+        """Record that ``who`` (a running step, a resume) is at work in this job now, in
+        ``activity/<who>.json``: gc deletes a job's blobs only when nothing in its directory is
+        newer than its ttl (a job still running needs them all)."""
+        import json
+
+        directory = f"{self._base}/{ACTIVITY_DIR}"
+        path = f"{directory}/{object_name(who)}.json"
+        data = json.dumps({"who": who, "at": time.time()}).encode()
+
+        def attempt() -> None:
+            if _is_local(self._fs):
+                self._makedirs_local(directory)
+            write_file_whole(self._fs, path, data)
+
+        self._retrying(f"record {self.job_url}/{ACTIVITY_DIR}/{object_name(who)}.json", attempt)
 
     def _note(self, record: str, content: Mapping[str, str]) -> None:
         import json

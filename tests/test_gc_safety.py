@@ -1,0 +1,179 @@
+"""`kvx-runtime gc` never deletes what a run still needs: a job written to during the gc, a
+file written after the job's last listing, the blob of an entry its listing missed, or
+anything when a listing fails; and never deletes young jobs (a running pipeline's).
+
+Real local storage roots; a listing's timing is forced by wrapping the file system's own calls.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from click.testing import CliRunner
+
+from kvx_runtime.cli import cli
+from kvx_runtime.errors import ExitCode, StorageError, UsageError
+from kvx_runtime.storage import gc
+from kvx_runtime.storage.gc import MIN_DELETE_AGE, collect_garbage, describe
+from kvx_runtime.storage.store import BlobStore, RetryPolicy
+
+WEEK = 7 * 86400
+FAST_RETRY = RetryPolicy(attempts=1, initial_wait=0.0, budget=1.0)
+
+
+def old_job(root: Path, name: str, *datasets: str) -> BlobStore:
+    """A job whose blobs were written a month ago."""
+    store = BlobStore(str(root), name, retry=FAST_RETRY)
+    month_ago = time.time() - 30 * 86400
+    for dataset in datasets or ("a",):
+        store.save(dataset, list(range(100)))
+        os.utime(store.path(dataset), (month_ago, month_ago))
+    return store
+
+
+def test_a_job_written_to_during_gc_is_kept_whole(tmp_path: Path, monkeypatch) -> None:
+    """`resume` of an old job records its activity between gc's first listing and its delete:
+    the job stays, with the blobs its resumed steps read."""
+    store = old_job(tmp_path, "resumed-job")
+    real_jobs = gc._jobs
+
+    def jobs_then_resume(*args, **kwargs):
+        found = real_jobs(*args, **kwargs)
+        store.note_activity("resume")  # after gc listed the job as a month old
+        return found
+
+    monkeypatch.setattr(gc, "_jobs", jobs_then_resume)
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+
+    assert not report.expired_jobs and [name for name, _ in report.revived_jobs] == ["resumed-job"]
+    assert store.load("a") == list(range(100))
+    assert "kept job resumed-job: written to during this gc (0 minutes ago)" in describe(report)
+
+
+def test_only_the_files_of_the_last_listing_are_deleted(tmp_path: Path, monkeypatch) -> None:
+    """A blob written after gc listed the job for the last time (a step of a run reusing the
+    name) is not deleted with the expired ones, nor is its directory."""
+    store = old_job(tmp_path, "job", "a", "b")
+    fs = fsspec.filesystem("file")
+    real_rm = fs.rm
+
+    def write_then_rm(paths, *args, **kwargs):
+        store.save("late", "new")  # lands between the last listing and the delete
+        return real_rm(paths, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "rm", write_then_rm)
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+
+    assert [name for name, _, _ in report.expired_jobs] == ["job"]
+    assert not Path(store.path("a")).exists() and not Path(store.path("b")).exists()
+    assert store.load("late") == "new"
+
+
+def test_expired_job_directories_go_whole_on_a_local_disk(tmp_path: Path) -> None:
+    store = old_job(tmp_path, "job", "a")
+    month_ago = time.time() - 30 * 86400
+    store.note_activity("a step")
+    activity = Path(store.path("a")).parent / "activity"
+    for path in activity.iterdir():
+        os.utime(path, (month_ago, month_ago))
+    collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert not Path(store.path("a")).parent.exists()
+
+
+def test_a_recent_activity_record_keeps_an_old_job(tmp_path: Path) -> None:
+    """A step running for longer than the ttl without writing a blob (its heartbeat writes)."""
+    store = old_job(tmp_path, "long-step")
+    store.note_activity("train_model_node")
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert not report.expired_jobs and store.load("a") == list(range(100))
+
+
+def test_deleting_young_jobs_is_refused_a_dry_run_lists_them(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), "running", retry=FAST_RETRY)
+    store.save("a", 1)
+    with pytest.raises(UsageError, match=r"^gc deletes only what is at least 1 hours old, not 0 seconds") as refused:
+        collect_garbage(str(tmp_path), 0, delete=True)
+    assert refused.value.exit_code == ExitCode.USAGE
+    assert [name for name, _, _ in collect_garbage(str(tmp_path), 0).expired_jobs] == ["running"]
+    assert store.load("a") == 1
+
+    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", "600", "--yes"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "gc deletes only what is at least 1 hours old, not 600 seconds" in result.output
+    assert "Traceback" not in result.output and store.load("a") == 1
+    assert MIN_DELETE_AGE == 3600
+
+
+def test_a_failed_listing_deletes_no_cache_entry(tmp_path: Path, monkeypatch) -> None:
+    """A listing of the job directories that fails (a permission, an I/O error) is no listing:
+    gc stops (exit 3) instead of taking every entry's blob for gone."""
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    store = BlobStore(str(tmp_path), "job", retry=FAST_RETRY)
+    store.save("out", 1)
+    cache = StepCache(str(tmp_path))
+    key = StepKey("step", {"nodes": "step"})
+    assert cache.record(key, nodes=("step",), run_id="r", job_name="job", outputs={"out": store.url("out")})
+    fs = fsspec.filesystem("file")
+    real_ls = fs.ls
+
+    def failing_ls(path, *args, **kwargs):
+        if path.rstrip("/").endswith("kedro-vertexai-temp"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_ls(path, *args, **kwargs)
+
+    def exists_as_gcsfs(path, **kwargs):  # any failure to look is "no such path"
+        try:
+            fs.info(path)
+            return bool(failing_ls(path)) or True
+        except Exception:
+            return False
+
+    monkeypatch.setattr(fs, "ls", failing_ls)
+    monkeypatch.setattr(fs, "exists", exists_as_gcsfs)
+    with pytest.raises(StorageError, match="^could not clean .*Permission denied") as failed:
+        collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert failed.value.exit_code == ExitCode.INFRASTRUCTURE
+    monkeypatch.undo()
+    assert cache.lookup(key)[0] is not None
+
+
+def test_an_entry_whose_blob_the_listing_missed_is_not_dangling(tmp_path: Path, monkeypatch) -> None:
+    """The blob is looked up once more before its entry is called dangling: a listing that
+    missed it (an eventually consistent store, a job listed short) deletes nothing."""
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    store = BlobStore(str(tmp_path), "job", retry=FAST_RETRY)
+    store.save("out", 1)
+    cache = StepCache(str(tmp_path))
+    key = StepKey("step", {"nodes": "step"})
+    assert cache.record(key, nodes=("step",), run_id="r", job_name="job", outputs={"out": store.url("out")})
+    monkeypatch.setattr(gc, "_jobs", lambda *args, **kwargs: [])  # listed short: no job at all
+
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert not report.cache_entries and cache.lookup(key)[0] is not None
+
+
+def test_a_failure_half_way_says_what_was_deleted_before_it(tmp_path: Path, monkeypatch) -> None:
+    first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2")
+    real_delete = gc._delete_listed
+
+    def fail_on_the_second(fs, job, paths):
+        if job.endswith("job-2"):
+            raise OSError(5, "Input/output error")
+        real_delete(fs, job, paths)
+
+    monkeypatch.setattr(gc, "_delete_listed", fail_on_the_second)
+    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
+    assert result.exit_code == ExitCode.INFRASTRUCTURE, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("deleted job job-1: ") for line in lines)
+    assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
+    assert not any("job-2" in line for line in lines[:-1]) and "Input/output error" in lines[-1]
+    assert not Path(first.path("a")).exists() and second.load("a") == list(range(100))
