@@ -177,3 +177,31 @@ def test_a_failure_half_way_says_what_was_deleted_before_it(tmp_path: Path, monk
     assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
     assert not any("job-2" in line for line in lines[:-1]) and "Input/output error" in lines[-1]
     assert not Path(first.path("a")).exists() and second.load("a") == list(range(100))
+
+
+@pytest.mark.parametrize("where", ["gcs", "s3"])
+def test_on_object_stores_expired_jobs_go_and_young_ones_stay(where: str, tmp_path: Path, monkeypatch,
+                                                              request: pytest.FixtureRequest) -> None:
+    """The job listing (prefixes as directories), the second listing, the delete of its files and
+    the check that they are gone, on the GCS emulator and moto's S3 server. An object's time is
+    the server's: the ttl is made to fall between the two jobs' writes."""
+    if where == "gcs":
+        root = f"gs://{request.getfixturevalue('gcs_emulator').bucket}/gc-{tmp_path.name}"
+    else:
+        root = f"s3://{request.getfixturevalue('s3_server').bucket}/gc-{tmp_path.name}"
+    old = BlobStore(root, "old-job", retry=FAST_RETRY)
+    old.save("a", 1)
+    old.save("b", 2)
+    old.note_activity("a step")
+    time.sleep(2.5)
+    young = BlobStore(root, "young-job", retry=FAST_RETRY)
+    young.save("a", 3)
+
+    dry = collect_garbage(root, 2.0)
+    assert [name for name, _, _ in dry.expired_jobs] == ["old-job"]
+    monkeypatch.setattr(gc, "MIN_DELETE_AGE", 1.0)  # the floor has its own test
+    done = collect_garbage(root, 2.0, delete=True)
+    assert [name for name, _, _ in done.expired_jobs] == ["old-job"]
+    fs = old._fs
+    fs.invalidate_cache()
+    assert not fs.find(old._base) and young.load("a") == 3
