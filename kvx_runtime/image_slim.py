@@ -3,16 +3,19 @@ slim-packages``, run by the base image's build and by project images' after ``pi
 
 What no step ever loads goes:
 
-- the test suites that numerical packages ship inside themselves (numpy, pandas, scipy,
-  scikit-learn...: ~100 MB with the example project's requirements); only their own test
-  runners import them, and only directories named as their suites are removed;
-- files that only other tools read: type stubs (``*.pyi``, for type checkers) and Windows
-  launchers (``*.exe``, which pip and setuptools copy next to scripts on Windows only);
-- the debugging information (DWARF ``.debug_*`` sections) that some wheels leave in their
-  extension modules (zstandard's two backends alone carry 23 MB of it). ``strip --strip-debug``
-  keeps every symbol the loader needs; a module that no longer loads afterwards (checked in a
-  fresh interpreter, as the loader of a step would) gets its original back. Vendored libraries
-  (``<package>.libs``, patched by auditwheel) are left alone.
+- the test suites that packages ship inside themselves (numpy, pandas, scipy, scikit-learn,
+  fsspec...: ~100 MB with the example project's requirements); only their own test runners
+  import them, and only directories named as their suites are removed;
+- files that only other tools read: type stubs (``*.pyi``, for type checkers), Windows
+  launchers (``*.exe``, which pip and setuptools copy next to scripts on Windows only), and
+  Cython's sources and templates (``*.pyx``, ``*.pxd``, ``*.pxi``, ``*.pyx.tp``...: read by
+  Cython when it compiles an extension, which needs a C compiler no image of ours has);
+- what extension modules carry for debuggers and linkers only: DWARF ``.debug_*`` sections
+  (zstandard's two backends alone carry 23 MB) and the static symbol table (``.symtab``:
+  scipy's modules, 8 MB). ``strip --strip-unneeded``, as Debian strips its shared libraries,
+  keeps the dynamic symbols the loader and Python need (``PyInit_*``); a module that no longer
+  loads afterwards (checked in a fresh interpreter, as the loader of a step would) gets its
+  original back. Vendored libraries (``<package>.libs``, patched by auditwheel) are left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["TEST_SUITES", "UNUSED_SUFFIXES", "SlimReport", "default_site_packages", "has_debug_info",
-           "slim_site_packages"]
+           "has_symbol_table", "slim_site_packages"]
 
 #: Package -> the directory names of the test suite it ships (anywhere below the package).
 #: Only packages whose suites are never imported outside their own test runners.
@@ -41,12 +44,22 @@ TEST_SUITES: dict[str, tuple[str, ...]] = {
     "pyarrow": ("tests",),
     "matplotlib": ("tests",),
     "joblib": ("test",),
+    "fsspec": ("tests",),
+    "gitdb": ("test",),
+    "smmap": ("test",),
+    "kedro_datasets_experimental": ("tests",),
 }
 
-#: Files no step reads, by suffix, and who does read them.
+#: Files no step reads, by the end of their name, and who does read them.
 UNUSED_SUFFIXES: dict[str, str] = {
     ".pyi": "type checkers",
     ".exe": "pip and setuptools on Windows",
+    ".pyx": "Cython, compiling an extension",
+    ".pxd": "Cython, compiling an extension",
+    ".pxi": "Cython, compiling an extension",
+    ".pyx.tp": "Tempita, generating Cython sources",
+    ".pxd.tp": "Tempita, generating Cython sources",
+    ".pxi.tp": "Tempita, generating Cython sources",
 }
 
 
@@ -56,23 +69,25 @@ class SlimReport:
 
     test_suites: list[Path] = field(default_factory=list)
     test_bytes: int = 0
-    unused_files: int = 0  # type stubs, Windows launchers (UNUSED_SUFFIXES)
+    unused_files: int = 0  # type stubs, Windows launchers, Cython sources (UNUSED_SUFFIXES)
     unused_bytes: int = 0
     stripped: list[Path] = field(default_factory=list)
     strip_bytes: int = 0
     restored: list[Path] = field(default_factory=list)  # stripped, then no longer loadable
-    strip_missing: bool = False  # debug info found, but no `strip` to remove it
+    strip_missing: bool = False  # debug info or symbols found, but no `strip` to remove them
 
     def lines(self) -> list[str]:
         mb = 1024 * 1024
         out = [f"test suites removed: {len(self.test_suites)} ({self.test_bytes / mb:.1f} MB)",
-               f"type stubs and Windows launchers removed: {self.unused_files} ({self.unused_bytes / mb:.1f} MB)",
-               f"extension modules stripped of debug info: {len(self.stripped)} ({self.strip_bytes / mb:.1f} MB)"]
+               f"type stubs, Windows launchers and Cython sources removed: {self.unused_files} "
+               f"({self.unused_bytes / mb:.1f} MB)",
+               f"extension modules stripped of debug info and static symbols: {len(self.stripped)} "
+               f"({self.strip_bytes / mb:.1f} MB)"]
         if self.restored:
             out.append("kept as they were (no longer loadable once stripped): "
                        + ", ".join(path.name for path in self.restored))
         if self.strip_missing:
-            out.append("debug info kept: `strip` (binutils) is not installed")
+            out.append("debug info and static symbols kept: `strip` (binutils) is not installed")
         return out
 
 
@@ -99,9 +114,10 @@ def _test_suites(site_packages: Path) -> Iterator[Path]:
 
 
 def _unused_files(site_packages: Path) -> Iterator[Path]:
+    suffixes = tuple(UNUSED_SUFFIXES)
     for directory, _, files in os.walk(site_packages):
         for name in files:
-            if os.path.splitext(name)[1] in UNUSED_SUFFIXES:
+            if name.endswith(suffixes):
                 path = Path(directory) / name
                 if not path.is_symlink():
                     yield path
@@ -111,33 +127,54 @@ def _unused_files(site_packages: Path) -> Iterator[Path]:
 _ELF_MAGIC = b"\x7fELF"
 
 
-def has_debug_info(path: Path) -> bool:
-    """Whether the 64-bit ELF file at ``path`` has ``.debug_*`` sections (False for anything else)."""
+def _section_names(path: Path) -> list[bytes]:
+    """The section names of the 64-bit ELF file at ``path`` (none for anything else)."""
     try:
         with path.open("rb") as file:
             header = file.read(64)
             if len(header) < 64 or header[:4] != _ELF_MAGIC or header[4] != 2 or header[5] not in (1, 2):
-                return False
+                return []
             order = "<" if header[5] == 1 else ">"
             section_offset, = struct.unpack_from(order + "Q", header, 0x28)
             entry_size, count, names_index = struct.unpack_from(order + "HHH", header, 0x3A)
             size = path.stat().st_size
             if (not section_offset or entry_size < 64 or names_index >= count
                     or section_offset + entry_size * count > size):
-                return False
+                return []
             file.seek(section_offset)
             table = file.read(entry_size * count)
             if len(table) < entry_size * count:
-                return False
+                return []
             sections = [struct.unpack_from(order + "IIQQQQ", table, i * entry_size) for i in range(count)]
             _, _, _, _, names_offset, names_size = sections[names_index]
             if names_offset + names_size > size:
-                return False
+                return []
             file.seek(names_offset)
             names = file.read(names_size)
     except (OSError, OverflowError, ValueError, MemoryError, struct.error):
-        return False
-    return any(names[name:name + 7] == b".debug_" for name, *_ in sections)
+        return []
+    return [_name_at(names, start) for start, *_ in sections]
+
+
+def _name_at(names: bytes, start: int) -> bytes:
+    end = names.find(b"\0", start)
+    return names[start:end if end >= 0 else len(names)]
+
+
+def has_debug_info(path: Path) -> bool:
+    """Whether the 64-bit ELF file at ``path`` has ``.debug_*`` sections (False for anything else)."""
+    return any(name.startswith(b".debug_") for name in _section_names(path))
+
+
+def has_symbol_table(path: Path) -> bool:
+    """Whether the 64-bit ELF file at ``path`` has a static symbol table (``.symtab``; the
+    loader reads ``.dynsym`` only)."""
+    return b".symtab" in _section_names(path)
+
+
+def _strippable(path: Path) -> bool:
+    names = _section_names(path)
+    return b".symtab" in names or any(name.startswith(b".debug_") for name in names)
 
 
 def _extension_modules(site_packages: Path) -> Iterator[Path]:
@@ -177,7 +214,7 @@ def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
     return {named[line] for line in checked.stdout.splitlines() if line in named}
 
 
-def _strip_debug_info(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
+def _strip(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
     unloadable = _unloadable(modules, python)
     loadable = [path for path in modules if path not in unloadable]
     with tempfile.TemporaryDirectory(prefix="kvx-slim-") as backups:
@@ -186,7 +223,7 @@ def _strip_debug_info(modules: list[Path], strip: str, python: str, report: Slim
             backup = Path(backups) / str(index)
             shutil.copy2(path, backup)
             size = path.stat().st_size
-            if subprocess.run([strip, "--strip-debug", "--preserve-dates", str(path)],
+            if subprocess.run([strip, "--strip-unneeded", "--preserve-dates", str(path)],
                               capture_output=True).returncode != 0:
                 shutil.copy2(backup, path)  # strip may leave a partial file behind
                 report.restored.append(path)
@@ -202,8 +239,8 @@ def _strip_debug_info(modules: list[Path], strip: str, python: str, report: Slim
 
 def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, python: str | None = None) -> SlimReport:
     """Remove known test suites and files no step reads (:data:`UNUSED_SUFFIXES`), and strip
-    debug info from extension modules below each of ``site_packages``; ``python`` checks that
-    stripped modules still load (default: this one)."""
+    debug info and static symbols from extension modules below each of ``site_packages``;
+    ``python`` checks that stripped modules still load (default: this one)."""
     report = SlimReport()
     modules: list[Path] = []
     # One pass per directory: purelib and platlib may be two names of one (a venv's lib64 -> lib).
@@ -217,11 +254,11 @@ def slim_site_packages(site_packages: Iterable[Path], *, strip: bool = True, pyt
             path.unlink()
             report.unused_files += 1
         if strip:
-            modules.extend(path for path in _extension_modules(root) if has_debug_info(path))
+            modules.extend(path for path in _extension_modules(root) if _strippable(path))
     if modules:
         strip_program = shutil.which("strip")
         if strip_program is None:
             report.strip_missing = True
         else:
-            _strip_debug_info(modules, strip_program, python or sys.executable, report)
+            _strip(modules, strip_program, python or sys.executable, report)
     return report

@@ -1,7 +1,9 @@
-"""`kvx-runtime slim-packages`: test suites and debug info go, nothing a step loads does.
+"""`kvx-runtime slim-packages`: test suites, debug info and static symbols go, nothing a step
+loads does.
 
-Real extension modules with debug info (PyYAML's, as its wheel ships it) and binutils' strip;
-a stand-in ``strip`` only where a broken one is the point.
+Real extension modules with debug info and symbols (PyYAML's, as its wheel ships it; one with
+symbols only, as scipy's are) and binutils' strip; a stand-in ``strip`` only where a broken one
+is the point.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ import yaml._yaml
 from click.testing import CliRunner
 
 from kvx_runtime.cli import cli
-from kvx_runtime.image_slim import has_debug_info, slim_site_packages
+from kvx_runtime.image_slim import has_debug_info, has_symbol_table, slim_site_packages
 
 #: An extension module as PyPI's wheel ships it: with DWARF sections.
 WITH_DEBUG_INFO = Path(yaml._yaml.__file__)
@@ -35,9 +39,14 @@ def fake_site_packages(root: Path) -> Path:
     shutil.copy2(WITH_DEBUG_INFO, site / "mypackage" / WITH_DEBUG_INFO.name)
     (site / "vendored.libs").mkdir()
     shutil.copy2(WITH_DEBUG_INFO, site / "vendored.libs" / "libvendored.so.1")
-    # Type stubs and a Windows launcher (as pip's vendored distlib ships them); kept: code, data,
-    # and the marker that says a package is typed.
+    # Type stubs, a Windows launcher (as pip's vendored distlib ships them) and Cython's sources
+    # (as scipy and scikit-learn ship them); kept: code, data, the marker that says a package
+    # is typed, C headers (cffi may read them at run time) and other templates.
     (site / "mypackage" / "__init__.pyi").write_text("def f() -> int: ...\n" * 50)
+    for cython in ("_fast.pyx", "_fast.pxd", "_defs.pxi", "_loss.pyx.tp"):
+        (site / "mypackage" / cython).write_text("cdef int x\n" * 10)
+    for kept in ("api.h", "report.tp"):
+        (site / "mypackage" / kept).write_text("x\n")
     (site / "mypackage" / "py.typed").write_text("")
     (site / "mypackage" / "data.json").write_text("{}")
     (site / "pip" / "_vendor" / "distlib").mkdir(parents=True)
@@ -74,13 +83,17 @@ def test_suites_go_debug_info_goes_everything_else_stays(tmp_path: Path) -> None
     assert all((site / kept / "__init__.py").exists()
                for kept in ("numpy/testing", "numpy/_core", "mypackage/tests", "sklearn/utils/_test_common"))
     assert report.test_bytes == 5 * 6000
-    assert report.unused_files == 2 and report.unused_bytes == 50 * 20 + 1000
+    assert report.unused_files == 6 and report.unused_bytes == 50 * 20 + 1000 + 4 * 110
     assert not (site / "mypackage" / "__init__.pyi").exists()
+    cython = ("_fast.pyx", "_fast.pxd", "_defs.pxi", "_loss.pyx.tp")
+    assert not any((site / "mypackage" / name).exists() for name in cython)
+    assert all((site / "mypackage" / name).exists() for name in ("api.h", "report.tp"))
     assert not (site / "pip" / "_vendor" / "distlib" / "t64.exe").exists()
     assert all((site / "mypackage" / name).exists() for name in ("py.typed", "data.json"))
     # Stripped, smaller, and still a library the loader takes.
     assert report.stripped == [module] and not report.restored
-    assert not has_debug_info(module) and module.stat().st_size == before - report.strip_bytes
+    assert not has_debug_info(module) and not has_symbol_table(module)
+    assert module.stat().st_size == before - report.strip_bytes
     assert report.strip_bytes > before // 2
     ctypes.CDLL(str(module))
     # Vendored libraries are never touched.
@@ -110,6 +123,36 @@ def test_a_module_that_no_longer_loads_once_stripped_gets_its_original_back(tmp_
 
 
 @needs_strip
+def test_a_module_with_symbols_but_no_debug_info_loses_its_symbol_table(tmp_path: Path) -> None:
+    """scipy's extension modules, as its wheels ship them: no DWARF, a static symbol table."""
+    site = tmp_path / "site-packages"
+    (site / "scipy_like").mkdir(parents=True)
+    module = site / "scipy_like" / WITH_DEBUG_INFO.name
+    shutil.copy2(WITH_DEBUG_INFO, module)
+    subprocess.run(["strip", "--strip-debug", str(module)], check=True)
+    assert has_symbol_table(module) and not has_debug_info(module)
+    before = module.stat().st_size
+
+    report = slim_site_packages([site])
+
+    assert report.stripped == [module] and not has_symbol_table(module)
+    assert 0 < report.strip_bytes == before - module.stat().st_size
+    # What Python looks up in an extension module stays: it still imports and works.
+    checked = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, sys; spec = importlib.util.spec_from_file_location("
+         "'yaml._yaml', sys.argv[1]); m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+         "print(m.CParser.__name__)", str(module)], capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.strip() == "CParser", checked.stderr[-2000:]
+
+
+def test_symbols_are_told_from_the_section_names(tmp_path: Path) -> None:
+    assert has_symbol_table(WITH_DEBUG_INFO)
+    (tmp_path / "text.so").write_text("not an ELF file")
+    assert not has_symbol_table(tmp_path / "text.so")
+    assert not has_symbol_table(tmp_path / "missing.so")
+
+
+@needs_strip
 def test_one_directory_under_two_names_is_stripped_once(tmp_path: Path) -> None:
     site = fake_site_packages(tmp_path)
     (tmp_path / "lib64").symlink_to(site)
@@ -127,7 +170,7 @@ def test_without_strip_suites_still_go_and_the_report_says_debug_info_stayed(tmp
     assert report.strip_missing and not report.stripped
     assert module.read_bytes() == WITH_DEBUG_INFO.read_bytes()
     assert len(report.test_suites) == 5
-    assert "debug info kept: `strip` (binutils) is not installed" in report.lines()
+    assert "debug info and static symbols kept: `strip` (binutils) is not installed" in report.lines()
 
 
 def test_the_command_reports_what_it_saved_and_refuses_a_missing_directory(tmp_path: Path) -> None:
@@ -135,7 +178,7 @@ def test_the_command_reports_what_it_saved_and_refuses_a_missing_directory(tmp_p
     result = CliRunner().invoke(cli, ["slim-packages", "--no-strip", str(site)])
     assert result.exit_code == 0, result.output
     assert "test suites removed: 5 (0.0 MB)" in result.output
-    assert "type stubs and Windows launchers removed: 2 (0.0 MB)" in result.output
+    assert "type stubs, Windows launchers and Cython sources removed: 6 (0.0 MB)" in result.output
     assert (site / "mypackage" / WITH_DEBUG_INFO.name).read_bytes() == WITH_DEBUG_INFO.read_bytes()
 
     missing = CliRunner().invoke(cli, ["slim-packages", str(tmp_path / "absent")])
