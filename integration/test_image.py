@@ -96,6 +96,7 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
         checked = BUILDAH.run(container, "python3", "-m", "pip", "check")
         slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "numpy", "pandas")
         tools = BUILDAH.run(container, "python3", "-c", BUILD_TOOLS_CHECK)
+        positions = BUILDAH.run(container, "python3", "-c", POSITIONS_CHECK, "kedro.pipeline.node", "kvx_runtime.cli")
     assert imported.returncode == 0 and "imported 3." in imported.stdout, imported.stderr[-3000:]
     assert server.returncode == 1 and "No module named 'flask'" in server.stderr, server.stderr[-2000:]
     names = [line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("Name: ")]
@@ -103,33 +104,55 @@ def test_the_slim_base_image_tracks_with_mlflow_skinny_alone(runtime_image: str)
     assert "Package(s) not found: mlflow" in shown.stderr
     assert "Requires: kedro, mlflow-skinny, pydantic" in shown.stdout
     assert checked.returncode == 0 and "No broken requirements found." in checked.stdout, checked.stdout
-    assert slimmed.stdout.split() == ["numpy:no-tests", "pandas:no-tests", "debug-info:none"], slimmed.stderr[-2000:]
-    assert tools.stdout.split() == ["setuptools:absent", "pip-bytecode:0", "stubs:0"], tools.stderr[-2000:]
+    assert slimmed.stdout.split() == ["numpy:no-tests", "pandas:no-tests", "symbols:none"], slimmed.stderr[-2000:]
+    assert tools.stdout.split() == ["setuptools:absent", "strip:absent", "pip-bytecode:0", "stubs:0", "cython:0"], \
+        tools.stderr[-2000:]
+    # Bytecode compiled, without the column positions of ^^^ markers (smaller; lines still shown).
+    assert positions.stdout.split() == ["kedro.pipeline.node:lines", "kvx_runtime.cli:lines"], positions.stderr[-2000:]
     size = BUILDAH.megabytes(runtime_image)
     assert size <= BASE_IMAGE_MAX_MB, f"the slim base image is {size:.0f} MB"
 
 
 #: Run in an image with package names: whether each ships its test suite still, then whether
-#: any extension module of the runtime's environment still carries debug info.
+#: any extension module of the runtime's environment still carries debug info or a static
+#: symbol table.
 SLIMMED_CHECK = """
 import importlib, pathlib, sys, sysconfig
-from kvx_runtime.image_slim import has_debug_info
+from kvx_runtime.image_slim import has_debug_info, has_symbol_table
 for name in sys.argv[1:]:
     root = pathlib.Path(importlib.import_module(name).__file__).parent
     print(f"{name}:{'tests' if any(root.rglob('tests')) else 'no-tests'}")
 site = pathlib.Path(sysconfig.get_paths()["platlib"])
-left = [str(p) for p in site.rglob("*.so") if ".libs" not in str(p) and has_debug_info(p)]
-print("debug-info:" + (",".join(left) or "none"))
+left = [str(p) for p in site.rglob("*.so") if ".libs" not in str(p) and (has_debug_info(p) or has_symbol_table(p))]
+print("symbols:" + (",".join(left) or "none"))
 """
 
-#: Run in an image: whether setuptools is installed, how many bytecode files pip has (a build
-#: tool: none) and how many type stubs are left.
+#: Run in an image: whether setuptools and binutils' strip are installed, how many bytecode
+#: files pip has (a build tool: none) and how many type stubs and Cython sources are left.
 BUILD_TOOLS_CHECK = """
-import importlib.util, pathlib, sysconfig
+import importlib.util, pathlib, shutil, sysconfig
 site = pathlib.Path(sysconfig.get_paths()["purelib"])
 print("setuptools:" + ("present" if importlib.util.find_spec("setuptools") else "absent"))
+print("strip:" + ("present" if shutil.which("strip") else "absent"))
 print(f"pip-bytecode:{sum(1 for _ in (site / 'pip').rglob('*.pyc'))}")
 print(f"stubs:{sum(1 for _ in site.rglob('*.pyi'))}")
+print(f"cython:{sum(1 for p in site.rglob('*.p[yx][xdi]') if p.suffix in ('.pyx', '.pxd', '.pxi'))}")
+"""
+
+#: Run in an image with module names: whether each one's installed bytecode holds the column
+#: positions of tracebacks' ^^^ markers ("columns") or lines only ("lines").
+POSITIONS_CHECK = """
+import importlib.util, marshal, sys
+def codes(code):
+    yield code
+    for constant in code.co_consts:
+        if hasattr(constant, "co_positions"):
+            yield from codes(constant)
+for name in sys.argv[1:]:
+    with open(importlib.util.find_spec(name).cached, "rb") as file:
+        module = marshal.loads(file.read()[16:])
+    columns = any(start is not None for code in codes(module) for _, _, start, _ in code.co_positions())
+    print(f"{name}:{'columns' if columns else 'lines'}")
 """
 
 
@@ -163,12 +186,23 @@ def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_ima
         flask = BUILDAH.run(container, "python3", "-c", "import flask")
         slimmed = BUILDAH.run(container, "python3", "-c", SLIMMED_CHECK, "sklearn", "scipy")
         tools = BUILDAH.run(container, "python3", "-c", BUILD_TOOLS_CHECK)
+        positions = BUILDAH.run(container, "python3", "-c", POSITIONS_CHECK, "scipy.linalg._basic",
+                                "spaceflights_kvx.pipelines.data_processing.nodes")
+        dpkg = BUILDAH.run(container, "sh", "-c", "dpkg -s binutils > /dev/null 2>&1 && echo binutils:installed "
+                           "|| echo binutils:absent; ls /var/lib/apt/lists | wc -l")
     assert "Package(s) not found: mlflow" in shown.stderr and "Name: mlflow-skinny" in shown.stdout, shown.stderr
     assert flask.returncode == 1
-    # The project's own requirements were slimmed too (their test suites; this image has no strip).
-    assert slimmed.stdout.split()[:2] == ["sklearn:no-tests", "scipy:no-tests"], slimmed.stderr[-2000:]
+    # The project's own requirements were slimmed too: test suites, Cython sources, symbols
+    # (binutils' strip installed for that layer, and gone with apt's lists once it ran).
+    assert slimmed.stdout.split() == ["sklearn:no-tests", "scipy:no-tests", "symbols:none"], slimmed.stderr[-2000:]
+    assert dpkg.stdout.split() == ["binutils:absent", "0"], dpkg.stdout
     # pip ran without writing its own bytecode into the project's layer.
-    assert tools.stdout.split() == ["setuptools:absent", "pip-bytecode:0", "stubs:0"], tools.stderr[-2000:]
+    assert tools.stdout.split() == ["setuptools:absent", "strip:absent", "pip-bytecode:0", "stubs:0", "cython:0"], \
+        tools.stderr[-2000:]
+    # Requirements' bytecode without column positions; the project's own code keeps them.
+    assert positions.stdout.split() == [
+        "scipy.linalg._basic:lines", "spaceflights_kvx.pipelines.data_processing.nodes:columns",
+    ], positions.stderr[-2000:]
     size = BUILDAH.megabytes(project_image)
     assert size <= PROJECT_IMAGE_MAX_MB, f"the example project image is {size:.0f} MB"
 
