@@ -189,26 +189,32 @@ def _extension_modules(site_packages: Path) -> Iterator[Path]:
 
 
 _LOAD_CHECK = """
-import ctypes, sys
+import ctypes, os, sys
 failed = []
 for path in sys.argv[1:]:
     try:
         ctypes.CDLL(path)
     except OSError:
         failed.append(path)
-print("\\n".join(failed))
+print("\\n".join(failed), flush=True)
+# No interpreter finalization: some modules abort in their destructors once loaded outside
+# their package (matplotlib's ft2font does, stripped or not).
+os._exit(0)
 """
 
 
 def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
-    """Those of ``paths`` the dynamic loader refuses, asked in a fresh interpreter (a loader crash
-    there counts them all)."""
+    """Those of ``paths`` the dynamic loader refuses, asked in a fresh interpreter; where that
+    interpreter crashes (a loader or a library's initialiser did), each is asked alone, so that
+    one crash counts one module."""
     paths = list(paths)
     if not paths:
         return set()
     checked = subprocess.run([python, "-c", _LOAD_CHECK, *map(str, paths)], capture_output=True, text=True)
     if checked.returncode != 0:
-        return set(paths)
+        if len(paths) == 1:
+            return set(paths)
+        return set().union(*(_unloadable([path], python) for path in paths))
     # Only the paths asked about: a library's initialiser may print lines of its own.
     named = {str(path): path for path in paths}
     return {named[line] for line in checked.stdout.splitlines() if line in named}

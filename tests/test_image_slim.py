@@ -123,6 +123,39 @@ def test_a_module_that_no_longer_loads_once_stripped_gets_its_original_back(tmp_
 
 
 @needs_strip
+def test_a_module_that_crashes_the_load_check_costs_only_itself(tmp_path: Path) -> None:
+    """A library whose loading (or unloading: matplotlib's ft2font aborts at interpreter exit)
+    kills the checking interpreter: the other modules are still stripped, that one is not."""
+    site = tmp_path / "site-packages"
+    (site / "fine").mkdir(parents=True)
+    (site / "crashy").mkdir()
+    fine = site / "fine" / WITH_DEBUG_INFO.name
+    crashy = site / "crashy" / WITH_DEBUG_INFO.name
+    shutil.copy2(WITH_DEBUG_INFO, fine)
+    shutil.copy2(WITH_DEBUG_INFO, crashy)
+    python = tmp_path / "python"  # this interpreter, aborting whenever it is asked about crashy/
+    python.write_text(f'#!/bin/sh\ncase "$*" in *crashy/*) kill -ABRT $$ ;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+
+    report = slim_site_packages([site], python=str(python))
+
+    assert report.stripped == [fine] and not has_debug_info(fine)
+    assert crashy.read_bytes() == WITH_DEBUG_INFO.read_bytes()
+
+
+def test_the_load_check_survives_a_library_that_aborts_at_interpreter_exit(tmp_path: Path) -> None:
+    """The check's interpreter ends without finalization: a destructor that aborts (as
+    matplotlib's ft2font's does outside its package) cannot fail the check."""
+    from kvx_runtime.image_slim import _LOAD_CHECK
+
+    assert _LOAD_CHECK.rstrip().endswith("os._exit(0)")
+    checked = subprocess.run([sys.executable, "-c", _LOAD_CHECK.replace(
+        "os._exit(0)", "import atexit; atexit.register(os.abort); os._exit(0)"), str(WITH_DEBUG_INFO)],
+        capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.strip() == "", checked.stderr[-2000:]
+
+
+@needs_strip
 def test_a_module_with_symbols_but_no_debug_info_loses_its_symbol_table(tmp_path: Path) -> None:
     """scipy's extension modules, as its wheels ship them: no DWARF, a static symbol table."""
     site = tmp_path / "site-packages"
