@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import aiohttp
@@ -96,6 +97,38 @@ def test_gcsfs_starts_no_backoff_that_would_end_past_the_operations_deadline() -
         assert asyncio.run(failures_retried(5)) == [True, True, True, True, False]
     with operation_deadline(time.monotonic() - 1):
         assert asyncio.run(failures_retried(1)) == [False]
+    assert asyncio.run(failures_retried(1)) == [True]  # no operation under way: gcsfs's own rule
+
+
+def test_a_blob_operation_in_another_thread_neither_sees_nor_changes_this_ones_deadline() -> None:
+    """A step's heartbeat writes from its own thread while the step's blob operations run: each
+    request keeps its own operation's deadline, and once both ended none is left behind (an
+    expired one left process-wide took gcsfs's retries from every later request)."""
+    from kvx_runtime.storage.gcs import operation_deadline
+
+    async def failures_retried(count: int) -> list[bool]:
+        return [_retried_by_gcsfs(_gcsfs_http_error(503)) for _ in range(count)]
+
+    beat_entered, main_left, beat_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[bool]] = {}
+
+    def heartbeat() -> None:
+        with operation_deadline(time.monotonic() + 3600):
+            beat_entered.set()
+            main_left.wait(10)
+            seen["beat"] = asyncio.run(failures_retried(1))
+        beat_left.set()
+
+    thread = threading.Thread(target=heartbeat)
+    with operation_deadline(time.monotonic() - 1):  # the step's operation: out of time
+        thread.start()
+        assert beat_entered.wait(10)
+        seen["main"] = asyncio.run(failures_retried(1))
+    main_left.set()
+    assert beat_left.wait(10)
+    thread.join(10)
+
+    assert seen == {"main": [False], "beat": [True]}
     assert asyncio.run(failures_retried(1)) == [True]  # no operation under way: gcsfs's own rule
 
 

@@ -8,6 +8,10 @@ retries kept inside the blob store's give-up budget.
   refresh (``invalid_grant``: a revoked key) as retryable. :func:`install_request_retry_policy`
   wraps gcsfs's retry predicate: a refusal is never retried, and no retry starts whose backoff
   would end past the deadline of the blob operation under way (:func:`operation_deadline`).
+  The deadline is a context variable: fsspec runs gcsfs's requests in its own event loop's
+  thread, in tasks that copy the context of the thread that asked, so each request sees the
+  deadline of its own operation, and a step's heartbeat (another thread) neither sees nor
+  changes the step's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from kvx_runtime import settings
@@ -30,9 +35,10 @@ CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 #: gcsfs's backoff before its n-th retry is at most ``2 ** (n - 1) + 1`` seconds, capped at 32.
 _GCSFS_MAX_SLEEP = 32.0
 
+#: The ``time.monotonic()`` deadline of the blob operation under way in this context.
+_deadline: ContextVar[float | None] = ContextVar("kvx_gcs_operation_deadline", default=None)
 _lock = threading.Lock()
-_deadline: float | None = None
-#: Failed tries per asyncio task of the operation under way (gcsfs's retry loop runs in one task).
+#: Failed tries per asyncio task (gcsfs's retry loop for one request runs in one task).
 _failures: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _installed = False
 
@@ -65,16 +71,13 @@ def check_credentials_file() -> None:
 
 @contextmanager
 def operation_deadline(deadline: float) -> Iterator[None]:
-    """gcsfs's request retries under this ``time.monotonic()`` deadline (one blob operation)."""
-    global _deadline
-    with _lock:
-        previous, _deadline = _deadline, deadline
-        _failures.clear()
+    """gcsfs's request retries under this ``time.monotonic()`` deadline (one blob operation of
+    this thread; see the module docstring)."""
+    token = _deadline.set(deadline)
     try:
         yield
     finally:
-        with _lock:
-            _deadline = previous
+        _deadline.reset(token)
 
 
 def _next_sleep_bound(failures: int) -> float:
@@ -85,16 +88,16 @@ def _within_budget() -> bool:
     """Would gcsfs's next backoff still end before the deadline? Counted per asyncio task."""
     import asyncio
 
-    with _lock:
-        deadline = _deadline
-        if deadline is None:
-            return True
-        try:
-            task: Any = asyncio.current_task()
-        except RuntimeError:
-            task = None
-        failures = 1
-        if task is not None:
+    deadline = _deadline.get()
+    if deadline is None:
+        return True
+    try:
+        task: Any = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    failures = 1
+    if task is not None:
+        with _lock:
             failures = _failures.get(task, 0) + 1
             _failures[task] = failures
     return time.monotonic() + _next_sleep_bound(failures) < deadline
