@@ -99,6 +99,8 @@ class Interrupted(BaseException):
         self.exit_code = (
             ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED
         )
+        #: What the stopped command could not finish and left as it was (None: nothing partial).
+        self.left_behind: str | None = None
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:

@@ -56,7 +56,8 @@ def run_command(command: str, action: Callable[[], Any]) -> NoReturn:
                     error=exc.message)
         _exit(int(exc.exit_code))
     except Interrupted as exc:
-        log_verdict(log, f"{command} {exc}: nothing partial was left behind", exit_code=int(exc.exit_code))
+        log_verdict(log, f"{command} {exc}: {exc.left_behind or 'nothing partial was left behind'}",
+                    exit_code=int(exc.exit_code))
         _exit(int(exc.exit_code))
     except Exception as exc:  # a bug in kvx-runtime itself: show everything
         log_verdict(

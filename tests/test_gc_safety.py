@@ -175,8 +175,86 @@ def test_a_failure_half_way_says_what_was_deleted_before_it(tmp_path: Path, monk
     lines = result.output.splitlines()
     assert any(line.startswith("deleted job job-1: ") for line in lines)
     assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
-    assert not any("job-2" in line for line in lines[:-1]) and "Input/output error" in lines[-1]
+    assert "stopped while deleting job job-2: some of its files may be gone (gc --yes again finishes it)" in lines
+    assert not any(line.startswith("deleted job job-2") for line in lines) and "Input/output error" in lines[-1]
     assert not Path(first.path("a")).exists() and second.load("a") == list(range(100))
+
+
+def test_an_age_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
+    """nan compares false with every age: each job would look expired, a running one included."""
+    store = BlobStore(str(tmp_path), "running", retry=FAST_RETRY)
+    store.save("a", 1)
+    for delete in (False, True):
+        with pytest.raises(UsageError, match=r"^gc's age must be a number of seconds \(0 or more\), not nan"):
+            collect_garbage(str(tmp_path), float("nan"), delete=delete)
+    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", "nan", "--yes"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "Traceback" not in result.output and store.load("a") == 1
+
+
+def test_a_stop_signal_half_way_says_what_was_deleted_and_what_is_partly(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM while gc deletes the second job's files: the first job is reported deleted, the
+    second partly, and the last line does not claim that nothing partial was left."""
+    import signal
+
+    from kvx_runtime.errors import Interrupted
+
+    first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2", "a", "b")
+    real_delete = gc._delete_listed
+
+    def stopped_in_the_second(fs, job, paths):
+        if job.endswith("job-2"):
+            fs.rm(paths[:1])
+            raise Interrupted(signal.SIGTERM)
+        real_delete(fs, job, paths)
+
+    monkeypatch.setattr(gc, "_delete_listed", stopped_in_the_second)
+    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
+
+    assert result.exit_code == ExitCode.TERMINATED, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("deleted job job-1: ") for line in lines)
+    assert "stopped while deleting job job-2: some of its files may be gone (gc --yes again finishes it)" in lines
+    assert "gc stopped half-way by SIGTERM: only what is listed above was deleted" in lines
+    assert "stopped by SIGTERM: job job-2 may be partly deleted" in lines[-1]
+    assert "nothing partial" not in result.output
+    assert not Path(first.path("a")).exists() and second.load("b") == list(range(100))
+
+
+def test_a_delete_that_fails_half_way_names_the_job_it_left_partly_deleted(tmp_path: Path, monkeypatch) -> None:
+    store = old_job(tmp_path, "job", "a", "b", "c")
+    fs = fsspec.filesystem("file")
+    real_rm = fs.rm
+
+    def two_then_fail(paths, *args, **kwargs):
+        real_rm(list(paths)[:2])
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fs, "rm", two_then_fail)
+    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
+
+    assert result.exit_code == ExitCode.INFRASTRUCTURE, result.output
+    lines = result.output.splitlines()
+    assert "stopped while deleting job job: some of its files may be gone (gc --yes again finishes it)" in lines
+    assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
+    assert store.load("c") == list(range(100))
+
+
+def test_files_deleted_meanwhile_by_someone_else_are_no_failure(tmp_path: Path, monkeypatch) -> None:
+    """gcsfs raises "not found" when every file it was asked to delete is already gone (another
+    gc, a bucket's lifecycle rule): the job is deleted all the same."""
+    store = old_job(tmp_path, "job", "a", "b")
+    fs = fsspec.filesystem("file")
+    real_rm = fs.rm
+
+    def gone_before_us(paths, *args, **kwargs):
+        real_rm(paths)
+        raise FileNotFoundError(paths[0])
+
+    monkeypatch.setattr(fs, "rm", gone_before_us)
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert [name for name, _, _ in report.expired_jobs] == ["job"] and report.partly_deleted is None
+    assert not Path(store.path("a")).exists()
 
 
 @pytest.mark.parametrize("where", ["gcs", "s3"])
@@ -184,7 +262,7 @@ def test_on_object_stores_expired_jobs_go_and_young_ones_stay(where: str, tmp_pa
                                                               request: pytest.FixtureRequest) -> None:
     """The job listing (prefixes as directories), the second listing, the delete of its files and
     the check that they are gone, on the GCS emulator and moto's S3 server. An object's time is
-    the server's: the ttl is made to fall between the two jobs' writes."""
+    the server's (moto's in whole seconds): one job's is made a month older than it is."""
     if where == "gcs":
         root = f"gs://{request.getfixturevalue('gcs_emulator').bucket}/gc-{tmp_path.name}"
     else:
@@ -193,15 +271,49 @@ def test_on_object_stores_expired_jobs_go_and_young_ones_stay(where: str, tmp_pa
     old.save("a", 1)
     old.save("b", 2)
     old.note_activity("a step")
-    time.sleep(2.5)
     young = BlobStore(root, "young-job", retry=FAST_RETRY)
     young.save("a", 3)
+    real_modified = gc._modified
 
-    dry = collect_garbage(root, 2.0)
+    def old_job_a_month_old(info):  # the server's times, old-job's made a month older
+        seconds = real_modified(info)
+        return seconds - 30 * 86400 if "/old-job/" in info["name"] else seconds
+
+    monkeypatch.setattr(gc, "_modified", old_job_a_month_old)
+    dry = collect_garbage(root, WEEK)
     assert [name for name, _, _ in dry.expired_jobs] == ["old-job"]
-    monkeypatch.setattr(gc, "MIN_DELETE_AGE", 1.0)  # the floor has its own test
-    done = collect_garbage(root, 2.0, delete=True)
+    done = collect_garbage(root, WEEK, delete=True)
     assert [name for name, _, _ in done.expired_jobs] == ["old-job"]
     fs = old._fs
     fs.invalidate_cache()
     assert not fs.find(old._base) and young.load("a") == 3
+
+
+def test_on_s3_a_blob_the_listing_missed_is_asked_of_the_store(tmp_path: Path, s3_server) -> None:
+    """s3fs answers a look-up from the listing of the blob's directory that gc has just cached:
+    the blob the listing missed is asked of the store itself before its entry is called dangling."""
+    from kvx_runtime.cache.key import StepKey
+    from kvx_runtime.cache.store import StepCache
+
+    root = f"s3://{s3_server.bucket}/gc-{tmp_path.name}"
+    store = BlobStore(root, "job", retry=FAST_RETRY)
+    store.save("out", 1)
+    store.save("other", 2)
+    cache = StepCache(root)
+    key = StepKey("step", {"nodes": "step"})
+    assert cache.record(key, nodes=("step",), run_id="r", job_name="job", outputs={"out": store.url("out")})
+    real_jobs = gc._jobs
+
+    def listed_short(fs, *args, **kwargs):  # the listing, and the cache it filled, missed "out"
+        found = real_jobs(fs, *args, **kwargs)
+        for entries in fs.dircache.values():
+            entries[:] = [entry for entry in entries if not entry["name"].endswith("/out.bin")]
+        return [(name, {path: info for path, info in listed.items() if not path.endswith("/out.bin")}, job)
+                for name, listed, job in found]
+
+    gc._jobs = listed_short
+    try:
+        report = collect_garbage(root, WEEK, delete=True)
+    finally:
+        gc._jobs = real_jobs
+    assert not report.cache_entries and cache.lookup(key)[0] is not None

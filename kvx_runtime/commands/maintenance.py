@@ -8,7 +8,7 @@ import click
 
 from kvx_runtime.commands.command import Invocation, KvxCommand, invocation
 from kvx_runtime.commands.options import env_option, project_path_option
-from kvx_runtime.errors import KvxError
+from kvx_runtime.errors import Interrupted, KvxError
 
 __all__ = ["DoctorFailed", "DoctorRequest", "GcRequest", "collect_storage_garbage", "doctor", "doctor_command",
            "gc_command"]
@@ -90,11 +90,14 @@ def collect_storage_garbage(request: GcRequest) -> None:
     report = GarbageReport(root=root)
     try:
         collect_garbage(root, float(ttl), delete=request.delete, report=report)
-    except KvxError:
-        if report.deleted:  # what went before the failure: said, not lost with it
+    except (KvxError, Interrupted) as stopped:
+        if report.deleted:  # what went before the failure (or the stop signal): said, not lost with it
             for line in describe(report)[:-1]:
                 click.echo(line)
-            click.echo("gc stopped half-way by the error below: only what is listed above was deleted")
+            cause = "the error below" if isinstance(stopped, KvxError) else stopped.signal_name
+            click.echo(f"gc stopped half-way by {cause}: only what is listed above was deleted")
+            if isinstance(stopped, Interrupted) and report.partly_deleted is not None:
+                stopped.left_behind = f"job {report.partly_deleted} may be partly deleted"
         raise
     for line in describe(report):
         click.echo(line)

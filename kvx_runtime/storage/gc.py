@@ -18,6 +18,7 @@ what is older than :data:`MIN_DELETE_AGE` (a job between two steps writes nothin
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class GarbageReport:
     cache_entries: list[tuple[str, str, int, str]] = field(default_factory=list)
     #: Steps' last-entry records whose entry is gone: (file name, bytes).
     step_records: list[tuple[str, int]] = field(default_factory=list)
+    #: The job whose files were being deleted when gc stopped (some may be gone): its name.
+    partly_deleted: str | None = None
     deleted: bool = False
 
     @property
@@ -81,6 +84,9 @@ def collect_garbage(root: str, max_age: float, *, delete: bool = False,
     one by default: pass one to keep what was done when it fails half-way). A storage failure
     is a :class:`StorageError` (exit 3) naming the root; what was deleted before it stays
     deleted (and in ``report``). Deleting below :data:`MIN_DELETE_AGE` is a :class:`UsageError`."""
+    if math.isnan(max_age) or max_age < 0:  # nan compares false with every age: all would expire
+        raise UsageError(f"gc's age must be a number of seconds (0 or more), not {max_age:g}",
+                         hint="pass --older-than SECONDS (or set run_config.ttl)")
     if delete and max_age < MIN_DELETE_AGE:
         raise UsageError(f"gc deletes only what is at least {MIN_DELETE_AGE / 3600:g} hours old, not "
                          f"{max_age:g} seconds: a running pipeline writes nothing for minutes between two steps",
@@ -161,7 +167,9 @@ def _collect(root: str, max_age: float, delete: bool, report: GarbageReport) -> 
             if time.time() - newest <= max_age:
                 report.revived_jobs.append((job_name, time.time() - newest))
                 continue
+            report.partly_deleted = job_name  # until all its files are gone: a stop now leaves part
             _delete_listed(fs, job, sorted(listed))
+            report.partly_deleted = None
         report.expired_jobs.append((job_name, sum(int(info.get("size") or 0) for info in listed.values()),
                                     now - newest))
     return report
@@ -171,7 +179,10 @@ def _delete_listed(fs: Any, job: str, paths: list[str]) -> None:
     """Deletes ``paths`` (the files of ``job`` just listed), checks that they are gone (an S3
     bulk delete reports a key it could not delete only in its answer) and, on a local disk,
     removes the directories left empty."""
-    fs.rm(paths)
+    try:
+        fs.rm(paths)
+    except FileNotFoundError:
+        pass  # deleted meanwhile (another gc, a lifecycle rule): the listing below tells what is left
     fs.invalidate_cache(job)
     left = sorted(set(fs.find(job)) & set(paths))
     if left:
@@ -229,8 +240,11 @@ def _entry_fate(file: IndexFile, fs: Any, temp_root: str, files: set[str], now: 
 
 
 def _gone(fs: Any, path: str) -> bool:
-    """Whether the blob at ``path``, absent from the listing, is gone: asked once more, and only
-    "not found" says so (a failure to answer raises: an entry is never deleted for it)."""
+    """Whether the blob at ``path``, absent from the listing, is gone: asked once more (of the
+    store, not of the listings gc has just cached: s3fs and gcsfs answer "not found" from a
+    cached listing of its directory), and only "not found" says so (a failure to answer
+    raises: an entry is never deleted for it)."""
+    fs.invalidate_cache(path)
     try:
         fs.info(path)
     except FileNotFoundError:
@@ -264,6 +278,9 @@ def describe(report: GarbageReport) -> list[str]:
               f"entr{'y uses' if count == 1 else 'ies use'} it" for name, age, count in report.kept_jobs]
     lines += [f"kept job {name}: written to during this gc ({age / 60:.0f} minutes ago)"
               for name, age in report.revived_jobs]
+    if report.partly_deleted is not None:
+        lines.append(f"stopped while deleting job {report.partly_deleted}: some of its files may be gone "
+                     "(gc --yes again finishes it)")
     cache_bytes = sum(size for _, _, size, _ in report.cache_entries) + sum(size for _, size in report.step_records)
     summary = (f"{report.root}: {len(report.expired_jobs)} expired job(s), {len(report.cache_entries)} cache "
                f"entr{'y' if len(report.cache_entries) == 1 else 'ies'} ({cache_bytes / 1e3:.1f} kB), "
