@@ -299,7 +299,7 @@ def test_a_long_node_keeps_its_job_alive_for_gc(tmp_path: Path) -> None:
         os.utime(path, (two_hours_ago, two_hours_ago))
     process = subprocess.Popen(
         [*KVX, "exec-node", "--node", "slow", "--run-id", "b", "--storage-root", str(root)],
-        cwd=project, env=step_env(KVX_HEARTBEAT_INTERVAL="0.3"), stderr=subprocess.PIPE, text=True,
+        cwd=project, env=step_env(KVX_HEARTBEAT_INTERVAL="1"), stderr=subprocess.PIPE, text=True,
     )
     record = job / "activity" / "slow.json"
     try:
@@ -315,7 +315,12 @@ def test_a_long_node_keeps_its_job_alive_for_gc(tmp_path: Path) -> None:
                               cwd=project, env=step_env(), capture_output=True, text=True, timeout=120)
     finally:
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # never left running past the test
+            process.kill()
+            process.communicate()
+            raise
     assert kept.returncode == 0, kept.stderr[-2000:]
     assert "0 expired job(s)" in kept.stdout and (job / "values.bin").exists()
 

@@ -97,7 +97,7 @@ BLOB_LEVEL = Setting("KVX_BLOB_LEVEL", int, 1, "zstd compression level of new bl
 #: always holds a record younger than what gc may delete.
 HEARTBEAT_INTERVAL = Setting("KVX_HEARTBEAT_INTERVAL", float, 600.0,
                              "seconds between a running step's activity records in its job directory "
-                             "(gc keeps a job with a recent one)", minimum=0.1, maximum=1800)
+                             "(gc keeps a job with a recent one)", minimum=1, maximum=1800)
 S3_ENDPOINT_URL = Setting("KVX_S3_ENDPOINT_URL", str, "", "run_config.s3.endpoint_url, compiled into every step")
 S3_REGION = Setting("KVX_S3_REGION", str, "", "run_config.s3.region, compiled into every step")
 

@@ -40,6 +40,7 @@ class Heartbeat:
         self.interval = settings.HEARTBEAT_INTERVAL.get() if interval is None else interval
         self.first_after = min(first_after, self.interval)
         self.beats = 0  # records written
+        self.failures = 0  # records that could not be written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -66,6 +67,7 @@ class Heartbeat:
                 store = store or BlobStore(self.root, self.job_name)
                 store.note_activity(self.who)
             except Exception as exc:  # the step goes on: gc's floor leaves it an hour at least
+                self.failures += 1
                 if not failing:
                     log.warning("could not record that the step is running in its job directory",
                                 job=self.job_name, error=_short(exc),
