@@ -164,10 +164,10 @@ def test_a_failure_half_way_says_what_was_deleted_before_it(tmp_path: Path, monk
     first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2")
     real_delete = gc._delete_listed
 
-    def fail_on_the_second(fs, job, paths):
+    def fail_on_the_second(fs, job, listed):
         if job.endswith("job-2"):
             raise OSError(5, "Input/output error")
-        real_delete(fs, job, paths)
+        real_delete(fs, job, listed)
 
     monkeypatch.setattr(gc, "_delete_listed", fail_on_the_second)
     result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
@@ -202,11 +202,11 @@ def test_a_stop_signal_half_way_says_what_was_deleted_and_what_is_partly(tmp_pat
     first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2", "a", "b")
     real_delete = gc._delete_listed
 
-    def stopped_in_the_second(fs, job, paths):
+    def stopped_in_the_second(fs, job, listed):
         if job.endswith("job-2"):
-            fs.rm(paths[:1])
+            fs.rm(sorted(listed)[:1])
             raise Interrupted(signal.SIGTERM)
-        real_delete(fs, job, paths)
+        real_delete(fs, job, listed)
 
     monkeypatch.setattr(gc, "_delete_listed", stopped_in_the_second)
     result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
@@ -238,6 +238,23 @@ def test_a_delete_that_fails_half_way_names_the_job_it_left_partly_deleted(tmp_p
     assert "stopped while deleting job job: some of its files may be gone (gc --yes again finishes it)" in lines
     assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
     assert store.load("c") == list(range(100))
+
+
+def test_a_file_written_again_right_after_its_delete_is_no_failed_delete(tmp_path: Path, monkeypatch) -> None:
+    """A blob of the same name written between gc's delete and its check (a run reusing an
+    expired job's name) is newer than what gc listed: not a file gc failed to delete."""
+    store = old_job(tmp_path, "job", "a", "b")
+    fs = fsspec.filesystem("file")
+    real_rm = fs.rm
+
+    def rm_then_rewritten(paths, *args, **kwargs):
+        real_rm(paths, *args, **kwargs)
+        store.save("a", "again")
+
+    monkeypatch.setattr(fs, "rm", rm_then_rewritten)
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert [name for name, _, _ in report.expired_jobs] == ["job"]
+    assert store.load("a") == "again" and not Path(store.path("b")).exists()
 
 
 def test_files_deleted_meanwhile_by_someone_else_are_no_failure(tmp_path: Path, monkeypatch) -> None:

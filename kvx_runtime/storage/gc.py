@@ -168,23 +168,26 @@ def _collect(root: str, max_age: float, delete: bool, report: GarbageReport) -> 
                 report.revived_jobs.append((job_name, time.time() - newest))
                 continue
             report.partly_deleted = job_name  # until all its files are gone: a stop now leaves part
-            _delete_listed(fs, job, sorted(listed))
+            _delete_listed(fs, job, listed)
             report.partly_deleted = None
         report.expired_jobs.append((job_name, sum(int(info.get("size") or 0) for info in listed.values()),
                                     now - newest))
     return report
 
 
-def _delete_listed(fs: Any, job: str, paths: list[str]) -> None:
-    """Deletes ``paths`` (the files of ``job`` just listed), checks that they are gone (an S3
-    bulk delete reports a key it could not delete only in its answer) and, on a local disk,
-    removes the directories left empty."""
+def _delete_listed(fs: Any, job: str, listed: dict[str, dict[str, Any]]) -> None:
+    """Deletes the files of ``job`` just ``listed`` (path -> listing entry), checks that they
+    are gone (an S3 bulk delete reports a key it could not delete only in its answer; a file
+    written again since, newer than its listing, is not one) and, on a local disk, removes the
+    directories left empty."""
+    paths = sorted(listed)
     try:
         fs.rm(paths)
     except FileNotFoundError:
         pass  # deleted meanwhile (another gc, a lifecycle rule): the listing below tells what is left
     fs.invalidate_cache(job)
-    left = sorted(set(fs.find(job)) & set(paths))
+    left = sorted(path for path, info in fs.find(job, detail=True).items()
+                  if path in listed and _modified(info) <= _modified(listed[path]))
     if left:
         raise StorageError(f"could not delete {len(left)} of the {len(paths)} files of job "
                            f"{job.rstrip('/').rsplit('/', 1)[-1]} (e.g. {left[0]})")
