@@ -160,24 +160,37 @@ def test_an_entry_whose_blob_the_listing_missed_is_not_dangling(tmp_path: Path, 
     assert not report.cache_entries and cache.lookup(key)[0] is not None
 
 
-def test_a_failure_half_way_says_what_was_deleted_before_it(tmp_path: Path, monkeypatch) -> None:
-    first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2")
+@pytest.mark.parametrize("stop", ["error", "SIGTERM"])
+def test_a_stop_half_way_says_what_was_deleted_and_which_job_it_left(stop: str, tmp_path: Path, monkeypatch) -> None:
+    """An I/O error or SIGTERM while gc deletes the second job's files: the first job is
+    reported deleted, the second as possibly partly deleted, and the last line says why (never
+    that nothing partial was left)."""
+    import signal
+
+    from kvx_runtime.errors import Interrupted
+
+    first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2", "a", "b")
     real_delete = gc._delete_listed
 
-    def fail_on_the_second(fs, job, listed):
-        if job.endswith("job-2"):
-            raise OSError(5, "Input/output error")
-        real_delete(fs, job, listed)
+    def stopped_in_the_second(fs, job, listed):
+        if not job.endswith("job-2"):
+            return real_delete(fs, job, listed)
+        fs.rm(sorted(listed)[:1])
+        raise OSError(5, "Input/output error") if stop == "error" else Interrupted(signal.SIGTERM)
 
-    monkeypatch.setattr(gc, "_delete_listed", fail_on_the_second)
+    monkeypatch.setattr(gc, "_delete_listed", stopped_in_the_second)
     result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
-    assert result.exit_code == ExitCode.INFRASTRUCTURE, result.output
+
+    assert result.exit_code == (ExitCode.INFRASTRUCTURE if stop == "error" else ExitCode.TERMINATED), result.output
     lines = result.output.splitlines()
     assert any(line.startswith("deleted job job-1: ") for line in lines)
-    assert "gc stopped half-way by the error below: only what is listed above was deleted" in lines
+    assert not any(line.startswith("deleted job job-2") for line in lines)
     assert "stopped while deleting job job-2: some of its files may be gone (gc --yes again finishes it)" in lines
-    assert not any(line.startswith("deleted job job-2") for line in lines) and "Input/output error" in lines[-1]
-    assert not Path(first.path("a")).exists() and second.load("a") == list(range(100))
+    cause = "the error below" if stop == "error" else "SIGTERM"
+    assert f"gc stopped half-way by {cause}: only what is listed above was deleted" in lines
+    last = "Input/output error" if stop == "error" else "stopped by SIGTERM: job job-2 may be partly deleted"
+    assert last in lines[-1] and "nothing partial" not in result.output
+    assert not Path(first.path("a")).exists() and second.load("b") == list(range(100))
 
 
 def test_an_age_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
@@ -190,35 +203,6 @@ def test_an_age_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", "nan", "--yes"])
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "Traceback" not in result.output and store.load("a") == 1
-
-
-def test_a_stop_signal_half_way_says_what_was_deleted_and_what_is_partly(tmp_path: Path, monkeypatch) -> None:
-    """SIGTERM while gc deletes the second job's files: the first job is reported deleted, the
-    second partly, and the last line does not claim that nothing partial was left."""
-    import signal
-
-    from kvx_runtime.errors import Interrupted
-
-    first, second = old_job(tmp_path, "job-1"), old_job(tmp_path, "job-2", "a", "b")
-    real_delete = gc._delete_listed
-
-    def stopped_in_the_second(fs, job, listed):
-        if job.endswith("job-2"):
-            fs.rm(sorted(listed)[:1])
-            raise Interrupted(signal.SIGTERM)
-        real_delete(fs, job, listed)
-
-    monkeypatch.setattr(gc, "_delete_listed", stopped_in_the_second)
-    result = CliRunner().invoke(cli, ["gc", "--storage-root", str(tmp_path), "--older-than", str(WEEK), "--yes"])
-
-    assert result.exit_code == ExitCode.TERMINATED, result.output
-    lines = result.output.splitlines()
-    assert any(line.startswith("deleted job job-1: ") for line in lines)
-    assert "stopped while deleting job job-2: some of its files may be gone (gc --yes again finishes it)" in lines
-    assert "gc stopped half-way by SIGTERM: only what is listed above was deleted" in lines
-    assert "stopped by SIGTERM: job job-2 may be partly deleted" in lines[-1]
-    assert "nothing partial" not in result.output
-    assert not Path(first.path("a")).exists() and second.load("b") == list(range(100))
 
 
 def test_a_delete_that_fails_half_way_names_the_job_it_left_partly_deleted(tmp_path: Path, monkeypatch) -> None:
