@@ -13,7 +13,8 @@ FROM ${KVX_BASE_IMAGE}
 # (a pin to another release replaces it, with full mlflow: docs/images.md). slim-packages then
 # removes what no step loads: numerical packages' test suites, type stubs, Cython sources, and
 # extension modules' debug info and static symbols, with binutils' strip installed for this
-# layer only (where Debian's mirror cannot be reached they stay and the build goes on).
+# layer only (where Debian's mirror cannot be reached, after 20 s without an answer, they stay
+# and the build goes on).
 # pip runs without writing its own bytecode (a build tool, not something steps load); what it
 # installs is compiled, without the column positions of tracebacks' ^^^ markers (5-7% of
 # bytecode; lines are still shown; the project's own code below keeps them): docs/images.md.
@@ -23,7 +24,8 @@ COPY requirements.txt /tmp/requirements.txt
 # hadolint ignore=DL3008
 RUN strip_installed= \
  && if ! command -v strip > /dev/null && command -v apt-get > /dev/null; then \
-      if apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils > /dev/null; then \
+      if apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 update -qq \
+         && apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 install -y -qq --no-install-recommends binutils > /dev/null; then \
         strip_installed=yes; \
       else \
         echo "binutils could not be installed: extension modules keep their debug info and symbols" >&2; \
