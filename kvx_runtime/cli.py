@@ -207,11 +207,12 @@ def fingerprint_command(project_path: str | None) -> None:
 
 @cli.command("slim-packages", cls=KvxCommand)
 @click.argument("site_packages", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--no-strip", is_flag=True, help="Keep extension modules' debug info (only remove test suites).")
+@click.option("--no-strip", is_flag=True,
+              help="Keep extension modules' debug info and symbol tables (remove only files no step reads).")
 def slim_packages_command(site_packages: tuple[Path, ...], no_strip: bool) -> None:
-    """Remove what no step loads from an image's Python environment: numerical packages' test
-    suites and extension modules' debug info (docs/images.md). Default: this interpreter's
-    site-packages."""
+    """Remove what no step loads from an image's Python environment: packages' test suites,
+    type stubs, Cython sources, and extension modules' debug info and static symbol tables
+    (docs/images.md). Default: this interpreter's site-packages."""
     from kvx_runtime.image_slim import default_site_packages, slim_site_packages
 
     report = slim_site_packages(site_packages or default_site_packages(), strip=not no_strip)
