@@ -205,6 +205,11 @@ def test_resume_reruns_the_failed_tasks_within_the_same_run_once_the_node_is_fix
     resumed = journey.kvx("resume", "--env", "local", f"{DAG_ID}/{run_id}", "--wait")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Resuming {DAG_ID}/{run_id} in place: " in resumed.stdout and "SUCCEEDED" in resumed.stdout
+    # The resume recorded its activity in the run's job directory (gc keeps a job at work).
+    from kvx_runtime.step.orchestrator import Airflow
+
+    job = journey.storage / "kedro-vertexai-temp" / Airflow().job_directory_name(DAG_ID, run_id)
+    assert json.loads((job / "activity" / "resume.json").read_text())["who"] == "resume"
     tries = {item["task_id"]: item["try_number"] for item in
              api_get(journey, f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]}
     assert tries["data-processing-preprocess-companies-node"] == 1  # finished: not run again

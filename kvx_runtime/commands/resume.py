@@ -27,6 +27,7 @@ from kvx_runtime.errors import UsageError
 
 if TYPE_CHECKING:
     from kvx_runtime.compiler.planner import ResumedRun
+    from kvx_runtime.project import KedroProject
     from kvx_runtime.step.invocation import ExecNodeInvocation
     from kvx_runtime.targets.base import PipelineTarget, RunInfo
 
@@ -121,18 +122,30 @@ def _gone_blobs(resumed: ResumedRun, kept_blobs: Mapping[str, str]) -> list[str]
     return absent_inputs(where, what="intermediate dataset")
 
 
-def _mark_resumed(resumed: ResumedRun) -> None:
-    """Before the kept blobs are looked up, the job's activity recorded: from now until its
-    steps run (minutes of machine start-up), gc takes the job for one at work, not finished."""
+def _mark_resumed(storage_root: str, job_name: str) -> None:
+    """The job's activity recorded (before a new run's kept blobs are looked up; as soon as a
+    run's tasks are cleared to run again in place): from now until its steps run (minutes of
+    machine start-up), gc takes the job for one at work, not finished."""
     from kvx_runtime import settings
     from kvx_runtime.log import get_logger
     from kvx_runtime.storage.activity import record_activity
 
-    why = record_activity(resumed.storage_root, resumed.job_name, "resume",
-                          timeout=settings.INPUT_CHECK_TIMEOUT.get())
+    why = record_activity(storage_root, job_name, "resume", timeout=settings.INPUT_CHECK_TIMEOUT.get())
     if why is not None:
         get_logger(__name__).warning("could not record the resume in the job directory: a gc running before "
-                                     "its steps start could delete what they read", job=resumed.job_name, error=why)
+                                     "its steps start could delete what they read", job=job_name, error=why)
+
+
+def _storage_root_of(run: RunInfo, project: KedroProject) -> str | None:
+    """The storage root ``run``'s steps were given: its own parameter where the run set it,
+    else the project's (what the published pipeline was compiled with)."""
+    from kvx_runtime.compiler.spec import STORAGE_ROOT_PARAMETER
+    from kvx_runtime.config import resolve_storage_root
+
+    given = run.parameters.get(STORAGE_ROOT_PARAMETER)
+    if isinstance(given, str) and given:
+        return given
+    return resolve_storage_root(None, project.plugin_config.run_config.root, required=False)
 
 
 def _param_values(items: tuple[str, ...]) -> dict[str, str]:
@@ -156,6 +169,9 @@ def resume_run(request: ResumeRequest) -> None:
     unfinished = [task.name for task in old.tasks if task.state != "SUCCEEDED"]
     again = target.rerun_unfinished(old)
     if again is not None:
+        root = _storage_root_of(old, project)
+        if root:
+            _mark_resumed(root, target.job_directory(old))
         click.echo(f"Resuming {old.name} in place: {len(unfinished)} unfinished task"
                    f"{'s' if len(unfinished) != 1 else ''} cleared to run again")
         click.echo(f"  {target.console_url(again)}")
@@ -179,7 +195,7 @@ def resume_run(request: ResumeRequest) -> None:
         # Another project's (or pipeline's) job: its steps would write into that job's directory.
         raise UsageError(f"run {old.run_id} ran pipeline {ran_name}, not this project's {this_name}",
                          hint="resume it from its own project (and pipeline)")
-    _mark_resumed(resumed)
+    _mark_resumed(resumed.storage_root, resumed.job_name)
     finished_at_first = len(compiled.finished_steps)
     rerun: dict[str, list[str]] = {}
     while gone := _gone_blobs(resumed, compiled.kept_blobs):

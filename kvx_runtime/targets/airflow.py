@@ -696,6 +696,11 @@ class AirflowTarget(PipelineTarget):
     def step_run_id(self, run: RunInfo) -> str | None:
         return run.run_id
 
+    def job_directory(self, run: RunInfo) -> str:
+        from kvx_runtime.step.orchestrator import Airflow
+
+        return Airflow().job_directory_name(self.job_name(run), run.run_id)
+
     def logs_url(self, run: RunInfo, task: TaskInfo) -> str | None:
         return self.api.task_page(self.host, run.labels.get("dag_id") or run.display_name, run.run_id, task.name)
 

@@ -215,6 +215,11 @@ class PipelineTarget(ABC):
         """The job name the run's steps use (for their intermediates and the replay command)."""
         return run.run_id
 
+    def job_directory(self, run: RunInfo) -> str:
+        """The name of the run's job directory (its steps' intermediates), as its steps named it
+        (default: the job name, where that is unique per run already)."""
+        return self.job_name(run)
+
     def step_run_id(self, run: RunInfo) -> str | None:
         """The run id the run's steps were given (``{{$.pipeline_job_uuid}}``), when the API
         says it; None when only the steps know it (Vertex AI: then it is read from the job
