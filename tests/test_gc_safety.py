@@ -224,6 +224,24 @@ def test_a_delete_that_fails_half_way_names_the_job_it_left_partly_deleted(tmp_p
     assert store.load("c") == list(range(100))
 
 
+def test_a_file_another_gc_deleted_first_does_not_stop_the_delete_of_the_others(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """Two gc runs overlap on a local root: fsspec's local rm stops at the first file already
+    gone; the files after it are deleted all the same, and the job is reported deleted."""
+    store = old_job(tmp_path, "job", "a", "b", "c")
+    fs = fsspec.filesystem("file")
+    real_rm = fs.rm
+
+    def someone_else_first(paths, *args, **kwargs):
+        os.remove(sorted(paths)[0])
+        return real_rm(paths, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "rm", someone_else_first)
+    report = collect_garbage(str(tmp_path), WEEK, delete=True)
+    assert [name for name, _, _ in report.expired_jobs] == ["job"]
+    assert not any(Path(store.path(name)).exists() for name in ("a", "b", "c"))
+
+
 def test_a_file_written_again_right_after_its_delete_is_no_failed_delete(tmp_path: Path, monkeypatch) -> None:
     """A blob of the same name written between gc's delete and its check (a run reusing an
     expired job's name) is newer than what gc listed: not a file gc failed to delete."""

@@ -184,7 +184,13 @@ def _delete_listed(fs: Any, job: str, listed: dict[str, dict[str, Any]]) -> None
     try:
         fs.rm(paths)
     except FileNotFoundError:
-        pass  # deleted meanwhile (another gc, a lifecycle rule): the listing below tells what is left
+        # Some deleted meanwhile (another gc, a lifecycle rule). fsspec's local rm stops at the
+        # first of them: the others are deleted one by one, what is gone already skipped.
+        for path in paths:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                continue
     fs.invalidate_cache(job)
     left = sorted(path for path, info in fs.find(job, detail=True).items()
                   if path in listed and _modified(info) <= _modified(listed[path]))
