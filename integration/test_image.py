@@ -176,7 +176,7 @@ def test_a_step_runs_inside_the_project_image(project_image: str) -> None:
     assert "local" not in listing.stdout.split()[:3]
 
 
-def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_image: str) -> None:
+def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_image: str, runtime_image: str) -> None:
     """The example project's requirements.txt names kedro-mlflow: installing it FROM the slim
     base image left kedro-mlflow as it was, without full mlflow."""
     requirements = (EXAMPLE_PROJECT / "requirements.txt").read_text()
@@ -190,12 +190,17 @@ def test_project_requirements_naming_kedro_mlflow_keep_mlflow_skinny(project_ima
                                 "spaceflights_kvx.pipelines.data_processing.nodes")
         dpkg = BUILDAH.run(container, "sh", "-c", "dpkg -s binutils > /dev/null 2>&1 && echo binutils:installed "
                            "|| echo binutils:absent; ls /var/lib/apt/lists | wc -l")
+        packages = BUILDAH.run(container, "dpkg-query", "-W", "-f", "${Package}\n")
+    with BUILDAH.container(runtime_image) as container:
+        base_packages = BUILDAH.run(container, "dpkg-query", "-W", "-f", "${Package}\n")
     assert "Package(s) not found: mlflow" in shown.stderr and "Name: mlflow-skinny" in shown.stdout, shown.stderr
     assert flask.returncode == 1
     # The project's own requirements were slimmed too: test suites, Cython sources, symbols
     # (binutils' strip installed for that layer, and gone with apt's lists once it ran).
     assert slimmed.stdout.split() == ["sklearn:no-tests", "scipy:no-tests", "symbols:none"], slimmed.stderr[-2000:]
     assert dpkg.stdout.split() == ["binutils:absent", "0"], dpkg.stdout
+    # Exactly what that install added went (its dependencies too), nothing the base image had.
+    assert packages.stdout.split() and sorted(packages.stdout.split()) == sorted(base_packages.stdout.split())
     # pip ran without writing its own bytecode into the project's layer.
     assert tools.stdout.split() == ["setuptools:absent", "strip:absent", "pip-bytecode:0", "stubs:0", "cython:0"], \
         tools.stderr[-2000:]

@@ -21,20 +21,23 @@ FROM ${KVX_BASE_IMAGE}
 USER 0
 WORKDIR /home/kvx/project
 COPY requirements.txt /tmp/requirements.txt
-# hadolint ignore=DL3008
-RUN strip_installed= \
- && if ! command -v strip > /dev/null && command -v apt-get > /dev/null; then \
-      if apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 update -qq \
-         && apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 install -y -qq --no-install-recommends binutils > /dev/null; then \
-        strip_installed=yes; \
-      else \
-        echo "binutils could not be installed: extension modules keep their debug info and symbols" >&2; \
-      fi; \
+# What the binutils install adds is listed (packages known before it, against after) and purged
+# exactly, never with --auto-remove: that would also take packages the base image left marked
+# as automatically installed that its own code may load.
+# hadolint ignore=DL3008,DL4006,SC2016
+RUN if ! command -v strip > /dev/null && command -v apt-get > /dev/null; then \
+      dpkg-query -W -f '${Package}\n' | sort > /tmp/kvx-packages-before; \
+      (apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 update -qq \
+       && apt-get -o Acquire::Retries=1 -o Acquire::http::Timeout=20 -o Acquire::https::Timeout=20 install -y -qq --no-install-recommends binutils > /dev/null) \
+      || echo "binutils could not be installed: extension modules keep their debug info and symbols" >&2; \
     fi \
  && PYTHONDONTWRITEBYTECODE=1 PYTHONNODEBUGRANGES=1 python3 -m pip install --no-cache-dir -r /tmp/requirements.txt \
  && kvx-runtime slim-packages \
- && if [ -n "${strip_installed}" ]; then apt-get purge -y -qq --auto-remove binutils > /dev/null; fi \
- && rm -rf /tmp/requirements.txt /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb \
+ && if [ -f /tmp/kvx-packages-before ]; then \
+      dpkg-query -W -f '${Package}\n' | sort | comm -13 /tmp/kvx-packages-before - \
+        | xargs -r apt-get purge -y -qq > /dev/null; \
+    fi \
+ && rm -rf /tmp/requirements.txt /tmp/kvx-packages-before /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb \
       /var/lib/dpkg/*-old /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
 
 # The project: its package, configuration and the raw data the pipeline starts from.
