@@ -203,15 +203,27 @@ os._exit(0)
 """
 
 
+#: Seconds a load check may take: a library whose initialiser blocks (a device, a lock) counts
+#: as unloadable instead of holding the image build.
+_LOAD_CHECK_TIMEOUT = 300.0
+#: Modules stripped, checked and settled together: their backups are all the disk it borrows.
+_STRIP_BATCH = 64
+
+
 def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
     """Those of ``paths`` the dynamic loader refuses, asked in a fresh interpreter; where that
-    interpreter crashes (a loader or a library's initialiser did), each is asked alone, so that
-    one crash counts one module."""
+    interpreter crashes or hangs (a loader or a library's initialiser did), each is asked
+    alone, so that one crash counts one module."""
     paths = list(paths)
     if not paths:
         return set()
-    checked = subprocess.run([python, "-c", _LOAD_CHECK, *map(str, paths)], capture_output=True, text=True)
-    if checked.returncode != 0:
+    try:
+        checked = subprocess.run([python, "-c", _LOAD_CHECK, *map(str, paths)], capture_output=True, text=True,
+                                 timeout=_LOAD_CHECK_TIMEOUT)
+        crashed = checked.returncode != 0
+    except subprocess.TimeoutExpired:
+        crashed = True
+    if crashed:
         if len(paths) == 1:
             return set(paths)
         return set().union(*(_unloadable([path], python) for path in paths))
@@ -223,11 +235,19 @@ def _unloadable(paths: Iterable[Path], python: str) -> set[Path]:
 def _strip(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
     unloadable = _unloadable(modules, python)
     loadable = [path for path in modules if path not in unloadable]
+    for start in range(0, len(loadable), _STRIP_BATCH):
+        _strip_batch(loadable[start:start + _STRIP_BATCH], strip, python, report)
+
+
+def _strip_batch(modules: list[Path], strip: str, python: str, report: SlimReport) -> None:
     with tempfile.TemporaryDirectory(prefix="kvx-slim-") as backups:
         originals: dict[Path, tuple[Path, int]] = {}
-        for index, path in enumerate(loadable):
+        for index, path in enumerate(modules):
             backup = Path(backups) / str(index)
-            shutil.copy2(path, backup)
+            try:
+                shutil.copy2(path, backup)
+            except OSError:  # no room for its backup (a full disk): left as it is
+                continue
             size = path.stat().st_size
             if subprocess.run([strip, "--strip-unneeded", "--preserve-dates", str(path)],
                               capture_output=True).returncode != 0:

@@ -143,6 +143,55 @@ def test_a_module_that_crashes_the_load_check_costs_only_itself(tmp_path: Path) 
     assert crashy.read_bytes() == WITH_DEBUG_INFO.read_bytes()
 
 
+@needs_strip
+def test_a_load_check_that_hangs_counts_only_that_module(tmp_path: Path, monkeypatch) -> None:
+    """A library whose initialiser blocks would hold the image build: the check gives up on
+    it and it stays as it was; the others are stripped."""
+    from kvx_runtime import image_slim
+
+    site = tmp_path / "site-packages"
+    (site / "fine").mkdir(parents=True)
+    (site / "stuck").mkdir()
+    fine, stuck = site / "fine" / WITH_DEBUG_INFO.name, site / "stuck" / WITH_DEBUG_INFO.name
+    shutil.copy2(WITH_DEBUG_INFO, fine)
+    shutil.copy2(WITH_DEBUG_INFO, stuck)
+    python = tmp_path / "python"  # this interpreter, hanging whenever it is asked about stuck/
+    python.write_text(f'#!/bin/sh\ncase "$*" in *stuck/*) exec sleep 30 ;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(image_slim, "_LOAD_CHECK_TIMEOUT", 2.0)
+
+    report = slim_site_packages([site], python=str(python))
+
+    assert report.stripped == [fine] and stuck.read_bytes() == WITH_DEBUG_INFO.read_bytes()
+
+
+@needs_strip
+def test_a_module_whose_backup_cannot_be_written_is_left_as_it_is(tmp_path: Path, monkeypatch) -> None:
+    """Stripping borrows disk for backups, a batch at a time; a module whose backup does not
+    fit (a full disk) is left as it is instead of failing the build."""
+    from kvx_runtime import image_slim
+
+    site = tmp_path / "site-packages"
+    modules = []
+    for name in ("first", "second", "third"):
+        (site / name).mkdir(parents=True)
+        modules.append(site / name / WITH_DEBUG_INFO.name)
+        shutil.copy2(WITH_DEBUG_INFO, modules[-1])
+    real_copy = shutil.copy2
+
+    def disk_full_for_second(source, target, *args, **kwargs):
+        if "second" in str(source) and "kvx-slim-" in str(target):
+            raise OSError(28, "No space left on device")
+        return real_copy(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(image_slim, "_STRIP_BATCH", 2)  # two batches: backups never all at once
+    monkeypatch.setattr(image_slim.shutil, "copy2", disk_full_for_second)
+    report = slim_site_packages([site])
+
+    assert sorted(report.stripped) == sorted([modules[0], modules[2]]) and not report.restored
+    assert modules[1].read_bytes() == WITH_DEBUG_INFO.read_bytes()
+
+
 def test_the_load_check_survives_a_library_that_aborts_at_interpreter_exit(tmp_path: Path) -> None:
     """The check's interpreter ends without finalization: a destructor that aborts (as
     matplotlib's ft2font's does outside its package) cannot fail the check."""
